@@ -1,0 +1,382 @@
+//! Map keys and values shared by the eBPF programs (`lb-ebpf`) and the agent (`lb-userspace`).
+//!
+//! Every type here is a map key or value, so every type is `#[repr(C)]` with explicit padding
+//! fields, holds no `bool`, `Option` or enum, and has its size checked at compile time.
+//! Addresses and ports are stored in network byte order: a `u32` address holds the four octets
+//! of the address in memory order (`u32::from_ne_bytes(ip.octets())`), a `u16` port holds
+//! `port.to_be()`. That is how they sit in the packet, so the datapath compares and copies
+//! them without swapping bytes.
+//!
+//! Map names carry a version suffix (`_V1`): the maps are pinned and outlive the agent, so a
+//! new layout gets a new name instead of being read with the wrong one.
+#![no_std]
+#![deny(missing_docs)]
+
+/// IP protocol number of TCP, as stored in keys.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP, as stored in keys.
+pub const PROTO_UDP: u8 = 17;
+
+/// Highest service id plus one: service ids index [`map_names::SERVICE_STATS`], an array.
+pub const MAX_SERVICES: u32 = 65_536;
+
+/// Names of the maps, exactly as the eBPF object declares them (and so as they are pinned).
+pub mod map_names {
+    /// Hash map [`crate::Frontend4`] -> [`crate::Service`]. A missing key means "not ours".
+    pub const SERVICES: &str = "LB_SVC4_V1";
+    /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used.
+    pub const BACKENDS: &str = "LB_BACKEND4_V1";
+    /// Hash map [`crate::SlotKey`] -> `u32` backend id: slots `1..=backend_count` of a service.
+    pub const SLOTS: &str = "LB_SLOT_V1";
+    /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
+    pub const CONNTRACK: &str = "LB_CT4_V1";
+    /// Hash map `u32` service id -> [`crate::RevNat4`]: the frontend replies must come from.
+    pub const REV_NAT: &str = "LB_REVNAT4_V1";
+    /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
+    pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
+    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count.
+    pub const REASON_STATS: &str = "LB_REASON_V1";
+
+    /// Every map, for pinning, adoption and teardown.
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKENDS,
+        SLOTS,
+        CONNTRACK,
+        REV_NAT,
+        SERVICE_STATS,
+        REASON_STATS,
+    ];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// XDP program on the external interface: frontend -> backend translation.
+    pub const XDP_INGRESS: &str = "lb_xdp_ingress";
+    /// TC egress program on the external interface: backend -> frontend for replies.
+    pub const TC_EGRESS: &str = "lb_tc_egress";
+}
+
+/// Key of [`map_names::SERVICES`]: one frontend (address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend4 {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always 0.
+    pub _pad: u8,
+}
+
+/// Value of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Service (frontend) id, `1..MAX_SERVICES`: key of the slots, reverse NAT and stats.
+    pub id: u32,
+    /// Number of slots `1..=backend_count` in [`map_names::SLOTS`]; 0 means drop (no backend).
+    pub backend_count: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds; 0 when affinity is off.
+    pub affinity_timeout_secs: u32,
+}
+
+/// The frontend is reachable from outside the cluster (NodePort, LoadBalancer, externalIP).
+pub const SERVICE_F_EXTERNAL: u32 = 1 << 0;
+
+/// Key of [`map_names::SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// [`Service::id`].
+    pub service_id: u32,
+    /// `1..=Service::backend_count`.
+    pub slot: u32,
+}
+
+/// Value of [`map_names::BACKENDS`]: where a backend is. One backend shared by several
+/// services is one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    /// Backend (pod) IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+}
+
+/// The backend takes new flows.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// The backend is draining: existing flows continue, new ones go elsewhere.
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Key of [`map_names::CONNTRACK`]: a flow's 5-tuple as it is seen on the wire, and its
+/// direction. The forward key is (client, frontend); the reply key is (backend, client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    /// Source IPv4 address, network byte order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Direction of a [`Ct4Key`]: client -> frontend, as received.
+pub const CT_FORWARD: u8 = 0;
+/// Direction of a [`Ct4Key`]: backend -> client, as sent by the backend.
+pub const CT_REPLY: u8 = 1;
+
+/// Value of [`map_names::CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    /// The backend this flow was given.
+    pub backend_id: u32,
+    /// The service (frontend) the flow was addressed to: reverse NAT id.
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+    /// Always 0.
+    pub _pad: u32,
+}
+
+/// A FIN or RST was seen in this direction.
+pub const CT_F_CLOSING: u32 = 1 << 0;
+
+/// Value of [`map_names::REV_NAT`]: the frontend that replies are rewritten to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: u16,
+}
+
+/// Value of [`map_names::SERVICE_STATS`], per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceStats {
+    /// Packets translated to a backend.
+    pub packets: u64,
+    /// Bytes of those packets (from the Ethernet header on).
+    pub bytes: u64,
+    /// Flows (conntrack entries) created.
+    pub new_flows: u64,
+}
+
+/// Indexes of [`map_names::REASON_STATS`]: why a packet was not translated, or why it was
+/// dropped. The datapath passes everything it cannot prove is for a frontend (the kernel
+/// then handles it as if we were not there) and drops only frontend packets it cannot serve.
+pub mod reason {
+    /// Passed: not IPv4 (ARP, IPv6, VLAN-tagged, ...).
+    pub const NOT_IPV4: u32 = 0;
+    /// Passed: shorter than an Ethernet header.
+    pub const SHORT_ETHERNET: u32 = 1;
+    /// Passed: shorter than an IPv4 header.
+    pub const SHORT_IPV4: u32 = 2;
+    /// Passed: IPv4 version field is not 4 or IHL < 5.
+    pub const BAD_IPV4_HEADER: u32 = 3;
+    /// Passed: IPv4 options present (IHL > 5); we do not translate them.
+    pub const IPV4_OPTIONS: u32 = 4;
+    /// Passed: a fragment (MF set or offset > 0); only whole datagrams are translated.
+    pub const IPV4_FRAGMENT: u32 = 5;
+    /// Passed: total length is below the header length or beyond the received bytes.
+    pub const BAD_IPV4_LENGTH: u32 = 6;
+    /// Passed: neither TCP nor UDP.
+    pub const NOT_TCP_UDP: u32 = 7;
+    /// Passed: the TCP or UDP header is cut short.
+    pub const SHORT_L4: u32 = 8;
+    /// Passed: not addressed to a frontend.
+    pub const NOT_FRONTEND: u32 = 9;
+    /// Dropped: the frontend has no backend.
+    pub const NO_BACKEND: u32 = 10;
+    /// Dropped: a slot names a backend id that is not in the backends map.
+    pub const BACKEND_MISSING: u32 = 11;
+    /// Translated, but the conntrack entry could not be written.
+    pub const CT_INSERT_FAILED: u32 = 12;
+    /// Egress, passed: a reply whose service has no reverse-NAT entry any more.
+    pub const REV_NAT_MISSING: u32 = 13;
+    /// Egress, dropped: a reply that could not be rewritten (skb helper failed).
+    pub const REPLY_REWRITE_FAILED: u32 = 14;
+
+    /// Number of reasons: the size of the reason array.
+    pub const COUNT: u32 = 15;
+
+    /// Name of each reason, by index, for the CLI and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "not_ipv4",
+        "short_ethernet",
+        "short_ipv4",
+        "bad_ipv4_header",
+        "ipv4_options",
+        "ipv4_fragment",
+        "bad_ipv4_length",
+        "not_tcp_udp",
+        "short_l4",
+        "not_frontend",
+        "no_backend",
+        "backend_missing",
+        "ct_insert_failed",
+        "rev_nat_missing",
+        "reply_rewrite_failed",
+    ];
+}
+
+/// Default capacities of the maps (entries); the agent can override them.
+pub mod capacity {
+    /// Frontends: 10,000 Services with a ClusterIP, NodePorts on two node addresses and
+    /// an external address each leave room to spare.
+    pub const SERVICES: u32 = 65_536;
+    /// Backends (distinct address, port, protocol).
+    pub const BACKENDS: u32 = 65_536;
+    /// Selection slots: 10,000 Services x 2 frontends x 10 endpoints, with room to spare.
+    pub const SLOTS: u32 = 262_144;
+    /// Conntrack entries (two per flow).
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Frontend4>() == 8);
+    assert!(core::mem::size_of::<Service>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<Backend4>() == 8);
+    assert!(core::mem::size_of::<Ct4Key>() == 16);
+    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::align_of::<CtEntry>() == 8);
+    assert!(core::mem::size_of::<RevNat4>() == 8);
+    assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(reason::NAMES.len() == reason::COUNT as usize);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)] with explicit padding and only integer fields, so
+    // every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for Frontend4 {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RevNat4 {}
+    unsafe impl aya::Pod for ServiceStats {}
+}
+
+/// Conversions between host types and the network-byte-order fields.
+impl Frontend4 {
+    /// A frontend key from an address's octets, a host-order port and a protocol.
+    pub const fn new(octets: [u8; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(octets),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+
+    /// The address's octets.
+    pub const fn octets(&self) -> [u8; 4] {
+        self.addr.to_ne_bytes()
+    }
+
+    /// The port in host order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl Backend4 {
+    /// A backend from an address's octets, a host-order port, a protocol and a state.
+    pub const fn new(octets: [u8; 4], port: u16, proto: u8, state: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(octets),
+            port: port.to_be(),
+            proto,
+            state,
+        }
+    }
+
+    /// The address's octets.
+    pub const fn octets(&self) -> [u8; 4] {
+        self.addr.to_ne_bytes()
+    }
+
+    /// The port in host order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+impl RevNat4 {
+    /// The reverse-NAT value of a frontend.
+    pub const fn of(frontend: &Frontend4) -> Self {
+        Self {
+            addr: frontend.addr,
+            port: frontend.port,
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_byte_order_round_trips() {
+        let f = Frontend4::new([10, 96, 0, 10], 8080, PROTO_TCP);
+        // In memory the address and port are exactly the wire bytes.
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(f) };
+        assert_eq!(bytes, [10, 96, 0, 10, 0x1f, 0x90, PROTO_TCP, 0]);
+        assert_eq!(f.octets(), [10, 96, 0, 10]);
+        assert_eq!(f.port(), 8080);
+        let b = Backend4::new([10, 244, 1, 2], 80, PROTO_UDP, BACKEND_TERMINATING);
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(b) };
+        assert_eq!(bytes, [10, 244, 1, 2, 0, 80, PROTO_UDP, BACKEND_TERMINATING]);
+        assert_eq!((b.octets(), b.port()), ([10, 244, 1, 2], 80));
+    }
+
+    #[test]
+    fn field_offsets_match_the_documented_layout() {
+        assert_eq!(core::mem::offset_of!(Ct4Key, sport), 8);
+        assert_eq!(core::mem::offset_of!(Ct4Key, proto), 12);
+        assert_eq!(core::mem::offset_of!(Ct4Key, dir), 13);
+        assert_eq!(core::mem::offset_of!(CtEntry, last_seen_ns), 8);
+        assert_eq!(core::mem::offset_of!(Service, backend_count), 4);
+        assert_eq!(core::mem::offset_of!(RevNat4, port), 4);
+    }
+
+    #[test]
+    fn reason_names_are_unique() {
+        for (i, a) in reason::NAMES.iter().enumerate() {
+            for b in &reason::NAMES[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The desired state of the datapath: every frontend with the backends it translates to.
+//!
+//! `translate` produces it from the cluster state (a pure function); `sync` diffs it against
+//! what is programmed and writes the maps. Nothing here knows about Kubernetes objects or
+//! about BPF.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use serde::Serialize;
+
+/// Transport protocol of a frontend or backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as stored in the maps.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    /// The protocol with this IP protocol number, if it is one we handle.
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A frontend: the address, port and protocol that clients send to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Frontend {
+    /// Frontend address.
+    pub addr: Ipv4Addr,
+    /// Frontend port.
+    pub port: u16,
+    /// Protocol.
+    pub proto: Protocol,
+}
+
+impl Frontend {
+    /// The key of this frontend in the services map.
+    pub fn key(&self) -> lb_common::Frontend4 {
+        lb_common::Frontend4::new(self.addr.octets(), self.port, self.proto.number())
+    }
+
+    /// The frontend a services-map key stands for; `None` for a protocol we do not handle.
+    pub fn from_key(key: &lb_common::Frontend4) -> Option<Self> {
+        Some(Frontend {
+            addr: Ipv4Addr::from(key.octets()),
+            port: key.port(),
+            proto: Protocol::from_number(key.proto)?,
+        })
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// Which kind of Service address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)` : `port`.
+    ClusterIp,
+    /// A node address : `nodePort`.
+    NodePort,
+    /// `spec.externalIPs` : `port`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip` : `port`.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Whether traffic to this frontend comes from outside the cluster (externalTrafficPolicy
+    /// applies to it).
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// A backend of a frontend: a pod (or any endpoint) address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Backend {
+    /// Endpoint address.
+    pub addr: Ipv4Addr,
+    /// Target port, resolved.
+    pub port: u16,
+    /// The endpoint is terminating: it keeps its flows but takes no new ones.
+    pub terminating: bool,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)?;
+        if self.terminating {
+            f.write_str(" (terminating)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Identifies the Service port a frontend belongs to, for humans and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServicePortRef {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+    /// Name of the Service port (empty for an unnamed single port).
+    pub port_name: String,
+}
+
+impl fmt::Display for ServicePortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        Ok(())
+    }
+}
+
+/// What one frontend translates to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendPlan {
+    /// The Service port this frontend serves.
+    pub service: ServicePortRef,
+    /// Which kind of address this is.
+    pub kind: FrontendKind,
+    /// Backends, sorted and without duplicates. Empty means packets are dropped.
+    pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP timeout in seconds, when affinity is on.
+    pub affinity_timeout_secs: Option<u32>,
+}
+
+/// The whole desired state: frontend -> plan. A frontend appears once; when two Services
+/// claim the same frontend, translation keeps one and reports the other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredState {
+    /// Every frontend to program.
+    pub frontends: BTreeMap<Frontend, FrontendPlan>,
+}

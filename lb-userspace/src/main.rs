@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", lb_userspace::EBPF_OBJECT.len());
+}
