@@ -1,1 +1,19 @@
+//! Test support for the load balancer: network-namespace topologies with RAII cleanup,
+//! backend servers and clients that send real traffic, and a guard around the real `lb` agent.
+//! Used by the integration tests in `tests/tests/` and by `cargo xtask demo`.
+//!
+//! Everything here needs root (namespaces, veths, bpffs).
 
+pub mod agent;
+pub mod backends;
+pub mod client;
+pub mod netns;
+pub mod testbed;
+pub mod topology;
+
+pub use agent::{Agent, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
+pub use backends::{HttpServer, UdpEchoServer};
+pub use client::{Tally, ensure_all_served, http_get, http_tally, udp_request, udp_tally};
+pub use netns::Netns;
+pub use testbed::{EXAMPLE_FRONTENDS, Testbed};
+pub use topology::{CLIENT_IP, HTTP_PORT, NODE_IF, NODE_IP, Pod, Topology, UDP_PORT};
