@@ -1,1 +1,103 @@
-fn main(){}
+//! `cargo xtask <command>`: set up the machine, build, run the demo, run all checks.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod setup;
+
+#[derive(Parser)]
+#[command(about = "Set up, build, demo and test the load balancer (run as root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: rust-src for nightly, Debian packages, bpf-linker; mount bpffs.
+    Setup,
+    /// Setup, then build the `lb` binary (release).
+    Build,
+    /// Build, then send traffic through lb in network namespaces and show who served it.
+    Demo,
+    /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb.
+    Test,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build().map(drop),
+        Cmd::Demo => demo::run(&build()?),
+        Cmd::Test => test(&build()?),
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    lb_tests::agent::workspace_dir()
+}
+
+/// Prints and runs a command in the workspace root; fails unless it succeeds.
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(root());
+    eprintln!("+ {}", shown(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", shown(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", shown(cmd));
+    }
+    Ok(())
+}
+
+/// A command as a shell line, with its environment additions.
+fn shown(cmd: &Command) -> String {
+    let env = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())));
+    let args = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned());
+    env.chain(args).collect::<Vec<_>>().join(" ")
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Setup, then builds `lb` in release mode; returns the binary's path.
+fn build() -> Result<PathBuf> {
+    setup::run()?;
+    run_checked(cargo().args(["build", "--release", "--locked", "-p", "lb-userspace"]))?;
+    let bin = target_dir().join("release/lb");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} does not exist", bin.display());
+    }
+    Ok(bin)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// The host crates: lb-ebpf builds only for bpfel-unknown-none (lb-userspace's build script
+/// builds it, with its own toolchain and target).
+const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf", "--locked"];
+
+fn test(lb: &Path) -> Result<()> {
+    run_checked(cargo().args(["fmt", "--all", "--check"]))?;
+    run_checked(cargo().arg("clippy").args(HOST_CRATES).args([
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run_checked(cargo().arg("test").args(HOST_CRATES).env("LB_BIN", lb))?;
+    eprintln!("all checks passed");
+    Ok(())
+}

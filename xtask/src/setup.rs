@@ -1,0 +1,102 @@
+//! `cargo xtask setup`: installs only what is missing, and says what it skips.
+
+use std::process::{Command, Stdio};
+
+use anyhow::Result;
+
+use crate::run_checked;
+
+/// Debian packages: LLVM for bpf-linker, and the tools of the tests and the demo.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "ethtool",
+    "bpftool",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    nightly_rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    lb_tests::ensure_bpffs()?;
+    eprintln!("setup: bpffs is mounted at {}", lb_tests::agent::BPFFS);
+    Ok(())
+}
+
+/// Whether a command runs and exits successfully (its output is discarded).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("rust-src"))
+        });
+    if installed {
+        eprintln!("setup: skip rust-src for nightly (installed)");
+        return Ok(());
+    }
+    // Installs the nightly toolchain too when it is missing.
+    run_checked(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+fn debian_packages() -> Result<()> {
+    let (present, missing): (Vec<&str>, Vec<&str>) = PACKAGES.iter().partition(|p| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", p])
+            .output()
+            .is_ok_and(|o| o.stdout == b"install ok installed")
+    });
+    if !present.is_empty() {
+        eprintln!("setup: skip {} (installed)", present.join(" "));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_checked(Command::new("apt-get").arg("update"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        eprintln!("setup: skip bpf-linker (installed)");
+        return Ok(());
+    }
+    // bpf-linker 0.13 reads LLVM_PREFIX; llvm-sys reads LLVM_SYS_221_PREFIX. Without them it
+    // looks for LLVM in /usr/lib64 and fails to link -lLLVM.
+    run_checked(
+        crate::cargo()
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )
+}
