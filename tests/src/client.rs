@@ -16,7 +16,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(3);
 pub fn http_get(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<(String, SocketAddr)> {
     let target = SocketAddr::new(addr.into(), port);
     let get = || -> Result<(String, SocketAddr)> {
-        let mut stream = TcpStream::connect_timeout(&target, TIMEOUT).context("connect")?;
+        let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
+            .with_context(|| format!("connect (timeout {TIMEOUT:?})"))?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.set_write_timeout(Some(TIMEOUT))?;
         let peer = stream.peer_addr()?;
@@ -28,7 +29,7 @@ pub fn http_get(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<(Strin
         let mut response = String::new();
         stream
             .read_to_string(&mut response)
-            .context("read response")?;
+            .with_context(|| format!("read response (timeout {TIMEOUT:?})"))?;
         Ok((parse_body(&response)?, peer))
     };
     ns.run(get)?
@@ -75,7 +76,9 @@ pub fn udp_request(
         socket.set_read_timeout(Some(TIMEOUT))?;
         socket.send_to(payload.as_bytes(), target).context("send")?;
         let mut buf = [0u8; 2048];
-        let (n, from) = socket.recv_from(&mut buf).context("receive reply")?;
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("no reply within {TIMEOUT:?}"))?;
         let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
         if from != target {
             bail!("reply {reply:?} came from {from}, not from {target}");

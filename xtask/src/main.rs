@@ -60,7 +60,8 @@ fn shown(cmd: &Command) -> String {
     let env = cmd
         .get_envs()
         .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())));
-    let args = std::iter::once(cmd.get_program())
+    let program = Path::new(cmd.get_program());
+    let args = std::iter::once(program.file_name().unwrap_or(program.as_os_str()))
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned());
     env.chain(args).collect::<Vec<_>>().join(" ")
@@ -97,7 +98,12 @@ fn test(lb: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run_checked(cargo().arg("test").args(HOST_CRATES).env("LB_BIN", lb))?;
+    run_checked(
+        cargo()
+            .args(["test", "--no-fail-fast"])
+            .args(HOST_CRATES)
+            .env("LB_BIN", lb),
+    )?;
     eprintln!("all checks passed");
     Ok(())
 }
