@@ -57,7 +57,8 @@ pub fn find_lb_bin() -> Option<PathBuf> {
 pub fn ensure_bpffs() -> Result<()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let path = std::ffi::CString::new(BPFFS).expect("no NUL");
+    let path = c"/sys/fs/bpf";
+    let bpf = c"bpf";
     // SAFETY: statfs writes into a zeroed struct we own; path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
@@ -66,9 +67,8 @@ pub fn ensure_bpffs() -> Result<()> {
     if st.f_type == libc::BPF_FS_MAGIC {
         return Ok(());
     }
-    let bpf = c"bpf";
     // SAFETY: all strings are NUL-terminated; no data argument.
-    if unsafe {
+    let mounted = unsafe {
         libc::mount(
             bpf.as_ptr(),
             path.as_ptr(),
@@ -76,8 +76,8 @@ pub fn ensure_bpffs() -> Result<()> {
             0,
             std::ptr::null(),
         )
-    } != 0
-    {
+    };
+    if mounted != 0 {
         return Err(std::io::Error::last_os_error()).context(format!("mount bpffs at {BPFFS}"));
     }
     eprintln!("mounted bpffs at {BPFFS}");
