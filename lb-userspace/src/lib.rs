@@ -1,7 +1,9 @@
 //! The load balancer's agent and CLI: sources of cluster state, translation to the desired
 //! datapath state, and the BPF maps and programs that carry it.
 
+pub mod datapath;
 pub mod desired;
+pub mod sys;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
