@@ -26,7 +26,10 @@ use lb_common::{
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::sys;
+use crate::{
+    sync::{DatapathMaps, MapContents, MapOpError},
+    sys,
+};
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -387,6 +390,74 @@ fn open_pinned_map(
         return Err(DatapathError::NotPinned(pin_dir.to_owned()));
     }
     Ok(kind(MapData::from_pin(&path).map_err(map_err(name))?))
+}
+
+fn op_err(map: &'static str) -> impl Fn(MapError) -> MapOpError {
+    move |error| match error {
+        MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::E2BIG) =>
+        {
+            MapOpError::Full { map }
+        }
+        MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => MapOpError::Os {
+            map,
+            source: io_error,
+        },
+        other => MapOpError::Os {
+            map,
+            source: std::io::Error::other(other),
+        },
+    }
+}
+
+/// Deleting a key that is not there succeeds: the caller wanted it gone.
+fn delete_result(map: &'static str, result: Result<(), MapError>) -> Result<(), MapOpError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other.map_err(op_err(map)),
+    }
+}
+
+fn read<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapOpError> {
+    map.iter().collect::<Result<_, _>>().map_err(op_err(name))
+}
+
+impl DatapathMaps for BpfMaps {
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
+        (self.backends.insert(id, backend, 0)).map_err(op_err(map_names::BACKENDS))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete_result(map_names::BACKENDS, self.backends.remove(&id))
+    }
+    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
+        (self.slots.insert(key, backend_id, 0)).map_err(op_err(map_names::SLOTS))
+    }
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
+        delete_result(map_names::SLOTS, self.slots.remove(&key))
+    }
+    fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
+        (self.rev_nat.insert(id, value, 0)).map_err(op_err(map_names::REV_NAT))
+    }
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete_result(map_names::REV_NAT, self.rev_nat.remove(&id))
+    }
+    fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
+        (self.services.insert(key, value, 0)).map_err(op_err(map_names::SERVICES))
+    }
+    fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
+        delete_result(map_names::SERVICES, self.services.remove(key))
+    }
+    fn read_all(&self) -> Result<MapContents, MapOpError> {
+        Ok(MapContents {
+            services: read(&self.services, map_names::SERVICES)?,
+            slots: read(&self.slots, map_names::SLOTS)?,
+            backends: read(&self.backends, map_names::BACKENDS)?,
+            rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
+        })
+    }
 }
 
 /// The per-CPU counters, read from the pins and summed over CPUs.

@@ -3,6 +3,7 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod sync;
 pub mod sys;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
