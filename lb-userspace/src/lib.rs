@@ -2,6 +2,8 @@
 //! datapath state, and the BPF maps and programs that carry it.
 
 pub mod desired;
+pub mod manifest;
+pub mod model;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
