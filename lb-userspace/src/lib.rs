@@ -4,6 +4,7 @@
 pub mod desired;
 pub mod manifest;
 pub mod model;
+pub mod translate;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
