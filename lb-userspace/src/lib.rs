@@ -3,8 +3,11 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod manifest;
+pub mod model;
 pub mod sync;
 pub mod sys;
+pub mod translate;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
