@@ -1,8 +1,10 @@
 //! The load balancer's agent and CLI: sources of cluster state, translation to the desired
 //! datapath state, and the BPF maps and programs that carry it.
 
+pub mod agent;
 pub mod datapath;
 pub mod desired;
+pub mod inspect;
 pub mod manifest;
 pub mod model;
 pub mod sync;

@@ -658,6 +658,7 @@ mod tests {
                 })
                 .collect(),
             affinity_timeout_secs: None,
+            source_ranges: Vec::new(),
         }
     }
 
