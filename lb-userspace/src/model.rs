@@ -16,6 +16,8 @@
 //!
 //! Nothing here reads files or talks to an API server.
 
+#![deny(missing_docs)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
