@@ -97,6 +97,14 @@ pub enum ValidationError {
         /// The value found.
         value: String,
     },
+    /// An address of an IPv4 EndpointSlice that is not IPv4.
+    #[error("{field}: {value:?} is not an IPv4 address (the slice's addressType is IPv4)")]
+    NotIpv4 {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+    },
     /// A string that should be a CIDR (`address/prefix-length`) and is not.
     #[error("{field}: {value:?} is not a CIDR (address/prefix-length)")]
     InvalidCidr {
@@ -886,11 +894,11 @@ impl EndpointSlice {
                 continue;
             }
             let field = || format!("endpoints[{i}].addresses[0]");
-            let address = match first.parse::<Ipv4Addr>() {
-                Ok(ip) => ip,
-                Err(_) => {
-                    return Err(ValidationError::InvalidIp {
-                        field: field(),
+            let address = match parse_ipv4(field, first)? {
+                Some(ip) => ip,
+                None => {
+                    return Err(ValidationError::NotIpv4 {
+                        field: format!("endpoints[{i}].addresses[0]"),
                         value: first.clone(),
                     });
                 }
@@ -1335,7 +1343,7 @@ endpoints: [{addresses: ['fd00::1']}]
             ),
             (
                 "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]",
-                "endpoints[0].addresses[0]: \"fd00::1\" is not an IP address",
+                "endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 address (the slice's addressType is IPv4)",
             ),
             (
                 "addressType: IPv4\nendpoints: [{addresses: []}]",
