@@ -19,6 +19,8 @@
 //! Loading is a pure function of the folder's contents: the agent calls it again whenever the
 //! folder changes and diffs the result.
 
+#![deny(missing_docs)]
+
 use std::{
     collections::BTreeMap,
     fmt, fs, io,
@@ -315,55 +317,50 @@ impl Loader {
 
     /// One document: an object or a List.
     fn document(&mut self, location: Location, value: Value) {
-        let Some(map) = value.as_mapping() else {
+        let Value::Mapping(mut map) = value else {
             return self.error(location, ManifestErrorKind::NotAnObject);
         };
-        let (api_version, kind) = match type_meta(map) {
+        let (api_version, kind) = match type_meta(&map) {
             Ok(tm) => tm,
             Err(e) => return self.error(location, e),
         };
-        let item_kind = match kind {
-            "List" => None,
-            "ServiceList" | "EndpointsList" | "EndpointSliceList" => Some(&kind[..kind.len() - 4]),
-            _ => return self.object(location, map, api_version, kind),
+        if !is_list_kind(&kind) {
+            return self.object(location, map, &api_version, &kind);
+        }
+        // "ServiceList" -> "Service"; None for a plain List.
+        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+        let items = match map.remove("items") {
+            None | Some(Value::Null) => return, // an empty List
+            Some(Value::Sequence(items)) => items,
+            Some(_) => return self.error(location, ManifestErrorKind::BadItems),
         };
-        let Some(items) = map
-            .get("items")
-            .and_then(|i| if i.is_null() { None } else { Some(i) })
-        else {
-            return; // an empty List
-        };
-        let Some(items) = items.as_sequence() else {
-            return self.error(location, ManifestErrorKind::BadItems);
-        };
-        for (i, item) in items.iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let location = Location {
                 item: Some(i),
                 ..location.clone()
             };
-            let Some(item) = item.as_mapping() else {
+            let Value::Mapping(mut item) = item else {
                 self.error(location, ManifestErrorKind::NotAnObject);
                 continue;
             };
             // Items of a typed List (as the API returns them) may leave out apiVersion and kind.
-            let mut item = item.clone();
             if let Some(k) = item_kind {
                 item.entry("apiVersion".into())
-                    .or_insert_with(|| api_version.into());
+                    .or_insert_with(|| api_version.as_str().into());
                 item.entry("kind".into()).or_insert_with(|| k.into());
             }
             match type_meta(&item) {
-                Ok((_, "List" | "ServiceList" | "EndpointsList" | "EndpointSliceList")) => {
+                Ok((_, k)) if is_list_kind(&k) => {
                     self.error(location, ManifestErrorKind::NestedList)
                 }
-                Ok((v, k)) => self.object(location, &item, v, k),
+                Ok((v, k)) => self.object(location, item, &v, &k),
                 Err(e) => self.error(location, e),
             }
         }
     }
 
     /// One object.
-    fn object(&mut self, mut location: Location, map: &Mapping, api_version: &str, kind: &str) {
+    fn object(&mut self, mut location: Location, map: Mapping, api_version: &str, kind: &str) {
         let meta = map.get("metadata");
         let meta_str = |key: &str| {
             meta.and_then(|m| m.get(key))
@@ -378,7 +375,7 @@ impl Loader {
             name: meta_str("name").unwrap_or_default().to_owned(),
         };
         location.object = Some(id.clone());
-        let value = Value::Mapping(map.clone());
+        let value = Value::Mapping(map);
         let parsed = match (api_version, kind) {
             ("v1", "Service") => decode::<core::Service>(value)
                 .and_then(|s| Ok(Parsed::Service(Service::from_k8s(&s)?))),
@@ -421,14 +418,23 @@ impl Loader {
     }
 }
 
-fn type_meta(map: &Mapping) -> Result<(&str, &str), ManifestErrorKind> {
+/// apiVersion and kind.
+fn type_meta(map: &Mapping) -> Result<(String, String), ManifestErrorKind> {
     let field = |field: &'static str| {
         map.get(field)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
+            .map(str::to_owned)
             .ok_or(ManifestErrorKind::MissingTypeField { field })
     };
     Ok((field("apiVersion")?, field("kind")?))
+}
+
+fn is_list_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "List" | "ServiceList" | "EndpointsList" | "EndpointSliceList"
+    )
 }
 
 fn decode<T: DeserializeOwned>(value: Value) -> Result<T, ManifestErrorKind> {

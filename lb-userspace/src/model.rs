@@ -16,6 +16,8 @@
 //!
 //! Nothing here reads files or talks to an API server.
 
+#![deny(missing_docs)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -90,6 +92,14 @@ pub enum ValidationError {
     /// A string that should be an IP address and is not.
     #[error("{field}: {value:?} is not an IP address")]
     InvalidIp {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+    },
+    /// An address of an IPv4 EndpointSlice that is not IPv4.
+    #[error("{field}: {value:?} is not an IPv4 address (the slice's addressType is IPv4)")]
+    NotIpv4 {
         /// Field path.
         field: String,
         /// The value found.
@@ -884,11 +894,11 @@ impl EndpointSlice {
                 continue;
             }
             let field = || format!("endpoints[{i}].addresses[0]");
-            let address = match first.parse::<Ipv4Addr>() {
-                Ok(ip) => ip,
-                Err(_) => {
-                    return Err(ValidationError::InvalidIp {
-                        field: field(),
+            let address = match parse_ipv4(field, first)? {
+                Some(ip) => ip,
+                None => {
+                    return Err(ValidationError::NotIpv4 {
+                        field: format!("endpoints[{i}].addresses[0]"),
                         value: first.clone(),
                     });
                 }
@@ -1333,7 +1343,7 @@ endpoints: [{addresses: ['fd00::1']}]
             ),
             (
                 "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]",
-                "endpoints[0].addresses[0]: \"fd00::1\" is not an IP address",
+                "endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 address (the slice's addressType is IPv4)",
             ),
             (
                 "addressType: IPv4\nendpoints: [{addresses: []}]",

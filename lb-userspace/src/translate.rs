@@ -50,6 +50,8 @@
 //! Two Services claiming the same frontend: the one whose namespace/name sorts first keeps it,
 //! the other is reported.
 
+#![deny(missing_docs)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -545,6 +547,27 @@ mod tests {
                 },
                 warnings: vec![]
             }
+        );
+    }
+
+    #[test]
+    fn seeds_httpd_example_from_the_fixtures_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/httpd");
+        let set = crate::manifest::load_dir(&dir).expect("fixtures folder is readable");
+        let errors: Vec<String> = set.errors.iter().map(|e| format!("{}", e.kind)).collect();
+        assert_eq!(
+            errors,
+            vec![
+                "kind Deployment (apps/v1) is not read here; read are Service (v1), EndpointSlice \
+                 (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
+            ]
+        );
+        assert_eq!(
+            render(&translate(&set.state, &node())),
+            vec![
+                "10.96.0.80:8080/TCP ClusterIP default/httpd-svc -> [10.244.1.5:80, 10.244.2.7:80]",
+                "192.168.0.10:30080/TCP NodePort default/httpd-svc -> [10.244.1.5:80, 10.244.2.7:80]",
+            ]
         );
     }
 
