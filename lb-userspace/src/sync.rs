@@ -7,7 +7,12 @@
 //!    visible);
 //! 4. then slots beyond the new count are deleted;
 //! 5. frontends no longer wanted are removed service entry first;
-//! 6. backends that no slot references any more are deleted last.
+//! 6. backends that no frontend lists any more are deleted last.
+//!
+//! Slots (what new flows choose from) hold a frontend's active backends; its terminating
+//! backends only when it has no active one (kube-proxy's fallback). A terminating backend
+//! keeps its backend entry while it is listed, so the flows conntrack pinned to it go on
+//! until they end: it drains.
 //!
 //! The bookkeeping mirrors exactly what is in the maps, write by write, so a failed write (a
 //! full map) leaves both consistent: the frontend keeps what it had, the error is reported,
@@ -112,6 +117,8 @@ struct Programmed {
     service: Service,
     /// Backend id of slot `i + 1`; 0 where the slot is missing in the maps.
     slots: Vec<u32>,
+    /// Every backend the frontend lists, draining ones included: kept in the backends map.
+    members: Vec<u32>,
     rev_nat: bool,
 }
 
@@ -174,6 +181,7 @@ impl<M: DatapathMaps> Syncer<M> {
                         slots.get(&key).copied().unwrap_or(0)
                     })
                     .collect(),
+                members: Vec::new(),
                 rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
             };
             syncer.used_service_ids.insert(service.id);
@@ -268,6 +276,7 @@ impl<M: DatapathMaps> Syncer<M> {
             source,
         };
         let mut ids = Vec::with_capacity(plan.backends.len());
+        let mut active = Vec::with_capacity(plan.backends.len());
         for b in &plan.backends {
             let state = if b.terminating {
                 BACKEND_TERMINATING
@@ -275,8 +284,13 @@ impl<M: DatapathMaps> Syncer<M> {
                 BACKEND_ACTIVE
             };
             let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state);
-            ids.push(self.ensure_backend(&backend).map_err(map_err)?);
+            let id = self.ensure_backend(&backend).map_err(map_err)?;
+            ids.push(id);
+            if !b.terminating {
+                active.push(id);
+            }
         }
+        let slots = if active.is_empty() { &ids } else { &active };
         let flags = if plan.kind.is_external() {
             SERVICE_F_EXTERNAL
         } else {
@@ -289,13 +303,16 @@ impl<M: DatapathMaps> Syncer<M> {
             Some(id) => id,
             None => self.allocate_service_id(frontend)?,
         };
-        let result = self.write_frontend(key, id, &ids, flags, affinity);
+        let result = self.write_frontend(key, id, slots, flags, affinity);
+        if let Some(p) = self.frontends.get_mut(key) {
+            p.members = ids.clone();
+        }
         if existing.is_none() && !self.frontends.contains_key(key) {
             // The service entry was never written, so no packet can reach what was written
             // for it: undo it. Best effort: leftovers are unreachable, and adoption removes
             // them.
             self.used_service_ids.remove(&id);
-            for slot in 1..=ids.len() as u32 {
+            for slot in 1..=slots.len() as u32 {
                 let _ = self.delete_slot(SlotKey {
                     service_id: id,
                     slot,
@@ -358,6 +375,7 @@ impl<M: DatapathMaps> Syncer<M> {
                 Programmed {
                     service,
                     slots,
+                    members: Vec::new(),
                     rev_nat: true,
                 },
             );
@@ -402,7 +420,7 @@ impl<M: DatapathMaps> Syncer<M> {
         let referenced: BTreeSet<u32> = self
             .frontends
             .values()
-            .flat_map(|p| p.slots.iter().copied())
+            .flat_map(|p| p.slots.iter().chain(&p.members).copied())
             .collect();
         let mut unreferenced: Vec<u32> = self
             .backends
@@ -814,6 +832,40 @@ mod tests {
         let report = s.apply(&desired(&want));
         assert!(report.errors.is_empty());
         assert_eq!(programmed(s.maps()), expect(&want));
+    }
+
+    #[test]
+    fn terminating_backends_keep_their_entry_but_get_no_new_flows_unless_alone() {
+        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut draining = desired(&[(fe(1, 80), &[1, 2, 3])]);
+        let p = draining.frontends.get_mut(&fe(1, 80)).unwrap();
+        p.backends[1].terminating = true;
+        assert!(s.apply(&draining).errors.is_empty());
+        // New flows: .1 and .3 only; .2 stays in the backends map for its flows.
+        assert_eq!(programmed(s.maps())[&fe(1, 80)], [1, 3]);
+        let terminating: Vec<_> = s
+            .maps()
+            .backends
+            .values()
+            .filter(|b| b.state == BACKEND_TERMINATING)
+            .collect();
+        assert_eq!(terminating.len(), 1);
+        assert_eq!(terminating[0].octets(), [10, 244, 0, 2]);
+        // Only terminating backends left: they take new flows (kube-proxy's fallback).
+        let mut all = desired(&[(fe(1, 80), &[2, 3])]);
+        for b in &mut all.frontends.get_mut(&fe(1, 80)).unwrap().backends {
+            b.terminating = true;
+        }
+        assert!(s.apply(&all).errors.is_empty());
+        assert_eq!(programmed(s.maps())[&fe(1, 80)], [2, 3]);
+        assert_eq!(
+            s.maps().backends.len(),
+            2,
+            ".1 is gone: no frontend lists it"
+        );
+        // Once the endpoint is gone from the slice, its entry goes too.
+        assert!(s.apply(&desired(&[(fe(1, 80), &[3])])).errors.is_empty());
+        assert_eq!(s.maps().backends.len(), 1);
     }
 
     #[test]
