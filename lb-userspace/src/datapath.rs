@@ -113,6 +113,9 @@ pub enum LinkOutcome {
     Created,
 }
 
+/// What attaching a program gave: a link to pin, or why not.
+type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
+
 /// The loaded object: programs and the maps, pinned under `pin_dir`.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -220,50 +223,56 @@ impl Datapath {
             });
         }
         self.load_programs()?;
-        let links = self.pin_dir.join("links");
-
-        let path = links.join(format!("xdp_ingress@{interface}"));
-        let xdp = match self.replace_pinned(&path, program_names::XDP_INGRESS)? {
-            Some(outcome) => outcome,
-            None => {
-                let attach_err = |source| DatapathError::Attach {
-                    program: program_names::XDP_INGRESS,
-                    interface: interface.to_owned(),
-                    source: Box::new(source),
-                };
-                let prog = self.xdp()?;
-                let id = prog
-                    .attach(interface, XdpMode::default())
-                    .map_err(attach_err)?;
-                let link = prog.take_link(id).map_err(attach_err)?;
-                pin_link(FdLink::try_from(link), &path)?;
-                LinkOutcome::Created
-            }
-        };
-
-        let path = links.join(format!("tc_egress@{interface}"));
-        let tc = match self.replace_pinned(&path, program_names::TC_EGRESS)? {
-            Some(outcome) => outcome,
-            None => {
-                let attach_err = |source| DatapathError::Attach {
-                    program: program_names::TC_EGRESS,
-                    interface: interface.to_owned(),
-                    source: Box::new(source),
-                };
-                let prog = self.tc()?;
+        let xdp = self.attach_one(
+            program_names::XDP_INGRESS,
+            &format!("xdp_ingress@{interface}"),
+            interface,
+            |dp| {
+                let prog = dp.xdp()?;
+                let id = prog.attach(interface, XdpMode::default());
+                Ok(id.and_then(|id| prog.take_link(id)).map(FdLink::try_from))
+            },
+        )?;
+        let tc = self.attach_one(
+            program_names::TC_EGRESS,
+            &format!("tc_egress@{interface}"),
+            interface,
+            |dp| {
                 // TCX (a bpf_link) on kernels >= 6.6; only a link can be pinned.
-                let id = prog
-                    .attach(interface, TcAttachType::Egress)
-                    .map_err(attach_err)?;
-                let link = prog.take_link(id).map_err(attach_err)?;
-                pin_link(FdLink::try_from(link), &path)?;
-                LinkOutcome::Created
-            }
-        };
+                let prog = dp.tc()?;
+                let id = prog.attach(interface, TcAttachType::Egress);
+                Ok(id.and_then(|id| prog.take_link(id)).map(FdLink::try_from))
+            },
+        )?;
         Ok([
             (program_names::XDP_INGRESS, xdp),
             (program_names::TC_EGRESS, tc),
         ])
+    }
+
+    /// Keeps the live link pinned at `links/<pin_name>` (replacing its program), or attaches
+    /// with `attach` and pins the new link there.
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        pin_name: &str,
+        interface: &str,
+        attach: impl FnOnce(
+            &mut Self,
+        )
+            -> Result<Result<Result<FdLink, LinkError>, ProgramError>, DatapathError>,
+    ) -> Result<LinkOutcome, DatapathError> {
+        let path = self.pin_dir.join("links").join(pin_name);
+        if let Some(outcome) = self.replace_pinned(&path, program)? {
+            return Ok(outcome);
+        }
+        let link = attach(self)?.map_err(|source| DatapathError::Attach {
+            program,
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        })?;
+        pin_link(link, &path)?;
+        Ok(LinkOutcome::Created)
     }
 
     /// Replaces the program of the link pinned at `path`; `None` when there is no live link
