@@ -257,10 +257,7 @@ impl Datapath {
         program: &'static str,
         pin_name: &str,
         interface: &str,
-        attach: impl FnOnce(
-            &mut Self,
-        )
-            -> Result<Result<Result<FdLink, LinkError>, ProgramError>, DatapathError>,
+        attach: impl FnOnce(&mut Self) -> Result<Attached, DatapathError>,
     ) -> Result<LinkOutcome, DatapathError> {
         let path = self.pin_dir.join("links").join(pin_name);
         if let Some(outcome) = self.replace_pinned(&path, program)? {
