@@ -1,11 +1,371 @@
+//! The datapath: XDP translation of Service frontends to backends on the node's external
+//! interface, and TC egress translation of the replies back to the frontend.
+//!
+//! Every packet the programs cannot prove is addressed to a frontend is passed untouched, bit
+//! for bit, and counted by reason. A frontend packet that cannot be served (no backend) is
+//! dropped and counted. See `lb_common::reason`.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    Backend4, CT_F_CLOSING, CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES,
+    PROTO_TCP, PROTO_UDP, RevNat4, Service, ServiceStats, SlotKey, capacity, csum, flow_hash,
+    reason,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
+#[map]
+static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+#[map]
+static LB_SLOT_V1: HashMap<SlotKey, u32> = HashMap::pinned(capacity::SLOTS, 0);
+#[map]
+static LB_CT4_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[map]
+static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+#[map]
+static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+const ETH_LEN: usize = EthHdr::LEN;
+const IPV4_LEN: usize = Ipv4Hdr::LEN;
+const L4_OFF: usize = ETH_LEN + IPV4_LEN;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets of fields inside the IPv4 header.
+const IP_CHECK_OFF: usize = ETH_LEN + 10;
+const IP_SADDR_OFF: usize = ETH_LEN + 12;
+/// Offsets of the checksum inside the TCP and UDP headers.
+const TCP_CHECK_OFF: usize = 16;
+const UDP_CHECK_OFF: usize = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// The byte of the TCP header holding the flags.
+const TCP_FLAGS_OFF: usize = 13;
+
+/// What becomes of a packet that is not translated.
+#[derive(Clone, Copy)]
+enum Verdict {
+    /// Hand it to the kernel untouched.
+    Pass(u32),
+    /// Drop it.
+    Drop(u32),
+}
+
+#[inline(always)]
+fn count(reason: u32) {
+    if let Some(counter) = LB_REASON_V1.get_ptr_mut(reason) {
+        // Per-CPU: no other CPU writes this counter.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// A pointer to a `T` at `offset` in the XDP buffer, if the buffer holds all of it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The transport header fields the translation reads and writes.
+struct L4 {
+    sport: u16,
+    dport: u16,
+    /// Offset of the checksum from the start of the packet.
+    check_off: usize,
+    /// TCP FIN or RST seen.
+    closing: bool,
+}
+
+/// An IPv4 header that is whole, has no options, is not a fragment, carries TCP or UDP with
+/// its header present, and whose total length is consistent with the received bytes.
+struct Ipv4Packet {
+    ip: *mut Ipv4Hdr,
+    proto: u8,
+    l4: L4,
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Err(Verdict::Pass(reason::NOT_IPV4));
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV4))?;
+    let vihl = unsafe { (*ip).vihl };
+    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+        return Err(Verdict::Pass(reason::BAD_IPV4_HEADER));
+    }
+    if vihl & 0x0f != 5 {
+        return Err(Verdict::Pass(reason::IPV4_OPTIONS));
+    }
+    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    if frags & 0x3fff != 0 {
+        // MF set or a non-zero offset.
+        return Err(Verdict::Pass(reason::IPV4_FRAGMENT));
+    }
+    let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    let received = ctx.data_end() - ctx.data() - ETH_LEN;
+    let proto = unsafe { (*ip).proto };
+    let l4_len = match proto {
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        _ => return Err(Verdict::Pass(reason::NOT_TCP_UDP)),
+    };
+    if tot_len > received {
+        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
+    }
+    if ptr_at::<[u8; 4]>(ctx, L4_OFF + l4_len - 4).is_none() {
+        return Err(Verdict::Pass(reason::SHORT_L4));
+    }
+    if tot_len < IPV4_LEN + l4_len {
+        // The bytes are there, but the IP header says they are not part of the datagram.
+        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
+    }
+    let l4 = if proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Verdict::Pass(reason::SHORT_L4))?;
+        let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
+        L4 {
+            sport: u16::from_ne_bytes(unsafe { (*tcp).source }),
+            dport: u16::from_ne_bytes(unsafe { (*tcp).dest }),
+            check_off: L4_OFF + TCP_CHECK_OFF,
+            closing: flags & (TCP_FIN | TCP_RST) != 0,
+        }
+    } else {
+        let udp: *const UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Verdict::Pass(reason::SHORT_L4))?;
+        L4 {
+            sport: u16::from_ne_bytes(unsafe { (*udp).src }),
+            dport: u16::from_ne_bytes(unsafe { (*udp).dst }),
+            check_off: L4_OFF + UDP_CHECK_OFF,
+            closing: false,
+        }
+    };
+    Ok(Ipv4Packet { ip, proto, l4 })
+}
+
+/// Picks the backend of a new flow: the flow hash modulo the service's slot count.
+#[inline(always)]
+fn select_backend(svc: &Service, key: &Ct4Key) -> Result<(u32, Backend4), Verdict> {
+    if svc.backend_count == 0 {
+        return Err(Verdict::Drop(reason::NO_BACKEND));
+    }
+    let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
+    let slot = SlotKey {
+        service_id: svc.id,
+        slot: hash % svc.backend_count + 1,
+    };
+    let backend_id =
+        *unsafe { LB_SLOT_V1.get(&slot) }.ok_or(Verdict::Drop(reason::BACKEND_MISSING))?;
+    let backend = *unsafe { LB_BACKEND4_V1.get(&backend_id) }
+        .ok_or(Verdict::Drop(reason::BACKEND_MISSING))?;
+    Ok((backend_id, backend))
+}
+
+/// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
+/// selection, recorded in both directions.
+#[inline(always)]
+fn flow_backend(svc: &Service, key: &Ct4Key, closing: bool) -> Result<Backend4, Verdict> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
+        let entry = unsafe { &mut *entry };
+        if entry.service_id == svc.id {
+            if let Some(backend) = unsafe { LB_BACKEND4_V1.get(&entry.backend_id) } {
+                entry.last_seen_ns = now;
+                if closing {
+                    entry.flags |= CT_F_CLOSING;
+                }
+                return Ok(*backend);
+            }
+        }
+    }
+    let (backend_id, backend) = select_backend(svc, key)?;
+    let forward = CtEntry {
+        backend_id,
+        service_id: svc.id,
+        last_seen_ns: now,
+        flags: if closing { CT_F_CLOSING } else { 0 },
+        _pad: 0,
+    };
+    let reply_key = Ct4Key {
+        saddr: backend.addr,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: key.sport,
+        proto: key.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let reply = CtEntry {
+        flags: 0,
+        ..forward
+    };
+    if LB_CT4_V1.insert(&reply_key, &reply, 0).is_err()
+        || LB_CT4_V1.insert(key, &forward, 0).is_err()
+    {
+        count(reason::CT_INSERT_FAILED);
+    } else if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
+        unsafe { (*stats).new_flows += 1 };
+    }
+    Ok(backend)
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+    let pkt = parse_ipv4(ctx)?;
+    let ip = pkt.ip;
+    let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+    let frontend = Frontend4 {
+        addr: daddr,
+        port: pkt.l4.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    let svc = *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+    let key = Ct4Key {
+        saddr: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
+        daddr,
+        sport: pkt.l4.sport,
+        dport: pkt.l4.dport,
+        proto: pkt.proto,
+        dir: CT_FORWARD,
+        _pad: [0; 2],
+    };
+    let backend = flow_backend(&svc, &key, pkt.l4.closing)?;
+
+    // Rewrite destination address and port, with incremental checksums.
+    unsafe {
+        (*ip).dst_addr = backend.addr.to_ne_bytes();
+        let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
+        *ip_check = csum::replace4(*ip_check, daddr, backend.addr);
+    }
+    let check: *mut u16 = ptr_at(ctx, pkt.l4.check_off).ok_or(Verdict::Pass(reason::SHORT_L4))?;
+    let dport: *mut u16 = ptr_at(ctx, L4_OFF + 2).ok_or(Verdict::Pass(reason::SHORT_L4))?;
+    unsafe {
+        *dport = backend.port;
+        let old = *check;
+        if pkt.proto == PROTO_TCP || old != 0 {
+            let new = csum::replace4_2(old, daddr, backend.addr, pkt.l4.dport, backend.port);
+            // A UDP checksum that comes out as 0 is sent as all ones (RFC 768).
+            *check = if pkt.proto == PROTO_UDP && new == 0 {
+                0xffff
+            } else {
+                new
+            };
+        }
+    }
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += (ctx.data_end() - ctx.data()) as u64;
+        }
+    }
+    Ok(())
+}
+
+/// XDP on the node's external interface: translates packets addressed to a frontend.
 #[xdp]
-pub fn lb_xdp_ingress(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
+    match try_ingress(&ctx) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(Verdict::Pass(reason)) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+        Err(Verdict::Drop(reason)) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+    // Anything that is not a reply of a translated flow is not counted: on egress that is
+    // all the node's other traffic.
+    const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+    let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
+    if u16::from_be(ether_type) != ETH_P_IP {
+        return Err(NOT_OURS);
+    }
+    let ip: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;
+    // Only the shapes that ingress translates can be replies of a translated flow.
+    if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(NOT_OURS);
+    }
+    let check_off = match ip.proto {
+        PROTO_TCP => L4_OFF + TCP_CHECK_OFF,
+        PROTO_UDP => L4_OFF + UDP_CHECK_OFF,
+        _ => return Err(NOT_OURS),
+    };
+    let ports: [u16; 2] = ctx.load(L4_OFF).map_err(|_| NOT_OURS)?;
+    let saddr = u32::from_ne_bytes(ip.src_addr);
+    let key = Ct4Key {
+        saddr,
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport: ports[0],
+        dport: ports[1],
+        proto: ip.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let entry = unsafe { LB_CT4_V1.get(&key) }.ok_or(NOT_OURS)?;
+    let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
+        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?;
+
+    // The skb helpers keep the checksums right whatever the skb's checksum state is
+    // (CHECKSUM_PARTIAL from a local or veth sender included).
+    let mangled = if ip.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    const FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+    ctx.l4_csum_replace(check_off, saddr as u64, frontend.addr as u64, pseudo | 4)
+        .map_err(|_| FAILED)?;
+    ctx.l4_csum_replace(
+        check_off,
+        ports[0] as u64,
+        frontend.port as u64,
+        mangled | 2,
+    )
+    .map_err(|_| FAILED)?;
+    ctx.l3_csum_replace(IP_CHECK_OFF, saddr as u64, frontend.addr as u64, 4)
+        .map_err(|_| FAILED)?;
+    ctx.store(IP_SADDR_OFF, &frontend.addr, 0)
+        .map_err(|_| FAILED)?;
+    ctx.store(L4_OFF, &frontend.port, 0).map_err(|_| FAILED)?;
+    Ok(())
+}
+
+/// TC egress on the node's external interface: replies from a backend leave as if they came
+/// from the frontend the client addressed.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    match try_egress(&ctx) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(Verdict::Pass(reason)) => {
+            if reason != u32::MAX {
+                count(reason);
+            }
+            TC_ACT_OK as i32
+        }
+        Err(Verdict::Drop(reason)) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
 }
 
 #[cfg(not(test))]

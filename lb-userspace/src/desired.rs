@@ -164,6 +164,10 @@ pub struct FrontendPlan {
     pub backends: Vec<Backend>,
     /// sessionAffinity ClientIP timeout in seconds, when affinity is on.
     pub affinity_timeout_secs: Option<u32>,
+    /// Client source networks (address, prefix length) allowed to use this frontend; empty
+    /// means every source. Filled from `loadBalancerSourceRanges` for LoadBalancer ingress
+    /// frontends only (as kube-proxy applies them); other sources are dropped.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services

@@ -1,7 +1,15 @@
 //! The load balancer's agent and CLI: sources of cluster state, translation to the desired
 //! datapath state, and the BPF maps and programs that carry it.
 
+pub mod agent;
+pub mod datapath;
 pub mod desired;
+pub mod inspect;
+pub mod manifest;
+pub mod model;
+pub mod sync;
+pub mod sys;
+pub mod translate;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

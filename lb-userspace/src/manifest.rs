@@ -1,0 +1,699 @@
+//! The manifests source: a folder of Kubernetes YAML/JSON manifests, for running without a
+//! cluster.
+//!
+//! [`load_dir`] reads every `*.yaml`, `*.yml` and `*.json` file directly in the folder (not in
+//! subfolders; names starting with `.` skipped, symlinks followed, so a mounted ConfigMap
+//! works), in name order. A file holds one or more documents separated by `---` lines (JSON
+//! files: one or more concatenated values); a document is one object or a `List` (`kind: List`,
+//! or `ServiceList`/`EndpointSliceList`/`EndpointsList`) with `items`. Read are Service (v1),
+//! EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1, converted as the mirroring controller
+//! does, see [`EndpointSlice::from_k8s_endpoints`]); an object without namespace is in
+//! `default`.
+//!
+//! Only an unreadable folder fails the whole load. Everything else is reported per object in
+//! [`ManifestSet::errors`], each naming the file, the document, its first line and (when known)
+//! kind, namespace and name; every valid object is still loaded. Two objects with the same
+//! kind, namespace and name: the later one (file order, then document order) wins, and an
+//! error names both places. An object that fails validation does not replace a valid one.
+//!
+//! Loading is a pure function of the folder's contents: the agent calls it again whenever the
+//! folder changes and diffs the result.
+
+#![deny(missing_docs)]
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::model::{ClusterState, DEFAULT_NAMESPACE, EndpointSlice, Service, ValidationError};
+
+/// What a folder of manifests holds: the valid objects, and what was wrong with the rest.
+#[derive(Debug, Default)]
+pub struct ManifestSet {
+    /// The Services and EndpointSlices read.
+    pub state: ClusterState,
+    /// One entry per object (or file, or document) that could not be used.
+    pub errors: Vec<ManifestError>,
+}
+
+/// The folder itself cannot be listed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read manifests folder {}: {source}", dir.display())]
+pub struct LoadDirError {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Kind, namespace and name of an object in a manifest.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectId {
+    /// kind.
+    pub kind: String,
+    /// metadata.namespace, `default` when absent.
+    pub namespace: String,
+    /// metadata.name; empty when absent.
+    pub name: String,
+}
+
+/// Where an object (or a document, or a file) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based position of the document among the non-empty documents of the file; `None` for
+    /// a problem with the whole file.
+    pub document: Option<usize>,
+    /// 1-based line where the document starts.
+    pub line: Option<usize>,
+    /// 0-based index in the `items` of a List.
+    pub item: Option<usize>,
+    /// The object, as far as it could be read.
+    pub object: Option<ObjectId>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(d) = self.document {
+            write!(f, " document {d}")?;
+        }
+        if let Some(l) = self.line {
+            write!(f, " (line {l})")?;
+        }
+        if let Some(i) = self.item {
+            write!(f, " items[{i}]")?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, " {} {}/{}", o.kind, o.namespace, o.name)?;
+        }
+        Ok(())
+    }
+}
+
+/// An object, document or file of the folder that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {kind}")]
+pub struct ManifestError {
+    /// Where.
+    pub location: Location,
+    /// What.
+    #[source]
+    pub kind: ManifestErrorKind,
+}
+
+/// What went wrong with a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestErrorKind {
+    /// The file cannot be read.
+    #[error("cannot read file: {0}")]
+    Read(#[source] io::Error),
+    /// The file is not UTF-8 text.
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    /// YAML syntax error (its line numbers count from the start of the file).
+    #[error("invalid YAML: {0}")]
+    Yaml(#[source] serde_yaml_ng::Error),
+    /// JSON syntax error; the rest of the file is not read.
+    #[error("invalid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The document is not a mapping.
+    #[error("not a Kubernetes object (expected a mapping with apiVersion and kind)")]
+    NotAnObject,
+    /// apiVersion or kind is missing or not a string.
+    #[error("missing {field}")]
+    MissingTypeField {
+        /// `apiVersion` or `kind`.
+        field: &'static str,
+    },
+    /// A kind this source does not read.
+    #[error(
+        "kind {kind} ({api_version}) is not read here; read are Service (v1), EndpointSlice \
+         (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
+    )]
+    UnsupportedKind {
+        /// apiVersion.
+        api_version: String,
+        /// kind.
+        kind: String,
+    },
+    /// A List inside a List.
+    #[error("a List inside a List is not read")]
+    NestedList,
+    /// A List whose `items` is not a sequence.
+    #[error("items: expected a sequence")]
+    BadItems,
+    /// The object does not have the shape of its kind.
+    #[error("{path}: {message}")]
+    Decode {
+        /// Path of the offending field.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The object is well-formed but not valid.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The same kind/namespace/name was defined before; this later definition replaces it.
+    #[error("also defined at {previous}; this later definition is used")]
+    Duplicate {
+        /// Where the replaced definition is.
+        previous: Box<Location>,
+    },
+}
+
+/// Reads the manifests folder `dir`. See the module documentation.
+pub fn load_dir(dir: &Path) -> Result<ManifestSet, LoadDirError> {
+    let err = |source| LoadDirError {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+        if name.starts_with('.') || !matches!(ext.as_deref(), Some("yaml" | "yml" | "json")) {
+            continue;
+        }
+        // fs::metadata follows symlinks: ConfigMap volumes are symlinks to ..data/.
+        if fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        files.push(entry.path());
+    }
+    files.sort();
+
+    let mut loader = Loader::default();
+    for file in &files {
+        match fs::read(file) {
+            Ok(bytes) => loader.file(file, &bytes),
+            Err(e) => loader.error(Location::file(file), ManifestErrorKind::Read(e)),
+        }
+    }
+    Ok(loader.finish())
+}
+
+/// Reads manifests from text, as if it were the file `file` (for stdin, tests and tools).
+pub fn load_str(file: &Path, text: &str) -> ManifestSet {
+    let mut loader = Loader::default();
+    loader.file(file, text.as_bytes());
+    loader.finish()
+}
+
+impl Location {
+    fn file(file: &Path) -> Self {
+        Location {
+            file: file.to_owned(),
+            document: None,
+            line: None,
+            item: None,
+            object: None,
+        }
+    }
+}
+
+/// A usable object, keyed for duplicate detection.
+enum Parsed {
+    Service(Service),
+    Slices(Vec<EndpointSlice>),
+}
+
+#[derive(Default)]
+struct Loader {
+    objects: BTreeMap<ObjectId, (Location, Parsed)>,
+    errors: Vec<ManifestError>,
+}
+
+impl Loader {
+    fn error(&mut self, location: Location, kind: ManifestErrorKind) {
+        self.errors.push(ManifestError { location, kind });
+    }
+
+    fn file(&mut self, file: &Path, bytes: &[u8]) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return self.error(Location::file(file), ManifestErrorKind::NotUtf8);
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let is_json = file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if is_json {
+            self.json_file(file, text)
+        } else {
+            self.yaml_file(file, text)
+        }
+    }
+
+    fn yaml_file(&mut self, file: &Path, text: &str) {
+        let mut document = 0;
+        for (line, chunk) in split_yaml_documents(text) {
+            let value: Value = match serde_yaml_ng::from_str(chunk) {
+                Ok(v) => v,
+                Err(first) => {
+                    document += 1;
+                    let location = Location {
+                        document: Some(document),
+                        line: Some(line),
+                        ..Location::file(file)
+                    };
+                    // Parse again with the lines before the document blanked out, so that the
+                    // error's line numbers count from the start of the file. Errors are rare;
+                    // the parse that succeeds does not pay for this.
+                    let padded = "\n".repeat(line - 1) + chunk;
+                    let err = serde_yaml_ng::from_str::<Value>(&padded)
+                        .err()
+                        .unwrap_or(first);
+                    self.error(location, ManifestErrorKind::Yaml(err));
+                    continue;
+                }
+            };
+            if value.is_null() {
+                continue; // empty document, comments only
+            }
+            document += 1;
+            let location = Location {
+                document: Some(document),
+                line: Some(line),
+                ..Location::file(file)
+            };
+            self.document(location, value);
+        }
+    }
+
+    fn json_file(&mut self, file: &Path, text: &str) {
+        let mut document = 0;
+        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        let (mut counted, mut line) = (0, 1);
+        loop {
+            // The line of the next value: skip the whitespace before it, counting newlines.
+            let start = stream.byte_offset();
+            let ws = text[start..].len() - text[start..].trim_start().len();
+            line += text[counted..start + ws].matches('\n').count();
+            counted = start + ws;
+            let Some(next) = stream.next() else { break };
+            document += 1;
+            let location = Location {
+                document: Some(document),
+                line: Some(line),
+                ..Location::file(file)
+            };
+            match next.map(serde_yaml_ng::to_value) {
+                Ok(Ok(value)) => self.document(location, value),
+                Ok(Err(e)) => self.error(location, ManifestErrorKind::Yaml(e)),
+                Err(e) => return self.error(location, ManifestErrorKind::Json(e)),
+            }
+        }
+    }
+
+    /// One document: an object or a List.
+    fn document(&mut self, location: Location, value: Value) {
+        let Value::Mapping(mut map) = value else {
+            return self.error(location, ManifestErrorKind::NotAnObject);
+        };
+        let (api_version, kind) = match type_meta(&map) {
+            Ok(tm) => tm,
+            Err(e) => return self.error(location, e),
+        };
+        if !is_list_kind(&kind) {
+            return self.object(location, map, &api_version, &kind);
+        }
+        // "ServiceList" -> "Service"; None for a plain List.
+        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+        let items = match map.remove("items") {
+            None | Some(Value::Null) => return, // an empty List
+            Some(Value::Sequence(items)) => items,
+            Some(_) => return self.error(location, ManifestErrorKind::BadItems),
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            let location = Location {
+                item: Some(i),
+                ..location.clone()
+            };
+            let Value::Mapping(mut item) = item else {
+                self.error(location, ManifestErrorKind::NotAnObject);
+                continue;
+            };
+            // Items of a typed List (as the API returns them) may leave out apiVersion and kind.
+            if let Some(k) = item_kind {
+                item.entry("apiVersion".into())
+                    .or_insert_with(|| api_version.as_str().into());
+                item.entry("kind".into()).or_insert_with(|| k.into());
+            }
+            match type_meta(&item) {
+                Ok((_, k)) if is_list_kind(&k) => {
+                    self.error(location, ManifestErrorKind::NestedList)
+                }
+                Ok((v, k)) => self.object(location, item, &v, &k),
+                Err(e) => self.error(location, e),
+            }
+        }
+    }
+
+    /// One object.
+    fn object(&mut self, mut location: Location, map: Mapping, api_version: &str, kind: &str) {
+        let meta = map.get("metadata");
+        let meta_str = |key: &str| {
+            meta.and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let id = ObjectId {
+            kind: kind.to_owned(),
+            namespace: meta_str("namespace")
+                .unwrap_or(DEFAULT_NAMESPACE)
+                .to_owned(),
+            name: meta_str("name").unwrap_or_default().to_owned(),
+        };
+        location.object = Some(id.clone());
+        let value = Value::Mapping(map);
+        let parsed = match (api_version, kind) {
+            ("v1", "Service") => decode::<core::Service>(value)
+                .and_then(|s| Ok(Parsed::Service(Service::from_k8s(&s)?))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => decode::<discovery::EndpointSlice>(value)
+                .and_then(|s| Ok(Parsed::Slices(vec![EndpointSlice::from_k8s(&s)?]))),
+            ("v1", "Endpoints") => decode::<core::Endpoints>(value)
+                .and_then(|e| Ok(Parsed::Slices(EndpointSlice::from_k8s_endpoints(&e)?))),
+            _ => Err(ManifestErrorKind::UnsupportedKind {
+                api_version: api_version.into(),
+                kind: kind.into(),
+            }),
+        };
+        match parsed {
+            Err(e) => self.error(location, e),
+            Ok(parsed) => {
+                if let Some((previous, _)) = self.objects.insert(id, (location.clone(), parsed)) {
+                    self.error(
+                        location,
+                        ManifestErrorKind::Duplicate {
+                            previous: Box::new(previous),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> ManifestSet {
+        let mut state = ClusterState::default();
+        for (_, parsed) in self.objects.into_values() {
+            match parsed {
+                Parsed::Service(s) => state.insert_service(s),
+                Parsed::Slices(slices) => slices.into_iter().for_each(|s| state.insert_slice(s)),
+            }
+        }
+        ManifestSet {
+            state,
+            errors: self.errors,
+        }
+    }
+}
+
+/// apiVersion and kind.
+fn type_meta(map: &Mapping) -> Result<(String, String), ManifestErrorKind> {
+    let field = |field: &'static str| {
+        map.get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or(ManifestErrorKind::MissingTypeField { field })
+    };
+    Ok((field("apiVersion")?, field("kind")?))
+}
+
+fn is_list_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "List" | "ServiceList" | "EndpointsList" | "EndpointSliceList"
+    )
+}
+
+fn decode<T: DeserializeOwned>(value: Value) -> Result<T, ManifestErrorKind> {
+    serde_path_to_error::deserialize(value).map_err(|e| ManifestErrorKind::Decode {
+        path: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
+}
+
+/// Splits YAML text at document markers (`---` at the start of a line, possibly followed by
+/// content; `...` ends a document). Returns each document with the 1-based line it starts on.
+fn split_yaml_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0; // byte offset of the current document
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let content = line.trim_end_matches(['\n', '\r']);
+        let is_start = content
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
+        let is_end = content.trim_end() == "...";
+        if is_start || is_end {
+            docs.push((start_line, &text[start..offset]));
+            // Content after `--- ` belongs to the next document.
+            start = if is_start {
+                offset + 3
+            } else {
+                offset + line.len()
+            };
+            start_line = i + 1;
+            if is_end {
+                start_line += 1;
+            }
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{ClusterIp, ObjectRef};
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.0.1]}]\nports: [{port: 8080}]\n";
+
+    fn load(text: &str) -> ManifestSet {
+        load_str(Path::new("in.yaml"), text)
+    }
+
+    fn messages(set: &ManifestSet) -> Vec<String> {
+        set.errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn splits_documents() {
+        let text = "a: 1\n---\nb: 2\n--- {c: 3}\n...\n---\n---x: 1\n";
+        let docs = split_yaml_documents(text);
+        assert_eq!(
+            docs,
+            vec![
+                (1, "a: 1\n"),
+                (2, "\nb: 2\n"),
+                (4, " {c: 3}\n"),
+                (6, ""),
+                (6, "\n---x: 1\n")
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_objects_with_defaults() {
+        let set = load(&format!("---\n{SERVICE}---\n# comment only\n---\n{SLICE}"));
+        assert!(set.errors.is_empty(), "{:?}", messages(&set));
+        let svc = &set.state.services[&ObjectRef::new("default", "web")];
+        assert_eq!(
+            svc.cluster_ip,
+            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        let slice = &set.state.slices[&ObjectRef::new("default", "web-1")];
+        assert_eq!(slice.endpoints[0].address, Ipv4Addr::new(10, 1, 0, 1));
+    }
+
+    #[test]
+    fn reads_lists() {
+        let text = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {{apiVersion: apps/v1, kind: Deployment, metadata: {{name: d}}}}\n- 5\n- {{apiVersion: v1, kind: List}}\n",
+            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(SERVICE).unwrap())
+                .unwrap()
+        );
+        let set = load(&text);
+        assert_eq!(set.state.services.len(), 1);
+        assert_eq!(
+            messages(&set),
+            vec![
+                "in.yaml document 1 (line 1) items[1] Deployment default/d: kind Deployment (apps/v1) is not read here; read are Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and their Lists",
+                "in.yaml document 1 (line 1) items[2]: not a Kubernetes object (expected a mapping with apiVersion and kind)",
+                "in.yaml document 1 (line 1) items[3]: a List inside a List is not read",
+            ]
+        );
+        // Items of a typed list may omit apiVersion and kind.
+        let set = load(
+            "apiVersion: v1\nkind: ServiceList\nitems: [{metadata: {name: a}}, {metadata: {name: b}}]\n",
+        );
+        assert!(set.errors.is_empty(), "{:?}", messages(&set));
+        assert_eq!(set.state.services.len(), 2);
+    }
+
+    #[test]
+    fn per_object_errors_keep_the_rest() {
+        let text = format!(
+            "{SERVICE}---\nkind: Service\nmetadata: {{name: x}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: shop}}\nspec: {{ports: [{{port: 70000}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: worse}}\nspec: {{ports: [{{port: eighty}}]}}\n---\nkey: [unclosed\n---\n{SLICE}"
+        );
+        let set = load(&text);
+        assert_eq!(set.state.services.len(), 1);
+        assert_eq!(set.state.slices.len(), 1);
+        assert_eq!(
+            messages(&set),
+            vec![
+                "in.yaml document 2 (line 5): missing apiVersion",
+                "in.yaml document 3 (line 8) Service shop/bad: spec.ports[0].port: 70000 is out of range 1-65535",
+                "in.yaml document 4 (line 13) Service default/worse: spec.ports[0].port: invalid type: string \"eighty\", expected i32",
+                "in.yaml document 5 (line 18): invalid YAML: did not find expected ',' or ']' at line 20 column 1, while parsing a flow sequence at line 19 column 6",
+            ]
+        );
+        assert!(matches!(
+            &set.errors[1].kind,
+            ManifestErrorKind::Invalid(ValidationError::OutOfRange { value: 70000, .. })
+        ));
+    }
+
+    #[test]
+    fn duplicates_later_wins() {
+        let dir = tempdir("dup");
+        fs::write(dir.join("a.yaml"), SERVICE).unwrap();
+        fs::write(dir.join("b.yml"), SERVICE.replace("10.0.0.1", "10.0.0.2")).unwrap();
+        let set = load_dir(&dir).unwrap();
+        let svc = &set.state.services[&ObjectRef::new("default", "web")];
+        assert_eq!(
+            svc.cluster_ip,
+            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 2)))
+        );
+        let d = dir.display();
+        assert_eq!(
+            messages(&set),
+            vec![format!(
+                "{d}/b.yml document 1 (line 1) Service default/web: also defined at {d}/a.yaml document 1 \
+                 (line 1) Service default/web; this later definition is used"
+            )]
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn folder_rules() {
+        let dir = tempdir("folder");
+        fs::write(dir.join("b.yaml"), SLICE).unwrap();
+        fs::write(
+            dir.join("a.JSON"),
+            serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(SERVICE).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.join(".hidden.yaml"), "garbage: [").unwrap();
+        fs::write(dir.join("notes.txt"), "garbage: [").unwrap();
+        fs::create_dir(dir.join("sub.yaml")).unwrap();
+        fs::write(dir.join("sub.yaml/c.yaml"), SERVICE).unwrap();
+        let set = load_dir(&dir).unwrap();
+        assert!(set.errors.is_empty(), "{:?}", messages(&set));
+        assert_eq!(set.state.services.len(), 1);
+        assert_eq!(set.state.slices.len(), 1);
+
+        let missing = dir.join("missing");
+        let err = load_dir(&missing).unwrap_err();
+        assert_eq!(err.source.kind(), io::ErrorKind::NotFound);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn json_streams() {
+        let set = load_str(
+            Path::new("x.json"),
+            "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"a\"}}\n\n{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"b\"}} {oops",
+        );
+        assert_eq!(set.state.services.len(), 2);
+        assert_eq!(
+            messages(&set),
+            vec![
+                "x.json document 3 (line 3): invalid JSON: key must be a string at line 3 column 69"
+            ]
+        );
+    }
+
+    #[test]
+    fn never_panics_on_garbage() {
+        let long_nesting = "[".repeat(10_000);
+        let deep_map = "a:\n".to_owned()
+            + &(1..200)
+                .map(|i| format!("{}a:\n", " ".repeat(i)))
+                .collect::<String>();
+        let inputs: Vec<String> = vec![
+            String::new(),
+            "---".into(),
+            "---\n---\n...\n".into(),
+            "\u{feff}".into(),
+            "\0\0\0".into(),
+            "\t\tkey: value".into(),
+            long_nesting.clone(),
+            deep_map,
+            "&a [*a]".into(),
+            "a: &x 1\nb: *y\n".into(),
+            "apiVersion: v1\nkind: Service\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: 5\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: [1, 2]\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: {port: 1}}\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 99999999999}]}\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nstatus: {loadBalancer: {ingress: [{ip: [1]}]}}\n".into(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a}\nendpoints: 7\n".into(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: [{addresses: [1.2.3.4], conditions: {ready: maybe}}]\n".into(),
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: a}\nsubsets: [{addresses: [{ip: 1.2.3.4}], ports: [{port: -5}]}]\n".into(),
+            "apiVersion: 1\nkind: true\n".into(),
+            "apiVersion: v1\nkind: List\nitems: 5\n".into(),
+            "apiVersion: v1\nkind: List\nitems: [[], null, {kind: Service}]\n".into(),
+            "? [a, b]\n: c\n".into(),
+            "!!binary aGVsbG8=".into(),
+            "x: !custom {a: 1}".into(),
+            "%YAML 1.2\n---\na: 1\n".into(),
+        ];
+        for input in &inputs {
+            let set = load(input);
+            assert!(
+                set.state.services.is_empty() && set.state.slices.is_empty(),
+                "{input:?}"
+            );
+            let _ = messages(&set);
+        }
+        // Binary junk: not UTF-8, and UTF-8 control characters.
+        let dir = tempdir("junk");
+        fs::write(dir.join("junk.yaml"), [0xff, 0xfe, 0x00, 0x81, b'\n', 0xc3]).unwrap();
+        fs::write(dir.join("junk.json"), "\u{1}\u{2}{\"a\":").unwrap();
+        fs::write(dir.join("nest.json"), &long_nesting).unwrap();
+        let set = load_dir(&dir).unwrap();
+        assert_eq!(set.errors.len(), 3);
+        assert!(matches!(set.errors[0].kind, ManifestErrorKind::Json(_)));
+        assert!(matches!(set.errors[1].kind, ManifestErrorKind::NotUtf8));
+        assert!(matches!(set.errors[2].kind, ManifestErrorKind::Json(_)));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("lb-manifest-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,1432 @@
+//! The validated cluster model that every source fills and `translate` reads.
+//!
+//! Sources (the manifests folder, later the Kubernetes watch) hand over k8s-openapi objects;
+//! the conversions here (`Service::from_k8s`, `EndpointSlice::from_k8s`,
+//! `EndpointSlice::from_k8s_endpoints`) check them once and keep only what the datapath needs,
+//! in parsed form: `Ipv4Addr` instead of strings, `u16` ports, enums for types and policies.
+//! They apply the API server's defaults (protocol TCP, type ClusterIP, traffic policies
+//! Cluster, affinity timeout 10800 s, namespace "default", EndpointSlice port name ""), because
+//! objects read from files have not been through an API server.
+//!
+//! The datapath is IPv4 only: IPv6 addresses (the IPv6 half of a dual-stack Service, IPv6
+//! externalIPs, ingress IPs and source ranges, IPv6 EndpointSlices) are valid input and are
+//! dropped here without an error, as kube-proxy ignores the IP family it is not configured
+//! for. SCTP ports are valid and kept; `translate` skips them with a warning because this
+//! datapath does not handle SCTP.
+//!
+//! Nothing here reads files or talks to an API server.
+
+#![deny(missing_docs)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{core::v1 as core, discovery::v1 as discovery},
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The label with which an Endpoints object opts out of being mirrored to EndpointSlices.
+pub const LABEL_SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// sessionAffinityConfig.clientIP.timeoutSeconds when it is not given.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The largest sessionAffinity timeout the API accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+/// The namespace of an object that does not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A namespaced object name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What is wrong with an object, with the path of the offending field.
+///
+/// The `field` of every variant is a path in the object as written, such as
+/// `spec.ports[0].port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A required field is absent or empty.
+    #[error("{field}: required but missing")]
+    Missing {
+        /// Field path.
+        field: String,
+    },
+    /// A number outside its allowed range.
+    #[error("{field}: {value} is out of range {min}-{max}")]
+    OutOfRange {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: i64,
+        /// Smallest allowed value.
+        min: i64,
+        /// Largest allowed value.
+        max: i64,
+    },
+    /// A string that should be an IP address and is not.
+    #[error("{field}: {value:?} is not an IP address")]
+    InvalidIp {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+    },
+    /// An address of an IPv4 EndpointSlice that is not IPv4.
+    #[error("{field}: {value:?} is not an IPv4 address (the slice's addressType is IPv4)")]
+    NotIpv4 {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+    },
+    /// A string that should be a CIDR (`address/prefix-length`) and is not.
+    #[error("{field}: {value:?} is not a CIDR (address/prefix-length)")]
+    InvalidCidr {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+    },
+    /// A name that Kubernetes would not accept.
+    #[error("{field}: {value:?} is not a valid name: {reason}")]
+    InvalidName {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A value that is not one of the values the field takes.
+    #[error("{field}: unsupported value {value:?}, expected one of {expected}")]
+    UnsupportedValue {
+        /// Field path.
+        field: String,
+        /// The value found.
+        value: String,
+        /// The accepted values.
+        expected: &'static str,
+    },
+    /// A rule between fields, such as unique port names.
+    #[error("{field}: {reason}")]
+    Inconsistent {
+        /// Field path.
+        field: String,
+        /// What is inconsistent.
+        reason: String,
+    },
+}
+
+/// Transport protocol of a Service or EndpointSlice port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (the default).
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP: valid in Kubernetes, not handled by this datapath.
+    Sctp,
+}
+
+impl Protocol {
+    fn parse(field: String, value: Option<&str>) -> Result<Self, ValidationError> {
+        match value {
+            None | Some("TCP") => Ok(Protocol::Tcp),
+            Some("UDP") => Ok(Protocol::Udp),
+            Some("SCTP") => Ok(Protocol::Sctp),
+            Some(other) => Err(ValidationError::UnsupportedValue {
+                field,
+                value: other.to_owned(),
+                expected: "TCP, UDP, SCTP",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// `spec.type` of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceType {
+    /// ClusterIP (the default).
+    ClusterIp,
+    /// NodePort.
+    NodePort,
+    /// LoadBalancer.
+    LoadBalancer,
+    /// ExternalName: a DNS alias, never proxied.
+    ExternalName,
+}
+
+/// The cluster IP of a Service, for the IPv4 family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClusterIp {
+    /// `clusterIP: None`: a headless Service, never proxied.
+    Headless,
+    /// No clusterIP given. An API server always allocates one; only hand-written manifests
+    /// lack it.
+    Unassigned,
+    /// Allocated. `None` when the Service has only IPv6 cluster IPs (kube-proxy's IPv4 side
+    /// ignores such a Service entirely).
+    Assigned(Option<Ipv4Addr>),
+}
+
+/// externalTrafficPolicy or internalTrafficPolicy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint in the cluster (the default).
+    Cluster,
+    /// Only endpoints on this node.
+    Local,
+}
+
+impl TrafficPolicy {
+    fn parse(field: &str, value: Option<&str>) -> Result<Self, ValidationError> {
+        match value {
+            None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+            Some("Local") => Ok(TrafficPolicy::Local),
+            Some(other) => Err(ValidationError::UnsupportedValue {
+                field: field.to_owned(),
+                value: other.to_owned(),
+                expected: "Cluster, Local",
+            }),
+        }
+    }
+}
+
+/// `spec.sessionAffinity` with its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionAffinity {
+    /// No affinity (the default).
+    None,
+    /// ClientIP: a client address keeps its backend for `timeout_secs` after its last packet.
+    ClientIp {
+        /// sessionAffinityConfig.clientIP.timeoutSeconds (default 10800).
+        timeout_secs: u32,
+    },
+}
+
+/// `spec.trafficDistribution`. kube-proxy does not read it: the EndpointSlice controller
+/// turns it into the hints of the slices, and kube-proxy follows the hints. It is kept here
+/// for display.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TrafficDistribution {
+    /// PreferClose (the older name of PreferSameZone).
+    PreferClose,
+    /// PreferSameZone.
+    PreferSameZone,
+    /// PreferSameNode.
+    PreferSameNode,
+    /// A value this version does not know (newer API servers may add some).
+    Other(String),
+}
+
+/// `targetPort` of a Service port. kube-proxy does not use it: the EndpointSlices carry the
+/// resolved port of every endpoint. Kept for display.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A container port name, resolved per pod by the EndpointSlice controller.
+    Name(String),
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// Port name; empty for the single unnamed port of a Service.
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// The Service port (frontend port of the cluster IP, external IPs and ingress IPs).
+    pub port: u16,
+    /// targetPort (defaults to `port`).
+    pub target_port: TargetPort,
+    /// nodePort, when allocated.
+    pub node_port: Option<u16>,
+}
+
+/// A load balancer ingress point of `status.loadBalancer.ingress` with an IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoadBalancerIngress {
+    /// The ingress IP.
+    pub ip: Ipv4Addr,
+    /// ipMode: with `Proxy` the load balancer proxies to the nodes itself, and kube-proxy does
+    /// not capture the ingress IP.
+    pub ip_mode: IpMode,
+}
+
+/// `ipMode` of a load balancer ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpMode {
+    /// Traffic arrives with the ingress IP as destination (the default).
+    Vip,
+    /// Traffic arrives at the node from the load balancer, not addressed to the ingress IP.
+    Proxy,
+}
+
+/// An IPv4 network: address (host bits cleared) and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0 to 32.
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// The network of `addr` with this prefix length (host bits cleared); `None` above 32.
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Option<Self> {
+        (prefix_len <= 32).then(|| Ipv4Cidr {
+            addr: Ipv4Addr::from(u32::from(addr) & mask(prefix_len)),
+            prefix_len,
+        })
+    }
+
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & mask(self.prefix_len) == u32::from(self.addr)
+    }
+}
+
+fn mask(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0)
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A validated Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// spec.type.
+    pub type_: ServiceType,
+    /// spec.clusterIPs / spec.clusterIP, IPv4 family.
+    pub cluster_ip: ClusterIp,
+    /// spec.ports.
+    pub ports: Vec<ServicePort>,
+    /// spec.externalIPs (IPv4 ones).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// status.loadBalancer.ingress entries with an IPv4 `ip`.
+    pub load_balancer_ingress: Vec<LoadBalancerIngress>,
+    /// spec.loadBalancerSourceRanges (IPv4 ones), as written (`0.0.0.0/0` included).
+    pub load_balancer_source_ranges: Vec<Ipv4Cidr>,
+    /// spec.externalTrafficPolicy.
+    pub external_traffic_policy: TrafficPolicy,
+    /// spec.internalTrafficPolicy.
+    pub internal_traffic_policy: TrafficPolicy,
+    /// spec.sessionAffinity and its timeout.
+    pub session_affinity: SessionAffinity,
+    /// spec.trafficDistribution.
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// `addressType` of an EndpointSlice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressType {
+    /// IPv4 addresses: the only kind the datapath uses.
+    Ipv4,
+    /// IPv6 addresses: ignored.
+    Ipv6,
+    /// Domain names: ignored (kube-proxy ignores them too).
+    Fqdn,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointPort {
+    /// Name; matches the name of the Service port (empty for an unnamed one).
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Port number; `None` when absent or 0 (kube-proxy ignores such a port).
+    pub port: Option<u16>,
+}
+
+/// The conditions of an endpoint, as written: each may be absent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointConditions {
+    /// ready; absent means ready.
+    pub ready: Option<bool>,
+    /// serving; absent means serving (older clusters set only `ready`).
+    pub serving: Option<bool>,
+    /// terminating; absent means not terminating.
+    pub terminating: Option<bool>,
+}
+
+impl EndpointConditions {
+    /// Ready as kube-proxy reads it: absent counts as ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.unwrap_or(true)
+    }
+
+    /// Serving as kube-proxy reads it: absent counts as serving.
+    pub fn is_serving(&self) -> bool {
+        self.serving.unwrap_or(true)
+    }
+
+    /// Terminating as kube-proxy reads it: absent counts as not terminating.
+    pub fn is_terminating(&self) -> bool {
+        self.terminating.unwrap_or(false)
+    }
+}
+
+/// Topology hints of an endpoint (`hints.forZones[].name`, `hints.forNodes[].name`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointHints {
+    /// Zones that should use this endpoint.
+    pub for_zones: BTreeSet<String>,
+    /// Nodes that should use this endpoint.
+    pub for_nodes: BTreeSet<String>,
+}
+
+/// One endpoint of an EndpointSlice with an IPv4 address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// `addresses[0]` (consumers use only the first address).
+    pub address: Ipv4Addr,
+    /// Conditions.
+    pub conditions: EndpointConditions,
+    /// The node hosting the endpoint.
+    pub node_name: Option<String>,
+    /// The zone of the endpoint.
+    pub zone: Option<String>,
+    /// Topology hints.
+    pub hints: EndpointHints,
+}
+
+/// A validated EndpointSlice (or one subset of a legacy Endpoints object).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// The Service it belongs to (label `kubernetes.io/service-name`); `None` when the label is
+    /// missing, and then no Service uses it.
+    pub service_name: Option<String>,
+    /// addressType.
+    pub address_type: AddressType,
+    /// ports.
+    pub ports: Vec<EndpointPort>,
+    /// endpoints; always empty unless `address_type` is IPv4.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What this node is, for traffic policies, topology and NodePorts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node name (compared with `nodeName` of endpoints and `hints.forNodes`).
+    pub name: String,
+    /// The addresses that NodePorts listen on.
+    pub addresses: Vec<Ipv4Addr>,
+    /// The node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// Everything a source knows about the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Services by namespace/name.
+    pub services: BTreeMap<ObjectRef, Service>,
+    /// EndpointSlices by namespace/name.
+    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+}
+
+impl ClusterState {
+    /// Adds or replaces a Service.
+    pub fn insert_service(&mut self, service: Service) {
+        self.services.insert(service.id.clone(), service);
+    }
+
+    /// Adds or replaces an EndpointSlice.
+    pub fn insert_slice(&mut self, slice: EndpointSlice) {
+        self.slices.insert(slice.id.clone(), slice);
+    }
+}
+
+// ----- conversions from the API types -----
+
+/// The namespace and name of an object, with the name checked by `check_name`.
+fn object_ref(
+    meta: &ObjectMeta,
+    check_name: fn(&str) -> Result<(), &'static str>,
+) -> Result<ObjectRef, ValidationError> {
+    let name = meta.name.as_deref().unwrap_or("");
+    if name.is_empty() {
+        return Err(ValidationError::Missing {
+            field: "metadata.name".into(),
+        });
+    }
+    check_name(name).map_err(|reason| ValidationError::InvalidName {
+        field: "metadata.name".into(),
+        value: name.to_owned(),
+        reason,
+    })?;
+    let namespace = match meta.namespace.as_deref() {
+        None | Some("") => DEFAULT_NAMESPACE,
+        Some(ns) => ns,
+    };
+    dns1123_label(namespace).map_err(|reason| ValidationError::InvalidName {
+        field: "metadata.namespace".into(),
+        value: namespace.to_owned(),
+        reason,
+    })?;
+    Ok(ObjectRef::new(namespace, name))
+}
+
+fn dns_chars(s: &str, dots: bool) -> Result<(), &'static str> {
+    let ok =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    if !s.chars().all(ok) {
+        return Err(if dots {
+            "only lowercase letters, digits, '-' and '.' are allowed"
+        } else {
+            "only lowercase letters, digits and '-' are allowed"
+        });
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// RFC 1123 label: namespaces.
+fn dns1123_label(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("longer than 63 characters");
+    }
+    dns_chars(s, false)
+}
+
+/// RFC 1035 label: Service names.
+fn dns1035_label(s: &str) -> Result<(), &'static str> {
+    dns1123_label(s)?;
+    if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err("must start with a lowercase letter");
+    }
+    Ok(())
+}
+
+/// RFC 1123 subdomain: EndpointSlice and Endpoints names.
+fn dns1123_subdomain(s: &str) -> Result<(), &'static str> {
+    if s.len() > 253 {
+        return Err("longer than 253 characters");
+    }
+    dns_chars(s, true)
+}
+
+/// Parses an IP address; `Ok(None)` for an IPv6 one (ignored by this IPv4 datapath).
+fn parse_ipv4(
+    field: impl FnOnce() -> String,
+    value: &str,
+) -> Result<Option<Ipv4Addr>, ValidationError> {
+    match value.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
+        Ok(IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(ValidationError::InvalidIp {
+            field: field(),
+            value: value.to_owned(),
+        }),
+    }
+}
+
+/// Parses a CIDR (surrounding whitespace allowed, as the API allows it in source ranges);
+/// `Ok(None)` for an IPv6 one.
+fn parse_cidr4(
+    field: impl FnOnce() -> String,
+    value: &str,
+) -> Result<Option<Ipv4Cidr>, ValidationError> {
+    let invalid = |field: String| ValidationError::InvalidCidr {
+        field,
+        value: value.to_owned(),
+    };
+    let Some((addr, len)) = value.trim().split_once('/') else {
+        return Err(invalid(field()));
+    };
+    // Digits only, no sign and no leading zero, like Go's ParseCIDR.
+    let digits = !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit());
+    let len: u8 = match len.parse() {
+        Ok(n) if digits && (len == "0" || !len.starts_with('0')) => n,
+        _ => return Err(invalid(field())),
+    };
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ipv4Cidr::new(ip, len)
+            .map(Some)
+            .ok_or_else(|| invalid(field())),
+        Ok(IpAddr::V6(_)) if len <= 128 => Ok(None),
+        _ => Err(invalid(field())),
+    }
+}
+
+fn port_number(field: impl FnOnce() -> String, value: i32) -> Result<u16, ValidationError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| ValidationError::OutOfRange {
+            field: field(),
+            value: value.into(),
+            min: 1,
+            max: 65535,
+        })
+}
+
+/// Checks that no two ports share a name.
+fn unique_port_names<'a>(
+    field: &str,
+    names: impl Iterator<Item = (&'a str, Protocol)>,
+    by_protocol: bool,
+) -> Result<(), ValidationError> {
+    let mut seen = BTreeSet::new();
+    for (i, (name, proto)) in names.enumerate() {
+        if !seen.insert((name, by_protocol.then_some(proto))) {
+            return Err(ValidationError::Inconsistent {
+                field: format!("{field}[{i}].name"),
+                reason: format!("duplicate port name {name:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Validates a Service from the API (or a manifest) and keeps what the datapath needs.
+    pub fn from_k8s(svc: &core::Service) -> Result<Service, ValidationError> {
+        let id = object_ref(&svc.metadata, dns1035_label)?;
+        let default_spec = core::ServiceSpec::default();
+        let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+
+        let type_ = match spec.type_.as_deref() {
+            None | Some("ClusterIP") => ServiceType::ClusterIp,
+            Some("NodePort") => ServiceType::NodePort,
+            Some("LoadBalancer") => ServiceType::LoadBalancer,
+            Some("ExternalName") => ServiceType::ExternalName,
+            Some(other) => {
+                return Err(ValidationError::UnsupportedValue {
+                    field: "spec.type".into(),
+                    value: other.to_owned(),
+                    expected: "ClusterIP, NodePort, LoadBalancer, ExternalName",
+                });
+            }
+        };
+
+        let cluster_ip = cluster_ip(spec)?;
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, p)| service_port(i, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ports.len() > 1
+            && let Some(i) = ports.iter().position(|p| p.name.is_empty())
+        {
+            return Err(ValidationError::Missing {
+                field: format!("spec.ports[{i}].name"),
+            });
+        }
+        unique_port_names(
+            "spec.ports",
+            ports.iter().map(|p| (p.name.as_str(), p.protocol)),
+            false,
+        )?;
+
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            external_ips.extend(parse_ipv4(|| format!("spec.externalIPs[{i}]"), ip)?);
+        }
+
+        let mut load_balancer_source_ranges = Vec::new();
+        for (i, cidr) in spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+        {
+            load_balancer_source_ranges.extend(parse_cidr4(
+                || format!("spec.loadBalancerSourceRanges[{i}]"),
+                cidr,
+            )?);
+        }
+
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        let mut load_balancer_ingress = Vec::new();
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            let field = || format!("status.loadBalancer.ingress[{i}]");
+            let ip_mode = match ing.ip_mode.as_deref() {
+                None | Some("VIP") => IpMode::Vip,
+                Some("Proxy") => IpMode::Proxy,
+                Some(other) => {
+                    return Err(ValidationError::UnsupportedValue {
+                        field: format!("{}.ipMode", field()),
+                        value: other.to_owned(),
+                        expected: "VIP, Proxy",
+                    });
+                }
+            };
+            // An ingress with only a hostname has nothing for the datapath.
+            let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue;
+            };
+            if let Some(ip) = parse_ipv4(|| format!("{}.ip", field()), ip)? {
+                load_balancer_ingress.push(LoadBalancerIngress { ip, ip_mode });
+            }
+        }
+
+        let session_affinity = match spec.session_affinity.as_deref() {
+            None | Some("None") => SessionAffinity::None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                let timeout_secs = match timeout {
+                    None => DEFAULT_AFFINITY_TIMEOUT_SECS,
+                    Some(t) => u32::try_from(t)
+                        .ok()
+                        .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_SECS).contains(t))
+                        .ok_or_else(|| ValidationError::OutOfRange {
+                            field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                            value: t.into(),
+                            min: 1,
+                            max: MAX_AFFINITY_TIMEOUT_SECS.into(),
+                        })?,
+                };
+                SessionAffinity::ClientIp { timeout_secs }
+            }
+            Some(other) => {
+                return Err(ValidationError::UnsupportedValue {
+                    field: "spec.sessionAffinity".into(),
+                    value: other.to_owned(),
+                    expected: "None, ClientIP",
+                });
+            }
+        };
+
+        let traffic_distribution = spec.traffic_distribution.as_deref().map(|td| match td {
+            "PreferClose" => TrafficDistribution::PreferClose,
+            "PreferSameZone" => TrafficDistribution::PreferSameZone,
+            "PreferSameNode" => TrafficDistribution::PreferSameNode,
+            other => TrafficDistribution::Other(other.to_owned()),
+        });
+
+        Ok(Service {
+            id,
+            type_,
+            cluster_ip,
+            ports,
+            external_ips,
+            load_balancer_ingress,
+            load_balancer_source_ranges,
+            external_traffic_policy: TrafficPolicy::parse(
+                "spec.externalTrafficPolicy",
+                spec.external_traffic_policy.as_deref(),
+            )?,
+            internal_traffic_policy: TrafficPolicy::parse(
+                "spec.internalTrafficPolicy",
+                spec.internal_traffic_policy.as_deref(),
+            )?,
+            session_affinity,
+            traffic_distribution,
+        })
+    }
+}
+
+fn cluster_ip(spec: &core::ServiceSpec) -> Result<ClusterIp, ValidationError> {
+    let single = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty());
+    let list = spec.cluster_ips.as_deref().unwrap_or_default();
+    if let (Some(single), Some(first)) = (single, list.first())
+        && single != first
+    {
+        return Err(ValidationError::Inconsistent {
+            field: "spec.clusterIPs[0]".into(),
+            reason: format!("{first:?} differs from spec.clusterIP {single:?}"),
+        });
+    }
+    let (field, ips): (&str, Vec<&str>) = if list.is_empty() {
+        ("spec.clusterIP", single.into_iter().collect())
+    } else {
+        ("spec.clusterIPs", list.iter().map(String::as_str).collect())
+    };
+    match ips.first() {
+        None => return Ok(ClusterIp::Unassigned),
+        Some(&"None") => return Ok(ClusterIp::Headless),
+        Some(_) => {}
+    }
+    let mut v4 = None;
+    for (i, ip) in ips.iter().enumerate() {
+        let field = || {
+            if list.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{field}[{i}]")
+            }
+        };
+        if let Some(ip) = parse_ipv4(field, ip)? {
+            v4.get_or_insert(ip);
+        }
+    }
+    Ok(ClusterIp::Assigned(v4))
+}
+
+fn service_port(i: usize, p: &core::ServicePort) -> Result<ServicePort, ValidationError> {
+    let field = |f: &str| format!("spec.ports[{i}].{f}");
+    let port = port_number(|| field("port"), p.port)?;
+    let target_port = match &p.target_port {
+        None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
+        Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+        Some(IntOrString::Int(n)) => TargetPort::Number(port_number(|| field("targetPort"), *n)?),
+        Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
+    };
+    let node_port = match p.node_port {
+        None | Some(0) => None,
+        Some(n) => Some(port_number(|| field("nodePort"), n)?),
+    };
+    Ok(ServicePort {
+        name: p.name.clone().unwrap_or_default(),
+        protocol: Protocol::parse(field("protocol"), p.protocol.as_deref())?,
+        port,
+        target_port,
+        node_port,
+    })
+}
+
+impl EndpointSlice {
+    /// Validates an EndpointSlice from the API (or a manifest). Slices of another address type
+    /// than IPv4 are kept without endpoints.
+    pub fn from_k8s(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, ValidationError> {
+        let id = object_ref(&slice.metadata, dns1123_subdomain)?;
+        let service_name = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .filter(|n| !n.is_empty())
+            .cloned();
+        let address_type = match slice.address_type.as_str() {
+            "IPv4" => AddressType::Ipv4,
+            "IPv6" => AddressType::Ipv6,
+            "FQDN" => AddressType::Fqdn,
+            "" => {
+                return Err(ValidationError::Missing {
+                    field: "addressType".into(),
+                });
+            }
+            other => {
+                return Err(ValidationError::UnsupportedValue {
+                    field: "addressType".into(),
+                    value: other.to_owned(),
+                    expected: "IPv4, IPv6, FQDN",
+                });
+            }
+        };
+        let mut ports = Vec::new();
+        for (i, p) in slice.ports.iter().flatten().enumerate() {
+            let port = match p.port {
+                None | Some(0) => None,
+                Some(n) => Some(port_number(|| format!("ports[{i}].port"), n)?),
+            };
+            ports.push(EndpointPort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol: Protocol::parse(format!("ports[{i}].protocol"), p.protocol.as_deref())?,
+                port,
+            });
+        }
+        unique_port_names(
+            "ports",
+            ports.iter().map(|p| (p.name.as_str(), p.protocol)),
+            true,
+        )?;
+
+        let mut endpoints = Vec::new();
+        for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+            let Some(first) = ep.addresses.first() else {
+                return Err(ValidationError::Missing {
+                    field: format!("endpoints[{i}].addresses"),
+                });
+            };
+            if address_type != AddressType::Ipv4 {
+                continue;
+            }
+            let field = || format!("endpoints[{i}].addresses[0]");
+            let address = match parse_ipv4(field, first)? {
+                Some(ip) => ip,
+                None => {
+                    return Err(ValidationError::NotIpv4 {
+                        field: format!("endpoints[{i}].addresses[0]"),
+                        value: first.clone(),
+                    });
+                }
+            };
+            let conditions = ep
+                .conditions
+                .as_ref()
+                .map(|c| EndpointConditions {
+                    ready: c.ready,
+                    serving: c.serving,
+                    terminating: c.terminating,
+                })
+                .unwrap_or_default();
+            let hints = ep
+                .hints
+                .as_ref()
+                .map(|h| EndpointHints {
+                    for_zones: h
+                        .for_zones
+                        .iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    for_nodes: h
+                        .for_nodes
+                        .iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
+                })
+                .unwrap_or_default();
+            endpoints.push(Endpoint {
+                address,
+                conditions,
+                node_name: ep.node_name.clone(),
+                zone: ep.zone.clone(),
+                hints,
+            });
+        }
+        Ok(EndpointSlice {
+            id,
+            service_name,
+            address_type,
+            ports,
+            endpoints,
+        })
+    }
+
+    /// Converts a legacy Endpoints object the way the EndpointSlice mirroring controller does:
+    /// one slice per subset (a subset's addresses share its ports, like a slice's), labelled
+    /// with the Endpoints' name as Service name; `addresses` become ready endpoints,
+    /// `notReadyAddresses` not-ready ones (serving and terminating left unset, as the mirroring
+    /// controller leaves them). IPv6 addresses are dropped. An Endpoints object labelled
+    /// `endpointslice.kubernetes.io/skip-mirror: "true"` gives no slices.
+    ///
+    /// The slices are named `<name>:endpoints:<subset index>`; a real EndpointSlice name cannot
+    /// contain `:`, so they never collide with one.
+    pub fn from_k8s_endpoints(ep: &core::Endpoints) -> Result<Vec<EndpointSlice>, ValidationError> {
+        let id = object_ref(&ep.metadata, dns1123_subdomain)?;
+        let labels = ep.metadata.labels.as_ref();
+        if labels
+            .and_then(|l| l.get(LABEL_SKIP_MIRROR))
+            .is_some_and(|v| v == "true")
+        {
+            return Ok(Vec::new());
+        }
+        let mut slices = Vec::new();
+        for (s, subset) in ep.subsets.iter().flatten().enumerate() {
+            let mut ports = Vec::new();
+            for (i, p) in subset.ports.iter().flatten().enumerate() {
+                ports.push(EndpointPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: Protocol::parse(
+                        format!("subsets[{s}].ports[{i}].protocol"),
+                        p.protocol.as_deref(),
+                    )?,
+                    port: Some(port_number(
+                        || format!("subsets[{s}].ports[{i}].port"),
+                        p.port,
+                    )?),
+                });
+            }
+            unique_port_names(
+                &format!("subsets[{s}].ports"),
+                ports.iter().map(|p| (p.name.as_str(), p.protocol)),
+                true,
+            )?;
+            let mut endpoints = Vec::new();
+            let lists = [
+                ("addresses", &subset.addresses, true),
+                ("notReadyAddresses", &subset.not_ready_addresses, false),
+            ];
+            for (list, addresses, ready) in lists {
+                for (i, a) in addresses.iter().flatten().enumerate() {
+                    let field = || format!("subsets[{s}].{list}[{i}].ip");
+                    let Some(address) = parse_ipv4(field, &a.ip)? else {
+                        continue;
+                    };
+                    endpoints.push(Endpoint {
+                        address,
+                        conditions: EndpointConditions {
+                            ready: Some(ready),
+                            serving: None,
+                            terminating: None,
+                        },
+                        node_name: a.node_name.clone(),
+                        zone: None,
+                        hints: EndpointHints::default(),
+                    });
+                }
+            }
+            slices.push(EndpointSlice {
+                id: ObjectRef::new(id.namespace.clone(), format!("{}:endpoints:{s}", id.name)),
+                service_name: Some(id.name.clone()),
+                address_type: AddressType::Ipv4,
+                ports,
+                endpoints,
+            });
+        }
+        Ok(slices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Result<Service, ValidationError> {
+        Service::from_k8s(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
+    }
+
+    fn slice(yaml: &str) -> Result<EndpointSlice, ValidationError> {
+        EndpointSlice::from_k8s(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
+    }
+
+    const HTTPD: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: httpd-svc}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 8080, targetPort: 80}]
+";
+
+    #[test]
+    fn service_defaults() {
+        let s = svc(HTTPD).unwrap();
+        assert_eq!(
+            s,
+            Service {
+                id: ObjectRef::new("default", "httpd-svc"),
+                type_: ServiceType::ClusterIp,
+                cluster_ip: ClusterIp::Assigned(Some(Ipv4Addr::new(10, 96, 0, 10))),
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                    target_port: TargetPort::Number(80),
+                    node_port: None,
+                }],
+                external_ips: vec![],
+                load_balancer_ingress: vec![],
+                load_balancer_source_ranges: vec![],
+                external_traffic_policy: TrafficPolicy::Cluster,
+                internal_traffic_policy: TrafficPolicy::Cluster,
+                session_affinity: SessionAffinity::None,
+                traffic_distribution: None,
+            }
+        );
+    }
+
+    #[test]
+    fn service_full() {
+        let s = svc("
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.1
+  clusterIPs: [10.0.0.1, 'fd00::1']
+  externalIPs: [192.0.2.1, '2001:db8::1']
+  loadBalancerSourceRanges: [' 10.1.2.3/8 ', '2001:db8::/32']
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  trafficDistribution: PreferClose
+  ports:
+  - {name: http, port: 80, targetPort: http-web-svc, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP}
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.1}, {hostname: lb.example}, {ip: 198.51.100.2, ipMode: Proxy}]
+")
+        .unwrap();
+        assert_eq!(s.type_, ServiceType::LoadBalancer);
+        assert_eq!(
+            s.cluster_ip,
+            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 1)))
+        );
+        assert_eq!(s.external_ips, vec![Ipv4Addr::new(192, 0, 2, 1)]);
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            vec![Ipv4Cidr {
+                addr: Ipv4Addr::new(10, 0, 0, 0),
+                prefix_len: 8
+            }]
+        );
+        assert_eq!(
+            s.load_balancer_ingress,
+            vec![
+                LoadBalancerIngress {
+                    ip: Ipv4Addr::new(198, 51, 100, 1),
+                    ip_mode: IpMode::Vip
+                },
+                LoadBalancerIngress {
+                    ip: Ipv4Addr::new(198, 51, 100, 2),
+                    ip_mode: IpMode::Proxy
+                },
+            ]
+        );
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(
+            s.session_affinity,
+            SessionAffinity::ClientIp { timeout_secs: 60 }
+        );
+        assert_eq!(
+            s.traffic_distribution,
+            Some(TrafficDistribution::PreferClose)
+        );
+        assert_eq!(
+            s.ports[0].target_port,
+            TargetPort::Name("http-web-svc".into())
+        );
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        assert_eq!(s.ports[1].target_port, TargetPort::Number(53));
+    }
+
+    #[test]
+    fn cluster_ip_forms() {
+        let with = |spec: &str| {
+            svc(&format!(
+                "{{metadata: {{name: a}}, apiVersion: v1, kind: Service, spec: {spec}}}"
+            ))
+            .map(|s| s.cluster_ip)
+        };
+        assert_eq!(with("{}"), Ok(ClusterIp::Unassigned));
+        assert_eq!(with("{clusterIP: ''}"), Ok(ClusterIp::Unassigned));
+        assert_eq!(with("{clusterIP: None}"), Ok(ClusterIp::Headless));
+        assert_eq!(
+            with("{clusterIPs: ['fd00::1']}"),
+            Ok(ClusterIp::Assigned(None))
+        );
+        assert_eq!(
+            with("{clusterIPs: ['fd00::1', 10.0.0.2]}"),
+            Ok(ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 2))))
+        );
+    }
+
+    #[test]
+    fn service_errors_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "{spec: {ports: [{port: 70000}]}}",
+                "spec.ports[0].port: 70000 is out of range 1-65535",
+            ),
+            (
+                "{spec: {clusterIP: 10.0.0.300}}",
+                "spec.clusterIP: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.1, nope], clusterIP: 10.0.0.1}}",
+                "spec.clusterIPs[1]: \"nope\" is not an IP address",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.2], clusterIP: 10.0.0.1}}",
+                "spec.clusterIPs[0]: \"10.0.0.2\" differs from spec.clusterIP \"10.0.0.1\"",
+            ),
+            (
+                "{spec: {ports: [{port: 1, nodePort: -1}]}}",
+                "spec.ports[0].nodePort: -1 is out of range 1-65535",
+            ),
+            (
+                "{spec: {ports: [{port: 1, targetPort: 65536}]}}",
+                "spec.ports[0].targetPort: 65536 is out of range 1-65535",
+            ),
+            (
+                "{spec: {ports: [{port: 1, protocol: HTTP}]}}",
+                "spec.ports[0].protocol: unsupported value \"HTTP\", expected one of TCP, UDP, SCTP",
+            ),
+            (
+                "{spec: {ports: [{port: 1, name: a}, {port: 2}]}}",
+                "spec.ports[1].name: required but missing",
+            ),
+            (
+                "{spec: {ports: [{port: 1, name: a}, {port: 2, name: a, protocol: UDP}]}}",
+                "spec.ports[1].name: duplicate port name \"a\"",
+            ),
+            (
+                "{spec: {externalIPs: [1.2.3]}}",
+                "spec.externalIPs[0]: \"1.2.3\" is not an IP address",
+            ),
+            (
+                "{spec: {loadBalancerSourceRanges: [10.0.0.0/33]}}",
+                "spec.loadBalancerSourceRanges[0]: \"10.0.0.0/33\" is not a CIDR (address/prefix-length)",
+            ),
+            (
+                "{spec: {loadBalancerSourceRanges: [10.0.0.0]}}",
+                "spec.loadBalancerSourceRanges[0]: \"10.0.0.0\" is not a CIDR (address/prefix-length)",
+            ),
+            (
+                "{spec: {type: Magic}}",
+                "spec.type: unsupported value \"Magic\", expected one of ClusterIP, NodePort, LoadBalancer, ExternalName",
+            ),
+            (
+                "{spec: {externalTrafficPolicy: Global}}",
+                "spec.externalTrafficPolicy: unsupported value \"Global\", expected one of Cluster, Local",
+            ),
+            (
+                "{spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is out of range 1-86400",
+            ),
+            (
+                "{status: {loadBalancer: {ingress: [{ip: x}]}}}",
+                "status.loadBalancer.ingress[0].ip: \"x\" is not an IP address",
+            ),
+        ];
+        for (body, want) in cases {
+            let yaml = format!(
+                "{{apiVersion: v1, kind: Service, metadata: {{name: a}}, {}",
+                &body[1..]
+            );
+            assert_eq!(svc(&yaml).unwrap_err().to_string(), *want, "for {body}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let err = svc("{apiVersion: v1, kind: Service, metadata: {}}").unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::Missing {
+                field: "metadata.name".into()
+            }
+        );
+        let err = svc("{apiVersion: v1, kind: Service, metadata: {name: Web}}").unwrap_err();
+        assert!(
+            matches!(err, ValidationError::InvalidName { ref field, .. } if field == "metadata.name")
+        );
+        let err = svc("{apiVersion: v1, kind: Service, metadata: {name: 1web}}").unwrap_err();
+        assert!(matches!(err, ValidationError::InvalidName { .. }));
+        let err = svc("{apiVersion: v1, kind: Service, metadata: {name: web, namespace: a.b}}")
+            .unwrap_err();
+        assert!(
+            matches!(err, ValidationError::InvalidName { ref field, .. } if field == "metadata.namespace")
+        );
+    }
+
+    #[test]
+    fn slice_conversion() {
+        let s = slice(
+            "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {port: 0, name: x}]
+endpoints:
+- addresses: [10.1.0.1]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: n1
+  zone: z1
+  hints: {forZones: [{name: z1}], forNodes: [{name: n1}]}
+- addresses: [10.1.0.2]
+",
+        )
+        .unwrap();
+        assert_eq!(s.id, ObjectRef::new("shop", "web-abc"));
+        assert_eq!(s.service_name.as_deref(), Some("web"));
+        assert_eq!(
+            s.ports,
+            vec![
+                EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: Some(8080)
+                },
+                EndpointPort {
+                    name: "x".into(),
+                    protocol: Protocol::Tcp,
+                    port: None
+                },
+            ]
+        );
+        assert_eq!(
+            s.endpoints[0].conditions,
+            EndpointConditions {
+                ready: Some(false),
+                serving: Some(true),
+                terminating: Some(true)
+            }
+        );
+        assert_eq!(
+            s.endpoints[0].hints.for_zones,
+            BTreeSet::from(["z1".to_owned()])
+        );
+        assert_eq!(
+            s.endpoints[0].hints.for_nodes,
+            BTreeSet::from(["n1".to_owned()])
+        );
+        assert_eq!(s.endpoints[1].conditions, EndpointConditions::default());
+        assert!(s.endpoints[1].conditions.is_ready());
+        assert!(s.endpoints[1].conditions.is_serving());
+        assert!(!s.endpoints[1].conditions.is_terminating());
+    }
+
+    #[test]
+    fn ipv6_slices_keep_no_endpoints() {
+        let s = slice(
+            "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00::1']}]
+",
+        )
+        .unwrap();
+        assert_eq!(s.address_type, AddressType::Ipv6);
+        assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn slice_errors() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "addressType: IPv4\nendpoints: [{addresses: [10.0.0.300]}]",
+                "endpoints[0].addresses[0]: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]",
+                "endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 address (the slice's addressType is IPv4)",
+            ),
+            (
+                "addressType: IPv4\nendpoints: [{addresses: []}]",
+                "endpoints[0].addresses: required but missing",
+            ),
+            (
+                "addressType: IPv4\nports: [{port: 65536}]",
+                "ports[0].port: 65536 is out of range 1-65535",
+            ),
+            (
+                "addressType: IPv5",
+                "addressType: unsupported value \"IPv5\", expected one of IPv4, IPv6, FQDN",
+            ),
+        ];
+        for (body, want) in cases {
+            let yaml = format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s}}\n{body}"
+            );
+            assert_eq!(slice(&yaml).unwrap_err().to_string(), *want, "for {body}");
+        }
+    }
+
+    #[test]
+    fn endpoints_conversion() {
+        let ep: core::Endpoints = serde_yaml_ng::from_str(
+            "
+apiVersion: v1
+kind: Endpoints
+metadata: {name: ext, namespace: shop}
+subsets:
+- addresses: [{ip: 192.0.2.10, nodeName: n1}, {ip: '2001:db8::1'}]
+  notReadyAddresses: [{ip: 192.0.2.11}]
+  ports: [{port: 80, name: http}]
+- addresses: [{ip: 192.0.2.12}]
+  ports: [{port: 53, protocol: UDP}]
+",
+        )
+        .unwrap();
+        let slices = EndpointSlice::from_k8s_endpoints(&ep).unwrap();
+        assert_eq!(slices.len(), 2);
+        assert_eq!(slices[0].id, ObjectRef::new("shop", "ext:endpoints:0"));
+        assert_eq!(slices[0].service_name.as_deref(), Some("ext"));
+        let addrs: Vec<_> = slices[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.conditions.ready, e.node_name.as_deref()))
+            .collect();
+        assert_eq!(
+            addrs,
+            vec![
+                (Ipv4Addr::new(192, 0, 2, 10), Some(true), Some("n1")),
+                (Ipv4Addr::new(192, 0, 2, 11), Some(false), None)
+            ]
+        );
+        assert_eq!(
+            slices[1].ports,
+            vec![EndpointPort {
+                name: String::new(),
+                protocol: Protocol::Udp,
+                port: Some(53)
+            }]
+        );
+
+        let bad: core::Endpoints =
+            serde_yaml_ng::from_str("{metadata: {name: x}, subsets: [{addresses: [{ip: nope}]}]}")
+                .unwrap();
+        assert_eq!(
+            EndpointSlice::from_k8s_endpoints(&bad)
+                .unwrap_err()
+                .to_string(),
+            "subsets[0].addresses[0].ip: \"nope\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c = Ipv4Cidr::new(Ipv4Addr::new(10, 1, 2, 3), 16).unwrap();
+        assert_eq!(c.to_string(), "10.1.0.0/16");
+        assert!(c.contains(Ipv4Addr::new(10, 1, 255, 1)));
+        assert!(!c.contains(Ipv4Addr::new(10, 2, 0, 1)));
+        let all = Ipv4Cidr::new(Ipv4Addr::new(1, 2, 3, 4), 0).unwrap();
+        assert_eq!(all.addr, Ipv4Addr::UNSPECIFIED);
+        assert!(all.contains(Ipv4Addr::new(255, 255, 255, 255)));
+        assert!(Ipv4Cidr::new(Ipv4Addr::LOCALHOST, 33).is_none());
+    }
+}

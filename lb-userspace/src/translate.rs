@@ -1,0 +1,1082 @@
+//! Translation: cluster state + this node -> desired datapath state. A pure function holding
+//! Kubernetes' Service semantics as kube-proxy implements them (pkg/proxy: servicechangetracker,
+//! endpointslicecache, topology.go `CategorizeEndpoints`), for the IPv4 family.
+//!
+//! Frontends of a Service port (TCP and UDP; SCTP ports are skipped with a warning):
+//! - ClusterIP: the IPv4 cluster IP : `port`. A Service without an IPv4 cluster IP of its own
+//!   (headless, ExternalName, IPv6-only) gets no frontends at all, as in kube-proxy. Only
+//!   hand-written manifests can lack a cluster IP altogether: then the other frontends are
+//!   still programmed, with a warning.
+//! - NodePort (types NodePort and LoadBalancer): every address of [`NodeInfo::addresses`] :
+//!   `nodePort`.
+//! - ExternalIP: every IPv4 `externalIPs` entry : `port`.
+//! - LoadBalancer (type LoadBalancer): every IPv4 `status.loadBalancer.ingress[].ip` whose
+//!   `ipMode` is VIP (the default) : `port`; with `ipMode: Proxy` the load balancer itself
+//!   delivers to the nodes and kube-proxy does not capture the address.
+//!
+//! Backends: the endpoints of every IPv4 EndpointSlice labelled with the Service's name, in
+//! its namespace, through the slice port whose name and protocol equal the Service port's; the
+//! slice port gives the backend port (a named targetPort is resolved per pod that way).
+//! Duplicates across slices are merged, preferring a non-terminating copy.
+//!
+//! Which endpoints (kube-proxy's `CategorizeEndpoints`):
+//! - Cluster policy: ready endpoints, narrowed by topology; none at all -> the serving and
+//!   terminating ones. Topology: if every ready endpoint has a `hints.forNodes` and one names
+//!   this node, only endpoints hinted for this node; else if every ready endpoint has
+//!   `hints.forZones` and one names this node's zone, only those for this zone; else no
+//!   narrowing. kube-proxy does not read `spec.trafficDistribution` itself: the EndpointSlice
+//!   controller turns PreferClose / PreferSameZone / PreferSameNode into these hints (as it
+//!   does for the `service.kubernetes.io/topology-mode: Auto` annotation), so hand-written
+//!   slices must carry hints for topology to apply.
+//! - Local policy: ready endpoints on this node (`nodeName` = [`NodeInfo::name`]); none ->
+//!   serving and terminating ones on this node; none -> no backends (packets dropped).
+//! - ClusterIP frontends follow internalTrafficPolicy; NodePort, ExternalIP and LoadBalancer
+//!   frontends follow externalTrafficPolicy (Local only counts for types NodePort and
+//!   LoadBalancer).
+//!
+//! Terminating backends: [`Backend::terminating`] is false for the endpoints chosen above as
+//! ready, true for serving and terminating endpoints. The plan lists the serving-terminating
+//! endpoints in the policy's scope (all of them for Cluster, this node's for Local) even when
+//! ready ones exist, so that their established flows can drain. The datapath rule that gives
+//! exactly kube-proxy's choice is: **new flows go to the non-terminating backends; only when
+//! there are none, to the terminating ones** (kube-proxy's fallback); established flows keep
+//! their backend while it is listed.
+//!
+//! Also: sessionAffinity ClientIP sets the affinity timeout on every frontend of the Service;
+//! `loadBalancerSourceRanges` (IPv4) restrict the LoadBalancer frontends only (NodePorts and
+//! external IPs are not filtered, as in kube-proxy); a `/0` range means no restriction; when a
+//! range contains one of this node's addresses, the ingress IPs themselves are allowed as
+//! sources (kube-proxy's rule for node-originated traffic that loops back via the VIP).
+//! Two Services claiming the same frontend: the one whose namespace/name sorts first keeps it,
+//! the other is reported.
+
+#![deny(missing_docs)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use crate::{
+    desired::{
+        Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
+    },
+    model::{
+        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpMode, NodeInfo, ObjectRef,
+        Service, ServiceType, SessionAffinity, TrafficPolicy,
+    },
+};
+
+/// The result of [`translate`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// Every frontend to program.
+    pub desired: DesiredState,
+    /// Things that were skipped or chosen, for the logs.
+    pub warnings: Vec<Warning>,
+}
+
+/// Something translation skipped or had to choose.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Warning {
+    /// Two Service ports claim the same frontend.
+    #[error(
+        "frontend {frontend} of {dropped} is already taken by {kept}; {dropped} does not get it"
+    )]
+    FrontendConflict {
+        /// The frontend.
+        frontend: Frontend,
+        /// The Service port that keeps it.
+        kept: ServicePortRef,
+        /// The Service port that does not get it.
+        dropped: ServicePortRef,
+    },
+    /// A port whose protocol the datapath does not handle.
+    #[error(
+        "{service}: port {port_name:?} is {protocol}, which this datapath does not handle; port skipped"
+    )]
+    UnsupportedProtocol {
+        /// The Service.
+        service: ObjectRef,
+        /// The port's name.
+        port_name: String,
+        /// Its protocol.
+        protocol: model::Protocol,
+    },
+    /// A Service without clusterIP (only possible in hand-written manifests).
+    #[error(
+        "{service}: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external \
+         IPs and load balancer IPs are programmed"
+    )]
+    NoClusterIp {
+        /// The Service.
+        service: ObjectRef,
+    },
+    /// A NodePort Service port without nodePort (only possible in hand-written manifests).
+    #[error(
+        "{service}: port {port_name:?} has no nodePort (set it in the manifest); no node port programmed"
+    )]
+    NoNodePort {
+        /// The Service.
+        service: ObjectRef,
+        /// The port's name.
+        port_name: String,
+    },
+    /// An EndpointSlice without the `kubernetes.io/service-name` label.
+    #[error("EndpointSlice {slice} has no kubernetes.io/service-name label; no Service uses it")]
+    SliceWithoutService {
+        /// The slice.
+        slice: ObjectRef,
+    },
+}
+
+/// Computes the desired datapath state of `node` from the cluster state. Pure and
+/// deterministic. See the module documentation for the rules.
+pub fn translate(state: &ClusterState, node: &NodeInfo) -> Translation {
+    let mut out = Translation::default();
+    let mut slices_by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in state.slices.values() {
+        match &slice.service_name {
+            Some(name) => slices_by_service
+                .entry(ObjectRef::new(slice.id.namespace.clone(), name.clone()))
+                .or_default()
+                .push(slice),
+            None => out.warnings.push(Warning::SliceWithoutService {
+                slice: slice.id.clone(),
+            }),
+        }
+    }
+    let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
+    let no_slices = Vec::new();
+    for svc in state.services.values() {
+        let slices = slices_by_service.get(&svc.id).unwrap_or(&no_slices);
+        translate_service(svc, slices, node, &node_addresses, &mut out);
+    }
+    out
+}
+
+fn translate_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    node_addresses: &BTreeSet<Ipv4Addr>,
+    out: &mut Translation,
+) {
+    let cluster_ip = match (svc.type_, svc.cluster_ip) {
+        (ServiceType::ExternalName, _) | (_, ClusterIp::Headless | ClusterIp::Assigned(None)) => {
+            return;
+        }
+        (_, ClusterIp::Assigned(Some(ip))) => Some(ip),
+        (_, ClusterIp::Unassigned) => {
+            out.warnings.push(Warning::NoClusterIp {
+                service: svc.id.clone(),
+            });
+            None
+        }
+    };
+    let has_node_ports = matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+    let external_local = has_node_ports && svc.external_traffic_policy == TrafficPolicy::Local;
+    let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
+    let lb_vips: Vec<Ipv4Addr> = if svc.type_ == ServiceType::LoadBalancer {
+        svc.load_balancer_ingress
+            .iter()
+            .filter(|i| i.ip_mode == IpMode::Vip)
+            .map(|i| i.ip)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let source_ranges = source_ranges(svc, &lb_vips, node_addresses);
+    let affinity_timeout_secs = match svc.session_affinity {
+        SessionAffinity::None => None,
+        SessionAffinity::ClientIp { timeout_secs } => Some(timeout_secs),
+    };
+
+    for port in &svc.ports {
+        let proto = match port.protocol {
+            model::Protocol::Tcp => Protocol::Tcp,
+            model::Protocol::Udp => Protocol::Udp,
+            protocol @ model::Protocol::Sctp => {
+                out.warnings.push(Warning::UnsupportedProtocol {
+                    service: svc.id.clone(),
+                    port_name: port.name.clone(),
+                    protocol,
+                });
+                continue;
+            }
+        };
+        let service = ServicePortRef {
+            namespace: svc.id.namespace.clone(),
+            name: svc.id.name.clone(),
+            port_name: port.name.clone(),
+        };
+        let endpoints = port_endpoints(slices, &port.name, port.protocol, node);
+        let cluster = cluster_backends(&endpoints, node);
+        let local = local_backends(&endpoints);
+        let internal = if internal_local { &local } else { &cluster };
+        let external = if external_local { &local } else { &cluster };
+
+        // (address, port, kind, backends, source ranges) of every frontend of this port.
+        type Candidate<'a> = (
+            Ipv4Addr,
+            u16,
+            FrontendKind,
+            &'a [Backend],
+            &'a [(Ipv4Addr, u8)],
+        );
+        let mut frontends: Vec<Candidate<'_>> = Vec::new();
+        if let Some(ip) = cluster_ip {
+            frontends.push((ip, port.port, FrontendKind::ClusterIp, internal, &[]));
+        }
+        if has_node_ports {
+            match port.node_port {
+                Some(node_port) => {
+                    for &addr in node_addresses {
+                        frontends.push((addr, node_port, FrontendKind::NodePort, external, &[]));
+                    }
+                }
+                None if svc.type_ == ServiceType::NodePort => {
+                    out.warnings.push(Warning::NoNodePort {
+                        service: svc.id.clone(),
+                        port_name: port.name.clone(),
+                    })
+                }
+                // LoadBalancer with allocateLoadBalancerNodePorts: false.
+                None => {}
+            }
+        }
+        for &ip in &svc.external_ips {
+            frontends.push((ip, port.port, FrontendKind::ExternalIp, external, &[]));
+        }
+        for &ip in &lb_vips {
+            frontends.push((
+                ip,
+                port.port,
+                FrontendKind::LoadBalancer,
+                external,
+                &source_ranges,
+            ));
+        }
+
+        for (addr, port, kind, backends, ranges) in frontends {
+            let frontend = Frontend { addr, port, proto };
+            if let Some(existing) = out.desired.frontends.get(&frontend) {
+                out.warnings.push(Warning::FrontendConflict {
+                    frontend,
+                    kept: existing.service.clone(),
+                    dropped: service.clone(),
+                });
+                continue;
+            }
+            let plan = FrontendPlan {
+                service: service.clone(),
+                kind,
+                backends: backends.to_vec(),
+                affinity_timeout_secs,
+                source_ranges: ranges.to_vec(),
+            };
+            out.desired.frontends.insert(frontend, plan);
+        }
+    }
+}
+
+/// The allowed sources of the LoadBalancer frontends; empty = all.
+fn source_ranges(
+    svc: &Service,
+    lb_vips: &[Ipv4Addr],
+    node_addresses: &BTreeSet<Ipv4Addr>,
+) -> Vec<(Ipv4Addr, u8)> {
+    let ranges = &svc.load_balancer_source_ranges;
+    if ranges.iter().any(|r| r.prefix_len == 0) {
+        return Vec::new();
+    }
+    let mut out: BTreeSet<(Ipv4Addr, u8)> = ranges.iter().map(|r| (r.addr, r.prefix_len)).collect();
+    if ranges
+        .iter()
+        .any(|r| node_addresses.iter().any(|&a| r.contains(a)))
+    {
+        out.extend(lb_vips.iter().map(|&vip| (vip, 32)));
+    }
+    out.into_iter().collect()
+}
+
+/// An endpoint of one Service port, merged over the slices.
+struct PortEndpoint<'a> {
+    addr: Ipv4Addr,
+    port: u16,
+    local: bool,
+    ep: &'a Endpoint,
+}
+
+impl PortEndpoint<'_> {
+    fn ready(&self) -> bool {
+        self.ep.conditions.is_ready()
+    }
+
+    fn serving_terminating(&self) -> bool {
+        self.ep.conditions.is_serving() && self.ep.conditions.is_terminating()
+    }
+}
+
+/// The endpoints of the Service port `name`/`protocol`, keyed and sorted by address and port.
+fn port_endpoints<'a>(
+    slices: &[&'a EndpointSlice],
+    name: &str,
+    protocol: model::Protocol,
+    node: &NodeInfo,
+) -> BTreeMap<(Ipv4Addr, u16), PortEndpoint<'a>> {
+    let mut endpoints = BTreeMap::new();
+    for slice in slices {
+        let ports = slice
+            .ports
+            .iter()
+            .filter(|p| p.name == name && p.protocol == protocol);
+        for port in ports.filter_map(|p| p.port) {
+            for ep in &slice.endpoints {
+                let local =
+                    !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                let new = PortEndpoint {
+                    addr: ep.address,
+                    port,
+                    local,
+                    ep,
+                };
+                // Prefer a non-terminating copy (an IP reused by a new pod before the old one
+                // is gone), as kube-proxy does.
+                let key = (ep.address, port);
+                if !endpoints.contains_key(&key) || !ep.conditions.is_terminating() {
+                    endpoints.insert(key, new);
+                }
+            }
+        }
+    }
+    endpoints
+}
+
+/// The topology narrowing kube-proxy chooses from the hints of the ready endpoints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    None,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode<'a>(
+    endpoints: impl Iterator<Item = &'a PortEndpoint<'a>> + Clone,
+    node: &NodeInfo,
+) -> Topology {
+    let zone = node.zone.as_deref().unwrap_or("");
+    let mut ready = endpoints
+        .filter(|e| e.ready())
+        .map(|e| &e.ep.hints)
+        .peekable();
+    if ready.peek().is_none() {
+        return Topology::None;
+    }
+    let all_have = |f: fn(&model::EndpointHints) -> bool| ready.clone().all(f);
+    if all_have(|h| !h.for_nodes.is_empty())
+        && ready.clone().any(|h| h.for_nodes.contains(&node.name))
+    {
+        return Topology::SameNode;
+    }
+    if all_have(|h| !h.for_zones.is_empty()) && ready.clone().any(|h| h.for_zones.contains(zone)) {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+/// Backends for the Cluster traffic policy.
+fn cluster_backends(
+    endpoints: &BTreeMap<(Ipv4Addr, u16), PortEndpoint<'_>>,
+    node: &NodeInfo,
+) -> Vec<Backend> {
+    let mode = topology_mode(endpoints.values(), node);
+    let zone = node.zone.as_deref().unwrap_or("");
+    let available = |e: &PortEndpoint<'_>| match mode {
+        Topology::None => true,
+        Topology::SameNode => e.ep.hints.for_nodes.contains(&node.name),
+        Topology::SameZone => e.ep.hints.for_zones.contains(zone),
+    };
+    backends(endpoints.values(), |e| e.ready() && available(e))
+}
+
+/// Backends for the Local traffic policy.
+fn local_backends(endpoints: &BTreeMap<(Ipv4Addr, u16), PortEndpoint<'_>>) -> Vec<Backend> {
+    backends(endpoints.values().filter(|e| e.local), |e| e.ready())
+}
+
+/// `use_ready` endpoints as active backends, plus every other serving-terminating endpoint
+/// as a terminating one (the fallback when there is no active backend, otherwise draining).
+fn backends<'a>(
+    endpoints: impl Iterator<Item = &'a PortEndpoint<'a>>,
+    use_ready: impl Fn(&PortEndpoint<'_>) -> bool,
+) -> Vec<Backend> {
+    endpoints
+        .filter_map(|e| {
+            let terminating = if use_ready(e) {
+                false
+            } else if e.serving_terminating() {
+                true
+            } else {
+                return None;
+            };
+            Some(Backend {
+                addr: e.addr,
+                port: e.port,
+                terminating,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifest::load_str;
+
+    /// Parses a YAML stream of Services, EndpointSlices and Endpoints; every object must be
+    /// valid.
+    fn state(yaml: &str) -> ClusterState {
+        let set = load_str(Path::new("test.yaml"), yaml);
+        let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{errors:#?}");
+        set.state
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec![Ipv4Addr::new(192, 168, 0, 10)],
+            zone: Some("zone-a".into()),
+        }
+    }
+
+    fn svc(name: &str, spec: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// An IPv4 EndpointSlice of Service `service`; `endpoints` is a YAML flow sequence.
+    fn slice(name: &str, service: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: \
+             {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n"
+        )
+    }
+
+    /// One line per frontend: `frontend kind service -> backends [affinity=..] [ranges=..]`,
+    /// then one line per warning.
+    fn render(t: &Translation) -> Vec<String> {
+        let mut lines: Vec<String> = t
+            .desired
+            .frontends
+            .iter()
+            .map(|(f, p)| {
+                let backends: Vec<String> = p.backends.iter().map(ToString::to_string).collect();
+                let mut line = format!("{f} {} {} -> [{}]", p.kind, p.service, backends.join(", "));
+                if let Some(t) = p.affinity_timeout_secs {
+                    line += &format!(" affinity={t}");
+                }
+                if !p.source_ranges.is_empty() {
+                    let r: Vec<String> = p
+                        .source_ranges
+                        .iter()
+                        .map(|(a, l)| format!("{a}/{l}"))
+                        .collect();
+                    line += &format!(" ranges=[{}]", r.join(", "));
+                }
+                line
+            })
+            .collect();
+        lines.extend(t.warnings.iter().map(|w| format!("warning: {w}")));
+        lines
+    }
+
+    fn check(cases: &[(&str, String, NodeInfo, &[&str])]) {
+        for (name, yaml, node, want) in cases {
+            let got = render(&translate(&state(yaml), node));
+            assert_eq!(got, *want, "case {name}");
+        }
+    }
+
+    #[test]
+    fn exact_plan_of_a_cluster_ip_service() {
+        let yaml = svc(
+            "httpd-svc",
+            "{clusterIP: 10.96.0.10, ports: [{port: 8080, targetPort: 80}]}",
+        ) + &slice(
+            "httpd-svc-1",
+            "httpd-svc",
+            "[{port: 80}]",
+            "[{addresses: [10.1.0.2]}, {addresses: [10.1.0.1]}]",
+        );
+        let t = translate(&state(&yaml), &node());
+        let plan = FrontendPlan {
+            service: ServicePortRef {
+                namespace: "default".into(),
+                name: "httpd-svc".into(),
+                port_name: String::new(),
+            },
+            kind: FrontendKind::ClusterIp,
+            backends: vec![
+                Backend {
+                    addr: Ipv4Addr::new(10, 1, 0, 1),
+                    port: 80,
+                    terminating: false,
+                },
+                Backend {
+                    addr: Ipv4Addr::new(10, 1, 0, 2),
+                    port: 80,
+                    terminating: false,
+                },
+            ],
+            affinity_timeout_secs: None,
+            source_ranges: vec![],
+        };
+        let frontend = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 8080,
+            proto: Protocol::Tcp,
+        };
+        assert_eq!(
+            t,
+            Translation {
+                desired: DesiredState {
+                    frontends: BTreeMap::from([(frontend, plan)])
+                },
+                warnings: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn seeds_httpd_example_from_the_fixtures_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/httpd");
+        let set = crate::manifest::load_dir(&dir).expect("fixtures folder is readable");
+        let errors: Vec<String> = set.errors.iter().map(|e| format!("{}", e.kind)).collect();
+        assert_eq!(
+            errors,
+            vec![
+                "kind Deployment (apps/v1) is not read here; read are Service (v1), EndpointSlice \
+                 (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
+            ]
+        );
+        assert_eq!(
+            render(&translate(&set.state, &node())),
+            vec![
+                "10.96.0.80:8080/TCP ClusterIP default/httpd-svc -> [10.244.1.5:80, 10.244.2.7:80]",
+                "192.168.0.10:30080/TCP NodePort default/httpd-svc -> [10.244.1.5:80, 10.244.2.7:80]",
+            ]
+        );
+    }
+
+    #[test]
+    fn frontends_ports_and_slices() {
+        let two_nodes = NodeInfo {
+            addresses: vec![
+                Ipv4Addr::new(192, 168, 0, 11),
+                Ipv4Addr::new(192, 168, 0, 10),
+            ],
+            ..node()
+        };
+        check(&[
+            (
+                "multi-port, named targetPort resolved per slice, duplicates merged, protocol must match",
+                svc(
+                    "web",
+                    "{clusterIP: 10.0.0.1, ports: [{name: http, port: 80, targetPort: http-web-svc}, {name: dns, port: 53, protocol: UDP}]}",
+                ) + &slice(
+                    "web-a",
+                    "web",
+                    "[{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]",
+                    "[{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]",
+                ) + &slice(
+                    "web-b",
+                    "web",
+                    "[{name: http, port: 9090}]",
+                    "[{addresses: [10.1.0.3]}]",
+                ) + &slice(
+                    "web-c",
+                    "web",
+                    "[{name: http, port: 8080}, {name: http, port: 7070, protocol: UDP}]",
+                    "[{addresses: [10.1.0.1]}]",
+                ) + &slice(
+                    "other",
+                    "other",
+                    "[{name: http, port: 1}]",
+                    "[{addresses: [10.9.9.9]}]",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:53/UDP ClusterIP default/web:dns -> [10.1.0.1:5353, 10.1.0.2:5353]",
+                    "10.0.0.1:80/TCP ClusterIP default/web:http -> [10.1.0.1:8080, 10.1.0.2:8080, 10.1.0.3:9090]",
+                ],
+            ),
+            (
+                "not-ready endpoints are not used; no slices means no backends",
+                svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice(
+                        "a-1",
+                        "a",
+                        "[{port: 80}]",
+                        "[{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2], conditions: {ready: true}}]",
+                    )
+                    + &svc("b", "{clusterIP: 10.0.0.2, ports: [{port: 80}]}"),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80]",
+                    "10.0.0.2:80/TCP ClusterIP default/b -> []",
+                ],
+            ),
+            (
+                "NodePort on every node address",
+                svc(
+                    "np",
+                    "{type: NodePort, clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: 30080}]}",
+                ) + &slice("np-1", "np", "[{port: 8080}]", "[{addresses: [10.1.0.1]}]"),
+                two_nodes,
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/np -> [10.1.0.1:8080]",
+                    "192.168.0.10:30080/TCP NodePort default/np -> [10.1.0.1:8080]",
+                    "192.168.0.11:30080/TCP NodePort default/np -> [10.1.0.1:8080]",
+                ],
+            ),
+            (
+                "LoadBalancer: VIP ingress, not Proxy or hostname; externalIPs; no nodePort allocated",
+                svc(
+                    "lb",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalIPs: [203.0.113.5, '2001:db8::5'], ports: [{port: 443}]}",
+                ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: Proxy}, {hostname: lb.example}, {ip: '2001:db8::1'}]}}\n"
+                    + &slice("lb-1", "lb", "[{port: 8443}]", "[{addresses: [10.1.0.1]}]"),
+                node(),
+                &[
+                    "10.0.0.1:443/TCP ClusterIP default/lb -> [10.1.0.1:8443]",
+                    "198.51.100.1:443/TCP LoadBalancer default/lb -> [10.1.0.1:8443]",
+                    "203.0.113.5:443/TCP ExternalIP default/lb -> [10.1.0.1:8443]",
+                ],
+            ),
+            (
+                "externalIPs on a ClusterIP Service; ingress ignored unless type LoadBalancer",
+                svc(
+                    "e",
+                    "{clusterIP: 10.0.0.1, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30000}]}",
+                ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n",
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/e -> []",
+                    "203.0.113.5:80/TCP ExternalIP default/e -> []",
+                ],
+            ),
+            (
+                "ExternalName, headless and IPv6-only Services get no frontends",
+                svc(
+                    "xn",
+                    "{type: ExternalName, externalName: example.com, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
+                ) + &svc("hl", "{clusterIP: None, ports: [{port: 80}]}")
+                    + &slice("hl-1", "hl", "[{port: 80}]", "[{addresses: [10.1.0.1]}]")
+                    + &svc(
+                        "v6",
+                        "{type: NodePort, clusterIPs: ['fd00::1'], externalIPs: [203.0.113.6], ports: [{port: 80, nodePort: 30001}]}",
+                    ),
+                node(),
+                &[],
+            ),
+            (
+                "dual stack: the IPv4 cluster IP; IPv6 slices ignored",
+                svc(
+                    "ds",
+                    "{clusterIPs: ['fd00::1', 10.0.0.1], ports: [{port: 80}]}",
+                ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}\naddressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00::10']}]\n"
+                    + &slice("ds-v4", "ds", "[{port: 80}]", "[{addresses: [10.1.0.1]}]"),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/ds -> [10.1.0.1:80]"],
+            ),
+            (
+                "manifest without clusterIP: other frontends still programmed, with a warning",
+                svc(
+                    "m",
+                    "{type: NodePort, ports: [{port: 80, nodePort: 30080}, {name: b, port: 81}]}",
+                )
+                .replace(
+                    "{port: 80, nodePort: 30080}",
+                    "{name: a, port: 80, nodePort: 30080}",
+                ),
+                node(),
+                &[
+                    "192.168.0.10:30080/TCP NodePort default/m:a -> []",
+                    "warning: default/m: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external IPs and load balancer IPs are programmed",
+                    "warning: default/m: port \"b\" has no nodePort (set it in the manifest); no node port programmed",
+                ],
+            ),
+            (
+                "SCTP ports skipped with a warning",
+                svc(
+                    "s",
+                    "{clusterIP: 10.0.0.1, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP}]}",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/s:a -> []",
+                    "warning: default/s: port \"b\" is SCTP, which this datapath does not handle; port skipped",
+                ],
+            ),
+            (
+                "two Services on one frontend: the first by namespace/name keeps it",
+                svc("b", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice("b-1", "b", "[{port: 80}]", "[{addresses: [10.1.0.2]}]"),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> []",
+                    "warning: frontend 10.0.0.1:80/TCP of default/b is already taken by default/a; default/b does not get it",
+                ],
+            ),
+            (
+                "slices: label required, same namespace only",
+                svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: nolabel}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.1]}]\n"
+                    + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-x, namespace: other, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.2]}]\n",
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> []",
+                    "warning: EndpointSlice default/nolabel has no kubernetes.io/service-name label; no Service uses it",
+                ],
+            ),
+            (
+                "Service without selector and a hand-written Endpoints object",
+                svc(
+                    "ext",
+                    "{clusterIP: 10.0.0.1, ports: [{name: http, port: 80}]}",
+                ) + "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: ext}\nsubsets: [{addresses: [{ip: 192.0.2.10}], notReadyAddresses: [{ip: 192.0.2.11}], ports: [{name: http, port: 8080}]}]\n",
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/ext:http -> [192.0.2.10:8080]"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn conditions_and_terminating() {
+        let one = |endpoints: &str| {
+            svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                + &slice("a-1", "a", "[{port: 80}]", endpoints)
+        };
+        check(&[
+            (
+                "ready used; serving-terminating listed to drain; not-serving terminating dropped",
+                one(
+                    "[{addresses: [10.1.0.1]}, {addresses: [10.1.0.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.3], conditions: {ready: false, serving: false, terminating: true}}, {addresses: [10.1.0.4], conditions: {ready: false, serving: false, terminating: false}}]",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80 (terminating)]",
+                ],
+            ),
+            (
+                "no ready endpoint: serving-terminating ones are the backends",
+                one(
+                    "[{addresses: [10.1.0.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.3], conditions: {ready: false, terminating: true}}, {addresses: [10.1.0.1], conditions: {ready: false}}]",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80 (terminating), 10.1.0.3:80 (terminating)]",
+                ],
+            ),
+            (
+                "absent conditions mean ready; ready wins over terminating (publishNotReadyAddresses)",
+                one(
+                    "[{addresses: [10.1.0.1], conditions: {}}, {addresses: [10.1.0.2], conditions: {ready: true, serving: true, terminating: true}}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
+            ),
+            (
+                "the same address in two slices: the non-terminating copy wins",
+                svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}")
+                    + &slice(
+                        "a-1",
+                        "a",
+                        "[{port: 80}]",
+                        "[{addresses: [10.1.0.1], conditions: {ready: false, serving: true, terminating: true}}]",
+                    )
+                    + &slice(
+                        "a-2",
+                        "a",
+                        "[{port: 80}]",
+                        "[{addresses: [10.1.0.1], conditions: {ready: true}}]",
+                    )
+                    + &slice(
+                        "a-3",
+                        "a",
+                        "[{port: 80}]",
+                        "[{addresses: [10.1.0.1], conditions: {ready: false, serving: true, terminating: true}}]",
+                    ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]"],
+            ),
+        ]);
+    }
+
+    /// Endpoints of one port 80 slice: .1 local ready, .2 remote ready, .3 local
+    /// serving-terminating, .4 remote serving-terminating, filtered by `pick`.
+    fn policy_case(spec: &str, pick: &[u8]) -> String {
+        let eps = [
+            "{addresses: [10.1.0.1], nodeName: node-a}",
+            "{addresses: [10.1.0.2], nodeName: node-b}",
+            "{addresses: [10.1.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+            "{addresses: [10.1.0.4], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}",
+        ];
+        let chosen: Vec<&str> = pick.iter().map(|&i| eps[usize::from(i) - 1]).collect();
+        svc("a", spec)
+            + &slice(
+                "a-1",
+                "a",
+                "[{port: 80}]",
+                &format!("[{}]", chosen.join(", ")),
+            )
+    }
+
+    #[test]
+    fn traffic_policies() {
+        let etp_local = "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}";
+        let itp_local = "{type: NodePort, clusterIP: 10.0.0.1, internalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
+        check(&[
+            (
+                "externalTrafficPolicy Local: external frontends use local endpoints, ClusterIP all",
+                policy_case(etp_local, &[1, 2, 3, 4]),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80, 10.1.0.3:80 (terminating), 10.1.0.4:80 (terminating)]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80, 10.1.0.3:80 (terminating)]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80, 10.1.0.3:80 (terminating)]",
+                ],
+            ),
+            (
+                "externalTrafficPolicy Local, no local ready: local serving-terminating, even with remote ready",
+                policy_case(etp_local, &[2, 3]),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80, 10.1.0.3:80 (terminating)]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.3:80 (terminating)]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.3:80 (terminating)]",
+                ],
+            ),
+            (
+                "externalTrafficPolicy Local, nothing local: external frontends drop",
+                policy_case(etp_local, &[2, 4]),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80, 10.1.0.4:80 (terminating)]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> []",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> []",
+                ],
+            ),
+            (
+                "internalTrafficPolicy Local: ClusterIP uses local endpoints, NodePort all",
+                policy_case(itp_local, &[1, 2, 4]),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80, 10.1.0.2:80, 10.1.0.4:80 (terminating)]",
+                ],
+            ),
+            (
+                "externalTrafficPolicy Local only counts for NodePort and LoadBalancer types",
+                policy_case(
+                    "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
+                    &[1, 2],
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                ],
+            ),
+            (
+                "a node without a name has no local endpoints",
+                policy_case(itp_local, &[1]),
+                NodeInfo {
+                    name: String::new(),
+                    ..node()
+                },
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> []",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80]",
+                ],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn topology() {
+        let spec = "{clusterIP: 10.0.0.1, ports: [{port: 80}]}";
+        let case = |endpoints: &str| svc("a", spec) + &slice("a-1", "a", "[{port: 80}]", endpoints);
+        let zoned = "[{addresses: [10.1.0.1], hints: {forZones: [{name: zone-a}]}}, {addresses: [10.1.0.2], hints: {forZones: [{name: zone-b}]}}, {addresses: [10.1.0.3], conditions: {ready: false}}]";
+        check(&[
+            (
+                "zone hints: only endpoints hinted for this zone",
+                case(zoned),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]"],
+            ),
+            (
+                "zone hints ignored when a ready endpoint has none",
+                case(
+                    "[{addresses: [10.1.0.1], hints: {forZones: [{name: zone-a}]}}, {addresses: [10.1.0.2]}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
+            ),
+            (
+                "zone hints ignored when none is for this zone",
+                case(zoned),
+                NodeInfo {
+                    zone: Some("zone-c".into()),
+                    ..node()
+                },
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
+            ),
+            (
+                "zone hints ignored when the node has no zone",
+                case(zoned),
+                NodeInfo {
+                    zone: None,
+                    ..node()
+                },
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
+            ),
+            (
+                "node hints (PreferSameNode) win over zone hints",
+                case(
+                    "[{addresses: [10.1.0.1], hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}, {addresses: [10.1.0.2], hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}, {addresses: [10.1.0.3], hints: {forNodes: [{name: node-c}], forZones: [{name: zone-b}]}}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80]"],
+            ),
+            (
+                "node hints without one for this node fall back to zone hints",
+                case(
+                    "[{addresses: [10.1.0.1], hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}, {addresses: [10.1.0.3], hints: {forNodes: [{name: node-c}], forZones: [{name: zone-b}]}}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]"],
+            ),
+            (
+                "topology applies to ready endpoints; serving-terminating ones still drain",
+                case(
+                    "[{addresses: [10.1.0.1], hints: {forZones: [{name: zone-a}]}}, {addresses: [10.1.0.2], hints: {forZones: [{name: zone-b}]}}, {addresses: [10.1.0.4], conditions: {ready: false, serving: true, terminating: true}}]",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.4:80 (terminating)]",
+                ],
+            ),
+            (
+                "trafficDistribution alone (no hints in the slices) changes nothing, as in kube-proxy",
+                svc(
+                    "a",
+                    "{clusterIP: 10.0.0.1, trafficDistribution: PreferSameNode, ports: [{port: 80}]}",
+                ) + &slice(
+                    "a-1",
+                    "a",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.1], nodeName: node-a, zone: zone-a}, {addresses: [10.1.0.2], nodeName: node-b, zone: zone-b}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
+            ),
+            (
+                "topology does not narrow Local policy endpoints",
+                svc(
+                    "a",
+                    "{clusterIP: 10.0.0.1, internalTrafficPolicy: Local, ports: [{port: 80}]}",
+                ) + &slice(
+                    "a-1",
+                    "a",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.1], nodeName: node-a, hints: {forZones: [{name: zone-b}]}}, {addresses: [10.1.0.2], nodeName: node-b, hints: {forZones: [{name: zone-a}]}}]",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn affinity_and_source_ranges() {
+        let lb = |extra: &str| {
+            svc(
+                "lb",
+                &format!(
+                    "{{type: LoadBalancer, clusterIP: 10.0.0.1, externalIPs: [203.0.113.5], ports: [{{port: 80, nodePort: 30080}}]{extra}}}"
+                ),
+            ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2}]}}\n"
+        };
+        check(&[
+            (
+                "ClientIP affinity with the default timeout on every frontend",
+                svc(
+                    "a",
+                    "{type: NodePort, clusterIP: 10.0.0.1, sessionAffinity: ClientIP, ports: [{port: 80, nodePort: 30080}]}",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=10800",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [] affinity=10800",
+                ],
+            ),
+            (
+                "ClientIP affinity with a timeout",
+                svc(
+                    "a",
+                    "{clusterIP: 10.0.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, ports: [{port: 80}]}",
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=30"],
+            ),
+            (
+                "source ranges restrict only the LoadBalancer frontends",
+                lb(", loadBalancerSourceRanges: [10.0.0.0/8, ' 172.16.0.0/12', '2001:db8::/32']"),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12]",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12]",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                ],
+            ),
+            (
+                "a range holding a node address also allows the ingress IPs as sources",
+                lb(", loadBalancerSourceRanges: [192.168.0.0/24]"),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32]",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32]",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                ],
+            ),
+            (
+                "a /0 range, or IPv6 ranges only, means every source",
+                lb(", loadBalancerSourceRanges: [10.0.0.0/8, 0.0.0.0/0]")
+                    + &svc(
+                        "v6",
+                        "{type: LoadBalancer, clusterIP: 10.0.0.2, loadBalancerSourceRanges: ['2001:db8::/32'], ports: [{port: 80}]}",
+                    )
+                    + "status: {loadBalancer: {ingress: [{ip: 198.51.100.3}]}}\n",
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
+                    "10.0.0.2:80/TCP ClusterIP default/v6 -> []",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> []",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> []",
+                    "198.51.100.3:80/TCP LoadBalancer default/v6 -> []",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                ],
+            ),
+        ]);
+    }
+}
