@@ -178,7 +178,8 @@ fn remove_stale_pin_dirs() {
 }
 
 /// `lb agent` running in a namespace with its own pin directory. On drop: SIGTERM, wait,
-/// `lb teardown`, remove the pin directory; if the thread is panicking, print the agent's log.
+/// `lb teardown`, remove the pin directory and the log; if the thread is panicking, print the
+/// agent's log first.
 pub struct Agent {
     child: Child,
     lb: PathBuf,
@@ -282,10 +283,9 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("lb agent log ({}):\n{}", self.log.display(), self.log());
-        } else {
-            let _ = std::fs::remove_file(&self.log);
+            eprintln!("lb agent log:\n{}", self.log());
         }
+        let _ = std::fs::remove_file(&self.log);
         // `self.pins` is dropped after this: lb teardown, then the directory is removed.
     }
 }

@@ -4,7 +4,7 @@
 //! and removes the pin directory. Needs root.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use lb_tests::{Agent, Netns, examples_dir};
 
@@ -28,9 +28,8 @@ esac
 #[test]
 fn agent_guard_runs_in_the_namespace_and_cleans_up() {
     let ns = Netns::new("guard").expect("create namespace");
-    let dir = std::env::temp_dir().join(lb_tests::netns::unique_name("fake-lb"));
-    std::fs::create_dir(&dir).unwrap();
-    let lb = dir.join("lb");
+    let dir = TempDir::new();
+    let lb = dir.0.join("lb");
     std::fs::write(&lb, FAKE_LB).unwrap();
     std::fs::set_permissions(&lb, std::fs::Permissions::from_mode(0o755)).unwrap();
 
@@ -44,7 +43,7 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
     drop(agent);
 
     assert!(!pins.exists(), "{} left behind", pins.display());
-    let calls = std::fs::read_to_string(dir.join("lb.calls")).unwrap();
+    let calls = std::fs::read_to_string(dir.0.join("lb.calls")).unwrap();
     let ns_inode = std::fs::metadata(Path::new("/run/netns").join(ns.name()))
         .unwrap()
         .ino();
@@ -66,5 +65,21 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
         term < torn,
         "teardown only after the agent stopped: {calls}"
     );
-    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A directory under /tmp, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(lb_tests::netns::unique_name("fake-lb"));
+        std::fs::create_dir(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
