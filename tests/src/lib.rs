@@ -4,6 +4,8 @@
 //!
 //! Everything here needs root (namespaces, veths, bpffs).
 
+#![deny(missing_docs)]
+
 pub mod agent;
 pub mod backends;
 pub mod client;
