@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, interface_index},
     manifest,
     model::NodeInfo,
     sync::{DatapathMaps, Syncer},
@@ -48,6 +48,8 @@ pub struct AgentConfig {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Bad arguments fail before anything is created or pinned.
+    interface_index(&config.interface)?;
     let mut datapath = Datapath::load(&config.pin_dir)?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");

@@ -212,16 +212,7 @@ impl Datapath {
         &mut self,
         interface: &str,
     ) -> Result<[(&'static str, LinkOutcome); 2], DatapathError> {
-        let c_name =
-            std::ffi::CString::new(interface).map_err(|_| DatapathError::UnknownInterface {
-                name: interface.to_owned(),
-            })?;
-        // SAFETY: c_name is a valid C string.
-        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
-            return Err(DatapathError::UnknownInterface {
-                name: interface.to_owned(),
-            });
-        }
+        interface_index(interface)?;
         self.load_programs()?;
         let xdp = self.attach_one(
             program_names::XDP_INGRESS,
@@ -321,6 +312,19 @@ impl Datapath {
             take(map_names::SLOTS)?,
             take(map_names::REV_NAT)?,
         ])
+    }
+}
+
+/// The index of a network interface in this network namespace.
+pub fn interface_index(name: &str) -> Result<u32, DatapathError> {
+    let unknown = || DatapathError::UnknownInterface {
+        name: name.to_owned(),
+    };
+    let c_name = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: c_name is a valid C string.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(unknown()),
+        index => Ok(index),
     }
 }
 
