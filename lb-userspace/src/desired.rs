@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use serde::Serialize;
 
+use crate::model::Ipv4Cidr;
+
 /// Transport protocol of a frontend or backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -167,7 +169,7 @@ pub struct FrontendPlan {
     /// Client source networks (address, prefix length) allowed to use this frontend; empty
     /// means every source. Filled from `loadBalancerSourceRanges` for LoadBalancer ingress
     /// frontends only (as kube-proxy applies them); other sources are dropped.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<Ipv4Cidr>,
 }
 
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services

@@ -300,7 +300,7 @@ pub enum IpMode {
 }
 
 /// An IPv4 network: address (host bits cleared) and prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Ipv4Cidr {
     /// Network address.
     pub addr: Ipv4Addr,

@@ -62,8 +62,8 @@ use crate::{
         Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
     },
     model::{
-        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpMode, NodeInfo, ObjectRef,
-        Service, ServiceType, SessionAffinity, TrafficPolicy,
+        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpMode, Ipv4Cidr, NodeInfo,
+        ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
     },
 };
 
@@ -217,13 +217,7 @@ fn translate_service(
         let external = if external_local { &local } else { &cluster };
 
         // (address, port, kind, backends, source ranges) of every frontend of this port.
-        type Candidate<'a> = (
-            Ipv4Addr,
-            u16,
-            FrontendKind,
-            &'a [Backend],
-            &'a [(Ipv4Addr, u8)],
-        );
+        type Candidate<'a> = (Ipv4Addr, u16, FrontendKind, &'a [Backend], &'a [Ipv4Cidr]);
         let mut frontends: Vec<Candidate<'_>> = Vec::new();
         if let Some(ip) = cluster_ip {
             frontends.push((ip, port.port, FrontendKind::ClusterIp, internal, &[]));
@@ -285,17 +279,17 @@ fn source_ranges(
     svc: &Service,
     lb_vips: &[Ipv4Addr],
     node_addresses: &BTreeSet<Ipv4Addr>,
-) -> Vec<(Ipv4Addr, u8)> {
+) -> Vec<Ipv4Cidr> {
     let ranges = &svc.load_balancer_source_ranges;
     if ranges.iter().any(|r| r.prefix_len == 0) {
         return Vec::new();
     }
-    let mut out: BTreeSet<(Ipv4Addr, u8)> = ranges.iter().map(|r| (r.addr, r.prefix_len)).collect();
+    let mut out: BTreeSet<Ipv4Cidr> = ranges.iter().copied().collect();
     if ranges
         .iter()
         .any(|r| node_addresses.iter().any(|&a| r.contains(a)))
     {
-        out.extend(lb_vips.iter().map(|&vip| (vip, 32)));
+        out.extend(lb_vips.iter().filter_map(|&vip| Ipv4Cidr::new(vip, 32)));
     }
     out.into_iter().collect()
 }
@@ -479,11 +473,7 @@ mod tests {
                     line += &format!(" affinity={t}");
                 }
                 if !p.source_ranges.is_empty() {
-                    let r: Vec<String> = p
-                        .source_ranges
-                        .iter()
-                        .map(|(a, l)| format!("{a}/{l}"))
-                        .collect();
+                    let r: Vec<String> = p.source_ranges.iter().map(ToString::to_string).collect();
                     line += &format!(" ranges=[{}]", r.join(", "));
                 }
                 line
