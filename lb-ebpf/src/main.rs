@@ -78,12 +78,15 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The transport header fields the translation reads and writes.
+/// The transport header fields the translation reads and writes. The pointers come from
+/// the one bounds check of the header, so writing through them needs no other.
 struct L4 {
     sport: u16,
     dport: u16,
-    /// Offset of the checksum from the start of the packet.
-    check_off: usize,
+    /// The destination port in the packet.
+    dport_at: *mut u16,
+    /// The checksum in the packet.
+    check_at: *mut u16,
     /// TCP FIN or RST seen.
     closing: bool,
 }
@@ -126,31 +129,35 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
     if tot_len > received {
         return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
     }
-    if ptr_at::<[u8; 4]>(ctx, L4_OFF + l4_len - 4).is_none() {
-        return Err(Verdict::Pass(reason::SHORT_L4));
-    }
+    let short = Verdict::Pass(reason::SHORT_L4);
+    let l4 = if proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(short)?;
+        let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*tcp).source),
+                dport: u16::from_ne_bytes((*tcp).dest),
+                dport_at: core::ptr::addr_of_mut!((*tcp).dest).cast(),
+                check_at: core::ptr::addr_of_mut!((*tcp).check).cast(),
+                closing: flags & (TCP_FIN | TCP_RST) != 0,
+            }
+        }
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF).ok_or(short)?;
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*udp).src),
+                dport: u16::from_ne_bytes((*udp).dst),
+                dport_at: core::ptr::addr_of_mut!((*udp).dst).cast(),
+                check_at: core::ptr::addr_of_mut!((*udp).check).cast(),
+                closing: false,
+            }
+        }
+    };
     if tot_len < IPV4_LEN + l4_len {
         // The bytes are there, but the IP header says they are not part of the datagram.
         return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
     }
-    let l4 = if proto == PROTO_TCP {
-        let tcp: *const TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Verdict::Pass(reason::SHORT_L4))?;
-        let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
-        L4 {
-            sport: u16::from_ne_bytes(unsafe { (*tcp).source }),
-            dport: u16::from_ne_bytes(unsafe { (*tcp).dest }),
-            check_off: L4_OFF + TCP_CHECK_OFF,
-            closing: flags & (TCP_FIN | TCP_RST) != 0,
-        }
-    } else {
-        let udp: *const UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Verdict::Pass(reason::SHORT_L4))?;
-        L4 {
-            sport: u16::from_ne_bytes(unsafe { (*udp).src }),
-            dport: u16::from_ne_bytes(unsafe { (*udp).dst }),
-            check_off: L4_OFF + UDP_CHECK_OFF,
-            closing: false,
-        }
-    };
     Ok(Ipv4Packet { ip, proto, l4 })
 }
 
@@ -249,8 +256,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
         *ip_check = csum::replace4(*ip_check, daddr, backend.addr);
     }
-    let check: *mut u16 = ptr_at(ctx, pkt.l4.check_off).ok_or(Verdict::Pass(reason::SHORT_L4))?;
-    let dport: *mut u16 = ptr_at(ctx, L4_OFF + 2).ok_or(Verdict::Pass(reason::SHORT_L4))?;
+    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
     unsafe {
         *dport = backend.port;
         let old = *check;
