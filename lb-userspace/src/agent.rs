@@ -7,7 +7,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -50,6 +50,8 @@ pub struct AgentConfig {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
     interface_index(&config.interface)?;
+    std::fs::read_dir(&config.manifests)
+        .with_context(|| format!("manifests folder {}", config.manifests.display()))?;
     let mut datapath = Datapath::load(&config.pin_dir)?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
@@ -186,11 +188,4 @@ pub fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// Whether `path` is a directory we can read, for a clear error before anything is loaded.
-pub fn check_manifests_dir(path: &Path) -> anyhow::Result<()> {
-    std::fs::read_dir(path)
-        .map(drop)
-        .with_context(|| format!("manifests folder {}", path.display()))
 }

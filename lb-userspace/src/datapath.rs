@@ -186,23 +186,11 @@ impl Datapath {
     }
 
     fn xdp(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let name = program_names::XDP_INGRESS;
-        program(&mut self.ebpf, name)?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })
+        typed_program(&mut self.ebpf, program_names::XDP_INGRESS)
     }
 
     fn tc(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let name = program_names::TC_EGRESS;
-        program(&mut self.ebpf, name)?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })
+        typed_program(&mut self.ebpf, program_names::TC_EGRESS)
     }
 
     /// Attaches XDP (ingress) and TC (egress) to `interface`. A live pinned link from an
@@ -336,6 +324,19 @@ fn program<'a>(
         name,
         source: Box::new(ProgramError::UnexpectedProgramType),
     })
+}
+
+/// The program `name`, as the program type `P` it must be.
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DatapathError> {

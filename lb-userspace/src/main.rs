@@ -102,7 +102,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             zone,
             resync_secs,
         } => {
-            agent::check_manifests_dir(&manifests)?;
             let config = AgentConfig {
                 manifests,
                 interface,
