@@ -109,7 +109,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         match manifest::load_dir(&config.manifests) {
             Ok(set) => apply(&set, &node, &mut syncer),
-            Err(e) => error!("{e}; keeping the programmed state"),
+            Err(e) => error!("{:#}; keeping the programmed state", anyhow::Error::from(e)),
         }
     }
     info!("exiting; the datapath stays attached (`lb teardown` removes it)");

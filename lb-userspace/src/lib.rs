@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod plan;
 pub mod sync;
 pub mod sys;
 pub mod translate;

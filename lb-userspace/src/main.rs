@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
-    inspect,
+    inspect, manifest,
+    model::NodeInfo,
+    plan::Plan,
     sync::DatapathMaps as _,
+    translate,
 };
 
 #[derive(Parser)]
@@ -49,6 +52,26 @@ enum Command {
         /// Seconds between full resyncs, besides the ones a change triggers.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+    },
+    /// Print the frontends and backends a manifests folder translates to, without touching
+    /// the kernel (the agent's own translation). Exits with an error after printing when some
+    /// objects could not be read.
+    Plan {
+        /// Folder of Kubernetes YAML manifests (Services, EndpointSlices, Endpoints).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// This node's name, as in EndpointSlice nodeName (for the Local traffic policies).
+        #[arg(long)]
+        node_name: String,
+        /// Node address for NodePort frontends (repeatable); none means no NodePort frontends.
+        #[arg(long = "node-ip")]
+        node_ips: Vec<Ipv4Addr>,
+        /// This node's zone, for topology-aware routing.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Show the programmed frontends and their backends, read from the pinned maps.
     Services {
@@ -117,6 +140,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?
                 .block_on(agent::run(config))
+        }
+        Command::Plan {
+            manifests,
+            node_name,
+            node_ips,
+            zone,
+            output,
+        } => {
+            let set = manifest::load_dir(&manifests)?;
+            let node = NodeInfo {
+                name: node_name,
+                addresses: node_ips,
+                zone,
+            };
+            let translation = translate::translate(&set.state, &node);
+            let plan = Plan::new(&set, &translation);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+                Output::Table => {
+                    print!("{}", plan.table());
+                    for w in &plan.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for e in &plan.errors {
+                        eprintln!("error: {e}");
+                    }
+                }
+            }
+            if !plan.errors.is_empty() {
+                anyhow::bail!(
+                    "{} object(s) in {} could not be read; they are not in the plan",
+                    plan.errors.len(),
+                    manifests.display()
+                );
+            }
+            Ok(())
         }
         Command::Services { pin_path, output } => {
             let maps = BpfMaps::open_pinned(&pin_path)?;
