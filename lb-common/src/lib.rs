@@ -125,6 +125,11 @@ pub type MaglevCell = [u32; 2];
 /// The layout of a Maglev table in its inner array map (shared by the datapath, the agent
 /// and `lb explain`).
 pub mod maglev {
+    /// Flags of every inner map (they must equal the template's): `BPF_F_INNER_MAP` (inner
+    /// maps may differ in size, so the table size is the agent's choice) and
+    /// `BPF_F_MMAPABLE` (the agent writes a whole table with one memory copy).
+    pub const INNER_MAP_FLAGS: u32 = (1 << 12) | (1 << 10);
+
     /// Elements of the inner array for a table of `size` entries: the header and
     /// `ceil(size / 2)` pairs.
     pub const fn elements(size: u32) -> u32 {

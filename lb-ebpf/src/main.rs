@@ -15,8 +15,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_INNER_MAP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
-        TC_ACT_SHOT, xdp_action,
+        BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action,
     },
     btf_maps::{Array as InnerArray, HashOfMaps},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -37,12 +37,11 @@ static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVI
 #[map]
 static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
 /// Service id -> its Maglev table. BTF-defined (map-of-maps needs the inner map's BTF);
-/// the agent pins it by name like the others. Inner maps may differ in size
-/// (`BPF_F_INNER_MAP`), so the table size is the agent's choice.
+/// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
 #[btf_map]
 static LB_MAGLEV_V1: HashOfMaps<
     u32,
-    InnerArray<MaglevCell, 1, { BPF_F_INNER_MAP as usize }>,
+    InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
     { capacity::SERVICES as usize },
 > = HashOfMaps::new();
 #[map]

@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     net::Ipv4Addr,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::{
     model::Ipv4Cidr,
-    sync::{DatapathMaps, MapContents, MapOpError, TableId, TableInfo},
+    sync::{BatchError, DatapathMaps, MapContents, MapOpError, TableId, TableInfo, TableRef},
     sys,
 };
 
@@ -372,6 +372,8 @@ pub struct BpfMaps {
     pub rev_nat: HashMap<MapData, u32, RevNat4>,
     /// [`map_names::MAGLEV`].
     pub maglev: HashOfMaps<MapData, u32, MapData>,
+    /// The same map, for the batch writes aya does not offer.
+    maglev_fd: std::os::fd::OwnedFd,
     /// [`map_names::SOURCE_RANGES`].
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::BACKEND_STATS`].
@@ -396,7 +398,18 @@ impl BpfMaps {
             backend_stats,
         ]: [Map; 6],
     ) -> Result<Self, DatapathError> {
+        let maglev_fd = match &maglev {
+            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        .map_err(|io_error| {
+            map_err(map_names::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }))
+        })?;
         Ok(Self {
+            maglev_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(map_names::REV_NAT))?,
@@ -420,11 +433,6 @@ impl BpfMaps {
             open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
             open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
         ])
-    }
-
-    /// The inner map of a table, opened by its id.
-    fn open_table(id: TableId) -> Result<MapData, MapOpError> {
-        MapData::from_id(id).map_err(op_err(map_names::MAGLEV))
     }
 
     /// One entry of the table of `service_id`: what the datapath reads for a flow hash
@@ -475,6 +483,14 @@ fn open_pinned_map(
     Ok(kind(MapData::from_pin(&path).map_err(map_err(name))?))
 }
 
+fn os_err(map: &'static str, source: io::Error) -> MapOpError {
+    if source.raw_os_error() == Some(libc::E2BIG) {
+        MapOpError::Full { map }
+    } else {
+        MapOpError::Os { map, source }
+    }
+}
+
 fn op_err(map: &'static str) -> impl Fn(MapError) -> MapOpError {
     move |error| match error {
         MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
@@ -519,6 +535,8 @@ fn source_range_key(service_id: u32, range: Ipv4Cidr) -> lpm_trie::Key<SourceRan
 }
 
 impl DatapathMaps for BpfMaps {
+    /// The inner map (closed on drop: the kernel frees it unless a service points at it).
+    type Table = Array<MapData, MaglevCell>;
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
         // The counters first, so that the datapath counts from the first packet on. A
         // backend whose state changes keeps its counters.
@@ -547,12 +565,11 @@ impl DatapathMaps for BpfMaps {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
         delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
-    fn put_new_table(
+    fn build_table(
         &mut self,
-        service_id: u32,
         entries: &[u32],
         backends: u32,
-    ) -> Result<TableId, MapOpError> {
+    ) -> Result<(TableId, Self::Table), MapOpError> {
         let err = op_err(map_names::MAGLEV);
         let size = entries.len() as u32;
         let mut cells: Vec<MaglevCell> = vec![[0; 2]; maglev::elements(size) as usize];
@@ -561,27 +578,74 @@ impl DatapathMaps for BpfMaps {
             let (element, half) = maglev::position(index as u32);
             cells[element as usize][half] = backend_id;
         }
-        // The inner map must have the flags of the template the program was verified with.
-        const BPF_F_INNER_MAP: u32 = 1 << 12;
         let table: Array<MapData, MaglevCell> =
-            Array::create(cells.len() as u32, BPF_F_INNER_MAP).map_err(&err)?;
+            Array::create(cells.len() as u32, maglev::INNER_MAP_FLAGS).map_err(&err)?;
         let inner = table.map();
-        sys::array_write_all(inner.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
+        sys::mmap_write(inner.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
             map: map_names::MAGLEV,
             source,
         })?;
         let id = inner.info().map_err(&err)?.id();
-        // The swap: one write. The old table is freed by the kernel once no program can
-        // hold it any more.
-        self.maglev.insert(service_id, inner, 0).map_err(&err)?;
-        Ok(id)
+        Ok((id, table))
     }
-    fn put_table(&mut self, service_id: u32, table: TableId) -> Result<(), MapOpError> {
-        let inner = Self::open_table(table)?;
-        (self.maglev.insert(service_id, &inner, 0)).map_err(op_err(map_names::MAGLEV))
+    fn put_tables(
+        &mut self,
+        writes: &[(u32, TableRef<'_, Self::Table>)],
+    ) -> Result<(), BatchError> {
+        // An existing table is opened by its id for its fd; the batch stops before the
+        // first one that cannot be (it is gone: nothing pointed at it any more).
+        let mut opened = Vec::new();
+        let mut fds = Vec::with_capacity(writes.len());
+        let mut open_error = None;
+        for (_, table) in writes {
+            let fd = match table {
+                TableRef::Built(table) => table.map().fd().as_fd().as_raw_fd(),
+                TableRef::Existing(id) => match MapData::from_id(*id) {
+                    Ok(data) => {
+                        let fd = data.fd().as_fd().as_raw_fd();
+                        opened.push(data);
+                        fd
+                    }
+                    Err(e) => {
+                        open_error = Some(op_err(map_names::MAGLEV)(e));
+                        break;
+                    }
+                },
+            };
+            fds.push(fd as u32);
+        }
+        let keys: Vec<u32> = writes[..fds.len()].iter().map(|(id, _)| *id).collect();
+        // The swaps: one write each, one wait for running programs for all.
+        sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds).map_err(|(done, e)| {
+            BatchError {
+                done,
+                error: os_err(map_names::MAGLEV, e),
+            }
+        })?;
+        match open_error {
+            None => Ok(()),
+            Some(error) => Err(BatchError {
+                done: fds.len(),
+                error,
+            }),
+        }
     }
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::MAGLEV, self.maglev.remove(&service_id))
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
+        let mut start = 0;
+        while start < service_ids.len() {
+            match sys::map_delete_batch(self.maglev_fd.as_fd(), &service_ids[start..]) {
+                Ok(()) => return Ok(()),
+                // Deleting what is not there succeeds: go on after it.
+                Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => start += done + 1,
+                Err((done, e)) => {
+                    return Err(BatchError {
+                        done: start + done,
+                        error: os_err(map_names::MAGLEV, e),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
@@ -621,12 +685,8 @@ impl DatapathMaps for BpfMaps {
                 std::collections::btree_map::Entry::Occupied(table) => table.into_mut(),
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     let cells: Vec<MaglevCell> =
-                        sys::array_read_all(inner.fd().as_fd(), info.max_entries()).map_err(
-                            |source| MapOpError::Os {
-                                map: map_names::MAGLEV,
-                                source,
-                            },
-                        )?;
+                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize)
+                            .map_err(|source| os_err(map_names::MAGLEV, source))?;
                     slot.insert(table_info_of_cells(info.id(), &cells))
                 }
             };

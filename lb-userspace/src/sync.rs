@@ -4,7 +4,9 @@
 //! 1. backends a frontend needs are written first (new ones, and state changes);
 //! 2. then its Maglev table: built whole in a new inner map and swapped in with one write
 //!    of the Maglev map (or, when another frontend already has a table of the same backends
-//!    and size, that table is shared: again one write);
+//!    and size, that table is shared: again one write). The swaps of all frontends go in one
+//!    batch: the kernel waits for running programs after every map-of-maps write system
+//!    call (about 7.5 ms here), once per batch instead of once per table;
 //! 3. then its new source ranges (loadBalancerSourceRanges);
 //! 4. then its reverse-NAT entry and its service entry (flags, affinity, backend count);
 //! 5. then the source ranges it no longer has, and its table when it has no backend left;
@@ -158,25 +160,50 @@ pub struct MapContents {
     pub source_ranges: Vec<(u32, Ipv4Cidr)>,
 }
 
+/// A table to point a service at in [`DatapathMaps::put_tables`].
+#[derive(Debug)]
+pub enum TableRef<'a, T> {
+    /// One just built by [`DatapathMaps::build_table`].
+    Built(&'a T),
+    /// One that services point at already.
+    Existing(TableId),
+}
+
+/// A batch of writes that stopped at an error: the first `done` were applied.
+#[derive(Debug, Error)]
+#[error("{error}")]
+pub struct BatchError {
+    /// How many writes were applied (the first ones, in order).
+    pub done: usize,
+    /// Why the next one failed.
+    #[source]
+    pub error: MapOpError,
+}
+
 /// The map operations sync needs: implemented on the pinned BPF maps and in memory.
 pub trait DatapathMaps {
+    /// A Maglev table built whole that nothing points at yet (for BPF, its inner map, which
+    /// the kernel frees when the handle is dropped and no service points at it).
+    type Table;
     /// Writes (creates or replaces) a backend (and creates its counters when it is new).
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError>;
     /// Deletes a backend and its counters.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table entry;
-    /// `backends` distinct ones), then points `service_id` at it with one write. Returns the
-    /// new table's id.
-    fn put_new_table(
+    /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table
+    /// entry; `backends` distinct ones). Returns its id and a handle for [`Self::put_tables`].
+    fn build_table(
         &mut self,
-        service_id: u32,
         entries: &[u32],
         backends: u32,
-    ) -> Result<TableId, MapOpError>;
-    /// Points `service_id` at an existing table (another service's), with one write.
-    fn put_table(&mut self, service_id: u32, table: TableId) -> Result<(), MapOpError>;
-    /// Removes the table of `service_id` (the table itself goes when nothing points at it).
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapOpError>;
+    ) -> Result<(TableId, Self::Table), MapOpError>;
+    /// Points each service id at its table: one write of the Maglev map per service, all
+    /// in one system call (a map-of-maps write waits for running programs, once per call).
+    /// Applied in order; an error stops the batch.
+    fn put_tables(&mut self, writes: &[(u32, TableRef<'_, Self::Table>)])
+    -> Result<(), BatchError>;
+    /// Removes the tables of these service ids (a table goes when nothing points at it), in
+    /// one system call, in order; an error stops the batch.
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError>;
     /// Allows `range` as a source of `service_id`.
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
     /// Removes `range` from the sources of `service_id`.
@@ -277,15 +304,57 @@ pub struct ApplyReport {
     pub errors: Vec<SyncError>,
 }
 
-/// Why writing one frontend stopped.
-enum Failure {
+/// A wanted frontend during an apply: what it is to become, taken out of the bookkeeping
+/// until its writes are done.
+struct Pending {
+    key: Frontend4,
+    frontend: Frontend,
+    service_name: String,
+    programmed: Programmed,
+    /// The table it needs; `None` when it has no backend.
+    table: Option<TableKey>,
+    ranges: BTreeSet<Ipv4Cidr>,
+    service: Service,
+    /// Its table could not be written: its entries stay as they are.
+    failed: bool,
+}
+
+impl Pending {
+    fn map_error(&self, source: MapOpError) -> SyncError {
+        SyncError::Map {
+            frontend: self.frontend,
+            service: self.service_name.clone(),
+            source,
+        }
+    }
+}
+
+/// Why a table could not be built.
+enum BuildError {
     Map(MapOpError),
     Maglev(MaglevError),
 }
 
-impl From<MapOpError> for Failure {
-    fn from(e: MapOpError) -> Self {
-        Failure::Map(e)
+/// Counts one more user of `table`; it becomes the shared table of its key if that key has
+/// none.
+fn share(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable) {
+    let shared = tables.entry(table.key.clone()).or_insert(SharedTable {
+        id: table.id,
+        users: 0,
+    });
+    if shared.id == table.id {
+        shared.users += 1;
+    }
+}
+
+fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable) {
+    if let Some(shared) = tables.get_mut(&table.key)
+        && shared.id == table.id
+    {
+        shared.users -= 1;
+        if shared.users == 0 {
+            tables.remove(&table.key);
+        }
     }
 }
 
@@ -344,7 +413,7 @@ impl<M: DatapathMaps> Syncer<M> {
                 id: t.id,
             });
             if let Some(table) = &table {
-                syncer.share(table);
+                share(&mut syncer.tables, table);
             }
             let programmed = Programmed {
                 id: service.id,
@@ -372,11 +441,13 @@ impl<M: DatapathMaps> Syncer<M> {
 
         // Tables, source ranges and reverse-NAT entries of no service are leftovers of an
         // interrupted update: nothing reads them, so they go now.
-        for (id, _) in &contents.tables {
-            if !syncer.used_service_ids.contains(id) {
-                syncer.maps.delete_table(*id)?;
-            }
-        }
+        let leftover: Vec<u32> = contents
+            .tables
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !syncer.used_service_ids.contains(id))
+            .collect();
+        syncer.maps.delete_tables(&leftover).map_err(|e| e.error)?;
         for (id, stale) in ranges {
             for range in stale {
                 syncer.maps.delete_source_range(id, range)?;
@@ -419,6 +490,10 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 
     /// [`Syncer::apply`] at the time `now` (which decides which drains have ended).
+    ///
+    /// The steps of the module documentation run for all frontends at once (each frontend
+    /// still sees them in order), so that the tables of all frontends are swapped in with
+    /// one system call, and the unused ones removed with another.
     pub fn apply_at(&mut self, desired: &DesiredState, now: Instant) -> ApplyReport {
         let ops_before = self.ops;
         let mut errors = Vec::new();
@@ -428,11 +503,31 @@ impl<M: DatapathMaps> Syncer<M> {
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
 
+        // 1. Backends, and what each frontend is to become.
+        let mut pending = Vec::with_capacity(wanted.len());
         for (key, (frontend, plan)) in &wanted {
-            if let Err(error) = self.apply_frontend(key, frontend, plan) {
-                errors.push(error);
+            match self.prepare(key, frontend, plan) {
+                Ok(p) => pending.push(p),
+                Err(error) => errors.push(error),
             }
         }
+        // 2. Tables.
+        self.swap_tables(&mut pending, &mut errors);
+        // 3, 4, 5. Source ranges, reverse NAT, service entries.
+        let mut unused_tables = Vec::new();
+        for mut p in pending {
+            if !p.failed {
+                match self.write_entries(&mut p) {
+                    Ok(()) if p.table.is_none() && p.programmed.table.is_some() => {
+                        unused_tables.push(p.key);
+                    }
+                    Ok(()) => {}
+                    Err(error) => errors.push(p.map_error(error)),
+                }
+            }
+            self.frontends.insert(p.key, p.programmed);
+        }
+        // 6. Frontends no longer wanted, service entry first.
         let stale: Vec<Frontend4> = self
             .frontends
             .keys()
@@ -440,10 +535,17 @@ impl<M: DatapathMaps> Syncer<M> {
             .copied()
             .collect();
         for key in stale {
-            if let Err(error) = self.remove_frontend(&key) {
+            if let Err(error) = self.remove_entries(&key) {
                 errors.push(SyncError::Cleanup(error));
+            } else if self.frontends[&key].table.is_some() {
+                unused_tables.push(key);
+            } else {
+                self.forget(&key);
             }
         }
+        // Then the tables nothing reads any more.
+        self.delete_tables(&unused_tables, &wanted, &mut errors);
+        // 7. Backends no frontend lists.
         if let Err(error) = self.collect_backends(now) {
             errors.push(SyncError::Cleanup(error));
         }
@@ -455,12 +557,13 @@ impl<M: DatapathMaps> Syncer<M> {
         }
     }
 
-    fn apply_frontend(
+    /// Writes the backends of a wanted frontend and works out the rest of its state.
+    fn prepare(
         &mut self,
         key: &Frontend4,
         frontend: &Frontend,
         plan: &FrontendPlan,
-    ) -> Result<(), SyncError> {
+    ) -> Result<Pending, SyncError> {
         let map_err = |source| SyncError::Map {
             frontend: *frontend,
             service: plan.service.to_string(),
@@ -498,158 +601,200 @@ impl<M: DatapathMaps> Syncer<M> {
         if !plan.source_ranges.is_empty() {
             flags |= SERVICE_F_SOURCE_RANGES;
         }
-        let ranges: BTreeSet<Ipv4Cidr> = plan.source_ranges.iter().copied().collect();
-
         let mut programmed = match self.frontends.remove(key) {
             Some(p) => p,
             None => Programmed::new(self.allocate_service_id(frontend)?),
         };
+        programmed.members = ids;
         let service = Service {
             id: programmed.id,
             backend_count: selected.len() as u32,
             flags,
             affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
         };
-        let result = self.write_frontend(key, &mut programmed, selected, &ranges, service);
-        programmed.members = ids;
-        self.frontends.insert(*key, programmed);
-        result.map_err(|failure| match failure {
-            Failure::Map(source) => map_err(source),
-            Failure::Maglev(source) => SyncError::Maglev {
-                frontend: *frontend,
-                service: plan.service.to_string(),
-                source,
-            },
+        Ok(Pending {
+            key: *key,
+            frontend: *frontend,
+            service_name: plan.service.to_string(),
+            programmed,
+            table: (!selected.is_empty()).then_some(TableKey {
+                size: self.config.table_size,
+                backends: selected,
+            }),
+            ranges: plan.source_ranges.iter().copied().collect(),
+            service,
+            failed: false,
         })
     }
 
-    fn write_frontend(
+    /// Step 2: builds the tables that do not exist yet (once per distinct key), then points
+    /// every frontend whose table changes at its table, in one batch (retried past a
+    /// failing write, which fails only its frontend).
+    fn swap_tables(&mut self, pending: &mut [Pending], errors: &mut Vec<SyncError>) {
+        let mut built: Vec<(TableId, M::Table)> = Vec::new();
+        let mut built_for: HashMap<TableKey, usize> = HashMap::new();
+        // (index into pending, table id, index into built)
+        let mut swaps: Vec<(usize, TableId, Option<usize>)> = Vec::new();
+        for (i, p) in pending.iter_mut().enumerate() {
+            let Some(want) = &p.table else { continue };
+            if p.programmed.table.as_ref().map(|t| &t.key) == Some(want) {
+                continue;
+            }
+            if let Some(shared) = self.tables.get(want) {
+                swaps.push((i, shared.id, None));
+                continue;
+            }
+            if let Some(&b) = built_for.get(want) {
+                swaps.push((i, built[b].0, Some(b)));
+                continue;
+            }
+            match self.build(want) {
+                Ok(table) => {
+                    built_for.insert(want.clone(), built.len());
+                    swaps.push((i, table.0, Some(built.len())));
+                    built.push(table);
+                }
+                Err(error) => {
+                    p.failed = true;
+                    errors.push(match error {
+                        BuildError::Map(source) => p.map_error(source),
+                        BuildError::Maglev(source) => SyncError::Maglev {
+                            frontend: p.frontend,
+                            service: p.service_name.clone(),
+                            source,
+                        },
+                    });
+                }
+            }
+        }
+        let writes: Vec<(u32, TableRef<'_, M::Table>)> = swaps
+            .iter()
+            .map(|&(i, id, b)| {
+                let table = match b {
+                    Some(b) => TableRef::Built(&built[b].1),
+                    None => TableRef::Existing(id),
+                };
+                (pending[i].programmed.id, table)
+            })
+            .collect();
+        let mut start = 0;
+        while start < writes.len() {
+            self.ops += writes.len() - start;
+            let result = self.maps.put_tables(&writes[start..]);
+            let done = match &result {
+                Ok(()) => writes.len() - start,
+                Err(e) => e.done,
+            };
+            for &(i, id, _) in &swaps[start..start + done] {
+                let p = &mut pending[i];
+                let table = ProgrammedTable {
+                    key: p.table.clone().unwrap_or_else(|| unreachable!()),
+                    id,
+                };
+                share(&mut self.tables, &table);
+                if let Some(old) = p.programmed.table.replace(table) {
+                    unshare(&mut self.tables, &old);
+                }
+            }
+            start += done;
+            if let Err(e) = result {
+                let p = &mut pending[swaps[start].0];
+                p.failed = true;
+                errors.push(p.map_error(e.error));
+                start += 1;
+            }
+        }
+    }
+
+    fn build(&mut self, want: &TableKey) -> Result<(TableId, M::Table), BuildError> {
+        let identities: Vec<BackendIdentity> = want
+            .backends
+            .iter()
+            .map(|id| backend_identity(&self.backends[id]))
+            .collect();
+        let table = maglev::build(&identities, want.size).map_err(BuildError::Maglev)?;
+        let entries: Vec<u32> = table
+            .entries()
+            .iter()
+            .map(|&i| want.backends[i as usize])
+            .collect();
+        let count = want.backends.len() as u32;
+        self.op(|m| m.build_table(&entries, count))
+            .map_err(BuildError::Map)
+    }
+
+    /// Steps 3 to 5 for one frontend whose table is in place.
+    fn write_entries(&mut self, p: &mut Pending) -> Result<(), MapOpError> {
+        let prog = &mut p.programmed;
+        for range in p.ranges.difference(&prog.ranges.clone()) {
+            self.op(|m| m.put_source_range(prog.id, *range))?;
+            prog.ranges.insert(*range);
+        }
+        if !prog.rev_nat {
+            self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(&p.key)))?;
+            prog.rev_nat = true;
+        }
+        if prog.service != Some(p.service) {
+            self.op(|m| m.put_service(&p.key, &p.service))?;
+            prog.service = Some(p.service);
+        }
+        for range in prog.ranges.clone().difference(&p.ranges) {
+            self.op(|m| m.delete_source_range(prog.id, *range))?;
+            prog.ranges.remove(range);
+        }
+        Ok(())
+    }
+
+    /// Removes the tables of `keys` in one batch; a frontend that is not wanted any more
+    /// is then forgotten.
+    fn delete_tables(
         &mut self,
-        key: &Frontend4,
-        p: &mut Programmed,
-        selected: Vec<u32>,
-        ranges: &BTreeSet<Ipv4Cidr>,
-        service: Service,
-    ) -> Result<(), Failure> {
-        // 2. The table, swapped whole.
-        let want = (!selected.is_empty()).then_some(TableKey {
-            size: self.config.table_size,
-            backends: selected,
-        });
-        if let Some(want) = want.as_ref()
-            && p.table.as_ref().map(|t| &t.key) != Some(want)
-        {
-            self.swap_table(p, want)?;
-        }
-        // 3. New source ranges.
-        for range in ranges.difference(&p.ranges.clone()) {
-            self.op(|m| m.put_source_range(p.id, *range))?;
-            p.ranges.insert(*range);
-        }
-        // 4. Reverse NAT, then the service entry.
-        if !p.rev_nat {
-            self.op(|m| m.put_rev_nat(p.id, &RevNat4::of(key)))?;
-            p.rev_nat = true;
-        }
-        if p.service != Some(service) {
-            self.op(|m| m.put_service(key, &service))?;
-            p.service = Some(service);
-        }
-        // 5. What the service entry no longer uses.
-        for range in p.ranges.clone().difference(ranges) {
-            self.op(|m| m.delete_source_range(p.id, *range))?;
-            p.ranges.remove(range);
-        }
-        if want.is_none() {
-            self.drop_table(p)?;
-        }
-        Ok(())
-    }
-
-    /// Points the frontend at a table holding `want`: a shared one, or a new one.
-    fn swap_table(&mut self, p: &mut Programmed, want: &TableKey) -> Result<(), Failure> {
-        let id = match self.tables.get(want) {
-            Some(shared) => {
-                let table = shared.id;
-                self.op(|m| m.put_table(p.id, table))?;
-                table
+        keys: &[Frontend4],
+        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
+        errors: &mut Vec<SyncError>,
+    ) {
+        let ids: Vec<u32> = keys.iter().map(|k| self.frontends[k].id).collect();
+        let mut start = 0;
+        while start < ids.len() {
+            self.ops += ids.len() - start;
+            let result = self.maps.delete_tables(&ids[start..]);
+            let done = match &result {
+                Ok(()) => ids.len() - start,
+                Err(e) => e.done,
+            };
+            for key in &keys[start..start + done] {
+                if let Some(p) = self.frontends.get_mut(key)
+                    && let Some(old) = p.table.take()
+                {
+                    unshare(&mut self.tables, &old);
+                }
+                if !wanted.contains_key(key) {
+                    self.forget(key);
+                }
             }
-            None => {
-                let identities: Vec<BackendIdentity> = want
-                    .backends
-                    .iter()
-                    .map(|id| backend_identity(&self.backends[id]))
-                    .collect();
-                let table = maglev::build(&identities, want.size).map_err(Failure::Maglev)?;
-                let entries: Vec<u32> = table
-                    .entries()
-                    .iter()
-                    .map(|&i| want.backends[i as usize])
-                    .collect();
-                let count = want.backends.len() as u32;
-                self.op(|m| m.put_new_table(p.id, &entries, count))?
-            }
-        };
-        let table = ProgrammedTable {
-            key: want.clone(),
-            id,
-        };
-        self.share(&table);
-        if let Some(old) = p.table.replace(table) {
-            self.unshare(&old);
-        }
-        Ok(())
-    }
-
-    fn drop_table(&mut self, p: &mut Programmed) -> Result<(), MapOpError> {
-        if let Some(old) = p.table.clone() {
-            self.op(|m| m.delete_table(p.id))?;
-            p.table = None;
-            self.unshare(&old);
-        }
-        Ok(())
-    }
-
-    /// Counts one more user of `table`; it becomes the shared table of its key if that key
-    /// has none.
-    fn share(&mut self, table: &ProgrammedTable) {
-        let shared = self.tables.entry(table.key.clone()).or_insert(SharedTable {
-            id: table.id,
-            users: 0,
-        });
-        if shared.id == table.id {
-            shared.users += 1;
-        }
-    }
-
-    fn unshare(&mut self, table: &ProgrammedTable) {
-        if let Some(shared) = self.tables.get_mut(&table.key)
-            && shared.id == table.id
-        {
-            shared.users -= 1;
-            if shared.users == 0 {
-                self.tables.remove(&table.key);
+            start += done;
+            if let Err(e) = result {
+                errors.push(SyncError::Cleanup(e.error));
+                start += 1;
             }
         }
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
+    /// Step 6 for a frontend no longer wanted, but its table.
+    fn remove_entries(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
         let Some(mut p) = self.frontends.remove(key) else {
             return Ok(());
         };
         let result = self.remove_programmed(key, &mut p);
-        if result.is_err() {
-            self.frontends.insert(*key, p);
-        } else {
-            self.used_service_ids.remove(&p.id);
-        }
+        self.frontends.insert(*key, p);
         result
     }
 
     fn remove_programmed(&mut self, key: &Frontend4, p: &mut Programmed) -> Result<(), MapOpError> {
-        self.op(|m| m.delete_service(key))?;
-        p.service = None;
-        self.drop_table(p)?;
+        if p.service.is_some() {
+            self.op(|m| m.delete_service(key))?;
+            p.service = None;
+        }
         for range in p.ranges.clone() {
             self.op(|m| m.delete_source_range(p.id, range))?;
             p.ranges.remove(&range);
@@ -659,6 +804,13 @@ impl<M: DatapathMaps> Syncer<M> {
             p.rev_nat = false;
         }
         Ok(())
+    }
+
+    /// Drops a frontend that has nothing left in the maps, freeing its id.
+    fn forget(&mut self, key: &Frontend4) {
+        if let Some(p) = self.frontends.remove(key) {
+            self.used_service_ids.remove(&p.id);
+        }
     }
 
     /// Backends no frontend lists: marked REMOVED, then deleted after the drain.
@@ -829,6 +981,8 @@ fn delete<K: Ord, V>(map: &mut BTreeMap<K, V>, key: &K) -> Result<(), MapOpError
 }
 
 impl DatapathMaps for InMemoryMaps {
+    /// The table's id and entries.
+    type Table = (TableId, Arc<[u32]>);
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
         put(
             &mut self.backends,
@@ -843,44 +997,59 @@ impl DatapathMaps for InMemoryMaps {
         delete(&mut self.backends, &id)?;
         self.observed("delete_backend", id)
     }
-    fn put_new_table(
+    fn build_table(
         &mut self,
-        service_id: u32,
         entries: &[u32],
         _backends: u32,
-    ) -> Result<TableId, MapOpError> {
+    ) -> Result<(TableId, Self::Table), MapOpError> {
         let id = self.next_table;
-        put(
-            &mut self.maglev,
-            self.capacity,
-            map_names::MAGLEV,
-            service_id,
-            id,
-        )?;
         self.next_table += 1;
-        self.tables.insert(id, entries.into());
-        self.observed("put_new_table", service_id)?;
-        Ok(id)
+        self.journal.push("build_table".to_owned());
+        Ok((id, (id, entries.into())))
     }
-    fn put_table(&mut self, service_id: u32, table: TableId) -> Result<(), MapOpError> {
-        if !self.tables.contains_key(&table) {
-            return Err(MapOpError::Os {
-                map: map_names::MAGLEV,
-                source: std::io::Error::from_raw_os_error(libc::ENOENT),
-            });
+    fn put_tables(
+        &mut self,
+        writes: &[(u32, TableRef<'_, Self::Table>)],
+    ) -> Result<(), BatchError> {
+        for (done, (service_id, table)) in writes.iter().enumerate() {
+            let fail = |error| Err(BatchError { done, error });
+            let (id, op) = match table {
+                TableRef::Built((id, entries)) => {
+                    self.tables.insert(*id, entries.clone());
+                    (*id, "put_new_table")
+                }
+                TableRef::Existing(id) if self.tables.contains_key(id) => (*id, "put_table"),
+                TableRef::Existing(_) => {
+                    return fail(MapOpError::Os {
+                        map: map_names::MAGLEV,
+                        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+                    });
+                }
+            };
+            let capacity = self.capacity;
+            if let Err(error) = put(
+                &mut self.maglev,
+                capacity,
+                map_names::MAGLEV,
+                *service_id,
+                id,
+            ) {
+                self.tables
+                    .retain(|t, _| self.maglev.values().any(|v| v == t));
+                return fail(error);
+            }
+            self.observed(op, service_id)
+                .map_err(|error| BatchError { done, error })?;
         }
-        put(
-            &mut self.maglev,
-            self.capacity,
-            map_names::MAGLEV,
-            service_id,
-            table,
-        )?;
-        self.observed("put_table", service_id)
+        Ok(())
     }
-    fn delete_table(&mut self, service_id: u32) -> Result<(), MapOpError> {
-        delete(&mut self.maglev, &service_id)?;
-        self.observed("delete_table", service_id)
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
+        for (done, service_id) in service_ids.iter().enumerate() {
+            delete(&mut self.maglev, service_id).map_err(|error| BatchError { done, error })?;
+            self.observed("delete_table", service_id)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = (service_id, range);
@@ -1136,13 +1305,14 @@ mod tests {
         s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
         let id = s.maps().services[&fe(1, 80).key()].id;
         s.maps.journal.clear();
-        // A third backend: written, then the new table (one write of the Maglev map), then
-        // the service entry with the new count.
+        // A third backend: written, then the new table is built whole and swapped in (one
+        // write of the Maglev map), then the service entry gets the new count.
         s.apply(&desired(&[(fe(1, 80), &[1, 2, 3][..])]));
         assert_eq!(
             s.maps().journal,
             [
                 "put_backend 3".to_owned(),
+                "build_table".to_owned(),
                 format!("put_new_table {id}"),
                 format!("put_service {id}"),
             ]
@@ -1154,6 +1324,7 @@ mod tests {
         assert_eq!(
             s.maps().journal,
             [
+                "build_table".to_owned(),
                 format!("put_new_table {id}"),
                 format!("put_service {id}"),
                 "put_backend 2".to_owned(),
@@ -1176,19 +1347,17 @@ mod tests {
         assert!(s.apply(&desired(&want)).errors.is_empty());
         assert_eq!(s.maps().tables.len(), 1);
         assert_eq!(s.maps().maglev.len(), 2);
-        // A change moves both to a new (shared) table: one new table, one re-pointing.
+        // A change moves both to a new (shared) table: built once, both pointed at it.
         s.maps.journal.clear();
         let changed = [(fe(1, 80), &[1, 2, 4][..]), (nodeport, &[1, 2, 4][..])];
         assert!(s.apply(&desired(&changed)).errors.is_empty());
-        let tables: Vec<&String> = s
-            .maps()
-            .journal
-            .iter()
-            .filter(|op| op.contains("table"))
-            .collect();
-        assert_eq!(tables.len(), 2, "{:?}", s.maps().journal);
-        assert!(tables[0].starts_with("put_new_table"));
-        assert!(tables[1].starts_with("put_table"));
+        let journal = &s.maps().journal;
+        let count = |op: &str| journal.iter().filter(|o| o.starts_with(op)).count();
+        assert_eq!(
+            (count("build_table"), count("put_new_table")),
+            (1, 2),
+            "{journal:?}"
+        );
         assert_eq!(s.maps().tables.len(), 1);
         assert_eq!(programmed(s.maps()), expect(&changed));
         // Diverging: each gets its own.
@@ -1216,15 +1385,16 @@ mod tests {
             (fe(1, 80), &changed[..]),
             (fe(2, 80), &[7][..]),
         ]));
-        // New backend, the new table, the old backend marked REMOVED.
-        assert_eq!(report.map_ops, 3);
+        // New backend, the new table built and swapped in, the old backend marked REMOVED.
+        assert_eq!(report.map_ops, 4);
         assert_eq!(programmed(s.maps())[&fe(1, 80)], changed);
-        // One endpoint removed: the table, the service entry (its count), .60 REMOVED.
+        // One endpoint removed: the table (built, swapped), the service entry (its count),
+        // .60 REMOVED.
         let report = s.apply(&desired(&[
             (fe(1, 80), &changed[..49]),
             (fe(2, 80), &[7][..]),
         ]));
-        assert_eq!(report.map_ops, 3);
+        assert_eq!(report.map_ops, 4);
     }
 
     #[test]
@@ -1383,6 +1553,27 @@ mod tests {
         let report = s.apply(&desired(&want));
         assert!(report.errors.is_empty());
         assert_eq!(programmed(s.maps()), expect(&want));
+    }
+
+    #[test]
+    fn a_table_write_that_fails_fails_its_frontend_only_and_the_batch_goes_on() {
+        // Room for 2 entries per map: fe1 and fe3 exist; fe2 is new, and its table write
+        // fails in the middle of the batch that also moves fe1 and fe3 to a new table.
+        let mut s = syncer(2);
+        s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(3, 80), &[1][..])]));
+        let report = s.apply(&desired(&[
+            (fe(1, 80), &[2][..]),
+            (fe(2, 80), &[2][..]),
+            (fe(3, 80), &[2][..]),
+        ]));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let message = report.errors[0].to_string();
+        assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
+        assert!(message.contains("LB_MAGLEV_V1 is full"), "{message}");
+        assert_eq!(
+            programmed(s.maps()),
+            expect(&[(fe(1, 80), &[2]), (fe(3, 80), &[2])])
+        );
     }
 
     #[test]

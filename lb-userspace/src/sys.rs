@@ -1,6 +1,7 @@
 //! The few system calls aya does not expose: mounting bpffs, opening a pinned link by path,
-//! replacing the program of a link in place (`BPF_LINK_UPDATE`), and writing or reading a
-//! whole array map in one call (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_LOOKUP_BATCH`).
+//! replacing the program of a link in place (`BPF_LINK_UPDATE`), batch updates and deletes
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), and reading or writing an mmapable
+//! array map through a mapping.
 
 use std::{
     ffi::CString,
@@ -15,8 +16,8 @@ use std::{
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Whether `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
@@ -94,70 +95,99 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
 
 /// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands, in 64-bit words: in_batch,
 /// out_batch, keys, values, (count | map_fd << 32), elem_flags, flags.
-fn batch_attr(map: BorrowedFd<'_>, keys: *const u32, values: *const u8, count: usize) -> [u64; 16] {
+fn batch(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: Option<&[u32]>,
+) -> Result<(), (usize, io::Error)> {
     let mut attr = [0u64; 16];
-    attr[2] = keys as u64;
-    attr[3] = values as u64;
-    attr[4] = count as u32 as u64 | (map.as_raw_fd() as u32 as u64) << 32;
-    attr
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.map_or(0, |v| v.as_ptr() as u64);
+    attr[4] = keys.len() as u32 as u64 | (map.as_raw_fd() as u32 as u64) << 32;
+    // The kernel applies the elements in order and stops at the first failure; `count`
+    // comes back as the number applied.
+    bpf(cmd, &mut attr)
+        .map(drop)
+        .map_err(|e| (attr[4] as u32 as usize, e))
 }
 
-/// Writes elements `0..values.len()` of the array map `map` in one system call (kernel
-/// >= 5.6). `V` must be the map's value type.
-pub fn array_write_all<V: aya::Pod>(map: BorrowedFd<'_>, values: &[V]) -> io::Result<()> {
-    let keys: Vec<u32> = (0..values.len() as u32).collect();
-    let mut attr = batch_attr(map, keys.as_ptr(), values.as_ptr().cast(), values.len());
-    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-    let written = attr[4] as u32 as usize;
-    if written != values.len() {
-        return Err(io::Error::other(format!(
-            "batch update wrote {written} of {} elements",
-            values.len()
-        )));
+/// Writes `keys[i] -> values[i]` into a map whose keys and values are `u32` (a map of maps:
+/// the values are inner map fds) with one `BPF_MAP_UPDATE_BATCH`. On failure, returns how
+/// many were written (the first ones) and why the next failed.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[u32],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
+}
+
+/// Deletes `keys` from a map with `u32` keys with one `BPF_MAP_DELETE_BATCH`; as
+/// [`map_update_batch`] on failure (ENOENT for a missing key).
+pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> Result<(), (usize, io::Error)> {
+    batch(BPF_MAP_DELETE_BATCH, map, keys, None)
+}
+
+/// A shared mapping of the values of a `BPF_F_MMAPABLE` array map, unmapped on drop.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(map: BorrowedFd<'_>, bytes: usize, writable: bool) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = bytes.div_ceil(page).max(1) * page;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a new shared mapping of the map's fd; the kernel checks the length
+        // against the map's size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr, len })
     }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr and len are those of a mapping made by Mapping::new.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Writes elements `0..values.len()` of a `BPF_F_MMAPABLE` array map whose value type is
+/// `V`, through a shared mapping: a memory copy instead of one update per element.
+pub fn mmap_write<V: aya::Pod>(map: BorrowedFd<'_>, values: &[V]) -> io::Result<()> {
+    let bytes = std::mem::size_of_val(values);
+    let mapping = Mapping::new(map, bytes, true)?;
+    // SAFETY: the mapping is at least `bytes` long and does not overlap `values`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), mapping.ptr.cast(), bytes)
+    };
     Ok(())
 }
 
-/// Reads elements `0..len` of the array map `map` (in as few system calls as the kernel
-/// allows; one for an array). `V` must be the map's value type.
-pub fn array_read_all<V: aya::Pod + Default>(map: BorrowedFd<'_>, len: u32) -> io::Result<Vec<V>> {
-    let len = len as usize;
-    let mut keys = vec![0u32; len];
+/// Reads elements `0..len` of a `BPF_F_MMAPABLE` array map whose value type is `V`.
+pub fn mmap_read<V: aya::Pod + Default>(map: BorrowedFd<'_>, len: usize) -> io::Result<Vec<V>> {
     let mut values = vec![V::default(); len];
-    let mut read = 0usize;
-    let mut cursor = 0u32;
-    while read < len {
-        // The kernel writes keys and values there.
-        let mut attr = batch_attr(
-            map,
-            keys[read..].as_mut_ptr(),
-            values[read..].as_mut_ptr().cast_const().cast(),
-            len - read,
-        );
-        attr[0] = if read == 0 {
-            0
-        } else {
-            &raw const cursor as u64
-        };
-        let mut next = 0u32;
-        attr[1] = &raw mut next as u64;
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let count = attr[4] as u32 as usize;
-        read += count;
-        cursor = next;
-        match result {
-            Ok(_) if count > 0 => {}
-            // ENOENT: the end of the map, after the last batch.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Ok(_) => return Err(io::Error::other("batch lookup made no progress")),
-            Err(e) => return Err(e),
-        }
-    }
-    // An array is read in index order.
-    if read != len || keys.iter().enumerate().any(|(i, &k)| k as usize != i) {
-        return Err(io::Error::other(format!(
-            "batch lookup read {read} of {len} elements, or out of order"
-        )));
-    }
+    let bytes = std::mem::size_of_val(values.as_slice());
+    let mapping = Mapping::new(map, bytes, false)?;
+    // SAFETY: the mapping is at least `bytes` long; every bit pattern is a valid `V` (Pod).
+    unsafe {
+        std::ptr::copy_nonoverlapping(mapping.ptr.cast::<u8>(), values.as_mut_ptr().cast(), bytes)
+    };
     Ok(values)
 }

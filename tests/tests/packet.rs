@@ -9,7 +9,6 @@ mod bed;
 use bed::*;
 use etherparse::PacketBuilder;
 use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL, Service, event, reason};
-use lb_userspace::sync::DatapathMaps as _;
 
 /// The examples' frontends: (name, address, port, flags), one of each kind.
 const KINDS: [(&str, [u8; 4], u16, u32); 4] = [
@@ -363,7 +362,7 @@ fn a_frontend_without_backends_drops_and_counts() {
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
     assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 1);
     // A table that names a backend id the backends map does not have.
-    bed.maps.put_new_table(1, &[999; 7], 1).unwrap();
+    bed.table(1, &[999; 7], 1);
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
     assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 2);
     assert_eq!(bed.counters().conntrack().unwrap().entries, 0);

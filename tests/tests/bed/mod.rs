@@ -27,7 +27,7 @@ use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath, teardown},
     maglev,
     model::Ipv4Cidr,
-    sync::{DatapathMaps, backend_identity},
+    sync::{DatapathMaps, TableRef, backend_identity},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -133,10 +133,7 @@ impl Bed {
                 .collect();
             let built = maglev::build(&identities, TABLE_SIZE).unwrap();
             let entries: Vec<u32> = built.entries().iter().map(|&i| table[i as usize]).collect();
-            self.maps
-                .put_new_table(id, &entries, table.len() as u32)
-                .unwrap();
-            self.tables.insert(id, entries);
+            self.table(id, &entries, table.len() as u32);
         }
         self.maps.put_rev_nat(id, &RevNat4::of(&frontend)).unwrap();
         let svc = Service {
@@ -146,6 +143,15 @@ impl Bed {
             affinity_timeout_secs: affinity,
         };
         self.maps.services.insert(frontend, svc, 0).unwrap();
+    }
+
+    /// Points service `id` at a new table holding `entries` (backend ids).
+    pub fn table(&mut self, id: u32, entries: &[u32], backends: u32) {
+        let (_, table) = self.maps.build_table(entries, backends).unwrap();
+        self.maps
+            .put_tables(&[(id, TableRef::Built(&table))])
+            .unwrap();
+        self.tables.insert(id, entries.to_vec());
     }
 
     /// Writes `backends` under new ids and programs `frontend` with all of them; returns
