@@ -1,16 +1,24 @@
 //! `lb`: the load balancer's agent and its inspection commands.
 
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
-    inspect, manifest,
+    desired::{Protocol, Selection},
+    explain::{Explainer, Flow, monotonic_ns},
+    inspect, maglev, manifest,
     model::NodeInfo,
     plan::Plan,
-    sync::DatapathMaps as _,
+    sync::{DatapathMaps as _, SyncConfig},
     translate,
 };
 
@@ -52,6 +60,18 @@ enum Command {
         /// Seconds between full resyncs, besides the ones a change triggers.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        /// Entries of each Service's Maglev table: a prime. The default keeps the load of
+        /// the backends of a Service with up to 163 of them within 1% of each other.
+        #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+        maglev_table_size: u32,
+        /// How new flows choose a backend when the Service does not say (annotation
+        /// lb.example.io/selection): maglev (consistent hashing) or random.
+        #[arg(long, default_value_t = Selection::Maglev)]
+        selection: Selection,
+        /// Seconds a backend that left the EndpointSlices keeps serving its established
+        /// TCP connections before its entry is deleted.
+        #[arg(long, default_value_t = 60)]
+        drain_secs: u64,
     },
     /// Print the frontends and backends a manifests folder translates to, without touching
     /// the kernel (the agent's own translation). Exits with an error after printing when some
@@ -82,12 +102,51 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Packets, bytes and new flows per frontend and per backend, conntrack occupancy and
+    /// evictions, and the drop and decision counters, read from the pinned maps.
+    Stats {
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
+    /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
+    Explain {
+        /// Client address and port.
+        #[arg(long)]
+        src: SocketAddrV4,
+        /// Frontend address and port.
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Explain a TCP SYN (a new connection on that port) instead of a packet of an
+        /// established connection.
+        #[arg(long)]
+        syn: bool,
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Detach the programs and remove every pinned map and link.
     Teardown {
         /// Where the agent pinned the maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,6 +191,11 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let size: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    maglev::check_table_size(size).map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
@@ -142,6 +206,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             zone,
             resync_secs,
+            maglev_table_size,
+            selection,
+            drain_secs,
         } => {
             let config = AgentConfig {
                 manifests,
@@ -151,6 +218,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node_name: node_name.unwrap_or_else(agent::hostname),
                 zone,
                 resync: Duration::from_secs(resync_secs.max(1)),
+                sync: SyncConfig {
+                    table_size: maglev_table_size,
+                    drain: Duration::from_secs(drain_secs),
+                    selection,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -204,6 +276,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", inspect::services_table(&rows)),
+            }
+            Ok(())
+        }
+        Command::Stats { pin_path, output } => {
+            let maps = BpfMaps::open_pinned(&pin_path)?;
+            let counters = Counters::open_pinned(&pin_path)?;
+            let contents = maps.read_all()?;
+            let named = |names: &'static [&'static str], values: Vec<u64>| {
+                names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
+            };
+            let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
+                .chain(named(&lb_common::event::NAMES, counters.events()?))
+                .collect();
+            let report = inspect::stats_report(
+                &contents,
+                |id| counters.service(id).unwrap_or_default(),
+                |id| counters.backend(id).ok().flatten(),
+                counters.conntrack()?,
+                nonzero,
+            );
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", inspect::stats_table(&report)),
+            }
+            Ok(())
+        }
+        Command::Explain {
+            src,
+            dst,
+            proto,
+            syn,
+            pin_path,
+            output,
+        } => {
+            let proto = match proto {
+                Proto::Tcp => Protocol::Tcp,
+                Proto::Udp => Protocol::Udp,
+            };
+            let flow = Flow {
+                src,
+                dst,
+                proto,
+                syn,
+            };
+            let explanation = Explainer::open_pinned(&pin_path)?.explain(&flow, monotonic_ns())?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+                Output::Table => {
+                    for step in &explanation.steps {
+                        println!("{step}");
+                    }
+                }
             }
             Ok(())
         }

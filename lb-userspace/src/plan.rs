@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::{
-    desired::{FrontendKind, FrontendPlan},
+    desired::{FrontendKind, FrontendPlan, Selection},
     manifest::ManifestSet,
     model::{ClusterState, ObjectRef, TrafficPolicy},
     translate::Translation,
@@ -38,6 +38,8 @@ pub struct PlanRow {
     pub traffic_policy: &'static str,
     /// sessionAffinity ClientIP timeout, when affinity is on.
     pub affinity_timeout_secs: Option<u32>,
+    /// Backend selection set by the Service's annotation; `None`: the agent's default.
+    pub selection: Option<Selection>,
     /// Allowed client networks; empty means every source.
     pub source_ranges: Vec<String>,
     /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: dropped.
@@ -58,6 +60,7 @@ impl Plan {
                     service: plan.service.to_string(),
                     traffic_policy: traffic_policy(&set.state, plan),
                     affinity_timeout_secs: plan.affinity_timeout_secs,
+                    selection: plan.selection,
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                 })
@@ -75,6 +78,9 @@ impl Plan {
             .iter()
             .map(|r| {
                 let mut policy = r.traffic_policy.to_owned();
+                if let Some(selection) = r.selection {
+                    policy.push_str(&format!(" selection={selection}"));
+                }
                 if let Some(t) = r.affinity_timeout_secs {
                     policy.push_str(&format!(" affinity={t}s"));
                 }

@@ -122,6 +122,7 @@ impl Bed {
                     .collect(),
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
+                selection: None,
             };
             desired.frontends.insert(frontend, plan);
         }
