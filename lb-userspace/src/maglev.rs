@@ -30,7 +30,8 @@ use thiserror::Error;
 
 use crate::model::Protocol;
 
-/// The table size used for every service: the prime 16381 (2^14 - 3).
+/// The largest table by default (`lb agent --maglev-table-size`): the prime 16381 (2^14 - 3).
+/// Smaller Services get smaller tables ([`table_size_for`]).
 ///
 /// Maglev balances within one entry per backend, so with `N` backends the worst imbalance is
 /// `(floor(M / N) + 1) / floor(M / N)`. For the largest Service we support, 100 backends,
@@ -44,6 +45,41 @@ use crate::model::Protocol;
 /// once) but costs four times the memory: one table is `M` `u32` backend ids, 64 KiB at 16381 and 256 KiB at 65521, per
 /// service. 16381 is also Cilium's default Maglev table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
+
+/// The table sizes a Service's table is chosen from: primes, each about twice the one
+/// before. See [`table_size_for`].
+pub const SIZE_LADDER: [u32; 13] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071, 262139, 524287, 1_048_573,
+];
+
+/// Table entries per backend that keep the imbalance at or under 1% (see
+/// [`DEFAULT_TABLE_SIZE`]).
+pub const ENTRIES_PER_BACKEND: u64 = 100;
+
+/// The size of a table for `backends` backends, at most `max` (the agent's
+/// `--maglev-table-size`), given the size of the table the frontend has now (`current`).
+///
+/// Every table as big as the largest would cost 64 KiB of kernel memory per Service at the
+/// default, most of it for Services of a few backends. Instead a table gets the smallest size
+/// of [`SIZE_LADDER`] with at least [`ENTRIES_PER_BACKEND`] entries per backend (so the 1%
+/// imbalance bound holds for every Service up to `max / 100` backends), and keeps its size
+/// while that is big enough and at most 16 times the smallest fitting one: a table changes
+/// size, and so remaps flows that have no conntrack entry, only when its Service grows past
+/// a step or shrinks by a large factor, not on every scale. The choice depends only on the
+/// backend count and the table's own size, so every node makes the same one.
+pub fn table_size_for(backends: usize, current: Option<u32>, max: u32) -> u32 {
+    let want = backends as u64 * ENTRIES_PER_BACKEND;
+    let fitting = SIZE_LADDER
+        .iter()
+        .copied()
+        .find(|&m| u64::from(m) >= want && m <= max)
+        .unwrap_or(max)
+        .min(max);
+    match current {
+        Some(c) if c >= fitting && c <= max && u64::from(c) <= 16 * u64::from(fitting) => c,
+        _ => fitting,
+    }
+}
 
 /// The largest table size the agent accepts: the largest prime below 2^20 (a table of it
 /// takes 4 MiB of kernel memory per service).
@@ -515,5 +551,43 @@ mod tests {
         for c in [16383, 65535, u32::MAX, 25, 49, 4_292_870_399] {
             assert!(!is_prime(c), "{c}");
         }
+    }
+
+    #[test]
+    fn the_ladder_is_primes_and_sizes_keep_a_hundred_entries_per_backend() {
+        assert!(SIZE_LADDER.iter().all(|&m| is_prime(m)));
+        assert!(SIZE_LADDER.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(SIZE_LADDER.last(), Some(&MAX_TABLE_SIZE));
+        let max = DEFAULT_TABLE_SIZE;
+        assert_eq!(table_size_for(1, None, max), 251);
+        assert_eq!(table_size_for(2, None, max), 251);
+        assert_eq!(table_size_for(3, None, max), 509);
+        assert_eq!(table_size_for(10, None, max), 1021);
+        assert_eq!(table_size_for(100, None, max), 16381);
+        // Beyond max / 100 backends the table stays at max.
+        assert_eq!(table_size_for(500, None, max), max);
+        // A smaller max given by the user (any prime) caps every table.
+        assert_eq!(table_size_for(10, None, 251), 251);
+        assert_eq!(table_size_for(1, None, 3), 3);
+        for n in 1..400 {
+            let m = table_size_for(n, None, max);
+            assert!(u64::from(m) >= (n as u64 * ENTRIES_PER_BACKEND).min(u64::from(max)));
+        }
+    }
+
+    #[test]
+    fn a_table_keeps_its_size_until_it_is_too_small_or_far_too_big() {
+        let max = DEFAULT_TABLE_SIZE;
+        // Scaling 10 -> 9 -> 3 keeps 1021; 10 -> 11 grows to 2039.
+        assert_eq!(table_size_for(9, Some(1021), max), 1021);
+        assert_eq!(table_size_for(3, Some(1021), max), 1021);
+        assert_eq!(table_size_for(11, Some(1021), max), 2039);
+        // 100 -> 1 backends: 16381 is more than 16 times 251, so it shrinks.
+        assert_eq!(table_size_for(1, Some(16381), max), 251);
+        // 100 -> 20: 16381 is within 16 times 2039, so it stays; 100 -> 10 is not (1021).
+        assert_eq!(table_size_for(20, Some(16381), max), 16381);
+        assert_eq!(table_size_for(10, Some(16381), max), 1021);
+        // A size above a lowered max is replaced.
+        assert_eq!(table_size_for(2, Some(16381), 509), 251);
     }
 }

@@ -60,8 +60,10 @@ enum Command {
         /// Seconds between full resyncs, besides the ones a change triggers.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
-        /// Entries of each Service's Maglev table: a prime. The default keeps the load of
-        /// the backends of a Service with up to 163 of them within 1% of each other.
+        /// The largest Maglev table, in entries: a prime. Each Service's table gets at least
+        /// 100 entries per backend up to this size (251 for 1-2 backends, 1021 for up to
+        /// 10, ...), which keeps its backends' loads within 1% of each other; the default
+        /// does so for Services of up to 163 backends.
         #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
         maglev_table_size: u32,
         /// How new flows choose a backend when the Service does not say (annotation

@@ -109,7 +109,8 @@ pub enum SyncError {
 /// How the syncer programs selection and drains backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncConfig {
-    /// Entries of every Maglev table: a prime (see [`maglev::DEFAULT_TABLE_SIZE`]).
+    /// The largest Maglev table: a prime (see [`maglev::DEFAULT_TABLE_SIZE`]); each table
+    /// is sized for its backends up to it ([`maglev::table_size_for`]).
     pub table_size: u32,
     /// How long a backend that left the EndpointSlices keeps its entry (REMOVED) so that
     /// established TCP connections to it continue.
@@ -606,6 +607,11 @@ impl<M: DatapathMaps> Syncer<M> {
             None => Programmed::new(self.allocate_service_id(frontend)?),
         };
         programmed.members = ids;
+        let table_size = maglev::table_size_for(
+            selected.len(),
+            programmed.table.as_ref().map(|t| t.key.size),
+            self.config.table_size,
+        );
         let service = Service {
             id: programmed.id,
             backend_count: selected.len() as u32,
@@ -618,7 +624,7 @@ impl<M: DatapathMaps> Syncer<M> {
             service_name: plan.service.to_string(),
             programmed,
             table: (!selected.is_empty()).then_some(TableKey {
-                size: self.config.table_size,
+                size: table_size,
                 backends: selected,
             }),
             ranges: plan.source_ranges.iter().copied().collect(),
