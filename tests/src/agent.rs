@@ -1,5 +1,6 @@
 //! Running the real `lb` binary: the agent in a namespace, and its CLI.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -96,6 +97,26 @@ pub struct ServiceInfo {
     /// The backends, `address:port`.
     #[serde(default)]
     pub backends: Vec<String>,
+}
+
+impl ServiceInfo {
+    /// The distinct backends in the selection (`address:port`, without the state note such as
+    /// ` (terminating)` that `lb services` may append): what new flows are spread over.
+    pub fn selectable(&self) -> BTreeSet<String> {
+        self.backends
+            .iter()
+            .map(|b| {
+                b.split_once(' ')
+                    .map_or(b.as_str(), |(addr, _)| addr)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// The row of `frontend` (`address:port/PROTOCOL`) among `services`.
+    pub fn find<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a ServiceInfo> {
+        services.iter().find(|s| s.frontend == frontend)
+    }
 }
 
 /// `LB services --pin-path PIN --output json`, where LB is the `lb` binary.
@@ -241,30 +262,37 @@ impl Agent {
     /// `address:port/PROTOCOL`) is programmed with `backends` backends. The error carries the
     /// last state seen and the agent's log.
     pub fn wait_for(&mut self, frontends: &[&str], backends: u32) -> Result<()> {
+        let what = format!("{frontends:?} with {backends} backends each");
+        self.wait_until(&what, |services| {
+            frontends.iter().all(|f| {
+                services
+                    .iter()
+                    .any(|s| s.frontend == *f && s.backend_count == backends)
+            })
+        })
+    }
+
+    /// Polls `lb services` until `check` holds for what it shows, for up to
+    /// [`READY_TIMEOUT`]. Fails at once if the agent exits; the error carries the last state
+    /// seen and the agent's log.
+    pub fn wait_until(&mut self, what: &str, check: impl Fn(&[ServiceInfo]) -> bool) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("lb agent exited ({status}); its log:\n{}", self.log());
             }
             let last = self.services();
-            if let Ok(services) = &last {
-                let ready = |f: &&str| {
-                    services
-                        .iter()
-                        .any(|s| s.frontend == *f && s.backend_count == backends)
-                };
-                if frontends.iter().all(ready) {
-                    return Ok(());
-                }
+            if last.as_deref().is_ok_and(&check) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lb agent did not program {frontends:?} with {backends} backends each within \
-                     {READY_TIMEOUT:?}; lb services: {last:#?}\nagent log:\n{}",
+                    "lb agent did not program {what} within {READY_TIMEOUT:?}; lb services: \
+                     {last:#?}\nagent log:\n{}",
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
