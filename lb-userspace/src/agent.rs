@@ -23,7 +23,7 @@ use crate::{
     datapath::{Datapath, interface_index},
     manifest,
     model::NodeInfo,
-    sync::{DatapathMaps, Syncer},
+    sync::{DatapathMaps, SyncConfig, Syncer},
     translate,
 };
 
@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub zone: Option<String>,
     /// A full resync this often, even without a change notification.
     pub resync: Duration,
+    /// Maglev table size, default selection and drain period.
+    pub sync: SyncConfig,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -57,7 +59,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
     let maps = datapath.take_maps()?;
-    let mut syncer = Syncer::adopt(maps).context("adopting the pinned maps")?;
+    let mut syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
 
     let addresses = if config.node_ips.is_empty() {
         interface_ipv4_addresses(&config.interface)?
@@ -106,6 +108,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 debug!("manifests changed");
             }
             _ = resync.tick() => debug!("periodic resync"),
+            // Removed backends are deleted by the first apply after their drain ends.
+            _ = sleep_until(syncer.next_drain_deadline()) => debug!("a drain period ended"),
         }
         match manifest::load_dir(&config.manifests) {
             Ok(set) => apply(&set, &node, &mut syncer),
@@ -126,14 +130,6 @@ fn apply<M: DatapathMaps>(set: &manifest::ManifestSet, node: &NodeInfo, syncer: 
     for w in &translation.warnings {
         warn!("{w}");
     }
-    for (frontend, plan) in &translation.desired.frontends {
-        if !plan.source_ranges.is_empty() {
-            warn!(
-                %frontend, service = %plan.service,
-                "loadBalancerSourceRanges are not enforced by this datapath yet: every source is allowed"
-            );
-        }
-    }
     let report = syncer.apply(&translation.desired);
     for e in &report.errors {
         error!("{e}");
@@ -146,6 +142,14 @@ fn apply<M: DatapathMaps>(set: &manifest::ManifestSet, node: &NodeInfo, syncer: 
         elapsed = ?started.elapsed(),
         "synced"
     );
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The IPv4 addresses of an interface.

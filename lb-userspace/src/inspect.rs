@@ -2,7 +2,10 @@
 
 use std::collections::HashMap;
 
-use lb_common::{BACKEND_TERMINATING, SERVICE_F_EXTERNAL, ServiceStats, SlotKey};
+use lb_common::{
+    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, ServiceStats,
+};
 use serde::Serialize;
 
 use crate::{desired::Frontend, sync::MapContents};
@@ -16,11 +19,17 @@ pub struct ServiceRow {
     pub service_id: u32,
     /// Whether the frontend is node-external (NodePort, LoadBalancer, externalIP).
     pub external: bool,
-    /// Slot count.
+    /// How many backends new flows choose from.
     pub backend_count: u32,
-    /// `address:port` of each slot's backend, in slot order; `?<id>` for a slot naming a
-    /// backend that is missing, `-` for a missing slot.
+    /// `address:port` of each backend in the frontend's Maglev table, by backend id; `?<id>`
+    /// for an id whose backend is missing, `-` for a missing table.
     pub backends: Vec<String>,
+    /// `maglev` or `random`.
+    pub selection: &'static str,
+    /// sessionAffinity ClientIP timeout in seconds, 0 when off.
+    pub affinity_timeout_secs: u32,
+    /// Whether only loadBalancerSourceRanges may use it.
+    pub source_ranges: bool,
     /// Counters, summed over CPUs.
     pub packets: u64,
     /// Bytes translated.
@@ -34,7 +43,7 @@ pub fn service_rows(
     contents: &MapContents,
     stats: impl Fn(u32) -> ServiceStats,
 ) -> Vec<ServiceRow> {
-    let slots: HashMap<SlotKey, u32> = contents.slots.iter().copied().collect();
+    let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
     let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
     let mut services = contents.services.clone();
     services.sort_by_key(|(k, _)| Frontend::from_key(k).map(|f| (f.addr, f.port, f.proto)));
@@ -43,29 +52,26 @@ pub fn service_rows(
         .map(|(key, svc)| {
             let frontend =
                 Frontend::from_key(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
-            let backends = (1..=svc.backend_count)
-                .map(|slot| {
-                    let key = SlotKey {
-                        service_id: svc.id,
-                        slot,
-                    };
-                    match slots.get(&key) {
-                        None => "-".to_owned(),
-                        Some(id) => match backends.get(id) {
-                            None => format!("?{id}"),
-                            Some(b) => {
-                                let addr = std::net::Ipv4Addr::from(b.octets());
-                                let state = if b.state == BACKEND_TERMINATING {
-                                    " (terminating)"
-                                } else {
-                                    ""
-                                };
-                                format!("{addr}:{}{state}", b.port())
-                            }
-                        },
-                    }
-                })
-                .collect();
+            let backends = match tables.get(&svc.id) {
+                None if svc.backend_count > 0 => vec!["-".to_owned()],
+                None => Vec::new(),
+                Some(table) => table
+                    .backends
+                    .iter()
+                    .map(|id| match backends.get(id) {
+                        None => format!("?{id}"),
+                        Some(b) => {
+                            let addr = std::net::Ipv4Addr::from(b.octets());
+                            let state = match b.state {
+                                BACKEND_TERMINATING => " (terminating)",
+                                BACKEND_REMOVED => " (removed)",
+                                _ => "",
+                            };
+                            format!("{addr}:{}{state}", b.port())
+                        }
+                    })
+                    .collect(),
+            };
             let s = stats(svc.id);
             ServiceRow {
                 frontend,
@@ -73,6 +79,13 @@ pub fn service_rows(
                 external: svc.flags & SERVICE_F_EXTERNAL != 0,
                 backend_count: svc.backend_count,
                 backends,
+                selection: if svc.flags & SERVICE_F_RANDOM != 0 {
+                    "random"
+                } else {
+                    "maglev"
+                },
+                affinity_timeout_secs: svc.affinity_timeout_secs,
+                source_ranges: svc.flags & SERVICE_F_SOURCE_RANGES != 0,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
@@ -111,9 +124,10 @@ mod tests {
     use lb_common::{BACKEND_ACTIVE, Backend4, Frontend4, PROTO_TCP, Service};
 
     use super::*;
+    use crate::sync::table_info;
 
     #[test]
-    fn rows_follow_the_slots_and_show_what_is_missing() {
+    fn rows_follow_the_tables_and_show_what_is_missing() {
         let contents = MapContents {
             services: vec![(
                 Frontend4::new([10, 96, 0, 10], 8080, PROTO_TCP),
@@ -124,27 +138,19 @@ mod tests {
                     affinity_timeout_secs: 0,
                 },
             )],
-            slots: vec![
+            tables: vec![(3, table_info(1, &[7, 8, 7, 9, 9]))],
+            backends: vec![
                 (
-                    SlotKey {
-                        service_id: 3,
-                        slot: 1,
-                    },
                     7,
+                    Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
                 ),
                 (
-                    SlotKey {
-                        service_id: 3,
-                        slot: 2,
-                    },
-                    8,
+                    9,
+                    Backend4::new([10, 244, 1, 3], 80, PROTO_TCP, BACKEND_TERMINATING),
                 ),
             ],
-            backends: vec![(
-                7,
-                Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
-            )],
             rev_nat: vec![],
+            source_ranges: vec![],
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,
@@ -153,10 +159,21 @@ mod tests {
         });
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].frontend, "10.96.0.10:8080/TCP");
-        assert_eq!(rows[0].backends, ["10.244.1.2:80", "?8", "-"]);
+        assert_eq!(
+            rows[0].backends,
+            ["10.244.1.2:80", "?8", "10.244.1.3:80 (terminating)"]
+        );
         assert_eq!(rows[0].packets, 30);
         let table = services_table(&rows);
         assert!(table.contains("10.96.0.10:8080/TCP"), "{table}");
-        assert!(table.contains("10.244.1.2:80, ?8, -"), "{table}");
+        assert!(
+            table.contains("10.244.1.2:80, ?8, 10.244.1.3:80 (terminating)"),
+            "{table}"
+        );
+        // A service entry with backends but no table shows the gap.
+        let mut no_table = contents.clone();
+        no_table.tables.clear();
+        let rows = service_rows(&no_table, |_| ServiceStats::default());
+        assert_eq!(rows[0].backends, ["-"]);
     }
 }

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
-    inspect,
-    sync::DatapathMaps as _,
+    desired::Selection,
+    inspect, maglev,
+    sync::{DatapathMaps as _, SyncConfig},
 };
 
 #[derive(Parser)]
@@ -49,6 +50,18 @@ enum Command {
         /// Seconds between full resyncs, besides the ones a change triggers.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        /// Entries of each Service's Maglev table: a prime. The default keeps the load of
+        /// the backends of a Service with up to 163 of them within 1% of each other.
+        #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+        maglev_table_size: u32,
+        /// How new flows choose a backend when the Service does not say (annotation
+        /// lb.example.io/selection): maglev (consistent hashing) or random.
+        #[arg(long, default_value_t = Selection::Maglev)]
+        selection: Selection,
+        /// Seconds a backend that left the EndpointSlices keeps serving its established
+        /// TCP connections before its entry is deleted.
+        #[arg(long, default_value_t = 60)]
+        drain_secs: u64,
     },
     /// Show the programmed frontends and their backends, read from the pinned maps.
     Services {
@@ -91,6 +104,11 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let size: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    maglev::check_table_size(size).map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
@@ -101,6 +119,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             zone,
             resync_secs,
+            maglev_table_size,
+            selection,
+            drain_secs,
         } => {
             let config = AgentConfig {
                 manifests,
@@ -110,6 +131,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node_name: node_name.unwrap_or_else(agent::hostname),
                 zone,
                 resync: Duration::from_secs(resync_secs.max(1)),
+                sync: SyncConfig {
+                    table_size: maglev_table_size,
+                    drain: Duration::from_secs(drain_secs),
+                    selection,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
