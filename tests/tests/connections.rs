@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddrV4;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_tests::{
     Agent, CLIENT_IP, ClusterIpService, Condition, ConnPool, ConnRecord, Folder, NODE_IF, Pod,
@@ -46,11 +46,16 @@ impl Control {
             .map(|(p, _)| self.svc.backend(p))
             .collect();
         let frontend = self.svc.frontend();
+        let start = Instant::now();
         self.agent
             .wait_until(&format!("{frontend} selecting {ready:?}"), |services| {
                 ServiceInfo::find(services, &frontend).is_some_and(|s| s.selectable() == ready)
             })
             .unwrap_or_else(|e| panic!("{e:#}"));
+        eprintln!(
+            "{frontend}: the agent programmed {ready:?} in {:?}",
+            start.elapsed()
+        );
     }
 
     fn target(&self) -> SocketAddrV4 {
