@@ -106,6 +106,9 @@ pub enum DatapathError {
         #[source]
         source: Box<MapError>,
     },
+    /// Reading a Maglev table failed.
+    #[error("reading a Maglev table: {0}")]
+    Table(#[source] Box<MapOpError>),
     /// The pin directory holds no datapath.
     #[error("nothing is pinned in {0}: is the agent running with this --pin-path?")]
     NotPinned(PathBuf),

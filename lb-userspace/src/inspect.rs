@@ -1,4 +1,4 @@
-//! What is programmed, read back from the maps: for `lb services`.
+//! What is programmed, read back from the maps: for `lb services` and `lb stats`.
 
 use std::collections::HashMap;
 
@@ -8,7 +8,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{desired::Frontend, sync::MapContents};
+use crate::{datapath::ConntrackStats, desired::Frontend, explain::state_name, sync::MapContents};
 
 /// One programmed frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -119,6 +119,166 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
     out
 }
 
+/// One backend in `lb stats`. Its counters are the backend's, over every frontend that
+/// sends to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendStatsRow {
+    /// Backend id.
+    pub id: u32,
+    /// `address:port`, or `?` when the id has no backend entry.
+    pub backend: String,
+    /// `active`, `terminating` or `removed`.
+    pub state: &'static str,
+    /// Packets sent to it.
+    pub packets: u64,
+    /// Bytes sent to it.
+    pub bytes: u64,
+    /// Flows given to it.
+    pub new_flows: u64,
+}
+
+/// One frontend in `lb stats`, with the backends of its Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FrontendStatsRow {
+    /// `address:port/PROTO`.
+    pub frontend: String,
+    /// The service id.
+    pub service_id: u32,
+    /// `maglev` or `random`.
+    pub selection: &'static str,
+    /// Packets translated.
+    pub packets: u64,
+    /// Bytes translated.
+    pub bytes: u64,
+    /// Flows created.
+    pub new_flows: u64,
+    /// The backends new flows choose from.
+    pub backends: Vec<BackendStatsRow>,
+}
+
+/// Everything `lb stats` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatsReport {
+    /// Every frontend, sorted.
+    pub frontends: Vec<FrontendStatsRow>,
+    /// Backends in no table: terminating or removed ones that drain.
+    pub draining: Vec<BackendStatsRow>,
+    /// Conntrack occupancy, inserts, deletes and evictions.
+    pub conntrack: ConntrackStats,
+    /// Reasons and events that are not zero, by name.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// Builds the `lb stats` report from the maps and counters.
+pub fn stats_report(
+    contents: &MapContents,
+    service_stats: impl Fn(u32) -> ServiceStats,
+    backend_stats: impl Fn(u32) -> Option<ServiceStats>,
+    conntrack: ConntrackStats,
+    counters: Vec<(&'static str, u64)>,
+) -> StatsReport {
+    let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
+    let row = |id: u32| {
+        let s = backend_stats(id).unwrap_or_default();
+        let (backend, state) = match backends.get(&id) {
+            Some(b) => (
+                format!("{}:{}", std::net::Ipv4Addr::from(b.octets()), b.port()),
+                state_name(b.state),
+            ),
+            None => ("?".to_owned(), "missing"),
+        };
+        BackendStatsRow {
+            id,
+            backend,
+            state,
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+        }
+    };
+    let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
+    let mut in_tables = std::collections::BTreeSet::new();
+    let frontends = service_rows(contents, &service_stats)
+        .into_iter()
+        .map(|r| {
+            let ids = tables
+                .get(&r.service_id)
+                .map(|t| t.backends.clone())
+                .unwrap_or_default();
+            in_tables.extend(ids.iter().copied());
+            FrontendStatsRow {
+                frontend: r.frontend,
+                service_id: r.service_id,
+                selection: r.selection,
+                packets: r.packets,
+                bytes: r.bytes,
+                new_flows: r.new_flows,
+                backends: ids.into_iter().map(row).collect(),
+            }
+        })
+        .collect();
+    let mut draining: Vec<u32> = backends
+        .keys()
+        .filter(|id| !in_tables.contains(id))
+        .copied()
+        .collect();
+    draining.sort_unstable();
+    StatsReport {
+        frontends,
+        draining: draining.into_iter().map(row).collect(),
+        conntrack,
+        counters,
+    }
+}
+
+/// `lb stats` as text, in the manner of `ipvsadm -L --stats`.
+pub fn stats_table(report: &StatsReport) -> String {
+    let line = |a: &str, b: &str, c: &str, s: (u64, u64, u64)| {
+        format!(
+            "{a:<5}{b:<28} {c:<12} {:>10} {:>12} {:>14}\n",
+            s.0, s.1, s.2
+        )
+    };
+    let backend = |b: &BackendStatsRow| {
+        line(
+            "  -> ",
+            &b.backend,
+            b.state,
+            (b.new_flows, b.packets, b.bytes),
+        )
+    };
+    let mut out = format!(
+        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}\n{:<5}{:<28} {:<12}\n",
+        "", "Frontend", "Selection", "Conns", "Packets", "Bytes", "  -> ", "Backend", "State"
+    );
+    for f in &report.frontends {
+        out += &line(
+            "",
+            &f.frontend,
+            f.selection,
+            (f.new_flows, f.packets, f.bytes),
+        );
+        for b in &f.backends {
+            out += &backend(b);
+        }
+    }
+    if !report.draining.is_empty() {
+        out += "draining (in no table):\n";
+        for b in &report.draining {
+            out += &backend(b);
+        }
+    }
+    let ct = &report.conntrack;
+    out += &format!(
+        "conntrack: {} entries, {} inserted, {} deleted, {} evicted\n",
+        ct.entries, ct.inserts, ct.deletes, ct.evictions
+    );
+    for (name, count) in &report.counters {
+        out += &format!("{name}: {count}\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{BACKEND_ACTIVE, Backend4, Frontend4, PROTO_TCP, Service};
@@ -175,5 +335,50 @@ mod tests {
         no_table.tables.clear();
         let rows = service_rows(&no_table, |_| ServiceStats::default());
         assert_eq!(rows[0].backends, ["-"]);
+
+        // lb stats: the table's backends under the frontend, the others as draining.
+        let mut with_removed = contents.clone();
+        with_removed.backends.push((
+            4,
+            Backend4::new([10, 244, 1, 9], 80, PROTO_TCP, lb_common::BACKEND_REMOVED),
+        ));
+        let counts = |id: u32| ServiceStats {
+            packets: u64::from(id) * 2,
+            bytes: u64::from(id) * 100,
+            new_flows: u64::from(id),
+        };
+        let report = stats_report(
+            &with_removed,
+            counts,
+            |id| (id != 8).then(|| counts(id)),
+            ConntrackStats {
+                entries: 4,
+                inserts: 10,
+                deletes: 2,
+                evictions: 4,
+            },
+            vec![("drain_removed", 3)],
+        );
+        let ids: Vec<u32> = report.frontends[0].backends.iter().map(|b| b.id).collect();
+        assert_eq!(ids, [7, 8, 9]);
+        assert_eq!(report.frontends[0].backends[1].state, "missing");
+        assert_eq!(report.draining.len(), 1);
+        assert_eq!(
+            (report.draining[0].state, report.draining[0].new_flows),
+            ("removed", 4)
+        );
+        let text = stats_table(&report);
+        for want in [
+            "10.96.0.10:8080/TCP",
+            "maglev",
+            "-> 10.244.1.2:80",
+            "active",
+            "draining (in no table):",
+            "10.244.1.9:80",
+            "conntrack: 4 entries, 10 inserted, 2 deleted, 4 evicted",
+            "drain_removed: 3",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
     }
 }

@@ -1,13 +1,20 @@
 //! `lb`: the load balancer's agent and its inspection commands.
 
-use std::{io::IsTerminal as _, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
-    desired::Selection,
+    desired::{Protocol, Selection},
+    explain::{Explainer, Flow, monotonic_ns},
     inspect, maglev,
     sync::{DatapathMaps as _, SyncConfig},
 };
@@ -72,12 +79,51 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Packets, bytes and new flows per frontend and per backend, conntrack occupancy and
+    /// evictions, and the drop and decision counters, read from the pinned maps.
+    Stats {
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
+    /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
+    Explain {
+        /// Client address and port.
+        #[arg(long)]
+        src: SocketAddrV4,
+        /// Frontend address and port.
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Explain a TCP SYN (a new connection on that port) instead of a packet of an
+        /// established connection.
+        #[arg(long)]
+        syn: bool,
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Detach the programs and remove every pinned map and link.
     Teardown {
         /// Where the agent pinned the maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -153,6 +199,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", inspect::services_table(&rows)),
+            }
+            Ok(())
+        }
+        Command::Stats { pin_path, output } => {
+            let maps = BpfMaps::open_pinned(&pin_path)?;
+            let counters = Counters::open_pinned(&pin_path)?;
+            let contents = maps.read_all()?;
+            let named = |names: &'static [&'static str], values: Vec<u64>| {
+                names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
+            };
+            let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
+                .chain(named(&lb_common::event::NAMES, counters.events()?))
+                .collect();
+            let report = inspect::stats_report(
+                &contents,
+                |id| counters.service(id).unwrap_or_default(),
+                |id| counters.backend(id).ok().flatten(),
+                counters.conntrack()?,
+                nonzero,
+            );
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", inspect::stats_table(&report)),
+            }
+            Ok(())
+        }
+        Command::Explain {
+            src,
+            dst,
+            proto,
+            syn,
+            pin_path,
+            output,
+        } => {
+            let proto = match proto {
+                Proto::Tcp => Protocol::Tcp,
+                Proto::Udp => Protocol::Udp,
+            };
+            let flow = Flow {
+                src,
+                dst,
+                proto,
+                syn,
+            };
+            let explanation = Explainer::open_pinned(&pin_path)?.explain(&flow, monotonic_ns())?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+                Output::Table => {
+                    for step in &explanation.steps {
+                        println!("{step}");
+                    }
+                }
             }
             Ok(())
         }

@@ -11,7 +11,13 @@ use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_REMOVED, BACKEND_TERMINATING, CT_REPLY, Ct4Key, PROTO_TCP,
     PROTO_UDP, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, event, reason,
 };
-use lb_userspace::model::Ipv4Cidr;
+use std::net::SocketAddrV4;
+
+use lb_userspace::{
+    desired::Protocol,
+    explain::{Decision, Explainer, Explanation, Flow, monotonic_ns},
+    model::Ipv4Cidr,
+};
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const PORT: u16 = 8080;
@@ -497,4 +503,94 @@ fn per_backend_counters_count_packets_bytes_and_new_flows() {
     assert_eq!(bed.counters().backend(ids[0]).unwrap(), None);
     let ct = counters.conntrack().unwrap();
     assert_eq!((ct.entries, ct.inserts, ct.evictions), (60, 60, 0));
+}
+
+/// `lb explain`'s answer for a flow from `src:sport` to `dst:dport`.
+fn explain(
+    bed: &Bed,
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    syn: bool,
+) -> Explanation {
+    let flow = Flow {
+        src: SocketAddrV4::new(src.into(), sport),
+        dst: SocketAddrV4::new(dst.into(), dport),
+        proto: Protocol::Tcp,
+        syn,
+    };
+    Explainer::open_pinned(&bed.pin)
+        .unwrap()
+        .explain(&flow, monotonic_ns())
+        .unwrap()
+}
+
+#[test]
+fn explain_names_the_backend_the_datapath_gives_and_why() {
+    let mut bed = Bed::new();
+    let ids = three_backends(&mut bed, 0, 0);
+    for s in 29000..29016 {
+        // A new flow: the Maglev entry of its hash, which is where the packet goes.
+        let before = explain(&bed, CLIENT, s, VIP, PORT, true);
+        assert_eq!(before.decision, Decision::Maglev, "{:?}", before.steps);
+        let id = before.backend_id.unwrap();
+        expect_to(&mut bed, &tcp(CLIENT, s, VIP, PORT, b""), id, "explained");
+        let b = bed.backends[&id];
+        assert_eq!(
+            before.backend,
+            Some(SocketAddrV4::new(b.octets().into(), 80))
+        );
+        // Then conntrack decides.
+        let after = explain(&bed, CLIENT, s, VIP, PORT, false);
+        assert_eq!(
+            (after.decision, after.backend_id),
+            (Decision::Conntrack, Some(id))
+        );
+    }
+    // A SYN on a port whose backend is now terminating is selected again: explain says
+    // where it goes, and it goes there.
+    let s = sport_where(&bed, CLIENT, ids[0], true, 29100);
+    expect_to(&mut bed, &tcp(CLIENT, s, VIP, PORT, b""), ids[0], "SYN");
+    bed.set_state(ids[0], BACKEND_TERMINATING);
+    bed.program(1, frontend(VIP, PORT, PROTO_TCP), &ids[1..], 0, 0);
+    let established = explain(&bed, CLIENT, s, VIP, PORT, false);
+    assert_eq!(established.decision, Decision::Conntrack);
+    let syn = explain(&bed, CLIENT, s, VIP, PORT, true);
+    assert_eq!(syn.decision, Decision::Maglev, "{:?}", syn.steps);
+    assert!(syn.steps[1].contains("selected again"), "{:?}", syn.steps);
+    let to = syn.backend_id.unwrap();
+    expect_to(
+        &mut bed,
+        &tcp(CLIENT, s, VIP, PORT, b""),
+        to,
+        "SYN, re-selected",
+    );
+
+    // Not a frontend; a denied source; affinity; random.
+    assert_eq!(
+        explain(&bed, CLIENT, 1, VIP, 9999, true).decision,
+        Decision::NotFrontend
+    );
+    let lb_vip = [198, 51, 100, 1];
+    let flags = SERVICE_F_SOURCE_RANGES | SERVICE_F_RANDOM;
+    bed.program(2, frontend(lb_vip, 80, PROTO_TCP), &ids[1..], flags, 0);
+    bed.source_range(2, Ipv4Cidr::new([10, 200, 0, 0].into(), 24).unwrap());
+    assert_eq!(
+        explain(&bed, [192, 0, 2, 1], 1, lb_vip, 80, true).decision,
+        Decision::SourceDenied
+    );
+    assert_eq!(
+        explain(&bed, CLIENT, 1, lb_vip, 80, true).decision,
+        Decision::Random
+    );
+    let affinity_vip = [10, 96, 0, 11];
+    bed.program(3, frontend(affinity_vip, 80, PROTO_TCP), &ids[1..], 0, 300);
+    let (_, out) = bed.xdp(&tcp(CLIENT, 29200, affinity_vip, 80, b""));
+    let first = went_to(&bed, &out);
+    let next = explain(&bed, CLIENT, 29201, affinity_vip, 80, true);
+    assert_eq!(
+        (next.decision, next.backend_id),
+        (Decision::Affinity, Some(first))
+    );
 }
