@@ -2,12 +2,14 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::netns::{self, Netns, unique_name};
 
@@ -121,14 +123,51 @@ impl ServiceInfo {
 
 /// `LB services --pin-path PIN --output json`, where LB is the `lb` binary.
 pub fn services(lb: &Path, pin_path: &Path) -> Result<Vec<ServiceInfo>> {
+    lb_json(lb, pin_path, &["services"])
+}
+
+/// What `lb explain --output json` says about a flow.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Explanation {
+    /// How the backend is decided: `conntrack`, `affinity`, `maglev`, `random`,
+    /// `not_frontend`, `no_backend` or `source_denied`.
+    pub decision: String,
+    /// The backend, `address:port`, when the decision names one.
+    pub backend: Option<String>,
+    /// Each step, for humans.
+    #[serde(default)]
+    pub steps: Vec<String>,
+}
+
+/// `LB explain --src SRC --dst DST --proto tcp [--syn] --pin-path PIN --output json`: what
+/// the datapath does with the next packet of this TCP flow, or with a SYN when `syn`.
+pub fn explain(
+    lb: &Path,
+    pin_path: &Path,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    syn: bool,
+) -> Result<Explanation> {
+    let (src, dst) = (src.to_string(), dst.to_string());
+    let mut args = vec!["explain", "--src", &src, "--dst", &dst, "--proto", "tcp"];
+    if syn {
+        args.push("--syn");
+    }
+    lb_json(lb, pin_path, &args)
+}
+
+/// Runs `LB ARGS... --pin-path PIN --output json` and parses what it prints.
+fn lb_json<T: DeserializeOwned>(lb: &Path, pin_path: &Path, args: &[&str]) -> Result<T> {
     let out = netns::run(
         Command::new(lb)
-            .args(["services", "--output", "json", "--pin-path"])
+            .args(args)
+            .args(["--output", "json", "--pin-path"])
             .arg(pin_path),
     )?;
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
-            "lb services printed {:?}",
+            "lb {} printed {:?}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stdout)
         )
     })
@@ -256,6 +295,11 @@ impl Agent {
     /// What `lb services` shows for this agent's pins.
     pub fn services(&self) -> Result<Vec<ServiceInfo>> {
         services(&self.lb, self.pin_path())
+    }
+
+    /// What `lb explain` says about the TCP flow `src` -> `dst` (see [`explain`]).
+    pub fn explain(&self, src: SocketAddrV4, dst: SocketAddrV4, syn: bool) -> Result<Explanation> {
+        explain(&self.lb, self.pin_path(), src, dst, syn)
     }
 
     /// Waits (up to [`READY_TIMEOUT`]) until every frontend in `frontends` (as

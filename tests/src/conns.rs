@@ -159,6 +159,15 @@ impl<'a> ConnPool<'a> {
         self.target
     }
 
+    /// The source addresses (and so the flows) of the next `n` connections [`ConnPool::open`]
+    /// opens (fewer if the ports run out).
+    pub fn next_sources(&self, n: usize) -> Vec<SocketAddrV4> {
+        (self.next_port..1 << 16)
+            .take(n)
+            .map(|port| SocketAddrV4::new(self.source, port as u16))
+            .collect()
+    }
+
     /// The source address of every connection.
     pub fn source(&self) -> Ipv4Addr {
         self.source

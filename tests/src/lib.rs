@@ -15,7 +15,7 @@ pub mod netns;
 pub mod testbed;
 pub mod topology;
 
-pub use agent::{Agent, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
+pub use agent::{Agent, Explanation, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
 pub use backends::{HttpServer, UdpEchoServer};
 pub use client::{Tally, ensure_all_served, http_get, http_tally, udp_request, udp_tally};
 pub use conns::{ConnPool, ConnRecord, FailureKind};
