@@ -158,12 +158,17 @@ pub fn explain(
 
 /// Runs `LB ARGS... --pin-path PIN --output json` and parses what it prints.
 fn lb_json<T: DeserializeOwned>(lb: &Path, pin_path: &Path, args: &[&str]) -> Result<T> {
+    let start = Instant::now();
     let out = netns::run(
         Command::new(lb)
             .args(args)
             .args(["--output", "json", "--pin-path"])
             .arg(pin_path),
     )?;
+    if start.elapsed() > Duration::from_secs(1) {
+        // Not an error (the machine may be loaded), but it explains a slow test.
+        eprintln!("lb {} took {:?}", args.join(" "), start.elapsed());
+    }
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "lb {} printed {:?}",
