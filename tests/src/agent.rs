@@ -1,12 +1,15 @@
 //! Running the real `lb` binary: the agent in a namespace, and its CLI.
 
+use std::collections::BTreeSet;
 use std::fs::File;
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::netns::{self, Netns, unique_name};
 
@@ -98,16 +101,78 @@ pub struct ServiceInfo {
     pub backends: Vec<String>,
 }
 
+impl ServiceInfo {
+    /// The distinct backends in the selection (`address:port`, without the state note such as
+    /// ` (terminating)` that `lb services` may append): what new flows are spread over.
+    pub fn selectable(&self) -> BTreeSet<String> {
+        self.backends
+            .iter()
+            .map(|b| {
+                b.split_once(' ')
+                    .map_or(b.as_str(), |(addr, _)| addr)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// The row of `frontend` (`address:port/PROTOCOL`) among `services`.
+    pub fn find<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a ServiceInfo> {
+        services.iter().find(|s| s.frontend == frontend)
+    }
+}
+
 /// `LB services --pin-path PIN --output json`, where LB is the `lb` binary.
 pub fn services(lb: &Path, pin_path: &Path) -> Result<Vec<ServiceInfo>> {
+    lb_json(lb, pin_path, &["services"])
+}
+
+/// What `lb explain --output json` says about a flow.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Explanation {
+    /// How the backend is decided: `conntrack`, `affinity`, `maglev`, `random`,
+    /// `not_frontend`, `no_backend` or `source_denied`.
+    pub decision: String,
+    /// The backend, `address:port`, when the decision names one.
+    pub backend: Option<String>,
+    /// Each step, for humans.
+    #[serde(default)]
+    pub steps: Vec<String>,
+}
+
+/// `LB explain --src SRC --dst DST --proto tcp [--syn] --pin-path PIN --output json`: what
+/// the datapath does with the next packet of this TCP flow, or with a SYN when `syn`.
+pub fn explain(
+    lb: &Path,
+    pin_path: &Path,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    syn: bool,
+) -> Result<Explanation> {
+    let (src, dst) = (src.to_string(), dst.to_string());
+    let mut args = vec!["explain", "--src", &src, "--dst", &dst, "--proto", "tcp"];
+    if syn {
+        args.push("--syn");
+    }
+    lb_json(lb, pin_path, &args)
+}
+
+/// Runs `LB ARGS... --pin-path PIN --output json` and parses what it prints.
+fn lb_json<T: DeserializeOwned>(lb: &Path, pin_path: &Path, args: &[&str]) -> Result<T> {
+    let start = Instant::now();
     let out = netns::run(
         Command::new(lb)
-            .args(["services", "--output", "json", "--pin-path"])
+            .args(args)
+            .args(["--output", "json", "--pin-path"])
             .arg(pin_path),
     )?;
+    if start.elapsed() > Duration::from_secs(1) {
+        // Not an error (the machine may be loaded), but it explains a slow test.
+        eprintln!("lb {} took {:?}", args.join(" "), start.elapsed());
+    }
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
-            "lb services printed {:?}",
+            "lb {} printed {:?}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stdout)
         )
     })
@@ -237,34 +302,46 @@ impl Agent {
         services(&self.lb, self.pin_path())
     }
 
+    /// What `lb explain` says about the TCP flow `src` -> `dst` (see [`explain`]).
+    pub fn explain(&self, src: SocketAddrV4, dst: SocketAddrV4, syn: bool) -> Result<Explanation> {
+        explain(&self.lb, self.pin_path(), src, dst, syn)
+    }
+
     /// Waits (up to [`READY_TIMEOUT`]) until every frontend in `frontends` (as
     /// `address:port/PROTOCOL`) is programmed with `backends` backends. The error carries the
     /// last state seen and the agent's log.
     pub fn wait_for(&mut self, frontends: &[&str], backends: u32) -> Result<()> {
+        let what = format!("{frontends:?} with {backends} backends each");
+        self.wait_until(&what, |services| {
+            frontends.iter().all(|f| {
+                services
+                    .iter()
+                    .any(|s| s.frontend == *f && s.backend_count == backends)
+            })
+        })
+    }
+
+    /// Polls `lb services` until `check` holds for what it shows, for up to
+    /// [`READY_TIMEOUT`]. Fails at once if the agent exits; the error carries the last state
+    /// seen and the agent's log.
+    pub fn wait_until(&mut self, what: &str, check: impl Fn(&[ServiceInfo]) -> bool) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("lb agent exited ({status}); its log:\n{}", self.log());
             }
             let last = self.services();
-            if let Ok(services) = &last {
-                let ready = |f: &&str| {
-                    services
-                        .iter()
-                        .any(|s| s.frontend == *f && s.backend_count == backends)
-                };
-                if frontends.iter().all(ready) {
-                    return Ok(());
-                }
+            if last.as_deref().is_ok_and(&check) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lb agent did not program {frontends:?} with {backends} backends each within \
-                     {READY_TIMEOUT:?}; lb services: {last:#?}\nagent log:\n{}",
+                    "lb agent did not program {what} within {READY_TIMEOUT:?}; lb services: \
+                     {last:#?}\nagent log:\n{}",
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -83,9 +83,13 @@ fn readable(fd: i32, timeout: Duration) -> bool {
     n > 0
 }
 
+/// How long a kept-alive connection may stay idle before the server closes it: long enough
+/// for tests that hold connections open across backend changes on a loaded machine.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Answers requests on one connection until the client closes it or asks to.
 fn serve(stream: &TcpStream, name: &str) -> Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(stream);
     let mut writer = stream;
     loop {

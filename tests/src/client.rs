@@ -1,6 +1,6 @@
 //! Clients that send real traffic from a namespace, with timeouts.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -41,24 +41,49 @@ fn parse_body(response: &str) -> Result<String> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .with_context(|| format!("incomplete response {response:?}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200 "),
-        "unexpected response {response:?}"
-    );
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .with_context(|| format!("no Content-Length in {response:?}"))?;
+    let length = content_length(head).with_context(|| format!("response {response:?}"))?;
     ensure!(
         body.len() == length,
         "body of {} bytes, Content-Length {length}",
         body.len()
     );
     Ok(body.to_owned())
+}
+
+/// The Content-Length of a `200 OK` response's head (status line and headers).
+fn content_length(head: &str) -> Result<usize> {
+    ensure!(head.starts_with("HTTP/1.1 200 "), "unexpected status");
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .context("no Content-Length")
+}
+
+/// Reads one `200 OK` response with a Content-Length from a kept-alive connection and
+/// returns its body. I/O errors keep their kind (`ConnectionReset`, `WouldBlock` for a read
+/// timeout, ...); a stream that ends before the whole response is `UnexpectedEof`; a response
+/// that is not `200 OK` with a Content-Length is `InvalidData`.
+pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let length = content_length(&head)
+        .map_err(|e| Error::new(ErrorKind::InvalidData, format!("{e:#}: {head:?}")))?;
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    String::from_utf8(body).map_err(|e| Error::new(ErrorKind::InvalidData, e))
 }
 
 /// Sends one datagram `payload` from a new socket (so a new flow, with a new source port) in

@@ -1,85 +1,26 @@
 //! The real `lb agent` in the test topology, fed a folder that changes under it and holds bad
 //! input next to good input.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
-
 use lb_tests::{
-    agent::{Agent, ServiceInfo, examples_dir},
+    agent::{Agent, ServiceInfo},
     client::http_get,
-    netns::unique_name,
+    manifests::Folder,
     topology::{NODE_IF, Topology},
 };
 
-/// A scratch copy of examples/, removed on drop.
-struct Folder(PathBuf);
-
-impl Folder {
-    fn copy_of_examples() -> Self {
-        let dir = std::env::temp_dir().join(unique_name("manifests"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in std::fs::read_dir(examples_dir()).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-            }
-        }
-        Folder(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Replaces a file atomically, as editors and ConfigMap mounts do.
-    fn write(&self, name: &str, text: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.0.join(name)).unwrap();
-    }
-}
-
-impl Drop for Folder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Polls `lb services` until `check` holds, for up to 10 s.
-fn wait_until(agent: &Agent, what: &str, check: impl Fn(&[ServiceInfo]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let services = agent.services().unwrap_or_default();
-        if check(&services) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; lb services: {services:#?}\nagent log:\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
-    services
-        .iter()
-        .find(|s| s.frontend == frontend)
-        .map(|s| s.backends.as_slice())
+    ServiceInfo::find(services, frontend).map(|s| s.backends.as_slice())
 }
 
 const CLUSTER_IP: &str = "10.96.0.10:8080/TCP";
 
 #[test]
 fn bad_input_is_reported_by_file_and_object_and_everything_else_is_programmed() {
-    let folder = Folder::copy_of_examples();
-    folder.write(
-        "zz-bad.yaml",
-        r#"apiVersion: v1
+    let folder = Folder::copy_of_examples().unwrap();
+    folder
+        .write(
+            "zz-bad.yaml",
+            r#"apiVersion: v1
 kind: Service
 metadata: {name: port-out-of-range}
 spec:
@@ -99,7 +40,8 @@ metadata: {name: httpd}
 ---
 this: is: not: yaml
 "#,
-    );
+        )
+        .unwrap();
     let topology = Topology::new(2).expect("topology");
     let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
     let all: Vec<&str> = lb_tests::testbed::EXAMPLE_FRONTENDS.to_vec();
@@ -130,35 +72,41 @@ this: is: not: yaml
 
 #[test]
 fn the_agent_follows_edits_to_the_folder() {
-    let folder = Folder::copy_of_examples();
+    let folder = Folder::copy_of_examples().unwrap();
     let topology = Topology::new(2).expect("topology");
     let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
     agent.wait_for(&[CLUSTER_IP], 2).expect("programmed");
 
     // pod2 leaves httpd-svc's EndpointSlice: new connections only reach pod1.
-    let text = std::fs::read_to_string(folder.path().join("httpd-svc.yaml")).unwrap();
+    let text = folder.read("httpd-svc.yaml").unwrap();
     let pod2 = topology.pods[1].ip.to_string();
     assert!(text.contains(&pod2), "examples/httpd-svc.yaml lists {pod2}");
     let without_pod2: String = remove_endpoint(&text, &pod2);
-    folder.write("httpd-svc.yaml", &without_pod2);
-    wait_until(&agent, "pod2 to leave the ClusterIP", |s| {
-        backends_of(s, CLUSTER_IP).is_some_and(|b| b.len() == 1)
-    });
+    folder.write("httpd-svc.yaml", &without_pod2).unwrap();
+    agent
+        .wait_until("pod2 to leave the ClusterIP", |s| {
+            backends_of(s, CLUSTER_IP).is_some_and(|b| b.len() == 1)
+        })
+        .unwrap();
     for _ in 0..10 {
         let (body, _) = http_get(&topology.client, [10, 96, 0, 10], 8080).unwrap();
         assert_eq!(body.trim(), topology.pods[0].name, "only pod1 serves now");
     }
 
     // A whole file removed: its frontend goes; restored: it comes back.
-    let udp = std::fs::read_to_string(folder.path().join("echo-udp.yaml")).unwrap();
-    std::fs::remove_file(folder.path().join("echo-udp.yaml")).unwrap();
-    wait_until(&agent, "the UDP frontend to go", |s| {
-        backends_of(s, "10.96.0.12:5353/UDP").is_none()
-    });
-    folder.write("echo-udp.yaml", &udp);
-    wait_until(&agent, "the UDP frontend to return", |s| {
-        backends_of(s, "10.96.0.12:5353/UDP").is_some_and(|b| b.len() == 2)
-    });
+    let udp = folder.read("echo-udp.yaml").unwrap();
+    folder.remove("echo-udp.yaml").unwrap();
+    agent
+        .wait_until("the UDP frontend to go", |s| {
+            backends_of(s, "10.96.0.12:5353/UDP").is_none()
+        })
+        .unwrap();
+    folder.write("echo-udp.yaml", &udp).unwrap();
+    agent
+        .wait_until("the UDP frontend to return", |s| {
+            backends_of(s, "10.96.0.12:5353/UDP").is_some_and(|b| b.len() == 2)
+        })
+        .unwrap();
     // The ClusterIP kept its state throughout.
     assert_eq!(
         backends_of(&agent.services().unwrap(), CLUSTER_IP)
