@@ -253,7 +253,46 @@ impl<M: DatapathMaps> Syncer<M> {
                 errors.push(SyncError::Cleanup(error));
             }
         }
-        if let Err(error) = self.collect_backends() {
+        let all: BTreeSet<u32> = self.backends.keys().copied().collect();
+        self.finish(all, ops_before, errors)
+    }
+
+    /// Like [`Syncer::apply`], for the frontends in `changed` only: each is programmed as
+    /// `desired` has it, or removed when `desired` does not list it. The cost follows the
+    /// size of the change, not of the state (apart from one scan of the programmed ids when
+    /// a backend may have lost its last frontend).
+    pub fn apply_changed<'a>(
+        &mut self,
+        desired: &DesiredState,
+        changed: impl IntoIterator<Item = &'a Frontend>,
+    ) -> ApplyReport {
+        let ops_before = self.ops;
+        let mut errors = Vec::new();
+        let mut released = BTreeSet::new();
+        for frontend in changed {
+            let key = frontend.key();
+            if let Some(p) = self.frontends.get(&key) {
+                released.extend(p.slots.iter().chain(&p.members).copied());
+            }
+            let result = match desired.frontends.get(frontend) {
+                Some(plan) => self.apply_frontend(&key, frontend, plan),
+                None => self.remove_frontend(&key).map_err(SyncError::Cleanup),
+            };
+            if let Err(error) = result {
+                errors.push(error);
+            }
+        }
+        self.finish(released, ops_before, errors)
+    }
+
+    /// Deletes the backends among `candidates` that no frontend references, and reports.
+    fn finish(
+        &mut self,
+        candidates: BTreeSet<u32>,
+        ops_before: usize,
+        mut errors: Vec<SyncError>,
+    ) -> ApplyReport {
+        if let Err(error) = self.collect_backends(candidates) {
             errors.push(SyncError::Cleanup(error));
         }
         ApplyReport {
@@ -416,20 +455,18 @@ impl<M: DatapathMaps> Syncer<M> {
         Ok(())
     }
 
-    fn collect_backends(&mut self) -> Result<(), MapOpError> {
-        let referenced: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|p| p.slots.iter().chain(&p.members).copied())
-            .collect();
-        let mut unreferenced: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id))
-            .copied()
-            .collect();
-        unreferenced.sort_unstable();
-        for id in unreferenced {
+    /// Deletes the backends among `candidates` that no frontend references.
+    fn collect_backends(&mut self, mut candidates: BTreeSet<u32>) -> Result<(), MapOpError> {
+        candidates.retain(|id| self.backends.contains_key(id));
+        for p in self.frontends.values() {
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            for id in p.slots.iter().chain(&p.members) {
+                candidates.remove(id);
+            }
+        }
+        for id in candidates {
             self.op(|m| m.delete_backend(id))?;
             if let Some(b) = self.backends.remove(&id)
                 && self.backend_ids.get(&backend_key(&b)) == Some(&id)
@@ -878,5 +915,28 @@ mod tests {
         let report = s.apply(&desired(&[(fe(1, 80), &[1, 2, 3, 4, 5, 6, 7])]));
         assert_eq!(report.errors.len(), 1);
         assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1, 2])]));
+    }
+
+    #[test]
+    fn applying_only_the_changed_frontends_equals_a_full_apply() {
+        // A fixed pseudo-random walk over frontend plans sharing backends.
+        let mut next = crate::testutil::walk(0x2545_f491);
+        let mut incremental = Syncer::adopt(maps(1000)).unwrap();
+        let mut current: BTreeMap<Frontend, Vec<u8>> = BTreeMap::new();
+        for step in 0..300 {
+            let frontend = fe(next(12) as u8 + 1, 80);
+            let backends: Vec<u8> = (1..=6).filter(|_| next(3) == 0).collect();
+            if next(5) == 0 {
+                current.remove(&frontend);
+            } else {
+                current.insert(frontend, backends);
+            }
+            let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
+            let report = incremental.apply_changed(&desired(&want), [&frontend]);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(programmed(incremental.maps()), expect(&want), "step {step}");
+            // Nothing left for a full apply to do: no stale backend, no missing write.
+            assert_eq!(incremental.apply(&desired(&want)).map_ops, 0, "step {step}");
+        }
     }
 }
