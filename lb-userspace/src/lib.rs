@@ -7,10 +7,15 @@ pub mod desired;
 pub mod inspect;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
+pub mod source;
 pub mod sync;
 pub mod sys;
 pub mod translate;
+
+/// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]
@@ -25,6 +30,3 @@ pub(crate) mod testutil {
         }
     }
 }
-
-/// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
