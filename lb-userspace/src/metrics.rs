@@ -183,12 +183,18 @@ impl Metrics {
         self.lock_health().waiting = what;
     }
 
+    /// The source is being connected to: not up yet, not an error either.
+    pub fn connecting(&self) {
+        self.source_up.set(0);
+        self.lock_health().disconnected = Some("connecting".into());
+    }
+
     /// The source is reachable.
     pub fn connected(&self) {
         self.source_up.set(1);
         let mut health = self.lock_health();
         if let Some(reason) = health.disconnected.take() {
-            info!("source reachable again (was: {reason})");
+            info!("source reachable (was: {reason})");
         }
     }
 

@@ -1,5 +1,6 @@
 //! Running the real `lb` binary: the agent in a namespace, and its CLI.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,6 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::netns::{self, Netns, unique_name};
+
+/// The agent's operations endpoint (its default `--metrics-addr`), in its namespace.
+pub const OPS_ADDR: &str = "127.0.0.1:9464";
 
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -197,6 +201,40 @@ impl Agent {
 
     /// [`Agent::start`] with the binary `lb` (for every `lb` command the guard runs).
     pub fn start_with(lb: &Path, ns: &Netns, manifests: &Path, interface: &str) -> Result<Self> {
+        Self::spawn(
+            lb,
+            ns,
+            &[
+                "--manifests".into(),
+                manifests.into(),
+                "--interface".into(),
+                interface.into(),
+            ],
+        )
+    }
+
+    /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
+    /// <unique> ARGS...` in `ns` (see [`Agent::start`]).
+    pub fn start_kube(
+        ns: &Netns,
+        kubeconfig: &Path,
+        node_name: &str,
+        interface: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut all: Vec<OsString> = vec![
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--node-name".into(),
+            node_name.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        all.extend(args.iter().map(OsString::from));
+        Self::spawn(&lb_bin(), ns, &all)
+    }
+
+    fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -204,9 +242,7 @@ impl Agent {
         let child = ns
             .command(lb)
             .arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
-            .args(["--interface", interface])
+            .args(args)
             .arg("--pin-path")
             .arg(pins.path())
             .stdin(Stdio::null())
@@ -220,6 +256,11 @@ impl Agent {
             log,
             pins,
         })
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The agent's pin directory.
@@ -267,6 +308,65 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+impl Agent {
+    /// Polls `lb services` until `check` holds, for up to [`READY_TIMEOUT`]; returns what it
+    /// saw last. The error carries the last state seen and the agent's log.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        check: impl Fn(&[ServiceInfo]) -> bool,
+    ) -> Result<Vec<ServiceInfo>> {
+        self.wait_until_within(READY_TIMEOUT, what, check)
+    }
+
+    /// [`Agent::wait_until`] for up to `timeout`.
+    pub fn wait_until_within(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&[ServiceInfo]) -> bool,
+    ) -> Result<Vec<ServiceInfo>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let services = self.services().unwrap_or_default();
+            if check(&services) {
+                return Ok(services);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; lb services: {services:#?}\nagent log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The backends `lb services` lists for `frontend` (`address:port/PROTOCOL`), if it is
+/// programmed.
+pub fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
+    services
+        .iter()
+        .find(|s| s.frontend == frontend)
+        .map(|s| s.backends.as_slice())
+}
+
+/// `GET path` on the operations endpoint of the agent running in `ns`: status and body.
+pub fn ops(ns: &Netns, path: &str) -> Result<(u16, String)> {
+    let target = OPS_ADDR.parse().context("OPS_ADDR")?;
+    let (status, body, _) = crate::client::http_request(ns, target, path)?;
+    Ok((status, body))
+}
+
+/// The value of the metric `name` (with its labels, as printed) in a /metrics text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 impl Drop for Agent {

@@ -9,13 +9,17 @@
 pub mod agent;
 pub mod backends;
 pub mod client;
+pub mod fakeapi;
 pub mod netns;
 pub mod testbed;
 pub mod topology;
 
 pub use agent::{Agent, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
 pub use backends::{HttpServer, UdpEchoServer};
-pub use client::{Tally, ensure_all_served, http_get, http_tally, udp_request, udp_tally};
+pub use client::{
+    Tally, ensure_all_served, http_get, http_request, http_tally, udp_request, udp_tally,
+};
+pub use fakeapi::FakeApiServer;
 pub use netns::Netns;
 pub use testbed::{EXAMPLE_FRONTENDS, Testbed};
 pub use topology::{CLIENT_IP, HTTP_PORT, NODE_IF, NODE_IP, Pod, Topology, UDP_PORT};

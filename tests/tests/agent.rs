@@ -1,13 +1,10 @@
 //! The real `lb agent` in the test topology, fed a folder that changes under it and holds bad
 //! input next to good input.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use lb_tests::{
-    agent::{Agent, ServiceInfo, examples_dir},
+    agent::{Agent, ServiceInfo, backends_of, examples_dir, metric, ops},
     client::http_get,
     netns::unique_name,
     topology::{NODE_IF, Topology},
@@ -47,29 +44,8 @@ impl Drop for Folder {
     }
 }
 
-/// Polls `lb services` until `check` holds, for up to 10 s.
 fn wait_until(agent: &Agent, what: &str, check: impl Fn(&[ServiceInfo]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let services = agent.services().unwrap_or_default();
-        if check(&services) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; lb services: {services:#?}\nagent log:\n{}",
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
-    services
-        .iter()
-        .find(|s| s.frontend == frontend)
-        .map(|s| s.backends.as_slice())
+    agent.wait_until(what, check).unwrap();
 }
 
 const CLUSTER_IP: &str = "10.96.0.10:8080/TCP";
@@ -166,6 +142,39 @@ fn the_agent_follows_edits_to_the_folder() {
             .len(),
         1
     );
+}
+
+#[test]
+fn the_manifests_agent_serves_metrics_and_readiness() {
+    let folder = Folder::copy_of_examples();
+    let topology = Topology::new(2).expect("topology");
+    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let all = lb_tests::testbed::EXAMPLE_FRONTENDS;
+    agent.wait_for(all, 2).expect("programmed");
+    let ready = || ops(&topology.node, "/readyz").unwrap();
+    assert_eq!(ready(), (200, "ok\n".to_owned()));
+    assert_eq!(ops(&topology.node, "/healthz").unwrap().0, 200);
+    let (_, m) = ops(&topology.node, "/metrics").unwrap();
+    assert_eq!(metric(&m, "lb_frontends"), Some(all.len() as f64), "{m}");
+    assert_eq!(
+        metric(&m, "lb_backends"),
+        Some(4.0),
+        "two pods, HTTP and UDP: {m}"
+    );
+    assert_eq!(metric(&m, "lb_source_up"), Some(1.0), "{m}");
+
+    // The folder gone: not ready, the maps kept; back: ready.
+    let moved = folder.path().with_extension("moved");
+    std::fs::rename(folder.path(), &moved).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(70);
+    while ready().0 != 503 {
+        // Without file events for the removed folder, the periodic resync notices.
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ready().1.contains("disconnected"), "{:?}", ready());
+    assert_eq!(agent.services().unwrap().len(), all.len());
+    std::fs::rename(&moved, folder.path()).unwrap();
 }
 
 /// `text` without the EndpointSlice endpoint whose address is `ip` (the example files list

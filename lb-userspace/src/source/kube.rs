@@ -313,7 +313,15 @@ impl KubeSource {
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
             Kind::Nodes,
         );
-        metrics.disconnected("not connected yet".into());
+        metrics.connecting();
+        for kind in [Kind::Services, Kind::EndpointSlices, Kind::Nodes] {
+            // Every series from the start, at 0.
+            let label = ResourceLabel {
+                resource: kind.name(),
+            };
+            let _ = metrics.watch_restarts.get_or_create(&label);
+            let _ = metrics.watch_errors.get_or_create(&label);
+        }
         let mut probe = tokio::time::interval(Duration::from_secs(1));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         KubeSource {
