@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{Datapath, interface_index},
@@ -249,6 +249,7 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 errors: map_errors,
             },
         );
+        trace!(map_ops = report.map_ops, "written");
         let summary = (report.map_ops, report.errors.len());
         if only.is_none() || summary != (0, 0) {
             info!(

@@ -71,8 +71,9 @@ enum Command {
         /// EndpointSlices).
         #[arg(long, default_value_t = 30)]
         initial_sync_timeout_secs: u64,
-        /// Kubernetes: milliseconds without events that end a batch of changes.
-        #[arg(long, default_value_t = 2)]
+        /// Kubernetes: milliseconds without events that end a batch of changes (0: a batch
+        /// is what has arrived when the agent is free; no wait).
+        #[arg(long, default_value_t = 0)]
         debounce_ms: u64,
     },
     /// Show the programmed frontends and their backends, read from the pinned maps.

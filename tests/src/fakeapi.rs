@@ -92,7 +92,7 @@ struct State {
     kinds: HashMap<ResourceType, String>,
     history: Vec<Change>,
     /// Pages of lists in progress: id -> (resourceVersion, items).
-    snapshots: HashMap<u64, (u64, Vec<Value>)>,
+    snapshots: HashMap<u64, (u64, Arc<Vec<Value>>)>,
     next_snapshot: u64,
     /// Bumped by [`FakeApiServer::cut_connections`] and stop: watches of an older epoch end.
     epoch: u64,
@@ -400,6 +400,8 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, shared: &Arc<Shared>) 
             .unwrap_or_else(|e| e.into_inner())
             .push(handle);
         let shared = shared.clone();
+        // Watch events go out as soon as they are written, as from a real API server.
+        let _ = stream.set_nodelay(true);
         std::thread::spawn(move || {
             let _ = serve_connection(&stream, &shared);
             let _ = stream.shutdown(Shutdown::Both);
@@ -686,14 +688,16 @@ fn list(
         .lists
         .entry(resource.plural.clone())
         .or_default() += 1;
-    let (rv, items, offset) = match request.query.get("continue").filter(|c| !c.is_empty()) {
+    // A continue token is `snap-<snapshot id>-<offset>`.
+    let token = request.query.get("continue").filter(|c| !c.is_empty());
+    let (id, rv, items, offset) = match token {
         Some(token) => {
             let parsed = token
                 .strip_prefix("snap-")
                 .and_then(|t| t.split_once('-'))
                 .and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
-            match parsed.and_then(|(id, off)| Some((state.snapshots.get(&id)?, off))) {
-                Some(((rv, items), off)) => (*rv, items.clone(), off),
+            match parsed.and_then(|(id, off)| Some((id, state.snapshots.get(&id)?, off))) {
+                Some((id, (rv, items), off)) => (Some(id), *rv, items.clone(), off),
                 None => {
                     return (
                         410,
@@ -707,7 +711,7 @@ fn list(
                 .matching(resource, selectors, namespace)
                 .cloned()
                 .collect();
-            (state.rv, items, 0)
+            (None, state.rv, Arc::new(items), 0)
         }
     };
     let limit = request
@@ -720,19 +724,12 @@ fn list(
     let page: Vec<Value> = items.get(offset..end).unwrap_or_default().to_vec();
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if end < items.len() {
-        let id = match request.query.get("continue") {
-            Some(token) if !token.is_empty() => token
-                .strip_prefix("snap-")
-                .and_then(|t| t.split_once('-'))
-                .and_then(|(id, _)| id.parse().ok())
-                .unwrap_or(0),
-            _ => {
-                let id = state.next_snapshot;
-                state.next_snapshot += 1;
-                state.snapshots.insert(id, (rv, items.clone()));
-                id
-            }
-        };
+        let id = id.unwrap_or_else(|| {
+            let id = state.next_snapshot;
+            state.next_snapshot += 1;
+            state.snapshots.insert(id, (rv, items.clone()));
+            id
+        });
         metadata["continue"] = json!(format!("snap-{id}-{end}"));
         metadata["remainingItemCount"] = json!(items.len() - end);
     }
@@ -897,12 +894,13 @@ fn watch(
     }
 }
 
+/// Writes one JSON line as one chunk, in one write (no Nagle delay between its parts).
 fn write_chunk(writer: &mut &TcpStream, value: &Value) -> Result<()> {
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    write!(writer, "{:x}\r\n", line.len())?;
-    writer.write_all(&line)?;
-    writer.write_all(b"\r\n")?;
+    let line = serde_json::to_vec(value)?;
+    let mut chunk = format!("{:x}\r\n", line.len() + 1).into_bytes();
+    chunk.extend_from_slice(&line);
+    chunk.extend_from_slice(b"\n\r\n");
+    writer.write_all(&chunk)?;
     writer.flush()?;
     Ok(())
 }

@@ -320,6 +320,41 @@ fn the_first_sync_waits_for_the_endpoint_slices() {
 }
 
 #[test]
+fn without_a_node_list_the_first_sync_goes_on_after_the_timeout() {
+    let topology = Topology::new(1).expect("topology");
+    let api = FakeApiServer::start(&topology.node).expect("fake API server");
+    api.apply(&node(NODE_EXTERNAL_IP)).unwrap();
+    let mut web = service("web", "10.96.0.10", json!({"type": "NodePort"}));
+    web.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30080);
+    api.apply(&web).unwrap();
+    api.apply(&slice("web-1", "web", &[Ep::Ready(topology.pods[0].ip)]))
+        .unwrap();
+    api.set_list_delay("nodes", Duration::from_secs(4));
+    let args = ["--initial-sync-timeout-secs", "1"];
+    let agent =
+        Agent::start_kube(&topology.node, api.kubeconfig(), NODE, NODE_IF, &args).expect("agent");
+    // First without the Node: NodePorts on the interface's address only.
+    let s = agent
+        .wait_until("programmed without the Node", |s| {
+            backends_of(s, WEB).is_some()
+        })
+        .unwrap();
+    assert!(backends_of(&s, WEB_NODE_PORT_INTERNAL).is_some(), "{s:#?}");
+    assert!(backends_of(&s, WEB_NODE_PORT).is_none(), "{s:#?}");
+    // Then the Node's addresses, once it is listed.
+    agent
+        .wait_until("the NodePort on the Node's ExternalIP", |s| {
+            backends_of(s, WEB_NODE_PORT).is_some()
+        })
+        .unwrap();
+    assert!(
+        agent.log().contains("no list of Nodes after"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn cut_watches_and_expired_resource_versions_converge_without_a_flush() {
     let c = Cluster::start(|api| {
         api.apply(&service("web", "10.96.0.10", json!({}))).unwrap();

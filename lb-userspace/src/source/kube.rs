@@ -15,8 +15,10 @@
 //!   are never programmed without their EndpointSlices. After `initial_timeout` it goes on
 //!   without the Node (node addresses and zone then come from the flags or the interface),
 //!   never without Services or EndpointSlices: until both are listed the pinned state stays.
-//! - Events are debounced: a batch is handed out when no event came for `debounce` (or at
-//!   most 20 × `debounce` after its first event).
+//! - Events are batched: a batch takes every event that has already arrived, then waits
+//!   until none came for `debounce` (0 by default: no wait), and goes out at the latest
+//!   max(20 × `debounce`, 20 ms) after its first event. A burst that arrives while the agent
+//!   writes the previous batch becomes one batch.
 //! - While a watch fails, the source is reported down; it is reported up again when an event
 //!   arrives or when the API server answers a version probe (sent once a second while down).
 //!
@@ -46,7 +48,7 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use super::{Changes, NodeFacts, Source};
 use crate::{
@@ -57,6 +59,9 @@ use crate::{
 /// kube-proxy's label selector for Services and EndpointSlices.
 pub const PROXY_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The longest a batch of events waits for more (with a debounce of 0: under a flood of
+/// events that are always ready).
+const MIN_BATCH_MAX: Duration = Duration::from_millis(20);
 /// The Node label with the node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -69,7 +74,7 @@ pub struct KubeConfig {
     pub node_name: String,
     /// The longest wait for the initial lists before the first view (see the module docs).
     pub initial_timeout: Duration,
-    /// The quiet time that ends a batch of events.
+    /// The quiet time that ends a batch of events (0: take what has arrived, do not wait).
     pub debounce: Duration,
 }
 
@@ -352,6 +357,7 @@ impl KubeSource {
     }
 
     fn handle(&mut self, signal: Signal) {
+        trace!(resource = signal.kind.name(), what = ?signal.what, "event");
         let label = ResourceLabel {
             resource: signal.kind.name(),
         };
@@ -478,38 +484,46 @@ async fn probe_api_server(client: Client, metrics: Arc<Metrics>) {
 
 impl Source for KubeSource {
     async fn changed(&mut self) -> anyhow::Result<Changes> {
-        let batch_max = self.config.debounce * 20;
+        let batch_max = (self.config.debounce * 20).max(MIN_BATCH_MAX);
         loop {
             self.report_waiting();
-            let flush_at = match self.since {
-                Some(first) if self.may_deliver() => {
-                    Some((self.last_event + self.config.debounce).min(first + batch_max))
-                }
-                _ => None,
+            let (flush_at, overdue) = match self.since {
+                Some(first) if self.may_deliver() => (
+                    Some((self.last_event + self.config.debounce).min(first + batch_max)),
+                    first.elapsed() >= batch_max,
+                ),
+                _ => (None, false),
             };
-            let timeout_at = (!self.delivered && !self.timeout_reported)
-                .then(|| self.started + self.config.initial_timeout);
-            let connected = self.metrics.is_connected();
-            tokio::select! {
-                signal = self.events.next() => match signal {
-                    Some(signal) => self.handle(signal),
-                    None => anyhow::bail!("the Kubernetes watches ended"),
-                },
-                _ = sleep_until(flush_at), if flush_at.is_some() => {
-                    let changes = self.flush();
-                    if !changes.is_empty() || !self.delivered {
-                        self.delivered = true;
-                        return Ok(changes);
+            if !overdue {
+                let timeout_at = (!self.delivered && !self.timeout_reported)
+                    .then(|| self.started + self.config.initial_timeout);
+                let connected = self.metrics.is_connected();
+                tokio::select! {
+                    // Events that are already there go into this batch first.
+                    biased;
+                    signal = self.events.next() => {
+                        match signal {
+                            Some(signal) => self.handle(signal),
+                            None => anyhow::bail!("the Kubernetes watches ended"),
+                        }
+                        continue;
+                    }
+                    _ = sleep_until(flush_at), if flush_at.is_some() => {}
+                    _ = sleep_until(timeout_at), if timeout_at.is_some() => {
+                        // The next pass reports it; a view without the Node may go out now.
+                        self.since.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                    _ = self.probe.tick(), if !connected => {
+                        probe_api_server(self.client.clone(), self.metrics.clone()).await;
+                        continue;
                     }
                 }
-                _ = sleep_until(timeout_at), if timeout_at.is_some() => {
-                    // The next pass reports it; a view without the Node may go out now.
-                    self.since.get_or_insert_with(Instant::now);
-                    self.report_waiting();
-                }
-                _ = self.probe.tick(), if !connected => {
-                    probe_api_server(self.client.clone(), self.metrics.clone()).await;
-                }
+            }
+            let changes = self.flush();
+            if !changes.is_empty() || !self.delivered {
+                self.delivered = true;
+                return Ok(changes);
             }
         }
     }
@@ -523,8 +537,10 @@ impl Source for KubeSource {
     }
 }
 
+/// Sleeps until `at`; returns at once when `at` has passed (tokio's timer would round it up
+/// to its next millisecond tick).
 async fn sleep_until(at: Option<Instant>) {
-    if let Some(at) = at {
+    if let Some(at) = at.filter(|at| *at > Instant::now()) {
         tokio::time::sleep_until(at.into()).await;
     }
 }
