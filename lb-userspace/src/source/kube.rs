@@ -629,6 +629,13 @@ mod tests {
         assert_eq!(dirty.lists, 1);
     }
 
+    #[tokio::test]
+    async fn an_https_client_builds_with_the_compiled_in_crypto_provider() {
+        // As in a pod: TLS with the cluster's CA (here none: the platform verifier).
+        let config = Config::new("https://10.96.0.1:443".parse().unwrap());
+        assert!(Client::try_from(config).is_ok());
+    }
+
     #[test]
     fn node_facts_take_ipv4_internal_then_external_addresses_and_the_zone() {
         let node: core::Node = serde_json::from_value(serde_json::json!({
