@@ -26,26 +26,45 @@ pub mod map_names {
     pub const SERVICES: &str = "LB_SVC4_V1";
     /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used.
     pub const BACKENDS: &str = "LB_BACKEND4_V1";
-    /// Hash map [`crate::SlotKey`] -> `u32` backend id: slots `1..=backend_count` of a service.
-    pub const SLOTS: &str = "LB_SLOT_V1";
+    /// Hash of maps `u32` service id -> the service's Maglev table, an array map of
+    /// [`crate::MaglevCell`] (see [`crate::maglev`]). A new table is built whole in a new
+    /// inner map and swapped in with one write of this map.
+    pub const MAGLEV: &str = "LB_MAGLEV_V1";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
     pub const CONNTRACK: &str = "LB_CT4_V1";
     /// Hash map `u32` service id -> [`crate::RevNat4`]: the frontend replies must come from.
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
-    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count.
-    pub const REASON_STATS: &str = "LB_REASON_V1";
+    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count (V2: more reasons).
+    pub const REASON_STATS: &str = "LB_REASON_V2";
+    /// Per-CPU hash map `u32` backend id -> [`crate::ServiceStats`]: the backend's counters.
+    /// The agent creates an entry with the backend and deletes it with the backend.
+    pub const BACKEND_STATS: &str = "LB_BESTAT_V1";
+    /// Per-CPU array indexed by [`crate::event`] -> `u64`: flow decisions and conntrack
+    /// writes.
+    pub const EVENTS: &str = "LB_EVENT_V1";
+    /// LRU hash map [`crate::AffinityKey`] -> [`crate::AffinityEntry`]: sessionAffinity
+    /// ClientIP.
+    pub const AFFINITY: &str = "LB_AFFINITY4_V1";
+    /// LPM trie ([`crate::SOURCE_RANGE_ID_BITS`] + prefix length, [`crate::SourceRange4`])
+    /// -> `u8` (always 1): the sources allowed to use a frontend with
+    /// [`crate::SERVICE_F_SOURCE_RANGES`].
+    pub const SOURCE_RANGES: &str = "LB_SRCRANGE4_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
-        SLOTS,
+        MAGLEV,
         CONNTRACK,
         REV_NAT,
         SERVICE_STATS,
         REASON_STATS,
+        BACKEND_STATS,
+        EVENTS,
+        AFFINITY,
+        SOURCE_RANGES,
     ];
 }
 
@@ -75,9 +94,11 @@ pub struct Frontend4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Service {
-    /// Service (frontend) id, `1..MAX_SERVICES`: key of the slots, reverse NAT and stats.
+    /// Service (frontend) id, `1..MAX_SERVICES`: key of the Maglev table, reverse NAT,
+    /// affinity, source ranges and stats.
     pub id: u32,
-    /// Number of slots `1..=backend_count` in [`map_names::SLOTS`]; 0 means drop (no backend).
+    /// Number of backends new flows choose from (the distinct backends of the service's
+    /// Maglev table); 0 means drop (no backend).
     pub backend_count: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
@@ -87,15 +108,39 @@ pub struct Service {
 
 /// The frontend is reachable from outside the cluster (NodePort, LoadBalancer, externalIP).
 pub const SERVICE_F_EXTERNAL: u32 = 1 << 0;
+/// New flows pick a uniformly random entry of the Maglev table instead of the entry of
+/// their flow hash (selection `random`).
+pub const SERVICE_F_RANDOM: u32 = 1 << 1;
+/// Only sources in [`map_names::SOURCE_RANGES`] for this service may open flows
+/// (loadBalancerSourceRanges); others are dropped.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
 
-/// Key of [`map_names::SLOTS`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
-    /// [`Service::id`].
-    pub service_id: u32,
-    /// `1..=Service::backend_count`.
-    pub slot: u32,
+/// One element of a Maglev table's inner array map: two table entries (backend ids).
+///
+/// Array maps round every value up to 8 bytes, so two `u32` entries per element halve the
+/// memory of one per element. Element 0 is the header `[table size M, backend count]`;
+/// entry `i` (`0..M`) is half `i & 1` of element `1 + i / 2`. See [`maglev`].
+pub type MaglevCell = [u32; 2];
+
+/// The layout of a Maglev table in its inner array map (shared by the datapath, the agent
+/// and `lb explain`).
+pub mod maglev {
+    /// Flags of every inner map (they must equal the template's): `BPF_F_INNER_MAP` (inner
+    /// maps may differ in size, so the table size is the agent's choice) and
+    /// `BPF_F_MMAPABLE` (the agent writes a whole table with one memory copy).
+    pub const INNER_MAP_FLAGS: u32 = (1 << 12) | (1 << 10);
+
+    /// Elements of the inner array for a table of `size` entries: the header and
+    /// `ceil(size / 2)` pairs.
+    pub const fn elements(size: u32) -> u32 {
+        1 + size.div_ceil(2)
+    }
+
+    /// The element and the half of it holding table entry `index`.
+    #[inline(always)]
+    pub const fn position(index: u32) -> (u32, usize) {
+        (1 + index / 2, (index & 1) as usize)
+    }
 }
 
 /// Value of [`map_names::BACKENDS`]: where a backend is. One backend shared by several
@@ -109,7 +154,7 @@ pub struct Backend4 {
     pub port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    /// [`BACKEND_ACTIVE`], [`BACKEND_TERMINATING`] or [`BACKEND_REMOVED`].
     pub state: u8,
 }
 
@@ -117,6 +162,48 @@ pub struct Backend4 {
 pub const BACKEND_ACTIVE: u8 = 0;
 /// The backend is draining: existing flows continue, new ones go elsewhere.
 pub const BACKEND_TERMINATING: u8 = 1;
+/// The backend left the EndpointSlices; its entry stays for a drain period so that
+/// established TCP connections to a pod that is still shutting down continue. A TCP SYN or
+/// any UDP packet of a flow pinned to it selects a new backend.
+pub const BACKEND_REMOVED: u8 = 2;
+
+/// Key of [`map_names::AFFINITY`]: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// [`Service::id`].
+    pub service_id: u32,
+    /// Client IPv4 address, network byte order.
+    pub client: u32,
+}
+
+/// Value of [`map_names::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityEntry {
+    /// The backend the client's new flows go to while the entry is fresh.
+    pub backend_id: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the client's last new flow.
+    pub last_used_ns: u64,
+}
+
+/// The data of a [`map_names::SOURCE_RANGES`] key: the prefix length counts the
+/// [`SOURCE_RANGE_ID_BITS`] of the service id plus the network's prefix length, so a
+/// lookup with the full length matches only the ranges of that service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange4 {
+    /// [`Service::id`] (all its bits are always part of the prefix, so its byte order is
+    /// irrelevant).
+    pub service_id: u32,
+    /// Source IPv4 address or network, network byte order.
+    pub addr: u32,
+}
+
+/// Bits of [`SourceRange4::service_id`] in every source-range prefix.
+pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
 /// Key of [`map_names::CONNTRACK`]: a flow's 5-tuple as it is seen on the wire, and its
 /// direction. The forward key is (client, frontend); the reply key is (backend, client).
@@ -175,7 +262,7 @@ pub struct RevNat4 {
     pub _pad: u16,
 }
 
-/// Value of [`map_names::SERVICE_STATS`], per CPU.
+/// Value of [`map_names::SERVICE_STATS`] and [`map_names::BACKEND_STATS`], per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceStats {
@@ -221,9 +308,11 @@ pub mod reason {
     pub const REV_NAT_MISSING: u32 = 13;
     /// Egress, dropped: a reply that could not be rewritten (skb helper failed).
     pub const REPLY_REWRITE_FAILED: u32 = 14;
+    /// Dropped: a new flow from a source outside the frontend's loadBalancerSourceRanges.
+    pub const SOURCE_RANGE_DENIED: u32 = 15;
 
     /// Number of reasons: the size of the reason array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Name of each reason, by index, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -242,6 +331,68 @@ pub mod reason {
         "ct_insert_failed",
         "rev_nat_missing",
         "reply_rewrite_failed",
+        "source_range_denied",
+    ];
+}
+
+/// Indexes of [`map_names::EVENTS`]: how flows got their backend, and the conntrack
+/// writes, counted per packet (or per entry) for `lb stats` and `lb explain`.
+///
+/// Conntrack semantics (the datapath implements exactly these):
+/// - a conntrack hit on an ACTIVE or TERMINATING backend keeps it (established flows keep
+///   their backend while others come and go; terminating backends drain);
+/// - a TCP SYN whose entry points at a backend that is not ACTIVE (or is missing) selects
+///   again and overwrites the entries ([`RESELECT_SYN`]: port reuse);
+/// - any UDP packet whose entry points at a REMOVED or missing backend selects again
+///   ([`RESELECT_UDP`]);
+/// - an established TCP packet whose backend is REMOVED keeps going to it during the drain
+///   ([`DRAIN_REMOVED`]); once the entry is gone it selects again ([`RESELECT_GONE`]), so the
+///   new backend answers RST and the client fails fast instead of hanging.
+///
+/// Conntrack evictions are not counted by the kernel; they follow from these counters:
+/// `evictions = CT_INSERTS - CT_DELETES - occupancy` (the datapath is the only writer and
+/// only the agent's teardown deletes otherwise).
+pub mod event {
+    /// Conntrack entries created (new keys only; overwrites are not counted).
+    pub const CT_INSERTS: u32 = 0;
+    /// Conntrack entries the datapath deleted (the old reply entry of a re-selected flow).
+    pub const CT_DELETES: u32 = 1;
+    /// New flows whose backend came from the Maglev table entry of their flow hash.
+    pub const SELECT_MAGLEV: u32 = 2;
+    /// New flows whose backend came from a random Maglev table entry.
+    pub const SELECT_RANDOM: u32 = 3;
+    /// New flows whose backend came from the client's fresh affinity entry.
+    pub const SELECT_AFFINITY: u32 = 4;
+    /// Affinity entries ignored because they expired.
+    pub const AFFINITY_EXPIRED: u32 = 5;
+    /// Affinity entries ignored because their backend is not ACTIVE (or is gone).
+    pub const AFFINITY_NOT_ACTIVE: u32 = 6;
+    /// TCP SYNs of a known flow whose backend is not ACTIVE or is gone: selected again.
+    pub const RESELECT_SYN: u32 = 7;
+    /// UDP packets of a known flow whose backend is REMOVED or gone: selected again.
+    pub const RESELECT_UDP: u32 = 8;
+    /// Established TCP packets whose backend entry is gone (after the drain): selected
+    /// again.
+    pub const RESELECT_GONE: u32 = 9;
+    /// Established TCP packets sent on to a REMOVED backend during its drain.
+    pub const DRAIN_REMOVED: u32 = 10;
+
+    /// Number of events: the size of the event array.
+    pub const COUNT: u32 = 11;
+
+    /// Name of each event, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ct_inserts",
+        "ct_deletes",
+        "select_maglev",
+        "select_random",
+        "select_affinity",
+        "affinity_expired",
+        "affinity_not_active",
+        "reselect_syn",
+        "reselect_udp",
+        "reselect_gone",
+        "drain_removed",
     ];
 }
 
@@ -252,10 +403,12 @@ pub mod capacity {
     pub const SERVICES: u32 = 65_536;
     /// Backends (distinct address, port, protocol).
     pub const BACKENDS: u32 = 65_536;
-    /// Selection slots: 10,000 Services x 2 frontends x 10 endpoints, with room to spare.
-    pub const SLOTS: u32 = 262_144;
     /// Conntrack entries (two per flow).
     pub const CONNTRACK: u32 = 262_144;
+    /// sessionAffinity clients (service, client address), LRU.
+    pub const AFFINITY: u32 = 65_536;
+    /// loadBalancerSourceRanges entries, over all frontends.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).
@@ -317,7 +470,12 @@ pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8
 const _: () = {
     assert!(core::mem::size_of::<Frontend4>() == 8);
     assert!(core::mem::size_of::<Service>() == 16);
-    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<MaglevCell>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityEntry>() == 16);
+    assert!(core::mem::align_of::<AffinityEntry>() == 8);
+    assert!(core::mem::size_of::<SourceRange4>() == 8);
+    assert!(event::NAMES.len() == event::COUNT as usize);
     assert!(core::mem::size_of::<Backend4>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 24);
@@ -335,7 +493,9 @@ mod user {
     // every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for Frontend4 {}
     unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for CtEntry {}
@@ -501,11 +661,22 @@ mod tests {
     }
 
     #[test]
-    fn reason_names_are_unique() {
-        for (i, a) in reason::NAMES.iter().enumerate() {
-            for b in &reason::NAMES[i + 1..] {
-                assert_ne!(a, b);
+    fn reason_and_event_names_are_unique() {
+        for names in [&reason::NAMES[..], &event::NAMES[..]] {
+            for (i, a) in names.iter().enumerate() {
+                for b in &names[i + 1..] {
+                    assert_ne!(a, b);
+                }
             }
         }
+    }
+
+    #[test]
+    fn maglev_positions_cover_the_table_once() {
+        // Size 5: header, then (0,1), (2,3), (4,-).
+        assert_eq!(maglev::elements(5), 4);
+        assert_eq!(maglev::elements(16381), 8192);
+        let positions: [(u32, usize); 5] = core::array::from_fn(|i| maglev::position(i as u32));
+        assert_eq!(positions, [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]);
     }
 }

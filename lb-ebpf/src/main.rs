@@ -2,22 +2,33 @@
 //! interface, and TC egress translation of the replies back to the frontend.
 //!
 //! Every packet the programs cannot prove is addressed to a frontend is passed untouched, bit
-//! for bit, and counted by reason. A frontend packet that cannot be served (no backend) is
-//! dropped and counted. See `lb_common::reason`.
+//! for bit, and counted by reason. A frontend packet that cannot be served (no backend, a
+//! source outside the frontend's loadBalancerSourceRanges) is dropped and counted. See
+//! `lb_common::reason`.
+//!
+//! A flow's backend comes from conntrack while its entry is valid (the rules are on
+//! `lb_common::event`); a new flow gets, in this order: its client's fresh affinity entry
+//! (sessionAffinity ClientIP), else the service's Maglev table entry of its flow hash (or a
+//! random entry for selection `random`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_ktime_get_ns,
-    macros::{classifier, map, xdp},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::{
+        BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action,
+    },
+    btf_maps::{Array as InnerArray, HashOfMaps},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{btf_map, classifier, map, xdp},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend4, CT_F_CLOSING, CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES,
-    PROTO_TCP, PROTO_UDP, RevNat4, Service, ServiceStats, SlotKey, capacity, csum, flow_hash,
-    reason,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, CT_F_CLOSING,
+    CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP,
+    PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
+    ServiceStats, SourceRange4, capacity, csum, event, flow_hash, maglev, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -25,8 +36,14 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
 static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
-#[map]
-static LB_SLOT_V1: HashMap<SlotKey, u32> = HashMap::pinned(capacity::SLOTS, 0);
+/// Service id -> its Maglev table. BTF-defined (map-of-maps needs the inner map's BTF);
+/// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
+#[btf_map]
+static LB_MAGLEV_V1: HashOfMaps<
+    u32,
+    InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
+    { capacity::SERVICES as usize },
+> = HashOfMaps::new();
 #[map]
 static LB_CT4_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
@@ -34,7 +51,17 @@ static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES
 #[map]
 static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
 #[map]
-static LB_REASON_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASON_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+#[map]
+static LB_BESTAT_V1: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(capacity::BACKENDS, 0);
+#[map]
+static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+#[map]
+static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
 const ETH_LEN: usize = EthHdr::LEN;
 const IPV4_LEN: usize = Ipv4Hdr::LEN;
@@ -47,9 +74,12 @@ const IP_SADDR_OFF: usize = ETH_LEN + 12;
 const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// The byte of the TCP header holding the flags.
 const TCP_FLAGS_OFF: usize = 13;
+const EEXIST: i32 = 17;
 
 /// What becomes of a packet that is not translated.
 #[derive(Clone, Copy)]
@@ -61,11 +91,21 @@ enum Verdict {
 }
 
 #[inline(always)]
-fn count(reason: u32) {
-    if let Some(counter) = LB_REASON_V1.get_ptr_mut(reason) {
+fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // Per-CPU: no other CPU writes this counter.
         unsafe { *counter += 1 };
     }
+}
+
+#[inline(always)]
+fn count(reason: u32) {
+    bump(&LB_REASON_V2, reason);
+}
+
+#[inline(always)]
+fn note(event: u32) {
+    bump(&LB_EVENT_V1, event);
 }
 
 /// A pointer to a `T` at `offset` in the XDP buffer, if the buffer holds all of it.
@@ -89,6 +129,8 @@ struct L4 {
     check_at: *mut u16,
     /// TCP FIN or RST seen.
     closing: bool,
+    /// A TCP SYN without ACK: the first packet of a connection.
+    syn: bool,
 }
 
 /// An IPv4 header that is whole, has no options, is not a fragment, carries TCP or UDP with
@@ -140,6 +182,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
                 dport_at: core::ptr::addr_of_mut!((*tcp).dest).cast(),
                 check_at: core::ptr::addr_of_mut!((*tcp).check).cast(),
                 closing: flags & (TCP_FIN | TCP_RST) != 0,
+                syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
             }
         }
     } else {
@@ -151,6 +194,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
                 dport_at: core::ptr::addr_of_mut!((*udp).dst).cast(),
                 check_at: core::ptr::addr_of_mut!((*udp).check).cast(),
                 closing: false,
+                syn: false,
             }
         }
     };
@@ -161,53 +205,183 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
     Ok(Ipv4Packet { ip, proto, l4 })
 }
 
-/// Picks the backend of a new flow: the flow hash modulo the service's slot count.
+/// A backend and its id.
+#[derive(Clone, Copy)]
+struct Chosen {
+    id: u32,
+    backend: Backend4,
+}
+
 #[inline(always)]
-fn select_backend(svc: &Service, key: &Ct4Key) -> Result<(u32, Backend4), Verdict> {
+fn backend(id: u32) -> Option<Chosen> {
+    let backend = *unsafe { LB_BACKEND4_V1.get(&id) }?;
+    Some(Chosen { id, backend })
+}
+
+/// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
+/// `random` (so random selection is as balanced as the table).
+#[inline(always)]
+fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
+    const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
+    let table = unsafe { LB_MAGLEV_V1.get(&svc.id) }.ok_or(MISSING)?;
+    let size = table.get(0).ok_or(MISSING)?[0];
+    if size == 0 {
+        return Err(MISSING);
+    }
+    let pick = if svc.flags & SERVICE_F_RANDOM != 0 {
+        note(event::SELECT_RANDOM);
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        note(event::SELECT_MAGLEV);
+        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+    };
+    let (element, half) = maglev::position(pick % size);
+    let cell = table.get(element).ok_or(MISSING)?;
+    backend(cell[half & 1]).ok_or(MISSING)
+}
+
+/// The backend of a new flow: checks the source ranges, then the client's affinity, then
+/// the Maglev table.
+#[inline(always)]
+fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdict> {
     if svc.backend_count == 0 {
         return Err(Verdict::Drop(reason::NO_BACKEND));
     }
-    let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
-    let slot = SlotKey {
+    if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        let source = LpmKey::new(
+            SOURCE_RANGE_ID_BITS + 32,
+            SourceRange4 {
+                service_id: svc.id,
+                addr: key.saddr,
+            },
+        );
+        if LB_SRCRANGE4_V1.get(&source).is_none() {
+            return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
+        }
+    }
+    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
+    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
+    let client = AffinityKey {
         service_id: svc.id,
-        slot: hash % svc.backend_count + 1,
+        client: key.saddr,
     };
-    let backend_id =
-        *unsafe { LB_SLOT_V1.get(&slot) }.ok_or(Verdict::Drop(reason::BACKEND_MISSING))?;
-    let backend = *unsafe { LB_BACKEND4_V1.get(&backend_id) }
-        .ok_or(Verdict::Drop(reason::BACKEND_MISSING))?;
-    Ok((backend_id, backend))
-}
-
-/// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
-/// selection, recorded in both directions.
-#[inline(always)]
-fn flow_backend(svc: &Service, key: &Ct4Key, closing: bool) -> Result<Backend4, Verdict> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
+    let affinity = if svc.affinity_timeout_secs != 0 {
+        LB_AFFINITY4_V1.get_ptr_mut(&client)
+    } else {
+        None
+    };
+    if let Some(entry) = affinity {
         let entry = unsafe { &mut *entry };
-        if entry.service_id == svc.id {
-            if let Some(backend) = unsafe { LB_BACKEND4_V1.get(&entry.backend_id) } {
-                entry.last_seen_ns = now;
-                if closing {
-                    entry.flags |= CT_F_CLOSING;
+        let timeout_ns = svc.affinity_timeout_secs as u64 * 1_000_000_000;
+        if now.wrapping_sub(entry.last_used_ns) >= timeout_ns {
+            note(event::AFFINITY_EXPIRED);
+        } else {
+            match backend(entry.backend_id) {
+                Some(chosen) if chosen.backend.state == BACKEND_ACTIVE => {
+                    entry.last_used_ns = now;
+                    note(event::SELECT_AFFINITY);
+                    return Ok(chosen);
                 }
-                return Ok(*backend);
+                _ => note(event::AFFINITY_NOT_ACTIVE),
             }
         }
     }
-    let (backend_id, backend) = select_backend(svc, key)?;
+    let chosen = select_from_table(svc, key)?;
+    if svc.affinity_timeout_secs != 0 {
+        let fresh = AffinityEntry {
+            backend_id: chosen.id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        match affinity {
+            Some(entry) => unsafe { *entry = fresh },
+            // Best effort: without an entry the client's next flow uses the table.
+            None => drop(LB_AFFINITY4_V1.insert(&client, &fresh, BPF_ANY as u64)),
+        }
+    }
+    Ok(chosen)
+}
+
+/// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
+/// again for that reason. The rules are documented on `lb_common::event`.
+#[inline(always)]
+fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
+    let Some(chosen) = backend else {
+        return Some(if proto == PROTO_UDP {
+            event::RESELECT_UDP
+        } else if syn {
+            event::RESELECT_SYN
+        } else {
+            event::RESELECT_GONE
+        });
+    };
+    match chosen.backend.state {
+        BACKEND_ACTIVE => None,
+        _ if syn => Some(event::RESELECT_SYN),
+        BACKEND_TERMINATING => None,
+        // REMOVED (and any state this program does not know, treated alike).
+        _ if proto == PROTO_UDP => Some(event::RESELECT_UDP),
+        _ => {
+            note(event::DRAIN_REMOVED);
+            None
+        }
+    }
+}
+
+/// Writes a conntrack entry, counting it when the key is new.
+#[inline(always)]
+fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
+    if !exists {
+        match LB_CT4_V1.insert(key, entry, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                note(event::CT_INSERTS);
+                return true;
+            }
+            Err(e) if e != -EEXIST => return false,
+            Err(_) => {}
+        }
+    }
+    LB_CT4_V1.insert(key, entry, BPF_ANY as u64).is_ok()
+}
+
+/// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
+/// selection, recorded in both directions. `true` when the flow is new (its entries written).
+#[inline(always)]
+fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), Verdict> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut exists = false;
+    let mut previous = None;
+    if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
+        let entry = unsafe { &mut *entry };
+        exists = true;
+        previous = backend(entry.backend_id);
+        if entry.service_id == svc.id {
+            match reselect_because(previous.as_ref(), key.proto, l4.syn) {
+                None => {
+                    entry.last_seen_ns = now;
+                    if l4.closing {
+                        entry.flags |= CT_F_CLOSING;
+                    }
+                    if let Some(chosen) = previous {
+                        return Ok((chosen, false));
+                    }
+                }
+                Some(why) => note(why),
+            }
+        }
+    }
+    let chosen = select_backend(svc, key, now)?;
     let forward = CtEntry {
-        backend_id,
+        backend_id: chosen.id,
         service_id: svc.id,
         last_seen_ns: now,
-        flags: if closing { CT_F_CLOSING } else { 0 },
+        flags: if l4.closing { CT_F_CLOSING } else { 0 },
         _pad: 0,
     };
-    let reply_key = Ct4Key {
-        saddr: backend.addr,
+    let reply_key = |b: &Backend4| Ct4Key {
+        saddr: b.addr,
         daddr: key.saddr,
-        sport: backend.port,
+        sport: b.port,
         dport: key.sport,
         proto: key.proto,
         dir: CT_REPLY,
@@ -217,14 +391,32 @@ fn flow_backend(svc: &Service, key: &Ct4Key, closing: bool) -> Result<Backend4, 
         flags: 0,
         ..forward
     };
-    if LB_CT4_V1.insert(&reply_key, &reply, 0).is_err()
-        || LB_CT4_V1.insert(key, &forward, 0).is_err()
-    {
+    // The reply entry first: a reply can only follow the forward packet.
+    let written =
+        ct_write(&reply_key(&chosen.backend), &reply, false) && ct_write(key, &forward, exists);
+    if !written {
         count(reason::CT_INSERT_FAILED);
-    } else if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        unsafe { (*stats).new_flows += 1 };
     }
-    Ok(backend)
+    // The flow's old reply entry would translate what the old backend still sends.
+    if let Some(old) = previous
+        && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
+        && LB_CT4_V1.remove(&reply_key(&old.backend)).is_ok()
+    {
+        note(event::CT_DELETES);
+    }
+    Ok((chosen, written))
+}
+
+#[inline(always)]
+fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
+    // Per-CPU: no other CPU writes these counters.
+    unsafe {
+        (*stats).packets += 1;
+        (*stats).bytes += bytes;
+        if new {
+            (*stats).new_flows += 1;
+        }
+    }
 }
 
 #[inline(always)]
@@ -248,7 +440,8 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         dir: CT_FORWARD,
         _pad: [0; 2],
     };
-    let backend = flow_backend(&svc, &key, pkt.l4.closing)?;
+    let (chosen, new) = flow_backend(&svc, &key, &pkt.l4)?;
+    let backend = chosen.backend;
 
     // Rewrite destination address and port, with incremental checksums.
     unsafe {
@@ -270,11 +463,12 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
             };
         }
     }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
     if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += (ctx.data_end() - ctx.data()) as u64;
-        }
+        add_stats(stats, bytes, new);
+    }
+    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&chosen.id) {
+        add_stats(stats, bytes, new);
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ use crate::{
         kube::{KubeConfig, KubeSource},
         manifests::ManifestsSource,
     },
-    sync::{DatapathMaps, SyncError, Syncer},
+    sync::{DatapathMaps, SyncConfig, SyncError, Syncer},
     translate::{Changed, Translator},
 };
 
@@ -66,6 +66,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Where /metrics, /healthz and /readyz are served.
     pub metrics_addr: SocketAddr,
+    /// Maglev table size, default selection and drain period.
+    pub sync: SyncConfig,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -100,7 +102,7 @@ async fn serve<S: Source>(
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
     let maps = datapath.take_maps()?;
-    let syncer = Syncer::adopt(maps).context("adopting the pinned maps")?;
+    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
     let interface_addresses = interface_ipv4_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
@@ -129,6 +131,12 @@ async fn serve<S: Source>(
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {
                 info!("retrying after errors");
                 retry = !agent.resync(&source);
+            }
+            // Removed backends are deleted by the first apply after their drain ends.
+            _ = sleep_until(agent.syncer.next_drain_deadline()) => {
+                debug!("a drain period ended");
+                let now = Instant::now();
+                retry = !agent.write(Some(&BTreeSet::new()), now, now);
             }
         }
     }
@@ -230,7 +238,9 @@ impl<M: DatapathMaps> Agent<'_, M> {
         };
         let desired = translator.desired();
         let report = match only {
-            Some(frontends) => self.syncer.apply_changed(desired, frontends),
+            Some(frontends) => self
+                .syncer
+                .apply_changed(desired, frontends, Instant::now()),
             None => self.syncer.apply(desired),
         };
         let mut map_errors = 0;
@@ -261,21 +271,15 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 "synced"
             );
         }
-        let written: Box<dyn Iterator<Item = &Frontend>> = match only {
-            Some(frontends) => Box::new(frontends.iter()),
-            None => Box::new(desired.frontends.keys()),
-        };
-        for frontend in written {
-            if let Some(plan) = desired.frontends.get(frontend)
-                && !plan.source_ranges.is_empty()
-            {
-                warn!(
-                    %frontend, service = %plan.service,
-                    "loadBalancerSourceRanges are not enforced by this datapath yet: every source is allowed"
-                );
-            }
-        }
         report.errors.is_empty()
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,27 +7,34 @@
 //! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io,
-    os::fd::AsFd,
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuHashMap, PerCpuValues, lpm_trie,
+    },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError},
     },
 };
 use lb_common::{
-    Backend4, Frontend4, RevNat4, Service, ServiceStats, SlotKey, map_names, program_names,
+    Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4, SOURCE_RANGE_ID_BITS, Service,
+    ServiceStats, SourceRange4, event, maglev, map_names, program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
-    sync::{DatapathMaps, MapContents, MapOpError},
+    model::Ipv4Cidr,
+    sync::{BatchError, DatapathMaps, MapContents, MapOpError, TableId, TableInfo, TableRef},
     sys,
 };
 
@@ -99,6 +106,9 @@ pub enum DatapathError {
         #[source]
         source: Box<MapError>,
     },
+    /// Reading a Maglev table failed.
+    #[error("reading a Maglev table: {0}")]
+    Table(#[source] Box<MapOpError>),
     /// The pin directory holds no datapath.
     #[error("nothing is pinned in {0}: is the agent running with this --pin-path?")]
     NotPinned(PathBuf),
@@ -145,8 +155,11 @@ impl Datapath {
     /// contents (conntrack included); missing ones are created and pinned.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         prepare_pin_dir(pin_dir)?;
+        let maglev_pin = pin_dir.join(map_names::MAGLEV);
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            // BTF maps have no pinning attribute: pin the map-of-maps by path.
+            .map_pin_path(map_names::MAGLEV, maglev_pin.as_path())
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -297,8 +310,10 @@ impl Datapath {
         BpfMaps::from_maps([
             take(map_names::SERVICES)?,
             take(map_names::BACKENDS)?,
-            take(map_names::SLOTS)?,
             take(map_names::REV_NAT)?,
+            take(map_names::MAGLEV)?,
+            take(map_names::SOURCE_RANGES)?,
+            take(map_names::BACKEND_STATS)?,
         ])
     }
 }
@@ -349,16 +364,23 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Datapath
     Ok(())
 }
 
-/// The maps the control plane writes: services, backends, slots and reverse NAT.
+/// The maps the control plane writes: services, backends, reverse NAT, Maglev tables,
+/// source ranges, and the backends' counters (created and deleted with the backends).
 pub struct BpfMaps {
     /// [`map_names::SERVICES`].
     pub services: HashMap<MapData, Frontend4, Service>,
     /// [`map_names::BACKENDS`].
     pub backends: HashMap<MapData, u32, Backend4>,
-    /// [`map_names::SLOTS`].
-    pub slots: HashMap<MapData, SlotKey, u32>,
     /// [`map_names::REV_NAT`].
     pub rev_nat: HashMap<MapData, u32, RevNat4>,
+    /// [`map_names::MAGLEV`].
+    pub maglev: HashOfMaps<MapData, u32, MapData>,
+    /// The same map, for the batch writes aya does not offer.
+    maglev_fd: std::os::fd::OwnedFd,
+    /// [`map_names::SOURCE_RANGES`].
+    pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    /// [`map_names::BACKEND_STATS`].
+    pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -369,26 +391,87 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
 }
 
 impl BpfMaps {
-    fn from_maps([services, backends, slots, rev_nat]: [Map; 4]) -> Result<Self, DatapathError> {
+    fn from_maps(
+        [
+            services,
+            backends,
+            rev_nat,
+            maglev,
+            source_ranges,
+            backend_stats,
+        ]: [Map; 6],
+    ) -> Result<Self, DatapathError> {
+        let maglev_fd = match &maglev {
+            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+        .map_err(|io_error| {
+            map_err(map_names::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }))
+        })?;
         Ok(Self {
+            maglev_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
-            slots: HashMap::try_from(slots).map_err(map_err(map_names::SLOTS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(map_names::REV_NAT))?,
+            maglev: HashOfMaps::try_from(maglev).map_err(map_err(map_names::MAGLEV))?,
+            source_ranges: LpmTrie::try_from(source_ranges)
+                .map_err(map_err(map_names::SOURCE_RANGES))?,
+            backend_stats: PerCpuHashMap::try_from(backend_stats)
+                .map_err(map_err(map_names::BACKEND_STATS))?,
         })
     }
 
     /// Opens the maps pinned in `pin_dir` (for the CLI, and for an agent that did not load
     /// the object itself).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let open = |name: &'static str| open_pinned_map(pin_dir, name, Map::HashMap);
+        let open = |name: &'static str, kind| open_pinned_map(pin_dir, name, kind);
         Self::from_maps([
-            open(map_names::SERVICES)?,
-            open(map_names::BACKENDS)?,
-            open(map_names::SLOTS)?,
-            open(map_names::REV_NAT)?,
+            open(map_names::SERVICES, Map::HashMap)?,
+            open(map_names::BACKENDS, Map::HashMap)?,
+            open(map_names::REV_NAT, Map::HashMap)?,
+            open(map_names::MAGLEV, Map::HashOfMaps)?,
+            open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
+            open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
         ])
     }
+
+    /// One entry of the table of `service_id`: what the datapath reads for a flow hash
+    /// (`lb explain`). `None` when the service has no table.
+    pub fn table_entry(&self, service_id: u32, hash: u32) -> Result<Option<TableSlot>, MapOpError> {
+        let table = match self.maglev.get(&service_id, 0) {
+            Ok(table) => table,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(op_err(map_names::MAGLEV)(e)),
+        };
+        let cells: Array<MapData, MaglevCell> =
+            Array::try_from(Map::Array(table)).map_err(op_err(map_names::MAGLEV))?;
+        let [size, _] = cells.get(&0, 0).map_err(op_err(map_names::MAGLEV))?;
+        if size == 0 {
+            return Ok(None);
+        }
+        let index = hash % size;
+        let (element, half) = maglev::position(index);
+        let cell = cells.get(&element, 0).map_err(op_err(map_names::MAGLEV))?;
+        Ok(Some(TableSlot {
+            size,
+            index,
+            backend_id: cell[half],
+        }))
+    }
+}
+
+/// A Maglev table entry, as `lb explain` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSlot {
+    /// The table size.
+    pub size: u32,
+    /// The entry: the flow hash modulo the size.
+    pub index: u32,
+    /// The backend id in it.
+    pub backend_id: u32,
 }
 
 fn open_pinned_map(
@@ -401,6 +484,14 @@ fn open_pinned_map(
         return Err(DatapathError::NotPinned(pin_dir.to_owned()));
     }
     Ok(kind(MapData::from_pin(&path).map_err(map_err(name))?))
+}
+
+fn os_err(map: &'static str, source: io::Error) -> MapOpError {
+    if source.raw_os_error() == Some(libc::E2BIG) {
+        MapOpError::Full { map }
+    } else {
+        MapOpError::Os { map, source }
+    }
 }
 
 fn op_err(map: &'static str) -> impl Fn(MapError) -> MapOpError {
@@ -436,18 +527,136 @@ fn read<K: aya::Pod, V: aya::Pod>(
     map.iter().collect::<Result<_, _>>().map_err(op_err(name))
 }
 
+fn source_range_key(service_id: u32, range: Ipv4Cidr) -> lpm_trie::Key<SourceRange4> {
+    lpm_trie::Key::new(
+        SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len),
+        SourceRange4 {
+            service_id,
+            addr: u32::from_ne_bytes(range.addr.octets()),
+        },
+    )
+}
+
 impl DatapathMaps for BpfMaps {
+    /// The inner map (closed on drop: the kernel frees it unless a service points at it).
+    type Table = Array<MapData, MaglevCell>;
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
+        // The counters first, so that the datapath counts from the first packet on. A
+        // backend whose state changes keeps its counters.
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, source)| MapOpError::Os {
+                map: map_names::BACKEND_STATS,
+                source,
+            })
+            .and_then(|cpus| {
+                PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|source| {
+                    MapOpError::Os {
+                        map: map_names::BACKEND_STATS,
+                        source,
+                    }
+                })
+            })?;
+        const BPF_NOEXIST: u64 = 1;
+        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
+            Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            other => other.map_err(op_err(map_names::BACKEND_STATS))?,
+        }
         (self.backends.insert(id, backend, 0)).map_err(op_err(map_names::BACKENDS))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::BACKENDS, self.backends.remove(&id))
+        delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
+        delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
-    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
-        (self.slots.insert(key, backend_id, 0)).map_err(op_err(map_names::SLOTS))
+    fn build_table(
+        &mut self,
+        entries: &[u32],
+        backends: u32,
+    ) -> Result<(TableId, Self::Table), MapOpError> {
+        let err = op_err(map_names::MAGLEV);
+        let size = entries.len() as u32;
+        let mut cells: Vec<MaglevCell> = vec![[0; 2]; maglev::elements(size) as usize];
+        cells[0] = [size, backends];
+        for (index, &backend_id) in entries.iter().enumerate() {
+            let (element, half) = maglev::position(index as u32);
+            cells[element as usize][half] = backend_id;
+        }
+        let table: Array<MapData, MaglevCell> =
+            Array::create(cells.len() as u32, maglev::INNER_MAP_FLAGS).map_err(&err)?;
+        let inner = table.map();
+        sys::mmap_write(inner.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
+            map: map_names::MAGLEV,
+            source,
+        })?;
+        let id = inner.info().map_err(&err)?.id();
+        Ok((id, table))
     }
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
-        delete_result(map_names::SLOTS, self.slots.remove(&key))
+    fn put_tables(
+        &mut self,
+        writes: &[(u32, TableRef<'_, Self::Table>)],
+    ) -> Result<(), BatchError> {
+        // An existing table is opened by its id for its fd; the batch stops before the
+        // first one that cannot be (it is gone: nothing pointed at it any more).
+        let mut opened = Vec::new();
+        let mut fds = Vec::with_capacity(writes.len());
+        let mut open_error = None;
+        for (_, table) in writes {
+            let fd = match table {
+                TableRef::Built(table) => table.map().fd().as_fd().as_raw_fd(),
+                TableRef::Existing(id) => match MapData::from_id(*id) {
+                    Ok(data) => {
+                        let fd = data.fd().as_fd().as_raw_fd();
+                        opened.push(data);
+                        fd
+                    }
+                    Err(e) => {
+                        open_error = Some(op_err(map_names::MAGLEV)(e));
+                        break;
+                    }
+                },
+            };
+            fds.push(fd as u32);
+        }
+        let keys: Vec<u32> = writes[..fds.len()].iter().map(|(id, _)| *id).collect();
+        // The swaps: one write each, one wait for running programs for all.
+        sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds).map_err(|(done, e)| {
+            BatchError {
+                done,
+                error: os_err(map_names::MAGLEV, e),
+            }
+        })?;
+        match open_error {
+            None => Ok(()),
+            Some(error) => Err(BatchError {
+                done: fds.len(),
+                error,
+            }),
+        }
+    }
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
+        let mut start = 0;
+        while start < service_ids.len() {
+            match sys::map_delete_batch(self.maglev_fd.as_fd(), &service_ids[start..]) {
+                Ok(()) => return Ok(()),
+                // Deleting what is not there succeeds: go on after it.
+                Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => start += done + 1,
+                Err((done, e)) => {
+                    return Err(BatchError {
+                        done: start + done,
+                        error: os_err(map_names::MAGLEV, e),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
+        let key = source_range_key(service_id, range);
+        (self.source_ranges.insert(&key, 1, 0)).map_err(op_err(map_names::SOURCE_RANGES))
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
+        let key = source_range_key(service_id, range);
+        delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
     }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
         (self.rev_nat.insert(id, value, 0)).map_err(op_err(map_names::REV_NAT))
@@ -462,58 +671,187 @@ impl DatapathMaps for BpfMaps {
         delete_result(map_names::SERVICES, self.services.remove(key))
     }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
+        let err = op_err(map_names::MAGLEV);
+        let mut tables = Vec::new();
+        // Each distinct table is read once (frontends with the same backends share one).
+        let mut read_tables: BTreeMap<TableId, TableInfo> = BTreeMap::new();
+        for service_id in self.maglev.keys() {
+            let service_id = service_id.map_err(&err)?;
+            let inner = match self.maglev.get(&service_id, 0) {
+                Ok(inner) => inner,
+                // Removed since the keys were listed.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(err(e)),
+            };
+            let info = inner.info().map_err(&err)?;
+            let table = match read_tables.entry(info.id()) {
+                std::collections::btree_map::Entry::Occupied(table) => table.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    let cells: Vec<MaglevCell> =
+                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize)
+                            .map_err(|source| os_err(map_names::MAGLEV, source))?;
+                    slot.insert(table_info_of_cells(info.id(), &cells))
+                }
+            };
+            tables.push((service_id, table.clone()));
+        }
+        let mut source_ranges = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(op_err(map_names::SOURCE_RANGES))?;
+            let data = key.data();
+            let prefix_len = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
+            let range = u8::try_from(prefix_len)
+                .ok()
+                .and_then(|len| Ipv4Cidr::new(Ipv4Addr::from(data.addr.to_ne_bytes()), len));
+            if let Some(range) = range {
+                source_ranges.push((data.service_id, range));
+            }
+        }
         Ok(MapContents {
             services: read(&self.services, map_names::SERVICES)?,
-            slots: read(&self.slots, map_names::SLOTS)?,
             backends: read(&self.backends, map_names::BACKENDS)?,
             rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
+            tables,
+            source_ranges,
         })
     }
 }
 
-/// The per-CPU counters, read from the pins and summed over CPUs.
+/// What a table's inner array holds: the header `[size, backends]`, then the entries in
+/// pairs.
+fn table_info_of_cells(id: TableId, cells: &[MaglevCell]) -> TableInfo {
+    let size = cells.first().map_or(0, |h| h[0]);
+    let backends: BTreeSet<u32> = (0..size)
+        .filter_map(|index| {
+            let (element, half) = maglev::position(index);
+            cells.get(element as usize).map(|c| c[half])
+        })
+        .collect();
+    TableInfo {
+        id,
+        size,
+        backends: backends.into_iter().collect(),
+    }
+}
+
+/// The per-CPU counters, read from the pins and summed over CPUs, and the conntrack
+/// occupancy they are compared with.
 pub struct Counters {
     services: PerCpuArray<MapData, ServiceStats>,
     reasons: PerCpuArray<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
+    backends: PerCpuHashMap<MapData, u32, ServiceStats>,
+    conntrack: HashMap<MapData, Ct4Key, CtEntry>,
+}
+
+/// Conntrack figures: entries now, and what came and went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConntrackStats {
+    /// Entries in the map now (two per flow).
+    pub entries: u64,
+    /// Entries the datapath created.
+    pub inserts: u64,
+    /// Entries the datapath deleted.
+    pub deletes: u64,
+    /// Entries the kernel evicted to make room (LRU): `inserts - deletes - entries`.
+    pub evictions: u64,
+}
+
+fn sum_stats(values: &PerCpuValues<ServiceStats>) -> ServiceStats {
+    values
+        .iter()
+        .fold(ServiceStats::default(), |a, v| ServiceStats {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+            new_flows: a.new_flows + v.new_flows,
+        })
 }
 
 impl Counters {
     /// Opens the counters pinned in `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let services = open_pinned_map(pin_dir, map_names::SERVICE_STATS, Map::PerCpuArray)?;
-        let reasons = open_pinned_map(pin_dir, map_names::REASON_STATS, Map::PerCpuArray)?;
+        let open = |name: &'static str, kind| open_pinned_map(pin_dir, name, kind);
+        let services = open(map_names::SERVICE_STATS, Map::PerCpuArray)?;
+        let reasons = open(map_names::REASON_STATS, Map::PerCpuArray)?;
+        let events = open(map_names::EVENTS, Map::PerCpuArray)?;
+        let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
+        let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
         Ok(Self {
             services: PerCpuArray::try_from(services).map_err(map_err(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(reasons).map_err(map_err(map_names::REASON_STATS))?,
+            events: PerCpuArray::try_from(events).map_err(map_err(map_names::EVENTS))?,
+            backends: PerCpuHashMap::try_from(backends)
+                .map_err(map_err(map_names::BACKEND_STATS))?,
+            conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
         })
     }
 
     /// The counters of one service id, summed over CPUs.
     pub fn service(&self, id: u32) -> Result<ServiceStats, DatapathError> {
-        let values: PerCpuValues<ServiceStats> = self
+        let values = self
             .services
             .get(&id, 0)
             .map_err(map_err(map_names::SERVICE_STATS))?;
-        Ok(values
-            .iter()
-            .fold(ServiceStats::default(), |a, v| ServiceStats {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-                new_flows: a.new_flows + v.new_flows,
-            }))
+        Ok(sum_stats(&values))
+    }
+
+    /// The counters of one backend id, summed over CPUs; `None` for a backend the agent
+    /// has not programmed (or has deleted).
+    pub fn backend(&self, id: u32) -> Result<Option<ServiceStats>, DatapathError> {
+        match self.backends.get(&id, 0) {
+            Ok(values) => Ok(Some(sum_stats(&values))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::BACKEND_STATS)(e)),
+        }
+    }
+
+    fn sums(
+        array: &PerCpuArray<MapData, u64>,
+        name: &'static str,
+        count: u32,
+    ) -> Result<Vec<u64>, DatapathError> {
+        (0..count)
+            .map(|i| {
+                let values = array.get(&i, 0).map_err(map_err(name))?;
+                Ok(values.iter().sum())
+            })
+            .collect()
     }
 
     /// Every reason counter (index = `lb_common::reason`), summed over CPUs.
     pub fn reasons(&self) -> Result<Vec<u64>, DatapathError> {
-        (0..lb_common::reason::COUNT)
-            .map(|i| {
-                let values = self
-                    .reasons
-                    .get(&i, 0)
-                    .map_err(map_err(map_names::REASON_STATS))?;
-                Ok(values.iter().sum())
-            })
-            .collect()
+        Self::sums(
+            &self.reasons,
+            map_names::REASON_STATS,
+            lb_common::reason::COUNT,
+        )
+    }
+
+    /// Every event counter (index = `lb_common::event`), summed over CPUs.
+    pub fn events(&self) -> Result<Vec<u64>, DatapathError> {
+        Self::sums(&self.events, map_names::EVENTS, event::COUNT)
+    }
+
+    /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.
+    pub fn conntrack(&self) -> Result<ConntrackStats, DatapathError> {
+        let mut entries = 0u64;
+        for key in self.conntrack.keys() {
+            match key {
+                Ok(_) => entries += 1,
+                // An entry evicted while the keys are walked.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            }
+        }
+        let events = self.events()?;
+        let inserts = events[event::CT_INSERTS as usize];
+        let deletes = events[event::CT_DELETES as usize];
+        Ok(ConntrackStats {
+            entries,
+            inserts,
+            deletes,
+            evictions: inserts.saturating_sub(deletes).saturating_sub(entries),
+        })
     }
 }
 

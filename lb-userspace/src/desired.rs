@@ -134,6 +134,45 @@ impl fmt::Display for Backend {
     }
 }
 
+/// How new flows of a frontend choose among its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// The Maglev table entry of the flow hash: the same flow gets the same backend on
+    /// every node and after every restart, and a backend change moves few flows.
+    #[default]
+    Maglev,
+    /// A uniformly random entry of the Maglev table (as balanced as the table).
+    Random,
+}
+
+/// The Service annotation that chooses the [`Selection`] of its frontends: `maglev` or
+/// `random`. Without it the agent's `--selection` applies.
+pub const SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+
+impl std::str::FromStr for Selection {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "maglev" => Ok(Selection::Maglev),
+            "random" => Ok(Selection::Random),
+            other => Err(format!(
+                "unknown selection {other:?} (expected maglev or random)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Selection::Maglev => "maglev",
+            Selection::Random => "random",
+        })
+    }
+}
+
 /// Identifies the Service port a frontend belongs to, for humans and metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ServicePortRef {
@@ -170,6 +209,8 @@ pub struct FrontendPlan {
     /// means every source. Filled from `loadBalancerSourceRanges` for LoadBalancer ingress
     /// frontends only (as kube-proxy applies them); other sources are dropped.
     pub source_ranges: Vec<Ipv4Cidr>,
+    /// The Service's [`SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
+    pub selection: Option<Selection>,
 }
 
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services

@@ -1,11 +1,14 @@
-//! What is programmed, read back from the maps: for `lb services`.
+//! What is programmed, read back from the maps: for `lb services` and `lb stats`.
 
 use std::collections::HashMap;
 
-use lb_common::{BACKEND_TERMINATING, SERVICE_F_EXTERNAL, ServiceStats, SlotKey};
+use lb_common::{
+    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, ServiceStats,
+};
 use serde::Serialize;
 
-use crate::{desired::Frontend, sync::MapContents};
+use crate::{datapath::ConntrackStats, desired::Frontend, explain::state_name, sync::MapContents};
 
 /// One programmed frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -16,11 +19,17 @@ pub struct ServiceRow {
     pub service_id: u32,
     /// Whether the frontend is node-external (NodePort, LoadBalancer, externalIP).
     pub external: bool,
-    /// Slot count.
+    /// How many backends new flows choose from.
     pub backend_count: u32,
-    /// `address:port` of each slot's backend, in slot order; `?<id>` for a slot naming a
-    /// backend that is missing, `-` for a missing slot.
+    /// `address:port` of each backend in the frontend's Maglev table, by backend id; `?<id>`
+    /// for an id whose backend is missing, `-` for a missing table.
     pub backends: Vec<String>,
+    /// `maglev` or `random`.
+    pub selection: &'static str,
+    /// sessionAffinity ClientIP timeout in seconds, 0 when off.
+    pub affinity_timeout_secs: u32,
+    /// Whether only loadBalancerSourceRanges may use it.
+    pub source_ranges: bool,
     /// Counters, summed over CPUs.
     pub packets: u64,
     /// Bytes translated.
@@ -34,7 +43,7 @@ pub fn service_rows(
     contents: &MapContents,
     stats: impl Fn(u32) -> ServiceStats,
 ) -> Vec<ServiceRow> {
-    let slots: HashMap<SlotKey, u32> = contents.slots.iter().copied().collect();
+    let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
     let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
     let mut services = contents.services.clone();
     services.sort_by_key(|(k, _)| Frontend::from_key(k).map(|f| (f.addr, f.port, f.proto)));
@@ -43,29 +52,26 @@ pub fn service_rows(
         .map(|(key, svc)| {
             let frontend =
                 Frontend::from_key(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
-            let backends = (1..=svc.backend_count)
-                .map(|slot| {
-                    let key = SlotKey {
-                        service_id: svc.id,
-                        slot,
-                    };
-                    match slots.get(&key) {
-                        None => "-".to_owned(),
-                        Some(id) => match backends.get(id) {
-                            None => format!("?{id}"),
-                            Some(b) => {
-                                let addr = std::net::Ipv4Addr::from(b.octets());
-                                let state = if b.state == BACKEND_TERMINATING {
-                                    " (terminating)"
-                                } else {
-                                    ""
-                                };
-                                format!("{addr}:{}{state}", b.port())
-                            }
-                        },
-                    }
-                })
-                .collect();
+            let backends = match tables.get(&svc.id) {
+                None if svc.backend_count > 0 => vec!["-".to_owned()],
+                None => Vec::new(),
+                Some(table) => table
+                    .backends
+                    .iter()
+                    .map(|id| match backends.get(id) {
+                        None => format!("?{id}"),
+                        Some(b) => {
+                            let addr = std::net::Ipv4Addr::from(b.octets());
+                            let state = match b.state {
+                                BACKEND_TERMINATING => " (terminating)",
+                                BACKEND_REMOVED => " (removed)",
+                                _ => "",
+                            };
+                            format!("{addr}:{}{state}", b.port())
+                        }
+                    })
+                    .collect(),
+            };
             let s = stats(svc.id);
             ServiceRow {
                 frontend,
@@ -73,6 +79,13 @@ pub fn service_rows(
                 external: svc.flags & SERVICE_F_EXTERNAL != 0,
                 backend_count: svc.backend_count,
                 backends,
+                selection: if svc.flags & SERVICE_F_RANDOM != 0 {
+                    "random"
+                } else {
+                    "maglev"
+                },
+                affinity_timeout_secs: svc.affinity_timeout_secs,
+                source_ranges: svc.flags & SERVICE_F_SOURCE_RANGES != 0,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
@@ -106,14 +119,175 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
     out
 }
 
+/// One backend in `lb stats`. Its counters are the backend's, over every frontend that
+/// sends to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendStatsRow {
+    /// Backend id.
+    pub id: u32,
+    /// `address:port`, or `?` when the id has no backend entry.
+    pub backend: String,
+    /// `active`, `terminating` or `removed`.
+    pub state: &'static str,
+    /// Packets sent to it.
+    pub packets: u64,
+    /// Bytes sent to it.
+    pub bytes: u64,
+    /// Flows given to it.
+    pub new_flows: u64,
+}
+
+/// One frontend in `lb stats`, with the backends of its Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FrontendStatsRow {
+    /// `address:port/PROTO`.
+    pub frontend: String,
+    /// The service id.
+    pub service_id: u32,
+    /// `maglev` or `random`.
+    pub selection: &'static str,
+    /// Packets translated.
+    pub packets: u64,
+    /// Bytes translated.
+    pub bytes: u64,
+    /// Flows created.
+    pub new_flows: u64,
+    /// The backends new flows choose from.
+    pub backends: Vec<BackendStatsRow>,
+}
+
+/// Everything `lb stats` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatsReport {
+    /// Every frontend, sorted.
+    pub frontends: Vec<FrontendStatsRow>,
+    /// Backends in no table: terminating or removed ones that drain.
+    pub draining: Vec<BackendStatsRow>,
+    /// Conntrack occupancy, inserts, deletes and evictions.
+    pub conntrack: ConntrackStats,
+    /// Reasons and events that are not zero, by name.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// Builds the `lb stats` report from the maps and counters.
+pub fn stats_report(
+    contents: &MapContents,
+    service_stats: impl Fn(u32) -> ServiceStats,
+    backend_stats: impl Fn(u32) -> Option<ServiceStats>,
+    conntrack: ConntrackStats,
+    counters: Vec<(&'static str, u64)>,
+) -> StatsReport {
+    let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
+    let row = |id: u32| {
+        let s = backend_stats(id).unwrap_or_default();
+        let (backend, state) = match backends.get(&id) {
+            Some(b) => (
+                format!("{}:{}", std::net::Ipv4Addr::from(b.octets()), b.port()),
+                state_name(b.state),
+            ),
+            None => ("?".to_owned(), "missing"),
+        };
+        BackendStatsRow {
+            id,
+            backend,
+            state,
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+        }
+    };
+    let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
+    let mut in_tables = std::collections::BTreeSet::new();
+    let frontends = service_rows(contents, &service_stats)
+        .into_iter()
+        .map(|r| {
+            let ids = tables
+                .get(&r.service_id)
+                .map(|t| t.backends.clone())
+                .unwrap_or_default();
+            in_tables.extend(ids.iter().copied());
+            FrontendStatsRow {
+                frontend: r.frontend,
+                service_id: r.service_id,
+                selection: r.selection,
+                packets: r.packets,
+                bytes: r.bytes,
+                new_flows: r.new_flows,
+                backends: ids.into_iter().map(row).collect(),
+            }
+        })
+        .collect();
+    let mut draining: Vec<u32> = backends
+        .keys()
+        .filter(|id| !in_tables.contains(id))
+        .copied()
+        .collect();
+    draining.sort_unstable();
+    StatsReport {
+        frontends,
+        draining: draining.into_iter().map(row).collect(),
+        conntrack,
+        counters,
+    }
+}
+
+/// `lb stats` as text, in the manner of `ipvsadm -L --stats`.
+pub fn stats_table(report: &StatsReport) -> String {
+    let line = |a: &str, b: &str, c: &str, s: (u64, u64, u64)| {
+        format!(
+            "{a:<5}{b:<28} {c:<12} {:>10} {:>12} {:>14}\n",
+            s.0, s.1, s.2
+        )
+    };
+    let backend = |b: &BackendStatsRow| {
+        line(
+            "  -> ",
+            &b.backend,
+            b.state,
+            (b.new_flows, b.packets, b.bytes),
+        )
+    };
+    let mut out = format!(
+        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}\n{:<5}{:<28} {:<12}\n",
+        "", "Frontend", "Selection", "Conns", "Packets", "Bytes", "  -> ", "Backend", "State"
+    );
+    for f in &report.frontends {
+        out += &line(
+            "",
+            &f.frontend,
+            f.selection,
+            (f.new_flows, f.packets, f.bytes),
+        );
+        for b in &f.backends {
+            out += &backend(b);
+        }
+    }
+    if !report.draining.is_empty() {
+        out += "draining (in no table):\n";
+        for b in &report.draining {
+            out += &backend(b);
+        }
+    }
+    let ct = &report.conntrack;
+    out += &format!(
+        "conntrack: {} entries, {} inserted, {} deleted, {} evicted\n",
+        ct.entries, ct.inserts, ct.deletes, ct.evictions
+    );
+    for (name, count) in &report.counters {
+        out += &format!("{name}: {count}\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{BACKEND_ACTIVE, Backend4, Frontend4, PROTO_TCP, Service};
 
     use super::*;
+    use crate::sync::table_info;
 
     #[test]
-    fn rows_follow_the_slots_and_show_what_is_missing() {
+    fn rows_follow_the_tables_and_show_what_is_missing() {
         let contents = MapContents {
             services: vec![(
                 Frontend4::new([10, 96, 0, 10], 8080, PROTO_TCP),
@@ -124,27 +298,19 @@ mod tests {
                     affinity_timeout_secs: 0,
                 },
             )],
-            slots: vec![
+            tables: vec![(3, table_info(1, &[7, 8, 7, 9, 9]))],
+            backends: vec![
                 (
-                    SlotKey {
-                        service_id: 3,
-                        slot: 1,
-                    },
                     7,
+                    Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
                 ),
                 (
-                    SlotKey {
-                        service_id: 3,
-                        slot: 2,
-                    },
-                    8,
+                    9,
+                    Backend4::new([10, 244, 1, 3], 80, PROTO_TCP, BACKEND_TERMINATING),
                 ),
             ],
-            backends: vec![(
-                7,
-                Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
-            )],
             rev_nat: vec![],
+            source_ranges: vec![],
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,
@@ -153,10 +319,66 @@ mod tests {
         });
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].frontend, "10.96.0.10:8080/TCP");
-        assert_eq!(rows[0].backends, ["10.244.1.2:80", "?8", "-"]);
+        assert_eq!(
+            rows[0].backends,
+            ["10.244.1.2:80", "?8", "10.244.1.3:80 (terminating)"]
+        );
         assert_eq!(rows[0].packets, 30);
         let table = services_table(&rows);
         assert!(table.contains("10.96.0.10:8080/TCP"), "{table}");
-        assert!(table.contains("10.244.1.2:80, ?8, -"), "{table}");
+        assert!(
+            table.contains("10.244.1.2:80, ?8, 10.244.1.3:80 (terminating)"),
+            "{table}"
+        );
+        // A service entry with backends but no table shows the gap.
+        let mut no_table = contents.clone();
+        no_table.tables.clear();
+        let rows = service_rows(&no_table, |_| ServiceStats::default());
+        assert_eq!(rows[0].backends, ["-"]);
+
+        // lb stats: the table's backends under the frontend, the others as draining.
+        let mut with_removed = contents.clone();
+        with_removed.backends.push((
+            4,
+            Backend4::new([10, 244, 1, 9], 80, PROTO_TCP, lb_common::BACKEND_REMOVED),
+        ));
+        let counts = |id: u32| ServiceStats {
+            packets: u64::from(id) * 2,
+            bytes: u64::from(id) * 100,
+            new_flows: u64::from(id),
+        };
+        let report = stats_report(
+            &with_removed,
+            counts,
+            |id| (id != 8).then(|| counts(id)),
+            ConntrackStats {
+                entries: 4,
+                inserts: 10,
+                deletes: 2,
+                evictions: 4,
+            },
+            vec![("drain_removed", 3)],
+        );
+        let ids: Vec<u32> = report.frontends[0].backends.iter().map(|b| b.id).collect();
+        assert_eq!(ids, [7, 8, 9]);
+        assert_eq!(report.frontends[0].backends[1].state, "missing");
+        assert_eq!(report.draining.len(), 1);
+        assert_eq!(
+            (report.draining[0].state, report.draining[0].new_flows),
+            ("removed", 4)
+        );
+        let text = stats_table(&report);
+        for want in [
+            "10.96.0.10:8080/TCP",
+            "maglev",
+            "-> 10.244.1.2:80",
+            "active",
+            "draining (in no table):",
+            "10.244.1.9:80",
+            "conntrack: 4 entries, 10 inserted, 2 deleted, 4 evicted",
+            "drain_removed: 3",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
     }
 }

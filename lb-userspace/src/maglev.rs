@@ -45,6 +45,24 @@ use crate::model::Protocol;
 /// service. 16381 is also Cilium's default Maglev table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
 
+/// The largest table size the agent accepts: the largest prime below 2^20 (a table of it
+/// takes 4 MiB of kernel memory per service).
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+
+/// Checks a table size given by the user: a prime, at most [`MAX_TABLE_SIZE`].
+pub fn check_table_size(size: u32) -> Result<u32, MaglevError> {
+    if !is_prime(size) {
+        return Err(MaglevError::SizeNotPrime { size });
+    }
+    if size > MAX_TABLE_SIZE {
+        return Err(MaglevError::SizeTooLarge {
+            size,
+            max: MAX_TABLE_SIZE,
+        });
+    }
+    Ok(size)
+}
+
 /// The stable name of a backend that its place in a Maglev table derives from.
 ///
 /// Two nodes (or one agent before and after a restart) that see the same backends must give
@@ -79,6 +97,14 @@ pub enum MaglevError {
     SizeNotPrime {
         /// The size asked for.
         size: u32,
+    },
+    /// The table size is beyond [`MAX_TABLE_SIZE`].
+    #[error("Maglev table size {size} is larger than {max}")]
+    SizeTooLarge {
+        /// The size asked for.
+        size: u32,
+        /// The largest size accepted.
+        max: u32,
     },
     /// The table is smaller than the number of backends, so some would get no entry.
     #[error("Maglev table size {size} is smaller than the {backends} backends")]
@@ -457,6 +483,25 @@ mod tests {
         // As many backends as entries is allowed: one entry each.
         let table = build(&backends(11), 11).unwrap();
         assert_eq!(counts(&table, 11), vec![1; 11]);
+    }
+
+    #[test]
+    fn table_sizes_given_by_users_are_checked() {
+        assert_eq!(check_table_size(DEFAULT_TABLE_SIZE), Ok(DEFAULT_TABLE_SIZE));
+        assert_eq!(check_table_size(MAX_TABLE_SIZE), Ok(MAX_TABLE_SIZE));
+        assert_eq!(
+            check_table_size(16384),
+            Err(MaglevError::SizeNotPrime { size: 16384 })
+        );
+        // The next prime after the largest accepted.
+        assert_eq!(
+            check_table_size(1_048_583),
+            Err(MaglevError::SizeTooLarge {
+                size: 1_048_583,
+                max: MAX_TABLE_SIZE
+            })
+        );
+        assert!((MAX_TABLE_SIZE + 1..1 << 20).all(|n| !is_prime(n)));
     }
 
     #[test]

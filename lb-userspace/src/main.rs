@@ -2,7 +2,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -13,9 +13,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
-    inspect, metrics,
+    desired::{Protocol, Selection},
+    explain::{Explainer, Flow, monotonic_ns},
+    inspect, maglev, manifest, metrics,
+    model::NodeInfo,
+    plan::Plan,
     source::kube::KubeConfig,
-    sync::DatapathMaps as _,
+    sync::{DatapathMaps as _, SyncConfig},
+    translate,
 };
 
 #[derive(Parser)]
@@ -75,9 +80,74 @@ enum Command {
         /// is what has arrived when the agent is free; no wait).
         #[arg(long, default_value_t = 0)]
         debounce_ms: u64,
+        /// Entries of each Service's Maglev table: a prime. The default keeps the load of
+        /// the backends of a Service with up to 163 of them within 1% of each other.
+        #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+        maglev_table_size: u32,
+        /// How new flows choose a backend when the Service does not say (annotation
+        /// lb.example.io/selection): maglev (consistent hashing) or random.
+        #[arg(long, default_value_t = Selection::Maglev)]
+        selection: Selection,
+        /// Seconds a backend that left the EndpointSlices keeps serving its established
+        /// TCP connections before its entry is deleted.
+        #[arg(long, default_value_t = 60)]
+        drain_secs: u64,
+    },
+    /// Print the frontends and backends a manifests folder translates to, without touching
+    /// the kernel (the agent's own translation). Exits with an error after printing when some
+    /// objects could not be read.
+    Plan {
+        /// Folder of Kubernetes YAML manifests (Services, EndpointSlices, Endpoints).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// This node's name, as in EndpointSlice nodeName (for the Local traffic policies).
+        #[arg(long)]
+        node_name: String,
+        /// Node address for NodePort frontends (repeatable); none means no NodePort frontends.
+        #[arg(long = "node-ip")]
+        node_ips: Vec<Ipv4Addr>,
+        /// This node's zone, for topology-aware routing.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Show the programmed frontends and their backends, read from the pinned maps.
     Services {
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Packets, bytes and new flows per frontend and per backend, conntrack occupancy and
+    /// evictions, and the drop and decision counters, read from the pinned maps.
+    Stats {
+        /// Where the agent pinned the maps.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_path: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
+    /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
+    Explain {
+        /// Client address and port.
+        #[arg(long)]
+        src: SocketAddrV4,
+        /// Frontend address and port.
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// Protocol.
+        #[arg(long, value_enum)]
+        proto: Proto,
+        /// Explain a TCP SYN (a new connection on that port) instead of a packet of an
+        /// established connection.
+        #[arg(long)]
+        syn: bool,
         /// Where the agent pinned the maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
@@ -91,6 +161,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,10 +187,33 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: {e:#}");
+            eprintln!("lb: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message
+/// before it already contains (aya's errors print their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !previous.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        previous = text;
+    }
+    out
+}
+
+fn parse_table_size(s: &str) -> Result<u32, String> {
+    let size: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    maglev::check_table_size(size).map_err(|e| e.to_string())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -131,6 +230,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             initial_sync_timeout_secs,
             debounce_ms,
+            maglev_table_size,
+            selection,
+            drain_secs,
         } => {
             let node_name = node_name.unwrap_or_else(agent::hostname);
             let source = match manifests {
@@ -151,6 +253,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zone,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 metrics_addr,
+                sync: SyncConfig {
+                    table_size: maglev_table_size,
+                    drain: Duration::from_secs(drain_secs),
+                    selection,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -158,6 +265,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?
                 .block_on(agent::run(config))
+        }
+        Command::Plan {
+            manifests,
+            node_name,
+            node_ips,
+            zone,
+            output,
+        } => {
+            let set = manifest::load_dir(&manifests)?;
+            let node = NodeInfo {
+                name: node_name,
+                addresses: node_ips,
+                zone,
+            };
+            let translation = translate::translate(&set.state, &node);
+            let plan = Plan::new(&set, &translation);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+                Output::Table => {
+                    print!("{}", plan.table());
+                    for w in &plan.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for e in &plan.errors {
+                        eprintln!("error: {e}");
+                    }
+                }
+            }
+            if !plan.errors.is_empty() {
+                anyhow::bail!(
+                    "{} object(s) in {} could not be read; they are not in the plan",
+                    plan.errors.len(),
+                    manifests.display()
+                );
+            }
+            Ok(())
         }
         Command::Services { pin_path, output } => {
             let maps = BpfMaps::open_pinned(&pin_path)?;
@@ -168,6 +311,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", inspect::services_table(&rows)),
+            }
+            Ok(())
+        }
+        Command::Stats { pin_path, output } => {
+            let maps = BpfMaps::open_pinned(&pin_path)?;
+            let counters = Counters::open_pinned(&pin_path)?;
+            let contents = maps.read_all()?;
+            let named = |names: &'static [&'static str], values: Vec<u64>| {
+                names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
+            };
+            let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
+                .chain(named(&lb_common::event::NAMES, counters.events()?))
+                .collect();
+            let report = inspect::stats_report(
+                &contents,
+                |id| counters.service(id).unwrap_or_default(),
+                |id| counters.backend(id).ok().flatten(),
+                counters.conntrack()?,
+                nonzero,
+            );
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", inspect::stats_table(&report)),
+            }
+            Ok(())
+        }
+        Command::Explain {
+            src,
+            dst,
+            proto,
+            syn,
+            pin_path,
+            output,
+        } => {
+            let proto = match proto {
+                Proto::Tcp => Protocol::Tcp,
+                Proto::Udp => Protocol::Udp,
+            };
+            let flow = Flow {
+                src,
+                dst,
+                proto,
+                syn,
+            };
+            let explanation = Explainer::open_pinned(&pin_path)?.explain(&flow, monotonic_ns())?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+                Output::Table => {
+                    for step in &explanation.steps {
+                        println!("{step}");
+                    }
+                }
             }
             Ok(())
         }

@@ -44,7 +44,7 @@ pub struct ManifestSet {
 
 /// The folder itself cannot be listed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read manifests folder {}: {source}", dir.display())]
+#[error("cannot read manifests folder {}", dir.display())]
 pub struct LoadDirError {
     /// The folder.
     pub dir: PathBuf,

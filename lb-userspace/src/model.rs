@@ -360,6 +360,8 @@ pub struct Service {
     pub session_affinity: SessionAffinity,
     /// spec.trafficDistribution.
     pub traffic_distribution: Option<TrafficDistribution>,
+    /// The [`crate::desired::SELECTION_ANNOTATION`] annotation.
+    pub selection: Option<crate::desired::Selection>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -755,6 +757,25 @@ impl Service {
             other => TrafficDistribution::Other(other.to_owned()),
         });
 
+        let selection = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::desired::SELECTION_ANNOTATION))
+            .map(|value| {
+                value
+                    .parse()
+                    .map_err(|_| ValidationError::UnsupportedValue {
+                        field: format!(
+                            "metadata.annotations[{:?}]",
+                            crate::desired::SELECTION_ANNOTATION
+                        ),
+                        value: value.clone(),
+                        expected: "maglev, random",
+                    })
+            })
+            .transpose()?;
+
         Ok(Service {
             id,
             type_,
@@ -773,6 +794,7 @@ impl Service {
             )?,
             session_affinity,
             traffic_distribution,
+            selection,
         })
     }
 }
@@ -1025,6 +1047,7 @@ impl EndpointSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::Selection;
 
     fn svc(yaml: &str) -> Result<Service, ValidationError> {
         Service::from_k8s(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))
@@ -1066,8 +1089,24 @@ spec:
                 internal_traffic_policy: TrafficPolicy::Cluster,
                 session_affinity: SessionAffinity::None,
                 traffic_distribution: None,
+                selection: None,
             }
         );
+    }
+
+    #[test]
+    fn selection_annotation() {
+        let with = |value: &str| {
+            svc(&HTTPD.replace(
+                "metadata: {name: httpd-svc}",
+                &format!("metadata: {{name: httpd-svc, annotations: {{lb.example.io/selection: {value}}}}}"),
+            ))
+        };
+        assert_eq!(with("random").unwrap().selection, Some(Selection::Random));
+        assert_eq!(with("maglev").unwrap().selection, Some(Selection::Maglev));
+        let error = with("round-robin").unwrap_err().to_string();
+        assert!(error.contains("lb.example.io/selection"), "{error}");
+        assert!(error.contains("round-robin"), "{error}");
     }
 
     #[test]

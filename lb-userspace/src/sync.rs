@@ -1,33 +1,52 @@
 //! Applies a [`DesiredState`] to the maps with the fewest writes, in an order that never lets
 //! a packet in flight see a half-updated service:
 //!
-//! 1. backends a frontend needs are written first;
-//! 2. then its slots (new and changed ones);
-//! 3. then its reverse-NAT entry and its service entry (which makes the new slot count
-//!    visible);
-//! 4. then slots beyond the new count are deleted;
-//! 5. frontends no longer wanted are removed service entry first;
-//! 6. backends that no frontend lists any more are deleted last.
+//! 1. backends a frontend needs are written first (new ones, and state changes);
+//! 2. then its Maglev table: built whole in a new inner map and swapped in with one write
+//!    of the Maglev map (or, when another frontend already has a table of the same backends
+//!    and size, that table is shared: again one write). The swaps of all frontends go in one
+//!    batch: the kernel waits for running programs after every map-of-maps write system
+//!    call (about 7.5 ms here), once per batch instead of once per table;
+//! 3. then its new source ranges (loadBalancerSourceRanges);
+//! 4. then its reverse-NAT entry and its service entry (flags, affinity, backend count);
+//! 5. then the source ranges it no longer has, and its table when it has no backend left;
+//! 6. frontends no longer wanted are removed service entry first;
+//! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
+//!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
-//! Slots (what new flows choose from) hold a frontend's active backends; its terminating
-//! backends only when it has no active one (kube-proxy's fallback). A terminating backend
-//! keeps its backend entry while it is listed, so the flows conntrack pinned to it go on
-//! until they end: it drains.
+//! The Maglev table (what new flows choose from) holds a frontend's active backends; its
+//! terminating backends only when it has no active one (kube-proxy's fallback). A
+//! terminating backend keeps its backend entry while it is listed, so the flows conntrack
+//! pinned to it go on until they end: it drains. A backend that left the EndpointSlices
+//! keeps its entry, REMOVED, for the drain period, so that established TCP connections to a
+//! pod that is still shutting down are not broken (the datapath's rules for each state are
+//! on `lb_common::event`).
 //!
 //! The bookkeeping mirrors exactly what is in the maps, write by write, so a failed write (a
 //! full map) leaves both consistent: the frontend keeps what it had, the error is reported,
 //! and the next apply tries again. On start the bookkeeping is rebuilt from the pinned maps
-//! ([`Syncer::adopt`]), so a restarted agent rewrites nothing that is already right.
+//! ([`Syncer::adopt`]), so a restarted agent rewrites nothing that is already right. The time
+//! a backend was removed is not in the maps: an adopted REMOVED backend drains for a whole
+//! period from the restart on (at most twice the period in all).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, Frontend4, MAX_SERVICES, RevNat4,
-    SERVICE_F_EXTERNAL, Service, SlotKey, map_names,
+    BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4, MAX_SERVICES,
+    RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, Service, map_names,
 };
 use thiserror::Error;
 
-use crate::desired::{DesiredState, Frontend, FrontendPlan};
+use crate::{
+    desired::{DesiredState, Frontend, FrontendPlan, Selection},
+    maglev::{self, BackendIdentity, MaglevError},
+    model::{self, Ipv4Cidr},
+};
 
 /// Why one map operation failed.
 #[derive(Debug, Error)]
@@ -63,6 +82,17 @@ pub enum SyncError {
         #[source]
         source: MapOpError,
     },
+    /// Its Maglev table cannot be built (more backends than table entries).
+    #[error("frontend {frontend} ({service}): {source}")]
+    Maglev {
+        /// The frontend.
+        frontend: Frontend,
+        /// The Service port it belongs to.
+        service: String,
+        /// Why.
+        #[source]
+        source: MaglevError,
+    },
     /// No service id is free.
     #[error("frontend {frontend}: all {max} service ids are in use")]
     OutOfServiceIds {
@@ -76,29 +106,108 @@ pub enum SyncError {
     Cleanup(MapOpError),
 }
 
+/// How the syncer programs selection and drains backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// Entries of every Maglev table: a prime (see [`maglev::DEFAULT_TABLE_SIZE`]).
+    pub table_size: u32,
+    /// How long a backend that left the EndpointSlices keeps its entry (REMOVED) so that
+    /// established TCP connections to it continue.
+    pub drain: Duration,
+    /// The selection of frontends whose Service does not choose one.
+    pub selection: Selection,
+}
+
+/// The default drain period of removed backends.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            table_size: maglev::DEFAULT_TABLE_SIZE,
+            drain: DEFAULT_DRAIN,
+            selection: Selection::Maglev,
+        }
+    }
+}
+
+/// Where a Maglev table is: the id of its inner map (for BPF, the kernel's map id).
+pub type TableId = u32;
+
+/// A Maglev table as read back: which table, its size, and the distinct backend ids in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// The table.
+    pub id: TableId,
+    /// Its number of entries.
+    pub size: u32,
+    /// The backend ids its entries name, sorted, each once.
+    pub backends: Vec<u32>,
+}
+
 /// Everything in the control-plane maps, as read back for adoption.
 #[derive(Debug, Default, Clone)]
 pub struct MapContents {
     /// Services map entries.
     pub services: Vec<(Frontend4, Service)>,
-    /// Slot map entries.
-    pub slots: Vec<(SlotKey, u32)>,
     /// Backends map entries.
     pub backends: Vec<(u32, Backend4)>,
     /// Reverse-NAT map entries.
     pub rev_nat: Vec<(u32, RevNat4)>,
+    /// The Maglev table of each service id that has one.
+    pub tables: Vec<(u32, TableInfo)>,
+    /// Source ranges, by service id.
+    pub source_ranges: Vec<(u32, Ipv4Cidr)>,
+}
+
+/// A table to point a service at in [`DatapathMaps::put_tables`].
+#[derive(Debug)]
+pub enum TableRef<'a, T> {
+    /// One just built by [`DatapathMaps::build_table`].
+    Built(&'a T),
+    /// One that services point at already.
+    Existing(TableId),
+}
+
+/// A batch of writes that stopped at an error: the first `done` were applied.
+#[derive(Debug, Error)]
+#[error("{error}")]
+pub struct BatchError {
+    /// How many writes were applied (the first ones, in order).
+    pub done: usize,
+    /// Why the next one failed.
+    #[source]
+    pub error: MapOpError,
 }
 
 /// The map operations sync needs: implemented on the pinned BPF maps and in memory.
 pub trait DatapathMaps {
-    /// Writes (creates or replaces) a backend.
+    /// A Maglev table built whole that nothing points at yet (for BPF, its inner map, which
+    /// the kernel frees when the handle is dropped and no service points at it).
+    type Table;
+    /// Writes (creates or replaces) a backend (and creates its counters when it is new).
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError>;
-    /// Deletes a backend.
+    /// Deletes a backend and its counters.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Writes a slot.
-    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError>;
-    /// Deletes a slot.
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError>;
+    /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table
+    /// entry; `backends` distinct ones). Returns its id and a handle for [`Self::put_tables`].
+    fn build_table(
+        &mut self,
+        entries: &[u32],
+        backends: u32,
+    ) -> Result<(TableId, Self::Table), MapOpError>;
+    /// Points each service id at its table: one write of the Maglev map per service, all
+    /// in one system call (a map-of-maps write waits for running programs, once per call).
+    /// Applied in order; an error stops the batch.
+    fn put_tables(&mut self, writes: &[(u32, TableRef<'_, Self::Table>)])
+    -> Result<(), BatchError>;
+    /// Removes the tables of these service ids (a table goes when nothing points at it), in
+    /// one system call, in order; an error stops the batch.
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError>;
+    /// Allows `range` as a source of `service_id`.
+    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
+    /// Removes `range` from the sources of `service_id`.
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
     /// Writes a reverse-NAT entry.
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError>;
     /// Deletes a reverse-NAT entry.
@@ -111,21 +220,75 @@ pub trait DatapathMaps {
     fn read_all(&self) -> Result<MapContents, MapOpError>;
 }
 
-/// One programmed frontend, exactly as it is in the maps.
+/// What a Maglev table holds: the same key gives the same table, so frontends with equal
+/// keys share one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TableKey {
+    size: u32,
+    /// Backend ids, sorted.
+    backends: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProgrammedTable {
+    key: TableKey,
+    id: TableId,
+}
+
+/// A table that frontends point at, and how many do.
+#[derive(Debug)]
+struct SharedTable {
+    id: TableId,
+    users: usize,
+}
+
+/// One frontend, exactly as it is in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Programmed {
-    service: Service,
-    /// Backend id of slot `i + 1`; 0 where the slot is missing in the maps.
-    slots: Vec<u32>,
+    /// Its service id (allocated before anything is written under it).
+    id: u32,
+    /// Its service entry; `None` until the first write of it succeeds (until then no packet
+    /// reaches what is written under the id).
+    service: Option<Service>,
+    /// The table its id points at in the Maglev map.
+    table: Option<ProgrammedTable>,
+    /// Its source ranges in the source-range map.
+    ranges: BTreeSet<Ipv4Cidr>,
+    rev_nat: bool,
     /// Every backend the frontend lists, draining ones included: kept in the backends map.
     members: Vec<u32>,
-    rev_nat: bool,
+}
+
+impl Programmed {
+    fn new(id: u32) -> Self {
+        Self {
+            id,
+            service: None,
+            table: None,
+            ranges: BTreeSet::new(),
+            rev_nat: false,
+            members: Vec::new(),
+        }
+    }
 }
 
 type BackendKey = (u32, u16, u8);
 
 fn backend_key(b: &Backend4) -> BackendKey {
     (b.addr, b.port, b.proto)
+}
+
+/// The stable identity of a backend that its place in a Maglev table derives from.
+pub fn backend_identity(b: &Backend4) -> BackendIdentity {
+    let proto = if b.proto == lb_common::PROTO_UDP {
+        model::Protocol::Udp
+    } else {
+        model::Protocol::Tcp
+    };
+    BackendIdentity::new(
+        SocketAddrV4::new(Ipv4Addr::from(b.octets()), b.port()).into(),
+        proto,
+    )
 }
 
 /// What one [`Syncer::apply`] did.
@@ -135,18 +298,76 @@ pub struct ApplyReport {
     pub map_ops: usize,
     /// Frontends programmed after the apply.
     pub frontends: usize,
-    /// Backends programmed after the apply.
+    /// Backends programmed after the apply (REMOVED ones that drain included).
     pub backends: usize,
     /// What failed (the rest was applied).
     pub errors: Vec<SyncError>,
 }
 
+/// A wanted frontend during an apply: what it is to become, taken out of the bookkeeping
+/// until its writes are done.
+struct Pending {
+    key: Frontend4,
+    frontend: Frontend,
+    service_name: String,
+    programmed: Programmed,
+    /// The table it needs; `None` when it has no backend.
+    table: Option<TableKey>,
+    ranges: BTreeSet<Ipv4Cidr>,
+    service: Service,
+    /// Its table could not be written: its entries stay as they are.
+    failed: bool,
+}
+
+impl Pending {
+    fn map_error(&self, source: MapOpError) -> SyncError {
+        SyncError::Map {
+            frontend: self.frontend,
+            service: self.service_name.clone(),
+            source,
+        }
+    }
+}
+
+/// Why a table could not be built.
+enum BuildError {
+    Map(MapOpError),
+    Maglev(MaglevError),
+}
+
+/// Counts one more user of `table`; it becomes the shared table of its key if that key has
+/// none.
+fn share(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable) {
+    let shared = tables.entry(table.key.clone()).or_insert(SharedTable {
+        id: table.id,
+        users: 0,
+    });
+    if shared.id == table.id {
+        shared.users += 1;
+    }
+}
+
+fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable) {
+    if let Some(shared) = tables.get_mut(&table.key)
+        && shared.id == table.id
+    {
+        shared.users -= 1;
+        if shared.users == 0 {
+            tables.remove(&table.key);
+        }
+    }
+}
+
 /// Keeps the maps equal to the desired state.
 pub struct Syncer<M> {
     maps: M,
+    config: SyncConfig,
     frontends: BTreeMap<Frontend4, Programmed>,
     backends: HashMap<u32, Backend4>,
     backend_ids: HashMap<BackendKey, u32>,
+    /// REMOVED backends and when they were marked so.
+    removed: HashMap<u32, Instant>,
+    tables: HashMap<TableKey, SharedTable>,
     used_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     next_backend_id: u32,
@@ -154,35 +375,53 @@ pub struct Syncer<M> {
 }
 
 impl<M: DatapathMaps> Syncer<M> {
+    /// [`Syncer::adopt_with`] the default configuration.
+    pub fn adopt(maps: M) -> Result<Self, MapOpError> {
+        Self::adopt_with(maps, SyncConfig::default())
+    }
+
     /// Takes over whatever the maps hold (empty maps on a first start; an earlier agent's
     /// state on a restart), removing entries that no service can reach.
-    pub fn adopt(maps: M) -> Result<Self, MapOpError> {
+    pub fn adopt_with(maps: M, config: SyncConfig) -> Result<Self, MapOpError> {
         let contents = maps.read_all()?;
+        let now = Instant::now();
         let mut syncer = Syncer {
             maps,
+            config,
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_ids: HashMap::new(),
+            removed: HashMap::new(),
+            tables: HashMap::new(),
             used_service_ids: BTreeSet::new(),
             next_service_id: 1,
             next_backend_id: 1,
             ops: 0,
         };
-        let slots: HashMap<SlotKey, u32> = contents.slots.iter().copied().collect();
+        let tables: HashMap<u32, &TableInfo> =
+            contents.tables.iter().map(|(id, t)| (*id, t)).collect();
+        let mut ranges: HashMap<u32, BTreeSet<Ipv4Cidr>> = HashMap::new();
+        for (id, range) in &contents.source_ranges {
+            ranges.entry(*id).or_default().insert(*range);
+        }
         for (key, service) in &contents.services {
+            let table = tables.get(&service.id).map(|t| ProgrammedTable {
+                key: TableKey {
+                    size: t.size,
+                    backends: t.backends.clone(),
+                },
+                id: t.id,
+            });
+            if let Some(table) = &table {
+                share(&mut syncer.tables, table);
+            }
             let programmed = Programmed {
-                service: *service,
-                slots: (1..=service.backend_count)
-                    .map(|slot| {
-                        let key = SlotKey {
-                            service_id: service.id,
-                            slot,
-                        };
-                        slots.get(&key).copied().unwrap_or(0)
-                    })
-                    .collect(),
-                members: Vec::new(),
+                id: service.id,
+                service: Some(*service),
+                table,
+                ranges: ranges.remove(&service.id).unwrap_or_default(),
                 rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
+                members: Vec::new(),
             };
             syncer.used_service_ids.insert(service.id);
             syncer.frontends.insert(*key, programmed);
@@ -193,24 +432,29 @@ impl<M: DatapathMaps> Syncer<M> {
                 .backend_ids
                 .entry(backend_key(backend))
                 .or_insert(*id);
+            if backend.state == BACKEND_REMOVED {
+                syncer.removed.insert(*id, now);
+            }
         }
         syncer.next_service_id = syncer.used_service_ids.last().map_or(1, |id| id + 1);
         syncer.next_backend_id = syncer.backends.keys().max().map_or(1, |id| id + 1);
 
-        // Slots and reverse-NAT entries of no service, or beyond a service's count, are
-        // leftovers of an interrupted update: nothing reads them, so they go now.
-        let live: HashMap<u32, u32> = contents
-            .services
+        // Tables, source ranges and reverse-NAT entries of no service are leftovers of an
+        // interrupted update: nothing reads them, so they go now.
+        let leftover: Vec<u32> = contents
+            .tables
             .iter()
-            .map(|(_, s)| (s.id, s.backend_count))
+            .map(|(id, _)| *id)
+            .filter(|id| !syncer.used_service_ids.contains(id))
             .collect();
-        for (key, _) in &contents.slots {
-            if live.get(&key.service_id).is_none_or(|n| key.slot > *n) {
-                syncer.maps.delete_slot(*key)?;
+        syncer.maps.delete_tables(&leftover).map_err(|e| e.error)?;
+        for (id, stale) in ranges {
+            for range in stale {
+                syncer.maps.delete_source_range(id, range)?;
             }
         }
         for (id, _) in &contents.rev_nat {
-            if !live.contains_key(id) {
+            if !syncer.used_service_ids.contains(id) {
                 syncer.maps.delete_rev_nat(*id)?;
             }
         }
@@ -222,93 +466,159 @@ impl<M: DatapathMaps> Syncer<M> {
         &self.maps
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
     /// The service id of each programmed frontend.
     pub fn service_ids(&self) -> impl Iterator<Item = (Frontend4, u32)> + '_ {
-        self.frontends.iter().map(|(k, p)| (*k, p.service.id))
+        self.frontends
+            .iter()
+            .filter(|(_, p)| p.service.is_some())
+            .map(|(k, p)| (*k, p.id))
+    }
+
+    /// When the next REMOVED backend's drain ends: an apply after that deletes it.
+    pub fn next_drain_deadline(&self) -> Option<Instant> {
+        self.removed.values().min().map(|t| *t + self.config.drain)
     }
 
     /// Makes the maps hold `desired`, with the fewest writes, in the safe order.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let ops_before = self.ops;
-        let mut errors = Vec::new();
+        self.apply_at(desired, Instant::now())
+    }
+
+    /// [`Syncer::apply`] at the time `now` (which decides which drains have ended).
+    ///
+    /// The steps of the module documentation run for all frontends at once (each frontend
+    /// still sees them in order), so that the tables of all frontends are swapped in with
+    /// one system call, and the unused ones removed with another.
+    pub fn apply_at(&mut self, desired: &DesiredState, now: Instant) -> ApplyReport {
         let wanted: BTreeMap<Frontend4, (&Frontend, &FrontendPlan)> = desired
             .frontends
             .iter()
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
-
-        for (key, (frontend, plan)) in &wanted {
-            if let Err(error) = self.apply_frontend(key, frontend, plan) {
-                errors.push(error);
-            }
-        }
         let stale: Vec<Frontend4> = self
             .frontends
             .keys()
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
-        for key in stale {
-            if let Err(error) = self.remove_frontend(&key) {
-                errors.push(SyncError::Cleanup(error));
-            }
-        }
-        let all: BTreeSet<u32> = self.backends.keys().copied().collect();
-        self.finish(all, ops_before, errors)
+        self.apply_scoped(&wanted, stale, None, now)
     }
 
-    /// Like [`Syncer::apply`], for the frontends in `changed` only: each is programmed as
-    /// `desired` has it, or removed when `desired` does not list it. The cost follows the
-    /// size of the change, not of the state (apart from one scan of the programmed ids when
-    /// a backend may have lost its last frontend).
+    /// Like [`Syncer::apply_at`], for the frontends in `changed` only: each is programmed as
+    /// `desired` has it, or removed when `desired` does not list it; and the backends whose
+    /// drain has ended are deleted. The cost follows the size of the change, not of the
+    /// state (but for one scan of the programmed ids when a backend may have lost its last
+    /// frontend).
     pub fn apply_changed<'a>(
         &mut self,
         desired: &DesiredState,
         changed: impl IntoIterator<Item = &'a Frontend>,
+        now: Instant,
     ) -> ApplyReport {
-        let ops_before = self.ops;
-        let mut errors = Vec::new();
+        let mut wanted = BTreeMap::new();
+        let mut stale = Vec::new();
         let mut released = BTreeSet::new();
         for frontend in changed {
             let key = frontend.key();
             if let Some(p) = self.frontends.get(&key) {
-                released.extend(p.slots.iter().chain(&p.members).copied());
+                released.extend(p.members.iter().copied());
+                released.extend(p.table.iter().flat_map(|t| t.key.backends.iter().copied()));
             }
-            let result = match desired.frontends.get(frontend) {
-                Some(plan) => self.apply_frontend(&key, frontend, plan),
-                None => self.remove_frontend(&key).map_err(SyncError::Cleanup),
-            };
-            if let Err(error) = result {
-                errors.push(error);
+            match desired.frontends.get_key_value(frontend) {
+                Some((f, plan)) => {
+                    wanted.insert(key, (f, plan));
+                }
+                None if self.frontends.contains_key(&key) => stale.push(key),
+                None => {}
             }
         }
-        self.finish(released, ops_before, errors)
+        let drained = self
+            .removed
+            .iter()
+            .filter(|(_, since)| now >= **since + self.config.drain)
+            .map(|(id, _)| *id);
+        released.extend(drained);
+        self.apply_scoped(&wanted, stale, Some(released), now)
     }
 
-    /// Deletes the backends among `candidates` that no frontend references, and reports.
-    fn finish(
+    /// The steps of the module documentation for the frontends `wanted` and `stale`; then
+    /// the backends among `candidates` (all when `None`) that no frontend lists are
+    /// collected.
+    ///
+    /// The steps run for all these frontends at once (each frontend still sees them in
+    /// order), so that the tables of all frontends are swapped in with one system call, and
+    /// the unused ones removed with another.
+    fn apply_scoped(
         &mut self,
-        candidates: BTreeSet<u32>,
-        ops_before: usize,
-        mut errors: Vec<SyncError>,
+        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
+        stale: Vec<Frontend4>,
+        candidates: Option<BTreeSet<u32>>,
+        now: Instant,
     ) -> ApplyReport {
-        if let Err(error) = self.collect_backends(candidates) {
+        let ops_before = self.ops;
+        let mut errors = Vec::new();
+
+        // 1. Backends, and what each frontend is to become.
+        let mut pending = Vec::with_capacity(wanted.len());
+        for (key, (frontend, plan)) in wanted {
+            match self.prepare(key, frontend, plan) {
+                Ok(p) => pending.push(p),
+                Err(error) => errors.push(error),
+            }
+        }
+        // 2. Tables.
+        self.swap_tables(&mut pending, &mut errors);
+        // 3, 4, 5. Source ranges, reverse NAT, service entries.
+        let mut unused_tables = Vec::new();
+        for mut p in pending {
+            if !p.failed {
+                match self.write_entries(&mut p) {
+                    Ok(()) if p.table.is_none() && p.programmed.table.is_some() => {
+                        unused_tables.push(p.key);
+                    }
+                    Ok(()) => {}
+                    Err(error) => errors.push(p.map_error(error)),
+                }
+            }
+            self.frontends.insert(p.key, p.programmed);
+        }
+        // 6. Frontends no longer wanted, service entry first.
+        for key in stale {
+            if let Err(error) = self.remove_entries(&key) {
+                errors.push(SyncError::Cleanup(error));
+            } else if self.frontends[&key].table.is_some() {
+                unused_tables.push(key);
+            } else {
+                self.forget(&key);
+            }
+        }
+        // Then the tables nothing reads any more.
+        self.delete_tables(&unused_tables, wanted, &mut errors);
+        // 7. Backends no frontend lists.
+        let candidates = candidates.unwrap_or_else(|| self.backends.keys().copied().collect());
+        if let Err(error) = self.collect_backends(candidates, now) {
             errors.push(SyncError::Cleanup(error));
         }
         ApplyReport {
             map_ops: self.ops - ops_before,
-            frontends: self.frontends.len(),
+            frontends: self.service_ids().count(),
             backends: self.backends.len(),
             errors,
         }
     }
 
-    fn apply_frontend(
+    /// Writes the backends of a wanted frontend and works out the rest of its state.
+    fn prepare(
         &mut self,
         key: &Frontend4,
         frontend: &Frontend,
         plan: &FrontendPlan,
-    ) -> Result<(), SyncError> {
+    ) -> Result<Pending, SyncError> {
         let map_err = |source| SyncError::Map {
             frontend: *frontend,
             service: plan.service.to_string(),
@@ -329,145 +639,272 @@ impl<M: DatapathMaps> Syncer<M> {
                 active.push(id);
             }
         }
-        let slots = if active.is_empty() { &ids } else { &active };
-        let flags = if plan.kind.is_external() {
-            SERVICE_F_EXTERNAL
+        let mut selected = if active.is_empty() {
+            ids.clone()
         } else {
-            0
+            active
         };
-        let affinity = plan.affinity_timeout_secs.unwrap_or(0);
-
-        let existing = self.frontends.get(key).map(|p| p.service.id);
-        let id = match existing {
-            Some(id) => id,
-            None => self.allocate_service_id(frontend)?,
+        selected.sort_unstable();
+        selected.dedup();
+        let mut flags = 0;
+        if plan.kind.is_external() {
+            flags |= SERVICE_F_EXTERNAL;
+        }
+        if plan.selection.unwrap_or(self.config.selection) == Selection::Random {
+            flags |= SERVICE_F_RANDOM;
+        }
+        if !plan.source_ranges.is_empty() {
+            flags |= SERVICE_F_SOURCE_RANGES;
+        }
+        let mut programmed = match self.frontends.remove(key) {
+            Some(p) => p,
+            None => Programmed::new(self.allocate_service_id(frontend)?),
         };
-        let result = self.write_frontend(key, id, slots, flags, affinity);
-        if let Some(p) = self.frontends.get_mut(key) {
-            p.members = ids.clone();
-        }
-        if existing.is_none() && !self.frontends.contains_key(key) {
-            // The service entry was never written, so no packet can reach what was written
-            // for it: undo it. Best effort: leftovers are unreachable, and adoption removes
-            // them.
-            self.used_service_ids.remove(&id);
-            for slot in 1..=slots.len() as u32 {
-                let _ = self.delete_slot(SlotKey {
-                    service_id: id,
-                    slot,
-                });
-            }
-            let _ = self.op(|m| m.delete_rev_nat(id));
-        }
-        result.map_err(map_err)
+        programmed.members = ids;
+        let service = Service {
+            id: programmed.id,
+            backend_count: selected.len() as u32,
+            flags,
+            affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
+        };
+        Ok(Pending {
+            key: *key,
+            frontend: *frontend,
+            service_name: plan.service.to_string(),
+            programmed,
+            table: (!selected.is_empty()).then_some(TableKey {
+                size: self.config.table_size,
+                backends: selected,
+            }),
+            ranges: plan.source_ranges.iter().copied().collect(),
+            service,
+            failed: false,
+        })
     }
 
-    fn write_frontend(
-        &mut self,
-        key: &Frontend4,
-        id: u32,
-        ids: &[u32],
-        flags: u32,
-        affinity: u32,
-    ) -> Result<(), MapOpError> {
-        let old_slots = self
-            .frontends
-            .get(key)
-            .map(|p| p.slots.clone())
-            .unwrap_or_default();
-        // 2. New and changed slots.
-        for (i, &backend_id) in ids.iter().enumerate() {
-            if old_slots.get(i) != Some(&backend_id) {
-                let slot = SlotKey {
-                    service_id: id,
-                    slot: i as u32 + 1,
-                };
-                self.op(|m| m.put_slot(slot, backend_id))?;
-                if let Some(p) = self.frontends.get_mut(key)
-                    && i < p.slots.len()
-                {
-                    p.slots[i] = backend_id;
+    /// Step 2: builds the tables that do not exist yet (once per distinct key), then points
+    /// every frontend whose table changes at its table, in one batch (retried past a
+    /// failing write, which fails only its frontend).
+    fn swap_tables(&mut self, pending: &mut [Pending], errors: &mut Vec<SyncError>) {
+        let mut built: Vec<(TableId, M::Table)> = Vec::new();
+        let mut built_for: HashMap<TableKey, usize> = HashMap::new();
+        // (index into pending, table id, index into built)
+        let mut swaps: Vec<(usize, TableId, Option<usize>)> = Vec::new();
+        for (i, p) in pending.iter_mut().enumerate() {
+            let Some(want) = &p.table else { continue };
+            if p.programmed.table.as_ref().map(|t| &t.key) == Some(want) {
+                continue;
+            }
+            if let Some(shared) = self.tables.get(want) {
+                swaps.push((i, shared.id, None));
+                continue;
+            }
+            if let Some(&b) = built_for.get(want) {
+                swaps.push((i, built[b].0, Some(b)));
+                continue;
+            }
+            match self.build(want) {
+                Ok(table) => {
+                    built_for.insert(want.clone(), built.len());
+                    swaps.push((i, table.0, Some(built.len())));
+                    built.push(table);
+                }
+                Err(error) => {
+                    p.failed = true;
+                    errors.push(match error {
+                        BuildError::Map(source) => p.map_error(source),
+                        BuildError::Maglev(source) => SyncError::Maglev {
+                            frontend: p.frontend,
+                            service: p.service_name.clone(),
+                            source,
+                        },
+                    });
                 }
             }
         }
-        // 3. Reverse NAT, then the service entry.
-        let has_rev_nat = self.frontends.get(key).is_some_and(|p| p.rev_nat);
-        if !has_rev_nat {
-            self.op(|m| m.put_rev_nat(id, &RevNat4::of(key)))?;
-            if let Some(p) = self.frontends.get_mut(key) {
-                p.rev_nat = true;
+        let writes: Vec<(u32, TableRef<'_, M::Table>)> = swaps
+            .iter()
+            .map(|&(i, id, b)| {
+                let table = match b {
+                    Some(b) => TableRef::Built(&built[b].1),
+                    None => TableRef::Existing(id),
+                };
+                (pending[i].programmed.id, table)
+            })
+            .collect();
+        let mut start = 0;
+        while start < writes.len() {
+            self.ops += writes.len() - start;
+            let result = self.maps.put_tables(&writes[start..]);
+            let done = match &result {
+                Ok(()) => writes.len() - start,
+                Err(e) => e.done,
+            };
+            for &(i, id, _) in &swaps[start..start + done] {
+                let p = &mut pending[i];
+                let table = ProgrammedTable {
+                    key: p.table.clone().unwrap_or_else(|| unreachable!()),
+                    id,
+                };
+                share(&mut self.tables, &table);
+                if let Some(old) = p.programmed.table.replace(table) {
+                    unshare(&mut self.tables, &old);
+                }
+            }
+            start += done;
+            if let Err(e) = result {
+                let p = &mut pending[swaps[start].0];
+                p.failed = true;
+                errors.push(p.map_error(e.error));
+                start += 1;
             }
         }
-        let service = Service {
-            id,
-            backend_count: ids.len() as u32,
-            flags,
-            affinity_timeout_secs: affinity,
-        };
-        if self.frontends.get(key).map(|p| p.service) != Some(service) {
-            self.op(|m| m.put_service(key, &service))?;
-            // The maps now hold slots 1..=n with `ids` and, beyond n, the old slots.
-            let mut slots = ids.to_vec();
-            slots.extend(old_slots.iter().skip(ids.len()));
-            self.frontends.insert(
-                *key,
-                Programmed {
-                    service,
-                    slots,
-                    members: Vec::new(),
-                    rev_nat: true,
-                },
-            );
+    }
+
+    fn build(&mut self, want: &TableKey) -> Result<(TableId, M::Table), BuildError> {
+        let identities: Vec<BackendIdentity> = want
+            .backends
+            .iter()
+            .map(|id| backend_identity(&self.backends[id]))
+            .collect();
+        let table = maglev::build(&identities, want.size).map_err(BuildError::Maglev)?;
+        let entries: Vec<u32> = table
+            .entries()
+            .iter()
+            .map(|&i| want.backends[i as usize])
+            .collect();
+        let count = want.backends.len() as u32;
+        self.op(|m| m.build_table(&entries, count))
+            .map_err(BuildError::Map)
+    }
+
+    /// Steps 3 to 5 for one frontend whose table is in place.
+    fn write_entries(&mut self, p: &mut Pending) -> Result<(), MapOpError> {
+        let prog = &mut p.programmed;
+        for range in p.ranges.difference(&prog.ranges.clone()) {
+            self.op(|m| m.put_source_range(prog.id, *range))?;
+            prog.ranges.insert(*range);
         }
-        // 4. Slots beyond the new count.
-        while let Some(p) = self.frontends.get(key) {
-            if p.slots.len() <= ids.len() {
-                break;
-            }
-            let slot = p.slots.len() as u32;
-            self.delete_slot(SlotKey {
-                service_id: id,
-                slot,
-            })?;
-            if let Some(p) = self.frontends.get_mut(key) {
-                p.slots.pop();
-            }
+        if !prog.rev_nat {
+            self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(&p.key)))?;
+            prog.rev_nat = true;
+        }
+        if prog.service != Some(p.service) {
+            self.op(|m| m.put_service(&p.key, &p.service))?;
+            prog.service = Some(p.service);
+        }
+        for range in prog.ranges.clone().difference(&p.ranges) {
+            self.op(|m| m.delete_source_range(prog.id, *range))?;
+            prog.ranges.remove(range);
         }
         Ok(())
     }
 
-    fn remove_frontend(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        let Some(p) = self.frontends.get(key).cloned() else {
+    /// Removes the tables of `keys` in one batch; a frontend that is not wanted any more
+    /// is then forgotten.
+    fn delete_tables(
+        &mut self,
+        keys: &[Frontend4],
+        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
+        errors: &mut Vec<SyncError>,
+    ) {
+        let ids: Vec<u32> = keys.iter().map(|k| self.frontends[k].id).collect();
+        let mut start = 0;
+        while start < ids.len() {
+            self.ops += ids.len() - start;
+            let result = self.maps.delete_tables(&ids[start..]);
+            let done = match &result {
+                Ok(()) => ids.len() - start,
+                Err(e) => e.done,
+            };
+            for key in &keys[start..start + done] {
+                if let Some(p) = self.frontends.get_mut(key)
+                    && let Some(old) = p.table.take()
+                {
+                    unshare(&mut self.tables, &old);
+                }
+                if !wanted.contains_key(key) {
+                    self.forget(key);
+                }
+            }
+            start += done;
+            if let Err(e) = result {
+                errors.push(SyncError::Cleanup(e.error));
+                start += 1;
+            }
+        }
+    }
+
+    /// Step 6 for a frontend no longer wanted, but its table.
+    fn remove_entries(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
+        let Some(mut p) = self.frontends.remove(key) else {
             return Ok(());
         };
-        self.op(|m| m.delete_service(key))?;
-        self.frontends.remove(key);
-        for slot in 1..=p.slots.len() as u32 {
-            self.delete_slot(SlotKey {
-                service_id: p.service.id,
-                slot,
-            })?;
+        let result = self.remove_programmed(key, &mut p);
+        self.frontends.insert(*key, p);
+        result
+    }
+
+    fn remove_programmed(&mut self, key: &Frontend4, p: &mut Programmed) -> Result<(), MapOpError> {
+        if p.service.is_some() {
+            self.op(|m| m.delete_service(key))?;
+            p.service = None;
+        }
+        for range in p.ranges.clone() {
+            self.op(|m| m.delete_source_range(p.id, range))?;
+            p.ranges.remove(&range);
         }
         if p.rev_nat {
-            self.op(|m| m.delete_rev_nat(p.service.id))?;
+            self.op(|m| m.delete_rev_nat(p.id))?;
+            p.rev_nat = false;
         }
-        self.used_service_ids.remove(&p.service.id);
         Ok(())
     }
 
-    /// Deletes the backends among `candidates` that no frontend references.
-    fn collect_backends(&mut self, mut candidates: BTreeSet<u32>) -> Result<(), MapOpError> {
+    /// Drops a frontend that has nothing left in the maps, freeing its id.
+    fn forget(&mut self, key: &Frontend4) {
+        if let Some(p) = self.frontends.remove(key) {
+            self.used_service_ids.remove(&p.id);
+        }
+    }
+
+    /// Backends among `candidates` that no frontend lists: marked REMOVED, then deleted
+    /// after the drain.
+    fn collect_backends(
+        &mut self,
+        mut candidates: BTreeSet<u32>,
+        now: Instant,
+    ) -> Result<(), MapOpError> {
         candidates.retain(|id| self.backends.contains_key(id));
         for p in self.frontends.values() {
             if candidates.is_empty() {
-                return Ok(());
+                break;
             }
-            for id in p.slots.iter().chain(&p.members) {
+            let table = p.table.iter().flat_map(|t| t.key.backends.iter());
+            for id in table.chain(&p.members) {
                 candidates.remove(id);
             }
         }
-        for id in candidates {
+        let unreferenced = candidates;
+        let drain = self.config.drain;
+        for id in unreferenced {
+            let backend = self.backends[&id];
+            if backend.state != BACKEND_REMOVED && !drain.is_zero() {
+                let removed = Backend4 {
+                    state: BACKEND_REMOVED,
+                    ..backend
+                };
+                self.op(|m| m.put_backend(id, &removed))?;
+                self.backends.insert(id, removed);
+                self.removed.insert(id, now);
+                continue;
+            }
+            let since = self.removed.get(&id).copied().unwrap_or(now);
+            if now < since + drain {
+                continue;
+            }
             self.op(|m| m.delete_backend(id))?;
+            self.removed.remove(&id);
             if let Some(b) = self.backends.remove(&id)
                 && self.backend_ids.get(&backend_key(&b)) == Some(&id)
             {
@@ -492,6 +929,7 @@ impl<M: DatapathMaps> Syncer<M> {
         self.op(|m| m.put_backend(id, backend))?;
         self.backends.insert(id, *backend);
         self.backend_ids.insert(backend_key(backend), id);
+        self.removed.remove(&id);
         Ok(id)
     }
 
@@ -513,11 +951,7 @@ impl<M: DatapathMaps> Syncer<M> {
         })
     }
 
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
-        self.op(|m| m.delete_slot(key))
-    }
-
-    fn op(&mut self, f: impl FnOnce(&mut M) -> Result<(), MapOpError>) -> Result<(), MapOpError> {
+    fn op<T>(&mut self, f: impl FnOnce(&mut M) -> Result<T, MapOpError>) -> Result<T, MapOpError> {
         self.ops += 1;
         f(&mut self.maps)
     }
@@ -529,16 +963,24 @@ impl<M: DatapathMaps> Syncer<M> {
 pub struct InMemoryMaps {
     /// Services map.
     pub services: BTreeMap<Frontend4, Service>,
-    /// Slots map.
-    pub slots: BTreeMap<SlotKey, u32>,
     /// Backends map.
     pub backends: BTreeMap<u32, Backend4>,
     /// Reverse-NAT map.
     pub rev_nat: BTreeMap<u32, RevNat4>,
+    /// Maglev map: service id -> table.
+    pub maglev: BTreeMap<u32, TableId>,
+    /// The tables the Maglev map points at (a table nothing points at is gone, as the
+    /// kernel frees an inner map).
+    pub tables: BTreeMap<TableId, Arc<[u32]>>,
+    /// Source-range map.
+    pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
     /// Capacity of each map, in entries.
     pub capacity: usize,
     /// Called after every successful operation with the maps as they are then.
     pub observer: Option<fn(&InMemoryMaps)>,
+    /// Every successful operation, in order (`put_service 3`, `put_new_table 3`, ...).
+    pub journal: Vec<String>,
+    next_table: TableId,
 }
 
 impl InMemoryMaps {
@@ -546,15 +988,27 @@ impl InMemoryMaps {
     pub fn new(capacity: usize) -> Self {
         Self {
             services: BTreeMap::new(),
-            slots: BTreeMap::new(),
             backends: BTreeMap::new(),
             rev_nat: BTreeMap::new(),
+            maglev: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            source_ranges: BTreeSet::new(),
             capacity,
             observer: None,
+            journal: Vec::new(),
+            next_table: 1,
         }
     }
 
-    fn observed(&self) -> Result<(), MapOpError> {
+    /// The table `service_id` points at.
+    pub fn table_of(&self, service_id: u32) -> Option<&[u32]> {
+        Some(&self.tables[self.maglev.get(&service_id)?])
+    }
+
+    fn observed(&mut self, op: &str, id: impl std::fmt::Display) -> Result<(), MapOpError> {
+        self.journal.push(format!("{op} {id}"));
+        let used: BTreeSet<TableId> = self.maglev.values().copied().collect();
+        self.tables.retain(|id, _| used.contains(id));
         if let Some(observe) = self.observer {
             observe(self);
         }
@@ -583,6 +1037,8 @@ fn delete<K: Ord, V>(map: &mut BTreeMap<K, V>, key: &K) -> Result<(), MapOpError
 }
 
 impl DatapathMaps for InMemoryMaps {
+    /// The table's id and entries.
+    type Table = (TableId, Arc<[u32]>);
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
         put(
             &mut self.backends,
@@ -591,25 +1047,79 @@ impl DatapathMaps for InMemoryMaps {
             id,
             *backend,
         )?;
-        self.observed()
+        self.observed("put_backend", id)
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete(&mut self.backends, &id)?;
-        self.observed()
+        self.observed("delete_backend", id)
     }
-    fn put_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapOpError> {
-        put(
-            &mut self.slots,
-            self.capacity,
-            map_names::SLOTS,
-            key,
-            backend_id,
-        )?;
-        self.observed()
+    fn build_table(
+        &mut self,
+        entries: &[u32],
+        _backends: u32,
+    ) -> Result<(TableId, Self::Table), MapOpError> {
+        let id = self.next_table;
+        self.next_table += 1;
+        self.journal.push("build_table".to_owned());
+        Ok((id, (id, entries.into())))
     }
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
-        delete(&mut self.slots, &key)?;
-        self.observed()
+    fn put_tables(
+        &mut self,
+        writes: &[(u32, TableRef<'_, Self::Table>)],
+    ) -> Result<(), BatchError> {
+        for (done, (service_id, table)) in writes.iter().enumerate() {
+            let fail = |error| Err(BatchError { done, error });
+            let (id, op) = match table {
+                TableRef::Built((id, entries)) => {
+                    self.tables.insert(*id, entries.clone());
+                    (*id, "put_new_table")
+                }
+                TableRef::Existing(id) if self.tables.contains_key(id) => (*id, "put_table"),
+                TableRef::Existing(_) => {
+                    return fail(MapOpError::Os {
+                        map: map_names::MAGLEV,
+                        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+                    });
+                }
+            };
+            let capacity = self.capacity;
+            if let Err(error) = put(
+                &mut self.maglev,
+                capacity,
+                map_names::MAGLEV,
+                *service_id,
+                id,
+            ) {
+                self.tables
+                    .retain(|t, _| self.maglev.values().any(|v| v == t));
+                return fail(error);
+            }
+            self.observed(op, service_id)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
+        for (done, service_id) in service_ids.iter().enumerate() {
+            delete(&mut self.maglev, service_id).map_err(|error| BatchError { done, error })?;
+            self.observed("delete_table", service_id)
+                .map_err(|error| BatchError { done, error })?;
+        }
+        Ok(())
+    }
+    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
+        let key = (service_id, range);
+        if self.source_ranges.len() >= self.capacity && !self.source_ranges.contains(&key) {
+            return Err(MapOpError::Full {
+                map: map_names::SOURCE_RANGES,
+            });
+        }
+        self.source_ranges.insert(key);
+        self.observed("put_source_range", format_args!("{service_id} {range}"))
+    }
+    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
+        self.source_ranges.remove(&(service_id, range));
+        self.observed("delete_source_range", format_args!("{service_id} {range}"))
     }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
         put(
@@ -619,11 +1129,11 @@ impl DatapathMaps for InMemoryMaps {
             id,
             *value,
         )?;
-        self.observed()
+        self.observed("put_rev_nat", id)
     }
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
         delete(&mut self.rev_nat, &id)?;
-        self.observed()
+        self.observed("delete_rev_nat", id)
     }
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
         put(
@@ -633,19 +1143,35 @@ impl DatapathMaps for InMemoryMaps {
             *key,
             *value,
         )?;
-        self.observed()
+        self.observed("put_service", value.id)
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
+        let id = self.services.get(key).map_or(0, |s| s.id);
         delete(&mut self.services, key)?;
-        self.observed()
+        self.observed("delete_service", id)
     }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         Ok(MapContents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
-            slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            tables: self
+                .maglev
+                .iter()
+                .map(|(service, id)| (*service, table_info(*id, &self.tables[id])))
+                .collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
         })
+    }
+}
+
+/// What a table holds, from its entries.
+pub fn table_info(id: TableId, entries: &[u32]) -> TableInfo {
+    let backends: BTreeSet<u32> = entries.iter().copied().collect();
+    TableInfo {
+        id,
+        size: entries.len() as u32,
+        backends: backends.into_iter().collect(),
     }
 }
 
@@ -656,29 +1182,34 @@ mod tests {
     use super::*;
     use crate::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
 
-    /// After every single map operation: each service entry's slots `1..=count` exist and
-    /// name existing backends, and its reverse-NAT entry exists. That is what a packet (or
-    /// a reply) arriving at that moment needs.
+    /// After every single map operation: each service entry with backends has a Maglev
+    /// table whose entries all name backends that exist and are not REMOVED; its
+    /// reverse-NAT entry exists; and a frontend restricted to source ranges has some. That
+    /// is what a packet (or a reply) arriving at that moment needs.
     fn consistent(maps: &InMemoryMaps) {
         for (frontend, svc) in &maps.services {
-            for slot in 1..=svc.backend_count {
-                let key = SlotKey {
-                    service_id: svc.id,
-                    slot,
-                };
-                let id = maps
-                    .slots
-                    .get(&key)
-                    .unwrap_or_else(|| panic!("{frontend:?}: slot {slot} missing: {maps:#?}"));
-                assert!(
-                    maps.backends.contains_key(id),
-                    "{frontend:?}: backend {id} missing"
-                );
+            if svc.backend_count > 0 {
+                let table = maps
+                    .table_of(svc.id)
+                    .unwrap_or_else(|| panic!("{frontend:?}: no table: {maps:#?}"));
+                for id in BTreeSet::from_iter(table.iter()) {
+                    let backend = maps
+                        .backends
+                        .get(id)
+                        .unwrap_or_else(|| panic!("{frontend:?}: backend {id} missing"));
+                    assert_ne!(backend.state, BACKEND_REMOVED, "{frontend:?}: {id}");
+                }
             }
             assert!(
                 maps.rev_nat.contains_key(&svc.id),
                 "{frontend:?}: no reverse NAT"
             );
+            if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
+                assert!(
+                    maps.source_ranges.iter().any(|(id, _)| *id == svc.id),
+                    "{frontend:?}: restricted to no source at all"
+                );
+            }
         }
     }
 
@@ -686,6 +1217,18 @@ mod tests {
         let mut m = InMemoryMaps::new(capacity);
         m.observer = Some(consistent);
         m
+    }
+
+    /// Small tables keep the tests fast; 251 >= 100 x 2.
+    fn config() -> SyncConfig {
+        SyncConfig {
+            table_size: 251,
+            ..SyncConfig::default()
+        }
+    }
+
+    fn syncer(capacity: usize) -> Syncer<InMemoryMaps> {
+        Syncer::adopt_with(maps(capacity), config()).unwrap()
     }
 
     fn fe(last: u8, port: u16) -> Frontend {
@@ -714,6 +1257,7 @@ mod tests {
                 .collect(),
             affinity_timeout_secs: None,
             source_ranges: Vec::new(),
+            selection: None,
         }
     }
 
@@ -723,22 +1267,21 @@ mod tests {
         }
     }
 
-    /// The backends (last octets) each frontend translates to, read from the maps the way
-    /// the datapath reads them.
+    /// The backends (last octets, sorted) new flows of each frontend choose from, read from
+    /// the maps the way the datapath reads them.
     fn programmed(maps: &InMemoryMaps) -> BTreeMap<Frontend, Vec<u8>> {
         consistent(maps);
         maps.services
             .iter()
             .map(|(key, svc)| {
-                let backends = (1..=svc.backend_count)
-                    .map(|slot| {
-                        let id = maps.slots[&SlotKey {
-                            service_id: svc.id,
-                            slot,
-                        }];
-                        maps.backends[&id].octets()[3]
-                    })
-                    .collect();
+                let ids: BTreeSet<u32> = maps
+                    .table_of(svc.id)
+                    .map(|t| t.iter().copied().collect())
+                    .unwrap_or_default();
+                let mut backends: Vec<u8> =
+                    ids.iter().map(|id| maps.backends[id].octets()[3]).collect();
+                backends.sort_unstable();
+                assert_eq!(backends.len(), svc.backend_count as usize);
                 (Frontend::from_key(key).unwrap(), backends)
             })
             .collect()
@@ -748,9 +1291,16 @@ mod tests {
         want.iter().map(|(f, b)| (*f, b.to_vec())).collect()
     }
 
+    fn state_of(maps: &InMemoryMaps, last: u8) -> Option<u8> {
+        maps.backends
+            .values()
+            .find(|b| b.octets()[3] == last)
+            .map(|b| b.state)
+    }
+
     #[test]
     fn programs_exactly_the_desired_state_and_nothing_when_nothing_changed() {
-        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut s = syncer(1000);
         let want = [(fe(1, 80), &[1, 2][..]), (fe(2, 53), &[2, 3, 4][..])];
         let report = s.apply(&desired(&want));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -760,39 +1310,154 @@ mod tests {
             (2, 4),
             "backend .2 is one entry"
         );
-        // Each map holds only what is needed.
-        assert_eq!(s.maps().slots.len(), 5);
+        // Each map holds only what is needed: one table per distinct backend set.
+        assert_eq!(s.maps().tables.len(), 2);
         assert_eq!(s.maps().rev_nat.len(), 2);
         assert_eq!(s.apply(&desired(&want)).map_ops, 0);
     }
 
     #[test]
+    fn the_table_is_maglev_over_the_backends_by_identity_whatever_their_order_or_ids() {
+        // Two agents see the same backends, in different orders, after different histories
+        // (so with different backend ids): the same backend in every table entry.
+        let mut a = syncer(1000);
+        let mut b = syncer(1000);
+        b.apply(&desired(&[(fe(9, 80), &[7, 5][..])]));
+        a.apply(&desired(&[(fe(1, 80), &[1, 2, 3, 5, 7][..])]));
+        let mut reordered = desired(&[(fe(1, 80), &[1, 2, 3, 5, 7][..])]);
+        reordered
+            .frontends
+            .get_mut(&fe(1, 80))
+            .unwrap()
+            .backends
+            .reverse();
+        b.apply(&reordered);
+        let entries = |s: &Syncer<InMemoryMaps>| -> Vec<[u8; 4]> {
+            let svc = s.maps().services[&fe(1, 80).key()];
+            let table = s.maps().table_of(svc.id).unwrap();
+            table
+                .iter()
+                .map(|id| s.maps().backends[id].octets())
+                .collect()
+        };
+        assert_eq!(entries(&a), entries(&b));
+        // And it is exactly the Maglev table of those identities.
+        let backends: Vec<Backend4> = [1, 2, 3, 5, 7]
+            .map(|last| Backend4::new([10, 244, 0, last], 80, 6, BACKEND_ACTIVE))
+            .to_vec();
+        let identities: Vec<BackendIdentity> = backends.iter().map(backend_identity).collect();
+        let table = maglev::build(&identities, 251).unwrap();
+        let want: Vec<[u8; 4]> = table
+            .entries()
+            .iter()
+            .map(|&i| backends[i as usize].octets())
+            .collect();
+        assert_eq!(entries(&a), want);
+    }
+
+    #[test]
+    fn a_new_table_is_swapped_in_with_one_write_before_the_service_entry() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        let id = s.maps().services[&fe(1, 80).key()].id;
+        s.maps.journal.clear();
+        // A third backend: written, then the new table is built whole and swapped in (one
+        // write of the Maglev map), then the service entry gets the new count.
+        s.apply(&desired(&[(fe(1, 80), &[1, 2, 3][..])]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                "put_backend 3".to_owned(),
+                "build_table".to_owned(),
+                format!("put_new_table {id}"),
+                format!("put_service {id}"),
+            ]
+        );
+        s.maps.journal.clear();
+        // One removed: the table without it, the count, and only then the backend is
+        // marked REMOVED (it stays for the drain).
+        s.apply(&desired(&[(fe(1, 80), &[1, 3][..])]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                "build_table".to_owned(),
+                format!("put_new_table {id}"),
+                format!("put_service {id}"),
+                "put_backend 2".to_owned(),
+            ]
+        );
+        assert_eq!(state_of(s.maps(), 2), Some(BACKEND_REMOVED));
+        // Only the table in use is left (the kernel frees an inner map nothing points at).
+        assert_eq!(s.maps().tables.len(), 1);
+    }
+
+    #[test]
+    fn frontends_with_the_same_backends_share_one_table() {
+        let mut s = syncer(1000);
+        let nodeport = Frontend {
+            addr: Ipv4Addr::new(192, 168, 0, 10),
+            port: 30080,
+            proto: Protocol::Tcp,
+        };
+        let want = [(fe(1, 80), &[1, 2, 3][..]), (nodeport, &[1, 2, 3][..])];
+        assert!(s.apply(&desired(&want)).errors.is_empty());
+        assert_eq!(s.maps().tables.len(), 1);
+        assert_eq!(s.maps().maglev.len(), 2);
+        // A change moves both to a new (shared) table: built once, both pointed at it.
+        s.maps.journal.clear();
+        let changed = [(fe(1, 80), &[1, 2, 4][..]), (nodeport, &[1, 2, 4][..])];
+        assert!(s.apply(&desired(&changed)).errors.is_empty());
+        let journal = &s.maps().journal;
+        let count = |op: &str| journal.iter().filter(|o| o.starts_with(op)).count();
+        assert_eq!(
+            (count("build_table"), count("put_new_table")),
+            (1, 2),
+            "{journal:?}"
+        );
+        assert_eq!(s.maps().tables.len(), 1);
+        assert_eq!(programmed(s.maps()), expect(&changed));
+        // Diverging: each gets its own.
+        let diverged = [(fe(1, 80), &[1, 2, 4][..]), (nodeport, &[4][..])];
+        assert!(s.apply(&desired(&diverged)).errors.is_empty());
+        assert_eq!(s.maps().tables.len(), 2);
+        assert_eq!(programmed(s.maps()), expect(&diverged));
+        // A restarted agent adopts the shared tables and rewrites nothing.
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        assert_eq!(restarted.apply(&desired(&diverged)).map_ops, 0);
+        // ... and shares them again on the next change.
+        restarted.apply(&desired(&[(fe(1, 80), &[4][..]), (nodeport, &[4][..])]));
+        assert_eq!(restarted.maps().tables.len(), 1);
+    }
+
+    #[test]
     fn one_changed_endpoint_is_a_few_writes() {
-        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut s = syncer(1000);
         let many: Vec<u8> = (1..=50).collect();
         s.apply(&desired(&[(fe(1, 80), &many[..]), (fe(2, 80), &[7][..])]));
-        // The endpoint .50 is replaced by .60 (it sorts last, so one slot changes).
+        // The endpoint .50 is replaced by .60.
         let mut changed = many.clone();
         changed[49] = 60;
         let report = s.apply(&desired(&[
             (fe(1, 80), &changed[..]),
             (fe(2, 80), &[7][..]),
         ]));
-        // New backend, its slot, the old backend deleted.
-        assert_eq!(report.map_ops, 3);
+        // New backend, the new table built and swapped in, the old backend marked REMOVED.
+        assert_eq!(report.map_ops, 4);
         assert_eq!(programmed(s.maps())[&fe(1, 80)], changed);
-        // One endpoint removed: the slot count shrinks by one.
+        // One endpoint removed: the table (built, swapped), the service entry (its count),
+        // .60 REMOVED.
         let report = s.apply(&desired(&[
             (fe(1, 80), &changed[..49]),
             (fe(2, 80), &[7][..]),
         ]));
-        assert_eq!(report.map_ops, 3, "service entry, last slot, backend");
+        assert_eq!(report.map_ops, 4);
     }
 
     #[test]
     fn every_intermediate_state_is_consistent_through_grow_shrink_and_removal() {
         // `consistent` runs after each single map operation and panics on a violation.
-        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut s = syncer(1000);
+        let start = Instant::now();
         let steps: [&[(Frontend, &[u8])]; 6] = [
             &[(fe(1, 80), &[1, 2])],
             &[(fe(1, 80), &[1, 2, 3, 4, 5]), (fe(2, 80), &[5])],
@@ -802,41 +1467,116 @@ mod tests {
             &[],
         ];
         for step in steps {
-            let report = s.apply(&desired(step));
+            let report = s.apply_at(&desired(step), start);
             assert!(report.errors.is_empty(), "{:?}", report.errors);
             assert_eq!(programmed(s.maps()), expect(step));
         }
         let m = s.maps();
-        assert!(m.services.is_empty() && m.slots.is_empty() && m.backends.is_empty());
-        assert!(m.rev_nat.is_empty());
+        assert!(m.services.is_empty() && m.maglev.is_empty() && m.tables.is_empty());
+        assert!(m.rev_nat.is_empty() && m.source_ranges.is_empty());
+        assert!(m.backends.values().all(|b| b.state == BACKEND_REMOVED));
+        // After the drain, nothing is left.
+        s.apply_at(&desired(&[]), start + DEFAULT_DRAIN);
+        assert!(s.maps().backends.is_empty());
+    }
+
+    #[test]
+    fn removed_backends_drain_for_the_configured_period() {
+        let mut s = syncer(1000);
+        let t0 = Instant::now();
+        s.apply_at(&desired(&[(fe(1, 80), &[1, 2, 3][..])]), t0);
+        assert_eq!(s.next_drain_deadline(), None);
+        s.apply_at(&desired(&[(fe(1, 80), &[1, 3][..])]), t0);
+        assert_eq!(state_of(s.maps(), 2), Some(BACKEND_REMOVED));
+        assert_eq!(s.next_drain_deadline(), Some(t0 + DEFAULT_DRAIN));
+        // Still there just before the end of the drain; resyncs do not extend it.
+        let almost = t0 + DEFAULT_DRAIN - Duration::from_millis(1);
+        assert_eq!(
+            s.apply_at(&desired(&[(fe(1, 80), &[1, 3][..])]), almost)
+                .map_ops,
+            0
+        );
+        assert_eq!(state_of(s.maps(), 2), Some(BACKEND_REMOVED));
+        let report = s.apply_at(&desired(&[(fe(1, 80), &[1, 3][..])]), t0 + DEFAULT_DRAIN);
+        assert_eq!(report.map_ops, 1);
+        assert_eq!(state_of(s.maps(), 2), None);
+        assert_eq!(s.next_drain_deadline(), None);
+
+        // A backend that comes back during its drain is ACTIVE again, under the same id (its
+        // flows' conntrack entries stay valid), and is not deleted when the drain would end.
+        let id3 = s.backend_ids[&(u32::from_ne_bytes([10, 244, 0, 3]), 80u16.to_be(), 6)];
+        let t1 = t0 + Duration::from_secs(100);
+        s.apply_at(&desired(&[(fe(1, 80), &[1][..])]), t1);
+        assert_eq!(state_of(s.maps(), 3), Some(BACKEND_REMOVED));
+        s.apply_at(
+            &desired(&[(fe(1, 80), &[1, 3][..])]),
+            t1 + DEFAULT_DRAIN / 2,
+        );
+        assert_eq!(state_of(s.maps(), 3), Some(BACKEND_ACTIVE));
+        assert_eq!(s.maps().backends[&id3].octets(), [10, 244, 0, 3]);
+        s.apply_at(
+            &desired(&[(fe(1, 80), &[1, 3][..])]),
+            t1 + DEFAULT_DRAIN * 2,
+        );
+        assert_eq!(state_of(s.maps(), 3), Some(BACKEND_ACTIVE));
+    }
+
+    #[test]
+    fn a_zero_drain_deletes_at_once() {
+        let mut s = Syncer::adopt_with(
+            maps(1000),
+            SyncConfig {
+                drain: Duration::ZERO,
+                ..config()
+            },
+        )
+        .unwrap();
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        assert_eq!(state_of(s.maps(), 2), None);
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_draining_removed_backends() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        let before_restart = Instant::now();
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        // The time of removal is not in the maps: the drain runs from the restart on.
+        let deadline = restarted.next_drain_deadline().unwrap();
+        assert!(deadline >= before_restart + DEFAULT_DRAIN);
+        assert_eq!(
+            restarted
+                .apply_at(
+                    &desired(&[(fe(1, 80), &[1][..])]),
+                    deadline - Duration::from_secs(1)
+                )
+                .map_ops,
+            0
+        );
+        assert_eq!(state_of(restarted.maps(), 2), Some(BACKEND_REMOVED));
+        restarted.apply_at(&desired(&[(fe(1, 80), &[1][..])]), deadline);
+        assert_eq!(state_of(restarted.maps(), 2), None);
     }
 
     #[test]
     fn a_restarted_agent_adopts_the_maps_and_rewrites_nothing() {
-        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut s = syncer(1000);
         let want = [(fe(1, 80), &[1, 2][..]), (fe(2, 53), &[2, 3][..])];
         s.apply(&desired(&want));
         let mut maps = s.maps().clone();
-        // Leftovers of an interrupted update: a slot beyond a count, one of no service.
-        let id = maps.services.values().next().unwrap().id;
-        maps.slots.insert(
-            SlotKey {
-                service_id: id,
-                slot: 9,
-            },
-            1,
-        );
-        maps.slots.insert(
-            SlotKey {
-                service_id: 999,
-                slot: 1,
-            },
-            1,
-        );
+        // Leftovers of an interrupted update: a table, a source range and a reverse-NAT
+        // entry of a service id that has no service entry.
+        let table = *maps.maglev.values().next().unwrap();
+        maps.maglev.insert(999, table);
+        let range = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
+        maps.source_ranges.insert((999, range));
         maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key()));
 
-        let mut restarted = Syncer::adopt(maps).unwrap();
-        assert_eq!(restarted.maps().slots.len(), 4, "leftover slots removed");
+        let mut restarted = Syncer::adopt_with(maps, config()).unwrap();
+        assert_eq!(restarted.maps().maglev.len(), 2, "leftover table removed");
+        assert!(restarted.maps().source_ranges.is_empty());
         assert_eq!(
             restarted.maps().rev_nat.len(),
             2,
@@ -856,7 +1596,7 @@ mod tests {
     #[test]
     fn a_full_map_fails_one_frontend_and_keeps_the_others() {
         // Room for 4 backends: the second frontend needs 3 more than the first's 2.
-        let mut s = Syncer::adopt(maps(4)).unwrap();
+        let mut s = syncer(4);
         let want = [(fe(1, 80), &[1, 2][..]), (fe(2, 80), &[3, 4, 5][..])];
         let report = s.apply(&desired(&want));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
@@ -872,57 +1612,176 @@ mod tests {
     }
 
     #[test]
+    fn a_table_write_that_fails_fails_its_frontend_only_and_the_batch_goes_on() {
+        // Room for 2 entries per map: fe1 and fe3 exist; fe2 is new, and its table write
+        // fails in the middle of the batch that also moves fe1 and fe3 to a new table.
+        let mut s = syncer(2);
+        s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(3, 80), &[1][..])]));
+        let report = s.apply(&desired(&[
+            (fe(1, 80), &[2][..]),
+            (fe(2, 80), &[2][..]),
+            (fe(3, 80), &[2][..]),
+        ]));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let message = report.errors[0].to_string();
+        assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
+        assert!(message.contains("LB_MAGLEV_V1 is full"), "{message}");
+        assert_eq!(
+            programmed(s.maps()),
+            expect(&[(fe(1, 80), &[2]), (fe(3, 80), &[2])])
+        );
+    }
+
+    #[test]
+    fn a_table_too_small_for_the_backends_fails_that_frontend_only() {
+        let mut s = Syncer::adopt_with(
+            maps(1000),
+            SyncConfig {
+                table_size: 3,
+                ..config()
+            },
+        )
+        .unwrap();
+        let report = s.apply(&desired(&[
+            (fe(1, 80), &[1, 2][..]),
+            (fe(2, 80), &[1, 2, 3, 4][..]),
+        ]));
+        assert_eq!(report.errors.len(), 1);
+        let message = report.errors[0].to_string();
+        assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
+        assert!(message.contains("smaller than the 4 backends"), "{message}");
+        assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1, 2])]));
+    }
+
+    #[test]
     fn terminating_backends_keep_their_entry_but_get_no_new_flows_unless_alone() {
-        let mut s = Syncer::adopt(maps(1000)).unwrap();
+        let mut s = syncer(1000);
+        let start = Instant::now();
         let mut draining = desired(&[(fe(1, 80), &[1, 2, 3])]);
         let p = draining.frontends.get_mut(&fe(1, 80)).unwrap();
         p.backends[1].terminating = true;
-        assert!(s.apply(&draining).errors.is_empty());
+        assert!(s.apply_at(&draining, start).errors.is_empty());
         // New flows: .1 and .3 only; .2 stays in the backends map for its flows.
         assert_eq!(programmed(s.maps())[&fe(1, 80)], [1, 3]);
-        let terminating: Vec<_> = s
-            .maps()
-            .backends
-            .values()
-            .filter(|b| b.state == BACKEND_TERMINATING)
-            .collect();
-        assert_eq!(terminating.len(), 1);
-        assert_eq!(terminating[0].octets(), [10, 244, 0, 2]);
+        assert_eq!(state_of(s.maps(), 2), Some(BACKEND_TERMINATING));
         // Only terminating backends left: they take new flows (kube-proxy's fallback).
         let mut all = desired(&[(fe(1, 80), &[2, 3])]);
         for b in &mut all.frontends.get_mut(&fe(1, 80)).unwrap().backends {
             b.terminating = true;
         }
-        assert!(s.apply(&all).errors.is_empty());
+        assert!(s.apply_at(&all, start).errors.is_empty());
         assert_eq!(programmed(s.maps())[&fe(1, 80)], [2, 3]);
-        assert_eq!(
-            s.maps().backends.len(),
-            2,
-            ".1 is gone: no frontend lists it"
+        assert_eq!(state_of(s.maps(), 1), Some(BACKEND_REMOVED), ".1 left");
+        // Once the endpoint is gone from the slice, its entry drains, then goes too.
+        assert!(
+            s.apply_at(&desired(&[(fe(1, 80), &[3])]), start)
+                .errors
+                .is_empty()
         );
-        // Once the endpoint is gone from the slice, its entry goes too.
-        assert!(s.apply(&desired(&[(fe(1, 80), &[3])])).errors.is_empty());
+        assert_eq!(state_of(s.maps(), 2), Some(BACKEND_REMOVED));
+        s.apply_at(&desired(&[(fe(1, 80), &[3])]), start + DEFAULT_DRAIN);
         assert_eq!(s.maps().backends.len(), 1);
     }
 
     #[test]
-    fn a_full_slot_map_while_growing_keeps_the_old_backend_set() {
-        let mut s = Syncer::adopt(maps(6)).unwrap();
+    fn a_full_backend_map_while_growing_keeps_the_old_backend_set() {
+        let mut s = syncer(6);
         s.apply(&desired(&[(fe(1, 80), &[1, 2])]));
-        // Growing to 5 backends needs 5 slots and 5 backends; slots fill at 6 only after
-        // the backends are in, so the growth fails part-way: the service entry still
-        // says 2 and packets see exactly the old set.
+        // Growing to 7 backends fails at the 7th: the table and the service entry are not
+        // touched, so packets see exactly the old set.
         let report = s.apply(&desired(&[(fe(1, 80), &[1, 2, 3, 4, 5, 6, 7])]));
         assert_eq!(report.errors.len(), 1);
         assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1, 2])]));
     }
 
     #[test]
+    fn selection_comes_from_the_service_or_the_agent_default() {
+        let mut plans = desired(&[
+            (fe(1, 80), &[1][..]),
+            (fe(2, 80), &[1][..]),
+            (fe(3, 80), &[1][..]),
+        ]);
+        plans.frontends.get_mut(&fe(1, 80)).unwrap().selection = Some(Selection::Random);
+        plans.frontends.get_mut(&fe(2, 80)).unwrap().selection = Some(Selection::Maglev);
+        let random = |s: &Syncer<InMemoryMaps>, f: Frontend| {
+            s.maps().services[&f.key()].flags & SERVICE_F_RANDOM != 0
+        };
+        let mut s = syncer(1000);
+        s.apply(&plans);
+        assert!(random(&s, fe(1, 80)) && !random(&s, fe(2, 80)) && !random(&s, fe(3, 80)));
+        let mut s = Syncer::adopt_with(
+            maps(1000),
+            SyncConfig {
+                selection: Selection::Random,
+                ..config()
+            },
+        )
+        .unwrap();
+        s.apply(&plans);
+        assert!(random(&s, fe(1, 80)) && !random(&s, fe(2, 80)) && random(&s, fe(3, 80)));
+    }
+
+    #[test]
+    fn source_ranges_are_in_place_before_the_service_entry_restricts() {
+        let cidr = |a: [u8; 4], len| Ipv4Cidr::new(Ipv4Addr::from(a), len).unwrap();
+        let with_ranges = |ranges: &[Ipv4Cidr]| {
+            let mut d = desired(&[(fe(1, 80), &[1][..])]);
+            d.frontends.get_mut(&fe(1, 80)).unwrap().source_ranges = ranges.to_vec();
+            d
+        };
+        let mut s = syncer(1000);
+        s.apply(&with_ranges(&[]));
+        let id = s.maps().services[&fe(1, 80).key()].id;
+        s.maps.journal.clear();
+        // Restricting: the ranges, then the flag (`consistent` checks that no moment has
+        // the flag without ranges).
+        s.apply(&with_ranges(&[
+            cidr([10, 0, 0, 0], 8),
+            cidr([192, 0, 2, 7], 32),
+        ]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_source_range {id} 10.0.0.0/8"),
+                format!("put_source_range {id} 192.0.2.7/32"),
+                format!("put_service {id}"),
+            ]
+        );
+        assert_ne!(
+            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_SOURCE_RANGES,
+            0
+        );
+        // Changing them: the new one is added before the old one goes.
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[
+            cidr([10, 0, 0, 0], 8),
+            cidr([198, 51, 100, 0], 24),
+        ]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_source_range {id} 198.51.100.0/24"),
+                format!("delete_source_range {id} 192.0.2.7/32"),
+            ]
+        );
+        // Lifting them: the flag first, then the ranges.
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[]));
+        assert_eq!(s.maps().journal[0], format!("put_service {id}"));
+        assert!(s.maps().source_ranges.is_empty());
+        assert_eq!(
+            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_SOURCE_RANGES,
+            0
+        );
+    }
+
+    #[test]
     fn applying_only_the_changed_frontends_equals_a_full_apply() {
         // A fixed pseudo-random walk over frontend plans sharing backends.
         let mut next = crate::testutil::walk(0x2545_f491);
-        let mut incremental = Syncer::adopt(maps(1000)).unwrap();
+        let mut incremental = syncer(1000);
         let mut current: BTreeMap<Frontend, Vec<u8>> = BTreeMap::new();
+        let now = Instant::now();
         for step in 0..300 {
             let frontend = fe(next(12) as u8 + 1, 80);
             let backends: Vec<u8> = (1..=6).filter(|_| next(3) == 0).collect();
@@ -932,11 +1791,30 @@ mod tests {
                 current.insert(frontend, backends);
             }
             let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
-            let report = incremental.apply_changed(&desired(&want), [&frontend]);
+            let report = incremental.apply_changed(&desired(&want), [&frontend], now);
             assert!(report.errors.is_empty(), "{:?}", report.errors);
-            assert_eq!(programmed(incremental.maps()), expect(&want), "step {step}");
+            let shown: BTreeMap<Frontend, Vec<u8>> = expect(&want)
+                .into_iter()
+                .filter(|(_, b)| !b.is_empty())
+                .collect();
+            let programmed: BTreeMap<Frontend, Vec<u8>> = programmed(incremental.maps())
+                .into_iter()
+                .filter(|(_, b)| !b.is_empty())
+                .collect();
+            assert_eq!(programmed, shown, "step {step}");
             // Nothing left for a full apply to do: no stale backend, no missing write.
-            assert_eq!(incremental.apply(&desired(&want)).map_ops, 0, "step {step}");
+            assert_eq!(
+                incremental.apply_at(&desired(&want), now).map_ops,
+                0,
+                "step {step}"
+            );
         }
+        // After the drain, an apply of no change deletes the REMOVED backends.
+        let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
+        let later = now + config().drain;
+        let report = incremental.apply_changed(&desired(&want), [], later);
+        let listed: BTreeSet<&u8> = current.values().flatten().collect();
+        assert_eq!(report.backends, listed.len(), "{report:?}");
+        assert_eq!(incremental.apply_at(&desired(&want), later).map_ops, 0);
     }
 }

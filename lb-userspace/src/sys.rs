@@ -1,5 +1,7 @@
-//! The few system calls aya does not expose: mounting bpffs, opening a pinned link by path and
-//! replacing the program of a link in place (`BPF_LINK_UPDATE`).
+//! The few system calls aya does not expose: mounting bpffs, opening a pinned link by path,
+//! replacing the program of a link in place (`BPF_LINK_UPDATE`), batch updates and deletes
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), and reading or writing an mmapable
+//! array map through a mapping.
 
 use std::{
     ffi::CString,
@@ -14,6 +16,8 @@ use std::{
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Whether `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
@@ -87,4 +91,103 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     // struct { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
     attr[0] = link.as_raw_fd() as u32 as u64 | (prog.as_raw_fd() as u32 as u64) << 32;
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands, in 64-bit words: in_batch,
+/// out_batch, keys, values, (count | map_fd << 32), elem_flags, flags.
+fn batch(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: Option<&[u32]>,
+) -> Result<(), (usize, io::Error)> {
+    let mut attr = [0u64; 16];
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.map_or(0, |v| v.as_ptr() as u64);
+    attr[4] = keys.len() as u32 as u64 | (map.as_raw_fd() as u32 as u64) << 32;
+    // The kernel applies the elements in order and stops at the first failure; `count`
+    // comes back as the number applied.
+    bpf(cmd, &mut attr)
+        .map(drop)
+        .map_err(|e| (attr[4] as u32 as usize, e))
+}
+
+/// Writes `keys[i] -> values[i]` into a map whose keys and values are `u32` (a map of maps:
+/// the values are inner map fds) with one `BPF_MAP_UPDATE_BATCH`. On failure, returns how
+/// many were written (the first ones) and why the next failed.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[u32],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    batch(BPF_MAP_UPDATE_BATCH, map, keys, Some(values))
+}
+
+/// Deletes `keys` from a map with `u32` keys with one `BPF_MAP_DELETE_BATCH`; as
+/// [`map_update_batch`] on failure (ENOENT for a missing key).
+pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> Result<(), (usize, io::Error)> {
+    batch(BPF_MAP_DELETE_BATCH, map, keys, None)
+}
+
+/// A shared mapping of the values of a `BPF_F_MMAPABLE` array map, unmapped on drop.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(map: BorrowedFd<'_>, bytes: usize, writable: bool) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = bytes.div_ceil(page).max(1) * page;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a new shared mapping of the map's fd; the kernel checks the length
+        // against the map's size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr and len are those of a mapping made by Mapping::new.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Writes elements `0..values.len()` of a `BPF_F_MMAPABLE` array map whose value type is
+/// `V`, through a shared mapping: a memory copy instead of one update per element.
+pub fn mmap_write<V: aya::Pod>(map: BorrowedFd<'_>, values: &[V]) -> io::Result<()> {
+    let bytes = std::mem::size_of_val(values);
+    let mapping = Mapping::new(map, bytes, true)?;
+    // SAFETY: the mapping is at least `bytes` long and does not overlap `values`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), mapping.ptr.cast(), bytes)
+    };
+    Ok(())
+}
+
+/// Reads elements `0..len` of a `BPF_F_MMAPABLE` array map whose value type is `V`.
+pub fn mmap_read<V: aya::Pod + Default>(map: BorrowedFd<'_>, len: usize) -> io::Result<Vec<V>> {
+    let mut values = vec![V::default(); len];
+    let bytes = std::mem::size_of_val(values.as_slice());
+    let mapping = Mapping::new(map, bytes, false)?;
+    // SAFETY: the mapping is at least `bytes` long; every bit pattern is a valid `V` (Pod).
+    unsafe {
+        std::ptr::copy_nonoverlapping(mapping.ptr.cast::<u8>(), values.as_mut_ptr().cast(), bytes)
+    };
+    Ok(values)
 }

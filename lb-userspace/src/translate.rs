@@ -489,6 +489,7 @@ fn translate_service(
                 backends: backends.to_vec(),
                 affinity_timeout_secs,
                 source_ranges: ranges.to_vec(),
+                selection: svc.selection,
             };
             out.entries.push(Entry::Frontend(frontend, plan));
         }
@@ -698,6 +699,9 @@ mod tests {
                     let r: Vec<String> = p.source_ranges.iter().map(ToString::to_string).collect();
                     line += &format!(" ranges=[{}]", r.join(", "));
                 }
+                if let Some(selection) = p.selection {
+                    line += &format!(" selection={selection}");
+                }
                 line
             })
             .collect();
@@ -745,6 +749,7 @@ mod tests {
             ],
             affinity_timeout_secs: None,
             source_ranges: vec![],
+            selection: None,
         };
         let frontend = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10),
@@ -1235,6 +1240,17 @@ mod tests {
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=10800",
                     "192.168.0.10:30080/TCP NodePort default/a -> [] affinity=10800",
+                ],
+            ),
+            (
+                "the selection annotation reaches every frontend of the Service",
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.example.io/selection: random}}\n\
+                 spec: {type: NodePort, clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: 30080}]}\n"
+                    .to_owned(),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
+                    "192.168.0.10:30080/TCP NodePort default/r -> [] selection=random",
                 ],
             ),
             (

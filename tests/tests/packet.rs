@@ -1,236 +1,14 @@
 //! Packet tests: the real programs, run by the kernel through BPF_PROG_TEST_RUN on hand-built
-//! packets, with maps filled by hand. Every expected output packet is built independently by
-//! etherparse (which computes its own checksums), and compared byte for byte.
-//!
-//! Needs root and bpffs (mounted if missing). Each test pins its maps in its own directory
-//! under /sys/fs/bpf, removed on drop, also when the test fails.
+//! packets, with maps filled by hand (see `bed`). Every expected output packet is built
+//! independently by etherparse (which computes its own checksums), and compared byte for
+//! byte. The decisions of the flow rules (conntrack, affinity, source ranges, selection) are
+//! in `packet_flows.rs`.
 
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod bed;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
+use bed::*;
 use etherparse::PacketBuilder;
-use lb_common::{
-    BACKEND_ACTIVE, Backend4, Frontend4, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_EXTERNAL,
-    Service, SlotKey, flow_hash, program_names, reason,
-};
-use lb_userspace::datapath::{BpfMaps, Counters, Datapath, teardown};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-
-const CLIENT: [u8; 4] = [10, 200, 0, 2];
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-
-/// A loaded datapath with its own pin directory, removed on drop.
-struct Bed {
-    dp: Datapath,
-    maps: BpfMaps,
-    pin: PathBuf,
-    next_backend_id: u32,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = teardown(&self.pin) {
-            eprintln!("cleaning up {}: {e}", self.pin.display());
-        }
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-impl Bed {
-    fn new() -> Self {
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/lbtest-packet-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut dp = Datapath::load(&pin).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
-        dp.load_programs()
-            .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
-        let maps = dp.take_maps().expect("maps");
-        Bed {
-            dp,
-            maps,
-            pin,
-            next_backend_id: 1,
-        }
-    }
-
-    /// Programs `frontend` with `backends` as slots 1..=n, each backend under a new id;
-    /// returns the ids.
-    fn service(
-        &mut self,
-        id: u32,
-        frontend: Frontend4,
-        backends: &[Backend4],
-        flags: u32,
-    ) -> Vec<u32> {
-        let mut ids = Vec::new();
-        for (i, b) in backends.iter().enumerate() {
-            let backend_id = self.next_backend_id;
-            self.next_backend_id += 1;
-            ids.push(backend_id);
-            self.maps.backends.insert(backend_id, b, 0).unwrap();
-            let slot = SlotKey {
-                service_id: id,
-                slot: i as u32 + 1,
-            };
-            self.maps.slots.insert(slot, backend_id, 0).unwrap();
-        }
-        self.maps
-            .rev_nat
-            .insert(id, RevNat4::of(&frontend), 0)
-            .unwrap();
-        let svc = Service {
-            id,
-            backend_count: backends.len() as u32,
-            flags,
-            affinity_timeout_secs: 0,
-        };
-        self.maps.services.insert(frontend, svc, 0).unwrap();
-        ids
-    }
-
-    fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .dp
-            .ebpf_mut()
-            .program(program_names::XDP_INGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        run(prog, packet)
-    }
-
-    fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &SchedClassifier = self
-            .dp
-            .ebpf_mut()
-            .program(program_names::TC_EGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        run(prog, packet)
-    }
-
-    fn reasons(&self) -> Vec<u64> {
-        Counters::open_pinned(&self.pin).unwrap().reasons().unwrap()
-    }
-}
-
-fn run<P>(prog: &P, packet: &[u8]) -> (u32, Vec<u8>)
-where
-    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
-{
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e:?}"));
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
-
-fn frontend(addr: [u8; 4], port: u16, proto: u8) -> Frontend4 {
-    Frontend4::new(addr, port, proto)
-}
-
-fn backend(addr: [u8; 4], port: u16, proto: u8) -> Backend4 {
-    Backend4::new(addr, port, proto, BACKEND_ACTIVE)
-}
-
-/// A TCP SYN from `src:sport` to `dst:dport`, with a payload, as etherparse writes it.
-fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
-}
-
-fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
-}
-
-/// The packet with its IPv4 destination and TCP/UDP destination port replaced, every checksum
-/// recomputed from scratch by etherparse.
-fn rewritten(packet: &[u8], dst: Option<([u8; 4], u16)>, src: Option<([u8; 4], u16)>) -> Vec<u8> {
-    let parsed = etherparse::PacketHeaders::from_ethernet_slice(packet).unwrap();
-    let Some(etherparse::NetHeaders::Ipv4(mut ip, _)) = parsed.net else {
-        panic!("not IPv4")
-    };
-    let payload = parsed.payload.slice();
-    if let Some((addr, _)) = dst {
-        ip.destination = addr;
-    }
-    if let Some((addr, _)) = src {
-        ip.source = addr;
-    }
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut out = Vec::new();
-    parsed.link.unwrap().write(&mut out).unwrap();
-    ip.write(&mut out).unwrap();
-    match parsed.transport.unwrap() {
-        etherparse::TransportHeader::Tcp(mut tcp) => {
-            if let Some((_, port)) = dst {
-                tcp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                tcp.source_port = port;
-            }
-            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
-            tcp.write(&mut out).unwrap();
-        }
-        etherparse::TransportHeader::Udp(mut udp) => {
-            let zero = udp.checksum == 0;
-            if let Some((_, port)) = dst {
-                udp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                udp.source_port = port;
-            }
-            if !zero {
-                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).unwrap();
-            }
-            udp.write(&mut out).unwrap();
-        }
-        other => panic!("unexpected transport {other:?}"),
-    }
-    out.extend_from_slice(payload);
-    out
-}
-
-/// The backend index the datapath picks for a new flow among `n` slots.
-fn expected_slot(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8, n: u32) -> usize {
-    let h = flow_hash(
-        u32::from_ne_bytes(src),
-        u32::from_ne_bytes(dst),
-        sport.to_be(),
-        dport.to_be(),
-        proto,
-    );
-    (h % n) as usize
-}
-
-const POD1: [u8; 4] = [10, 244, 1, 2];
-const POD2: [u8; 4] = [10, 244, 2, 2];
+use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL, Service, event, reason};
 
 /// The examples' frontends: (name, address, port, flags), one of each kind.
 const KINDS: [(&str, [u8; 4], u16, u32); 4] = [
@@ -253,11 +31,13 @@ fn every_frontend_kind_translates_tcp_and_udp_to_the_selected_backend() {
         ];
         bed.service(id + 10, frontend(*addr, *port, PROTO_UDP), &pods, *flags);
     }
-    let pods = [POD1, POD2];
-    for (kind, addr, port, _) in KINDS {
-        for sport in [40000u16, 40001, 40002, 40003] {
+    for (i, (kind, addr, port, _)) in KINDS.into_iter().enumerate() {
+        let id = i as u32 + 1;
+        // Source ports differ between frontends: flows from one client port to one backend
+        // port through two frontends would be one flow at the backend.
+        for sport in (0..4).map(|j| 40000 + 10 * i as u16 + j) {
             let input = tcp(CLIENT, sport, addr, port, b"GET / HTTP/1.1\r\n\r\n");
-            let pod = pods[expected_slot(CLIENT, sport, addr, port, PROTO_TCP, 2)];
+            let pod = bed.addr(bed.maglev_pick(id, CLIENT, sport, addr, port, PROTO_TCP));
             let (action, out) = bed.xdp(&input);
             assert_eq!(action, XDP_PASS, "{kind} TCP");
             assert_eq!(
@@ -267,7 +47,7 @@ fn every_frontend_kind_translates_tcp_and_udp_to_the_selected_backend() {
             );
 
             let input = udp(CLIENT, sport, addr, port, b"ping");
-            let pod = pods[expected_slot(CLIENT, sport, addr, port, PROTO_UDP, 2)];
+            let pod = bed.addr(bed.maglev_pick(id + 10, CLIENT, sport, addr, port, PROTO_UDP));
             let (action, out) = bed.xdp(&input);
             assert_eq!(action, XDP_PASS, "{kind} UDP");
             assert_eq!(
@@ -277,7 +57,7 @@ fn every_frontend_kind_translates_tcp_and_udp_to_the_selected_backend() {
             );
         }
     }
-    let counters = Counters::open_pinned(&bed.pin).unwrap();
+    let counters = bed.counters();
     let stats = counters.service(1).unwrap();
     assert_eq!((stats.packets, stats.new_flows), (4, 4));
     assert_eq!(
@@ -289,13 +69,19 @@ fn every_frontend_kind_translates_tcp_and_udp_to_the_selected_backend() {
         0,
         "nothing passed or dropped"
     );
+    // Every new flow came from the Maglev table and made two conntrack entries.
+    let events = bed.events();
+    assert_eq!(events[event::SELECT_MAGLEV as usize], 32);
+    assert_eq!(events[event::CT_INSERTS as usize], 64);
+    let ct = bed.counters().conntrack().unwrap();
+    assert_eq!((ct.entries, ct.evictions), (64, 0));
 }
 
 #[test]
 fn both_backends_are_used_and_a_flow_keeps_its_backend() {
     let mut bed = Bed::new();
     let fe = frontend([10, 96, 0, 10], 8080, PROTO_TCP);
-    bed.service(
+    let ids = bed.service(
         1,
         fe,
         &[backend(POD1, 80, PROTO_TCP), backend(POD2, 80, PROTO_TCP)],
@@ -313,30 +99,23 @@ fn both_backends_are_used_and_a_flow_keeps_its_backend() {
         "spread over both backends: {seen:?}"
     );
 
-    // Established flow: the slots now point elsewhere, the flow keeps its backend.
-    let input = tcp(CLIENT, 30000, [10, 96, 0, 10], 8080, b"data");
+    // Established flow: a new table without its backend is swapped in, the flow keeps its
+    // backend (ACTIVE: it serves other services, or is back).
+    let input = tcp_ack(CLIENT, 30000, [10, 96, 0, 10], 8080, b"data");
     let (_, before) = bed.xdp(&input);
     let first = <[u8; 4]>::try_from(&before[30..34]).unwrap();
-    let other = if first == POD1 { POD2 } else { POD1 };
-    bed.service(1, fe, &[backend(other, 80, PROTO_TCP)], 0);
+    let (other, other_id) = if first == POD1 {
+        (POD2, ids[1])
+    } else {
+        (POD1, ids[0])
+    };
+    bed.program(1, fe, &[other_id], 0, 0);
     let (_, after) = bed.xdp(&input);
     assert_eq!(after, before, "conntrack keeps the flow on {first:?}");
     // A new flow goes to the only backend left.
     let input = tcp(CLIENT, 50000, [10, 96, 0, 10], 8080, b"");
     let (_, out) = bed.xdp(&input);
     assert_eq!(&out[30..34], &other);
-}
-
-#[test]
-fn a_flow_whose_backend_was_deleted_is_selected_again() {
-    let mut bed = Bed::new();
-    let fe = frontend([10, 96, 0, 10], 8080, PROTO_TCP);
-    let ids = bed.service(1, fe, &[backend(POD1, 80, PROTO_TCP)], 0);
-    let input = tcp(CLIENT, 41000, [10, 96, 0, 10], 8080, b"");
-    assert_eq!(&bed.xdp(&input).1[30..34], &POD1);
-    bed.service(1, fe, &[backend(POD2, 80, PROTO_TCP)], 0);
-    bed.maps.backends.remove(&ids[0]).unwrap();
-    assert_eq!(bed.xdp(&input).1, rewritten(&input, Some((POD2, 80)), None));
 }
 
 #[test]
@@ -566,34 +345,27 @@ fn malformed_packets_are_passed_untouched_and_counted_by_reason() {
 #[test]
 fn a_frontend_without_backends_drops_and_counts() {
     let mut bed = Bed::new();
-    bed.service(1, frontend([10, 96, 0, 10], 8080, PROTO_TCP), &[], 0);
+    let fe = frontend([10, 96, 0, 10], 8080, PROTO_TCP);
+    bed.service(1, fe, &[], 0);
     let input = tcp(CLIENT, 40000, [10, 96, 0, 10], 8080, b"");
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
     assert_eq!(bed.reasons()[reason::NO_BACKEND as usize], 1);
-    // A slot that names a backend id the backends map does not have.
-    bed.maps
-        .slots
-        .insert(
-            SlotKey {
-                service_id: 1,
-                slot: 1,
-            },
-            999,
-            0,
-        )
-        .unwrap();
+    // A service entry with backends but no table (never written by the agent: it writes
+    // the table first).
     let svc = Service {
         id: 1,
         backend_count: 1,
         flags: 0,
         affinity_timeout_secs: 0,
     };
-    bed.maps
-        .services
-        .insert(frontend([10, 96, 0, 10], 8080, PROTO_TCP), svc, 0)
-        .unwrap();
+    bed.maps.services.insert(fe, svc, 0).unwrap();
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
     assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 1);
+    // A table that names a backend id the backends map does not have.
+    bed.table(1, &[999; 7], 1);
+    assert_eq!(bed.xdp(&input).0, XDP_DROP);
+    assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 2);
+    assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
 }
 
 /// The names of the reasons whose counters differ.

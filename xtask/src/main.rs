@@ -20,7 +20,7 @@ struct Cli {
 enum Cmd {
     /// Install what is missing: rust-src for nightly, Debian packages, bpf-linker; mount bpffs.
     Setup,
-    /// Setup, then build the `lb` binary (release).
+    /// Install the build toolchain if missing, then build the `lb` binary (release).
     Build,
     /// Build, then send traffic through lb in network namespaces and show who served it.
     Demo,
@@ -32,8 +32,16 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Build => build().map(drop),
-        Cmd::Demo => demo::run(&build()?),
-        Cmd::Test => test(&build()?),
+        Cmd::Demo => {
+            let lb = build()?;
+            setup::bpffs()?;
+            demo::run(&lb)
+        }
+        Cmd::Test => {
+            let lb = build()?;
+            setup::bpffs()?;
+            test(&lb)
+        }
     }
 }
 
@@ -71,9 +79,9 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Setup, then builds `lb` in release mode; returns the binary's path.
+/// Installs the toolchain if missing, then builds `lb` in release mode; returns its path.
 fn build() -> Result<PathBuf> {
-    setup::run()?;
+    setup::toolchain()?;
     run_checked(cargo().args(["build", "--release", "--locked", "-p", "lb-userspace"]))?;
     let bin = target_dir().join("release/lb");
     if !bin.is_file() {

@@ -19,10 +19,22 @@ const PACKAGES: &[&str] = &[
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Everything: the build toolchain, and bpffs for running the datapath.
 pub fn run() -> Result<()> {
+    toolchain()?;
+    bpffs()
+}
+
+/// What building `lb` needs (no privileges beyond installing packages, so that it also works
+/// in a container build).
+pub fn toolchain() -> Result<()> {
     nightly_rust_src()?;
     debian_packages()?;
-    bpf_linker()?;
+    bpf_linker()
+}
+
+/// What running the datapath needs: bpffs mounted at /sys/fs/bpf.
+pub fn bpffs() -> Result<()> {
     lb_tests::ensure_bpffs()?;
     eprintln!("setup: bpffs is mounted at {}", lb_tests::agent::BPFFS);
     Ok(())

@@ -81,8 +81,9 @@ impl ManifestsSource {
                 Some(changes)
             }
             Err(e) => {
+                let e = format!("{:#}", anyhow::Error::from(e));
                 error!("{e}; keeping the programmed state");
-                self.metrics.disconnected(e.to_string());
+                self.metrics.disconnected(e);
                 None
             }
         }

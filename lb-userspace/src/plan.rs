@@ -1,0 +1,246 @@
+//! `lb plan`: the desired state of a manifests folder, as the agent would program it, without
+//! touching the kernel.
+//!
+//! It runs the same `manifest::load_dir` and `translate::translate` as the agent; this module only
+//! arranges the result for people (a table) and for programs (JSON).
+
+use serde::Serialize;
+
+use crate::{
+    desired::{FrontendKind, FrontendPlan, Selection},
+    manifest::ManifestSet,
+    model::{ClusterState, ObjectRef, TrafficPolicy},
+    translate::Translation,
+};
+
+/// The plan of one folder: every frontend, and everything that was skipped or wrong.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// One row per frontend, sorted by frontend.
+    pub frontends: Vec<PlanRow>,
+    /// Translation warnings (a frontend claimed twice, a slice without a Service, ...).
+    pub warnings: Vec<String>,
+    /// Objects, documents or files that could not be read; they are not in the plan.
+    pub errors: Vec<String>,
+}
+
+/// One frontend and what it translates to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanRow {
+    /// `address:port/PROTO`.
+    pub frontend: String,
+    /// ClusterIP, NodePort, ExternalIP or LoadBalancer.
+    pub kind: FrontendKind,
+    /// `namespace/name[:port-name]` of the Service port.
+    pub service: String,
+    /// The traffic policy that chose the backends: externalTrafficPolicy for external
+    /// frontends, internalTrafficPolicy for the cluster IP.
+    pub traffic_policy: &'static str,
+    /// sessionAffinity ClientIP timeout, when affinity is on.
+    pub affinity_timeout_secs: Option<u32>,
+    /// Backend selection set by the Service's annotation; `None`: the agent's default.
+    pub selection: Option<Selection>,
+    /// Allowed client networks; empty means every source.
+    pub source_ranges: Vec<String>,
+    /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: dropped.
+    pub backends: Vec<String>,
+}
+
+impl Plan {
+    /// Arranges the translation of `set` (which must be what `translation` was made from).
+    pub fn new(set: &ManifestSet, translation: &Translation) -> Self {
+        Plan {
+            frontends: translation
+                .desired
+                .frontends
+                .iter()
+                .map(|(frontend, plan)| PlanRow {
+                    frontend: frontend.to_string(),
+                    kind: plan.kind,
+                    service: plan.service.to_string(),
+                    traffic_policy: traffic_policy(&set.state, plan),
+                    affinity_timeout_secs: plan.affinity_timeout_secs,
+                    selection: plan.selection,
+                    source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
+                    backends: plan.backends.iter().map(|b| b.to_string()).collect(),
+                })
+                .collect(),
+            warnings: translation.warnings.iter().map(|w| w.to_string()).collect(),
+            errors: set.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// A plain-text table, one frontend a line.
+    pub fn table(&self) -> String {
+        let header = ["FRONTEND", "KIND", "SERVICE", "POLICY", "BACKENDS"];
+        let rows: Vec<[String; 5]> = self
+            .frontends
+            .iter()
+            .map(|r| {
+                let mut policy = r.traffic_policy.to_owned();
+                if let Some(selection) = r.selection {
+                    policy.push_str(&format!(" selection={selection}"));
+                }
+                if let Some(t) = r.affinity_timeout_secs {
+                    policy.push_str(&format!(" affinity={t}s"));
+                }
+                if !r.source_ranges.is_empty() {
+                    policy.push_str(&format!(" from={}", r.source_ranges.join(",")));
+                }
+                let backends = if r.backends.is_empty() {
+                    "(none: dropped)".to_owned()
+                } else {
+                    r.backends.join(", ")
+                };
+                [
+                    r.frontend.clone(),
+                    r.kind.to_string(),
+                    r.service.clone(),
+                    policy,
+                    backends,
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let mut out = String::new();
+        for cells in std::iter::once(header.map(str::to_owned)).chain(rows) {
+            let line: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// "Cluster" or "Local": the policy of the Service that applied to this frontend.
+fn traffic_policy(state: &ClusterState, plan: &FrontendPlan) -> &'static str {
+    let id = ObjectRef::new(plan.service.namespace.clone(), plan.service.name.clone());
+    let policy = state.services.get(&id).map(|svc| {
+        if plan.kind.is_external() {
+            svc.external_traffic_policy
+        } else {
+            svc.internal_traffic_policy
+        }
+    });
+    match policy {
+        Some(TrafficPolicy::Local) => "Local",
+        // Translation only makes frontends of Services it read.
+        Some(TrafficPolicy::Cluster) | None => "Cluster",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{manifest, model::NodeInfo, translate};
+
+    fn plan_of(yaml: &str, node: &NodeInfo) -> Plan {
+        let dir = std::env::temp_dir().join(format!(
+            "lb-plan-test-{}-{}",
+            std::process::id(),
+            yaml.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("objects.yaml"), yaml).unwrap();
+        let set = manifest::load_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let translation = translate::translate(&set.state, node);
+        Plan::new(&set, &translation)
+    }
+
+    const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  loadBalancerSourceRanges: [192.0.2.0/24]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30500}]
+status:
+  loadBalancer: {ingress: [{ip: 10.98.0.9}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - addresses: [10.244.1.2]
+    nodeName: here
+  - addresses: [10.244.2.2]
+    nodeName: elsewhere
+    conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: shop}
+spec: {ports: [{port: 70000}]}
+"#;
+
+    #[test]
+    fn the_plan_shows_policies_backends_and_errors() {
+        let node = NodeInfo {
+            name: "here".into(),
+            addresses: vec![Ipv4Addr::new(192, 168, 1, 5)],
+            zone: None,
+        };
+        let plan = plan_of(SERVICE, &node);
+        let by_frontend = |f: &str| {
+            plan.frontends
+                .iter()
+                .find(|r| r.frontend == f)
+                .unwrap_or_else(|| panic!("no {f} in {:#?}", plan.frontends))
+        };
+        let cluster = by_frontend("10.96.0.20:80/TCP");
+        assert_eq!(cluster.kind, FrontendKind::ClusterIp);
+        assert_eq!(cluster.service, "shop/web:http");
+        assert_eq!(cluster.traffic_policy, "Cluster");
+        assert_eq!(cluster.affinity_timeout_secs, Some(10800));
+        // The terminating endpoint stays listed so that its flows drain; it takes no new ones.
+        assert_eq!(
+            cluster.backends,
+            ["10.244.1.2:8080", "10.244.2.2:8080 (terminating)"]
+        );
+        assert!(cluster.source_ranges.is_empty());
+
+        // eTP Local: the node port and the ingress use only this node's endpoint.
+        let node_port = by_frontend("192.168.1.5:30500/TCP");
+        assert_eq!(node_port.traffic_policy, "Local");
+        assert_eq!(node_port.backends, ["10.244.1.2:8080"]);
+        let ingress = by_frontend("10.98.0.9:80/TCP");
+        assert_eq!(ingress.kind, FrontendKind::LoadBalancer);
+        assert_eq!(ingress.source_ranges, ["192.0.2.0/24"]);
+        assert_eq!(plan.frontends.len(), 3, "{:#?}", plan.frontends);
+
+        assert_eq!(plan.errors.len(), 1, "{:?}", plan.errors);
+        assert!(plan.errors[0].contains("shop/broken"), "{:?}", plan.errors);
+
+        let table = plan.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("FRONTEND"), "{table}");
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            table.contains("Local affinity=10800s from=192.0.2.0/24"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["frontends"][0]["kind"], "ClusterIp");
+    }
+}

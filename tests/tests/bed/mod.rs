@@ -1,0 +1,381 @@
+//! The packet-test bed: the real programs, run by the kernel through BPF_PROG_TEST_RUN on
+//! hand-built packets, with maps filled by hand through the agent's map operations. Expected
+//! output packets are built independently by etherparse (which computes its own checksums),
+//! and the expected backend of a new flow is computed here from the Maglev builder and the
+//! flow hash, not read back from the maps.
+//!
+//! Needs root and bpffs (mounted if missing). Each bed pins its maps in its own directory
+//! under /sys/fs/bpf, removed on drop, also when the test fails.
+#![allow(dead_code)] // Each test file uses its own part of the bed.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
+};
+use etherparse::PacketBuilder;
+use lb_common::{
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, RevNat4,
+    Service, flow_hash, map_names, program_names,
+};
+use lb_userspace::{
+    datapath::{BpfMaps, Counters, Datapath, teardown},
+    maglev,
+    model::Ipv4Cidr,
+    sync::{DatapathMaps, TableRef, backend_identity},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+
+pub const CLIENT: [u8; 4] = [10, 200, 0, 2];
+pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+pub const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+pub const POD1: [u8; 4] = [10, 244, 1, 2];
+pub const POD2: [u8; 4] = [10, 244, 2, 2];
+pub const POD3: [u8; 4] = [10, 244, 3, 2];
+
+/// The table size the bed programs: the agent's default.
+pub const TABLE_SIZE: u32 = maglev::DEFAULT_TABLE_SIZE;
+
+/// A loaded datapath with its own pin directory, removed on drop.
+pub struct Bed {
+    pub dp: Datapath,
+    pub maps: BpfMaps,
+    pub pin: PathBuf,
+    next_backend_id: u32,
+    /// Each backend id's backend, as programmed.
+    pub backends: StdHashMap<u32, Backend4>,
+    /// Each service id's table, as programmed (backend ids).
+    pub tables: StdHashMap<u32, Vec<u32>>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Err(e) = teardown(&self.pin) {
+            eprintln!("cleaning up {}: {e}", self.pin.display());
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Bed {
+    pub fn new() -> Self {
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/lbtest-packet-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut dp = Datapath::load(&pin).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        dp.load_programs()
+            .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
+        let maps = dp.take_maps().expect("maps");
+        Bed {
+            dp,
+            maps,
+            pin,
+            next_backend_id: 1,
+            backends: StdHashMap::new(),
+            tables: StdHashMap::new(),
+        }
+    }
+
+    /// Writes `backend` under a new id.
+    pub fn backend(&mut self, backend: Backend4) -> u32 {
+        let id = self.next_backend_id;
+        self.next_backend_id += 1;
+        self.set_backend(id, backend);
+        id
+    }
+
+    /// Writes (or rewrites) backend `id`.
+    pub fn set_backend(&mut self, id: u32, backend: Backend4) {
+        self.maps.put_backend(id, &backend).unwrap();
+        self.backends.insert(id, backend);
+    }
+
+    /// Rewrites the state of backend `id`.
+    pub fn set_state(&mut self, id: u32, state: u8) {
+        let backend = Backend4 {
+            state,
+            ..self.backends[&id]
+        };
+        self.set_backend(id, backend);
+    }
+
+    /// Deletes backend `id` (its drain is over).
+    pub fn delete_backend(&mut self, id: u32) {
+        self.maps.delete_backend(id).unwrap();
+        self.backends.remove(&id);
+    }
+
+    /// Programs `frontend` as service `id` whose new flows choose among `table` (backend
+    /// ids, already written): a Maglev table built here, then reverse NAT, then the entry.
+    pub fn program(
+        &mut self,
+        id: u32,
+        frontend: Frontend4,
+        table: &[u32],
+        flags: u32,
+        affinity: u32,
+    ) {
+        if !table.is_empty() {
+            let identities: Vec<_> = table
+                .iter()
+                .map(|b| backend_identity(&self.backends[b]))
+                .collect();
+            let built = maglev::build(&identities, TABLE_SIZE).unwrap();
+            let entries: Vec<u32> = built.entries().iter().map(|&i| table[i as usize]).collect();
+            self.table(id, &entries, table.len() as u32);
+        }
+        self.maps.put_rev_nat(id, &RevNat4::of(&frontend)).unwrap();
+        let svc = Service {
+            id,
+            backend_count: table.len() as u32,
+            flags,
+            affinity_timeout_secs: affinity,
+        };
+        self.maps.services.insert(frontend, svc, 0).unwrap();
+    }
+
+    /// Points service `id` at a new table holding `entries` (backend ids).
+    pub fn table(&mut self, id: u32, entries: &[u32], backends: u32) {
+        let (_, table) = self.maps.build_table(entries, backends).unwrap();
+        self.maps
+            .put_tables(&[(id, TableRef::Built(&table))])
+            .unwrap();
+        self.tables.insert(id, entries.to_vec());
+    }
+
+    /// Writes `backends` under new ids and programs `frontend` with all of them; returns
+    /// the ids.
+    pub fn service(
+        &mut self,
+        id: u32,
+        frontend: Frontend4,
+        backends: &[Backend4],
+        flags: u32,
+    ) -> Vec<u32> {
+        let ids: Vec<u32> = backends.iter().map(|b| self.backend(*b)).collect();
+        self.program(id, frontend, &ids, flags, 0);
+        ids
+    }
+
+    /// Allows `range` as a source of service `id`.
+    pub fn source_range(&mut self, id: u32, range: Ipv4Cidr) {
+        self.maps.put_source_range(id, range).unwrap();
+    }
+
+    /// The backend id the table of service `id` gives a new flow, computed here.
+    pub fn maglev_pick(
+        &self,
+        id: u32,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        proto: u8,
+    ) -> u32 {
+        let table = &self.tables[&id];
+        table[(hash(src, sport, dst, dport, proto) % table.len() as u32) as usize]
+    }
+
+    /// The address of backend `id`.
+    pub fn addr(&self, id: u32) -> [u8; 4] {
+        self.backends[&id].octets()
+    }
+
+    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self
+            .dp
+            .ebpf_mut()
+            .program(program_names::XDP_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        run(prog, packet)
+    }
+
+    pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program(program_names::TC_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        run(prog, packet)
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters::open_pinned(&self.pin).unwrap()
+    }
+
+    pub fn reasons(&self) -> Vec<u64> {
+        self.counters().reasons().unwrap()
+    }
+
+    pub fn events(&self) -> Vec<u64> {
+        self.counters().events().unwrap()
+    }
+
+    /// The conntrack entry of `key`, read from the pinned map.
+    pub fn conntrack(&self, key: &Ct4Key) -> Option<CtEntry> {
+        let data = MapData::from_pin(self.pin.join(map_names::CONNTRACK)).unwrap();
+        let map: HashMap<_, Ct4Key, CtEntry> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+        map.get(key, 0).ok()
+    }
+
+    /// The pinned affinity map.
+    pub fn affinity(&self) -> HashMap<MapData, AffinityKey, AffinityEntry> {
+        let data = MapData::from_pin(self.pin.join(map_names::AFFINITY)).unwrap();
+        HashMap::try_from(Map::LruHashMap(data)).unwrap()
+    }
+}
+
+pub fn run<P>(prog: &P, packet: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e:?}"));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// The flow hash of a forward 5-tuple given in host order.
+pub fn hash(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> u32 {
+    flow_hash(
+        u32::from_ne_bytes(src),
+        u32::from_ne_bytes(dst),
+        sport.to_be(),
+        dport.to_be(),
+        proto,
+    )
+}
+
+pub fn frontend(addr: [u8; 4], port: u16, proto: u8) -> Frontend4 {
+    Frontend4::new(addr, port, proto)
+}
+
+pub fn backend(addr: [u8; 4], port: u16, proto: u8) -> Backend4 {
+    Backend4::new(addr, port, proto, BACKEND_ACTIVE)
+}
+
+/// The forward conntrack key of a flow given in host order.
+pub fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> Ct4Key {
+    Ct4Key {
+        saddr: u32::from_ne_bytes(src),
+        daddr: u32::from_ne_bytes(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        dir: lb_common::CT_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// A TCP SYN from `src:sport` to `dst:dport`, with a payload, as etherparse writes it.
+pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// An established-connection TCP segment (ACK, PSH) from `src:sport` to `dst:dport`.
+pub fn tcp_ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1001, 64240)
+        .ack(5000)
+        .psh();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// The packet with its IPv4 destination and TCP/UDP destination port replaced, every checksum
+/// recomputed from scratch by etherparse.
+pub fn rewritten(
+    packet: &[u8],
+    dst: Option<([u8; 4], u16)>,
+    src: Option<([u8; 4], u16)>,
+) -> Vec<u8> {
+    let parsed = etherparse::PacketHeaders::from_ethernet_slice(packet).unwrap();
+    let Some(etherparse::NetHeaders::Ipv4(mut ip, _)) = parsed.net else {
+        panic!("not IPv4")
+    };
+    let payload = parsed.payload.slice();
+    if let Some((addr, _)) = dst {
+        ip.destination = addr;
+    }
+    if let Some((addr, _)) = src {
+        ip.source = addr;
+    }
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    parsed.link.unwrap().write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    match parsed.transport.unwrap() {
+        etherparse::TransportHeader::Tcp(mut tcp) => {
+            if let Some((_, port)) = dst {
+                tcp.destination_port = port;
+            }
+            if let Some((_, port)) = src {
+                tcp.source_port = port;
+            }
+            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
+            tcp.write(&mut out).unwrap();
+        }
+        etherparse::TransportHeader::Udp(mut udp) => {
+            let zero = udp.checksum == 0;
+            if let Some((_, port)) = dst {
+                udp.destination_port = port;
+            }
+            if let Some((_, port)) = src {
+                udp.source_port = port;
+            }
+            if !zero {
+                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).unwrap();
+            }
+            udp.write(&mut out).unwrap();
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The names of the counters that differ between two readings.
+pub fn changed(names: &[&'static str], before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .map(|i| (names[i], after[i] - before[i]))
+        .collect()
+}
