@@ -1,49 +1,71 @@
 //! The agent: attaches the datapath, then keeps the maps equal to the translation of its
-//! source (here, a folder of manifests) for as long as it runs.
+//! source (a folder of manifests, or the Kubernetes API) for as long as it runs.
 //!
-//! It never flushes on trouble: when the folder cannot be read, the last good state stays
-//! programmed until a complete new view can be read. On SIGTERM or SIGINT it exits and leaves
+//! One loop for every source: the source hands out complete views and says which objects
+//! changed ([`Source::changed`]); the [`Translator`] re-translates the Services concerned and
+//! the [`Syncer`] writes the frontends whose plan changed. The first view, and a full resync
+//! every `resync` (or one second after a sync with errors), translate and write everything,
+//! which also repairs anything changed behind the agent's back.
+//!
+//! It never flushes on trouble: when the source cannot be read, the last good state stays
+//! programmed until a complete new view arrives. On SIGTERM or SIGINT it exits and leaves
 //! the programs and maps pinned, so traffic keeps flowing; `lb teardown` removes them.
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use notify::Watcher as _;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
-use tracing::{debug, error, info, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{Datapath, interface_index},
-    manifest,
+    desired::Frontend,
+    metrics::{self, Metrics, SyncOutcome},
     model::NodeInfo,
-    sync::{DatapathMaps, SyncConfig, Syncer},
-    translate,
+    source::{
+        Changes, NodeFacts, Source,
+        kube::{KubeConfig, KubeSource},
+        manifests::ManifestsSource,
+    },
+    sync::{DatapathMaps, SyncConfig, SyncError, Syncer},
+    translate::{Changed, Translator},
 };
+
+/// Where the cluster state comes from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A folder of manifests.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kube(KubeConfig),
+}
 
 /// How the agent is set up.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The manifests folder.
-    pub manifests: PathBuf,
+    /// The source of the cluster state.
+    pub source: SourceConfig,
     /// The node's external interface.
     pub interface: String,
     /// Where maps and links are pinned.
     pub pin_dir: PathBuf,
-    /// Node addresses for NodePort frontends; the interface's when empty.
+    /// Node addresses for NodePort frontends; when empty, the Node's (kube source), else the
+    /// interface's.
     pub node_ips: Vec<Ipv4Addr>,
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
-    /// This node's zone (for topology-aware routing).
+    /// This node's zone (for topology-aware routing); when `None`, the Node's label.
     pub zone: Option<String>,
-    /// A full resync this often, even without a change notification.
+    /// A full resync this often, even without a change.
     pub resync: Duration,
+    /// Where /metrics, /healthz and /readyz are served.
+    pub metrics_addr: SocketAddr,
     /// Maglev table size, default selection and drain period.
     pub sync: SyncConfig,
 }
@@ -52,96 +74,205 @@ pub struct AgentConfig {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
     interface_index(&config.interface)?;
-    std::fs::read_dir(&config.manifests)
-        .with_context(|| format!("manifests folder {}", config.manifests.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let served = metrics::serve(config.metrics_addr, metrics.clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;
+    info!(address = %served, "serving /metrics, /healthz and /readyz");
+    match &config.source {
+        SourceConfig::Manifests(dir) => {
+            let source = ManifestsSource::new(dir, config.resync, metrics.clone())?;
+            serve(source, &config, metrics).await
+        }
+        SourceConfig::Kube(kube) => {
+            let source = KubeSource::connect(kube.clone(), metrics.clone()).await?;
+            serve(source, &config, metrics).await
+        }
+    }
+}
+
+/// Attaches the datapath and keeps it equal to the translation of `source`.
+async fn serve<S: Source>(
+    mut source: S,
+    config: &AgentConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.pin_dir)?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
     let maps = datapath.take_maps()?;
-    let mut syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
-
-    let addresses = if config.node_ips.is_empty() {
-        interface_ipv4_addresses(&config.interface)?
-    } else {
-        config.node_ips.clone()
+    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
+    let interface_addresses = interface_ipv4_addresses(&config.interface)?;
+    let mut agent = Agent {
+        syncer,
+        translator: None,
+        config,
+        interface_addresses,
+        metrics,
     };
-    if addresses.is_empty() {
-        warn!(interface = %config.interface, "no IPv4 address: NodePort frontends get none");
-    }
-    let node = NodeInfo {
-        name: config.node_name.clone(),
-        addresses,
-        zone: config.zone.clone(),
-    };
-    info!(node = %node.name, addresses = ?node.addresses, "node");
-
-    // The first view must be complete: an unreadable folder at start is an error.
-    let set = manifest::load_dir(&config.manifests)?;
-    apply(&set, &node, &mut syncer);
-
-    let (tx, mut changes) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
-            // A full channel already means "resync pending".
-            Ok(_) => drop(tx.try_send(())),
-            Err(e) => warn!("watching the manifests folder: {e}"),
-        }
-    })
-    .context("creating a file watcher")?;
-    watcher
-        .watch(&config.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(config.resync);
-    resync.tick().await;
+    resync.reset();
+    let mut retry = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            Some(()) = changes.recv() => {
-                // Let a burst of writes (an editor, `cp -r`) settle before reading.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while changes.try_recv().is_ok() {}
-                debug!("manifests changed");
+            changes = source.changed() => {
+                retry = !agent.apply(&source, &changes?);
             }
-            _ = resync.tick() => debug!("periodic resync"),
+            _ = resync.tick() => {
+                debug!("periodic resync");
+                retry = !agent.resync(&source);
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {
+                info!("retrying after errors");
+                retry = !agent.resync(&source);
+            }
             // Removed backends are deleted by the first apply after their drain ends.
-            _ = sleep_until(syncer.next_drain_deadline()) => debug!("a drain period ended"),
-        }
-        match manifest::load_dir(&config.manifests) {
-            Ok(set) => apply(&set, &node, &mut syncer),
-            Err(e) => error!("{:#}; keeping the programmed state", anyhow::Error::from(e)),
+            _ = sleep_until(agent.syncer.next_drain_deadline()) => {
+                debug!("a drain period ended");
+                let now = Instant::now();
+                retry = !agent.write(Some(&BTreeSet::new()), now, now);
+            }
         }
     }
     info!("exiting; the datapath stays attached (`lb teardown` removes it)");
     Ok(())
 }
 
-/// Translates one complete view and applies it, reporting every problem.
-fn apply<M: DatapathMaps>(set: &manifest::ManifestSet, node: &NodeInfo, syncer: &mut Syncer<M>) {
-    let started = Instant::now();
-    for e in &set.errors {
-        error!("{e}");
+/// The agent's state between views.
+struct Agent<'a, M> {
+    syncer: Syncer<M>,
+    /// Created at the first view.
+    translator: Option<Translator>,
+    config: &'a AgentConfig,
+    interface_addresses: Vec<Ipv4Addr>,
+    metrics: Arc<Metrics>,
+}
+
+impl<M: DatapathMaps> Agent<'_, M> {
+    /// This node: the flags first, then what the source knows, then the interface.
+    fn node_info(&self, facts: Option<&NodeFacts>) -> NodeInfo {
+        let addresses = if !self.config.node_ips.is_empty() {
+            self.config.node_ips.clone()
+        } else if let Some(facts) = facts.filter(|f| !f.addresses.is_empty()) {
+            facts.addresses.clone()
+        } else {
+            self.interface_addresses.clone()
+        };
+        NodeInfo {
+            name: self.config.node_name.clone(),
+            addresses,
+            zone: self
+                .config
+                .zone
+                .clone()
+                .or_else(|| facts.and_then(|f| f.zone.clone())),
+        }
     }
-    let translation = translate::translate(&set.state, node);
-    for w in &translation.warnings {
-        warn!("{w}");
+
+    /// Applies a new view; whether everything was written.
+    fn apply(&mut self, source: &impl Source, changes: &Changes) -> bool {
+        let started = Instant::now();
+        let state = source.state();
+        let node = self.node_info(source.node());
+        let (changed, full) = match &mut self.translator {
+            None => {
+                log_node(&node);
+                let mut translator = Translator::new(node);
+                let changed = translator.update(state, state.services.keys(), state.slices.keys());
+                self.translator = Some(translator);
+                (changed, true)
+            }
+            Some(translator) => {
+                let mut changed = Changed::default();
+                if translator.node() != &node {
+                    log_node(&node);
+                    changed = translator.set_node(state, node);
+                }
+                let more = translator.update(state, &changes.services, &changes.slices);
+                changed.frontends.extend(more.frontends);
+                changed.warnings.extend(more.warnings);
+                (changed, false)
+            }
+        };
+        for w in &changed.warnings {
+            warn!("{w}");
+        }
+        self.write(
+            Some(&changed.frontends).filter(|_| !full),
+            started,
+            changes.since,
+        )
     }
-    let report = syncer.apply(&translation.desired);
-    for e in &report.errors {
-        error!("{e}");
+
+    /// Writes everything again; whether everything was written.
+    fn resync(&mut self, source: &impl Source) -> bool {
+        let node = self.node_info(source.node());
+        let Some(translator) = &mut self.translator else {
+            return true;
+        };
+        if translator.node() != &node {
+            log_node(&node);
+            for w in translator.set_node(source.state(), node).warnings {
+                warn!("{w}");
+            }
+        }
+        let now = Instant::now();
+        self.write(None, now, now)
     }
-    info!(
-        frontends = report.frontends,
-        backends = report.backends,
-        map_ops = report.map_ops,
-        errors = report.errors.len() + set.errors.len(),
-        elapsed = ?started.elapsed(),
-        "synced"
-    );
+
+    /// Writes the frontends `only` (all when `None`) as the translator has them.
+    fn write(
+        &mut self,
+        only: Option<&BTreeSet<Frontend>>,
+        started: Instant,
+        since: Instant,
+    ) -> bool {
+        let Some(translator) = &self.translator else {
+            return true;
+        };
+        let desired = translator.desired();
+        let report = match only {
+            Some(frontends) => self
+                .syncer
+                .apply_changed(desired, frontends, Instant::now()),
+            None => self.syncer.apply(desired),
+        };
+        let mut map_errors = 0;
+        for e in &report.errors {
+            error!("{e}");
+            if matches!(e, SyncError::Map { .. } | SyncError::Cleanup(_)) {
+                map_errors += 1;
+            }
+        }
+        self.metrics.synced(
+            started.elapsed(),
+            since.elapsed(),
+            &SyncOutcome {
+                frontends: report.frontends,
+                backends: report.backends,
+                errors: map_errors,
+            },
+        );
+        trace!(map_ops = report.map_ops, "written");
+        let summary = (report.map_ops, report.errors.len());
+        if only.is_none() || summary != (0, 0) {
+            info!(
+                frontends = report.frontends,
+                backends = report.backends,
+                map_ops = report.map_ops,
+                errors = report.errors.len(),
+                elapsed = ?started.elapsed(),
+                "synced"
+            );
+        }
+        report.errors.is_empty()
+    }
 }
 
 /// Sleeps until `deadline`; forever without one.
@@ -150,6 +281,13 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
+}
+
+fn log_node(node: &NodeInfo) {
+    if node.addresses.is_empty() {
+        warn!(node = %node.name, "no IPv4 node address: NodePort frontends get none");
+    }
+    info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node");
 }
 
 /// The IPv4 addresses of an interface.

@@ -8,11 +8,27 @@ pub mod explain;
 pub mod inspect;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod source;
 pub mod sync;
 pub mod sys;
 pub mod translate;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A fixed pseudo-random sequence (xorshift32): each call gives a number below `n`.
+    pub fn walk(mut seed: u32) -> impl FnMut(u32) -> u32 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed % n
+        }
+    }
+}

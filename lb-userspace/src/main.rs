@@ -2,7 +2,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -11,13 +11,14 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent::{self, AgentConfig},
+    agent::{self, AgentConfig, SourceConfig},
     datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
     desired::{Protocol, Selection},
     explain::{Explainer, Flow, monotonic_ns},
-    inspect, maglev, manifest,
+    inspect, maglev, manifest, metrics,
     model::NodeInfo,
     plan::Plan,
+    source::kube::KubeConfig,
     sync::{DatapathMaps as _, SyncConfig},
     translate,
 };
@@ -35,11 +36,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the datapath to an interface and keep it programmed from a manifests folder.
+    /// Attach the datapath to an interface and keep it programmed from a source: a manifests
+    /// folder (--manifests), the Kubernetes API with a kubeconfig (--kubeconfig), or else the
+    /// Kubernetes API from inside a pod (in-cluster configuration).
     Agent {
         /// Folder of Kubernetes YAML manifests (Services, EndpointSlices, Endpoints).
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig file for the Kubernetes API.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// The node's external interface: XDP translates frontends arriving there, TC
         /// translates the replies leaving there.
         #[arg(long)]
@@ -47,19 +53,33 @@ enum Command {
         /// Where maps and links are pinned (on bpffs, mounted if missing).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
-        /// Node address for NodePort frontends (repeatable); default: the interface's IPv4
-        /// addresses.
+        /// Node address for NodePort frontends (repeatable); default: the Node object's IPv4
+        /// InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
         #[arg(long = "node-ip")]
         node_ips: Vec<Ipv4Addr>,
-        /// This node's name, as in EndpointSlice nodeName; default: the host name.
+        /// This node's name, as in EndpointSlice nodeName and the Node object; default: the
+        /// host name.
         #[arg(long)]
         node_name: Option<String>,
-        /// This node's zone, for topology-aware routing.
+        /// This node's zone, for topology-aware routing; default: the Node's
+        /// topology.kubernetes.io/zone label (Kubernetes).
         #[arg(long)]
         zone: Option<String>,
-        /// Seconds between full resyncs, besides the ones a change triggers.
+        /// Seconds between full resyncs, besides the updates changes trigger.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, default_value = metrics::DEFAULT_ADDR)]
+        metrics_addr: SocketAddr,
+        /// Kubernetes: the longest wait, in seconds, for the initial lists before the first
+        /// sync (after it the agent goes on without the Node, never without Services or
+        /// EndpointSlices).
+        #[arg(long, default_value_t = 30)]
+        initial_sync_timeout_secs: u64,
+        /// Kubernetes: milliseconds without events that end a batch of changes (0: a batch
+        /// is what has arrived when the agent is free; no wait).
+        #[arg(long, default_value_t = 0)]
+        debounce_ms: u64,
         /// The largest Maglev table, in entries: a prime. Each Service's table gets at least
         /// 100 entries per backend up to this size (251 for 1-2 backends, 1021 for up to
         /// 10, ...), which keeps its backends' loads within 1% of each other; the default
@@ -202,24 +222,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
             manifests,
+            kubeconfig,
             interface,
             pin_path,
             node_ips,
             node_name,
             zone,
             resync_secs,
+            metrics_addr,
+            initial_sync_timeout_secs,
+            debounce_ms,
             maglev_table_size,
             selection,
             drain_secs,
         } => {
+            let node_name = node_name.unwrap_or_else(agent::hostname);
+            let source = match manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Kube(KubeConfig {
+                    kubeconfig,
+                    node_name: node_name.clone(),
+                    initial_timeout: Duration::from_secs(initial_sync_timeout_secs),
+                    debounce: Duration::from_millis(debounce_ms),
+                }),
+            };
             let config = AgentConfig {
-                manifests,
+                source,
                 interface,
                 pin_dir: pin_path,
                 node_ips,
-                node_name: node_name.unwrap_or_else(agent::hostname),
+                node_name,
                 zone,
                 resync: Duration::from_secs(resync_secs.max(1)),
+                metrics_addr,
                 sync: SyncConfig {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),

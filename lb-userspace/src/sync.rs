@@ -496,17 +496,77 @@ impl<M: DatapathMaps> Syncer<M> {
     /// still sees them in order), so that the tables of all frontends are swapped in with
     /// one system call, and the unused ones removed with another.
     pub fn apply_at(&mut self, desired: &DesiredState, now: Instant) -> ApplyReport {
-        let ops_before = self.ops;
-        let mut errors = Vec::new();
         let wanted: BTreeMap<Frontend4, (&Frontend, &FrontendPlan)> = desired
             .frontends
             .iter()
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
+        let stale: Vec<Frontend4> = self
+            .frontends
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        self.apply_scoped(&wanted, stale, None, now)
+    }
+
+    /// Like [`Syncer::apply_at`], for the frontends in `changed` only: each is programmed as
+    /// `desired` has it, or removed when `desired` does not list it; and the backends whose
+    /// drain has ended are deleted. The cost follows the size of the change, not of the
+    /// state (but for one scan of the programmed ids when a backend may have lost its last
+    /// frontend).
+    pub fn apply_changed<'a>(
+        &mut self,
+        desired: &DesiredState,
+        changed: impl IntoIterator<Item = &'a Frontend>,
+        now: Instant,
+    ) -> ApplyReport {
+        let mut wanted = BTreeMap::new();
+        let mut stale = Vec::new();
+        let mut released = BTreeSet::new();
+        for frontend in changed {
+            let key = frontend.key();
+            if let Some(p) = self.frontends.get(&key) {
+                released.extend(p.members.iter().copied());
+                released.extend(p.table.iter().flat_map(|t| t.key.backends.iter().copied()));
+            }
+            match desired.frontends.get_key_value(frontend) {
+                Some((f, plan)) => {
+                    wanted.insert(key, (f, plan));
+                }
+                None if self.frontends.contains_key(&key) => stale.push(key),
+                None => {}
+            }
+        }
+        let drained = self
+            .removed
+            .iter()
+            .filter(|(_, since)| now >= **since + self.config.drain)
+            .map(|(id, _)| *id);
+        released.extend(drained);
+        self.apply_scoped(&wanted, stale, Some(released), now)
+    }
+
+    /// The steps of the module documentation for the frontends `wanted` and `stale`; then
+    /// the backends among `candidates` (all when `None`) that no frontend lists are
+    /// collected.
+    ///
+    /// The steps run for all these frontends at once (each frontend still sees them in
+    /// order), so that the tables of all frontends are swapped in with one system call, and
+    /// the unused ones removed with another.
+    fn apply_scoped(
+        &mut self,
+        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
+        stale: Vec<Frontend4>,
+        candidates: Option<BTreeSet<u32>>,
+        now: Instant,
+    ) -> ApplyReport {
+        let ops_before = self.ops;
+        let mut errors = Vec::new();
 
         // 1. Backends, and what each frontend is to become.
         let mut pending = Vec::with_capacity(wanted.len());
-        for (key, (frontend, plan)) in &wanted {
+        for (key, (frontend, plan)) in wanted {
             match self.prepare(key, frontend, plan) {
                 Ok(p) => pending.push(p),
                 Err(error) => errors.push(error),
@@ -529,12 +589,6 @@ impl<M: DatapathMaps> Syncer<M> {
             self.frontends.insert(p.key, p.programmed);
         }
         // 6. Frontends no longer wanted, service entry first.
-        let stale: Vec<Frontend4> = self
-            .frontends
-            .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
         for key in stale {
             if let Err(error) = self.remove_entries(&key) {
                 errors.push(SyncError::Cleanup(error));
@@ -545,9 +599,10 @@ impl<M: DatapathMaps> Syncer<M> {
             }
         }
         // Then the tables nothing reads any more.
-        self.delete_tables(&unused_tables, &wanted, &mut errors);
+        self.delete_tables(&unused_tables, wanted, &mut errors);
         // 7. Backends no frontend lists.
-        if let Err(error) = self.collect_backends(now) {
+        let candidates = candidates.unwrap_or_else(|| self.backends.keys().copied().collect());
+        if let Err(error) = self.collect_backends(candidates, now) {
             errors.push(SyncError::Cleanup(error));
         }
         ApplyReport {
@@ -819,23 +874,24 @@ impl<M: DatapathMaps> Syncer<M> {
         }
     }
 
-    /// Backends no frontend lists: marked REMOVED, then deleted after the drain.
-    fn collect_backends(&mut self, now: Instant) -> Result<(), MapOpError> {
-        let referenced: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|p| {
-                let table = p.table.iter().flat_map(|t| t.key.backends.iter());
-                table.chain(&p.members).copied()
-            })
-            .collect();
-        let mut unreferenced: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !referenced.contains(id))
-            .copied()
-            .collect();
-        unreferenced.sort_unstable();
+    /// Backends among `candidates` that no frontend lists: marked REMOVED, then deleted
+    /// after the drain.
+    fn collect_backends(
+        &mut self,
+        mut candidates: BTreeSet<u32>,
+        now: Instant,
+    ) -> Result<(), MapOpError> {
+        candidates.retain(|id| self.backends.contains_key(id));
+        for p in self.frontends.values() {
+            if candidates.is_empty() {
+                break;
+            }
+            let table = p.table.iter().flat_map(|t| t.key.backends.iter());
+            for id in table.chain(&p.members) {
+                candidates.remove(id);
+            }
+        }
+        let unreferenced = candidates;
         let drain = self.config.drain;
         for id in unreferenced {
             let backend = self.backends[&id];
@@ -1723,5 +1779,48 @@ mod tests {
             s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_SOURCE_RANGES,
             0
         );
+    }
+
+    #[test]
+    fn applying_only_the_changed_frontends_equals_a_full_apply() {
+        // A fixed pseudo-random walk over frontend plans sharing backends.
+        let mut next = crate::testutil::walk(0x2545_f491);
+        let mut incremental = syncer(1000);
+        let mut current: BTreeMap<Frontend, Vec<u8>> = BTreeMap::new();
+        let now = Instant::now();
+        for step in 0..300 {
+            let frontend = fe(next(12) as u8 + 1, 80);
+            let backends: Vec<u8> = (1..=6).filter(|_| next(3) == 0).collect();
+            if next(5) == 0 {
+                current.remove(&frontend);
+            } else {
+                current.insert(frontend, backends);
+            }
+            let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
+            let report = incremental.apply_changed(&desired(&want), [&frontend], now);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let shown: BTreeMap<Frontend, Vec<u8>> = expect(&want)
+                .into_iter()
+                .filter(|(_, b)| !b.is_empty())
+                .collect();
+            let programmed: BTreeMap<Frontend, Vec<u8>> = programmed(incremental.maps())
+                .into_iter()
+                .filter(|(_, b)| !b.is_empty())
+                .collect();
+            assert_eq!(programmed, shown, "step {step}");
+            // Nothing left for a full apply to do: no stale backend, no missing write.
+            assert_eq!(
+                incremental.apply_at(&desired(&want), now).map_ops,
+                0,
+                "step {step}"
+            );
+        }
+        // After the drain, an apply of no change deletes the REMOVED backends.
+        let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
+        let later = now + config().drain;
+        let report = incremental.apply_changed(&desired(&want), [], later);
+        let listed: BTreeSet<&u8> = current.values().flatten().collect();
+        assert_eq!(report.backends, listed.len(), "{report:?}");
+        assert_eq!(incremental.apply_at(&desired(&want), later).map_ops, 0);
     }
 }

@@ -53,7 +53,7 @@
 #![deny(missing_docs)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -133,26 +133,254 @@ pub enum Warning {
 /// Computes the desired datapath state of `node` from the cluster state. Pure and
 /// deterministic. See the module documentation for the rules.
 pub fn translate(state: &ClusterState, node: &NodeInfo) -> Translation {
-    let mut out = Translation::default();
-    let mut slices_by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in state.slices.values() {
-        match &slice.service_name {
-            Some(name) => slices_by_service
-                .entry(ObjectRef::new(slice.id.namespace.clone(), name.clone()))
-                .or_default()
-                .push(slice),
-            None => out.warnings.push(Warning::SliceWithoutService {
-                slice: slice.id.clone(),
-            }),
+    let mut translator = Translator::new(node.clone());
+    translator.update(state, state.services.keys(), state.slices.keys());
+    translator.translation()
+}
+
+/// What one Service translates to, in order: its frontends (claims, before conflicts with
+/// other Services are settled) and its warnings.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug)]
+enum Entry {
+    Frontend(Frontend, FrontendPlan),
+    Warning(Warning),
+}
+
+/// Who claims a frontend: a Service and the position of the claim in its output. The
+/// smallest claim owns the frontend (the Service whose namespace/name sorts first; within a
+/// Service, its first port).
+type Claim = (ObjectRef, usize);
+
+/// [`translate`] kept up to date Service by Service, for a state that changes a few objects
+/// at a time: [`Translator::update`] re-translates only the Services whose objects changed
+/// and reports the frontends whose plan changed. The rules are [`translate`]'s (which runs
+/// this over the whole state); the result equals `translate` of the current state.
+#[derive(Debug)]
+pub struct Translator {
+    node: NodeInfo,
+    node_addresses: BTreeSet<Ipv4Addr>,
+    /// The slices of each Service (by the Service's namespace/name).
+    slices_of: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    /// The Service of each slice that names one.
+    slice_owner: HashMap<ObjectRef, ObjectRef>,
+    /// Slices without the service-name label.
+    unowned_slices: BTreeSet<ObjectRef>,
+    outputs: HashMap<ObjectRef, ServiceOutput>,
+    claims: HashMap<Frontend, BTreeSet<Claim>>,
+    desired: DesiredState,
+}
+
+impl Translator {
+    /// A translator for `node` with nothing translated yet.
+    pub fn new(node: NodeInfo) -> Self {
+        Translator {
+            node_addresses: node.addresses.iter().copied().collect(),
+            node,
+            slices_of: HashMap::new(),
+            slice_owner: HashMap::new(),
+            unowned_slices: BTreeSet::new(),
+            outputs: HashMap::new(),
+            claims: HashMap::new(),
+            desired: DesiredState::default(),
         }
     }
-    let node_addresses: BTreeSet<Ipv4Addr> = node.addresses.iter().copied().collect();
-    let no_slices = Vec::new();
-    for svc in state.services.values() {
-        let slices = slices_by_service.get(&svc.id).unwrap_or(&no_slices);
-        translate_service(svc, slices, node, &node_addresses, &mut out);
+
+    /// The node it translates for.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
     }
-    out
+
+    /// Translates for another node (its addresses or zone changed): every Service again.
+    pub fn set_node(&mut self, state: &ClusterState, node: NodeInfo) -> Changed {
+        self.node_addresses = node.addresses.iter().copied().collect();
+        self.node = node;
+        let services: Vec<ObjectRef> = self.outputs.keys().cloned().collect();
+        self.update(state, services.iter(), std::iter::empty())
+    }
+
+    /// The desired state of everything translated so far.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// The desired state and every warning, as [`translate`] returns them.
+    pub fn translation(&self) -> Translation {
+        let mut warnings: Vec<Warning> = self
+            .unowned_slices
+            .iter()
+            .map(|slice| Warning::SliceWithoutService {
+                slice: slice.clone(),
+            })
+            .collect();
+        let mut services: Vec<&ObjectRef> = self.outputs.keys().collect();
+        services.sort_unstable();
+        for service in services {
+            self.service_warnings(service, &mut warnings);
+        }
+        Translation {
+            desired: self.desired.clone(),
+            warnings,
+        }
+    }
+
+    /// Takes in that the Services `services` and the EndpointSlices `slices` may have changed
+    /// in `state` (added, modified or removed), and re-translates the Services they concern.
+    pub fn update<'a>(
+        &mut self,
+        state: &ClusterState,
+        services: impl IntoIterator<Item = &'a ObjectRef>,
+        slices: impl IntoIterator<Item = &'a ObjectRef>,
+    ) -> Changed {
+        let mut changed = Changed::default();
+        let mut dirty: BTreeSet<ObjectRef> = services.into_iter().cloned().collect();
+        for slice in slices {
+            if let Some(old) = self.slice_owner.remove(slice) {
+                if let Some(set) = self.slices_of.get_mut(&old) {
+                    set.remove(slice);
+                    if set.is_empty() {
+                        self.slices_of.remove(&old);
+                    }
+                }
+                dirty.insert(old);
+            }
+            self.unowned_slices.remove(slice);
+            let Some(new) = state.slices.get(slice) else {
+                continue;
+            };
+            match &new.service_name {
+                Some(name) => {
+                    let owner = ObjectRef::new(new.id.namespace.clone(), name.clone());
+                    self.slices_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(slice.clone());
+                    self.slice_owner.insert(slice.clone(), owner.clone());
+                    dirty.insert(owner);
+                }
+                None => {
+                    self.unowned_slices.insert(slice.clone());
+                    changed.warnings.push(Warning::SliceWithoutService {
+                        slice: slice.clone(),
+                    });
+                }
+            }
+        }
+
+        let mut touched: BTreeSet<Frontend> = BTreeSet::new();
+        for service in &dirty {
+            let output = match state.services.get(service) {
+                Some(svc) => {
+                    let slices: Vec<&EndpointSlice> = self
+                        .slices_of
+                        .get(service)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|id| state.slices.get(id))
+                        .collect();
+                    Some(translate_service(
+                        svc,
+                        &slices,
+                        &self.node,
+                        &self.node_addresses,
+                    ))
+                }
+                None => None,
+            };
+            if let Some(old) = self.outputs.remove(service) {
+                for (i, entry) in old.entries.iter().enumerate() {
+                    if let Entry::Frontend(frontend, _) = entry {
+                        touched.insert(*frontend);
+                        if let Some(claims) = self.claims.get_mut(frontend) {
+                            claims.remove(&(service.clone(), i));
+                            if claims.is_empty() {
+                                self.claims.remove(frontend);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(output) = output {
+                for (i, entry) in output.entries.iter().enumerate() {
+                    if let Entry::Frontend(frontend, _) = entry {
+                        touched.insert(*frontend);
+                        self.claims
+                            .entry(*frontend)
+                            .or_default()
+                            .insert((service.clone(), i));
+                    }
+                }
+                self.outputs.insert(service.clone(), output);
+            }
+        }
+
+        for frontend in touched {
+            let plan = self.owner_plan(&frontend).cloned();
+            let old = match plan {
+                Some(plan) => self.desired.frontends.insert(frontend, plan),
+                None => self.desired.frontends.remove(&frontend),
+            };
+            if old.as_ref() != self.desired.frontends.get(&frontend) {
+                changed.frontends.insert(frontend);
+            }
+        }
+        for service in &dirty {
+            self.service_warnings(service, &mut changed.warnings);
+        }
+        changed
+    }
+
+    /// The claim that owns `frontend`.
+    fn owner(&self, frontend: &Frontend) -> Option<&Claim> {
+        self.claims.get(frontend)?.first()
+    }
+
+    /// The plan of the claim that owns `frontend`.
+    fn owner_plan(&self, frontend: &Frontend) -> Option<&FrontendPlan> {
+        let (service, i) = self.owner(frontend)?;
+        match self.outputs.get(service)?.entries.get(*i)? {
+            Entry::Frontend(_, plan) => Some(plan),
+            Entry::Warning(_) => None,
+        }
+    }
+
+    /// The warnings of one Service, in the order of its output, with a conflict warning for
+    /// each frontend another claim owns.
+    fn service_warnings(&self, service: &ObjectRef, out: &mut Vec<Warning>) {
+        let Some(output) = self.outputs.get(service) else {
+            return;
+        };
+        for (i, entry) in output.entries.iter().enumerate() {
+            match entry {
+                Entry::Warning(w) => out.push(w.clone()),
+                Entry::Frontend(frontend, plan) => {
+                    let owner = self.owner(frontend);
+                    if owner.is_some_and(|(s, j)| (s, *j) != (service, i))
+                        && let Some(kept) = self.owner_plan(frontend)
+                    {
+                        out.push(Warning::FrontendConflict {
+                            frontend: *frontend,
+                            kept: kept.service.clone(),
+                            dropped: plan.service.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What [`Translator::update`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Frontends added, changed or removed in [`Translator::desired`].
+    pub frontends: BTreeSet<Frontend>,
+    /// The warnings of the re-translated Services and of the changed slices.
+    pub warnings: Vec<Warning>,
 }
 
 fn translate_service(
@@ -160,17 +388,17 @@ fn translate_service(
     slices: &[&EndpointSlice],
     node: &NodeInfo,
     node_addresses: &BTreeSet<Ipv4Addr>,
-    out: &mut Translation,
-) {
+) -> ServiceOutput {
+    let mut out = ServiceOutput::default();
     let cluster_ip = match (svc.type_, svc.cluster_ip) {
         (ServiceType::ExternalName, _) | (_, ClusterIp::Headless | ClusterIp::Assigned(None)) => {
-            return;
+            return out;
         }
         (_, ClusterIp::Assigned(Some(ip))) => Some(ip),
         (_, ClusterIp::Unassigned) => {
-            out.warnings.push(Warning::NoClusterIp {
+            out.entries.push(Entry::Warning(Warning::NoClusterIp {
                 service: svc.id.clone(),
-            });
+            }));
             None
         }
     };
@@ -197,11 +425,12 @@ fn translate_service(
             model::Protocol::Tcp => Protocol::Tcp,
             model::Protocol::Udp => Protocol::Udp,
             protocol @ model::Protocol::Sctp => {
-                out.warnings.push(Warning::UnsupportedProtocol {
-                    service: svc.id.clone(),
-                    port_name: port.name.clone(),
-                    protocol,
-                });
+                out.entries
+                    .push(Entry::Warning(Warning::UnsupportedProtocol {
+                        service: svc.id.clone(),
+                        port_name: port.name.clone(),
+                        protocol,
+                    }));
                 continue;
             }
         };
@@ -230,10 +459,10 @@ fn translate_service(
                     }
                 }
                 None if svc.type_ == ServiceType::NodePort => {
-                    out.warnings.push(Warning::NoNodePort {
+                    out.entries.push(Entry::Warning(Warning::NoNodePort {
                         service: svc.id.clone(),
                         port_name: port.name.clone(),
-                    })
+                    }))
                 }
                 // LoadBalancer with allocateLoadBalancerNodePorts: false.
                 None => {}
@@ -254,14 +483,6 @@ fn translate_service(
 
         for (addr, port, kind, backends, ranges) in frontends {
             let frontend = Frontend { addr, port, proto };
-            if let Some(existing) = out.desired.frontends.get(&frontend) {
-                out.warnings.push(Warning::FrontendConflict {
-                    frontend,
-                    kept: existing.service.clone(),
-                    dropped: service.clone(),
-                });
-                continue;
-            }
             let plan = FrontendPlan {
                 service: service.clone(),
                 kind,
@@ -270,9 +491,10 @@ fn translate_service(
                 source_ranges: ranges.to_vec(),
                 selection: svc.selection,
             };
-            out.desired.frontends.insert(frontend, plan);
+            out.entries.push(Entry::Frontend(frontend, plan));
         }
     }
+    out
 }
 
 /// The allowed sources of the LoadBalancer frontends; empty = all.
@@ -1084,5 +1306,109 @@ mod tests {
                 ],
             ),
         ]);
+    }
+
+    /// One object of the pool the walk below draws from, as YAML.
+    fn walk_object(kind: u32, name: u32, variant: u32) -> String {
+        if kind == 0 {
+            // Services s0..s3 share two cluster IPs (conflicts) and node port 30080.
+            let ip = 1 + variant % 2;
+            let spec = match variant % 4 {
+                0 => format!("{{clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80}}]}}"),
+                1 => format!(
+                    "{{type: NodePort, clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80, \
+                     nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP}}]}}"
+                ),
+                2 => format!(
+                    "{{clusterIP: 10.96.0.{ip}, internalTrafficPolicy: Local, ports: [{{name: \
+                     http, port: 80}}, {{name: alt, port: 80}}]}}"
+                ),
+                _ => "{clusterIP: None, ports: [{name: http, port: 80}]}".to_owned(),
+            };
+            svc(&format!("s{name}"), &spec)
+        } else {
+            // Slices e0..e4 move between the Services, or lose their label.
+            let owner = variant % 5;
+            let ready = if variant.is_multiple_of(3) {
+                "false"
+            } else {
+                "true"
+            };
+            let endpoints = format!(
+                "[{{addresses: [10.1.0.{}], nodeName: node-a, conditions: {{ready: {ready}, \
+                 serving: true, terminating: {}}}}}, {{addresses: [10.1.1.{name}]}}]",
+                variant % 7,
+                ready == "false"
+            );
+            let ports = "[{name: http, port: 8080}, {name: dns, port: 53, protocol: UDP}]";
+            if owner == 4 {
+                format!(
+                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: \
+                     {{name: e{name}}}\naddressType: IPv4\nports: {ports}\nendpoints: {endpoints}\n"
+                )
+            } else {
+                slice(&format!("e{name}"), &format!("s{owner}"), ports, &endpoints)
+            }
+        }
+    }
+
+    #[test]
+    fn the_translator_follows_changes_exactly_as_a_full_translation() {
+        let mut next = crate::testutil::walk(0x9e37_79b9);
+        let mut st = ClusterState::default();
+        let mut translator = Translator::new(node());
+        let mut previous = DesiredState::default();
+        for step in 0..400 {
+            let kind = next(2);
+            let (name, variant) = (next(4 + kind), next(12));
+            let id = ObjectRef::new("default", format!("{}{name}", ["s", "e"][kind as usize]));
+            let delete = next(6) == 0;
+            if kind == 0 {
+                st.services.remove(&id);
+                if !delete {
+                    st.services
+                        .extend(state(&walk_object(kind, name, variant)).services);
+                }
+            } else {
+                st.slices.remove(&id);
+                if !delete {
+                    st.slices
+                        .extend(state(&walk_object(kind, name, variant)).slices);
+                }
+            }
+            let changed = if step == 200 {
+                let mut moved = node();
+                moved.addresses.push(Ipv4Addr::new(192, 168, 0, 11));
+                let full = Translator::new(moved.clone());
+                translator = full;
+                translator.update(&st, st.services.keys(), st.slices.keys());
+                translator.set_node(&st, moved)
+            } else if kind == 0 {
+                translator.update(&st, [&id], [])
+            } else {
+                translator.update(&st, [], [&id])
+            };
+            let full = translate(&st, translator.node());
+            assert_eq!(
+                render(&translator.translation()),
+                render(&full),
+                "step {step}"
+            );
+            let diff: BTreeSet<Frontend> = previous
+                .frontends
+                .keys()
+                .chain(full.desired.frontends.keys())
+                .filter(|f| previous.frontends.get(f) != full.desired.frontends.get(f))
+                .copied()
+                .collect();
+            if step != 200 {
+                assert_eq!(changed.frontends, diff, "step {step}");
+            }
+            previous = full.desired;
+        }
+        assert!(
+            previous.frontends.len() > 1,
+            "the walk ends with frontends: {previous:?}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Running the real `lb` binary: the agent in a namespace, and its CLI.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::netns::{self, Netns, unique_name};
+
+/// The agent's operations endpoint (its default `--metrics-addr`), in its namespace.
+pub const OPS_ADDR: &str = "127.0.0.1:9464";
 
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -246,7 +250,8 @@ fn remove_stale_pin_dirs() {
 /// `lb teardown`, remove the pin directory and the log; if the thread is panicking, print the
 /// agent's log first.
 pub struct Agent {
-    child: Child,
+    // A mutex so that the waits, which take `&self`, can notice that the agent exited.
+    child: std::sync::Mutex<Child>,
     lb: PathBuf,
     log: PathBuf,
     // Dropped after `child` is stopped (see Drop).
@@ -262,6 +267,40 @@ impl Agent {
 
     /// [`Agent::start`] with the binary `lb` (for every `lb` command the guard runs).
     pub fn start_with(lb: &Path, ns: &Netns, manifests: &Path, interface: &str) -> Result<Self> {
+        Self::spawn(
+            lb,
+            ns,
+            &[
+                "--manifests".into(),
+                manifests.into(),
+                "--interface".into(),
+                interface.into(),
+            ],
+        )
+    }
+
+    /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
+    /// <unique> ARGS...` in `ns` (see [`Agent::start`]).
+    pub fn start_kube(
+        ns: &Netns,
+        kubeconfig: &Path,
+        node_name: &str,
+        interface: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut all: Vec<OsString> = vec![
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--node-name".into(),
+            node_name.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        all.extend(args.iter().map(OsString::from));
+        Self::spawn(&lb_bin(), ns, &all)
+    }
+
+    fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -269,9 +308,7 @@ impl Agent {
         let child = ns
             .command(lb)
             .arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
-            .args(["--interface", interface])
+            .args(args)
             .arg("--pin-path")
             .arg(pins.path())
             .stdin(Stdio::null())
@@ -280,11 +317,22 @@ impl Agent {
             .spawn()
             .with_context(|| format!("spawn {} agent in {}", lb.display(), ns.name()))?;
         Ok(Agent {
-            child,
+            child: std::sync::Mutex::new(child),
             lb: lb.to_owned(),
             log,
             pins,
         })
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// How the agent exited, if it has.
+    fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        child.try_wait().ok().flatten()
     }
 
     /// The agent's pin directory.
@@ -310,7 +358,7 @@ impl Agent {
     /// Waits (up to [`READY_TIMEOUT`]) until every frontend in `frontends` (as
     /// `address:port/PROTOCOL`) is programmed with `backends` backends. The error carries the
     /// last state seen and the agent's log.
-    pub fn wait_for(&mut self, frontends: &[&str], backends: u32) -> Result<()> {
+    pub fn wait_for(&self, frontends: &[&str], backends: u32) -> Result<()> {
         let what = format!("{frontends:?} with {backends} backends each");
         self.wait_until(&what, |services| {
             frontends.iter().all(|f| {
@@ -319,25 +367,41 @@ impl Agent {
                     .any(|s| s.frontend == *f && s.backend_count == backends)
             })
         })
+        .map(drop)
+    }
+}
+
+impl Agent {
+    /// Polls `lb services` until `check` holds, for up to [`READY_TIMEOUT`]; returns what it
+    /// saw last. Fails at once if the agent exits; the error carries the last state seen and
+    /// the agent's log.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        check: impl Fn(&[ServiceInfo]) -> bool,
+    ) -> Result<Vec<ServiceInfo>> {
+        self.wait_until_within(READY_TIMEOUT, what, check)
     }
 
-    /// Polls `lb services` until `check` holds for what it shows, for up to
-    /// [`READY_TIMEOUT`]. Fails at once if the agent exits; the error carries the last state
-    /// seen and the agent's log.
-    pub fn wait_until(&mut self, what: &str, check: impl Fn(&[ServiceInfo]) -> bool) -> Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+    /// [`Agent::wait_until`] for up to `timeout`.
+    pub fn wait_until_within(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&[ServiceInfo]) -> bool,
+    ) -> Result<Vec<ServiceInfo>> {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.exit_status() {
                 bail!("lb agent exited ({status}); its log:\n{}", self.log());
             }
-            let last = self.services();
-            if last.as_deref().is_ok_and(&check) {
-                return Ok(());
+            let services = self.services().unwrap_or_default();
+            if check(&services) {
+                return Ok(services);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lb agent did not program {what} within {READY_TIMEOUT:?}; lb services: \
-                     {last:#?}\nagent log:\n{}",
+                    "timed out waiting for {what}; lb services: {services:#?}\nagent log:\n{}",
                     self.log()
                 );
             }
@@ -346,18 +410,40 @@ impl Agent {
     }
 }
 
+/// The backends `lb services` lists for `frontend` (`address:port/PROTOCOL`), if it is
+/// programmed.
+pub fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
+    ServiceInfo::find(services, frontend).map(|s| s.backends.as_slice())
+}
+
+/// `GET path` on the operations endpoint of the agent running in `ns`: status and body.
+pub fn ops(ns: &Netns, path: &str) -> Result<(u16, String)> {
+    let target = OPS_ADDR.parse().context("OPS_ADDR")?;
+    let (status, body, _) = crate::client::http_request(ns, target, path)?;
+    Ok((status, body))
+}
+
+/// The value of the metric `name` (with its labels, as printed) in a /metrics text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if matches!(self.child.try_wait(), Ok(None)) {
+        if matches!(child.try_wait(), Ok(None)) {
             eprintln!("lb agent did not exit on SIGTERM; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = child.kill();
+            let _ = child.wait();
         }
         if std::thread::panicking() {
             eprintln!("lb agent log:\n{}", self.log());

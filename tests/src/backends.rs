@@ -47,16 +47,7 @@ impl HttpServer {
 }
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, connections: &Connections, name: &str) {
-    while !stop.load(Ordering::Relaxed) {
-        if !readable(listener.as_raw_fd(), TICK) {
-            continue;
-        }
-        let Ok((stream, _)) = listener.accept() else {
-            continue;
-        };
-        let Ok(handle) = stream.try_clone() else {
-            continue;
-        };
+    accept_until(listener, stop, |stream, handle| {
         let name = name.to_owned();
         let thread = std::thread::spawn(move || {
             if let Err(e) = serve(&stream, &name) {
@@ -68,6 +59,27 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, connections: &Connecti
         let mut connections = connections.lock().unwrap();
         connections.retain(|(_, t)| !t.is_finished());
         connections.push((handle, thread));
+    });
+}
+
+/// Accepts connections on `listener` until `stop` is set (looking at it every [`TICK`]), and
+/// hands each to `accepted` with a clone of it (a handle to shut it down).
+pub(crate) fn accept_until(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    mut accepted: impl FnMut(TcpStream, TcpStream),
+) {
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd(), TICK) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        accepted(stream, handle);
     }
 }
 

@@ -12,10 +12,26 @@ use crate::netns::Netns;
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Sends `GET /` over a new TCP connection from `ns` to `addr:port` (with `Connection: close`)
-/// and returns the response body and the peer address of the connection.
+/// and returns the response body and the peer address of the connection. Fails unless the
+/// response is `200 OK`.
 pub fn http_get(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<(String, SocketAddr)> {
     let target = SocketAddr::new(addr.into(), port);
-    let get = || -> Result<(String, SocketAddr)> {
+    let (status, body, peer) = http_request(ns, target, "/")?;
+    ensure!(
+        status == 200,
+        "GET / from {target}: status {status}: {body:?}"
+    );
+    Ok((body, peer))
+}
+
+/// Sends `GET path` over a new TCP connection from `ns` to `target` (with `Connection:
+/// close`) and returns the status code, the body and the peer address of the connection.
+pub fn http_request(
+    ns: &Netns,
+    target: SocketAddr,
+    path: &str,
+) -> Result<(u16, String, SocketAddr)> {
+    let get = || -> Result<(u16, String, SocketAddr)> {
         let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)
             .with_context(|| format!("connect (timeout {TIMEOUT:?})"))?;
         stream.set_read_timeout(Some(TIMEOUT))?;
@@ -23,36 +39,45 @@ pub fn http_get(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<(Strin
         let peer = stream.peer_addr()?;
         write!(
             stream,
-            "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
         )
         .context("send request")?;
         let mut response = String::new();
         stream
             .read_to_string(&mut response)
             .with_context(|| format!("read response (timeout {TIMEOUT:?})"))?;
-        Ok((parse_body(&response)?, peer))
+        let (status, body) = parse_response(&response)?;
+        Ok((status, body, peer))
     };
     ns.run(get)?
-        .with_context(|| format!("HTTP GET http://{target}/ from {}", ns.name()))
+        .with_context(|| format!("HTTP GET http://{target}{path} from {}", ns.name()))
 }
 
-/// The body of a complete `200 OK` response with a Content-Length.
-fn parse_body(response: &str) -> Result<String> {
+/// The status and body of a complete response with a Content-Length.
+fn parse_response(response: &str) -> Result<(u16, String)> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .with_context(|| format!("incomplete response {response:?}"))?;
+    let status = status_code(head).with_context(|| format!("response {response:?}"))?;
     let length = content_length(head).with_context(|| format!("response {response:?}"))?;
     ensure!(
         body.len() == length,
         "body of {} bytes, Content-Length {length}",
         body.len()
     );
-    Ok(body.to_owned())
+    Ok((status, body.to_owned()))
 }
 
-/// The Content-Length of a `200 OK` response's head (status line and headers).
+/// The status code of a response's head (status line and headers).
+fn status_code(head: &str) -> Result<u16> {
+    head.strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .context("no HTTP/1.1 status line")
+}
+
+/// The Content-Length of a response's head.
 fn content_length(head: &str) -> Result<usize> {
-    ensure!(head.starts_with("HTTP/1.1 200 "), "unexpected status");
     head.lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -79,7 +104,11 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<String> {
         }
         head.push_str(&line);
     }
-    let length = content_length(&head)
+    let length = status_code(&head)
+        .and_then(|status| {
+            ensure!(status == 200, "status {status}");
+            content_length(&head)
+        })
         .map_err(|e| Error::new(ErrorKind::InvalidData, format!("{e:#}: {head:?}")))?;
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;

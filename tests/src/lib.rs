@@ -10,6 +10,7 @@ pub mod agent;
 pub mod backends;
 pub mod client;
 pub mod conns;
+pub mod fakeapi;
 pub mod manifests;
 pub mod netns;
 pub mod testbed;
@@ -17,8 +18,11 @@ pub mod topology;
 
 pub use agent::{Agent, Explanation, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
 pub use backends::{HttpServer, UdpEchoServer};
-pub use client::{Tally, ensure_all_served, http_get, http_tally, udp_request, udp_tally};
+pub use client::{
+    Tally, ensure_all_served, http_get, http_request, http_tally, udp_request, udp_tally,
+};
 pub use conns::{ConnPool, ConnRecord, FailureKind};
+pub use fakeapi::FakeApiServer;
 pub use manifests::{ClusterIpService, Condition, Folder};
 pub use netns::Netns;
 pub use testbed::{EXAMPLE_FRONTENDS, Testbed};

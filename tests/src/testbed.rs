@@ -30,7 +30,7 @@ impl Testbed {
     /// [`EXAMPLE_FRONTENDS`]) are programmed with both pods as backends.
     pub fn start(frontends: &[&str]) -> Result<Self> {
         let topology = Topology::new(2)?;
-        let mut agent = Agent::start(&topology.node, &examples_dir(), NODE_IF)?;
+        let agent = Agent::start(&topology.node, &examples_dir(), NODE_IF)?;
         agent.wait_for(frontends, topology.pods.len() as u32)?;
         Ok(Testbed { agent, topology })
     }

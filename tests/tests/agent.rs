@@ -2,15 +2,11 @@
 //! input next to good input.
 
 use lb_tests::{
-    agent::{Agent, ServiceInfo},
+    agent::{Agent, backends_of, metric, ops},
     client::http_get,
     manifests::Folder,
     topology::{NODE_IF, Topology},
 };
-
-fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
-    ServiceInfo::find(services, frontend).map(|s| s.backends.as_slice())
-}
 
 const CLUSTER_IP: &str = "10.96.0.10:8080/TCP";
 
@@ -43,7 +39,7 @@ this: is: not: yaml
         )
         .unwrap();
     let topology = Topology::new(2).expect("topology");
-    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
     let all: Vec<&str> = lb_tests::testbed::EXAMPLE_FRONTENDS.to_vec();
     agent
         .wait_for(&all, 2)
@@ -74,7 +70,7 @@ this: is: not: yaml
 fn the_agent_follows_edits_to_the_folder() {
     let folder = Folder::copy_of_examples().unwrap();
     let topology = Topology::new(2).expect("topology");
-    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
     agent.wait_for(&[CLUSTER_IP], 2).expect("programmed");
 
     // pod2 leaves httpd-svc's EndpointSlice: new connections only reach pod1.
@@ -114,6 +110,39 @@ fn the_agent_follows_edits_to_the_folder() {
             .len(),
         1
     );
+}
+
+#[test]
+fn the_manifests_agent_serves_metrics_and_readiness() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let all = lb_tests::testbed::EXAMPLE_FRONTENDS;
+    agent.wait_for(all, 2).expect("programmed");
+    let ready = || ops(&topology.node, "/readyz").unwrap();
+    assert_eq!(ready(), (200, "ok\n".to_owned()));
+    assert_eq!(ops(&topology.node, "/healthz").unwrap().0, 200);
+    let (_, m) = ops(&topology.node, "/metrics").unwrap();
+    assert_eq!(metric(&m, "lb_frontends"), Some(all.len() as f64), "{m}");
+    assert_eq!(
+        metric(&m, "lb_backends"),
+        Some(4.0),
+        "two pods, HTTP and UDP: {m}"
+    );
+    assert_eq!(metric(&m, "lb_source_up"), Some(1.0), "{m}");
+
+    // The folder gone: not ready, the maps kept; back: ready.
+    let moved = folder.path().with_extension("moved");
+    std::fs::rename(folder.path(), &moved).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(70);
+    while ready().0 != 503 {
+        // Without file events for the removed folder, the periodic resync notices.
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ready().1.contains("disconnected"), "{:?}", ready());
+    assert_eq!(agent.services().unwrap().len(), all.len());
+    std::fs::rename(&moved, folder.path()).unwrap();
 }
 
 /// `text` without the EndpointSlice endpoint whose address is `ip` (the example files list

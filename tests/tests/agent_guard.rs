@@ -33,7 +33,7 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
     std::fs::write(&lb, FAKE_LB).unwrap();
     std::fs::set_permissions(&lb, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut agent = Agent::start_with(&lb, &ns, &examples_dir(), "eth0").expect("start agent");
+    let agent = Agent::start_with(&lb, &ns, &examples_dir(), "eth0").expect("start agent");
     let pins = agent.pin_path().to_owned();
     agent
         .wait_for(&["10.96.0.10:8080/TCP"], 2)

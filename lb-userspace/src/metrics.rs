@@ -1,0 +1,367 @@
+//! The agent's operations endpoint: Prometheus metrics (`/metrics`, OpenMetrics text), liveness
+//! (`/healthz`) and readiness (`/readyz`), served on one local address.
+//!
+//! Readiness: ready once the first complete view is programmed, and not ready (503, with the
+//! reason in the body) while the source is disconnected. Liveness: 200 while the agent runs.
+
+#![deny(missing_docs)]
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+/// Where the operations endpoint listens unless told otherwise.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
+
+/// The label of per-resource metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// `services`, `endpointslices`, `nodes` or `manifests`.
+    pub resource: &'static str,
+}
+
+/// Every metric of the agent, and the state behind /readyz.
+pub struct Metrics {
+    registry: Registry,
+    /// Programmed frontends.
+    pub frontends: Gauge,
+    /// Programmed backends.
+    pub backends: Gauge,
+    /// How long translating and writing one update took.
+    pub sync_duration: Histogram,
+    /// From the first source event of an update to the end of its map writes.
+    pub event_to_sync: Histogram,
+    /// Syncs done.
+    pub syncs: Counter,
+    /// Watches restarted with a new list (relists), by resource.
+    pub watch_restarts: Family<ResourceLabel, Counter>,
+    /// Watch and list errors, by resource.
+    pub watch_errors: Family<ResourceLabel, Counter>,
+    /// Map operations that failed.
+    pub map_write_errors: Counter,
+    /// Unix time of the last sync without errors.
+    pub last_sync_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while the source is reachable (kube: the API server; manifests: the folder).
+    pub source_up: Gauge,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    synced: bool,
+    waiting: String,
+    disconnected: Option<String>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All metrics at zero; not ready.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+            // 50 µs .. ~0.8 s.
+            sync_duration: Histogram::new(exponential_buckets(50e-6, 2.0, 15)),
+            event_to_sync: Histogram::new(exponential_buckets(50e-6, 2.0, 15)),
+            syncs: Counter::default(),
+            watch_restarts: Family::default(),
+            watch_errors: Family::default(),
+            map_write_errors: Counter::default(),
+            last_sync_seconds: Gauge::default(),
+            source_up: Gauge::default(),
+            health: Mutex::new(Health {
+                waiting: "waiting for the first complete view of the source".into(),
+                ..Health::default()
+            }),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "lb_frontends",
+            "Frontends programmed in the datapath",
+            m.frontends.clone(),
+        );
+        registry.register(
+            "lb_backends",
+            "Backends programmed in the datapath",
+            m.backends.clone(),
+        );
+        registry.register(
+            "lb_sync_duration_seconds",
+            "Time to translate one update and write it to the maps",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "lb_event_to_sync_seconds",
+            "Time from the first source event of an update to the end of its map writes",
+            m.event_to_sync.clone(),
+        );
+        registry.register("lb_syncs", "Updates applied to the maps", m.syncs.clone());
+        registry.register(
+            "lb_watch_restarts",
+            "Watches that started over with a full list (after 410 Gone, or at start)",
+            m.watch_restarts.clone(),
+        );
+        registry.register(
+            "lb_watch_errors",
+            "Failed lists and watches",
+            m.watch_errors.clone(),
+        );
+        registry.register(
+            "lb_map_write_errors",
+            "Map writes or deletes that failed",
+            m.map_write_errors.clone(),
+        );
+        registry.register(
+            "lb_last_sync_timestamp_seconds",
+            "Unix time of the last sync that wrote everything it had to",
+            m.last_sync_seconds.clone(),
+        );
+        registry.register(
+            "lb_source_up",
+            "1 while the source (API server or manifests folder) answers",
+            m.source_up.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records a sync: its duration, the time since the source's first event, and the state
+    /// programmed after it.
+    pub fn synced(&self, duration: Duration, since_event: Duration, report: &SyncOutcome) {
+        self.sync_duration.observe(duration.as_secs_f64());
+        self.event_to_sync.observe(since_event.as_secs_f64());
+        self.syncs.inc();
+        self.frontends.set(report.frontends as i64);
+        self.backends.set(report.backends as i64);
+        self.map_write_errors.inc_by(report.errors as u64);
+        if report.errors == 0 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            self.last_sync_seconds.set(now.as_secs_f64());
+        }
+        let mut health = self.lock_health();
+        if !health.synced {
+            info!("first complete view programmed: ready");
+            health.synced = true;
+        }
+    }
+
+    /// Says what the agent waits for before its first sync (shown by /readyz).
+    pub fn waiting_for(&self, what: String) {
+        self.lock_health().waiting = what;
+    }
+
+    /// The source is being connected to: not up yet, not an error either.
+    pub fn connecting(&self) {
+        self.source_up.set(0);
+        self.lock_health().disconnected = Some("connecting".into());
+    }
+
+    /// The source is reachable.
+    pub fn connected(&self) {
+        self.source_up.set(1);
+        let mut health = self.lock_health();
+        if let Some(reason) = health.disconnected.take() {
+            info!("source reachable (was: {reason})");
+        }
+    }
+
+    /// The source cannot be reached, for `reason`.
+    pub fn disconnected(&self, reason: String) {
+        self.source_up.set(0);
+        let mut health = self.lock_health();
+        if health.disconnected.is_none() {
+            warn!("source unreachable: {reason}; keeping the programmed state");
+        }
+        health.disconnected = Some(reason);
+    }
+
+    /// Whether the source is reachable.
+    pub fn is_connected(&self) -> bool {
+        self.lock_health().disconnected.is_none()
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let health = self.lock_health();
+        if let Some(reason) = &health.disconnected {
+            return Err(format!("source disconnected: {reason}"));
+        }
+        if !health.synced {
+            return Err(health.waiting.clone());
+        }
+        Ok(())
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What one sync left programmed, for [`Metrics::synced`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncOutcome {
+    /// Frontends programmed.
+    pub frontends: usize,
+    /// Backends programmed.
+    pub backends: usize,
+    /// Map operations that failed.
+    pub errors: usize,
+}
+
+/// Binds `addr` and serves /metrics, /healthz and /readyz on it until the runtime stops.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!("metrics endpoint: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = respond(&req, &metrics);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("metrics endpoint: connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        (&Method::GET, "/healthz") => (StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET, "/readyz") => match metrics.readiness() {
+            Ok(()) => (StatusCode::OK, text, "ok\n".into()),
+            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, text, format!("{reason}\n")),
+        },
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, text, "not found\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            text,
+            "only GET is served\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_a_first_sync_and_a_connected_source() {
+        let m = Metrics::new();
+        assert!(m.readiness().unwrap_err().contains("first complete view"));
+        m.waiting_for("initial list of endpointslices".into());
+        assert_eq!(m.readiness().unwrap_err(), "initial list of endpointslices");
+        m.synced(
+            Duration::from_millis(1),
+            Duration::from_millis(2),
+            &SyncOutcome {
+                frontends: 3,
+                backends: 5,
+                errors: 0,
+            },
+        );
+        assert_eq!(m.readiness(), Ok(()));
+        m.disconnected("connection refused".into());
+        assert_eq!(
+            m.readiness().unwrap_err(),
+            "source disconnected: connection refused"
+        );
+        m.connected();
+        assert_eq!(m.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn the_text_format_names_every_metric() {
+        let m = Metrics::new();
+        m.watch_errors
+            .get_or_create(&ResourceLabel {
+                resource: "services",
+            })
+            .inc();
+        m.synced(
+            Duration::from_millis(1),
+            Duration::from_millis(2),
+            &SyncOutcome {
+                frontends: 3,
+                backends: 5,
+                errors: 1,
+            },
+        );
+        let text = m.encode();
+        for line in [
+            "lb_frontends 3",
+            "lb_backends 5",
+            "lb_map_write_errors_total 1",
+            "lb_watch_errors_total{resource=\"services\"} 1",
+            "lb_sync_duration_seconds_count 1",
+            "lb_event_to_sync_seconds_count 1",
+            "lb_syncs_total 1",
+            "lb_last_sync_timestamp_seconds 0.0",
+            "lb_source_up 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! The Kubernetes source: kube-runtime watchers with reflector stores on Services,
+//! EndpointSlices (discovery.k8s.io/v1) and this node's Node object.
+//!
+//! - Each watcher lists, then watches from the list's resourceVersion with bookmarks on;
+//!   after a broken connection it resumes from the last resourceVersion it saw, and after
+//!   410 Gone it lists again. Errors are retried with kube-runtime's default backoff.
+//! - The reflector store of a resource changes only by complete steps: one object per watch
+//!   event, and after a relist the whole store at once (at `InitDone`). So the view read from
+//!   the stores is always complete; a broken watch leaves the last good view in place.
+//! - The events say which objects changed; only those are converted again (with
+//!   [`model::Service::from_k8s`] and [`model::EndpointSlice::from_k8s`]), and only the
+//!   ones whose model changed are reported. A bad object is logged by namespace and name and
+//!   left out of the view; the rest is used.
+//! - The first view waits for the initial lists of all three (the grace period), so Services
+//!   are never programmed without their EndpointSlices. After `initial_timeout` it goes on
+//!   without the Node (node addresses and zone then come from the flags or the interface),
+//!   never without Services or EndpointSlices: until both are listed the pinned state stays.
+//! - Events are batched: a batch takes every event that has already arrived, then waits
+//!   until none came for `debounce` (0 by default: no wait), and goes out at the latest
+//!   max(20 × `debounce`, 20 ms) after its first event. A burst that arrives while the agent
+//!   writes the previous batch becomes one batch.
+//! - While a watch fails, the source is reported down; it is reported up again when an event
+//!   arrives or when the API server answers a version probe (sent once a second while down).
+//!
+//! Services and EndpointSlices are watched with kube-proxy's label selector: objects labelled
+//! `service.kubernetes.io/service-proxy-name` belong to another proxy, and those labelled
+//! `service.kubernetes.io/headless` get no frontends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use kube::{
+    Api, Client, Config, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tracing::{debug, error, info, trace, warn};
+
+use super::{Changes, NodeFacts, Source};
+use crate::{
+    metrics::{Metrics, ResourceLabel},
+    model::{self, ClusterState, ObjectRef},
+};
+
+/// kube-proxy's label selector for Services and EndpointSlices.
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The longest a batch of events waits for more (with a debounce of 0: under a flood of
+/// events that are always ready).
+const MIN_BATCH_MAX: Duration = Duration::from_millis(20);
+/// The Node label with the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// How the Kubernetes source connects and paces itself.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// A kubeconfig file; `None`: the in-cluster configuration (service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the Node object watched).
+    pub node_name: String,
+    /// The longest wait for the initial lists before the first view (see the module docs).
+    pub initial_timeout: Duration,
+    /// The quiet time that ends a batch of events (0: take what has arrived, do not wait).
+    pub debounce: Duration,
+}
+
+/// The resources watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
+            Kind::Nodes => "nodes",
+        }
+    }
+}
+
+/// What a watcher event means for the view.
+#[derive(Debug)]
+enum What {
+    /// This object was applied or deleted: the store has its new state.
+    Touched(ObjectRef),
+    /// A (re)list started.
+    Init,
+    /// An object of a list arrived (the store takes the list in at `Listed`).
+    Listing,
+    /// The list is complete: the store holds exactly its objects.
+    Listed,
+    /// A list or watch failed.
+    Failed(String),
+}
+
+struct Signal {
+    kind: Kind,
+    what: What,
+}
+
+/// The model key of an object: namespace (`default` when absent) and name.
+fn key_of<K: ResourceExt>(obj: &K) -> ObjectRef {
+    let namespace = obj
+        .namespace()
+        .unwrap_or_else(|| model::DEFAULT_NAMESPACE.into());
+    ObjectRef::new(namespace, obj.name_any())
+}
+
+/// Watches `api` into a reflector store; the stream says what each event changed.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+) -> (Store<K>, BoxStream<'static, Signal>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .map(move |event| {
+            let what = match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                    What::Touched(key_of(&obj))
+                }
+                Ok(watcher::Event::Init) => What::Init,
+                Ok(watcher::Event::InitApply(_)) => What::Listing,
+                Ok(watcher::Event::InitDone) => What::Listed,
+                Err(e) => What::Failed(error_chain(&e)),
+            };
+            Signal { kind, what }
+        })
+        .boxed();
+    (reader, stream)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// The objects of one resource that changed since the view was last updated from its store.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// The first complete list has arrived.
+    listed: bool,
+    /// Lists started (the first one is not a restart).
+    lists: u64,
+    keys: BTreeSet<ObjectRef>,
+    /// A relist replaced the store: every object may have changed.
+    all: bool,
+}
+
+impl Dirty {
+    /// Takes in one event; whether it may have changed the store.
+    fn note(&mut self, what: &What) -> bool {
+        match what {
+            What::Touched(key) => {
+                self.keys.insert(key.clone());
+                true
+            }
+            What::Init => {
+                self.lists += 1;
+                false
+            }
+            What::Listed => {
+                self.listed = true;
+                self.all = true;
+                true
+            }
+            What::Listing | What::Failed(_) => false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.all
+    }
+
+    /// Updates `view` from `store` for the dirty keys: converted again, kept when the model
+    /// changed. Returns the keys whose model changed.
+    fn flush<K, M>(
+        &mut self,
+        store: &Store<K>,
+        view: &mut BTreeMap<ObjectRef, M>,
+        what: &str,
+        convert: impl Fn(&K) -> Result<M, model::ValidationError>,
+    ) -> BTreeSet<ObjectRef>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+        M: PartialEq,
+    {
+        let mut keys = std::mem::take(&mut self.keys);
+        if std::mem::take(&mut self.all) {
+            keys.extend(view.keys().cloned());
+            keys.extend(store.state().iter().map(|o| key_of(o.as_ref())));
+        }
+        let mut changed = BTreeSet::new();
+        for key in keys {
+            let lookup = reflector::ObjectRef::<K>::new(&key.name).within(&key.namespace);
+            let new = store.get(&lookup).and_then(|obj| match convert(&obj) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    error!("{what} {key}: {e}; left out");
+                    None
+                }
+            });
+            let differs = view.get(&key) != new.as_ref();
+            if differs {
+                match new {
+                    Some(m) => view.insert(key.clone(), m),
+                    None => view.remove(&key),
+                };
+                changed.insert(key);
+            }
+        }
+        changed
+    }
+}
+
+/// What the Node object says about this node.
+pub fn node_facts(node: &core::Node) -> NodeFacts {
+    let mut addresses = Vec::new();
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for wanted in ["InternalIP", "ExternalIP"] {
+        for a in listed.iter().filter(|a| a.type_ == wanted) {
+            if let Ok(ip) = a.address.parse::<Ipv4Addr>()
+                && !addresses.contains(&ip)
+            {
+                addresses.push(ip);
+            }
+        }
+    }
+    NodeFacts {
+        addresses,
+        zone: node.labels().get(ZONE_LABEL).cloned(),
+    }
+}
+
+/// The Kubernetes API as a [`Source`].
+pub struct KubeSource {
+    client: Client,
+    events: BoxStream<'static, Signal>,
+    services: (Store<core::Service>, Dirty),
+    slices: (Store<discovery::EndpointSlice>, Dirty),
+    nodes: (Store<core::Node>, Dirty),
+    state: ClusterState,
+    node: Option<NodeFacts>,
+    config: KubeConfig,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    /// A view has been handed out.
+    delivered: bool,
+    /// The first event not handed out yet.
+    since: Option<Instant>,
+    /// The last event of the current batch.
+    last_event: Instant,
+    timeout_reported: bool,
+    probe: tokio::time::Interval,
+}
+
+impl KubeSource {
+    /// Connects with `config` (a kubeconfig file, or the in-cluster configuration) and
+    /// starts the watches.
+    pub async fn connect(config: KubeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let client_config = match &config.kubeconfig {
+            Some(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("kubeconfig {}", path.display()))?
+            }
+            None => Config::incluster().context(
+                "in-cluster configuration (give --kubeconfig or --manifests outside a pod)",
+            )?,
+        };
+        info!(server = %client_config.cluster_url, node = %config.node_name, "Kubernetes source");
+        let client = Client::try_from(client_config).context("creating the Kubernetes client")?;
+        Ok(Self::with_client(client, config, metrics))
+    }
+
+    /// Starts the watches with `client`.
+    pub fn with_client(client: Client, config: KubeConfig, metrics: Arc<Metrics>) -> Self {
+        let proxy = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+        let (services, s) = watch(Api::all(client.clone()), proxy.clone(), Kind::Services);
+        let (slices, e) = watch(Api::all(client.clone()), proxy, Kind::EndpointSlices);
+        let (nodes, n) = watch(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+            Kind::Nodes,
+        );
+        metrics.connecting();
+        for kind in [Kind::Services, Kind::EndpointSlices, Kind::Nodes] {
+            // Every series from the start, at 0.
+            let label = ResourceLabel {
+                resource: kind.name(),
+            };
+            let _ = metrics.watch_restarts.get_or_create(&label);
+            let _ = metrics.watch_errors.get_or_create(&label);
+        }
+        let mut probe = tokio::time::interval(Duration::from_secs(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        KubeSource {
+            client,
+            events: futures::stream::select_all([s, e, n]).boxed(),
+            services: (services, Dirty::default()),
+            slices: (slices, Dirty::default()),
+            nodes: (nodes, Dirty::default()),
+            state: ClusterState::default(),
+            node: None,
+            config,
+            metrics,
+            started: Instant::now(),
+            delivered: false,
+            since: None,
+            last_event: Instant::now(),
+            timeout_reported: false,
+            probe,
+        }
+    }
+
+    fn dirty(&mut self, kind: Kind) -> &mut Dirty {
+        match kind {
+            Kind::Services => &mut self.services.1,
+            Kind::EndpointSlices => &mut self.slices.1,
+            Kind::Nodes => &mut self.nodes.1,
+        }
+    }
+
+    fn handle(&mut self, signal: Signal) {
+        trace!(resource = signal.kind.name(), what = ?signal.what, "event");
+        let label = ResourceLabel {
+            resource: signal.kind.name(),
+        };
+        match &signal.what {
+            What::Failed(e) => {
+                self.metrics.watch_errors.get_or_create(&label).inc();
+                self.metrics
+                    .disconnected(format!("{}: {e}", signal.kind.name()));
+            }
+            What::Init => {
+                if self.dirty(signal.kind).lists > 0 {
+                    info!(resource = signal.kind.name(), "listing again");
+                    self.metrics.watch_restarts.get_or_create(&label).inc();
+                }
+            }
+            What::Touched(_) | What::Listing | What::Listed => self.metrics.connected(),
+        }
+        if matches!(signal.what, What::Listed) {
+            debug!(resource = signal.kind.name(), "listed");
+        }
+        if self.dirty(signal.kind).note(&signal.what) {
+            let now = Instant::now();
+            self.since.get_or_insert(now);
+            self.last_event = now;
+        }
+    }
+
+    /// The lists the first view still waits for.
+    fn unlisted(&self) -> Vec<&'static str> {
+        [
+            (Kind::Services, &self.services.1),
+            (Kind::EndpointSlices, &self.slices.1),
+            (Kind::Nodes, &self.nodes.1),
+        ]
+        .into_iter()
+        .filter(|(_, d)| !d.listed)
+        .map(|(k, _)| k.name())
+        .collect()
+    }
+
+    /// Whether a view may be handed out.
+    fn may_deliver(&self) -> bool {
+        if self.delivered {
+            return true;
+        }
+        let unlisted = self.unlisted();
+        unlisted.is_empty()
+            || (unlisted == ["nodes"] && self.started.elapsed() >= self.config.initial_timeout)
+    }
+
+    /// Updates the view from the stores.
+    fn flush(&mut self) -> Changes {
+        let since = self.since.take().unwrap_or_else(Instant::now);
+        let mut changes = Changes::none(since);
+        changes.services = self.services.1.flush(
+            &self.services.0,
+            &mut self.state.services,
+            "Service",
+            model::Service::from_k8s,
+        );
+        changes.slices = self.slices.1.flush(
+            &self.slices.0,
+            &mut self.state.slices,
+            "EndpointSlice",
+            model::EndpointSlice::from_k8s,
+        );
+        if !self.nodes.1.is_empty() {
+            self.nodes.1.keys.clear();
+            self.nodes.1.all = false;
+            let node = self
+                .nodes
+                .0
+                .state()
+                .iter()
+                .find(|n| n.name_any() == self.config.node_name)
+                .map(|n| node_facts(n));
+            if node.is_none() {
+                warn!(node = %self.config.node_name, "no such Node object");
+            }
+            changes.node = node != self.node;
+            self.node = node;
+        }
+        changes
+    }
+
+    /// Reports the lists the first view waits for (for /readyz and, after the timeout, the
+    /// log).
+    fn report_waiting(&mut self) {
+        let unlisted = self.unlisted();
+        if unlisted.is_empty() {
+            return;
+        }
+        self.metrics.waiting_for(format!(
+            "waiting for the initial lists of {}",
+            unlisted.join(", ")
+        ));
+        if self.started.elapsed() >= self.config.initial_timeout && !self.timeout_reported {
+            self.timeout_reported = true;
+            if unlisted == ["nodes"] {
+                warn!(
+                    "no list of Nodes after {:?}: going on with the node addresses and zone of the \
+                     flags or the interface",
+                    self.config.initial_timeout
+                );
+            } else {
+                error!(
+                    "no complete list of {} after {:?}; nothing is programmed (the pinned state \
+                     stays) until there is",
+                    unlisted.join(", "),
+                    self.config.initial_timeout
+                );
+            }
+        }
+    }
+}
+
+/// Asks the API server for its version; reports the source up when it answers.
+async fn probe_api_server(client: Client, metrics: Arc<Metrics>) {
+    let probe = tokio::time::timeout(Duration::from_secs(2), client.apiserver_version());
+    if let Ok(Ok(_)) = probe.await {
+        metrics.connected();
+    }
+}
+
+impl Source for KubeSource {
+    async fn changed(&mut self) -> anyhow::Result<Changes> {
+        let batch_max = (self.config.debounce * 20).max(MIN_BATCH_MAX);
+        loop {
+            self.report_waiting();
+            let (flush_at, overdue) = match self.since {
+                Some(first) if self.may_deliver() => (
+                    Some((self.last_event + self.config.debounce).min(first + batch_max)),
+                    first.elapsed() >= batch_max,
+                ),
+                _ => (None, false),
+            };
+            if !overdue {
+                let timeout_at = (!self.delivered && !self.timeout_reported)
+                    .then(|| self.started + self.config.initial_timeout);
+                let connected = self.metrics.is_connected();
+                tokio::select! {
+                    // Events that are already there go into this batch first.
+                    biased;
+                    signal = self.events.next() => {
+                        match signal {
+                            Some(signal) => self.handle(signal),
+                            None => anyhow::bail!("the Kubernetes watches ended"),
+                        }
+                        continue;
+                    }
+                    _ = sleep_until(flush_at), if flush_at.is_some() => {}
+                    _ = sleep_until(timeout_at), if timeout_at.is_some() => {
+                        // The next pass reports it; a view without the Node may go out now.
+                        self.since.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                    _ = self.probe.tick(), if !connected => {
+                        probe_api_server(self.client.clone(), self.metrics.clone()).await;
+                        continue;
+                    }
+                }
+            }
+            let changes = self.flush();
+            if !changes.is_empty() || !self.delivered {
+                self.delivered = true;
+                return Ok(changes);
+            }
+        }
+    }
+
+    fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    fn node(&self) -> Option<&NodeFacts> {
+        self.node.as_ref()
+    }
+}
+
+/// Sleeps until `at`; returns at once when `at` has passed (tokio's timer would round it up
+/// to its next millisecond tick).
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at.filter(|at| *at > Instant::now()) {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn service(name: &str, ip: &str, resource_version: &str) -> core::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": resource_version},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    fn touched(svc: &core::Service) -> What {
+        What::Touched(key_of(svc))
+    }
+
+    #[test]
+    fn only_changed_models_are_reported_and_bad_objects_are_left_out() {
+        let (store, mut writer) = reflector::store::<core::Service>();
+        let mut dirty = Dirty::default();
+        let mut view = BTreeMap::new();
+        let flush = |dirty: &mut Dirty, view: &mut BTreeMap<ObjectRef, model::Service>| {
+            dirty
+                .flush(&store, view, "Service", model::Service::from_k8s)
+                .into_iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+        };
+
+        let (a, b) = (
+            service("a", "10.96.0.1", "1"),
+            service("b", "10.96.0.2", "2"),
+        );
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(a.clone()),
+            watcher::Event::InitApply(b.clone()),
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        // Until the list is done the store (and so the view) is unchanged.
+        assert!(!dirty.note(&What::Listing));
+        assert!(dirty.is_empty());
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(dirty.note(&What::Listed));
+        assert_eq!(flush(&mut dirty, &mut view), ["default/a", "default/b"]);
+        assert!(dirty.is_empty());
+
+        // A new resourceVersion with the same spec is no change.
+        let a2 = service("a", "10.96.0.1", "3");
+        writer.apply_watcher_event(&watcher::Event::Apply(a2.clone()));
+        dirty.note(&touched(&a2));
+        assert!(flush(&mut dirty, &mut view).is_empty());
+
+        // A bad update leaves the object out (logged), the rest stays.
+        let bad = service("a", "10.96.0.300", "4");
+        writer.apply_watcher_event(&watcher::Event::Apply(bad.clone()));
+        dirty.note(&touched(&bad));
+        assert_eq!(flush(&mut dirty, &mut view), ["default/a"]);
+        assert_eq!(
+            view.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["default/b"]
+        );
+
+        // A relist without b and with a good a: both change, at InitDone only.
+        let a5 = service("a", "10.96.0.5", "5");
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(a5));
+        assert!(!dirty.note(&What::Init));
+        assert!(dirty.is_empty(), "nothing before the relist is complete");
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        dirty.note(&What::Listed);
+        assert_eq!(flush(&mut dirty, &mut view), ["default/a", "default/b"]);
+        assert_eq!(
+            view.values()
+                .map(|s| format!("{:?}", s.cluster_ip))
+                .collect::<Vec<_>>(),
+            ["Assigned(Some(10.96.0.5))"]
+        );
+        assert_eq!(dirty.lists, 1);
+    }
+
+    #[tokio::test]
+    async fn an_https_client_builds_with_the_compiled_in_crypto_provider() {
+        // As in a pod: TLS with the cluster's CA (here none: the platform verifier).
+        let config = Config::new("https://10.96.0.1:443".parse().unwrap());
+        assert!(Client::try_from(config).is_ok());
+    }
+
+    #[test]
+    fn node_facts_take_ipv4_internal_then_external_addresses_and_the_zone() {
+        let node: core::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {ZONE_LABEL: "zone-b"}},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "InternalIP", "address": "fd00::7"},
+                {"type": "InternalIP", "address": "10.0.0.7"},
+                {"type": "ExternalIP", "address": "10.0.0.7"},
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            node_facts(&node),
+            NodeFacts {
+                addresses: vec![Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(203, 0, 113, 7)],
+                zone: Some("zone-b".into()),
+            }
+        );
+        let bare = core::Node {
+            metadata: ObjectMeta {
+                name: Some("n2".into()),
+                ..ObjectMeta::default()
+            },
+            ..core::Node::default()
+        };
+        assert_eq!(node_facts(&bare), NodeFacts::default());
+    }
+}
