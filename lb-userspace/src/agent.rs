@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::{Datapath, interface_index},
+    datapath::{Capacity, Datapath, interface_index},
     manifest,
     model::NodeInfo,
     sync::{DatapathMaps, Syncer},
@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub zone: Option<String>,
     /// A full resync this often, even without a change notification.
     pub resync: Duration,
+    /// Map sizes, for maps that are not pinned yet.
+    pub capacity: Capacity,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -52,7 +54,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     interface_index(&config.interface)?;
     std::fs::read_dir(&config.manifests)
         .with_context(|| format!("manifests folder {}", config.manifests.display()))?;
-    let mut datapath = Datapath::load(&config.pin_dir)?;
+    let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }

@@ -21,7 +21,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Frontend4, RevNat4, Service, ServiceStats, SlotKey, map_names, program_names,
+    Backend4, Frontend4, RevNat4, Service, ServiceStats, SlotKey, capacity, map_names,
+    program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -104,6 +105,48 @@ pub enum DatapathError {
     NotPinned(PathBuf),
 }
 
+/// How many entries the maps hold. Applied when the maps are created: maps already pinned
+/// keep the size they were created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frontends: the services and reverse-NAT maps; service ids (and their stats) run
+    /// from 1 to this number.
+    pub services: u32,
+    /// Backends (distinct address, port, protocol).
+    pub backends: u32,
+    /// Selection slots, summed over frontends.
+    pub slots: u32,
+    /// Conntrack entries (two per flow).
+    pub conntrack: u32,
+}
+
+impl Default for Capacity {
+    /// [`lb_common::capacity`]: room for 10,000 Services with 10 endpoints each.
+    fn default() -> Self {
+        Capacity {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            slots: capacity::SLOTS,
+            conntrack: capacity::CONNTRACK,
+        }
+    }
+}
+
+impl Capacity {
+    /// `max_entries` of every map this sizes.
+    fn map_sizes(&self) -> [(&'static str, u32); 6] {
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::REV_NAT, self.services),
+            // Indexed by service id; id 0 is never used.
+            (map_names::SERVICE_STATS, self.services.saturating_add(1)),
+            (map_names::BACKENDS, self.backends),
+            (map_names::SLOTS, self.slots),
+            (map_names::CONNTRACK, self.conntrack),
+        ]
+    }
+}
+
 /// How a program came to be attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkOutcome {
@@ -142,11 +185,21 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
 
 impl Datapath {
     /// Loads the embedded programs. Maps already pinned in `pin_dir` are reused with their
-    /// contents (conntrack included); missing ones are created and pinned.
+    /// contents (conntrack included); missing ones are created, with the default
+    /// [`Capacity`], and pinned.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_with(pin_dir, &Capacity::default())
+    }
+
+    /// [`Datapath::load`], creating missing maps with `capacity`.
+    pub fn load_with(pin_dir: &Path, capacity: &Capacity) -> Result<Self, DatapathError> {
         prepare_pin_dir(pin_dir)?;
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, size) in capacity.map_sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -294,13 +347,25 @@ impl Datapath {
                 }),
             })
         };
-        BpfMaps::from_maps([
+        let maps = [
             take(map_names::SERVICES)?,
             take(map_names::BACKENDS)?,
             take(map_names::SLOTS)?,
             take(map_names::REV_NAT)?,
-        ])
+        ];
+        BpfMaps::from_maps(maps, service_id_limit(&self.pin_dir)?)
     }
+}
+
+/// The size of the pinned service stats array, which service ids index.
+fn service_id_limit(pin_dir: &Path) -> Result<u32, DatapathError> {
+    let name = map_names::SERVICE_STATS;
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotPinned(pin_dir.to_owned()));
+    }
+    let info = MapData::from_pin(&path).and_then(|map| map.info());
+    Ok(info.map_err(map_err(name))?.max_entries())
 }
 
 /// The index of a network interface in this network namespace.
@@ -359,6 +424,8 @@ pub struct BpfMaps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     /// [`map_names::REV_NAT`].
     pub rev_nat: HashMap<MapData, u32, RevNat4>,
+    /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
+    pub service_id_limit: u32,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -369,8 +436,12 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
 }
 
 impl BpfMaps {
-    fn from_maps([services, backends, slots, rev_nat]: [Map; 4]) -> Result<Self, DatapathError> {
+    fn from_maps(
+        [services, backends, slots, rev_nat]: [Map; 4],
+        service_id_limit: u32,
+    ) -> Result<Self, DatapathError> {
         Ok(Self {
+            service_id_limit,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
             slots: HashMap::try_from(slots).map_err(map_err(map_names::SLOTS))?,
@@ -382,12 +453,13 @@ impl BpfMaps {
     /// the object itself).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str| open_pinned_map(pin_dir, name, Map::HashMap);
-        Self::from_maps([
+        let maps = [
             open(map_names::SERVICES)?,
             open(map_names::BACKENDS)?,
             open(map_names::SLOTS)?,
             open(map_names::REV_NAT)?,
-        ])
+        ];
+        Self::from_maps(maps, service_id_limit(pin_dir)?)
     }
 }
 
@@ -460,6 +532,9 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
         delete_result(map_names::SERVICES, self.services.remove(key))
+    }
+    fn service_id_limit(&self) -> u32 {
+        self.service_id_limit
     }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         Ok(MapContents {

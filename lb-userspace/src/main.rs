@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
-    datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
+    datapath::{BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR, teardown},
     inspect,
     sync::DatapathMaps as _,
 };
@@ -49,6 +49,8 @@ enum Command {
         /// Seconds between full resyncs, besides the ones a change triggers.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        #[command(flatten)]
+        capacity: CapacityArgs,
     },
     /// Show the programmed frontends and their backends, read from the pinned maps.
     Services {
@@ -65,6 +67,24 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// Map sizes, used when the maps are created (pinned maps keep theirs). The defaults hold
+/// 10,000 Services with 10 endpoints each.
+#[derive(clap::Args)]
+struct CapacityArgs {
+    /// Frontends (a Service has one per ClusterIP, node address and external address).
+    #[arg(long, default_value_t = Capacity::default().services)]
+    max_services: u32,
+    /// Backends (distinct endpoint address, port and protocol).
+    #[arg(long, default_value_t = Capacity::default().backends)]
+    max_backends: u32,
+    /// Selection slots, summed over frontends.
+    #[arg(long, default_value_t = Capacity::default().slots)]
+    max_slots: u32,
+    /// Conntrack entries (two per flow).
+    #[arg(long, default_value_t = Capacity::default().conntrack)]
+    max_conntrack: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -101,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             zone,
             resync_secs,
+            capacity,
         } => {
             let config = AgentConfig {
                 manifests,
@@ -110,6 +131,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 node_name: node_name.unwrap_or_else(agent::hostname),
                 zone,
                 resync: Duration::from_secs(resync_secs.max(1)),
+                capacity: Capacity {
+                    services: capacity.max_services,
+                    backends: capacity.max_backends,
+                    slots: capacity.max_slots,
+                    conntrack: capacity.max_conntrack,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
