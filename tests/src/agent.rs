@@ -197,6 +197,17 @@ impl Agent {
 
     /// [`Agent::start`] with the binary `lb` (for every `lb` command the guard runs).
     pub fn start_with(lb: &Path, ns: &Netns, manifests: &Path, interface: &str) -> Result<Self> {
+        Self::start_with_args(lb, ns, manifests, interface, &[])
+    }
+
+    /// [`Agent::start_with`], with more arguments for `lb agent` (e.g. `--max-services N`).
+    pub fn start_with_args(
+        lb: &Path,
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        args: &[&str],
+    ) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -209,6 +220,7 @@ impl Agent {
             .args(["--interface", interface])
             .arg("--pin-path")
             .arg(pins.path())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -220,6 +232,19 @@ impl Agent {
             log,
             pins,
         })
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the agent's log if it has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("lb agent exited ({status}); its log:\n{}", self.log());
+        }
+        Ok(())
     }
 
     /// The agent's pin directory.
@@ -243,9 +268,7 @@ impl Agent {
     pub fn wait_for(&mut self, frontends: &[&str], backends: u32) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("lb agent exited ({status}); its log:\n{}", self.log());
-            }
+            self.ensure_running()?;
             let last = self.services();
             if let Ok(services) = &last {
                 let ready = |f: &&str| {

@@ -83,8 +83,9 @@ fn readable(fd: i32, timeout: Duration) -> bool {
     n > 0
 }
 
-/// Answers requests on one connection until the client closes it or asks to.
-fn serve(stream: &TcpStream, name: &str) -> Result<()> {
+/// Answers requests on one connection until the client closes it or asks to; every response
+/// body is `name`.
+pub fn serve(stream: &TcpStream, name: &str) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream);
     let mut writer = stream;

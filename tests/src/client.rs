@@ -36,6 +36,15 @@ pub fn http_get(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<(Strin
         .with_context(|| format!("HTTP GET http://{target}/ from {}", ns.name()))
 }
 
+/// The Content-Length of a response head, if it has a valid one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })
+}
+
 /// The body of a complete `200 OK` response with a Content-Length.
 fn parse_body(response: &str) -> Result<String> {
     let (head, body) = response
@@ -45,14 +54,8 @@ fn parse_body(response: &str) -> Result<String> {
         head.starts_with("HTTP/1.1 200 "),
         "unexpected response {response:?}"
     );
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .with_context(|| format!("no Content-Length in {response:?}"))?;
+    let length =
+        content_length(head).with_context(|| format!("no Content-Length in {response:?}"))?;
     ensure!(
         body.len() == length,
         "body of {} bytes, Content-Length {length}",
