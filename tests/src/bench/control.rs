@@ -67,6 +67,8 @@ pub struct SourceResult {
     pub peak_rss_after_changes_mib: f64,
     /// Each change's latency to the map, milliseconds.
     pub change_ms: Vec<f64>,
+    /// For each change, the translate-and-write time the agent logged, milliseconds.
+    pub change_agent_ms: Vec<f64>,
     /// What a change's latency is timed from and to.
     pub change_timed: String,
 }
@@ -244,7 +246,11 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
         backend_count()? == plan.endpoints as u32,
         "the measured Service is not fully programmed"
     );
+    // The agent starts watching its folder only after its first sync: a change made before
+    // then waits for the periodic resync. Give it time to set the watch up.
+    std::thread::sleep(Duration::from_secs(1));
     let mut change_ms = Vec::with_capacity(plan.changes);
+    let mut change_agent_ms = Vec::with_capacity(plan.changes);
     for k in 0..plan.changes {
         // Alternately drop the last endpoint and bring it back.
         let n = if k % 2 == 0 {
@@ -261,12 +267,18 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
             }
             if Instant::now() > deadline {
                 agent.ensure_running()?;
-                bail!("change {k} did not reach the map within {CHANGE_TIMEOUT:?}");
+                bail!(
+                    "change {k} ({n} endpoints) did not reach the map within {CHANGE_TIMEOUT:?} \
+                     (backend count {}); the agent's log:\n{}",
+                    backend_count()?,
+                    agent.log()
+                );
             }
             std::thread::sleep(Duration::from_micros(100));
         }
         // Let the agent finish the sync (its log line) before the next change.
-        log.wait(&mut agent, services.len(), CHANGE_TIMEOUT)?;
+        let synced = log.wait(&mut agent, services.len(), CHANGE_TIMEOUT)?;
+        change_agent_ms.extend(synced.agent_seconds.map(|s| s * 1e3));
     }
     Ok(SourceResult {
         source: source.name().to_owned(),
@@ -277,6 +289,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
         peak_rss_mib: peak_rss,
         peak_rss_after_changes_mib: peak_rss_mib(agent.pid())?,
         change_ms,
+        change_agent_ms,
         change_timed: format!(
             "from {} to the first look at the pinned services map (every 0.1 ms) that shows the \
              Service entry with the new backend count (the last of the ordered writes)",

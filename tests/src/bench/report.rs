@@ -600,7 +600,7 @@ fn control_section(md: &mut String, c: &super::control::ControlResults) {
     for s in &c.sources {
         let _ = writeln!(
             md,
-            "| {} | {} × {} | {:.3} s | {} | {:.1} MiB | {:.1} MiB | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+            "| {} | {} × {} | {:.3} s | {} | {:.1} MiB | {:.1} MiB | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} |",
             s.source,
             count(s.services),
             s.endpoints,
@@ -612,7 +612,8 @@ fn control_section(md: &mut String, c: &super::control::ControlResults) {
             s.change_quantile(0.5).unwrap_or(f64::NAN),
             s.change_quantile(0.99).unwrap_or(f64::NAN),
             s.change_quantile(1.0).unwrap_or(f64::NAN),
-            s.change_ms.len()
+            s.change_ms.len(),
+            super::stats::median(&s.change_agent_ms).map_or("–".into(), |m| format!("{m:.1} ms"))
         );
     }
     for (source, error) in &c.failures {
