@@ -68,6 +68,7 @@ pub struct SourceResult {
     /// Each change's latency to the map, milliseconds.
     pub change_ms: Vec<f64>,
     /// For each change, the translate-and-write time the agent logged, milliseconds.
+    #[serde(default)]
     pub change_agent_ms: Vec<f64>,
     /// What a change's latency is timed from and to.
     pub change_timed: String,

@@ -7,8 +7,9 @@
 //!
 //! The measured Service is the last one kube-proxy matches (the last rule of KUBE-SERVICES);
 //! its 10 endpoints are the 10 pods, each serving HTTP on port 8080 from a pool of threads.
-//! Each (mode, N) gets a fresh topology of the same shape, so nothing (conntrack entries,
-//! rules, pinned maps) carries over from one measurement to the next.
+//! Each mode gets its own copy of the topology at each N, so nothing (conntrack entries,
+//! rules, pinned maps) carries over from one measurement to another, and the modes are
+//! measured in turns (see [`run`]) so that they share the machine's background load.
 
 use std::fs::File;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -38,12 +39,20 @@ pub struct E2ePlan {
     pub pods: usize,
     /// Client threads of the rate measurements.
     pub threads: usize,
-    /// Seconds of each rate measurement.
+    /// Seconds of each rate measurement, per mode.
     pub seconds: f64,
+    /// Rounds the rate measurements are split in (the modes take turns); 1 in runs written
+    /// before there were rounds.
+    #[serde(default = "one")]
+    pub rounds: usize,
     /// First requests timed for the latency percentiles (one after the other).
     pub latency_samples: usize,
     /// Untimed requests before measuring.
     pub warmup: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl E2ePlan {
@@ -58,7 +67,8 @@ impl E2ePlan {
             },
             pods: 10,
             threads: 4,
-            seconds: if quick { 1.0 } else { 5.0 },
+            seconds: if quick { 1.0 } else { 6.0 },
+            rounds: if quick { 2 } else { 6 },
             latency_samples: if quick { 200 } else { 2_000 },
             warmup: 20,
         }
@@ -167,39 +177,193 @@ impl E2eResults {
     }
 }
 
-/// Runs the end-to-end benchmark: every level, every mode.
+/// Runs the end-to-end benchmark: at each level, every mode in its own copy of the topology,
+/// programmed one after the other (timed alone), then measured in turns so that every mode
+/// sees the same background load: latency samples alternate between the modes, and the rate
+/// measurements run in [`E2ePlan::rounds`] rounds, each mode once per round.
 pub fn run(plan: &E2ePlan) -> Result<E2eResults> {
     let mut results = E2eResults {
         rows: Vec::new(),
         failures: Vec::new(),
     };
     for &services in &plan.levels {
+        let mut beds = Vec::new();
         for mode in Mode::ALL {
-            match measure(plan, mode, services) {
-                Ok(row) => {
+            match prepare(plan, mode, services) {
+                Ok(bed) => {
                     eprintln!(
-                        "e2e: {} at {services} Services: programmed in {:.3} s, p99 {:.0} µs, \
-                         {:.0} conn/s, {:.0} req/s",
+                        "e2e: {} at {services} Services: programmed in {:.3} s",
                         mode.label(),
-                        row.program_seconds,
-                        row.p99_us,
-                        row.connections.per_sec(),
-                        row.requests.per_sec()
+                        bed.programmed.seconds
                     );
-                    results.rows.push(row);
+                    beds.push(bed);
                 }
-                Err(e) => {
-                    eprintln!("e2e: {} at {services} Services FAILED: {e:#}", mode.label());
-                    results.failures.push(E2eFailure {
-                        mode,
-                        services,
-                        error: format!("{e:#}"),
-                    });
-                }
+                Err(e) => results.failures.push(failure(mode, services, e)),
             }
+        }
+        for bed in measure(plan, services, beds, &mut results.failures) {
+            let row = bed.row(services)?;
+            eprintln!(
+                "e2e: {} at {services} Services: p50 {:.0} µs p99 {:.0} µs, {:.0} conn/s, {:.0} req/s",
+                row.mode.label(),
+                row.p50_us,
+                row.p99_us,
+                row.connections.per_sec(),
+                row.requests.per_sec()
+            );
+            results.rows.push(row);
         }
     }
     Ok(results)
+}
+
+fn failure(mode: Mode, services: usize, e: anyhow::Error) -> E2eFailure {
+    eprintln!("e2e: {} at {services} Services FAILED: {e:#}", mode.label());
+    E2eFailure {
+        mode,
+        services,
+        error: format!("{e:#}"),
+    }
+}
+
+/// One mode, programmed in its own topology, and what has been measured of it.
+struct ModeBed {
+    /// Declared first: the agent stops before its topology goes.
+    _lb: Option<LbMode>,
+    bed: Bed,
+    mode: Mode,
+    target: SocketAddr,
+    programmed: Programmed,
+    agent_seconds: Option<f64>,
+    micros: Vec<f64>,
+    connections: Option<Rate>,
+    requests: Option<Rate>,
+}
+
+impl ModeBed {
+    fn row(&self, services: usize) -> Result<E2eRow> {
+        Ok(E2eRow {
+            mode: self.mode,
+            services,
+            program_seconds: self.programmed.seconds,
+            program_stopped_after: self.programmed.stopped_after,
+            agent_seconds: self.agent_seconds,
+            p50_us: quantile(&self.micros, 0.5).context("no samples")?,
+            p99_us: quantile(&self.micros, 0.99).context("no samples")?,
+            connections: self.connections.clone().context("no connection rate")?,
+            requests: self.requests.clone().context("no request rate")?,
+        })
+    }
+}
+
+fn add(total: &mut Option<Rate>, part: Rate) {
+    match total {
+        None => *total = Some(part),
+        Some(t) => {
+            t.ok += part.ok;
+            t.errors += part.errors;
+            t.seconds += part.seconds;
+            if t.first_error.is_none() {
+                t.first_error = part.first_error;
+            }
+        }
+    }
+}
+
+/// A topology with `mode` programming `n` Services, warmed up.
+fn prepare(plan: &E2ePlan, mode: Mode, n: usize) -> Result<ModeBed> {
+    let bed = Bed::new(plan.pods, plan.threads + 2)?;
+    let services = bed.services(n);
+    let measured = services.last().context("no Services")?;
+    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port));
+    let mut lb = None;
+    let (programmed, agent_seconds) = match mode {
+        Mode::Lb => {
+            let programmed = program_lb(&bed, &services)?;
+            let times = (
+                Programmed {
+                    seconds: programmed.program_seconds,
+                    stopped_after: None,
+                },
+                programmed.agent_seconds,
+            );
+            lb = Some(programmed);
+            times
+        }
+        Mode::Iptables => (program_iptables(&bed, "iptables-restore", &services)?, None),
+        Mode::IptablesLegacy => (
+            program_iptables(&bed, "iptables-legacy-restore", &services)?,
+            None,
+        ),
+        Mode::Nftables => (program_nftables(&bed, &services)?, None),
+    };
+    load::first_request_latencies(&bed.topology.client, target, plan.warmup).context("warm-up")?;
+    Ok(ModeBed {
+        _lb: lb,
+        bed,
+        mode,
+        target,
+        programmed,
+        agent_seconds,
+        micros: Vec::with_capacity(plan.latency_samples),
+        connections: None,
+        requests: None,
+    })
+}
+
+/// Measures the modes in turns; returns those that measured without failing.
+fn measure(
+    plan: &E2ePlan,
+    services: usize,
+    beds: Vec<ModeBed>,
+    failures: &mut Vec<E2eFailure>,
+) -> Vec<ModeBed> {
+    let mut beds: Vec<Option<ModeBed>> = beds.into_iter().map(Some).collect();
+    let mut step = |beds: &mut Vec<Option<ModeBed>>, work: &dyn Fn(&mut ModeBed) -> Result<()>| {
+        for slot in beds.iter_mut() {
+            if let Some(bed) = slot
+                && let Err(e) = work(bed)
+            {
+                failures.push(failure(bed.mode, services, e));
+                *slot = None;
+            }
+        }
+    };
+    for _ in 0..plan.latency_samples {
+        step(&mut beds, &|b| {
+            let latency = load::first_request_latencies(&b.bed.topology.client, b.target, 1)?;
+            b.micros
+                .extend(latency.iter().map(|d| d.as_secs_f64() * 1e6));
+            Ok(())
+        });
+    }
+    let slice = Duration::from_secs_f64(plan.seconds / plan.rounds as f64);
+    for _ in 0..plan.rounds {
+        step(&mut beds, &|b| {
+            let rate =
+                load::connection_rate(&b.bed.topology.client, b.target, plan.threads, slice)?;
+            ensure!(
+                rate.ok > 0,
+                "no connection succeeded: {}",
+                rate.first_error.as_deref().unwrap_or("?")
+            );
+            add(&mut b.connections, rate);
+            Ok(())
+        });
+    }
+    for _ in 0..plan.rounds {
+        step(&mut beds, &|b| {
+            let rate = load::request_rate(&b.bed.topology.client, b.target, plan.threads, slice)?;
+            ensure!(
+                rate.ok > 0,
+                "no request succeeded: {}",
+                rate.first_error.as_deref().unwrap_or("?")
+            );
+            add(&mut b.requests, rate);
+            Ok(())
+        });
+    }
+    beds.into_iter().flatten().collect()
 }
 
 /// The topology with a pooled HTTP server on [`TARGET_PORT`] in every pod.
@@ -372,59 +536,5 @@ pub fn program_lb(bed: &Bed, services: &[BenchService]) -> Result<LbMode> {
         agent_seconds: synced.agent_seconds,
         agent,
         folder,
-    })
-}
-
-fn measure(plan: &E2ePlan, mode: Mode, n: usize) -> Result<E2eRow> {
-    let bed = Bed::new(plan.pods, plan.threads + 2)?;
-    let services = bed.services(n);
-    let measured = services.last().context("no Services")?;
-    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port));
-    let mut lb = None;
-    let (programmed, agent_seconds) = match mode {
-        Mode::Lb => {
-            let programmed = program_lb(&bed, &services)?;
-            let times = (
-                Programmed {
-                    seconds: programmed.program_seconds,
-                    stopped_after: None,
-                },
-                programmed.agent_seconds,
-            );
-            lb = Some(programmed);
-            times
-        }
-        Mode::Iptables => (program_iptables(&bed, "iptables-restore", &services)?, None),
-        Mode::IptablesLegacy => (
-            program_iptables(&bed, "iptables-legacy-restore", &services)?,
-            None,
-        ),
-        Mode::Nftables => (program_nftables(&bed, &services)?, None),
-    };
-    let client = &bed.topology.client;
-    load::first_request_latencies(client, target, plan.warmup).context("warm-up")?;
-    let latencies = load::first_request_latencies(client, target, plan.latency_samples)?;
-    let micros: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    let seconds = Duration::from_secs_f64(plan.seconds);
-    let connections = load::connection_rate(client, target, plan.threads, seconds)?;
-    let requests = load::request_rate(client, target, plan.threads, seconds)?;
-    for rate in [&connections, &requests] {
-        ensure!(
-            rate.ok > 0,
-            "no request succeeded: {}",
-            rate.first_error.as_deref().unwrap_or("?")
-        );
-    }
-    drop(lb);
-    Ok(E2eRow {
-        mode,
-        services: n,
-        program_seconds: programmed.seconds,
-        program_stopped_after: programmed.stopped_after,
-        agent_seconds,
-        p50_us: quantile(&micros, 0.5).context("no samples")?,
-        p99_us: quantile(&micros, 0.99).context("no samples")?,
-        connections,
-        requests,
     })
 }

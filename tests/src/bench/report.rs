@@ -288,7 +288,7 @@ fn packet_chart(r: &Results, p: &PacketResults) -> BarChart {
                 (name, values)
             })
             .collect(),
-        log: false,
+        log: true,
     }
 }
 
@@ -512,12 +512,16 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
          other Services have 10 endpoints each at addresses that receive no traffic. The \
          client is outside the cluster CIDR, so kube-proxy's rules masquerade it, as kube-proxy \
          does. Load generator: ours (Rust, `tests/src/bench/load.rs`), {threads} client threads \
-         for the rates, {secs} s each; latency: {samples} first requests one after the other \
-         (connect, `GET /`, whole response, close), after {warmup} untimed ones. Every response \
-         is checked. Each mode at each N runs on a fresh copy of the topology.\n",
+         for the rates, {secs} s per mode in {rounds} rounds; latency: {samples} first requests \
+         one after the other (connect, `GET /`, whole response, close), after {warmup} untimed \
+         ones. Every response is checked. Each mode has its own copy of the topology at each N, \
+         programmed alone (timed), and then the modes are measured in turns — latency samples \
+         alternate between them, each rate round gives each mode its slice — so that they share \
+         the machine's background load.\n",
         pods = plan.pods,
         threads = plan.threads,
         secs = plan.seconds,
+        rounds = plan.rounds,
         samples = count(plan.latency_samples),
         warmup = plan.warmup,
     );

@@ -24,7 +24,7 @@ const WIDTH: f64 = 820.0;
 const HEIGHT: f64 = 400.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 60.0;
+const TOP: f64 = 80.0;
 const BOTTOM: f64 = 50.0;
 
 fn escape(text: &str) -> String {
@@ -147,17 +147,24 @@ impl BarChart {
                 );
             }
         }
-        let mut lx = LEFT;
+        // The legend, in rows under the title.
+        let (mut lx, mut ly) = (LEFT, 34.0);
         for (s, (name, _)) in self.series.iter().enumerate() {
+            let width = 24.0 + 6.5 * name.chars().count() as f64;
+            if lx > LEFT && lx + width > WIDTH - RIGHT {
+                lx = LEFT;
+                ly += 18.0;
+            }
             let _ = writeln!(
                 out,
-                "<rect x=\"{lx:.1}\" y=\"34\" width=\"12\" height=\"12\" fill=\"{c}\"/>\
-                 <text x=\"{tx:.1}\" y=\"44\">{name}</text>",
+                "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"12\" height=\"12\" fill=\"{c}\"/>\
+                 <text x=\"{tx:.1}\" y=\"{ty:.1}\">{name}</text>",
                 c = COLORS[s % COLORS.len()],
                 tx = lx + 16.0,
+                ty = ly + 10.0,
                 name = escape(name)
             );
-            lx += 24.0 + 7.0 * name.len() as f64;
+            lx += width;
         }
         let _ = writeln!(
             out,

@@ -1,7 +1,9 @@
 //! `lb-bench`: runs the benchmarks and writes BENCHMARKS.md (run it through
 //! `cargo xtask bench [--quick]`, which builds `lb` and this, and says where the file went).
 //!
-//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,e2e,control] [--command TEXT]`
+//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,e2e,control] [--command TEXT]`, or
+//! `lb-bench --rewrite [--out DIR]` to write the Markdown and charts again from the
+//! `benchmarks/results.json` of an earlier run (after a change of the report's form).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -13,6 +15,7 @@ use lb_tests::bench::{Plan, Results, control, e2e, packet, report};
 
 struct Args {
     quick: bool,
+    rewrite: bool,
     out: PathBuf,
     only: Vec<String>,
     command: String,
@@ -23,6 +26,7 @@ const PARTS: [&str; 3] = ["packet", "e2e", "control"];
 fn args() -> Result<Args> {
     let mut args = Args {
         quick: false,
+        rewrite: false,
         out: workspace_dir(),
         only: PARTS.iter().map(|p| p.to_string()).collect(),
         command: "lb-bench".to_owned(),
@@ -31,6 +35,7 @@ fn args() -> Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
+            "--rewrite" => args.rewrite = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--command" => args.command = it.next().context("--command needs a text")?,
             "--only" => {
@@ -42,7 +47,7 @@ fn args() -> Result<Args> {
             }
             other => bail!(
                 "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] \
-                 [--only packet,e2e,control] [--command TEXT]"
+                 [--only packet,e2e,control] [--command TEXT] | lb-bench --rewrite [--out DIR]"
             ),
         }
     }
@@ -63,6 +68,14 @@ fn commit() -> Option<String> {
 
 fn run() -> Result<PathBuf> {
     let args = args()?;
+    if args.rewrite {
+        let path = args.out.join(report::ASSETS).join("results.json");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let results: Results =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        return report::write(&results, &args.out);
+    }
     let plan = Plan::new(args.quick);
     let wants = |part: &str| args.only.iter().any(|p| p == part);
     let mut machine = Machine::describe();
