@@ -585,7 +585,9 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
     }
     let _ = writeln!(
         md,
-        "\n\"vs lb\" is the mode's value divided by lb's at the same N, from the same run.\n"
+        "\n\"vs lb\" is the mode's value divided by lb's at the same N, from the same run. On a \
+         shared machine the p99 of a sub-millisecond request mostly measures scheduling delays \
+         (see how busy the machine was, under Machine); the p50 shows the path itself.\n"
     );
     let _ = writeln!(md, "![first-request p99]({ASSETS}/e2e-latency.svg)\n");
     let _ = writeln!(md, "![programming time]({ASSETS}/programming.svg)\n");
@@ -595,11 +597,11 @@ fn control_section(md: &mut String, c: &super::control::ControlResults) {
     let _ = writeln!(md, "## Control plane\n");
     let _ = writeln!(
         md,
-        "| Source | Services × endpoints | Full sync | of which translate + map writes | Peak RSS (VmHWM) | after the changes | Change → map p50 | p99 | max | changes |"
+        "| Source | Services × endpoints | Full sync | of which translate + map writes | Peak RSS (VmHWM) | after the changes | Change → map p50 | p99 | max | changes | of a change: translate + map writes (median) |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for s in &c.sources {
         let _ = writeln!(
