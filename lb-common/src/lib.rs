@@ -17,7 +17,8 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP, as stored in keys.
 pub const PROTO_UDP: u8 = 17;
 
-/// Highest service id plus one: service ids index [`map_names::SERVICE_STATS`], an array.
+/// Highest service id plus one with the compiled-in map sizes: service ids index
+/// [`map_names::SERVICE_STATS`], an array (the agent can make it larger).
 pub const MAX_SERVICES: u32 = 65_536;
 
 /// Names of the maps, exactly as the eBPF object declares them (and so as they are pinned).
@@ -74,6 +75,10 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// In the benchmarks' floor object: an XDP program that passes every packet.
+    pub const NOOP_XDP: &str = "lb_noop_xdp";
+    /// In the benchmarks' floor object: a TC program that passes every packet.
+    pub const NOOP_TC: &str = "lb_noop_tc";
 }
 
 /// Key of [`map_names::SERVICES`]: one frontend (address, port, protocol).
@@ -401,8 +406,9 @@ pub mod capacity {
     /// Frontends: 10,000 Services with a ClusterIP, NodePorts on two node addresses and
     /// an external address each leave room to spare.
     pub const SERVICES: u32 = 65_536;
-    /// Backends (distinct address, port, protocol).
-    pub const BACKENDS: u32 = 65_536;
+    /// Backends (distinct address, port, protocol): 10,000 Services x 10 endpoints, with
+    /// room for multi-port endpoints.
+    pub const BACKENDS: u32 = 262_144;
     /// Conntrack entries (two per flow).
     pub const CONNTRACK: u32 = 262_144;
     /// sessionAffinity clients (service, client address), LRU.

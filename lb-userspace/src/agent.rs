@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
-    datapath::{Datapath, interface_index},
+    datapath::{Capacity, Datapath, interface_index},
     desired::Frontend,
     metrics::{self, Metrics, SyncOutcome},
     model::NodeInfo,
@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Maglev table size, default selection and drain period.
     pub sync: SyncConfig,
+    /// Map sizes, for maps that are not pinned yet.
+    pub capacity: Capacity,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -97,7 +99,7 @@ async fn serve<S: Source>(
     config: &AgentConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&config.pin_dir)?;
+    let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }

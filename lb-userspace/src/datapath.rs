@@ -27,7 +27,7 @@ use aya::{
 };
 use lb_common::{
     Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, event, maglev, map_names, program_names,
+    ServiceStats, SourceRange4, capacity, event, maglev, map_names, program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -114,6 +114,50 @@ pub enum DatapathError {
     NotPinned(PathBuf),
 }
 
+/// How many entries the maps hold. Applied when the maps are created: maps already pinned
+/// keep the size they were created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frontends: the services, reverse-NAT and Maglev maps; service ids (and their stats)
+    /// run from 1 to this number.
+    pub services: u32,
+    /// Backends (distinct address, port, protocol), and their counters.
+    pub backends: u32,
+    /// Conntrack entries (two per flow).
+    pub conntrack: u32,
+    /// sessionAffinity ClientIP entries (Service, client address).
+    pub affinity: u32,
+}
+
+impl Default for Capacity {
+    /// [`lb_common::capacity`]: room for 10,000 Services with 10 endpoints each.
+    fn default() -> Self {
+        Capacity {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            conntrack: capacity::CONNTRACK,
+            affinity: capacity::AFFINITY,
+        }
+    }
+}
+
+impl Capacity {
+    /// `max_entries` of every map this sizes.
+    fn map_sizes(&self) -> [(&'static str, u32); 8] {
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::REV_NAT, self.services),
+            (map_names::MAGLEV, self.services),
+            // Indexed by service id; id 0 is never used.
+            (map_names::SERVICE_STATS, self.services.saturating_add(1)),
+            (map_names::BACKENDS, self.backends),
+            (map_names::BACKEND_STATS, self.backends),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::AFFINITY, self.affinity),
+        ]
+    }
+}
+
 /// How a program came to be attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkOutcome {
@@ -152,14 +196,25 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
 
 impl Datapath {
     /// Loads the embedded programs. Maps already pinned in `pin_dir` are reused with their
-    /// contents (conntrack included); missing ones are created and pinned.
+    /// contents (conntrack included); missing ones are created, with the default
+    /// [`Capacity`], and pinned.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::load_with(pin_dir, &Capacity::default())
+    }
+
+    /// [`Datapath::load`], creating missing maps with `capacity`.
+    pub fn load_with(pin_dir: &Path, capacity: &Capacity) -> Result<Self, DatapathError> {
         prepare_pin_dir(pin_dir)?;
         let maglev_pin = pin_dir.join(map_names::MAGLEV);
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pin_dir)
             // BTF maps have no pinning attribute: pin the map-of-maps by path.
-            .map_pin_path(map_names::MAGLEV, maglev_pin.as_path())
+            .map_pin_path(map_names::MAGLEV, maglev_pin.as_path());
+        for (name, size) in capacity.map_sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -307,15 +362,27 @@ impl Datapath {
                 }),
             })
         };
-        BpfMaps::from_maps([
+        let maps = [
             take(map_names::SERVICES)?,
             take(map_names::BACKENDS)?,
             take(map_names::REV_NAT)?,
             take(map_names::MAGLEV)?,
             take(map_names::SOURCE_RANGES)?,
             take(map_names::BACKEND_STATS)?,
-        ])
+        ];
+        BpfMaps::from_maps(maps, service_id_limit(&self.pin_dir)?)
     }
+}
+
+/// The size of the pinned service stats array, which service ids index.
+fn service_id_limit(pin_dir: &Path) -> Result<u32, DatapathError> {
+    let name = map_names::SERVICE_STATS;
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(DatapathError::NotPinned(pin_dir.to_owned()));
+    }
+    let info = MapData::from_pin(&path).and_then(|map| map.info());
+    Ok(info.map_err(map_err(name))?.max_entries())
 }
 
 /// The index of a network interface in this network namespace.
@@ -381,6 +448,8 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::BACKEND_STATS`].
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
+    pub service_id_limit: u32,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -400,6 +469,7 @@ impl BpfMaps {
             source_ranges,
             backend_stats,
         ]: [Map; 6],
+        service_id_limit: u32,
     ) -> Result<Self, DatapathError> {
         let maglev_fd = match &maglev {
             Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
@@ -412,6 +482,7 @@ impl BpfMaps {
             }))
         })?;
         Ok(Self {
+            service_id_limit,
             maglev_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
@@ -428,14 +499,17 @@ impl BpfMaps {
     /// the object itself).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str, kind| open_pinned_map(pin_dir, name, kind);
-        Self::from_maps([
-            open(map_names::SERVICES, Map::HashMap)?,
-            open(map_names::BACKENDS, Map::HashMap)?,
-            open(map_names::REV_NAT, Map::HashMap)?,
-            open(map_names::MAGLEV, Map::HashOfMaps)?,
-            open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
-            open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
-        ])
+        Self::from_maps(
+            [
+                open(map_names::SERVICES, Map::HashMap)?,
+                open(map_names::BACKENDS, Map::HashMap)?,
+                open(map_names::REV_NAT, Map::HashMap)?,
+                open(map_names::MAGLEV, Map::HashOfMaps)?,
+                open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
+                open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
+            ],
+            service_id_limit(pin_dir)?,
+        )
     }
 
     /// One entry of the table of `service_id`: what the datapath reads for a flow hash
@@ -669,6 +743,9 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
         delete_result(map_names::SERVICES, self.services.remove(key))
+    }
+    fn service_id_limit(&self) -> u32 {
+        self.service_id_limit
     }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         let err = op_err(map_names::MAGLEV);

@@ -19,6 +19,10 @@ pub mod translate;
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// Programs that do nothing (`lb_noop_xdp`, `lb_noop_tc`), embedded the same way: the floor
+/// the benchmarks measure the real programs against.
+pub static NOOP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-noop"));
+
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
-    datapath::{BpfMaps, Counters, DEFAULT_PIN_DIR, teardown},
+    datapath::{BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR, teardown},
     desired::{Protocol, Selection},
     explain::{Explainer, Flow, monotonic_ns},
     inspect, maglev, manifest, metrics,
@@ -94,6 +94,8 @@ enum Command {
         /// TCP connections before its entry is deleted.
         #[arg(long, default_value_t = 60)]
         drain_secs: u64,
+        #[command(flatten)]
+        capacity: CapacityArgs,
     },
     /// Print the frontends and backends a manifests folder translates to, without touching
     /// the kernel (the agent's own translation). Exits with an error after printing when some
@@ -163,6 +165,24 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// Map sizes, used when the maps are created (pinned maps keep theirs). The defaults hold
+/// 10,000 Services with 10 endpoints each.
+#[derive(clap::Args)]
+struct CapacityArgs {
+    /// Frontends (a Service has one per ClusterIP, node address and external address).
+    #[arg(long, default_value_t = Capacity::default().services)]
+    max_services: u32,
+    /// Backends (distinct endpoint address, port and protocol).
+    #[arg(long, default_value_t = Capacity::default().backends)]
+    max_backends: u32,
+    /// Conntrack entries (two per flow).
+    #[arg(long, default_value_t = Capacity::default().conntrack)]
+    max_conntrack: u32,
+    /// sessionAffinity ClientIP entries (Service, client address).
+    #[arg(long, default_value_t = Capacity::default().affinity)]
+    max_affinity: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -235,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             maglev_table_size,
             selection,
             drain_secs,
+            capacity,
         } => {
             let node_name = node_name.unwrap_or_else(agent::hostname);
             let source = match manifests {
@@ -259,6 +280,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
                     selection,
+                },
+                capacity: Capacity {
+                    services: capacity.max_services,
+                    backends: capacity.max_backends,
+                    conntrack: capacity.max_conntrack,
+                    affinity: capacity.max_affinity,
                 },
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -219,6 +219,10 @@ pub trait DatapathMaps {
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError>;
     /// Reads everything back.
     fn read_all(&self) -> Result<MapContents, MapOpError>;
+    /// Service ids are `1..service_id_limit()` (they index the per-service stats).
+    fn service_id_limit(&self) -> u32 {
+        MAX_SERVICES
+    }
 }
 
 /// What a Maglev table holds: the same key gives the same table, so frontends with equal
@@ -942,7 +946,7 @@ impl<M: DatapathMaps> Syncer<M> {
     /// The next free service id after the last one handed out, so that a removed
     /// service's id is reused as late as possible (its conntrack entries age out first).
     fn allocate_service_id(&mut self, frontend: &Frontend) -> Result<u32, SyncError> {
-        let max = MAX_SERVICES - 1;
+        let max = self.maps.service_id_limit().saturating_sub(1);
         for i in 0..max {
             let id = (self.next_service_id - 1 + i) % max + 1;
             if !self.used_service_ids.contains(&id) {

@@ -267,16 +267,25 @@ impl Agent {
 
     /// [`Agent::start`] with the binary `lb` (for every `lb` command the guard runs).
     pub fn start_with(lb: &Path, ns: &Netns, manifests: &Path, interface: &str) -> Result<Self> {
-        Self::spawn(
-            lb,
-            ns,
-            &[
-                "--manifests".into(),
-                manifests.into(),
-                "--interface".into(),
-                interface.into(),
-            ],
-        )
+        Self::start_with_args(lb, ns, manifests, interface, &[])
+    }
+
+    /// [`Agent::start_with`], with more arguments for `lb agent` (e.g. `--max-services N`).
+    pub fn start_with_args(
+        lb: &Path,
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut all: Vec<OsString> = vec![
+            "--manifests".into(),
+            manifests.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        all.extend(args.iter().map(OsString::from));
+        Self::spawn(lb, ns, &all)
     }
 
     /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
@@ -333,6 +342,19 @@ impl Agent {
     fn exit_status(&self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         child.try_wait().ok().flatten()
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// Fails with the agent's log if it has exited.
+    pub fn ensure_running(&self) -> Result<()> {
+        if let Some(status) = self.exit_status() {
+            bail!("lb agent exited ({status}); its log:\n{}", self.log());
+        }
+        Ok(())
     }
 
     /// The agent's pin directory.
@@ -392,9 +414,7 @@ impl Agent {
     ) -> Result<Vec<ServiceInfo>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.exit_status() {
-                bail!("lb agent exited ({status}); its log:\n{}", self.log());
-            }
+            self.ensure_running()?;
             let services = self.services().unwrap_or_default();
             if check(&services) {
                 return Ok(services);

@@ -99,8 +99,9 @@ fn readable(fd: i32, timeout: Duration) -> bool {
 /// for tests that hold connections open across backend changes on a loaded machine.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Answers requests on one connection until the client closes it or asks to.
-fn serve(stream: &TcpStream, name: &str) -> Result<()> {
+/// Answers requests on one connection until the client closes it or asks to; every response
+/// body is `name`.
+pub fn serve(stream: &TcpStream, name: &str) -> Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(stream);
     let mut writer = stream;

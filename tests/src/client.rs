@@ -77,7 +77,7 @@ fn status_code(head: &str) -> Result<u16> {
 }
 
 /// The Content-Length of a response's head.
-fn content_length(head: &str) -> Result<usize> {
+pub fn content_length(head: &str) -> Result<usize> {
     head.lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;

@@ -8,6 +8,8 @@
 
 pub mod agent;
 pub mod backends;
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod client;
 pub mod conns;
 pub mod fakeapi;

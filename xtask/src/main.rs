@@ -26,6 +26,13 @@ enum Cmd {
     Demo,
     /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb.
     Test,
+    /// Build, then measure the datapath beside kube-proxy's iptables and nftables modes and
+    /// write BENCHMARKS.md with its charts (about 25 minutes; --quick: about 2).
+    Bench {
+        /// The same measurements, smaller; written to target/bench/ instead.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,6 +48,11 @@ fn main() -> Result<()> {
             let lb = build()?;
             setup::bpffs()?;
             test(&lb)
+        }
+        Cmd::Bench { quick } => {
+            let lb = build()?;
+            setup::bpffs()?;
+            bench(&lb, quick)
         }
     }
 }
@@ -114,4 +126,30 @@ fn test(lb: &Path) -> Result<()> {
     )?;
     eprintln!("all checks passed");
     Ok(())
+}
+
+/// Builds `lb-bench` (tests/src/bench) and runs it against the built `lb`.
+fn bench(lb: &Path, quick: bool) -> Result<()> {
+    run_checked(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+    ]))?;
+    let (command, out) = if quick {
+        ("cargo xtask bench --quick", target_dir().join("bench"))
+    } else {
+        ("cargo xtask bench", root())
+    };
+    let mut cmd = Command::new(target_dir().join("release/lb-bench"));
+    cmd.args(["--command", command, "--out"])
+        .arg(&out)
+        .env("LB_BIN", lb);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run_checked(&mut cmd)
 }

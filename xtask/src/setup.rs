@@ -6,7 +6,8 @@ use anyhow::Result;
 
 use crate::run_checked;
 
-/// Debian packages: LLVM for bpf-linker, and the tools of the tests and the demo.
+/// Debian packages: LLVM for bpf-linker, and the tools of the tests, the demo and the
+/// benchmarks (iptables and nftables for kube-proxy's modes).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -15,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "bpftool",
+    "iptables",
+    "nftables",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,195 @@
+//! The synthetic clusters the benchmarks program: N ClusterIP Services with their endpoints,
+//! written for each mode (manifests for the agent, a desired state for the packet benchmark,
+//! iptables and nftables rules for kube-proxy's modes) from one description.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use lb_userspace::desired::{
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
+};
+
+/// The namespace of every benchmark Service.
+pub const NAMESPACE: &str = "bench";
+/// The name of every Service port.
+pub const PORT_NAME: &str = "http";
+/// The pods' CIDR: clients outside it are masqueraded by kube-proxy's rules.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The Service port of every ClusterIP.
+pub const SERVICE_PORT: u16 = 80;
+/// The target port of every endpoint.
+pub const TARGET_PORT: u16 = 8080;
+
+/// One endpoint: address and port.
+pub type Endpoint = (Ipv4Addr, u16);
+
+/// One single-port TCP ClusterIP Service and its ready endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchService {
+    /// metadata.name.
+    pub name: String,
+    /// spec.clusterIP.
+    pub cluster_ip: Ipv4Addr,
+    /// The Service port.
+    pub port: u16,
+    /// The endpoints, in the order kube-proxy would list them.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl BenchService {
+    /// kube-proxy's name of the Service port: `namespace/name:port`.
+    pub fn port_name(&self) -> String {
+        format!("{NAMESPACE}/{}:{PORT_NAME}", self.name)
+    }
+
+    /// The frontend the datapath programs for it.
+    pub fn frontend(&self) -> Frontend {
+        Frontend {
+            addr: self.cluster_ip,
+            port: self.port,
+            proto: Protocol::Tcp,
+        }
+    }
+}
+
+/// `n` Services in kube-proxy's match order. Service `i` (from 0) is `svc-i` with ClusterIP
+/// 10.96.0.0 + 1 + i and `endpoints_each` endpoints 10.128.0.0 + 16 i + j + 1 : 8080 (no
+/// such hosts exist: no traffic goes there); the last one, the measured one, has `measured`
+/// as its endpoints instead.
+pub fn services(n: usize, endpoints_each: usize, measured: &[Endpoint]) -> Vec<BenchService> {
+    assert!(endpoints_each < 16, "at most 15 synthetic endpoints each");
+    assert!(n < 1 << 19, "at most 2^19 Services");
+    (0..n)
+        .map(|i| {
+            let endpoints = if i + 1 == n {
+                measured.to_vec()
+            } else {
+                (0..endpoints_each)
+                    .map(|j| {
+                        (
+                            offset(Ipv4Addr::new(10, 128, 0, 0), 16 * i + j + 1),
+                            TARGET_PORT,
+                        )
+                    })
+                    .collect()
+            };
+            BenchService {
+                name: format!("svc-{i}"),
+                cluster_ip: offset(Ipv4Addr::new(10, 96, 0, 0), i + 1),
+                port: SERVICE_PORT,
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+/// `base + n`.
+pub fn offset(base: Ipv4Addr, n: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base) + n as u32)
+}
+
+/// The plan of a frontend of the Service port `name` with ready `backends`.
+pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPlan {
+    let mut backends: Vec<Backend> = backends
+        .iter()
+        .map(|&(addr, port)| Backend {
+            addr,
+            port,
+            terminating: false,
+        })
+        .collect();
+    backends.sort();
+    backends.dedup();
+    FrontendPlan {
+        service: ServicePortRef {
+            namespace: NAMESPACE.to_owned(),
+            name: name.to_owned(),
+            port_name: PORT_NAME.to_owned(),
+        },
+        kind,
+        backends,
+        affinity_timeout_secs: None,
+        source_ranges: Vec::new(),
+        selection: None,
+    }
+}
+
+/// The desired state of `services`, as translation would give it for ClusterIP Services.
+pub fn desired(services: &[BenchService]) -> DesiredState {
+    let frontends: BTreeMap<Frontend, FrontendPlan> = services
+        .iter()
+        .map(|s| {
+            let plan = plan(&s.name, FrontendKind::ClusterIp, &s.endpoints);
+            (s.frontend(), plan)
+        })
+        .collect();
+    DesiredState { frontends }
+}
+
+/// The Service of `s` as a YAML document.
+pub fn service_yaml(s: &BenchService) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
+         spec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  selector:\n    \
+         app: {name}\n  ports:\n    - name: {PORT_NAME}\n      protocol: TCP\n      port: {port}\n      \
+         targetPort: {TARGET_PORT}\n",
+        name = s.name,
+        ip = s.cluster_ip,
+        port = s.port,
+    )
+}
+
+/// The EndpointSlice of `s` with `endpoints` as a YAML document (all ready).
+pub fn slice_yaml(s: &BenchService, endpoints: &[Endpoint]) -> String {
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  \
+         namespace: {NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {name}\n\
+         addressType: IPv4\nports:\n  - name: {PORT_NAME}\n    protocol: TCP\n    port: {TARGET_PORT}\n\
+         endpoints:\n",
+        name = s.name
+    );
+    for (addr, _) in endpoints {
+        let _ = writeln!(
+            out,
+            "  - addresses: [{addr}]\n    conditions: {{ready: true, serving: true, terminating: false}}"
+        );
+    }
+    out
+}
+
+/// Every Service and EndpointSlice of `services` as one multi-document YAML file, except the
+/// slices of the Services `skip_slice` says to leave out.
+pub fn manifests_yaml(services: &[BenchService], skip_slice: impl Fn(usize) -> bool) -> String {
+    let mut out = String::new();
+    for (i, s) in services.iter().enumerate() {
+        out.push_str("---\n");
+        out.push_str(&service_yaml(s));
+        if !skip_slice(i) {
+            out.push_str("---\n");
+            out.push_str(&slice_yaml(s, &s.endpoints));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_measured_service_is_last_and_addresses_are_distinct() {
+        let measured = [(Ipv4Addr::new(10, 244, 1, 2), TARGET_PORT)];
+        let s = services(1000, 10, &measured);
+        assert_eq!(s.len(), 1000);
+        assert_eq!(s[999].endpoints, measured);
+        assert_eq!(s[0].cluster_ip, Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(s[0].endpoints[0], (Ipv4Addr::new(10, 128, 0, 1), 8080));
+        let ips: std::collections::BTreeSet<_> = s.iter().map(|s| s.cluster_ip).collect();
+        assert_eq!(ips.len(), 1000);
+        let eps: std::collections::BTreeSet<_> =
+            s.iter().flat_map(|s| s.endpoints.clone()).collect();
+        assert_eq!(eps.len(), 999 * 10 + 1);
+        assert_eq!(desired(&s).frontends.len(), 1000);
+    }
+}
