@@ -76,7 +76,9 @@ pub struct AgentConfig {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
     interface_index(&config.interface)?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.collect_datapath(config.pin_dir.clone());
+    let metrics = Arc::new(metrics);
     let served = metrics::serve(config.metrics_addr, metrics.clone())
         .await
         .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;

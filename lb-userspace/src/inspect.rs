@@ -8,7 +8,12 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{datapath::ConntrackStats, desired::Frontend, explain::state_name, sync::MapContents};
+use crate::{
+    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError},
+    desired::Frontend,
+    explain::state_name,
+    sync::{DatapathMaps as _, MapContents, MapOpError},
+};
 
 /// One programmed frontend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -167,6 +172,37 @@ pub struct StatsReport {
     pub conntrack: ConntrackStats,
     /// Reasons and events that are not zero, by name.
     pub counters: Vec<(&'static str, u64)>,
+}
+
+/// Why the pinned maps could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Opening the pinned maps or reading counters failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// Reading the maps' contents failed.
+    #[error(transparent)]
+    Maps(#[from] MapOpError),
+}
+
+/// Reads the `lb stats` report from the maps and counters pinned in `pin_dir`.
+pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
+    let maps = BpfMaps::open_pinned(pin_dir)?;
+    let counters = Counters::open_pinned(pin_dir)?;
+    let contents = maps.read_all()?;
+    let named = |names: &'static [&'static str], values: Vec<u64>| {
+        names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
+    };
+    let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
+        .chain(named(&lb_common::event::NAMES, counters.events()?))
+        .collect();
+    Ok(stats_report(
+        &contents,
+        |id| counters.service(id).unwrap_or_default(),
+        |id| counters.backend(id).ok().flatten(),
+        counters.conntrack()?,
+        nonzero,
+    ))
 }
 
 /// Builds the `lb stats` report from the maps and counters.

@@ -344,22 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { pin_path, output } => {
-            let maps = BpfMaps::open_pinned(&pin_path)?;
-            let counters = Counters::open_pinned(&pin_path)?;
-            let contents = maps.read_all()?;
-            let named = |names: &'static [&'static str], values: Vec<u64>| {
-                names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
-            };
-            let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
-                .chain(named(&lb_common::event::NAMES, counters.events()?))
-                .collect();
-            let report = inspect::stats_report(
-                &contents,
-                |id| counters.service(id).unwrap_or_default(),
-                |id| counters.backend(id).ok().flatten(),
-                counters.conntrack()?,
-                nonzero,
-            );
+            let report = inspect::read_stats(&pin_path)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => print!("{}", inspect::stats_table(&report)),

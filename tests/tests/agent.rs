@@ -130,6 +130,28 @@ fn the_manifests_agent_serves_metrics_and_readiness() {
         "two pods, HTTP and UDP: {m}"
     );
     assert_eq!(metric(&m, "lb_source_up"), Some(1.0), "{m}");
+    // The datapath's counters, read from the pinned maps at the scrape.
+    let (served, _) = http_get(
+        &topology.client,
+        std::net::Ipv4Addr::new(10, 96, 0, 10),
+        8080,
+    )
+    .expect("request through the ClusterIP");
+    assert!(served.starts_with("pod"), "{served}");
+    let (_, m) = ops(&topology.node, "/metrics").unwrap();
+    let packets = metric(
+        &m,
+        &format!("lb_frontend_packets_total{{frontend=\"{CLUSTER_IP}\"}}"),
+    );
+    assert!(packets.is_some_and(|p| p >= 1.0), "{m}");
+    assert!(
+        metric(&m, "lb_conntrack_entries").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+    assert!(
+        m.contains("lb_backend_new_flows_total{backend=\"10.244."),
+        "{m}"
+    );
 
     // The folder gone: not ready, the maps kept; back: ready.
     let moved = folder.path().with_extension("moved");
