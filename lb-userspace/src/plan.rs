@@ -146,15 +146,7 @@ mod tests {
     use crate::{manifest, model::NodeInfo, translate};
 
     fn plan_of(yaml: &str, node: &NodeInfo) -> Plan {
-        let dir = std::env::temp_dir().join(format!(
-            "lb-plan-test-{}-{}",
-            std::process::id(),
-            yaml.len()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("objects.yaml"), yaml).unwrap();
-        let set = manifest::load_dir(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let set = manifest::load_str(std::path::Path::new("objects.yaml"), yaml);
         let translation = translate::translate(&set.state, node);
         Plan::new(&set, &translation)
     }

@@ -173,13 +173,7 @@ fn run<P>(prog: &P, packet: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::Prog
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = prog.test_run(TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(&mut out),
-        ..Default::default()
-    })?;
-    out.truncate(result.data_size_out as usize);
+    let (result, out) = lb_tests::bench::packet::test_run(prog, packet, 1)?;
     Ok((result.return_value, out))
 }
 

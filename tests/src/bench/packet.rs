@@ -232,19 +232,23 @@ fn desired(services: usize) -> DesiredState {
     state
 }
 
-fn test_run<P>(prog: &P, packet: &[u8], repeat: u32) -> Result<(TestRunResult, Vec<u8>)>
+/// Runs `prog` on `packet` `repeat` times through BPF_PROG_TEST_RUN; returns the kernel's
+/// result and the output packet. The packet tests share it.
+pub fn test_run<P>(
+    prog: &P,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<(TestRunResult, Vec<u8>), aya::programs::ProgramError>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
     let mut out = vec![0u8; packet.len() + 256];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
     out.truncate(result.data_size_out as usize);
     Ok((result, out))
 }
@@ -263,7 +267,7 @@ where
 {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let (result, out) = test_run(prog, packet, repeat)?;
+        let (result, out) = test_run(prog, packet, repeat).context("BPF_PROG_TEST_RUN")?;
         check(result.return_value, &out)?;
         samples.push(result.duration.as_nanos() as f64);
     }
@@ -425,11 +429,13 @@ impl Bench {
                 .next_port
                 .checked_add(1)
                 .context("out of source ports")?;
-            let (_, out) = test_run(xdp, &tcp((CLIENT, port), F1), 1)?;
+            let (_, out) =
+                test_run(xdp, &tcp((CLIENT, port), F1), 1).context("BPF_PROG_TEST_RUN")?;
             if addresses(&out)?.1 != F2 {
                 continue;
             }
-            let (_, out) = test_run(xdp, &tcp((CLIENT, port), F2), 1)?;
+            let (_, out) =
+                test_run(xdp, &tcp((CLIENT, port), F2), 1).context("BPF_PROG_TEST_RUN")?;
             if addresses(&out)?.1 == F1 {
                 return Ok(port);
             }
@@ -507,7 +513,7 @@ impl Bench {
         let xdp: &Xdp = program_ref(self.dp.ebpf_mut(), program_names::XDP_INGRESS)?;
         let mut samples = Vec::with_capacity(singles);
         for packet in &packets {
-            let (result, out) = test_run(xdp, packet, 1)?;
+            let (result, out) = test_run(xdp, packet, 1).context("BPF_PROG_TEST_RUN")?;
             let dst = addresses(&out)?.1;
             ensure!(
                 result.return_value == XDP_PASS && backends.contains(&dst),
@@ -576,7 +582,7 @@ impl Bench {
         let reply_once = tcp(F1, (CLIENT, port));
         let tc: &SchedClassifier = program_ref(self.dp.ebpf_mut(), program_names::TC_EGRESS)?;
         for (r, expected) in [(1, &reply_once), (2, &reply)] {
-            let (result, out) = test_run(tc, &reply, r)?;
+            let (result, out) = test_run(tc, &reply, r).context("BPF_PROG_TEST_RUN")?;
             ensure!(
                 result.return_value == TC_ACT_OK && addresses(&out)? == addresses(expected)?,
                 "{r} run(s) of the reply did not give the reply from {:?}",

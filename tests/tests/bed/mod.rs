@@ -244,15 +244,8 @@ pub fn run<P>(prog: &P, packet: &[u8]) -> (u32, Vec<u8>)
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
+    let (result, out) = lb_tests::bench::packet::test_run(prog, packet, 1)
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e:?}"));
-    out.truncate(result.data_size_out as usize);
     (result.return_value, out)
 }
 
