@@ -546,7 +546,8 @@ fn metrics_health_and_readiness() {
     let last = metric(&m, "lb_last_sync_timestamp_seconds").unwrap();
     assert!((now - 600.0..=now + 1.0).contains(&last), "{last} vs {now}");
     assert_eq!(metric(&m, "lb_source_up"), Some(1.0));
-    assert_eq!(metric(&m, "lb_map_write_errors_total"), Some(0.0));
+    assert_eq!(metric(&m, "lb_frontends_unprogrammed"), Some(0.0));
+    assert!(!m.contains("lb_map_write_errors_total{"), "{m}");
     let syncs = metric(&m, "lb_syncs_total").unwrap();
     assert!(syncs >= 1.0, "{m}");
     assert_eq!(metric(&m, "lb_sync_duration_seconds_count"), Some(syncs));
