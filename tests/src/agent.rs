@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::net::SocketAddrV4;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -285,7 +286,37 @@ impl Agent {
             interface.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(lb, ns, &all)
+        Self::spawn(lb, ns, &all, |_| {})
+    }
+
+    /// [`Agent::start`] with only the capabilities `keep` (numbers, e.g.
+    /// [`CAP_NET_ADMIN`]): every other one is dropped from the bounding set before `exec`, so
+    /// the agent (root) gets exactly these, permitted and effective.
+    pub fn start_with_capabilities(
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        keep: &[u32],
+    ) -> Result<Self> {
+        let args: Vec<OsString> = vec![
+            "--manifests".into(),
+            manifests.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        let mask = keep.iter().fold(0u64, |m, cap| m | 1 << cap);
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .context("read cap_last_cap")?
+            .trim()
+            .parse::<u32>()
+            .context("parse cap_last_cap")?;
+        Self::spawn(&lb_bin(), ns, &args, |cmd| {
+            // SAFETY: between fork and exec the closure makes only prctl(2) and capset(2)
+            // system calls on values computed before the fork; it does not allocate.
+            unsafe {
+                cmd.pre_exec(move || restrict_capabilities(mask, last));
+            }
+        })
     }
 
     /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
@@ -306,16 +337,22 @@ impl Agent {
             interface.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(&lb_bin(), ns, &all)
+        Self::spawn(&lb_bin(), ns, &all, |_| {})
     }
 
-    fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
+    fn spawn(
+        lb: &Path,
+        ns: &Netns,
+        args: &[OsString],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = ns
-            .command(lb)
+        let mut command = ns.command(lb);
+        configure(&mut command);
+        let child = command
             .arg("agent")
             .args(args)
             .arg("--pin-path")
@@ -449,6 +486,74 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let value = l.strip_prefix(name)?.strip_prefix(' ')?;
         value.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// CAP_NET_ADMIN: attaching XDP and TC programs.
+pub const CAP_NET_ADMIN: u32 = 12;
+/// CAP_PERFMON: what the verifier allows programs beyond CAP_BPF (pointer arithmetic).
+pub const CAP_PERFMON: u32 = 38;
+/// CAP_BPF: maps, programs, pins.
+pub const CAP_BPF: u32 = 39;
+
+/// In a child before `exec`: drops every capability not in `mask` (up to `last`) from the
+/// bounding set and the ambient set, and keeps `mask` as permitted, effective and
+/// inheritable. A root process gets its bounding set at `exec`: exactly `mask`.
+fn restrict_capabilities(mask: u64, last: u32) -> std::io::Result<()> {
+    let check = |r: libc::c_long| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    for cap in 0..=last {
+        if mask & 1 << cap == 0 {
+            // SAFETY: prctl with integer arguments.
+            check(
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) }.into(),
+            )?;
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        }
+        .into(),
+    )?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let half = |shift: u32| {
+        let bits = (mask >> shift) as u32;
+        Data {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        }
+    };
+    let data = [half(0), half(32)];
+    // SAFETY: capset with a version-3 header and its two data structs.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })
 }
 
 impl Drop for Agent {
