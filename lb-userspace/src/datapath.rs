@@ -26,8 +26,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, event, maglev, map_names, program_names,
+    BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4,
+    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, event, maglev, map_names,
+    program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -382,6 +383,7 @@ impl Datapath {
             take(map_names::MAGLEV)?,
             take(map_names::SOURCE_RANGES)?,
             take(map_names::BACKEND_STATS)?,
+            take(map_names::BACKEND_GEN)?,
         ];
         BpfMaps::from_maps(maps, &self.pin_dir)
     }
@@ -460,6 +462,8 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::BACKEND_STATS`].
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
+    pub backend_gen: Array<MapData, u32>,
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
     /// The size of each map written, for the error that says a map is full.
@@ -482,7 +486,8 @@ impl BpfMaps {
             maglev,
             source_ranges,
             backend_stats,
-        ]: [Map; 6],
+            backend_gen,
+        ]: [Map; 7],
         pin_dir: &Path,
     ) -> Result<Self, DatapathError> {
         let mut sizes = [
@@ -518,6 +523,7 @@ impl BpfMaps {
                 .map_err(map_err(map_names::SOURCE_RANGES))?,
             backend_stats: PerCpuHashMap::try_from(backend_stats)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
+            backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
         })
     }
 
@@ -533,6 +539,7 @@ impl BpfMaps {
                 open(map_names::MAGLEV, Map::HashOfMaps)?,
                 open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
                 open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
+                open(map_names::BACKEND_GEN, Map::Array)?,
             ],
             pin_dir,
         )
@@ -648,6 +655,17 @@ impl BpfMaps {
             other => op_err(map)(other),
         }
     }
+
+    /// Adds one to [`map_names::BACKEND_GEN`], after a write that takes a backend out of
+    /// ACTIVE or deletes a frontend: conntrack entries stop vouching for their backend, so
+    /// the next packet of each flow reads its backend and frontend again.
+    fn bump_backend_gen(&mut self) -> Result<(), MapOpError> {
+        let err = op_err(map_names::BACKEND_GEN);
+        let generation = self.backend_gen.get(&0, 0).map_err(&err)?;
+        self.backend_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .map_err(&err)
+    }
 }
 
 impl DatapathMaps for BpfMaps {
@@ -676,10 +694,15 @@ impl DatapathMaps for BpfMaps {
             other => other.map_err(self.write_err(map_names::BACKEND_STATS))?,
         }
         let result = self.backends.insert(id, backend, 0);
-        result.map_err(self.write_err(map_names::BACKENDS))
+        result.map_err(self.write_err(map_names::BACKENDS))?;
+        if backend.state != BACKEND_ACTIVE {
+            self.bump_backend_gen()?;
+        }
+        Ok(())
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
+        self.bump_backend_gen()?;
         delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
     fn build_table(
@@ -785,7 +808,8 @@ impl DatapathMaps for BpfMaps {
         result.map_err(self.write_err(map_names::SERVICES))
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        delete_result(map_names::SERVICES, self.services.remove(key))
+        delete_result(map_names::SERVICES, self.services.remove(key))?;
+        self.bump_backend_gen()
     }
     fn service_id_limit(&self) -> u32 {
         self.service_id_limit
