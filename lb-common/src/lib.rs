@@ -58,9 +58,14 @@ pub mod map_names {
     /// conntrack entry can tell that its backend is still ACTIVE without reading it (see
     /// [`crate::CtEntry::backend_gen`]).
     pub const BACKEND_GEN: &str = "LB_BEGEN_V1";
+    /// Array of [`crate::prefilter::WORDS`] `u64`, a bitmap over
+    /// [`crate::prefilter::bucket`]s of frontends (address, port, protocol): a bucket's bit
+    /// is set while some frontend in it has a service entry, so a packet whose bucket's bit
+    /// is clear is not for a frontend, without a hash lookup. `BPF_F_MMAPABLE`.
+    pub const PREFILTER: &str = "LB_PREFILTER4_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -73,7 +78,36 @@ pub mod map_names {
         AFFINITY,
         SOURCE_RANGES,
         BACKEND_GEN,
+        PREFILTER,
     ];
+}
+
+/// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
+/// looked up before conntrack so that a packet for no frontend costs an array read.
+pub mod prefilter {
+    /// Buckets: 2^20 bits (128 KiB), so that 10,000 frontends fill about 1% of them.
+    pub const BITS: u32 = 1 << 20;
+    /// Elements (`u64` words) of the bitmap array.
+    pub const WORDS: u32 = BITS / 64;
+    /// `BPF_F_MMAPABLE`: the agent reads the bitmap in one go on start.
+    pub const MAP_FLAGS: u32 = 1 << 10;
+
+    /// The bucket of a frontend (address and port in network byte order, as in the
+    /// packet): Fibonacci hashing of the fields, whose top bits spread consecutive
+    /// addresses and ports over the whole range. Two multiplications in BPF.
+    #[inline(always)]
+    pub const fn bucket(addr: u32, port: u16, proto: u8) -> u32 {
+        let h = addr.wrapping_mul(0x9e37_79b1)
+            ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
+        let h = (h ^ (h >> 15)).wrapping_mul(0x2c1b_3c6d);
+        h >> (32 - BITS.trailing_zeros())
+    }
+
+    /// The word of `bucket` in the bitmap, and its bit in that word.
+    #[inline(always)]
+    pub const fn position(bucket: u32) -> (u32, u64) {
+        (bucket / 64, 1 << (bucket % 64))
+    }
 }
 
 /// Names of the programs in the eBPF object.
@@ -695,6 +729,39 @@ mod tests {
         assert_ne!(base, flow_hash(1, 2, 3, 4, 17));
         assert_ne!(base, flow_hash(2, 1, 3, 4, 6));
         assert_ne!(base, flow_hash(1, 2, 4, 3, 6));
+    }
+
+    #[test]
+    fn prefilter_buckets_spread_cluster_ips_and_node_ports() {
+        // Distinct buckets of `keys`, counted in a bitmap like the datapath's (no_std).
+        fn distinct(keys: impl Iterator<Item = u32>) -> u32 {
+            let mut seen = [0u64; prefilter::WORDS as usize];
+            let mut count = 0;
+            for b in keys {
+                assert!(b < prefilter::BITS);
+                let (word, bit) = prefilter::position(b);
+                count += u32::from(seen[word as usize] & bit == 0);
+                seen[word as usize] |= bit;
+            }
+            count
+        }
+        // 10,000 consecutive ClusterIPs on one port, and 10,000 ports of one address: few
+        // share a bucket (a uniform hash would put 10,000 keys in ~9,950 of 2^20 buckets).
+        let ips = distinct(
+            (0..10_000u32)
+                .map(|i| prefilter::bucket((0x0a60_0000 + i).to_be(), 80u16.to_be(), PROTO_TCP)),
+        );
+        assert!(ips > 9_900, "{ips}");
+        let ports = distinct(
+            (30_000..40_000u16).map(|p| prefilter::bucket(0x0a00_c80a, p.to_be(), PROTO_TCP)),
+        );
+        assert!(ports > 9_900, "{ports}");
+        // The protocol matters.
+        assert_ne!(
+            prefilter::bucket(1, 2, PROTO_TCP),
+            prefilter::bucket(1, 2, PROTO_UDP)
+        );
+        assert_eq!(prefilter::position(64 * 3 + 5), (3, 1 << 5));
     }
 
     /// RFC 1071 checksum of `data`, computed from scratch, as big-endian words.

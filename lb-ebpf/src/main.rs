@@ -31,7 +31,7 @@ use lb_common::{
     CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES,
     MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
     SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, csum, event, flow_hash,
-    maglev, reason,
+    maglev, prefilter, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -65,6 +65,9 @@ static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 #[map]
 static LB_BEGEN_V1: Array<u32> = Array::pinned(1, 0);
+/// See `lb_common::prefilter`. An array: the verifier inlines its lookups.
+#[map]
+static LB_PREFILTER4_V1: Array<u64> = Array::pinned(prefilter::WORDS, prefilter::MAP_FLAGS);
 #[map]
 static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
@@ -531,6 +534,13 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         dir: CT_FORWARD,
         _pad: [0; 2],
     };
+    // A destination whose bucket holds no frontend is not one: passed after an array read.
+    // Every forward conntrack entry is keyed by its frontend, so none is skipped while its
+    // frontend exists (and one of a deleted frontend passes untouched either way).
+    let (word, bit) = prefilter::position(prefilter::bucket(daddr, pkt.l4.dport, pkt.proto));
+    if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Verdict::Pass(reason::NOT_FRONTEND));
+    }
     // Conntrack first: an established flow whose entry vouches for its backend needs no
     // other lookup (not even the frontend's: deleting one bumps the generation).
     let found = LB_CT4_V2.get_ptr_mut(&key);

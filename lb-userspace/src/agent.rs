@@ -109,11 +109,13 @@ async fn serve<S: Source>(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
+    // Adopted before the programs are attached (or replaced): adoption fills maps the new
+    // programs read and the old ones did not have (the pre-filter after an upgrade).
+    let maps = datapath.take_maps()?;
+    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
-    let maps = datapath.take_maps()?;
-    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
     let interface_addresses = interface_ipv4_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,

@@ -384,6 +384,7 @@ impl Datapath {
             take(map_names::SOURCE_RANGES)?,
             take(map_names::BACKEND_STATS)?,
             take(map_names::BACKEND_GEN)?,
+            take(map_names::PREFILTER)?,
         ];
         BpfMaps::from_maps(maps, &self.pin_dir)
     }
@@ -464,6 +465,10 @@ pub struct BpfMaps {
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
     pub backend_gen: Array<MapData, u32>,
+    /// [`map_names::PREFILTER`].
+    pub prefilter: Array<MapData, u64>,
+    /// The same map, to read it whole through a mapping.
+    prefilter_fd: std::os::fd::OwnedFd,
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
     /// The size of each map written, for the error that says a map is full.
@@ -487,7 +492,8 @@ impl BpfMaps {
             source_ranges,
             backend_stats,
             backend_gen,
-        ]: [Map; 7],
+            prefilter,
+        ]: [Map; 8],
         pin_dir: &Path,
     ) -> Result<Self, DatapathError> {
         let mut sizes = [
@@ -501,20 +507,35 @@ impl BpfMaps {
         for (name, size) in &mut sizes {
             *size = pinned_max_entries(pin_dir, name)?;
         }
-        let maglev_fd = match &maglev {
-            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
-            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
-        }
-        .map_err(|io_error| {
-            map_err(map_names::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError {
-                call: "dup",
-                io_error,
-            }))
-        })?;
+        let dup = |name: &'static str, data: Option<&MapData>| {
+            data.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+                .and_then(|data| data.fd().as_fd().try_clone_to_owned())
+                .map_err(|io_error| {
+                    map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    }))
+                })
+        };
+        let maglev_fd = dup(
+            map_names::MAGLEV,
+            match &maglev {
+                Map::HashOfMaps(data) => Some(data),
+                _ => None,
+            },
+        )?;
+        let prefilter_fd = dup(
+            map_names::PREFILTER,
+            match &prefilter {
+                Map::Array(data) => Some(data),
+                _ => None,
+            },
+        )?;
         Ok(Self {
             service_id_limit: pinned_max_entries(pin_dir, map_names::SERVICE_STATS)?,
             sizes,
             maglev_fd,
+            prefilter_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(map_names::REV_NAT))?,
@@ -524,6 +545,7 @@ impl BpfMaps {
             backend_stats: PerCpuHashMap::try_from(backend_stats)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
             backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
+            prefilter: Array::try_from(prefilter).map_err(map_err(map_names::PREFILTER))?,
         })
     }
 
@@ -540,6 +562,7 @@ impl BpfMaps {
                 open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
                 open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
                 open(map_names::BACKEND_GEN, Map::Array)?,
+                open(map_names::PREFILTER, Map::Array)?,
             ],
             pin_dir,
         )
@@ -811,6 +834,9 @@ impl DatapathMaps for BpfMaps {
         delete_result(map_names::SERVICES, self.services.remove(key))?;
         self.bump_backend_gen()
     }
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
+        (self.prefilter.set(index, word, 0)).map_err(op_err(map_names::PREFILTER))
+    }
     fn service_id_limit(&self) -> u32 {
         self.service_id_limit
     }
@@ -861,8 +887,19 @@ impl DatapathMaps for BpfMaps {
             rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
             tables,
             source_ranges,
+            prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
         })
     }
+}
+
+/// The non-zero words of the pre-filter bitmap, by index, read through one mapping.
+fn prefilter_words(fd: &std::os::fd::OwnedFd, len: u32) -> Result<Vec<(u32, u64)>, MapOpError> {
+    let words: Vec<u64> =
+        sys::mmap_read(fd.as_fd(), len as usize).map_err(|source| MapOpError::Os {
+            map: map_names::PREFILTER,
+            source,
+        })?;
+    Ok((0..len).zip(words).filter(|(_, w)| *w != 0).collect())
 }
 
 /// What a table's inner array holds: the header `[size, backends]`, then the entries in

@@ -347,6 +347,7 @@ mod tests {
             ],
             rev_nat: vec![],
             source_ranges: vec![],
+            prefilter: vec![],
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,

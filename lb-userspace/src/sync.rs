@@ -8,9 +8,12 @@
 //!    batch: the kernel waits for running programs after every map-of-maps write system
 //!    call (about 7.5 ms here), once per batch instead of once per table;
 //! 3. then its new source ranges (loadBalancerSourceRanges);
-//! 4. then its reverse-NAT entry and its service entry (flags, affinity, backend count);
+//! 4. then its reverse-NAT entry, its bit in the destination pre-filter (a new frontend's
+//!    bucket: `lb_common::prefilter`) and its service entry (flags, affinity, backend
+//!    count);
 //! 5. then the source ranges it no longer has, and its table when it has no backend left;
-//! 6. frontends no longer wanted are removed service entry first;
+//! 6. frontends no longer wanted are removed service entry first; a pre-filter bit is
+//!    cleared after the last frontend of its bucket is removed;
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
 //!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
@@ -39,6 +42,7 @@ use std::{
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4, MAX_SERVICES,
     RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, Service, map_names,
+    prefilter,
 };
 use thiserror::Error;
 
@@ -193,6 +197,8 @@ pub struct MapContents {
     pub tables: Vec<(u32, TableInfo)>,
     /// Source ranges, by service id.
     pub source_ranges: Vec<(u32, Ipv4Cidr)>,
+    /// The pre-filter bitmap's non-zero words, by index.
+    pub prefilter: Vec<(u32, u64)>,
 }
 
 /// A table to point a service at in [`DatapathMaps::put_tables`].
@@ -251,6 +257,8 @@ pub trait DatapathMaps {
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError>;
     /// Deletes a service entry.
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError>;
+    /// Writes word `index` of the destination pre-filter bitmap.
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError>;
     /// Reads everything back.
     fn read_all(&self) -> Result<MapContents, MapOpError>;
     /// Service ids are `1..service_id_limit()` (they index the per-service stats).
@@ -294,6 +302,9 @@ struct Programmed {
     /// Its source ranges in the source-range map.
     ranges: BTreeSet<Ipv4Cidr>,
     rev_nat: bool,
+    /// Counted in its pre-filter bucket (whose bit is then set): from before its service
+    /// entry is first written until after that entry is deleted.
+    prefiltered: bool,
     /// Every backend the frontend lists, draining ones included: kept in the backends map.
     members: Vec<u32>,
 }
@@ -306,6 +317,7 @@ impl Programmed {
             table: None,
             ranges: BTreeSet::new(),
             rev_nat: false,
+            prefiltered: false,
             members: Vec::new(),
         }
     }
@@ -400,6 +412,32 @@ fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable)
     }
 }
 
+/// The pre-filter bucket of a frontend.
+fn bucket_of(key: &Frontend4) -> u32 {
+    prefilter::bucket(key.addr, key.port, key.proto)
+}
+
+/// The pre-filter bitmap as the map holds it, and how many frontends each bucket counts.
+#[derive(Debug, Default)]
+struct Prefilter {
+    /// Bucket -> frontends counted in it (never 0).
+    users: HashMap<u32, u32>,
+    /// The non-zero words of the bitmap, by index.
+    words: HashMap<u32, u64>,
+}
+
+impl Prefilter {
+    /// The words that `users` calls for.
+    fn wanted_words(&self) -> HashMap<u32, u64> {
+        let mut words: HashMap<u32, u64> = HashMap::new();
+        for bucket in self.users.keys() {
+            let (index, bit) = prefilter::position(*bucket);
+            *words.entry(index).or_default() |= bit;
+        }
+        words
+    }
+}
+
 /// Keeps the maps equal to the desired state.
 pub struct Syncer<M> {
     maps: M,
@@ -410,6 +448,7 @@ pub struct Syncer<M> {
     /// REMOVED backends and when they were marked so.
     removed: HashMap<u32, Instant>,
     tables: HashMap<TableKey, SharedTable>,
+    prefilter: Prefilter,
     used_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     next_backend_id: u32,
@@ -437,6 +476,7 @@ impl<M: DatapathMaps> Syncer<M> {
             backend_ids: HashMap::new(),
             removed: HashMap::new(),
             tables: HashMap::new(),
+            prefilter: Prefilter::default(),
             used_service_ids: BTreeSet::new(),
             next_service_id: 1,
             next_backend_id: 1,
@@ -466,8 +506,10 @@ impl<M: DatapathMaps> Syncer<M> {
                 table,
                 ranges: ranges.remove(&service.id).unwrap_or_default(),
                 rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
+                prefiltered: true,
                 members: Vec::new(),
             };
+            *syncer.prefilter.users.entry(bucket_of(key)).or_default() += 1;
             syncer.used_service_ids.insert(service.id);
             syncer.frontends.insert(*key, programmed);
         }
@@ -483,6 +525,18 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         syncer.next_service_id = syncer.used_service_ids.last().map_or(1, |id| id + 1);
         syncer.next_backend_id = syncer.backends.keys().max().map_or(1, |id| id + 1);
+
+        // The pre-filter gets the bits of the service entries (all of them after an upgrade
+        // that brings the map), and loses those of none (an interrupted update's).
+        let wanted = syncer.prefilter.wanted_words();
+        let found: HashMap<u32, u64> = contents.prefilter.iter().copied().collect();
+        for index in wanted.keys().chain(found.keys()) {
+            let word = wanted.get(index).copied().unwrap_or(0);
+            if found.get(index).copied().unwrap_or(0) != word {
+                syncer.maps.put_prefilter_word(*index, word)?;
+            }
+        }
+        syncer.prefilter.words = wanted;
 
         // Tables, source ranges and reverse-NAT entries of no service are leftovers of an
         // interrupted update: nothing reads them, so they go now.
@@ -857,6 +911,10 @@ impl<M: DatapathMaps> Syncer<M> {
             self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(&p.key)))?;
             prog.rev_nat = true;
         }
+        if !prog.prefiltered {
+            self.prefilter_count(&p.key, true)?;
+            prog.prefiltered = true;
+        }
         if prog.service != Some(p.service) {
             self.op(|m| m.put_service(&p.key, &p.service))?;
             prog.service = Some(p.service);
@@ -918,6 +976,10 @@ impl<M: DatapathMaps> Syncer<M> {
             self.op(|m| m.delete_service(key))?;
             p.service = None;
         }
+        if p.prefiltered {
+            self.prefilter_count(key, false)?;
+            p.prefiltered = false;
+        }
         for range in p.ranges.clone() {
             self.op(|m| m.delete_source_range(p.id, range))?;
             p.ranges.remove(&range);
@@ -925,6 +987,37 @@ impl<M: DatapathMaps> Syncer<M> {
         if p.rev_nat {
             self.op(|m| m.delete_rev_nat(p.id))?;
             p.rev_nat = false;
+        }
+        Ok(())
+    }
+
+    /// Counts `key` in its pre-filter bucket (`add`) or stops counting it: the bucket's bit
+    /// is set before its first frontend is counted, and cleared after its last one goes.
+    fn prefilter_count(&mut self, key: &Frontend4, add: bool) -> Result<(), MapOpError> {
+        let bucket = bucket_of(key);
+        let users = self.prefilter.users.get(&bucket).copied().unwrap_or(0);
+        let flips = if add { users == 0 } else { users == 1 };
+        if flips {
+            let (index, bit) = prefilter::position(bucket);
+            let old = self.prefilter.words.get(&index).copied().unwrap_or(0);
+            let word = if add { old | bit } else { old & !bit };
+            self.op(|m| m.put_prefilter_word(index, word))?;
+            if word == 0 {
+                self.prefilter.words.remove(&index);
+            } else {
+                self.prefilter.words.insert(index, word);
+            }
+        }
+        match (add, users) {
+            (true, _) => {
+                self.prefilter.users.insert(bucket, users + 1);
+            }
+            (false, 0 | 1) => {
+                self.prefilter.users.remove(&bucket);
+            }
+            (false, _) => {
+                self.prefilter.users.insert(bucket, users - 1);
+            }
         }
         Ok(())
     }
@@ -1042,6 +1135,8 @@ pub struct InMemoryMaps {
     pub tables: BTreeMap<TableId, Arc<[u32]>>,
     /// Source-range map.
     pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// The pre-filter bitmap's non-zero words, by index.
+    pub prefilter: BTreeMap<u32, u64>,
     /// Capacity of each map, in entries.
     pub capacity: usize,
     /// Called after every successful operation with the maps as they are then.
@@ -1061,11 +1156,18 @@ impl InMemoryMaps {
             maglev: BTreeMap::new(),
             tables: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
+            prefilter: BTreeMap::new(),
             capacity,
             observer: None,
             journal: Vec::new(),
             next_table: 1,
         }
+    }
+
+    /// Whether the pre-filter lets packets for `key` on to the lookups.
+    pub fn prefilter_passes(&self, key: &Frontend4) -> bool {
+        let (index, bit) = prefilter::position(bucket_of(key));
+        self.prefilter.get(&index).is_some_and(|w| w & bit != 0)
     }
 
     /// The table `service_id` points at.
@@ -1222,6 +1324,20 @@ impl DatapathMaps for InMemoryMaps {
         delete(&mut self.services, key)?;
         self.observed("delete_service", id)
     }
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
+        if index >= prefilter::WORDS {
+            return Err(MapOpError::Os {
+                map: map_names::PREFILTER,
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        if word == 0 {
+            self.prefilter.remove(&index);
+        } else {
+            self.prefilter.insert(index, word);
+        }
+        self.observed("put_prefilter_word", index)
+    }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         Ok(MapContents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -1233,6 +1349,7 @@ impl DatapathMaps for InMemoryMaps {
                 .map(|(service, id)| (*service, table_info(*id, &self.tables[id])))
                 .collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
+            prefilter: self.prefilter.iter().map(|(k, v)| (*k, *v)).collect(),
         })
     }
 }
@@ -1257,9 +1374,14 @@ mod tests {
     /// After every single map operation: each service entry with backends has a Maglev
     /// table whose entries all name backends that exist and are not REMOVED; its
     /// reverse-NAT entry exists; and a frontend restricted to source ranges has some. That
-    /// is what a packet (or a reply) arriving at that moment needs.
+    /// is what a packet (or a reply) arriving at that moment needs. And the pre-filter lets
+    /// every frontend's packets through to the lookups.
     fn consistent(maps: &InMemoryMaps) {
         for (frontend, svc) in &maps.services {
+            assert!(
+                maps.prefilter_passes(frontend),
+                "{frontend:?}: pre-filter bit clear"
+            );
             if svc.backend_count > 0 {
                 let table = maps
                     .table_of(svc.id)
@@ -1357,6 +1479,30 @@ mod tests {
                 (Frontend::from_key(key).unwrap(), backends)
             })
             .collect()
+    }
+
+    /// The pre-filter holds the bits of the service entries and no other.
+    fn prefilter_exact(maps: &InMemoryMaps) {
+        let mut want = BTreeMap::new();
+        for key in maps.services.keys() {
+            let (index, bit) = prefilter::position(bucket_of(key));
+            *want.entry(index).or_insert(0u64) |= bit;
+        }
+        assert_eq!(maps.prefilter, want);
+    }
+
+    /// Two frontends in one pre-filter bucket.
+    fn same_bucket() -> (Frontend, Frontend) {
+        let mut seen = HashMap::new();
+        for port in 1..=u16::MAX {
+            for last in 1..=254 {
+                let f = fe(last, port);
+                if let Some(other) = seen.insert(bucket_of(&f.key()), f) {
+                    return (other, f);
+                }
+            }
+        }
+        unreachable!("2^20 buckets, 16 million frontends")
     }
 
     fn expect(want: &[(Frontend, &[u8])]) -> BTreeMap<Frontend, Vec<u8>> {
@@ -1546,6 +1692,7 @@ mod tests {
         let m = s.maps();
         assert!(m.services.is_empty() && m.maglev.is_empty() && m.tables.is_empty());
         assert!(m.rev_nat.is_empty() && m.source_ranges.is_empty());
+        assert!(m.prefilter.is_empty(), "{:?}", m.prefilter);
         assert!(m.backends.values().all(|b| b.state == BACKEND_REMOVED));
         // After the drain, nothing is left.
         s.apply_at(&desired(&[]), start + DEFAULT_DRAIN);
@@ -1645,8 +1792,13 @@ mod tests {
         let range = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
         maps.source_ranges.insert((999, range));
         maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key()));
+        // And a pre-filter bit of a frontend whose service entry was never written.
+        let (index, bit) = prefilter::position(bucket_of(&fe(9, 9).key()));
+        *maps.prefilter.entry(index).or_default() |= bit;
+        let mut upgraded = maps.clone();
 
         let mut restarted = Syncer::adopt_with(maps, config()).unwrap();
+        prefilter_exact(restarted.maps());
         assert_eq!(restarted.maps().maglev.len(), 2, "leftover table removed");
         assert!(restarted.maps().source_ranges.is_empty());
         assert_eq!(
@@ -1655,6 +1807,13 @@ mod tests {
             "leftover reverse NAT removed"
         );
         assert_eq!(restarted.apply(&desired(&want)).map_ops, 0);
+        // An upgrade brings an empty pre-filter: adoption sets the bits of the services.
+        // (The agent adopts before it attaches the new programs, which read the pre-filter:
+        // the states in between are not seen by packets.)
+        upgraded.prefilter.clear();
+        upgraded.observer = None;
+        let upgraded = Syncer::adopt_with(upgraded, config()).unwrap();
+        prefilter_exact(upgraded.maps());
         // And it continues from there: ids are not handed out twice.
         restarted.apply(&desired(&[(fe(1, 80), &[1, 2][..]), (fe(3, 80), &[4][..])]));
         let ids: BTreeSet<u32> = restarted.maps().services.values().map(|s| s.id).collect();
@@ -1663,6 +1822,51 @@ mod tests {
             programmed(restarted.maps()),
             expect(&[(fe(1, 80), &[1, 2]), (fe(3, 80), &[4])])
         );
+    }
+
+    #[test]
+    fn a_prefilter_bit_is_set_before_the_first_frontend_of_its_bucket_and_cleared_after_the_last() {
+        let (a, b) = same_bucket();
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(a, &[1][..]), (b, &[2][..])]));
+        prefilter_exact(s.maps());
+        let journal = &s.maps().journal;
+        let words: Vec<_> = journal
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| op.starts_with("put_prefilter_word"))
+            .collect();
+        assert_eq!(
+            words.len(),
+            1,
+            "one write for the shared bucket: {journal:?}"
+        );
+        let first_service = journal.iter().position(|op| op.starts_with("put_service"));
+        assert!(Some(words[0].0) < first_service, "{journal:?}");
+
+        // The counts survive a restart: removing one frontend keeps the bucket's bit.
+        let mut s = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        let before = s.maps().journal.len();
+        s.apply(&desired(&[(b, &[2][..])]));
+        prefilter_exact(s.maps());
+        assert!(s.maps().prefilter_passes(&b.key()));
+        let ops = &s.maps().journal[before..];
+        assert!(ops.iter().any(|op| op.starts_with("delete_service")));
+        assert!(
+            !ops.iter().any(|op| op.starts_with("put_prefilter_word")),
+            "{ops:?}"
+        );
+        // The last one goes: its service entry first, then the bit.
+        s.apply(&desired(&[]));
+        assert!(s.maps().prefilter.is_empty());
+        let journal = &s.maps().journal;
+        let deleted = journal
+            .iter()
+            .rposition(|op| op.starts_with("delete_service"));
+        let cleared = journal
+            .iter()
+            .rposition(|op| op.starts_with("put_prefilter_word"));
+        assert!(deleted < cleared, "{journal:?}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, RevNat4,
-    Service, flow_hash, map_names, program_names,
+    Service, flow_hash, map_names, prefilter, program_names,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath, teardown},
@@ -142,7 +142,31 @@ impl Bed {
             flags,
             affinity_timeout_secs: affinity,
         };
+        self.set_prefilter(&frontend, true);
         self.maps.services.insert(frontend, svc, 0).unwrap();
+    }
+
+    /// The word and bit of `frontend`'s pre-filter bucket.
+    fn prefilter_bit(frontend: &Frontend4) -> (u32, u64) {
+        prefilter::position(prefilter::bucket(
+            frontend.addr,
+            frontend.port,
+            frontend.proto,
+        ))
+    }
+
+    /// Sets (or clears) the pre-filter bit of `frontend`'s bucket.
+    pub fn set_prefilter(&mut self, frontend: &Frontend4, on: bool) {
+        let (index, bit) = Self::prefilter_bit(frontend);
+        let word = self.maps.prefilter.get(&index, 0).unwrap();
+        let word = if on { word | bit } else { word & !bit };
+        self.maps.put_prefilter_word(index, word).unwrap();
+    }
+
+    /// Whether the pre-filter bit of `frontend`'s bucket is set.
+    pub fn prefilter(&self, frontend: &Frontend4) -> bool {
+        let (index, bit) = Self::prefilter_bit(frontend);
+        self.maps.prefilter.get(&index, 0).unwrap() & bit != 0
     }
 
     /// Points service `id` at a new table holding `entries` (backend ids).
