@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+mod nat;
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
@@ -25,17 +27,17 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, CT_F_CLOSING,
-    CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP,
-    PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, csum, event, flow_hash, maglev, reason,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_TERMINATING, Backend4,
+    CT_F_CLOSING, CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES, MaglevCell,
+    PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
+    Service, ServiceStats, SourceRange4, capacity, csum, event, flow_hash, maglev, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 #[map]
 static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
-static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
 /// Service id -> its Maglev table. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
 #[btf_map]
@@ -214,7 +216,7 @@ struct Chosen {
 
 #[inline(always)]
 fn backend(id: u32) -> Option<Chosen> {
-    let backend = *unsafe { LB_BACKEND4_V1.get(&id) }?;
+    let backend = *unsafe { LB_BACKEND4_V2.get(&id) }?;
     Some(Chosen { id, backend })
 }
 
@@ -420,7 +422,7 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
 }
 
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
@@ -470,15 +472,23 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
     if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&chosen.id) {
         add_stats(stats, bytes, new);
     }
-    Ok(())
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if backend.flags & BACKEND_F_REMOTE != 0 {
+        return Ok(nat::forward(ctx, &key, &pkt.l4, backend.addr, backend.port));
+    }
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// XDP on the node's external interface: translates packets addressed to a frontend.
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
-        Ok(()) => xdp_action::XDP_PASS,
+        Ok(action) => action,
         Err(Verdict::Pass(reason)) => {
+            // A remote backend's reply, or an ICMP error about a NATed flow (nat.rs).
+            if let Some(action) = nat::reply(&ctx, reason) {
+                return action;
+            }
             count(reason);
             xdp_action::XDP_PASS
         }
@@ -506,6 +516,8 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let check_off = match ip.proto {
         PROTO_TCP => L4_OFF + TCP_CHECK_OFF,
         PROTO_UDP => L4_OFF + UDP_CHECK_OFF,
+        // An ICMP error from a local backend about a translated flow (nat.rs).
+        nat::PROTO_ICMP => return nat::local_icmp(ctx),
         _ => return Err(NOT_OURS),
     };
     let ports: [u16; 2] = ctx.load(L4_OFF).map_err(|_| NOT_OURS)?;
