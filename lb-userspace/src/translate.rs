@@ -522,6 +522,9 @@ struct PortEndpoint<'a> {
     addr: Ipv4Addr,
     port: u16,
     local: bool,
+    /// On another node: a `nodeName` that is not this node's (an endpoint without one is
+    /// taken to be reachable as it is).
+    remote: bool,
     ep: &'a Endpoint,
 }
 
@@ -552,10 +555,13 @@ fn port_endpoints<'a>(
             for ep in &slice.endpoints {
                 let local =
                     !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                let remote = !node.name.is_empty()
+                    && ep.node_name.as_deref().is_some_and(|n| n != node.name);
                 let new = PortEndpoint {
                     addr: ep.address,
                     port,
                     local,
+                    remote,
                     ep,
                 };
                 // Prefer a non-terminating copy (an IP reused by a new pod before the old one
@@ -641,6 +647,7 @@ fn backends<'a>(
                 addr: e.addr,
                 port: e.port,
                 terminating,
+                remote: e.remote,
             })
         })
         .collect()
@@ -740,11 +747,13 @@ mod tests {
                     addr: Ipv4Addr::new(10, 1, 0, 1),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 },
                 Backend {
                     addr: Ipv4Addr::new(10, 1, 0, 2),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 },
             ],
             affinity_timeout_secs: None,
