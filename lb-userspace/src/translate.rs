@@ -1063,6 +1063,41 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_on_other_nodes_are_remote_and_local_policy_keeps_none_of_them() {
+        let spec = "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
+        // An endpoint without nodeName is taken as reachable as it is (not NATed).
+        let yaml = svc("a", spec)
+            + &slice(
+                "a-1",
+                "a",
+                "[{port: 80}]",
+                "[{addresses: [10.1.0.1], nodeName: node-a}, {addresses: [10.1.0.2], nodeName: node-b}, {addresses: [10.1.0.5]}]",
+            );
+        let t = translate(&state(&yaml), &node());
+        let remote = |f: &str| -> Vec<(String, bool)> {
+            let plan = t.desired.frontends.iter().find(|(k, _)| k.to_string() == f);
+            plan.unwrap()
+                .1
+                .backends
+                .iter()
+                .map(|b| (b.addr.to_string(), b.remote))
+                .collect()
+        };
+        assert_eq!(
+            remote("10.0.0.1:80/TCP"),
+            [
+                ("10.1.0.1".into(), false),
+                ("10.1.0.2".into(), true),
+                ("10.1.0.5".into(), false)
+            ]
+        );
+        assert_eq!(
+            remote("192.168.0.10:30080/TCP"),
+            [("10.1.0.1".into(), false)]
+        );
+    }
+
+    #[test]
     fn traffic_policies() {
         let etp_local = "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}";
         let itp_local = "{type: NodePort, clusterIP: 10.0.0.1, internalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
