@@ -25,8 +25,9 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub mod map_names {
     /// Hash map [`crate::Frontend4`] -> [`crate::Service`]. A missing key means "not ours".
     pub const SERVICES: &str = "LB_SVC4_V1";
-    /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used.
-    pub const BACKENDS: &str = "LB_BACKEND4_V1";
+    /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used. (V2: the
+    /// backend's flags; V1 held [`crate::legacy::Backend4V1`].)
+    pub const BACKENDS: &str = "LB_BACKEND4_V2";
     /// Hash of maps `u32` service id -> the service's Maglev table, an array map of
     /// [`crate::MaglevCell`] (see [`crate::maglev`]). A new table is built whole in a new
     /// inner map and swapped in with one write of this map.
@@ -63,9 +64,15 @@ pub mod map_names {
     /// is set while some frontend in it has a service entry, so a packet whose bucket's bit
     /// is clear is not for a frontend, without a hash lookup. `BPF_F_MMAPABLE`.
     pub const PREFILTER: &str = "LB_PREFILTER4_V1";
+    /// LRU hash map [`crate::Nat4Key`] -> [`crate::Nat4Entry`]: the source NAT of flows to
+    /// remote backends (see [`crate::nat`]).
+    pub const NAT: &str = "LB_NAT4_V1";
+    /// Per-CPU array indexed by [`crate::nat_event`] -> `u64`: source NAT, forwarding and
+    /// ICMP translation counters.
+    pub const NAT_EVENTS: &str = "LB_NATEVENT_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -79,6 +86,8 @@ pub mod map_names {
         SOURCE_RANGES,
         BACKEND_GEN,
         PREFILTER,
+        NAT,
+        NAT_EVENTS,
     ];
 }
 
@@ -202,7 +211,16 @@ pub struct Backend4 {
     pub proto: u8,
     /// [`BACKEND_ACTIVE`], [`BACKEND_TERMINATING`] or [`BACKEND_REMOVED`].
     pub state: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// Always 0.
+    pub _pad: [u8; 3],
 }
+
+/// The backend runs on another node (its EndpointSlice `nodeName` is not this node's): flows
+/// to it are source-NATed to this node's address ([`nat`]), so that its replies come back
+/// through this node.
+pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 
 /// The backend takes new flows.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -357,10 +375,45 @@ pub mod legacy {
             }
         }
     }
+
+    /// Value of `LB_BACKEND4_V1` (now [`crate::map_names::BACKENDS`], V2): a
+    /// [`crate::Backend4`] without flags.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Backend4V1 {
+        /// Backend (pod) IPv4 address, network byte order.
+        pub addr: u32,
+        /// Backend port, network byte order.
+        pub port: u16,
+        /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+        pub proto: u8,
+        /// The state, as in [`crate::Backend4::state`].
+        pub state: u8,
+    }
+
+    /// The map name of V1.
+    pub const BACKENDS_V1: &str = "LB_BACKEND4_V1";
+
+    impl From<Backend4V1> for crate::Backend4 {
+        /// A V1 backend had no flags: it was treated as local.
+        fn from(b: Backend4V1) -> Self {
+            Self {
+                addr: b.addr,
+                port: b.port,
+                proto: b.proto,
+                state: b.state,
+                flags: 0,
+                _pad: [0; 3],
+            }
+        }
+    }
 }
 
 /// A FIN or RST was seen in this direction.
 pub const CT_F_CLOSING: u32 = 1 << 0;
+/// The flow's backend is on another node (`BACKEND_F_REMOTE`): its packets are source-NATed,
+/// so an established packet knows it from its entry alone.
+pub const CT_F_REMOTE: u32 = 1 << 1;
 
 /// A forward entry's [`CtEntry::last_seen_ns`] is written again only once the clock moved
 /// by this much (so an established packet does not dirty the entry every time).
@@ -376,6 +429,163 @@ pub struct RevNat4 {
     pub port: u16,
     /// Always 0.
     pub _pad: u16,
+}
+
+/// Key of [`map_names::NAT`]: a flow as the NAT table knows it, in one of two directions.
+///
+/// - [`NAT_OUT`]: the client's flow as it reached the frontend (client, frontend, client
+///   port, frontend port): the same tuple as the conntrack forward key, so two frontends
+///   that share a backend never share an entry even when a client uses one source port for
+///   both.
+/// - [`NAT_IN`]: the backend's reply as it arrives at this node (backend, NAT address,
+///   backend port, NAT port). Unique per allocated port: allocation inserts it with
+///   `BPF_NOEXIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat4Key {
+    /// Source IPv4 address, network byte order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`NAT_OUT`] or [`NAT_IN`].
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Direction of a [`Nat4Key`]: client -> frontend, as received.
+pub const NAT_OUT: u8 = 0;
+/// Direction of a [`Nat4Key`]: backend -> this node's NAT address and port, as received.
+pub const NAT_IN: u8 = 1;
+
+/// Value of [`map_names::NAT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat4Entry {
+    /// [`NAT_OUT`]: the NAT (source) address the flow leaves with; [`NAT_IN`]: the client's
+    /// address. Network byte order.
+    pub addr: u32,
+    /// [`NAT_OUT`]: the NAT port; [`NAT_IN`]: the client's port. Network byte order.
+    pub port: u16,
+    /// `NAT_F_*` bits.
+    pub flags: u16,
+    /// [`NAT_IN`]: the frontend address the client addressed (replies leave from it);
+    /// [`NAT_OUT`]: the backend address. Network byte order.
+    pub peer_addr: u32,
+    /// [`NAT_IN`]: the frontend port; [`NAT_OUT`]: the backend port. Network byte order.
+    pub peer_port: u16,
+    /// Always 0.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the last packet of the flow in this direction.
+    pub last_seen_ns: u64,
+}
+
+/// A FIN or RST was seen in this direction: the entry expires after
+/// [`nat::CLOSING_TIMEOUT_NS`].
+pub const NAT_F_CLOSING: u16 = 1 << 0;
+
+/// The source NAT of flows to remote backends (backends on other nodes).
+///
+/// A new flow whose backend has [`BACKEND_F_REMOTE`] is given a port of this node's address
+/// (the address the kernel's route to the backend prefers) from [`PORT_MIN`]`..=`[`PORT_MAX`]:
+/// the first try is a hash of the flow, then the following ports, at most [`TRIES`] in all. A
+/// port is free for a backend when no [`NAT_IN`] entry (backend, address, backend port, port)
+/// exists, or when the existing one has expired ([`TCP_TIMEOUT_NS`], [`UDP_TIMEOUT_NS`],
+/// [`CLOSING_TIMEOUT_NS`] since its last packet); an expired entry is taken over. A flow
+/// whose [`NAT_OUT`] entry's port was taken over is given a new port. The map is an LRU, so
+/// it never refuses an entry; it is sized like conntrack.
+///
+/// The range lies above Linux's default ephemeral ports (`ip_local_port_range` 32768-60999),
+/// so a NAT port never collides with a connection the node itself opened to a backend.
+pub mod nat {
+    /// Lowest NAT port.
+    pub const PORT_MIN: u16 = 61_000;
+    /// Highest NAT port.
+    pub const PORT_MAX: u16 = 65_535;
+    /// Number of NAT ports per (backend, address).
+    pub const PORTS: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
+    /// Ports tried for a new flow before it is dropped ([`crate::nat_event::EXHAUSTED`]).
+    pub const TRIES: u32 = 32;
+    /// An idle TCP flow's NAT entry may be reused after this.
+    pub const TCP_TIMEOUT_NS: u64 = 2 * 3600 * 1_000_000_000;
+    /// An idle UDP flow's NAT entry may be reused after this.
+    pub const UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+    /// A TCP flow that saw FIN or RST may have its NAT port reused after this.
+    pub const CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+
+    /// The port of try `i` for a flow of hash `hash`, host order.
+    #[inline(always)]
+    pub const fn port(hash: u32, i: u32) -> u16 {
+        PORT_MIN + ((hash % PORTS + i % PORTS) % PORTS) as u16
+    }
+
+    /// Whether an entry last seen at `last_seen_ns` with `flags` has expired at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(proto: u8, flags: u16, last_seen_ns: u64, now_ns: u64) -> bool {
+        let timeout = if flags & crate::NAT_F_CLOSING != 0 {
+            CLOSING_TIMEOUT_NS
+        } else if proto == crate::PROTO_TCP {
+            TCP_TIMEOUT_NS
+        } else {
+            UDP_TIMEOUT_NS
+        };
+        now_ns.wrapping_sub(last_seen_ns) > timeout
+    }
+}
+
+/// Indexes of [`map_names::NAT_EVENTS`]: what the source NAT, the forwarding of translated
+/// packets and the ICMP translation did, counted per packet (or per entry).
+pub mod nat_event {
+    /// NAT ports allocated to new flows.
+    pub const ALLOCATED: u32 = 0;
+    /// Allocations that took over an expired entry.
+    pub const REUSED_EXPIRED: u32 = 1;
+    /// Ports found taken (by a live entry) while allocating.
+    pub const PORT_TAKEN: u32 = 2;
+    /// Dropped: no free port after [`crate::nat::TRIES`] tries.
+    pub const EXHAUSTED: u32 = 3;
+    /// Flows whose NAT port had been taken over: given a new one.
+    pub const PORT_LOST: u32 = 4;
+    /// Replies from a remote backend translated back (NAT and frontend undone).
+    pub const REPLIES: u32 = 5;
+    /// Translated packets sent out of the interface they came in by (XDP_TX).
+    pub const TX: u32 = 6;
+    /// Translated packets redirected to another interface.
+    pub const REDIRECT: u32 = 7;
+    /// Translated packets handed to the kernel to forward, because the next hop's neighbour
+    /// entry is not resolved yet (the kernel resolves it; the next packets go by XDP).
+    pub const NO_NEIGH: u32 = 8;
+    /// Dropped: no route towards the backend or the client (or forwarding is off).
+    pub const NO_ROUTE: u32 = 9;
+    /// ICMP errors about a NATed flow translated back for the client (XDP).
+    pub const ICMP_NAT: u32 = 10;
+    /// ICMP errors about a flow to a local backend translated back for the client (TC).
+    pub const ICMP_LOCAL: u32 = 11;
+
+    /// Number of events: the size of the array.
+    pub const COUNT: u32 = 12;
+
+    /// Name of each event, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "nat_allocated",
+        "nat_reused_expired",
+        "nat_port_taken",
+        "nat_exhausted",
+        "nat_port_lost",
+        "nat_replies",
+        "fwd_tx",
+        "fwd_redirect",
+        "fwd_no_neigh",
+        "fwd_no_route",
+        "icmp_nat",
+        "icmp_local",
+    ];
 }
 
 /// Value of [`map_names::SERVICE_STATS`] and [`map_names::BACKEND_STATS`], per CPU.
@@ -527,6 +737,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// loadBalancerSourceRanges entries, over all frontends.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Source NAT entries (two per flow to a remote backend), LRU.
+    pub const NAT: u32 = 262_144;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).
@@ -545,6 +757,12 @@ pub mod csum {
     /// The checksum after a 32-bit field covered by it changed from `old` to `new`.
     #[inline(always)]
     pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
+        !fold(!check as u64 + !old as u64 + new as u64)
+    }
+
+    /// The checksum after a 16-bit field covered by it changed from `old` to `new`.
+    #[inline(always)]
+    pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
         !fold(!check as u64 + !old as u64 + new as u64)
     }
 
@@ -594,7 +812,12 @@ const _: () = {
     assert!(core::mem::align_of::<AffinityEntry>() == 8);
     assert!(core::mem::size_of::<SourceRange4>() == 8);
     assert!(event::NAMES.len() == event::COUNT as usize);
-    assert!(core::mem::size_of::<Backend4>() == 8);
+    assert!(core::mem::size_of::<Backend4>() == 12);
+    assert!(core::mem::size_of::<legacy::Backend4V1>() == 8);
+    assert!(core::mem::size_of::<Nat4Key>() == 16);
+    assert!(core::mem::size_of::<Nat4Entry>() == 24);
+    assert!(core::mem::align_of::<Nat4Entry>() == 8);
+    assert!(nat_event::NAMES.len() == nat_event::COUNT as usize);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::align_of::<CtEntry>() == 8);
@@ -615,6 +838,9 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for legacy::Backend4V1 {}
+    unsafe impl aya::Pod for Nat4Key {}
+    unsafe impl aya::Pod for Nat4Entry {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat4 {}
@@ -645,14 +871,22 @@ impl Frontend4 {
 }
 
 impl Backend4 {
-    /// A backend from an address's octets, a host-order port, a protocol and a state.
+    /// A backend from an address's octets, a host-order port, a protocol and a state, without
+    /// flags.
     pub const fn new(octets: [u8; 4], port: u16, proto: u8, state: u8) -> Self {
         Self {
             addr: u32::from_ne_bytes(octets),
             port: port.to_be(),
             proto,
             state,
+            flags: 0,
+            _pad: [0; 3],
         }
+    }
+
+    /// The same backend with `BACKEND_F_*` `flags`.
+    pub const fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
     }
 
     /// The address's octets.
@@ -689,11 +923,25 @@ mod tests {
         assert_eq!(bytes, [10, 96, 0, 10, 0x1f, 0x90, PROTO_TCP, 0]);
         assert_eq!(f.octets(), [10, 96, 0, 10]);
         assert_eq!(f.port(), 8080);
-        let b = Backend4::new([10, 244, 1, 2], 80, PROTO_UDP, BACKEND_TERMINATING);
-        let bytes: [u8; 8] = unsafe { core::mem::transmute(b) };
+        let b = Backend4::new([10, 244, 1, 2], 80, PROTO_UDP, BACKEND_TERMINATING)
+            .with_flags(BACKEND_F_REMOTE);
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(b) };
         assert_eq!(
             bytes,
-            [10, 244, 1, 2, 0, 80, PROTO_UDP, BACKEND_TERMINATING]
+            [
+                10,
+                244,
+                1,
+                2,
+                0,
+                80,
+                PROTO_UDP,
+                BACKEND_TERMINATING,
+                BACKEND_F_REMOTE,
+                0,
+                0,
+                0
+            ]
         );
         assert_eq!((b.octets(), b.port()), ([10, 244, 1, 2], 80));
     }
@@ -805,6 +1053,13 @@ mod tests {
             buf[10..12].copy_from_slice(&updated.to_ne_bytes());
             assert_eq!(full_checksum(&buf), 0, "{buf:?}");
 
+            // The 16-bit-only variant.
+            let stored = u16::from_ne_bytes(buf[10..12].try_into().unwrap());
+            let updated = csum::replace2(stored, new2, old2);
+            buf[22..24].copy_from_slice(&old2.to_ne_bytes());
+            buf[10..12].copy_from_slice(&updated.to_ne_bytes());
+            assert_eq!(full_checksum(&buf), 0, "{buf:?}");
+
             // And the 32-bit-only variant.
             let stored = u16::from_ne_bytes(buf[10..12].try_into().unwrap());
             let updated = csum::replace4(stored, new4, old4);
@@ -816,13 +1071,36 @@ mod tests {
 
     #[test]
     fn reason_and_event_names_are_unique() {
-        for names in [&reason::NAMES[..], &event::NAMES[..]] {
+        for names in [&reason::NAMES[..], &event::NAMES[..], &nat_event::NAMES[..]] {
             for (i, a) in names.iter().enumerate() {
                 for b in &names[i + 1..] {
                     assert_ne!(a, b);
                 }
             }
         }
+    }
+
+    #[test]
+    fn nat_ports_stay_in_their_range_and_tries_are_consecutive() {
+        for hash in [0, 1, nat::PORTS - 1, u32::MAX, 0x8000_0000] {
+            for i in 0..nat::TRIES {
+                let port = nat::port(hash, i);
+                assert!(
+                    (nat::PORT_MIN..=nat::PORT_MAX).contains(&port),
+                    "{hash} {i}"
+                );
+                let next = nat::port(hash, i + 1);
+                let wrapped = port == nat::PORT_MAX && next == nat::PORT_MIN;
+                assert!(Some(next) == port.checked_add(1) || wrapped, "{hash} {i}");
+            }
+        }
+        let s = 1_000_000_000;
+        assert!(!nat::expired(PROTO_UDP, 0, 100 * s, 150 * s));
+        assert!(nat::expired(PROTO_UDP, 0, 100 * s, 161 * s));
+        assert!(!nat::expired(PROTO_TCP, 0, 100 * s, 161 * s));
+        assert!(nat::expired(PROTO_TCP, NAT_F_CLOSING, 100 * s, 111 * s));
+        // The clock is compared with wrapping arithmetic, as in the datapath.
+        assert!(!nat::expired(PROTO_UDP, 0, u64::MAX - s, s));
     }
 
     #[test]

@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+mod nat;
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
@@ -27,18 +29,18 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, CT_F_CLOSING,
-    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES,
-    MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, csum, event, flow_hash,
-    maglev, prefilter, reason,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_TERMINATING, Backend4,
+    CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry,
+    Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity,
+    csum, event, flow_hash, maglev, prefilter, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 #[map]
 static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
-static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
 /// Service id -> its Maglev table. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
 #[btf_map]
@@ -222,7 +224,7 @@ struct Chosen {
 
 #[inline(always)]
 fn backend(id: u32) -> Option<Chosen> {
-    let backend = *unsafe { LB_BACKEND4_V1.get(&id) }?;
+    let backend = *unsafe { LB_BACKEND4_V2.get(&id) }?;
     Some(Chosen { id, backend })
 }
 
@@ -374,6 +376,8 @@ struct Flow {
     port: u16,
     /// The flow's entries were written by this packet.
     new: bool,
+    /// The backend is on another node: the packet is source-NATed and sent on (nat.rs).
+    remote: bool,
 }
 
 /// The conntrack clock: `last_seen_ns` is for ageing, so the coarse clock (one tick of
@@ -407,6 +411,7 @@ fn established(entry: *mut CtEntry, l4: &L4) -> Option<Flow> {
         addr: entry.nat_addr,
         port: entry.nat_port,
         new: false,
+        remote: entry.flags & CT_F_REMOTE != 0,
     })
 }
 
@@ -446,12 +451,17 @@ fn flow_backend(
                         entry.backend_gen = vouched(&chosen.backend);
                         entry.nat_addr = chosen.backend.addr;
                         entry.nat_port = chosen.backend.port;
+                        let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
+                        if remote {
+                            entry.flags |= CT_F_REMOTE;
+                        }
                         return Ok(Flow {
                             service_id: svc.id,
                             backend_id: chosen.id,
                             addr: chosen.backend.addr,
                             port: chosen.backend.port,
                             new: false,
+                            remote,
                         });
                     }
                 }
@@ -460,11 +470,12 @@ fn flow_backend(
         }
     }
     let chosen = select_backend(svc, key)?;
+    let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
     let forward = CtEntry {
         backend_id: chosen.id,
         service_id: svc.id,
         last_seen_ns: now,
-        flags: if l4.closing { CT_F_CLOSING } else { 0 },
+        flags: if l4.closing { CT_F_CLOSING } else { 0 } | if remote { CT_F_REMOTE } else { 0 },
         backend_gen: vouched(&chosen.backend),
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
@@ -505,6 +516,7 @@ fn flow_backend(
         addr: chosen.backend.addr,
         port: chosen.backend.port,
         new: written,
+        remote,
     })
 }
 
@@ -521,7 +533,7 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
 }
 
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
@@ -586,15 +598,23 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
     if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
         add_stats(stats, bytes, flow.new);
     }
-    Ok(())
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if flow.remote {
+        return Ok(nat::forward(ctx, &key, &pkt.l4, flow.addr, flow.port));
+    }
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// XDP on the node's external interface: translates packets addressed to a frontend.
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
-        Ok(()) => xdp_action::XDP_PASS,
+        Ok(action) => action,
         Err(Verdict::Pass(reason)) => {
+            // A remote backend's reply, or an ICMP error about a NATed flow (nat.rs).
+            if let Some(action) = nat::reply(&ctx, reason) {
+                return action;
+            }
             count(reason);
             xdp_action::XDP_PASS
         }
@@ -622,6 +642,8 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let check_off = match ip.proto {
         PROTO_TCP => L4_OFF + TCP_CHECK_OFF,
         PROTO_UDP => L4_OFF + UDP_CHECK_OFF,
+        // An ICMP error from a local backend about a translated flow (nat.rs).
+        nat::PROTO_ICMP => return nat::local_icmp(ctx),
         _ => return Err(NOT_OURS),
     };
     let ports: [u16; 2] = ctx.load(L4_OFF).map_err(|_| NOT_OURS)?;

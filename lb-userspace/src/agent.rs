@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
-    datapath::{Capacity, Datapath, interface_index},
+    datapath::{self, Capacity, Datapath, interface_index},
     desired::Frontend,
     metrics::{self, Metrics, SyncOutcome},
     model::NodeInfo,
@@ -116,6 +116,7 @@ async fn serve<S: Source>(
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
+    datapath::accept_local_sources(&config.interface)?;
     let interface_addresses = interface_ipv4_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,

@@ -98,6 +98,15 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A sysctl of the interface could not be written.
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        /// The sysctl's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A map is missing from the object or the pin directory, or has the wrong type.
     #[error("map {name}: {source}")]
     Map {
@@ -144,7 +153,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 8] {
+    fn map_sizes(&self) -> [(&'static str, u32); 9] {
         [
             (map_names::SERVICES, self.services),
             (map_names::REV_NAT, self.services),
@@ -154,6 +163,8 @@ impl Capacity {
             (map_names::BACKENDS, self.backends),
             (map_names::BACKEND_STATS, self.backends),
             (map_names::CONNTRACK, self.conntrack),
+            // Two entries per flow to a remote backend, as conntrack has per flow.
+            (map_names::NAT, self.conntrack),
             (map_names::AFFINITY, self.affinity),
         ]
     }
@@ -398,6 +409,16 @@ fn pinned_max_entries(pin_dir: &Path, name: &'static str) -> Result<u32, Datapat
     }
     let info = MapData::from_pin(&path).and_then(|map| map.info());
     Ok(info.map_err(map_err(name))?.max_entries())
+}
+
+/// Sets `net.ipv4.conf.<interface>.accept_local` to 1. XDP hands a source-NATed packet
+/// (whose source is this node's address) to the kernel to forward while the next hop's
+/// neighbour entry is unresolved, so that the kernel resolves it; without this sysctl the
+/// kernel drops such a packet as a martian. (Once resolved, XDP sends the packets itself.)
+pub fn accept_local_sources(interface: &str) -> Result<(), DatapathError> {
+    interface_index(interface)?;
+    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
+    std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })
 }
 
 /// The index of a network interface in this network namespace.
@@ -925,6 +946,7 @@ pub struct Counters {
     services: PerCpuArray<MapData, ServiceStats>,
     reasons: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
+    nat_events: PerCpuArray<MapData, u64>,
     backends: PerCpuHashMap<MapData, u32, ServiceStats>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
 }
@@ -959,12 +981,15 @@ impl Counters {
         let services = open(map_names::SERVICE_STATS, Map::PerCpuArray)?;
         let reasons = open(map_names::REASON_STATS, Map::PerCpuArray)?;
         let events = open(map_names::EVENTS, Map::PerCpuArray)?;
+        let nat_events = open(map_names::NAT_EVENTS, Map::PerCpuArray)?;
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
         Ok(Self {
             services: PerCpuArray::try_from(services).map_err(map_err(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(reasons).map_err(map_err(map_names::REASON_STATS))?,
             events: PerCpuArray::try_from(events).map_err(map_err(map_names::EVENTS))?,
+            nat_events: PerCpuArray::try_from(nat_events)
+                .map_err(map_err(map_names::NAT_EVENTS))?,
             backends: PerCpuHashMap::try_from(backends)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
@@ -1015,6 +1040,16 @@ impl Counters {
     /// Every event counter (index = `lb_common::event`), summed over CPUs.
     pub fn events(&self) -> Result<Vec<u64>, DatapathError> {
         Self::sums(&self.events, map_names::EVENTS, event::COUNT)
+    }
+
+    /// Every source NAT, forwarding and ICMP counter (index = `lb_common::nat_event`), summed
+    /// over CPUs.
+    pub fn nat_events(&self) -> Result<Vec<u64>, DatapathError> {
+        Self::sums(
+            &self.nat_events,
+            map_names::NAT_EVENTS,
+            lb_common::nat_event::COUNT,
+        )
     }
 
     /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.

@@ -40,9 +40,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4, MAX_SERVICES,
-    RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, Service, map_names,
-    prefilter,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4,
+    MAX_SERVICES, RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, Service,
+    map_names, prefilter,
 };
 use thiserror::Error;
 
@@ -749,7 +749,9 @@ impl<M: DatapathMaps> Syncer<M> {
             } else {
                 BACKEND_ACTIVE
             };
-            let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state);
+            let flags = if b.remote { BACKEND_F_REMOTE } else { 0 };
+            let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state)
+                .with_flags(flags);
             let id = self.ensure_backend(&backend).map_err(map_err)?;
             ids.push(id);
             if !b.terminating {
@@ -1447,6 +1449,7 @@ mod tests {
                     addr: Ipv4Addr::new(10, 244, 0, last),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 })
                 .collect(),
             affinity_timeout_secs: None,
@@ -1877,7 +1880,7 @@ mod tests {
         let report = s.apply(&desired(&want));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let message = report.errors[0].to_string();
-        assert!(message.contains("LB_BACKEND4_V1 is full"), "{message}");
+        assert!(message.contains("LB_BACKEND4_V2 is full"), "{message}");
         assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
         assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1, 2])]));
         // With room again, the next apply converges.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::netns::{self, Netns, unique_name};
+use crate::topology::NODE_NAME;
 
 /// The agent's operations endpoint (its default `--metrics-addr`), in its namespace.
 pub const OPS_ADDR: &str = "127.0.0.1:9464";
@@ -272,6 +273,7 @@ impl Agent {
     }
 
     /// [`Agent::start_with`], with more arguments for `lb agent` (e.g. `--max-services N`).
+    /// The node is named [`NODE_NAME`], as in the examples' EndpointSlices.
     pub fn start_with_args(
         lb: &Path,
         ns: &Netns,
@@ -279,11 +281,25 @@ impl Agent {
         interface: &str,
         args: &[&str],
     ) -> Result<Self> {
+        Self::start_on_node(lb, ns, manifests, interface, NODE_NAME, args)
+    }
+
+    /// [`Agent::start_with_args`] on the node named `node_name` (`--node-name`).
+    pub fn start_on_node(
+        lb: &Path,
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        node_name: &str,
+        args: &[&str],
+    ) -> Result<Self> {
         let mut all: Vec<OsString> = vec![
             "--manifests".into(),
             manifests.into(),
             "--interface".into(),
             interface.into(),
+            "--node-name".into(),
+            node_name.into(),
         ];
         all.extend(args.iter().map(OsString::from));
         Self::spawn(lb, ns, &all, |_| {})

@@ -28,4 +28,7 @@ pub use fakeapi::FakeApiServer;
 pub use manifests::{ClusterIpService, Condition, Folder};
 pub use netns::Netns;
 pub use testbed::{EXAMPLE_FRONTENDS, Testbed};
-pub use topology::{CLIENT_IP, HTTP_PORT, NODE_IF, NODE_IP, Pod, Topology, UDP_PORT};
+pub use topology::{
+    CLIENT_IP, HTTP_PORT, NODE_A_NAME, NODE_B_IP, NODE_B_NAME, NODE_IF, NODE_IP, NODE_NAME, Pod,
+    Topology, TwoNodes, UDP_PORT,
+};

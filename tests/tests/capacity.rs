@@ -43,6 +43,7 @@ fn desired(n: u32) -> DesiredState {
                     addr: Ipv4Addr::new(10, 244, 0, 2),
                     port: 8080,
                     terminating: false,
+                    remote: false,
                 }],
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),

@@ -216,15 +216,34 @@ impl Bed {
         self.backends[&id].octets()
     }
 
-    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .dp
+    fn xdp_program(&mut self) -> &Xdp {
+        self.dp
             .ebpf_mut()
             .program(program_names::XDP_INGRESS)
             .unwrap()
             .try_into()
-            .unwrap();
-        run(prog, packet)
+            .unwrap()
+    }
+
+    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        run(self.xdp_program(), packet)
+    }
+
+    /// Runs XDP on `packet` as if it arrived on interface `ifindex` of `ns`, from a thread in
+    /// `ns` (the program's FIB lookups see that namespace's routes and neighbours).
+    pub fn xdp_in(&mut self, ns: &lb_tests::Netns, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.xdp_program();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: Vec<u8> = [0, packet.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let (result, out) = ns
+            .run(|| lb_tests::bench::packet::test_run_in(prog, packet, 1, Some(&md)))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e:?}"));
+        (result.return_value, out)
     }
 
     pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
