@@ -13,6 +13,9 @@
 #![no_std]
 #![no_main]
 
+mod pod;
+mod sock;
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
@@ -83,7 +86,7 @@ const EEXIST: i32 = 17;
 
 /// What becomes of a packet that is not translated.
 #[derive(Clone, Copy)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// Hand it to the kernel untouched.
     Pass(u32),
     /// Drop it.
@@ -99,20 +102,60 @@ fn bump(counters: &PerCpuArray<u64>, index: u32) {
 }
 
 #[inline(always)]
-fn count(reason: u32) {
+pub(crate) fn count(reason: u32) {
     bump(&LB_REASON_V2, reason);
 }
 
 #[inline(always)]
-fn note(event: u32) {
+pub(crate) fn note(event: u32) {
     bump(&LB_EVENT_V1, event);
 }
 
-/// A pointer to a `T` at `offset` in the XDP buffer, if the buffer holds all of it.
+/// A packet the programs read and write in place: an XDP buffer, or the linear part of an skb.
+pub(crate) trait Frame {
+    /// Address of the first byte.
+    fn start(&self) -> usize;
+    /// Address one past the last byte the program can address directly.
+    fn end(&self) -> usize;
+    /// Bytes in the packet (an skb's may be more than its linear part).
+    fn len(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet holds all of it.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+fn ptr_at<C: Frame, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    if start + offset + core::mem::size_of::<T>() > ctx.end() {
         return None;
     }
     Some((start + offset) as *mut T)
@@ -120,7 +163,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// The transport header fields the translation reads and writes. The pointers come from
 /// the one bounds check of the header, so writing through them needs no other.
-struct L4 {
+pub(crate) struct L4 {
     sport: u16,
     dport: u16,
     /// The destination port in the packet.
@@ -135,14 +178,14 @@ struct L4 {
 
 /// An IPv4 header that is whole, has no options, is not a fragment, carries TCP or UDP with
 /// its header present, and whose total length is consistent with the received bytes.
-struct Ipv4Packet {
+pub(crate) struct Ipv4Packet {
     ip: *mut Ipv4Hdr,
     proto: u8,
     l4: L4,
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
+pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(Verdict::Pass(reason::NOT_IPV4));
@@ -161,7 +204,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
         return Err(Verdict::Pass(reason::IPV4_FRAGMENT));
     }
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
-    let received = ctx.data_end() - ctx.data() - ETH_LEN;
+    let received = ctx.len() - ETH_LEN;
     let proto = unsafe { (*ip).proto };
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
@@ -207,13 +250,13 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
 
 /// A backend and its id.
 #[derive(Clone, Copy)]
-struct Chosen {
+pub(crate) struct Chosen {
     id: u32,
     backend: Backend4,
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Chosen> {
+pub(crate) fn backend(id: u32) -> Option<Chosen> {
     let backend = *unsafe { LB_BACKEND4_V1.get(&id) }?;
     Some(Chosen { id, backend })
 }
@@ -221,7 +264,7 @@ fn backend(id: u32) -> Option<Chosen> {
 /// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
 /// `random` (so random selection is as balanced as the table).
 #[inline(always)]
-fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
+fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
     let table = unsafe { LB_MAGLEV_V1.get(&svc.id) }.ok_or(MISSING)?;
     let size = table.get(0).ok_or(MISSING)?[0];
@@ -233,7 +276,7 @@ fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
         unsafe { bpf_get_prandom_u32() }
     } else {
         note(event::SELECT_MAGLEV);
-        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+        hash()
     };
     let (element, half) = maglev::position(pick % size);
     let cell = table.get(element).ok_or(MISSING)?;
@@ -259,14 +302,29 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
             return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
         }
     }
-    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
-    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let client = AffinityKey {
         service_id: svc.id,
         client: key.saddr,
     };
+    select_with_affinity(svc, &LB_AFFINITY4_V1, &client, now, || {
+        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+    })
+}
+
+/// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
+/// `hash`; records the choice for the client when the service has affinity.
+#[inline(always)]
+pub(crate) fn select_with_affinity<K>(
+    svc: &Service,
+    map: &LruHashMap<K, AffinityEntry>,
+    client: &K,
+    now: u64,
+    hash: impl FnOnce() -> u32,
+) -> Result<Chosen, Verdict> {
+    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
+    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let affinity = if svc.affinity_timeout_secs != 0 {
-        LB_AFFINITY4_V1.get_ptr_mut(&client)
+        map.get_ptr_mut(client)
     } else {
         None
     };
@@ -286,7 +344,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
             }
         }
     }
-    let chosen = select_from_table(svc, key)?;
+    let chosen = select_from_table(svc, hash)?;
     if svc.affinity_timeout_secs != 0 {
         let fresh = AffinityEntry {
             backend_id: chosen.id,
@@ -296,7 +354,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
         match affinity {
             Some(entry) => unsafe { *entry = fresh },
             // Best effort: without an entry the client's next flow uses the table.
-            None => drop(LB_AFFINITY4_V1.insert(&client, &fresh, BPF_ANY as u64)),
+            None => drop(map.insert(client, &fresh, BPF_ANY as u64)),
         }
     }
     Ok(chosen)
@@ -305,7 +363,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
 /// again for that reason. The rules are documented on `lb_common::event`.
 #[inline(always)]
-fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
+pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
     let Some(chosen) = backend else {
         return Some(if proto == PROTO_UDP {
             event::RESELECT_UDP
@@ -347,7 +405,11 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
 /// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
 /// selection, recorded in both directions. `true` when the flow is new (its entries written).
 #[inline(always)]
-fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), Verdict> {
+pub(crate) fn flow_backend(
+    svc: &Service,
+    key: &Ct4Key,
+    l4: &L4,
+) -> Result<(Chosen, bool), Verdict> {
     let now = unsafe { bpf_ktime_get_ns() };
     let mut exists = false;
     let mut previous = None;
@@ -419,8 +481,20 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
     }
 }
 
+/// A packet addressed to a frontend, and its flow's backend.
+pub(crate) struct Translation {
+    pub(crate) pkt: Ipv4Packet,
+    pub(crate) svc: Service,
+    /// The packet's forward conntrack key.
+    pub(crate) key: Ct4Key,
+    pub(crate) chosen: Chosen,
+    /// The flow is new (its conntrack entries were written).
+    pub(crate) new: bool,
+}
+
+/// Parses the packet, looks its frontend up, and finds or selects its flow's backend.
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
@@ -441,7 +515,31 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         _pad: [0; 2],
     };
     let (chosen, new) = flow_backend(&svc, &key, &pkt.l4)?;
-    let backend = chosen.backend;
+    Ok(Translation {
+        pkt,
+        svc,
+        key,
+        chosen,
+        new,
+    })
+}
+
+/// Counts a translated packet for its frontend and its backend.
+#[inline(always)]
+pub(crate) fn count_translated(t: &Translation, bytes: u64) {
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(t.svc.id) {
+        add_stats(stats, bytes, t.new);
+    }
+    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&t.chosen.id) {
+        add_stats(stats, bytes, t.new);
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+    let t = translation(ctx)?;
+    let (pkt, ip, daddr) = (&t.pkt, t.pkt.ip, t.key.daddr);
+    let backend = t.chosen.backend;
 
     // Rewrite destination address and port, with incremental checksums.
     unsafe {
@@ -463,13 +561,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
             };
         }
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        add_stats(stats, bytes, new);
-    }
-    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&chosen.id) {
-        add_stats(stats, bytes, new);
-    }
+    count_translated(&t, (ctx.data_end() - ctx.data()) as u64);
     Ok(())
 }
 
@@ -489,11 +581,12 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
+/// [`Verdict::Pass`] of a packet that is not a reply of a translated flow: not counted, on
+/// egress that is all the node's other traffic.
+pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
-    // Anything that is not a reply of a translated flow is not counted: on egress that is
-    // all the node's other traffic.
-    const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return Err(NOT_OURS);
@@ -553,7 +646,13 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
 /// from the frontend the client addressed.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    match try_egress(&ctx) {
+    tc_action(try_egress(&ctx))
+}
+
+/// The TC action of a verdict, counting its reason ([`NOT_OURS`] is not counted).
+#[inline(always)]
+pub(crate) fn tc_action(result: Result<(), Verdict>) -> i32 {
+    match result {
         Ok(()) => TC_ACT_OK as i32,
         Err(Verdict::Pass(reason)) => {
             if reason != u32::MAX {
