@@ -309,7 +309,14 @@ impl Agent {
         Self::spawn(&lb_bin(), ns, &all)
     }
 
+    /// Spawns `lb agent ARGS... --pin-path <unique>`. Unless ARGS choose a cgroup
+    /// (`--cgroup`), `--no-cgroup`: tests never attach the socket hooks to the machine's
+    /// cgroup2 root, where they would translate every process's connections.
     fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup") {
+            args.push("--no-cgroup".into());
+        }
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -317,7 +324,7 @@ impl Agent {
         let child = ns
             .command(lb)
             .arg("agent")
-            .args(args)
+            .args(&args)
             .arg("--pin-path")
             .arg(pins.path())
             .stdin(Stdio::null())
