@@ -411,6 +411,15 @@ pub(crate) fn flow_backend(
     l4: &L4,
 ) -> Result<(Chosen, bool), Verdict> {
     let now = unsafe { bpf_ktime_get_ns() };
+    let reply_key = |b: &Backend4| Ct4Key {
+        saddr: b.addr,
+        daddr: key.saddr,
+        sport: b.port,
+        dport: key.sport,
+        proto: key.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
     let mut exists = false;
     let mut previous = None;
     if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
@@ -425,6 +434,13 @@ pub(crate) fn flow_backend(
                         entry.flags |= CT_F_CLOSING;
                     }
                     if let Some(chosen) = previous {
+                        if l4.syn {
+                            // A new connection on a known tuple: its replies need their
+                            // entry, which may have been evicted or removed since (a pod's
+                            // direct connection on the same tuple removes it).
+                            let reply = CtEntry { flags: 0, ..*entry };
+                            ct_write(&reply_key(&chosen.backend), &reply, false);
+                        }
                         return Ok((chosen, false));
                     }
                 }
@@ -439,15 +455,6 @@ pub(crate) fn flow_backend(
         last_seen_ns: now,
         flags: if l4.closing { CT_F_CLOSING } else { 0 },
         _pad: 0,
-    };
-    let reply_key = |b: &Backend4| Ct4Key {
-        saddr: b.addr,
-        daddr: key.saddr,
-        sport: b.port,
-        dport: key.sport,
-        proto: key.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
     };
     let reply = CtEntry {
         flags: 0,

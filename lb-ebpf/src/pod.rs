@@ -18,12 +18,12 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{HAIRPIN_ADDR, PROTO_TCP, PROTO_UDP, reason};
+use lb_common::{CT_REPLY, Ct4Key, HAIRPIN_ADDR, PROTO_TCP, PROTO_UDP, event, reason};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
-    ETH_LEN, IP_CHECK_OFF, IP_SADDR_OFF, L4_OFF, TCP_CHECK_OFF, UDP_CHECK_OFF, Verdict,
-    count_translated, tc_action, translation, try_egress,
+    ETH_LEN, IP_CHECK_OFF, IP_SADDR_OFF, L4_OFF, LB_CT4_V1, TCP_ACK, TCP_CHECK_OFF, TCP_FLAGS_OFF,
+    TCP_SYN, UDP_CHECK_OFF, Verdict, count_translated, note, tc_action, translation, try_egress,
 };
 
 /// Offset of the destination address in the IPv4 header.
@@ -74,6 +74,41 @@ fn unhairpin(ctx: &TcContext) -> Result<(), Verdict> {
     )
 }
 
+/// A TCP SYN from a pod opens a new connection on its tuple. A reply entry an earlier
+/// translated flow left for the same tuple (the pod's source port reused for a connection
+/// straight to that backend, e.g. one the socket hooks translated) would rewrite the new
+/// connection's replies: it goes.
+#[inline(always)]
+fn forget_stale_reply(ctx: &TcContext) {
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_LEN) else {
+        return;
+    };
+    if ip.vihl != 0x45 || ip.proto != PROTO_TCP || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return;
+    }
+    let (Ok(ports), Ok(flags)) = (
+        ctx.load::<[u16; 2]>(L4_OFF),
+        ctx.load::<u8>(L4_OFF + TCP_FLAGS_OFF),
+    ) else {
+        return;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply = Ct4Key {
+        saddr: u32::from_ne_bytes(ip.dst_addr),
+        daddr: u32::from_ne_bytes(ip.src_addr),
+        sport: ports[1],
+        dport: ports[0],
+        proto: PROTO_TCP,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    if LB_CT4_V1.remove(&reply).is_ok() {
+        note(event::CT_DELETES);
+    }
+}
+
 #[inline(always)]
 fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
     unhairpin(ctx)?;
@@ -82,6 +117,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         Err(Verdict::Pass(u32::MAX)) => {}
         replied => return replied,
     }
+    forget_stale_reply(ctx);
     // The headers the parser reads must be in the linear part; a shorter packet fails the
     // parse's bounds checks and is passed, counted.
     let _ = ctx.pull_data((L4_OFF + TcpHdr::LEN) as u32);
