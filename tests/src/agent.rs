@@ -309,14 +309,11 @@ impl Agent {
         Self::spawn(&lb_bin(), ns, &all)
     }
 
-    /// Spawns `lb agent ARGS... --pin-path <unique>`. Unless ARGS choose a cgroup
-    /// (`--cgroup`), `--no-cgroup`: tests never attach the socket hooks to the machine's
+    /// Spawns `lb agent ARGS... --pin-path <unique>`, and `--no-cgroup` unless ARGS choose
+    /// (`--cgroup`): tests never attach the socket hooks to the machine's
     /// cgroup2 root, where they would translate every process's connections.
     fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
-        let mut args = args.to_vec();
-        if !args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup") {
-            args.push("--no-cgroup".into());
-        }
+        let hooks = args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup");
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -324,9 +321,10 @@ impl Agent {
         let child = ns
             .command(lb)
             .arg("agent")
-            .args(&args)
+            .args(args)
             .arg("--pin-path")
             .arg(pins.path())
+            .args((!hooks).then_some("--no-cgroup"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -48,7 +48,7 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
         .unwrap()
         .ino();
     let expected_agent = format!(
-        "agent --manifests {} --interface eth0 --pin-path {}",
+        "agent --manifests {} --interface eth0 --pin-path {} --no-cgroup",
         examples_dir().display(),
         pins.display()
     );
