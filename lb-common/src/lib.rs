@@ -71,8 +71,16 @@ pub mod map_names {
     /// ICMP translation counters.
     pub const NAT_EVENTS: &str = "LB_NATEVENT_V1";
 
+    /// LRU hash map [`crate::SockKey`] -> [`crate::SockEntry`]: what the socket hooks
+    /// translated, per socket (its cookie): the backend of each frontend it addressed, and
+    /// the frontend each backend stands for.
+    pub const SOCKETS: &str = "LB_SOCK4_V1";
+    /// LRU hash map [`crate::SockAffinityKey`] -> [`crate::AffinityEntry`]:
+    /// sessionAffinity ClientIP at the socket hooks, where the client is a network namespace.
+    pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
+
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -88,6 +96,8 @@ pub mod map_names {
         PREFILTER,
         NAT,
         NAT_EVENTS,
+        SOCKETS,
+        SOCK_AFFINITY,
     ];
 }
 
@@ -125,6 +135,17 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
+    /// (forward) and the replies of backend pods (reverse), for sockets the hooks did not see.
+    pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
+    /// cgroup/connect4: a socket connecting to a ClusterIP frontend connects to a backend.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup/sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// cgroup/recvmsg4: a datagram from a backend reads as coming from the frontend.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup/getpeername4: a socket connected through a frontend names the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
     /// In the benchmarks' floor object: an XDP program that passes every packet.
     pub const NOOP_XDP: &str = "lb_noop_xdp";
     /// In the benchmarks' floor object: a TC program that passes every packet.
@@ -588,6 +609,63 @@ pub mod nat_event {
     ];
 }
 
+/// Key of [`map_names::SOCKETS`]: a socket and an address it exchanged data with.
+///
+/// [`CT_FORWARD`]: `addr`/`port` are a frontend the socket addressed; the entry names its
+/// backend. [`CT_REPLY`]: `addr`/`port` are a backend; the entry names the frontend it stands
+/// for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`, unique while the system runs).
+    pub cookie: u64,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+}
+
+/// Value of [`map_names::SOCKETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockEntry {
+    /// The backend the socket was given.
+    pub backend_id: u32,
+    /// The service (frontend) it addressed.
+    pub service_id: u32,
+    /// [`CT_REPLY`] entries: the frontend's IPv4 address, network byte order; else the
+    /// backend's.
+    pub addr: u32,
+    /// [`CT_REPLY`] entries: the frontend's port, network byte order; else the backend's.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: u16,
+}
+
+/// Key of [`map_names::SOCK_AFFINITY`]: a client of a service at the socket hooks. At
+/// connect() the socket has no source address yet, so the client is its network namespace
+/// (a pod, or the host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    /// [`Service::id`].
+    pub service_id: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// The socket's network namespace cookie (`bpf_get_netns_cookie`).
+    pub netns_cookie: u64,
+}
+
+/// The source address a pod sees on a flow to a frontend that was given the pod itself as
+/// its backend (hairpin), when the pod interfaces' TC program translated it: the pod cannot
+/// receive a packet from its own address, so the program puts this link-local address in
+/// its place, and puts the pod's address back into the replies. Network byte order.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
+
 /// Value of [`map_names::SERVICE_STATS`] and [`map_names::BACKEND_STATS`], per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -633,7 +711,8 @@ pub mod reason {
     /// Egress, passed: a reply whose conntrack entry does not carry its frontend (migrated
     /// from V1) and whose service has no reverse-NAT entry any more.
     pub const REV_NAT_MISSING: u32 = 13;
-    /// Egress, dropped: a reply that could not be rewritten (skb helper failed).
+    /// TC, dropped: a packet that could not be rewritten (skb helper failed): a reply on
+    /// the external interface, or either direction on a pod interface.
     pub const REPLY_REWRITE_FAILED: u32 = 14;
     /// Dropped: a new flow from a source outside the frontend's loadBalancerSourceRanges.
     pub const SOURCE_RANGE_DENIED: u32 = 15;
@@ -739,6 +818,8 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Source NAT entries (two per flow to a remote backend), LRU.
     pub const NAT: u32 = 262_144;
+    /// Socket-hook entries (two per socket and frontend), LRU.
+    pub const SOCKETS: u32 = 262_144;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).
@@ -823,6 +904,9 @@ const _: () = {
     assert!(core::mem::align_of::<CtEntry>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<SockEntry>() == 16);
+    assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(reason::NAMES.len() == reason::COUNT as usize);
 };
 
@@ -845,6 +929,9 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockEntry {}
+    unsafe impl aya::Pod for SockAffinityKey {}
 }
 
 /// Conversions between host types and the network-byte-order fields.

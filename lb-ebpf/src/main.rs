@@ -14,6 +14,8 @@
 #![no_main]
 
 mod nat;
+mod pod;
+mod sock;
 
 use aya_ebpf::{
     bindings::{
@@ -93,7 +95,7 @@ const EEXIST: i32 = 17;
 
 /// What becomes of a packet that is not translated.
 #[derive(Clone, Copy)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// Hand it to the kernel untouched.
     Pass(u32),
     /// Drop it.
@@ -109,20 +111,60 @@ fn bump(counters: &PerCpuArray<u64>, index: u32) {
 }
 
 #[inline(always)]
-fn count(reason: u32) {
+pub(crate) fn count(reason: u32) {
     bump(&LB_REASON_V2, reason);
 }
 
 #[inline(always)]
-fn note(event: u32) {
+pub(crate) fn note(event: u32) {
     bump(&LB_EVENT_V1, event);
 }
 
-/// A pointer to a `T` at `offset` in the XDP buffer, if the buffer holds all of it.
+/// A packet the programs read and write in place: an XDP buffer, or the linear part of an skb.
+pub(crate) trait Frame {
+    /// Address of the first byte.
+    fn start(&self) -> usize;
+    /// Address one past the last byte the program can address directly.
+    fn end(&self) -> usize;
+    /// Bytes in the packet (an skb's may be more than its linear part).
+    fn len(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet holds all of it.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+fn ptr_at<C: Frame, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    if start + offset + core::mem::size_of::<T>() > ctx.end() {
         return None;
     }
     Some((start + offset) as *mut T)
@@ -130,7 +172,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// The transport header fields the translation reads and writes. The pointers come from
 /// the one bounds check of the header, so writing through them needs no other.
-struct L4 {
+pub(crate) struct L4 {
     sport: u16,
     dport: u16,
     /// The destination port in the packet.
@@ -145,14 +187,14 @@ struct L4 {
 
 /// An IPv4 header that is whole, has no options, is not a fragment, carries TCP or UDP with
 /// its header present, and whose total length is consistent with the received bytes.
-struct Ipv4Packet {
+pub(crate) struct Ipv4Packet {
     ip: *mut Ipv4Hdr,
     proto: u8,
     l4: L4,
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
+pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(Verdict::Pass(reason::NOT_IPV4));
@@ -171,7 +213,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
         return Err(Verdict::Pass(reason::IPV4_FRAGMENT));
     }
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
-    let received = ctx.data_end() - ctx.data() - ETH_LEN;
+    let received = ctx.len() - ETH_LEN;
     let proto = unsafe { (*ip).proto };
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
@@ -217,13 +259,13 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
 
 /// A backend and its id.
 #[derive(Clone, Copy)]
-struct Chosen {
+pub(crate) struct Chosen {
     id: u32,
     backend: Backend4,
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Chosen> {
+pub(crate) fn backend(id: u32) -> Option<Chosen> {
     let backend = *unsafe { LB_BACKEND4_V2.get(&id) }?;
     Some(Chosen { id, backend })
 }
@@ -231,7 +273,7 @@ fn backend(id: u32) -> Option<Chosen> {
 /// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
 /// `random` (so random selection is as balanced as the table).
 #[inline(always)]
-fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
+fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
     let table = unsafe { LB_MAGLEV_V1.get(&svc.id) }.ok_or(MISSING)?;
     let size = table.get(0).ok_or(MISSING)?[0];
@@ -243,7 +285,7 @@ fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
         unsafe { bpf_get_prandom_u32() }
     } else {
         note(event::SELECT_MAGLEV);
-        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+        hash()
     };
     let (element, half) = maglev::position(pick % size);
     let cell = table.get(element).ok_or(MISSING)?;
@@ -269,14 +311,28 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
             return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
         }
     }
-    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
-    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let client = AffinityKey {
         service_id: svc.id,
         client: key.saddr,
     };
+    select_with_affinity(svc, &LB_AFFINITY4_V1, &client, || {
+        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+    })
+}
+
+/// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
+/// `hash`; records the choice for the client when the service has affinity.
+#[inline(always)]
+pub(crate) fn select_with_affinity<K>(
+    svc: &Service,
+    map: &LruHashMap<K, AffinityEntry>,
+    client: &K,
+    hash: impl FnOnce() -> u32,
+) -> Result<Chosen, Verdict> {
+    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
+    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let affinity = if svc.affinity_timeout_secs != 0 {
-        LB_AFFINITY4_V1.get_ptr_mut(&client)
+        map.get_ptr_mut(client)
     } else {
         None
     };
@@ -302,7 +358,7 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
             }
         }
     }
-    let chosen = select_from_table(svc, key)?;
+    let chosen = select_from_table(svc, hash)?;
     if svc.affinity_timeout_secs != 0 {
         let fresh = AffinityEntry {
             backend_id: chosen.id,
@@ -312,7 +368,7 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
         match affinity {
             Some(entry) => unsafe { *entry = fresh },
             // Best effort: without an entry the client's next flow uses the table.
-            None => drop(LB_AFFINITY4_V1.insert(&client, &fresh, BPF_ANY as u64)),
+            None => drop(map.insert(client, &fresh, BPF_ANY as u64)),
         }
     }
     Ok(chosen)
@@ -321,7 +377,7 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
 /// again for that reason. The rules are documented on `lb_common::event`.
 #[inline(always)]
-fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
+pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
     let Some(chosen) = backend else {
         return Some(if proto == PROTO_UDP {
             event::RESELECT_UDP
@@ -368,7 +424,7 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
 
 /// Where a packet of a flow goes, and whose counters it adds to.
 #[derive(Clone, Copy)]
-struct Flow {
+pub(crate) struct Flow {
     service_id: u32,
     backend_id: u32,
     /// The backend's address and port, network byte order.
@@ -436,6 +492,15 @@ fn flow_backend(
             generation.wrapping_sub(1)
         }
     };
+    let reply_key = |b: &Backend4| Ct4Key {
+        saddr: b.addr,
+        daddr: key.saddr,
+        sport: b.port,
+        dport: key.sport,
+        proto: key.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
     let mut previous = None;
     if let Some(entry) = found {
         let entry = unsafe { &mut *entry };
@@ -451,6 +516,19 @@ fn flow_backend(
                         entry.backend_gen = vouched(&chosen.backend);
                         entry.nat_addr = chosen.backend.addr;
                         entry.nat_port = chosen.backend.port;
+                        if l4.syn {
+                            // A new connection on a known tuple: its replies need their
+                            // entry, which may have been evicted or removed since (a pod's
+                            // direct connection on the same tuple removes it).
+                            let reply = CtEntry {
+                                flags: 0,
+                                backend_gen: 0,
+                                nat_addr: key.daddr,
+                                nat_port: key.dport,
+                                ..*entry
+                            };
+                            ct_write(&reply_key(&chosen.backend), &reply, false);
+                        }
                         let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
                         if remote {
                             entry.flags |= CT_F_REMOTE;
@@ -480,15 +558,6 @@ fn flow_backend(
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
         _pad: 0,
-    };
-    let reply_key = |b: &Backend4| Ct4Key {
-        saddr: b.addr,
-        daddr: key.saddr,
-        sport: b.port,
-        dport: key.sport,
-        proto: key.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
     };
     let reply = CtEntry {
         flags: 0,
@@ -532,8 +601,18 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
     }
 }
 
+/// A packet addressed to a frontend, and its flow's backend.
+pub(crate) struct Translation {
+    pub(crate) pkt: Ipv4Packet,
+    /// The packet's forward conntrack key.
+    pub(crate) key: Ct4Key,
+    /// Where it goes.
+    pub(crate) flow: Flow,
+}
+
+/// Parses the packet, looks its frontend up, and finds or selects its flow's backend.
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
+pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
@@ -570,6 +649,24 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
             flow_backend(&svc, &key, &pkt.l4, found)?
         }
     };
+    Ok(Translation { pkt, key, flow })
+}
+
+/// Counts a translated packet for its frontend and its backend.
+#[inline(always)]
+pub(crate) fn count_translated(flow: &Flow, bytes: u64) {
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
+        add_stats(stats, bytes, flow.new);
+    }
+    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
+        add_stats(stats, bytes, flow.new);
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Translation { pkt, key, flow } = translation(ctx)?;
+    let (ip, daddr) = (pkt.ip, key.daddr);
 
     // Rewrite destination address and port, with incremental checksums.
     unsafe {
@@ -591,13 +688,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
             };
         }
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
-        add_stats(stats, bytes, flow.new);
-    }
-    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
-        add_stats(stats, bytes, flow.new);
-    }
+    count_translated(&flow, (ctx.data_end() - ctx.data()) as u64);
     // A backend on another node: source NAT, and sent on by XDP (nat.rs).
     if flow.remote {
         return Ok(nat::forward(ctx, &key, &pkt.l4, flow.addr, flow.port));
@@ -625,11 +716,12 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
+/// [`Verdict::Pass`] of a packet that is not a reply of a translated flow: not counted, on
+/// egress that is all the node's other traffic.
+pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
-    // Anything that is not a reply of a translated flow is not counted: on egress that is
-    // all the node's other traffic.
-    const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return Err(NOT_OURS);
@@ -700,7 +792,13 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
 /// from the frontend the client addressed.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    match try_egress(&ctx) {
+    tc_action(try_egress(&ctx))
+}
+
+/// The TC action of a verdict, counting its reason ([`NOT_OURS`] is not counted).
+#[inline(always)]
+pub(crate) fn tc_action(result: Result<(), Verdict>) -> i32 {
+    match result {
         Ok(()) => TC_ACT_OK as i32,
         Err(Verdict::Pass(reason)) => {
             if reason != u32::MAX {

@@ -74,12 +74,12 @@ trait Bytes {
 impl Bytes for XdpContext {
     #[inline(always)]
     fn get<T: Copy>(&self, offset: usize) -> Option<T> {
-        ptr_at::<T>(self, offset).map(|p| unsafe { p.read_unaligned() })
+        ptr_at::<_, T>(self, offset).map(|p| unsafe { p.read_unaligned() })
     }
 
     #[inline(always)]
     fn set<T: Copy>(&self, offset: usize, value: T) -> Option<()> {
-        ptr_at::<T>(self, offset).map(|p| unsafe { p.write_unaligned(value) })
+        ptr_at::<_, T>(self, offset).map(|p| unsafe { p.write_unaligned(value) })
     }
 }
 
@@ -139,10 +139,10 @@ fn send(ctx: &XdpContext, route: &Route) -> u32 {
         note(nat_event::NO_NEIGH);
         return xdp_action::XDP_PASS;
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    let Some(eth) = ptr_at::<_, EthHdr>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+    let Some(ip) = ptr_at::<_, Ipv4Hdr>(ctx, ETH_LEN) else {
         return xdp_action::XDP_DROP;
     };
     unsafe {

@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,6 +26,7 @@ use tracing::{debug, error, info, trace, warn};
 use crate::{
     datapath::{self, Capacity, Datapath, interface_index},
     desired::Frontend,
+    eastwest::{PodInterfaces, SocketHooks},
     metrics::{self, Metrics, SyncOutcome},
     model::NodeInfo,
     source::{
@@ -77,6 +78,10 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     /// Map sizes, for maps that are not pinned yet.
     pub capacity: Capacity,
+    /// Where the socket hooks (east-west translation at connect/sendmsg) are attached.
+    pub socket_hooks: SocketHooks,
+    /// Name patterns (`*`, `?`) of the pods' host-side interfaces, which get the TC program.
+    pub pod_interfaces: Vec<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -117,6 +122,14 @@ async fn serve<S: Source>(
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
     datapath::accept_local_sources(&config.interface)?;
+    let cgroup = config.socket_hooks.cgroup()?;
+    for (program, outcome) in datapath.attach_cgroup(cgroup.as_deref())? {
+        info!(program, cgroup = %cgroup.as_deref().unwrap_or(Path::new("")).display(), ?outcome, "attached");
+    }
+    let mut pods = PodInterfaces::new(config.pod_interfaces.clone())?;
+    for e in pods.attach_pods_at_start(&mut datapath) {
+        warn!("{e}");
+    }
     let interface_addresses = interface_ipv4_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
@@ -140,6 +153,12 @@ async fn serve<S: Source>(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            changed = pods.changed() => {
+                changed?;
+                for e in pods.reconcile(&mut datapath) {
+                    warn!("{e}");
+                }
+            }
             changes = source.changed() => {
                 let ok = agent.apply(&source, &changes?);
                 retry = failed(ok, None);

@@ -4,7 +4,8 @@
 //!
 //! Pin layout under the pin directory (default `/sys/fs/bpf/lb`):
 //! - one file per map, named as in [`lb_common::map_names`];
-//! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`.
+//! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`;
+//! - the socket hooks' and pod interfaces' links (see [`crate::eastwest`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -153,7 +154,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 9] {
+    fn map_sizes(&self) -> [(&'static str, u32); 11] {
         [
             (map_names::SERVICES, self.services),
             (map_names::REV_NAT, self.services),
@@ -166,6 +167,9 @@ impl Capacity {
             // Two entries per flow to a remote backend, as conntrack has per flow.
             (map_names::NAT, self.conntrack),
             (map_names::AFFINITY, self.affinity),
+            // The socket hooks' flows (two entries per socket and frontend) and clients.
+            (map_names::SOCKETS, self.conntrack),
+            (map_names::SOCK_AFFINITY, self.affinity),
         ]
     }
 }
@@ -193,7 +197,7 @@ pub enum LinkOutcome {
 }
 
 /// What attaching a program gave: a link to pin, or why not.
-type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
+pub(crate) type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
 
 /// The loaded object: programs and the maps, pinned under `pin_dir`.
 pub struct Datapath {
@@ -324,7 +328,7 @@ impl Datapath {
 
     /// Keeps the live link pinned at `links/<pin_name>` (replacing its program), or attaches
     /// with `attach` and pins the new link there.
-    fn attach_one(
+    pub(crate) fn attach_one(
         &mut self,
         program: &'static str,
         pin_name: &str,
@@ -445,7 +449,10 @@ fn program<'a>(
 }
 
 /// The program `name`, as the program type `P` it must be.
-fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+pub(crate) fn typed_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, DatapathError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod desired;
+pub mod eastwest;
 pub mod explain;
 pub mod inspect;
 pub mod maglev;

@@ -362,6 +362,7 @@ impl Agent {
         args: &[OsString],
         configure: impl FnOnce(&mut Command),
     ) -> Result<Self> {
+        let hooks = args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup");
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
@@ -373,6 +374,7 @@ impl Agent {
             .args(args)
             .arg("--pin-path")
             .arg(pins.path())
+            .args((!hooks).then_some("--no-cgroup"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

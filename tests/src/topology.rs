@@ -85,7 +85,9 @@ impl Topology {
         Ok(topology)
     }
 
-    fn add_pod(&self, i: u8) -> Result<Pod> {
+    /// Adds pod `i` (10.244.i.2, host side `veth-pod<i>`) without servers, and returns it
+    /// (it is not in [`Topology::pods`]; dropping it removes it).
+    pub fn add_pod(&self, i: u8) -> Result<Pod> {
         add_pod(&self.node, &format!("pod{i}"), [10, 244, i])
     }
 

@@ -49,7 +49,7 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
         .unwrap()
         .ino();
     let expected_agent = format!(
-        "agent --manifests {} --interface eth0 --node-name {NODE_NAME} --pin-path {}",
+        "agent --manifests {} --interface eth0 --node-name {NODE_NAME} --pin-path {} --no-cgroup",
         examples_dir().display(),
         pins.display()
     );
