@@ -114,6 +114,7 @@ async fn serve<S: Source>(
         config,
         interface_addresses,
         metrics,
+        orphans_logged: false,
     };
 
     let mut term = signal(SignalKind::terminate())?;
@@ -136,9 +137,10 @@ async fn serve<S: Source>(
                 info!("retrying after errors");
                 retry = !agent.resync(&source);
             }
-            // Removed backends are deleted by the first apply after their drain ends.
-            _ = sleep_until(agent.syncer.next_drain_deadline()) => {
-                debug!("a drain period ended");
+            // Removed backends are deleted by the first apply after their drain ends, and
+            // orphans after their grace period.
+            _ = sleep_until(agent.syncer.next_deadline()) => {
+                debug!("a drain or grace period ended");
                 let now = Instant::now();
                 retry = !agent.write(Some(&BTreeSet::new()), now, now);
             }
@@ -156,6 +158,8 @@ struct Agent<'a, M> {
     config: &'a AgentConfig,
     interface_addresses: Vec<Ipv4Addr>,
     metrics: Arc<Metrics>,
+    /// Whether the orphans kept at the first view have been logged.
+    orphans_logged: bool,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -261,9 +265,25 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 frontends: report.frontends,
                 backends: report.backends,
                 errors: map_errors,
+                map_ops: report.map_ops,
+                orphans: report.orphans,
             },
         );
         trace!(map_ops = report.map_ops, "written");
+        if report.orphans_pruned > 0 {
+            info!(
+                orphans = report.orphans_pruned,
+                "removed the pinned frontends that no view listed, after their grace period"
+            );
+        }
+        if report.orphans > 0 && !self.orphans_logged {
+            self.orphans_logged = true;
+            warn!(
+                orphans = report.orphans,
+                grace = ?self.config.sync.orphan_grace,
+                "pinned frontends the first complete view lacks: kept for the grace period"
+            );
+        }
         let summary = (report.map_ops, report.errors.len());
         if only.is_none() || summary != (0, 0) {
             info!(

@@ -94,6 +94,11 @@ enum Command {
         /// TCP connections before its entry is deleted.
         #[arg(long, default_value_t = 60)]
         drain_secs: u64,
+        /// Seconds that frontends found pinned at start which the first complete view of the
+        /// source lacks (orphans, e.g. of a Service deleted while the agent was down) keep
+        /// working before they are removed.
+        #[arg(long, default_value_t = 60)]
+        orphan_grace_secs: u64,
         #[command(flatten)]
         capacity: CapacityArgs,
     },
@@ -255,6 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             maglev_table_size,
             selection,
             drain_secs,
+            orphan_grace_secs,
             capacity,
         } => {
             let node_name = node_name.unwrap_or_else(agent::hostname);
@@ -280,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
                     selection,
+                    orphan_grace: Duration::from_secs(orphan_grace_secs),
                 },
                 capacity: Capacity {
                     services: capacity.max_services,

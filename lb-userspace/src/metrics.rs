@@ -63,6 +63,10 @@ pub struct Metrics {
     pub watch_errors: Family<ResourceLabel, Counter>,
     /// Map operations that failed.
     pub map_write_errors: Counter,
+    /// Map writes and deletes issued.
+    pub map_writes: Counter,
+    /// Frontends found pinned at start that no view has listed, kept for their grace period.
+    pub orphans: Gauge,
     /// Unix time of the last sync without errors.
     pub last_sync_seconds: Gauge<f64, AtomicU64>,
     /// 1 while the source is reachable (kube: the API server; manifests: the folder).
@@ -97,6 +101,8 @@ impl Metrics {
             watch_restarts: Family::default(),
             watch_errors: Family::default(),
             map_write_errors: Counter::default(),
+            map_writes: Counter::default(),
+            orphans: Gauge::default(),
             last_sync_seconds: Gauge::default(),
             source_up: Gauge::default(),
             health: Mutex::new(Health {
@@ -142,6 +148,16 @@ impl Metrics {
             m.map_write_errors.clone(),
         );
         registry.register(
+            "lb_map_writes",
+            "Map writes and deletes issued (a restarted agent that finds the maps right issues none)",
+            m.map_writes.clone(),
+        );
+        registry.register(
+            "lb_orphan_frontends",
+            "Frontends found pinned at start that no view of the source has listed, kept for --orphan-grace-secs",
+            m.orphans.clone(),
+        );
+        registry.register(
             "lb_last_sync_timestamp_seconds",
             "Unix time of the last sync that wrote everything it had to",
             m.last_sync_seconds.clone(),
@@ -178,6 +194,8 @@ impl Metrics {
         self.frontends.set(report.frontends as i64);
         self.backends.set(report.backends as i64);
         self.map_write_errors.inc_by(report.errors as u64);
+        self.map_writes.inc_by(report.map_ops as u64);
+        self.orphans.set(report.orphans as i64);
         if report.errors == 0 {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -252,6 +270,10 @@ pub struct SyncOutcome {
     pub backends: usize,
     /// Map operations that failed.
     pub errors: usize,
+    /// Map writes and deletes issued.
+    pub map_ops: usize,
+    /// Orphaned frontends kept for their grace period.
+    pub orphans: usize,
 }
 
 /// Binds `addr` and serves /metrics, /healthz and /readyz on it until the runtime stops.
@@ -333,6 +355,7 @@ mod tests {
                 frontends: 3,
                 backends: 5,
                 errors: 0,
+                ..SyncOutcome::default()
             },
         );
         assert_eq!(m.readiness(), Ok(()));
@@ -360,6 +383,8 @@ mod tests {
                 frontends: 3,
                 backends: 5,
                 errors: 1,
+                map_ops: 7,
+                orphans: 2,
             },
         );
         let text = m.encode();
@@ -367,6 +392,8 @@ mod tests {
             "lb_frontends 3",
             "lb_backends 5",
             "lb_map_write_errors_total 1",
+            "lb_map_writes_total 7",
+            "lb_orphan_frontends 2",
             "lb_watch_errors_total{resource=\"services\"} 1",
             "lb_sync_duration_seconds_count 1",
             "lb_event_to_sync_seconds_count 1",
