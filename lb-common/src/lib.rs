@@ -32,7 +32,8 @@ pub mod map_names {
     /// inner map and swapped in with one write of this map.
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
-    pub const CONNTRACK: &str = "LB_CT4_V1";
+    /// V2: the entry carries the translation (see [`crate::legacy::CtEntryV1`] for V1).
+    pub const CONNTRACK: &str = "LB_CT4_V2";
     /// Hash map `u32` service id -> [`crate::RevNat4`]: the frontend replies must come from.
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
@@ -52,9 +53,14 @@ pub mod map_names {
     /// -> `u8` (always 1): the sources allowed to use a frontend with
     /// [`crate::SERVICE_F_SOURCE_RANGES`].
     pub const SOURCE_RANGES: &str = "LB_SRCRANGE4_V1";
+    /// Array of one `u32`, the backend generation: the agent adds one after every write
+    /// that takes a backend out of ACTIVE (a state change or a delete), so that a
+    /// conntrack entry can tell that its backend is still ACTIVE without reading it (see
+    /// [`crate::CtEntry::backend_gen`]).
+    pub const BACKEND_GEN: &str = "LB_BEGEN_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -66,6 +72,7 @@ pub mod map_names {
         EVENTS,
         AFFINITY,
         SOURCE_RANGES,
+        BACKEND_GEN,
     ];
 }
 
@@ -236,7 +243,13 @@ pub const CT_FORWARD: u8 = 0;
 /// Direction of a [`Ct4Key`]: backend -> client, as sent by the backend.
 pub const CT_REPLY: u8 = 1;
 
-/// Value of [`map_names::CONNTRACK`].
+/// Value of [`map_names::CONNTRACK`] (V2).
+///
+/// The entry carries the flow's translation, so that a packet of an established flow needs
+/// no other lookup: a forward entry the backend's address and port (the new destination),
+/// a reply entry the frontend's (the new source). `nat_addr` 0 means "not recorded" (an
+/// entry migrated from [`legacy::CtEntryV1`]): the datapath then reads the backend (forward)
+/// or [`map_names::REV_NAT`] (reply) as V1 did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -244,16 +257,80 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// The service (frontend) the flow was addressed to: reverse NAT id.
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    /// Forward entries: `bpf_ktime_get_coarse_ns()` when a packet in this direction was last
+    /// seen, refreshed when it moved by at least [`CT_LAST_SEEN_GRANULARITY_NS`]; reply
+    /// entries: the time the flow was (re)selected.
     pub last_seen_ns: u64,
     /// `CT_F_*` bits.
     pub flags: u32,
+    /// Forward entries: the [`map_names::BACKEND_GEN`] value at which the backend was last
+    /// seen ACTIVE. While it equals the current value no backend has left ACTIVE since, so
+    /// the flow keeps its backend without reading it. Reply entries: 0.
+    pub backend_gen: u32,
+    /// Forward: the backend's IPv4 address; reply: the frontend's. Network byte order; 0 when
+    /// not recorded.
+    pub nat_addr: u32,
+    /// Forward: the backend's port; reply: the frontend's. Network byte order.
+    pub nat_port: u16,
     /// Always 0.
-    pub _pad: u32,
+    pub _pad: u16,
+}
+
+/// Earlier layouts of pinned map values, kept so that the agent can migrate pinned maps
+/// left by an older version.
+pub mod legacy {
+    /// Value of `LB_CT4_V1` (conntrack before V2). Migration to [`crate::CtEntry`]: the
+    /// same fields, `backend_gen`, `nat_addr` and `nat_port` 0 (the datapath fills them on
+    /// the flow's next packet).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct CtEntryV1 {
+        /// The backend this flow was given.
+        pub backend_id: u32,
+        /// The service (frontend) the flow was addressed to: reverse NAT id.
+        pub service_id: u32,
+        /// `bpf_ktime_get_ns()` of the last packet in this direction.
+        pub last_seen_ns: u64,
+        /// `CT_F_*` bits.
+        pub flags: u32,
+        /// Always 0.
+        pub _pad: u32,
+    }
+
+    /// Name of the V1 conntrack map.
+    pub const CONNTRACK_V1: &str = "LB_CT4_V1";
+
+    const _: () = {
+        assert!(core::mem::size_of::<CtEntryV1>() == 24);
+        assert!(core::mem::align_of::<CtEntryV1>() == 8);
+    };
+
+    #[cfg(feature = "user")]
+    // SAFETY: #[repr(C)], explicit padding, integer fields only.
+    unsafe impl aya::Pod for CtEntryV1 {}
+
+    impl From<CtEntryV1> for crate::CtEntry {
+        fn from(v1: CtEntryV1) -> Self {
+            crate::CtEntry {
+                backend_id: v1.backend_id,
+                service_id: v1.service_id,
+                last_seen_ns: v1.last_seen_ns,
+                flags: v1.flags,
+                backend_gen: 0,
+                nat_addr: 0,
+                nat_port: 0,
+                _pad: 0,
+            }
+        }
+    }
 }
 
 /// A FIN or RST was seen in this direction.
 pub const CT_F_CLOSING: u32 = 1 << 0;
+
+/// A forward entry's [`CtEntry::last_seen_ns`] is written again only once the clock moved
+/// by this much (so an established packet does not dirty the entry every time).
+pub const CT_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of [`map_names::REV_NAT`]: the frontend that replies are rewritten to come from.
 #[repr(C)]
@@ -484,7 +561,7 @@ const _: () = {
     assert!(event::NAMES.len() == event::COUNT as usize);
     assert!(core::mem::size_of::<Backend4>() == 8);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::align_of::<CtEntry>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
@@ -592,6 +669,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Ct4Key, proto), 12);
         assert_eq!(core::mem::offset_of!(Ct4Key, dir), 13);
         assert_eq!(core::mem::offset_of!(CtEntry, last_seen_ns), 8);
+        assert_eq!(core::mem::offset_of!(CtEntry, backend_gen), 20);
+        assert_eq!(core::mem::offset_of!(CtEntry, nat_addr), 24);
+        assert_eq!(core::mem::offset_of!(CtEntry, nat_port), 28);
         assert_eq!(core::mem::offset_of!(Service, backend_count), 4);
         assert_eq!(core::mem::offset_of!(RevNat4, port), 4);
     }

@@ -21,7 +21,9 @@ use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{btf_map, classifier, map, xdp},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey,
+    },
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -45,7 +47,7 @@ static LB_MAGLEV_V1: HashOfMaps<
     { capacity::SERVICES as usize },
 > = HashOfMaps::new();
 #[map]
-static LB_CT4_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+static LB_CT4_V2: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
 static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
@@ -60,6 +62,8 @@ static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
 #[map]
 static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+static LB_BEGEN_V1: Array<u32> = Array::pinned(1, 0);
 #[map]
 static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
@@ -328,11 +332,17 @@ fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u3
     }
 }
 
+/// The current backend generation (`lb_common::map_names::BACKEND_GEN`).
+#[inline(always)]
+fn backend_generation() -> u32 {
+    LB_BEGEN_V1.get(0).copied().unwrap_or(0)
+}
+
 /// Writes a conntrack entry, counting it when the key is new.
 #[inline(always)]
 fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
     if !exists {
-        match LB_CT4_V1.insert(key, entry, BPF_NOEXIST as u64) {
+        match LB_CT4_V2.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
                 note(event::CT_INSERTS);
                 return true;
@@ -341,7 +351,7 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
             Err(_) => {}
         }
     }
-    LB_CT4_V1.insert(key, entry, BPF_ANY as u64).is_ok()
+    LB_CT4_V2.insert(key, entry, BPF_ANY as u64).is_ok()
 }
 
 /// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
@@ -351,7 +361,7 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
     let now = unsafe { bpf_ktime_get_ns() };
     let mut exists = false;
     let mut previous = None;
-    if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
+    if let Some(entry) = LB_CT4_V2.get_ptr_mut(key) {
         let entry = unsafe { &mut *entry };
         exists = true;
         previous = backend(entry.backend_id);
@@ -370,12 +380,21 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
             }
         }
     }
+    let generation = backend_generation();
     let chosen = select_backend(svc, key, now)?;
     let forward = CtEntry {
         backend_id: chosen.id,
         service_id: svc.id,
         last_seen_ns: now,
         flags: if l4.closing { CT_F_CLOSING } else { 0 },
+        // The generation vouches for an ACTIVE backend only.
+        backend_gen: if chosen.backend.state == BACKEND_ACTIVE {
+            generation
+        } else {
+            generation.wrapping_sub(1)
+        },
+        nat_addr: chosen.backend.addr,
+        nat_port: chosen.backend.port,
         _pad: 0,
     };
     let reply_key = |b: &Backend4| Ct4Key {
@@ -389,6 +408,9 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
     };
     let reply = CtEntry {
         flags: 0,
+        backend_gen: 0,
+        nat_addr: key.daddr,
+        nat_port: key.dport,
         ..forward
     };
     // The reply entry first: a reply can only follow the forward packet.
@@ -400,7 +422,7 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
     // The flow's old reply entry would translate what the old backend still sends.
     if let Some(old) = previous
         && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
-        && LB_CT4_V1.remove(&reply_key(&old.backend)).is_ok()
+        && LB_CT4_V2.remove(&reply_key(&old.backend)).is_ok()
     {
         note(event::CT_DELETES);
     }
@@ -519,7 +541,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let entry = unsafe { LB_CT4_V1.get(&key) }.ok_or(NOT_OURS)?;
+    let entry = unsafe { LB_CT4_V2.get(&key) }.ok_or(NOT_OURS)?;
     let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
         .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?;
 
