@@ -27,6 +27,7 @@ use crate::{
     datapath::{Capacity, Datapath, interface_index},
     desired::Frontend,
     metrics::{self, Metrics, SyncOutcome},
+    migrate::Migration,
     model::NodeInfo,
     source::{
         Changes, NodeFacts, Source,
@@ -101,9 +102,32 @@ async fn serve<S: Source>(
     config: &AgentConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    // Maps of an older layout are converted into the new maps between the load and the
+    // attach, and once more after it (see `migrate`).
+    let mut migration =
+        Migration::plan(&config.pin_dir).context("looking for pinned maps of older versions")?;
     let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
+    for (from, to) in migration.conversions() {
+        info!(from, to, "converting a pinned map of an older version");
+    }
+    migration.copy().context("converting pinned maps")?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
+    }
+    for m in migration.finish().context("converting pinned maps")? {
+        let c = m.copied;
+        match m.to {
+            Some(to) => info!(
+                from = m.from,
+                to,
+                written = c.written,
+                present = c.present,
+                dropped = c.dropped,
+                failed = c.failed,
+                "converted; the old map is unpinned"
+            ),
+            None => info!(from = m.from, "not carried over; the old map is unpinned"),
+        }
     }
     let maps = datapath.take_maps()?;
     let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;

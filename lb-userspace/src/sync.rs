@@ -157,7 +157,7 @@ pub struct TableInfo {
 }
 
 /// Everything in the control-plane maps, as read back for adoption.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MapContents {
     /// Services map entries.
     pub services: Vec<(Frontend4, Service)>,
