@@ -386,7 +386,8 @@ pub mod reason {
     pub const BACKEND_MISSING: u32 = 11;
     /// Translated, but the conntrack entry could not be written.
     pub const CT_INSERT_FAILED: u32 = 12;
-    /// Egress, passed: a reply whose service has no reverse-NAT entry any more.
+    /// Egress, passed: a reply whose conntrack entry does not carry its frontend (migrated
+    /// from V1) and whose service has no reverse-NAT entry any more.
     pub const REV_NAT_MISSING: u32 = 13;
     /// Egress, dropped: a reply that could not be rewritten (skb helper failed).
     pub const REPLY_REWRITE_FAILED: u32 = 14;

@@ -19,7 +19,7 @@ use aya_ebpf::{
         xdp_action,
     },
     btf_maps::{Array as InnerArray, HashOfMaps},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{btf_map, classifier, map, xdp},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey,
@@ -28,9 +28,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, CT_F_CLOSING,
-    CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP,
-    PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, csum, event, flow_hash, maglev, reason,
+    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES,
+    MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, csum, event, flow_hash,
+    maglev, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -247,7 +248,7 @@ fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
 /// The backend of a new flow: checks the source ranges, then the client's affinity, then
 /// the Maglev table.
 #[inline(always)]
-fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdict> {
+fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
     if svc.backend_count == 0 {
         return Err(Verdict::Drop(reason::NO_BACKEND));
     }
@@ -273,6 +274,12 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
         LB_AFFINITY4_V1.get_ptr_mut(&client)
     } else {
         None
+    };
+    // The affinity timeout is the user's, in seconds: the precise clock, read only then.
+    let now = if svc.affinity_timeout_secs != 0 {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
     };
     if let Some(entry) = affinity {
         let entry = unsafe { &mut *entry };
@@ -354,16 +361,76 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
     LB_CT4_V2.insert(key, entry, BPF_ANY as u64).is_ok()
 }
 
-/// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
-/// selection, recorded in both directions. `true` when the flow is new (its entries written).
+/// Where a packet of a flow goes, and whose counters it adds to.
+#[derive(Clone, Copy)]
+struct Flow {
+    service_id: u32,
+    backend_id: u32,
+    /// The backend's address and port, network byte order.
+    addr: u32,
+    port: u16,
+    /// The flow's entries were written by this packet.
+    new: bool,
+}
+
+/// The conntrack clock: `last_seen_ns` is for ageing, so the coarse clock (one tick of
+/// resolution, no clock source read) is enough.
 #[inline(always)]
-fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), Verdict> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut exists = false;
+fn ct_now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The packet's flow from its forward conntrack entry alone, when the entry vouches for
+/// its backend: the backend generation it recorded is the current one, so the backend was
+/// ACTIVE then and no backend left ACTIVE and no frontend was deleted since (the agent
+/// bumps the generation after either). An ACTIVE backend keeps every packet of its flows
+/// (the rules on `lb_common::event`), so nothing else needs to be read.
+#[inline(always)]
+fn established(entry: *mut CtEntry, l4: &L4) -> Option<Flow> {
+    let entry = unsafe { &mut *entry };
+    if entry.nat_addr == 0 || entry.backend_gen != backend_generation() {
+        return None;
+    }
+    if l4.closing && entry.flags & CT_F_CLOSING == 0 {
+        entry.flags |= CT_F_CLOSING;
+    }
+    let now = ct_now();
+    if now.wrapping_sub(entry.last_seen_ns) >= CT_LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+    Some(Flow {
+        service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        addr: entry.nat_addr,
+        port: entry.nat_port,
+        new: false,
+    })
+}
+
+/// The backend of this flow when its conntrack entry (`found`, if any) does not vouch for
+/// it: the entry's backend if the rules keep it (the entry then records the backend and
+/// the generation again), otherwise a new selection, recorded in both directions.
+#[inline(always)]
+fn flow_backend(
+    svc: &Service,
+    key: &Ct4Key,
+    l4: &L4,
+    found: Option<*mut CtEntry>,
+) -> Result<Flow, Verdict> {
+    let now = ct_now();
+    // Read before the backend, so that a change after the read is seen by the next packet.
+    let generation = backend_generation();
+    let vouched = |b: &Backend4| {
+        // The generation vouches for an ACTIVE backend only.
+        if b.state == BACKEND_ACTIVE {
+            generation
+        } else {
+            generation.wrapping_sub(1)
+        }
+    };
     let mut previous = None;
-    if let Some(entry) = LB_CT4_V2.get_ptr_mut(key) {
+    if let Some(entry) = found {
         let entry = unsafe { &mut *entry };
-        exists = true;
         previous = backend(entry.backend_id);
         if entry.service_id == svc.id {
             match reselect_because(previous.as_ref(), key.proto, l4.syn) {
@@ -373,26 +440,29 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
                         entry.flags |= CT_F_CLOSING;
                     }
                     if let Some(chosen) = previous {
-                        return Ok((chosen, false));
+                        entry.backend_gen = vouched(&chosen.backend);
+                        entry.nat_addr = chosen.backend.addr;
+                        entry.nat_port = chosen.backend.port;
+                        return Ok(Flow {
+                            service_id: svc.id,
+                            backend_id: chosen.id,
+                            addr: chosen.backend.addr,
+                            port: chosen.backend.port,
+                            new: false,
+                        });
                     }
                 }
                 Some(why) => note(why),
             }
         }
     }
-    let generation = backend_generation();
-    let chosen = select_backend(svc, key, now)?;
+    let chosen = select_backend(svc, key)?;
     let forward = CtEntry {
         backend_id: chosen.id,
         service_id: svc.id,
         last_seen_ns: now,
         flags: if l4.closing { CT_F_CLOSING } else { 0 },
-        // The generation vouches for an ACTIVE backend only.
-        backend_gen: if chosen.backend.state == BACKEND_ACTIVE {
-            generation
-        } else {
-            generation.wrapping_sub(1)
-        },
+        backend_gen: vouched(&chosen.backend),
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
         _pad: 0,
@@ -414,8 +484,8 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
         ..forward
     };
     // The reply entry first: a reply can only follow the forward packet.
-    let written =
-        ct_write(&reply_key(&chosen.backend), &reply, false) && ct_write(key, &forward, exists);
+    let written = ct_write(&reply_key(&chosen.backend), &reply, false)
+        && ct_write(key, &forward, found.is_some());
     if !written {
         count(reason::CT_INSERT_FAILED);
     }
@@ -426,7 +496,13 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
     {
         note(event::CT_DELETES);
     }
-    Ok((chosen, written))
+    Ok(Flow {
+        service_id: svc.id,
+        backend_id: chosen.id,
+        addr: chosen.backend.addr,
+        port: chosen.backend.port,
+        new: written,
+    })
 }
 
 #[inline(always)]
@@ -446,13 +522,6 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
-    let frontend = Frontend4 {
-        addr: daddr,
-        port: pkt.l4.dport,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    let svc = *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
     let key = Ct4Key {
         saddr: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
         daddr,
@@ -462,21 +531,36 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         dir: CT_FORWARD,
         _pad: [0; 2],
     };
-    let (chosen, new) = flow_backend(&svc, &key, &pkt.l4)?;
-    let backend = chosen.backend;
+    // Conntrack first: an established flow whose entry vouches for its backend needs no
+    // other lookup (not even the frontend's: deleting one bumps the generation).
+    let found = LB_CT4_V2.get_ptr_mut(&key);
+    let flow = match found.and_then(|entry| established(entry, &pkt.l4)) {
+        Some(flow) => flow,
+        None => {
+            let frontend = Frontend4 {
+                addr: daddr,
+                port: pkt.l4.dport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let svc =
+                *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+            flow_backend(&svc, &key, &pkt.l4, found)?
+        }
+    };
 
     // Rewrite destination address and port, with incremental checksums.
     unsafe {
-        (*ip).dst_addr = backend.addr.to_ne_bytes();
+        (*ip).dst_addr = flow.addr.to_ne_bytes();
         let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
-        *ip_check = csum::replace4(*ip_check, daddr, backend.addr);
+        *ip_check = csum::replace4(*ip_check, daddr, flow.addr);
     }
     let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
     unsafe {
-        *dport = backend.port;
+        *dport = flow.port;
         let old = *check;
         if pkt.proto == PROTO_TCP || old != 0 {
-            let new = csum::replace4_2(old, daddr, backend.addr, pkt.l4.dport, backend.port);
+            let new = csum::replace4_2(old, daddr, flow.addr, pkt.l4.dport, flow.port);
             // A UDP checksum that comes out as 0 is sent as all ones (RFC 768).
             *check = if pkt.proto == PROTO_UDP && new == 0 {
                 0xffff
@@ -486,11 +570,11 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         }
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        add_stats(stats, bytes, new);
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
+        add_stats(stats, bytes, flow.new);
     }
-    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&chosen.id) {
-        add_stats(stats, bytes, new);
+    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
+        add_stats(stats, bytes, flow.new);
     }
     Ok(())
 }
@@ -542,8 +626,17 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
         _pad: [0; 2],
     };
     let entry = unsafe { LB_CT4_V2.get(&key) }.ok_or(NOT_OURS)?;
-    let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
-        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?;
+    // The entry carries the frontend; one migrated from V1 does not.
+    let frontend = if entry.nat_addr != 0 {
+        RevNat4 {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+            _pad: 0,
+        }
+    } else {
+        *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
+            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
+    };
 
     // The skb helpers keep the checksums right whatever the skb's checksum state is
     // (CHECKSUM_PARTIAL from a local or veth sender included).

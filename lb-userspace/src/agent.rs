@@ -38,6 +38,13 @@ use crate::{
     translate::{Changed, Translator},
 };
 
+/// The errors of one sync that are logged one by one; the rest are counted.
+const LOGGED_ERRORS: usize = 10;
+
+/// The first retry after a sync with errors; each retry that fails again doubles the wait, up
+/// to the resync period.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
 /// Where the cluster state comes from.
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
@@ -145,28 +152,34 @@ async fn serve<S: Source>(
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(config.resync);
     resync.reset();
-    let mut retry = false;
+    // The wait before the next retry while syncs fail (a full map fails until it is made
+    // larger or services go away: the retries slow down).
+    let mut retry: Option<Duration> = None;
+    let failed = |ok: bool, last: Option<Duration>| {
+        (!ok).then(|| last.map_or(FIRST_RETRY, |d| (d * 2).min(config.resync)))
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             changes = source.changed() => {
-                retry = !agent.apply(&source, &changes?);
+                let ok = agent.apply(&source, &changes?);
+                retry = failed(ok, None);
             }
             _ = resync.tick() => {
                 debug!("periodic resync");
-                retry = !agent.resync(&source);
+                retry = failed(agent.resync(&source), retry);
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
                 info!("retrying after errors");
-                retry = !agent.resync(&source);
+                retry = failed(agent.resync(&source), retry);
             }
             // Removed backends are deleted by the first apply after their drain ends, and
             // orphans after their grace period.
             _ = sleep_until(agent.syncer.next_deadline()) => {
                 debug!("a drain or grace period ended");
                 let now = Instant::now();
-                retry = !agent.write(Some(&BTreeSet::new()), now, now);
+                retry = failed(agent.write(Some(&BTreeSet::new()), now, now), retry);
             }
         }
     }
@@ -258,7 +271,8 @@ impl<M: DatapathMaps> Agent<'_, M> {
         self.write(None, now, now)
     }
 
-    /// Writes the frontends `only` (all when `None`) as the translator has them.
+    /// Writes the frontends `only` (all when `None`) as the translator has them; whether
+    /// every wanted frontend is programmed.
     fn write(
         &mut self,
         only: Option<&BTreeSet<Frontend>>,
@@ -275,12 +289,17 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 .apply_changed(desired, frontends, Instant::now()),
             None => self.syncer.apply(desired),
         };
-        let mut map_errors = 0;
-        for e in &report.errors {
+        // A full map fails every frontend that does not fit, at every retry: the first
+        // errors are enough to say which map and which flag.
+        for e in report.errors.iter().take(LOGGED_ERRORS) {
             error!("{e}");
-            if matches!(e, SyncError::Map { .. } | SyncError::Cleanup(_)) {
-                map_errors += 1;
-            }
+        }
+        if report.errors.len() > LOGGED_ERRORS {
+            error!(
+                "and {} more errors ({} wanted frontends not programmed)",
+                report.errors.len() - LOGGED_ERRORS,
+                report.unprogrammed
+            );
         }
         self.metrics.synced(
             started.elapsed(),
@@ -288,7 +307,9 @@ impl<M: DatapathMaps> Agent<'_, M> {
             &SyncOutcome {
                 frontends: report.frontends,
                 backends: report.backends,
-                errors: map_errors,
+                unprogrammed: report.unprogrammed,
+                failed_maps: report.errors.iter().filter_map(SyncError::map).collect(),
+                first_error: report.errors.first().map(ToString::to_string),
                 map_ops: report.map_ops,
                 orphans: report.orphans,
             },
@@ -319,7 +340,8 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 "synced"
             );
         }
-        report.errors.is_empty()
+        // Frontends that did not fit are retried (a full map may have room again).
+        report.errors.is_empty() && report.unprogrammed == 0
     }
 }
 

@@ -26,8 +26,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, event, maglev, map_names, program_names,
+    BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4,
+    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, event, maglev, map_names,
+    program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -155,6 +156,19 @@ impl Capacity {
             (map_names::CONNTRACK, self.conntrack),
             (map_names::AFFINITY, self.affinity),
         ]
+    }
+}
+
+/// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.
+pub fn capacity_flag(map: &str) -> Option<&'static str> {
+    match map {
+        map_names::SERVICES | map_names::REV_NAT | map_names::MAGLEV | map_names::SERVICE_STATS => {
+            Some("--max-services")
+        }
+        map_names::BACKENDS | map_names::BACKEND_STATS => Some("--max-backends"),
+        map_names::CONNTRACK => Some("--max-conntrack"),
+        map_names::AFFINITY => Some("--max-affinity"),
+        _ => None,
     }
 }
 
@@ -369,14 +383,14 @@ impl Datapath {
             take(map_names::MAGLEV)?,
             take(map_names::SOURCE_RANGES)?,
             take(map_names::BACKEND_STATS)?,
+            take(map_names::BACKEND_GEN)?,
         ];
-        BpfMaps::from_maps(maps, service_id_limit(&self.pin_dir)?)
+        BpfMaps::from_maps(maps, &self.pin_dir)
     }
 }
 
-/// The size of the pinned service stats array, which service ids index.
-fn service_id_limit(pin_dir: &Path) -> Result<u32, DatapathError> {
-    let name = map_names::SERVICE_STATS;
+/// The size of a pinned map.
+fn pinned_max_entries(pin_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
     let path = pin_dir.join(name);
     if !path.exists() {
         return Err(DatapathError::NotPinned(pin_dir.to_owned()));
@@ -448,8 +462,12 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::BACKEND_STATS`].
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
+    pub backend_gen: Array<MapData, u32>,
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
+    /// The size of each map written, for the error that says a map is full.
+    sizes: [(&'static str, u32); 6],
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -468,9 +486,21 @@ impl BpfMaps {
             maglev,
             source_ranges,
             backend_stats,
-        ]: [Map; 6],
-        service_id_limit: u32,
+            backend_gen,
+        ]: [Map; 7],
+        pin_dir: &Path,
     ) -> Result<Self, DatapathError> {
+        let mut sizes = [
+            (map_names::SERVICES, 0),
+            (map_names::BACKENDS, 0),
+            (map_names::REV_NAT, 0),
+            (map_names::MAGLEV, 0),
+            (map_names::SOURCE_RANGES, 0),
+            (map_names::BACKEND_STATS, 0),
+        ];
+        for (name, size) in &mut sizes {
+            *size = pinned_max_entries(pin_dir, name)?;
+        }
         let maglev_fd = match &maglev {
             Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
@@ -482,7 +512,8 @@ impl BpfMaps {
             }))
         })?;
         Ok(Self {
-            service_id_limit,
+            service_id_limit: pinned_max_entries(pin_dir, map_names::SERVICE_STATS)?,
+            sizes,
             maglev_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
@@ -492,6 +523,7 @@ impl BpfMaps {
                 .map_err(map_err(map_names::SOURCE_RANGES))?,
             backend_stats: PerCpuHashMap::try_from(backend_stats)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
+            backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
         })
     }
 
@@ -507,8 +539,9 @@ impl BpfMaps {
                 open(map_names::MAGLEV, Map::HashOfMaps)?,
                 open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
                 open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
+                open(map_names::BACKEND_GEN, Map::Array)?,
             ],
-            service_id_limit(pin_dir)?,
+            pin_dir,
         )
     }
 
@@ -560,21 +593,8 @@ fn open_pinned_map(
     Ok(kind(MapData::from_pin(&path).map_err(map_err(name))?))
 }
 
-fn os_err(map: &'static str, source: io::Error) -> MapOpError {
-    if source.raw_os_error() == Some(libc::E2BIG) {
-        MapOpError::Full { map }
-    } else {
-        MapOpError::Os { map, source }
-    }
-}
-
 fn op_err(map: &'static str) -> impl Fn(MapError) -> MapOpError {
     move |error| match error {
-        MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
-            if io_error.raw_os_error() == Some(libc::E2BIG) =>
-        {
-            MapOpError::Full { map }
-        }
         MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => MapOpError::Os {
             map,
             source: io_error,
@@ -611,6 +631,43 @@ fn source_range_key(service_id: u32, range: Ipv4Cidr) -> lpm_trie::Key<SourceRan
     )
 }
 
+impl BpfMaps {
+    /// The error of a failed write of `map`: [`MapOpError::Full`] with its size for E2BIG.
+    fn os_err(&self, map: &'static str, source: io::Error) -> MapOpError {
+        if source.raw_os_error() == Some(libc::E2BIG) {
+            let max_entries = self
+                .sizes
+                .iter()
+                .find(|(n, _)| *n == map)
+                .map_or(0, |s| s.1);
+            MapOpError::Full { map, max_entries }
+        } else {
+            MapOpError::Os { map, source }
+        }
+    }
+
+    /// [`BpfMaps::os_err`] for aya's errors.
+    fn write_err(&self, map: &'static str) -> impl Fn(MapError) -> MapOpError + '_ {
+        move |error| match error {
+            MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
+                self.os_err(map, io_error)
+            }
+            other => op_err(map)(other),
+        }
+    }
+
+    /// Adds one to [`map_names::BACKEND_GEN`], after a write that takes a backend out of
+    /// ACTIVE or deletes a frontend: conntrack entries stop vouching for their backend, so
+    /// the next packet of each flow reads its backend and frontend again.
+    fn bump_backend_gen(&mut self) -> Result<(), MapOpError> {
+        let err = op_err(map_names::BACKEND_GEN);
+        let generation = self.backend_gen.get(&0, 0).map_err(&err)?;
+        self.backend_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .map_err(&err)
+    }
+}
+
 impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
@@ -634,12 +691,18 @@ impl DatapathMaps for BpfMaps {
         match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
             Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
                 if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            other => other.map_err(op_err(map_names::BACKEND_STATS))?,
+            other => other.map_err(self.write_err(map_names::BACKEND_STATS))?,
         }
-        (self.backends.insert(id, backend, 0)).map_err(op_err(map_names::BACKENDS))
+        let result = self.backends.insert(id, backend, 0);
+        result.map_err(self.write_err(map_names::BACKENDS))?;
+        if backend.state != BACKEND_ACTIVE {
+            self.bump_backend_gen()?;
+        }
+        Ok(())
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
+        self.bump_backend_gen()?;
         delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
     fn build_table(
@@ -696,7 +759,7 @@ impl DatapathMaps for BpfMaps {
         sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds).map_err(|(done, e)| {
             BatchError {
                 done,
-                error: os_err(map_names::MAGLEV, e),
+                error: self.os_err(map_names::MAGLEV, e),
             }
         })?;
         match open_error {
@@ -717,7 +780,7 @@ impl DatapathMaps for BpfMaps {
                 Err((done, e)) => {
                     return Err(BatchError {
                         done: start + done,
-                        error: os_err(map_names::MAGLEV, e),
+                        error: self.os_err(map_names::MAGLEV, e),
                     });
                 }
             }
@@ -726,23 +789,27 @@ impl DatapathMaps for BpfMaps {
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
-        (self.source_ranges.insert(&key, 1, 0)).map_err(op_err(map_names::SOURCE_RANGES))
+        let result = self.source_ranges.insert(&key, 1, 0);
+        result.map_err(self.write_err(map_names::SOURCE_RANGES))
     }
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
         delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
     }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
-        (self.rev_nat.insert(id, value, 0)).map_err(op_err(map_names::REV_NAT))
+        let result = self.rev_nat.insert(id, value, 0);
+        result.map_err(self.write_err(map_names::REV_NAT))
     }
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::REV_NAT, self.rev_nat.remove(&id))
     }
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
-        (self.services.insert(key, value, 0)).map_err(op_err(map_names::SERVICES))
+        let result = self.services.insert(key, value, 0);
+        result.map_err(self.write_err(map_names::SERVICES))
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        delete_result(map_names::SERVICES, self.services.remove(key))
+        delete_result(map_names::SERVICES, self.services.remove(key))?;
+        self.bump_backend_gen()
     }
     fn service_id_limit(&self) -> u32 {
         self.service_id_limit
@@ -765,8 +832,12 @@ impl DatapathMaps for BpfMaps {
                 std::collections::btree_map::Entry::Occupied(table) => table.into_mut(),
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     let cells: Vec<MaglevCell> =
-                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize)
-                            .map_err(|source| os_err(map_names::MAGLEV, source))?;
+                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize).map_err(
+                            |source| MapOpError::Os {
+                                map: map_names::MAGLEV,
+                                source,
+                            },
+                        )?;
                     slot.insert(table_info_of_cells(info.id(), &cells))
                 }
             };

@@ -55,10 +55,12 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum MapOpError {
     /// The map has no room for another entry.
-    #[error("map {map} is full")]
+    #[error("map {map} is full ({max_entries} entries){}", raise_hint(map))]
     Full {
         /// The map.
         map: &'static str,
+        /// Its size.
+        max_entries: u32,
     },
     /// Any other failure of the bpf syscall (or of the in-memory stand-in).
     #[error("map {map}: {source}")]
@@ -69,6 +71,23 @@ pub enum MapOpError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl MapOpError {
+    /// The map the operation was on.
+    pub fn map(&self) -> &'static str {
+        match self {
+            MapOpError::Full { map, .. } | MapOpError::Os { map, .. } => map,
+        }
+    }
+}
+
+/// How to make room in a full map: the `lb agent` flag that sizes it.
+fn raise_hint(map: &str) -> String {
+    match crate::datapath::capacity_flag(map) {
+        Some(flag) => format!(": raise {flag} (pinned maps keep their size: `lb teardown` first)"),
+        None => String::new(),
+    }
 }
 
 /// A failure to program one frontend (the others are unaffected).
@@ -96,8 +115,11 @@ pub enum SyncError {
         #[source]
         source: MaglevError,
     },
-    /// No service id is free.
-    #[error("frontend {frontend}: all {max} service ids are in use")]
+    /// No service id is free: there is one per frontend, as many as the services map holds.
+    #[error(
+        "frontend {frontend}: all {max} service ids are in use (one per frontend){}",
+        raise_hint(map_names::SERVICES)
+    )]
     OutOfServiceIds {
         /// The frontend.
         frontend: Frontend,
@@ -107,6 +129,18 @@ pub enum SyncError {
     /// Removing something that is no longer wanted failed; it stays, and is retried.
     #[error("removing stale state: {0}")]
     Cleanup(MapOpError),
+}
+
+impl SyncError {
+    /// The map whose operation failed (a full services map for [`SyncError::OutOfServiceIds`]);
+    /// `None` when no map operation failed.
+    pub fn map(&self) -> Option<&'static str> {
+        match self {
+            SyncError::Map { source, .. } | SyncError::Cleanup(source) => Some(source.map()),
+            SyncError::OutOfServiceIds { .. } => Some(map_names::SERVICES),
+            SyncError::Maglev { .. } => None,
+        }
+    }
 }
 
 /// How the syncer programs selection and drains backends.
@@ -315,6 +349,9 @@ pub struct ApplyReport {
     pub frontends: usize,
     /// Backends programmed after the apply (REMOVED ones that drain included).
     pub backends: usize,
+    /// Wanted frontends that are not programmed as wanted after the apply (their last
+    /// write failed): missing, or still as they were before.
+    pub unprogrammed: usize,
     /// Orphans (adopted frontends no view has listed) kept for their grace period after
     /// the apply.
     pub orphans: usize,
@@ -392,6 +429,8 @@ pub struct Syncer<M> {
     next_service_id: u32,
     next_backend_id: u32,
     ops: usize,
+    /// Wanted frontends whose last apply failed.
+    unprogrammed: BTreeSet<Frontend4>,
     /// Frontends adopted from the pinned maps that no apply has wanted yet.
     adopted: BTreeSet<Frontend4>,
     /// When the first complete view was applied: the orphans' grace period starts then.
@@ -421,6 +460,7 @@ impl<M: DatapathMaps> Syncer<M> {
             next_service_id: 1,
             next_backend_id: 1,
             ops: 0,
+            unprogrammed: BTreeSet::new(),
             adopted: contents.services.iter().map(|(key, _)| *key).collect(),
             first_view: None,
         };
@@ -550,6 +590,7 @@ impl<M: DatapathMaps> Syncer<M> {
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
+        self.unprogrammed.retain(|k| wanted.contains_key(k));
         self.apply_scoped(&wanted, stale, None, now)
     }
 
@@ -577,8 +618,12 @@ impl<M: DatapathMaps> Syncer<M> {
                 Some((f, plan)) => {
                     wanted.insert(key, (f, plan));
                 }
-                None if self.frontends.contains_key(&key) => stale.push(key),
-                None => {}
+                None => {
+                    self.unprogrammed.remove(&key);
+                    if self.frontends.contains_key(&key) {
+                        stale.push(key);
+                    }
+                }
             }
         }
         let drained = self
@@ -640,7 +685,10 @@ impl<M: DatapathMaps> Syncer<M> {
         for (key, (frontend, plan)) in wanted {
             match self.prepare(key, frontend, plan) {
                 Ok(p) => pending.push(p),
-                Err(error) => errors.push(error),
+                Err(error) => {
+                    self.unprogrammed.insert(*key);
+                    errors.push(error);
+                }
             }
         }
         // 2. Tables.
@@ -648,14 +696,23 @@ impl<M: DatapathMaps> Syncer<M> {
         // 3, 4, 5. Source ranges, reverse NAT, service entries.
         let mut unused_tables = Vec::new();
         for mut p in pending {
-            if !p.failed {
-                match self.write_entries(&mut p) {
-                    Ok(()) if p.table.is_none() && p.programmed.table.is_some() => {
-                        unused_tables.push(p.key);
+            let written = !p.failed
+                && match self.write_entries(&mut p) {
+                    Ok(()) => {
+                        if p.table.is_none() && p.programmed.table.is_some() {
+                            unused_tables.push(p.key);
+                        }
+                        true
                     }
-                    Ok(()) => {}
-                    Err(error) => errors.push(p.map_error(error)),
-                }
+                    Err(error) => {
+                        errors.push(p.map_error(error));
+                        false
+                    }
+                };
+            if written {
+                self.unprogrammed.remove(&p.key);
+            } else {
+                self.unprogrammed.insert(p.key);
             }
             self.frontends.insert(p.key, p.programmed);
         }
@@ -680,6 +737,7 @@ impl<M: DatapathMaps> Syncer<M> {
             map_ops: self.ops - ops_before,
             frontends: self.service_ids().count(),
             backends: self.backends.len(),
+            unprogrammed: self.unprogrammed.len(),
             orphans: self.adopted.len(),
             orphans_pruned,
             errors,
@@ -1103,7 +1161,10 @@ fn put<K: Ord, V>(
     value: V,
 ) -> Result<(), MapOpError> {
     if map.len() >= capacity && !map.contains_key(&key) {
-        return Err(MapOpError::Full { map: name });
+        return Err(MapOpError::Full {
+            map: name,
+            max_entries: capacity as u32,
+        });
     }
     map.insert(key, value);
     Ok(())
@@ -1191,6 +1252,7 @@ impl DatapathMaps for InMemoryMaps {
         if self.source_ranges.len() >= self.capacity && !self.source_ranges.contains(&key) {
             return Err(MapOpError::Full {
                 map: map_names::SOURCE_RANGES,
+                max_entries: self.capacity as u32,
             });
         }
         self.source_ranges.insert(key);

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::SocketAddrV4;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -307,7 +308,37 @@ impl Agent {
             interface.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(lb, ns, &all)
+        Self::spawn(lb, ns, &all, |_| {})
+    }
+
+    /// [`Agent::start`] with only the capabilities `keep` (numbers, e.g.
+    /// [`CAP_NET_ADMIN`]): every other one is dropped from the bounding set before `exec`, so
+    /// the agent (root) gets exactly these, permitted and effective.
+    pub fn start_with_capabilities(
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        keep: &[u32],
+    ) -> Result<Self> {
+        let args: Vec<OsString> = vec![
+            "--manifests".into(),
+            manifests.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        let mask = keep.iter().fold(0u64, |m, cap| m | 1 << cap);
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .context("read cap_last_cap")?
+            .trim()
+            .parse::<u32>()
+            .context("parse cap_last_cap")?;
+        Self::spawn(&lb_bin(), ns, &args, |cmd| {
+            // SAFETY: between fork and exec the closure makes only prctl(2) and capset(2)
+            // system calls on values computed before the fork; it does not allocate.
+            unsafe {
+                cmd.pre_exec(move || restrict_capabilities(mask, last));
+            }
+        })
     }
 
     /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
@@ -328,14 +359,19 @@ impl Agent {
             interface.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(&lb_bin(), ns, &all)
+        Self::spawn(&lb_bin(), ns, &all, |_| {})
     }
 
-    fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
+    fn spawn(
+        lb: &Path,
+        ns: &Netns,
+        args: &[OsString],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
-        let child = spawn_agent(lb, ns, args, pins.path(), &log)?;
+        let child = spawn_agent(lb, ns, args, pins.path(), &log, configure)?;
         Ok(Agent {
             child: std::sync::Mutex::new(child),
             lb: lb.to_owned(),
@@ -387,7 +423,7 @@ impl Agent {
         }
         let mut all = self.args.clone();
         all.extend(args.iter().map(OsString::from));
-        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log)?;
+        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log, |_| {})?;
         *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = child;
         self.lb = lb.to_owned();
         self.pins.lb = Some(lb.to_owned());
@@ -497,13 +533,23 @@ impl Agent {
 }
 
 /// Runs `LB agent ARGS... --pin-path PINS` in `ns`, its stdout and stderr appended to `log`.
-fn spawn_agent(lb: &Path, ns: &Netns, args: &[OsString], pins: &Path, log: &Path) -> Result<Child> {
+/// `configure` adjusts the command first (e.g. the capabilities it runs with).
+fn spawn_agent(
+    lb: &Path,
+    ns: &Netns,
+    args: &[OsString],
+    pins: &Path,
+    log: &Path,
+    configure: impl FnOnce(&mut Command),
+) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
-    ns.command(lb)
+    let mut command = ns.command(lb);
+    configure(&mut command);
+    command
         .arg("agent")
         .args(args)
         .arg("--pin-path")
@@ -534,6 +580,74 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let value = l.strip_prefix(name)?.strip_prefix(' ')?;
         value.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// CAP_NET_ADMIN: attaching XDP and TC programs.
+pub const CAP_NET_ADMIN: u32 = 12;
+/// CAP_PERFMON: what the verifier allows programs beyond CAP_BPF (pointer arithmetic).
+pub const CAP_PERFMON: u32 = 38;
+/// CAP_BPF: maps, programs, pins.
+pub const CAP_BPF: u32 = 39;
+
+/// In a child before `exec`: drops every capability not in `mask` (up to `last`) from the
+/// bounding set and the ambient set, and keeps `mask` as permitted, effective and
+/// inheritable. A root process gets its bounding set at `exec`: exactly `mask`.
+fn restrict_capabilities(mask: u64, last: u32) -> std::io::Result<()> {
+    let check = |r: libc::c_long| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    for cap in 0..=last {
+        if mask & 1 << cap == 0 {
+            // SAFETY: prctl with integer arguments.
+            check(
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) }.into(),
+            )?;
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        }
+        .into(),
+    )?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let half = |shift: u32| {
+        let bits = (mask >> shift) as u32;
+        Data {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        }
+    };
+    let data = [half(0), half(32)];
+    // SAFETY: capset with a version-3 header and its two data structs.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })
 }
 
 impl Drop for Agent {
