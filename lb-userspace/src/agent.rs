@@ -28,6 +28,7 @@ use crate::{
     desired::Frontend,
     eastwest::{PodInterfaces, SocketHooks},
     metrics::{self, Metrics, SyncOutcome},
+    migrate::Migration,
     model::NodeInfo,
     source::{
         Changes, NodeFacts, Source,
@@ -113,13 +114,36 @@ async fn serve<S: Source>(
     config: &AgentConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    // Maps of an older layout are converted into the new maps between the load and the
+    // attach, and once more after it (see `migrate`).
+    let mut migration =
+        Migration::plan(&config.pin_dir).context("looking for pinned maps of older versions")?;
     let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
+    for (from, to) in migration.conversions() {
+        info!(from, to, "converting a pinned map of an older version");
+    }
+    migration.copy().context("converting pinned maps")?;
     // Adopted before the programs are attached (or replaced): adoption fills maps the new
     // programs read and the old ones did not have (the pre-filter after an upgrade).
     let maps = datapath.take_maps()?;
     let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
+    }
+    for m in migration.finish().context("converting pinned maps")? {
+        let c = m.copied;
+        match m.to {
+            Some(to) => info!(
+                from = m.from,
+                to,
+                written = c.written,
+                present = c.present,
+                dropped = c.dropped,
+                failed = c.failed,
+                "converted; the old map is unpinned"
+            ),
+            None => info!(from = m.from, "not carried over; the old map is unpinned"),
+        }
     }
     datapath::accept_local_sources(&config.interface)?;
     let cgroup = config.socket_hooks.cgroup()?;
@@ -137,6 +161,7 @@ async fn serve<S: Source>(
         config,
         interface_addresses,
         metrics,
+        orphans_logged: false,
     };
 
     let mut term = signal(SignalKind::terminate())?;
@@ -171,9 +196,10 @@ async fn serve<S: Source>(
                 info!("retrying after errors");
                 retry = failed(agent.resync(&source), retry);
             }
-            // Removed backends are deleted by the first apply after their drain ends.
-            _ = sleep_until(agent.syncer.next_drain_deadline()) => {
-                debug!("a drain period ended");
+            // Removed backends are deleted by the first apply after their drain ends, and
+            // orphans after their grace period.
+            _ = sleep_until(agent.syncer.next_deadline()) => {
+                debug!("a drain or grace period ended");
                 let now = Instant::now();
                 retry = failed(agent.write(Some(&BTreeSet::new()), now, now), retry);
             }
@@ -191,6 +217,8 @@ struct Agent<'a, M> {
     config: &'a AgentConfig,
     interface_addresses: Vec<Ipv4Addr>,
     metrics: Arc<Metrics>,
+    /// Whether the orphans kept at the first view have been logged.
+    orphans_logged: bool,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -304,9 +332,25 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 unprogrammed: report.unprogrammed,
                 failed_maps: report.errors.iter().filter_map(SyncError::map).collect(),
                 first_error: report.errors.first().map(ToString::to_string),
+                map_ops: report.map_ops,
+                orphans: report.orphans,
             },
         );
         trace!(map_ops = report.map_ops, "written");
+        if report.orphans_pruned > 0 {
+            info!(
+                orphans = report.orphans_pruned,
+                "removed the pinned frontends that no view listed, after their grace period"
+            );
+        }
+        if report.orphans > 0 && !self.orphans_logged {
+            self.orphans_logged = true;
+            warn!(
+                orphans = report.orphans,
+                grace = ?self.config.sync.orphan_grace,
+                "pinned frontends the first complete view lacks: kept for the grace period"
+            );
+        }
         let summary = (report.map_ops, report.errors.len());
         if only.is_none() || summary != (0, 0) {
             info!(

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod maglev;
 pub mod manifest;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod plan;
 pub mod source;

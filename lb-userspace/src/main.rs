@@ -95,6 +95,11 @@ enum Command {
         /// TCP connections before its entry is deleted.
         #[arg(long, default_value_t = 60)]
         drain_secs: u64,
+        /// Seconds that frontends found pinned at start which the first complete view of the
+        /// source lacks (orphans, e.g. of a Service deleted while the agent was down) keep
+        /// working before they are removed.
+        #[arg(long, default_value_t = 60)]
+        orphan_grace_secs: u64,
         #[command(flatten)]
         east_west: Box<EastWestArgs>,
         #[command(flatten)]
@@ -278,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             selection,
             drain_secs,
             east_west,
+            orphan_grace_secs,
             capacity,
         } => {
             let EastWestArgs {
@@ -308,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
                     selection,
+                    orphan_grace: Duration::from_secs(orphan_grace_secs),
                 },
                 capacity: Capacity {
                     services: capacity.max_services,

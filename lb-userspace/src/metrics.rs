@@ -72,6 +72,10 @@ pub struct Metrics {
     pub map_write_errors: Family<MapLabel, Counter>,
     /// Wanted frontends the last sync could not program (or update), e.g. for a full map.
     pub frontends_unprogrammed: Gauge,
+    /// Map writes and deletes issued.
+    pub map_writes: Counter,
+    /// Frontends found pinned at start that no view has listed, kept for their grace period.
+    pub orphans: Gauge,
     /// Unix time of the last sync without errors.
     pub last_sync_seconds: Gauge<f64, AtomicU64>,
     /// 1 while the source is reachable (kube: the API server; manifests: the folder).
@@ -109,6 +113,8 @@ impl Metrics {
             watch_errors: Family::default(),
             map_write_errors: Family::default(),
             frontends_unprogrammed: Gauge::default(),
+            map_writes: Counter::default(),
+            orphans: Gauge::default(),
             last_sync_seconds: Gauge::default(),
             source_up: Gauge::default(),
             health: Mutex::new(Health {
@@ -160,6 +166,16 @@ impl Metrics {
             m.frontends_unprogrammed.clone(),
         );
         registry.register(
+            "lb_map_writes",
+            "Map writes and deletes issued (a restarted agent that finds the maps right issues none)",
+            m.map_writes.clone(),
+        );
+        registry.register(
+            "lb_orphan_frontends",
+            "Frontends found pinned at start that no view of the source has listed, kept for --orphan-grace-secs",
+            m.orphans.clone(),
+        );
+        registry.register(
             "lb_last_sync_timestamp_seconds",
             "Unix time of the last sync that wrote everything it had to",
             m.last_sync_seconds.clone(),
@@ -199,6 +215,8 @@ impl Metrics {
         for map in &report.failed_maps {
             self.map_write_errors.get_or_create(&MapLabel { map }).inc();
         }
+        self.map_writes.inc_by(report.map_ops as u64);
+        self.orphans.set(report.orphans as i64);
         if report.failed_maps.is_empty() {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -285,6 +303,10 @@ pub struct SyncOutcome {
     pub failed_maps: Vec<&'static str>,
     /// The first error, for /readyz.
     pub first_error: Option<String>,
+    /// Map writes and deletes issued.
+    pub map_ops: usize,
+    /// Orphaned frontends kept for their grace period.
+    pub orphans: usize,
 }
 
 /// Binds `addr` and serves /metrics, /healthz and /readyz on it until the runtime stops.
@@ -387,6 +409,7 @@ mod tests {
                 unprogrammed: 2,
                 failed_maps: vec!["LB_BACKEND4_V1"; 2],
                 first_error: Some("map LB_BACKEND4_V1 is full".into()),
+                ..SyncOutcome::default()
             },
         );
         assert_eq!(
@@ -414,6 +437,8 @@ mod tests {
                 unprogrammed: 1,
                 failed_maps: vec!["LB_BACKEND4_V1"],
                 first_error: None,
+                map_ops: 7,
+                orphans: 2,
             },
         );
         let text = m.encode();
@@ -422,6 +447,8 @@ mod tests {
             "lb_backends 5",
             "lb_map_write_errors_total{map=\"LB_BACKEND4_V1\"} 1",
             "lb_frontends_unprogrammed 1",
+            "lb_map_writes_total 7",
+            "lb_orphan_frontends 2",
             "lb_watch_errors_total{resource=\"services\"} 1",
             "lb_sync_duration_seconds_count 1",
             "lb_event_to_sync_seconds_count 1",

@@ -30,7 +30,10 @@
 //! and the next apply tries again. On start the bookkeeping is rebuilt from the pinned maps
 //! ([`Syncer::adopt`]), so a restarted agent rewrites nothing that is already right. The time
 //! a backend was removed is not in the maps: an adopted REMOVED backend drains for a whole
-//! period from the restart on (at most twice the period in all).
+//! period from the restart on (at most twice the period in all). Adopted frontends that the
+//! first complete view lacks (orphans: a Service deleted while the agent was down, or one the
+//! source has not delivered yet) keep working for a grace period (`SyncConfig::orphan_grace`)
+//! from that view on, and are removed after it unless a view lists them again.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -155,10 +158,16 @@ pub struct SyncConfig {
     pub drain: Duration,
     /// The selection of frontends whose Service does not choose one.
     pub selection: Selection,
+    /// How long frontends adopted from the pinned maps that the first complete view lacks
+    /// (orphans) keep working before they are removed, counted from that first view.
+    pub orphan_grace: Duration,
 }
 
 /// The default drain period of removed backends.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
+
+/// The default grace period of orphaned frontends.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(60);
 
 impl Default for SyncConfig {
     fn default() -> Self {
@@ -166,6 +175,7 @@ impl Default for SyncConfig {
             table_size: maglev::DEFAULT_TABLE_SIZE,
             drain: DEFAULT_DRAIN,
             selection: Selection::Maglev,
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
     }
 }
@@ -354,6 +364,11 @@ pub struct ApplyReport {
     /// Wanted frontends that are not programmed as wanted after the apply (their last
     /// write failed): missing, or still as they were before.
     pub unprogrammed: usize,
+    /// Orphans (adopted frontends no view has listed) kept for their grace period after
+    /// the apply.
+    pub orphans: usize,
+    /// Orphans this apply removed because their grace period ended.
+    pub orphans_pruned: usize,
     /// What failed (the rest was applied).
     pub errors: Vec<SyncError>,
 }
@@ -455,6 +470,10 @@ pub struct Syncer<M> {
     ops: usize,
     /// Wanted frontends whose last apply failed.
     unprogrammed: BTreeSet<Frontend4>,
+    /// Frontends adopted from the pinned maps that no apply has wanted yet.
+    adopted: BTreeSet<Frontend4>,
+    /// When the first complete view was applied: the orphans' grace period starts then.
+    first_view: Option<Instant>,
 }
 
 impl<M: DatapathMaps> Syncer<M> {
@@ -482,6 +501,8 @@ impl<M: DatapathMaps> Syncer<M> {
             next_backend_id: 1,
             ops: 0,
             unprogrammed: BTreeSet::new(),
+            adopted: contents.services.iter().map(|(key, _)| *key).collect(),
+            first_view: None,
         };
         let tables: HashMap<u32, &TableInfo> =
             contents.tables.iter().map(|(id, t)| (*id, t)).collect();
@@ -583,6 +604,22 @@ impl<M: DatapathMaps> Syncer<M> {
         self.removed.values().min().map(|t| *t + self.config.drain)
     }
 
+    /// When the orphans' grace period ends (while there are orphans): an apply after that
+    /// removes them.
+    pub fn next_orphan_deadline(&self) -> Option<Instant> {
+        let first_view = self.first_view?;
+        (!self.adopted.is_empty()).then(|| first_view + self.config.orphan_grace)
+    }
+
+    /// The earliest of [`Syncer::next_drain_deadline`] and [`Syncer::next_orphan_deadline`]:
+    /// when an apply of no change has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [self.next_drain_deadline(), self.next_orphan_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     /// Makes the maps hold `desired`, with the fewest writes, in the safe order.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         self.apply_at(desired, Instant::now())
@@ -599,6 +636,8 @@ impl<M: DatapathMaps> Syncer<M> {
             .iter()
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
+        // The first complete view: the orphans' grace period starts.
+        self.first_view.get_or_insert(now);
         let stale: Vec<Frontend4> = self
             .frontends
             .keys()
@@ -647,6 +686,19 @@ impl<M: DatapathMaps> Syncer<M> {
             .filter(|(_, since)| now >= **since + self.config.drain)
             .map(|(id, _)| *id);
         released.extend(drained);
+        // Orphans whose grace has ended go too (`desired` is complete: what it lacks is not
+        // wanted).
+        if self.next_orphan_deadline().is_some_and(|end| now >= end) {
+            let listed: BTreeSet<Frontend4> = desired.frontends.keys().map(|f| f.key()).collect();
+            for key in &self.adopted {
+                if !listed.contains(key) && !stale.contains(key) {
+                    stale.push(*key);
+                }
+                if let Some(p) = self.frontends.get(key) {
+                    released.extend(p.table.iter().flat_map(|t| t.key.backends.iter().copied()));
+                }
+            }
+        }
         self.apply_scoped(&wanted, stale, Some(released), now)
     }
 
@@ -666,6 +718,21 @@ impl<M: DatapathMaps> Syncer<M> {
     ) -> ApplyReport {
         let ops_before = self.ops;
         let mut errors = Vec::new();
+        for key in wanted.keys() {
+            self.adopted.remove(key);
+        }
+        // Orphans stay for their grace period (which starts with the first complete view).
+        let grace_over = self.next_orphan_deadline().is_some_and(|end| now >= end);
+        let stale: Vec<Frontend4> = stale
+            .into_iter()
+            .filter(|key| grace_over || !self.adopted.contains(key))
+            .collect();
+        let mut orphans_pruned = 0;
+        if grace_over {
+            orphans_pruned = stale.iter().filter(|k| self.adopted.contains(k)).count();
+            // From now on they are ordinary stale frontends (a failed removal is retried).
+            self.adopted.clear();
+        }
 
         // 1. Backends, and what each frontend is to become.
         let mut pending = Vec::with_capacity(wanted.len());
@@ -725,6 +792,8 @@ impl<M: DatapathMaps> Syncer<M> {
             frontends: self.service_ids().count(),
             backends: self.backends.len(),
             unprogrammed: self.unprogrammed.len(),
+            orphans: self.adopted.len(),
+            orphans_pruned,
             errors,
         }
     }
@@ -1870,6 +1939,85 @@ mod tests {
             .iter()
             .rposition(|op| op.starts_with("put_prefilter_word"));
         assert!(deleted < cleared, "{journal:?}");
+    }
+
+    #[test]
+    fn orphans_keep_working_for_the_grace_period_then_go() {
+        let mut s = syncer(1000);
+        let t0 = Instant::now();
+        let all = [(fe(1, 80), &[1, 2][..]), (fe(2, 80), &[2, 3][..])];
+        s.apply_at(&desired(&all), t0);
+        let before = s.maps().clone();
+
+        // Restarted while fe2's Service was deleted: the first view lacks it.
+        let mut restarted = Syncer::adopt_with(before.clone(), config()).unwrap();
+        let t1 = t0 + Duration::from_secs(5);
+        let first = restarted.apply_at(&desired(&all[..1]), t1);
+        assert_eq!(
+            (first.map_ops, first.orphans, first.orphans_pruned),
+            (0, 1, 0)
+        );
+        assert_eq!(programmed(restarted.maps()), programmed(&before));
+        let deadline = t1 + DEFAULT_ORPHAN_GRACE;
+        assert_eq!(restarted.next_orphan_deadline(), Some(deadline));
+        assert_eq!(restarted.next_deadline(), Some(deadline));
+
+        // Neither a resync nor an incremental apply within the grace removes it.
+        let almost = deadline - Duration::from_millis(1);
+        let resync = restarted.apply_at(&desired(&all[..1]), almost);
+        assert_eq!((resync.map_ops, resync.orphans), (0, 1));
+        let none: [&Frontend; 0] = [];
+        let changed = restarted.apply_changed(&desired(&all[..1]), none, almost);
+        assert_eq!((changed.map_ops, changed.orphans), (0, 1));
+        assert_eq!(programmed(restarted.maps()), programmed(&before));
+
+        // At the deadline an apply of no change (the agent's timer) removes it and collects
+        // its backend .3 (REMOVED, drained later); .2 stays for fe1.
+        let pruned = restarted.apply_changed(&desired(&all[..1]), none, deadline);
+        assert_eq!((pruned.orphans, pruned.orphans_pruned), (0, 1));
+        assert!(pruned.errors.is_empty(), "{:?}", pruned.errors);
+        assert_eq!(
+            programmed(restarted.maps()),
+            expect(&[(fe(1, 80), &[1, 2])])
+        );
+        assert_eq!(state_of(restarted.maps(), 3), Some(BACKEND_REMOVED));
+        assert_eq!(state_of(restarted.maps(), 2), Some(BACKEND_ACTIVE));
+        assert_eq!(restarted.next_orphan_deadline(), None);
+    }
+
+    #[test]
+    fn an_orphan_that_a_later_view_lists_is_kept_and_stale_frontends_go_at_once() {
+        let mut s = syncer(1000);
+        let t0 = Instant::now();
+        let all = [(fe(1, 80), &[1][..]), (fe(2, 80), &[2][..])];
+        s.apply_at(&desired(&all), t0);
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        // The first view lacks fe2 (an EndpointSlice not read yet); the next lists it again:
+        // it is adopted as it is, under its id, without a write.
+        let id2 = restarted.maps().services[&fe(2, 80).key()].id;
+        assert_eq!(restarted.apply_at(&desired(&all[..1]), t0).orphans, 1);
+        let report = restarted.apply_at(&desired(&all), t0 + Duration::from_secs(1));
+        assert_eq!((report.map_ops, report.orphans), (0, 0));
+        assert_eq!(restarted.next_orphan_deadline(), None);
+        assert_eq!(restarted.maps().services[&fe(2, 80).key()].id, id2);
+        // From then on it is an ordinary frontend: removed as soon as a view drops it.
+        let gone = restarted.apply_at(&desired(&all[..1]), t0 + Duration::from_secs(2));
+        assert_eq!((gone.orphans, gone.orphans_pruned), (0, 0));
+        assert_eq!(programmed(restarted.maps()), expect(&[(fe(1, 80), &[1])]));
+    }
+
+    #[test]
+    fn a_zero_grace_prunes_orphans_with_the_first_view() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(2, 80), &[2][..])]));
+        let no_grace = SyncConfig {
+            orphan_grace: Duration::ZERO,
+            ..config()
+        };
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), no_grace).unwrap();
+        let report = restarted.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        assert_eq!((report.orphans, report.orphans_pruned), (0, 1));
+        assert_eq!(programmed(restarted.maps()), expect(&[(fe(1, 80), &[1])]));
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::fs::File;
 use std::net::SocketAddrV4;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -59,6 +58,27 @@ pub fn find_lb_bin() -> Option<PathBuf> {
         .iter()
         .map(|profile| target.join(profile).join("lb"))
         .find(|bin| bin.is_file())
+}
+
+/// The older release the upgrade test starts from: a commit of this repository's history,
+/// which `cargo xtask build-old` (and `cargo xtask test`) builds as `target/release/lb-<commit>`.
+pub const OLD_RELEASE: &str = "a899f91";
+
+/// The older release's `lb` binary: `$LB_OLD_BIN` (set by `cargo xtask test`), else
+/// `target/release/lb-<OLD_RELEASE>`. Panics, saying how to build it, when there is none.
+pub fn old_lb_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LB_OLD_BIN") {
+        return bin.into();
+    }
+    let bin = workspace_dir()
+        .join("target/release")
+        .join(format!("lb-{OLD_RELEASE}"));
+    assert!(
+        bin.is_file(),
+        "no lb of the older release {OLD_RELEASE} (LB_OLD_BIN is not set and there is no {}):          build it from the git history with cargo xtask build-old, or run cargo xtask test",
+        bin.display()
+    );
+    bin
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is mounted already (a fresh machine has a plain
@@ -255,6 +275,8 @@ pub struct Agent {
     // A mutex so that the waits, which take `&self`, can notice that the agent exited.
     child: std::sync::Mutex<Child>,
     lb: PathBuf,
+    /// The arguments of `lb agent` but `--pin-path` and those given to a restart.
+    args: Vec<OsString>,
     log: PathBuf,
     // Dropped after `child` is stopped (see Drop).
     pins: PinDir,
@@ -362,30 +384,71 @@ impl Agent {
         args: &[OsString],
         configure: impl FnOnce(&mut Command),
     ) -> Result<Self> {
-        let hooks = args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup");
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
-        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut command = ns.command(lb);
-        configure(&mut command);
-        let child = command
-            .arg("agent")
-            .args(args)
-            .arg("--pin-path")
-            .arg(pins.path())
-            .args((!hooks).then_some("--no-cgroup"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("spawn {} agent in {}", lb.display(), ns.name()))?;
+        let child = spawn_agent(lb, ns, args, pins.path(), &log, configure)?;
         Ok(Agent {
             child: std::sync::Mutex::new(child),
             lb: lb.to_owned(),
+            args: args.to_vec(),
             log,
             pins,
         })
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up, as `kill -9` or an OOM kill) and
+    /// waits for it; its programs and maps stay pinned.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Stops the agent with SIGTERM (as a rolling update does) and waits for it to exit.
+    pub fn stop(&self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    fn signal(&self, signal: i32) -> Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if child.try_wait()?.is_none() {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+            if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("kill");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("lb agent did not exit on signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again, after it exited, on the same pin directory with the same
+    /// arguments plus `args`, with the binary `lb` (another version for an upgrade). Its
+    /// output goes on in the same log; `lb` runs every `lb` command from now on.
+    pub fn restart(&mut self, ns: &Netns, lb: &Path, args: &[&str]) -> Result<()> {
+        if let Some(status) = self.exit_status() {
+            let mut log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+            use std::io::Write as _;
+            writeln!(log, "--- exited ({status}); starting {} ---", lb.display())?;
+        } else {
+            bail!("lb agent {} is still running", self.pid());
+        }
+        let mut all = self.args.clone();
+        all.extend(args.iter().map(OsString::from));
+        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log, |_| {})?;
+        *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = child;
+        self.lb = lb.to_owned();
+        self.pins.lb = Some(lb.to_owned());
+        Ok(())
+    }
+
+    /// The `lb` binary the agent runs.
+    pub fn lb(&self) -> &Path {
+        &self.lb
     }
 
     /// Whether the agent is still running.
@@ -483,6 +546,41 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Runs `LB agent ARGS... --pin-path PINS` in `ns`, its stdout and stderr appended to `log`.
+/// `configure` adjusts the command first (e.g. the capabilities it runs with).
+fn spawn_agent(
+    lb: &Path,
+    ns: &Netns,
+    args: &[OsString],
+    pins: &Path,
+    log: &Path,
+    configure: impl FnOnce(&mut Command),
+) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    // This version's agent (not the older release's, which has no socket hooks) gets
+    // `--no-cgroup` unless ARGS choose (`--cgroup`): tests never attach the socket hooks to
+    // the machine's cgroup2 root, where they would translate every process's connections.
+    let current = lb.file_name() == Some("lb".as_ref());
+    let hooks = args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup");
+    let mut command = ns.command(lb);
+    configure(&mut command);
+    command
+        .arg("agent")
+        .args(args)
+        .arg("--pin-path")
+        .arg(pins)
+        .args((current && !hooks).then_some("--no-cgroup"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("spawn {} agent in {}", lb.display(), ns.name()))
 }
 
 /// The backends `lb services` lists for `frontend` (`address:port/PROTOCOL`), if it is
