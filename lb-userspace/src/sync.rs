@@ -1916,8 +1916,13 @@ mod tests {
         let first_service = journal.iter().position(|op| op.starts_with("put_service"));
         assert!(Some(words[0].0) < first_service, "{journal:?}");
 
-        // The counts survive a restart: removing one frontend keeps the bucket's bit.
-        let mut s = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        // The counts survive a restart: removing one frontend keeps the bucket's bit. (No
+        // orphan grace, so that the first view's removal is written at once.)
+        let no_grace = SyncConfig {
+            orphan_grace: Duration::ZERO,
+            ..config()
+        };
+        let mut s = Syncer::adopt_with(s.maps().clone(), no_grace).unwrap();
         let before = s.maps().journal.len();
         s.apply(&desired(&[(b, &[2][..])]));
         prefilter_exact(s.maps());

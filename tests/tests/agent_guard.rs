@@ -15,7 +15,7 @@ echo "$@" >> "$0.calls"
 case "$1" in
 agent)
     echo "netns $(readlink /proc/self/ns/net)" >> "$0.calls"
-    for arg; do pins=$arg; done  # the last argument: --pin-path's value
+    prev=; for arg; do [ "$prev" = --pin-path ] && pins=$arg; prev=$arg; done
     [ -d "$pins" ] && echo "pin dir visible" >> "$0.calls"
     trap 'echo TERM >> "$0.calls"; exit 0' TERM
     touch "$0.ready"
