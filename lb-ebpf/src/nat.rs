@@ -356,6 +356,11 @@ pub(crate) fn reply(ctx: &XdpContext, why: u32) -> Option<u32> {
     match why {
         reason::NOT_FRONTEND => {
             let pkt = parse_ipv4(ctx).ok()?;
+            // Only ports of the NAT range are ever allocated: every other packet that is not
+            // for a frontend (most of a node's traffic) passes without a NAT lookup.
+            if !(nat::PORT_MIN..=nat::PORT_MAX).contains(&u16::from_be(pkt.l4.dport)) {
+                return None;
+            }
             let ip = pkt.ip;
             let key = Nat4Key {
                 saddr: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
