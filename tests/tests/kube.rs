@@ -406,8 +406,12 @@ fn cut_watches_and_expired_resource_versions_converge_without_a_flush() {
 
     // 3. With bookmarks, a watcher's resourceVersion moves with the cluster's even when its
     //    own objects do not change: after a compaction and a bookmark it resumes without 410.
+    //    Every watcher first has a watch open again (a bookmark since part 2; one still
+    //    between its relist and its watch would get 410 from the compaction), and each gets
+    //    a bookmark after the compaction before the cut.
+    wait_bookmarks(&c, "every watch open again after the relists");
     c.api.compact();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_bookmarks(&c, "a bookmark after the compaction");
     let before = c.api.requests();
     c.api.cut_connections();
     c.api
@@ -420,6 +424,26 @@ fn cut_watches_and_expired_resource_versions_converge_without_a_flush() {
         "bookmarks kept the watches current"
     );
     assert_eq!(after.lists, before.lists);
+}
+
+/// Waits until a watch of each of the three resources has sent a bookmark since now.
+fn wait_bookmarks(c: &Cluster, what: &str) {
+    let since = c.api.requests().bookmarks;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = c.api.requests().bookmarks;
+        let fresh = ["services", "endpointslices", "nodes"]
+            .iter()
+            .all(|r| now.get(*r).copied().unwrap_or(0) > since.get(*r).copied().unwrap_or(0));
+        if fresh {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: bookmarks {since:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls until `WEB` has `new` backends. Nothing is flushed on the way: every state seen has
