@@ -58,6 +58,12 @@ pub enum EastWestError {
         #[source]
         source: io::Error,
     },
+    /// The `--cgroup` directory is not in a cgroup2 hierarchy.
+    #[error(
+        "{0} is not a cgroup2 directory: give --cgroup a directory of the cgroup2 hierarchy \
+         (the host's /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)"
+    )]
+    NotCgroup2(PathBuf),
     /// A pattern of `--pod-interfaces` is empty.
     #[error("empty --pod-interfaces pattern")]
     EmptyPattern,
@@ -98,6 +104,18 @@ impl SocketHooks {
             SocketHooks::At(path) => Ok(Some(path.clone())),
         }
     }
+}
+
+/// Whether the open directory is on a cgroup2 file system.
+fn is_cgroup2(dir: &std::fs::File) -> io::Result<bool> {
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs(2) on an open descriptor, writing into a statfs-sized buffer.
+    if unsafe { libc::fstatfs(dir.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled the buffer (zeroed before in any case).
+    let fs = unsafe { fs.assume_init() };
+    Ok(fs.f_type == libc::CGROUP2_SUPER_MAGIC)
 }
 
 /// The root of the cgroup2 hierarchy: the first cgroup2 mount in /proc/mounts, or, when
@@ -232,6 +250,9 @@ impl Datapath {
                 source,
             };
             let dir = std::fs::File::open(cgroup).map_err(err)?;
+            if !is_cgroup2(&dir).map_err(err)? {
+                return Err(EastWestError::NotCgroup2(cgroup.to_owned()));
+            }
             let inode = dir.metadata().map_err(err)?.ino();
             let shown = cgroup.display().to_string();
             for (program, pin) in SOCK_HOOKS {
@@ -498,6 +519,18 @@ fn link_notifications() -> Result<OwnedFd, EastWestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_cgroup2_directories_are_cgroup2() {
+        let tmp = std::fs::File::open(std::env::temp_dir()).unwrap();
+        assert!(!is_cgroup2(&tmp).unwrap());
+        let proc = std::fs::File::open("/proc").unwrap();
+        assert!(!is_cgroup2(&proc).unwrap());
+        // The hierarchy the agent hooks by default (the machines we test on have cgroup2).
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = find_cgroup2(&mounts).expect("a cgroup2 mount");
+        assert!(is_cgroup2(&std::fs::File::open(root).unwrap()).unwrap());
+    }
 
     #[test]
     fn globs_match_like_shell_patterns() {

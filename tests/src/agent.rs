@@ -327,21 +327,23 @@ impl Agent {
         Self::spawn(lb, ns, &all, |_| {})
     }
 
-    /// [`Agent::start`] with only the capabilities `keep` (numbers, e.g.
-    /// [`CAP_NET_ADMIN`]): every other one is dropped from the bounding set before `exec`, so
-    /// the agent (root) gets exactly these, permitted and effective.
+    /// [`Agent::start`] with `extra` arguments and only the capabilities `keep` (numbers,
+    /// e.g. [`CAP_NET_ADMIN`]): every other one is dropped from the bounding set before
+    /// `exec`, so the agent (root) gets exactly these, permitted and effective.
     pub fn start_with_capabilities(
         ns: &Netns,
         manifests: &Path,
         interface: &str,
+        extra: &[&str],
         keep: &[u32],
     ) -> Result<Self> {
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "--manifests".into(),
             manifests.into(),
             "--interface".into(),
             interface.into(),
         ];
+        args.extend(extra.iter().map(OsString::from));
         let mask = keep.iter().fold(0u64, |m, cap| m | 1 << cap);
         let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .context("read cap_last_cap")?

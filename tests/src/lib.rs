@@ -10,6 +10,9 @@ pub mod agent;
 pub mod backends;
 #[cfg(feature = "bench")]
 pub mod bench;
+// Uses the agent's library (to find the cgroup2 root), like the benchmarks.
+#[cfg(feature = "bench")]
+pub mod cgroup;
 pub mod churn;
 pub mod client;
 pub mod conns;
@@ -21,6 +24,8 @@ pub mod topology;
 
 pub use agent::{Agent, Explanation, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
 pub use backends::{HttpServer, UdpEchoServer};
+#[cfg(feature = "bench")]
+pub use cgroup::Cgroup;
 pub use churn::{Churn, ChurnCounts};
 pub use client::{
     Tally, ensure_all_served, http_get, http_request, http_tally, udp_request, udp_tally,

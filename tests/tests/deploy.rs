@@ -65,23 +65,36 @@ fn the_daemonset_runs_the_agent_with_three_capabilities_on_the_host_bpffs() {
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
 
-    let bpffs = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| {
-            v.host_path
-                .as_ref()
-                .is_some_and(|h| h.path == "/sys/fs/bpf")
-        })
-        .expect("a hostPath volume of /sys/fs/bpf");
-    let mount = agent
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.name == bpffs.name)
-        .expect("the bpffs volume is mounted");
-    assert_eq!(mount.mount_path, "/sys/fs/bpf");
+    // Where the host's directory `host` is mounted in the agent's container.
+    let mounted = |host: &str| {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == host))
+            .unwrap_or_else(|| panic!("a hostPath volume of {host}"));
+        agent
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .unwrap_or_else(|| panic!("the volume of {host} is mounted"))
+            .mount_path
+            .clone()
+    };
+    assert_eq!(mounted("/sys/fs/bpf"), "/sys/fs/bpf");
+    // The socket hooks go on the host's cgroup2 root, not on the container's own cgroup
+    // namespace.
+    let host_cgroup = mounted("/sys/fs/cgroup");
+    let args = agent.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&format!("--cgroup={host_cgroup}")),
+        "{args:?}"
+    );
+    assert!(
+        args.iter().any(|a| a.starts_with("--pod-interfaces=")),
+        "{args:?}"
+    );
 
     // Every flag is one `lb agent` accepts, and the probes use the metrics address.
     let args = agent.args.clone().unwrap_or_default();

@@ -6,18 +6,14 @@
 //! root), never on the root: other tests use the same ClusterIPs at the same time. The
 //! clients that must be hooked are processes (`lb-probe`) started in that cgroup.
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_tests::manifests::Condition;
-use lb_tests::netns::{self, unique_name};
 use lb_tests::{
-    Agent, ClusterIpService, Folder, NODE_IF, Netns, Topology, UDP_PORT, ensure_all_served,
+    Agent, Cgroup, ClusterIpService, Folder, NODE_IF, Netns, Topology, UDP_PORT, ensure_all_served,
     examples_dir, http_get, http_tally, lb_bin, udp_tally,
 };
 
@@ -26,82 +22,6 @@ const HTTP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const HTTP_SERVICE_PORT: u16 = 8080;
 /// The UDP ClusterIP of `examples/echo-udp.yaml`.
 const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
-
-/// A child cgroup of the cgroup2 root, removed on drop (once its processes are gone).
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn new() -> Self {
-        let root = lb_userspace::eastwest::cgroup2_root().expect("cgroup2");
-        remove_stale_cgroups(&root);
-        let path = root.join(unique_name("cgroup"));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Cgroup { path }
-    }
-
-    fn path(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 path")
-    }
-
-    /// A command that runs in `ns` and in this cgroup: the child writes "0" (itself) to
-    /// cgroup.procs before exec, so every socket it opens is hooked.
-    fn command(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let procs = self.path.join("cgroup.procs");
-        let procs = File::options()
-            .write(true)
-            .open(&procs)
-            .unwrap_or_else(|e| panic!("open {}: {e}", procs.display()));
-        let mut cmd = ns.command(program);
-        // SAFETY: between fork and exec the closure only calls write(2), which is
-        // async-signal-safe, on an fd opened before the fork; it does not allocate.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        remove_cgroup(&self.path);
-    }
-}
-
-/// Removes a cgroup directory, waiting (up to 5 s) for its last processes to be reaped.
-fn remove_cgroup(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match std::fs::remove_dir(path) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) if Instant::now() > deadline => {
-                eprintln!("cleanup: rmdir {}: {e}", path.display());
-                return;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// Removes the cgroups of killed test runs (`lbt-<pid>-...` whose process is gone).
-fn remove_stale_cgroups(root: &Path) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            if netns::is_stale(&entry.file_name().to_string_lossy()) {
-                eprintln!("removing stale cgroup {}", entry.path().display());
-                remove_cgroup(&entry.path());
-            }
-        }
-    });
-}
 
 /// One answer `lb-probe` printed: the peer or source address the application saw, and the
 /// body or reply.
@@ -126,6 +46,7 @@ fn probe_result(
 ) -> Result<Vec<Answer>, String> {
     let out = cgroup
         .command(ns, env!("CARGO_BIN_EXE_lb-probe"))
+        .map_err(|e| format!("{e:#}"))?
         .args([mode, &target.to_string(), &n.to_string()])
         .output()
         .expect("spawn lb-probe");
@@ -192,7 +113,7 @@ fn start_with_hooks(topology: &Topology, cgroup: &Cgroup, manifests: &Path) -> A
 #[test]
 fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     let topology = Topology::new(2).unwrap();
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::new().unwrap();
     let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
     agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
     wait_for_links(&agent, "the four socket hooks", |names| {
@@ -245,7 +166,7 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
 #[test]
 fn udp_replies_read_as_coming_from_the_cluster_ip() {
     let topology = Topology::new(2).unwrap();
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::new().unwrap();
     let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
     agent.wait_for(&["10.96.0.12:5353/UDP"], 2).unwrap();
 
@@ -276,7 +197,7 @@ fn a_pod_reaches_a_service_backed_by_itself_and_an_empty_service_refuses() {
         .unwrap();
     let empty = ClusterIpService::http("empty", [10, 96, 5, 2], 80);
     empty.write(&folder, &[]).unwrap();
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::new().unwrap();
     let agent = start_with_hooks(&topology, &cgroup, folder.path());
     agent.wait_for(&[&own.frontend()], 1).unwrap();
     agent.wait_for(&[&empty.frontend()], 0).unwrap();

@@ -5,10 +5,11 @@
 //! Needs root, network namespaces and bpffs (mounted if missing).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use lb_tests::agent::{CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, OPS_ADDR, metric, ops};
 use lb_tests::{
-    Agent, ClusterIpService, Condition, Folder, HttpServer, NODE_IF, NODE_IP, Topology,
+    Agent, Cgroup, ClusterIpService, Condition, Folder, HttpServer, NODE_IF, NODE_IP, Topology,
     ensure_all_served, http_get, http_request, http_tally, lb_bin, udp_request,
 };
 
@@ -25,6 +26,9 @@ fn capabilities(pid: u32) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The whole agent, as deploy/daemonset.yaml runs it: XDP and TC on the node's interface, the
+/// socket hooks on a cgroup (the DaemonSet's is the host's root), TC on the pods'
+/// interfaces.
 #[test]
 fn the_agent_works_with_cap_bpf_cap_perfmon_and_cap_net_admin_only() {
     let topology = Topology::new(2).expect("topology");
@@ -36,9 +40,16 @@ fn the_agent_works_with_cap_bpf_cap_perfmon_and_cap_net_admin_only() {
         .map(|p| (p, Condition::Ready))
         .collect();
     svc.write(&folder, &pods).unwrap();
+    let cgroup = Cgroup::new().unwrap();
     let keep = [CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN];
-    let agent =
-        Agent::start_with_capabilities(&topology.node, folder.path(), NODE_IF, &keep).unwrap();
+    let agent = Agent::start_with_capabilities(
+        &topology.node,
+        folder.path(),
+        NODE_IF,
+        &["--cgroup", cgroup.path(), "--pod-interfaces", "veth-pod*"],
+        &keep,
+    )
+    .unwrap();
     let mask = keep.iter().fold(0u64, |m, cap| m | 1 << cap);
     let caps = capabilities(agent.pid());
     for set in ["CapPrm", "CapEff", "CapBnd"] {
@@ -50,8 +61,46 @@ fn the_agent_works_with_cap_bpf_cap_perfmon_and_cap_net_admin_only() {
     assert!(caps.contains(&("CapAmb".to_owned(), 0)), "{caps:x?}");
 
     agent.wait_for(&[&svc.frontend()], 2).unwrap();
+    // North-south, through XDP.
     let tally = http_tally(&topology.client, svc.cluster_ip, svc.port, 20).unwrap();
     ensure_all_served(&tally, &topology.pod_names()).unwrap();
+    // A process in the hooked cgroup, through connect4 and getpeername4.
+    let frontend = SocketAddr::from((svc.cluster_ip, svc.port));
+    let out = cgroup
+        .command(&topology.pods[0].ns, env!("CARGO_BIN_EXE_lb-probe"))
+        .unwrap()
+        .args(["tcp", &frontend.to_string(), "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().count() == 4,
+        "lb-probe: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    assert!(
+        stdout
+            .lines()
+            .all(|l| l.starts_with(&format!("{frontend} pod"))),
+        "{stdout}"
+    );
+    // A thread of this test in a pod (no hooked cgroup), through TC on the pod's interface
+    // (the agent attaches it once it has seen the interface).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (body, peer) = loop {
+        match http_get(&topology.pods[1].ns, svc.cluster_ip, svc.port) {
+            Ok(answer) => break answer,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "pod2 -> {frontend}: {e:#}\n{}",
+                agent.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(peer, frontend);
+    assert!(topology.pod_names().contains(&body), "{body}");
     let (status, _) = ops(&topology.node, "/readyz").unwrap();
     assert_eq!(status, 200, "{}", agent.log());
     agent.ensure_running().unwrap();

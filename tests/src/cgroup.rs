@@ -1,0 +1,94 @@
+//! A cgroup2 directory of the test's own, for the socket hooks: `lbt-<pid>-<n>-cgroup` under
+//! the cgroup2 root, never the root itself (other tests use the same ClusterIPs at the same
+//! time), removed on drop and, for killed runs, by the next test that makes one.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::netns::{self, Netns, unique_name};
+
+/// A child cgroup of the cgroup2 root, removed on drop (once its processes are gone).
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `lbt-<pid>-<n>-cgroup` under the cgroup2 root (removing those of killed runs
+    /// first).
+    pub fn new() -> Result<Self> {
+        let root = lb_userspace::eastwest::cgroup2_root().context("find cgroup2")?;
+        remove_stale_cgroups(&root);
+        let path = root.join(unique_name("cgroup"));
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    /// The directory, for `lb agent --cgroup` (the cgroup2 root and the test's name are
+    /// UTF-8).
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap_or_default()
+    }
+
+    /// A command that runs in `ns` and in this cgroup: the child writes "0" (itself) to
+    /// cgroup.procs before exec, so every socket it opens is hooked.
+    pub fn command(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let procs = self.path.join("cgroup.procs");
+        let procs = File::options()
+            .write(true)
+            .open(&procs)
+            .with_context(|| format!("open {}", procs.display()))?;
+        let mut cmd = ns.command(program);
+        // SAFETY: between fork and exec the closure only calls write(2), which is
+        // async-signal-safe, on an fd opened before the fork; it does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+/// Removes a cgroup directory, waiting (up to 5 s) for its last processes to be reaped.
+fn remove_cgroup(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("cleanup: rmdir {}: {e}", path.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Removes the cgroups of killed test runs (`lbt-<pid>-...` whose process is gone).
+fn remove_stale_cgroups(root: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            if netns::is_stale(&entry.file_name().to_string_lossy()) {
+                eprintln!("removing stale cgroup {}", entry.path().display());
+                remove_cgroup(&entry.path());
+            }
+        }
+    });
+}
