@@ -78,9 +78,13 @@ pub mod map_names {
     /// LRU hash map [`crate::SockAffinityKey`] -> [`crate::AffinityEntry`]:
     /// sessionAffinity ClientIP at the socket hooks, where the client is a network namespace.
     pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
+    /// Per-CPU array indexed by [`crate::table_event`] -> `u64`: entries the datapath
+    /// inserted into its LRU tables (other than conntrack's, counted as events), from which
+    /// the agent derives their evictions.
+    pub const TABLE_EVENTS: &str = "LB_TABLEEVENT_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -98,6 +102,7 @@ pub mod map_names {
         NAT_EVENTS,
         SOCKETS,
         SOCK_AFFINITY,
+        TABLE_EVENTS,
     ];
 }
 
@@ -607,6 +612,19 @@ pub mod nat_event {
         "icmp_nat",
         "icmp_local",
     ];
+}
+
+/// Indexes of [`map_names::TABLE_EVENTS`]: new keys the datapath inserted into its LRU
+/// tables. Only the datapath inserts and nothing deletes, so `evictions = inserts - entries`
+/// (the kernel evicts the least recently used entries of a full LRU map without a trace).
+pub mod table_event {
+    /// New sessionAffinity entries in [`crate::map_names::AFFINITY`] (XDP and TC).
+    pub const AFFINITY_INSERTS: u32 = 0;
+    /// New sessionAffinity entries in [`crate::map_names::SOCK_AFFINITY`] (socket hooks).
+    pub const SOCK_AFFINITY_INSERTS: u32 = 1;
+
+    /// Number of counters: the size of the array.
+    pub const COUNT: u32 = 2;
 }
 
 /// Key of [`map_names::SOCKETS`]: a socket and an address it exchanged data with.

@@ -35,7 +35,7 @@ use lb_common::{
     CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry,
     Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity,
-    csum, event, flow_hash, maglev, prefilter, reason,
+    csum, event, flow_hash, maglev, prefilter, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -64,6 +64,8 @@ static LB_BESTAT_V1: PerCpuHashMap<u32, ServiceStats> =
     PerCpuHashMap::pinned(capacity::BACKENDS, 0);
 #[map]
 static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+#[map]
+static LB_TABLEEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(table_event::COUNT, 0);
 #[map]
 static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -315,17 +317,19 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
         service_id: svc.id,
         client: key.saddr,
     };
-    select_with_affinity(svc, &LB_AFFINITY4_V1, &client, || {
+    let affinity = (&LB_AFFINITY4_V1, table_event::AFFINITY_INSERTS);
+    select_with_affinity(svc, affinity, &client, || {
         flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
     })
 }
 
 /// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
-/// `hash`; records the choice for the client when the service has affinity.
+/// `hash`; records the choice for the client when the service has affinity, counting a new
+/// entry under `inserts` (a [`table_event`]).
 #[inline(always)]
 pub(crate) fn select_with_affinity<K>(
     svc: &Service,
-    map: &LruHashMap<K, AffinityEntry>,
+    (map, inserts): (&LruHashMap<K, AffinityEntry>, u32),
     client: &K,
     hash: impl FnOnce() -> u32,
 ) -> Result<Chosen, Verdict> {
@@ -368,7 +372,11 @@ pub(crate) fn select_with_affinity<K>(
         match affinity {
             Some(entry) => unsafe { *entry = fresh },
             // Best effort: without an entry the client's next flow uses the table.
-            None => drop(map.insert(client, &fresh, BPF_ANY as u64)),
+            None => {
+                if map.insert(client, &fresh, BPF_ANY as u64).is_ok() {
+                    bump(&LB_TABLEEVENT_V1, inserts);
+                }
+            }
         }
     }
     Ok(chosen)

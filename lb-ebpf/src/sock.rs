@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, CT_FORWARD, CT_REPLY, Frontend4, PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL,
-    Service, SockAffinityKey, SockEntry, SockKey, capacity, flow_hash, reason,
+    Service, SockAffinityKey, SockEntry, SockKey, capacity, flow_hash, reason, table_event,
 };
 
 use crate::{
@@ -107,7 +107,8 @@ fn socket_backend(
         _pad: 0,
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
-    let chosen = select_with_affinity(svc, &LB_SOCKAFF4_V1, &client, || {
+    let affinity = (&LB_SOCKAFF4_V1, table_event::SOCK_AFFINITY_INSERTS);
+    let chosen = select_with_affinity(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
         flow_hash(folded, frontend.addr, 0, frontend.port, frontend.proto)
     })?;

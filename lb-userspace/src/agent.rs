@@ -12,7 +12,7 @@
 //! the programs and maps pinned, so traffic keeps flowing; `lb teardown` removes them.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
-    datapath::{self, Capacity, Datapath, interface_index},
+    datapath::{self, Capacity, Counters, Datapath, DatapathError, TableFill, interface_index},
     desired::Frontend,
     eastwest::{PodInterfaces, SocketHooks},
     metrics::{self, Metrics, SyncOutcome},
@@ -150,6 +150,7 @@ async fn serve<S: Source>(
     for (program, outcome) in datapath.attach_cgroup(cgroup.as_deref())? {
         info!(program, cgroup = %cgroup.as_deref().unwrap_or(Path::new("")).display(), ?outcome, "attached");
     }
+    watch_tables(&config.pin_dir)?;
     let mut pods = PodInterfaces::new(config.pod_interfaces.clone())?;
     for e in pods.attach_pods_at_start(&mut datapath) {
         warn!("{e}");
@@ -206,6 +207,51 @@ async fn serve<S: Source>(
         }
     }
     info!("exiting; the datapath stays attached (`lb teardown` removes it)");
+    Ok(())
+}
+
+/// How often [`watch_tables`] looks at the LRU tables the datapath fills.
+const TABLE_CHECK: Duration = Duration::from_secs(10);
+
+/// Warns, from a thread of its own (a pass over a full conntrack table takes a while), when
+/// a table the datapath fills is full: the kernel then evicts its least recently used
+/// entries to make room, without a trace but the counts (`lb_table_evictions_total`).
+fn watch_tables(pin_dir: &Path) -> anyhow::Result<()> {
+    let counters = Counters::open_pinned(pin_dir)?;
+    let read = move || -> Result<Vec<TableFill>, DatapathError> {
+        counters.tables(&counters.conntrack()?)
+    };
+    let mut last: BTreeMap<&'static str, u64> =
+        read()?.into_iter().map(|t| (t.map, t.evictions)).collect();
+    std::thread::Builder::new()
+        .name("table-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TABLE_CHECK);
+                let tables = match read() {
+                    Ok(tables) => tables,
+                    Err(e) => {
+                        warn!("reading the datapath's tables: {e}");
+                        continue;
+                    }
+                };
+                for t in tables {
+                    let before = last.insert(t.map, t.evictions).unwrap_or(0);
+                    if t.evictions > before {
+                        warn!(
+                            "map {} is full ({} of {} entries): {} least recently used entries \
+                             evicted in {} s; raise {}",
+                            t.map,
+                            t.entries,
+                            t.capacity,
+                            t.evictions - before,
+                            TABLE_CHECK.as_secs(),
+                            t.flag()
+                        );
+                    }
+                }
+            }
+        })?;
     Ok(())
 }
 

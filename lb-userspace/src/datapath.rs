@@ -27,9 +27,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4,
-    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, event, maglev, map_names,
-    program_names,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell,
+    RevNat4, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SockAffinityKey, SourceRange4, capacity,
+    event, maglev, map_names, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -181,8 +181,8 @@ pub fn capacity_flag(map: &str) -> Option<&'static str> {
             Some("--max-services")
         }
         map_names::BACKENDS | map_names::BACKEND_STATS => Some("--max-backends"),
-        map_names::CONNTRACK => Some("--max-conntrack"),
-        map_names::AFFINITY => Some("--max-affinity"),
+        map_names::CONNTRACK | map_names::NAT | map_names::SOCKETS => Some("--max-conntrack"),
+        map_names::AFFINITY | map_names::SOCK_AFFINITY => Some("--max-affinity"),
         _ => None,
     }
 }
@@ -956,6 +956,55 @@ pub struct Counters {
     nat_events: PerCpuArray<MapData, u64>,
     backends: PerCpuHashMap<MapData, u32, ServiceStats>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
+    /// The affinity tables with their insert counters; `None` when pinned by an agent
+    /// older than the counters (until the current one starts).
+    affinity: Option<AffinityTables>,
+}
+
+struct AffinityTables {
+    inserts: PerCpuArray<MapData, u64>,
+    datapath: HashMap<MapData, AffinityKey, AffinityEntry>,
+    sockets: HashMap<MapData, SockAffinityKey, AffinityEntry>,
+}
+
+/// How full an LRU table of the datapath is. The datapath adds entries itself; when the
+/// table is full the kernel evicts the least recently used ones to make room, silently:
+/// the evictions follow from the datapath's insert counters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableFill {
+    /// The map.
+    pub map: &'static str,
+    /// Entries in it now.
+    pub entries: u64,
+    /// Its `max_entries`.
+    pub capacity: u32,
+    /// Entries evicted to make room: inserts - deletes - entries.
+    pub evictions: u64,
+}
+
+impl TableFill {
+    /// The `lb agent` flag that sizes the table.
+    pub fn flag(&self) -> &'static str {
+        capacity_flag(self.map).unwrap_or("--max-*")
+    }
+}
+
+/// The entries of an LRU hash map (one pass over the keys) and its `max_entries`.
+fn occupancy<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<(u64, u32), DatapathError> {
+    let mut entries = 0u64;
+    for key in map.keys() {
+        match key {
+            Ok(_) => entries += 1,
+            // An entry evicted while the keys are walked.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    let capacity = map.map().info().map_err(map_err(name))?.max_entries();
+    Ok((entries, capacity))
 }
 
 /// Conntrack figures: entries now, and what came and went.
@@ -991,7 +1040,21 @@ impl Counters {
         let nat_events = open(map_names::NAT_EVENTS, Map::PerCpuArray)?;
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
+        let affinity = if pin_dir.join(map_names::TABLE_EVENTS).exists() {
+            let inserts = open(map_names::TABLE_EVENTS, Map::PerCpuArray)?;
+            let datapath = open(map_names::AFFINITY, Map::LruHashMap)?;
+            let sockets = open(map_names::SOCK_AFFINITY, Map::LruHashMap)?;
+            Some(AffinityTables {
+                inserts: PerCpuArray::try_from(inserts)
+                    .map_err(map_err(map_names::TABLE_EVENTS))?,
+                datapath: HashMap::try_from(datapath).map_err(map_err(map_names::AFFINITY))?,
+                sockets: HashMap::try_from(sockets).map_err(map_err(map_names::SOCK_AFFINITY))?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            affinity,
             services: PerCpuArray::try_from(services).map_err(map_err(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(reasons).map_err(map_err(map_names::REASON_STATS))?,
             events: PerCpuArray::try_from(events).map_err(map_err(map_names::EVENTS))?,
@@ -1061,15 +1124,7 @@ impl Counters {
 
     /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.
     pub fn conntrack(&self) -> Result<ConntrackStats, DatapathError> {
-        let mut entries = 0u64;
-        for key in self.conntrack.keys() {
-            match key {
-                Ok(_) => entries += 1,
-                // An entry evicted while the keys are walked.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
-            }
-        }
+        let (entries, _) = occupancy(&self.conntrack, map_names::CONNTRACK)?;
         let events = self.events()?;
         let inserts = events[event::CT_INSERTS as usize];
         let deletes = events[event::CT_DELETES as usize];
@@ -1079,6 +1134,54 @@ impl Counters {
             deletes,
             evictions: inserts.saturating_sub(deletes).saturating_sub(entries),
         })
+    }
+}
+
+impl Counters {
+    /// How full the tables the datapath fills are: conntrack (from `conntrack`, read
+    /// before) and the two sessionAffinity tables (one pass over each).
+    pub fn tables(&self, conntrack: &ConntrackStats) -> Result<Vec<TableFill>, DatapathError> {
+        let capacity = self
+            .conntrack
+            .map()
+            .info()
+            .map_err(map_err(map_names::CONNTRACK))?
+            .max_entries();
+        let mut tables = vec![TableFill {
+            map: map_names::CONNTRACK,
+            entries: conntrack.entries,
+            capacity,
+            evictions: conntrack.evictions,
+        }];
+        if let Some(affinity) = &self.affinity {
+            let inserts = Self::sums(
+                &affinity.inserts,
+                map_names::TABLE_EVENTS,
+                table_event::COUNT,
+            )?;
+            let datapath = occupancy(&affinity.datapath, map_names::AFFINITY)?;
+            let sockets = occupancy(&affinity.sockets, map_names::SOCK_AFFINITY)?;
+            for (map, (entries, capacity), inserted) in [
+                (
+                    map_names::AFFINITY,
+                    datapath,
+                    inserts[table_event::AFFINITY_INSERTS as usize],
+                ),
+                (
+                    map_names::SOCK_AFFINITY,
+                    sockets,
+                    inserts[table_event::SOCK_AFFINITY_INSERTS as usize],
+                ),
+            ] {
+                tables.push(TableFill {
+                    map,
+                    entries,
+                    capacity,
+                    evictions: inserted.saturating_sub(entries),
+                });
+            }
+        }
+        Ok(tables)
     }
 }
 

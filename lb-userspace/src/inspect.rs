@@ -9,7 +9,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError},
+    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill},
     desired::Frontend,
     explain::state_name,
     sync::{DatapathMaps as _, MapContents, MapOpError},
@@ -177,6 +177,8 @@ pub struct StatsReport {
     pub conntrack: ConntrackStats,
     /// Reasons and events that are not zero, by name.
     pub counters: Vec<(&'static str, u64)>,
+    /// How full the LRU tables the datapath fills are (conntrack, sessionAffinity).
+    pub tables: Vec<TableFill>,
 }
 
 /// Why the pinned maps could not be read.
@@ -202,13 +204,15 @@ pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
         .chain(named(&lb_common::event::NAMES, counters.events()?))
         .chain(named(&lb_common::nat_event::NAMES, counters.nat_events()?))
         .collect();
-    Ok(stats_report(
+    let mut report = stats_report(
         &contents,
         |id| counters.service(id).unwrap_or_default(),
         |id| counters.backend(id).ok().flatten(),
         counters.conntrack()?,
         nonzero,
-    ))
+    );
+    report.tables = counters.tables(&report.conntrack)?;
+    Ok(report)
 }
 
 /// Builds the `lb stats` report from the maps and counters.
@@ -270,6 +274,7 @@ pub fn stats_report(
         draining: draining.into_iter().map(row).collect(),
         conntrack,
         counters,
+        tables: Vec::new(),
     }
 }
 
@@ -315,6 +320,12 @@ pub fn stats_table(report: &StatsReport) -> String {
         "conntrack: {} entries, {} inserted, {} deleted, {} evicted\n",
         ct.entries, ct.inserts, ct.deletes, ct.evictions
     );
+    for t in &report.tables {
+        out += &format!(
+            "{}: {} of {} entries, {} evicted\n",
+            t.map, t.entries, t.capacity, t.evictions
+        );
+    }
     for (name, count) in &report.counters {
         out += &format!("{name}: {count}\n");
     }

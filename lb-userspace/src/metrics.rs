@@ -12,6 +12,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::datapath::TableFill;
 use crate::inspect::{BackendStatsRow, FrontendStatsRow};
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
@@ -540,6 +541,34 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?)?;
+        let table_gauges: [Column<TableFill>; 2] = [
+            (
+                "lb_table_entries",
+                "Entries in an LRU table the datapath fills, by map",
+                |t| t.entries,
+            ),
+            (
+                "lb_table_capacity",
+                "Size of an LRU table the datapath fills, by map (its --max-* flag)",
+                |t| t.capacity.into(),
+            ),
+        ];
+        for (name, help, value) in table_gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for t in &report.tables {
+                let gauge = ConstGauge::new(i64::try_from(value(t)).unwrap_or(i64::MAX));
+                gauge.encode(family.encode_family(&[("map", t.map)])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "lb_table_evictions",
+            "Entries the kernel evicted from a full LRU table to make room, by map",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &report.tables {
+            ConstCounter::new(t.evictions).encode(family.encode_family(&[("map", t.map)])?)?;
+        }
         let mut family = encoder.encode_descriptor(
             "lb_datapath_events",
             "Packets counted by reason or flow decision (see lb stats)",

@@ -316,3 +316,55 @@ fn a_full_conntrack_map_evicts_the_oldest_flows_and_counts_them() {
     assert!(evictions >= 600.0 - 256.0, "{m}");
     eprintln!("conntrack of 256 entries after 300 flows: {entries} entries, {evictions} evicted");
 }
+
+#[test]
+fn a_full_affinity_table_evicts_the_oldest_clients_and_says_so() {
+    // 40 Services with sessionAffinity ClientIP, one client: 40 entries through a table of
+    // 16.
+    let services: Vec<ClusterIpService> = (1..=40)
+        .map(|i| ClusterIpService {
+            affinity_timeout_secs: Some(600),
+            ..ClusterIpService::http(&format!("sticky{i}"), [10, 96, 1, i], 8080)
+        })
+        .collect();
+    let with_pods: Vec<_> = services.iter().map(|s| (s, 2)).collect();
+    let Bed {
+        agent, topology, ..
+    } = &Bed::start(&with_pods, &["--max-affinity", "16"]);
+    let frontends: Vec<String> = services.iter().map(ClusterIpService::frontend).collect();
+    let frontends: Vec<&str> = frontends.iter().map(String::as_str).collect();
+    agent.wait_for(&frontends, 2).unwrap();
+    for svc in &services {
+        http_get(&topology.client, svc.cluster_ip, svc.port).unwrap();
+    }
+    let table = |name: &str| format!("{name}{{map=\"{}\"}}", map_names::AFFINITY);
+    let m = ops_until(topology, "/metrics", |_, m| {
+        metric(m, &table("lb_table_evictions_total")).is_some_and(|e| e > 0.0)
+    });
+    let entries = metric(&m, &table("lb_table_entries")).unwrap();
+    let evictions = metric(&m, &table("lb_table_evictions_total")).unwrap();
+    assert_eq!(metric(&m, &table("lb_table_capacity")), Some(16.0), "{m}");
+    assert!(entries <= 16.0, "{m}");
+    assert_eq!(
+        entries + evictions,
+        40.0,
+        "every insert is there or evicted: {m}"
+    );
+    // The agent says which table is full and the flag that sizes it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let said = format!("map {} is full", map_names::AFFINITY);
+    while !agent.log().contains(&said) {
+        assert!(
+            Instant::now() < deadline,
+            "no {said:?} in:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.log().contains("raise --max-affinity"),
+        "{}",
+        agent.log()
+    );
+    eprintln!("affinity table of 16 after 40 clients: {entries} entries, {evictions} evicted");
+}
