@@ -1,5 +1,10 @@
 //! `lb`: the load balancer's agent and its inspection commands.
 
+/// mimalloc: reading a folder of manifests allocates and frees millions of small YAML values;
+/// glibc's malloc and free were a third of the time of a 10,000-Service folder.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     io::IsTerminal as _,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
