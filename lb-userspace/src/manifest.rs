@@ -269,28 +269,24 @@ impl Folder {
         for file in &manifest_files(dir)? {
             loader.read(file);
         }
-        let mut folder = Folder {
-            dir: dir.to_owned(),
-            ..Folder::default()
-        };
-        for (id, files) in &loader.defined {
-            for file in files {
-                folder
-                    .files
-                    .entry(file.clone())
-                    .or_default()
-                    .insert(id.clone());
+        let mut objects: BTreeMap<ObjectId, Defined> = loader
+            .objects
+            .iter()
+            .map(|(id, (_, parsed))| {
+                let produced = parsed.produced();
+                (id.clone(), Defined { files: 0, produced })
+            })
+            .collect();
+        for id in loader.defined.values().flatten() {
+            if let Some(defined) = objects.get_mut(id) {
+                defined.files += 1;
             }
         }
-        for (id, (_, parsed)) in &loader.objects {
-            folder.objects.insert(
-                id.clone(),
-                Defined {
-                    files: loader.defined[id].len() as u32,
-                    produced: parsed.produced(),
-                },
-            );
-        }
+        let folder = Folder {
+            dir: dir.to_owned(),
+            files: std::mem::take(&mut loader.defined),
+            objects,
+        };
         Ok((folder, loader.finish()))
     }
 
@@ -396,8 +392,8 @@ enum Parsed {
 #[derive(Default)]
 struct Loader {
     objects: BTreeMap<ObjectId, (Location, Parsed)>,
-    /// The files that define each object validly.
-    defined: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
+    /// The objects each file defines validly.
+    defined: BTreeMap<PathBuf, BTreeSet<ObjectId>>,
     errors: Vec<ManifestError>,
 }
 
@@ -569,9 +565,9 @@ impl Loader {
             Err(e) => self.error(location, e),
             Ok(parsed) => {
                 self.defined
-                    .entry(id.clone())
+                    .entry(location.file.clone())
                     .or_default()
-                    .insert(location.file.clone());
+                    .insert(id.clone());
                 if let Some((previous, _)) = self.objects.insert(id, (location.clone(), parsed)) {
                     self.error(
                         location,

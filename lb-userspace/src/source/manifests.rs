@@ -55,6 +55,10 @@ impl Pending {
             self.all.get_or_insert(at);
             return;
         }
+        if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+            // Opened or read (by this source too): nothing changed.
+            return;
+        }
         let complete = matches!(
             event.kind,
             EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -250,5 +254,48 @@ impl Source for ManifestsSource {
 
     fn node(&self) -> Option<&NodeFacts> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    fn slice(address: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{address}]}}]\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_into_the_folder_is_read_alone_at_once() {
+        let root = std::env::temp_dir().join(format!("lb-manifests-source-{}", std::process::id()));
+        let (dir, staging) = (root.join("dir"), root.join("staging"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(dir.join("a.yaml"), SERVICE).unwrap();
+        std::fs::write(dir.join("b.yaml"), slice("10.1.0.1")).unwrap();
+        let mut source =
+            ManifestsSource::new(&dir, Duration::from_secs(3600), Arc::new(Metrics::new()))
+                .unwrap();
+        let first = source.changed().await.unwrap();
+        assert_eq!((first.services.len(), first.slices.len()), (1, 1));
+
+        std::fs::write(staging.join("b.yaml"), slice("10.1.0.2")).unwrap();
+        let at = Instant::now();
+        std::fs::rename(staging.join("b.yaml"), dir.join("b.yaml")).unwrap();
+        let changes = tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(at.elapsed() < SETTLE, "read at once: {:?}", at.elapsed());
+        assert!(changes.services.is_empty(), "{changes:?}");
+        assert_eq!(changes.slices.len(), 1);
+        let folder = source.folder.as_ref().unwrap();
+        assert_eq!(folder.dir(), dir);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
