@@ -27,9 +27,11 @@ pub mod map_names {
     pub const SERVICES: &str = "LB_SVC4_V1";
     /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used.
     pub const BACKENDS: &str = "LB_BACKEND4_V1";
-    /// Hash of maps `u32` service id -> the service's Maglev table, an array map of
-    /// [`crate::MaglevCell`] (see [`crate::maglev`]). A new table is built whole in a new
-    /// inner map and swapped in with one write of this map.
+    /// Hash of maps `u32` key -> a Maglev table, an array map of [`crate::MaglevCell`] (see
+    /// [`crate::maglev`]). Each service has up to two tables: key `id`, and key
+    /// `id | maglev::KEY_TABLE_B`; [`crate::SERVICE_F_TABLE_B`] in its service entry says
+    /// which one new flows use ([`crate::maglev::table_key`]). A new table is written whole
+    /// into the table not in use, then the service entry switches to it.
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
     pub const CONNTRACK: &str = "LB_CT4_V1";
@@ -119,6 +121,9 @@ pub const SERVICE_F_RANDOM: u32 = 1 << 1;
 /// Only sources in [`map_names::SOURCE_RANGES`] for this service may open flows
 /// (loadBalancerSourceRanges); others are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
+/// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
+/// the first (key `id`).
+pub const SERVICE_F_TABLE_B: u32 = 1 << 3;
 
 /// One element of a Maglev table's inner array map: two table entries (backend ids).
 ///
@@ -134,6 +139,20 @@ pub mod maglev {
     /// maps may differ in size, so the table size is the agent's choice) and
     /// `BPF_F_MMAPABLE` (the agent writes a whole table with one memory copy).
     pub const INNER_MAP_FLAGS: u32 = (1 << 12) | (1 << 10);
+
+    /// The bit of a Maglev map key that names a service's second table (service ids are
+    /// below it).
+    pub const KEY_TABLE_B: u32 = 1 << 31;
+
+    /// The Maglev map key of the table a service entry (`id`, `flags`) selects.
+    #[inline(always)]
+    pub const fn table_key(id: u32, flags: u32) -> u32 {
+        if flags & crate::SERVICE_F_TABLE_B != 0 {
+            id | KEY_TABLE_B
+        } else {
+            id
+        }
+    }
 
     /// Elements of the inner array for a table of `size` entries: the header and
     /// `ceil(size / 2)` pairs.

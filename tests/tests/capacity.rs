@@ -66,7 +66,7 @@ fn maps_are_created_with_the_capacity_asked_for() {
     assert_eq!(size(map_names::SERVICES), 100);
     assert_eq!(size(map_names::REV_NAT), 100);
     assert_eq!(size(map_names::SERVICE_STATS), 101);
-    assert_eq!(size(map_names::MAGLEV), 100);
+    assert_eq!(size(map_names::MAGLEV), 200, "two tables per frontend");
     assert_eq!(size(map_names::BACKENDS), 300);
     assert_eq!(size(map_names::BACKEND_STATS), 300);
     assert_eq!(size(map_names::CONNTRACK), 700);
