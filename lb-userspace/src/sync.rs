@@ -130,6 +130,10 @@ pub struct SyncConfig {
     pub selection: Selection,
 }
 
+/// At most this many tables are built and not yet put in the Maglev map (each is an open
+/// file until then): a larger sync puts them in batches of this many.
+const MAX_UNPUT_TABLES: usize = 4096;
+
 /// The default drain period of removed backends.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
@@ -441,6 +445,8 @@ pub struct Syncer<M> {
     tables: HashMap<TableKey, SharedTable>,
     /// How many keys of the Maglev map point at each table (the frontends' slots).
     table_refs: HashMap<TableId, u32>,
+    /// [`MAX_UNPUT_TABLES`] (smaller in tests).
+    max_unput_tables: usize,
     used_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     next_backend_id: u32,
@@ -467,6 +473,7 @@ impl<M: DatapathMaps> Syncer<M> {
             removed: HashMap::new(),
             tables: HashMap::new(),
             table_refs: HashMap::new(),
+            max_unput_tables: MAX_UNPUT_TABLES,
             used_service_ids: BTreeSet::new(),
             next_service_id: 1,
             next_backend_id: 1,
@@ -784,7 +791,14 @@ impl<M: DatapathMaps> Syncer<M> {
         let mut built_for: HashMap<TableKey, usize> = HashMap::new();
         // (index into pending, table id, index into built)
         let mut swaps: Vec<(usize, TableId, Option<usize>)> = Vec::new();
-        for (i, p) in pending.iter_mut().enumerate() {
+        for i in 0..pending.len() {
+            if built.len() >= self.max_unput_tables {
+                // Each built table is an open file until it is put: put what there is.
+                self.put_swaps(pending, &swaps, &built, errors);
+                (built, swaps) = (Vec::new(), Vec::new());
+                built_for.clear();
+            }
+            let p = &mut pending[i];
             let Some(want) = &p.table else { continue };
             if p.programmed.table().map(|t| &t.key) == Some(want) {
                 continue;
@@ -833,6 +847,19 @@ impl<M: DatapathMaps> Syncer<M> {
                 }
             }
         }
+        self.put_swaps(pending, &swaps, &built, errors);
+    }
+
+    /// Puts the tables of `swaps` (index into `pending`, table id, index into `built`) in
+    /// the Maglev map, in one batch (retried past a failing write, which fails only its
+    /// frontend).
+    fn put_swaps(
+        &mut self,
+        pending: &mut [Pending],
+        swaps: &[(usize, TableId, Option<usize>)],
+        built: &[(TableId, M::Table)],
+        errors: &mut Vec<SyncError>,
+    ) {
         let writes: Vec<(u32, TableRef<'_, M::Table>)> = swaps
             .iter()
             .map(|&(i, id, b)| {
@@ -1960,6 +1987,31 @@ mod tests {
             programmed(s.maps()),
             expect(&[(fe(1, 80), &[3]), (fe(3, 80), &[3])])
         );
+    }
+
+    #[test]
+    fn a_large_sync_puts_its_tables_in_batches_of_bounded_size() {
+        let mut s = syncer(1000);
+        s.max_unput_tables = 4;
+        let frontends: Vec<Frontend> = (0..10).map(|i| fe(1, 1000 + i)).collect();
+        let mut want = DesiredState::default();
+        for (i, f) in frontends.iter().enumerate() {
+            let mut p = plan(&[1]);
+            p.backends[0].port = 1000 + i as u16;
+            want.frontends.insert(*f, p);
+        }
+        assert!(s.apply(&want).errors.is_empty());
+        let journal = &s.maps().journal;
+        let first_put = journal
+            .iter()
+            .position(|o| o.starts_with("put_new_table"))
+            .unwrap();
+        let builds_before = journal[..first_put]
+            .iter()
+            .filter(|o| *o == "build_table")
+            .count();
+        assert_eq!(builds_before, 4);
+        assert_eq!(programmed(s.maps()).len(), frontends.len());
     }
 
     #[test]
