@@ -26,6 +26,8 @@ use crate::topology::{NODE_IF, NODE_IP, Topology};
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one change may take to reach the maps.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause between one change's sync and the next change.
+pub const CHANGE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the control-plane benchmark runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,9 +345,11 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        // Let the agent finish the sync (its log line) before the next change.
+        // Let the agent finish the sync (its log line) before the next change, which comes
+        // a while later: a change at once after another to the same Service is a burst.
         let synced = log.wait(&mut agent, services.len(), CHANGE_TIMEOUT)?;
         change_agent_ms.extend(synced.agent_seconds.map(|s| s * 1e3));
+        std::thread::sleep(CHANGE_INTERVAL);
     }
     Ok(SourceResult {
         source: source.name().to_owned(),

@@ -654,8 +654,11 @@ fn control_section(md: &mut String, c: &super::control::ControlResults) {
             md,
             "{}: a change gives the measured Service alternately one endpoint fewer and all of \
              them again, from a window moving along a pool of two endpoints more (so no change \
-             returns to the set of the change before); its latency is timed {}.",
-            s.source, s.change_timed
+             returns to the set of the change before), {} ms after the sync of the change before; \
+             its latency is timed {}.",
+            s.source,
+            super::control::CHANGE_INTERVAL.as_millis(),
+            s.change_timed
         );
     }
     md.push('\n');
