@@ -25,8 +25,9 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub mod map_names {
     /// Hash map [`crate::Frontend4`] -> [`crate::Service`]. A missing key means "not ours".
     pub const SERVICES: &str = "LB_SVC4_V1";
-    /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used.
-    pub const BACKENDS: &str = "LB_BACKEND4_V1";
+    /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used. (V2: the
+    /// backend's flags; V1 held [`crate::legacy::Backend4V1`].)
+    pub const BACKENDS: &str = "LB_BACKEND4_V2";
     /// Hash of maps `u32` key -> a Maglev table, an array map of [`crate::MaglevCell`] (see
     /// [`crate::maglev`]). Each service has up to two tables: key `id`, and key
     /// `id | maglev::KEY_TABLE_B`; [`crate::SERVICE_F_TABLE_B`] in its service entry says
@@ -34,7 +35,8 @@ pub mod map_names {
     /// into the table not in use, then the service entry switches to it.
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
-    pub const CONNTRACK: &str = "LB_CT4_V1";
+    /// V2: the entry carries the translation (see [`crate::legacy::CtEntryV1`] for V1).
+    pub const CONNTRACK: &str = "LB_CT4_V2";
     /// Hash map `u32` service id -> [`crate::RevNat4`]: the frontend replies must come from.
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
@@ -54,9 +56,33 @@ pub mod map_names {
     /// -> `u8` (always 1): the sources allowed to use a frontend with
     /// [`crate::SERVICE_F_SOURCE_RANGES`].
     pub const SOURCE_RANGES: &str = "LB_SRCRANGE4_V1";
+    /// Array of one `u32`, the backend generation: the agent adds one after every write
+    /// that takes a backend out of ACTIVE (a state change or a delete), so that a
+    /// conntrack entry can tell that its backend is still ACTIVE without reading it (see
+    /// [`crate::CtEntry::backend_gen`]).
+    pub const BACKEND_GEN: &str = "LB_BEGEN_V1";
+    /// Array of [`crate::prefilter::WORDS`] `u64`, a bitmap over
+    /// [`crate::prefilter::bucket`]s of frontends (address, port, protocol): a bucket's bit
+    /// is set while some frontend in it has a service entry, so a packet whose bucket's bit
+    /// is clear is not for a frontend, without a hash lookup. `BPF_F_MMAPABLE`.
+    pub const PREFILTER: &str = "LB_PREFILTER4_V1";
+    /// LRU hash map [`crate::Nat4Key`] -> [`crate::Nat4Entry`]: the source NAT of flows to
+    /// remote backends (see [`crate::nat`]).
+    pub const NAT: &str = "LB_NAT4_V1";
+    /// Per-CPU array indexed by [`crate::nat_event`] -> `u64`: source NAT, forwarding and
+    /// ICMP translation counters.
+    pub const NAT_EVENTS: &str = "LB_NATEVENT_V1";
+
+    /// LRU hash map [`crate::SockKey`] -> [`crate::SockEntry`]: what the socket hooks
+    /// translated, per socket (its cookie): the backend of each frontend it addressed, and
+    /// the frontend each backend stands for.
+    pub const SOCKETS: &str = "LB_SOCK4_V1";
+    /// LRU hash map [`crate::SockAffinityKey`] -> [`crate::AffinityEntry`]:
+    /// sessionAffinity ClientIP at the socket hooks, where the client is a network namespace.
+    pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -68,7 +94,41 @@ pub mod map_names {
         EVENTS,
         AFFINITY,
         SOURCE_RANGES,
+        BACKEND_GEN,
+        PREFILTER,
+        NAT,
+        NAT_EVENTS,
+        SOCKETS,
+        SOCK_AFFINITY,
     ];
+}
+
+/// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
+/// looked up before conntrack so that a packet for no frontend costs an array read.
+pub mod prefilter {
+    /// Buckets: 2^20 bits (128 KiB), so that 10,000 frontends fill about 1% of them.
+    pub const BITS: u32 = 1 << 20;
+    /// Elements (`u64` words) of the bitmap array.
+    pub const WORDS: u32 = BITS / 64;
+    /// `BPF_F_MMAPABLE`: the agent reads the bitmap in one go on start.
+    pub const MAP_FLAGS: u32 = 1 << 10;
+
+    /// The bucket of a frontend (address and port in network byte order, as in the
+    /// packet): Fibonacci hashing of the fields, whose top bits spread consecutive
+    /// addresses and ports over the whole range. Two multiplications in BPF.
+    #[inline(always)]
+    pub const fn bucket(addr: u32, port: u16, proto: u8) -> u32 {
+        let h = addr.wrapping_mul(0x9e37_79b1)
+            ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
+        let h = (h ^ (h >> 15)).wrapping_mul(0x2c1b_3c6d);
+        h >> (32 - BITS.trailing_zeros())
+    }
+
+    /// The word of `bucket` in the bitmap, and its bit in that word.
+    #[inline(always)]
+    pub const fn position(bucket: u32) -> (u32, u64) {
+        (bucket / 64, 1 << (bucket % 64))
+    }
 }
 
 /// Names of the programs in the eBPF object.
@@ -77,6 +137,17 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
+    /// (forward) and the replies of backend pods (reverse), for sockets the hooks did not see.
+    pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
+    /// cgroup/connect4: a socket connecting to a ClusterIP frontend connects to a backend.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup/sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// cgroup/recvmsg4: a datagram from a backend reads as coming from the frontend.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup/getpeername4: a socket connected through a frontend names the frontend.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
     /// In the benchmarks' floor object: an XDP program that passes every packet.
     pub const NOOP_XDP: &str = "lb_noop_xdp";
     /// In the benchmarks' floor object: a TC program that passes every packet.
@@ -180,7 +251,16 @@ pub struct Backend4 {
     pub proto: u8,
     /// [`BACKEND_ACTIVE`], [`BACKEND_TERMINATING`] or [`BACKEND_REMOVED`].
     pub state: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// Always 0.
+    pub _pad: [u8; 3],
 }
+
+/// The backend runs on another node (its EndpointSlice `nodeName` is not this node's): flows
+/// to it are source-NATed to this node's address ([`nat`]), so that its replies come back
+/// through this node.
+pub const BACKEND_F_REMOTE: u8 = 1 << 0;
 
 /// The backend takes new flows.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -255,7 +335,13 @@ pub const CT_FORWARD: u8 = 0;
 /// Direction of a [`Ct4Key`]: backend -> client, as sent by the backend.
 pub const CT_REPLY: u8 = 1;
 
-/// Value of [`map_names::CONNTRACK`].
+/// Value of [`map_names::CONNTRACK`] (V2).
+///
+/// The entry carries the flow's translation, so that a packet of an established flow needs
+/// no other lookup: a forward entry the backend's address and port (the new destination),
+/// a reply entry the frontend's (the new source). `nat_addr` 0 means "not recorded" (an
+/// entry migrated from [`legacy::CtEntryV1`]): the datapath then reads the backend (forward)
+/// or [`map_names::REV_NAT`] (reply) as V1 did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -263,16 +349,115 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// The service (frontend) the flow was addressed to: reverse NAT id.
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    /// Forward entries: `bpf_ktime_get_coarse_ns()` when a packet in this direction was last
+    /// seen, refreshed when it moved by at least [`CT_LAST_SEEN_GRANULARITY_NS`]; reply
+    /// entries: the time the flow was (re)selected.
     pub last_seen_ns: u64,
     /// `CT_F_*` bits.
     pub flags: u32,
+    /// Forward entries: the [`map_names::BACKEND_GEN`] value at which the backend was last
+    /// seen ACTIVE. While it equals the current value no backend has left ACTIVE since, so
+    /// the flow keeps its backend without reading it. Reply entries: 0.
+    pub backend_gen: u32,
+    /// Forward: the backend's IPv4 address; reply: the frontend's. Network byte order; 0 when
+    /// not recorded.
+    pub nat_addr: u32,
+    /// Forward: the backend's port; reply: the frontend's. Network byte order.
+    pub nat_port: u16,
     /// Always 0.
-    pub _pad: u32,
+    pub _pad: u16,
+}
+
+/// Earlier layouts of pinned map values, kept so that the agent can migrate pinned maps
+/// left by an older version.
+pub mod legacy {
+    /// Value of `LB_CT4_V1` (conntrack before V2). Migration to [`crate::CtEntry`]: the
+    /// same fields, `backend_gen`, `nat_addr` and `nat_port` 0 (the datapath fills them on
+    /// the flow's next packet).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct CtEntryV1 {
+        /// The backend this flow was given.
+        pub backend_id: u32,
+        /// The service (frontend) the flow was addressed to: reverse NAT id.
+        pub service_id: u32,
+        /// `bpf_ktime_get_ns()` of the last packet in this direction.
+        pub last_seen_ns: u64,
+        /// `CT_F_*` bits.
+        pub flags: u32,
+        /// Always 0.
+        pub _pad: u32,
+    }
+
+    /// Name of the V1 conntrack map.
+    pub const CONNTRACK_V1: &str = "LB_CT4_V1";
+
+    const _: () = {
+        assert!(core::mem::size_of::<CtEntryV1>() == 24);
+        assert!(core::mem::align_of::<CtEntryV1>() == 8);
+    };
+
+    #[cfg(feature = "user")]
+    // SAFETY: #[repr(C)], explicit padding, integer fields only.
+    unsafe impl aya::Pod for CtEntryV1 {}
+
+    impl From<CtEntryV1> for crate::CtEntry {
+        fn from(v1: CtEntryV1) -> Self {
+            crate::CtEntry {
+                backend_id: v1.backend_id,
+                service_id: v1.service_id,
+                last_seen_ns: v1.last_seen_ns,
+                flags: v1.flags,
+                backend_gen: 0,
+                nat_addr: 0,
+                nat_port: 0,
+                _pad: 0,
+            }
+        }
+    }
+
+    /// Value of `LB_BACKEND4_V1` (now [`crate::map_names::BACKENDS`], V2): a
+    /// [`crate::Backend4`] without flags.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Backend4V1 {
+        /// Backend (pod) IPv4 address, network byte order.
+        pub addr: u32,
+        /// Backend port, network byte order.
+        pub port: u16,
+        /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+        pub proto: u8,
+        /// The state, as in [`crate::Backend4::state`].
+        pub state: u8,
+    }
+
+    /// The map name of V1.
+    pub const BACKENDS_V1: &str = "LB_BACKEND4_V1";
+
+    impl From<Backend4V1> for crate::Backend4 {
+        /// A V1 backend had no flags: it was treated as local.
+        fn from(b: Backend4V1) -> Self {
+            Self {
+                addr: b.addr,
+                port: b.port,
+                proto: b.proto,
+                state: b.state,
+                flags: 0,
+                _pad: [0; 3],
+            }
+        }
+    }
 }
 
 /// A FIN or RST was seen in this direction.
 pub const CT_F_CLOSING: u32 = 1 << 0;
+/// The flow's backend is on another node (`BACKEND_F_REMOTE`): its packets are source-NATed,
+/// so an established packet knows it from its entry alone.
+pub const CT_F_REMOTE: u32 = 1 << 1;
+
+/// A forward entry's [`CtEntry::last_seen_ns`] is written again only once the clock moved
+/// by this much (so an established packet does not dirty the entry every time).
+pub const CT_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of [`map_names::REV_NAT`]: the frontend that replies are rewritten to come from.
 #[repr(C)]
@@ -285,6 +470,220 @@ pub struct RevNat4 {
     /// Always 0.
     pub _pad: u16,
 }
+
+/// Key of [`map_names::NAT`]: a flow as the NAT table knows it, in one of two directions.
+///
+/// - [`NAT_OUT`]: the client's flow as it reached the frontend (client, frontend, client
+///   port, frontend port): the same tuple as the conntrack forward key, so two frontends
+///   that share a backend never share an entry even when a client uses one source port for
+///   both.
+/// - [`NAT_IN`]: the backend's reply as it arrives at this node (backend, NAT address,
+///   backend port, NAT port). Unique per allocated port: allocation inserts it with
+///   `BPF_NOEXIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat4Key {
+    /// Source IPv4 address, network byte order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`NAT_OUT`] or [`NAT_IN`].
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Direction of a [`Nat4Key`]: client -> frontend, as received.
+pub const NAT_OUT: u8 = 0;
+/// Direction of a [`Nat4Key`]: backend -> this node's NAT address and port, as received.
+pub const NAT_IN: u8 = 1;
+
+/// Value of [`map_names::NAT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat4Entry {
+    /// [`NAT_OUT`]: the NAT (source) address the flow leaves with; [`NAT_IN`]: the client's
+    /// address. Network byte order.
+    pub addr: u32,
+    /// [`NAT_OUT`]: the NAT port; [`NAT_IN`]: the client's port. Network byte order.
+    pub port: u16,
+    /// `NAT_F_*` bits.
+    pub flags: u16,
+    /// [`NAT_IN`]: the frontend address the client addressed (replies leave from it);
+    /// [`NAT_OUT`]: the backend address. Network byte order.
+    pub peer_addr: u32,
+    /// [`NAT_IN`]: the frontend port; [`NAT_OUT`]: the backend port. Network byte order.
+    pub peer_port: u16,
+    /// Always 0.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the last packet of the flow in this direction.
+    pub last_seen_ns: u64,
+}
+
+/// A FIN or RST was seen in this direction: the entry expires after
+/// [`nat::CLOSING_TIMEOUT_NS`].
+pub const NAT_F_CLOSING: u16 = 1 << 0;
+
+/// The source NAT of flows to remote backends (backends on other nodes).
+///
+/// A new flow whose backend has [`BACKEND_F_REMOTE`] is given a port of this node's address
+/// (the address the kernel's route to the backend prefers) from [`PORT_MIN`]`..=`[`PORT_MAX`]:
+/// the first try is a hash of the flow, then the following ports, at most [`TRIES`] in all. A
+/// port is free for a backend when no [`NAT_IN`] entry (backend, address, backend port, port)
+/// exists, or when the existing one has expired ([`TCP_TIMEOUT_NS`], [`UDP_TIMEOUT_NS`],
+/// [`CLOSING_TIMEOUT_NS`] since its last packet); an expired entry is taken over. A flow
+/// whose [`NAT_OUT`] entry's port was taken over is given a new port. The map is an LRU, so
+/// it never refuses an entry; it is sized like conntrack.
+///
+/// The range lies above Linux's default ephemeral ports (`ip_local_port_range` 32768-60999),
+/// so a NAT port never collides with a connection the node itself opened to a backend.
+pub mod nat {
+    /// Lowest NAT port.
+    pub const PORT_MIN: u16 = 61_000;
+    /// Highest NAT port.
+    pub const PORT_MAX: u16 = 65_535;
+    /// Number of NAT ports per (backend, address).
+    pub const PORTS: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
+    /// Ports tried for a new flow before it is dropped ([`crate::nat_event::EXHAUSTED`]).
+    pub const TRIES: u32 = 32;
+    /// An idle TCP flow's NAT entry may be reused after this.
+    pub const TCP_TIMEOUT_NS: u64 = 2 * 3600 * 1_000_000_000;
+    /// An idle UDP flow's NAT entry may be reused after this.
+    pub const UDP_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
+    /// A TCP flow that saw FIN or RST may have its NAT port reused after this.
+    pub const CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+
+    /// The port of try `i` for a flow of hash `hash`, host order.
+    #[inline(always)]
+    pub const fn port(hash: u32, i: u32) -> u16 {
+        PORT_MIN + ((hash % PORTS + i % PORTS) % PORTS) as u16
+    }
+
+    /// Whether an entry last seen at `last_seen_ns` with `flags` has expired at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(proto: u8, flags: u16, last_seen_ns: u64, now_ns: u64) -> bool {
+        let timeout = if flags & crate::NAT_F_CLOSING != 0 {
+            CLOSING_TIMEOUT_NS
+        } else if proto == crate::PROTO_TCP {
+            TCP_TIMEOUT_NS
+        } else {
+            UDP_TIMEOUT_NS
+        };
+        now_ns.wrapping_sub(last_seen_ns) > timeout
+    }
+}
+
+/// Indexes of [`map_names::NAT_EVENTS`]: what the source NAT, the forwarding of translated
+/// packets and the ICMP translation did, counted per packet (or per entry).
+pub mod nat_event {
+    /// NAT ports allocated to new flows.
+    pub const ALLOCATED: u32 = 0;
+    /// Allocations that took over an expired entry.
+    pub const REUSED_EXPIRED: u32 = 1;
+    /// Ports found taken (by a live entry) while allocating.
+    pub const PORT_TAKEN: u32 = 2;
+    /// Dropped: no free port after [`crate::nat::TRIES`] tries.
+    pub const EXHAUSTED: u32 = 3;
+    /// Flows whose NAT port had been taken over: given a new one.
+    pub const PORT_LOST: u32 = 4;
+    /// Replies from a remote backend translated back (NAT and frontend undone).
+    pub const REPLIES: u32 = 5;
+    /// Translated packets sent out of the interface they came in by (XDP_TX).
+    pub const TX: u32 = 6;
+    /// Translated packets redirected to another interface.
+    pub const REDIRECT: u32 = 7;
+    /// Translated packets handed to the kernel to forward, because the next hop's neighbour
+    /// entry is not resolved yet (the kernel resolves it; the next packets go by XDP).
+    pub const NO_NEIGH: u32 = 8;
+    /// Dropped: no route towards the backend or the client (or forwarding is off).
+    pub const NO_ROUTE: u32 = 9;
+    /// ICMP errors about a NATed flow translated back for the client (XDP).
+    pub const ICMP_NAT: u32 = 10;
+    /// ICMP errors about a flow to a local backend translated back for the client (TC).
+    pub const ICMP_LOCAL: u32 = 11;
+
+    /// Number of events: the size of the array.
+    pub const COUNT: u32 = 12;
+
+    /// Name of each event, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "nat_allocated",
+        "nat_reused_expired",
+        "nat_port_taken",
+        "nat_exhausted",
+        "nat_port_lost",
+        "nat_replies",
+        "fwd_tx",
+        "fwd_redirect",
+        "fwd_no_neigh",
+        "fwd_no_route",
+        "icmp_nat",
+        "icmp_local",
+    ];
+}
+
+/// Key of [`map_names::SOCKETS`]: a socket and an address it exchanged data with.
+///
+/// [`CT_FORWARD`]: `addr`/`port` are a frontend the socket addressed; the entry names its
+/// backend. [`CT_REPLY`]: `addr`/`port` are a backend; the entry names the frontend it stands
+/// for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`, unique while the system runs).
+    pub cookie: u64,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`CT_FORWARD`] or [`CT_REPLY`].
+    pub dir: u8,
+}
+
+/// Value of [`map_names::SOCKETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockEntry {
+    /// The backend the socket was given.
+    pub backend_id: u32,
+    /// The service (frontend) it addressed.
+    pub service_id: u32,
+    /// [`CT_REPLY`] entries: the frontend's IPv4 address, network byte order; else the
+    /// backend's.
+    pub addr: u32,
+    /// [`CT_REPLY`] entries: the frontend's port, network byte order; else the backend's.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: u16,
+}
+
+/// Key of [`map_names::SOCK_AFFINITY`]: a client of a service at the socket hooks. At
+/// connect() the socket has no source address yet, so the client is its network namespace
+/// (a pod, or the host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    /// [`Service::id`].
+    pub service_id: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// The socket's network namespace cookie (`bpf_get_netns_cookie`).
+    pub netns_cookie: u64,
+}
+
+/// The source address a pod sees on a flow to a frontend that was given the pod itself as
+/// its backend (hairpin), when the pod interfaces' TC program translated it: the pod cannot
+/// receive a packet from its own address, so the program puts this link-local address in
+/// its place, and puts the pod's address back into the replies. Network byte order.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
 /// Value of [`map_names::SERVICE_STATS`] and [`map_names::BACKEND_STATS`], per CPU.
 #[repr(C)]
@@ -328,9 +727,11 @@ pub mod reason {
     pub const BACKEND_MISSING: u32 = 11;
     /// Translated, but the conntrack entry could not be written.
     pub const CT_INSERT_FAILED: u32 = 12;
-    /// Egress, passed: a reply whose service has no reverse-NAT entry any more.
+    /// Egress, passed: a reply whose conntrack entry does not carry its frontend (migrated
+    /// from V1) and whose service has no reverse-NAT entry any more.
     pub const REV_NAT_MISSING: u32 = 13;
-    /// Egress, dropped: a reply that could not be rewritten (skb helper failed).
+    /// TC, dropped: a packet that could not be rewritten (skb helper failed): a reply on
+    /// the external interface, or either direction on a pod interface.
     pub const REPLY_REWRITE_FAILED: u32 = 14;
     /// Dropped: a new flow from a source outside the frontend's loadBalancerSourceRanges.
     pub const SOURCE_RANGE_DENIED: u32 = 15;
@@ -434,6 +835,10 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// loadBalancerSourceRanges entries, over all frontends.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Source NAT entries (two per flow to a remote backend), LRU.
+    pub const NAT: u32 = 262_144;
+    /// Socket-hook entries (two per socket and frontend), LRU.
+    pub const SOCKETS: u32 = 262_144;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).
@@ -452,6 +857,12 @@ pub mod csum {
     /// The checksum after a 32-bit field covered by it changed from `old` to `new`.
     #[inline(always)]
     pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
+        !fold(!check as u64 + !old as u64 + new as u64)
+    }
+
+    /// The checksum after a 16-bit field covered by it changed from `old` to `new`.
+    #[inline(always)]
+    pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
         !fold(!check as u64 + !old as u64 + new as u64)
     }
 
@@ -501,12 +912,20 @@ const _: () = {
     assert!(core::mem::align_of::<AffinityEntry>() == 8);
     assert!(core::mem::size_of::<SourceRange4>() == 8);
     assert!(event::NAMES.len() == event::COUNT as usize);
-    assert!(core::mem::size_of::<Backend4>() == 8);
+    assert!(core::mem::size_of::<Backend4>() == 12);
+    assert!(core::mem::size_of::<legacy::Backend4V1>() == 8);
+    assert!(core::mem::size_of::<Nat4Key>() == 16);
+    assert!(core::mem::size_of::<Nat4Entry>() == 24);
+    assert!(core::mem::align_of::<Nat4Entry>() == 8);
+    assert!(nat_event::NAMES.len() == nat_event::COUNT as usize);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
-    assert!(core::mem::size_of::<CtEntry>() == 24);
+    assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::align_of::<CtEntry>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<SockKey>() == 16);
+    assert!(core::mem::size_of::<SockEntry>() == 16);
+    assert!(core::mem::size_of::<SockAffinityKey>() == 16);
     assert!(reason::NAMES.len() == reason::COUNT as usize);
 };
 
@@ -522,10 +941,16 @@ mod user {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for legacy::Backend4V1 {}
+    unsafe impl aya::Pod for Nat4Key {}
+    unsafe impl aya::Pod for Nat4Entry {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockEntry {}
+    unsafe impl aya::Pod for SockAffinityKey {}
 }
 
 /// Conversions between host types and the network-byte-order fields.
@@ -552,14 +977,22 @@ impl Frontend4 {
 }
 
 impl Backend4 {
-    /// A backend from an address's octets, a host-order port, a protocol and a state.
+    /// A backend from an address's octets, a host-order port, a protocol and a state, without
+    /// flags.
     pub const fn new(octets: [u8; 4], port: u16, proto: u8, state: u8) -> Self {
         Self {
             addr: u32::from_ne_bytes(octets),
             port: port.to_be(),
             proto,
             state,
+            flags: 0,
+            _pad: [0; 3],
         }
+    }
+
+    /// The same backend with `BACKEND_F_*` `flags`.
+    pub const fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
     }
 
     /// The address's octets.
@@ -596,11 +1029,25 @@ mod tests {
         assert_eq!(bytes, [10, 96, 0, 10, 0x1f, 0x90, PROTO_TCP, 0]);
         assert_eq!(f.octets(), [10, 96, 0, 10]);
         assert_eq!(f.port(), 8080);
-        let b = Backend4::new([10, 244, 1, 2], 80, PROTO_UDP, BACKEND_TERMINATING);
-        let bytes: [u8; 8] = unsafe { core::mem::transmute(b) };
+        let b = Backend4::new([10, 244, 1, 2], 80, PROTO_UDP, BACKEND_TERMINATING)
+            .with_flags(BACKEND_F_REMOTE);
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(b) };
         assert_eq!(
             bytes,
-            [10, 244, 1, 2, 0, 80, PROTO_UDP, BACKEND_TERMINATING]
+            [
+                10,
+                244,
+                1,
+                2,
+                0,
+                80,
+                PROTO_UDP,
+                BACKEND_TERMINATING,
+                BACKEND_F_REMOTE,
+                0,
+                0,
+                0
+            ]
         );
         assert_eq!((b.octets(), b.port()), ([10, 244, 1, 2], 80));
     }
@@ -611,6 +1058,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Ct4Key, proto), 12);
         assert_eq!(core::mem::offset_of!(Ct4Key, dir), 13);
         assert_eq!(core::mem::offset_of!(CtEntry, last_seen_ns), 8);
+        assert_eq!(core::mem::offset_of!(CtEntry, backend_gen), 20);
+        assert_eq!(core::mem::offset_of!(CtEntry, nat_addr), 24);
+        assert_eq!(core::mem::offset_of!(CtEntry, nat_port), 28);
         assert_eq!(core::mem::offset_of!(Service, backend_count), 4);
         assert_eq!(core::mem::offset_of!(RevNat4, port), 4);
     }
@@ -633,6 +1083,39 @@ mod tests {
         assert_ne!(base, flow_hash(1, 2, 3, 4, 17));
         assert_ne!(base, flow_hash(2, 1, 3, 4, 6));
         assert_ne!(base, flow_hash(1, 2, 4, 3, 6));
+    }
+
+    #[test]
+    fn prefilter_buckets_spread_cluster_ips_and_node_ports() {
+        // Distinct buckets of `keys`, counted in a bitmap like the datapath's (no_std).
+        fn distinct(keys: impl Iterator<Item = u32>) -> u32 {
+            let mut seen = [0u64; prefilter::WORDS as usize];
+            let mut count = 0;
+            for b in keys {
+                assert!(b < prefilter::BITS);
+                let (word, bit) = prefilter::position(b);
+                count += u32::from(seen[word as usize] & bit == 0);
+                seen[word as usize] |= bit;
+            }
+            count
+        }
+        // 10,000 consecutive ClusterIPs on one port, and 10,000 ports of one address: few
+        // share a bucket (a uniform hash would put 10,000 keys in ~9,950 of 2^20 buckets).
+        let ips = distinct(
+            (0..10_000u32)
+                .map(|i| prefilter::bucket((0x0a60_0000 + i).to_be(), 80u16.to_be(), PROTO_TCP)),
+        );
+        assert!(ips > 9_900, "{ips}");
+        let ports = distinct(
+            (30_000..40_000u16).map(|p| prefilter::bucket(0x0a00_c80a, p.to_be(), PROTO_TCP)),
+        );
+        assert!(ports > 9_900, "{ports}");
+        // The protocol matters.
+        assert_ne!(
+            prefilter::bucket(1, 2, PROTO_TCP),
+            prefilter::bucket(1, 2, PROTO_UDP)
+        );
+        assert_eq!(prefilter::position(64 * 3 + 5), (3, 1 << 5));
     }
 
     /// RFC 1071 checksum of `data`, computed from scratch, as big-endian words.
@@ -676,6 +1159,13 @@ mod tests {
             buf[10..12].copy_from_slice(&updated.to_ne_bytes());
             assert_eq!(full_checksum(&buf), 0, "{buf:?}");
 
+            // The 16-bit-only variant.
+            let stored = u16::from_ne_bytes(buf[10..12].try_into().unwrap());
+            let updated = csum::replace2(stored, new2, old2);
+            buf[22..24].copy_from_slice(&old2.to_ne_bytes());
+            buf[10..12].copy_from_slice(&updated.to_ne_bytes());
+            assert_eq!(full_checksum(&buf), 0, "{buf:?}");
+
             // And the 32-bit-only variant.
             let stored = u16::from_ne_bytes(buf[10..12].try_into().unwrap());
             let updated = csum::replace4(stored, new4, old4);
@@ -687,13 +1177,36 @@ mod tests {
 
     #[test]
     fn reason_and_event_names_are_unique() {
-        for names in [&reason::NAMES[..], &event::NAMES[..]] {
+        for names in [&reason::NAMES[..], &event::NAMES[..], &nat_event::NAMES[..]] {
             for (i, a) in names.iter().enumerate() {
                 for b in &names[i + 1..] {
                     assert_ne!(a, b);
                 }
             }
         }
+    }
+
+    #[test]
+    fn nat_ports_stay_in_their_range_and_tries_are_consecutive() {
+        for hash in [0, 1, nat::PORTS - 1, u32::MAX, 0x8000_0000] {
+            for i in 0..nat::TRIES {
+                let port = nat::port(hash, i);
+                assert!(
+                    (nat::PORT_MIN..=nat::PORT_MAX).contains(&port),
+                    "{hash} {i}"
+                );
+                let next = nat::port(hash, i + 1);
+                let wrapped = port == nat::PORT_MAX && next == nat::PORT_MIN;
+                assert!(Some(next) == port.checked_add(1) || wrapped, "{hash} {i}");
+            }
+        }
+        let s = 1_000_000_000;
+        assert!(!nat::expired(PROTO_UDP, 0, 100 * s, 150 * s));
+        assert!(nat::expired(PROTO_UDP, 0, 100 * s, 161 * s));
+        assert!(!nat::expired(PROTO_TCP, 0, 100 * s, 161 * s));
+        assert!(nat::expired(PROTO_TCP, NAT_F_CLOSING, 100 * s, 111 * s));
+        // The clock is compared with wrapping arithmetic, as in the datapath.
+        assert!(!nat::expired(PROTO_UDP, 0, u64::MAX - s, s));
     }
 
     #[test]

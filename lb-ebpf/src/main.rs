@@ -13,29 +13,36 @@
 #![no_std]
 #![no_main]
 
+mod nat;
+mod pod;
+mod sock;
+
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
         xdp_action,
     },
     btf_maps::{Array as InnerArray, HashOfMaps},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{btf_map, classifier, map, xdp},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey,
+    },
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, CT_F_CLOSING,
-    CT_FORWARD, CT_REPLY, Ct4Key, CtEntry, Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP,
-    PROTO_UDP, RevNat4, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, csum, event, flow_hash, maglev, reason,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_TERMINATING, Backend4,
+    CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry,
+    Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity,
+    csum, event, flow_hash, maglev, prefilter, reason,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 #[map]
 static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
-static LB_BACKEND4_V1: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
 /// Service id (or id | `maglev::KEY_TABLE_B`, see `maglev::table_key`) -> a Maglev table
 /// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
@@ -46,7 +53,7 @@ static LB_MAGLEV_V1: HashOfMaps<
     { capacity::SERVICES as usize },
 > = HashOfMaps::new();
 #[map]
-static LB_CT4_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+static LB_CT4_V2: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
 static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
@@ -61,6 +68,11 @@ static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
 #[map]
 static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+static LB_BEGEN_V1: Array<u32> = Array::pinned(1, 0);
+/// See `lb_common::prefilter`. An array: the verifier inlines its lookups.
+#[map]
+static LB_PREFILTER4_V1: Array<u64> = Array::pinned(prefilter::WORDS, prefilter::MAP_FLAGS);
 #[map]
 static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
@@ -84,7 +96,7 @@ const EEXIST: i32 = 17;
 
 /// What becomes of a packet that is not translated.
 #[derive(Clone, Copy)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// Hand it to the kernel untouched.
     Pass(u32),
     /// Drop it.
@@ -100,20 +112,60 @@ fn bump(counters: &PerCpuArray<u64>, index: u32) {
 }
 
 #[inline(always)]
-fn count(reason: u32) {
+pub(crate) fn count(reason: u32) {
     bump(&LB_REASON_V2, reason);
 }
 
 #[inline(always)]
-fn note(event: u32) {
+pub(crate) fn note(event: u32) {
     bump(&LB_EVENT_V1, event);
 }
 
-/// A pointer to a `T` at `offset` in the XDP buffer, if the buffer holds all of it.
+/// A packet the programs read and write in place: an XDP buffer, or the linear part of an skb.
+pub(crate) trait Frame {
+    /// Address of the first byte.
+    fn start(&self) -> usize;
+    /// Address one past the last byte the program can address directly.
+    fn end(&self) -> usize;
+    /// Bytes in the packet (an skb's may be more than its linear part).
+    fn len(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet holds all of it.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+fn ptr_at<C: Frame, T>(ctx: &C, offset: usize) -> Option<*mut T> {
+    let start = ctx.start();
+    if start + offset + core::mem::size_of::<T>() > ctx.end() {
         return None;
     }
     Some((start + offset) as *mut T)
@@ -121,7 +173,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// The transport header fields the translation reads and writes. The pointers come from
 /// the one bounds check of the header, so writing through them needs no other.
-struct L4 {
+pub(crate) struct L4 {
     sport: u16,
     dport: u16,
     /// The destination port in the packet.
@@ -136,14 +188,14 @@ struct L4 {
 
 /// An IPv4 header that is whole, has no options, is not a fragment, carries TCP or UDP with
 /// its header present, and whose total length is consistent with the received bytes.
-struct Ipv4Packet {
+pub(crate) struct Ipv4Packet {
     ip: *mut Ipv4Hdr,
     proto: u8,
     l4: L4,
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
+pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Err(Verdict::Pass(reason::NOT_IPV4));
@@ -162,7 +214,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
         return Err(Verdict::Pass(reason::IPV4_FRAGMENT));
     }
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
-    let received = ctx.data_end() - ctx.data() - ETH_LEN;
+    let received = ctx.len() - ETH_LEN;
     let proto = unsafe { (*ip).proto };
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
@@ -208,21 +260,21 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Verdict> {
 
 /// A backend and its id.
 #[derive(Clone, Copy)]
-struct Chosen {
+pub(crate) struct Chosen {
     id: u32,
     backend: Backend4,
 }
 
 #[inline(always)]
-fn backend(id: u32) -> Option<Chosen> {
-    let backend = *unsafe { LB_BACKEND4_V1.get(&id) }?;
+pub(crate) fn backend(id: u32) -> Option<Chosen> {
+    let backend = *unsafe { LB_BACKEND4_V2.get(&id) }?;
     Some(Chosen { id, backend })
 }
 
 /// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
 /// `random` (so random selection is as balanced as the table).
 #[inline(always)]
-fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
+fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
     let table =
         unsafe { LB_MAGLEV_V1.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
@@ -235,7 +287,7 @@ fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
         unsafe { bpf_get_prandom_u32() }
     } else {
         note(event::SELECT_MAGLEV);
-        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+        hash()
     };
     let (element, half) = maglev::position(pick % size);
     let cell = table.get(element).ok_or(MISSING)?;
@@ -245,7 +297,7 @@ fn select_from_table(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
 /// The backend of a new flow: checks the source ranges, then the client's affinity, then
 /// the Maglev table.
 #[inline(always)]
-fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdict> {
+fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
     if svc.backend_count == 0 {
         return Err(Verdict::Drop(reason::NO_BACKEND));
     }
@@ -261,16 +313,36 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
             return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
         }
     }
-    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
-    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let client = AffinityKey {
         service_id: svc.id,
         client: key.saddr,
     };
+    select_with_affinity(svc, &LB_AFFINITY4_V1, &client, || {
+        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+    })
+}
+
+/// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
+/// `hash`; records the choice for the client when the service has affinity.
+#[inline(always)]
+pub(crate) fn select_with_affinity<K>(
+    svc: &Service,
+    map: &LruHashMap<K, AffinityEntry>,
+    client: &K,
+    hash: impl FnOnce() -> u32,
+) -> Result<Chosen, Verdict> {
+    // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
+    // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let affinity = if svc.affinity_timeout_secs != 0 {
-        LB_AFFINITY4_V1.get_ptr_mut(&client)
+        map.get_ptr_mut(client)
     } else {
         None
+    };
+    // The affinity timeout is the user's, in seconds: the precise clock, read only then.
+    let now = if svc.affinity_timeout_secs != 0 {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
     };
     if let Some(entry) = affinity {
         let entry = unsafe { &mut *entry };
@@ -288,7 +360,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
             }
         }
     }
-    let chosen = select_from_table(svc, key)?;
+    let chosen = select_from_table(svc, hash)?;
     if svc.affinity_timeout_secs != 0 {
         let fresh = AffinityEntry {
             backend_id: chosen.id,
@@ -298,7 +370,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
         match affinity {
             Some(entry) => unsafe { *entry = fresh },
             // Best effort: without an entry the client's next flow uses the table.
-            None => drop(LB_AFFINITY4_V1.insert(&client, &fresh, BPF_ANY as u64)),
+            None => drop(map.insert(client, &fresh, BPF_ANY as u64)),
         }
     }
     Ok(chosen)
@@ -307,7 +379,7 @@ fn select_backend(svc: &Service, key: &Ct4Key, now: u64) -> Result<Chosen, Verdi
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
 /// again for that reason. The rules are documented on `lb_common::event`.
 #[inline(always)]
-fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
+pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
     let Some(chosen) = backend else {
         return Some(if proto == PROTO_UDP {
             event::RESELECT_UDP
@@ -330,11 +402,17 @@ fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u3
     }
 }
 
+/// The current backend generation (`lb_common::map_names::BACKEND_GEN`).
+#[inline(always)]
+fn backend_generation() -> u32 {
+    LB_BEGEN_V1.get(0).copied().unwrap_or(0)
+}
+
 /// Writes a conntrack entry, counting it when the key is new.
 #[inline(always)]
 fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
     if !exists {
-        match LB_CT4_V1.insert(key, entry, BPF_NOEXIST as u64) {
+        match LB_CT4_V2.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
                 note(event::CT_INSERTS);
                 return true;
@@ -343,42 +421,78 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
             Err(_) => {}
         }
     }
-    LB_CT4_V1.insert(key, entry, BPF_ANY as u64).is_ok()
+    LB_CT4_V2.insert(key, entry, BPF_ANY as u64).is_ok()
 }
 
-/// The backend of this flow: the conntrack entry's when it is still valid, otherwise a new
-/// selection, recorded in both directions. `true` when the flow is new (its entries written).
+/// Where a packet of a flow goes, and whose counters it adds to.
+#[derive(Clone, Copy)]
+pub(crate) struct Flow {
+    service_id: u32,
+    backend_id: u32,
+    /// The backend's address and port, network byte order.
+    addr: u32,
+    port: u16,
+    /// The flow's entries were written by this packet.
+    new: bool,
+    /// The backend is on another node: the packet is source-NATed and sent on (nat.rs).
+    remote: bool,
+}
+
+/// The conntrack clock: `last_seen_ns` is for ageing, so the coarse clock (one tick of
+/// resolution, no clock source read) is enough.
 #[inline(always)]
-fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), Verdict> {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut exists = false;
-    let mut previous = None;
-    if let Some(entry) = LB_CT4_V1.get_ptr_mut(key) {
-        let entry = unsafe { &mut *entry };
-        exists = true;
-        previous = backend(entry.backend_id);
-        if entry.service_id == svc.id {
-            match reselect_because(previous.as_ref(), key.proto, l4.syn) {
-                None => {
-                    entry.last_seen_ns = now;
-                    if l4.closing {
-                        entry.flags |= CT_F_CLOSING;
-                    }
-                    if let Some(chosen) = previous {
-                        return Ok((chosen, false));
-                    }
-                }
-                Some(why) => note(why),
-            }
-        }
+fn ct_now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The packet's flow from its forward conntrack entry alone, when the entry vouches for
+/// its backend: the backend generation it recorded is the current one, so the backend was
+/// ACTIVE then and no backend left ACTIVE and no frontend was deleted since (the agent
+/// bumps the generation after either). An ACTIVE backend keeps every packet of its flows
+/// (the rules on `lb_common::event`), so nothing else needs to be read.
+#[inline(always)]
+fn established(entry: *mut CtEntry, l4: &L4) -> Option<Flow> {
+    let entry = unsafe { &mut *entry };
+    if entry.nat_addr == 0 || entry.backend_gen != backend_generation() {
+        return None;
     }
-    let chosen = select_backend(svc, key, now)?;
-    let forward = CtEntry {
-        backend_id: chosen.id,
-        service_id: svc.id,
-        last_seen_ns: now,
-        flags: if l4.closing { CT_F_CLOSING } else { 0 },
-        _pad: 0,
+    if l4.closing && entry.flags & CT_F_CLOSING == 0 {
+        entry.flags |= CT_F_CLOSING;
+    }
+    let now = ct_now();
+    if now.wrapping_sub(entry.last_seen_ns) >= CT_LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+    Some(Flow {
+        service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        addr: entry.nat_addr,
+        port: entry.nat_port,
+        new: false,
+        remote: entry.flags & CT_F_REMOTE != 0,
+    })
+}
+
+/// The backend of this flow when its conntrack entry (`found`, if any) does not vouch for
+/// it: the entry's backend if the rules keep it (the entry then records the backend and
+/// the generation again), otherwise a new selection, recorded in both directions.
+#[inline(always)]
+fn flow_backend(
+    svc: &Service,
+    key: &Ct4Key,
+    l4: &L4,
+    found: Option<*mut CtEntry>,
+) -> Result<Flow, Verdict> {
+    let now = ct_now();
+    // Read before the backend, so that a change after the read is seen by the next packet.
+    let generation = backend_generation();
+    let vouched = |b: &Backend4| {
+        // The generation vouches for an ACTIVE backend only.
+        if b.state == BACKEND_ACTIVE {
+            generation
+        } else {
+            generation.wrapping_sub(1)
+        }
     };
     let reply_key = |b: &Backend4| Ct4Key {
         saddr: b.addr,
@@ -389,24 +503,92 @@ fn flow_backend(svc: &Service, key: &Ct4Key, l4: &L4) -> Result<(Chosen, bool), 
         dir: CT_REPLY,
         _pad: [0; 2],
     };
+    let mut previous = None;
+    if let Some(entry) = found {
+        let entry = unsafe { &mut *entry };
+        previous = backend(entry.backend_id);
+        if entry.service_id == svc.id {
+            match reselect_because(previous.as_ref(), key.proto, l4.syn) {
+                None => {
+                    entry.last_seen_ns = now;
+                    if l4.closing {
+                        entry.flags |= CT_F_CLOSING;
+                    }
+                    if let Some(chosen) = previous {
+                        entry.backend_gen = vouched(&chosen.backend);
+                        entry.nat_addr = chosen.backend.addr;
+                        entry.nat_port = chosen.backend.port;
+                        if l4.syn {
+                            // A new connection on a known tuple: its replies need their
+                            // entry, which may have been evicted or removed since (a pod's
+                            // direct connection on the same tuple removes it).
+                            let reply = CtEntry {
+                                flags: 0,
+                                backend_gen: 0,
+                                nat_addr: key.daddr,
+                                nat_port: key.dport,
+                                ..*entry
+                            };
+                            ct_write(&reply_key(&chosen.backend), &reply, false);
+                        }
+                        let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
+                        if remote {
+                            entry.flags |= CT_F_REMOTE;
+                        }
+                        return Ok(Flow {
+                            service_id: svc.id,
+                            backend_id: chosen.id,
+                            addr: chosen.backend.addr,
+                            port: chosen.backend.port,
+                            new: false,
+                            remote,
+                        });
+                    }
+                }
+                Some(why) => note(why),
+            }
+        }
+    }
+    let chosen = select_backend(svc, key)?;
+    let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
+    let forward = CtEntry {
+        backend_id: chosen.id,
+        service_id: svc.id,
+        last_seen_ns: now,
+        flags: if l4.closing { CT_F_CLOSING } else { 0 } | if remote { CT_F_REMOTE } else { 0 },
+        backend_gen: vouched(&chosen.backend),
+        nat_addr: chosen.backend.addr,
+        nat_port: chosen.backend.port,
+        _pad: 0,
+    };
     let reply = CtEntry {
         flags: 0,
+        backend_gen: 0,
+        nat_addr: key.daddr,
+        nat_port: key.dport,
         ..forward
     };
     // The reply entry first: a reply can only follow the forward packet.
-    let written =
-        ct_write(&reply_key(&chosen.backend), &reply, false) && ct_write(key, &forward, exists);
+    let written = ct_write(&reply_key(&chosen.backend), &reply, false)
+        && ct_write(key, &forward, found.is_some());
     if !written {
         count(reason::CT_INSERT_FAILED);
     }
     // The flow's old reply entry would translate what the old backend still sends.
     if let Some(old) = previous
         && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
-        && LB_CT4_V1.remove(&reply_key(&old.backend)).is_ok()
+        && LB_CT4_V2.remove(&reply_key(&old.backend)).is_ok()
     {
         note(event::CT_DELETES);
     }
-    Ok((chosen, written))
+    Ok(Flow {
+        service_id: svc.id,
+        backend_id: chosen.id,
+        addr: chosen.backend.addr,
+        port: chosen.backend.port,
+        new: written,
+        remote,
+    })
 }
 
 #[inline(always)]
@@ -421,18 +603,21 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
     }
 }
 
+/// A packet addressed to a frontend, and its flow's backend.
+pub(crate) struct Translation {
+    pub(crate) pkt: Ipv4Packet,
+    /// The packet's forward conntrack key.
+    pub(crate) key: Ct4Key,
+    /// Where it goes.
+    pub(crate) flow: Flow,
+}
+
+/// Parses the packet, looks its frontend up, and finds or selects its flow's backend.
 #[inline(always)]
-fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
+pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
     let pkt = parse_ipv4(ctx)?;
     let ip = pkt.ip;
     let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
-    let frontend = Frontend4 {
-        addr: daddr,
-        port: pkt.l4.dport,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    let svc = *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
     let key = Ct4Key {
         saddr: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
         daddr,
@@ -442,21 +627,61 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
         dir: CT_FORWARD,
         _pad: [0; 2],
     };
-    let (chosen, new) = flow_backend(&svc, &key, &pkt.l4)?;
-    let backend = chosen.backend;
+    // A destination whose bucket holds no frontend is not one: passed after an array read.
+    // Every forward conntrack entry is keyed by its frontend, so none is skipped while its
+    // frontend exists (and one of a deleted frontend passes untouched either way).
+    let (word, bit) = prefilter::position(prefilter::bucket(daddr, pkt.l4.dport, pkt.proto));
+    if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Verdict::Pass(reason::NOT_FRONTEND));
+    }
+    // Conntrack first: an established flow whose entry vouches for its backend needs no
+    // other lookup (not even the frontend's: deleting one bumps the generation).
+    let found = LB_CT4_V2.get_ptr_mut(&key);
+    let flow = match found.and_then(|entry| established(entry, &pkt.l4)) {
+        Some(flow) => flow,
+        None => {
+            let frontend = Frontend4 {
+                addr: daddr,
+                port: pkt.l4.dport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let svc =
+                *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+            flow_backend(&svc, &key, &pkt.l4, found)?
+        }
+    };
+    Ok(Translation { pkt, key, flow })
+}
+
+/// Counts a translated packet for its frontend and its backend.
+#[inline(always)]
+pub(crate) fn count_translated(flow: &Flow, bytes: u64) {
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
+        add_stats(stats, bytes, flow.new);
+    }
+    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
+        add_stats(stats, bytes, flow.new);
+    }
+}
+
+#[inline(always)]
+fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Translation { pkt, key, flow } = translation(ctx)?;
+    let (ip, daddr) = (pkt.ip, key.daddr);
 
     // Rewrite destination address and port, with incremental checksums.
     unsafe {
-        (*ip).dst_addr = backend.addr.to_ne_bytes();
+        (*ip).dst_addr = flow.addr.to_ne_bytes();
         let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
-        *ip_check = csum::replace4(*ip_check, daddr, backend.addr);
+        *ip_check = csum::replace4(*ip_check, daddr, flow.addr);
     }
     let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
     unsafe {
-        *dport = backend.port;
+        *dport = flow.port;
         let old = *check;
         if pkt.proto == PROTO_TCP || old != 0 {
-            let new = csum::replace4_2(old, daddr, backend.addr, pkt.l4.dport, backend.port);
+            let new = csum::replace4_2(old, daddr, flow.addr, pkt.l4.dport, flow.port);
             // A UDP checksum that comes out as 0 is sent as all ones (RFC 768).
             *check = if pkt.proto == PROTO_UDP && new == 0 {
                 0xffff
@@ -465,22 +690,24 @@ fn try_ingress(ctx: &XdpContext) -> Result<(), Verdict> {
             };
         }
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        add_stats(stats, bytes, new);
+    count_translated(&flow, (ctx.data_end() - ctx.data()) as u64);
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if flow.remote {
+        return Ok(nat::forward(ctx, &key, &pkt.l4, flow.addr, flow.port));
     }
-    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&chosen.id) {
-        add_stats(stats, bytes, new);
-    }
-    Ok(())
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// XDP on the node's external interface: translates packets addressed to a frontend.
 #[xdp]
 pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
-        Ok(()) => xdp_action::XDP_PASS,
+        Ok(action) => action,
         Err(Verdict::Pass(reason)) => {
+            // A remote backend's reply, or an ICMP error about a NATed flow (nat.rs).
+            if let Some(action) = nat::reply(&ctx, reason) {
+                return action;
+            }
             count(reason);
             xdp_action::XDP_PASS
         }
@@ -491,11 +718,12 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     }
 }
 
+/// [`Verdict::Pass`] of a packet that is not a reply of a translated flow: not counted, on
+/// egress that is all the node's other traffic.
+pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+
 #[inline(always)]
-fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
-    // Anything that is not a reply of a translated flow is not counted: on egress that is
-    // all the node's other traffic.
-    const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
+pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
         return Err(NOT_OURS);
@@ -508,6 +736,8 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let check_off = match ip.proto {
         PROTO_TCP => L4_OFF + TCP_CHECK_OFF,
         PROTO_UDP => L4_OFF + UDP_CHECK_OFF,
+        // An ICMP error from a local backend about a translated flow (nat.rs).
+        nat::PROTO_ICMP => return nat::local_icmp(ctx),
         _ => return Err(NOT_OURS),
     };
     let ports: [u16; 2] = ctx.load(L4_OFF).map_err(|_| NOT_OURS)?;
@@ -521,9 +751,18 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let entry = unsafe { LB_CT4_V1.get(&key) }.ok_or(NOT_OURS)?;
-    let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
-        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?;
+    let entry = unsafe { LB_CT4_V2.get(&key) }.ok_or(NOT_OURS)?;
+    // The entry carries the frontend; one migrated from V1 does not.
+    let frontend = if entry.nat_addr != 0 {
+        RevNat4 {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+            _pad: 0,
+        }
+    } else {
+        *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
+            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
+    };
 
     // The skb helpers keep the checksums right whatever the skb's checksum state is
     // (CHECKSUM_PARTIAL from a local or veth sender included).
@@ -555,7 +794,13 @@ fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
 /// from the frontend the client addressed.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    match try_egress(&ctx) {
+    tc_action(try_egress(&ctx))
+}
+
+/// The TC action of a verdict, counting its reason ([`NOT_OURS`] is not counted).
+#[inline(always)]
+pub(crate) fn tc_action(result: Result<(), Verdict>) -> i32 {
+    match result {
         Ok(()) => TC_ACT_OK as i32,
         Err(Verdict::Pass(reason)) => {
             if reason != u32::MAX {

@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,9 +24,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
-    datapath::{Capacity, Datapath, interface_index},
+    datapath::{self, Capacity, Datapath, interface_index},
     desired::Frontend,
+    eastwest::{PodInterfaces, SocketHooks},
     metrics::{self, Metrics, SyncOutcome},
+    migrate::Migration,
     model::NodeInfo,
     source::{
         Changes, NodeFacts, Source,
@@ -36,6 +38,13 @@ use crate::{
     sync::{DatapathMaps, SyncConfig, SyncError, Syncer},
     translate::{Changed, Translator},
 };
+
+/// The errors of one sync that are logged one by one; the rest are counted.
+const LOGGED_ERRORS: usize = 10;
+
+/// The first retry after a sync with errors; each retry that fails again doubles the wait, up
+/// to the resync period.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Where the cluster state comes from.
 #[derive(Debug, Clone)]
@@ -70,6 +79,10 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     /// Map sizes, for maps that are not pinned yet.
     pub capacity: Capacity,
+    /// Where the socket hooks (east-west translation at connect/sendmsg) are attached.
+    pub socket_hooks: SocketHooks,
+    /// Name patterns (`*`, `?`) of the pods' host-side interfaces, which get the TC program.
+    pub pod_interfaces: Vec<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -101,12 +114,46 @@ async fn serve<S: Source>(
     config: &AgentConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    // Maps of an older layout are converted into the new maps between the load and the
+    // attach, and once more after it (see `migrate`).
+    let mut migration =
+        Migration::plan(&config.pin_dir).context("looking for pinned maps of older versions")?;
     let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
+    for (from, to) in migration.conversions() {
+        info!(from, to, "converting a pinned map of an older version");
+    }
+    migration.copy().context("converting pinned maps")?;
+    // Adopted before the programs are attached (or replaced): adoption fills maps the new
+    // programs read and the old ones did not have (the pre-filter after an upgrade).
+    let maps = datapath.take_maps()?;
+    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
-    let maps = datapath.take_maps()?;
-    let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
+    for m in migration.finish().context("converting pinned maps")? {
+        let c = m.copied;
+        match m.to {
+            Some(to) => info!(
+                from = m.from,
+                to,
+                written = c.written,
+                present = c.present,
+                dropped = c.dropped,
+                failed = c.failed,
+                "converted; the old map is unpinned"
+            ),
+            None => info!(from = m.from, "not carried over; the old map is unpinned"),
+        }
+    }
+    datapath::accept_local_sources(&config.interface)?;
+    let cgroup = config.socket_hooks.cgroup()?;
+    for (program, outcome) in datapath.attach_cgroup(cgroup.as_deref())? {
+        info!(program, cgroup = %cgroup.as_deref().unwrap_or(Path::new("")).display(), ?outcome, "attached");
+    }
+    let mut pods = PodInterfaces::new(config.pod_interfaces.clone())?;
+    for e in pods.attach_pods_at_start(&mut datapath) {
+        warn!("{e}");
+    }
     let interface_addresses = interface_ipv4_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
@@ -114,33 +161,47 @@ async fn serve<S: Source>(
         config,
         interface_addresses,
         metrics,
+        orphans_logged: false,
     };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(config.resync);
     resync.reset();
-    let mut retry = false;
+    // The wait before the next retry while syncs fail (a full map fails until it is made
+    // larger or services go away: the retries slow down).
+    let mut retry: Option<Duration> = None;
+    let failed = |ok: bool, last: Option<Duration>| {
+        (!ok).then(|| last.map_or(FIRST_RETRY, |d| (d * 2).min(config.resync)))
+    };
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            changed = pods.changed() => {
+                changed?;
+                for e in pods.reconcile(&mut datapath) {
+                    warn!("{e}");
+                }
+            }
             changes = source.changed() => {
-                retry = !agent.apply(&source, &changes?);
+                let ok = agent.apply(&source, &changes?);
+                retry = failed(ok, None);
             }
             _ = resync.tick() => {
                 debug!("periodic resync");
-                retry = !agent.resync(&source);
+                retry = failed(agent.resync(&source), retry);
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
                 info!("retrying after errors");
-                retry = !agent.resync(&source);
+                retry = failed(agent.resync(&source), retry);
             }
-            // Removed backends are deleted by the first apply after their drain ends.
-            _ = sleep_until(agent.syncer.next_drain_deadline()) => {
-                debug!("a drain period ended");
+            // Removed backends are deleted by the first apply after their drain ends, and
+            // orphans after their grace period.
+            _ = sleep_until(agent.syncer.next_deadline()) => {
+                debug!("a drain or grace period ended");
                 let now = Instant::now();
-                retry = !agent.write(Some(&BTreeSet::new()), now, now);
+                retry = failed(agent.write(Some(&BTreeSet::new()), now, now), retry);
             }
         }
     }
@@ -156,6 +217,8 @@ struct Agent<'a, M> {
     config: &'a AgentConfig,
     interface_addresses: Vec<Ipv4Addr>,
     metrics: Arc<Metrics>,
+    /// Whether the orphans kept at the first view have been logged.
+    orphans_logged: bool,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -230,7 +293,8 @@ impl<M: DatapathMaps> Agent<'_, M> {
         self.write(None, now, now)
     }
 
-    /// Writes the frontends `only` (all when `None`) as the translator has them.
+    /// Writes the frontends `only` (all when `None`) as the translator has them; whether
+    /// every wanted frontend is programmed.
     fn write(
         &mut self,
         only: Option<&BTreeSet<Frontend>>,
@@ -247,12 +311,17 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 .apply_changed(desired, frontends, Instant::now()),
             None => self.syncer.apply(desired),
         };
-        let mut map_errors = 0;
-        for e in &report.errors {
+        // A full map fails every frontend that does not fit, at every retry: the first
+        // errors are enough to say which map and which flag.
+        for e in report.errors.iter().take(LOGGED_ERRORS) {
             error!("{e}");
-            if matches!(e, SyncError::Map { .. } | SyncError::Cleanup(_)) {
-                map_errors += 1;
-            }
+        }
+        if report.errors.len() > LOGGED_ERRORS {
+            error!(
+                "and {} more errors ({} wanted frontends not programmed)",
+                report.errors.len() - LOGGED_ERRORS,
+                report.unprogrammed
+            );
         }
         self.metrics.synced(
             started.elapsed(),
@@ -260,10 +329,28 @@ impl<M: DatapathMaps> Agent<'_, M> {
             &SyncOutcome {
                 frontends: report.frontends,
                 backends: report.backends,
-                errors: map_errors,
+                unprogrammed: report.unprogrammed,
+                failed_maps: report.errors.iter().filter_map(SyncError::map).collect(),
+                first_error: report.errors.first().map(ToString::to_string),
+                map_ops: report.map_ops,
+                orphans: report.orphans,
             },
         );
         trace!(map_ops = report.map_ops, "written");
+        if report.orphans_pruned > 0 {
+            info!(
+                orphans = report.orphans_pruned,
+                "removed the pinned frontends that no view listed, after their grace period"
+            );
+        }
+        if report.orphans > 0 && !self.orphans_logged {
+            self.orphans_logged = true;
+            warn!(
+                orphans = report.orphans,
+                grace = ?self.config.sync.orphan_grace,
+                "pinned frontends the first complete view lacks: kept for the grace period"
+            );
+        }
         let summary = (report.map_ops, report.errors.len());
         if only.is_none() || summary != (0, 0) {
             info!(
@@ -275,7 +362,8 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 "synced"
             );
         }
-        report.errors.is_empty()
+        // Frontends that did not fit are retried (a full map may have room again).
+        report.errors.is_empty() && report.unprogrammed == 0
     }
 }
 

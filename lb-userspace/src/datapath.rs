@@ -4,7 +4,8 @@
 //!
 //! Pin layout under the pin directory (default `/sys/fs/bpf/lb`):
 //! - one file per map, named as in [`lb_common::map_names`];
-//! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`.
+//! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`;
+//! - the socket hooks' and pod interfaces' links (see [`crate::eastwest`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,8 +29,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4, SOURCE_RANGE_ID_BITS, Service,
-    ServiceStats, SourceRange4, capacity, event, maglev, map_names, program_names,
+    BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell, RevNat4,
+    SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity, event, maglev, map_names,
+    program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -99,6 +101,15 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A sysctl of the interface could not be written.
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        /// The sysctl's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A map is missing from the object or the pin directory, or has the wrong type.
     #[error("map {name}: {source}")]
     Map {
@@ -145,7 +156,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 8] {
+    fn map_sizes(&self) -> [(&'static str, u32); 11] {
         [
             (map_names::SERVICES, self.services),
             (map_names::REV_NAT, self.services),
@@ -156,8 +167,26 @@ impl Capacity {
             (map_names::BACKENDS, self.backends),
             (map_names::BACKEND_STATS, self.backends),
             (map_names::CONNTRACK, self.conntrack),
+            // Two entries per flow to a remote backend, as conntrack has per flow.
+            (map_names::NAT, self.conntrack),
             (map_names::AFFINITY, self.affinity),
+            // The socket hooks' flows (two entries per socket and frontend) and clients.
+            (map_names::SOCKETS, self.conntrack),
+            (map_names::SOCK_AFFINITY, self.affinity),
         ]
+    }
+}
+
+/// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.
+pub fn capacity_flag(map: &str) -> Option<&'static str> {
+    match map {
+        map_names::SERVICES | map_names::REV_NAT | map_names::MAGLEV | map_names::SERVICE_STATS => {
+            Some("--max-services")
+        }
+        map_names::BACKENDS | map_names::BACKEND_STATS => Some("--max-backends"),
+        map_names::CONNTRACK => Some("--max-conntrack"),
+        map_names::AFFINITY => Some("--max-affinity"),
+        _ => None,
     }
 }
 
@@ -171,7 +200,7 @@ pub enum LinkOutcome {
 }
 
 /// What attaching a program gave: a link to pin, or why not.
-type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
+pub(crate) type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
 
 /// The loaded object: programs and the maps, pinned under `pin_dir`.
 pub struct Datapath {
@@ -302,7 +331,7 @@ impl Datapath {
 
     /// Keeps the live link pinned at `links/<pin_name>` (replacing its program), or attaches
     /// with `attach` and pins the new link there.
-    fn attach_one(
+    pub(crate) fn attach_one(
         &mut self,
         program: &'static str,
         pin_name: &str,
@@ -372,20 +401,31 @@ impl Datapath {
             take(map_names::MAGLEV)?,
             take(map_names::SOURCE_RANGES)?,
             take(map_names::BACKEND_STATS)?,
+            take(map_names::BACKEND_GEN)?,
+            take(map_names::PREFILTER)?,
         ];
-        BpfMaps::from_maps(maps, service_id_limit(&self.pin_dir)?)
+        BpfMaps::from_maps(maps, &self.pin_dir)
     }
 }
 
-/// The size of the pinned service stats array, which service ids index.
-fn service_id_limit(pin_dir: &Path) -> Result<u32, DatapathError> {
-    let name = map_names::SERVICE_STATS;
+/// The size of a pinned map.
+fn pinned_max_entries(pin_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
     let path = pin_dir.join(name);
     if !path.exists() {
         return Err(DatapathError::NotPinned(pin_dir.to_owned()));
     }
     let info = MapData::from_pin(&path).and_then(|map| map.info());
     Ok(info.map_err(map_err(name))?.max_entries())
+}
+
+/// Sets `net.ipv4.conf.<interface>.accept_local` to 1. XDP hands a source-NATed packet
+/// (whose source is this node's address) to the kernel to forward while the next hop's
+/// neighbour entry is unresolved, so that the kernel resolves it; without this sysctl the
+/// kernel drops such a packet as a martian. (Once resolved, XDP sends the packets itself.)
+pub fn accept_local_sources(interface: &str) -> Result<(), DatapathError> {
+    interface_index(interface)?;
+    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
+    std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })
 }
 
 /// The index of a network interface in this network namespace.
@@ -412,7 +452,10 @@ fn program<'a>(
 }
 
 /// The program `name`, as the program type `P` it must be.
-fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+pub(crate) fn typed_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, DatapathError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
@@ -451,8 +494,16 @@ pub struct BpfMaps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::BACKEND_STATS`].
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
+    pub backend_gen: Array<MapData, u32>,
+    /// [`map_names::PREFILTER`].
+    pub prefilter: Array<MapData, u64>,
+    /// The same map, to read it whole through a mapping.
+    prefilter_fd: std::os::fd::OwnedFd,
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
+    /// The size of each map written, for the error that says a map is full.
+    sizes: [(&'static str, u32); 6],
     grace: GraceClock,
 }
 
@@ -559,23 +610,52 @@ impl BpfMaps {
             maglev,
             source_ranges,
             backend_stats,
-        ]: [Map; 6],
-        service_id_limit: u32,
+            backend_gen,
+            prefilter,
+        ]: [Map; 8],
+        pin_dir: &Path,
     ) -> Result<Self, DatapathError> {
-        let maglev_fd = match &maglev {
-            Map::HashOfMaps(data) => data.fd().as_fd().try_clone_to_owned(),
-            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        let mut sizes = [
+            (map_names::SERVICES, 0),
+            (map_names::BACKENDS, 0),
+            (map_names::REV_NAT, 0),
+            (map_names::MAGLEV, 0),
+            (map_names::SOURCE_RANGES, 0),
+            (map_names::BACKEND_STATS, 0),
+        ];
+        for (name, size) in &mut sizes {
+            *size = pinned_max_entries(pin_dir, name)?;
         }
-        .map_err(|io_error| {
-            map_err(map_names::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError {
-                call: "dup",
-                io_error,
-            }))
-        })?;
+        let dup = |name: &'static str, data: Option<&MapData>| {
+            data.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+                .and_then(|data| data.fd().as_fd().try_clone_to_owned())
+                .map_err(|io_error| {
+                    map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    }))
+                })
+        };
+        let maglev_fd = dup(
+            map_names::MAGLEV,
+            match &maglev {
+                Map::HashOfMaps(data) => Some(data),
+                _ => None,
+            },
+        )?;
+        let prefilter_fd = dup(
+            map_names::PREFILTER,
+            match &prefilter {
+                Map::Array(data) => Some(data),
+                _ => None,
+            },
+        )?;
         Ok(Self {
-            service_id_limit,
+            service_id_limit: pinned_max_entries(pin_dir, map_names::SERVICE_STATS)?,
+            sizes,
             grace: GraceClock::default(),
             maglev_fd,
+            prefilter_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
             backends: HashMap::try_from(backends).map_err(map_err(map_names::BACKENDS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(map_err(map_names::REV_NAT))?,
@@ -584,6 +664,8 @@ impl BpfMaps {
                 .map_err(map_err(map_names::SOURCE_RANGES))?,
             backend_stats: PerCpuHashMap::try_from(backend_stats)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
+            backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
+            prefilter: Array::try_from(prefilter).map_err(map_err(map_names::PREFILTER))?,
         })
     }
 
@@ -599,8 +681,10 @@ impl BpfMaps {
                 open(map_names::MAGLEV, Map::HashOfMaps)?,
                 open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
                 open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
+                open(map_names::BACKEND_GEN, Map::Array)?,
+                open(map_names::PREFILTER, Map::Array)?,
             ],
-            service_id_limit(pin_dir)?,
+            pin_dir,
         )
     }
 
@@ -653,21 +737,8 @@ fn open_pinned_map(
     Ok(kind(MapData::from_pin(&path).map_err(map_err(name))?))
 }
 
-fn os_err(map: &'static str, source: io::Error) -> MapOpError {
-    if source.raw_os_error() == Some(libc::E2BIG) {
-        MapOpError::Full { map }
-    } else {
-        MapOpError::Os { map, source }
-    }
-}
-
 fn op_err(map: &'static str) -> impl Fn(MapError) -> MapOpError {
     move |error| match error {
-        MapError::SyscallError(aya::sys::SyscallError { io_error, .. })
-            if io_error.raw_os_error() == Some(libc::E2BIG) =>
-        {
-            MapOpError::Full { map }
-        }
         MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => MapOpError::Os {
             map,
             source: io_error,
@@ -704,6 +775,43 @@ fn source_range_key(service_id: u32, range: Ipv4Cidr) -> lpm_trie::Key<SourceRan
     )
 }
 
+impl BpfMaps {
+    /// The error of a failed write of `map`: [`MapOpError::Full`] with its size for E2BIG.
+    fn os_err(&self, map: &'static str, source: io::Error) -> MapOpError {
+        if source.raw_os_error() == Some(libc::E2BIG) {
+            let max_entries = self
+                .sizes
+                .iter()
+                .find(|(n, _)| *n == map)
+                .map_or(0, |s| s.1);
+            MapOpError::Full { map, max_entries }
+        } else {
+            MapOpError::Os { map, source }
+        }
+    }
+
+    /// [`BpfMaps::os_err`] for aya's errors.
+    fn write_err(&self, map: &'static str) -> impl Fn(MapError) -> MapOpError + '_ {
+        move |error| match error {
+            MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
+                self.os_err(map, io_error)
+            }
+            other => op_err(map)(other),
+        }
+    }
+
+    /// Adds one to [`map_names::BACKEND_GEN`], after a write that takes a backend out of
+    /// ACTIVE or deletes a frontend: conntrack entries stop vouching for their backend, so
+    /// the next packet of each flow reads its backend and frontend again.
+    fn bump_backend_gen(&mut self) -> Result<(), MapOpError> {
+        let err = op_err(map_names::BACKEND_GEN);
+        let generation = self.backend_gen.get(&0, 0).map_err(&err)?;
+        self.backend_gen
+            .set(0, generation.wrapping_add(1), 0)
+            .map_err(&err)
+    }
+}
+
 impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
@@ -727,12 +835,18 @@ impl DatapathMaps for BpfMaps {
         match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
             Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
                 if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            other => other.map_err(op_err(map_names::BACKEND_STATS))?,
+            other => other.map_err(self.write_err(map_names::BACKEND_STATS))?,
         }
-        (self.backends.insert(id, backend, 0)).map_err(op_err(map_names::BACKENDS))
+        let result = self.backends.insert(id, backend, 0);
+        result.map_err(self.write_err(map_names::BACKENDS))?;
+        if backend.state != BACKEND_ACTIVE {
+            self.bump_backend_gen()?;
+        }
+        Ok(())
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
+        self.bump_backend_gen()?;
         delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
     fn build_table(
@@ -783,7 +897,7 @@ impl DatapathMaps for BpfMaps {
         sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds).map_err(|(done, e)| {
             BatchError {
                 done,
-                error: os_err(map_names::MAGLEV, e),
+                error: self.os_err(map_names::MAGLEV, e),
             }
         })?;
         match open_error {
@@ -804,12 +918,15 @@ impl DatapathMaps for BpfMaps {
         let info = table.info().map_err(op_err(map_names::MAGLEV))?;
         let cells = table_cells(entries, backends);
         if info.max_entries() as usize != cells.len() {
-            return Err(os_err(
-                map_names::MAGLEV,
-                io::Error::from_raw_os_error(libc::EINVAL),
-            ));
+            return Err(MapOpError::Os {
+                map: map_names::MAGLEV,
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
         }
-        sys::mmap_write(table.fd().as_fd(), &cells).map_err(|e| os_err(map_names::MAGLEV, e))
+        sys::mmap_write(table.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
+            map: map_names::MAGLEV,
+            source,
+        })
     }
     fn grace_since(&self) -> Option<Instant> {
         self.grace.since()
@@ -827,7 +944,7 @@ impl DatapathMaps for BpfMaps {
                 Err((done, e)) => {
                     return Err(BatchError {
                         done: start + done,
-                        error: os_err(map_names::MAGLEV, e),
+                        error: self.os_err(map_names::MAGLEV, e),
                     });
                 }
             }
@@ -836,23 +953,30 @@ impl DatapathMaps for BpfMaps {
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
-        (self.source_ranges.insert(&key, 1, 0)).map_err(op_err(map_names::SOURCE_RANGES))
+        let result = self.source_ranges.insert(&key, 1, 0);
+        result.map_err(self.write_err(map_names::SOURCE_RANGES))
     }
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = source_range_key(service_id, range);
         delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
     }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
-        (self.rev_nat.insert(id, value, 0)).map_err(op_err(map_names::REV_NAT))
+        let result = self.rev_nat.insert(id, value, 0);
+        result.map_err(self.write_err(map_names::REV_NAT))
     }
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::REV_NAT, self.rev_nat.remove(&id))
     }
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
-        (self.services.insert(key, value, 0)).map_err(op_err(map_names::SERVICES))
+        let result = self.services.insert(key, value, 0);
+        result.map_err(self.write_err(map_names::SERVICES))
     }
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        delete_result(map_names::SERVICES, self.services.remove(key))
+        delete_result(map_names::SERVICES, self.services.remove(key))?;
+        self.bump_backend_gen()
+    }
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
+        (self.prefilter.set(index, word, 0)).map_err(op_err(map_names::PREFILTER))
     }
     fn service_id_limit(&self) -> u32 {
         self.service_id_limit
@@ -875,8 +999,12 @@ impl DatapathMaps for BpfMaps {
                 std::collections::btree_map::Entry::Occupied(table) => table.into_mut(),
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     let cells: Vec<MaglevCell> =
-                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize)
-                            .map_err(|source| os_err(map_names::MAGLEV, source))?;
+                        sys::mmap_read(inner.fd().as_fd(), info.max_entries() as usize).map_err(
+                            |source| MapOpError::Os {
+                                map: map_names::MAGLEV,
+                                source,
+                            },
+                        )?;
                     slot.insert(table_info_of_cells(info.id(), &cells))
                 }
             };
@@ -900,6 +1028,7 @@ impl DatapathMaps for BpfMaps {
             rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
             tables,
             source_ranges,
+            prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
         })
     }
 }
@@ -914,6 +1043,16 @@ fn table_cells(entries: &[u32], backends: u32) -> Vec<MaglevCell> {
         cells[element as usize][half] = backend_id;
     }
     cells
+}
+
+/// The non-zero words of the pre-filter bitmap, by index, read through one mapping.
+fn prefilter_words(fd: &std::os::fd::OwnedFd, len: u32) -> Result<Vec<(u32, u64)>, MapOpError> {
+    let words: Vec<u64> =
+        sys::mmap_read(fd.as_fd(), len as usize).map_err(|source| MapOpError::Os {
+            map: map_names::PREFILTER,
+            source,
+        })?;
+    Ok((0..len).zip(words).filter(|(_, w)| *w != 0).collect())
 }
 
 /// What a table's inner array holds: the header `[size, backends]`, then the entries in
@@ -939,6 +1078,7 @@ pub struct Counters {
     services: PerCpuArray<MapData, ServiceStats>,
     reasons: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
+    nat_events: PerCpuArray<MapData, u64>,
     backends: PerCpuHashMap<MapData, u32, ServiceStats>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
 }
@@ -973,12 +1113,15 @@ impl Counters {
         let services = open(map_names::SERVICE_STATS, Map::PerCpuArray)?;
         let reasons = open(map_names::REASON_STATS, Map::PerCpuArray)?;
         let events = open(map_names::EVENTS, Map::PerCpuArray)?;
+        let nat_events = open(map_names::NAT_EVENTS, Map::PerCpuArray)?;
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
         Ok(Self {
             services: PerCpuArray::try_from(services).map_err(map_err(map_names::SERVICE_STATS))?,
             reasons: PerCpuArray::try_from(reasons).map_err(map_err(map_names::REASON_STATS))?,
             events: PerCpuArray::try_from(events).map_err(map_err(map_names::EVENTS))?,
+            nat_events: PerCpuArray::try_from(nat_events)
+                .map_err(map_err(map_names::NAT_EVENTS))?,
             backends: PerCpuHashMap::try_from(backends)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
@@ -1029,6 +1172,16 @@ impl Counters {
     /// Every event counter (index = `lb_common::event`), summed over CPUs.
     pub fn events(&self) -> Result<Vec<u64>, DatapathError> {
         Self::sums(&self.events, map_names::EVENTS, event::COUNT)
+    }
+
+    /// Every source NAT, forwarding and ICMP counter (index = `lb_common::nat_event`), summed
+    /// over CPUs.
+    pub fn nat_events(&self) -> Result<Vec<u64>, DatapathError> {
+        Self::sums(
+            &self.nat_events,
+            map_names::NAT_EVENTS,
+            lb_common::nat_event::COUNT,
+        )
     }
 
     /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.

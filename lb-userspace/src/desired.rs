@@ -122,6 +122,9 @@ pub struct Backend {
     pub port: u16,
     /// The endpoint is terminating: it keeps its flows but takes no new ones.
     pub terminating: bool,
+    /// The endpoint is on another node (its `nodeName` is set and is not this node's):
+    /// the datapath source-NATs flows to it, so that its replies come back through this node.
+    pub remote: bool,
 }
 
 impl fmt::Display for Backend {

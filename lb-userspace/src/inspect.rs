@@ -72,7 +72,12 @@ pub fn service_rows(
                                 BACKEND_REMOVED => " (removed)",
                                 _ => "",
                             };
-                            format!("{addr}:{}{state}", b.port())
+                            let remote = if b.flags & lb_common::BACKEND_F_REMOTE != 0 {
+                                " (remote)"
+                            } else {
+                                ""
+                            };
+                            format!("{addr}:{}{state}{remote}", b.port())
                         }
                     })
                     .collect(),
@@ -195,6 +200,7 @@ pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
     };
     let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
         .chain(named(&lb_common::event::NAMES, counters.events()?))
+        .chain(named(&lb_common::nat_event::NAMES, counters.nat_events()?))
         .collect();
     Ok(stats_report(
         &contents,
@@ -354,6 +360,7 @@ mod tests {
             ],
             rev_nat: vec![],
             source_ranges: vec![],
+            prefilter: vec![],
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,

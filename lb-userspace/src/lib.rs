@@ -4,11 +4,13 @@
 pub mod agent;
 pub mod datapath;
 pub mod desired;
+pub mod eastwest;
 pub mod explain;
 pub mod inspect;
 pub mod maglev;
 pub mod manifest;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod plan;
 pub mod source;

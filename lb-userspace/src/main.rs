@@ -14,6 +14,7 @@ use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
     datapath::{BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR, teardown},
     desired::{Protocol, Selection},
+    eastwest::SocketHooks,
     explain::{Explainer, Flow, monotonic_ns},
     inspect, maglev, manifest, metrics,
     model::NodeInfo,
@@ -94,6 +95,13 @@ enum Command {
         /// TCP connections before its entry is deleted.
         #[arg(long, default_value_t = 60)]
         drain_secs: u64,
+        /// Seconds that frontends found pinned at start which the first complete view of the
+        /// source lacks (orphans, e.g. of a Service deleted while the agent was down) keep
+        /// working before they are removed.
+        #[arg(long, default_value_t = 60)]
+        orphan_grace_secs: u64,
+        #[command(flatten)]
+        east_west: Box<EastWestArgs>,
         #[command(flatten)]
         capacity: CapacityArgs,
     },
@@ -165,6 +173,25 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// East-west: pods and host processes to ClusterIPs.
+#[derive(clap::Args)]
+struct EastWestArgs {
+    /// The cgroup2 directory whose processes (and their children's) get socket-level
+    /// east-west translation to ClusterIPs; default: the root of the cgroup2 hierarchy
+    /// (from /proc/mounts, mounted at /run/lb/cgroup2 if missing), i.e. every process.
+    #[arg(long, conflicts_with = "no_cgroup")]
+    cgroup: Option<PathBuf>,
+    /// No socket-level translation (and remove the socket hooks an earlier agent left).
+    #[arg(long)]
+    no_cgroup: bool,
+    /// Name pattern of the pods' host-side interfaces (`*` and `?`, e.g. `veth*`, `lxc*`;
+    /// repeatable): they get a TC program that translates what pods send to frontends
+    /// outside the socket hooks, and the replies. The agent follows interfaces as they come
+    /// and go.
+    #[arg(long = "pod-interfaces")]
+    pod_interfaces: Vec<String>,
 }
 
 /// Map sizes, used when the maps are created (pinned maps keep theirs). The defaults hold
@@ -255,8 +282,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             maglev_table_size,
             selection,
             drain_secs,
+            east_west,
+            orphan_grace_secs,
             capacity,
         } => {
+            let EastWestArgs {
+                cgroup,
+                no_cgroup,
+                pod_interfaces,
+            } = *east_west;
             let node_name = node_name.unwrap_or_else(agent::hostname);
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
@@ -280,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
                     selection,
+                    orphan_grace: Duration::from_secs(orphan_grace_secs),
                 },
                 capacity: Capacity {
                     services: capacity.max_services,
@@ -287,6 +322,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     conntrack: capacity.max_conntrack,
                     affinity: capacity.max_affinity,
                 },
+                socket_hooks: match (no_cgroup, cgroup) {
+                    (true, _) => SocketHooks::Off,
+                    (false, Some(path)) => SocketHooks::At(path),
+                    (false, None) => SocketHooks::Root,
+                },
+                pod_interfaces,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

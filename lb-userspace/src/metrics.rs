@@ -44,6 +44,13 @@ pub struct ResourceLabel {
     pub resource: &'static str,
 }
 
+/// The label of per-map metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    /// The map's pinned name, e.g. `LB_BACKEND4_V1`.
+    pub map: &'static str,
+}
+
 /// Every metric of the agent, and the state behind /readyz.
 pub struct Metrics {
     registry: Registry,
@@ -61,8 +68,14 @@ pub struct Metrics {
     pub watch_restarts: Family<ResourceLabel, Counter>,
     /// Watch and list errors, by resource.
     pub watch_errors: Family<ResourceLabel, Counter>,
-    /// Map operations that failed.
-    pub map_write_errors: Counter,
+    /// Map operations that failed, by map.
+    pub map_write_errors: Family<MapLabel, Counter>,
+    /// Wanted frontends the last sync could not program (or update), e.g. for a full map.
+    pub frontends_unprogrammed: Gauge,
+    /// Map writes and deletes issued.
+    pub map_writes: Counter,
+    /// Frontends found pinned at start that no view has listed, kept for their grace period.
+    pub orphans: Gauge,
     /// Unix time of the last sync without errors.
     pub last_sync_seconds: Gauge<f64, AtomicU64>,
     /// 1 while the source is reachable (kube: the API server; manifests: the folder).
@@ -75,6 +88,8 @@ struct Health {
     synced: bool,
     waiting: String,
     disconnected: Option<String>,
+    /// Why frontends are not programmed (shown by /readyz, which stays ready).
+    degraded: Option<String>,
 }
 
 impl Default for Metrics {
@@ -96,7 +111,10 @@ impl Metrics {
             syncs: Counter::default(),
             watch_restarts: Family::default(),
             watch_errors: Family::default(),
-            map_write_errors: Counter::default(),
+            map_write_errors: Family::default(),
+            frontends_unprogrammed: Gauge::default(),
+            map_writes: Counter::default(),
+            orphans: Gauge::default(),
             last_sync_seconds: Gauge::default(),
             source_up: Gauge::default(),
             health: Mutex::new(Health {
@@ -138,8 +156,24 @@ impl Metrics {
         );
         registry.register(
             "lb_map_write_errors",
-            "Map writes or deletes that failed",
+            "Map writes or deletes that failed, by map (a full map among them)",
             m.map_write_errors.clone(),
+        );
+        registry.register(
+            "lb_frontends_unprogrammed",
+            "Wanted frontends the last sync could not program or update (see the log; a full map \
+             names the flag that sizes it)",
+            m.frontends_unprogrammed.clone(),
+        );
+        registry.register(
+            "lb_map_writes",
+            "Map writes and deletes issued (a restarted agent that finds the maps right issues none)",
+            m.map_writes.clone(),
+        );
+        registry.register(
+            "lb_orphan_frontends",
+            "Frontends found pinned at start that no view of the source has listed, kept for --orphan-grace-secs",
+            m.orphans.clone(),
         );
         registry.register(
             "lb_last_sync_timestamp_seconds",
@@ -177,8 +211,13 @@ impl Metrics {
         self.syncs.inc();
         self.frontends.set(report.frontends as i64);
         self.backends.set(report.backends as i64);
-        self.map_write_errors.inc_by(report.errors as u64);
-        if report.errors == 0 {
+        self.frontends_unprogrammed.set(report.unprogrammed as i64);
+        for map in &report.failed_maps {
+            self.map_write_errors.get_or_create(&MapLabel { map }).inc();
+        }
+        self.map_writes.inc_by(report.map_ops as u64);
+        self.orphans.set(report.orphans as i64);
+        if report.failed_maps.is_empty() {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
@@ -189,6 +228,13 @@ impl Metrics {
             info!("first complete view programmed: ready");
             health.synced = true;
         }
+        health.degraded = (report.unprogrammed > 0).then(|| {
+            format!(
+                "{} wanted frontends are not programmed: {}",
+                report.unprogrammed,
+                report.first_error.as_deref().unwrap_or("see the log")
+            )
+        });
     }
 
     /// Says what the agent waits for before its first sync (shown by /readyz).
@@ -226,8 +272,9 @@ impl Metrics {
         self.lock_health().disconnected.is_none()
     }
 
-    /// `Ok` when ready, else why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when ready (with a note when some frontends could not be programmed: the
+    /// others are served), else why not.
+    pub fn readiness(&self) -> Result<Option<String>, String> {
         let health = self.lock_health();
         if let Some(reason) = &health.disconnected {
             return Err(format!("source disconnected: {reason}"));
@@ -235,7 +282,7 @@ impl Metrics {
         if !health.synced {
             return Err(health.waiting.clone());
         }
-        Ok(())
+        Ok(health.degraded.clone())
     }
 
     fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -244,14 +291,22 @@ impl Metrics {
 }
 
 /// What one sync left programmed, for [`Metrics::synced`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SyncOutcome {
     /// Frontends programmed.
     pub frontends: usize,
     /// Backends programmed.
     pub backends: usize,
-    /// Map operations that failed.
-    pub errors: usize,
+    /// Wanted frontends not programmed as wanted.
+    pub unprogrammed: usize,
+    /// The map of each map operation that failed.
+    pub failed_maps: Vec<&'static str>,
+    /// The first error, for /readyz.
+    pub first_error: Option<String>,
+    /// Map writes and deletes issued.
+    pub map_ops: usize,
+    /// Orphaned frontends kept for their grace period.
+    pub orphans: usize,
 }
 
 /// Binds `addr` and serves /metrics, /healthz and /readyz on it until the runtime stops.
@@ -296,7 +351,8 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
         ),
         (&Method::GET, "/healthz") => (StatusCode::OK, text, "ok\n".into()),
         (&Method::GET, "/readyz") => match metrics.readiness() {
-            Ok(()) => (StatusCode::OK, text, "ok\n".into()),
+            Ok(None) => (StatusCode::OK, text, "ok\n".into()),
+            Ok(Some(note)) => (StatusCode::OK, text, format!("ok; {note}\n")),
             Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, text, format!("{reason}\n")),
         },
         (&Method::GET, _) => (StatusCode::NOT_FOUND, text, "not found\n".into()),
@@ -332,17 +388,36 @@ mod tests {
             &SyncOutcome {
                 frontends: 3,
                 backends: 5,
-                errors: 0,
+                ..SyncOutcome::default()
             },
         );
-        assert_eq!(m.readiness(), Ok(()));
+        assert_eq!(m.readiness(), Ok(None));
         m.disconnected("connection refused".into());
         assert_eq!(
             m.readiness().unwrap_err(),
             "source disconnected: connection refused"
         );
         m.connected();
-        assert_eq!(m.readiness(), Ok(()));
+        assert_eq!(m.readiness(), Ok(None));
+        // Frontends that do not fit: still ready (the others are served), and said so.
+        m.synced(
+            Duration::from_millis(1),
+            Duration::from_millis(2),
+            &SyncOutcome {
+                frontends: 3,
+                backends: 5,
+                unprogrammed: 2,
+                failed_maps: vec!["LB_BACKEND4_V1"; 2],
+                first_error: Some("map LB_BACKEND4_V1 is full".into()),
+                ..SyncOutcome::default()
+            },
+        );
+        assert_eq!(
+            m.readiness(),
+            Ok(Some(
+                "2 wanted frontends are not programmed: map LB_BACKEND4_V1 is full".into()
+            ))
+        );
     }
 
     #[test]
@@ -359,14 +434,21 @@ mod tests {
             &SyncOutcome {
                 frontends: 3,
                 backends: 5,
-                errors: 1,
+                unprogrammed: 1,
+                failed_maps: vec!["LB_BACKEND4_V1"],
+                first_error: None,
+                map_ops: 7,
+                orphans: 2,
             },
         );
         let text = m.encode();
         for line in [
             "lb_frontends 3",
             "lb_backends 5",
-            "lb_map_write_errors_total 1",
+            "lb_map_write_errors_total{map=\"LB_BACKEND4_V1\"} 1",
+            "lb_frontends_unprogrammed 1",
+            "lb_map_writes_total 7",
+            "lb_orphan_frontends 2",
             "lb_watch_errors_total{resource=\"services\"} 1",
             "lb_sync_duration_seconds_count 1",
             "lb_event_to_sync_seconds_count 1",

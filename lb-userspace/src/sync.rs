@@ -15,10 +15,12 @@
 //!    running programs after every map-of-maps write system call (about 7.5 ms here), once
 //!    per batch instead of once per table; a rewrite in place waits for nothing;
 //! 3. then its new source ranges (loadBalancerSourceRanges);
-//! 4. then its reverse-NAT entry and its service entry (flags, affinity, backend count, and
-//!    which of its two tables new flows use);
+//! 4. then its reverse-NAT entry, its bit in the destination pre-filter (a new frontend's
+//!    bucket: `lb_common::prefilter`) and its service entry (flags, affinity, backend
+//!    count, and which of its two tables new flows use);
 //! 5. then the source ranges it no longer has, and its tables when it has no backend left;
-//! 6. frontends no longer wanted are removed service entry first;
+//! 6. frontends no longer wanted are removed service entry first; a pre-filter bit is
+//!    cleared after the last frontend of its bucket is removed;
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
 //!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
@@ -35,7 +37,10 @@
 //! and the next apply tries again. On start the bookkeeping is rebuilt from the pinned maps
 //! ([`Syncer::adopt`]), so a restarted agent rewrites nothing that is already right. The time
 //! a backend was removed is not in the maps: an adopted REMOVED backend drains for a whole
-//! period from the restart on (at most twice the period in all).
+//! period from the restart on (at most twice the period in all). Adopted frontends that the
+//! first complete view lacks (orphans: a Service deleted while the agent was down, or one the
+//! source has not delivered yet) keep working for a grace period (`SyncConfig::orphan_grace`)
+//! from that view on, and are removed after it unless a view lists them again.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -45,11 +50,11 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4, MAX_SERVICES,
-    RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B,
-    Service,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4,
+    MAX_SERVICES, RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_TABLE_B, Service,
     maglev::{KEY_TABLE_B, table_key},
-    map_names,
+    map_names, prefilter,
 };
 use thiserror::Error;
 
@@ -63,10 +68,12 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum MapOpError {
     /// The map has no room for another entry.
-    #[error("map {map} is full")]
+    #[error("map {map} is full ({max_entries} entries){}", raise_hint(map))]
     Full {
         /// The map.
         map: &'static str,
+        /// Its size.
+        max_entries: u32,
     },
     /// Any other failure of the bpf syscall (or of the in-memory stand-in).
     #[error("map {map}: {source}")]
@@ -77,6 +84,23 @@ pub enum MapOpError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl MapOpError {
+    /// The map the operation was on.
+    pub fn map(&self) -> &'static str {
+        match self {
+            MapOpError::Full { map, .. } | MapOpError::Os { map, .. } => map,
+        }
+    }
+}
+
+/// How to make room in a full map: the `lb agent` flag that sizes it.
+fn raise_hint(map: &str) -> String {
+    match crate::datapath::capacity_flag(map) {
+        Some(flag) => format!(": raise {flag} (pinned maps keep their size: `lb teardown` first)"),
+        None => String::new(),
+    }
 }
 
 /// A failure to program one frontend (the others are unaffected).
@@ -104,8 +128,11 @@ pub enum SyncError {
         #[source]
         source: MaglevError,
     },
-    /// No service id is free.
-    #[error("frontend {frontend}: all {max} service ids are in use")]
+    /// No service id is free: there is one per frontend, as many as the services map holds.
+    #[error(
+        "frontend {frontend}: all {max} service ids are in use (one per frontend){}",
+        raise_hint(map_names::SERVICES)
+    )]
     OutOfServiceIds {
         /// The frontend.
         frontend: Frontend,
@@ -115,6 +142,18 @@ pub enum SyncError {
     /// Removing something that is no longer wanted failed; it stays, and is retried.
     #[error("removing stale state: {0}")]
     Cleanup(MapOpError),
+}
+
+impl SyncError {
+    /// The map whose operation failed (a full services map for [`SyncError::OutOfServiceIds`]);
+    /// `None` when no map operation failed.
+    pub fn map(&self) -> Option<&'static str> {
+        match self {
+            SyncError::Map { source, .. } | SyncError::Cleanup(source) => Some(source.map()),
+            SyncError::OutOfServiceIds { .. } => Some(map_names::SERVICES),
+            SyncError::Maglev { .. } => None,
+        }
+    }
 }
 
 /// How the syncer programs selection and drains backends.
@@ -128,6 +167,9 @@ pub struct SyncConfig {
     pub drain: Duration,
     /// The selection of frontends whose Service does not choose one.
     pub selection: Selection,
+    /// How long frontends adopted from the pinned maps that the first complete view lacks
+    /// (orphans) keep working before they are removed, counted from that first view.
+    pub orphan_grace: Duration,
 }
 
 /// At most this many tables are built and not yet put in the Maglev map (each is an open
@@ -137,12 +179,16 @@ const MAX_UNPUT_TABLES: usize = 4096;
 /// The default drain period of removed backends.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
+/// The default grace period of orphaned frontends.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(60);
+
 impl Default for SyncConfig {
     fn default() -> Self {
         Self {
             table_size: maglev::DEFAULT_TABLE_SIZE,
             drain: DEFAULT_DRAIN,
             selection: Selection::Maglev,
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
     }
 }
@@ -162,7 +208,7 @@ pub struct TableInfo {
 }
 
 /// Everything in the control-plane maps, as read back for adoption.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MapContents {
     /// Services map entries.
     pub services: Vec<(Frontend4, Service)>,
@@ -174,6 +220,8 @@ pub struct MapContents {
     pub tables: Vec<(u32, TableInfo)>,
     /// Source ranges, by service id.
     pub source_ranges: Vec<(u32, Ipv4Cidr)>,
+    /// The pre-filter bitmap's non-zero words, by index.
+    pub prefilter: Vec<(u32, u64)>,
 }
 
 /// A table to point a service at in [`DatapathMaps::put_tables`].
@@ -242,6 +290,8 @@ pub trait DatapathMaps {
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError>;
     /// Deletes a service entry.
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError>;
+    /// Writes word `index` of the destination pre-filter bitmap.
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError>;
     /// Reads everything back.
     fn read_all(&self) -> Result<MapContents, MapOpError>;
     /// Service ids are `1..service_id_limit()` (they index the per-service stats).
@@ -294,6 +344,9 @@ struct Programmed {
     /// Its source ranges in the source-range map.
     ranges: BTreeSet<Ipv4Cidr>,
     rev_nat: bool,
+    /// Counted in its pre-filter bucket (whose bit is then set): from before its service
+    /// entry is first written until after that entry is deleted.
+    prefiltered: bool,
     /// Every backend the frontend lists, draining ones included: kept in the backends map.
     members: Vec<u32>,
 }
@@ -306,6 +359,7 @@ impl Programmed {
             slots: [None, None],
             ranges: BTreeSet::new(),
             rev_nat: false,
+            prefiltered: false,
             members: Vec::new(),
         }
     }
@@ -362,6 +416,14 @@ pub struct ApplyReport {
     pub frontends: usize,
     /// Backends programmed after the apply (REMOVED ones that drain included).
     pub backends: usize,
+    /// Wanted frontends that are not programmed as wanted after the apply (their last
+    /// write failed): missing, or still as they were before.
+    pub unprogrammed: usize,
+    /// Orphans (adopted frontends no view has listed) kept for their grace period after
+    /// the apply.
+    pub orphans: usize,
+    /// Orphans this apply removed because their grace period ended.
+    pub orphans_pruned: usize,
     /// What failed (the rest was applied).
     pub errors: Vec<SyncError>,
 }
@@ -433,6 +495,32 @@ fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable)
     }
 }
 
+/// The pre-filter bucket of a frontend.
+fn bucket_of(key: &Frontend4) -> u32 {
+    prefilter::bucket(key.addr, key.port, key.proto)
+}
+
+/// The pre-filter bitmap as the map holds it, and how many frontends each bucket counts.
+#[derive(Debug, Default)]
+struct Prefilter {
+    /// Bucket -> frontends counted in it (never 0).
+    users: HashMap<u32, u32>,
+    /// The non-zero words of the bitmap, by index.
+    words: HashMap<u32, u64>,
+}
+
+impl Prefilter {
+    /// The words that `users` calls for.
+    fn wanted_words(&self) -> HashMap<u32, u64> {
+        let mut words: HashMap<u32, u64> = HashMap::new();
+        for bucket in self.users.keys() {
+            let (index, bit) = prefilter::position(*bucket);
+            *words.entry(index).or_default() |= bit;
+        }
+        words
+    }
+}
+
 /// Keeps the maps equal to the desired state.
 pub struct Syncer<M> {
     maps: M,
@@ -447,10 +535,17 @@ pub struct Syncer<M> {
     table_refs: HashMap<TableId, u32>,
     /// [`MAX_UNPUT_TABLES`] (smaller in tests).
     max_unput_tables: usize,
+    prefilter: Prefilter,
     used_service_ids: BTreeSet<u32>,
     next_service_id: u32,
     next_backend_id: u32,
     ops: usize,
+    /// Wanted frontends whose last apply failed.
+    unprogrammed: BTreeSet<Frontend4>,
+    /// Frontends adopted from the pinned maps that no apply has wanted yet.
+    adopted: BTreeSet<Frontend4>,
+    /// When the first complete view was applied: the orphans' grace period starts then.
+    first_view: Option<Instant>,
 }
 
 impl<M: DatapathMaps> Syncer<M> {
@@ -474,10 +569,14 @@ impl<M: DatapathMaps> Syncer<M> {
             tables: HashMap::new(),
             table_refs: HashMap::new(),
             max_unput_tables: MAX_UNPUT_TABLES,
+            prefilter: Prefilter::default(),
             used_service_ids: BTreeSet::new(),
             next_service_id: 1,
             next_backend_id: 1,
             ops: 0,
+            unprogrammed: BTreeSet::new(),
+            adopted: contents.services.iter().map(|(key, _)| *key).collect(),
+            first_view: None,
         };
         let tables: HashMap<u32, &TableInfo> =
             contents.tables.iter().map(|(id, t)| (*id, t)).collect();
@@ -492,8 +591,10 @@ impl<M: DatapathMaps> Syncer<M> {
                 slots: [None, None],
                 ranges: ranges.remove(&service.id).unwrap_or_default(),
                 rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
+                prefiltered: true,
                 members: Vec::new(),
             };
+            *syncer.prefilter.users.entry(bucket_of(key)).or_default() += 1;
             let live = programmed.live();
             for slot in 0..2 {
                 let Some(t) = tables.get(&programmed.key(slot)) else {
@@ -525,6 +626,18 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         syncer.next_service_id = syncer.used_service_ids.last().map_or(1, |id| id + 1);
         syncer.next_backend_id = syncer.backends.keys().max().map_or(1, |id| id + 1);
+
+        // The pre-filter gets the bits of the service entries (all of them after an upgrade
+        // that brings the map), and loses those of none (an interrupted update's).
+        let wanted = syncer.prefilter.wanted_words();
+        let found: HashMap<u32, u64> = contents.prefilter.iter().copied().collect();
+        for index in wanted.keys().chain(found.keys()) {
+            let word = wanted.get(index).copied().unwrap_or(0);
+            if found.get(index).copied().unwrap_or(0) != word {
+                syncer.maps.put_prefilter_word(*index, word)?;
+            }
+        }
+        syncer.prefilter.words = wanted;
 
         // Tables, source ranges and reverse-NAT entries of no service are leftovers of an
         // interrupted update: nothing reads them, so they go now.
@@ -571,6 +684,22 @@ impl<M: DatapathMaps> Syncer<M> {
         self.removed.values().min().map(|t| *t + self.config.drain)
     }
 
+    /// When the orphans' grace period ends (while there are orphans): an apply after that
+    /// removes them.
+    pub fn next_orphan_deadline(&self) -> Option<Instant> {
+        let first_view = self.first_view?;
+        (!self.adopted.is_empty()).then(|| first_view + self.config.orphan_grace)
+    }
+
+    /// The earliest of [`Syncer::next_drain_deadline`] and [`Syncer::next_orphan_deadline`]:
+    /// when an apply of no change has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [self.next_drain_deadline(), self.next_orphan_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
     /// Makes the maps hold `desired`, with the fewest writes, in the safe order.
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
         self.apply_at(desired, Instant::now())
@@ -587,12 +716,15 @@ impl<M: DatapathMaps> Syncer<M> {
             .iter()
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
+        // The first complete view: the orphans' grace period starts.
+        self.first_view.get_or_insert(now);
         let stale: Vec<Frontend4> = self
             .frontends
             .keys()
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
+        self.unprogrammed.retain(|k| wanted.contains_key(k));
         self.apply_scoped(&wanted, stale, None, now)
     }
 
@@ -624,8 +756,12 @@ impl<M: DatapathMaps> Syncer<M> {
                 Some((f, plan)) => {
                     wanted.insert(key, (f, plan));
                 }
-                None if self.frontends.contains_key(&key) => stale.push(key),
-                None => {}
+                None => {
+                    self.unprogrammed.remove(&key);
+                    if self.frontends.contains_key(&key) {
+                        stale.push(key);
+                    }
+                }
             }
         }
         let drained = self
@@ -634,6 +770,23 @@ impl<M: DatapathMaps> Syncer<M> {
             .filter(|(_, since)| now >= **since + self.config.drain)
             .map(|(id, _)| *id);
         released.extend(drained);
+        // Orphans whose grace has ended go too (`desired` is complete: what it lacks is not
+        // wanted).
+        if self.next_orphan_deadline().is_some_and(|end| now >= end) {
+            let listed: BTreeSet<Frontend4> = desired.frontends.keys().map(|f| f.key()).collect();
+            for key in &self.adopted {
+                if !listed.contains(key) && !stale.contains(key) {
+                    stale.push(*key);
+                }
+                if let Some(p) = self.frontends.get(key) {
+                    released.extend(
+                        p.table()
+                            .into_iter()
+                            .flat_map(|t| t.key.backends.iter().copied()),
+                    );
+                }
+            }
+        }
         self.apply_scoped(&wanted, stale, Some(released), now)
     }
 
@@ -653,13 +806,31 @@ impl<M: DatapathMaps> Syncer<M> {
     ) -> ApplyReport {
         let ops_before = self.ops;
         let mut errors = Vec::new();
+        for key in wanted.keys() {
+            self.adopted.remove(key);
+        }
+        // Orphans stay for their grace period (which starts with the first complete view).
+        let grace_over = self.next_orphan_deadline().is_some_and(|end| now >= end);
+        let stale: Vec<Frontend4> = stale
+            .into_iter()
+            .filter(|key| grace_over || !self.adopted.contains(key))
+            .collect();
+        let mut orphans_pruned = 0;
+        if grace_over {
+            orphans_pruned = stale.iter().filter(|k| self.adopted.contains(k)).count();
+            // From now on they are ordinary stale frontends (a failed removal is retried).
+            self.adopted.clear();
+        }
 
         // 1. Backends, and what each frontend is to become.
         let mut pending = Vec::with_capacity(wanted.len());
         for (key, (frontend, plan)) in wanted {
             match self.prepare(key, frontend, plan) {
                 Ok(p) => pending.push(p),
-                Err(error) => errors.push(error),
+                Err(error) => {
+                    self.unprogrammed.insert(*key);
+                    errors.push(error);
+                }
             }
         }
         // 2. Tables.
@@ -667,14 +838,23 @@ impl<M: DatapathMaps> Syncer<M> {
         // 3, 4, 5. Source ranges, reverse NAT, service entries.
         let mut unused_tables = Vec::new();
         for mut p in pending {
-            if !p.failed {
-                match self.write_entries(&mut p) {
-                    Ok(()) if p.table.is_none() && p.programmed.tables().next().is_some() => {
-                        unused_tables.push(p.key);
+            let written = !p.failed
+                && match self.write_entries(&mut p) {
+                    Ok(()) => {
+                        if p.table.is_none() && p.programmed.tables().next().is_some() {
+                            unused_tables.push(p.key);
+                        }
+                        true
                     }
-                    Ok(()) => {}
-                    Err(error) => errors.push(p.map_error(error)),
-                }
+                    Err(error) => {
+                        errors.push(p.map_error(error));
+                        false
+                    }
+                };
+            if written {
+                self.unprogrammed.remove(&p.key);
+            } else {
+                self.unprogrammed.insert(p.key);
             }
             self.frontends.insert(p.key, p.programmed);
         }
@@ -699,6 +879,9 @@ impl<M: DatapathMaps> Syncer<M> {
             map_ops: self.ops - ops_before,
             frontends: self.service_ids().count(),
             backends: self.backends.len(),
+            unprogrammed: self.unprogrammed.len(),
+            orphans: self.adopted.len(),
+            orphans_pruned,
             errors,
         }
     }
@@ -723,7 +906,9 @@ impl<M: DatapathMaps> Syncer<M> {
             } else {
                 BACKEND_ACTIVE
             };
-            let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state);
+            let flags = if b.remote { BACKEND_F_REMOTE } else { 0 };
+            let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state)
+                .with_flags(flags);
             let id = self.ensure_backend(&backend).map_err(map_err)?;
             ids.push(id);
             if !b.terminating {
@@ -988,6 +1173,10 @@ impl<M: DatapathMaps> Syncer<M> {
             self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(&p.key)))?;
             prog.rev_nat = true;
         }
+        if !prog.prefiltered {
+            self.prefilter_count(&p.key, true)?;
+            prog.prefiltered = true;
+        }
         let mut service = p.service;
         if p.slot == 1 {
             service.flags |= SERVICE_F_TABLE_B;
@@ -1079,6 +1268,10 @@ impl<M: DatapathMaps> Syncer<M> {
                 slot.retired = Some(Instant::now());
             }
         }
+        if p.prefiltered {
+            self.prefilter_count(key, false)?;
+            p.prefiltered = false;
+        }
         for range in p.ranges.clone() {
             self.op(|m| m.delete_source_range(p.id, range))?;
             p.ranges.remove(&range);
@@ -1086,6 +1279,37 @@ impl<M: DatapathMaps> Syncer<M> {
         if p.rev_nat {
             self.op(|m| m.delete_rev_nat(p.id))?;
             p.rev_nat = false;
+        }
+        Ok(())
+    }
+
+    /// Counts `key` in its pre-filter bucket (`add`) or stops counting it: the bucket's bit
+    /// is set before its first frontend is counted, and cleared after its last one goes.
+    fn prefilter_count(&mut self, key: &Frontend4, add: bool) -> Result<(), MapOpError> {
+        let bucket = bucket_of(key);
+        let users = self.prefilter.users.get(&bucket).copied().unwrap_or(0);
+        let flips = if add { users == 0 } else { users == 1 };
+        if flips {
+            let (index, bit) = prefilter::position(bucket);
+            let old = self.prefilter.words.get(&index).copied().unwrap_or(0);
+            let word = if add { old | bit } else { old & !bit };
+            self.op(|m| m.put_prefilter_word(index, word))?;
+            if word == 0 {
+                self.prefilter.words.remove(&index);
+            } else {
+                self.prefilter.words.insert(index, word);
+            }
+        }
+        match (add, users) {
+            (true, _) => {
+                self.prefilter.users.insert(bucket, users + 1);
+            }
+            (false, 0 | 1) => {
+                self.prefilter.users.remove(&bucket);
+            }
+            (false, _) => {
+                self.prefilter.users.insert(bucket, users - 1);
+            }
         }
         Ok(())
     }
@@ -1203,6 +1427,8 @@ pub struct InMemoryMaps {
     pub tables: BTreeMap<TableId, Arc<[u32]>>,
     /// Source-range map.
     pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// The pre-filter bitmap's non-zero words, by index.
+    pub prefilter: BTreeMap<u32, u64>,
     /// Capacity of each map, in entries.
     pub capacity: usize,
     /// Called after every successful operation with the maps as they are then.
@@ -1230,6 +1456,7 @@ impl InMemoryMaps {
             maglev: BTreeMap::new(),
             tables: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
+            prefilter: BTreeMap::new(),
             capacity,
             observer: None,
             journal: Vec::new(),
@@ -1238,6 +1465,12 @@ impl InMemoryMaps {
             last_selected: BTreeMap::new(),
             next_table: 1,
         }
+    }
+
+    /// Whether the pre-filter lets packets for `key` on to the lookups.
+    pub fn prefilter_passes(&self, key: &Frontend4) -> bool {
+        let (index, bit) = prefilter::position(bucket_of(key));
+        self.prefilter.get(&index).is_some_and(|w| w & bit != 0)
     }
 
     /// The table a service entry selects.
@@ -1270,7 +1503,10 @@ fn put<K: Ord, V>(
     value: V,
 ) -> Result<(), MapOpError> {
     if map.len() >= capacity && !map.contains_key(&key) {
-        return Err(MapOpError::Full { map: name });
+        return Err(MapOpError::Full {
+            map: name,
+            max_entries: capacity as u32,
+        });
     }
     map.insert(key, value);
     Ok(())
@@ -1393,6 +1629,7 @@ impl DatapathMaps for InMemoryMaps {
         if self.source_ranges.len() >= self.capacity && !self.source_ranges.contains(&key) {
             return Err(MapOpError::Full {
                 map: map_names::SOURCE_RANGES,
+                max_entries: self.capacity as u32,
             });
         }
         self.source_ranges.insert(key);
@@ -1431,6 +1668,20 @@ impl DatapathMaps for InMemoryMaps {
         delete(&mut self.services, key)?;
         self.observed("delete_service", id)
     }
+    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
+        if index >= prefilter::WORDS {
+            return Err(MapOpError::Os {
+                map: map_names::PREFILTER,
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        if word == 0 {
+            self.prefilter.remove(&index);
+        } else {
+            self.prefilter.insert(index, word);
+        }
+        self.observed("put_prefilter_word", index)
+    }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         Ok(MapContents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -1442,6 +1693,7 @@ impl DatapathMaps for InMemoryMaps {
                 .map(|(service, id)| (*service, table_info(*id, &self.tables[id])))
                 .collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
+            prefilter: self.prefilter.iter().map(|(k, v)| (*k, *v)).collect(),
         })
     }
 }
@@ -1466,9 +1718,14 @@ mod tests {
     /// After every single map operation: each service entry with backends has a Maglev
     /// table whose entries all name backends that exist and are not REMOVED; its
     /// reverse-NAT entry exists; and a frontend restricted to source ranges has some. That
-    /// is what a packet (or a reply) arriving at that moment needs.
+    /// is what a packet (or a reply) arriving at that moment needs. And the pre-filter lets
+    /// every frontend's packets through to the lookups.
     fn consistent(maps: &InMemoryMaps) {
         for (frontend, svc) in &maps.services {
+            assert!(
+                maps.prefilter_passes(frontend),
+                "{frontend:?}: pre-filter bit clear"
+            );
             if svc.backend_count > 0 {
                 let table = maps
                     .table_of(svc)
@@ -1534,6 +1791,7 @@ mod tests {
                     addr: Ipv4Addr::new(10, 244, 0, last),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 })
                 .collect(),
             affinity_timeout_secs: None,
@@ -1566,6 +1824,30 @@ mod tests {
                 (Frontend::from_key(key).unwrap(), backends)
             })
             .collect()
+    }
+
+    /// The pre-filter holds the bits of the service entries and no other.
+    fn prefilter_exact(maps: &InMemoryMaps) {
+        let mut want = BTreeMap::new();
+        for key in maps.services.keys() {
+            let (index, bit) = prefilter::position(bucket_of(key));
+            *want.entry(index).or_insert(0u64) |= bit;
+        }
+        assert_eq!(maps.prefilter, want);
+    }
+
+    /// Two frontends in one pre-filter bucket.
+    fn same_bucket() -> (Frontend, Frontend) {
+        let mut seen = HashMap::new();
+        for port in 1..=u16::MAX {
+            for last in 1..=254 {
+                let f = fe(last, port);
+                if let Some(other) = seen.insert(bucket_of(&f.key()), f) {
+                    return (other, f);
+                }
+            }
+        }
+        unreachable!("2^20 buckets, 16 million frontends")
     }
 
     fn expect(want: &[(Frontend, &[u8])]) -> BTreeMap<Frontend, Vec<u8>> {
@@ -1828,6 +2110,7 @@ mod tests {
         let m = s.maps();
         assert!(m.services.is_empty() && m.maglev.is_empty() && m.tables.is_empty());
         assert!(m.rev_nat.is_empty() && m.source_ranges.is_empty());
+        assert!(m.prefilter.is_empty(), "{:?}", m.prefilter);
         assert!(m.backends.values().all(|b| b.state == BACKEND_REMOVED));
         // After the drain, nothing is left.
         s.apply_at(&desired(&[]), start + DEFAULT_DRAIN);
@@ -1927,8 +2210,13 @@ mod tests {
         let range = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
         maps.source_ranges.insert((999, range));
         maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key()));
+        // And a pre-filter bit of a frontend whose service entry was never written.
+        let (index, bit) = prefilter::position(bucket_of(&fe(9, 9).key()));
+        *maps.prefilter.entry(index).or_default() |= bit;
+        let mut upgraded = maps.clone();
 
         let mut restarted = Syncer::adopt_with(maps, config()).unwrap();
+        prefilter_exact(restarted.maps());
         assert_eq!(restarted.maps().maglev.len(), 2, "leftover table removed");
         assert!(restarted.maps().source_ranges.is_empty());
         assert_eq!(
@@ -1937,6 +2225,13 @@ mod tests {
             "leftover reverse NAT removed"
         );
         assert_eq!(restarted.apply(&desired(&want)).map_ops, 0);
+        // An upgrade brings an empty pre-filter: adoption sets the bits of the services.
+        // (The agent adopts before it attaches the new programs, which read the pre-filter:
+        // the states in between are not seen by packets.)
+        upgraded.prefilter.clear();
+        upgraded.observer = None;
+        let upgraded = Syncer::adopt_with(upgraded, config()).unwrap();
+        prefilter_exact(upgraded.maps());
         // And it continues from there: ids are not handed out twice.
         restarted.apply(&desired(&[(fe(1, 80), &[1, 2][..]), (fe(3, 80), &[4][..])]));
         let ids: BTreeSet<u32> = restarted.maps().services.values().map(|s| s.id).collect();
@@ -1948,6 +2243,135 @@ mod tests {
     }
 
     #[test]
+    fn a_prefilter_bit_is_set_before_the_first_frontend_of_its_bucket_and_cleared_after_the_last() {
+        let (a, b) = same_bucket();
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(a, &[1][..]), (b, &[2][..])]));
+        prefilter_exact(s.maps());
+        let journal = &s.maps().journal;
+        let words: Vec<_> = journal
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| op.starts_with("put_prefilter_word"))
+            .collect();
+        assert_eq!(
+            words.len(),
+            1,
+            "one write for the shared bucket: {journal:?}"
+        );
+        let first_service = journal.iter().position(|op| op.starts_with("put_service"));
+        assert!(Some(words[0].0) < first_service, "{journal:?}");
+
+        // The counts survive a restart: removing one frontend keeps the bucket's bit. (No
+        // orphan grace, so that the first view's removal is written at once.)
+        let no_grace = SyncConfig {
+            orphan_grace: Duration::ZERO,
+            ..config()
+        };
+        let mut s = Syncer::adopt_with(s.maps().clone(), no_grace).unwrap();
+        let before = s.maps().journal.len();
+        s.apply(&desired(&[(b, &[2][..])]));
+        prefilter_exact(s.maps());
+        assert!(s.maps().prefilter_passes(&b.key()));
+        let ops = &s.maps().journal[before..];
+        assert!(ops.iter().any(|op| op.starts_with("delete_service")));
+        assert!(
+            !ops.iter().any(|op| op.starts_with("put_prefilter_word")),
+            "{ops:?}"
+        );
+        // The last one goes: its service entry first, then the bit.
+        s.apply(&desired(&[]));
+        assert!(s.maps().prefilter.is_empty());
+        let journal = &s.maps().journal;
+        let deleted = journal
+            .iter()
+            .rposition(|op| op.starts_with("delete_service"));
+        let cleared = journal
+            .iter()
+            .rposition(|op| op.starts_with("put_prefilter_word"));
+        assert!(deleted < cleared, "{journal:?}");
+    }
+
+    #[test]
+    fn orphans_keep_working_for_the_grace_period_then_go() {
+        let mut s = syncer(1000);
+        let t0 = Instant::now();
+        let all = [(fe(1, 80), &[1, 2][..]), (fe(2, 80), &[2, 3][..])];
+        s.apply_at(&desired(&all), t0);
+        let before = s.maps().clone();
+
+        // Restarted while fe2's Service was deleted: the first view lacks it.
+        let mut restarted = Syncer::adopt_with(before.clone(), config()).unwrap();
+        let t1 = t0 + Duration::from_secs(5);
+        let first = restarted.apply_at(&desired(&all[..1]), t1);
+        assert_eq!(
+            (first.map_ops, first.orphans, first.orphans_pruned),
+            (0, 1, 0)
+        );
+        assert_eq!(programmed(restarted.maps()), programmed(&before));
+        let deadline = t1 + DEFAULT_ORPHAN_GRACE;
+        assert_eq!(restarted.next_orphan_deadline(), Some(deadline));
+        assert_eq!(restarted.next_deadline(), Some(deadline));
+
+        // Neither a resync nor an incremental apply within the grace removes it.
+        let almost = deadline - Duration::from_millis(1);
+        let resync = restarted.apply_at(&desired(&all[..1]), almost);
+        assert_eq!((resync.map_ops, resync.orphans), (0, 1));
+        let none: [&Frontend; 0] = [];
+        let changed = restarted.apply_changed(&desired(&all[..1]), none, almost);
+        assert_eq!((changed.map_ops, changed.orphans), (0, 1));
+        assert_eq!(programmed(restarted.maps()), programmed(&before));
+
+        // At the deadline an apply of no change (the agent's timer) removes it and collects
+        // its backend .3 (REMOVED, drained later); .2 stays for fe1.
+        let pruned = restarted.apply_changed(&desired(&all[..1]), none, deadline);
+        assert_eq!((pruned.orphans, pruned.orphans_pruned), (0, 1));
+        assert!(pruned.errors.is_empty(), "{:?}", pruned.errors);
+        assert_eq!(
+            programmed(restarted.maps()),
+            expect(&[(fe(1, 80), &[1, 2])])
+        );
+        assert_eq!(state_of(restarted.maps(), 3), Some(BACKEND_REMOVED));
+        assert_eq!(state_of(restarted.maps(), 2), Some(BACKEND_ACTIVE));
+        assert_eq!(restarted.next_orphan_deadline(), None);
+    }
+
+    #[test]
+    fn an_orphan_that_a_later_view_lists_is_kept_and_stale_frontends_go_at_once() {
+        let mut s = syncer(1000);
+        let t0 = Instant::now();
+        let all = [(fe(1, 80), &[1][..]), (fe(2, 80), &[2][..])];
+        s.apply_at(&desired(&all), t0);
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+        // The first view lacks fe2 (an EndpointSlice not read yet); the next lists it again:
+        // it is adopted as it is, under its id, without a write.
+        let id2 = restarted.maps().services[&fe(2, 80).key()].id;
+        assert_eq!(restarted.apply_at(&desired(&all[..1]), t0).orphans, 1);
+        let report = restarted.apply_at(&desired(&all), t0 + Duration::from_secs(1));
+        assert_eq!((report.map_ops, report.orphans), (0, 0));
+        assert_eq!(restarted.next_orphan_deadline(), None);
+        assert_eq!(restarted.maps().services[&fe(2, 80).key()].id, id2);
+        // From then on it is an ordinary frontend: removed as soon as a view drops it.
+        let gone = restarted.apply_at(&desired(&all[..1]), t0 + Duration::from_secs(2));
+        assert_eq!((gone.orphans, gone.orphans_pruned), (0, 0));
+        assert_eq!(programmed(restarted.maps()), expect(&[(fe(1, 80), &[1])]));
+    }
+
+    #[test]
+    fn a_zero_grace_prunes_orphans_with_the_first_view() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(2, 80), &[2][..])]));
+        let no_grace = SyncConfig {
+            orphan_grace: Duration::ZERO,
+            ..config()
+        };
+        let mut restarted = Syncer::adopt_with(s.maps().clone(), no_grace).unwrap();
+        let report = restarted.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        assert_eq!((report.orphans, report.orphans_pruned), (0, 1));
+        assert_eq!(programmed(restarted.maps()), expect(&[(fe(1, 80), &[1])]));
+    }
+
+    #[test]
     fn a_full_map_fails_one_frontend_and_keeps_the_others() {
         // Room for 4 backends: the second frontend needs 3 more than the first's 2.
         let mut s = syncer(4);
@@ -1955,7 +2379,7 @@ mod tests {
         let report = s.apply(&desired(&want));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let message = report.errors[0].to_string();
-        assert!(message.contains("LB_BACKEND4_V1 is full"), "{message}");
+        assert!(message.contains("LB_BACKEND4_V2 is full"), "{message}");
         assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
         assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1, 2])]));
         // With room again, the next apply converges.

@@ -1,4 +1,4 @@
-//! The few system calls aya does not expose: mounting bpffs, opening a pinned link by path,
+//! The few system calls aya does not expose: mounting bpffs (and cgroup2), opening a pinned link by path,
 //! replacing the program of a link in place (`BPF_LINK_UPDATE`), batch updates and deletes
 //! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), reading or writing an mmapable
 //! array map through a mapping, and waiting for running programs ([`GracePeriods`]).
@@ -38,14 +38,20 @@ pub fn ensure_bpffs(path: &Path) -> io::Result<bool> {
     if is_bpffs(path)? {
         return Ok(false);
     }
+    mount(c"bpf", path)?;
+    Ok(true)
+}
+
+/// Mounts a filesystem of type `kind` (e.g. `bpf`, `cgroup2`) at `path`.
+pub fn mount(kind: &std::ffi::CStr, path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: all pointers are valid C strings; data is null.
     let rc = unsafe {
         libc::mount(
-            c"bpf".as_ptr(),
+            kind.as_ptr(),
             target.as_ptr(),
-            c"bpf".as_ptr(),
+            kind.as_ptr(),
             0,
             std::ptr::null(),
         )
@@ -53,7 +59,7 @@ pub fn ensure_bpffs(path: &Path) -> io::Result<bool> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(true)
+    Ok(())
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {

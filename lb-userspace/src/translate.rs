@@ -522,6 +522,9 @@ struct PortEndpoint<'a> {
     addr: Ipv4Addr,
     port: u16,
     local: bool,
+    /// On another node: a `nodeName` that is not this node's (an endpoint without one is
+    /// taken to be reachable as it is).
+    remote: bool,
     ep: &'a Endpoint,
 }
 
@@ -552,10 +555,13 @@ fn port_endpoints<'a>(
             for ep in &slice.endpoints {
                 let local =
                     !node.name.is_empty() && ep.node_name.as_deref() == Some(node.name.as_str());
+                let remote = !node.name.is_empty()
+                    && ep.node_name.as_deref().is_some_and(|n| n != node.name);
                 let new = PortEndpoint {
                     addr: ep.address,
                     port,
                     local,
+                    remote,
                     ep,
                 };
                 // Prefer a non-terminating copy (an IP reused by a new pod before the old one
@@ -641,6 +647,7 @@ fn backends<'a>(
                 addr: e.addr,
                 port: e.port,
                 terminating,
+                remote: e.remote,
             })
         })
         .collect()
@@ -740,11 +747,13 @@ mod tests {
                     addr: Ipv4Addr::new(10, 1, 0, 1),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 },
                 Backend {
                     addr: Ipv4Addr::new(10, 1, 0, 2),
                     port: 80,
                     terminating: false,
+                    remote: false,
                 },
             ],
             affinity_timeout_secs: None,
@@ -1051,6 +1060,41 @@ mod tests {
                 "[{port: 80}]",
                 &format!("[{}]", chosen.join(", ")),
             )
+    }
+
+    #[test]
+    fn endpoints_on_other_nodes_are_remote_and_local_policy_keeps_none_of_them() {
+        let spec = "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
+        // An endpoint without nodeName is taken as reachable as it is (not NATed).
+        let yaml = svc("a", spec)
+            + &slice(
+                "a-1",
+                "a",
+                "[{port: 80}]",
+                "[{addresses: [10.1.0.1], nodeName: node-a}, {addresses: [10.1.0.2], nodeName: node-b}, {addresses: [10.1.0.5]}]",
+            );
+        let t = translate(&state(&yaml), &node());
+        let remote = |f: &str| -> Vec<(String, bool)> {
+            let plan = t.desired.frontends.iter().find(|(k, _)| k.to_string() == f);
+            plan.unwrap()
+                .1
+                .backends
+                .iter()
+                .map(|b| (b.addr.to_string(), b.remote))
+                .collect()
+        };
+        assert_eq!(
+            remote("10.0.0.1:80/TCP"),
+            [
+                ("10.1.0.1".into(), false),
+                ("10.1.0.2".into(), true),
+                ("10.1.0.5".into(), false)
+            ]
+        );
+        assert_eq!(
+            remote("192.168.0.10:30080/TCP"),
+            [("10.1.0.1".into(), false)]
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::fs::File;
 use std::net::SocketAddrV4;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::netns::{self, Netns, unique_name};
+use crate::topology::NODE_NAME;
 
 /// The agent's operations endpoint (its default `--metrics-addr`), in its namespace.
 pub const OPS_ADDR: &str = "127.0.0.1:9464";
@@ -57,6 +58,27 @@ pub fn find_lb_bin() -> Option<PathBuf> {
         .iter()
         .map(|profile| target.join(profile).join("lb"))
         .find(|bin| bin.is_file())
+}
+
+/// The older release the upgrade test starts from: a commit of this repository's history,
+/// which `cargo xtask build-old` (and `cargo xtask test`) builds as `target/release/lb-<commit>`.
+pub const OLD_RELEASE: &str = "a899f91";
+
+/// The older release's `lb` binary: `$LB_OLD_BIN` (set by `cargo xtask test`), else
+/// `target/release/lb-<OLD_RELEASE>`. Panics, saying how to build it, when there is none.
+pub fn old_lb_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LB_OLD_BIN") {
+        return bin.into();
+    }
+    let bin = workspace_dir()
+        .join("target/release")
+        .join(format!("lb-{OLD_RELEASE}"));
+    assert!(
+        bin.is_file(),
+        "no lb of the older release {OLD_RELEASE} (LB_OLD_BIN is not set and there is no {}):          build it from the git history with cargo xtask build-old, or run cargo xtask test",
+        bin.display()
+    );
+    bin
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is mounted already (a fresh machine has a plain
@@ -253,6 +275,8 @@ pub struct Agent {
     // A mutex so that the waits, which take `&self`, can notice that the agent exited.
     child: std::sync::Mutex<Child>,
     lb: PathBuf,
+    /// The arguments of `lb agent` but `--pin-path` and those given to a restart.
+    args: Vec<OsString>,
     log: PathBuf,
     // Dropped after `child` is stopped (see Drop).
     pins: PinDir,
@@ -271,6 +295,7 @@ impl Agent {
     }
 
     /// [`Agent::start_with`], with more arguments for `lb agent` (e.g. `--max-services N`).
+    /// The node is named [`NODE_NAME`], as in the examples' EndpointSlices.
     pub fn start_with_args(
         lb: &Path,
         ns: &Netns,
@@ -278,14 +303,58 @@ impl Agent {
         interface: &str,
         args: &[&str],
     ) -> Result<Self> {
+        Self::start_on_node(lb, ns, manifests, interface, NODE_NAME, args)
+    }
+
+    /// [`Agent::start_with_args`] on the node named `node_name` (`--node-name`).
+    pub fn start_on_node(
+        lb: &Path,
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        node_name: &str,
+        args: &[&str],
+    ) -> Result<Self> {
         let mut all: Vec<OsString> = vec![
             "--manifests".into(),
             manifests.into(),
             "--interface".into(),
             interface.into(),
+            "--node-name".into(),
+            node_name.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(lb, ns, &all)
+        Self::spawn(lb, ns, &all, |_| {})
+    }
+
+    /// [`Agent::start`] with only the capabilities `keep` (numbers, e.g.
+    /// [`CAP_NET_ADMIN`]): every other one is dropped from the bounding set before `exec`, so
+    /// the agent (root) gets exactly these, permitted and effective.
+    pub fn start_with_capabilities(
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        keep: &[u32],
+    ) -> Result<Self> {
+        let args: Vec<OsString> = vec![
+            "--manifests".into(),
+            manifests.into(),
+            "--interface".into(),
+            interface.into(),
+        ];
+        let mask = keep.iter().fold(0u64, |m, cap| m | 1 << cap);
+        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .context("read cap_last_cap")?
+            .trim()
+            .parse::<u32>()
+            .context("parse cap_last_cap")?;
+        Self::spawn(&lb_bin(), ns, &args, |cmd| {
+            // SAFETY: between fork and exec the closure makes only prctl(2) and capset(2)
+            // system calls on values computed before the fork; it does not allocate.
+            unsafe {
+                cmd.pre_exec(move || restrict_capabilities(mask, last));
+            }
+        })
     }
 
     /// Starts `lb agent --kubeconfig FILE --node-name NODE --interface IF --pin-path
@@ -306,31 +375,80 @@ impl Agent {
             interface.into(),
         ];
         all.extend(args.iter().map(OsString::from));
-        Self::spawn(&lb_bin(), ns, &all)
+        Self::spawn(&lb_bin(), ns, &all, |_| {})
     }
 
-    fn spawn(lb: &Path, ns: &Netns, args: &[OsString]) -> Result<Self> {
+    fn spawn(
+        lb: &Path,
+        ns: &Netns,
+        args: &[OsString],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let mut pins = PinDir::new()?;
         pins.lb = Some(lb.to_owned());
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("agent")));
-        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = ns
-            .command(lb)
-            .arg("agent")
-            .args(args)
-            .arg("--pin-path")
-            .arg(pins.path())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("spawn {} agent in {}", lb.display(), ns.name()))?;
+        let child = spawn_agent(lb, ns, args, pins.path(), &log, configure)?;
         Ok(Agent {
             child: std::sync::Mutex::new(child),
             lb: lb.to_owned(),
+            args: args.to_vec(),
             log,
             pins,
         })
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up, as `kill -9` or an OOM kill) and
+    /// waits for it; its programs and maps stay pinned.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Stops the agent with SIGTERM (as a rolling update does) and waits for it to exit.
+    pub fn stop(&self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    fn signal(&self, signal: i32) -> Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if child.try_wait()?.is_none() {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+            if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("kill");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("lb agent did not exit on signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again, after it exited, on the same pin directory with the same
+    /// arguments plus `args`, with the binary `lb` (another version for an upgrade). Its
+    /// output goes on in the same log; `lb` runs every `lb` command from now on.
+    pub fn restart(&mut self, ns: &Netns, lb: &Path, args: &[&str]) -> Result<()> {
+        if let Some(status) = self.exit_status() {
+            let mut log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+            use std::io::Write as _;
+            writeln!(log, "--- exited ({status}); starting {} ---", lb.display())?;
+        } else {
+            bail!("lb agent {} is still running", self.pid());
+        }
+        let mut all = self.args.clone();
+        all.extend(args.iter().map(OsString::from));
+        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log, |_| {})?;
+        *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = child;
+        self.lb = lb.to_owned();
+        self.pins.lb = Some(lb.to_owned());
+        Ok(())
+    }
+
+    /// The `lb` binary the agent runs.
+    pub fn lb(&self) -> &Path {
+        &self.lb
     }
 
     /// Whether the agent is still running.
@@ -430,6 +548,41 @@ impl Agent {
     }
 }
 
+/// Runs `LB agent ARGS... --pin-path PINS` in `ns`, its stdout and stderr appended to `log`.
+/// `configure` adjusts the command first (e.g. the capabilities it runs with).
+fn spawn_agent(
+    lb: &Path,
+    ns: &Netns,
+    args: &[OsString],
+    pins: &Path,
+    log: &Path,
+    configure: impl FnOnce(&mut Command),
+) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    // This version's agent (not the older release's, which has no socket hooks) gets
+    // `--no-cgroup` unless ARGS choose (`--cgroup`): tests never attach the socket hooks to
+    // the machine's cgroup2 root, where they would translate every process's connections.
+    let current = lb.file_name() == Some("lb".as_ref());
+    let hooks = args.iter().any(|a| a == "--cgroup" || a == "--no-cgroup");
+    let mut command = ns.command(lb);
+    configure(&mut command);
+    command
+        .arg("agent")
+        .args(args)
+        .arg("--pin-path")
+        .arg(pins)
+        .args((current && !hooks).then_some("--no-cgroup"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("spawn {} agent in {}", lb.display(), ns.name()))
+}
+
 /// The backends `lb services` lists for `frontend` (`address:port/PROTOCOL`), if it is
 /// programmed.
 pub fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
@@ -449,6 +602,74 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let value = l.strip_prefix(name)?.strip_prefix(' ')?;
         value.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// CAP_NET_ADMIN: attaching XDP and TC programs.
+pub const CAP_NET_ADMIN: u32 = 12;
+/// CAP_PERFMON: what the verifier allows programs beyond CAP_BPF (pointer arithmetic).
+pub const CAP_PERFMON: u32 = 38;
+/// CAP_BPF: maps, programs, pins.
+pub const CAP_BPF: u32 = 39;
+
+/// In a child before `exec`: drops every capability not in `mask` (up to `last`) from the
+/// bounding set and the ambient set, and keeps `mask` as permitted, effective and
+/// inheritable. A root process gets its bounding set at `exec`: exactly `mask`.
+fn restrict_capabilities(mask: u64, last: u32) -> std::io::Result<()> {
+    let check = |r: libc::c_long| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    for cap in 0..=last {
+        if mask & 1 << cap == 0 {
+            // SAFETY: prctl with integer arguments.
+            check(
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) }.into(),
+            )?;
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        }
+        .into(),
+    )?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let half = |shift: u32| {
+        let bits = (mask >> shift) as u32;
+        Data {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        }
+    };
+    let data = [half(0), half(32)];
+    // SAFETY: capset with a version-3 header and its two data structs.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })
 }
 
 impl Drop for Agent {

@@ -100,9 +100,11 @@ fn readable(fd: i32, timeout: Duration) -> bool {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Answers requests on one connection until the client closes it or asks to; every response
-/// body is `name`.
+/// body is `name`, but for `GET /peer`: `name` and the client's address as the server sees
+/// it (`pod1 10.200.0.2:40000`).
 pub fn serve(stream: &TcpStream, name: &str) -> Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let peer = format!("{name} {}", stream.peer_addr()?);
     let mut reader = BufReader::new(stream);
     let mut writer = stream;
     loop {
@@ -111,6 +113,10 @@ pub fn serve(stream: &TcpStream, name: &str) -> Result<()> {
             return Ok(());
         }
         let mut keep_alive = !request_line.trim_end().ends_with("HTTP/1.0");
+        let body = match request_line.split_whitespace().nth(1) {
+            Some("/peer") => peer.as_str(),
+            _ => name,
+        };
         let mut content_length = 0usize;
         loop {
             let mut line = String::new();
@@ -140,8 +146,8 @@ pub fn serve(stream: &TcpStream, name: &str) -> Result<()> {
         write!(
             writer,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-             Connection: {connection}\r\n\r\n{name}",
-            name.len()
+             Connection: {connection}\r\n\r\n{body}",
+            body.len()
         )?;
         writer.flush()?;
         if !keep_alive {

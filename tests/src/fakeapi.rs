@@ -79,6 +79,9 @@ pub struct Requests {
     pub watches: BTreeMap<String, usize>,
     /// Watches answered with 410 Expired, by plural.
     pub expired: BTreeMap<String, usize>,
+    /// Bookmarks sent, by plural: each one means a watch of that resource is open and has
+    /// been told the cluster's resourceVersion.
+    pub bookmarks: BTreeMap<String, usize>,
     /// Every request line's target (path and query), in order.
     pub targets: Vec<String>,
 }
@@ -860,6 +863,11 @@ fn watch(
                     let bookmark = bookmark_due.then(|| state.rv);
                     if bookmark_due {
                         next_bookmark = now + state.bookmark_interval;
+                        *state
+                            .requests
+                            .bookmarks
+                            .entry(resource.plural.clone())
+                            .or_default() += 1;
                     }
                     break (pending, bookmark);
                 }

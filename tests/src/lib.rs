@@ -10,6 +10,7 @@ pub mod agent;
 pub mod backends;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod churn;
 pub mod client;
 pub mod conns;
 pub mod fakeapi;
@@ -20,6 +21,7 @@ pub mod topology;
 
 pub use agent::{Agent, Explanation, PinDir, ServiceInfo, ensure_bpffs, examples_dir, lb_bin};
 pub use backends::{HttpServer, UdpEchoServer};
+pub use churn::{Churn, ChurnCounts};
 pub use client::{
     Tally, ensure_all_served, http_get, http_request, http_tally, udp_request, udp_tally,
 };
@@ -28,4 +30,7 @@ pub use fakeapi::FakeApiServer;
 pub use manifests::{ClusterIpService, Condition, Folder};
 pub use netns::Netns;
 pub use testbed::{EXAMPLE_FRONTENDS, Testbed};
-pub use topology::{CLIENT_IP, HTTP_PORT, NODE_IF, NODE_IP, Pod, Topology, UDP_PORT};
+pub use topology::{
+    CLIENT_IP, HTTP_PORT, NODE_A_NAME, NODE_B_IP, NODE_B_NAME, NODE_IF, NODE_IP, NODE_NAME, Pod,
+    Topology, TwoNodes, UDP_PORT,
+};

@@ -150,6 +150,25 @@ impl Netns {
         })
     }
 
+    /// Spawns a thread that enters this namespace and runs `f` (for work that runs in the
+    /// background, e.g. traffic); the thread's result is `f`'s, or why it could not enter.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let fd = self.open()?;
+        let name = self.name.clone();
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+            if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("setns into {name}"));
+            }
+            drop(fd);
+            Ok(f())
+        }))
+    }
+
     fn open(&self) -> std::io::Result<OwnedFd> {
         File::open(format!("/run/netns/{}", self.name)).map(OwnedFd::from)
     }

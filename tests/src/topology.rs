@@ -19,6 +19,8 @@ use crate::netns::{self, Netns};
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 /// The node's address on its external interface (the NodePort address).
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+/// The node's name, as the examples' EndpointSlices give it (`nodeName`).
+pub const NODE_NAME: &str = "node";
 /// The node's external interface, where lb attaches.
 pub const NODE_IF: &str = "eth0";
 /// The port of every pod's HTTP server.
@@ -83,16 +85,10 @@ impl Topology {
         Ok(topology)
     }
 
-    fn add_pod(&self, i: u8) -> Result<Pod> {
-        let name = format!("pod{i}");
-        let ns = Netns::new(&name)?;
-        let node_side = format!("veth-{name}");
-        self.node.veth(&node_side, &ns, "eth0")?;
-        self.node.addr(&node_side, &format!("10.244.{i}.1/24"))?;
-        let ip = Ipv4Addr::new(10, 244, i, 2);
-        ns.addr("eth0", &format!("{ip}/24"))?;
-        ns.default_route(&format!("10.244.{i}.1"))?;
-        Ok(Pod { name, ip, ns })
+    /// Adds pod `i` (10.244.i.2, host side `veth-pod<i>`) without servers, and returns it
+    /// (it is not in [`Topology::pods`]; dropping it removes it).
+    pub fn add_pod(&self, i: u8) -> Result<Pod> {
+        add_pod(&self.node, &format!("pod{i}"), [10, 244, i])
     }
 
     /// The pods' names, pod1 first.
@@ -107,6 +103,145 @@ impl Topology {
             .chain(self.pods.iter().map(|p| &p.ns))
             .map(|ns| ns.name().to_owned())
             .collect()
+    }
+}
+
+/// A pod named `name` behind `node`, in the /24 `net`: the node side is `net`.1, the pod `net`.2.
+fn add_pod(node: &Netns, name: &str, net: [u8; 3]) -> Result<Pod> {
+    let ns = Netns::new(name)?;
+    let node_side = format!("veth-{name}");
+    node.veth(&node_side, &ns, "eth0")?;
+    let [a, b, c] = net;
+    node.addr(&node_side, &format!("{a}.{b}.{c}.1/24"))?;
+    let ip = Ipv4Addr::new(a, b, c, 2);
+    ns.addr("eth0", &format!("{ip}/24"))?;
+    ns.default_route(&format!("{a}.{b}.{c}.1"))?;
+    Ok(Pod {
+        name: name.to_owned(),
+        ip,
+        ns,
+    })
+}
+
+/// Node B's address in [`TwoNodes`].
+pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// The names of the two nodes of [`TwoNodes`], as EndpointSlices give them (`nodeName`).
+pub const NODE_A_NAME: &str = "node-a";
+/// See [`NODE_A_NAME`].
+pub const NODE_B_NAME: &str = "node-b";
+
+/// Two nodes and a client on one LAN (a bridge in its own namespace), each node with its
+/// own pods; lb attaches to node A's eth0.
+///
+/// ```text
+/// client eth0 10.200.0.2/24 ─┐
+/// node A eth0 10.200.0.1/24 ─┼─ br0 (namespace lan)
+/// node B eth0 10.200.0.3/24 ─┘
+/// node A: pods a-pod<i> 10.244.i.2 (veth 10.244.i.1/24), route 10.245.0.0/16 via node B
+/// node B: pods b-pod<i> 10.245.i.2 (veth 10.245.i.1/24), route 10.244.0.0/16 via node A
+/// ```
+///
+/// The client's default route is node A. Every pod runs [`HttpServer`] on [`HTTP_PORT`] and
+/// [`UdpEchoServer`] on [`UDP_PORT`], answering with its name. Node B's pods send full
+/// checksums (their replies reach node A's XDP, which cannot complete partial ones). A veth
+/// takes the frames node A's XDP sends back out (XDP_TX) only when its peer runs an XDP
+/// program: see [`TwoNodes::xdp_on_lan_port`].
+pub struct TwoNodes {
+    // Declared first so that they are dropped (stopped) before the namespaces.
+    http: Vec<HttpServer>,
+    udp: Vec<UdpEchoServer>,
+    /// The client namespace.
+    pub client: Netns,
+    /// Node A, where lb runs.
+    pub node_a: Netns,
+    /// Node B.
+    pub node_b: Netns,
+    /// The LAN: a bridge joining the client and both nodes.
+    pub lan: Netns,
+    /// Node A's pods.
+    pub pods_a: Vec<Pod>,
+    /// Node B's pods.
+    pub pods_b: Vec<Pod>,
+}
+
+impl TwoNodes {
+    /// Builds the topology with `a` pods on node A and `b` on node B (0 to 254 each), and
+    /// starts their servers.
+    pub fn new(a: usize, b: usize) -> Result<Self> {
+        ensure!(
+            a <= 254 && b <= 254,
+            "{a} and {b} pods: at most 254 per node"
+        );
+        remove_stale_once();
+        let client = Netns::new("client")?;
+        let node_a = Netns::new("node-a")?;
+        let node_b = Netns::new("node-b")?;
+        let lan = Netns::new("lan")?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        for (port, ns) in [("to-client", &client), ("to-a", &node_a), ("to-b", &node_b)] {
+            lan.veth(port, ns, "eth0")?;
+            lan.ip(&["link", "set", port, "master", "br0"])?;
+            lan.ip(&["link", "set", port, "up"])?;
+        }
+        client.addr("eth0", &format!("{CLIENT_IP}/24"))?;
+        client.default_route(&NODE_IP.to_string())?;
+        client.tx_checksum_off("eth0")?;
+        node_a.addr(NODE_IF, &format!("{NODE_IP}/24"))?;
+        node_a.sysctl("net/ipv4/ip_forward", "1")?;
+        node_a.ip(&[
+            "route",
+            "add",
+            "10.245.0.0/16",
+            "via",
+            &NODE_B_IP.to_string(),
+        ])?;
+        node_b.addr("eth0", &format!("{NODE_B_IP}/24"))?;
+        node_b.sysctl("net/ipv4/ip_forward", "1")?;
+        node_b.ip(&["route", "add", "10.244.0.0/16", "via", &NODE_IP.to_string()])?;
+
+        let mut topology = TwoNodes {
+            http: Vec::new(),
+            udp: Vec::new(),
+            client,
+            node_a,
+            node_b,
+            lan,
+            pods_a: Vec::new(),
+            pods_b: Vec::new(),
+        };
+        for i in 1..=a as u8 {
+            let pod = add_pod(&topology.node_a, &format!("a-pod{i}"), [10, 244, i])?;
+            topology.serve(&pod)?;
+            topology.pods_a.push(pod);
+        }
+        for i in 1..=b as u8 {
+            let pod = add_pod(&topology.node_b, &format!("b-pod{i}"), [10, 245, i])?;
+            pod.ns.tx_checksum_off("eth0")?;
+            topology.serve(&pod)?;
+            topology.pods_b.push(pod);
+        }
+        Ok(topology)
+    }
+
+    /// Attaches the XDP program of the ELF file `object` (section `xdp`; a program that
+    /// passes everything, such as the benchmarks' floor) to node A's port on the LAN, so that
+    /// the frames node A's XDP transmits (XDP_TX) are received there: a veth drops them
+    /// unless its peer runs XDP (GRO alone did not do on this kernel).
+    pub fn xdp_on_lan_port(&self, object: &std::path::Path) -> Result<()> {
+        let object = object.to_str().context("object path is not UTF-8")?;
+        self.lan.ip(&[
+            "link", "set", "dev", "to-a", "xdp", "obj", object, "sec", "xdp",
+        ])?;
+        Ok(())
+    }
+
+    fn serve(&mut self, pod: &Pod) -> Result<()> {
+        self.http
+            .push(HttpServer::start(&pod.ns, HTTP_PORT, &pod.name)?);
+        self.udp
+            .push(UdpEchoServer::start(&pod.ns, UDP_PORT, &pod.name)?);
+        Ok(())
     }
 }
 

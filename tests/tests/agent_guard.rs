@@ -6,7 +6,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use lb_tests::{Agent, Netns, examples_dir};
+use lb_tests::{Agent, NODE_NAME, Netns, examples_dir};
 
 const FAKE_LB: &str = r#"#!/bin/sh
 # Records every call in $0.calls; `agent` runs until SIGTERM; `services` shows one
@@ -15,7 +15,8 @@ echo "$@" >> "$0.calls"
 case "$1" in
 agent)
     echo "netns $(readlink /proc/self/ns/net)" >> "$0.calls"
-    [ -d "$7" ] && echo "pin dir visible" >> "$0.calls"
+    prev=; for arg; do [ "$prev" = --pin-path ] && pins=$arg; prev=$arg; done
+    [ -d "$pins" ] && echo "pin dir visible" >> "$0.calls"
     trap 'echo TERM >> "$0.calls"; exit 0' TERM
     touch "$0.ready"
     while :; do sleep 0.05; done ;;
@@ -48,7 +49,7 @@ fn agent_guard_runs_in_the_namespace_and_cleans_up() {
         .unwrap()
         .ino();
     let expected_agent = format!(
-        "agent --manifests {} --interface eth0 --pin-path {}",
+        "agent --manifests {} --interface eth0 --node-name {NODE_NAME} --pin-path {} --no-cgroup",
         examples_dir().display(),
         pins.display()
     );

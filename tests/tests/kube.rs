@@ -3,16 +3,19 @@
 //! broken watches, expired resourceVersions and outages never flush them; /metrics, /healthz
 //! and /readyz say what is going on; real traffic follows an EndpointSlice change.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use lb_tests::{
     agent::{Agent, ServiceInfo, backends_of, metric, ops},
-    client::http_tally,
+    client::{http_get, http_tally},
+    conns::{ConnPool, ConnRecord, failures},
     fakeapi::FakeApiServer,
-    topology::{NODE_IF, NODE_IP, Topology},
+    topology::{CLIENT_IP, NODE_IF, NODE_IP, Topology},
 };
+use lb_userspace::datapath::BpfMaps;
+use lb_userspace::sync::{DatapathMaps as _, MapContents};
 use serde_json::json;
 
 const NODE: &str = "node-1";
@@ -403,8 +406,12 @@ fn cut_watches_and_expired_resource_versions_converge_without_a_flush() {
 
     // 3. With bookmarks, a watcher's resourceVersion moves with the cluster's even when its
     //    own objects do not change: after a compaction and a bookmark it resumes without 410.
+    //    Every watcher first has a watch open again (a bookmark since part 2; one still
+    //    between its relist and its watch would get 410 from the compaction), and each gets
+    //    a bookmark after the compaction before the cut.
+    wait_bookmarks(&c, "every watch open again after the relists");
     c.api.compact();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_bookmarks(&c, "a bookmark after the compaction");
     let before = c.api.requests();
     c.api.cut_connections();
     c.api
@@ -417,6 +424,26 @@ fn cut_watches_and_expired_resource_versions_converge_without_a_flush() {
         "bookmarks kept the watches current"
     );
     assert_eq!(after.lists, before.lists);
+}
+
+/// Waits until a watch of each of the three resources has sent a bookmark since now.
+fn wait_bookmarks(c: &Cluster, what: &str) {
+    let since = c.api.requests().bookmarks;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = c.api.requests().bookmarks;
+        let fresh = ["services", "endpointslices", "nodes"]
+            .iter()
+            .all(|r| now.get(*r).copied().unwrap_or(0) > since.get(*r).copied().unwrap_or(0));
+        if fresh {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: bookmarks {since:?} -> {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Polls until `WEB` has `new` backends. Nothing is flushed on the way: every state seen has
@@ -495,7 +522,7 @@ fn an_api_server_outage_keeps_the_maps_and_is_reported() {
     // Back, with its history compacted: the watchers list again and converge.
     c.api.compact();
     c.api.restart(&c.topology.node).expect("restart");
-    // The watchers retry with kube-runtime's backoff (up to 30 s between tries).
+    // The watchers are woken from their backoff once the API server answers a probe.
     c.agent
         .wait_until_within(
             Duration::from_secs(45),
@@ -543,7 +570,8 @@ fn metrics_health_and_readiness() {
     let last = metric(&m, "lb_last_sync_timestamp_seconds").unwrap();
     assert!((now - 600.0..=now + 1.0).contains(&last), "{last} vs {now}");
     assert_eq!(metric(&m, "lb_source_up"), Some(1.0));
-    assert_eq!(metric(&m, "lb_map_write_errors_total"), Some(0.0));
+    assert_eq!(metric(&m, "lb_frontends_unprogrammed"), Some(0.0));
+    assert!(!m.contains("lb_map_write_errors_total{"), "{m}");
     let syncs = metric(&m, "lb_syncs_total").unwrap();
     assert!(syncs >= 1.0, "{m}");
     assert_eq!(metric(&m, "lb_sync_duration_seconds_count"), Some(syncs));
@@ -582,4 +610,151 @@ fn traffic_follows_an_endpoint_slice_change() {
     c.wait("pod2 only", has_backends(WEB, at80(&[p2])));
     let tally = http_tally(&c.topology.client, cluster_ip, 8080, 10).unwrap();
     assert_eq!(tally.keys().collect::<Vec<_>>(), ["pod2"], "{tally:?}");
+}
+
+/// What the agent programmed, read from its pins (the counters aside).
+fn pinned(agent: &Agent) -> MapContents {
+    BpfMaps::open_pinned(agent.pin_path())
+        .unwrap()
+        .read_all()
+        .unwrap()
+}
+
+#[test]
+fn a_minute_without_the_api_server_changes_nothing_and_the_agent_converges_after() {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let mut c = Cluster::start(|api| {
+        api.apply(&service("web", "10.96.0.10", json!({}))).unwrap();
+        api.apply(&service("old", "10.96.0.20", json!({}))).unwrap();
+    });
+    let (p1, p2) = (c.pod(0), c.pod(1));
+    c.api
+        .apply(&slice("web-1", "web", &[Ep::Ready(p1), Ep::Ready(p2)]))
+        .unwrap();
+    c.api
+        .apply(&slice("old-1", "old", &[Ep::Ready(p1)]))
+        .unwrap();
+    c.wait("web and old", |s| {
+        backends(s, WEB) == Some(at80(&[p1, p2]))
+            && backends(s, "10.96.0.20:8080/TCP") == Some(at80(&[p1]))
+    });
+    c.wait_ops("/readyz", "ready", |status, _| status == 200);
+    // Traffic through web the whole time: kept-alive connections in rounds, and a new
+    // connection every half second.
+    let web_ip = Ipv4Addr::new(10, 96, 0, 10);
+    let mut pool = ConnPool::new(
+        &c.topology.client,
+        CLIENT_IP,
+        SocketAddrV4::new(web_ip, 8080),
+        21_000,
+    );
+    pool.open(20, "before the outage").unwrap();
+    pool.start_traffic();
+    let before = pinned(&c.agent);
+
+    let stopped = Instant::now();
+    c.api.stop();
+    // What changes while the agent cannot see it: a Service added, one deleted.
+    c.api
+        .apply(&service("api", "10.96.0.11", json!({})))
+        .unwrap();
+    c.api
+        .apply(&slice("api-1", "api", &[Ep::Ready(p2)]))
+        .unwrap();
+    assert!(c.api.delete::<core::Service>("default", "old"));
+
+    let watch_errors = |m: &str| -> f64 {
+        ["services", "endpointslices", "nodes"]
+            .iter()
+            .filter_map(|r| metric(m, &format!("lb_watch_errors_total{{resource=\"{r}\"}}")))
+            .sum()
+    };
+    let mut not_ready = None;
+    let mut errors_seen = Vec::new();
+    let mut new_connections = 0;
+    while stopped.elapsed() < OUTAGE {
+        let (body, _) = http_get(&c.topology.client, web_ip, 8080)
+            .unwrap_or_else(|e| panic!("a new connection at {:?}: {e:#}", stopped.elapsed()));
+        assert!(body == "pod1" || body == "pod2", "{body}");
+        new_connections += 1;
+        let (status, body) = c.ops("/readyz");
+        if status == 503 {
+            assert!(body.contains("source disconnected"), "{body}");
+            not_ready.get_or_insert(stopped.elapsed());
+        } else {
+            assert!(
+                not_ready.is_none(),
+                "ready again at {:?} with the API server away: {body}",
+                stopped.elapsed()
+            );
+        }
+        if not_ready.is_some() {
+            let (_, m) = c.ops("/metrics");
+            assert_eq!(metric(&m, "lb_source_up"), Some(0.0), "{m}");
+            errors_seen.push(watch_errors(&m));
+        }
+        assert!(
+            pinned(&c.agent) == before,
+            "the maps changed at {:?} during the outage",
+            stopped.elapsed()
+        );
+        assert_eq!(c.ops("/healthz").0, 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let not_ready = not_ready.expect("/readyz said 503 during the outage");
+    let (first, last) = (errors_seen[0], errors_seen[errors_seen.len() - 1]);
+    assert!(
+        first >= 1.0 && last > first,
+        "watch errors grow during the outage: {errors_seen:?}"
+    );
+    let (_, m) = c.ops("/metrics");
+    let restarts = |m: &str| metric(m, "lb_watch_restarts_total{resource=\"services\"}").unwrap();
+    let restarts_during = restarts(&m);
+
+    // Back, with its history compacted (the watchers must list again) and the new state.
+    c.api.compact();
+    c.api.restart(&c.topology.node).expect("restart");
+    let back = Instant::now();
+    c.agent
+        .wait_until_within(
+            Duration::from_secs(60),
+            "the changes made during the outage",
+            |s| {
+                backends(s, "10.96.0.11:8080/TCP") == Some(at80(&[p2]))
+                    && backends(s, "10.96.0.20:8080/TCP").is_none()
+                    && backends(s, WEB) == Some(at80(&[p1, p2]))
+            },
+        )
+        .unwrap();
+    let converged = back.elapsed();
+    c.wait_ops("/readyz", "ready again", |status, _| status == 200);
+    let ready_again = back.elapsed();
+    pool.stop_traffic();
+
+    let records = pool.records();
+    assert!(
+        failures(&records).is_empty(),
+        "kept-alive connections failed: {:?}",
+        records
+            .iter()
+            .filter(|r| r.failure.is_some())
+            .collect::<Vec<_>>()
+    );
+    let least = records.iter().map(ConnRecord::answered).min().unwrap();
+    assert!(least >= 10, "every connection was busy: {least} answers");
+    let (_, m) = c.ops("/metrics");
+    assert!(
+        restarts(&m) > restarts_during,
+        "the watchers listed again:\n{m}"
+    );
+    assert_eq!(metric(&m, "lb_source_up"), Some(1.0));
+    let (body, _) = http_get(&c.topology.client, Ipv4Addr::new(10, 96, 0, 11), 8080).unwrap();
+    assert_eq!(body, "pod2");
+    eprintln!(
+        "API server away {OUTAGE:?}: /readyz 503 after {not_ready:?}; {new_connections} new \
+         connections and {} kept-alive requests on {} connections, none failed; watch errors \
+         {first} -> {last}; after its return: converged in {converged:?}, ready in {ready_again:?}",
+        records.iter().map(ConnRecord::answered).sum::<usize>(),
+        records.len(),
+    );
 }

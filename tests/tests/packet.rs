@@ -245,6 +245,52 @@ fn packets_not_for_a_frontend_pass_bit_for_bit() {
 }
 
 #[test]
+fn the_prefilter_passes_destinations_of_empty_buckets_before_any_lookup() {
+    let mut bed = Bed::new();
+    let addr = [10, 96, 0, 10];
+    let fe = frontend(addr, 8080, PROTO_TCP);
+    let pod = bed.service(1, fe, &[backend(POD1, 80, PROTO_TCP)], 0)[0];
+    assert!(bed.prefilter(&fe));
+    let syn = tcp(CLIENT, 40000, addr, 8080, b"");
+    let ack = tcp_ack(CLIENT, 40000, addr, 8080, b"x");
+    let pod_addr = bed.addr(pod);
+    let translated = |input: &[u8]| rewritten(input, Some((pod_addr, 80)), None);
+    assert_eq!(bed.xdp(&syn), (XDP_PASS, translated(&syn)), "new flow");
+    assert_eq!(bed.xdp(&ack), (XDP_PASS, translated(&ack)), "established");
+
+    // A destination whose bucket is empty: passed untouched and counted once.
+    let other = frontend([10, 96, 0, 11], 8080, PROTO_TCP);
+    assert!(!bed.prefilter(&other));
+    let input = tcp(CLIENT, 1, [10, 96, 0, 11], 8080, b"");
+    let before = bed.reasons();
+    assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()));
+    assert_eq!(counted_as(&before, &bed.reasons()), ["not_frontend"]);
+    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 1);
+
+    // The bit is read before conntrack: with the frontend's bit clear, even its established
+    // flow passes untouched (which the agent never lets happen while the frontend exists).
+    bed.set_prefilter(&fe, false);
+    assert_eq!(bed.xdp(&ack), (XDP_PASS, ack.clone()));
+    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 2);
+    bed.set_prefilter(&fe, true);
+    assert_eq!(bed.xdp(&ack), (XDP_PASS, translated(&ack)), "back");
+
+    // A destination in a set bucket that is not a frontend: the lookups decide.
+    let shared = (1..=u16::MAX)
+        .flat_map(|port| (0..=255u8).map(move |last| ([10, 96, 1, last], port)))
+        .find(|(a, p)| bed_bucket(*a, *p) == bed_bucket(addr, 8080))
+        .expect("a destination in the frontend's bucket");
+    let input = tcp(CLIENT, 1, shared.0, shared.1, b"");
+    assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{shared:?}");
+    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 3);
+}
+
+fn bed_bucket(addr: [u8; 4], port: u16) -> u32 {
+    let fe = frontend(addr, port, PROTO_TCP);
+    lb_common::prefilter::bucket(fe.addr, fe.port, fe.proto)
+}
+
+#[test]
 fn malformed_packets_are_passed_untouched_and_counted_by_reason() {
     let mut bed = Bed::new();
     let fe = [10, 96, 0, 10];
@@ -358,6 +404,7 @@ fn a_frontend_without_backends_drops_and_counts() {
         flags: 0,
         affinity_timeout_secs: 0,
     };
+    bed.set_prefilter(&fe, true);
     bed.maps.services.insert(fe, svc, 0).unwrap();
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
     assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 1);

@@ -594,3 +594,39 @@ fn explain_names_the_backend_the_datapath_gives_and_why() {
         (Decision::Affinity, Some(first))
     );
 }
+
+/// A conntrack entry vouches for its backend without the frontend being read, until the
+/// agent deletes something: after the frontend is deleted, its established flows are not
+/// ours any more (passed untouched, as any packet to no frontend); when it comes back as
+/// another service, they are new flows of that service.
+#[test]
+fn established_flows_of_a_deleted_frontend_are_passed_untouched() {
+    use lb_userspace::sync::DatapathMaps as _;
+    let mut bed = Bed::new();
+    let ids = three_backends(&mut bed, 0, 0);
+    let sport = 41000;
+    let first = expect_maglev(&mut bed, sport, "new flow");
+    let ack = tcp_ack(CLIENT, sport, VIP, PORT, b"data");
+    expect_to(&mut bed, &ack, first, "established");
+
+    let fe = frontend(VIP, PORT, PROTO_TCP);
+    bed.maps.delete_service(&fe).unwrap();
+    let before = bed.reasons();
+    assert_eq!(bed.xdp(&ack), (XDP_PASS, ack.clone()), "passed untouched");
+    assert_eq!(
+        changed(&reason::NAMES, &before, &bed.reasons()),
+        [("not_frontend", 1)]
+    );
+
+    bed.program(2, fe, &ids, 0, 0);
+    let before = bed.counters().service(2).unwrap();
+    let (action, out) = bed.xdp(&ack);
+    assert_eq!(action, XDP_PASS);
+    assert!(ids.contains(&went_to(&bed, &out)), "translated again");
+    let after = bed.counters().service(2).unwrap();
+    assert_eq!(
+        after.new_flows - before.new_flows,
+        1,
+        "a new flow of service 2"
+    );
+}

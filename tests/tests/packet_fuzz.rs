@@ -118,6 +118,7 @@ impl Bed {
                         addr,
                         port,
                         terminating: false,
+                        remote: false,
                     })
                     .collect(),
                 affinity_timeout_secs: None,

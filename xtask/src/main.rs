@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod old;
 mod setup;
 
 #[derive(Parser)]
@@ -24,8 +25,11 @@ enum Cmd {
     Build,
     /// Build, then send traffic through lb in network namespaces and show who served it.
     Demo,
-    /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb.
+    /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb
+    /// (the upgrade test also against the older release that build-old builds).
     Test,
+    /// Build the older release of lb that the upgrade test starts from, from the git history.
+    BuildOld,
     /// Build, then measure the datapath beside kube-proxy's iptables and nftables modes and
     /// write BENCHMARKS.md with its charts (about 25 minutes; --quick: about 2).
     Bench {
@@ -46,8 +50,15 @@ fn main() -> Result<()> {
         }
         Cmd::Test => {
             let lb = build()?;
+            let old = old::build(&target_dir())?;
             setup::bpffs()?;
-            test(&lb)
+            test(&lb, &old)
+        }
+        Cmd::BuildOld => {
+            setup::toolchain()?;
+            let old = old::build(&target_dir())?;
+            println!("{}", old.display());
+            Ok(())
         }
         Cmd::Bench { quick } => {
             let lb = build()?;
@@ -58,7 +69,7 @@ fn main() -> Result<()> {
 }
 
 /// The workspace root.
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     lb_tests::agent::workspace_dir()
 }
 
@@ -110,7 +121,7 @@ fn target_dir() -> PathBuf {
 /// builds it, with its own toolchain and target).
 const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf", "--locked"];
 
-fn test(lb: &Path) -> Result<()> {
+fn test(lb: &Path, old: &Path) -> Result<()> {
     run_checked(cargo().args(["fmt", "--all", "--check"]))?;
     run_checked(cargo().arg("clippy").args(HOST_CRATES).args([
         "--all-targets",
@@ -122,7 +133,8 @@ fn test(lb: &Path) -> Result<()> {
         cargo()
             .args(["test", "--no-fail-fast"])
             .args(HOST_CRATES)
-            .env("LB_BIN", lb),
+            .env("LB_BIN", lb)
+            .env("LB_OLD_BIN", old),
     )?;
     eprintln!("all checks passed");
     Ok(())

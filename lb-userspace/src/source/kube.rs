@@ -21,6 +21,10 @@
 //!   writes the previous batch becomes one batch.
 //! - While a watch fails, the source is reported down; it is reported up again when an event
 //!   arrives or when the API server answers a version probe (sent once a second while down).
+//! - Failed lists and watches are retried with kube-runtime's default backoff (800 ms doubling
+//!   to 30 s, with jitter), cut short when the probe finds the API server answering again:
+//!   after a long outage the watchers would otherwise wait out up to 30 s, then meet 410
+//!   Gone and wait out up to 30 s more before they list again.
 //!
 //! Services and EndpointSlices are watched with kube-proxy's label selector: objects labelled
 //! `service.kubernetes.io/service-proxy-name` belong to another proxy, and those labelled
@@ -44,6 +48,7 @@ use kube::{
     runtime::{
         WatchStreamExt as _,
         reflector::{self, Store},
+        utils::Backoff as _,
         watcher,
     },
 };
@@ -124,18 +129,19 @@ fn key_of<K: ResourceExt>(obj: &K) -> ObjectRef {
     ObjectRef::new(namespace, obj.name_any())
 }
 
-/// Watches `api` into a reflector store; the stream says what each event changed.
+/// Watches `api` into a reflector store; the stream says what each event changed. Errors
+/// are retried after a backoff that a message on `wake` cuts short.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
+    wake: tokio::sync::watch::Receiver<()>,
 ) -> (Store<K>, BoxStream<'static, Signal>)
 where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
+    let stream = with_backoff(watcher(api, config).boxed(), wake)
         .reflect(writer)
         .map(move |event| {
             let what = match event {
@@ -151,6 +157,54 @@ where
         })
         .boxed();
     (reader, stream)
+}
+
+/// `stream` paused after each error for kube-runtime's default backoff (reset by every
+/// item that is not an error), or until a message on `wake` (then with at most a second of
+/// jitter, so that the agents of many nodes do not all list at the same instant).
+fn with_backoff<T, E>(
+    stream: BoxStream<'static, Result<T, E>>,
+    wake: tokio::sync::watch::Receiver<()>,
+) -> impl futures::Stream<Item = Result<T, E>> + Send + 'static
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let backoff = watcher::DefaultBackoff::default();
+    futures::stream::unfold(
+        (stream, backoff, None, wake),
+        |(mut stream, mut backoff, pause, mut wake): (_, _, Option<Duration>, _)| async move {
+            if let Some(pause) = pause {
+                wake.borrow_and_update();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    Ok(()) = wake.changed() => {
+                        backoff.reset();
+                        tokio::time::sleep(pause.min(jitter(Duration::from_secs(1)))).await;
+                    }
+                }
+            }
+            let item = stream.next().await?;
+            let pause = match &item {
+                Ok(_) => {
+                    backoff.reset();
+                    None
+                }
+                Err(_) => backoff.next(),
+            };
+            Some((item, (stream, backoff, pause, wake)))
+        },
+    )
+}
+
+/// A duration in `0..max`, different from one process (and moment) to the next.
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let seed = u64::from(nanos) ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    max.mul_f64((seed % 1000) as f64 / 1000.0)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -285,6 +339,8 @@ pub struct KubeSource {
     last_event: Instant,
     timeout_reported: bool,
     probe: tokio::time::Interval,
+    /// Wakes the watchers from their backoff when the probe finds the API server back.
+    wake: tokio::sync::watch::Sender<()>,
 }
 
 impl KubeSource {
@@ -311,12 +367,24 @@ impl KubeSource {
     /// Starts the watches with `client`.
     pub fn with_client(client: Client, config: KubeConfig, metrics: Arc<Metrics>) -> Self {
         let proxy = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-        let (services, s) = watch(Api::all(client.clone()), proxy.clone(), Kind::Services);
-        let (slices, e) = watch(Api::all(client.clone()), proxy, Kind::EndpointSlices);
+        let (wake, woken) = tokio::sync::watch::channel(());
+        let (services, s) = watch(
+            Api::all(client.clone()),
+            proxy.clone(),
+            Kind::Services,
+            woken.clone(),
+        );
+        let (slices, e) = watch(
+            Api::all(client.clone()),
+            proxy,
+            Kind::EndpointSlices,
+            woken.clone(),
+        );
         let (nodes, n) = watch(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
             Kind::Nodes,
+            woken,
         );
         metrics.connecting();
         for kind in [Kind::Services, Kind::EndpointSlices, Kind::Nodes] {
@@ -345,6 +413,7 @@ impl KubeSource {
             last_event: Instant::now(),
             timeout_reported: false,
             probe,
+            wake,
         }
     }
 
@@ -474,11 +543,17 @@ impl KubeSource {
     }
 }
 
-/// Asks the API server for its version; reports the source up when it answers.
-async fn probe_api_server(client: Client, metrics: Arc<Metrics>) {
+/// Asks the API server for its version; when it answers, reports the source up and wakes
+/// the watchers waiting out a backoff.
+async fn probe_api_server(
+    client: Client,
+    metrics: Arc<Metrics>,
+    wake: &tokio::sync::watch::Sender<()>,
+) {
     let probe = tokio::time::timeout(Duration::from_secs(2), client.apiserver_version());
     if let Ok(Ok(_)) = probe.await {
         metrics.connected();
+        wake.send_replace(());
     }
 }
 
@@ -515,7 +590,7 @@ impl Source for KubeSource {
                         continue;
                     }
                     _ = self.probe.tick(), if !connected => {
-                        probe_api_server(self.client.clone(), self.metrics.clone()).await;
+                        probe_api_server(self.client.clone(), self.metrics.clone(), &self.wake).await;
                         continue;
                     }
                 }

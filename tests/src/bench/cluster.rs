@@ -98,6 +98,7 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
             addr,
             port,
             terminating: false,
+            remote: false,
         })
         .collect();
     backends.sort();

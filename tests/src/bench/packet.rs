@@ -242,10 +242,25 @@ pub fn test_run<P>(
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
+    test_run_in(prog, packet, repeat, None)
+}
+
+/// [`test_run`] with an input context (for XDP, an `xdp_md` naming the interface the packet
+/// arrived on, which the program's FIB lookups start from).
+pub fn test_run_in<P>(
+    prog: &P,
+    packet: &[u8],
+    repeat: u32,
+    ctx_in: Option<&[u8]>,
+) -> Result<(TestRunResult, Vec<u8>), aya::programs::ProgramError>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; packet.len() + 256];
     let result = prog.test_run(TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
+        ctx_in,
         repeat,
         ..Default::default()
     })?;

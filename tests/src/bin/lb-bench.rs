@@ -1,7 +1,8 @@
 //! `lb-bench`: runs the benchmarks and writes BENCHMARKS.md (run it through
 //! `cargo xtask bench [--quick]`, which builds `lb` and this, and says where the file went).
 //!
-//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,e2e,control] [--command TEXT]`, or
+//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,e2e,control] [--levels 1,1000]
+//! [--command TEXT]` (`--levels`: the per-packet part's numbers of Services), or
 //! `lb-bench --rewrite [--out DIR]` to write the Markdown and charts again from the
 //! `benchmarks/results.json` of an earlier run (after a change of the report's form).
 
@@ -18,6 +19,7 @@ struct Args {
     rewrite: bool,
     out: PathBuf,
     only: Vec<String>,
+    levels: Option<Vec<usize>>,
     command: String,
 }
 
@@ -29,6 +31,7 @@ fn args() -> Result<Args> {
         rewrite: false,
         out: workspace_dir(),
         only: PARTS.iter().map(|p| p.to_string()).collect(),
+        levels: None,
         command: "lb-bench".to_owned(),
     };
     let mut it = std::env::args().skip(1);
@@ -45,9 +48,21 @@ fn args() -> Result<Args> {
                     bail!("--only: unknown part {bad:?} (known: {})", PARTS.join(", "));
                 }
             }
+            "--levels" => {
+                let levels = it.next().context("--levels needs a list")?;
+                let levels = levels
+                    .split(',')
+                    .map(|n| match n.parse::<usize>() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => bail!("--levels: {n:?} is not a positive number of Services"),
+                    })
+                    .collect::<Result<_>>()?;
+                args.levels = Some(levels);
+            }
             other => bail!(
                 "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] \
-                 [--only packet,e2e,control] [--command TEXT] | lb-bench --rewrite [--out DIR]"
+                 [--only packet,e2e,control] [--levels 1,1000] [--command TEXT] | \
+                 lb-bench --rewrite [--out DIR]"
             ),
         }
     }
@@ -76,7 +91,10 @@ fn run() -> Result<PathBuf> {
             serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         return report::write(&results, &args.out);
     }
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(levels) = args.levels {
+        plan.packet.levels = levels;
+    }
     let wants = |part: &str| args.only.iter().any(|p| p == part);
     let mut machine = Machine::describe();
     let cpu = CpuSample::now();

@@ -21,7 +21,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, RevNat4,
-    Service, flow_hash, map_names, program_names,
+    Service, flow_hash, map_names, prefilter, program_names,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath, teardown},
@@ -142,7 +142,31 @@ impl Bed {
             flags,
             affinity_timeout_secs: affinity,
         };
+        self.set_prefilter(&frontend, true);
         self.maps.services.insert(frontend, svc, 0).unwrap();
+    }
+
+    /// The word and bit of `frontend`'s pre-filter bucket.
+    fn prefilter_bit(frontend: &Frontend4) -> (u32, u64) {
+        prefilter::position(prefilter::bucket(
+            frontend.addr,
+            frontend.port,
+            frontend.proto,
+        ))
+    }
+
+    /// Sets (or clears) the pre-filter bit of `frontend`'s bucket.
+    pub fn set_prefilter(&mut self, frontend: &Frontend4, on: bool) {
+        let (index, bit) = Self::prefilter_bit(frontend);
+        let word = self.maps.prefilter.get(&index, 0).unwrap();
+        let word = if on { word | bit } else { word & !bit };
+        self.maps.put_prefilter_word(index, word).unwrap();
+    }
+
+    /// Whether the pre-filter bit of `frontend`'s bucket is set.
+    pub fn prefilter(&self, frontend: &Frontend4) -> bool {
+        let (index, bit) = Self::prefilter_bit(frontend);
+        self.maps.prefilter.get(&index, 0).unwrap() & bit != 0
     }
 
     /// Points service `id` at a new table holding `entries` (backend ids).
@@ -192,15 +216,34 @@ impl Bed {
         self.backends[&id].octets()
     }
 
-    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .dp
+    fn xdp_program(&mut self) -> &Xdp {
+        self.dp
             .ebpf_mut()
             .program(program_names::XDP_INGRESS)
             .unwrap()
             .try_into()
-            .unwrap();
-        run(prog, packet)
+            .unwrap()
+    }
+
+    pub fn xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        run(self.xdp_program(), packet)
+    }
+
+    /// Runs XDP on `packet` as if it arrived on interface `ifindex` of `ns`, from a thread in
+    /// `ns` (the program's FIB lookups see that namespace's routes and neighbours).
+    pub fn xdp_in(&mut self, ns: &lb_tests::Netns, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog = self.xdp_program();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: Vec<u8> = [0, packet.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let (result, out) = ns
+            .run(|| lb_tests::bench::packet::test_run_in(prog, packet, 1, Some(&md)))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e:?}"));
+        (result.return_value, out)
     }
 
     pub fn tc(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {

@@ -1,0 +1,536 @@
+//! East-west: the socket hooks on a cgroup2 directory, and the TC program on the pods'
+//! host-side interfaces, which the agent follows through netlink as they come and go.
+//!
+//! Pins, beside the external interface's links:
+//! - `links/sock_<hook>@cgroup<inode>` for the four sock_addr hooks (connect4, sendmsg4,
+//!   recvmsg4, getpeername4) on the cgroup whose directory has that inode number;
+//! - `links/pod_ingress@<interface>#<ifindex>` for each pod interface (an interface that
+//!   comes back under the same name is a new interface with a new index).
+//!
+//! A restarted agent replaces the programs of the links that are still wanted in place and
+//! removes the others (another cgroup, interfaces that are gone).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CStr,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink,
+};
+use lb_common::program_names;
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use crate::datapath::{Datapath, DatapathError, LinkOutcome, typed_program};
+
+/// Where the agent mounts cgroup2 when nothing has mounted it.
+pub const CGROUP2_MOUNT: &str = "/run/lb/cgroup2";
+
+/// The socket hooks and the pin name of each one's link.
+const SOCK_HOOKS: [(&str, &str); 4] = [
+    (program_names::SOCK_CONNECT4, "sock_connect4"),
+    (program_names::SOCK_SENDMSG4, "sock_sendmsg4"),
+    (program_names::SOCK_RECVMSG4, "sock_recvmsg4"),
+    (program_names::SOCK_GETPEERNAME4, "sock_getpeername4"),
+];
+/// Pin-name prefix of the socket hooks' links.
+const SOCK_PIN_PREFIX: &str = "sock_";
+/// Pin-name prefix of the pod interfaces' links.
+const POD_PIN_PREFIX: &str = "pod_ingress@";
+
+/// Errors of finding or preparing the cgroup2 hierarchy and the pod interfaces.
+#[derive(Debug, Error)]
+pub enum EastWestError {
+    /// /proc/mounts could not be read, or cgroup2 could not be mounted.
+    #[error("cgroup2 at {path}: {source}")]
+    Cgroup {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A pattern of `--pod-interfaces` is empty.
+    #[error("empty --pod-interfaces pattern")]
+    EmptyPattern,
+    /// The netlink socket could not be opened.
+    #[error("netlink route socket: {0}")]
+    Netlink(#[source] io::Error),
+    /// A pinned link could not be removed.
+    #[error("removing pinned link {path}: {source}")]
+    Unpin {
+        /// The pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Loading or attaching a program.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// Where the socket hooks go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketHooks {
+    /// Nowhere (and links an earlier agent pinned are removed).
+    Off,
+    /// The root of the cgroup2 hierarchy (see [`cgroup2_root`]): every process on the node.
+    Root,
+    /// This cgroup2 directory: the processes in it and below.
+    At(PathBuf),
+}
+
+impl SocketHooks {
+    /// The cgroup directory, mounting cgroup2 for [`SocketHooks::Root`] if needed.
+    pub fn cgroup(&self) -> Result<Option<PathBuf>, EastWestError> {
+        match self {
+            SocketHooks::Off => Ok(None),
+            SocketHooks::Root => cgroup2_root().map(Some),
+            SocketHooks::At(path) => Ok(Some(path.clone())),
+        }
+    }
+}
+
+/// The root of the cgroup2 hierarchy: the first cgroup2 mount in /proc/mounts, or, when
+/// there is none, a new one at [`CGROUP2_MOUNT`].
+pub fn cgroup2_root() -> Result<PathBuf, EastWestError> {
+    let mounts = Path::new("/proc/mounts");
+    let text = std::fs::read_to_string(mounts).map_err(|source| EastWestError::Cgroup {
+        path: mounts.to_owned(),
+        source,
+    })?;
+    if let Some(found) = find_cgroup2(&text) {
+        return Ok(found);
+    }
+    let path = PathBuf::from(CGROUP2_MOUNT);
+    let err = |source| EastWestError::Cgroup {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&path).map_err(err)?;
+    crate::sys::mount(c"cgroup2", &path).map_err(err)?;
+    info!(path = %path.display(), "mounted cgroup2");
+    Ok(path)
+}
+
+/// The mount point of the first cgroup2 filesystem in a /proc/mounts text (octal escapes
+/// such as `\040` decoded).
+fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(unescape_mount_path(point)))
+    })
+}
+
+fn unescape_mount_path(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|_| bytes[i] == b'\\')
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters and `?` for
+/// one.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Classic two-pointer matching with backtracking to the last star.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The pinned links in `links` whose names start with `prefix`.
+fn pinned_with_prefix(links: &Path, prefix: &str) -> Result<BTreeSet<String>, EastWestError> {
+    let entries = match std::fs::read_dir(links) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(source) => {
+            return Err(EastWestError::Unpin {
+                path: links.to_owned(),
+                source,
+            });
+        }
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.starts_with(prefix))
+        .collect())
+}
+
+/// Removes a pinned link (which detaches it once nothing else holds it).
+fn unpin(links: &Path, name: &str) -> Result<(), EastWestError> {
+    let path = links.join(name);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EastWestError::Unpin { path, source }),
+    }
+}
+
+impl Datapath {
+    /// Attaches the socket hooks to the cgroup2 directory `cgroup` (they then apply to every
+    /// process in it and below), or, with `None`, removes any that an earlier agent pinned.
+    /// Links on another cgroup are removed.
+    pub fn attach_cgroup(
+        &mut self,
+        cgroup: Option<&Path>,
+    ) -> Result<Vec<(&'static str, LinkOutcome)>, EastWestError> {
+        let links = self.pin_dir().join("links");
+        let mut wanted = BTreeSet::new();
+        let mut outcomes = Vec::new();
+        if let Some(cgroup) = cgroup {
+            let err = |source| EastWestError::Cgroup {
+                path: cgroup.to_owned(),
+                source,
+            };
+            let dir = std::fs::File::open(cgroup).map_err(err)?;
+            let inode = dir.metadata().map_err(err)?.ino();
+            let shown = cgroup.display().to_string();
+            for (program, pin) in SOCK_HOOKS {
+                let prog: &mut CgroupSockAddr = typed_program(self.ebpf_mut(), program)?;
+                if prog.fd().is_err() {
+                    prog.load().map_err(|source| DatapathError::Program {
+                        name: program,
+                        source: Box::new(source),
+                    })?;
+                }
+                let pin_name = format!("{pin}@cgroup{inode}");
+                let outcome = self.attach_one(program, &pin_name, &shown, |dp| {
+                    let prog: &mut CgroupSockAddr = typed_program(dp.ebpf_mut(), program)?;
+                    // A bpf_link (kernel >= 5.7), which takes no flags: links always let
+                    // other programs run on the same cgroup and its parents' too.
+                    let id = prog.attach(&dir, CgroupAttachMode::Single);
+                    Ok(id.and_then(|id| prog.take_link(id)).map(FdLink::try_from))
+                })?;
+                wanted.insert(pin_name);
+                outcomes.push((program, outcome));
+            }
+        }
+        for stale in pinned_with_prefix(&links, SOCK_PIN_PREFIX)?.difference(&wanted) {
+            info!(link = %stale, "removing the socket hook of another cgroup");
+            unpin(&links, stale)?;
+        }
+        Ok(outcomes)
+    }
+
+    fn pod_program(&mut self) -> Result<&mut SchedClassifier, EastWestError> {
+        let name = program_names::TC_POD_INGRESS;
+        let prog: &mut SchedClassifier = typed_program(self.ebpf_mut(), name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the pod program to `interface` (index `index`), replacing the program of a
+    /// link pinned for it earlier.
+    fn attach_pod(&mut self, interface: &str, index: u32) -> Result<LinkOutcome, EastWestError> {
+        self.pod_program()?;
+        let pin_name = pod_pin_name(interface, index);
+        let outcome =
+            self.attach_one(program_names::TC_POD_INGRESS, &pin_name, interface, |dp| {
+                let prog: &mut SchedClassifier =
+                    typed_program(dp.ebpf_mut(), program_names::TC_POD_INGRESS)?;
+                let id = prog.attach(interface, TcAttachType::Ingress);
+                Ok(id.and_then(|id| prog.take_link(id)).map(FdLink::try_from))
+            })?;
+        Ok(outcome)
+    }
+}
+
+fn pod_pin_name(interface: &str, index: u32) -> String {
+    format!("{POD_PIN_PREFIX}{interface}#{index}")
+}
+
+/// The network interfaces of this namespace: name -> index.
+pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = BTreeMap::new();
+    let mut cursor = list;
+    loop {
+        // SAFETY: cursor stays within the array, up to and including its terminator.
+        let entry = unsafe { &*cursor };
+        if entry.if_index == 0 || entry.if_name.is_null() {
+            break;
+        }
+        // SAFETY: if_name is a C string.
+        let name = unsafe { CStr::from_ptr(entry.if_name) };
+        found.insert(name.to_string_lossy().into_owned(), entry.if_index);
+        cursor = unsafe { cursor.add(1) };
+    }
+    // SAFETY: list came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(found)
+}
+
+/// The pod interfaces: the interfaces whose names match the patterns, followed through
+/// netlink link notifications.
+pub struct PodInterfaces {
+    patterns: Vec<String>,
+    /// RTMGRP_LINK notifications; `None` when there are no patterns.
+    netlink: Option<AsyncFd<OwnedFd>>,
+}
+
+impl PodInterfaces {
+    /// Follows the interfaces matching `patterns` (none: no pod interfaces, nothing to
+    /// follow). Call [`PodInterfaces::reconcile`] once after this, then after each
+    /// [`PodInterfaces::changed`].
+    pub fn new(patterns: Vec<String>) -> Result<Self, EastWestError> {
+        if patterns.iter().any(String::is_empty) {
+            return Err(EastWestError::EmptyPattern);
+        }
+        let netlink = if patterns.is_empty() {
+            None
+        } else {
+            // SAFETY: an OwnedFd keeps its descriptor open, unchanged, for its whole life.
+            let registered = unsafe { AsyncFd::register(link_notifications()?) };
+            Some(registered.map_err(|e| EastWestError::Netlink(e.into()))?)
+        };
+        Ok(Self { patterns, netlink })
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        self.patterns.iter().any(|p| glob_match(p, name))
+    }
+
+    /// Waits for the next link notification (forever when there are no patterns) and
+    /// drains the ones queued behind it.
+    pub async fn changed(&mut self) -> Result<(), EastWestError> {
+        let Some(netlink) = &self.netlink else {
+            return std::future::pending().await;
+        };
+        loop {
+            let mut guard = netlink.readable().await.map_err(EastWestError::Netlink)?;
+            let mut got = false;
+            let mut buf = [0u8; 8192];
+            loop {
+                let fd = guard.get_inner().as_raw_fd();
+                // SAFETY: buf is writable for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n >= 0 {
+                    got = true;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    // Notifications were lost: reconciling looks at every interface anyway.
+                    Some(libc::ENOBUFS) => got = true,
+                    Some(libc::EINTR) => {}
+                    _ => return Err(EastWestError::Netlink(e)),
+                }
+            }
+            guard.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Attaches the pod program to every matching interface that does not have it, and
+    /// removes the links of interfaces that are gone. Errors are per interface: the others
+    /// are still done.
+    pub fn reconcile(&self, datapath: &mut Datapath) -> Vec<EastWestError> {
+        let mut errors = Vec::new();
+        if self.patterns.is_empty() {
+            // Links an earlier agent pinned with other flags.
+            let links = datapath.pin_dir().join("links");
+            match pinned_with_prefix(&links, POD_PIN_PREFIX) {
+                Ok(pins) => errors.extend(pins.iter().filter_map(|p| unpin(&links, p).err())),
+                Err(e) => errors.push(e),
+            }
+            return errors;
+        }
+        let present = match interfaces() {
+            Ok(all) => all,
+            Err(e) => return vec![EastWestError::Netlink(e)],
+        };
+        let mut wanted = BTreeSet::new();
+        for (name, &index) in present.iter().filter(|(name, _)| self.matches(name)) {
+            let pin_name = pod_pin_name(name, index);
+            let links = datapath.pin_dir().join("links");
+            let pinned = links.join(&pin_name).exists();
+            // A pinned link is kept as it is: the program was replaced at start (see
+            // `attach_pods_at_start`), or attached by this agent.
+            let result = if pinned {
+                Ok(None)
+            } else {
+                datapath.attach_pod(name, index).map(Some)
+            };
+            match result {
+                Ok(Some(outcome)) => {
+                    info!(interface = %name, index, ?outcome, "pod interface attached")
+                }
+                Ok(None) => {}
+                // The interface may have gone between the listing and the attach.
+                Err(e) => {
+                    warn!(interface = %name, "pod interface: {e}");
+                    errors.push(e);
+                }
+            }
+            wanted.insert(pin_name);
+        }
+        let links = datapath.pin_dir().join("links");
+        match pinned_with_prefix(&links, POD_PIN_PREFIX) {
+            Ok(pins) => {
+                for stale in pins.difference(&wanted) {
+                    info!(link = %stale, "pod interface gone; removing its link");
+                    if let Err(e) = unpin(&links, stale) {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        errors
+    }
+
+    /// At start: replaces the program of every pod link an earlier agent pinned for an
+    /// interface that is still there and still matches (so those pods never run without a
+    /// program), then [`PodInterfaces::reconcile`]s.
+    pub fn attach_pods_at_start(&self, datapath: &mut Datapath) -> Vec<EastWestError> {
+        let mut errors = Vec::new();
+        if let Ok(present) = interfaces() {
+            for (name, &index) in present.iter().filter(|(name, _)| self.matches(name)) {
+                let path = datapath
+                    .pin_dir()
+                    .join("links")
+                    .join(pod_pin_name(name, index));
+                if path.exists()
+                    && let Err(e) = datapath.attach_pod(name, index)
+                {
+                    errors.push(e);
+                }
+            }
+        }
+        errors.extend(self.reconcile(datapath));
+        errors
+    }
+}
+
+/// A non-blocking netlink route socket subscribed to link notifications.
+fn link_notifications() -> Result<OwnedFd, EastWestError> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(EastWestError::Netlink(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a new socket that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_nl is valid; bind reads size_of of it.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr.nl_groups = libc::RTMGRP_LINK as u32;
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(EastWestError::Netlink(io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_shell_patterns() {
+        assert!(glob_match("veth*", "veth-pod1"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(glob_match("lxc*", "lxc12345"));
+        assert!(!glob_match("lxc*", "eth0"));
+        assert!(glob_match("*pod?", "veth-pod1"));
+        assert!(!glob_match("*pod?", "veth-pod12"));
+        assert!(glob_match("v*h-*1", "veth-pod1"));
+        assert!(!glob_match("v*h-*2", "veth-pod1"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("?", ""));
+        assert!(glob_match("eth0", "eth0"));
+        assert!(!glob_match("eth0", "eth01"));
+    }
+
+    #[test]
+    fn the_cgroup2_mount_comes_from_proc_mounts() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            find_cgroup2(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2("none /my\\040cgroups cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/my cgroups"))
+        );
+        assert_eq!(
+            find_cgroup2("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+    }
+}

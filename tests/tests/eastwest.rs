@@ -1,0 +1,363 @@
+//! East-west: pods and host processes on the node reach ClusterIPs, through the socket hooks
+//! (for processes in the hooked cgroup) and through the TC program on the pods' host-side
+//! interfaces (for everything else), with the real `lb` agent.
+//!
+//! The socket hooks go on a cgroup of the test's own (`lbt-<pid>-<n>-cgroup` under the cgroup2
+//! root), never on the root: other tests use the same ClusterIPs at the same time. The
+//! clients that must be hooked are processes (`lb-probe`) started in that cgroup.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lb_tests::manifests::Condition;
+use lb_tests::netns::{self, unique_name};
+use lb_tests::{
+    Agent, ClusterIpService, Folder, NODE_IF, Netns, Topology, UDP_PORT, ensure_all_served,
+    examples_dir, http_get, http_tally, lb_bin, udp_tally,
+};
+
+/// The HTTP ClusterIP of `examples/httpd-svc.yaml`.
+const HTTP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const HTTP_SERVICE_PORT: u16 = 8080;
+/// The UDP ClusterIP of `examples/echo-udp.yaml`.
+const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+
+/// A child cgroup of the cgroup2 root, removed on drop (once its processes are gone).
+struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn new() -> Self {
+        let root = lb_userspace::eastwest::cgroup2_root().expect("cgroup2");
+        remove_stale_cgroups(&root);
+        let path = root.join(unique_name("cgroup"));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Cgroup { path }
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().expect("a UTF-8 path")
+    }
+
+    /// A command that runs in `ns` and in this cgroup: the child writes "0" (itself) to
+    /// cgroup.procs before exec, so every socket it opens is hooked.
+    fn command(&self, ns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let procs = self.path.join("cgroup.procs");
+        let procs = File::options()
+            .write(true)
+            .open(&procs)
+            .unwrap_or_else(|e| panic!("open {}: {e}", procs.display()));
+        let mut cmd = ns.command(program);
+        // SAFETY: between fork and exec the closure only calls write(2), which is
+        // async-signal-safe, on an fd opened before the fork; it does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
+/// Removes a cgroup directory, waiting (up to 5 s) for its last processes to be reaped.
+fn remove_cgroup(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("cleanup: rmdir {}: {e}", path.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Removes the cgroups of killed test runs (`lbt-<pid>-...` whose process is gone).
+fn remove_stale_cgroups(root: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            if netns::is_stale(&entry.file_name().to_string_lossy()) {
+                eprintln!("removing stale cgroup {}", entry.path().display());
+                remove_cgroup(&entry.path());
+            }
+        }
+    });
+}
+
+/// One answer `lb-probe` printed: the peer or source address the application saw, and the
+/// body or reply.
+#[derive(Debug)]
+struct Answer {
+    peer: SocketAddr,
+    body: String,
+}
+
+/// Runs `lb-probe MODE TARGET N` in `ns` and `cgroup`; panics with its error output unless
+/// every request succeeded.
+fn probe(cgroup: &Cgroup, ns: &Netns, mode: &str, target: SocketAddr, n: usize) -> Vec<Answer> {
+    probe_result(cgroup, ns, mode, target, n).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn probe_result(
+    cgroup: &Cgroup,
+    ns: &Netns,
+    mode: &str,
+    target: SocketAddr,
+    n: usize,
+) -> Result<Vec<Answer>, String> {
+    let out = cgroup
+        .command(ns, env!("CARGO_BIN_EXE_lb-probe"))
+        .args([mode, &target.to_string(), &n.to_string()])
+        .output()
+        .expect("spawn lb-probe");
+    if !out.status.success() {
+        return Err(format!(
+            "lb-probe {mode} {target} {n} in {}: {}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let (peer, body) = line.split_once(' ').expect("`<peer> <body>`");
+            Answer {
+                peer: peer.parse().expect("a socket address"),
+                body: body.to_owned(),
+            }
+        })
+        .collect())
+}
+
+/// Polls until `check` holds for the agent's pinned link names, for up to 10 s.
+fn wait_for_links(agent: &Agent, what: &str, check: impl Fn(&[String]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        agent.ensure_running().unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(agent.pin_path().join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        if check(&names) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; links: {names:?}\nagent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn has_pod_link(names: &[String], interface: &str) -> bool {
+    let prefix = format!("pod_ingress@{interface}#");
+    names.iter().any(|n| n.starts_with(&prefix))
+}
+
+fn start_with_hooks(topology: &Topology, cgroup: &Cgroup, manifests: &Path) -> Agent {
+    Agent::start_with_args(
+        &lb_bin(),
+        &topology.node,
+        manifests,
+        NODE_IF,
+        &["--cgroup", cgroup.path()],
+    )
+    .unwrap()
+}
+
+#[test]
+fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new();
+    let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
+    agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
+    wait_for_links(&agent, "the four socket hooks", |names| {
+        names.iter().filter(|n| n.starts_with("sock_")).count() == 4
+    });
+
+    let frontend = SocketAddr::from((HTTP_CLUSTER_IP, HTTP_SERVICE_PORT));
+    let pods = topology.pod_names();
+    // A pod, and a host-network process (in the node's namespace).
+    for ns in [&topology.pods[0].ns, &topology.node] {
+        let answers = probe(&cgroup, ns, "tcp", frontend, 20);
+        assert_eq!(answers.len(), 20);
+        for answer in &answers {
+            // getpeername() shows the frontend, not the backend the socket connected to.
+            assert_eq!(answer.peer, frontend, "{answers:?}");
+            assert!(pods.contains(&answer.body), "{answers:?}");
+        }
+        // Each socket is a flow of its own: 20 sockets reach both pods.
+        for pod in &pods {
+            assert!(
+                answers.iter().any(|a| &a.body == pod),
+                "{pod} never answered from {}: {answers:?}",
+                ns.name()
+            );
+        }
+    }
+
+    // The same pod, from a process outside the cgroup: nothing translates its connection
+    // (the agent has no pod interfaces), so the ClusterIP is unreachable.
+    let outside = http_get(&topology.pods[0].ns, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT);
+    assert!(outside.is_err(), "{outside:?}");
+
+    // The socket path counts its flows (one per socket), and translates no packets.
+    let out = Command::new(lb_bin())
+        .args(["services", "--output", "json", "--pin-path"])
+        .arg(agent.pin_path())
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["frontend"] == "10.96.0.10:8080/TCP")
+        .unwrap();
+    assert_eq!(
+        (&row["new_flows"], &row["packets"]),
+        (&40.into(), &0.into())
+    );
+}
+
+#[test]
+fn udp_replies_read_as_coming_from_the_cluster_ip() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new();
+    let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
+    agent.wait_for(&["10.96.0.12:5353/UDP"], 2).unwrap();
+
+    let frontend = SocketAddr::from((UDP_CLUSTER_IP, UDP_PORT));
+    let answers = probe(&cgroup, &topology.pods[1].ns, "udp", frontend, 20);
+    assert_eq!(answers.len(), 20);
+    let mut served = std::collections::BTreeSet::new();
+    for (i, answer) in answers.iter().enumerate() {
+        // recvfrom() shows the frontend as the reply's source.
+        assert_eq!(answer.peer, frontend, "{answers:?}");
+        let (pod, payload) = answer.body.split_once(':').expect("<pod>:<payload>");
+        assert_eq!(payload, format!("probe-{i}"));
+        served.insert(pod.to_owned());
+    }
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        topology.pod_names(),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn a_pod_reaches_a_service_backed_by_itself_and_an_empty_service_refuses() {
+    let topology = Topology::new(2).unwrap();
+    let folder = Folder::new().unwrap();
+    let own = ClusterIpService::http("own", [10, 96, 5, 1], 80);
+    own.write(&folder, &[(&topology.pods[0], Condition::Ready)])
+        .unwrap();
+    let empty = ClusterIpService::http("empty", [10, 96, 5, 2], 80);
+    empty.write(&folder, &[]).unwrap();
+    let cgroup = Cgroup::new();
+    let agent = start_with_hooks(&topology, &cgroup, folder.path());
+    agent.wait_for(&[&own.frontend()], 1).unwrap();
+    agent.wait_for(&[&empty.frontend()], 0).unwrap();
+
+    // Hairpin: pod1 to a Service whose only backend is pod1.
+    let frontend = SocketAddr::from((own.cluster_ip, own.port));
+    for answer in probe(&cgroup, &topology.pods[0].ns, "tcp", frontend, 5) {
+        assert_eq!((answer.peer, answer.body.as_str()), (frontend, "pod1"));
+    }
+
+    // No endpoints: connect() fails at once with ECONNREFUSED, as kube-proxy's REJECT does.
+    let target = SocketAddr::from((empty.cluster_ip, empty.port));
+    let started = Instant::now();
+    let error = probe_result(&cgroup, &topology.pods[0].ns, "tcp", target, 1).unwrap_err();
+    assert!(error.contains("Connection refused"), "{error}");
+    assert!(started.elapsed() < lb_tests::client::TIMEOUT, "{error}");
+}
+
+#[test]
+fn pod_interfaces_translate_what_the_socket_hooks_do_not_see() {
+    let topology = Topology::new(2).unwrap();
+    let folder = Folder::copy_of_examples().unwrap();
+    let own = ClusterIpService::http("own", [10, 96, 5, 1], 80);
+    own.write(&folder, &[(&topology.pods[0], Condition::Ready)])
+        .unwrap();
+    // No socket hooks at all: every client here is a thread of this test, in no hooked
+    // cgroup.
+    let agent = Agent::start_with_args(
+        &lb_bin(),
+        &topology.node,
+        folder.path(),
+        NODE_IF,
+        &["--pod-interfaces", "veth-pod*"],
+    )
+    .unwrap();
+    agent
+        .wait_for(&["10.96.0.10:8080/TCP", "10.96.0.12:5353/UDP"], 2)
+        .unwrap();
+    agent.wait_for(&[&own.frontend()], 1).unwrap();
+    wait_for_links(&agent, "veth-pod1 and veth-pod2", |names| {
+        has_pod_link(names, "veth-pod1") && has_pod_link(names, "veth-pod2")
+    });
+    let pods = topology.pod_names();
+    let client = &topology.pods[0].ns;
+
+    // TCP: the DNAT on the client's interface, the reverse NAT of the replies on the
+    // backend's.
+    let (_, peer) = http_get(client, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT).unwrap();
+    assert_eq!(
+        peer,
+        SocketAddr::from((HTTP_CLUSTER_IP, HTTP_SERVICE_PORT)),
+        "the client's socket sees the frontend"
+    );
+    let tally = http_tally(client, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT, 20).unwrap();
+    ensure_all_served(&tally, &pods).unwrap();
+    // UDP: `udp_request` fails unless the reply comes from the frontend.
+    let tally = udp_tally(client, UDP_CLUSTER_IP, UDP_PORT, 20).unwrap();
+    ensure_all_served(&tally, &pods).unwrap();
+    // Hairpin: pod1 to a Service whose only backend is pod1 (it sees the flow come from
+    // lb_common::HAIRPIN_ADDR).
+    for _ in 0..3 {
+        let (body, peer) = http_get(client, own.cluster_ip, own.port).unwrap();
+        assert_eq!(
+            (body.as_str(), peer),
+            ("pod1", (own.cluster_ip, own.port).into())
+        );
+    }
+
+    // A pod that appears later gets the program (the agent follows netlink), and loses its
+    // link when it goes.
+    let pod3 = topology.add_pod(3).unwrap();
+    wait_for_links(&agent, "veth-pod3's link", |names| {
+        has_pod_link(names, "veth-pod3")
+    });
+    let (body, _) = http_get(&pod3.ns, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT).unwrap();
+    assert!(pods.contains(&body), "{body}");
+    drop(pod3);
+    wait_for_links(&agent, "veth-pod3's link to go", |names| {
+        !has_pod_link(names, "veth-pod3") && has_pod_link(names, "veth-pod1")
+    });
+    // The others still work.
+    let tally = http_tally(client, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT, 4).unwrap();
+    assert_eq!(tally.values().sum::<usize>(), 4);
+}
