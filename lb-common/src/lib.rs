@@ -32,8 +32,9 @@ pub mod map_names {
     /// [`crate::maglev`]). Each service has up to two tables: key `id`, and key
     /// `id | maglev::KEY_TABLE_B`; [`crate::SERVICE_F_TABLE_B`] in its service entry says
     /// which one new flows use ([`crate::maglev::table_key`]). A new table is written whole
-    /// into the table not in use, then the service entry switches to it.
-    pub const MAGLEV: &str = "LB_MAGLEV_V1";
+    /// into the table not in use, then the service entry switches to it. (V2: two keys per
+    /// service and twice the entries; V1, [`crate::legacy::MAGLEV_V1`], had one per service.)
+    pub const MAGLEV: &str = "LB_MAGLEV_V2";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
     /// V2: the entry carries the translation (see [`crate::legacy::CtEntryV1`] for V1).
     pub const CONNTRACK: &str = "LB_CT4_V2";
@@ -433,6 +434,11 @@ pub mod legacy {
 
     /// The map name of V1.
     pub const BACKENDS_V1: &str = "LB_BACKEND4_V1";
+
+    /// The Maglev map before V2: one table per service, under its id, and as many entries
+    /// as services. Its keys and values are kept as they are in V2 (where key `id` is the
+    /// first table of the service, which a V1 service entry selects).
+    pub const MAGLEV_V1: &str = "LB_MAGLEV_V1";
 
     impl From<Backend4V1> for crate::Backend4 {
         /// A V1 backend had no flags: it was treated as local.

@@ -47,7 +47,7 @@ static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKEN
 /// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
 #[btf_map]
-static LB_MAGLEV_V1: HashOfMaps<
+static LB_MAGLEV_V2: HashOfMaps<
     u32,
     InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
     { capacity::SERVICES as usize },
@@ -277,7 +277,7 @@ pub(crate) fn backend(id: u32) -> Option<Chosen> {
 fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
     let table =
-        unsafe { LB_MAGLEV_V1.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
+        unsafe { LB_MAGLEV_V2.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
     let size = table.get(0).ok_or(MISSING)?[0];
     if size == 0 {
         return Err(MISSING);

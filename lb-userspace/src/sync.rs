@@ -2406,7 +2406,7 @@ mod tests {
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let message = report.errors[0].to_string();
         assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
-        assert!(message.contains("LB_MAGLEV_V1 is full"), "{message}");
+        assert!(message.contains("LB_MAGLEV_V2 is full"), "{message}");
         assert_eq!(
             programmed(s.maps()),
             expect(&[(fe(1, 80), &[3]), (fe(3, 80), &[3])])

@@ -353,7 +353,8 @@ impl Drop for LinkWatch {
 /// the old ones through the same pinned links (the links never change, their programs change
 /// once, and a watcher polling every millisecond never finds a link without a program); the
 /// conntrack map, whose layout changed (LB_CT4_V1 -> LB_CT4_V2), is converted, so the
-/// long-lived connections that Maglev would now send to the new backends keep theirs.
+/// long-lived connections that Maglev would now send to the new backends keep theirs; the
+/// Maglev map (LB_MAGLEV_V1 -> V2) is converted too.
 #[test]
 fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_conntrack() {
     let old = lb_tests::agent::old_lb_bin();
@@ -436,6 +437,17 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
         .collect();
     assert_eq!(converted.len(), 1, "one conversion of conntrack:\n{log}");
     eprintln!("{}", converted[0]);
+    // So was the Maglev map (two tables per service since V2): its tables carried over, so
+    // new flows had one between the attach and the first apply.
+    assert!(!pins.join(legacy::MAGLEV_V1).exists(), "{log}");
+    assert!(pins.join(map_names::MAGLEV).exists());
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("converted") && l.contains(legacy::MAGLEV_V1))
+            .count(),
+        1,
+        "one conversion of the Maglev map:\n{log}"
+    );
 
     // How many of the connections opened before would go elsewhere as new flows now: those
     // are the ones that conntrack kept on their backend.
