@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use lb_common::{Frontend4, PROTO_TCP, flow_hash, legacy, map_names};
+use lb_common::{Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names};
 use lb_tests::{
     Agent, CLIENT_IP, Churn, ChurnCounts, ClusterIpService, Condition, ConnPool, ConnRecord,
     Folder, NODE_IF, Pod, ServiceInfo, Topology,
@@ -165,8 +165,10 @@ fn wait_selecting(agent: &Agent, topology: &Topology, svc: &ClusterIpService, in
 
 /// `kill -9` of the agent while long-lived and new connections flow: the datapath keeps
 /// serving without an agent; the agent started again on the same pins adopts the maps
-/// (the same service and backend ids, the same Maglev tables) and writes nothing, keeps a
-/// frontend whose Service was deleted meanwhile for the orphan grace period, then removes it.
+/// (the same service and backend ids, the same Maglev tables, both tables of a frontend
+/// whose endpoints changed and whose entry selects its second one) and writes nothing, keeps
+/// a frontend whose Service was deleted meanwhile for the orphan grace period, then removes
+/// it.
 #[test]
 fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing() {
     const GRACE_SECS: u64 = 4;
@@ -174,15 +176,33 @@ fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing()
     let folder = Folder::new().unwrap();
     let svc = ClusterIpService::http("restart", [10, 96, 0, 30], 8080);
     let gone = ClusterIpService::http("deleted-while-down", [10, 96, 0, 31], 8080);
-    svc.write(&folder, &pods(&topology, &[0, 1, 2])).unwrap();
+    svc.write(&folder, &pods(&topology, &[0, 1])).unwrap();
     gone.write(&folder, &pods(&topology, &[0])).unwrap();
     let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
-    wait_selecting(&agent, &topology, &svc, &[0, 1, 2]);
+    wait_selecting(&agent, &topology, &svc, &[0, 1]);
     wait_selecting(&agent, &topology, &gone, &[0]);
+    // An endpoint change: the new table goes under the second key and the entry selects it.
+    svc.write(&folder, &pods(&topology, &[0, 1, 2])).unwrap();
+    wait_selecting(&agent, &topology, &svc, &[0, 1, 2]);
     let target = SocketAddrV4::new(svc.cluster_ip, svc.port);
 
     let load = Load::start(&topology, target, 22000);
     let before = snapshot(agent.pin_path());
+    let frontend = Frontend4::new(svc.cluster_ip.octets(), svc.port, PROTO_TCP);
+    let (_, service) = before
+        .services
+        .iter()
+        .find(|(k, _)| *k == frontend)
+        .unwrap();
+    assert_ne!(service.flags & SERVICE_F_TABLE_B, 0, "{before:#?}");
+    let keys = [service.id, service.id | maglev::KEY_TABLE_B];
+    let tables: Vec<_> = before
+        .tables
+        .iter()
+        .filter(|(key, _)| keys.contains(key))
+        .map(|(_, t)| t.backends.len())
+        .collect();
+    assert_eq!(tables, [2, 3], "both tables of {frontend:?}: {before:#?}");
     let at_kill = load.churn.counts();
     agent.kill().unwrap();
     // No agent: the datapath serves on its own. Meanwhile a Service is deleted.
@@ -471,10 +491,7 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
             PROTO_TCP,
         );
         let slot = maps
-            .table_entry(
-                lb_common::maglev::table_key(service.id, service.flags),
-                hash,
-            )
+            .table_entry(maglev::table_key(service.id, service.flags), hash)
             .unwrap()
             .unwrap();
         let (_, b) = programmed
