@@ -2243,6 +2243,35 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_agent_adopts_both_tables_of_a_service_and_writes_nothing() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        let changed = desired(&[(fe(1, 80), &[1, 2, 3][..])]);
+        s.apply(&changed);
+        let id = s.maps().services[&fe(1, 80).key()].id;
+        assert_ne!(
+            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            0
+        );
+        let mut maps = s.maps().clone();
+        maps.journal.clear();
+        let mut restarted = Syncer::adopt_with(maps, config()).unwrap();
+        assert_eq!(restarted.maps().maglev.len(), 2, "both tables kept");
+        assert_eq!(restarted.apply(&changed).map_ops, 0);
+        assert!(restarted.maps().journal.is_empty());
+        // The first table was adopted too: going back to it is one service entry write.
+        restarted.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        assert_eq!(
+            restarted.maps().journal,
+            [format!("put_service {id}"), "put_backend 3".to_owned()]
+        );
+        assert_eq!(
+            restarted.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            0
+        );
+    }
+
+    #[test]
     fn a_prefilter_bit_is_set_before_the_first_frontend_of_its_bucket_and_cleared_after_the_last() {
         let (a, b) = same_bucket();
         let mut s = syncer(1000);
