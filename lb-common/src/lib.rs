@@ -28,10 +28,13 @@ pub mod map_names {
     /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used. (V2: the
     /// backend's flags; V1 held [`crate::legacy::Backend4V1`].)
     pub const BACKENDS: &str = "LB_BACKEND4_V2";
-    /// Hash of maps `u32` service id -> the service's Maglev table, an array map of
-    /// [`crate::MaglevCell`] (see [`crate::maglev`]). A new table is built whole in a new
-    /// inner map and swapped in with one write of this map.
-    pub const MAGLEV: &str = "LB_MAGLEV_V1";
+    /// Hash of maps `u32` key -> a Maglev table, an array map of [`crate::MaglevCell`] (see
+    /// [`crate::maglev`]). Each service has up to two tables: key `id`, and key
+    /// `id | maglev::KEY_TABLE_B`; [`crate::SERVICE_F_TABLE_B`] in its service entry says
+    /// which one new flows use ([`crate::maglev::table_key`]). A new table is written whole
+    /// into the table not in use, then the service entry switches to it. (V2: two keys per
+    /// service and twice the entries; V1, [`crate::legacy::MAGLEV_V1`], had one per service.)
+    pub const MAGLEV: &str = "LB_MAGLEV_V2";
     /// LRU hash map [`crate::Ct4Key`] -> [`crate::CtEntry`]: both directions of each flow.
     /// V2: the entry carries the translation (see [`crate::legacy::CtEntryV1`] for V1).
     pub const CONNTRACK: &str = "LB_CT4_V2";
@@ -195,6 +198,9 @@ pub const SERVICE_F_RANDOM: u32 = 1 << 1;
 /// Only sources in [`map_names::SOURCE_RANGES`] for this service may open flows
 /// (loadBalancerSourceRanges); others are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
+/// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
+/// the first (key `id`).
+pub const SERVICE_F_TABLE_B: u32 = 1 << 3;
 
 /// One element of a Maglev table's inner array map: two table entries (backend ids).
 ///
@@ -210,6 +216,20 @@ pub mod maglev {
     /// maps may differ in size, so the table size is the agent's choice) and
     /// `BPF_F_MMAPABLE` (the agent writes a whole table with one memory copy).
     pub const INNER_MAP_FLAGS: u32 = (1 << 12) | (1 << 10);
+
+    /// The bit of a Maglev map key that names a service's second table (service ids are
+    /// below it).
+    pub const KEY_TABLE_B: u32 = 1 << 31;
+
+    /// The Maglev map key of the table a service entry (`id`, `flags`) selects.
+    #[inline(always)]
+    pub const fn table_key(id: u32, flags: u32) -> u32 {
+        if flags & crate::SERVICE_F_TABLE_B != 0 {
+            id | KEY_TABLE_B
+        } else {
+            id
+        }
+    }
 
     /// Elements of the inner array for a table of `size` entries: the header and
     /// `ceil(size / 2)` pairs.
@@ -419,6 +439,11 @@ pub mod legacy {
 
     /// The map name of V1.
     pub const BACKENDS_V1: &str = "LB_BACKEND4_V1";
+
+    /// The Maglev map before V2: one table per service, under its id, and as many entries
+    /// as services. Its keys and values are kept as they are in V2 (where key `id` is the
+    /// first table of the service, which a V1 service entry selects).
+    pub const MAGLEV_V1: &str = "LB_MAGLEV_V1";
 
     impl From<Backend4V1> for crate::Backend4 {
         /// A V1 backend had no flags: it was treated as local.

@@ -43,10 +43,11 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
 static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
-/// Service id -> its Maglev table. BTF-defined (map-of-maps needs the inner map's BTF);
+/// Service id (or id | `maglev::KEY_TABLE_B`, see `maglev::table_key`) -> a Maglev table
+/// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
 #[btf_map]
-static LB_MAGLEV_V1: HashOfMaps<
+static LB_MAGLEV_V2: HashOfMaps<
     u32,
     InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
     { capacity::SERVICES as usize },
@@ -277,7 +278,8 @@ pub(crate) fn backend(id: u32) -> Option<Chosen> {
 #[inline(always)]
 fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
-    let table = unsafe { LB_MAGLEV_V1.get(&svc.id) }.ok_or(MISSING)?;
+    let table =
+        unsafe { LB_MAGLEV_V2.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
     let size = table.get(0).ok_or(MISSING)?[0];
     if size == 0 {
         return Err(MISSING);

@@ -414,7 +414,7 @@ impl<M: DatapathMaps> Agent<'_, M> {
 }
 
 /// Sleeps until `deadline`; forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,

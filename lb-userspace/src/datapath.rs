@@ -13,6 +13,8 @@ use std::{
     net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex},
+    time::Instant,
 };
 
 use aya::{
@@ -129,8 +131,8 @@ pub enum DatapathError {
 /// keep the size they were created with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
-    /// Frontends: the services, reverse-NAT and Maglev maps; service ids (and their stats)
-    /// run from 1 to this number.
+    /// Frontends: the services and reverse-NAT maps, and the Maglev map (twice: two tables
+    /// each); service ids (and their stats) run from 1 to this number.
     pub services: u32,
     /// Backends (distinct address, port, protocol), and their counters.
     pub backends: u32,
@@ -158,7 +160,8 @@ impl Capacity {
         [
             (map_names::SERVICES, self.services),
             (map_names::REV_NAT, self.services),
-            (map_names::MAGLEV, self.services),
+            // Two tables per frontend (`lb_common::maglev::KEY_TABLE_B`).
+            (map_names::MAGLEV, self.services.saturating_mul(2)),
             // Indexed by service id; id 0 is never used.
             (map_names::SERVICE_STATS, self.services.saturating_add(1)),
             (map_names::BACKENDS, self.backends),
@@ -501,6 +504,94 @@ pub struct BpfMaps {
     pub service_id_limit: u32,
     /// The size of each map written, for the error that says a map is full.
     sizes: [(&'static str, u32); 6],
+    grace: GraceClock,
+}
+
+/// Grace periods on request, each on a thread of its own ([`sys::GracePeriods::wait`]
+/// blocks for one, about 7.5 ms here): the syncer asks for one after a service entry stops
+/// using a table, and rewrites that table in place only once one that started later has
+/// ended. Only one runs at a time; requests during one are served by the next.
+#[derive(Default)]
+struct GraceClock {
+    shared: Arc<(Mutex<GraceState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct GraceState {
+    /// A grace period is asked for.
+    wanted: bool,
+    /// The thread runs.
+    running: bool,
+    /// The clock is dropped: the thread ends.
+    stop: bool,
+    /// The start of the latest grace period that has ended.
+    since: Option<Instant>,
+}
+
+impl GraceClock {
+    fn lock(shared: &(Mutex<GraceState>, Condvar)) -> std::sync::MutexGuard<'_, GraceState> {
+        shared
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn since(&self) -> Option<Instant> {
+        Self::lock(&self.shared).since
+    }
+
+    fn request(&self) {
+        let mut state = Self::lock(&self.shared);
+        state.wanted = true;
+        if state.running {
+            self.shared.1.notify_one();
+            return;
+        }
+        let periods = match sys::GracePeriods::new() {
+            Ok(periods) => periods,
+            Err(e) => {
+                // Tables are then never rewritten in place: each change puts a new one.
+                warn!("cannot wait for grace periods: {e}");
+                return;
+            }
+        };
+        state.running = true;
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("grace".into())
+            .spawn(move || {
+                loop {
+                    let mut state = Self::lock(&shared);
+                    while !state.wanted && !state.stop {
+                        state = shared
+                            .1
+                            .wait(state)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    if state.stop {
+                        return;
+                    }
+                    state.wanted = false;
+                    drop(state);
+                    let start = Instant::now();
+                    match periods.wait() {
+                        Ok(()) => Self::lock(&shared).since = Some(start),
+                        Err(e) => warn!("waiting for a grace period: {e}"),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the grace period thread: {e}");
+            state.running = false;
+        }
+    }
+}
+
+impl Drop for GraceClock {
+    fn drop(&mut self) {
+        Self::lock(&self.shared).stop = true;
+        self.shared.1.notify_one();
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -562,6 +653,7 @@ impl BpfMaps {
         Ok(Self {
             service_id_limit: pinned_max_entries(pin_dir, map_names::SERVICE_STATS)?,
             sizes,
+            grace: GraceClock::default(),
             maglev_fd,
             prefilter_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
@@ -596,10 +688,11 @@ impl BpfMaps {
         )
     }
 
-    /// One entry of the table of `service_id`: what the datapath reads for a flow hash
-    /// (`lb explain`). `None` when the service has no table.
-    pub fn table_entry(&self, service_id: u32, hash: u32) -> Result<Option<TableSlot>, MapOpError> {
-        let table = match self.maglev.get(&service_id, 0) {
+    /// One entry of the table under `key` (`lb_common::maglev::table_key` of a service
+    /// entry): what the datapath reads for a flow hash (`lb explain`). `None` when there is
+    /// no table.
+    pub fn table_entry(&self, key: u32, hash: u32) -> Result<Option<TableSlot>, MapOpError> {
+        let table = match self.maglev.get(&key, 0) {
             Ok(table) => table,
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(op_err(map_names::MAGLEV)(e)),
@@ -762,13 +855,7 @@ impl DatapathMaps for BpfMaps {
         backends: u32,
     ) -> Result<(TableId, Self::Table), MapOpError> {
         let err = op_err(map_names::MAGLEV);
-        let size = entries.len() as u32;
-        let mut cells: Vec<MaglevCell> = vec![[0; 2]; maglev::elements(size) as usize];
-        cells[0] = [size, backends];
-        for (index, &backend_id) in entries.iter().enumerate() {
-            let (element, half) = maglev::position(index as u32);
-            cells[element as usize][half] = backend_id;
-        }
+        let cells = table_cells(entries, backends);
         let table: Array<MapData, MaglevCell> =
             Array::create(cells.len() as u32, maglev::INNER_MAP_FLAGS).map_err(&err)?;
         let inner = table.map();
@@ -821,10 +908,36 @@ impl DatapathMaps for BpfMaps {
             }),
         }
     }
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
+    fn fill_table(
+        &mut self,
+        id: TableId,
+        entries: &[u32],
+        backends: u32,
+    ) -> Result<(), MapOpError> {
+        let table = MapData::from_id(id).map_err(op_err(map_names::MAGLEV))?;
+        let info = table.info().map_err(op_err(map_names::MAGLEV))?;
+        let cells = table_cells(entries, backends);
+        if info.max_entries() as usize != cells.len() {
+            return Err(MapOpError::Os {
+                map: map_names::MAGLEV,
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        sys::mmap_write(table.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
+            map: map_names::MAGLEV,
+            source,
+        })
+    }
+    fn grace_since(&self) -> Option<Instant> {
+        self.grace.since()
+    }
+    fn request_grace(&mut self) {
+        self.grace.request();
+    }
+    fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError> {
         let mut start = 0;
-        while start < service_ids.len() {
-            match sys::map_delete_batch(self.maglev_fd.as_fd(), &service_ids[start..]) {
+        while start < keys.len() {
+            match sys::map_delete_batch(self.maglev_fd.as_fd(), &keys[start..]) {
                 Ok(()) => return Ok(()),
                 // Deleting what is not there succeeds: go on after it.
                 Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => start += done + 1,
@@ -918,6 +1031,18 @@ impl DatapathMaps for BpfMaps {
             prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
         })
     }
+}
+
+/// A table's inner array: the header `[size, backends]`, then the entries in pairs.
+fn table_cells(entries: &[u32], backends: u32) -> Vec<MaglevCell> {
+    let size = entries.len() as u32;
+    let mut cells: Vec<MaglevCell> = vec![[0; 2]; maglev::elements(size) as usize];
+    cells[0] = [size, backends];
+    for (index, &backend_id) in entries.iter().enumerate() {
+        let (element, half) = maglev::position(index as u32);
+        cells[element as usize][half] = backend_id;
+    }
+    cells
 }
 
 /// The non-zero words of the pre-filter bitmap, by index, read through one mapping.

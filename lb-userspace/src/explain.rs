@@ -260,7 +260,7 @@ impl Explainer {
         let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
         let slot = self
             .maps
-            .table_entry(svc.id, hash)
+            .table_entry(lb_common::maglev::table_key(svc.id, svc.flags), hash)
             .map_err(|e| DatapathError::Table(Box::new(e)))?;
         let Some(slot) = slot else {
             out.decision = Decision::NoBackend;

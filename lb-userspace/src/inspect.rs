@@ -57,7 +57,7 @@ pub fn service_rows(
         .map(|(key, svc)| {
             let frontend =
                 Frontend::from_key(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
-            let backends = match tables.get(&svc.id) {
+            let backends = match tables.get(&lb_common::maglev::table_key(svc.id, svc.flags)) {
                 None if svc.backend_count > 0 => vec!["-".to_owned()],
                 None => Vec::new(),
                 Some(table) => table
@@ -242,13 +242,20 @@ pub fn stats_report(
             new_flows: s.new_flows,
         }
     };
-    let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
+    let tables: HashMap<u32, _> = contents.tables.iter().map(|(key, t)| (*key, t)).collect();
+    // The table each service id uses.
+    let keys: HashMap<u32, u32> = contents
+        .services
+        .iter()
+        .map(|(_, s)| (s.id, lb_common::maglev::table_key(s.id, s.flags)))
+        .collect();
     let mut in_tables = std::collections::BTreeSet::new();
     let frontends = service_rows(contents, &service_stats)
         .into_iter()
         .map(|r| {
-            let ids = tables
+            let ids = keys
                 .get(&r.service_id)
+                .and_then(|key| tables.get(key))
                 .map(|t| t.backends.clone())
                 .unwrap_or_default();
             in_tables.extend(ids.iter().copied());

@@ -22,7 +22,7 @@
 #![deny(missing_docs)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt, fs, io,
     path::{Path, PathBuf},
 };
@@ -31,7 +31,9 @@ use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::model::{ClusterState, DEFAULT_NAMESPACE, EndpointSlice, Service, ValidationError};
+use crate::model::{
+    ClusterState, DEFAULT_NAMESPACE, EndpointSlice, ObjectRef, Service, ValidationError,
+};
 
 /// What a folder of manifests holds: the valid objects, and what was wrong with the rest.
 #[derive(Debug, Default)]
@@ -172,35 +174,194 @@ pub enum ManifestErrorKind {
 
 /// Reads the manifests folder `dir`. See the module documentation.
 pub fn load_dir(dir: &Path) -> Result<ManifestSet, LoadDirError> {
+    Folder::read(dir).map(|(_, set)| set)
+}
+
+/// Whether a file name is one of a manifest (`*.yaml`, `*.yml`, `*.json`, not hidden).
+pub fn is_manifest_name(name: &str) -> bool {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    !name.starts_with('.') && matches!(ext.as_deref(), Some("yaml" | "yml" | "json"))
+}
+
+/// Whether `path` is a manifest: its name is one, and it is not a folder (symlinks are
+/// followed: ConfigMap volumes are symlinks to `..data/`).
+fn is_manifest(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(is_manifest_name)
+        && !fs::metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// The manifests directly in `dir`, in name order.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, LoadDirError> {
     let err = |source| LoadDirError {
         dir: dir.to_owned(),
         source,
     };
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(err)? {
-        let entry = entry.map_err(err)?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-        if name.starts_with('.') || !matches!(ext.as_deref(), Some("yaml" | "yml" | "json")) {
-            continue;
+        let path = entry.map_err(err)?.path();
+        if is_manifest(&path) {
+            files.push(path);
         }
-        // fs::metadata follows symlinks: ConfigMap volumes are symlinks to ..data/.
-        if fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
-            continue;
-        }
-        files.push(entry.path());
     }
     files.sort();
+    Ok(files)
+}
 
-    let mut loader = Loader::default();
-    for file in &files {
-        match fs::read(file) {
-            Ok(bytes) => loader.file(file, &bytes),
-            Err(e) => loader.error(Location::file(file), ManifestErrorKind::Read(e)),
+/// A manifests folder read whole once ([`Folder::read`]), then file by file
+/// ([`Folder::reread`]): it remembers which objects each file defines, so that a changed
+/// file is read again alone and only its objects are replaced in the state.
+///
+/// The result equals [`load_dir`]'s whenever no object is defined in two files; when a
+/// changed file holds (or held) an object that another file defines too, which one wins
+/// depends on the other files, and [`Folder::reread`] asks for a whole read instead.
+#[derive(Debug, Default)]
+pub struct Folder {
+    dir: PathBuf,
+    /// The valid objects each file defines.
+    files: BTreeMap<PathBuf, BTreeSet<ObjectId>>,
+    /// Each defined object: in how many files, and what it put in the state.
+    objects: BTreeMap<ObjectId, Defined>,
+}
+
+#[derive(Debug)]
+struct Defined {
+    files: u32,
+    /// The Service, or the EndpointSlices (an Endpoints object converts to several; their
+    /// names cannot collide with an EndpointSlice's, see
+    /// [`EndpointSlice::from_k8s_endpoints`]), of the definition that is in the state.
+    produced: Produced,
+}
+
+#[derive(Debug, Clone)]
+enum Produced {
+    Service(ObjectRef),
+    Slices(Vec<ObjectRef>),
+}
+
+impl Parsed {
+    fn produced(&self) -> Produced {
+        match self {
+            Parsed::Service(s) => Produced::Service(s.id.clone()),
+            Parsed::Slices(slices) => {
+                Produced::Slices(slices.iter().map(|s| s.id.clone()).collect())
+            }
         }
     }
-    Ok(loader.finish())
+}
+
+/// What [`Folder::reread`] changed in the state.
+#[derive(Debug, Default)]
+pub struct FileChanges {
+    /// Services added, modified or removed.
+    pub services: BTreeSet<ObjectRef>,
+    /// EndpointSlices added, modified or removed.
+    pub slices: BTreeSet<ObjectRef>,
+    /// What was wrong in the file.
+    pub errors: Vec<ManifestError>,
+}
+
+impl Folder {
+    /// Reads every manifest of `dir` (as [`load_dir`]) and remembers where each object is.
+    pub fn read(dir: &Path) -> Result<(Folder, ManifestSet), LoadDirError> {
+        let mut loader = Loader::default();
+        for file in &manifest_files(dir)? {
+            loader.read(file);
+        }
+        let mut objects: BTreeMap<ObjectId, Defined> = loader
+            .objects
+            .iter()
+            .map(|(id, (_, parsed))| {
+                let produced = parsed.produced();
+                (id.clone(), Defined { files: 0, produced })
+            })
+            .collect();
+        for id in loader.defined.values().flatten() {
+            if let Some(defined) = objects.get_mut(id) {
+                defined.files += 1;
+            }
+        }
+        let folder = Folder {
+            dir: dir.to_owned(),
+            files: std::mem::take(&mut loader.defined),
+            objects,
+        };
+        Ok((folder, loader.finish()))
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads `file` of the folder again (gone, or no longer a manifest: it defines nothing)
+    /// and puts what it defines now in `state` in place of what it defined before. `None`
+    /// (nothing changed) when an object it defines, now or before, is defined in another
+    /// file too: then only a whole read gets the result right.
+    pub fn reread(&mut self, file: &Path, state: &mut ClusterState) -> Option<FileChanges> {
+        let mut loader = Loader::default();
+        if is_manifest(file) {
+            loader.read(file);
+        }
+        let before = self.files.get(file).cloned().unwrap_or_default();
+        let after: BTreeSet<ObjectId> = loader.objects.keys().cloned().collect();
+        let elsewhere = |id: &ObjectId| {
+            self.objects
+                .get(id)
+                .is_some_and(|d| d.files > u32::from(before.contains(id)))
+        };
+        if before.iter().chain(&after).any(elsewhere) {
+            return None;
+        }
+        let mut changes = FileChanges::default();
+        let mut old_services = BTreeMap::new();
+        let mut old_slices = BTreeMap::new();
+        for id in &before {
+            match self.objects.remove(id).map(|d| d.produced) {
+                Some(Produced::Service(r)) => {
+                    old_services.extend(state.services.remove_entry(&r));
+                    changes.services.insert(r);
+                }
+                Some(Produced::Slices(refs)) => {
+                    for r in refs {
+                        old_slices.extend(state.slices.remove_entry(&r));
+                        changes.slices.insert(r);
+                    }
+                }
+                None => {}
+            }
+        }
+        for (id, (_, parsed)) in loader.objects {
+            let produced = parsed.produced();
+            match parsed {
+                Parsed::Service(s) => {
+                    changes.services.insert(s.id.clone());
+                    state.insert_service(s);
+                }
+                Parsed::Slices(slices) => {
+                    for s in slices {
+                        changes.slices.insert(s.id.clone());
+                        state.insert_slice(s);
+                    }
+                }
+            }
+            self.objects.insert(id, Defined { files: 1, produced });
+        }
+        changes
+            .services
+            .retain(|r| old_services.get(r) != state.services.get(r));
+        changes
+            .slices
+            .retain(|r| old_slices.get(r) != state.slices.get(r));
+        if after.is_empty() {
+            self.files.remove(file);
+        } else {
+            self.files.insert(file.to_owned(), after);
+        }
+        changes.errors = loader.errors;
+        Some(changes)
+    }
 }
 
 /// Reads manifests from text, as if it were the file `file` (for stdin, tests and tools).
@@ -231,10 +392,22 @@ enum Parsed {
 #[derive(Default)]
 struct Loader {
     objects: BTreeMap<ObjectId, (Location, Parsed)>,
+    /// The objects each file defines validly.
+    defined: BTreeMap<PathBuf, BTreeSet<ObjectId>>,
     errors: Vec<ManifestError>,
 }
 
 impl Loader {
+    /// Reads one file (an unreadable one is an error and defines nothing).
+    fn read(&mut self, file: &Path) {
+        match fs::read(file) {
+            Ok(bytes) => self.file(file, &bytes),
+            // Removed since the folder was listed: it defines nothing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => self.error(Location::file(file), ManifestErrorKind::Read(e)),
+        }
+    }
+
     fn error(&mut self, location: Location, kind: ManifestErrorKind) {
         self.errors.push(ManifestError { location, kind });
     }
@@ -391,6 +564,10 @@ impl Loader {
         match parsed {
             Err(e) => self.error(location, e),
             Ok(parsed) => {
+                self.defined
+                    .entry(location.file.clone())
+                    .or_default()
+                    .insert(id.clone());
                 if let Some((previous, _)) = self.objects.insert(id, (location.clone(), parsed)) {
                     self.error(
                         location,
@@ -480,8 +657,10 @@ fn split_yaml_documents(text: &str) -> Vec<(usize, &str)> {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use std::time::Instant;
+
     use super::*;
-    use crate::model::{ClusterIp, ObjectRef};
+    use crate::model::ClusterIp;
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
     const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.0.1]}]\nports: [{port: 8080}]\n";
@@ -686,6 +865,64 @@ mod tests {
         assert!(matches!(set.errors[0].kind, ManifestErrorKind::Json(_)));
         assert!(matches!(set.errors[1].kind, ManifestErrorKind::NotUtf8));
         assert!(matches!(set.errors[2].kind, ManifestErrorKind::Json(_)));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rereading_one_file_equals_reading_the_folder() {
+        // A fixed pseudo-random walk: files hold Services and EndpointSlices (valid or not,
+        // sometimes one defined in two files), are rewritten and removed; after each step
+        // the file alone is read again, or the whole folder when it says so.
+        let dir = tempdir("reread");
+        let mut next = crate::testutil::walk(0x1234_5678);
+        let object = |kind: u32, name: u32, variant: u32| match kind {
+            0 => format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}}}\n\
+                 spec: {{clusterIP: 10.0.0.{name}, ports: [{{port: {}}}]}}\n",
+                80 + variant
+            ),
+            1 => format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{name}-1, \
+                 labels: {{kubernetes.io/service-name: s{name}}}}}\naddressType: IPv4\n\
+                 endpoints: [{{addresses: [10.1.0.{variant}]}}]\n"
+            ),
+            2 => format!(
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: e{name}}}\n\
+                 subsets: [{{addresses: [{{ip: 10.2.0.{variant}}}], ports: [{{port: 80}}]}}]\n"
+            ),
+            _ => format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}}}\nspec: 5\n"),
+        };
+        let (mut folder, set) = Folder::read(&dir).unwrap();
+        let mut state = set.state;
+        let mut whole_reads = 0;
+        for step in 0..400 {
+            let file = dir.join(format!("f{}.yaml", next(5)));
+            if next(6) == 0 {
+                let _ = fs::remove_file(&file);
+            } else {
+                let docs: Vec<String> = (0..next(4))
+                    .map(|_| object(next(4), next(12), next(3)))
+                    .collect();
+                fs::write(&file, docs.join("---\n")).unwrap();
+            }
+            let whole = load_dir(&dir).unwrap().state;
+            let before = state.clone();
+            match folder.reread(&file, &mut state) {
+                Some(changes) => {
+                    let want = crate::source::Changes::between(&before, &whole, Instant::now());
+                    assert_eq!(changes.services, want.services, "step {step}");
+                    assert_eq!(changes.slices, want.slices, "step {step}");
+                }
+                None => {
+                    whole_reads += 1;
+                    let (f, set) = Folder::read(&dir).unwrap();
+                    (folder, state) = (f, set.state);
+                }
+            }
+            assert_eq!(state.services, whole.services, "step {step}");
+            assert_eq!(state.slices, whole.slices, "step {step}");
+        }
+        assert!((1..200).contains(&whole_reads), "{whole_reads} whole reads");
         fs::remove_dir_all(dir).unwrap();
     }
 

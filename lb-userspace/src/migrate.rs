@@ -30,7 +30,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{HashMap, HashOfMaps, Map, MapData, MapError},
 };
 use lb_common::{Backend4, Ct4Key, CtEntry, legacy, map_names};
 use thiserror::Error;
@@ -135,20 +135,7 @@ impl Conversion {
                     copied.dropped += 1;
                     continue;
                 };
-                match new.insert(key, value, BPF_NOEXIST) {
-                    Ok(()) => copied.written += 1,
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                    {
-                        copied.present += 1
-                    }
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                    {
-                        copied.failed += 1
-                    }
-                    Err(e) => return Err(e),
-                }
+                copied.count(new.insert(key, value, BPF_NOEXIST))?;
             }
             Ok(copied)
         };
@@ -157,6 +144,62 @@ impl Conversion {
             to,
             copy: Box::new(copy),
         }
+    }
+
+    /// A conversion between hash maps of maps: every key `K1` of `from` becomes
+    /// `convert(key)` in `to`, pointing at the same inner map (which is shared, not copied),
+    /// or is dropped when it gives `None`.
+    pub fn map_of_maps<K1: Pod, K2: Pod>(
+        from: &'static str,
+        to: &'static str,
+        convert: fn(K1) -> Option<K2>,
+    ) -> Self {
+        let copy = move |old: &Map, new: &mut Map| -> Result<Copied, MapError> {
+            let old = HashOfMaps::<&MapData, K1, MapData>::try_from(old)?;
+            let mut new = HashOfMaps::<&mut MapData, K2, MapData>::try_from(new)?;
+            let mut copied = Copied::default();
+            for key in old.keys() {
+                let key = match key {
+                    Ok(key) => key,
+                    Err(MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(e),
+                };
+                let inner = match old.get(&key, 0) {
+                    Ok(inner) => inner,
+                    // Deleted while the keys are walked.
+                    Err(MapError::KeyNotFound) => continue,
+                    Err(e) => return Err(e),
+                };
+                let Some(key) = convert(key) else {
+                    copied.dropped += 1;
+                    continue;
+                };
+                copied.count(new.insert(key, &inner, BPF_NOEXIST))?;
+            }
+            Ok(copied)
+        };
+        Conversion {
+            from,
+            to,
+            copy: Box::new(copy),
+        }
+    }
+}
+
+impl Copied {
+    /// Counts the result of one write of a new key: written, already there, or no room.
+    fn count(&mut self, result: Result<(), MapError>) -> Result<(), MapError> {
+        match result {
+            Ok(()) => self.written += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                self.present += 1
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                self.failed += 1
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
     }
 }
 
@@ -176,6 +219,11 @@ pub fn conversions() -> Vec<Conversion> {
             map_names::BACKENDS,
             |id: u32, v1: legacy::Backend4V1| Some((id, Backend4::from(v1))),
         ),
+        // V2 has a second table per service (key `id | KEY_TABLE_B`), which V1 service
+        // entries never select: each V1 table is the first table of its service.
+        Conversion::map_of_maps(legacy::MAGLEV_V1, map_names::MAGLEV, |id: u32| {
+            (id & lb_common::maglev::KEY_TABLE_B == 0).then_some(id)
+        }),
     ]
 }
 

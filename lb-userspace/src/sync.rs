@@ -2,16 +2,23 @@
 //! a packet in flight see a half-updated service:
 //!
 //! 1. backends a frontend needs are written first (new ones, and state changes);
-//! 2. then its Maglev table: built whole in a new inner map and swapped in with one write
-//!    of the Maglev map (or, when another frontend already has a table of the same backends
-//!    and size, that table is shared: again one write). The swaps of all frontends go in one
-//!    batch: the kernel waits for running programs after every map-of-maps write system
-//!    call (about 7.5 ms here), once per batch instead of once per table;
+//! 2. then its Maglev table, written whole into the frontend's table that new flows do not
+//!    use (each service id has two keys in the Maglev map, see
+//!    `lb_common::maglev::table_key`); the service entry switches to it in step 4. That
+//!    table is, fastest first: the one already there when it holds exactly the new
+//!    backends (a flap back); the one already there rewritten in place, when it is the
+//!    frontend's own, of the right size, and every program that could still read it since
+//!    the service entry last used it has finished (a grace period has passed since,
+//!    [`DatapathMaps::grace_since`]); else a new inner map (or one another frontend has
+//!    with the same backends and size: shared) put under the key with one write of the
+//!    Maglev map. Those writes of all frontends go in one batch: the kernel waits for
+//!    running programs after every map-of-maps write system call (about 7.5 ms here), once
+//!    per batch instead of once per table; a rewrite in place waits for nothing;
 //! 3. then its new source ranges (loadBalancerSourceRanges);
 //! 4. then its reverse-NAT entry, its bit in the destination pre-filter (a new frontend's
 //!    bucket: `lb_common::prefilter`) and its service entry (flags, affinity, backend
-//!    count);
-//! 5. then the source ranges it no longer has, and its table when it has no backend left;
+//!    count, and which of its two tables new flows use);
+//! 5. then the source ranges it no longer has, and its tables when it has no backend left;
 //! 6. frontends no longer wanted are removed service entry first; a pre-filter bit is
 //!    cleared after the last frontend of its bucket is removed;
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
@@ -44,7 +51,9 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4,
-    MAX_SERVICES, RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, Service,
+    MAX_SERVICES, RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_TABLE_B, Service,
+    maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
 use thiserror::Error;
@@ -163,6 +172,10 @@ pub struct SyncConfig {
     pub orphan_grace: Duration,
 }
 
+/// At most this many tables are built and not yet put in the Maglev map (each is an open
+/// file until then): a larger sync puts them in batches of this many.
+const MAX_UNPUT_TABLES: usize = 4096;
+
 /// The default drain period of removed backends.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
@@ -203,7 +216,7 @@ pub struct MapContents {
     pub backends: Vec<(u32, Backend4)>,
     /// Reverse-NAT map entries.
     pub rev_nat: Vec<(u32, RevNat4)>,
-    /// The Maglev table of each service id that has one.
+    /// The Maglev tables, by their key in the Maglev map (`lb_common::maglev::table_key`).
     pub tables: Vec<(u32, TableInfo)>,
     /// Source ranges, by service id.
     pub source_ranges: Vec<(u32, Ipv4Cidr)>,
@@ -247,14 +260,24 @@ pub trait DatapathMaps {
         entries: &[u32],
         backends: u32,
     ) -> Result<(TableId, Self::Table), MapOpError>;
-    /// Points each service id at its table: one write of the Maglev map per service, all
-    /// in one system call (a map-of-maps write waits for running programs, once per call).
-    /// Applied in order; an error stops the batch.
+    /// Puts each table under its key in the Maglev map (`lb_common::maglev::table_key`):
+    /// one write per key, all in one system call (a map-of-maps write waits for running
+    /// programs, once per call). Applied in order; an error stops the batch.
     fn put_tables(&mut self, writes: &[(u32, TableRef<'_, Self::Table>)])
     -> Result<(), BatchError>;
-    /// Removes the tables of these service ids (a table goes when nothing points at it), in
+    /// Removes the tables under these keys (a table goes when nothing points at it), in
     /// one system call, in order; an error stops the batch.
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError>;
+    fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError>;
+    /// Rewrites the existing table `id` in place, whole, with `entries` (as
+    /// [`Self::build_table`]; same size). No program may be reading it: no service entry
+    /// selects it, and a grace period has passed since one last did.
+    fn fill_table(&mut self, id: TableId, entries: &[u32], backends: u32)
+    -> Result<(), MapOpError>;
+    /// The start of the latest grace period that has ended: every program that was running
+    /// at that moment has finished since. `None` before the first.
+    fn grace_since(&self) -> Option<Instant>;
+    /// Asks for a grace period to start now, without waiting for it.
+    fn request_grace(&mut self);
     /// Allows `range` as a source of `service_id`.
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
     /// Removes `range` from the sources of `service_id`.
@@ -299,6 +322,15 @@ struct SharedTable {
     users: usize,
 }
 
+/// One of a frontend's two tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    table: ProgrammedTable,
+    /// When the service entry stopped selecting it (after that write returned); `None`
+    /// when it has not selected it since it was put there.
+    retired: Option<Instant>,
+}
+
 /// One frontend, exactly as it is in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Programmed {
@@ -307,8 +339,8 @@ struct Programmed {
     /// Its service entry; `None` until the first write of it succeeds (until then no packet
     /// reaches what is written under the id).
     service: Option<Service>,
-    /// The table its id points at in the Maglev map.
-    table: Option<ProgrammedTable>,
+    /// Its tables in the Maglev map: under key `id` and key `id | KEY_TABLE_B`.
+    slots: [Option<Slot>; 2],
     /// Its source ranges in the source-range map.
     ranges: BTreeSet<Ipv4Cidr>,
     rev_nat: bool,
@@ -324,12 +356,35 @@ impl Programmed {
         Self {
             id,
             service: None,
-            table: None,
+            slots: [None, None],
             ranges: BTreeSet::new(),
             rev_nat: false,
             prefiltered: false,
             members: Vec::new(),
         }
+    }
+}
+
+impl Programmed {
+    /// The slot the service entry selects (0 before it is written).
+    fn live(&self) -> usize {
+        self.service
+            .map_or(0, |s| usize::from(s.flags & SERVICE_F_TABLE_B != 0))
+    }
+
+    /// The table new flows use.
+    fn table(&self) -> Option<&ProgrammedTable> {
+        self.slots[self.live()].as_ref().map(|s| &s.table)
+    }
+
+    /// The Maglev map key of a slot.
+    fn key(&self, slot: usize) -> u32 {
+        table_key(self.id, if slot == 1 { SERVICE_F_TABLE_B } else { 0 })
+    }
+
+    /// The tables in both slots.
+    fn tables(&self) -> impl Iterator<Item = &ProgrammedTable> {
+        self.slots.iter().flatten().map(|s| &s.table)
     }
 }
 
@@ -384,6 +439,8 @@ struct Pending {
     table: Option<TableKey>,
     ranges: BTreeSet<Ipv4Cidr>,
     service: Service,
+    /// The slot its table is in, which its service entry is to select.
+    slot: usize,
     /// Its table could not be written: its entries stay as they are.
     failed: bool,
 }
@@ -394,6 +451,17 @@ impl Pending {
             frontend: self.frontend,
             service: self.service_name.clone(),
             source,
+        }
+    }
+
+    fn build_error(&self, error: BuildError) -> SyncError {
+        match error {
+            BuildError::Map(source) => self.map_error(source),
+            BuildError::Maglev(source) => SyncError::Maglev {
+                frontend: self.frontend,
+                service: self.service_name.clone(),
+                source,
+            },
         }
     }
 }
@@ -463,6 +531,10 @@ pub struct Syncer<M> {
     /// REMOVED backends and when they were marked so.
     removed: HashMap<u32, Instant>,
     tables: HashMap<TableKey, SharedTable>,
+    /// How many keys of the Maglev map point at each table (the frontends' slots).
+    table_refs: HashMap<TableId, u32>,
+    /// [`MAX_UNPUT_TABLES`] (smaller in tests).
+    max_unput_tables: usize,
     prefilter: Prefilter,
     used_service_ids: BTreeSet<u32>,
     next_service_id: u32,
@@ -495,6 +567,8 @@ impl<M: DatapathMaps> Syncer<M> {
             backend_ids: HashMap::new(),
             removed: HashMap::new(),
             tables: HashMap::new(),
+            table_refs: HashMap::new(),
+            max_unput_tables: MAX_UNPUT_TABLES,
             prefilter: Prefilter::default(),
             used_service_ids: BTreeSet::new(),
             next_service_id: 1,
@@ -511,26 +585,32 @@ impl<M: DatapathMaps> Syncer<M> {
             ranges.entry(*id).or_default().insert(*range);
         }
         for (key, service) in &contents.services {
-            let table = tables.get(&service.id).map(|t| ProgrammedTable {
-                key: TableKey {
-                    size: t.size,
-                    backends: t.backends.clone(),
-                },
-                id: t.id,
-            });
-            if let Some(table) = &table {
-                share(&mut syncer.tables, table);
-            }
-            let programmed = Programmed {
+            let mut programmed = Programmed {
                 id: service.id,
                 service: Some(*service),
-                table,
+                slots: [None, None],
                 ranges: ranges.remove(&service.id).unwrap_or_default(),
                 rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
                 prefiltered: true,
                 members: Vec::new(),
             };
             *syncer.prefilter.users.entry(bucket_of(key)).or_default() += 1;
+            let live = programmed.live();
+            for slot in 0..2 {
+                let Some(t) = tables.get(&programmed.key(slot)) else {
+                    continue;
+                };
+                let table = ProgrammedTable {
+                    key: TableKey {
+                        size: t.size,
+                        backends: t.backends.clone(),
+                    },
+                    id: t.id,
+                };
+                // When the other table was last used is not in the maps: from now on.
+                let retired = (slot != live).then_some(now);
+                syncer.attach(&mut programmed, slot, table, retired);
+            }
             syncer.used_service_ids.insert(service.id);
             syncer.frontends.insert(*key, programmed);
         }
@@ -564,8 +644,8 @@ impl<M: DatapathMaps> Syncer<M> {
         let leftover: Vec<u32> = contents
             .tables
             .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| !syncer.used_service_ids.contains(id))
+            .map(|(key, _)| *key)
+            .filter(|key| !syncer.used_service_ids.contains(&(key & !KEY_TABLE_B)))
             .collect();
         syncer.maps.delete_tables(&leftover).map_err(|e| e.error)?;
         for (id, stale) in ranges {
@@ -666,7 +746,11 @@ impl<M: DatapathMaps> Syncer<M> {
             let key = frontend.key();
             if let Some(p) = self.frontends.get(&key) {
                 released.extend(p.members.iter().copied());
-                released.extend(p.table.iter().flat_map(|t| t.key.backends.iter().copied()));
+                released.extend(
+                    p.table()
+                        .iter()
+                        .flat_map(|t| t.key.backends.iter().copied()),
+                );
             }
             match desired.frontends.get_key_value(frontend) {
                 Some((f, plan)) => {
@@ -695,7 +779,11 @@ impl<M: DatapathMaps> Syncer<M> {
                     stale.push(*key);
                 }
                 if let Some(p) = self.frontends.get(key) {
-                    released.extend(p.table.iter().flat_map(|t| t.key.backends.iter().copied()));
+                    released.extend(
+                        p.table()
+                            .into_iter()
+                            .flat_map(|t| t.key.backends.iter().copied()),
+                    );
                 }
             }
         }
@@ -753,7 +841,7 @@ impl<M: DatapathMaps> Syncer<M> {
             let written = !p.failed
                 && match self.write_entries(&mut p) {
                     Ok(()) => {
-                        if p.table.is_none() && p.programmed.table.is_some() {
+                        if p.table.is_none() && p.programmed.tables().next().is_some() {
                             unused_tables.push(p.key);
                         }
                         true
@@ -774,7 +862,7 @@ impl<M: DatapathMaps> Syncer<M> {
         for key in stale {
             if let Err(error) = self.remove_entries(&key) {
                 errors.push(SyncError::Cleanup(error));
-            } else if self.frontends[&key].table.is_some() {
+            } else if self.frontends[&key].tables().next().is_some() {
                 unused_tables.push(key);
             } else {
                 self.forget(&key);
@@ -851,9 +939,10 @@ impl<M: DatapathMaps> Syncer<M> {
         programmed.members = ids;
         let table_size = maglev::table_size_for(
             selected.len(),
-            programmed.table.as_ref().map(|t| t.key.size),
+            programmed.table().map(|t| t.key.size),
             self.config.table_size,
         );
+        let slot = programmed.live();
         let service = Service {
             id: programmed.id,
             backend_count: selected.len() as u32,
@@ -871,50 +960,91 @@ impl<M: DatapathMaps> Syncer<M> {
             }),
             ranges: plan.source_ranges.iter().copied().collect(),
             service,
+            slot,
             failed: false,
         })
     }
 
-    /// Step 2: builds the tables that do not exist yet (once per distinct key), then points
-    /// every frontend whose table changes at its table, in one batch (retried past a
+    /// Step 2 (see the module documentation): the new table of every frontend whose table
+    /// changes goes into the slot its service entry does not select (before the service
+    /// entry exists: the first, which nothing reads yet). Tables that must be put in the
+    /// Maglev map are built once per distinct key and put in one batch (retried past a
     /// failing write, which fails only its frontend).
     fn swap_tables(&mut self, pending: &mut [Pending], errors: &mut Vec<SyncError>) {
+        let grace = self.maps.grace_since();
         let mut built: Vec<(TableId, M::Table)> = Vec::new();
         let mut built_for: HashMap<TableKey, usize> = HashMap::new();
         // (index into pending, table id, index into built)
         let mut swaps: Vec<(usize, TableId, Option<usize>)> = Vec::new();
-        for (i, p) in pending.iter_mut().enumerate() {
+        for i in 0..pending.len() {
+            if built.len() >= self.max_unput_tables {
+                // Each built table is an open file until it is put: put what there is.
+                self.put_swaps(pending, &swaps, &built, errors);
+                (built, swaps) = (Vec::new(), Vec::new());
+                built_for.clear();
+            }
+            let p = &mut pending[i];
             let Some(want) = &p.table else { continue };
-            if p.programmed.table.as_ref().map(|t| &t.key) == Some(want) {
+            if p.programmed.table().map(|t| &t.key) == Some(want) {
                 continue;
             }
-            if let Some(shared) = self.tables.get(want) {
-                swaps.push((i, shared.id, None));
+            let idle = if p.programmed.service.is_some() {
+                1 - p.programmed.live()
+            } else {
+                0
+            };
+            p.slot = idle;
+            let Some(there) = &p.programmed.slots[idle] else {
+                self.find_or_build(i, p, &mut built, &mut built_for, &mut swaps, errors);
+                continue;
+            };
+            if &there.table.key == want {
+                // Back to the table it had before: it is there as it was.
                 continue;
             }
-            if let Some(&b) = built_for.get(want) {
-                swaps.push((i, built[b].0, Some(b)));
+            let free = there.retired.is_none_or(|r| grace.is_some_and(|g| g > r));
+            let own = self.table_refs.get(&there.table.id) == Some(&1);
+            if !(free && own && there.table.key.size == want.size) {
+                self.find_or_build(i, p, &mut built, &mut built_for, &mut swaps, errors);
                 continue;
             }
-            match self.build(want) {
-                Ok(table) => {
-                    built_for.insert(want.clone(), built.len());
-                    swaps.push((i, table.0, Some(built.len())));
-                    built.push(table);
+            // Rewritten in place: no program can be reading it.
+            let id = there.table.id;
+            let result = self
+                .entries(want)
+                .map_err(BuildError::Maglev)
+                .and_then(|entries| {
+                    let count = want.backends.len() as u32;
+                    self.op(|m| m.fill_table(id, &entries, count))
+                        .map_err(BuildError::Map)
+                });
+            match result {
+                Ok(()) => {
+                    let table = ProgrammedTable {
+                        key: want.clone(),
+                        id,
+                    };
+                    self.attach(&mut p.programmed, idle, table, None);
                 }
                 Err(error) => {
                     p.failed = true;
-                    errors.push(match error {
-                        BuildError::Map(source) => p.map_error(source),
-                        BuildError::Maglev(source) => SyncError::Maglev {
-                            frontend: p.frontend,
-                            service: p.service_name.clone(),
-                            source,
-                        },
-                    });
+                    errors.push(p.build_error(error));
                 }
             }
         }
+        self.put_swaps(pending, &swaps, &built, errors);
+    }
+
+    /// Puts the tables of `swaps` (index into `pending`, table id, index into `built`) in
+    /// the Maglev map, in one batch (retried past a failing write, which fails only its
+    /// frontend).
+    fn put_swaps(
+        &mut self,
+        pending: &mut [Pending],
+        swaps: &[(usize, TableId, Option<usize>)],
+        built: &[(TableId, M::Table)],
+        errors: &mut Vec<SyncError>,
+    ) {
         let writes: Vec<(u32, TableRef<'_, M::Table>)> = swaps
             .iter()
             .map(|&(i, id, b)| {
@@ -922,7 +1052,7 @@ impl<M: DatapathMaps> Syncer<M> {
                     Some(b) => TableRef::Built(&built[b].1),
                     None => TableRef::Existing(id),
                 };
-                (pending[i].programmed.id, table)
+                (pending[i].programmed.key(pending[i].slot), table)
             })
             .collect();
         let mut start = 0;
@@ -939,10 +1069,7 @@ impl<M: DatapathMaps> Syncer<M> {
                     key: p.table.clone().unwrap_or_else(|| unreachable!()),
                     id,
                 };
-                share(&mut self.tables, &table);
-                if let Some(old) = p.programmed.table.replace(table) {
-                    unshare(&mut self.tables, &old);
-                }
+                self.attach(&mut p.programmed, p.slot, table, None);
             }
             start += done;
             if let Err(e) = result {
@@ -954,18 +1081,82 @@ impl<M: DatapathMaps> Syncer<M> {
         }
     }
 
-    fn build(&mut self, want: &TableKey) -> Result<(TableId, M::Table), BuildError> {
+    /// The table of key `p.table` for the swap of `pending[i]`: a table some frontend has,
+    /// one built in this apply, or a new one.
+    fn find_or_build(
+        &mut self,
+        i: usize,
+        p: &mut Pending,
+        built: &mut Vec<(TableId, M::Table)>,
+        built_for: &mut HashMap<TableKey, usize>,
+        swaps: &mut Vec<(usize, TableId, Option<usize>)>,
+        errors: &mut Vec<SyncError>,
+    ) {
+        let Some(want) = &p.table else { return };
+        if let Some(shared) = self.tables.get(want) {
+            swaps.push((i, shared.id, None));
+        } else if let Some(&b) = built_for.get(want) {
+            swaps.push((i, built[b].0, Some(b)));
+        } else {
+            match self.build(want) {
+                Ok(table) => {
+                    built_for.insert(want.clone(), built.len());
+                    swaps.push((i, table.0, Some(built.len())));
+                    built.push(table);
+                }
+                Err(error) => {
+                    p.failed = true;
+                    errors.push(p.build_error(error));
+                }
+            }
+        }
+    }
+
+    /// Puts `table` in `slot` of `p` in the bookkeeping, in place of what was there.
+    fn attach(
+        &mut self,
+        p: &mut Programmed,
+        slot: usize,
+        table: ProgrammedTable,
+        retired: Option<Instant>,
+    ) {
+        self.detach(p, slot);
+        share(&mut self.tables, &table);
+        *self.table_refs.entry(table.id).or_default() += 1;
+        p.slots[slot] = Some(Slot { table, retired });
+    }
+
+    /// Empties `slot` of `p` in the bookkeeping.
+    fn detach(&mut self, p: &mut Programmed, slot: usize) {
+        let Some(old) = p.slots[slot].take() else {
+            return;
+        };
+        unshare(&mut self.tables, &old.table);
+        if let Some(refs) = self.table_refs.get_mut(&old.table.id) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.table_refs.remove(&old.table.id);
+            }
+        }
+    }
+
+    /// The backend id of each entry of the Maglev table of `want`.
+    fn entries(&self, want: &TableKey) -> Result<Vec<u32>, MaglevError> {
         let identities: Vec<BackendIdentity> = want
             .backends
             .iter()
             .map(|id| backend_identity(&self.backends[id]))
             .collect();
-        let table = maglev::build(&identities, want.size).map_err(BuildError::Maglev)?;
-        let entries: Vec<u32> = table
+        let table = maglev::build(&identities, want.size)?;
+        Ok(table
             .entries()
             .iter()
             .map(|&i| want.backends[i as usize])
-            .collect();
+            .collect())
+    }
+
+    fn build(&mut self, want: &TableKey) -> Result<(TableId, M::Table), BuildError> {
+        let entries = self.entries(want).map_err(BuildError::Maglev)?;
         let count = want.backends.len() as u32;
         self.op(|m| m.build_table(&entries, count))
             .map_err(BuildError::Map)
@@ -986,9 +1177,24 @@ impl<M: DatapathMaps> Syncer<M> {
             self.prefilter_count(&p.key, true)?;
             prog.prefiltered = true;
         }
-        if prog.service != Some(p.service) {
-            self.op(|m| m.put_service(&p.key, &p.service))?;
-            prog.service = Some(p.service);
+        let mut service = p.service;
+        if p.slot == 1 {
+            service.flags |= SERVICE_F_TABLE_B;
+        }
+        if prog.service != Some(service) {
+            let was = prog.service.map(|_| prog.live());
+            self.op(|m| m.put_service(&p.key, &service))?;
+            prog.service = Some(service);
+            if let Some(was) = was.filter(|&was| was != p.slot) {
+                // Programs that read the entry before may still use that table.
+                if let Some(old) = &mut prog.slots[was] {
+                    old.retired = Some(Instant::now());
+                }
+                if let Some(new) = &mut prog.slots[p.slot] {
+                    new.retired = None;
+                }
+                self.maps.request_grace();
+            }
         }
         for range in prog.ranges.clone().difference(&p.ranges) {
             self.op(|m| m.delete_source_range(prog.id, *range))?;
@@ -997,37 +1203,48 @@ impl<M: DatapathMaps> Syncer<M> {
         Ok(())
     }
 
-    /// Removes the tables of `keys` in one batch; a frontend that is not wanted any more
-    /// is then forgotten.
+    /// Removes the tables of the frontends `keys` (both slots) in one batch; a frontend
+    /// that is not wanted any more is then forgotten.
     fn delete_tables(
         &mut self,
         keys: &[Frontend4],
         wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
         errors: &mut Vec<SyncError>,
     ) {
-        let ids: Vec<u32> = keys.iter().map(|k| self.frontends[k].id).collect();
+        let targets: Vec<(Frontend4, usize)> = keys
+            .iter()
+            .flat_map(|k| {
+                let p = &self.frontends[k];
+                (0..2).filter(|&s| p.slots[s].is_some()).map(|s| (*k, s))
+            })
+            .collect();
+        let map_keys: Vec<u32> = targets
+            .iter()
+            .map(|(k, s)| self.frontends[k].key(*s))
+            .collect();
         let mut start = 0;
-        while start < ids.len() {
-            self.ops += ids.len() - start;
-            let result = self.maps.delete_tables(&ids[start..]);
+        while start < map_keys.len() {
+            self.ops += map_keys.len() - start;
+            let result = self.maps.delete_tables(&map_keys[start..]);
             let done = match &result {
-                Ok(()) => ids.len() - start,
+                Ok(()) => map_keys.len() - start,
                 Err(e) => e.done,
             };
-            for key in &keys[start..start + done] {
-                if let Some(p) = self.frontends.get_mut(key)
-                    && let Some(old) = p.table.take()
-                {
-                    unshare(&mut self.tables, &old);
-                }
-                if !wanted.contains_key(key) {
-                    self.forget(key);
+            for (key, slot) in &targets[start..start + done] {
+                if let Some(mut p) = self.frontends.remove(key) {
+                    self.detach(&mut p, *slot);
+                    self.frontends.insert(*key, p);
                 }
             }
             start += done;
             if let Err(e) = result {
                 errors.push(SyncError::Cleanup(e.error));
                 start += 1;
+            }
+        }
+        for key in keys {
+            if !wanted.contains_key(key) && self.frontends[key].tables().next().is_none() {
+                self.forget(key);
             }
         }
     }
@@ -1044,8 +1261,12 @@ impl<M: DatapathMaps> Syncer<M> {
 
     fn remove_programmed(&mut self, key: &Frontend4, p: &mut Programmed) -> Result<(), MapOpError> {
         if p.service.is_some() {
+            let live = p.live();
             self.op(|m| m.delete_service(key))?;
             p.service = None;
+            if let Some(slot) = &mut p.slots[live] {
+                slot.retired = Some(Instant::now());
+            }
         }
         if p.prefiltered {
             self.prefilter_count(key, false)?;
@@ -1112,7 +1333,7 @@ impl<M: DatapathMaps> Syncer<M> {
             if candidates.is_empty() {
                 break;
             }
-            let table = p.table.iter().flat_map(|t| t.key.backends.iter());
+            let table = p.table().into_iter().flat_map(|t| t.key.backends.iter());
             for id in table.chain(&p.members) {
                 candidates.remove(id);
             }
@@ -1214,6 +1435,14 @@ pub struct InMemoryMaps {
     pub observer: Option<fn(&InMemoryMaps)>,
     /// Every successful operation, in order (`put_service 3`, `put_new_table 3`, ...).
     pub journal: Vec<String>,
+    /// The start of the latest grace period that has ended ([`DatapathMaps::grace_since`]):
+    /// the test says when one has.
+    pub grace: Option<Instant>,
+    /// How many grace periods were asked for.
+    pub grace_requests: usize,
+    /// When a service entry last selected each table (after the operation that ended
+    /// before it stopped): a rewrite in place needs a grace period since.
+    last_selected: BTreeMap<TableId, Instant>,
     next_table: TableId,
 }
 
@@ -1231,6 +1460,9 @@ impl InMemoryMaps {
             capacity,
             observer: None,
             journal: Vec::new(),
+            grace: None,
+            grace_requests: 0,
+            last_selected: BTreeMap::new(),
             next_table: 1,
         }
     }
@@ -1241,15 +1473,21 @@ impl InMemoryMaps {
         self.prefilter.get(&index).is_some_and(|w| w & bit != 0)
     }
 
-    /// The table `service_id` points at.
-    pub fn table_of(&self, service_id: u32) -> Option<&[u32]> {
-        Some(&self.tables[self.maglev.get(&service_id)?])
+    /// The table a service entry selects.
+    pub fn table_of(&self, service: &Service) -> Option<&[u32]> {
+        Some(&self.tables[self.maglev.get(&table_key(service.id, service.flags))?])
     }
 
     fn observed(&mut self, op: &str, id: impl std::fmt::Display) -> Result<(), MapOpError> {
         self.journal.push(format!("{op} {id}"));
         let used: BTreeSet<TableId> = self.maglev.values().copied().collect();
         self.tables.retain(|id, _| used.contains(id));
+        let now = Instant::now();
+        for service in self.services.values() {
+            if let Some(table) = self.maglev.get(&table_key(service.id, service.flags)) {
+                self.last_selected.insert(*table, now);
+            }
+        }
         if let Some(observe) = self.observer {
             observe(self);
         }
@@ -1343,13 +1581,48 @@ impl DatapathMaps for InMemoryMaps {
         }
         Ok(())
     }
-    fn delete_tables(&mut self, service_ids: &[u32]) -> Result<(), BatchError> {
-        for (done, service_id) in service_ids.iter().enumerate() {
-            delete(&mut self.maglev, service_id).map_err(|error| BatchError { done, error })?;
-            self.observed("delete_table", service_id)
+    fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError> {
+        for (done, key) in keys.iter().enumerate() {
+            delete(&mut self.maglev, key).map_err(|error| BatchError { done, error })?;
+            self.observed("delete_table", key)
                 .map_err(|error| BatchError { done, error })?;
         }
         Ok(())
+    }
+    /// Fails (EBUSY) when a program could be reading the table: a service entry selects
+    /// it, or no grace period has passed since one did.
+    fn fill_table(
+        &mut self,
+        id: TableId,
+        entries: &[u32],
+        _backends: u32,
+    ) -> Result<(), MapOpError> {
+        let selected = self
+            .services
+            .values()
+            .any(|s| self.maglev.get(&table_key(s.id, s.flags)) == Some(&id));
+        let quiet = match self.last_selected.get(&id) {
+            None => true,
+            Some(last) => self.grace.is_some_and(|g| g > *last),
+        };
+        let size_kept = self
+            .tables
+            .get(&id)
+            .is_some_and(|t| t.len() == entries.len());
+        if selected || !quiet || !size_kept {
+            return Err(MapOpError::Os {
+                map: map_names::MAGLEV,
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            });
+        }
+        self.tables.insert(id, entries.into());
+        self.observed("fill_table", id)
+    }
+    fn grace_since(&self) -> Option<Instant> {
+        self.grace
+    }
+    fn request_grace(&mut self) {
+        self.grace_requests += 1;
     }
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
         let key = (service_id, range);
@@ -1455,7 +1728,7 @@ mod tests {
             );
             if svc.backend_count > 0 {
                 let table = maps
-                    .table_of(svc.id)
+                    .table_of(svc)
                     .unwrap_or_else(|| panic!("{frontend:?}: no table: {maps:#?}"));
                 for id in BTreeSet::from_iter(table.iter()) {
                     let backend = maps
@@ -1541,7 +1814,7 @@ mod tests {
             .iter()
             .map(|(key, svc)| {
                 let ids: BTreeSet<u32> = maps
-                    .table_of(svc.id)
+                    .table_of(svc)
                     .map(|t| t.iter().copied().collect())
                     .unwrap_or_default();
                 let mut backends: Vec<u8> =
@@ -1624,7 +1897,7 @@ mod tests {
         b.apply(&reordered);
         let entries = |s: &Syncer<InMemoryMaps>| -> Vec<[u8; 4]> {
             let svc = s.maps().services[&fe(1, 80).key()];
-            let table = s.maps().table_of(svc.id).unwrap();
+            let table = s.maps().table_of(&svc).unwrap();
             table
                 .iter()
                 .map(|id| s.maps().backends[id].octets())
@@ -1646,26 +1919,37 @@ mod tests {
     }
 
     #[test]
-    fn a_new_table_is_swapped_in_with_one_write_before_the_service_entry() {
+    fn a_new_table_is_put_beside_the_one_in_use_then_the_service_entry_switches() {
         let mut s = syncer(1000);
         s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
         let id = s.maps().services[&fe(1, 80).key()].id;
+        let b = id | KEY_TABLE_B;
         s.maps.journal.clear();
-        // A third backend: written, then the new table is built whole and swapped in (one
-        // write of the Maglev map), then the service entry gets the new count.
+        // A third backend: written, then the new table is built whole and put under the
+        // service's second key (one write of the Maglev map), then the service entry gets
+        // the new count and switches to it.
         s.apply(&desired(&[(fe(1, 80), &[1, 2, 3][..])]));
         assert_eq!(
             s.maps().journal,
             [
                 "put_backend 3".to_owned(),
                 "build_table".to_owned(),
-                format!("put_new_table {id}"),
+                format!("put_new_table {b}"),
                 format!("put_service {id}"),
             ]
         );
+        assert_ne!(
+            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            0
+        );
+        assert_eq!(
+            s.maps.grace_requests, 1,
+            "the first table may be in use still"
+        );
         s.maps.journal.clear();
-        // One removed: the table without it, the count, and only then the backend is
-        // marked REMOVED (it stays for the drain).
+        // One removed: no grace period has passed, so the first table may still be read:
+        // a new one replaces it. Then the count, and only then the backend is marked
+        // REMOVED (it stays for the drain).
         s.apply(&desired(&[(fe(1, 80), &[1, 3][..])]));
         assert_eq!(
             s.maps().journal,
@@ -1677,8 +1961,59 @@ mod tests {
             ]
         );
         assert_eq!(state_of(s.maps(), 2), Some(BACKEND_REMOVED));
-        // Only the table in use is left (the kernel frees an inner map nothing points at).
-        assert_eq!(s.maps().tables.len(), 1);
+        // The table in use and the one before are left.
+        assert_eq!(s.maps().tables.len(), 2);
+    }
+
+    #[test]
+    fn a_table_is_rewritten_in_place_once_no_program_can_read_it() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        s.apply(&desired(&[(fe(1, 80), &[1, 2, 3][..])]));
+        let id = s.maps().services[&fe(1, 80).key()].id;
+        let first = s.maps().maglev[&id];
+        // A grace period has passed since the first table was last used: it is rewritten
+        // in place, no write of the Maglev map.
+        s.maps.grace = Some(Instant::now());
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[1, 2, 4][..])]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                "put_backend 4".to_owned(),
+                format!("fill_table {first}"),
+                format!("put_service {id}"),
+                "put_backend 3".to_owned(),
+            ]
+        );
+        assert_eq!(programmed(s.maps())[&fe(1, 80)], [1, 2, 4]);
+        // At once again: the other table was used until just now, so not in place.
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[1, 4][..])]));
+        assert!(s.maps().journal.contains(&"build_table".to_owned()));
+        // Back to the backends it had two changes ago, still there as they were: only the
+        // service entry switches.
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[1, 2, 4][..])]));
+        assert_eq!(
+            s.maps().journal,
+            ["put_backend 2".to_owned(), format!("put_service {id}"),]
+        );
+        assert_eq!(programmed(s.maps())[&fe(1, 80)], [1, 2, 4]);
+        // A table another frontend uses too is never rewritten in place.
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(2, 80), &[1][..])]));
+        s.apply(&desired(&[(fe(1, 80), &[2][..]), (fe(2, 80), &[1][..])]));
+        s.maps.grace = Some(Instant::now());
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[3][..]), (fe(2, 80), &[1][..])]));
+        assert!(
+            !s.maps()
+                .journal
+                .iter()
+                .any(|op| op.starts_with("fill_table"))
+        );
+        assert_eq!(programmed(s.maps())[&fe(1, 80)], [3]);
     }
 
     #[test]
@@ -1704,19 +2039,29 @@ mod tests {
             (1, 2),
             "{journal:?}"
         );
-        assert_eq!(s.maps().tables.len(), 1);
+        // The new one, and the one before (kept by both).
+        assert_eq!(s.maps().tables.len(), 2);
         assert_eq!(programmed(s.maps()), expect(&changed));
         // Diverging: each gets its own.
         let diverged = [(fe(1, 80), &[1, 2, 4][..]), (nodeport, &[4][..])];
         assert!(s.apply(&desired(&diverged)).errors.is_empty());
-        assert_eq!(s.maps().tables.len(), 2);
+        assert_eq!(s.maps().tables.len(), 3);
         assert_eq!(programmed(s.maps()), expect(&diverged));
         // A restarted agent adopts the shared tables and rewrites nothing.
         let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
         assert_eq!(restarted.apply(&desired(&diverged)).map_ops, 0);
-        // ... and shares them again on the next change.
+        // ... and shares them again on the next change: nothing built.
+        restarted.maps.journal.clear();
         restarted.apply(&desired(&[(fe(1, 80), &[4][..]), (nodeport, &[4][..])]));
-        assert_eq!(restarted.maps().tables.len(), 1);
+        let m = restarted.maps();
+        assert!(
+            !m.journal.contains(&"build_table".to_owned()),
+            "{:?}",
+            m.journal
+        );
+        let table =
+            |f: Frontend| m.maglev[&table_key(m.services[&f.key()].id, m.services[&f.key()].flags)];
+        assert_eq!(table(fe(1, 80)), table(nodeport));
     }
 
     #[test]
@@ -1731,8 +2076,9 @@ mod tests {
             (fe(1, 80), &changed[..]),
             (fe(2, 80), &[7][..]),
         ]));
-        // New backend, the new table built and swapped in, the old backend marked REMOVED.
-        assert_eq!(report.map_ops, 4);
+        // New backend, the new table built and put in, the service entry switched to it,
+        // the old backend marked REMOVED.
+        assert_eq!(report.map_ops, 5);
         assert_eq!(programmed(s.maps())[&fe(1, 80)], changed);
         // One endpoint removed: the table (built, swapped), the service entry (its count),
         // .60 REMOVED.
@@ -1897,6 +2243,35 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_agent_adopts_both_tables_of_a_service_and_writes_nothing() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        let changed = desired(&[(fe(1, 80), &[1, 2, 3][..])]);
+        s.apply(&changed);
+        let id = s.maps().services[&fe(1, 80).key()].id;
+        assert_ne!(
+            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            0
+        );
+        let mut maps = s.maps().clone();
+        maps.journal.clear();
+        let mut restarted = Syncer::adopt_with(maps, config()).unwrap();
+        assert_eq!(restarted.maps().maglev.len(), 2, "both tables kept");
+        assert_eq!(restarted.apply(&changed).map_ops, 0);
+        assert!(restarted.maps().journal.is_empty());
+        // The first table was adopted too: going back to it is one service entry write.
+        restarted.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
+        assert_eq!(
+            restarted.maps().journal,
+            [format!("put_service {id}"), "put_backend 3".to_owned()]
+        );
+        assert_eq!(
+            restarted.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            0
+        );
+    }
+
+    #[test]
     fn a_prefilter_bit_is_set_before_the_first_frontend_of_its_bucket_and_cleared_after_the_last() {
         let (a, b) = same_bucket();
         let mut s = syncer(1000);
@@ -2045,23 +2420,51 @@ mod tests {
 
     #[test]
     fn a_table_write_that_fails_fails_its_frontend_only_and_the_batch_goes_on() {
-        // Room for 2 entries per map: fe1 and fe3 exist; fe2 is new, and its table write
-        // fails in the middle of the batch that also moves fe1 and fe3 to a new table.
-        let mut s = syncer(2);
+        // Room for 4 entries per map: fe1 and fe3 exist with both their tables; fe2 is new,
+        // and its table write fails in the middle of the batch that also moves fe1 and fe3
+        // to a new table (in place of their tables not in use).
+        let mut s = syncer(4);
         s.apply(&desired(&[(fe(1, 80), &[1][..]), (fe(3, 80), &[1][..])]));
+        s.apply(&desired(&[(fe(1, 80), &[2][..]), (fe(3, 80), &[2][..])]));
+        assert_eq!(s.maps().maglev.len(), 4);
         let report = s.apply(&desired(&[
-            (fe(1, 80), &[2][..]),
-            (fe(2, 80), &[2][..]),
-            (fe(3, 80), &[2][..]),
+            (fe(1, 80), &[3][..]),
+            (fe(2, 80), &[3][..]),
+            (fe(3, 80), &[3][..]),
         ]));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let message = report.errors[0].to_string();
         assert!(message.contains("10.96.0.2:80/TCP"), "{message}");
-        assert!(message.contains("LB_MAGLEV_V1 is full"), "{message}");
+        assert!(message.contains("LB_MAGLEV_V2 is full"), "{message}");
         assert_eq!(
             programmed(s.maps()),
-            expect(&[(fe(1, 80), &[2]), (fe(3, 80), &[2])])
+            expect(&[(fe(1, 80), &[3]), (fe(3, 80), &[3])])
         );
+    }
+
+    #[test]
+    fn a_large_sync_puts_its_tables_in_batches_of_bounded_size() {
+        let mut s = syncer(1000);
+        s.max_unput_tables = 4;
+        let frontends: Vec<Frontend> = (0..10).map(|i| fe(1, 1000 + i)).collect();
+        let mut want = DesiredState::default();
+        for (i, f) in frontends.iter().enumerate() {
+            let mut p = plan(&[1]);
+            p.backends[0].port = 1000 + i as u16;
+            want.frontends.insert(*f, p);
+        }
+        assert!(s.apply(&want).errors.is_empty());
+        let journal = &s.maps().journal;
+        let first_put = journal
+            .iter()
+            .position(|o| o.starts_with("put_new_table"))
+            .unwrap();
+        let builds_before = journal[..first_put]
+            .iter()
+            .filter(|o| *o == "build_table")
+            .count();
+        assert_eq!(builds_before, 4);
+        assert_eq!(programmed(s.maps()).len(), frontends.len());
     }
 
     #[test]
@@ -2223,6 +2626,10 @@ mod tests {
                 current.insert(frontend, backends);
             }
             let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
+            if next(3) == 0 {
+                // A grace period has passed: tables unused since can be rewritten in place.
+                incremental.maps.grace = Some(Instant::now());
+            }
             let report = incremental.apply_changed(&desired(&want), [&frontend], now);
             assert!(report.errors.is_empty(), "{:?}", report.errors);
             let shown: BTreeMap<Frontend, Vec<u8>> = expect(&want)
@@ -2241,6 +2648,9 @@ mod tests {
                 "step {step}"
             );
         }
+        let journal = &incremental.maps().journal;
+        assert!(journal.iter().any(|op| op.starts_with("fill_table")));
+        assert!(journal.iter().any(|op| op.starts_with("put_new_table")));
         // After the drain, an apply of no change deletes the REMOVED backends.
         let want: Vec<(Frontend, &[u8])> = current.iter().map(|(f, b)| (*f, &b[..])).collect();
         let later = now + config().drain;

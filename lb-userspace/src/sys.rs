@@ -1,13 +1,13 @@
 //! The few system calls aya does not expose: mounting bpffs (and cgroup2), opening a pinned link by path,
 //! replacing the program of a link in place (`BPF_LINK_UPDATE`), batch updates and deletes
-//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), and reading or writing an mmapable
-//! array map through a mapping.
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), reading or writing an mmapable
+//! array map through a mapping, and waiting for running programs ([`GracePeriods`]).
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -196,4 +196,55 @@ pub fn mmap_read<V: aya::Pod + Default>(map: BorrowedFd<'_>, len: usize) -> io::
         std::ptr::copy_nonoverlapping(mapping.ptr.cast::<u8>(), values.as_mut_ptr().cast(), bytes)
     };
     Ok(values)
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u64 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u64 = 12;
+
+/// Creates a map with `u32` keys and values; `inner` is the template of a map of maps.
+fn map_create(
+    map_type: u64,
+    max_entries: u32,
+    inner: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
+    let mut attr = [0u64; 16];
+    // struct { u32 map_type; u32 key_size; u32 value_size; u32 max_entries; u32 map_flags;
+    // u32 inner_map_fd; ... }
+    attr[0] = map_type | 4 << 32;
+    attr[1] = 4 | u64::from(max_entries) << 32;
+    attr[2] = inner.map_or(0, |fd| (fd.as_raw_fd() as u32 as u64) << 32);
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A map of maps of this process alone (no program uses it): writing it makes the kernel
+/// wait until every BPF program that is running has finished (`synchronize_rcu`), as it
+/// does after every write of a map of maps.
+pub struct GracePeriods {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl GracePeriods {
+    /// Creates the two maps (one entry each).
+    pub fn new() -> io::Result<Self> {
+        let inner = map_create(BPF_MAP_TYPE_ARRAY, 1, None)?;
+        let outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 1, Some(inner.as_fd()))?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Returns once every BPF program that was running when it was called has finished.
+    pub fn wait(&self) -> io::Result<()> {
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        let mut attr = [0u64; 16];
+        // struct { u32 map_fd; u64 key; u64 value; u64 flags; } (8-byte aligned)
+        attr[0] = self.outer.as_raw_fd() as u32 as u64;
+        attr[1] = &key as *const u32 as u64;
+        attr[2] = &value as *const u32 as u64;
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    }
 }

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use aya::maps::MapData;
-use lb_common::map_names;
+use lb_common::{maglev, map_names};
 use lb_tests::agent::{metric, ops};
 use lb_tests::{
     Agent, ClusterIpService, Condition, Folder, NODE_IF, PinDir, Topology, ensure_all_served,
@@ -75,7 +75,7 @@ fn maps_are_created_with_the_capacity_asked_for() {
     assert_eq!(size(map_names::SERVICES), 100);
     assert_eq!(size(map_names::REV_NAT), 100);
     assert_eq!(size(map_names::SERVICE_STATS), 101);
-    assert_eq!(size(map_names::MAGLEV), 100);
+    assert_eq!(size(map_names::MAGLEV), 200, "two tables per frontend");
     assert_eq!(size(map_names::BACKENDS), 300);
     assert_eq!(size(map_names::BACKEND_STATS), 300);
     assert_eq!(size(map_names::CONNTRACK), 700);
@@ -126,12 +126,23 @@ fn assert_consistent(pins: &std::path::Path) -> MapContents {
     let ids: BTreeSet<u32> = contents.services.iter().map(|(_, s)| s.id).collect();
     let backends: BTreeSet<u32> = contents.backends.iter().map(|(id, _)| *id).collect();
     let rev_nat: BTreeSet<u32> = contents.rev_nat.iter().map(|(id, _)| *id).collect();
-    let tables: BTreeSet<u32> = contents.tables.iter().map(|(id, _)| *id).collect();
+    // Each service's tables (two keys at most: `maglev::table_key`), and the one it uses.
+    let tables: BTreeSet<u32> = contents
+        .tables
+        .iter()
+        .map(|(key, _)| key & !maglev::KEY_TABLE_B)
+        .collect();
+    let live: BTreeSet<u32> = contents
+        .services
+        .iter()
+        .map(|(_, s)| maglev::table_key(s.id, s.flags))
+        .collect();
     assert_eq!(rev_nat, ids, "{contents:#?}");
     assert_eq!(tables, ids, "{contents:#?}");
     let in_tables: BTreeSet<u32> = contents
         .tables
         .iter()
+        .filter(|(key, _)| live.contains(key))
         .flat_map(|(_, t)| t.backends.iter().copied())
         .collect();
     assert_eq!(in_tables, backends, "{contents:#?}");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use lb_common::{Frontend4, PROTO_TCP, flow_hash, legacy, map_names};
+use lb_common::{Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names};
 use lb_tests::{
     Agent, CLIENT_IP, Churn, ChurnCounts, ClusterIpService, Condition, ConnPool, ConnRecord,
     Folder, NODE_IF, Pod, ServiceInfo, Topology,
@@ -165,8 +165,10 @@ fn wait_selecting(agent: &Agent, topology: &Topology, svc: &ClusterIpService, in
 
 /// `kill -9` of the agent while long-lived and new connections flow: the datapath keeps
 /// serving without an agent; the agent started again on the same pins adopts the maps
-/// (the same service and backend ids, the same Maglev tables) and writes nothing, keeps a
-/// frontend whose Service was deleted meanwhile for the orphan grace period, then removes it.
+/// (the same service and backend ids, the same Maglev tables, both tables of a frontend
+/// whose endpoints changed and whose entry selects its second one) and writes nothing, keeps
+/// a frontend whose Service was deleted meanwhile for the orphan grace period, then removes
+/// it.
 #[test]
 fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing() {
     const GRACE_SECS: u64 = 4;
@@ -174,15 +176,33 @@ fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing()
     let folder = Folder::new().unwrap();
     let svc = ClusterIpService::http("restart", [10, 96, 0, 30], 8080);
     let gone = ClusterIpService::http("deleted-while-down", [10, 96, 0, 31], 8080);
-    svc.write(&folder, &pods(&topology, &[0, 1, 2])).unwrap();
+    svc.write(&folder, &pods(&topology, &[0, 1])).unwrap();
     gone.write(&folder, &pods(&topology, &[0])).unwrap();
     let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
-    wait_selecting(&agent, &topology, &svc, &[0, 1, 2]);
+    wait_selecting(&agent, &topology, &svc, &[0, 1]);
     wait_selecting(&agent, &topology, &gone, &[0]);
+    // An endpoint change: the new table goes under the second key and the entry selects it.
+    svc.write(&folder, &pods(&topology, &[0, 1, 2])).unwrap();
+    wait_selecting(&agent, &topology, &svc, &[0, 1, 2]);
     let target = SocketAddrV4::new(svc.cluster_ip, svc.port);
 
     let load = Load::start(&topology, target, 22000);
     let before = snapshot(agent.pin_path());
+    let frontend = Frontend4::new(svc.cluster_ip.octets(), svc.port, PROTO_TCP);
+    let (_, service) = before
+        .services
+        .iter()
+        .find(|(k, _)| *k == frontend)
+        .unwrap();
+    assert_ne!(service.flags & SERVICE_F_TABLE_B, 0, "{before:#?}");
+    let keys = [service.id, service.id | maglev::KEY_TABLE_B];
+    let tables: Vec<_> = before
+        .tables
+        .iter()
+        .filter(|(key, _)| keys.contains(key))
+        .map(|(_, t)| t.backends.len())
+        .collect();
+    assert_eq!(tables, [2, 3], "both tables of {frontend:?}: {before:#?}");
     let at_kill = load.churn.counts();
     agent.kill().unwrap();
     // No agent: the datapath serves on its own. Meanwhile a Service is deleted.
@@ -353,7 +373,8 @@ impl Drop for LinkWatch {
 /// the old ones through the same pinned links (the links never change, their programs change
 /// once, and a watcher polling every millisecond never finds a link without a program); the
 /// conntrack map, whose layout changed (LB_CT4_V1 -> LB_CT4_V2), is converted, so the
-/// long-lived connections that Maglev would now send to the new backends keep theirs.
+/// long-lived connections that Maglev would now send to the new backends keep theirs; the
+/// Maglev map (LB_MAGLEV_V1 -> V2) is converted too.
 #[test]
 fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_conntrack() {
     let old = lb_tests::agent::old_lb_bin();
@@ -436,6 +457,17 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
         .collect();
     assert_eq!(converted.len(), 1, "one conversion of conntrack:\n{log}");
     eprintln!("{}", converted[0]);
+    // So was the Maglev map (two tables per service since V2): its tables carried over, so
+    // new flows had one between the attach and the first apply.
+    assert!(!pins.join(legacy::MAGLEV_V1).exists(), "{log}");
+    assert!(pins.join(map_names::MAGLEV).exists());
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("converted") && l.contains(legacy::MAGLEV_V1))
+            .count(),
+        1,
+        "one conversion of the Maglev map:\n{log}"
+    );
 
     // How many of the connections opened before would go elsewhere as new flows now: those
     // are the ones that conntrack kept on their backend.
@@ -458,7 +490,10 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
             frontend.port,
             PROTO_TCP,
         );
-        let slot = maps.table_entry(service.id, hash).unwrap().unwrap();
+        let slot = maps
+            .table_entry(maglev::table_key(service.id, service.flags), hash)
+            .unwrap()
+            .unwrap();
         let (_, b) = programmed
             .backends
             .iter()

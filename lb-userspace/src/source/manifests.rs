@@ -1,34 +1,103 @@
-//! The manifests source: a folder of Kubernetes manifests ([`crate::manifest`]), read again
-//! whenever a file in it changes, and every `resync` in any case.
+//! The manifests source: a folder of Kubernetes manifests ([`crate::manifest`]), read whole
+//! at start and every `resync`, and file by file as files change in between.
 //!
-//! Each read is a complete view. When the folder cannot be read, the view stays as it was
-//! (the error is logged and the source reported down) until it can be read again.
+//! inotify names the file behind each event. A file is read again as soon as it is
+//! complete: closed after writing, renamed into the folder, or removed; one only created or
+//! modified is read [`SETTLE`] after its first event (a writer that keeps it open). Only the
+//! changed file is read and translated again ([`Folder::reread`]); anything else (the
+//! folder itself, a `..data` symlink swap as in a mounted ConfigMap, an event queue
+//! overflow, an object also defined in another file) reads the whole folder.
+//!
+//! Each read is a complete view of what the folder holds. When the folder cannot be read,
+//! the view stays as it was (the error is logged and the source reported down) until it can
+//! be read again.
 
 use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use notify::Watcher as _;
+use notify::{
+    EventKind, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use tokio::{sync::mpsc, time::Interval};
 use tracing::{debug, error, warn};
 
 use super::{Changes, NodeFacts, Source};
-use crate::{manifest, metrics::Metrics, model::ClusterState};
+use crate::{
+    agent::sleep_until,
+    manifest::{self, Folder},
+    metrics::Metrics,
+    model::ClusterState,
+};
 
-/// How long a burst of file events (an editor, `cp -r`) may take before the folder is read.
+/// How long a file that is created or modified but not closed may take before it is read.
 const SETTLE: Duration = Duration::from_millis(100);
+
+/// What is to be read again.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The whole folder, since this moment.
+    all: Option<Instant>,
+    /// These files: the first event, and whether the file is complete.
+    files: BTreeMap<PathBuf, (Instant, bool)>,
+}
+
+impl Pending {
+    /// Takes in one file event.
+    fn note(&mut self, dir: &Path, event: notify::Event, at: Instant) {
+        if event.need_rescan() {
+            self.all.get_or_insert(at);
+            return;
+        }
+        if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+            // Opened or read (by this source too): nothing changed.
+            return;
+        }
+        let complete = matches!(
+            event.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(_))
+                | EventKind::Remove(_)
+        );
+        for path in event.paths {
+            let name = path.file_name().and_then(OsStr::to_str).unwrap_or_default();
+            if path.parent() != Some(dir) || name.starts_with("..") {
+                // The folder itself, or what a ConfigMap volume swaps to update its files.
+                self.all.get_or_insert(at);
+            } else if manifest::is_manifest_name(name) {
+                let entry = self.files.entry(path).or_insert((at, complete));
+                entry.1 = complete;
+            }
+        }
+    }
+
+    /// When the next read is due; `None` when nothing is pending. A whole read pending
+    /// covers the files.
+    fn due(&self) -> Option<Instant> {
+        if let Some(first) = self.all {
+            return Some(first + SETTLE);
+        }
+        self.files
+            .values()
+            .map(|&(first, complete)| if complete { first } else { first + SETTLE })
+            .min()
+    }
+}
 
 /// A folder of manifests as a [`Source`].
 pub struct ManifestsSource {
     dir: PathBuf,
     state: ClusterState,
-    loaded: bool,
-    /// When the first unread file event arrived.
-    pending: Option<Instant>,
-    events: mpsc::Receiver<()>,
+    /// `None` until the first complete read.
+    folder: Option<Folder>,
+    pending: Pending,
+    events: mpsc::UnboundedReceiver<notify::Event>,
     // Kept alive: dropping it stops the notifications.
     _watcher: notify::RecommendedWatcher,
     resync: Interval,
@@ -39,14 +108,12 @@ impl ManifestsSource {
     /// Watches `dir` (which must be readable) and reads it again every `resync`.
     pub fn new(dir: &Path, resync: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         std::fs::read_dir(dir).with_context(|| format!("manifests folder {}", dir.display()))?;
-        let (tx, events) = mpsc::channel::<()>(1);
+        // inotify names paths under the folder as it is given here.
+        let (tx, events) = mpsc::unbounded_channel();
         let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                match event {
-                    // A full channel already means "read again".
-                    Ok(_) => drop(tx.try_send(())),
-                    Err(e) => warn!("watching the manifests folder: {e}"),
-                }
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(event) => drop(tx.send(event)),
+                Err(e) => warn!("watching the manifests folder: {e}"),
             })
             .context("creating a file watcher")?;
         watcher
@@ -57,8 +124,8 @@ impl ManifestsSource {
         Ok(ManifestsSource {
             dir: dir.to_owned(),
             state: ClusterState::default(),
-            loaded: false,
-            pending: None,
+            folder: None,
+            pending: Pending::default(),
             events,
             _watcher: watcher,
             resync,
@@ -66,18 +133,18 @@ impl ManifestsSource {
         })
     }
 
-    /// Reads the folder; the changes against the current view, or `None` when it cannot be
-    /// read.
+    /// Reads the whole folder; the changes against the current view, or `None` when it
+    /// cannot be read.
     fn load(&mut self, since: Instant) -> Option<Changes> {
-        match manifest::load_dir(&self.dir) {
-            Ok(set) => {
+        match Folder::read(&self.dir) {
+            Ok((folder, set)) => {
                 for e in &set.errors {
                     error!("{e}");
                 }
                 self.metrics.connected();
                 let changes = Changes::between(&self.state, &set.state, since);
                 self.state = set.state;
-                self.loaded = true;
+                self.folder = Some(folder);
                 Some(changes)
             }
             Err(e) => {
@@ -88,11 +155,66 @@ impl ManifestsSource {
             }
         }
     }
+
+    /// Reads what is due at `now`: the whole folder, or the files that are.
+    fn read_due(&mut self, now: Instant) -> Option<Changes> {
+        if let Some(first) = self.pending.all {
+            if now < first + SETTLE {
+                return None;
+            }
+            let since = self
+                .pending
+                .files
+                .values()
+                .map(|f| f.0)
+                .fold(first, Instant::min);
+            self.pending = Pending::default();
+            debug!("manifests folder changed");
+            return self.load(since);
+        }
+        let due: Vec<(PathBuf, Instant)> = self
+            .pending
+            .files
+            .iter()
+            .filter(|(_, (first, complete))| *complete || now >= *first + SETTLE)
+            .map(|(path, (first, _))| (path.clone(), *first))
+            .collect();
+        let since = due.iter().map(|d| d.1).min()?;
+        let mut changes = Changes::none(since);
+        for (path, _) in due {
+            self.pending.files.remove(&path);
+            debug!(file = %path.display(), "manifest changed");
+            let reread = match &mut self.folder {
+                Some(folder) => folder.reread(&path, &mut self.state),
+                None => None,
+            };
+            match reread {
+                Some(file) => {
+                    for e in &file.errors {
+                        error!("{e}");
+                    }
+                    changes.services.extend(file.services);
+                    changes.slices.extend(file.slices);
+                }
+                None => {
+                    debug!(
+                        file = %path.display(),
+                        "defines what another file does: reading the whole folder"
+                    );
+                    if let Some(whole) = self.load(since) {
+                        changes.services.extend(whole.services);
+                        changes.slices.extend(whole.slices);
+                    }
+                }
+            }
+        }
+        Some(changes)
+    }
 }
 
 impl Source for ManifestsSource {
     async fn changed(&mut self) -> anyhow::Result<Changes> {
-        if !self.loaded {
+        if self.folder.is_none() {
             // The first view must be complete: an unreadable folder at start is an error.
             let since = Instant::now();
             return self
@@ -100,29 +222,28 @@ impl Source for ManifestsSource {
                 .with_context(|| format!("reading {}", self.dir.display()));
         }
         loop {
-            let since = match self.pending {
-                Some(first) => {
-                    tokio::time::sleep_until((first + SETTLE).into()).await;
-                    while self.events.try_recv().is_ok() {}
-                    debug!("manifests changed");
-                    first
+            while let Ok(event) = self.events.try_recv() {
+                self.pending.note(&self.dir, event, Instant::now());
+            }
+            let now = Instant::now();
+            if self.pending.due().is_some_and(|due| due <= now) {
+                if let Some(changes) = self.read_due(now)
+                    && !changes.is_empty()
+                {
+                    return Ok(changes);
                 }
-                None => tokio::select! {
-                    Some(()) = self.events.recv() => {
-                        self.pending = Some(Instant::now());
-                        continue;
-                    }
-                    _ = self.resync.tick() => {
-                        debug!("periodic resync");
-                        Instant::now()
-                    }
-                },
-            };
-            self.pending = None;
-            if let Some(changes) = self.load(since)
-                && !changes.is_empty()
-            {
-                return Ok(changes);
+                continue;
+            }
+            let due = self.pending.due();
+            tokio::select! {
+                Some(event) = self.events.recv() => {
+                    self.pending.note(&self.dir, event, Instant::now());
+                }
+                _ = sleep_until(due) => {}
+                _ = self.resync.tick() => {
+                    debug!("periodic resync");
+                    self.pending.all = Some(Instant::now() - SETTLE);
+                }
             }
         }
     }
@@ -133,5 +254,48 @@ impl Source for ManifestsSource {
 
     fn node(&self) -> Option<&NodeFacts> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    fn slice(address: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{address}]}}]\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_into_the_folder_is_read_alone_at_once() {
+        let root = std::env::temp_dir().join(format!("lb-manifests-source-{}", std::process::id()));
+        let (dir, staging) = (root.join("dir"), root.join("staging"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(dir.join("a.yaml"), SERVICE).unwrap();
+        std::fs::write(dir.join("b.yaml"), slice("10.1.0.1")).unwrap();
+        let mut source =
+            ManifestsSource::new(&dir, Duration::from_secs(3600), Arc::new(Metrics::new()))
+                .unwrap();
+        let first = source.changed().await.unwrap();
+        assert_eq!((first.services.len(), first.slices.len()), (1, 1));
+
+        std::fs::write(staging.join("b.yaml"), slice("10.1.0.2")).unwrap();
+        let at = Instant::now();
+        std::fs::rename(staging.join("b.yaml"), dir.join("b.yaml")).unwrap();
+        let changes = tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(at.elapsed() < SETTLE, "read at once: {:?}", at.elapsed());
+        assert!(changes.services.is_empty(), "{changes:?}");
+        assert_eq!(changes.slices.len(), 1);
+        let folder = source.folder.as_ref().unwrap();
+        assert_eq!(folder.dir(), dir);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

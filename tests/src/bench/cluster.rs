@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use lb_userspace::desired::{
     Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
 };
@@ -157,6 +158,50 @@ pub fn slice_yaml(s: &BenchService, endpoints: &[Endpoint]) -> String {
         );
     }
     out
+}
+
+/// The Service of `s` as the API server serves it (for the fake API server): the same
+/// object as [`service_yaml`].
+pub fn service_object(s: &BenchService) -> anyhow::Result<core::Service> {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": s.name, "namespace": NAMESPACE},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": s.cluster_ip.to_string(),
+            "clusterIPs": [s.cluster_ip.to_string()],
+            "selector": {"app": s.name},
+            "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": s.port, "targetPort": TARGET_PORT}],
+        },
+    }))
+    .map_err(|e| anyhow::anyhow!("the Service {}: {e}", s.name))
+}
+
+/// The EndpointSlice of `s` with `endpoints` as the API server serves it: the same object
+/// as [`slice_yaml`].
+pub fn slice_object(
+    s: &BenchService,
+    endpoints: &[Endpoint],
+) -> anyhow::Result<discovery::EndpointSlice> {
+    let endpoints: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(addr, _)| {
+            serde_json::json!({
+                "addresses": [addr.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("{}-1", s.name),
+            "namespace": NAMESPACE,
+            "labels": {"kubernetes.io/service-name": s.name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": TARGET_PORT}],
+        "endpoints": endpoints,
+    }))
+    .map_err(|e| anyhow::anyhow!("the EndpointSlice of {}: {e}", s.name))
 }
 
 /// Every Service and EndpointSlice of `services` as one multi-document YAML file, except the

@@ -2,10 +2,10 @@
 //! each from a cold start, how much memory it needs for that, and how long one EndpointSlice
 //! change takes to reach the maps.
 //!
-//! Each source of cluster state the agent has is one [`Source`]; [`sources`] lists them.
-//! Today that is the manifests folder. The fake Kubernetes API server (tests/src/fakeapi.rs,
-//! issue `kube`) becomes a second `Source`: it serves the same Services and EndpointSlices
-//! and applies the same changes, and everything else here is shared.
+//! Each source of cluster state the agent has is one [`Source`]; [`sources`] lists them: the
+//! manifests folder, and the fake Kubernetes API server (tests/src/fakeapi.rs) that `lb agent
+//! --kubeconfig` watches with the real kube-rs client. Both serve the same Services and
+//! EndpointSlices and apply the same changes; everything else here is shared.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -19,12 +19,15 @@ use super::cluster::{self, BenchService, Endpoint};
 use super::stats::quantile;
 use super::{ScratchDir, SyncLog};
 use crate::agent::{Agent, lb_bin};
-use crate::topology::{NODE_IF, Topology};
+use crate::fakeapi::FakeApiServer;
+use crate::topology::{NODE_IF, NODE_IP, Topology};
 
 /// How long the agent may take for the full sync.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one change may take to reach the maps.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause between one change's sync and the next change.
+pub const CHANGE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the control-plane benchmark runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,7 +46,7 @@ impl ControlPlan {
         ControlPlan {
             services: 10_000,
             endpoints: 10,
-            changes: if quick { 10 } else { 50 },
+            changes: if quick { 20 } else { 100 },
         }
     }
 }
@@ -106,7 +109,10 @@ pub trait Source {
 
 /// Every source the agent can read.
 pub fn sources() -> Result<Vec<Box<dyn Source>>> {
-    Ok(vec![Box::new(ManifestsSource::new()?)])
+    Ok(vec![
+        Box::new(ManifestsSource::new()?),
+        Box::new(KubeApiSource { api: None }),
+    ])
 }
 
 /// The manifests folder: `services.yaml` with every Service and every EndpointSlice but the
@@ -173,6 +179,63 @@ impl Source for ManifestsSource {
     }
 }
 
+/// The fake Kubernetes API server in the node's namespace, holding the Node, every Service
+/// and every EndpointSlice before the agent starts; a change replaces the measured Service's
+/// EndpointSlice, which the server writes to the agent's watch at once.
+pub struct KubeApiSource {
+    api: Option<FakeApiServer>,
+}
+
+impl KubeApiSource {
+    /// The node's name.
+    const NODE: &str = "bench-node";
+}
+
+impl Source for KubeApiSource {
+    fn name(&self) -> &'static str {
+        "Kubernetes API (fake server)"
+    }
+
+    fn start(&mut self, topology: &Topology, services: &[BenchService]) -> Result<Agent> {
+        let api = FakeApiServer::start(&topology.node)?;
+        api.apply(&serde_json::from_value::<k8s_openapi::api::core::v1::Node>(
+            serde_json::json!({
+                "metadata": {"name": Self::NODE},
+                "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP.to_string()}]},
+            }),
+        )?)?;
+        for s in services {
+            api.apply(&cluster::service_object(s)?)?;
+            api.apply(&cluster::slice_object(s, &s.endpoints)?)?;
+        }
+        let agent = Agent::start_kube(
+            &topology.node,
+            api.kubeconfig(),
+            Self::NODE,
+            NODE_IF,
+            &["--resync-secs", "3600"],
+        )?;
+        self.api = Some(api);
+        Ok(agent)
+    }
+
+    fn set_endpoints(&mut self, service: &BenchService, endpoints: &[Endpoint]) -> Result<Instant> {
+        let api = self
+            .api
+            .as_ref()
+            .context("the fake API server is not started")?;
+        let slice = cluster::slice_object(service, endpoints)?;
+        let at = Instant::now();
+        api.apply(&slice)?;
+        Ok(at)
+    }
+
+    fn change_event(&self) -> &'static str {
+        "the fake API server's update of the EndpointSlice (it writes the watch event to the \
+         agent's open watch at once)"
+    }
+}
+
 /// VmHWM of a process, MiB.
 fn peak_rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -219,12 +282,15 @@ pub fn run(plan: &ControlPlan) -> Result<ControlResults> {
 
 fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> {
     let topology = Topology::new(1)?;
-    // Endpoint addresses of the measured Service: its own, like every other Service's.
     let mut services = cluster::services(plan.services, plan.endpoints, &[]);
-    let last = services.len() - 1;
-    services[last].endpoints = (0..plan.endpoints)
+    // Endpoint addresses of the measured Service: its own, like every other Service's, from
+    // a pool of two more than it has, so that each change gives a set of endpoints it had
+    // not had for at least two changes (not a flap back to the set before).
+    let pool: Vec<Endpoint> = (0..plan.endpoints + 2)
         .map(|j| (Ipv4Addr::new(10, 250, 0, j as u8 + 1), cluster::TARGET_PORT))
         .collect();
+    let last = services.len() - 1;
+    services[last].endpoints = pool[..plan.endpoints].to_vec();
     let measured = services[last].clone();
 
     let start = Instant::now();
@@ -253,13 +319,15 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
     let mut change_ms = Vec::with_capacity(plan.changes);
     let mut change_agent_ms = Vec::with_capacity(plan.changes);
     for k in 0..plan.changes {
-        // Alternately drop the last endpoint and bring it back.
+        // Alternately one endpoint fewer and all of them, from a window that moves along
+        // the pool.
         let n = if k % 2 == 0 {
             plan.endpoints - 1
         } else {
             plan.endpoints
         };
-        let at = source.set_endpoints(&measured, &measured.endpoints[..n])?;
+        let endpoints: Vec<Endpoint> = (0..n).map(|i| pool[(k + i) % pool.len()]).collect();
+        let at = source.set_endpoints(&measured, &endpoints)?;
         let deadline = at + CHANGE_TIMEOUT;
         loop {
             if backend_count()? == n as u32 {
@@ -277,9 +345,11 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        // Let the agent finish the sync (its log line) before the next change.
+        // Let the agent finish the sync (its log line) before the next change, which comes
+        // a while later: a change at once after another to the same Service is a burst.
         let synced = log.wait(&mut agent, services.len(), CHANGE_TIMEOUT)?;
         change_agent_ms.extend(synced.agent_seconds.map(|s| s * 1e3));
+        std::thread::sleep(CHANGE_INTERVAL);
     }
     Ok(SourceResult {
         source: source.name().to_owned(),
