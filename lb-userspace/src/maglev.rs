@@ -243,14 +243,20 @@ pub fn build(backends: &[BackendIdentity], size: u32) -> Result<MaglevTable, Mag
     const FREE: u32 = u32::MAX;
     let mut entries = vec![FREE; size as usize];
     let mut filled = 0u64;
+    // `(next + skip) % m` with next, skip < m: one subtraction instead of a division (the
+    // walk probes about m·ln(m) entries per table, most of them near the end of the fill).
+    let step = |next: u64, skip: u64| {
+        let n = next + skip;
+        if n >= m { n - m } else { n }
+    };
     'fill: loop {
         for (&owner, (next, skip)) in order.iter().zip(cursors.iter_mut()) {
             // Terminates: the preference list is a permutation and the table is not full.
             while entries[*next as usize] != FREE {
-                *next = (*next + *skip) % m;
+                *next = step(*next, *skip);
             }
             entries[*next as usize] = owner;
-            *next = (*next + *skip) % m;
+            *next = step(*next, *skip);
             filled += 1;
             if filled == m {
                 break 'fill;

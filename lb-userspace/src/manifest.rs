@@ -364,6 +364,40 @@ impl Folder {
     }
 }
 
+/// Documents of a file with more than this many are parsed on several threads.
+const PARALLEL_DOCUMENTS: usize = 256;
+/// Documents parsed together (on several threads) before they are read.
+const PARALLEL_BATCH: usize = 1024;
+
+/// Parses each document, in order; a large file's on as many threads as there are CPUs
+/// (each a contiguous run of documents): the YAML parse is most of the time of reading a
+/// folder of thousands of Services.
+fn parse_documents(chunks: &[(usize, &str)]) -> Vec<Result<Value, serde_yaml_ng::Error>> {
+    let parse = |run: &[(usize, &str)]| -> Vec<Result<Value, serde_yaml_ng::Error>> {
+        run.iter()
+            .map(|(_, c)| serde_yaml_ng::from_str(c))
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || chunks.len() <= PARALLEL_DOCUMENTS {
+        return parse(chunks);
+    }
+    let per_thread = chunks.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .chunks(per_thread)
+            .map(|run| scope.spawn(move || parse(run)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                // A panic in the parser is a bug; it propagates as if parsed here.
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+            .collect()
+    })
+}
+
 /// Reads manifests from text, as if it were the file `file` (for stdin, tests and tools).
 pub fn load_str(file: &Path, text: &str) -> ManifestSet {
     let mut loader = Loader::default();
@@ -429,8 +463,13 @@ impl Loader {
 
     fn yaml_file(&mut self, file: &Path, text: &str) {
         let mut document = 0;
-        for (line, chunk) in split_yaml_documents(text) {
-            let value: Value = match serde_yaml_ng::from_str(chunk) {
+        let chunks = split_yaml_documents(text);
+        // In batches, so that only one batch of parsed documents is held at a time.
+        let parsed = chunks
+            .chunks(PARALLEL_BATCH)
+            .flat_map(|batch| batch.iter().copied().zip(parse_documents(batch)));
+        for ((line, chunk), parsed) in parsed {
+            let value: Value = match parsed {
                 Ok(v) => v,
                 Err(first) => {
                     document += 1;
@@ -748,6 +787,44 @@ mod tests {
             &set.errors[1].kind,
             ManifestErrorKind::Invalid(ValidationError::OutOfRange { value: 70000, .. })
         ));
+    }
+
+    #[test]
+    fn a_large_file_is_read_on_threads_with_the_same_result_and_locations() {
+        // More documents than PARALLEL_DOCUMENTS and more than one PARALLEL_BATCH, with an
+        // invalid document in the second batch.
+        let n = PARALLEL_BATCH + 300;
+        let bad = PARALLEL_BATCH + 100;
+        let mut text = String::new();
+        for i in 0..n {
+            if i == bad {
+                text += "---\nkey: [unclosed\n";
+            } else {
+                text += &format!(
+                    "---\n{}",
+                    SERVICE.replace("name: web", &format!("name: web{i}"))
+                );
+            }
+        }
+        let set = load(&text);
+        assert_eq!(set.state.services.len(), n - 1);
+        assert!(
+            set.state
+                .services
+                .contains_key(&ObjectRef::new("default", format!("web{}", n - 1)))
+        );
+        // Each Service document is 5 lines (its `---` and four), so document k starts at
+        // line 5(k - 1) + 1.
+        let line = 5 * bad + 1;
+        assert_eq!(
+            messages(&set),
+            vec![format!(
+                "in.yaml document {} (line {line}): invalid YAML: did not find expected ',' or ']' at line {} column 1, while parsing a flow sequence at line {} column 6",
+                bad + 1,
+                line + 2,
+                line + 1
+            )]
+        );
     }
 
     #[test]
