@@ -1,14 +1,15 @@
-//! The Kubernetes source: kube-runtime watchers with reflector stores on Services,
-//! EndpointSlices (discovery.k8s.io/v1) and this node's Node object.
+//! The Kubernetes source: kube-runtime watchers on Services, EndpointSlices
+//! (discovery.k8s.io/v1) and this node's Node object, each into a store of the objects'
+//! models (converted as they arrive; the objects themselves are not kept).
 //!
 //! - Each watcher lists, then watches from the list's resourceVersion with bookmarks on;
 //!   after a broken connection it resumes from the last resourceVersion it saw, and after
 //!   410 Gone it lists again. Errors are retried with kube-runtime's default backoff.
-//! - The reflector store of a resource changes only by complete steps: one object per watch
+//! - The store of a resource changes, as kube-runtime's reflector store does, only by complete steps: one object per watch
 //!   event, and after a relist the whole store at once (at `InitDone`). So the view read from
 //!   the stores is always complete; a broken watch leaves the last good view in place.
-//! - The events say which objects changed; only those are converted again (with
-//!   [`model::Service::from_k8s`] and [`model::EndpointSlice::from_k8s`]), and only the
+//! - Each object is converted once, as it arrives (with [`model::Service::from_k8s`] and
+//!   [`model::EndpointSlice::from_k8s`]); the events say which objects changed, and only the
 //!   ones whose model changed are reported. A bad object is logged by namespace and name and
 //!   left out of the view; the rest is used.
 //! - The first view waits for the initial lists of all three (the grace period), so Services
@@ -41,16 +42,11 @@ use std::{
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use k8s_openapi::api::core::v1 as core;
 use kube::{
     Api, Client, Config, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        utils::Backoff as _,
-        watcher,
-    },
+    runtime::{utils::Backoff as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tracing::{debug, error, info, trace, warn};
@@ -129,34 +125,145 @@ fn key_of<K: ResourceExt>(obj: &K) -> ObjectRef {
     ObjectRef::new(namespace, obj.name_any())
 }
 
-/// Watches `api` into a reflector store; the stream says what each event changed. Errors
-/// are retried after a backoff that a message on `wake` cuts short.
-fn watch<K>(
+/// The models of one resource's objects that changed since the view last took them in,
+/// converted as the objects arrive (the objects themselves are not kept: holding them, as
+/// kube-runtime's reflector store does, took 170 MiB for 10,000 Services and their
+/// EndpointSlices). Like the reflector's store, it changes only by complete steps: one
+/// object per watch event, and a (re)list all at once at `InitDone`, so the view it updates
+/// is always complete.
+#[derive(Debug)]
+struct Converted<M> {
+    /// A complete list that arrived since the last flush: it replaces the view.
+    relisted: Option<BTreeMap<ObjectRef, Result<M, String>>>,
+    /// Watch events since the list (or the last flush): the new model, or why there is
+    /// none; `None` for a deleted object.
+    changed: BTreeMap<ObjectRef, Option<Result<M, String>>>,
+    /// The list under way, from `Init` to `InitDone`.
+    listing: Option<BTreeMap<ObjectRef, Result<M, String>>>,
+}
+
+impl<M> Default for Converted<M> {
+    fn default() -> Self {
+        Converted {
+            relisted: None,
+            changed: BTreeMap::new(),
+            listing: None,
+        }
+    }
+}
+
+impl<M: PartialEq> Converted<M> {
+    /// Takes in one watcher event, converting its object; what it means for the view.
+    fn apply<K: ResourceExt>(
+        &mut self,
+        event: Result<watcher::Event<K>, watcher::Error>,
+        convert: impl Fn(&K) -> Result<M, String>,
+    ) -> What {
+        match event {
+            Ok(watcher::Event::Apply(obj)) => {
+                let key = key_of(&obj);
+                self.changed.insert(key.clone(), Some(convert(&obj)));
+                What::Touched(key)
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                let key = key_of(&obj);
+                self.changed.insert(key.clone(), None);
+                What::Touched(key)
+            }
+            Ok(watcher::Event::Init) => {
+                self.listing = Some(BTreeMap::new());
+                What::Init
+            }
+            Ok(watcher::Event::InitApply(obj)) => {
+                if let Some(listing) = &mut self.listing {
+                    listing.insert(key_of(&obj), convert(&obj));
+                }
+                What::Listing
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(listing) = self.listing.take() {
+                    // Newer than every event before it.
+                    self.relisted = Some(listing);
+                    self.changed.clear();
+                }
+                What::Listed
+            }
+            Err(e) => What::Failed(error_chain(&e)),
+        }
+    }
+
+    /// Moves what changed into `view`; returns the keys whose model changed. Objects that
+    /// could not be converted are logged (`what` names their kind) and left out.
+    fn flush(&mut self, view: &mut BTreeMap<ObjectRef, M>, what: &str) -> BTreeSet<ObjectRef> {
+        let relisted = self.relisted.take();
+        // The objects a new list no longer has.
+        let gone: Vec<ObjectRef> = relisted.as_ref().map_or_else(Vec::new, |list| {
+            view.keys()
+                .filter(|k| !list.contains_key(*k))
+                .cloned()
+                .collect()
+        });
+        let mut changed = BTreeSet::new();
+        let mut update = |key: ObjectRef, new: Option<Result<M, String>>| {
+            let new = match new {
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    error!("{what} {key}: {e}; left out");
+                    None
+                }
+                None => None,
+            };
+            if view.get(&key) != new.as_ref() {
+                match new {
+                    Some(m) => view.insert(key.clone(), m),
+                    None => view.remove(&key),
+                };
+                changed.insert(key);
+            }
+        };
+        for key in gone {
+            update(key, None);
+        }
+        for (key, new) in relisted.into_iter().flatten() {
+            update(key, Some(new));
+        }
+        for (key, new) in std::mem::take(&mut self.changed) {
+            update(key, new);
+        }
+        changed
+    }
+}
+
+type Store<M> = Arc<std::sync::Mutex<Converted<M>>>;
+
+fn lock<M>(store: &Store<M>) -> std::sync::MutexGuard<'_, Converted<M>> {
+    // The lock is only held to apply one event or read: a panic in between leaves a
+    // consistent map.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Watches `api` into a store of models (see [`Converted`]); the stream says what each
+/// event changed. Errors are retried after a backoff that a message on `wake` cuts short.
+fn watch<K, M>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
     wake: tokio::sync::watch::Receiver<()>,
-) -> (Store<K>, BoxStream<'static, Signal>)
+    convert: fn(&K) -> Result<M, model::ValidationError>,
+) -> (Store<M>, BoxStream<'static, Signal>)
 where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    M: PartialEq + Send + 'static,
 {
-    let (reader, writer) = reflector::store();
+    let store: Store<M> = Arc::default();
+    let writer = store.clone();
     let stream = with_backoff(watcher(api, config).boxed(), wake)
-        .reflect(writer)
         .map(move |event| {
-            let what = match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                    What::Touched(key_of(&obj))
-                }
-                Ok(watcher::Event::Init) => What::Init,
-                Ok(watcher::Event::InitApply(_)) => What::Listing,
-                Ok(watcher::Event::InitDone) => What::Listed,
-                Err(e) => What::Failed(error_chain(&e)),
-            };
+            let what = lock(&writer).apply(event, |obj| convert(obj).map_err(|e| e.to_string()));
             Signal { kind, what }
         })
         .boxed();
-    (reader, stream)
+    (store, stream)
 }
 
 /// `stream` paused after each error for kube-runtime's default backoff (reset by every
@@ -254,44 +361,16 @@ impl Dirty {
         self.keys.is_empty() && !self.all
     }
 
-    /// Updates `view` from `store` for the dirty keys: converted again, kept when the model
-    /// changed. Returns the keys whose model changed.
-    fn flush<K, M>(
+    /// Updates `view` from `store`; returns the keys whose model changed.
+    fn flush<M: PartialEq>(
         &mut self,
-        store: &Store<K>,
+        store: &Store<M>,
         view: &mut BTreeMap<ObjectRef, M>,
         what: &str,
-        convert: impl Fn(&K) -> Result<M, model::ValidationError>,
-    ) -> BTreeSet<ObjectRef>
-    where
-        K: kube::Resource<DynamicType = ()> + Clone + 'static,
-        M: PartialEq,
-    {
-        let mut keys = std::mem::take(&mut self.keys);
-        if std::mem::take(&mut self.all) {
-            keys.extend(view.keys().cloned());
-            keys.extend(store.state().iter().map(|o| key_of(o.as_ref())));
-        }
-        let mut changed = BTreeSet::new();
-        for key in keys {
-            let lookup = reflector::ObjectRef::<K>::new(&key.name).within(&key.namespace);
-            let new = store.get(&lookup).and_then(|obj| match convert(&obj) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    error!("{what} {key}: {e}; left out");
-                    None
-                }
-            });
-            let differs = view.get(&key) != new.as_ref();
-            if differs {
-                match new {
-                    Some(m) => view.insert(key.clone(), m),
-                    None => view.remove(&key),
-                };
-                changed.insert(key);
-            }
-        }
-        changed
+    ) -> BTreeSet<ObjectRef> {
+        self.keys.clear();
+        self.all = false;
+        lock(store).flush(view, what)
     }
 }
 
@@ -323,9 +402,11 @@ pub fn node_facts(node: &core::Node) -> NodeFacts {
 pub struct KubeSource {
     client: Client,
     events: BoxStream<'static, Signal>,
-    services: (Store<core::Service>, Dirty),
-    slices: (Store<discovery::EndpointSlice>, Dirty),
-    nodes: (Store<core::Node>, Dirty),
+    services: (Store<model::Service>, Dirty),
+    slices: (Store<model::EndpointSlice>, Dirty),
+    nodes: (Store<NodeFacts>, Dirty),
+    /// What the watched Node objects say (the watch selects this node's).
+    node_objects: BTreeMap<ObjectRef, NodeFacts>,
     state: ClusterState,
     node: Option<NodeFacts>,
     config: KubeConfig,
@@ -373,18 +454,21 @@ impl KubeSource {
             proxy.clone(),
             Kind::Services,
             woken.clone(),
+            model::Service::from_k8s,
         );
         let (slices, e) = watch(
             Api::all(client.clone()),
             proxy,
             Kind::EndpointSlices,
             woken.clone(),
+            model::EndpointSlice::from_k8s,
         );
         let (nodes, n) = watch(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
             Kind::Nodes,
             woken,
+            |node: &core::Node| Ok(node_facts(node)),
         );
         metrics.connecting();
         for kind in [Kind::Services, Kind::EndpointSlices, Kind::Nodes] {
@@ -403,6 +487,7 @@ impl KubeSource {
             services: (services, Dirty::default()),
             slices: (slices, Dirty::default()),
             nodes: (nodes, Dirty::default()),
+            node_objects: BTreeMap::new(),
             state: ClusterState::default(),
             node: None,
             config,
@@ -481,28 +566,23 @@ impl KubeSource {
     fn flush(&mut self) -> Changes {
         let since = self.since.take().unwrap_or_else(Instant::now);
         let mut changes = Changes::none(since);
-        changes.services = self.services.1.flush(
-            &self.services.0,
-            &mut self.state.services,
-            "Service",
-            model::Service::from_k8s,
-        );
-        changes.slices = self.slices.1.flush(
-            &self.slices.0,
-            &mut self.state.slices,
-            "EndpointSlice",
-            model::EndpointSlice::from_k8s,
-        );
+        changes.services =
+            self.services
+                .1
+                .flush(&self.services.0, &mut self.state.services, "Service");
+        changes.slices =
+            self.slices
+                .1
+                .flush(&self.slices.0, &mut self.state.slices, "EndpointSlice");
         if !self.nodes.1.is_empty() {
-            self.nodes.1.keys.clear();
-            self.nodes.1.all = false;
+            self.nodes
+                .1
+                .flush(&self.nodes.0, &mut self.node_objects, "Node");
             let node = self
-                .nodes
-                .0
-                .state()
+                .node_objects
                 .iter()
-                .find(|n| n.name_any() == self.config.node_name)
-                .map(|n| node_facts(n));
+                .find(|(key, _)| key.name == self.config.node_name)
+                .map(|(_, facts)| facts.clone());
             if node.is_none() {
                 warn!(node = %self.config.node_name, "no such Node object");
             }
@@ -640,12 +720,18 @@ mod tests {
 
     #[test]
     fn only_changed_models_are_reported_and_bad_objects_are_left_out() {
-        let (store, mut writer) = reflector::store::<core::Service>();
+        let store: Store<model::Service> = Arc::default();
+        // The watcher's events, as the stream of `watch` takes them in.
+        let apply = |event: watcher::Event<core::Service>| {
+            lock(&store).apply(Ok(event), |s| {
+                model::Service::from_k8s(s).map_err(|e| e.to_string())
+            })
+        };
         let mut dirty = Dirty::default();
         let mut view = BTreeMap::new();
         let flush = |dirty: &mut Dirty, view: &mut BTreeMap<ObjectRef, model::Service>| {
             dirty
-                .flush(&store, view, "Service", model::Service::from_k8s)
+                .flush(&store, view, "Service")
                 .into_iter()
                 .map(|k| k.to_string())
                 .collect::<Vec<_>>()
@@ -660,25 +746,25 @@ mod tests {
             watcher::Event::InitApply(a.clone()),
             watcher::Event::InitApply(b.clone()),
         ] {
-            writer.apply_watcher_event(&event);
+            apply(event);
         }
         // Until the list is done the store (and so the view) is unchanged.
         assert!(!dirty.note(&What::Listing));
         assert!(dirty.is_empty());
-        writer.apply_watcher_event(&watcher::Event::InitDone);
+        apply(watcher::Event::InitDone);
         assert!(dirty.note(&What::Listed));
         assert_eq!(flush(&mut dirty, &mut view), ["default/a", "default/b"]);
         assert!(dirty.is_empty());
 
         // A new resourceVersion with the same spec is no change.
         let a2 = service("a", "10.96.0.1", "3");
-        writer.apply_watcher_event(&watcher::Event::Apply(a2.clone()));
+        apply(watcher::Event::Apply(a2.clone()));
         dirty.note(&touched(&a2));
         assert!(flush(&mut dirty, &mut view).is_empty());
 
         // A bad update leaves the object out (logged), the rest stays.
         let bad = service("a", "10.96.0.300", "4");
-        writer.apply_watcher_event(&watcher::Event::Apply(bad.clone()));
+        apply(watcher::Event::Apply(bad.clone()));
         dirty.note(&touched(&bad));
         assert_eq!(flush(&mut dirty, &mut view), ["default/a"]);
         assert_eq!(
@@ -688,11 +774,11 @@ mod tests {
 
         // A relist without b and with a good a: both change, at InitDone only.
         let a5 = service("a", "10.96.0.5", "5");
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitApply(a5));
+        apply(watcher::Event::Init);
+        apply(watcher::Event::InitApply(a5));
         assert!(!dirty.note(&What::Init));
         assert!(dirty.is_empty(), "nothing before the relist is complete");
-        writer.apply_watcher_event(&watcher::Event::InitDone);
+        apply(watcher::Event::InitDone);
         dirty.note(&What::Listed);
         assert_eq!(flush(&mut dirty, &mut view), ["default/a", "default/b"]);
         assert_eq!(
