@@ -156,20 +156,25 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 11] {
+    fn map_sizes(&self) -> [(&'static str, u32); 16] {
         [
             (map_names::SERVICES, self.services),
+            (map_names::SERVICES6, self.services),
             (map_names::REV_NAT, self.services),
+            (map_names::REV_NAT6, self.services),
             // Two tables per frontend (`lb_common::maglev::KEY_TABLE_B`).
             (map_names::MAGLEV, self.services.saturating_mul(2)),
             // Indexed by service id; id 0 is never used.
             (map_names::SERVICE_STATS, self.services.saturating_add(1)),
             (map_names::BACKENDS, self.backends),
+            (map_names::BACKENDS6, self.backends),
             (map_names::BACKEND_STATS, self.backends),
             (map_names::CONNTRACK, self.conntrack),
+            (map_names::CONNTRACK6, self.conntrack),
             // Two entries per flow to a remote backend, as conntrack has per flow.
             (map_names::NAT, self.conntrack),
             (map_names::AFFINITY, self.affinity),
+            (map_names::AFFINITY6, self.affinity),
             // The socket hooks' flows (two entries per socket and frontend) and clients.
             (map_names::SOCKETS, self.conntrack),
             (map_names::SOCK_AFFINITY, self.affinity),
@@ -180,12 +185,21 @@ impl Capacity {
 /// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.
 pub fn capacity_flag(map: &str) -> Option<&'static str> {
     match map {
-        map_names::SERVICES | map_names::REV_NAT | map_names::MAGLEV | map_names::SERVICE_STATS => {
-            Some("--max-services")
+        map_names::SERVICES
+        | map_names::SERVICES6
+        | map_names::REV_NAT
+        | map_names::REV_NAT6
+        | map_names::MAGLEV
+        | map_names::SERVICE_STATS => Some("--max-services"),
+        map_names::BACKENDS | map_names::BACKENDS6 | map_names::BACKEND_STATS => {
+            Some("--max-backends")
         }
-        map_names::BACKENDS | map_names::BACKEND_STATS => Some("--max-backends"),
-        map_names::CONNTRACK | map_names::NAT | map_names::SOCKETS => Some("--max-conntrack"),
-        map_names::AFFINITY | map_names::SOCK_AFFINITY => Some("--max-affinity"),
+        map_names::CONNTRACK | map_names::CONNTRACK6 | map_names::NAT | map_names::SOCKETS => {
+            Some("--max-conntrack")
+        }
+        map_names::AFFINITY | map_names::AFFINITY6 | map_names::SOCK_AFFINITY => {
+            Some("--max-affinity")
+        }
         _ => None,
     }
 }
