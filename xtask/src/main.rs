@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: rust-src for nightly, Debian packages, bpf-linker; mount bpffs.
+    /// Install what is missing: the pinned nightly with rust-src, Debian packages, bpf-linker; mount bpffs.
     Setup,
     /// Install the build toolchain if missing, then build the `lb` binary (release).
     Build,

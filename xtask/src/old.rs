@@ -2,6 +2,7 @@
 //!
 //! The release's source is taken with `git archive` into `target/upgrade/<commit>/` and built
 //! with the same target directory as the workspace, so it reuses the compiled dependencies.
+//! Its build script is given the pinned eBPF toolchain (`crate::setup::EBPF_TOOLCHAIN`).
 //! Two changes to its manifests keep its own crates apart from the workspace's (cargo names
 //! the artifacts of path crates by their path relative to the workspace, which is the same
 //! in both): its crates get a pre-release version, and its binary is `lb-<commit>`, so
@@ -79,6 +80,12 @@ fn extract(rev: &str, dest: &Path) -> Result<()> {
     for krate in ["lb-common", "lb-ebpf", "lb-userspace"] {
         patch(&tmp.join(krate).join("Cargo.toml"), version, &old_version)?;
     }
+    // Its build script asks for the floating nightly, whose LLVM bpf-linker may not read.
+    patch(
+        &tmp.join("lb-userspace/build.rs"),
+        "aya_build::Toolchain::default()",
+        &format!("aya_build::Toolchain::Custom({:?})", crate::setup::EBPF_TOOLCHAIN),
+    )?;
     patch(
         &tmp.join("lb-userspace/Cargo.toml"),
         "name = \"lb\"\n",

@@ -20,6 +20,9 @@ const PACKAGES: &[&str] = &[
     "nftables",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The nightly toolchain that builds lb-ebpf (`-Z build-std=core`), pinned to one whose
+/// LLVM is bpf-linker's (22); lb-userspace's build script reads the same file.
+pub const EBPF_TOOLCHAIN: &str = include_str!("../../lb-ebpf/toolchain").trim_ascii();
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Everything: the build toolchain, and bpffs for running the datapath.
@@ -31,7 +34,7 @@ pub fn run() -> Result<()> {
 /// What building `lb` needs (no privileges beyond installing packages, so that it also works
 /// in a container build).
 pub fn toolchain() -> Result<()> {
-    nightly_rust_src()?;
+    ebpf_toolchain()?;
     debian_packages()?;
     bpf_linker()
 }
@@ -51,9 +54,9 @@ fn succeeds(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn nightly_rust_src() -> Result<()> {
+fn ebpf_toolchain() -> Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
         .output()
         .is_ok_and(|o| {
             o.status.success()
@@ -62,14 +65,14 @@ fn nightly_rust_src() -> Result<()> {
                     .any(|l| l.starts_with("rust-src"))
         });
     if installed {
-        eprintln!("setup: skip rust-src for nightly (installed)");
+        eprintln!("setup: skip {EBPF_TOOLCHAIN} with rust-src (installed)");
         return Ok(());
     }
-    // Installs the nightly toolchain too when it is missing.
+    // Installs the toolchain too when it is missing.
     run_checked(Command::new("rustup").args([
         "toolchain",
         "install",
-        "nightly",
+        EBPF_TOOLCHAIN,
         "--profile",
         "minimal",
         "--component",
