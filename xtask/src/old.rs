@@ -84,7 +84,10 @@ fn extract(rev: &str, dest: &Path) -> Result<()> {
     patch(
         &tmp.join("lb-userspace/build.rs"),
         "aya_build::Toolchain::default()",
-        &format!("aya_build::Toolchain::Custom({:?})", crate::setup::EBPF_TOOLCHAIN),
+        &format!(
+            "aya_build::Toolchain::Custom({:?})",
+            crate::setup::EBPF_TOOLCHAIN
+        ),
     )?;
     patch(
         &tmp.join("lb-userspace/Cargo.toml"),

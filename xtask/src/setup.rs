@@ -56,7 +56,13 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 fn ebpf_toolchain() -> Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
         .output()
         .is_ok_and(|o| {
             o.status.success()
