@@ -7,7 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -59,10 +59,10 @@ enum Command {
         /// Where maps and links are pinned (on bpffs, mounted if missing).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
-        /// Node address for NodePort frontends (repeatable); default: the Node object's IPv4
-        /// InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
+        /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); default: the Node
+        /// object's InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
         #[arg(long = "node-ip")]
-        node_ips: Vec<Ipv4Addr>,
+        node_ips: Vec<IpAddr>,
         /// This node's name, as in EndpointSlice nodeName and the Node object; default: the
         /// host name.
         #[arg(long)]
@@ -120,9 +120,10 @@ enum Command {
         /// This node's name, as in EndpointSlice nodeName (for the Local traffic policies).
         #[arg(long)]
         node_name: String,
-        /// Node address for NodePort frontends (repeatable); none means no NodePort frontends.
+        /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); none means no
+        /// NodePort frontends.
         #[arg(long = "node-ip")]
-        node_ips: Vec<Ipv4Addr>,
+        node_ips: Vec<IpAddr>,
         /// This node's zone, for topology-aware routing.
         #[arg(long)]
         zone: Option<String>,

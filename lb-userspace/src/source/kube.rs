@@ -34,7 +34,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -385,7 +385,7 @@ pub fn node_facts(node: &core::Node) -> NodeFacts {
         .unwrap_or_default();
     for wanted in ["InternalIP", "ExternalIP"] {
         for a in listed.iter().filter(|a| a.type_ == wanted) {
-            if let Ok(ip) = a.address.parse::<Ipv4Addr>()
+            if let Ok(ip) = a.address.parse::<IpAddr>()
                 && !addresses.contains(&ip)
             {
                 addresses.push(ip);
@@ -785,7 +785,7 @@ mod tests {
             view.values()
                 .map(|s| format!("{:?}", s.cluster_ip))
                 .collect::<Vec<_>>(),
-            ["Assigned(Some(10.96.0.5))"]
+            ["Assigned(ClusterIps { v4: Some(10.96.0.5), v6: None })"]
         );
         assert_eq!(dirty.lists, 1);
     }
@@ -798,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn node_facts_take_ipv4_internal_then_external_addresses_and_the_zone() {
+    fn node_facts_take_internal_then_external_addresses_of_both_families_and_the_zone() {
         let node: core::Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {ZONE_LABEL: "zone-b"}},
             "status": {"addresses": [
@@ -813,7 +813,11 @@ mod tests {
         assert_eq!(
             node_facts(&node),
             NodeFacts {
-                addresses: vec![Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(203, 0, 113, 7)],
+                addresses: vec![
+                    "fd00::7".parse::<IpAddr>().unwrap(),
+                    std::net::Ipv4Addr::new(10, 0, 0, 7).into(),
+                    std::net::Ipv4Addr::new(203, 0, 113, 7).into()
+                ],
                 zone: Some("zone-b".into()),
             }
         );
