@@ -1954,7 +1954,7 @@ pub fn table_info(id: TableId, entries: &[u32]) -> TableInfo {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
     use crate::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
@@ -2085,10 +2085,37 @@ mod tests {
         }
     }
 
+    /// Frontends with backends of their family: `10.244.0.<last>` for IPv4 ones,
+    /// `fd00:244::<last>` for IPv6 ones.
     fn desired(frontends: &[(Frontend, &[u8])]) -> DesiredState {
         DesiredState {
-            frontends: frontends.iter().map(|(f, b)| (*f, plan(b))).collect(),
+            frontends: frontends
+                .iter()
+                .map(|(f, b)| (*f, if f.addr.is_ipv6() { plan6(b) } else { plan(b) }))
+                .collect(),
         }
+    }
+
+    /// An IPv6 frontend `fd00:96::<last>`.
+    fn fe6(last: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last.into()).into(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// [`plan`] with IPv6 backends `fd00:244::<last>`.
+    fn plan6(backends: &[u8]) -> FrontendPlan {
+        let mut p = plan(backends);
+        for b in &mut p.backends {
+            let last = match b.addr {
+                IpAddr::V4(a) => a.octets()[3],
+                IpAddr::V6(a) => a.octets()[15],
+            };
+            b.addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, last.into()).into();
+        }
+        p
     }
 
     /// The backends (last octets, sorted) new flows of each frontend choose from, read from
@@ -2900,6 +2927,209 @@ mod tests {
             s.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_SOURCE_RANGES,
             0
         );
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_frontends_are_consistent_after_every_write() {
+        // `consistent` runs after each single map operation, for both families.
+        let mut s = syncer(1000);
+        let start = Instant::now();
+        let steps: [&[(Frontend, &[u8])]; 6] = [
+            &[(fe6(1, 80), &[1, 2])],
+            &[
+                (fe(1, 80), &[1, 2]),
+                (fe6(1, 80), &[1, 2, 3]),
+                (fe6(2, 53), &[3]),
+            ],
+            &[
+                (fe(1, 80), &[3]),
+                (fe6(1, 80), &[]),
+                (fe6(2, 53), &[1, 5, 9]),
+            ],
+            &[(fe6(2, 53), &[9]), (fe(2, 53), &[9])],
+            &[(fe(2, 53), &[2, 4])],
+            &[],
+        ];
+        for step in steps {
+            let report = s.apply_at(&desired(step), start);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(programmed(s.maps()), expect(step));
+            prefilter_exact(s.maps());
+        }
+        let m = s.maps();
+        assert!(m.services.is_empty() && m.services6.is_empty() && m.maglev.is_empty());
+        assert!(m.rev_nat.is_empty() && m.rev_nat6.is_empty() && m.prefilter.is_empty());
+        assert!(m.backends6.values().all(|b| b.state == BACKEND_REMOVED));
+        assert!(!m.backends6.is_empty());
+        s.apply_at(&desired(&[]), start + DEFAULT_DRAIN);
+        assert!(s.maps().backends.is_empty() && s.maps().backends6.is_empty());
+    }
+
+    #[test]
+    fn a_new_ipv6_frontend_is_written_in_the_v4_order_into_the_v6_maps() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        s.maps.journal.clear();
+        s.apply(&desired(&[
+            (fe(1, 80), &[1][..]),
+            (fe6(1, 80), &[1, 2][..]),
+        ]));
+        let id = s.maps().services6[&match fe6(1, 80).key() {
+            FrontendKey::V6(k) => k,
+            FrontendKey::V4(_) => unreachable!(),
+        }]
+            .id;
+        let v6: Vec<&String> = s.maps().journal.iter().collect();
+        let ids: Vec<u32> = s.maps().backends6.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
+        // Backend ids are shared with the IPv4 backend's: none is reused.
+        assert!(ids.iter().all(|id| !s.maps().backends.contains_key(id)));
+        let prefilter_word = prefilter::position(bucket_of(&fe6(1, 80).key())).0;
+        assert_eq!(
+            v6,
+            [
+                &format!("put_backend6 {}", ids[0]),
+                &format!("put_backend6 {}", ids[1]),
+                &"build_table".to_owned(),
+                &format!("put_new_table {id}"),
+                &format!("put_rev_nat6 {id}"),
+                &format!("put_prefilter_word {prefilter_word}"),
+                &format!("put_service6 {id}"),
+            ]
+        );
+        assert_eq!(
+            s.maps().rev_nat6[&id],
+            RevNat6 {
+                addr: lb_common::addr6("fd00:96::1".parse::<Ipv6Addr>().unwrap().octets()),
+                port: 80u16.to_be(),
+                _pad: 0
+            }
+        );
+        // Nothing changed: nothing written.
+        let again = desired(&[(fe(1, 80), &[1][..]), (fe6(1, 80), &[1, 2][..])]);
+        assert_eq!(s.apply(&again).map_ops, 0);
+        // Removed: service entry first, backends REMOVED last.
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        let journal = &s.maps().journal;
+        assert_eq!(journal[0], format!("delete_service6 {id}"));
+        assert_eq!(
+            journal
+                .iter()
+                .filter(|o| o.starts_with("put_backend6"))
+                .count(),
+            2,
+            "{journal:?}"
+        );
+        assert!(s.maps().services6.is_empty() && s.maps().rev_nat6.is_empty());
+    }
+
+    #[test]
+    fn ipv6_source_ranges_are_in_place_before_the_service_entry_restricts() {
+        let cidr = |a: &str, len| IpCidr::V6(Ipv6Cidr::new(a.parse().unwrap(), len).unwrap());
+        let with_ranges = |ranges: &[IpCidr]| {
+            let mut d = desired(&[(fe6(1, 80), &[1][..])]);
+            d.frontends.get_mut(&fe6(1, 80)).unwrap().source_ranges = ranges.to_vec();
+            d
+        };
+        let mut s = syncer(1000);
+        s.apply(&with_ranges(&[]));
+        let id = s.maps().services6.values().next().unwrap().id;
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[cidr("2001:db8::", 32)]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_source_range6 {id} 2001:db8::/32"),
+                format!("put_service6 {id}"),
+            ]
+        );
+        assert!(s.maps().source_ranges.is_empty());
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_service6 {id}"),
+                format!("delete_source_range6 {id} 2001:db8::/32"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_dual_stack_maps_exactly_and_writes_nothing() {
+        let mut s = syncer(1000);
+        let mut want = desired(&[
+            (fe(1, 80), &[1, 2][..]),
+            (fe6(1, 80), &[1, 2][..]),
+            (fe6(2, 53), &[3][..]),
+        ]);
+        want.frontends.get_mut(&fe6(2, 53)).unwrap().source_ranges = vec![IpCidr::V6(
+            Ipv6Cidr::new("2001:db8::".parse().unwrap(), 32).unwrap(),
+        )];
+        assert!(s.apply(&want).errors.is_empty());
+        let maps = s.maps().clone();
+        let ops = maps.journal.len();
+
+        let mut restarted = Syncer::adopt_with(maps.clone(), config()).unwrap();
+        assert_eq!(
+            restarted.maps().journal.len(),
+            ops,
+            "adoption wrote nothing"
+        );
+        assert_eq!(restarted.apply(&want).map_ops, 0);
+        assert_eq!(programmed(restarted.maps()), programmed(&maps));
+        // It continues from there: a new backend of either family gets a new id.
+        restarted.apply(&desired(&[
+            (fe(1, 80), &[1, 2, 7][..]),
+            (fe6(1, 80), &[1, 2, 7][..]),
+        ]));
+        let m = restarted.maps();
+        let v4: BTreeSet<u32> = m.backends.keys().copied().collect();
+        let v6: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        assert_eq!((v4.len(), v6.len()), (3, 4), "{m:#?}");
+        assert!(v4.is_disjoint(&v6));
+
+        // Leftovers of an interrupted update are removed, of each family: a v6 reverse NAT
+        // and a v6 range of no service, and a v4 range under a v6 service's id.
+        let mut leftovers = maps.clone();
+        let v6_id = leftovers.services6.values().next().unwrap().id;
+        leftovers.rev_nat6.insert(
+            999,
+            RevNat6 {
+                addr: [0; 4],
+                port: 0,
+                _pad: 0,
+            },
+        );
+        let range6 = Ipv6Cidr::new("fd00::".parse().unwrap(), 8).unwrap();
+        leftovers.source_ranges6.insert((999, range6));
+        let range4 = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
+        leftovers.source_ranges.insert((v6_id, range4));
+        let restarted = Syncer::adopt_with(leftovers, config()).unwrap();
+        let m = restarted.maps();
+        assert_eq!(m.rev_nat6.len(), 2);
+        assert_eq!(m.source_ranges6, maps.source_ranges6);
+        assert!(m.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn a_backend_of_the_other_family_fails_its_frontend_only() {
+        let mut s = syncer(1000);
+        let mut want = desired(&[(fe(1, 80), &[1][..]), (fe6(1, 80), &[2][..])]);
+        want.frontends.get_mut(&fe6(1, 80)).unwrap().backends = plan(&[2]).backends;
+        let report = s.apply(&want);
+        assert!(
+            matches!(
+                report.errors.as_slice(),
+                [SyncError::MixedFamilies { frontend, .. }] if *frontend == fe6(1, 80)
+            ),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(report.unprogrammed, 1);
+        assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1])]));
+        assert!(s.maps().backends6.is_empty());
     }
 
     #[test]
