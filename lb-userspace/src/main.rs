@@ -7,7 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::{
     io::IsTerminal as _,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -153,12 +153,12 @@ enum Command {
     /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
     /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
     Explain {
-        /// Client address and port.
+        /// Client address and port (IPv4: explain reads the IPv4 maps only).
         #[arg(long)]
-        src: SocketAddrV4,
-        /// Frontend address and port.
+        src: SocketAddr,
+        /// Frontend address and port (IPv4).
         #[arg(long)]
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         /// Protocol.
         #[arg(long, value_enum)]
         proto: Proto,
@@ -409,6 +409,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let proto = match proto {
                 Proto::Tcp => Protocol::Tcp,
                 Proto::Udp => Protocol::Udp,
+            };
+            let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+                anyhow::bail!(
+                    "lb explain follows IPv4 flows only ({src} -> {dst}); `lb services` shows \
+                     the programmed IPv6 frontends and their backends"
+                );
             };
             let flow = Flow {
                 src,

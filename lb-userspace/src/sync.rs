@@ -24,6 +24,13 @@
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
 //!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
+//! Both IP families go through the same steps: an IPv6 frontend's service entry, reverse NAT
+//! and source ranges are in the v6 maps (`lb_common::map_names::SERVICES6`, `REV_NAT6`,
+//! `SOURCE_RANGES6`), its backends in `BACKENDS6`; service ids, backend ids (an id is in one
+//! of the two backends maps), the Maglev tables and the pre-filter
+//! (`lb_common::prefilter::bucket6`) are shared. A frontend's backends are of its family
+//! ([`SyncError::MixedFamilies`] otherwise).
+//!
 //! The Maglev table (what new flows choose from) holds a frontend's active backends; its
 //! terminating backends only when it has no active one (kube-proxy's fallback). A
 //! terminating backend keeps its backend entry while it is listed, so the flows conntrack

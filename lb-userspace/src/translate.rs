@@ -1,23 +1,31 @@
 //! Translation: cluster state + this node -> desired datapath state. A pure function holding
 //! Kubernetes' Service semantics as kube-proxy implements them (pkg/proxy: servicechangetracker,
-//! endpointslicecache, topology.go `CategorizeEndpoints`), for the IPv4 family.
+//! endpointslicecache, topology.go `CategorizeEndpoints`), for both IP families.
 //!
-//! Frontends of a Service port (TCP and UDP; SCTP ports are skipped with a warning):
-//! - ClusterIP: the IPv4 cluster IP : `port`. A Service without an IPv4 cluster IP of its own
-//!   (headless, ExternalName, IPv6-only) gets no frontends at all, as in kube-proxy. Only
-//!   hand-written manifests can lack a cluster IP altogether: then the other frontends are
-//!   still programmed, with a warning.
-//! - NodePort (types NodePort and LoadBalancer): every address of [`NodeInfo::addresses`] :
-//!   `nodePort`.
-//! - ExternalIP: every IPv4 `externalIPs` entry : `port`.
-//! - LoadBalancer (type LoadBalancer): every IPv4 `status.loadBalancer.ingress[].ip` whose
-//!   `ipMode` is VIP (the default) : `port`; with `ipMode: Proxy` the load balancer itself
-//!   delivers to the nodes and kube-proxy does not capture the address.
+//! Families: a Service is translated once per IP family it has a cluster IP of (one for a
+//! single-stack Service, two for a dual-stack one), as kube-proxy's proxier of each family
+//! sees it: every address below (node addresses, externalIPs, ingress IPs, source ranges,
+//! endpoints) counts only in its own family, so an IPv6 frontend gets the backends of the
+//! IPv6 EndpointSlices and an IPv4 one those of the IPv4 slices. A family the Service has no
+//! cluster IP of gets nothing, not even its externalIPs (kube-proxy skips the Service).
 //!
-//! Backends: the endpoints of every IPv4 EndpointSlice labelled with the Service's name, in
-//! its namespace, through the slice port whose name and protocol equal the Service port's; the
-//! slice port gives the backend port (a named targetPort is resolved per pod that way).
-//! Duplicates across slices are merged, preferring a non-terminating copy.
+//! Frontends of a Service port (TCP and UDP; SCTP ports are skipped with a warning), per
+//! family:
+//! - ClusterIP: the family's cluster IP : `port`. A Service without a cluster IP (headless,
+//!   ExternalName) gets no frontends at all, as in kube-proxy. Only hand-written manifests
+//!   can lack a cluster IP altogether: then the other frontends of its `ipFamilies` (IPv4
+//!   when not given) are still programmed, with a warning.
+//! - NodePort (types NodePort and LoadBalancer): every address of the family in
+//!   [`NodeInfo::addresses`] : `nodePort`.
+//! - ExternalIP: every `externalIPs` entry of the family : `port`.
+//! - LoadBalancer (type LoadBalancer): every `status.loadBalancer.ingress[].ip` of the family
+//!   whose `ipMode` is VIP (the default) : `port`; with `ipMode: Proxy` the load balancer
+//!   itself delivers to the nodes and kube-proxy does not capture the address.
+//!
+//! Backends: the endpoints of every EndpointSlice of the family labelled with the Service's
+//! name, in its namespace, through the slice port whose name and protocol equal the Service
+//! port's; the slice port gives the backend port (a named targetPort is resolved per pod that
+//! way). Duplicates across slices are merged, preferring a non-terminating copy.
 //!
 //! Which endpoints (kube-proxy's `CategorizeEndpoints`):
 //! - Cluster policy: ready endpoints, narrowed by topology; none at all -> the serving and
@@ -43,10 +51,10 @@
 //! their backend while it is listed.
 //!
 //! Also: sessionAffinity ClientIP sets the affinity timeout on every frontend of the Service;
-//! `loadBalancerSourceRanges` (IPv4) restrict the LoadBalancer frontends only (NodePorts and
-//! external IPs are not filtered, as in kube-proxy); a `/0` range means no restriction; when a
-//! range contains one of this node's addresses, the ingress IPs themselves are allowed as
-//! sources (kube-proxy's rule for node-originated traffic that loops back via the VIP).
+//! `loadBalancerSourceRanges` restrict the LoadBalancer frontends of their family only
+//! (NodePorts and external IPs are not filtered, as in kube-proxy; a family without ranges is
+//! not restricted); a `/0` range means no restriction; when a range contains one of this
+//! node's addresses, the family's ingress IPs themselves are allowed as sources (kube-proxy's rule for node-originated traffic that loops back via the VIP).
 //! Two Services claiming the same frontend: the one whose namespace/name sorts first keeps it,
 //! the other is reported.
 

@@ -719,6 +719,80 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_services_and_ipv6_slices_come_through_the_watch_and_bad_ones_stay_out() {
+        let services: Store<model::Service> = Arc::default();
+        let slices: Store<model::EndpointSlice> = Arc::default();
+        let service = |name: &str, spec: serde_json::Value| -> core::Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+                "spec": spec
+            }))
+            .unwrap()
+        };
+        let slice = |name: &str,
+                     family: &str,
+                     ip: &str|
+         -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1",
+                             "labels": {model::LABEL_SERVICE_NAME: "ds"}},
+                "addressType": family,
+                "endpoints": [{"addresses": [ip]}],
+                "ports": [{"port": 80}]
+            }))
+            .unwrap()
+        };
+        for svc in [
+            service(
+                "ds",
+                serde_json::json!({"clusterIPs": ["10.96.0.1", "fd00::1"],
+                    "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                    "ports": [{"port": 80}]}),
+            ),
+            service(
+                "bad",
+                serde_json::json!({"clusterIPs": ["10.96.0.2"], "ipFamilies": ["IPv6"],
+                    "ports": [{"port": 80}]}),
+            ),
+        ] {
+            lock(&services).apply(Ok(watcher::Event::Apply(svc)), |s| {
+                model::Service::from_k8s(s).map_err(|e| e.to_string())
+            });
+        }
+        for s in [
+            slice("ds-v6", "IPv6", "fd00:1::1"),
+            slice("ds-v4", "IPv4", "10.1.0.1"),
+            slice("ds-bad", "IPv4", "fd00:1::2"),
+        ] {
+            lock(&slices).apply(Ok(watcher::Event::Apply(s)), |s| {
+                model::EndpointSlice::from_k8s(s).map_err(|e| e.to_string())
+            });
+        }
+        let mut state = ClusterState::default();
+        let changed = Dirty::default().flush(&services, &mut state.services, "Service");
+        assert_eq!(changed.len(), 1, "the bad one is logged and left out");
+        Dirty::default().flush(&slices, &mut state.slices, "EndpointSlice");
+        let keys: Vec<String> = state.services.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/ds"]);
+        let keys: Vec<String> = state.slices.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/ds-v4", "default/ds-v6"]);
+        let node = model::NodeInfo::default();
+        let frontends: Vec<String> = crate::translate::translate(&state, &node)
+            .desired
+            .frontends
+            .iter()
+            .map(|(f, p)| format!("{f} -> {}", p.backends[0]))
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                "10.96.0.1:80/TCP -> 10.1.0.1:80",
+                "[fd00::1]:80/TCP -> [fd00:1::1]:80"
+            ]
+        );
+    }
+
+    #[test]
     fn only_changed_models_are_reported_and_bad_objects_are_left_out() {
         let store: Store<model::Service> = Arc::default();
         // The watcher's events, as the stream of `watch` takes them in.
