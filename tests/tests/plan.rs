@@ -121,7 +121,7 @@ fn plan_of_a_dual_stack_folder_gives_each_family_its_frontends_and_backends() {
     ];
     let lb6 = vec![
         "[fd00:244:1::2]:80".to_owned(),
-        "[fd00:244:2::2]:80 (terminating)".to_owned(),
+        "[fd00:244:3::2]:80 (terminating)".to_owned(),
     ];
     let echo6 = vec![
         "[fd00:244:1::2]:5353".to_owned(),
