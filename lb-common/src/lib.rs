@@ -12,6 +12,9 @@
 #![no_std]
 #![deny(missing_docs)]
 
+mod v6;
+pub use v6::*;
+
 /// IP protocol number of TCP, as stored in keys.
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP, as stored in keys.
@@ -86,8 +89,24 @@ pub mod map_names {
     /// the agent derives their evictions.
     pub const TABLE_EVENTS: &str = "LB_TABLEEVENT_V1";
 
+    /// Hash map [`crate::Frontend6`] -> [`crate::Service`]: the IPv6 frontends (service ids
+    /// are shared with [`SERVICES`]).
+    pub const SERVICES6: &str = "LB_SVC6_V1";
+    /// Hash map `u32` backend id -> [`crate::Backend6`] (backend ids are shared with
+    /// [`BACKENDS`]: an id is in one of the two).
+    pub const BACKENDS6: &str = "LB_BACKEND6_V1";
+    /// LRU hash map [`crate::Ct6Key`] -> [`crate::Ct6Entry`]: IPv6 conntrack.
+    pub const CONNTRACK6: &str = "LB_CT6_V1";
+    /// Hash map `u32` service id -> [`crate::RevNat6`].
+    pub const REV_NAT6: &str = "LB_REVNAT6_V1";
+    /// LRU hash map [`crate::Affinity6Key`] -> [`crate::AffinityEntry`].
+    pub const AFFINITY6: &str = "LB_AFFINITY6_V1";
+    /// LPM trie ([`crate::SOURCE_RANGE_ID_BITS`] + prefix length, [`crate::SourceRange6`])
+    /// -> `u8` (always 1).
+    pub const SOURCE_RANGES6: &str = "LB_SRCRANGE6_V1";
+
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -106,6 +125,12 @@ pub mod map_names {
         SOCKETS,
         SOCK_AFFINITY,
         TABLE_EVENTS,
+        SERVICES6,
+        BACKENDS6,
+        CONNTRACK6,
+        REV_NAT6,
+        AFFINITY6,
+        SOURCE_RANGES6,
     ];
 }
 
@@ -128,6 +153,14 @@ pub mod prefilter {
             ^ (((port as u32) << 8) | proto as u32).wrapping_mul(0x85eb_ca6b);
         let h = (h ^ (h >> 15)).wrapping_mul(0x2c1b_3c6d);
         h >> (32 - BITS.trailing_zeros())
+    }
+
+    /// The bucket of an IPv6 frontend: [`bucket`] of its address's four words folded into
+    /// one (both families share the bitmap; a bucket shared across families only costs
+    /// the hash lookup that follows).
+    #[inline(always)]
+    pub const fn bucket6(addr: crate::Addr6, port: u16, proto: u8) -> u32 {
+        bucket(addr[0] ^ addr[1] ^ addr[2] ^ addr[3], port, proto)
     }
 
     /// The word of `bucket` in the bitmap, and its bit in that word.

@@ -31,6 +31,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
+    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frontend6, RevNat6, SourceRange6,
     AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_TERMINATING, Backend4,
     CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry,
     Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM,
@@ -77,6 +78,21 @@ static LB_BEGEN_V1: Array<u32> = Array::pinned(1, 0);
 static LB_PREFILTER4_V1: Array<u64> = Array::pinned(prefilter::WORDS, prefilter::MAP_FLAGS);
 #[map]
 static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+// The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
+#[map]
+static LB_SVC6_V1: HashMap<Frontend6, Service> = HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+static LB_BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, 0);
+#[map]
+static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[map]
+static LB_REVNAT6_V1: HashMap<u32, RevNat6> = HashMap::pinned(capacity::SERVICES, 0);
+#[map]
+static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
+#[map]
+static LB_SRCRANGE6_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
 const ETH_LEN: usize = EthHdr::LEN;
 const IPV4_LEN: usize = Ipv4Hdr::LEN;

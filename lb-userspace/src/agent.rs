@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -66,7 +66,7 @@ pub struct AgentConfig {
     pub pin_dir: PathBuf,
     /// Node addresses for NodePort frontends; when empty, the Node's (kube source), else the
     /// interface's.
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<IpAddr>,
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
     /// This node's zone (for topology-aware routing); when `None`, the Node's label.
@@ -155,7 +155,7 @@ async fn serve<S: Source>(
     for e in pods.attach_pods_at_start(&mut datapath) {
         warn!("{e}");
     }
-    let interface_addresses = interface_ipv4_addresses(&config.interface)?;
+    let interface_addresses = interface_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
         translator: None,
@@ -261,7 +261,7 @@ struct Agent<'a, M> {
     /// Created at the first view.
     translator: Option<Translator>,
     config: &'a AgentConfig,
-    interface_addresses: Vec<Ipv4Addr>,
+    interface_addresses: Vec<IpAddr>,
     metrics: Arc<Metrics>,
     /// Whether the orphans kept at the first view have been logged.
     orphans_logged: bool,
@@ -423,19 +423,20 @@ pub(crate) async fn sleep_until(deadline: Option<Instant>) {
 
 fn log_node(node: &NodeInfo) {
     if node.addresses.is_empty() {
-        warn!(node = %node.name, "no IPv4 node address: NodePort frontends get none");
+        warn!(node = %node.name, "no node address: NodePort frontends get none");
     }
     info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node");
 }
 
-/// The IPv4 addresses of an interface.
-pub fn interface_ipv4_addresses(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+/// The IPv4 addresses of an interface, then its IPv6 ones but link-local addresses (which
+/// kube-proxy does not give NodePorts either).
+pub fn interface_addresses(interface: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list that freeifaddrs releases below.
     if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
         bail!("getifaddrs: {}", std::io::Error::last_os_error());
     }
-    let mut found = Vec::new();
+    let mut found: Vec<IpAddr> = Vec::new();
     let mut cursor = addrs;
     while !cursor.is_null() {
         // SAFETY: cursor is a node of the list getifaddrs returned.
@@ -446,14 +447,28 @@ pub fn interface_ipv4_addresses(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>
         }
         // SAFETY: ifa_name is a C string; ifa_addr points to a sockaddr of its family.
         let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != interface.as_bytes()
-            || i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET
-        {
+        if name.to_bytes() != interface.as_bytes() {
             continue;
         }
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                if !ip.is_unicast_link_local() {
+                    found.push(ip.into());
+                }
+            }
+            _ => {}
+        }
     }
+    // IPv4 first, each family in the interface's order.
+    found.sort_by_key(|ip| ip.is_ipv6());
     // SAFETY: addrs came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(addrs) };
     Ok(found)

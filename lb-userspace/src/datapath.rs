@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex},
@@ -29,15 +29,16 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, MaglevCell,
-    RevNat4, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SockAffinityKey, SourceRange4, capacity,
-    event, maglev, map_names, program_names, table_event,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, CtEntry, Frontend4,
+    Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats,
+    SockAffinityKey, SourceRange4, SourceRange6, addr6, capacity, event, maglev, map_names,
+    octets6, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
-    model::Ipv4Cidr,
+    model::{Ipv4Cidr, Ipv6Cidr},
     sync::{BatchError, DatapathMaps, MapContents, MapOpError, TableId, TableInfo, TableRef},
     sys,
 };
@@ -156,20 +157,25 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 11] {
+    fn map_sizes(&self) -> [(&'static str, u32); 16] {
         [
             (map_names::SERVICES, self.services),
+            (map_names::SERVICES6, self.services),
             (map_names::REV_NAT, self.services),
+            (map_names::REV_NAT6, self.services),
             // Two tables per frontend (`lb_common::maglev::KEY_TABLE_B`).
             (map_names::MAGLEV, self.services.saturating_mul(2)),
             // Indexed by service id; id 0 is never used.
             (map_names::SERVICE_STATS, self.services.saturating_add(1)),
             (map_names::BACKENDS, self.backends),
+            (map_names::BACKENDS6, self.backends),
             (map_names::BACKEND_STATS, self.backends),
             (map_names::CONNTRACK, self.conntrack),
+            (map_names::CONNTRACK6, self.conntrack),
             // Two entries per flow to a remote backend, as conntrack has per flow.
             (map_names::NAT, self.conntrack),
             (map_names::AFFINITY, self.affinity),
+            (map_names::AFFINITY6, self.affinity),
             // The socket hooks' flows (two entries per socket and frontend) and clients.
             (map_names::SOCKETS, self.conntrack),
             (map_names::SOCK_AFFINITY, self.affinity),
@@ -180,12 +186,21 @@ impl Capacity {
 /// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.
 pub fn capacity_flag(map: &str) -> Option<&'static str> {
     match map {
-        map_names::SERVICES | map_names::REV_NAT | map_names::MAGLEV | map_names::SERVICE_STATS => {
-            Some("--max-services")
+        map_names::SERVICES
+        | map_names::SERVICES6
+        | map_names::REV_NAT
+        | map_names::REV_NAT6
+        | map_names::MAGLEV
+        | map_names::SERVICE_STATS => Some("--max-services"),
+        map_names::BACKENDS | map_names::BACKENDS6 | map_names::BACKEND_STATS => {
+            Some("--max-backends")
         }
-        map_names::BACKENDS | map_names::BACKEND_STATS => Some("--max-backends"),
-        map_names::CONNTRACK | map_names::NAT | map_names::SOCKETS => Some("--max-conntrack"),
-        map_names::AFFINITY | map_names::SOCK_AFFINITY => Some("--max-affinity"),
+        map_names::CONNTRACK | map_names::CONNTRACK6 | map_names::NAT | map_names::SOCKETS => {
+            Some("--max-conntrack")
+        }
+        map_names::AFFINITY | map_names::AFFINITY6 | map_names::SOCK_AFFINITY => {
+            Some("--max-affinity")
+        }
         _ => None,
     }
 }
@@ -403,6 +418,10 @@ impl Datapath {
             take(map_names::BACKEND_STATS)?,
             take(map_names::BACKEND_GEN)?,
             take(map_names::PREFILTER)?,
+            take(map_names::SERVICES6)?,
+            take(map_names::BACKENDS6)?,
+            take(map_names::REV_NAT6)?,
+            take(map_names::SOURCE_RANGES6)?,
         ];
         BpfMaps::from_maps(maps, &self.pin_dir)
     }
@@ -492,6 +511,14 @@ pub struct BpfMaps {
     maglev_fd: std::os::fd::OwnedFd,
     /// [`map_names::SOURCE_RANGES`].
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    /// [`map_names::SERVICES6`].
+    pub services6: HashMap<MapData, Frontend6, Service>,
+    /// [`map_names::BACKENDS6`].
+    pub backends6: HashMap<MapData, u32, Backend6>,
+    /// [`map_names::REV_NAT6`].
+    pub rev_nat6: HashMap<MapData, u32, RevNat6>,
+    /// [`map_names::SOURCE_RANGES6`].
+    pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
     /// [`map_names::BACKEND_STATS`].
     pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
@@ -503,7 +530,7 @@ pub struct BpfMaps {
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
     /// The size of each map written, for the error that says a map is full.
-    sizes: [(&'static str, u32); 6],
+    sizes: [(&'static str, u32); 10],
     grace: GraceClock,
 }
 
@@ -612,7 +639,11 @@ impl BpfMaps {
             backend_stats,
             backend_gen,
             prefilter,
-        ]: [Map; 8],
+            services6,
+            backends6,
+            rev_nat6,
+            source_ranges6,
+        ]: [Map; 12],
         pin_dir: &Path,
     ) -> Result<Self, DatapathError> {
         let mut sizes = [
@@ -622,6 +653,10 @@ impl BpfMaps {
             (map_names::MAGLEV, 0),
             (map_names::SOURCE_RANGES, 0),
             (map_names::BACKEND_STATS, 0),
+            (map_names::SERVICES6, 0),
+            (map_names::BACKENDS6, 0),
+            (map_names::REV_NAT6, 0),
+            (map_names::SOURCE_RANGES6, 0),
         ];
         for (name, size) in &mut sizes {
             *size = pinned_max_entries(pin_dir, name)?;
@@ -666,6 +701,11 @@ impl BpfMaps {
                 .map_err(map_err(map_names::BACKEND_STATS))?,
             backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
             prefilter: Array::try_from(prefilter).map_err(map_err(map_names::PREFILTER))?,
+            services6: HashMap::try_from(services6).map_err(map_err(map_names::SERVICES6))?,
+            backends6: HashMap::try_from(backends6).map_err(map_err(map_names::BACKENDS6))?,
+            rev_nat6: HashMap::try_from(rev_nat6).map_err(map_err(map_names::REV_NAT6))?,
+            source_ranges6: LpmTrie::try_from(source_ranges6)
+                .map_err(map_err(map_names::SOURCE_RANGES6))?,
         })
     }
 
@@ -683,6 +723,10 @@ impl BpfMaps {
                 open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
                 open(map_names::BACKEND_GEN, Map::Array)?,
                 open(map_names::PREFILTER, Map::Array)?,
+                open(map_names::SERVICES6, Map::HashMap)?,
+                open(map_names::BACKENDS6, Map::HashMap)?,
+                open(map_names::REV_NAT6, Map::HashMap)?,
+                open(map_names::SOURCE_RANGES6, Map::LpmTrie)?,
             ],
             pin_dir,
         )
@@ -775,7 +819,45 @@ fn source_range_key(service_id: u32, range: Ipv4Cidr) -> lpm_trie::Key<SourceRan
     )
 }
 
+fn source_range6_key(service_id: u32, range: Ipv6Cidr) -> lpm_trie::Key<SourceRange6> {
+    lpm_trie::Key::new(
+        SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len),
+        SourceRange6 {
+            service_id,
+            addr: addr6(range.addr.octets()),
+        },
+    )
+}
+
 impl BpfMaps {
+    /// Creates the counters of backend `id` unless they exist: before its entry, so that
+    /// the datapath counts from the first packet on. A backend whose state changes keeps
+    /// its counters.
+    fn ensure_backend_stats(&mut self, id: u32) -> Result<(), MapOpError> {
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, source)| MapOpError::Os {
+                map: map_names::BACKEND_STATS,
+                source,
+            })
+            .and_then(|cpus| {
+                PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|source| {
+                    MapOpError::Os {
+                        map: map_names::BACKEND_STATS,
+                        source,
+                    }
+                })
+            })?;
+        const BPF_NOEXIST: u64 = 1;
+        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
+            Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(self.write_err(map_names::BACKEND_STATS)),
+        }
+    }
+
     /// The error of a failed write of `map`: [`MapOpError::Full`] with its size for E2BIG.
     fn os_err(&self, map: &'static str, source: io::Error) -> MapOpError {
         if source.raw_os_error() == Some(libc::E2BIG) {
@@ -816,27 +898,7 @@ impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
-        // The counters first, so that the datapath counts from the first packet on. A
-        // backend whose state changes keeps its counters.
-        let zero = aya::util::nr_cpus()
-            .map_err(|(_, source)| MapOpError::Os {
-                map: map_names::BACKEND_STATS,
-                source,
-            })
-            .and_then(|cpus| {
-                PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|source| {
-                    MapOpError::Os {
-                        map: map_names::BACKEND_STATS,
-                        source,
-                    }
-                })
-            })?;
-        const BPF_NOEXIST: u64 = 1;
-        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
-            Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            other => other.map_err(self.write_err(map_names::BACKEND_STATS))?,
-        }
+        self.ensure_backend_stats(id)?;
         let result = self.backends.insert(id, backend, 0);
         result.map_err(self.write_err(map_names::BACKENDS))?;
         if backend.state != BACKEND_ACTIVE {
@@ -846,6 +908,20 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
+        self.bump_backend_gen()?;
+        delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
+    }
+    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError> {
+        self.ensure_backend_stats(id)?;
+        let result = self.backends6.insert(id, backend, 0);
+        result.map_err(self.write_err(map_names::BACKENDS6))?;
+        if backend.state != BACKEND_ACTIVE {
+            self.bump_backend_gen()?;
+        }
+        Ok(())
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete_result(map_names::BACKENDS6, self.backends6.remove(&id))?;
         self.bump_backend_gen()?;
         delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
     }
@@ -960,6 +1036,30 @@ impl DatapathMaps for BpfMaps {
         let key = source_range_key(service_id, range);
         delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
     }
+    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
+        let key = source_range6_key(service_id, range);
+        let result = self.source_ranges6.insert(&key, 1, 0);
+        result.map_err(self.write_err(map_names::SOURCE_RANGES6))
+    }
+    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
+        let key = source_range6_key(service_id, range);
+        delete_result(map_names::SOURCE_RANGES6, self.source_ranges6.remove(&key))
+    }
+    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError> {
+        let result = self.rev_nat6.insert(id, value, 0);
+        result.map_err(self.write_err(map_names::REV_NAT6))
+    }
+    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete_result(map_names::REV_NAT6, self.rev_nat6.remove(&id))
+    }
+    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError> {
+        let result = self.services6.insert(key, value, 0);
+        result.map_err(self.write_err(map_names::SERVICES6))
+    }
+    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError> {
+        delete_result(map_names::SERVICES6, self.services6.remove(key))?;
+        self.bump_backend_gen()
+    }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
         let result = self.rev_nat.insert(id, value, 0);
         result.map_err(self.write_err(map_names::REV_NAT))
@@ -1022,12 +1122,28 @@ impl DatapathMaps for BpfMaps {
                 source_ranges.push((data.service_id, range));
             }
         }
+        let mut source_ranges6 = Vec::new();
+        for key in self.source_ranges6.keys() {
+            let key = key.map_err(op_err(map_names::SOURCE_RANGES6))?;
+            let data = key.data();
+            let prefix_len = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
+            let range = u8::try_from(prefix_len)
+                .ok()
+                .and_then(|len| Ipv6Cidr::new(Ipv6Addr::from(octets6(data.addr)), len));
+            if let Some(range) = range {
+                source_ranges6.push((data.service_id, range));
+            }
+        }
         Ok(MapContents {
             services: read(&self.services, map_names::SERVICES)?,
+            services6: read(&self.services6, map_names::SERVICES6)?,
             backends: read(&self.backends, map_names::BACKENDS)?,
+            backends6: read(&self.backends6, map_names::BACKENDS6)?,
             rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
+            rev_nat6: read(&self.rev_nat6, map_names::REV_NAT6)?,
             tables,
             source_ranges,
+            source_ranges6,
             prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
         })
     }

@@ -4,11 +4,15 @@
 //! what is programmed and writes the maps. Nothing here knows about Kubernetes objects or
 //! about BPF.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use serde::Serialize;
 
-use crate::model::Ipv4Cidr;
+use crate::model::{IpCidr, IpFamily};
 
 /// Transport protocol of a frontend or backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -48,36 +52,90 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A frontend: the address, port and protocol that clients send to.
+/// A frontend: the address, port and protocol that clients send to. IPv4 frontends sort
+/// before IPv6 ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Frontend {
-    /// Frontend address.
-    pub addr: Ipv4Addr,
+    /// Frontend address, either family.
+    pub addr: IpAddr,
     /// Frontend port.
     pub port: u16,
     /// Protocol.
     pub proto: Protocol,
 }
 
+/// The key of a frontend in the services map of its family ([`lb_common::map_names::SERVICES`]
+/// or [`lb_common::map_names::SERVICES6`]). IPv4 keys sort before IPv6 ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKey {
+    /// An IPv4 frontend.
+    V4(lb_common::Frontend4),
+    /// An IPv6 frontend.
+    V6(lb_common::Frontend6),
+}
+
+impl FrontendKey {
+    /// The family of the frontend.
+    pub const fn family(&self) -> IpFamily {
+        match self {
+            FrontendKey::V4(_) => IpFamily::V4,
+            FrontendKey::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
 impl Frontend {
-    /// The key of this frontend in the services map.
-    pub fn key(&self) -> lb_common::Frontend4 {
-        lb_common::Frontend4::new(self.addr.octets(), self.port, self.proto.number())
+    /// An IPv4 frontend.
+    pub fn v4(addr: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+        Frontend {
+            addr: addr.into(),
+            port,
+            proto,
+        }
+    }
+
+    /// The key of this frontend in the services map of its family.
+    pub fn key(&self) -> FrontendKey {
+        match self.addr {
+            IpAddr::V4(a) => FrontendKey::V4(lb_common::Frontend4::new(
+                a.octets(),
+                self.port,
+                self.proto.number(),
+            )),
+            IpAddr::V6(a) => FrontendKey::V6(lb_common::Frontend6::new(
+                a.octets(),
+                self.port,
+                self.proto.number(),
+            )),
+        }
     }
 
     /// The frontend a services-map key stands for; `None` for a protocol we do not handle.
-    pub fn from_key(key: &lb_common::Frontend4) -> Option<Self> {
-        Some(Frontend {
-            addr: Ipv4Addr::from(key.octets()),
-            port: key.port(),
-            proto: Protocol::from_number(key.proto)?,
+    pub fn from_key(key: &FrontendKey) -> Option<Self> {
+        Some(match key {
+            FrontendKey::V4(k) => Frontend {
+                addr: Ipv4Addr::from(k.octets()).into(),
+                port: k.port(),
+                proto: Protocol::from_number(k.proto)?,
+            },
+            FrontendKey::V6(k) => Frontend {
+                addr: Ipv6Addr::from(k.octets()).into(),
+                port: k.port(),
+                proto: Protocol::from_number(k.proto)?,
+            },
         })
+    }
+
+    /// The address and port (`a:p`, `[a]:p` for IPv6).
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
     }
 }
 
 impl fmt::Display for Frontend {
+    /// `10.0.0.1:80/TCP`, `[fd00::1]:80/TCP` (RFC 5952).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(f, "{}/{}", self.socket_addr(), self.proto)
     }
 }
 
@@ -116,8 +174,8 @@ impl fmt::Display for FrontendKind {
 /// A backend of a frontend: a pod (or any endpoint) address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Backend {
-    /// Endpoint address.
-    pub addr: Ipv4Addr,
+    /// Endpoint address (of its frontend's family).
+    pub addr: IpAddr,
     /// Target port, resolved.
     pub port: u16,
     /// The endpoint is terminating: it keeps its flows but takes no new ones.
@@ -128,8 +186,9 @@ pub struct Backend {
 }
 
 impl fmt::Display for Backend {
+    /// `10.1.0.1:80`, `[fd00::10]:80` (RFC 5952).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)?;
+        write!(f, "{}", SocketAddr::new(self.addr, self.port))?;
         if self.terminating {
             f.write_str(" (terminating)")?;
         }
@@ -210,8 +269,9 @@ pub struct FrontendPlan {
     pub affinity_timeout_secs: Option<u32>,
     /// Client source networks (address, prefix length) allowed to use this frontend; empty
     /// means every source. Filled from `loadBalancerSourceRanges` for LoadBalancer ingress
-    /// frontends only (as kube-proxy applies them); other sources are dropped.
-    pub source_ranges: Vec<Ipv4Cidr>,
+    /// frontends only (as kube-proxy applies them), of the frontend's family; other sources
+    /// are dropped.
+    pub source_ranges: Vec<IpCidr>,
     /// The Service's [`SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
     pub selection: Option<Selection>,
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill},
-    desired::Frontend,
+    desired::{Frontend, FrontendKey},
     explain::state_name,
     sync::{DatapathMaps as _, MapContents, MapOpError},
 };
@@ -43,15 +43,59 @@ pub struct ServiceRow {
     pub new_flows: u64,
 }
 
+/// A backend of either family, as `lb services` and `lb stats` show it.
+#[derive(Clone, Copy)]
+struct BackendView {
+    addr: std::net::SocketAddr,
+    state: u8,
+    flags: u8,
+}
+
+/// The backends of both maps by id (one id space).
+fn backend_views(contents: &MapContents) -> HashMap<u32, BackendView> {
+    let v4 = contents.backends.iter().map(|(id, b)| {
+        let addr = std::net::SocketAddr::new(std::net::Ipv4Addr::from(b.octets()).into(), b.port());
+        (
+            *id,
+            BackendView {
+                addr,
+                state: b.state,
+                flags: b.flags,
+            },
+        )
+    });
+    let v6 = contents.backends6.iter().map(|(id, b)| {
+        let addr = std::net::SocketAddr::new(std::net::Ipv6Addr::from(b.octets()).into(), b.port());
+        (
+            *id,
+            BackendView {
+                addr,
+                state: b.state,
+                flags: b.flags,
+            },
+        )
+    });
+    v4.chain(v6).collect()
+}
+
+/// The service entries of both families, IPv4 first, each sorted by frontend.
+fn service_entries(contents: &MapContents) -> Vec<(FrontendKey, lb_common::Service)> {
+    let mut services: Vec<(FrontendKey, lb_common::Service)> = (contents.services.iter())
+        .map(|(k, s)| (FrontendKey::V4(*k), *s))
+        .chain((contents.services6.iter()).map(|(k, s)| (FrontendKey::V6(*k), *s)))
+        .collect();
+    services.sort_by_key(|(k, _)| (Frontend::from_key(k).map(|f| (f.addr, f.port, f.proto)), *k));
+    services
+}
+
 /// The rows of every programmed frontend, sorted by frontend.
 pub fn service_rows(
     contents: &MapContents,
     stats: impl Fn(u32) -> ServiceStats,
 ) -> Vec<ServiceRow> {
     let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
-    let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
-    let mut services = contents.services.clone();
-    services.sort_by_key(|(k, _)| Frontend::from_key(k).map(|f| (f.addr, f.port, f.proto)));
+    let backends = backend_views(contents);
+    let services = service_entries(contents);
     services
         .iter()
         .map(|(key, svc)| {
@@ -66,7 +110,6 @@ pub fn service_rows(
                     .map(|id| match backends.get(id) {
                         None => format!("?{id}"),
                         Some(b) => {
-                            let addr = std::net::Ipv4Addr::from(b.octets());
                             let state = match b.state {
                                 BACKEND_TERMINATING => " (terminating)",
                                 BACKEND_REMOVED => " (removed)",
@@ -77,7 +120,7 @@ pub fn service_rows(
                             } else {
                                 ""
                             };
-                            format!("{addr}:{}{state}{remote}", b.port())
+                            format!("{}{state}{remote}", b.addr)
                         }
                     })
                     .collect(),
@@ -223,14 +266,11 @@ pub fn stats_report(
     conntrack: ConntrackStats,
     counters: Vec<(&'static str, u64)>,
 ) -> StatsReport {
-    let backends: HashMap<u32, _> = contents.backends.iter().copied().collect();
+    let backends = backend_views(contents);
     let row = |id: u32| {
         let s = backend_stats(id).unwrap_or_default();
         let (backend, state) = match backends.get(&id) {
-            Some(b) => (
-                format!("{}:{}", std::net::Ipv4Addr::from(b.octets()), b.port()),
-                state_name(b.state),
-            ),
+            Some(b) => (b.addr.to_string(), state_name(b.state)),
             None => ("?".to_owned(), "missing"),
         };
         BackendStatsRow {
@@ -244,10 +284,9 @@ pub fn stats_report(
     };
     let tables: HashMap<u32, _> = contents.tables.iter().map(|(key, t)| (*key, t)).collect();
     // The table each service id uses.
-    let keys: HashMap<u32, u32> = contents
-        .services
-        .iter()
-        .map(|(_, s)| (s.id, lb_common::maglev::table_key(s.id, s.flags)))
+    let keys: HashMap<u32, u32> = (contents.services.iter().map(|(_, s)| s))
+        .chain(contents.services6.iter().map(|(_, s)| s))
+        .map(|s| (s.id, lb_common::maglev::table_key(s.id, s.flags)))
         .collect();
     let mut in_tables = std::collections::BTreeSet::new();
     let frontends = service_rows(contents, &service_stats)
@@ -347,6 +386,58 @@ mod tests {
     use crate::sync::table_info;
 
     #[test]
+    fn ipv6_frontends_and_backends_show_in_rfc_5952_form_after_the_ipv4_ones() {
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let svc = |id| Service {
+            id,
+            backend_count: 1,
+            flags: 0,
+            affinity_timeout_secs: 0,
+        };
+        let contents = MapContents {
+            services: vec![(Frontend4::new([10, 96, 0, 10], 80, PROTO_TCP), svc(1))],
+            services6: vec![(
+                lb_common::Frontend6::new(v6("fd00:0:0:0::a"), 80, PROTO_TCP),
+                svc(2),
+            )],
+            tables: vec![(1, table_info(1, &[5, 5])), (2, table_info(2, &[6, 6]))],
+            backends: vec![(
+                5,
+                Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
+            )],
+            backends6: vec![(
+                6,
+                lb_common::Backend6::new(v6("fd00:10::2"), 8080, PROTO_TCP, BACKEND_TERMINATING),
+            )],
+            ..MapContents::default()
+        };
+        let rows = service_rows(&contents, |_| ServiceStats::default());
+        let shown: Vec<(&str, &[String])> = rows
+            .iter()
+            .map(|r| (r.frontend.as_str(), r.backends.as_slice()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("10.96.0.10:80/TCP", &["10.244.1.2:80".to_owned()][..]),
+                (
+                    "[fd00::a]:80/TCP",
+                    &["[fd00:10::2]:8080 (terminating)".to_owned()][..]
+                ),
+            ]
+        );
+        let report = stats_report(
+            &contents,
+            |_| ServiceStats::default(),
+            |_| None,
+            ConntrackStats::default(),
+            Vec::new(),
+        );
+        assert_eq!(report.frontends[1].backends[0].backend, "[fd00:10::2]:8080");
+        assert!(report.draining.is_empty());
+    }
+
+    #[test]
     fn rows_follow_the_tables_and_show_what_is_missing() {
         let contents = MapContents {
             services: vec![(
@@ -372,6 +463,7 @@ mod tests {
             rev_nat: vec![],
             source_ranges: vec![],
             prefilter: vec![],
+            ..MapContents::default()
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,

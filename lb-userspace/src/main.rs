@@ -7,7 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::{
     io::IsTerminal as _,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -59,10 +59,10 @@ enum Command {
         /// Where maps and links are pinned (on bpffs, mounted if missing).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
-        /// Node address for NodePort frontends (repeatable); default: the Node object's IPv4
-        /// InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
+        /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); default: the Node
+        /// object's InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
         #[arg(long = "node-ip")]
-        node_ips: Vec<Ipv4Addr>,
+        node_ips: Vec<IpAddr>,
         /// This node's name, as in EndpointSlice nodeName and the Node object; default: the
         /// host name.
         #[arg(long)]
@@ -120,9 +120,10 @@ enum Command {
         /// This node's name, as in EndpointSlice nodeName (for the Local traffic policies).
         #[arg(long)]
         node_name: String,
-        /// Node address for NodePort frontends (repeatable); none means no NodePort frontends.
+        /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); none means no
+        /// NodePort frontends.
         #[arg(long = "node-ip")]
-        node_ips: Vec<Ipv4Addr>,
+        node_ips: Vec<IpAddr>,
         /// This node's zone, for topology-aware routing.
         #[arg(long)]
         zone: Option<String>,
@@ -152,12 +153,12 @@ enum Command {
     /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
     /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
     Explain {
-        /// Client address and port.
+        /// Client address and port (IPv4: explain reads the IPv4 maps only).
         #[arg(long)]
-        src: SocketAddrV4,
-        /// Frontend address and port.
+        src: SocketAddr,
+        /// Frontend address and port (IPv4).
         #[arg(long)]
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         /// Protocol.
         #[arg(long, value_enum)]
         proto: Proto,
@@ -408,6 +409,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let proto = match proto {
                 Proto::Tcp => Protocol::Tcp,
                 Proto::Udp => Protocol::Udp,
+            };
+            let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+                anyhow::bail!(
+                    "lb explain follows IPv4 flows only ({src} -> {dst}); `lb services` shows \
+                     the programmed IPv6 frontends and their backends"
+                );
             };
             let flow = Flow {
                 src,

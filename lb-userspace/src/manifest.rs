@@ -337,7 +337,7 @@ impl Folder {
             match parsed {
                 Parsed::Service(s) => {
                     changes.services.insert(s.id.clone());
-                    state.insert_service(s);
+                    state.insert_service(*s);
                 }
                 Parsed::Slices(slices) => {
                     for s in slices {
@@ -419,7 +419,7 @@ impl Location {
 
 /// A usable object, keyed for duplicate detection.
 enum Parsed {
-    Service(Service),
+    Service(Box<Service>),
     Slices(Vec<EndpointSlice>),
 }
 
@@ -590,7 +590,7 @@ impl Loader {
         let value = Value::Mapping(map);
         let parsed = match (api_version, kind) {
             ("v1", "Service") => decode::<core::Service>(value)
-                .and_then(|s| Ok(Parsed::Service(Service::from_k8s(&s)?))),
+                .and_then(|s| Ok(Parsed::Service(Box::new(Service::from_k8s(&s)?)))),
             ("discovery.k8s.io/v1", "EndpointSlice") => decode::<discovery::EndpointSlice>(value)
                 .and_then(|s| Ok(Parsed::Slices(vec![EndpointSlice::from_k8s(&s)?]))),
             ("v1", "Endpoints") => decode::<core::Endpoints>(value)
@@ -623,7 +623,7 @@ impl Loader {
         let mut state = ClusterState::default();
         for (_, parsed) in self.objects.into_values() {
             match parsed {
-                Parsed::Service(s) => state.insert_service(s),
+                Parsed::Service(s) => state.insert_service(*s),
                 Parsed::Slices(slices) => slices.into_iter().for_each(|s| state.insert_slice(s)),
             }
         }
@@ -735,7 +735,10 @@ mod tests {
         let svc = &set.state.services[&ObjectRef::new("default", "web")];
         assert_eq!(
             svc.cluster_ip,
-            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 1)))
+            ClusterIp::Assigned(crate::model::ClusterIps {
+                v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                v6: None
+            })
         );
         let slice = &set.state.slices[&ObjectRef::new("default", "web-1")];
         assert_eq!(slice.endpoints[0].address, Ipv4Addr::new(10, 1, 0, 1));
@@ -836,7 +839,10 @@ mod tests {
         let svc = &set.state.services[&ObjectRef::new("default", "web")];
         assert_eq!(
             svc.cluster_ip,
-            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 2)))
+            ClusterIp::Assigned(crate::model::ClusterIps {
+                v4: Some(Ipv4Addr::new(10, 0, 0, 2)),
+                v6: None
+            })
         );
         let d = dir.display();
         assert_eq!(

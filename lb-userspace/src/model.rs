@@ -3,15 +3,16 @@
 //! Sources (the manifests folder, later the Kubernetes watch) hand over k8s-openapi objects;
 //! the conversions here (`Service::from_k8s`, `EndpointSlice::from_k8s`,
 //! `EndpointSlice::from_k8s_endpoints`) check them once and keep only what the datapath needs,
-//! in parsed form: `Ipv4Addr` instead of strings, `u16` ports, enums for types and policies.
+//! in parsed form: `IpAddr` instead of strings, `u16` ports, enums for types and policies.
 //! They apply the API server's defaults (protocol TCP, type ClusterIP, traffic policies
 //! Cluster, affinity timeout 10800 s, namespace "default", EndpointSlice port name ""), because
 //! objects read from files have not been through an API server.
 //!
-//! The datapath is IPv4 only: IPv6 addresses (the IPv6 half of a dual-stack Service, IPv6
-//! externalIPs, ingress IPs and source ranges, IPv6 EndpointSlices) are valid input and are
-//! dropped here without an error, as kube-proxy ignores the IP family it is not configured
-//! for. SCTP ports are valid and kept; `translate` skips them with a warning because this
+//! Both IP families are kept: a Service's cluster IPs of each family (`spec.clusterIPs`,
+//! checked against `spec.ipFamilies` and `spec.ipFamilyPolicy` as the API server checks
+//! them), IPv4 and IPv6 externalIPs, ingress IPs and source ranges, and the endpoints of
+//! IPv4 and IPv6 EndpointSlices; `translate` gives each frontend the backends of its own
+//! family. SCTP ports are valid and kept; `translate` skips them with a warning because this
 //! datapath does not handle SCTP.
 //!
 //! Nothing here reads files or talks to an API server.
@@ -21,7 +22,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{
@@ -97,13 +98,16 @@ pub enum ValidationError {
         /// The value found.
         value: String,
     },
-    /// An address of an IPv4 EndpointSlice that is not IPv4.
-    #[error("{field}: {value:?} is not an IPv4 address (the slice's addressType is IPv4)")]
-    NotIpv4 {
+    /// An address of an EndpointSlice that is not of the slice's address type (an IPv6
+    /// address in an IPv4 slice, or the reverse).
+    #[error("{field}: {value:?} is not an {family} address (the slice's addressType is {family})")]
+    WrongFamily {
         /// Field path.
         field: String,
         /// The value found.
         value: String,
+        /// The slice's family.
+        family: IpFamily,
     },
     /// A string that should be a CIDR (`address/prefix-length`) and is not.
     #[error("{field}: {value:?} is not a CIDR (address/prefix-length)")]
@@ -192,17 +196,92 @@ pub enum ServiceType {
     ExternalName,
 }
 
-/// The cluster IP of a Service, for the IPv4 family.
+/// An IP family (`spec.ipFamilies`, the `addressType` of an EndpointSlice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum IpFamily {
+    /// IPv4.
+    #[serde(rename = "IPv4")]
+    V4,
+    /// IPv6.
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl IpFamily {
+    /// The family of an address.
+    pub const fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// Both families, IPv4 first.
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    fn parse(field: impl FnOnce() -> String, value: &str) -> Result<Self, ValidationError> {
+        match value {
+            "IPv4" => Ok(IpFamily::V4),
+            "IPv6" => Ok(IpFamily::V6),
+            other => Err(ValidationError::UnsupportedValue {
+                field: field(),
+                value: other.to_owned(),
+                expected: "IPv4, IPv6",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// `spec.ipFamilyPolicy` of a Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum IpFamilyPolicy {
+    /// One family (the default).
+    #[default]
+    SingleStack,
+    /// Both families when the cluster has both, else one.
+    PreferDualStack,
+    /// Both families.
+    RequireDualStack,
+}
+
+/// The allocated cluster IPs of a Service: at most one of each family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClusterIps {
+    /// The IPv4 cluster IP.
+    pub v4: Option<Ipv4Addr>,
+    /// The IPv6 cluster IP.
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl ClusterIps {
+    /// The cluster IP of `family`.
+    pub fn get(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.v4.map(IpAddr::V4),
+            IpFamily::V6 => self.v6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// The cluster IPs of a Service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ClusterIp {
     /// `clusterIP: None`: a headless Service, never proxied.
     Headless,
-    /// No clusterIP given. An API server always allocates one; only hand-written manifests
-    /// lack it.
+    /// No clusterIP given. An API server always allocates them; only hand-written manifests
+    /// lack them.
     Unassigned,
-    /// Allocated. `None` when the Service has only IPv6 cluster IPs (kube-proxy's IPv4 side
-    /// ignores such a Service entirely).
-    Assigned(Option<Ipv4Addr>),
+    /// Allocated (`spec.clusterIPs`, or `spec.clusterIP` alone).
+    Assigned(ClusterIps),
 }
 
 /// externalTrafficPolicy or internalTrafficPolicy.
@@ -280,11 +359,11 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
 }
 
-/// A load balancer ingress point of `status.loadBalancer.ingress` with an IPv4 address.
+/// A load balancer ingress point of `status.loadBalancer.ingress` with an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LoadBalancerIngress {
     /// The ingress IP.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// ipMode: with `Proxy` the load balancer proxies to the nodes itself, and kube-proxy does
     /// not capture the ingress IP.
     pub ip_mode: IpMode,
@@ -335,6 +414,123 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
+/// An IPv6 network: address (host bits cleared) and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Ipv6Cidr {
+    /// Network address.
+    pub addr: Ipv6Addr,
+    /// Prefix length, 0 to 128.
+    pub prefix_len: u8,
+}
+
+impl Ipv6Cidr {
+    /// The network of `addr` with this prefix length (host bits cleared); `None` above 128.
+    pub fn new(addr: Ipv6Addr, prefix_len: u8) -> Option<Self> {
+        (prefix_len <= 128).then(|| Ipv6Cidr {
+            addr: Ipv6Addr::from(u128::from(addr) & mask6(prefix_len)),
+            prefix_len,
+        })
+    }
+
+    /// Whether `ip` is inside this network.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & mask6(self.prefix_len) == u128::from(self.addr)
+    }
+}
+
+fn mask6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len))
+        .unwrap_or(0)
+}
+
+impl fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A network of either family. Serialized as its family's network (`{addr, prefix_len}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(untagged)]
+pub enum IpCidr {
+    /// An IPv4 network.
+    V4(Ipv4Cidr),
+    /// An IPv6 network.
+    V6(Ipv6Cidr),
+}
+
+impl IpCidr {
+    /// The network of `addr` with this prefix length; `None` when it is longer than the
+    /// family's addresses.
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Self> {
+        match addr {
+            IpAddr::V4(a) => Ipv4Cidr::new(a, prefix_len).map(IpCidr::V4),
+            IpAddr::V6(a) => Ipv6Cidr::new(a, prefix_len).map(IpCidr::V6),
+        }
+    }
+
+    /// The network of one address (`/32` or `/128`).
+    pub fn host(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(addr) => IpCidr::V4(Ipv4Cidr {
+                addr,
+                prefix_len: 32,
+            }),
+            IpAddr::V6(addr) => IpCidr::V6(Ipv6Cidr {
+                addr,
+                prefix_len: 128,
+            }),
+        }
+    }
+
+    /// Its family.
+    pub const fn family(&self) -> IpFamily {
+        match self {
+            IpCidr::V4(_) => IpFamily::V4,
+            IpCidr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// Its prefix length.
+    pub const fn prefix_len(&self) -> u8 {
+        match self {
+            IpCidr::V4(c) => c.prefix_len,
+            IpCidr::V6(c) => c.prefix_len,
+        }
+    }
+
+    /// Whether `ip` is inside this network (never for an address of the other family).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (IpCidr::V4(c), IpAddr::V4(ip)) => c.contains(ip),
+            (IpCidr::V6(c), IpAddr::V6(ip)) => c.contains(ip),
+            _ => false,
+        }
+    }
+}
+
+impl From<Ipv4Cidr> for IpCidr {
+    fn from(c: Ipv4Cidr) -> Self {
+        IpCidr::V4(c)
+    }
+}
+
+impl From<Ipv6Cidr> for IpCidr {
+    fn from(c: Ipv6Cidr) -> Self {
+        IpCidr::V6(c)
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IpCidr::V4(c) => c.fmt(f),
+            IpCidr::V6(c) => c.fmt(f),
+        }
+    }
+}
+
 /// A validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -342,16 +538,21 @@ pub struct Service {
     pub id: ObjectRef,
     /// spec.type.
     pub type_: ServiceType,
-    /// spec.clusterIPs / spec.clusterIP, IPv4 family.
+    /// spec.clusterIPs / spec.clusterIP.
     pub cluster_ip: ClusterIp,
+    /// The Service's IP families, primary first: those of its cluster IPs when they are
+    /// assigned; else `spec.ipFamilies`, or both for `RequireDualStack`, or IPv4.
+    pub ip_families: Vec<IpFamily>,
+    /// spec.ipFamilyPolicy.
+    pub ip_family_policy: IpFamilyPolicy,
     /// spec.ports.
     pub ports: Vec<ServicePort>,
-    /// spec.externalIPs (IPv4 ones).
-    pub external_ips: Vec<Ipv4Addr>,
-    /// status.loadBalancer.ingress entries with an IPv4 `ip`.
+    /// spec.externalIPs, both families.
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress entries with an `ip`.
     pub load_balancer_ingress: Vec<LoadBalancerIngress>,
-    /// spec.loadBalancerSourceRanges (IPv4 ones), as written (`0.0.0.0/0` included).
-    pub load_balancer_source_ranges: Vec<Ipv4Cidr>,
+    /// spec.loadBalancerSourceRanges, both families, as written (`0.0.0.0/0` included).
+    pub load_balancer_source_ranges: Vec<IpCidr>,
     /// spec.externalTrafficPolicy.
     pub external_traffic_policy: TrafficPolicy,
     /// spec.internalTrafficPolicy.
@@ -367,9 +568,9 @@ pub struct Service {
 /// `addressType` of an EndpointSlice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AddressType {
-    /// IPv4 addresses: the only kind the datapath uses.
+    /// IPv4 addresses.
     Ipv4,
-    /// IPv6 addresses: ignored.
+    /// IPv6 addresses.
     Ipv6,
     /// Domain names: ignored (kube-proxy ignores them too).
     Fqdn,
@@ -423,11 +624,22 @@ pub struct EndpointHints {
     pub for_nodes: BTreeSet<String>,
 }
 
-/// One endpoint of an EndpointSlice with an IPv4 address.
+impl AddressType {
+    /// The IP family of its addresses; `None` for FQDN.
+    pub const fn family(self) -> Option<IpFamily> {
+        match self {
+            AddressType::Ipv4 => Some(IpFamily::V4),
+            AddressType::Ipv6 => Some(IpFamily::V6),
+            AddressType::Fqdn => None,
+        }
+    }
+}
+
+/// One endpoint of an EndpointSlice with an IP address (of the slice's family).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// `addresses[0]` (consumers use only the first address).
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Conditions.
     pub conditions: EndpointConditions,
     /// The node hosting the endpoint.
@@ -450,7 +662,7 @@ pub struct EndpointSlice {
     pub address_type: AddressType,
     /// ports.
     pub ports: Vec<EndpointPort>,
-    /// endpoints; always empty unless `address_type` is IPv4.
+    /// endpoints, all of the slice's family; always empty for FQDN.
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -459,8 +671,8 @@ pub struct EndpointSlice {
 pub struct NodeInfo {
     /// The Node name (compared with `nodeName` of endpoints and `hints.forNodes`).
     pub name: String,
-    /// The addresses that NodePorts listen on.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The addresses that NodePorts listen on, both families.
+    pub addresses: Vec<IpAddr>,
     /// The node's `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
 }
@@ -558,27 +770,19 @@ fn dns1123_subdomain(s: &str) -> Result<(), &'static str> {
     dns_chars(s, true)
 }
 
-/// Parses an IP address; `Ok(None)` for an IPv6 one (ignored by this IPv4 datapath).
-fn parse_ipv4(
-    field: impl FnOnce() -> String,
-    value: &str,
-) -> Result<Option<Ipv4Addr>, ValidationError> {
-    match value.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
-        Ok(IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(ValidationError::InvalidIp {
+/// Parses an IP address of either family.
+fn parse_ip(field: impl FnOnce() -> String, value: &str) -> Result<IpAddr, ValidationError> {
+    value
+        .parse::<IpAddr>()
+        .map_err(|_| ValidationError::InvalidIp {
             field: field(),
             value: value.to_owned(),
-        }),
-    }
+        })
 }
 
-/// Parses a CIDR (surrounding whitespace allowed, as the API allows it in source ranges);
-/// `Ok(None)` for an IPv6 one.
-fn parse_cidr4(
-    field: impl FnOnce() -> String,
-    value: &str,
-) -> Result<Option<Ipv4Cidr>, ValidationError> {
+/// Parses a CIDR of either family (surrounding whitespace allowed, as the API allows it in
+/// source ranges).
+fn parse_cidr(field: impl FnOnce() -> String, value: &str) -> Result<IpCidr, ValidationError> {
     let invalid = |field: String| ValidationError::InvalidCidr {
         field,
         value: value.to_owned(),
@@ -592,13 +796,10 @@ fn parse_cidr4(
         Ok(n) if digits && (len == "0" || !len.starts_with('0')) => n,
         _ => return Err(invalid(field())),
     };
-    match addr.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => Ipv4Cidr::new(ip, len)
-            .map(Some)
-            .ok_or_else(|| invalid(field())),
-        Ok(IpAddr::V6(_)) if len <= 128 => Ok(None),
-        _ => Err(invalid(field())),
-    }
+    addr.parse::<IpAddr>()
+        .ok()
+        .and_then(|ip| IpCidr::new(ip, len))
+        .ok_or_else(|| invalid(field()))
 }
 
 fn port_number(field: impl FnOnce() -> String, value: i32) -> Result<u16, ValidationError> {
@@ -652,7 +853,7 @@ impl Service {
             }
         };
 
-        let cluster_ip = cluster_ip(spec)?;
+        let (cluster_ip, ip_families, ip_family_policy) = cluster_ip(spec)?;
         let ports = spec
             .ports
             .iter()
@@ -675,7 +876,7 @@ impl Service {
 
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            external_ips.extend(parse_ipv4(|| format!("spec.externalIPs[{i}]"), ip)?);
+            external_ips.push(parse_ip(|| format!("spec.externalIPs[{i}]"), ip)?);
         }
 
         let mut load_balancer_source_ranges = Vec::new();
@@ -685,7 +886,7 @@ impl Service {
             .flatten()
             .enumerate()
         {
-            load_balancer_source_ranges.extend(parse_cidr4(
+            load_balancer_source_ranges.push(parse_cidr(
                 || format!("spec.loadBalancerSourceRanges[{i}]"),
                 cidr,
             )?);
@@ -714,9 +915,8 @@ impl Service {
             let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
                 continue;
             };
-            if let Some(ip) = parse_ipv4(|| format!("{}.ip", field()), ip)? {
-                load_balancer_ingress.push(LoadBalancerIngress { ip, ip_mode });
-            }
+            let ip = parse_ip(|| format!("{}.ip", field()), ip)?;
+            load_balancer_ingress.push(LoadBalancerIngress { ip, ip_mode });
         }
 
         let session_affinity = match spec.session_affinity.as_deref() {
@@ -780,6 +980,8 @@ impl Service {
             id,
             type_,
             cluster_ip,
+            ip_families,
+            ip_family_policy,
             ports,
             external_ips,
             load_balancer_ingress,
@@ -799,7 +1001,38 @@ impl Service {
     }
 }
 
-fn cluster_ip(spec: &core::ServiceSpec) -> Result<ClusterIp, ValidationError> {
+/// The cluster IPs, IP families and family policy of a Service, checked as the API server
+/// checks them: `spec.clusterIP` is `spec.clusterIPs[0]`; at most one cluster IP per family;
+/// `spec.ipFamilies[i]` is the family of `spec.clusterIPs[i]`; `SingleStack` has one family,
+/// `RequireDualStack` (with assigned cluster IPs) both. Without a policy it is inferred as
+/// the API server does: `RequireDualStack` for two families, else `SingleStack`.
+fn cluster_ip(
+    spec: &core::ServiceSpec,
+) -> Result<(ClusterIp, Vec<IpFamily>, IpFamilyPolicy), ValidationError> {
+    let given = match spec.ip_family_policy.as_deref() {
+        None => None,
+        Some("SingleStack") => Some(IpFamilyPolicy::SingleStack),
+        Some("PreferDualStack") => Some(IpFamilyPolicy::PreferDualStack),
+        Some("RequireDualStack") => Some(IpFamilyPolicy::RequireDualStack),
+        Some(other) => {
+            return Err(ValidationError::UnsupportedValue {
+                field: "spec.ipFamilyPolicy".into(),
+                value: other.to_owned(),
+                expected: "SingleStack, PreferDualStack, RequireDualStack",
+            });
+        }
+    };
+    let mut families = Vec::new();
+    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+        let family = IpFamily::parse(|| format!("spec.ipFamilies[{i}]"), family)?;
+        if families.contains(&family) || i >= 2 {
+            return Err(ValidationError::Inconsistent {
+                field: format!("spec.ipFamilies[{i}]"),
+                reason: "at most one entry per family (IPv4, IPv6)".into(),
+            });
+        }
+        families.push(family);
+    }
     let single = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty());
     let list = spec.cluster_ips.as_deref().unwrap_or_default();
     if let (Some(single), Some(first)) = (single, list.first())
@@ -815,12 +1048,43 @@ fn cluster_ip(spec: &core::ServiceSpec) -> Result<ClusterIp, ValidationError> {
     } else {
         ("spec.clusterIPs", list.iter().map(String::as_str).collect())
     };
+    let two = families.len() == 2 || list.len() == 2;
+    let policy = given.unwrap_or(if two {
+        IpFamilyPolicy::RequireDualStack
+    } else {
+        IpFamilyPolicy::SingleStack
+    });
+    let check_policy = |families: &[IpFamily]| match policy {
+        IpFamilyPolicy::SingleStack if families.len() > 1 => Err(ValidationError::Inconsistent {
+            field: "spec.ipFamilyPolicy".into(),
+            reason: "SingleStack allows one IP family, but two are given".into(),
+        }),
+        _ => Ok(()),
+    };
     match ips.first() {
-        None => return Ok(ClusterIp::Unassigned),
-        Some(&"None") => return Ok(ClusterIp::Headless),
+        None => {
+            check_policy(&families)?;
+            if families.is_empty() {
+                families = match policy {
+                    IpFamilyPolicy::RequireDualStack => IpFamily::ALL.to_vec(),
+                    _ => vec![IpFamily::V4],
+                };
+            } else if policy == IpFamilyPolicy::RequireDualStack && families.len() < 2 {
+                return Err(ValidationError::Inconsistent {
+                    field: "spec.ipFamilies".into(),
+                    reason: "RequireDualStack needs both IP families".into(),
+                });
+            }
+            return Ok((ClusterIp::Unassigned, families, policy));
+        }
+        Some(&"None") => {
+            check_policy(&families)?;
+            return Ok((ClusterIp::Headless, families, policy));
+        }
         Some(_) => {}
     }
-    let mut v4 = None;
+    let mut assigned = ClusterIps::default();
+    let mut ip_families = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         let field = || {
             if list.is_empty() {
@@ -829,11 +1093,42 @@ fn cluster_ip(spec: &core::ServiceSpec) -> Result<ClusterIp, ValidationError> {
                 format!("{field}[{i}]")
             }
         };
-        if let Some(ip) = parse_ipv4(field, ip)? {
-            v4.get_or_insert(ip);
+        let ip = parse_ip(field, ip)?;
+        let family = IpFamily::of(&ip);
+        if ip_families.contains(&family) || i >= 2 {
+            return Err(ValidationError::Inconsistent {
+                field: field(),
+                reason: format!("{ip} is a second {family} cluster IP (at most one per family)"),
+            });
+        }
+        if let Some(&want) = families.get(i)
+            && want != family
+        {
+            return Err(ValidationError::Inconsistent {
+                field: format!("spec.ipFamilies[{i}]"),
+                reason: format!("{want} does not match {}: {ip} is {family}", field()),
+            });
+        }
+        ip_families.push(family);
+        match ip {
+            IpAddr::V4(ip) => assigned.v4 = Some(ip),
+            IpAddr::V6(ip) => assigned.v6 = Some(ip),
         }
     }
-    Ok(ClusterIp::Assigned(v4))
+    if let Some(extra) = families.get(ip_families.len()) {
+        return Err(ValidationError::Inconsistent {
+            field: format!("spec.ipFamilies[{}]", ip_families.len()),
+            reason: format!("{extra} is listed but {field} has no {extra} address"),
+        });
+    }
+    check_policy(&ip_families)?;
+    if policy == IpFamilyPolicy::RequireDualStack && ip_families.len() < 2 {
+        return Err(ValidationError::Inconsistent {
+            field: field.to_owned(),
+            reason: "ipFamilyPolicy RequireDualStack needs a cluster IP of each family".into(),
+        });
+    }
+    Ok((ClusterIp::Assigned(assigned), ip_families, policy))
 }
 
 fn service_port(i: usize, p: &core::ServicePort) -> Result<ServicePort, ValidationError> {
@@ -859,8 +1154,8 @@ fn service_port(i: usize, p: &core::ServicePort) -> Result<ServicePort, Validati
 }
 
 impl EndpointSlice {
-    /// Validates an EndpointSlice from the API (or a manifest). Slices of another address type
-    /// than IPv4 are kept without endpoints.
+    /// Validates an EndpointSlice from the API (or a manifest). FQDN slices are kept without
+    /// endpoints.
     pub fn from_k8s(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, ValidationError> {
         let id = object_ref(&slice.metadata, dns1123_subdomain)?;
         let service_name = slice
@@ -912,19 +1207,18 @@ impl EndpointSlice {
                     field: format!("endpoints[{i}].addresses"),
                 });
             };
-            if address_type != AddressType::Ipv4 {
+            let Some(family) = address_type.family() else {
                 continue;
-            }
-            let field = || format!("endpoints[{i}].addresses[0]");
-            let address = match parse_ipv4(field, first)? {
-                Some(ip) => ip,
-                None => {
-                    return Err(ValidationError::NotIpv4 {
-                        field: format!("endpoints[{i}].addresses[0]"),
-                        value: first.clone(),
-                    });
-                }
             };
+            let field = || format!("endpoints[{i}].addresses[0]");
+            let address = parse_ip(field, first)?;
+            if IpFamily::of(&address) != family {
+                return Err(ValidationError::WrongFamily {
+                    field: field(),
+                    value: first.clone(),
+                    family,
+                });
+            }
             let conditions = ep
                 .conditions
                 .as_ref()
@@ -973,11 +1267,13 @@ impl EndpointSlice {
     /// one slice per subset (a subset's addresses share its ports, like a slice's), labelled
     /// with the Endpoints' name as Service name; `addresses` become ready endpoints,
     /// `notReadyAddresses` not-ready ones (serving and terminating left unset, as the mirroring
-    /// controller leaves them). IPv6 addresses are dropped. An Endpoints object labelled
-    /// `endpointslice.kubernetes.io/skip-mirror: "true"` gives no slices.
+    /// controller leaves them). A subset's IPv6 addresses go to a slice of their own (a
+    /// slice has one address type), made only when there are some. An Endpoints object
+    /// labelled `endpointslice.kubernetes.io/skip-mirror: "true"` gives no slices.
     ///
-    /// The slices are named `<name>:endpoints:<subset index>`; a real EndpointSlice name cannot
-    /// contain `:`, so they never collide with one.
+    /// The slices are named `<name>:endpoints:<subset index>` (IPv4) and
+    /// `<name>:endpoints6:<subset index>` (IPv6); a real EndpointSlice name cannot contain
+    /// `:`, so they never collide with one.
     pub fn from_k8s_endpoints(ep: &core::Endpoints) -> Result<Vec<EndpointSlice>, ValidationError> {
         let id = object_ref(&ep.metadata, dns1123_subdomain)?;
         let labels = ep.metadata.labels.as_ref();
@@ -1009,6 +1305,7 @@ impl EndpointSlice {
                 true,
             )?;
             let mut endpoints = Vec::new();
+            let mut endpoints6 = Vec::new();
             let lists = [
                 ("addresses", &subset.addresses, true),
                 ("notReadyAddresses", &subset.not_ready_addresses, false),
@@ -1016,10 +1313,12 @@ impl EndpointSlice {
             for (list, addresses, ready) in lists {
                 for (i, a) in addresses.iter().flatten().enumerate() {
                     let field = || format!("subsets[{s}].{list}[{i}].ip");
-                    let Some(address) = parse_ipv4(field, &a.ip)? else {
-                        continue;
+                    let address = parse_ip(field, &a.ip)?;
+                    let list = match address {
+                        IpAddr::V4(_) => &mut endpoints,
+                        IpAddr::V6(_) => &mut endpoints6,
                     };
-                    endpoints.push(Endpoint {
+                    list.push(Endpoint {
                         address,
                         conditions: EndpointConditions {
                             ready: Some(ready),
@@ -1032,6 +1331,13 @@ impl EndpointSlice {
                     });
                 }
             }
+            let v6 = (!endpoints6.is_empty()).then(|| EndpointSlice {
+                id: ObjectRef::new(id.namespace.clone(), format!("{}:endpoints6:{s}", id.name)),
+                service_name: Some(id.name.clone()),
+                address_type: AddressType::Ipv6,
+                ports: ports.clone(),
+                endpoints: endpoints6,
+            });
             slices.push(EndpointSlice {
                 id: ObjectRef::new(id.namespace.clone(), format!("{}:endpoints:{s}", id.name)),
                 service_name: Some(id.name.clone()),
@@ -1039,6 +1345,7 @@ impl EndpointSlice {
                 ports,
                 endpoints,
             });
+            slices.extend(v6);
         }
         Ok(slices)
     }
@@ -1074,7 +1381,12 @@ spec:
             Service {
                 id: ObjectRef::new("default", "httpd-svc"),
                 type_: ServiceType::ClusterIp,
-                cluster_ip: ClusterIp::Assigned(Some(Ipv4Addr::new(10, 96, 0, 10))),
+                cluster_ip: ClusterIp::Assigned(ClusterIps {
+                    v4: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                    v6: None
+                }),
+                ip_families: vec![IpFamily::V4],
+                ip_family_policy: IpFamilyPolicy::SingleStack,
                 ports: vec![ServicePort {
                     name: String::new(),
                     protocol: Protocol::Tcp,
@@ -1131,32 +1443,55 @@ spec:
   - {name: dns, port: 53, protocol: UDP}
 status:
   loadBalancer:
-    ingress: [{ip: 198.51.100.1}, {hostname: lb.example}, {ip: 198.51.100.2, ipMode: Proxy}]
+    ingress: [{ip: 198.51.100.1}, {hostname: lb.example}, {ip: 198.51.100.2, ipMode: Proxy}, {ip: '2001:db8::7'}]
 ")
         .unwrap();
         assert_eq!(s.type_, ServiceType::LoadBalancer);
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
         assert_eq!(
             s.cluster_ip,
-            ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 1)))
+            ClusterIp::Assigned(ClusterIps {
+                v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                v6: Some(v6("fd00::1"))
+            })
         );
-        assert_eq!(s.external_ips, vec![Ipv4Addr::new(192, 0, 2, 1)]);
+        assert_eq!(s.ip_families, vec![IpFamily::V4, IpFamily::V6]);
+        // Two cluster IPs and no policy: inferred as the API server does.
+        assert_eq!(s.ip_family_policy, IpFamilyPolicy::RequireDualStack);
+        assert_eq!(
+            s.external_ips,
+            vec![
+                IpAddr::from(Ipv4Addr::new(192, 0, 2, 1)),
+                v6("2001:db8::1").into()
+            ]
+        );
         assert_eq!(
             s.load_balancer_source_ranges,
-            vec![Ipv4Cidr {
-                addr: Ipv4Addr::new(10, 0, 0, 0),
-                prefix_len: 8
-            }]
+            vec![
+                IpCidr::V4(Ipv4Cidr {
+                    addr: Ipv4Addr::new(10, 0, 0, 0),
+                    prefix_len: 8
+                }),
+                IpCidr::V6(Ipv6Cidr {
+                    addr: v6("2001:db8::"),
+                    prefix_len: 32
+                })
+            ]
         );
         assert_eq!(
             s.load_balancer_ingress,
             vec![
                 LoadBalancerIngress {
-                    ip: Ipv4Addr::new(198, 51, 100, 1),
+                    ip: Ipv4Addr::new(198, 51, 100, 1).into(),
                     ip_mode: IpMode::Vip
                 },
                 LoadBalancerIngress {
-                    ip: Ipv4Addr::new(198, 51, 100, 2),
+                    ip: Ipv4Addr::new(198, 51, 100, 2).into(),
                     ip_mode: IpMode::Proxy
+                },
+                LoadBalancerIngress {
+                    ip: v6("2001:db8::7").into(),
+                    ip_mode: IpMode::Vip
                 },
             ]
         );
@@ -1187,17 +1522,70 @@ status:
             ))
             .map(|s| s.cluster_ip)
         };
+        let ips = |v4: Option<[u8; 4]>, v6: Option<&str>| {
+            ClusterIp::Assigned(ClusterIps {
+                v4: v4.map(Ipv4Addr::from),
+                v6: v6.map(|s| s.parse().unwrap()),
+            })
+        };
         assert_eq!(with("{}"), Ok(ClusterIp::Unassigned));
         assert_eq!(with("{clusterIP: ''}"), Ok(ClusterIp::Unassigned));
         assert_eq!(with("{clusterIP: None}"), Ok(ClusterIp::Headless));
         assert_eq!(
             with("{clusterIPs: ['fd00::1']}"),
-            Ok(ClusterIp::Assigned(None))
+            Ok(ips(None, Some("fd00::1")))
         );
         assert_eq!(
             with("{clusterIPs: ['fd00::1', 10.0.0.2]}"),
-            Ok(ClusterIp::Assigned(Some(Ipv4Addr::new(10, 0, 0, 2))))
+            Ok(ips(Some([10, 0, 0, 2]), Some("fd00::1")))
         );
+    }
+
+    #[test]
+    fn ip_families_and_policies() {
+        let with = |spec: &str| {
+            svc(&format!(
+                "{{metadata: {{name: a}}, apiVersion: v1, kind: Service, spec: {spec}}}"
+            ))
+            .map(|s| (s.ip_families, s.ip_family_policy))
+        };
+        use IpFamily::{V4, V6};
+        use IpFamilyPolicy::*;
+        let cases: &[(&str, Vec<IpFamily>, IpFamilyPolicy)] = &[
+            ("{clusterIP: 10.0.0.1}", vec![V4], SingleStack),
+            ("{clusterIPs: ['fd00::1']}", vec![V6], SingleStack),
+            (
+                "{clusterIPs: ['fd00::1', 10.0.0.1], ipFamilies: [IPv6, IPv4]}",
+                vec![V6, V4],
+                RequireDualStack,
+            ),
+            (
+                "{clusterIPs: [10.0.0.1], ipFamilies: [IPv4], ipFamilyPolicy: PreferDualStack}",
+                vec![V4],
+                PreferDualStack,
+            ),
+            (
+                "{clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilyPolicy: PreferDualStack}",
+                vec![V4, V6],
+                PreferDualStack,
+            ),
+            // Hand-written, no cluster IPs: the families asked for.
+            ("{ipFamilies: [IPv6]}", vec![V6], SingleStack),
+            (
+                "{ipFamilyPolicy: RequireDualStack}",
+                vec![V4, V6],
+                RequireDualStack,
+            ),
+            (
+                "{ipFamilyPolicy: PreferDualStack}",
+                vec![V4],
+                PreferDualStack,
+            ),
+            ("{}", vec![V4], SingleStack),
+        ];
+        for (spec, families, policy) in cases {
+            assert_eq!(with(spec), Ok((families.clone(), *policy)), "for {spec}");
+        }
     }
 
     #[test]
@@ -1266,6 +1654,50 @@ status:
             (
                 "{status: {loadBalancer: {ingress: [{ip: x}]}}}",
                 "status.loadBalancer.ingress[0].ip: \"x\" is not an IP address",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilies: [IPv6, IPv4]}}",
+                "spec.ipFamilies[0]: IPv6 does not match spec.clusterIPs[0]: 10.0.0.1 is IPv4",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.1], ipFamilies: [IPv4, IPv6]}}",
+                "spec.ipFamilies[1]: IPv6 is listed but spec.clusterIPs has no IPv6 address",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.1, 10.0.0.2]}}",
+                "spec.clusterIPs[1]: 10.0.0.2 is a second IPv4 cluster IP (at most one per family)",
+            ),
+            (
+                "{spec: {clusterIPs: ['fd00::1', 'fd00:::2']}}",
+                "spec.clusterIPs[1]: \"fd00:::2\" is not an IP address",
+            ),
+            (
+                "{spec: {clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilyPolicy: SingleStack}}",
+                "spec.ipFamilyPolicy: SingleStack allows one IP family, but two are given",
+            ),
+            (
+                "{spec: {clusterIPs: ['fd00::1'], ipFamilyPolicy: RequireDualStack}}",
+                "spec.clusterIPs: ipFamilyPolicy RequireDualStack needs a cluster IP of each family",
+            ),
+            (
+                "{spec: {ipFamilies: [IPv4, IPv4]}}",
+                "spec.ipFamilies[1]: at most one entry per family (IPv4, IPv6)",
+            ),
+            (
+                "{spec: {ipFamilies: [IPv7]}}",
+                "spec.ipFamilies[0]: unsupported value \"IPv7\", expected one of IPv4, IPv6",
+            ),
+            (
+                "{spec: {ipFamilyPolicy: DualStack}}",
+                "spec.ipFamilyPolicy: unsupported value \"DualStack\", expected one of SingleStack, PreferDualStack, RequireDualStack",
+            ),
+            (
+                "{spec: {externalIPs: ['2001:db8::g']}}",
+                "spec.externalIPs[0]: \"2001:db8::g\" is not an IP address",
+            ),
+            (
+                "{spec: {loadBalancerSourceRanges: ['2001:db8::/129']}}",
+                "spec.loadBalancerSourceRanges[0]: \"2001:db8::/129\" is not a CIDR (address/prefix-length)",
             ),
         ];
         for (body, want) in cases {
@@ -1358,19 +1790,38 @@ endpoints:
     }
 
     #[test]
-    fn ipv6_slices_keep_no_endpoints() {
+    fn ipv6_slices_keep_their_endpoints_and_fqdn_ones_none() {
         let s = slice(
             "
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
 addressType: IPv6
-endpoints: [{addresses: ['fd00::1']}]
+endpoints: [{addresses: ['fd00::1'], nodeName: n1}, {addresses: ['FD00:0::2'], conditions: {ready: false}}]
 ",
         )
         .unwrap();
         assert_eq!(s.address_type, AddressType::Ipv6);
-        assert!(s.endpoints.is_empty());
+        let addrs: Vec<(String, bool)> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.conditions.is_ready()))
+            .collect();
+        assert_eq!(
+            addrs,
+            [("fd00::1".to_owned(), true), ("fd00::2".to_owned(), false)]
+        );
+        let fqdn = slice(
+            "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-dns}
+addressType: FQDN
+endpoints: [{addresses: [web.example]}]
+",
+        )
+        .unwrap();
+        assert!(fqdn.endpoints.is_empty());
     }
 
     #[test]
@@ -1383,6 +1834,14 @@ endpoints: [{addresses: ['fd00::1']}]
             (
                 "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]",
                 "endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 address (the slice's addressType is IPv4)",
+            ),
+            (
+                "addressType: IPv6\nendpoints: [{addresses: [10.0.0.1]}]",
+                "endpoints[0].addresses[0]: \"10.0.0.1\" is not an IPv6 address (the slice's addressType is IPv6)",
+            ),
+            (
+                "addressType: IPv6\nendpoints: [{addresses: ['fd00::1::2']}]",
+                "endpoints[0].addresses[0]: \"fd00::1::2\" is not an IP address",
             ),
             (
                 "addressType: IPv4\nendpoints: [{addresses: []}]",
@@ -1422,8 +1881,21 @@ subsets:
         )
         .unwrap();
         let slices = EndpointSlice::from_k8s_endpoints(&ep).unwrap();
-        assert_eq!(slices.len(), 2);
+        assert_eq!(slices.len(), 3);
         assert_eq!(slices[0].id, ObjectRef::new("shop", "ext:endpoints:0"));
+        // The subset's IPv6 address: a slice of its own, with the subset's ports.
+        assert_eq!(slices[1].id, ObjectRef::new("shop", "ext:endpoints6:0"));
+        assert_eq!(slices[1].address_type, AddressType::Ipv6);
+        assert_eq!(slices[1].ports, slices[0].ports);
+        assert_eq!(
+            slices[1]
+                .endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect::<Vec<_>>(),
+            ["2001:db8::1"]
+        );
+        let slices = [slices[0].clone(), slices[2].clone()];
         assert_eq!(slices[0].service_name.as_deref(), Some("ext"));
         let addrs: Vec<_> = slices[0]
             .endpoints
@@ -1433,8 +1905,8 @@ subsets:
         assert_eq!(
             addrs,
             vec![
-                (Ipv4Addr::new(192, 0, 2, 10), Some(true), Some("n1")),
-                (Ipv4Addr::new(192, 0, 2, 11), Some(false), None)
+                (Ipv4Addr::new(192, 0, 2, 10).into(), Some(true), Some("n1")),
+                (Ipv4Addr::new(192, 0, 2, 11).into(), Some(false), None)
             ]
         );
         assert_eq!(

@@ -190,7 +190,7 @@ spec: {ports: [{port: 70000}]}
     fn the_plan_shows_policies_backends_and_errors() {
         let node = NodeInfo {
             name: "here".into(),
-            addresses: vec![Ipv4Addr::new(192, 168, 1, 5)],
+            addresses: vec![Ipv4Addr::new(192, 168, 1, 5).into()],
             zone: None,
         };
         let plan = plan_of(SERVICE, &node);

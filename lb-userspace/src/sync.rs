@@ -24,6 +24,13 @@
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
 //!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
+//! Both IP families go through the same steps: an IPv6 frontend's service entry, reverse NAT
+//! and source ranges are in the v6 maps (`lb_common::map_names::SERVICES6`, `REV_NAT6`,
+//! `SOURCE_RANGES6`), its backends in `BACKENDS6`; service ids, backend ids (an id is in one
+//! of the two backends maps), the Maglev tables and the pre-filter
+//! (`lb_common::prefilter::bucket6`) are shared. A frontend's backends are of its family
+//! ([`SyncError::MixedFamilies`] otherwise).
+//!
 //! The Maglev table (what new flows choose from) holds a frontend's active backends; its
 //! terminating backends only when it has no active one (kube-proxy's fallback). A
 //! terminating backend keeps its backend entry while it is listed, so the flows conntrack
@@ -44,24 +51,24 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Frontend4,
-    MAX_SERVICES, RevNat4, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
-    SERVICE_F_TABLE_B, Service,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
+    Frontend4, Frontend6, MAX_SERVICES, RevNat4, RevNat6, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
 use thiserror::Error;
 
 use crate::{
-    desired::{DesiredState, Frontend, FrontendPlan, Selection},
+    desired::{DesiredState, Frontend, FrontendKey, FrontendPlan, Selection},
     maglev::{self, BackendIdentity, MaglevError},
-    model::{self, Ipv4Cidr},
+    model::{self, IpCidr, IpFamily, Ipv4Cidr, Ipv6Cidr},
 };
 
 /// Why one map operation failed.
@@ -128,6 +135,17 @@ pub enum SyncError {
         #[source]
         source: MaglevError,
     },
+    /// A backend of another family than its frontend's (a frontend's Maglev table names
+    /// backends of its own family only).
+    #[error("frontend {frontend} ({service}): backend {backend} is not of the frontend's family")]
+    MixedFamilies {
+        /// The frontend.
+        frontend: Frontend,
+        /// The Service port it belongs to.
+        service: String,
+        /// The backend's address.
+        backend: IpAddr,
+    },
     /// No service id is free: there is one per frontend, as many as the services map holds.
     #[error(
         "frontend {frontend}: all {max} service ids are in use (one per frontend){}",
@@ -151,7 +169,7 @@ impl SyncError {
         match self {
             SyncError::Map { source, .. } | SyncError::Cleanup(source) => Some(source.map()),
             SyncError::OutOfServiceIds { .. } => Some(map_names::SERVICES),
-            SyncError::Maglev { .. } => None,
+            SyncError::Maglev { .. } | SyncError::MixedFamilies { .. } => None,
         }
     }
 }
@@ -212,14 +230,22 @@ pub struct TableInfo {
 pub struct MapContents {
     /// Services map entries.
     pub services: Vec<(Frontend4, Service)>,
+    /// IPv6 services map entries.
+    pub services6: Vec<(Frontend6, Service)>,
     /// Backends map entries.
     pub backends: Vec<(u32, Backend4)>,
+    /// IPv6 backends map entries.
+    pub backends6: Vec<(u32, Backend6)>,
     /// Reverse-NAT map entries.
     pub rev_nat: Vec<(u32, RevNat4)>,
+    /// IPv6 reverse-NAT map entries.
+    pub rev_nat6: Vec<(u32, RevNat6)>,
     /// The Maglev tables, by their key in the Maglev map (`lb_common::maglev::table_key`).
     pub tables: Vec<(u32, TableInfo)>,
     /// Source ranges, by service id.
     pub source_ranges: Vec<(u32, Ipv4Cidr)>,
+    /// IPv6 source ranges, by service id.
+    pub source_ranges6: Vec<(u32, Ipv6Cidr)>,
     /// The pre-filter bitmap's non-zero words, by index.
     pub prefilter: Vec<(u32, u64)>,
 }
@@ -253,6 +279,11 @@ pub trait DatapathMaps {
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError>;
     /// Deletes a backend and its counters.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
+    /// Writes (creates or replaces) an IPv6 backend (and creates its counters when it is
+    /// new). Its id is not in the IPv4 backends map.
+    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError>;
+    /// Deletes an IPv6 backend and its counters.
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table
     /// entry; `backends` distinct ones). Returns its id and a handle for [`Self::put_tables`].
     fn build_table(
@@ -282,14 +313,26 @@ pub trait DatapathMaps {
     fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
     /// Removes `range` from the sources of `service_id`.
     fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
+    /// Allows the IPv6 `range` as a source of `service_id`.
+    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError>;
+    /// Removes the IPv6 `range` from the sources of `service_id`.
+    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError>;
     /// Writes a reverse-NAT entry.
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError>;
     /// Deletes a reverse-NAT entry.
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError>;
+    /// Writes an IPv6 reverse-NAT entry.
+    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError>;
+    /// Deletes an IPv6 reverse-NAT entry.
+    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Writes a service entry.
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError>;
     /// Deletes a service entry.
     fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError>;
+    /// Writes an IPv6 service entry.
+    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError>;
+    /// Deletes an IPv6 service entry.
+    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError>;
     /// Writes word `index` of the destination pre-filter bitmap.
     fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError>;
     /// Reads everything back.
@@ -341,8 +384,8 @@ struct Programmed {
     service: Option<Service>,
     /// Its tables in the Maglev map: under key `id` and key `id | KEY_TABLE_B`.
     slots: [Option<Slot>; 2],
-    /// Its source ranges in the source-range map.
-    ranges: BTreeSet<Ipv4Cidr>,
+    /// Its source ranges in the source-range map of its family.
+    ranges: BTreeSet<IpCidr>,
     rev_nat: bool,
     /// Counted in its pre-filter bucket (whose bit is then set): from before its service
     /// entry is first written until after that entry is deleted.
@@ -388,22 +431,67 @@ impl Programmed {
     }
 }
 
-type BackendKey = (u32, u16, u8);
+/// A backend as its family's backends map holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendEntry {
+    V4(Backend4),
+    V6(Backend6),
+}
 
-fn backend_key(b: &Backend4) -> BackendKey {
-    (b.addr, b.port, b.proto)
+impl BackendEntry {
+    fn state(&self) -> u8 {
+        match self {
+            BackendEntry::V4(b) => b.state,
+            BackendEntry::V6(b) => b.state,
+        }
+    }
+
+    fn with_state(self, state: u8) -> Self {
+        match self {
+            BackendEntry::V4(b) => BackendEntry::V4(Backend4 { state, ..b }),
+            BackendEntry::V6(b) => BackendEntry::V6(Backend6 { state, ..b }),
+        }
+    }
+
+    fn key(&self) -> BackendKey {
+        match self {
+            BackendEntry::V4(b) => (Ipv4Addr::from(b.octets()).into(), b.port, b.proto),
+            BackendEntry::V6(b) => (Ipv6Addr::from(b.octets()).into(), b.port, b.proto),
+        }
+    }
+
+    fn identity(&self) -> BackendIdentity {
+        match self {
+            BackendEntry::V4(b) => backend_identity(b),
+            BackendEntry::V6(b) => backend6_identity(b),
+        }
+    }
+}
+
+/// Address, port (network byte order) and protocol: one backend entry each.
+type BackendKey = (IpAddr, u16, u8);
+
+fn identity_proto(proto: u8) -> model::Protocol {
+    if proto == lb_common::PROTO_UDP {
+        model::Protocol::Udp
+    } else {
+        model::Protocol::Tcp
+    }
 }
 
 /// The stable identity of a backend that its place in a Maglev table derives from.
 pub fn backend_identity(b: &Backend4) -> BackendIdentity {
-    let proto = if b.proto == lb_common::PROTO_UDP {
-        model::Protocol::Udp
-    } else {
-        model::Protocol::Tcp
-    };
     BackendIdentity::new(
-        SocketAddrV4::new(Ipv4Addr::from(b.octets()), b.port()).into(),
-        proto,
+        SocketAddr::new(Ipv4Addr::from(b.octets()).into(), b.port()),
+        identity_proto(b.proto),
+    )
+}
+
+/// [`backend_identity`] of an IPv6 backend.
+pub fn backend6_identity(b: &Backend6) -> BackendIdentity {
+    BackendIdentity::new(
+        SocketAddr::new(Ipv6Addr::from(b.octets()).into(), b.port()),
+        identity_proto(b.proto),
     )
 }
 
@@ -431,13 +519,13 @@ pub struct ApplyReport {
 /// A wanted frontend during an apply: what it is to become, taken out of the bookkeeping
 /// until its writes are done.
 struct Pending {
-    key: Frontend4,
+    key: FrontendKey,
     frontend: Frontend,
     service_name: String,
     programmed: Programmed,
     /// The table it needs; `None` when it has no backend.
     table: Option<TableKey>,
-    ranges: BTreeSet<Ipv4Cidr>,
+    ranges: BTreeSet<IpCidr>,
     service: Service,
     /// The slot its table is in, which its service entry is to select.
     slot: usize,
@@ -495,9 +583,12 @@ fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable)
     }
 }
 
-/// The pre-filter bucket of a frontend.
-fn bucket_of(key: &Frontend4) -> u32 {
-    prefilter::bucket(key.addr, key.port, key.proto)
+/// The pre-filter bucket of a frontend (both families share the bitmap).
+fn bucket_of(key: &FrontendKey) -> u32 {
+    match key {
+        FrontendKey::V4(k) => prefilter::bucket(k.addr, k.port, k.proto),
+        FrontendKey::V6(k) => prefilter::bucket6(k.addr, k.port, k.proto),
+    }
 }
 
 /// The pre-filter bitmap as the map holds it, and how many frontends each bucket counts.
@@ -525,8 +616,9 @@ impl Prefilter {
 pub struct Syncer<M> {
     maps: M,
     config: SyncConfig,
-    frontends: BTreeMap<Frontend4, Programmed>,
-    backends: HashMap<u32, Backend4>,
+    frontends: BTreeMap<FrontendKey, Programmed>,
+    /// Backends of both families (one id space).
+    backends: HashMap<u32, BackendEntry>,
     backend_ids: HashMap<BackendKey, u32>,
     /// REMOVED backends and when they were marked so.
     removed: HashMap<u32, Instant>,
@@ -541,9 +633,9 @@ pub struct Syncer<M> {
     next_backend_id: u32,
     ops: usize,
     /// Wanted frontends whose last apply failed.
-    unprogrammed: BTreeSet<Frontend4>,
+    unprogrammed: BTreeSet<FrontendKey>,
     /// Frontends adopted from the pinned maps that no apply has wanted yet.
-    adopted: BTreeSet<Frontend4>,
+    adopted: BTreeSet<FrontendKey>,
     /// When the first complete view was applied: the orphans' grace period starts then.
     first_view: Option<Instant>,
 }
@@ -575,22 +667,41 @@ impl<M: DatapathMaps> Syncer<M> {
             next_backend_id: 1,
             ops: 0,
             unprogrammed: BTreeSet::new(),
-            adopted: contents.services.iter().map(|(key, _)| *key).collect(),
+            adopted: BTreeSet::new(),
             first_view: None,
         };
+        let services: Vec<(FrontendKey, Service)> = (contents.services.iter())
+            .map(|(k, s)| (FrontendKey::V4(*k), *s))
+            .chain((contents.services6.iter()).map(|(k, s)| (FrontendKey::V6(*k), *s)))
+            .collect();
+        syncer.adopted = services.iter().map(|(key, _)| *key).collect();
         let tables: HashMap<u32, &TableInfo> =
             contents.tables.iter().map(|(id, t)| (*id, t)).collect();
-        let mut ranges: HashMap<u32, BTreeSet<Ipv4Cidr>> = HashMap::new();
-        for (id, range) in &contents.source_ranges {
-            ranges.entry(*id).or_default().insert(*range);
+        // Source ranges and reverse-NAT entries by service id and family.
+        let mut ranges: HashMap<(u32, IpFamily), BTreeSet<IpCidr>> = HashMap::new();
+        let all_ranges = (contents.source_ranges.iter())
+            .map(|(id, r)| (*id, IpCidr::V4(*r)))
+            .chain((contents.source_ranges6.iter()).map(|(id, r)| (*id, IpCidr::V6(*r))));
+        for (id, range) in all_ranges {
+            ranges
+                .entry((id, range.family()))
+                .or_default()
+                .insert(range);
         }
-        for (key, service) in &contents.services {
+        let rev_nat: BTreeSet<(u32, IpFamily)> = (contents.rev_nat.iter())
+            .map(|(id, _)| (*id, IpFamily::V4))
+            .chain((contents.rev_nat6.iter()).map(|(id, _)| (*id, IpFamily::V6)))
+            .collect();
+        let mut live_ids: BTreeSet<(u32, IpFamily)> = BTreeSet::new();
+        for (key, service) in &services {
+            let family = key.family();
+            live_ids.insert((service.id, family));
             let mut programmed = Programmed {
                 id: service.id,
                 service: Some(*service),
                 slots: [None, None],
-                ranges: ranges.remove(&service.id).unwrap_or_default(),
-                rev_nat: contents.rev_nat.iter().any(|(id, _)| *id == service.id),
+                ranges: ranges.remove(&(service.id, family)).unwrap_or_default(),
+                rev_nat: rev_nat.contains(&(service.id, family)),
                 prefiltered: true,
                 members: Vec::new(),
             };
@@ -614,14 +725,14 @@ impl<M: DatapathMaps> Syncer<M> {
             syncer.used_service_ids.insert(service.id);
             syncer.frontends.insert(*key, programmed);
         }
-        for (id, backend) in &contents.backends {
-            syncer.backends.insert(*id, *backend);
-            syncer
-                .backend_ids
-                .entry(backend_key(backend))
-                .or_insert(*id);
-            if backend.state == BACKEND_REMOVED {
-                syncer.removed.insert(*id, now);
+        let backends = (contents.backends.iter())
+            .map(|(id, b)| (*id, BackendEntry::V4(*b)))
+            .chain((contents.backends6.iter()).map(|(id, b)| (*id, BackendEntry::V6(*b))));
+        for (id, backend) in backends {
+            syncer.backends.insert(id, backend);
+            syncer.backend_ids.entry(backend.key()).or_insert(id);
+            if backend.state() == BACKEND_REMOVED {
+                syncer.removed.insert(id, now);
             }
         }
         syncer.next_service_id = syncer.used_service_ids.last().map_or(1, |id| id + 1);
@@ -648,14 +759,18 @@ impl<M: DatapathMaps> Syncer<M> {
             .filter(|key| !syncer.used_service_ids.contains(&(key & !KEY_TABLE_B)))
             .collect();
         syncer.maps.delete_tables(&leftover).map_err(|e| e.error)?;
-        for (id, stale) in ranges {
+        // (Those of the other family than the service's are leftovers too.)
+        for ((id, _), stale) in ranges {
             for range in stale {
-                syncer.maps.delete_source_range(id, range)?;
+                delete_source_range(&mut syncer.maps, id, range)?;
             }
         }
-        for (id, _) in &contents.rev_nat {
-            if !syncer.used_service_ids.contains(id) {
-                syncer.maps.delete_rev_nat(*id)?;
+        for &(id, family) in &rev_nat {
+            if !live_ids.contains(&(id, family)) {
+                match family {
+                    IpFamily::V4 => syncer.maps.delete_rev_nat(id)?,
+                    IpFamily::V6 => syncer.maps.delete_rev_nat6(id)?,
+                }
             }
         }
         Ok(syncer)
@@ -672,7 +787,7 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 
     /// The service id of each programmed frontend.
-    pub fn service_ids(&self) -> impl Iterator<Item = (Frontend4, u32)> + '_ {
+    pub fn service_ids(&self) -> impl Iterator<Item = (FrontendKey, u32)> + '_ {
         self.frontends
             .iter()
             .filter(|(_, p)| p.service.is_some())
@@ -711,14 +826,14 @@ impl<M: DatapathMaps> Syncer<M> {
     /// still sees them in order), so that the tables of all frontends are swapped in with
     /// one system call, and the unused ones removed with another.
     pub fn apply_at(&mut self, desired: &DesiredState, now: Instant) -> ApplyReport {
-        let wanted: BTreeMap<Frontend4, (&Frontend, &FrontendPlan)> = desired
+        let wanted: BTreeMap<FrontendKey, (&Frontend, &FrontendPlan)> = desired
             .frontends
             .iter()
             .map(|(f, plan)| (f.key(), (f, plan)))
             .collect();
         // The first complete view: the orphans' grace period starts.
         self.first_view.get_or_insert(now);
-        let stale: Vec<Frontend4> = self
+        let stale: Vec<FrontendKey> = self
             .frontends
             .keys()
             .filter(|k| !wanted.contains_key(k))
@@ -773,7 +888,7 @@ impl<M: DatapathMaps> Syncer<M> {
         // Orphans whose grace has ended go too (`desired` is complete: what it lacks is not
         // wanted).
         if self.next_orphan_deadline().is_some_and(|end| now >= end) {
-            let listed: BTreeSet<Frontend4> = desired.frontends.keys().map(|f| f.key()).collect();
+            let listed: BTreeSet<FrontendKey> = desired.frontends.keys().map(|f| f.key()).collect();
             for key in &self.adopted {
                 if !listed.contains(key) && !stale.contains(key) {
                     stale.push(*key);
@@ -799,8 +914,8 @@ impl<M: DatapathMaps> Syncer<M> {
     /// the unused ones removed with another.
     fn apply_scoped(
         &mut self,
-        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
-        stale: Vec<Frontend4>,
+        wanted: &BTreeMap<FrontendKey, (&Frontend, &FrontendPlan)>,
+        stale: Vec<FrontendKey>,
         candidates: Option<BTreeSet<u32>>,
         now: Instant,
     ) -> ApplyReport {
@@ -811,7 +926,7 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         // Orphans stay for their grace period (which starts with the first complete view).
         let grace_over = self.next_orphan_deadline().is_some_and(|end| now >= end);
-        let stale: Vec<Frontend4> = stale
+        let stale: Vec<FrontendKey> = stale
             .into_iter()
             .filter(|key| grace_over || !self.adopted.contains(key))
             .collect();
@@ -889,7 +1004,7 @@ impl<M: DatapathMaps> Syncer<M> {
     /// Writes the backends of a wanted frontend and works out the rest of its state.
     fn prepare(
         &mut self,
-        key: &Frontend4,
+        key: &FrontendKey,
         frontend: &Frontend,
         plan: &FrontendPlan,
     ) -> Result<Pending, SyncError> {
@@ -907,8 +1022,23 @@ impl<M: DatapathMaps> Syncer<M> {
                 BACKEND_ACTIVE
             };
             let flags = if b.remote { BACKEND_F_REMOTE } else { 0 };
-            let backend = Backend4::new(b.addr.octets(), b.port, frontend.proto.number(), state)
-                .with_flags(flags);
+            let proto = frontend.proto.number();
+            let backend = match (b.addr, key.family()) {
+                (IpAddr::V4(a), IpFamily::V4) => BackendEntry::V4(
+                    Backend4::new(a.octets(), b.port, proto, state).with_flags(flags),
+                ),
+                (IpAddr::V6(a), IpFamily::V6) => BackendEntry::V6(Backend6 {
+                    flags,
+                    ..Backend6::new(a.octets(), b.port, proto, state)
+                }),
+                (backend, _) => {
+                    return Err(SyncError::MixedFamilies {
+                        frontend: *frontend,
+                        service: plan.service.to_string(),
+                        backend,
+                    });
+                }
+            };
             let id = self.ensure_backend(&backend).map_err(map_err)?;
             ids.push(id);
             if !b.terminating {
@@ -1145,7 +1275,7 @@ impl<M: DatapathMaps> Syncer<M> {
         let identities: Vec<BackendIdentity> = want
             .backends
             .iter()
-            .map(|id| backend_identity(&self.backends[id]))
+            .map(|id| self.backends[id].identity())
             .collect();
         let table = maglev::build(&identities, want.size)?;
         Ok(table
@@ -1166,11 +1296,14 @@ impl<M: DatapathMaps> Syncer<M> {
     fn write_entries(&mut self, p: &mut Pending) -> Result<(), MapOpError> {
         let prog = &mut p.programmed;
         for range in p.ranges.difference(&prog.ranges.clone()) {
-            self.op(|m| m.put_source_range(prog.id, *range))?;
+            self.op(|m| put_source_range(m, prog.id, *range))?;
             prog.ranges.insert(*range);
         }
         if !prog.rev_nat {
-            self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(&p.key)))?;
+            match &p.key {
+                FrontendKey::V4(key) => self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(key)))?,
+                FrontendKey::V6(key) => self.op(|m| m.put_rev_nat6(prog.id, &rev_nat6(key)))?,
+            }
             prog.rev_nat = true;
         }
         if !prog.prefiltered {
@@ -1183,7 +1316,10 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         if prog.service != Some(service) {
             let was = prog.service.map(|_| prog.live());
-            self.op(|m| m.put_service(&p.key, &service))?;
+            self.op(|m| match &p.key {
+                FrontendKey::V4(key) => m.put_service(key, &service),
+                FrontendKey::V6(key) => m.put_service6(key, &service),
+            })?;
             prog.service = Some(service);
             if let Some(was) = was.filter(|&was| was != p.slot) {
                 // Programs that read the entry before may still use that table.
@@ -1197,7 +1333,7 @@ impl<M: DatapathMaps> Syncer<M> {
             }
         }
         for range in prog.ranges.clone().difference(&p.ranges) {
-            self.op(|m| m.delete_source_range(prog.id, *range))?;
+            self.op(|m| delete_source_range(m, prog.id, *range))?;
             prog.ranges.remove(range);
         }
         Ok(())
@@ -1207,11 +1343,11 @@ impl<M: DatapathMaps> Syncer<M> {
     /// that is not wanted any more is then forgotten.
     fn delete_tables(
         &mut self,
-        keys: &[Frontend4],
-        wanted: &BTreeMap<Frontend4, (&Frontend, &FrontendPlan)>,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, (&Frontend, &FrontendPlan)>,
         errors: &mut Vec<SyncError>,
     ) {
-        let targets: Vec<(Frontend4, usize)> = keys
+        let targets: Vec<(FrontendKey, usize)> = keys
             .iter()
             .flat_map(|k| {
                 let p = &self.frontends[k];
@@ -1250,7 +1386,7 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 
     /// Step 6 for a frontend no longer wanted, but its table.
-    fn remove_entries(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
+    fn remove_entries(&mut self, key: &FrontendKey) -> Result<(), MapOpError> {
         let Some(mut p) = self.frontends.remove(key) else {
             return Ok(());
         };
@@ -1259,10 +1395,17 @@ impl<M: DatapathMaps> Syncer<M> {
         result
     }
 
-    fn remove_programmed(&mut self, key: &Frontend4, p: &mut Programmed) -> Result<(), MapOpError> {
+    fn remove_programmed(
+        &mut self,
+        key: &FrontendKey,
+        p: &mut Programmed,
+    ) -> Result<(), MapOpError> {
         if p.service.is_some() {
             let live = p.live();
-            self.op(|m| m.delete_service(key))?;
+            self.op(|m| match key {
+                FrontendKey::V4(key) => m.delete_service(key),
+                FrontendKey::V6(key) => m.delete_service6(key),
+            })?;
             p.service = None;
             if let Some(slot) = &mut p.slots[live] {
                 slot.retired = Some(Instant::now());
@@ -1273,11 +1416,14 @@ impl<M: DatapathMaps> Syncer<M> {
             p.prefiltered = false;
         }
         for range in p.ranges.clone() {
-            self.op(|m| m.delete_source_range(p.id, range))?;
+            self.op(|m| delete_source_range(m, p.id, range))?;
             p.ranges.remove(&range);
         }
         if p.rev_nat {
-            self.op(|m| m.delete_rev_nat(p.id))?;
+            self.op(|m| match key {
+                FrontendKey::V4(_) => m.delete_rev_nat(p.id),
+                FrontendKey::V6(_) => m.delete_rev_nat6(p.id),
+            })?;
             p.rev_nat = false;
         }
         Ok(())
@@ -1285,7 +1431,7 @@ impl<M: DatapathMaps> Syncer<M> {
 
     /// Counts `key` in its pre-filter bucket (`add`) or stops counting it: the bucket's bit
     /// is set before its first frontend is counted, and cleared after its last one goes.
-    fn prefilter_count(&mut self, key: &Frontend4, add: bool) -> Result<(), MapOpError> {
+    fn prefilter_count(&mut self, key: &FrontendKey, add: bool) -> Result<(), MapOpError> {
         let bucket = bucket_of(key);
         let users = self.prefilter.users.get(&bucket).copied().unwrap_or(0);
         let flips = if add { users == 0 } else { users == 1 };
@@ -1315,7 +1461,7 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 
     /// Drops a frontend that has nothing left in the maps, freeing its id.
-    fn forget(&mut self, key: &Frontend4) {
+    fn forget(&mut self, key: &FrontendKey) {
         if let Some(p) = self.frontends.remove(key) {
             self.used_service_ids.remove(&p.id);
         }
@@ -1342,12 +1488,9 @@ impl<M: DatapathMaps> Syncer<M> {
         let drain = self.config.drain;
         for id in unreferenced {
             let backend = self.backends[&id];
-            if backend.state != BACKEND_REMOVED && !drain.is_zero() {
-                let removed = Backend4 {
-                    state: BACKEND_REMOVED,
-                    ..backend
-                };
-                self.op(|m| m.put_backend(id, &removed))?;
+            if backend.state() != BACKEND_REMOVED && !drain.is_zero() {
+                let removed = backend.with_state(BACKEND_REMOVED);
+                self.op(|m| put_backend(m, id, &removed))?;
                 self.backends.insert(id, removed);
                 self.removed.insert(id, now);
                 continue;
@@ -1356,20 +1499,23 @@ impl<M: DatapathMaps> Syncer<M> {
             if now < since + drain {
                 continue;
             }
-            self.op(|m| m.delete_backend(id))?;
+            self.op(|m| match backend {
+                BackendEntry::V4(_) => m.delete_backend(id),
+                BackendEntry::V6(_) => m.delete_backend6(id),
+            })?;
             self.removed.remove(&id);
             if let Some(b) = self.backends.remove(&id)
-                && self.backend_ids.get(&backend_key(&b)) == Some(&id)
+                && self.backend_ids.get(&b.key()) == Some(&id)
             {
-                self.backend_ids.remove(&backend_key(&b));
+                self.backend_ids.remove(&b.key());
             }
         }
         Ok(())
     }
 
     /// The id of `backend`, writing it (new, or with a changed state) when needed.
-    fn ensure_backend(&mut self, backend: &Backend4) -> Result<u32, MapOpError> {
-        let id = match self.backend_ids.get(&backend_key(backend)) {
+    fn ensure_backend(&mut self, backend: &BackendEntry) -> Result<u32, MapOpError> {
+        let id = match self.backend_ids.get(&backend.key()) {
             Some(&id) if self.backends.get(&id) == Some(backend) => return Ok(id),
             Some(&id) => id,
             None => {
@@ -1379,9 +1525,9 @@ impl<M: DatapathMaps> Syncer<M> {
                 id
             }
         };
-        self.op(|m| m.put_backend(id, backend))?;
+        self.op(|m| put_backend(m, id, backend))?;
         self.backends.insert(id, *backend);
-        self.backend_ids.insert(backend_key(backend), id);
+        self.backend_ids.insert(backend.key(), id);
         self.removed.remove(&id);
         Ok(id)
     }
@@ -1410,16 +1556,55 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 }
 
+/// Writes a backend into the map of its family.
+fn put_backend<M: DatapathMaps>(m: &mut M, id: u32, b: &BackendEntry) -> Result<(), MapOpError> {
+    match b {
+        BackendEntry::V4(b) => m.put_backend(id, b),
+        BackendEntry::V6(b) => m.put_backend6(id, b),
+    }
+}
+
+/// Writes a source range into the map of its family.
+fn put_source_range<M: DatapathMaps>(m: &mut M, id: u32, r: IpCidr) -> Result<(), MapOpError> {
+    match r {
+        IpCidr::V4(r) => m.put_source_range(id, r),
+        IpCidr::V6(r) => m.put_source_range6(id, r),
+    }
+}
+
+/// Deletes a source range from the map of its family.
+fn delete_source_range<M: DatapathMaps>(m: &mut M, id: u32, r: IpCidr) -> Result<(), MapOpError> {
+    match r {
+        IpCidr::V4(r) => m.delete_source_range(id, r),
+        IpCidr::V6(r) => m.delete_source_range6(id, r),
+    }
+}
+
+/// The reverse-NAT entry of an IPv6 frontend.
+pub fn rev_nat6(key: &Frontend6) -> RevNat6 {
+    RevNat6 {
+        addr: key.addr,
+        port: key.port,
+        _pad: 0,
+    }
+}
+
 /// The maps in memory: for tests of the control plane without a kernel. Each map has a
 /// capacity like a BPF hash map, and every operation can be observed.
 #[derive(Debug, Clone)]
 pub struct InMemoryMaps {
     /// Services map.
     pub services: BTreeMap<Frontend4, Service>,
+    /// IPv6 services map.
+    pub services6: BTreeMap<Frontend6, Service>,
     /// Backends map.
     pub backends: BTreeMap<u32, Backend4>,
+    /// IPv6 backends map.
+    pub backends6: BTreeMap<u32, Backend6>,
     /// Reverse-NAT map.
     pub rev_nat: BTreeMap<u32, RevNat4>,
+    /// IPv6 reverse-NAT map.
+    pub rev_nat6: BTreeMap<u32, RevNat6>,
     /// Maglev map: service id -> table.
     pub maglev: BTreeMap<u32, TableId>,
     /// The tables the Maglev map points at (a table nothing points at is gone, as the
@@ -1427,6 +1612,8 @@ pub struct InMemoryMaps {
     pub tables: BTreeMap<TableId, Arc<[u32]>>,
     /// Source-range map.
     pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
+    /// IPv6 source-range map.
+    pub source_ranges6: BTreeSet<(u32, Ipv6Cidr)>,
     /// The pre-filter bitmap's non-zero words, by index.
     pub prefilter: BTreeMap<u32, u64>,
     /// Capacity of each map, in entries.
@@ -1451,11 +1638,15 @@ impl InMemoryMaps {
     pub fn new(capacity: usize) -> Self {
         Self {
             services: BTreeMap::new(),
+            services6: BTreeMap::new(),
             backends: BTreeMap::new(),
+            backends6: BTreeMap::new(),
             rev_nat: BTreeMap::new(),
+            rev_nat6: BTreeMap::new(),
             maglev: BTreeMap::new(),
             tables: BTreeMap::new(),
             source_ranges: BTreeSet::new(),
+            source_ranges6: BTreeSet::new(),
             prefilter: BTreeMap::new(),
             capacity,
             observer: None,
@@ -1468,7 +1659,7 @@ impl InMemoryMaps {
     }
 
     /// Whether the pre-filter lets packets for `key` on to the lookups.
-    pub fn prefilter_passes(&self, key: &Frontend4) -> bool {
+    pub fn prefilter_passes(&self, key: &FrontendKey) -> bool {
         let (index, bit) = prefilter::position(bucket_of(key));
         self.prefilter.get(&index).is_some_and(|w| w & bit != 0)
     }
@@ -1483,7 +1674,7 @@ impl InMemoryMaps {
         let used: BTreeSet<TableId> = self.maglev.values().copied().collect();
         self.tables.retain(|id, _| used.contains(id));
         let now = Instant::now();
-        for service in self.services.values() {
+        for service in self.services.values().chain(self.services6.values()) {
             if let Some(table) = self.maglev.get(&table_key(service.id, service.flags)) {
                 self.last_selected.insert(*table, now);
             }
@@ -1534,6 +1725,20 @@ impl DatapathMaps for InMemoryMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete(&mut self.backends, &id)?;
         self.observed("delete_backend", id)
+    }
+    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError> {
+        put(
+            &mut self.backends6,
+            self.capacity,
+            map_names::BACKENDS6,
+            id,
+            *backend,
+        )?;
+        self.observed("put_backend6", id)
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete(&mut self.backends6, &id)?;
+        self.observed("delete_backend6", id)
     }
     fn build_table(
         &mut self,
@@ -1597,9 +1802,7 @@ impl DatapathMaps for InMemoryMaps {
         entries: &[u32],
         _backends: u32,
     ) -> Result<(), MapOpError> {
-        let selected = self
-            .services
-            .values()
+        let selected = (self.services.values().chain(self.services6.values()))
             .any(|s| self.maglev.get(&table_key(s.id, s.flags)) == Some(&id));
         let quiet = match self.last_selected.get(&id) {
             None => true,
@@ -1639,6 +1842,21 @@ impl DatapathMaps for InMemoryMaps {
         self.source_ranges.remove(&(service_id, range));
         self.observed("delete_source_range", format_args!("{service_id} {range}"))
     }
+    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
+        let key = (service_id, range);
+        if self.source_ranges6.len() >= self.capacity && !self.source_ranges6.contains(&key) {
+            return Err(MapOpError::Full {
+                map: map_names::SOURCE_RANGES6,
+                max_entries: self.capacity as u32,
+            });
+        }
+        self.source_ranges6.insert(key);
+        self.observed("put_source_range6", format_args!("{service_id} {range}"))
+    }
+    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
+        self.source_ranges6.remove(&(service_id, range));
+        self.observed("delete_source_range6", format_args!("{service_id} {range}"))
+    }
     fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
         put(
             &mut self.rev_nat,
@@ -1652,6 +1870,20 @@ impl DatapathMaps for InMemoryMaps {
     fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
         delete(&mut self.rev_nat, &id)?;
         self.observed("delete_rev_nat", id)
+    }
+    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError> {
+        put(
+            &mut self.rev_nat6,
+            self.capacity,
+            map_names::REV_NAT6,
+            id,
+            *value,
+        )?;
+        self.observed("put_rev_nat6", id)
+    }
+    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete(&mut self.rev_nat6, &id)?;
+        self.observed("delete_rev_nat6", id)
     }
     fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
         put(
@@ -1667,6 +1899,21 @@ impl DatapathMaps for InMemoryMaps {
         let id = self.services.get(key).map_or(0, |s| s.id);
         delete(&mut self.services, key)?;
         self.observed("delete_service", id)
+    }
+    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError> {
+        put(
+            &mut self.services6,
+            self.capacity,
+            map_names::SERVICES6,
+            *key,
+            *value,
+        )?;
+        self.observed("put_service6", value.id)
+    }
+    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError> {
+        let id = self.services6.get(key).map_or(0, |s| s.id);
+        delete(&mut self.services6, key)?;
+        self.observed("delete_service6", id)
     }
     fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
         if index >= prefilter::WORDS {
@@ -1685,14 +1932,18 @@ impl DatapathMaps for InMemoryMaps {
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         Ok(MapContents {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            services6: self.services6.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends6: self.backends6.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
+            rev_nat6: self.rev_nat6.iter().map(|(k, v)| (*k, *v)).collect(),
             tables: self
                 .maglev
                 .iter()
                 .map(|(service, id)| (*service, table_info(*id, &self.tables[id])))
                 .collect(),
             source_ranges: self.source_ranges.iter().copied().collect(),
+            source_ranges6: self.source_ranges6.iter().copied().collect(),
             prefilter: self.prefilter.iter().map(|(k, v)| (*k, *v)).collect(),
         })
     }
@@ -1710,7 +1961,7 @@ pub fn table_info(id: TableId, entries: &[u32]) -> TableInfo {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
     use crate::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
@@ -1720,33 +1971,74 @@ mod tests {
     /// reverse-NAT entry exists; and a frontend restricted to source ranges has some. That
     /// is what a packet (or a reply) arriving at that moment needs. And the pre-filter lets
     /// every frontend's packets through to the lookups.
+    ///
+    /// For both families, each with its own maps: a v6 frontend's table names v6 backends
+    /// only, and its reverse NAT and source ranges are in the v6 maps; no id is in both
+    /// backends maps.
     fn consistent(maps: &InMemoryMaps) {
-        for (frontend, svc) in &maps.services {
+        for (frontend, svc) in all_services(maps) {
             assert!(
-                maps.prefilter_passes(frontend),
+                maps.prefilter_passes(&frontend),
                 "{frontend:?}: pre-filter bit clear"
             );
             if svc.backend_count > 0 {
                 let table = maps
-                    .table_of(svc)
+                    .table_of(&svc)
                     .unwrap_or_else(|| panic!("{frontend:?}: no table: {maps:#?}"));
                 for id in BTreeSet::from_iter(table.iter()) {
-                    let backend = maps
-                        .backends
-                        .get(id)
-                        .unwrap_or_else(|| panic!("{frontend:?}: backend {id} missing"));
-                    assert_ne!(backend.state, BACKEND_REMOVED, "{frontend:?}: {id}");
+                    let state = match frontend {
+                        FrontendKey::V4(_) => maps.backends.get(id).map(|b| b.state),
+                        FrontendKey::V6(_) => maps.backends6.get(id).map(|b| b.state),
+                    };
+                    let state =
+                        state.unwrap_or_else(|| panic!("{frontend:?}: backend {id} missing"));
+                    assert_ne!(state, BACKEND_REMOVED, "{frontend:?}: {id}");
                 }
             }
-            assert!(
-                maps.rev_nat.contains_key(&svc.id),
-                "{frontend:?}: no reverse NAT"
-            );
-            if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
-                assert!(
+            let (rev_nat, ranges) = match frontend {
+                FrontendKey::V4(_) => (
+                    maps.rev_nat.contains_key(&svc.id),
                     maps.source_ranges.iter().any(|(id, _)| *id == svc.id),
-                    "{frontend:?}: restricted to no source at all"
-                );
+                ),
+                FrontendKey::V6(_) => (
+                    maps.rev_nat6.contains_key(&svc.id),
+                    maps.source_ranges6.iter().any(|(id, _)| *id == svc.id),
+                ),
+            };
+            assert!(rev_nat, "{frontend:?}: no reverse NAT");
+            if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
+                assert!(ranges, "{frontend:?}: restricted to no source at all");
+            }
+        }
+        for id in maps.backends.keys() {
+            assert!(
+                !maps.backends6.contains_key(id),
+                "backend id {id} in both maps"
+            );
+        }
+    }
+
+    /// The service entries of both families.
+    fn all_services(maps: &InMemoryMaps) -> Vec<(FrontendKey, Service)> {
+        (maps.services.iter().map(|(k, s)| (FrontendKey::V4(*k), *s)))
+            .chain(
+                maps.services6
+                    .iter()
+                    .map(|(k, s)| (FrontendKey::V6(*k), *s)),
+            )
+            .collect()
+    }
+
+    /// The services-map key of an IPv4 frontend.
+    trait Key4 {
+        fn key4(&self) -> Frontend4;
+    }
+
+    impl Key4 for Frontend {
+        fn key4(&self) -> Frontend4 {
+            match self.key() {
+                FrontendKey::V4(key) => key,
+                FrontendKey::V6(_) => panic!("{self} is IPv6"),
             }
         }
     }
@@ -1771,7 +2063,7 @@ mod tests {
 
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, last),
+            addr: Ipv4Addr::new(10, 96, 0, last).into(),
             port,
             proto: Protocol::Tcp,
         }
@@ -1788,7 +2080,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&last| Backend {
-                    addr: Ipv4Addr::new(10, 244, 0, last),
+                    addr: Ipv4Addr::new(10, 244, 0, last).into(),
                     port: 80,
                     terminating: false,
                     remote: false,
@@ -1800,28 +2092,60 @@ mod tests {
         }
     }
 
+    /// Frontends with backends of their family: `10.244.0.<last>` for IPv4 ones,
+    /// `fd00:244::<last>` for IPv6 ones.
     fn desired(frontends: &[(Frontend, &[u8])]) -> DesiredState {
         DesiredState {
-            frontends: frontends.iter().map(|(f, b)| (*f, plan(b))).collect(),
+            frontends: frontends
+                .iter()
+                .map(|(f, b)| (*f, if f.addr.is_ipv6() { plan6(b) } else { plan(b) }))
+                .collect(),
         }
+    }
+
+    /// An IPv6 frontend `fd00:96::<last>`.
+    fn fe6(last: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last.into()).into(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// [`plan`] with IPv6 backends `fd00:244::<last>`.
+    fn plan6(backends: &[u8]) -> FrontendPlan {
+        let mut p = plan(backends);
+        for b in &mut p.backends {
+            let last = match b.addr {
+                IpAddr::V4(a) => a.octets()[3],
+                IpAddr::V6(a) => a.octets()[15],
+            };
+            b.addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, last.into()).into();
+        }
+        p
     }
 
     /// The backends (last octets, sorted) new flows of each frontend choose from, read from
     /// the maps the way the datapath reads them.
     fn programmed(maps: &InMemoryMaps) -> BTreeMap<Frontend, Vec<u8>> {
         consistent(maps);
-        maps.services
-            .iter()
+        all_services(maps)
+            .into_iter()
             .map(|(key, svc)| {
                 let ids: BTreeSet<u32> = maps
-                    .table_of(svc)
+                    .table_of(&svc)
                     .map(|t| t.iter().copied().collect())
                     .unwrap_or_default();
-                let mut backends: Vec<u8> =
-                    ids.iter().map(|id| maps.backends[id].octets()[3]).collect();
+                let mut backends: Vec<u8> = ids
+                    .iter()
+                    .map(|id| match key {
+                        FrontendKey::V4(_) => maps.backends[id].octets()[3],
+                        FrontendKey::V6(_) => maps.backends6[id].octets()[15],
+                    })
+                    .collect();
                 backends.sort_unstable();
                 assert_eq!(backends.len(), svc.backend_count as usize);
-                (Frontend::from_key(key).unwrap(), backends)
+                (Frontend::from_key(&key).unwrap(), backends)
             })
             .collect()
     }
@@ -1829,8 +2153,8 @@ mod tests {
     /// The pre-filter holds the bits of the service entries and no other.
     fn prefilter_exact(maps: &InMemoryMaps) {
         let mut want = BTreeMap::new();
-        for key in maps.services.keys() {
-            let (index, bit) = prefilter::position(bucket_of(key));
+        for (key, _) in all_services(maps) {
+            let (index, bit) = prefilter::position(bucket_of(&key));
             *want.entry(index).or_insert(0u64) |= bit;
         }
         assert_eq!(maps.prefilter, want);
@@ -1896,7 +2220,7 @@ mod tests {
             .reverse();
         b.apply(&reordered);
         let entries = |s: &Syncer<InMemoryMaps>| -> Vec<[u8; 4]> {
-            let svc = s.maps().services[&fe(1, 80).key()];
+            let svc = s.maps().services[&fe(1, 80).key4()];
             let table = s.maps().table_of(&svc).unwrap();
             table
                 .iter()
@@ -1922,7 +2246,7 @@ mod tests {
     fn a_new_table_is_put_beside_the_one_in_use_then_the_service_entry_switches() {
         let mut s = syncer(1000);
         s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
-        let id = s.maps().services[&fe(1, 80).key()].id;
+        let id = s.maps().services[&fe(1, 80).key4()].id;
         let b = id | KEY_TABLE_B;
         s.maps.journal.clear();
         // A third backend: written, then the new table is built whole and put under the
@@ -1939,7 +2263,7 @@ mod tests {
             ]
         );
         assert_ne!(
-            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            s.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_TABLE_B,
             0
         );
         assert_eq!(
@@ -1970,7 +2294,7 @@ mod tests {
         let mut s = syncer(1000);
         s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
         s.apply(&desired(&[(fe(1, 80), &[1, 2, 3][..])]));
-        let id = s.maps().services[&fe(1, 80).key()].id;
+        let id = s.maps().services[&fe(1, 80).key4()].id;
         let first = s.maps().maglev[&id];
         // A grace period has passed since the first table was last used: it is rewritten
         // in place, no write of the Maglev map.
@@ -2020,7 +2344,7 @@ mod tests {
     fn frontends_with_the_same_backends_share_one_table() {
         let mut s = syncer(1000);
         let nodeport = Frontend {
-            addr: Ipv4Addr::new(192, 168, 0, 10),
+            addr: Ipv4Addr::new(192, 168, 0, 10).into(),
             port: 30080,
             proto: Protocol::Tcp,
         };
@@ -2059,8 +2383,9 @@ mod tests {
             "{:?}",
             m.journal
         );
-        let table =
-            |f: Frontend| m.maglev[&table_key(m.services[&f.key()].id, m.services[&f.key()].flags)];
+        let table = |f: Frontend| {
+            m.maglev[&table_key(m.services[&f.key4()].id, m.services[&f.key4()].flags)]
+        };
         assert_eq!(table(fe(1, 80)), table(nodeport));
     }
 
@@ -2141,7 +2466,7 @@ mod tests {
 
         // A backend that comes back during its drain is ACTIVE again, under the same id (its
         // flows' conntrack entries stay valid), and is not deleted when the drain would end.
-        let id3 = s.backend_ids[&(u32::from_ne_bytes([10, 244, 0, 3]), 80u16.to_be(), 6)];
+        let id3 = s.backend_ids[&(Ipv4Addr::new(10, 244, 0, 3).into(), 80u16.to_be(), 6)];
         let t1 = t0 + Duration::from_secs(100);
         s.apply_at(&desired(&[(fe(1, 80), &[1][..])]), t1);
         assert_eq!(state_of(s.maps(), 3), Some(BACKEND_REMOVED));
@@ -2209,7 +2534,7 @@ mod tests {
         maps.maglev.insert(999, table);
         let range = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
         maps.source_ranges.insert((999, range));
-        maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key()));
+        maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key4()));
         // And a pre-filter bit of a frontend whose service entry was never written.
         let (index, bit) = prefilter::position(bucket_of(&fe(9, 9).key()));
         *maps.prefilter.entry(index).or_default() |= bit;
@@ -2248,9 +2573,9 @@ mod tests {
         s.apply(&desired(&[(fe(1, 80), &[1, 2][..])]));
         let changed = desired(&[(fe(1, 80), &[1, 2, 3][..])]);
         s.apply(&changed);
-        let id = s.maps().services[&fe(1, 80).key()].id;
+        let id = s.maps().services[&fe(1, 80).key4()].id;
         assert_ne!(
-            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            s.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_TABLE_B,
             0
         );
         let mut maps = s.maps().clone();
@@ -2266,7 +2591,7 @@ mod tests {
             [format!("put_service {id}"), "put_backend 3".to_owned()]
         );
         assert_eq!(
-            restarted.maps().services[&fe(1, 80).key()].flags & SERVICE_F_TABLE_B,
+            restarted.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_TABLE_B,
             0
         );
     }
@@ -2374,12 +2699,12 @@ mod tests {
         let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
         // The first view lacks fe2 (an EndpointSlice not read yet); the next lists it again:
         // it is adopted as it is, under its id, without a write.
-        let id2 = restarted.maps().services[&fe(2, 80).key()].id;
+        let id2 = restarted.maps().services[&fe(2, 80).key4()].id;
         assert_eq!(restarted.apply_at(&desired(&all[..1]), t0).orphans, 1);
         let report = restarted.apply_at(&desired(&all), t0 + Duration::from_secs(1));
         assert_eq!((report.map_ops, report.orphans), (0, 0));
         assert_eq!(restarted.next_orphan_deadline(), None);
-        assert_eq!(restarted.maps().services[&fe(2, 80).key()].id, id2);
+        assert_eq!(restarted.maps().services[&fe(2, 80).key4()].id, id2);
         // From then on it is an ordinary frontend: removed as soon as a view drops it.
         let gone = restarted.apply_at(&desired(&all[..1]), t0 + Duration::from_secs(2));
         assert_eq!((gone.orphans, gone.orphans_pruned), (0, 0));
@@ -2539,7 +2864,7 @@ mod tests {
         plans.frontends.get_mut(&fe(1, 80)).unwrap().selection = Some(Selection::Random);
         plans.frontends.get_mut(&fe(2, 80)).unwrap().selection = Some(Selection::Maglev);
         let random = |s: &Syncer<InMemoryMaps>, f: Frontend| {
-            s.maps().services[&f.key()].flags & SERVICE_F_RANDOM != 0
+            s.maps().services[&f.key4()].flags & SERVICE_F_RANDOM != 0
         };
         let mut s = syncer(1000);
         s.apply(&plans);
@@ -2561,12 +2886,13 @@ mod tests {
         let cidr = |a: [u8; 4], len| Ipv4Cidr::new(Ipv4Addr::from(a), len).unwrap();
         let with_ranges = |ranges: &[Ipv4Cidr]| {
             let mut d = desired(&[(fe(1, 80), &[1][..])]);
-            d.frontends.get_mut(&fe(1, 80)).unwrap().source_ranges = ranges.to_vec();
+            d.frontends.get_mut(&fe(1, 80)).unwrap().source_ranges =
+                ranges.iter().map(|&r| r.into()).collect();
             d
         };
         let mut s = syncer(1000);
         s.apply(&with_ranges(&[]));
-        let id = s.maps().services[&fe(1, 80).key()].id;
+        let id = s.maps().services[&fe(1, 80).key4()].id;
         s.maps.journal.clear();
         // Restricting: the ranges, then the flag (`consistent` checks that no moment has
         // the flag without ranges).
@@ -2583,7 +2909,7 @@ mod tests {
             ]
         );
         assert_ne!(
-            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_SOURCE_RANGES,
+            s.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_SOURCE_RANGES,
             0
         );
         // Changing them: the new one is added before the old one goes.
@@ -2605,9 +2931,212 @@ mod tests {
         assert_eq!(s.maps().journal[0], format!("put_service {id}"));
         assert!(s.maps().source_ranges.is_empty());
         assert_eq!(
-            s.maps().services[&fe(1, 80).key()].flags & SERVICE_F_SOURCE_RANGES,
+            s.maps().services[&fe(1, 80).key4()].flags & SERVICE_F_SOURCE_RANGES,
             0
         );
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_frontends_are_consistent_after_every_write() {
+        // `consistent` runs after each single map operation, for both families.
+        let mut s = syncer(1000);
+        let start = Instant::now();
+        let steps: [&[(Frontend, &[u8])]; 6] = [
+            &[(fe6(1, 80), &[1, 2])],
+            &[
+                (fe(1, 80), &[1, 2]),
+                (fe6(1, 80), &[1, 2, 3]),
+                (fe6(2, 53), &[3]),
+            ],
+            &[
+                (fe(1, 80), &[3]),
+                (fe6(1, 80), &[]),
+                (fe6(2, 53), &[1, 5, 9]),
+            ],
+            &[(fe6(2, 53), &[9]), (fe(2, 53), &[9])],
+            &[(fe(2, 53), &[2, 4])],
+            &[],
+        ];
+        for step in steps {
+            let report = s.apply_at(&desired(step), start);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(programmed(s.maps()), expect(step));
+            prefilter_exact(s.maps());
+        }
+        let m = s.maps();
+        assert!(m.services.is_empty() && m.services6.is_empty() && m.maglev.is_empty());
+        assert!(m.rev_nat.is_empty() && m.rev_nat6.is_empty() && m.prefilter.is_empty());
+        assert!(m.backends6.values().all(|b| b.state == BACKEND_REMOVED));
+        assert!(!m.backends6.is_empty());
+        s.apply_at(&desired(&[]), start + DEFAULT_DRAIN);
+        assert!(s.maps().backends.is_empty() && s.maps().backends6.is_empty());
+    }
+
+    #[test]
+    fn a_new_ipv6_frontend_is_written_in_the_v4_order_into_the_v6_maps() {
+        let mut s = syncer(1000);
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        s.maps.journal.clear();
+        s.apply(&desired(&[
+            (fe(1, 80), &[1][..]),
+            (fe6(1, 80), &[1, 2][..]),
+        ]));
+        let id = s.maps().services6[&match fe6(1, 80).key() {
+            FrontendKey::V6(k) => k,
+            FrontendKey::V4(_) => unreachable!(),
+        }]
+            .id;
+        let v6: Vec<&String> = s.maps().journal.iter().collect();
+        let ids: Vec<u32> = s.maps().backends6.keys().copied().collect();
+        assert_eq!(ids.len(), 2);
+        // Backend ids are shared with the IPv4 backend's: none is reused.
+        assert!(ids.iter().all(|id| !s.maps().backends.contains_key(id)));
+        let prefilter_word = prefilter::position(bucket_of(&fe6(1, 80).key())).0;
+        assert_eq!(
+            v6,
+            [
+                &format!("put_backend6 {}", ids[0]),
+                &format!("put_backend6 {}", ids[1]),
+                &"build_table".to_owned(),
+                &format!("put_new_table {id}"),
+                &format!("put_rev_nat6 {id}"),
+                &format!("put_prefilter_word {prefilter_word}"),
+                &format!("put_service6 {id}"),
+            ]
+        );
+        assert_eq!(
+            s.maps().rev_nat6[&id],
+            RevNat6 {
+                addr: lb_common::addr6("fd00:96::1".parse::<Ipv6Addr>().unwrap().octets()),
+                port: 80u16.to_be(),
+                _pad: 0
+            }
+        );
+        // Nothing changed: nothing written.
+        let again = desired(&[(fe(1, 80), &[1][..]), (fe6(1, 80), &[1, 2][..])]);
+        assert_eq!(s.apply(&again).map_ops, 0);
+        // Removed: service entry first, backends REMOVED last.
+        s.maps.journal.clear();
+        s.apply(&desired(&[(fe(1, 80), &[1][..])]));
+        let journal = &s.maps().journal;
+        assert_eq!(journal[0], format!("delete_service6 {id}"));
+        assert_eq!(
+            journal
+                .iter()
+                .filter(|o| o.starts_with("put_backend6"))
+                .count(),
+            2,
+            "{journal:?}"
+        );
+        assert!(s.maps().services6.is_empty() && s.maps().rev_nat6.is_empty());
+    }
+
+    #[test]
+    fn ipv6_source_ranges_are_in_place_before_the_service_entry_restricts() {
+        let cidr = |a: &str, len| IpCidr::V6(Ipv6Cidr::new(a.parse().unwrap(), len).unwrap());
+        let with_ranges = |ranges: &[IpCidr]| {
+            let mut d = desired(&[(fe6(1, 80), &[1][..])]);
+            d.frontends.get_mut(&fe6(1, 80)).unwrap().source_ranges = ranges.to_vec();
+            d
+        };
+        let mut s = syncer(1000);
+        s.apply(&with_ranges(&[]));
+        let id = s.maps().services6.values().next().unwrap().id;
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[cidr("2001:db8::", 32)]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_source_range6 {id} 2001:db8::/32"),
+                format!("put_service6 {id}"),
+            ]
+        );
+        assert!(s.maps().source_ranges.is_empty());
+        s.maps.journal.clear();
+        s.apply(&with_ranges(&[]));
+        assert_eq!(
+            s.maps().journal,
+            [
+                format!("put_service6 {id}"),
+                format!("delete_source_range6 {id} 2001:db8::/32"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_dual_stack_maps_exactly_and_writes_nothing() {
+        let mut s = syncer(1000);
+        let mut want = desired(&[
+            (fe(1, 80), &[1, 2][..]),
+            (fe6(1, 80), &[1, 2][..]),
+            (fe6(2, 53), &[3][..]),
+        ]);
+        want.frontends.get_mut(&fe6(2, 53)).unwrap().source_ranges = vec![IpCidr::V6(
+            Ipv6Cidr::new("2001:db8::".parse().unwrap(), 32).unwrap(),
+        )];
+        assert!(s.apply(&want).errors.is_empty());
+        let maps = s.maps().clone();
+        let ops = maps.journal.len();
+
+        let mut restarted = Syncer::adopt_with(maps.clone(), config()).unwrap();
+        assert_eq!(
+            restarted.maps().journal.len(),
+            ops,
+            "adoption wrote nothing"
+        );
+        assert_eq!(restarted.apply(&want).map_ops, 0);
+        assert_eq!(programmed(restarted.maps()), programmed(&maps));
+        // It continues from there: a new backend of either family gets a new id.
+        restarted.apply(&desired(&[
+            (fe(1, 80), &[1, 2, 7][..]),
+            (fe6(1, 80), &[1, 2, 7][..]),
+        ]));
+        let m = restarted.maps();
+        let v4: BTreeSet<u32> = m.backends.keys().copied().collect();
+        let v6: BTreeSet<u32> = m.backends6.keys().copied().collect();
+        assert_eq!((v4.len(), v6.len()), (3, 4), "{m:#?}");
+        assert!(v4.is_disjoint(&v6));
+
+        // Leftovers of an interrupted update are removed, of each family: a v6 reverse NAT
+        // and a v6 range of no service, and a v4 range under a v6 service's id.
+        let mut leftovers = maps.clone();
+        let v6_id = leftovers.services6.values().next().unwrap().id;
+        leftovers.rev_nat6.insert(
+            999,
+            RevNat6 {
+                addr: [0; 4],
+                port: 0,
+                _pad: 0,
+            },
+        );
+        let range6 = Ipv6Cidr::new("fd00::".parse().unwrap(), 8).unwrap();
+        leftovers.source_ranges6.insert((999, range6));
+        let range4 = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap();
+        leftovers.source_ranges.insert((v6_id, range4));
+        let restarted = Syncer::adopt_with(leftovers, config()).unwrap();
+        let m = restarted.maps();
+        assert_eq!(m.rev_nat6.len(), 2);
+        assert_eq!(m.source_ranges6, maps.source_ranges6);
+        assert!(m.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn a_backend_of_the_other_family_fails_its_frontend_only() {
+        let mut s = syncer(1000);
+        let mut want = desired(&[(fe(1, 80), &[1][..]), (fe6(1, 80), &[2][..])]);
+        want.frontends.get_mut(&fe6(1, 80)).unwrap().backends = plan(&[2]).backends;
+        let report = s.apply(&want);
+        assert!(
+            matches!(
+                report.errors.as_slice(),
+                [SyncError::MixedFamilies { frontend, .. }] if *frontend == fe6(1, 80)
+            ),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(report.unprogrammed, 1);
+        assert_eq!(programmed(s.maps()), expect(&[(fe(1, 80), &[1])]));
+        assert!(s.maps().backends6.is_empty());
     }
 
     #[test]

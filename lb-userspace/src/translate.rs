@@ -1,23 +1,31 @@
 //! Translation: cluster state + this node -> desired datapath state. A pure function holding
 //! Kubernetes' Service semantics as kube-proxy implements them (pkg/proxy: servicechangetracker,
-//! endpointslicecache, topology.go `CategorizeEndpoints`), for the IPv4 family.
+//! endpointslicecache, topology.go `CategorizeEndpoints`), for both IP families.
 //!
-//! Frontends of a Service port (TCP and UDP; SCTP ports are skipped with a warning):
-//! - ClusterIP: the IPv4 cluster IP : `port`. A Service without an IPv4 cluster IP of its own
-//!   (headless, ExternalName, IPv6-only) gets no frontends at all, as in kube-proxy. Only
-//!   hand-written manifests can lack a cluster IP altogether: then the other frontends are
-//!   still programmed, with a warning.
-//! - NodePort (types NodePort and LoadBalancer): every address of [`NodeInfo::addresses`] :
-//!   `nodePort`.
-//! - ExternalIP: every IPv4 `externalIPs` entry : `port`.
-//! - LoadBalancer (type LoadBalancer): every IPv4 `status.loadBalancer.ingress[].ip` whose
-//!   `ipMode` is VIP (the default) : `port`; with `ipMode: Proxy` the load balancer itself
-//!   delivers to the nodes and kube-proxy does not capture the address.
+//! Families: a Service is translated once per IP family it has a cluster IP of (one for a
+//! single-stack Service, two for a dual-stack one), as kube-proxy's proxier of each family
+//! sees it: every address below (node addresses, externalIPs, ingress IPs, source ranges,
+//! endpoints) counts only in its own family, so an IPv6 frontend gets the backends of the
+//! IPv6 EndpointSlices and an IPv4 one those of the IPv4 slices. A family the Service has no
+//! cluster IP of gets nothing, not even its externalIPs (kube-proxy skips the Service).
 //!
-//! Backends: the endpoints of every IPv4 EndpointSlice labelled with the Service's name, in
-//! its namespace, through the slice port whose name and protocol equal the Service port's; the
-//! slice port gives the backend port (a named targetPort is resolved per pod that way).
-//! Duplicates across slices are merged, preferring a non-terminating copy.
+//! Frontends of a Service port (TCP and UDP; SCTP ports are skipped with a warning), per
+//! family:
+//! - ClusterIP: the family's cluster IP : `port`. A Service without a cluster IP (headless,
+//!   ExternalName) gets no frontends at all, as in kube-proxy. Only hand-written manifests
+//!   can lack a cluster IP altogether: then the other frontends of its `ipFamilies` (IPv4
+//!   when not given) are still programmed, with a warning.
+//! - NodePort (types NodePort and LoadBalancer): every address of the family in
+//!   [`NodeInfo::addresses`] : `nodePort`.
+//! - ExternalIP: every `externalIPs` entry of the family : `port`.
+//! - LoadBalancer (type LoadBalancer): every `status.loadBalancer.ingress[].ip` of the family
+//!   whose `ipMode` is VIP (the default) : `port`; with `ipMode: Proxy` the load balancer
+//!   itself delivers to the nodes and kube-proxy does not capture the address.
+//!
+//! Backends: the endpoints of every EndpointSlice of the family labelled with the Service's
+//! name, in its namespace, through the slice port whose name and protocol equal the Service
+//! port's; the slice port gives the backend port (a named targetPort is resolved per pod that
+//! way). Duplicates across slices are merged, preferring a non-terminating copy.
 //!
 //! Which endpoints (kube-proxy's `CategorizeEndpoints`):
 //! - Cluster policy: ready endpoints, narrowed by topology; none at all -> the serving and
@@ -43,10 +51,10 @@
 //! their backend while it is listed.
 //!
 //! Also: sessionAffinity ClientIP sets the affinity timeout on every frontend of the Service;
-//! `loadBalancerSourceRanges` (IPv4) restrict the LoadBalancer frontends only (NodePorts and
-//! external IPs are not filtered, as in kube-proxy); a `/0` range means no restriction; when a
-//! range contains one of this node's addresses, the ingress IPs themselves are allowed as
-//! sources (kube-proxy's rule for node-originated traffic that loops back via the VIP).
+//! `loadBalancerSourceRanges` restrict the LoadBalancer frontends of their family only
+//! (NodePorts and external IPs are not filtered, as in kube-proxy; a family without ranges is
+//! not restricted); a `/0` range means no restriction; when a range contains one of this
+//! node's addresses, the family's ingress IPs themselves are allowed as sources (kube-proxy's rule for node-originated traffic that loops back via the VIP).
 //! Two Services claiming the same frontend: the one whose namespace/name sorts first keeps it,
 //! the other is reported.
 
@@ -54,7 +62,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use crate::{
@@ -62,7 +70,7 @@ use crate::{
         Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
     },
     model::{
-        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpMode, Ipv4Cidr, NodeInfo,
+        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
         ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
     },
 };
@@ -163,7 +171,7 @@ type Claim = (ObjectRef, usize);
 #[derive(Debug)]
 pub struct Translator {
     node: NodeInfo,
-    node_addresses: BTreeSet<Ipv4Addr>,
+    node_addresses: BTreeSet<IpAddr>,
     /// The slices of each Service (by the Service's namespace/name).
     slices_of: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
     /// The Service of each slice that names one.
@@ -387,25 +395,27 @@ fn translate_service(
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &NodeInfo,
-    node_addresses: &BTreeSet<Ipv4Addr>,
+    node_addresses: &BTreeSet<IpAddr>,
 ) -> ServiceOutput {
     let mut out = ServiceOutput::default();
-    let cluster_ip = match (svc.type_, svc.cluster_ip) {
-        (ServiceType::ExternalName, _) | (_, ClusterIp::Headless | ClusterIp::Assigned(None)) => {
-            return out;
-        }
-        (_, ClusterIp::Assigned(Some(ip))) => Some(ip),
+    // The families the Service has, with the cluster IP of each.
+    let families: Vec<(IpFamily, Option<IpAddr>)> = match (svc.type_, svc.cluster_ip) {
+        (ServiceType::ExternalName, _) | (_, ClusterIp::Headless) => return out,
+        (_, ClusterIp::Assigned(ips)) => IpFamily::ALL
+            .iter()
+            .filter_map(|&f| Some((f, Some(ips.get(f)?))))
+            .collect(),
         (_, ClusterIp::Unassigned) => {
             out.entries.push(Entry::Warning(Warning::NoClusterIp {
                 service: svc.id.clone(),
             }));
-            None
+            svc.ip_families.iter().map(|&f| (f, None)).collect()
         }
     };
     let has_node_ports = matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
     let external_local = has_node_ports && svc.external_traffic_policy == TrafficPolicy::Local;
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let lb_vips: Vec<Ipv4Addr> = if svc.type_ == ServiceType::LoadBalancer {
+    let lb_vips: Vec<IpAddr> = if svc.type_ == ServiceType::LoadBalancer {
         svc.load_balancer_ingress
             .iter()
             .filter(|i| i.ip_mode == IpMode::Vip)
@@ -414,11 +424,41 @@ fn translate_service(
     } else {
         Vec::new()
     };
-    let source_ranges = source_ranges(svc, &lb_vips, node_addresses);
     let affinity_timeout_secs = match svc.session_affinity {
         SessionAffinity::None => None,
         SessionAffinity::ClientIp { timeout_secs } => Some(timeout_secs),
     };
+    // Everything of one family, as kube-proxy's proxier of that family sees the Service.
+    struct Family {
+        family: IpFamily,
+        cluster_ip: Option<IpAddr>,
+        node_addresses: Vec<IpAddr>,
+        external_ips: Vec<IpAddr>,
+        lb_vips: Vec<IpAddr>,
+        source_ranges: Vec<IpCidr>,
+    }
+    let of = |family: IpFamily| move |ip: &&IpAddr| IpFamily::of(ip) == family;
+    let families: Vec<Family> = families
+        .into_iter()
+        .map(|(family, cluster_ip)| {
+            let node_addresses: BTreeSet<IpAddr> =
+                node_addresses.iter().filter(of(family)).copied().collect();
+            let lb_vips: Vec<IpAddr> = lb_vips.iter().filter(of(family)).copied().collect();
+            Family {
+                family,
+                cluster_ip,
+                external_ips: svc
+                    .external_ips
+                    .iter()
+                    .filter(of(family))
+                    .copied()
+                    .collect(),
+                source_ranges: source_ranges(svc, family, &lb_vips, &node_addresses),
+                node_addresses: node_addresses.into_iter().collect(),
+                lb_vips,
+            }
+        })
+        .collect();
 
     for port in &svc.ports {
         let proto = match port.protocol {
@@ -439,87 +479,97 @@ fn translate_service(
             name: svc.id.name.clone(),
             port_name: port.name.clone(),
         };
-        let endpoints = port_endpoints(slices, &port.name, port.protocol, node);
-        let cluster = cluster_backends(&endpoints, node);
-        let local = local_backends(&endpoints);
-        let internal = if internal_local { &local } else { &cluster };
-        let external = if external_local { &local } else { &cluster };
-
-        // (address, port, kind, backends, source ranges) of every frontend of this port.
-        type Candidate<'a> = (Ipv4Addr, u16, FrontendKind, &'a [Backend], &'a [Ipv4Cidr]);
-        let mut frontends: Vec<Candidate<'_>> = Vec::new();
-        if let Some(ip) = cluster_ip {
-            frontends.push((ip, port.port, FrontendKind::ClusterIp, internal, &[]));
+        if has_node_ports && port.node_port.is_none() && svc.type_ == ServiceType::NodePort {
+            out.entries.push(Entry::Warning(Warning::NoNodePort {
+                service: svc.id.clone(),
+                port_name: port.name.clone(),
+            }));
         }
-        if has_node_ports {
-            match port.node_port {
-                Some(node_port) => {
-                    for &addr in node_addresses {
-                        frontends.push((addr, node_port, FrontendKind::NodePort, external, &[]));
-                    }
-                }
-                None if svc.type_ == ServiceType::NodePort => {
-                    out.entries.push(Entry::Warning(Warning::NoNodePort {
-                        service: svc.id.clone(),
-                        port_name: port.name.clone(),
-                    }))
-                }
-                // LoadBalancer with allocateLoadBalancerNodePorts: false.
-                None => {}
+        for fam in &families {
+            // Each frontend gets the backends of its own family only.
+            let family_slices: Vec<&EndpointSlice> = slices
+                .iter()
+                .copied()
+                .filter(|s| s.address_type.family() == Some(fam.family))
+                .collect();
+            let endpoints = port_endpoints(&family_slices, &port.name, port.protocol, node);
+            let cluster = cluster_backends(&endpoints, node);
+            let local = local_backends(&endpoints);
+            let internal = if internal_local { &local } else { &cluster };
+            let external = if external_local { &local } else { &cluster };
+
+            // (address, port, kind, backends, source ranges) of every frontend of this port.
+            type Candidate<'a> = (IpAddr, u16, FrontendKind, &'a [Backend], &'a [IpCidr]);
+            let mut frontends: Vec<Candidate<'_>> = Vec::new();
+            if let Some(ip) = fam.cluster_ip {
+                frontends.push((ip, port.port, FrontendKind::ClusterIp, internal, &[]));
             }
-        }
-        for &ip in &svc.external_ips {
-            frontends.push((ip, port.port, FrontendKind::ExternalIp, external, &[]));
-        }
-        for &ip in &lb_vips {
-            frontends.push((
-                ip,
-                port.port,
-                FrontendKind::LoadBalancer,
-                external,
-                &source_ranges,
-            ));
-        }
+            // LoadBalancer with allocateLoadBalancerNodePorts: false has no nodePort.
+            if has_node_ports && let Some(node_port) = port.node_port {
+                for &addr in &fam.node_addresses {
+                    frontends.push((addr, node_port, FrontendKind::NodePort, external, &[]));
+                }
+            }
+            for &ip in &fam.external_ips {
+                frontends.push((ip, port.port, FrontendKind::ExternalIp, external, &[]));
+            }
+            for &ip in &fam.lb_vips {
+                frontends.push((
+                    ip,
+                    port.port,
+                    FrontendKind::LoadBalancer,
+                    external,
+                    &fam.source_ranges,
+                ));
+            }
 
-        for (addr, port, kind, backends, ranges) in frontends {
-            let frontend = Frontend { addr, port, proto };
-            let plan = FrontendPlan {
-                service: service.clone(),
-                kind,
-                backends: backends.to_vec(),
-                affinity_timeout_secs,
-                source_ranges: ranges.to_vec(),
-                selection: svc.selection,
-            };
-            out.entries.push(Entry::Frontend(frontend, plan));
+            for (addr, port, kind, backends, ranges) in frontends {
+                let frontend = Frontend { addr, port, proto };
+                let plan = FrontendPlan {
+                    service: service.clone(),
+                    kind,
+                    backends: backends.to_vec(),
+                    affinity_timeout_secs,
+                    source_ranges: ranges.to_vec(),
+                    selection: svc.selection,
+                };
+                out.entries.push(Entry::Frontend(frontend, plan));
+            }
         }
     }
     out
 }
 
-/// The allowed sources of the LoadBalancer frontends; empty = all.
+/// The allowed sources of the LoadBalancer frontends of `family`; empty = all. As in
+/// kube-proxy, each family's frontends get the ranges of their family only.
 fn source_ranges(
     svc: &Service,
-    lb_vips: &[Ipv4Addr],
-    node_addresses: &BTreeSet<Ipv4Addr>,
-) -> Vec<Ipv4Cidr> {
-    let ranges = &svc.load_balancer_source_ranges;
-    if ranges.iter().any(|r| r.prefix_len == 0) {
+    family: IpFamily,
+    lb_vips: &[IpAddr],
+    node_addresses: &BTreeSet<IpAddr>,
+) -> Vec<IpCidr> {
+    let ranges: Vec<IpCidr> = svc
+        .load_balancer_source_ranges
+        .iter()
+        .filter(|r| r.family() == family)
+        .copied()
+        .collect();
+    if ranges.iter().any(|r| r.prefix_len() == 0) {
         return Vec::new();
     }
-    let mut out: BTreeSet<Ipv4Cidr> = ranges.iter().copied().collect();
+    let mut out: BTreeSet<IpCidr> = ranges.iter().copied().collect();
     if ranges
         .iter()
         .any(|r| node_addresses.iter().any(|&a| r.contains(a)))
     {
-        out.extend(lb_vips.iter().filter_map(|&vip| Ipv4Cidr::new(vip, 32)));
+        out.extend(lb_vips.iter().map(|&vip| IpCidr::host(vip)));
     }
     out.into_iter().collect()
 }
 
 /// An endpoint of one Service port, merged over the slices.
 struct PortEndpoint<'a> {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     local: bool,
     /// On another node: a `nodeName` that is not this node's (an endpoint without one is
@@ -544,7 +594,7 @@ fn port_endpoints<'a>(
     name: &str,
     protocol: model::Protocol,
     node: &NodeInfo,
-) -> BTreeMap<(Ipv4Addr, u16), PortEndpoint<'a>> {
+) -> BTreeMap<(IpAddr, u16), PortEndpoint<'a>> {
     let mut endpoints = BTreeMap::new();
     for slice in slices {
         let ports = slice
@@ -610,7 +660,7 @@ fn topology_mode<'a>(
 
 /// Backends for the Cluster traffic policy.
 fn cluster_backends(
-    endpoints: &BTreeMap<(Ipv4Addr, u16), PortEndpoint<'_>>,
+    endpoints: &BTreeMap<(IpAddr, u16), PortEndpoint<'_>>,
     node: &NodeInfo,
 ) -> Vec<Backend> {
     let mode = topology_mode(endpoints.values(), node);
@@ -624,7 +674,7 @@ fn cluster_backends(
 }
 
 /// Backends for the Local traffic policy.
-fn local_backends(endpoints: &BTreeMap<(Ipv4Addr, u16), PortEndpoint<'_>>) -> Vec<Backend> {
+fn local_backends(endpoints: &BTreeMap<(IpAddr, u16), PortEndpoint<'_>>) -> Vec<Backend> {
     backends(endpoints.values().filter(|e| e.local), |e| e.ready())
 }
 
@@ -655,7 +705,7 @@ fn backends<'a>(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{net::Ipv4Addr, path::Path};
 
     use super::*;
     use crate::manifest::load_str;
@@ -672,7 +722,7 @@ mod tests {
     fn node() -> NodeInfo {
         NodeInfo {
             name: "node-a".into(),
-            addresses: vec![Ipv4Addr::new(192, 168, 0, 10)],
+            addresses: vec![Ipv4Addr::new(192, 168, 0, 10).into()],
             zone: Some("zone-a".into()),
         }
     }
@@ -744,13 +794,13 @@ mod tests {
             kind: FrontendKind::ClusterIp,
             backends: vec![
                 Backend {
-                    addr: Ipv4Addr::new(10, 1, 0, 1),
+                    addr: Ipv4Addr::new(10, 1, 0, 1).into(),
                     port: 80,
                     terminating: false,
                     remote: false,
                 },
                 Backend {
-                    addr: Ipv4Addr::new(10, 1, 0, 2),
+                    addr: Ipv4Addr::new(10, 1, 0, 2).into(),
                     port: 80,
                     terminating: false,
                     remote: false,
@@ -761,7 +811,7 @@ mod tests {
             selection: None,
         };
         let frontend = Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, 10),
+            addr: Ipv4Addr::new(10, 96, 0, 10).into(),
             port: 8080,
             proto: Protocol::Tcp,
         };
@@ -801,8 +851,8 @@ mod tests {
     fn frontends_ports_and_slices() {
         let two_nodes = NodeInfo {
             addresses: vec![
-                Ipv4Addr::new(192, 168, 0, 11),
-                Ipv4Addr::new(192, 168, 0, 10),
+                Ipv4Addr::new(192, 168, 0, 11).into(),
+                Ipv4Addr::new(192, 168, 0, 10).into(),
             ],
             ..node()
         };
@@ -895,7 +945,8 @@ mod tests {
                 ],
             ),
             (
-                "ExternalName, headless and IPv6-only Services get no frontends",
+                "ExternalName and headless Services get no frontends; an IPv6-only one only IPv6 \
+                 ones (its IPv4 externalIP is not of its family; no IPv6 node address)",
                 svc(
                     "xn",
                     "{type: ExternalName, externalName: example.com, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
@@ -906,17 +957,20 @@ mod tests {
                         "{type: NodePort, clusterIPs: ['fd00::1'], externalIPs: [203.0.113.6], ports: [{port: 80, nodePort: 30001}]}",
                     ),
                 node(),
-                &[],
+                &["[fd00::1]:80/TCP ClusterIP default/v6 -> []"],
             ),
             (
-                "dual stack: the IPv4 cluster IP; IPv6 slices ignored",
+                "dual stack: each cluster IP with the slices of its family",
                 svc(
                     "ds",
                     "{clusterIPs: ['fd00::1', 10.0.0.1], ports: [{port: 80}]}",
                 ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}\naddressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00::10']}]\n"
                     + &slice("ds-v4", "ds", "[{port: 80}]", "[{addresses: [10.1.0.1]}]"),
                 node(),
-                &["10.0.0.1:80/TCP ClusterIP default/ds -> [10.1.0.1:80]"],
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/ds -> [10.1.0.1:80]",
+                    "[fd00::1]:80/TCP ClusterIP default/ds -> [[fd00::10]:80]",
+                ],
             ),
             (
                 "manifest without clusterIP: other frontends still programmed, with a warning",
@@ -1352,6 +1406,154 @@ mod tests {
         ]);
     }
 
+    /// An IPv6 EndpointSlice of Service `service`.
+    fn slice6(name: &str, service: &str, ports: &str, endpoints: &str) -> String {
+        slice(name, service, ports, endpoints).replace("addressType: IPv4", "addressType: IPv6")
+    }
+
+    /// A node with an address of each family.
+    fn node_ds() -> NodeInfo {
+        NodeInfo {
+            addresses: vec![
+                Ipv4Addr::new(192, 168, 0, 10).into(),
+                "fd00:ff::10".parse::<IpAddr>().unwrap(),
+            ],
+            ..node()
+        }
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack() {
+        let lb = "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: '2001:db8:1::1'}]}}\n";
+        check(&[
+            (
+                "single-stack IPv6: every kind of frontend, by family; IPv4 slices, externalIPs \
+                 and ingress are not its family",
+                svc(
+                    "web",
+                    "{type: LoadBalancer, clusterIPs: ['fd00::10'], ipFamilies: [IPv6], externalIPs: [203.0.113.5, '2001:db8::5'], loadBalancerSourceRanges: ['2001:db8:2::/48', 10.0.0.0/8], sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}",
+                ) + lb
+                    + &slice6(
+                        "web-6",
+                        "web",
+                        "[{port: 8080}]",
+                        "[{addresses: ['fd00:1::2']}, {addresses: ['fd00:1::1']}]",
+                    )
+                    + &slice(
+                        "web-4",
+                        "web",
+                        "[{port: 8080}]",
+                        "[{addresses: [10.1.0.1]}]",
+                    ),
+                node_ds(),
+                &[
+                    "[2001:db8::5]:80/TCP ExternalIP default/web -> [[fd00:1::1]:8080, [fd00:1::2]:8080] affinity=10800",
+                    "[2001:db8:1::1]:80/TCP LoadBalancer default/web -> [[fd00:1::1]:8080, [fd00:1::2]:8080] affinity=10800 ranges=[2001:db8:2::/48]",
+                    "[fd00::10]:80/TCP ClusterIP default/web -> [[fd00:1::1]:8080, [fd00:1::2]:8080] affinity=10800",
+                    "[fd00:ff::10]:30080/TCP NodePort default/web -> [[fd00:1::1]:8080, [fd00:1::2]:8080] affinity=10800",
+                ],
+            ),
+            (
+                "dual stack: each family its own frontends, backends and source ranges; a node \
+                 address in a range lets that family's ingress IPs in; ::/0 opens IPv6 only",
+                svc(
+                    "ds",
+                    "{type: LoadBalancer, clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilyPolicy: RequireDualStack, loadBalancerSourceRanges: [192.168.0.0/24, '::/0'], ports: [{port: 80, nodePort: 30081}]}",
+                ) + lb
+                    + &slice("ds-4", "ds", "[{port: 80}]", "[{addresses: [10.1.0.1]}]")
+                    + &slice6("ds-6", "ds", "[{port: 80}]", "[{addresses: ['fd00:1::1']}]"),
+                node_ds(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/ds -> [10.1.0.1:80]",
+                    "192.168.0.10:30081/TCP NodePort default/ds -> [10.1.0.1:80]",
+                    "198.51.100.1:80/TCP LoadBalancer default/ds -> [10.1.0.1:80] ranges=[192.168.0.0/24, 198.51.100.1/32]",
+                    "[2001:db8:1::1]:80/TCP LoadBalancer default/ds -> [[fd00:1::1]:80]",
+                    "[fd00::1]:80/TCP ClusterIP default/ds -> [[fd00:1::1]:80]",
+                    "[fd00:ff::10]:30081/TCP NodePort default/ds -> [[fd00:1::1]:80]",
+                ],
+            ),
+            (
+                "PreferDualStack with one family: that family only, the other's slices unused",
+                svc(
+                    "p",
+                    "{type: NodePort, clusterIPs: [10.0.0.2], ipFamilyPolicy: PreferDualStack, ports: [{port: 80, nodePort: 30082}]}",
+                ) + &slice("p-4", "p", "[{port: 80}]", "[{addresses: [10.1.0.2]}]")
+                    + &slice6("p-6", "p", "[{port: 80}]", "[{addresses: ['fd00:1::2']}]"),
+                node_ds(),
+                &[
+                    "10.0.0.2:80/TCP ClusterIP default/p -> [10.1.0.2:80]",
+                    "192.168.0.10:30082/TCP NodePort default/p -> [10.1.0.2:80]",
+                ],
+            ),
+            (
+                "mixed slices: named targetPort per slice, eTP Local, terminating fallback and \
+                 topology hints in the IPv6 family exactly as in IPv4",
+                svc(
+                    "m",
+                    "{type: NodePort, clusterIPs: ['fd00::3', 10.0.0.3], externalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: web, nodePort: 30083}]}",
+                ) + &slice(
+                    "m-4",
+                    "m",
+                    "[{name: http, port: 8080}]",
+                    "[{addresses: [10.1.0.3], nodeName: node-a}, {addresses: [10.1.0.4], nodeName: node-b}]",
+                ) + &slice6(
+                    "m-6a",
+                    "m",
+                    "[{name: http, port: 9090}]",
+                    "[{addresses: ['fd00:1::3'], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, {addresses: ['fd00:1::4'], nodeName: node-b, hints: {forZones: [{name: zone-a}]}}]",
+                ) + &slice6(
+                    "m-6b",
+                    "m",
+                    "[{name: http, port: 9191}]",
+                    "[{addresses: ['fd00:1::5'], nodeName: node-b, hints: {forZones: [{name: zone-b}]}}]",
+                ),
+                node_ds(),
+                &[
+                    "10.0.0.3:80/TCP ClusterIP default/m:http -> [10.1.0.3:8080, 10.1.0.4:8080]",
+                    "192.168.0.10:30083/TCP NodePort default/m:http -> [10.1.0.3:8080]",
+                    "[fd00::3]:80/TCP ClusterIP default/m:http -> [[fd00:1::3]:9090 (terminating), [fd00:1::4]:9090]",
+                    "[fd00:ff::10]:30083/TCP NodePort default/m:http -> [[fd00:1::3]:9090 (terminating)]",
+                ],
+            ),
+            (
+                "a hand-written Endpoints object with addresses of both families",
+                svc(
+                    "ext",
+                    "{clusterIPs: [10.0.0.4, 'fd00::4'], ports: [{port: 80}]}",
+                ) + "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: ext}\nsubsets: [{addresses: [{ip: 192.0.2.10}, {ip: '2001:db8::10'}], ports: [{port: 8080}]}]\n",
+                node_ds(),
+                &[
+                    "10.0.0.4:80/TCP ClusterIP default/ext -> [192.0.2.10:8080]",
+                    "[fd00::4]:80/TCP ClusterIP default/ext -> [[2001:db8::10]:8080]",
+                ],
+            ),
+            (
+                "manifest without cluster IPs asking for IPv6: IPv6 node ports, with a warning",
+                svc(
+                    "u",
+                    "{type: NodePort, ipFamilies: [IPv6], ports: [{port: 80, nodePort: 30084}]}",
+                ) + &slice6("u-6", "u", "[{port: 80}]", "[{addresses: ['fd00:1::6']}]"),
+                node_ds(),
+                &[
+                    "[fd00:ff::10]:30084/TCP NodePort default/u -> [[fd00:1::6]:80]",
+                    "warning: default/u: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external IPs and load balancer IPs are programmed",
+                ],
+            ),
+            (
+                "an IPv4 and an IPv6 Service on equal addresses do not conflict across families",
+                svc(
+                    "a",
+                    "{clusterIPs: ['::ffff:10.0.0.5'], ports: [{port: 80}]}",
+                ) + &svc("b", "{clusterIP: 10.0.0.5, ports: [{port: 80}]}"),
+                node_ds(),
+                &[
+                    "10.0.0.5:80/TCP ClusterIP default/b -> []",
+                    "[::ffff:10.0.0.5]:80/TCP ClusterIP default/a -> []",
+                ],
+            ),
+        ]);
+    }
+
     /// One object of the pool the walk below draws from, as YAML.
     fn walk_object(kind: u32, name: u32, variant: u32) -> String {
         if kind == 0 {
@@ -1422,7 +1624,7 @@ mod tests {
             }
             let changed = if step == 200 {
                 let mut moved = node();
-                moved.addresses.push(Ipv4Addr::new(192, 168, 0, 11));
+                moved.addresses.push(Ipv4Addr::new(192, 168, 0, 11).into());
                 let full = Translator::new(moved.clone());
                 translator = full;
                 translator.update(&st, st.services.keys(), st.slices.keys());

@@ -19,7 +19,7 @@ const FILE: &str = "fuzzed.yaml";
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node".into(),
-        addresses: vec![Ipv4Addr::new(10, 200, 0, 1)],
+        addresses: vec![Ipv4Addr::new(10, 200, 0, 1).into()],
         zone: Some("a".into()),
     }
 }

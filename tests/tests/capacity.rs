@@ -28,7 +28,7 @@ fn desired(n: u32) -> DesiredState {
     let frontends: BTreeMap<Frontend, FrontendPlan> = (1..=n)
         .map(|i| {
             let frontend = Frontend {
-                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i),
+                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i).into(),
                 port: 80,
                 proto: Protocol::Tcp,
             };
@@ -40,7 +40,7 @@ fn desired(n: u32) -> DesiredState {
                 },
                 kind: FrontendKind::ClusterIp,
                 backends: vec![Backend {
-                    addr: Ipv4Addr::new(10, 244, 0, 2),
+                    addr: Ipv4Addr::new(10, 244, 0, 2).into(),
                     port: 8080,
                     terminating: false,
                     remote: false,

@@ -758,3 +758,77 @@ fn a_minute_without_the_api_server_changes_nothing_and_the_agent_converges_after
         records.len(),
     );
 }
+
+#[test]
+fn dual_stack_services_ipv6_slices_and_node_addresses_come_through_the_watch() {
+    let slice6 = |name: &str, ips: &[&str]| -> discovery::EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| json!({"addresses": [ip], "nodeName": NODE, "conditions": {"ready": true}}))
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "ds"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    };
+    let topology = Topology::new(2).expect("topology");
+    let api = FakeApiServer::start(&topology.node).expect("fake API server");
+    let node: core::Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": NODE_IP.to_string()},
+            {"type": "InternalIP", "address": "fd00:200::1"},
+        ]},
+    }))
+    .unwrap();
+    api.apply(&node).unwrap();
+    api.apply(&service(
+        "ds",
+        "10.96.0.30",
+        json!({"type": "NodePort", "clusterIPs": ["10.96.0.30", "fd00:96::30"],
+               "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+               "ports": [{"name": "http", "port": 8080, "targetPort": 80,
+                          "protocol": "TCP", "nodePort": 30095}]}),
+    ))
+    .unwrap();
+    let pod = topology.pods[0].ip;
+    api.apply(&slice("ds-v4", "ds", &[Ep::Ready(pod)])).unwrap();
+    api.apply(&slice6("ds-v6", &["fd00:244:1::2", "fd00:244:2::2"]))
+        .unwrap();
+    // An IPv6 address in an IPv4 slice: named in the log, the rest still programs.
+    let mut bad = slice("ds-bad", "ds", &[Ep::Ready(pod)]);
+    if let Some(endpoints) = bad.endpoints.as_mut() {
+        endpoints[0].addresses = vec!["fd00:244:9::9".into()];
+    }
+    api.apply(&bad).unwrap();
+    let agent =
+        Agent::start_kube(&topology.node, api.kubeconfig(), NODE, NODE_IF, &[]).expect("agent");
+    let both6 = vec![
+        "[fd00:244:1::2]:80".to_owned(),
+        "[fd00:244:2::2]:80".to_owned(),
+    ];
+    let s = agent
+        .wait_until("the dual-stack Service", |s| {
+            [
+                ("10.96.0.30:8080/TCP", at80(&[pod])),
+                ("10.200.0.1:30095/TCP", at80(&[pod])),
+                ("[fd00:96::30]:8080/TCP", both6.clone()),
+                ("[fd00:200::1]:30095/TCP", both6.clone()),
+            ]
+            .iter()
+            .all(|(f, want)| backends(s, f).as_ref() == Some(want))
+        })
+        .unwrap();
+    assert_eq!(s.len(), 4, "{s:#?}");
+    let log = agent.log();
+    assert!(
+        log.contains("ds-bad") && log.contains("fd00:244:9::9"),
+        "the bad slice is named:\n{log}"
+    );
+}

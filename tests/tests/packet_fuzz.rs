@@ -115,7 +115,7 @@ impl Bed {
                 backends: backends
                     .iter()
                     .map(|&(addr, port)| Backend {
-                        addr,
+                        addr: addr.into(),
                         port,
                         terminating: false,
                         remote: false,
@@ -319,9 +319,9 @@ fn xdp_case(bed: &mut Bed, packet: &[u8]) -> Result<bool, TestCaseError> {
     let (action, output) = bed.xdp(packet);
     let view = l4_view(packet, false);
     let hit = view.as_ref().and_then(|v| {
-        services()
-            .into_iter()
-            .find(|(f, _)| f.addr.octets() == v.dst && f.port == v.dport && f.proto == v.proto)
+        services().into_iter().find(|(f, _)| {
+            f.addr == std::net::IpAddr::from(v.dst) && f.port == v.dport && f.proto == v.proto
+        })
     });
     prop_assert!(
         action == XDP_PASS || action == XDP_DROP,
@@ -402,7 +402,9 @@ fn tc_case(bed: &mut Bed, packet: &[u8]) -> Result<bool, TestCaseError> {
     prop_assert!(
         services()
             .iter()
-            .any(|(f, _)| f.addr.octets() == new_src && f.port == new_port && f.proto == v.proto),
+            .any(|(f, _)| f.addr == std::net::IpAddr::from(new_src)
+                && f.port == new_port
+                && f.proto == v.proto),
         "reply source rewritten to {:?}:{}, not a frontend",
         new_src,
         new_port

@@ -69,3 +69,88 @@ fn a_bad_object_is_named_and_fails_the_plan_but_the_rest_is_planned() {
         );
     }
 }
+
+/// The dual-stack fixture folder (not in examples/, which the IPv4 demo and tests use).
+fn dual_stack_dir() -> std::path::PathBuf {
+    lb_tests::agent::workspace_dir().join("tests/fixtures/dual-stack")
+}
+
+#[test]
+fn plan_of_a_dual_stack_folder_gives_each_family_its_frontends_and_backends() {
+    let out = Command::new(lb_bin())
+        .args(["plan", "--node-name", "node", "--output", "json"])
+        .arg("--manifests")
+        .arg(dual_stack_dir())
+        .args([
+            "--node-ip",
+            &NODE_IP.to_string(),
+            "--node-ip",
+            "fd00:200::1",
+        ])
+        .output()
+        .expect("run lb plan");
+    assert!(out.status.success(), "{out:?}");
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(plan["errors"].as_array().unwrap().len(), 0, "{plan}");
+    let rows: Vec<(String, Vec<String>, Vec<String>)> = plan["frontends"]
+        .as_array()
+        .expect("frontends")
+        .iter()
+        .map(|r| {
+            let strings = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            (
+                r["frontend"].as_str().unwrap().to_owned(),
+                strings(&r["backends"]),
+                strings(&r["source_ranges"]),
+            )
+        })
+        .collect();
+    let v4 = |ips: &[&str], port| -> Vec<String> {
+        ips.iter().map(|ip| format!("{ip}:{port}")).collect()
+    };
+    let both4 = v4(&["10.244.1.2", "10.244.2.2"], 80);
+    let both6 = vec![
+        "[fd00:244:1::2]:80".to_owned(),
+        "[fd00:244:2::2]:80".to_owned(),
+    ];
+    let lb6 = vec![
+        "[fd00:244:1::2]:80".to_owned(),
+        "[fd00:244:3::2]:80 (terminating)".to_owned(),
+    ];
+    let echo6 = vec![
+        "[fd00:244:1::2]:5353".to_owned(),
+        "[fd00:244:2::2]:5353".to_owned(),
+    ];
+    let one4 = v4(&["10.244.1.2"], 80);
+    let row = |f: &str, b: &[String], r: &[&str]| {
+        (
+            f.to_owned(),
+            b.to_vec(),
+            r.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        rows,
+        [
+            row("10.96.0.20:8080/TCP", &both4, &[]),
+            row("10.96.0.22:80/TCP", &one4, &[]),
+            row("10.98.0.2:80/TCP", &one4, &["10.1.0.0/16"]),
+            row("10.200.0.1:30090/TCP", &both4, &[]),
+            row("10.200.0.1:30091/TCP", &one4, &[]),
+            row("[fd00:96::20]:8080/TCP", &both6, &[]),
+            row("[fd00:96::21]:5353/UDP", &echo6, &[]),
+            row("[fd00:96::22]:80/TCP", &lb6, &[]),
+            row("[fd00:97::1]:5353/UDP", &echo6, &[]),
+            row("[fd00:98::2]:80/TCP", &lb6, &["fd00:1::/64"]),
+            row("[fd00:200::1]:30090/TCP", &both6, &[]),
+            row("[fd00:200::1]:30091/TCP", &lb6, &[]),
+        ],
+        "each family's frontends, none for the IPv4 externalIP of the IPv6-only echo-v6"
+    );
+}

@@ -34,7 +34,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -385,7 +385,7 @@ pub fn node_facts(node: &core::Node) -> NodeFacts {
         .unwrap_or_default();
     for wanted in ["InternalIP", "ExternalIP"] {
         for a in listed.iter().filter(|a| a.type_ == wanted) {
-            if let Ok(ip) = a.address.parse::<Ipv4Addr>()
+            if let Ok(ip) = a.address.parse::<IpAddr>()
                 && !addresses.contains(&ip)
             {
                 addresses.push(ip);
@@ -719,6 +719,80 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_services_and_ipv6_slices_come_through_the_watch_and_bad_ones_stay_out() {
+        let services: Store<model::Service> = Arc::default();
+        let slices: Store<model::EndpointSlice> = Arc::default();
+        let service = |name: &str, spec: serde_json::Value| -> core::Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+                "spec": spec
+            }))
+            .unwrap()
+        };
+        let slice = |name: &str,
+                     family: &str,
+                     ip: &str|
+         -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1",
+                             "labels": {model::LABEL_SERVICE_NAME: "ds"}},
+                "addressType": family,
+                "endpoints": [{"addresses": [ip]}],
+                "ports": [{"port": 80}]
+            }))
+            .unwrap()
+        };
+        for svc in [
+            service(
+                "ds",
+                serde_json::json!({"clusterIPs": ["10.96.0.1", "fd00::1"],
+                    "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                    "ports": [{"port": 80}]}),
+            ),
+            service(
+                "bad",
+                serde_json::json!({"clusterIPs": ["10.96.0.2"], "ipFamilies": ["IPv6"],
+                    "ports": [{"port": 80}]}),
+            ),
+        ] {
+            lock(&services).apply(Ok(watcher::Event::Apply(svc)), |s| {
+                model::Service::from_k8s(s).map_err(|e| e.to_string())
+            });
+        }
+        for s in [
+            slice("ds-v6", "IPv6", "fd00:1::1"),
+            slice("ds-v4", "IPv4", "10.1.0.1"),
+            slice("ds-bad", "IPv4", "fd00:1::2"),
+        ] {
+            lock(&slices).apply(Ok(watcher::Event::Apply(s)), |s| {
+                model::EndpointSlice::from_k8s(s).map_err(|e| e.to_string())
+            });
+        }
+        let mut state = ClusterState::default();
+        let changed = Dirty::default().flush(&services, &mut state.services, "Service");
+        assert_eq!(changed.len(), 1, "the bad one is logged and left out");
+        Dirty::default().flush(&slices, &mut state.slices, "EndpointSlice");
+        let keys: Vec<String> = state.services.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/ds"]);
+        let keys: Vec<String> = state.slices.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/ds-v4", "default/ds-v6"]);
+        let node = model::NodeInfo::default();
+        let frontends: Vec<String> = crate::translate::translate(&state, &node)
+            .desired
+            .frontends
+            .iter()
+            .map(|(f, p)| format!("{f} -> {}", p.backends[0]))
+            .collect();
+        assert_eq!(
+            frontends,
+            [
+                "10.96.0.1:80/TCP -> 10.1.0.1:80",
+                "[fd00::1]:80/TCP -> [fd00:1::1]:80"
+            ]
+        );
+    }
+
+    #[test]
     fn only_changed_models_are_reported_and_bad_objects_are_left_out() {
         let store: Store<model::Service> = Arc::default();
         // The watcher's events, as the stream of `watch` takes them in.
@@ -785,7 +859,7 @@ mod tests {
             view.values()
                 .map(|s| format!("{:?}", s.cluster_ip))
                 .collect::<Vec<_>>(),
-            ["Assigned(Some(10.96.0.5))"]
+            ["Assigned(ClusterIps { v4: Some(10.96.0.5), v6: None })"]
         );
         assert_eq!(dirty.lists, 1);
     }
@@ -798,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn node_facts_take_ipv4_internal_then_external_addresses_and_the_zone() {
+    fn node_facts_take_internal_then_external_addresses_of_both_families_and_the_zone() {
         let node: core::Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {ZONE_LABEL: "zone-b"}},
             "status": {"addresses": [
@@ -813,7 +887,11 @@ mod tests {
         assert_eq!(
             node_facts(&node),
             NodeFacts {
-                addresses: vec![Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(203, 0, 113, 7)],
+                addresses: vec![
+                    "fd00::7".parse::<IpAddr>().unwrap(),
+                    std::net::Ipv4Addr::new(10, 0, 0, 7).into(),
+                    std::net::Ipv4Addr::new(203, 0, 113, 7).into()
+                ],
                 zone: Some("zone-b".into()),
             }
         );

@@ -15,7 +15,7 @@ pub mod manifests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Instant,
 };
 
@@ -76,8 +76,8 @@ fn differing<V: PartialEq>(
 /// What a source knows about this node (the kube source: its Node object).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
-    /// The node's IPv4 InternalIP and ExternalIP addresses.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The node's InternalIP and ExternalIP addresses, both families.
+    pub addresses: Vec<IpAddr>,
     /// Its `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
 }

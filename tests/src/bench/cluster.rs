@@ -47,7 +47,7 @@ impl BenchService {
     /// The frontend the datapath programs for it.
     pub fn frontend(&self) -> Frontend {
         Frontend {
-            addr: self.cluster_ip,
+            addr: self.cluster_ip.into(),
             port: self.port,
             proto: Protocol::Tcp,
         }
@@ -95,7 +95,7 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
     let mut backends: Vec<Backend> = backends
         .iter()
         .map(|&(addr, port)| Backend {
-            addr,
+            addr: addr.into(),
             port,
             terminating: false,
             remote: false,

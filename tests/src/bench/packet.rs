@@ -221,7 +221,7 @@ fn desired(services: usize) -> DesiredState {
     let backends = measured_backends();
     for (frontend, kind) in [(F1, FrontendKind::ClusterIp), (F2, FrontendKind::NodePort)] {
         let key = Frontend {
-            addr: frontend.0,
+            addr: frontend.0.into(),
             port: frontend.1,
             proto: Protocol::Tcp,
         };
@@ -412,7 +412,11 @@ impl Bench {
     }
 
     fn service_id(&self, frontend: Endpoint) -> Result<u32> {
-        let key = lb_common::Frontend4::new(frontend.0.octets(), frontend.1, lb_common::PROTO_TCP);
+        let key = lb_userspace::desired::FrontendKey::V4(lb_common::Frontend4::new(
+            frontend.0.octets(),
+            frontend.1,
+            lb_common::PROTO_TCP,
+        ));
         self.syncer
             .service_ids()
             .find(|(k, _)| *k == key)
