@@ -31,12 +31,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Affinity6Key, Backend6, Ct6Entry, Ct6Key, Frontend6, RevNat6, SourceRange6,
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_TERMINATING, Backend4,
-    CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, CtEntry,
-    Frontend4, MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, SERVICE_F_RANDOM,
-    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4, capacity,
-    csum, event, flow_hash, maglev, prefilter, reason, table_event,
+    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_F_REMOTE,
+    BACKEND_TERMINATING, Backend4, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
+    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6,
+    MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, RevNat6, SERVICE_F_RANDOM,
+    SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4,
+    SourceRange6, capacity, csum, event, flow_hash, maglev, prefilter, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
