@@ -47,9 +47,11 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
     /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count (V2: more reasons).
     pub const REASON_STATS: &str = "LB_REASON_V2";
-    /// Per-CPU hash map `u32` backend id -> [`crate::ServiceStats`]: the backend's counters.
-    /// The agent creates an entry with the backend and deletes it with the backend.
-    pub const BACKEND_STATS: &str = "LB_BESTAT_V1";
+    /// Per-CPU array of [`crate::ServiceStats`]: the backends' counters, each at its
+    /// backend's [`crate::backend_stats_slot`] (V2: an array, whose lookups the verifier
+    /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
+    /// the agent gives each live backend a slot of its own and zeroes the slot of a new id.
+    pub const BACKEND_STATS: &str = "LB_BESTAT_V2";
     /// Per-CPU array indexed by [`crate::event`] -> `u64`: flow decisions and conntrack
     /// writes.
     pub const EVENTS: &str = "LB_EVENT_V1";
@@ -876,6 +878,26 @@ pub mod event {
         "reselect_gone",
         "drain_removed",
     ];
+}
+
+/// The name of the eBPF object's global holding `slots - 1`, where `slots` is the size of
+/// [`map_names::BACKEND_STATS`] (a power of two); the agent sets it when it loads the object.
+pub const BACKEND_STATS_MASK_GLOBAL: &str = "LB_BESTAT_MASK";
+
+/// The index of backend `id`'s counters in [`map_names::BACKEND_STATS`], of `mask + 1`
+/// entries. Backend ids only grow; the agent skips an id whose slot a live backend holds,
+/// so live backends never share counters.
+#[inline(always)]
+pub const fn backend_stats_slot(id: u32, mask: u32) -> u32 {
+    id & mask
+}
+
+/// The size of [`map_names::BACKEND_STATS`] for `backends` backends: the next power of two.
+pub const fn backend_stats_slots(backends: u32) -> u32 {
+    match backends.checked_next_power_of_two() {
+        Some(slots) => slots,
+        None => 1 << 31,
+    }
 }
 
 /// Default capacities of the maps (entries); the agent can override them.

@@ -25,9 +25,7 @@ use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{btf_map, classifier, map, xdp},
-    maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey,
-    },
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -36,7 +34,8 @@ use lb_common::{
     CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6,
     MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, RevNat6, SERVICE_F_RANDOM,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4,
-    SourceRange6, capacity, csum, event, flow_hash, maglev, prefilter, reason, table_event,
+    SourceRange6, backend_stats_slot, backend_stats_slots, capacity, csum, event, flow_hash,
+    maglev, prefilter, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -61,9 +60,14 @@ static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES
 static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
 #[map]
 static LB_REASON_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+/// Indexed by `backend_stats_slot(id, LB_BESTAT_MASK)`; sized by the agent.
 #[map]
-static LB_BESTAT_V1: PerCpuHashMap<u32, ServiceStats> =
-    PerCpuHashMap::pinned(capacity::BACKENDS, 0);
+static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
+    PerCpuArray::pinned(backend_stats_slots(capacity::BACKENDS), 0);
+/// The size of [`LB_BESTAT_V2`] less one, set by the agent at load time
+/// (`lb_common::BACKEND_STATS_MASK_GLOBAL`). Read-only: the verifier knows its value.
+#[unsafe(no_mangle)]
+static LB_BESTAT_MASK: u32 = backend_stats_slots(capacity::BACKENDS) - 1;
 #[map]
 static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
 #[map]
@@ -684,7 +688,9 @@ pub(crate) fn count_translated(flow: &Flow, bytes: u64) {
     if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
         add_stats(stats, bytes, flow.new);
     }
-    if let Some(stats) = LB_BESTAT_V1.get_ptr_mut(&flow.backend_id) {
+    // A volatile read: the value is the loader's, not this constant initialiser.
+    let mask = unsafe { core::ptr::read_volatile(&LB_BESTAT_MASK) };
+    if let Some(stats) = LB_BESTAT_V2.get_ptr_mut(backend_stats_slot(flow.backend_id, mask)) {
         add_stats(stats, bytes, flow.new);
     }
 }

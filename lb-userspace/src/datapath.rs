@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuHashMap, PerCpuValues, lpm_trie,
+        PerCpuValues, lpm_trie,
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -29,10 +29,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, CtEntry, Frontend4,
-    Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats,
-    SockAffinityKey, SourceRange4, SourceRange6, addr6, capacity, event, maglev, map_names,
-    octets6, program_names, table_event,
+    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_STATS_MASK_GLOBAL, Backend4, Backend6,
+    Ct4Key, CtEntry, Frontend4, Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS,
+    Service, ServiceStats, SockAffinityKey, SourceRange4, SourceRange6, addr6, backend_stats_slot,
+    backend_stats_slots, capacity, event, maglev, map_names, octets6, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -126,6 +126,14 @@ pub enum DatapathError {
     /// The pin directory holds no datapath.
     #[error("nothing is pinned in {0}: is the agent running with this --pin-path?")]
     NotPinned(PathBuf),
+    /// A pinned map is not one this agent can use (`lb teardown` removes it).
+    #[error("pinned map {name}: {reason}")]
+    BadPinnedMap {
+        /// The map.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// How many entries the maps hold. Applied when the maps are created: maps already pinned
@@ -169,7 +177,8 @@ impl Capacity {
             (map_names::SERVICE_STATS, self.services.saturating_add(1)),
             (map_names::BACKENDS, self.backends),
             (map_names::BACKENDS6, self.backends),
-            (map_names::BACKEND_STATS, self.backends),
+            // A power of two: slots are backend ids masked (`lb_common::backend_stats_slot`).
+            (map_names::BACKEND_STATS, backend_stats_slots(self.backends)),
             (map_names::CONNTRACK, self.conntrack),
             (map_names::CONNTRACK6, self.conntrack),
             // Two entries per flow to a remote backend, as conntrack has per flow.
@@ -261,6 +270,21 @@ impl Datapath {
         for (name, size) in capacity.map_sizes() {
             loader.map_max_entries(name, size);
         }
+        // The datapath masks backend ids with the size of the counters' array: the pinned
+        // one's when it exists (the loader reuses it), else the one about to be created.
+        let stats_slots = match pinned_max_entries(pin_dir, map_names::BACKEND_STATS) {
+            Ok(slots) => slots,
+            Err(DatapathError::NotPinned(_)) => backend_stats_slots(capacity.backends),
+            Err(e) => return Err(e),
+        };
+        if !stats_slots.is_power_of_two() {
+            return Err(DatapathError::BadPinnedMap {
+                name: map_names::BACKEND_STATS,
+                reason: format!("{stats_slots} entries, not a power of two"),
+            });
+        }
+        let stats_mask = stats_slots - 1;
+        loader.override_global(BACKEND_STATS_MASK_GLOBAL, &stats_mask, true);
         let ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -519,8 +543,9 @@ pub struct BpfMaps {
     pub rev_nat6: HashMap<MapData, u32, RevNat6>,
     /// [`map_names::SOURCE_RANGES6`].
     pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
-    /// [`map_names::BACKEND_STATS`].
-    pub backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    /// [`map_names::BACKEND_STATS`], of `backend_stats_mask + 1` slots.
+    pub backend_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats_mask: u32,
     /// [`map_names::BACKEND_GEN`]: bumped after a backend leaves ACTIVE or a frontend goes.
     pub backend_gen: Array<MapData, u32>,
     /// [`map_names::PREFILTER`].
@@ -697,8 +722,10 @@ impl BpfMaps {
             maglev: HashOfMaps::try_from(maglev).map_err(map_err(map_names::MAGLEV))?,
             source_ranges: LpmTrie::try_from(source_ranges)
                 .map_err(map_err(map_names::SOURCE_RANGES))?,
-            backend_stats: PerCpuHashMap::try_from(backend_stats)
+            backend_stats: PerCpuArray::try_from(backend_stats)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
+            backend_stats_mask: pinned_max_entries(pin_dir, map_names::BACKEND_STATS)?
+                .wrapping_sub(1),
             backend_gen: Array::try_from(backend_gen).map_err(map_err(map_names::BACKEND_GEN))?,
             prefilter: Array::try_from(prefilter).map_err(map_err(map_names::PREFILTER))?,
             services6: HashMap::try_from(services6).map_err(map_err(map_names::SERVICES6))?,
@@ -720,7 +747,7 @@ impl BpfMaps {
                 open(map_names::REV_NAT, Map::HashMap)?,
                 open(map_names::MAGLEV, Map::HashOfMaps)?,
                 open(map_names::SOURCE_RANGES, Map::LpmTrie)?,
-                open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?,
+                open(map_names::BACKEND_STATS, Map::PerCpuArray)?,
                 open(map_names::BACKEND_GEN, Map::Array)?,
                 open(map_names::PREFILTER, Map::Array)?,
                 open(map_names::SERVICES6, Map::HashMap)?,
@@ -830,10 +857,8 @@ fn source_range6_key(service_id: u32, range: Ipv6Cidr) -> lpm_trie::Key<SourceRa
 }
 
 impl BpfMaps {
-    /// Creates the counters of backend `id` unless they exist: before its entry, so that
-    /// the datapath counts from the first packet on. A backend whose state changes keeps
-    /// its counters.
-    fn ensure_backend_stats(&mut self, id: u32) -> Result<(), MapOpError> {
+    /// Zeroes the counters in backend `id`'s slot.
+    fn zero_backend_stats(&mut self, id: u32) -> Result<(), MapOpError> {
         let zero = aya::util::nr_cpus()
             .map_err(|(_, source)| MapOpError::Os {
                 map: map_names::BACKEND_STATS,
@@ -847,15 +872,8 @@ impl BpfMaps {
                     }
                 })
             })?;
-        const BPF_NOEXIST: u64 = 1;
-        match self.backend_stats.insert(id, zero, BPF_NOEXIST) {
-            Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            other => other.map_err(self.write_err(map_names::BACKEND_STATS)),
-        }
+        let slot = backend_stats_slot(id, self.backend_stats_mask);
+        (self.backend_stats.set(slot, zero, 0)).map_err(self.write_err(map_names::BACKEND_STATS))
     }
 
     /// The error of a failed write of `map`: [`MapOpError::Full`] with its size for E2BIG.
@@ -898,7 +916,6 @@ impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
-        self.ensure_backend_stats(id)?;
         let result = self.backends.insert(id, backend, 0);
         result.map_err(self.write_err(map_names::BACKENDS))?;
         if backend.state != BACKEND_ACTIVE {
@@ -908,11 +925,9 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
-        self.bump_backend_gen()?;
-        delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
+        self.bump_backend_gen()
     }
     fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError> {
-        self.ensure_backend_stats(id)?;
         let result = self.backends6.insert(id, backend, 0);
         result.map_err(self.write_err(map_names::BACKENDS6))?;
         if backend.state != BACKEND_ACTIVE {
@@ -922,8 +937,7 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError> {
         delete_result(map_names::BACKENDS6, self.backends6.remove(&id))?;
-        self.bump_backend_gen()?;
-        delete_result(map_names::BACKEND_STATS, self.backend_stats.remove(&id))
+        self.bump_backend_gen()
     }
     fn build_table(
         &mut self,
@@ -1081,6 +1095,12 @@ impl DatapathMaps for BpfMaps {
     fn service_id_limit(&self) -> u32 {
         self.service_id_limit
     }
+    fn backend_stats_slots(&self) -> u32 {
+        self.backend_stats_mask.wrapping_add(1)
+    }
+    fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapOpError> {
+        self.zero_backend_stats(id)
+    }
     fn read_all(&self) -> Result<MapContents, MapOpError> {
         let err = op_err(map_names::MAGLEV);
         let mut tables = Vec::new();
@@ -1195,7 +1215,9 @@ pub struct Counters {
     reasons: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
     nat_events: PerCpuArray<MapData, u64>,
-    backends: PerCpuHashMap<MapData, u32, ServiceStats>,
+    backends: PerCpuArray<MapData, ServiceStats>,
+    /// The size of `backends` less one.
+    backend_mask: u32,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
     /// The affinity tables with their insert counters; `None` when pinned by an agent
     /// older than the counters (until the current one starts).
@@ -1279,7 +1301,8 @@ impl Counters {
         let reasons = open(map_names::REASON_STATS, Map::PerCpuArray)?;
         let events = open(map_names::EVENTS, Map::PerCpuArray)?;
         let nat_events = open(map_names::NAT_EVENTS, Map::PerCpuArray)?;
-        let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
+        let backends = open(map_names::BACKEND_STATS, Map::PerCpuArray)?;
+        let backend_mask = pinned_max_entries(pin_dir, map_names::BACKEND_STATS)?.wrapping_sub(1);
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
         let affinity = if pin_dir.join(map_names::TABLE_EVENTS).exists() {
             let inserts = open(map_names::TABLE_EVENTS, Map::PerCpuArray)?;
@@ -1301,8 +1324,8 @@ impl Counters {
             events: PerCpuArray::try_from(events).map_err(map_err(map_names::EVENTS))?,
             nat_events: PerCpuArray::try_from(nat_events)
                 .map_err(map_err(map_names::NAT_EVENTS))?,
-            backends: PerCpuHashMap::try_from(backends)
-                .map_err(map_err(map_names::BACKEND_STATS))?,
+            backends: PerCpuArray::try_from(backends).map_err(map_err(map_names::BACKEND_STATS))?,
+            backend_mask,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
         })
     }
@@ -1316,14 +1339,11 @@ impl Counters {
         Ok(sum_stats(&values))
     }
 
-    /// The counters of one backend id, summed over CPUs; `None` for a backend the agent
-    /// has not programmed (or has deleted).
-    pub fn backend(&self, id: u32) -> Result<Option<ServiceStats>, DatapathError> {
-        match self.backends.get(&id, 0) {
-            Ok(values) => Ok(Some(sum_stats(&values))),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(map_names::BACKEND_STATS)(e)),
-        }
+    /// The counters of one (programmed) backend id, summed over CPUs.
+    pub fn backend(&self, id: u32) -> Result<ServiceStats, DatapathError> {
+        let slot = backend_stats_slot(id, self.backend_mask);
+        let values = (self.backends.get(&slot, 0)).map_err(map_err(map_names::BACKEND_STATS))?;
+        Ok(sum_stats(&values))
     }
 
     fn sums(

@@ -250,7 +250,7 @@ pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
     let mut report = stats_report(
         &contents,
         |id| counters.service(id).unwrap_or_default(),
-        |id| counters.backend(id).ok().flatten(),
+        |id| counters.backend(id).ok(),
         counters.conntrack()?,
         nonzero,
     );

@@ -229,7 +229,7 @@ pub fn conversions() -> Vec<Conversion> {
 
 /// Current maps whose older versions are not carried over: counters, which start again
 /// from zero.
-pub const STARTS_EMPTY: &[&str] = &[map_names::REASON_STATS];
+pub const STARTS_EMPTY: &[&str] = &[map_names::REASON_STATS, map_names::BACKEND_STATS];
 
 /// One older pin to convert.
 struct Step {

@@ -59,7 +59,7 @@ use std::{
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
     Frontend4, Frontend6, MAX_SERVICES, RevNat4, RevNat6, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
-    SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service,
+    SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service, backend_stats_slot,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
@@ -275,14 +275,14 @@ pub trait DatapathMaps {
     /// A Maglev table built whole that nothing points at yet (for BPF, its inner map, which
     /// the kernel frees when the handle is dropped and no service points at it).
     type Table;
-    /// Writes (creates or replaces) a backend (and creates its counters when it is new).
+    /// Writes (creates or replaces) a backend.
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError>;
-    /// Deletes a backend and its counters.
+    /// Deletes a backend.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Writes (creates or replaces) an IPv6 backend (and creates its counters when it is
-    /// new). Its id is not in the IPv4 backends map.
+    /// Writes (creates or replaces) an IPv6 backend. Its id is not in the IPv4 backends
+    /// map.
     fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError>;
-    /// Deletes an IPv6 backend and its counters.
+    /// Deletes an IPv6 backend.
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table
     /// entry; `backends` distinct ones). Returns its id and a handle for [`Self::put_tables`].
@@ -340,6 +340,15 @@ pub trait DatapathMaps {
     /// Service ids are `1..service_id_limit()` (they index the per-service stats).
     fn service_id_limit(&self) -> u32 {
         MAX_SERVICES
+    }
+    /// The slots of the backends' counters (a power of two): live backends have ids of
+    /// distinct slots (`lb_common::backend_stats_slot`).
+    fn backend_stats_slots(&self) -> u32 {
+        lb_common::backend_stats_slots(lb_common::capacity::BACKENDS)
+    }
+    /// Zeroes the counters of a new backend id's slot, before the backend is written.
+    fn reset_backend_stats(&mut self, _id: u32) -> Result<(), MapOpError> {
+        Ok(())
     }
 }
 
@@ -620,6 +629,9 @@ pub struct Syncer<M> {
     /// Backends of both families (one id space).
     backends: HashMap<u32, BackendEntry>,
     backend_ids: HashMap<BackendKey, u32>,
+    /// How many of `backends` hold each counters' slot: one, except after adopting the maps
+    /// of an agent that did not keep the slots apart.
+    backend_slots: HashMap<u32, u32>,
     /// REMOVED backends and when they were marked so.
     removed: HashMap<u32, Instant>,
     tables: HashMap<TableKey, SharedTable>,
@@ -657,6 +669,7 @@ impl<M: DatapathMaps> Syncer<M> {
             frontends: BTreeMap::new(),
             backends: HashMap::new(),
             backend_ids: HashMap::new(),
+            backend_slots: HashMap::new(),
             removed: HashMap::new(),
             tables: HashMap::new(),
             table_refs: HashMap::new(),
@@ -730,6 +743,7 @@ impl<M: DatapathMaps> Syncer<M> {
             .chain((contents.backends6.iter()).map(|(id, b)| (*id, BackendEntry::V6(*b))));
         for (id, backend) in backends {
             syncer.backends.insert(id, backend);
+            syncer.take_slot(id);
             syncer.backend_ids.entry(backend.key()).or_insert(id);
             if backend.state() == BACKEND_REMOVED {
                 syncer.removed.insert(id, now);
@@ -1504,10 +1518,11 @@ impl<M: DatapathMaps> Syncer<M> {
                 BackendEntry::V6(_) => m.delete_backend6(id),
             })?;
             self.removed.remove(&id);
-            if let Some(b) = self.backends.remove(&id)
-                && self.backend_ids.get(&b.key()) == Some(&id)
-            {
-                self.backend_ids.remove(&b.key());
+            if let Some(b) = self.backends.remove(&id) {
+                self.free_slot(id);
+                if self.backend_ids.get(&b.key()) == Some(&id) {
+                    self.backend_ids.remove(&b.key());
+                }
             }
         }
         Ok(())
@@ -1519,17 +1534,58 @@ impl<M: DatapathMaps> Syncer<M> {
             Some(&id) if self.backends.get(&id) == Some(backend) => return Ok(id),
             Some(&id) => id,
             None => {
-                let id = self.next_backend_id;
-                // Ids only grow (u32 lasts), so a conntrack entry never meets a reused id.
-                self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+                let id = self.new_backend_id()?;
+                // Before the backend: the datapath counts from its first packet on.
+                self.op(|m| m.reset_backend_stats(id))?;
                 id
             }
         };
         self.op(|m| put_backend(m, id, backend))?;
-        self.backends.insert(id, *backend);
+        if self.backends.insert(id, *backend).is_none() {
+            self.take_slot(id);
+        }
         self.backend_ids.insert(backend.key(), id);
         self.removed.remove(&id);
         Ok(id)
+    }
+
+    /// The next backend id whose counters' slot no live backend holds. Ids only grow (u32
+    /// lasts), so a conntrack or affinity entry never meets a reused id.
+    fn new_backend_id(&mut self) -> Result<u32, MapOpError> {
+        let slots = self.maps.backend_stats_slots();
+        let mask = slots.wrapping_sub(1);
+        for _ in 0..slots {
+            let id = self.next_backend_id;
+            self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+            if !self
+                .backend_slots
+                .contains_key(&backend_stats_slot(id, mask))
+            {
+                return Ok(id);
+            }
+        }
+        Err(MapOpError::Full {
+            map: map_names::BACKEND_STATS,
+            max_entries: slots,
+        })
+    }
+
+    fn take_slot(&mut self, id: u32) {
+        let mask = self.maps.backend_stats_slots().wrapping_sub(1);
+        *self
+            .backend_slots
+            .entry(backend_stats_slot(id, mask))
+            .or_default() += 1;
+    }
+
+    fn free_slot(&mut self, id: u32) {
+        let slot = backend_stats_slot(id, self.maps.backend_stats_slots().wrapping_sub(1));
+        if let Some(holders) = self.backend_slots.get_mut(&slot) {
+            *holders -= 1;
+            if *holders == 0 {
+                self.backend_slots.remove(&slot);
+            }
+        }
     }
 
     /// The next free service id after the last one handed out, so that a removed
@@ -1618,6 +1674,8 @@ pub struct InMemoryMaps {
     pub prefilter: BTreeMap<u32, u64>,
     /// Capacity of each map, in entries.
     pub capacity: usize,
+    /// [`DatapathMaps::backend_stats_slots`] (a power of two).
+    pub backend_stats_slots: u32,
     /// Called after every successful operation with the maps as they are then.
     pub observer: Option<fn(&InMemoryMaps)>,
     /// Every successful operation, in order (`put_service 3`, `put_new_table 3`, ...).
@@ -1649,6 +1707,7 @@ impl InMemoryMaps {
             source_ranges6: BTreeSet::new(),
             prefilter: BTreeMap::new(),
             capacity,
+            backend_stats_slots: lb_common::backend_stats_slots(lb_common::capacity::BACKENDS),
             observer: None,
             journal: Vec::new(),
             grace: None,
@@ -1712,6 +1771,9 @@ fn delete<K: Ord, V>(map: &mut BTreeMap<K, V>, key: &K) -> Result<(), MapOpError
 impl DatapathMaps for InMemoryMaps {
     /// The table's id and entries.
     type Table = (TableId, Arc<[u32]>);
+    fn backend_stats_slots(&self) -> u32 {
+        self.backend_stats_slots
+    }
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
         put(
             &mut self.backends,
@@ -2390,6 +2452,37 @@ mod tests {
     }
 
     #[test]
+    fn live_backends_never_share_a_counters_slot_and_ids_only_grow() {
+        let mut maps = maps(1000);
+        maps.backend_stats_slots = 4;
+        let drain = Duration::ZERO;
+        let mut s = Syncer::adopt_with(maps, SyncConfig { drain, ..config() }).unwrap();
+        let mut last = 0;
+        for round in 0..10u8 {
+            // Two backends stay; the third is replaced every round (and deleted at once).
+            let report = s.apply(&desired(&[(fe(1, 80), &[1, 2, 10 + round][..])]));
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let ids: Vec<u32> = s.maps().backends.keys().copied().collect();
+            let slots: BTreeSet<u32> = ids.iter().map(|&id| backend_stats_slot(id, 3)).collect();
+            assert_eq!(
+                (ids.len(), slots.len()),
+                (3, 3),
+                "round {round}: ids {ids:?}"
+            );
+            let newest = *ids.iter().max().unwrap();
+            assert!(newest > last, "round {round}: ids {ids:?} after {last}");
+            last = newest;
+        }
+        // Four slots, five backends: the fifth has no slot, and the error says so.
+        let report = s.apply(&desired(&[(fe(1, 80), &[1, 2, 3, 4, 5][..])]));
+        let full = report.errors.iter().any(|e| {
+            e.to_string()
+                .contains("map LB_BESTAT_V2 is full (4 entries): raise --max-backends")
+        });
+        assert!(full, "{:?}", report.errors);
+    }
+
+    #[test]
     fn one_changed_endpoint_is_a_few_writes() {
         let mut s = syncer(1000);
         let many: Vec<u8> = (1..=50).collect();
@@ -2401,9 +2494,9 @@ mod tests {
             (fe(1, 80), &changed[..]),
             (fe(2, 80), &[7][..]),
         ]));
-        // New backend, the new table built and put in, the service entry switched to it,
-        // the old backend marked REMOVED.
-        assert_eq!(report.map_ops, 5);
+        // New backend (its counters zeroed, then its entry), the new table built and put
+        // in, the service entry switched to it, the old backend marked REMOVED.
+        assert_eq!(report.map_ops, 6);
         assert_eq!(programmed(s.maps())[&fe(1, 80)], changed);
         // One endpoint removed: the table (built, swapped), the service entry (its count),
         // .60 REMOVED.

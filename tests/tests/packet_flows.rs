@@ -9,7 +9,8 @@ mod bed;
 use bed::*;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_REMOVED, BACKEND_TERMINATING, CT_REPLY, Ct4Key, PROTO_TCP,
-    PROTO_UDP, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, event, reason,
+    PROTO_UDP, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, ServiceStats,
+    backend_stats_slots, capacity, event, reason,
 };
 use std::net::SocketAddrV4;
 
@@ -490,17 +491,22 @@ fn per_backend_counters_count_packets_bytes_and_new_flows() {
     }
     let counters = bed.counters();
     for id in ids {
-        let got = counters.backend(id).unwrap().unwrap();
+        let got = counters.backend(id).unwrap();
         let w = want.get(&id).copied().unwrap_or_default();
         assert_eq!((got.packets, got.bytes, got.new_flows), w, "backend {id}");
     }
     let service = counters.service(1).unwrap();
     assert_eq!((service.packets, service.new_flows), (60, 30));
-    // A backend the agent never wrote has no counters.
-    assert_eq!(counters.backend(999).unwrap(), None);
-    // Deleted with its backend.
+    // A new backend whose id has the slot of a deleted one counts from zero.
+    let old = counters.backend(ids[0]).unwrap();
+    assert_ne!(old, ServiceStats::default(), "the first backend got flows");
     bed.delete_backend(ids[0]);
-    assert_eq!(bed.counters().backend(ids[0]).unwrap(), None);
+    let same_slot = ids[0] + backend_stats_slots(capacity::BACKENDS);
+    bed.new_backend(same_slot, backend([10, 244, 9, 9], 80, PROTO_TCP));
+    assert_eq!(
+        bed.counters().backend(same_slot).unwrap(),
+        ServiceStats::default()
+    );
     let ct = counters.conntrack().unwrap();
     assert_eq!((ct.entries, ct.inserts, ct.evictions), (60, 60, 0));
 }

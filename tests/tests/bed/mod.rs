@@ -91,8 +91,14 @@ impl Bed {
     pub fn backend(&mut self, backend: Backend4) -> u32 {
         let id = self.next_backend_id;
         self.next_backend_id += 1;
-        self.set_backend(id, backend);
+        self.new_backend(id, backend);
         id
+    }
+
+    /// Writes backend `id` as the agent writes a new one: its counters' slot zeroed first.
+    pub fn new_backend(&mut self, id: u32, backend: Backend4) {
+        self.maps.reset_backend_stats(id).unwrap();
+        self.set_backend(id, backend);
     }
 
     /// Writes (or rewrites) backend `id`.
