@@ -25,13 +25,16 @@ use notify::{
     EventKind, Watcher as _,
     event::{AccessKind, AccessMode, ModifyKind},
 };
-use tokio::{sync::mpsc, time::Interval};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Interval,
+};
 use tracing::{debug, error, warn};
 
 use super::{Changes, NodeFacts, Source};
 use crate::{
     agent::sleep_until,
-    manifest::{self, Folder},
+    manifest::{self, Folder, LoadDirError, ManifestSet},
     metrics::Metrics,
     model::ClusterState,
 };
@@ -102,7 +105,14 @@ pub struct ManifestsSource {
     _watcher: notify::RecommendedWatcher,
     resync: Interval,
     metrics: Arc<Metrics>,
+    /// The first whole read, started by [`ManifestsSource::new`] on a thread of its own so
+    /// that it overlaps what the agent does before it asks for the first view (loading the
+    /// datapath: creating the maps and verifying the programs). Taken by that first ask.
+    first: Option<(Instant, oneshot::Receiver<FolderRead>)>,
 }
+
+/// A whole read of the folder.
+type FolderRead = Result<(Folder, ManifestSet), LoadDirError>;
 
 impl ManifestsSource {
     /// Watches `dir` (which must be readable) and reads it again every `resync`.
@@ -121,7 +131,15 @@ impl ManifestsSource {
             .with_context(|| format!("watching {}", dir.display()))?;
         let mut resync = tokio::time::interval(resync);
         resync.reset();
+        // After the watch: a change during the read is an event, read again afterwards.
+        let (tx, rx) = oneshot::channel();
+        let folder = dir.to_owned();
+        std::thread::Builder::new()
+            .name("manifests-read".into())
+            .spawn(move || drop(tx.send(Folder::read(&folder))))
+            .context("starting the first read of the manifests folder")?;
         Ok(ManifestsSource {
+            first: Some((Instant::now(), rx)),
             dir: dir.to_owned(),
             state: ClusterState::default(),
             folder: None,
@@ -136,7 +154,14 @@ impl ManifestsSource {
     /// Reads the whole folder; the changes against the current view, or `None` when it
     /// cannot be read.
     fn load(&mut self, since: Instant) -> Option<Changes> {
-        match Folder::read(&self.dir) {
+        let read = Folder::read(&self.dir);
+        self.absorb(since, read)
+    }
+
+    /// Takes in a whole read of the folder: the changes against the current view, or `None`
+    /// when it failed.
+    fn absorb(&mut self, since: Instant, read: FolderRead) -> Option<Changes> {
+        match read {
             Ok((folder, set)) => {
                 for e in &set.errors {
                     error!("{e}");
@@ -216,9 +241,16 @@ impl Source for ManifestsSource {
     async fn changed(&mut self) -> anyhow::Result<Changes> {
         if self.folder.is_none() {
             // The first view must be complete: an unreadable folder at start is an error.
-            let since = Instant::now();
+            let (since, read) = match self.first.take() {
+                Some((since, first)) => match first.await {
+                    Ok(read) => (since, read),
+                    // The reading thread is gone without an answer: read here.
+                    Err(_) => (since, Folder::read(&self.dir)),
+                },
+                None => (Instant::now(), Folder::read(&self.dir)),
+            };
             return self
-                .load(since)
+                .absorb(since, read)
                 .with_context(|| format!("reading {}", self.dir.display()));
         }
         loop {
