@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuHashMap, PerCpuValues, lpm_trie,
+        PerCpuHashMap, PerCpuValues, ProgramArray, lpm_trie,
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -32,7 +32,7 @@ use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, CtEntry, Frontend4,
     Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats,
     SockAffinityKey, SourceRange4, SourceRange6, addr6, capacity, event, maglev, map_names,
-    octets6, program_names, table_event,
+    octets6, prog_slot, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -283,7 +283,9 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Verifies and loads both programs into the kernel (without attaching them).
+    /// Verifies and loads the programs of the external interface into the kernel (without
+    /// attaching them), and puts the ones that are tail-called into their slots of
+    /// [`map_names::PROGRAMS`].
     pub fn load_programs(&mut self) -> Result<(), DatapathError> {
         let prog_err = |name| {
             move |source| DatapathError::Program {
@@ -297,6 +299,36 @@ impl Datapath {
         self.tc()?
             .load()
             .map_err(prog_err(program_names::TC_EGRESS))?;
+        let xdp6: &mut Xdp = typed_program(&mut self.ebpf, program_names::XDP_INGRESS6)?;
+        xdp6.load().map_err(prog_err(program_names::XDP_INGRESS6))?;
+        self.fill_program_slots()
+    }
+
+    /// Writes each tail-called program into its slot of the pinned program array. On every
+    /// start: an earlier agent's slots hold its own programs, and the XDP program the
+    /// pinned link now runs (this agent's) must tail-call this agent's programs.
+    fn fill_program_slots(&mut self) -> Result<(), DatapathError> {
+        let name = program_names::XDP_INGRESS6;
+        let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
+        let prog_err = |source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let fd = prog.fd().map_err(prog_err)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| prog_err(ProgramError::from(e)))?;
+        let map = map_names::PROGRAMS;
+        let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
+            name: map,
+            source: Box::new(MapError::InvalidName {
+                name: map.to_owned(),
+            }),
+        })?;
+        let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
+        slots
+            .set(prog_slot::XDP_INGRESS6, &fd, 0)
+            .map_err(map_err(map))?;
         Ok(())
     }
 
