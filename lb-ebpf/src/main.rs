@@ -252,20 +252,9 @@ pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     if tot_len > received {
         return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
     }
-    let l4 = parse_l4(ctx, L4_OFF, proto)?;
-    if tot_len < IPV4_LEN + l4_len {
-        // The bytes are there, but the IP header says they are not part of the datagram.
-        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
-    }
-    Ok(Ipv4Packet { ip, proto, l4 })
-}
-
-/// The TCP (`proto` [`PROTO_TCP`]) or else UDP header at `offset`, if the packet holds it.
-#[inline(always)]
-pub(crate) fn parse_l4<C: Frame>(ctx: &C, offset: usize, proto: u8) -> Result<L4, Verdict> {
     let short = Verdict::Pass(reason::SHORT_L4);
-    Ok(if proto == PROTO_TCP {
-        let tcp: *mut TcpHdr = ptr_at(ctx, offset).ok_or(short)?;
+    let l4 = if proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(short)?;
         let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
         unsafe {
             L4 {
@@ -278,7 +267,7 @@ pub(crate) fn parse_l4<C: Frame>(ctx: &C, offset: usize, proto: u8) -> Result<L4
             }
         }
     } else {
-        let udp: *mut UdpHdr = ptr_at(ctx, offset).ok_or(short)?;
+        let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF).ok_or(short)?;
         unsafe {
             L4 {
                 sport: u16::from_ne_bytes((*udp).src),
@@ -289,7 +278,12 @@ pub(crate) fn parse_l4<C: Frame>(ctx: &C, offset: usize, proto: u8) -> Result<L4
                 syn: false,
             }
         }
-    })
+    };
+    if tot_len < IPV4_LEN + l4_len {
+        // The bytes are there, but the IP header says they are not part of the datagram.
+        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
+    }
+    Ok(Ipv4Packet { ip, proto, l4 })
 }
 
 /// A backends map's value: [`Backend4`] or [`Backend6`] (the families share backend ids

@@ -29,9 +29,9 @@ use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     BackendOf, Chosen, EEXIST, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1,
-    LB_PROGS_V1, LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_CHECK_OFF,
-    UDP_CHECK_OFF, Verdict, backend_generation, backend_of, count, count_packet, ct_now, note,
-    parse_l4, ptr_at, reselect_because, select_with_affinity,
+    LB_PROGS_V1, LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF,
+    TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation,
+    backend_of, count, count_packet, ct_now, note, ptr_at, reselect_because, select_with_affinity,
 };
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
@@ -92,7 +92,7 @@ fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
     if payload_len > ctx.len() - ETH_LEN - IPV6_LEN {
         return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
     }
-    let l4 = parse_l4(ctx, L4_OFF6, proto)?;
+    let l4 = parse_l4(ctx, proto)?;
     if payload_len < l4_len {
         // A jumbogram's 0 included: it would need a hop-by-hop header anyway.
         return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
@@ -101,6 +101,40 @@ fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
         return Err(Verdict::Pass(reason::IPV6_UDP_ZERO_CHECKSUM));
     }
     Ok(Ipv6Packet { ip, proto, l4 })
+}
+
+/// The TCP (`proto` [`PROTO_TCP`]) or else UDP header after the IPv6 header, if the packet
+/// holds it. The same as IPv4's, which `parse_ipv4` keeps inline on purpose: shared, it made
+/// LLVM pack the packet pointers so that the verifier rejected `lb_tc_pod_ingress`.
+#[inline(always)]
+fn parse_l4<C: Frame>(ctx: &C, proto: u8) -> Result<L4, Verdict> {
+    let short = Verdict::Pass(reason::SHORT_L4);
+    Ok(if proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF6).ok_or(short)?;
+        let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*tcp).source),
+                dport: u16::from_ne_bytes((*tcp).dest),
+                dport_at: core::ptr::addr_of_mut!((*tcp).dest).cast(),
+                check_at: core::ptr::addr_of_mut!((*tcp).check).cast(),
+                closing: flags & (TCP_FIN | TCP_RST) != 0,
+                syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            }
+        }
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF6).ok_or(short)?;
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*udp).src),
+                dport: u16::from_ne_bytes((*udp).dst),
+                dport_at: core::ptr::addr_of_mut!((*udp).dst).cast(),
+                check_at: core::ptr::addr_of_mut!((*udp).check).cast(),
+                closing: false,
+                syn: false,
+            }
+        }
+    })
 }
 
 /// The address at `at` in the packet (any alignment).
