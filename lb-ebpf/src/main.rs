@@ -489,8 +489,14 @@ pub(crate) fn backend_generation() -> u32 {
 /// Writes a conntrack entry, counting it when the key is new.
 #[inline(always)]
 fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
+    ct_write_in(&LB_CT4_V2, key, entry, exists)
+}
+
+/// Writes an entry of conntrack `map` (either family's), counting it when the key is new.
+#[inline(always)]
+pub(crate) fn ct_write_in<K, V>(map: &LruHashMap<K, V>, key: &K, entry: &V, exists: bool) -> bool {
     if !exists {
-        match LB_CT4_V2.insert(key, entry, BPF_NOEXIST as u64) {
+        match map.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
                 note(event::CT_INSERTS);
                 return true;
@@ -499,7 +505,18 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
             Err(_) => {}
         }
     }
-    LB_CT4_V2.insert(key, entry, BPF_ANY as u64).is_ok()
+    map.insert(key, entry, BPF_ANY as u64).is_ok()
+}
+
+/// The backend generation a conntrack entry records for a backend in `state`, read as
+/// `generation`: only an ACTIVE backend is vouched for.
+#[inline(always)]
+pub(crate) fn vouch(state: u8, generation: u32) -> u32 {
+    if state == BACKEND_ACTIVE {
+        generation
+    } else {
+        generation.wrapping_sub(1)
+    }
 }
 
 /// Where a packet of a flow goes, and whose counters it adds to.
@@ -564,14 +581,7 @@ fn flow_backend(
     let now = ct_now();
     // Read before the backend, so that a change after the read is seen by the next packet.
     let generation = backend_generation();
-    let vouched = |b: &Backend4| {
-        // The generation vouches for an ACTIVE backend only.
-        if b.state == BACKEND_ACTIVE {
-            generation
-        } else {
-            generation.wrapping_sub(1)
-        }
-    };
+    let vouched = |b: &Backend4| vouch(b.state, generation);
     let reply_key = |b: &Backend4| Ct4Key {
         saddr: b.addr,
         daddr: key.saddr,

@@ -14,24 +14,24 @@
 //! backend is dropped and counted rather than sent on untranslated.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
     macros::xdp,
     maps::lpm_trie::Key as LpmKey,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Addr6, Affinity6Key, BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE,
-    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, PROTO_TCP,
-    PROTO_UDP, RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange6,
-    addr6, csum, event, flow_hash6, prefilter, prog_slot, reason, table_event,
+    Addr6, Affinity6Key, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
+    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, PROTO_TCP, PROTO_UDP,
+    RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange6, addr6, csum,
+    event, flow_hash6, prefilter, prog_slot, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    BackendOf, Chosen, EEXIST, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1,
-    LB_PROGS_V1, LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF,
-    TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation,
-    backend_of, count, count_packet, ct_now, note, ptr_at, reselect_because, select_with_affinity,
+    Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V1,
+    LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF, TCP_FIN,
+    TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation, backend_of, count,
+    count_packet, ct_now, ct_write_in, note, ptr_at, reselect_because, select_with_affinity, vouch,
 };
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
@@ -168,20 +168,10 @@ impl Flow6 {
     }
 }
 
-/// Writes an IPv6 conntrack entry, counting it when the key is new (as `ct_write`).
+/// Writes an IPv6 conntrack entry, counting it when the key is new.
 #[inline(always)]
 fn ct_write6(key: &Ct6Key, entry: &Ct6Entry, exists: bool) -> bool {
-    if !exists {
-        match LB_CT6_V1.insert(key, entry, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                note(event::CT_INSERTS);
-                return true;
-            }
-            Err(e) if e != -EEXIST => return false,
-            Err(_) => {}
-        }
-    }
-    LB_CT6_V1.insert(key, entry, BPF_ANY as u64).is_ok()
+    ct_write_in(&LB_CT6_V1, key, entry, exists)
 }
 
 /// The flow from its forward entry alone, when the entry vouches for its backend (as
@@ -263,14 +253,7 @@ fn flow_backend6(
     let now = ct_now();
     // Read before the backend, so that a change after the read is seen by the next packet.
     let generation = backend_generation();
-    let vouched = |b: &Backend6| {
-        // The generation vouches for an ACTIVE backend only.
-        if b.state() == BACKEND_ACTIVE {
-            generation
-        } else {
-            generation.wrapping_sub(1)
-        }
-    };
+    let vouched = |b: &Backend6| vouch(b.state, generation);
     let reply_key = |b: &Backend6| Ct6Key {
         saddr: b.addr,
         daddr: key.saddr,

@@ -44,6 +44,21 @@ fn counted(bed: &Bed, before: &[u64]) -> Vec<(&'static str, u64)> {
     changed(&reason::NAMES, before, &bed.reasons())
 }
 
+/// Each case's packet passes XDP bit for bit and is counted once, under its reason; no
+/// conntrack entry is made.
+fn passed_and_counted<const N: usize>(bed: &mut Bed, cases: [(&str, Vec<u8>, u32); N]) {
+    for (name, input, why) in cases {
+        let before = bed.reasons();
+        assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{name}");
+        assert_eq!(
+            counted(bed, &before),
+            [(reason::NAMES[why as usize], 1)],
+            "{name}"
+        );
+    }
+    assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
+}
+
 /// A TCP service at the ClusterIP's port 8080 and a UDP one at 53, two pods each.
 fn two_services(bed: &mut Bed) -> (Vec<u32>, Vec<u32>) {
     let fe = frontend6(cluster_ip6(), 8080, PROTO_TCP);
@@ -249,16 +264,7 @@ fn ipv6_packets_not_for_a_frontend_pass_bit_for_bit() {
         ),
         ("ICMPv6 to the frontend address", icmp, reason::NOT_TCP_UDP),
     ];
-    for (name, input, why) in cases {
-        let before = bed.reasons();
-        assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{name}");
-        assert_eq!(
-            counted(&bed, &before),
-            [(reason::NAMES[why as usize], 1)],
-            "{name}"
-        );
-    }
-    assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
+    passed_and_counted(&mut bed, cases);
 }
 
 /// `packet` (Ethernet, IPv6, then TCP or UDP) with the extension header `ext` (its first
@@ -300,12 +306,8 @@ fn ipv6_extension_headers_and_fragments_pass_untouched_and_counted() {
         ),
         ("routing header", with_extension(&syn, 43, &routing)),
     ];
-    for (name, input) in cases {
-        let before = bed.reasons();
-        assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{name}");
-        assert_eq!(counted(&bed, &before), [("ipv6_extension", 1)], "{name}");
-    }
-    assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
+    let cases = cases.map(|(name, input)| (name, input, reason::IPV6_EXTENSION));
+    passed_and_counted(&mut bed, cases);
 }
 
 #[test]
@@ -351,16 +353,7 @@ fn malformed_ipv6_packets_pass_untouched_and_counted_by_reason() {
         ),
         ("TCP header cut short", short_l4, reason::SHORT_L4),
     ];
-    for (name, input, why) in cases {
-        let before = bed.reasons();
-        assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{name}");
-        assert_eq!(
-            counted(&bed, &before),
-            [(reason::NAMES[why as usize], 1)],
-            "{name}"
-        );
-    }
-    assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
+    passed_and_counted(&mut bed, cases);
 }
 
 #[test]

@@ -500,29 +500,14 @@ pub fn rewritten6(
     let mut out = Vec::new();
     parsed.link.unwrap().write(&mut out).unwrap();
     ip.write(&mut out).unwrap();
-    match parsed.transport.unwrap() {
-        etherparse::TransportHeader::Tcp(mut tcp) => {
-            if let Some((_, port)) = dst {
-                tcp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                tcp.source_port = port;
-            }
-            tcp.checksum = tcp.calc_checksum_ipv6(&ip, payload).unwrap();
-            tcp.write(&mut out).unwrap();
-        }
-        etherparse::TransportHeader::Udp(mut udp) => {
-            if let Some((_, port)) = dst {
-                udp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                udp.source_port = port;
-            }
-            udp.checksum = udp.calc_checksum_ipv6(&ip, payload).unwrap();
-            udp.write(&mut out).unwrap();
-        }
-        other => panic!("unexpected transport {other:?}"),
-    }
+    let ports = (dst.map(|(_, port)| port), src.map(|(_, port)| port));
+    write_transport(
+        &mut out,
+        parsed.transport.unwrap(),
+        ports,
+        |tcp| tcp.calc_checksum_ipv6(&ip, payload).unwrap(),
+        |udp| Some(udp.calc_checksum_ipv6(&ip, payload).unwrap()),
+    );
     out.extend_from_slice(payload);
     out
 }
@@ -581,34 +566,44 @@ pub fn rewritten(
     let mut out = Vec::new();
     parsed.link.unwrap().write(&mut out).unwrap();
     ip.write(&mut out).unwrap();
-    match parsed.transport.unwrap() {
+    let ports = (dst.map(|(_, port)| port), src.map(|(_, port)| port));
+    write_transport(
+        &mut out,
+        parsed.transport.unwrap(),
+        ports,
+        |tcp| tcp.calc_checksum_ipv4(&ip, payload).unwrap(),
+        // A UDP checksum of 0 ("none") stays 0.
+        |udp| (udp.checksum != 0).then(|| udp.calc_checksum_ipv4(&ip, payload).unwrap()),
+    );
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Writes `transport` with its ports replaced (destination, source: `None` keeps one) and
+/// its checksum recomputed, over the ports written, by `tcp_sum` or `udp_sum` (`None`: a UDP
+/// checksum kept as it is).
+fn write_transport(
+    out: &mut Vec<u8>,
+    transport: etherparse::TransportHeader,
+    (dst, src): (Option<u16>, Option<u16>),
+    tcp_sum: impl Fn(&etherparse::TcpHeader) -> u16,
+    udp_sum: impl Fn(&etherparse::UdpHeader) -> Option<u16>,
+) {
+    match transport {
         etherparse::TransportHeader::Tcp(mut tcp) => {
-            if let Some((_, port)) = dst {
-                tcp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                tcp.source_port = port;
-            }
-            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
-            tcp.write(&mut out).unwrap();
+            tcp.destination_port = dst.unwrap_or(tcp.destination_port);
+            tcp.source_port = src.unwrap_or(tcp.source_port);
+            tcp.checksum = tcp_sum(&tcp);
+            tcp.write(out).unwrap();
         }
         etherparse::TransportHeader::Udp(mut udp) => {
-            let zero = udp.checksum == 0;
-            if let Some((_, port)) = dst {
-                udp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                udp.source_port = port;
-            }
-            if !zero {
-                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).unwrap();
-            }
-            udp.write(&mut out).unwrap();
+            udp.destination_port = dst.unwrap_or(udp.destination_port);
+            udp.source_port = src.unwrap_or(udp.source_port);
+            udp.checksum = udp_sum(&udp).unwrap_or(udp.checksum);
+            udp.write(out).unwrap();
         }
         other => panic!("unexpected transport {other:?}"),
     }
-    out.extend_from_slice(payload);
-    out
 }
 
 /// The names of the counters that differ between two readings.
