@@ -18,7 +18,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use etherparse::PacketBuilder;
+use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, Ct6Entry,
     Ct6Key, CtEntry, Frontend4, Frontend6, RevNat4, RevNat6, Service, addr6, flow_hash, flow_hash6,
@@ -448,35 +448,17 @@ pub fn ct6_key(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, proto: u8) 
 
 /// A TCP SYN over IPv6, as etherparse writes it.
 pub fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    syn_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
 }
 
 /// An established-connection TCP segment (ACK, PSH) over IPv6.
 pub fn tcp6_ack(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1001, 64240)
-        .ack(5000)
-        .psh();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    ack_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
 }
 
 /// A UDP datagram over IPv6, with its checksum.
 pub fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv6(src, dst, 64)
-        .udp(sport, dport);
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    udp_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
 }
 
 /// [`rewritten`] of an IPv6 packet: the transport checksum recomputed from scratch by
@@ -514,34 +496,16 @@ pub fn rewritten6(
 
 /// A TCP SYN from `src:sport` to `dst:dport`, with a payload, as etherparse writes it.
 pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    syn_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 /// An established-connection TCP segment (ACK, PSH) from `src:sport` to `dst:dport`.
 pub fn tcp_ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1001, 64240)
-        .ack(5000)
-        .psh();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    ack_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    udp_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 /// The packet with its IPv4 destination and TCP/UDP destination port replaced, every checksum
@@ -604,6 +568,35 @@ fn write_transport(
         }
         other => panic!("unexpected transport {other:?}"),
     }
+}
+
+/// The client's frames to the node.
+fn ethernet() -> PacketBuilderStep<Ethernet2Header> {
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+}
+
+/// A TCP SYN over the IP header of `ip`.
+fn syn_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.tcp(sport, dport, 1000, 64240).syn();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// An established-connection TCP segment (ACK, PSH) over the IP header of `ip`.
+fn ack_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.tcp(sport, dport, 1001, 64240).ack(5000).psh();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// A UDP datagram, with its checksum, over the IP header of `ip`.
+fn udp_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.udp(sport, dport);
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
 }
 
 /// The names of the counters that differ between two readings.
