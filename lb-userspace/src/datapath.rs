@@ -29,10 +29,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, CtEntry, Frontend4,
-    Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats,
-    SockAffinityKey, SourceRange4, SourceRange6, addr6, capacity, event, maglev, map_names,
-    octets6, prog_slot, program_names, table_event,
+    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, Ct6Entry,
+    Ct6Key, CtEntry, Frontend4, Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS,
+    Service, ServiceStats, SockAffinityKey, SourceRange4, SourceRange6, addr6, capacity, event,
+    maglev, map_names, octets6, prog_slot, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -1229,6 +1229,9 @@ pub struct Counters {
     nat_events: PerCpuArray<MapData, u64>,
     backends: PerCpuHashMap<MapData, u32, ServiceStats>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
+    /// [`map_names::CONNTRACK6`]: its inserts are counted with IPv4's, so its entries are
+    /// too. `None` when pinned by an agent without it.
+    conntrack6: Option<HashMap<MapData, Ct6Key, Ct6Entry>>,
     /// The affinity tables with their insert counters; `None` when pinned by an agent
     /// older than the counters (until the current one starts).
     affinity: Option<AffinityTables>,
@@ -1237,6 +1240,8 @@ pub struct Counters {
 struct AffinityTables {
     inserts: PerCpuArray<MapData, u64>,
     datapath: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// [`map_names::AFFINITY6`], counted with [`map_names::AFFINITY`] (one insert counter).
+    datapath6: Option<HashMap<MapData, Affinity6Key, AffinityEntry>>,
     sockets: HashMap<MapData, SockAffinityKey, AffinityEntry>,
 }
 
@@ -1263,6 +1268,14 @@ impl TableFill {
 }
 
 /// The entries of an LRU hash map (one pass over the keys) and its `max_entries`.
+/// [`occupancy`] of a map that may not be pinned: none.
+fn occupancy6<K: aya::Pod, V: aya::Pod>(
+    map: Option<&HashMap<MapData, K, V>>,
+    name: &'static str,
+) -> Result<(u64, u32), DatapathError> {
+    map.map_or(Ok((0, 0)), |map| occupancy(map, name))
+}
+
 fn occupancy<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
@@ -1313,6 +1326,17 @@ impl Counters {
         let nat_events = open(map_names::NAT_EVENTS, Map::PerCpuArray)?;
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuHashMap)?;
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
+        // The IPv6 twins, when pinned.
+        let lru6 = |name: &'static str| -> Result<Option<Map>, DatapathError> {
+            if pin_dir.join(name).exists() {
+                Ok(Some(open(name, Map::LruHashMap)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let conntrack6 = lru6(map_names::CONNTRACK6)?
+            .map(|m| HashMap::try_from(m).map_err(map_err(map_names::CONNTRACK6)))
+            .transpose()?;
         let affinity = if pin_dir.join(map_names::TABLE_EVENTS).exists() {
             let inserts = open(map_names::TABLE_EVENTS, Map::PerCpuArray)?;
             let datapath = open(map_names::AFFINITY, Map::LruHashMap)?;
@@ -1321,6 +1345,9 @@ impl Counters {
                 inserts: PerCpuArray::try_from(inserts)
                     .map_err(map_err(map_names::TABLE_EVENTS))?,
                 datapath: HashMap::try_from(datapath).map_err(map_err(map_names::AFFINITY))?,
+                datapath6: lru6(map_names::AFFINITY6)?
+                    .map(|m| HashMap::try_from(m).map_err(map_err(map_names::AFFINITY6)))
+                    .transpose()?,
                 sockets: HashMap::try_from(sockets).map_err(map_err(map_names::SOCK_AFFINITY))?,
             })
         } else {
@@ -1336,6 +1363,7 @@ impl Counters {
             backends: PerCpuHashMap::try_from(backends)
                 .map_err(map_err(map_names::BACKEND_STATS))?,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
+            conntrack6,
         })
     }
 
@@ -1395,9 +1423,12 @@ impl Counters {
         )
     }
 
-    /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.
+    /// Conntrack occupancy (one pass over the keys), both families (they share the insert
+    /// and delete counters), and the evictions derived from it.
     pub fn conntrack(&self) -> Result<ConntrackStats, DatapathError> {
         let (entries, _) = occupancy(&self.conntrack, map_names::CONNTRACK)?;
+        let (entries6, _) = occupancy6(self.conntrack6.as_ref(), map_names::CONNTRACK6)?;
+        let entries = entries + entries6;
         let events = self.events()?;
         let inserts = events[event::CT_INSERTS as usize];
         let deletes = events[event::CT_DELETES as usize];
@@ -1412,14 +1443,25 @@ impl Counters {
 
 impl Counters {
     /// How full the tables the datapath fills are: conntrack (from `conntrack`, read
-    /// before) and the two sessionAffinity tables (one pass over each).
+    /// before) and the two sessionAffinity tables (one pass over each). A table of IPv4's
+    /// and its IPv6 twin share their insert counter, so they make one row, named after the
+    /// IPv4 table, with the entries and capacity of both.
     pub fn tables(&self, conntrack: &ConntrackStats) -> Result<Vec<TableFill>, DatapathError> {
+        let capacity6 = match &self.conntrack6 {
+            Some(map) => map
+                .map()
+                .info()
+                .map_err(map_err(map_names::CONNTRACK6))?
+                .max_entries(),
+            None => 0,
+        };
         let capacity = self
             .conntrack
             .map()
             .info()
             .map_err(map_err(map_names::CONNTRACK))?
-            .max_entries();
+            .max_entries()
+            + capacity6;
         let mut tables = vec![TableFill {
             map: map_names::CONNTRACK,
             entries: conntrack.entries,
@@ -1433,6 +1475,8 @@ impl Counters {
                 table_event::COUNT,
             )?;
             let datapath = occupancy(&affinity.datapath, map_names::AFFINITY)?;
+            let datapath6 = occupancy6(affinity.datapath6.as_ref(), map_names::AFFINITY6)?;
+            let datapath = (datapath.0 + datapath6.0, datapath.1 + datapath6.1);
             let sockets = occupancy(&affinity.sockets, map_names::SOCK_AFFINITY)?;
             for (map, (entries, capacity), inserted) in [
                 (

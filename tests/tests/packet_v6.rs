@@ -127,6 +127,12 @@ fn tcp_and_udp_to_an_ipv6_cluster_ip_are_translated_to_the_selected_backend() {
     let events = bed.events();
     assert_eq!(events[event::SELECT_MAGLEV as usize], 32);
     assert_eq!(events[event::CT_INSERTS as usize], 64);
+    // IPv6 entries count as conntrack entries (the insert counter is shared): none evicted.
+    let counters = bed.counters();
+    let ct = counters.conntrack().unwrap();
+    assert_eq!((ct.entries, ct.evictions), (64, 0));
+    let conntrack = &counters.tables(&ct).unwrap()[0];
+    assert_eq!((conntrack.entries, conntrack.evictions), (64, 0));
     // Both directions of a flow are in the IPv6 conntrack.
     let key = ct6_key(client, 40000, vip, 8080, PROTO_TCP);
     let entry = bed.conntrack6(&key).expect("forward entry");
@@ -454,6 +460,14 @@ fn ipv6_client_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
         client: addr6(other),
     };
     assert_eq!(bed.affinity6().get(&key, 0).unwrap().backend_id, pick);
+    // Two affinity entries inserted, two there: none evicted.
+    let counters = bed.counters();
+    let tables = counters.tables(&counters.conntrack().unwrap()).unwrap();
+    let affinity = tables
+        .iter()
+        .find(|t| t.map == map_names::AFFINITY)
+        .unwrap();
+    assert_eq!((affinity.entries, affinity.evictions), (2, 0));
 }
 
 #[test]
