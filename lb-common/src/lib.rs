@@ -45,8 +45,9 @@ pub mod map_names {
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
-    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count (V2: more reasons).
-    pub const REASON_STATS: &str = "LB_REASON_V2";
+    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count (V3: the IPv6
+    /// reasons; V2: more reasons than V1).
+    pub const REASON_STATS: &str = "LB_REASON_V3";
     /// Per-CPU array of [`crate::ServiceStats`]: the backends' counters, each at its
     /// backend's [`crate::backend_stats_slot`] (V2: an array, whose lookups the verifier
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
@@ -107,8 +108,13 @@ pub mod map_names {
     /// -> `u8` (always 1).
     pub const SOURCE_RANGES6: &str = "LB_SRCRANGE6_V1";
 
+    /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::prog_slot`]: the XDP
+    /// programs [`crate::program_names::XDP_INGRESS`] tail-calls. The agent writes every slot
+    /// on each start, so that the slots hold the programs of the running agent's object.
+    pub const PROGRAMS: &str = "LB_PROGS_V1";
+
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -133,7 +139,16 @@ pub mod map_names {
         REV_NAT6,
         AFFINITY6,
         SOURCE_RANGES6,
+        PROGRAMS,
     ];
+}
+
+/// Slots of [`map_names::PROGRAMS`].
+pub mod prog_slot {
+    /// [`crate::program_names::XDP_INGRESS6`]: the IPv6 frames of the external interface.
+    pub const XDP_INGRESS6: u32 = 0;
+    /// Number of slots: the size of the program array.
+    pub const COUNT: u32 = 1;
 }
 
 /// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
@@ -176,6 +191,10 @@ pub mod prefilter {
 pub mod program_names {
     /// XDP program on the external interface: frontend -> backend translation.
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
+    /// XDP program for the IPv6 frames of the external interface: frontend -> backend
+    /// translation. Not attached: [`XDP_INGRESS`] tail-calls it through
+    /// [`crate::map_names::PROGRAMS`] (slot [`crate::prog_slot::XDP_INGRESS6`]).
+    pub const XDP_INGRESS6: &str = "lb_xdp_ingress6";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
@@ -760,8 +779,8 @@ pub struct ServiceStats {
 /// dropped. The datapath passes everything it cannot prove is for a frontend (the kernel
 /// then handles it as if we were not there) and drops only frontend packets it cannot serve.
 pub mod reason {
-    /// Passed: not IPv4 (ARP, IPv6, VLAN-tagged, ...).
-    pub const NOT_IPV4: u32 = 0;
+    /// Passed: neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...).
+    pub const NOT_IP: u32 = 0;
     /// Passed: shorter than an Ethernet header.
     pub const SHORT_ETHERNET: u32 = 1;
     /// Passed: shorter than an IPv4 header.
@@ -794,13 +813,32 @@ pub mod reason {
     pub const REPLY_REWRITE_FAILED: u32 = 14;
     /// Dropped: a new flow from a source outside the frontend's loadBalancerSourceRanges.
     pub const SOURCE_RANGE_DENIED: u32 = 15;
+    /// Passed: shorter than an IPv6 header.
+    pub const SHORT_IPV6: u32 = 16;
+    /// Passed: an IPv6 ethertype whose header's version field is not 6.
+    pub const BAD_IPV6_HEADER: u32 = 17;
+    /// Passed: the IPv6 payload length is beyond the received bytes or shorter than the
+    /// TCP or UDP header (a jumbogram's 0 included).
+    pub const BAD_IPV6_LENGTH: u32 = 18;
+    /// Passed: an IPv6 extension header (hop-by-hop, routing, fragment, destination
+    /// options, AH, ...) follows the fixed header; only TCP or UDP right after it is
+    /// translated.
+    pub const IPV6_EXTENSION: u32 = 19;
+    /// Passed: an IPv6 UDP datagram with checksum 0, which IPv6 forbids (RFC 8200 8.1).
+    pub const IPV6_UDP_ZERO_CHECKSUM: u32 = 20;
+    /// Dropped: a new IPv6 flow whose backend is on another node; there is no IPv6 source
+    /// NAT yet, and forwarding it untranslated would be wrong.
+    pub const REMOTE_IPV6_UNSUPPORTED: u32 = 21;
+    /// Passed: an IPv6 frame while the IPv6 program's slot of
+    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
+    pub const IPV6_PROGRAM_MISSING: u32 = 22;
 
     /// Number of reasons: the size of the reason array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 23;
 
     /// Name of each reason, by index, for the CLI and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
-        "not_ipv4",
+        "not_ip",
         "short_ethernet",
         "short_ipv4",
         "bad_ipv4_header",
@@ -816,6 +854,13 @@ pub mod reason {
         "rev_nat_missing",
         "reply_rewrite_failed",
         "source_range_denied",
+        "short_ipv6",
+        "bad_ipv6_header",
+        "bad_ipv6_length",
+        "ipv6_extension",
+        "ipv6_udp_zero_checksum",
+        "remote_ipv6_unsupported",
+        "ipv6_program_missing",
     ];
 }
 
@@ -951,6 +996,39 @@ pub mod csum {
     pub const fn replace4_2(check: u16, old4: u32, new4: u32, old2: u16, new2: u16) -> u16 {
         !fold(!check as u64 + !old4 as u64 + new4 as u64 + !old2 as u64 + new2 as u64)
     }
+
+    /// The one's-complement sum of the change of a 128-bit field from `old` to `new`.
+    #[inline(always)]
+    const fn delta16(old: crate::Addr6, new: crate::Addr6) -> u64 {
+        !old[0] as u64
+            + !old[1] as u64
+            + !old[2] as u64
+            + !old[3] as u64
+            + new[0] as u64
+            + new[1] as u64
+            + new[2] as u64
+            + new[3] as u64
+    }
+
+    /// The checksum after a 128-bit field covered by it (an IPv6 address in the
+    /// pseudo-header) changed from `old` to `new`.
+    #[inline(always)]
+    pub const fn replace16(check: u16, old: crate::Addr6, new: crate::Addr6) -> u16 {
+        !fold(!check as u64 + delta16(old, new))
+    }
+
+    /// The checksum after a 128-bit field (an IPv6 address) and a 16-bit field (a port)
+    /// covered by it changed.
+    #[inline(always)]
+    pub const fn replace16_2(
+        check: u16,
+        old16: crate::Addr6,
+        new16: crate::Addr6,
+        old2: u16,
+        new2: u16,
+    ) -> u16 {
+        !fold(!check as u64 + delta16(old16, new16) + !old2 as u64 + new2 as u64)
+    }
 }
 
 /// The flow hash that selects a backend slot: a function of the forward 5-tuple only, so
@@ -960,26 +1038,51 @@ pub mod csum {
 pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
     // murmur3's 32-bit mixing steps and finaliser: cheap in BPF (no loops, no tables) and
     // well spread over the low bits, which the slot modulo uses.
-    const fn mix(h: u32, k: u32) -> u32 {
-        let k = k
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        (h ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64)
-    }
     let mut h = 0x9747_b28c ^ proto as u32;
-    h = mix(h, saddr);
-    h = mix(h, daddr);
-    h = mix(h, ((sport as u32) << 16) | dport as u32);
-    h ^= 13;
+    h = hash_mix(h, saddr);
+    h = hash_mix(h, daddr);
+    h = hash_mix(h, ((sport as u32) << 16) | dport as u32);
+    hash_finish(h, 13)
+}
+
+/// murmur3's mixing step of one 32-bit word into the hash `h`.
+#[inline(always)]
+const fn hash_mix(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// murmur3's finaliser of a hash over `len` bytes.
+#[inline(always)]
+const fn hash_finish(mut h: u32, len: u32) -> u32 {
+    h ^= len;
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// [`flow_hash`] of an IPv6 forward 5-tuple: the same mixing over the eight address words.
+#[inline(always)]
+pub const fn flow_hash6(saddr: Addr6, daddr: Addr6, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = 0x9747_b28c ^ proto as u32;
+    h = hash_mix(h, saddr[0]);
+    h = hash_mix(h, saddr[1]);
+    h = hash_mix(h, saddr[2]);
+    h = hash_mix(h, saddr[3]);
+    h = hash_mix(h, daddr[0]);
+    h = hash_mix(h, daddr[1]);
+    h = hash_mix(h, daddr[2]);
+    h = hash_mix(h, daddr[3]);
+    h = hash_mix(h, ((sport as u32) << 16) | dport as u32);
+    hash_finish(h, 37)
 }
 
 const _: () = {
@@ -1252,6 +1355,67 @@ mod tests {
             buf[10..12].copy_from_slice(&updated.to_ne_bytes());
             assert_eq!(full_checksum(&buf), 0, "{buf:?}");
         }
+    }
+
+    #[test]
+    fn incremental_checksum_of_an_ipv6_address_equals_recomputation() {
+        // A buffer like an IPv6 pseudo-header and its segment: checksum at 2..4, an
+        // "address" at 8..24 and a "port" at 26..28. Change both and compare with a checksum
+        // computed from scratch.
+        let mut seed = 0x9abc_def0u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            seed
+        };
+        for _ in 0..2_000 {
+            let mut buf = [0u8; 40];
+            for b in buf.iter_mut() {
+                *b = (next() >> 16) as u8;
+            }
+            buf[2..4].fill(0);
+            let check = full_checksum(&buf);
+            buf[2..4].copy_from_slice(&check.to_be_bytes());
+            assert_eq!(full_checksum(&buf), 0);
+
+            let old16 = crate::addr6(buf[8..24].try_into().unwrap());
+            let old2 = u16::from_ne_bytes(buf[26..28].try_into().unwrap());
+            let new16 = [next(), next(), next(), next()];
+            let new2 = next() as u16;
+            let stored = u16::from_ne_bytes(buf[2..4].try_into().unwrap());
+            let updated = csum::replace16_2(stored, old16, new16, old2, new2);
+            buf[8..24].copy_from_slice(&crate::octets6(new16));
+            buf[26..28].copy_from_slice(&new2.to_ne_bytes());
+            buf[2..4].copy_from_slice(&updated.to_ne_bytes());
+            assert_eq!(full_checksum(&buf), 0, "{buf:?}");
+
+            // The address-only variant, back to the old address.
+            let stored = u16::from_ne_bytes(buf[2..4].try_into().unwrap());
+            let updated = csum::replace16(stored, new16, old16);
+            buf[8..24].copy_from_slice(&crate::octets6(old16));
+            buf[2..4].copy_from_slice(&updated.to_ne_bytes());
+            assert_eq!(full_checksum(&buf), 0, "{buf:?}");
+        }
+        // An address that changes to itself leaves the checksum as it was.
+        let a = [1, 2, 3, 4];
+        assert_eq!(csum::replace16(0x1234, a, a), 0x1234);
+    }
+
+    #[test]
+    fn flow_hash6_depends_on_every_field() {
+        let (s, d) = ([1, 2, 3, 4], [5, 6, 7, 8]);
+        let base = flow_hash6(s, d, 3, 4, 6);
+        assert_eq!(base, flow_hash6(s, d, 3, 4, 6));
+        for i in 0..4 {
+            let mut s2 = s;
+            s2[i] ^= 1;
+            let mut d2 = d;
+            d2[i] ^= 1;
+            assert_ne!(base, flow_hash6(s2, d, 3, 4, 6), "source word {i}");
+            assert_ne!(base, flow_hash6(s, d2, 3, 4, 6), "destination word {i}");
+        }
+        assert_ne!(base, flow_hash6(s, d, 3, 4, 17));
+        assert_ne!(base, flow_hash6(d, s, 3, 4, 6));
+        assert_ne!(base, flow_hash6(s, d, 4, 3, 6));
     }
 
     #[test]

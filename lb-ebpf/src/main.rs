@@ -16,6 +16,7 @@
 mod nat;
 mod pod;
 mod sock;
+mod v6;
 
 use aya_ebpf::{
     bindings::{
@@ -25,7 +26,9 @@ use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{btf_map, classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key as LpmKey,
+    },
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -35,7 +38,7 @@ use lb_common::{
     MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, RevNat6, SERVICE_F_RANDOM,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4,
     SourceRange6, backend_stats_slot, backend_stats_slots, capacity, csum, event, flow_hash,
-    maglev, prefilter, reason, table_event,
+    maglev, prefilter, prog_slot, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -59,7 +62,7 @@ static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES
 #[map]
 static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
 #[map]
-static LB_REASON_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 /// Indexed by `backend_stats_slot(id, LB_BESTAT_MASK)`; sized by the agent.
 #[map]
 static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
@@ -83,20 +86,27 @@ static LB_PREFILTER4_V1: Array<u64> = Array::pinned(prefilter::WORDS, prefilter:
 #[map]
 static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
+/// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
+#[map]
+static LB_PROGS_V1: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
+
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
+// The IPv6 programs (v6.rs) read them, and so will the IPv6 socket hooks.
 #[map]
-static LB_SVC6_V1: HashMap<Frontend6, Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
-static LB_BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, 0);
+pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, 0);
 #[map]
-static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub(crate) static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> =
+    LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
-static LB_REVNAT6_V1: HashMap<u32, RevNat6> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> = HashMap::pinned(capacity::SERVICES, 0);
 #[map]
-static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
+pub(crate) static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 #[map]
-static LB_SRCRANGE6_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+pub(crate) static LB_SRCRANGE6_V1: LpmTrie<SourceRange6, u8> =
+    LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
 const ETH_LEN: usize = EthHdr::LEN;
 const IPV4_LEN: usize = Ipv4Hdr::LEN;
@@ -135,7 +145,7 @@ fn bump(counters: &PerCpuArray<u64>, index: u32) {
 
 #[inline(always)]
 pub(crate) fn count(reason: u32) {
-    bump(&LB_REASON_V2, reason);
+    bump(&LB_REASON_V3, reason);
 }
 
 #[inline(always)]
@@ -220,7 +230,7 @@ pub(crate) struct Ipv4Packet {
 pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Err(Verdict::Pass(reason::NOT_IPV4));
+        return Err(Verdict::Pass(reason::NOT_IP));
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV4))?;
     let vihl = unsafe { (*ip).vihl };
@@ -280,23 +290,63 @@ pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     Ok(Ipv4Packet { ip, proto, l4 })
 }
 
+/// A backends map's value: [`Backend4`] or [`Backend6`] (the families share backend ids
+/// and the Maglev tables, so a table's ids are keys of its family's backends map).
+pub(crate) trait BackendOf: Copy {
+    /// The backend of `id` in this family's backends map.
+    fn lookup(id: u32) -> Option<Self>;
+    /// `BACKEND_ACTIVE`, ...
+    fn state(&self) -> u8;
+}
+
+impl BackendOf for Backend4 {
+    #[inline(always)]
+    fn lookup(id: u32) -> Option<Self> {
+        unsafe { LB_BACKEND4_V2.get(&id) }.copied()
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+}
+
+impl BackendOf for Backend6 {
+    #[inline(always)]
+    fn lookup(id: u32) -> Option<Self> {
+        unsafe { LB_BACKEND6_V1.get(&id) }.copied()
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+}
+
 /// A backend and its id.
 #[derive(Clone, Copy)]
-pub(crate) struct Chosen {
+pub(crate) struct Chosen<B = Backend4> {
     id: u32,
-    backend: Backend4,
+    backend: B,
 }
 
 #[inline(always)]
 pub(crate) fn backend(id: u32) -> Option<Chosen> {
-    let backend = *unsafe { LB_BACKEND4_V2.get(&id) }?;
+    backend_of(id)
+}
+
+/// [`backend`] of either family.
+#[inline(always)]
+pub(crate) fn backend_of<B: BackendOf>(id: u32) -> Option<Chosen<B>> {
+    let backend = B::lookup(id)?;
     Some(Chosen { id, backend })
 }
 
 /// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
 /// `random` (so random selection is as balanced as the table).
 #[inline(always)]
-fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen, Verdict> {
+fn select_from_table<B: BackendOf>(
+    svc: &Service,
+    hash: impl FnOnce() -> u32,
+) -> Result<Chosen<B>, Verdict> {
     const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
     let table =
         unsafe { LB_MAGLEV_V2.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
@@ -313,7 +363,7 @@ fn select_from_table(svc: &Service, hash: impl FnOnce() -> u32) -> Result<Chosen
     };
     let (element, half) = maglev::position(pick % size);
     let cell = table.get(element).ok_or(MISSING)?;
-    backend(cell[half & 1]).ok_or(MISSING)
+    backend_of(cell[half & 1]).ok_or(MISSING)
 }
 
 /// The backend of a new flow: checks the source ranges, then the client's affinity, then
@@ -349,12 +399,12 @@ fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
 /// `hash`; records the choice for the client when the service has affinity, counting a new
 /// entry under `inserts` (a [`table_event`]).
 #[inline(always)]
-pub(crate) fn select_with_affinity<K>(
+pub(crate) fn select_with_affinity<K, B: BackendOf>(
     svc: &Service,
     (map, inserts): (&LruHashMap<K, AffinityEntry>, u32),
     client: &K,
     hash: impl FnOnce() -> u32,
-) -> Result<Chosen, Verdict> {
+) -> Result<Chosen<B>, Verdict> {
     // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
     // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let affinity = if svc.affinity_timeout_secs != 0 {
@@ -374,8 +424,8 @@ pub(crate) fn select_with_affinity<K>(
         if now.wrapping_sub(entry.last_used_ns) >= timeout_ns {
             note(event::AFFINITY_EXPIRED);
         } else {
-            match backend(entry.backend_id) {
-                Some(chosen) if chosen.backend.state == BACKEND_ACTIVE => {
+            match backend_of::<B>(entry.backend_id) {
+                Some(chosen) if chosen.backend.state() == BACKEND_ACTIVE => {
                     entry.last_used_ns = now;
                     note(event::SELECT_AFFINITY);
                     return Ok(chosen);
@@ -407,7 +457,11 @@ pub(crate) fn select_with_affinity<K>(
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
 /// again for that reason. The rules are documented on `lb_common::event`.
 #[inline(always)]
-pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -> Option<u32> {
+pub(crate) fn reselect_because<B: BackendOf>(
+    backend: Option<&Chosen<B>>,
+    proto: u8,
+    syn: bool,
+) -> Option<u32> {
     let Some(chosen) = backend else {
         return Some(if proto == PROTO_UDP {
             event::RESELECT_UDP
@@ -417,7 +471,7 @@ pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -
             event::RESELECT_GONE
         });
     };
-    match chosen.backend.state {
+    match chosen.backend.state() {
         BACKEND_ACTIVE => None,
         _ if syn => Some(event::RESELECT_SYN),
         BACKEND_TERMINATING => None,
@@ -432,15 +486,21 @@ pub(crate) fn reselect_because(backend: Option<&Chosen>, proto: u8, syn: bool) -
 
 /// The current backend generation (`lb_common::map_names::BACKEND_GEN`).
 #[inline(always)]
-fn backend_generation() -> u32 {
+pub(crate) fn backend_generation() -> u32 {
     LB_BEGEN_V1.get(0).copied().unwrap_or(0)
 }
 
 /// Writes a conntrack entry, counting it when the key is new.
 #[inline(always)]
 fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
+    ct_write_in(&LB_CT4_V2, key, entry, exists)
+}
+
+/// Writes an entry of conntrack `map` (either family's), counting it when the key is new.
+#[inline(always)]
+pub(crate) fn ct_write_in<K, V>(map: &LruHashMap<K, V>, key: &K, entry: &V, exists: bool) -> bool {
     if !exists {
-        match LB_CT4_V2.insert(key, entry, BPF_NOEXIST as u64) {
+        match map.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
                 note(event::CT_INSERTS);
                 return true;
@@ -449,7 +509,18 @@ fn ct_write(key: &Ct4Key, entry: &CtEntry, exists: bool) -> bool {
             Err(_) => {}
         }
     }
-    LB_CT4_V2.insert(key, entry, BPF_ANY as u64).is_ok()
+    map.insert(key, entry, BPF_ANY as u64).is_ok()
+}
+
+/// The backend generation a conntrack entry records for a backend in `state`, read as
+/// `generation`: only an ACTIVE backend is vouched for.
+#[inline(always)]
+pub(crate) fn vouch(state: u8, generation: u32) -> u32 {
+    if state == BACKEND_ACTIVE {
+        generation
+    } else {
+        generation.wrapping_sub(1)
+    }
 }
 
 /// Where a packet of a flow goes, and whose counters it adds to.
@@ -469,7 +540,7 @@ pub(crate) struct Flow {
 /// The conntrack clock: `last_seen_ns` is for ageing, so the coarse clock (one tick of
 /// resolution, no clock source read) is enough.
 #[inline(always)]
-fn ct_now() -> u64 {
+pub(crate) fn ct_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
@@ -514,14 +585,7 @@ fn flow_backend(
     let now = ct_now();
     // Read before the backend, so that a change after the read is seen by the next packet.
     let generation = backend_generation();
-    let vouched = |b: &Backend4| {
-        // The generation vouches for an ACTIVE backend only.
-        if b.state == BACKEND_ACTIVE {
-            generation
-        } else {
-            generation.wrapping_sub(1)
-        }
-    };
+    let vouched = |b: &Backend4| vouch(b.state, generation);
     let reply_key = |b: &Backend4| Ct4Key {
         saddr: b.addr,
         daddr: key.saddr,
@@ -685,13 +749,20 @@ pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
 /// Counts a translated packet for its frontend and its backend.
 #[inline(always)]
 pub(crate) fn count_translated(flow: &Flow, bytes: u64) {
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(flow.service_id) {
-        add_stats(stats, bytes, flow.new);
+    count_packet(flow.service_id, flow.backend_id, bytes, flow.new);
+}
+
+/// Counts a translated packet of either family for its frontend and its backend (`new`:
+/// the packet created the flow's entries).
+#[inline(always)]
+pub(crate) fn count_packet(service_id: u32, backend_id: u32, bytes: u64, new: bool) {
+    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(service_id) {
+        add_stats(stats, bytes, new);
     }
     // A volatile read: the value is the loader's, not this constant initialiser.
     let mask = unsafe { core::ptr::read_volatile(&LB_BESTAT_MASK) };
-    if let Some(stats) = LB_BESTAT_V2.get_ptr_mut(backend_stats_slot(flow.backend_id, mask)) {
-        add_stats(stats, bytes, flow.new);
+    if let Some(stats) = LB_BESTAT_V2.get_ptr_mut(backend_stats_slot(backend_id, mask)) {
+        add_stats(stats, bytes, new);
     }
 }
 
@@ -734,6 +805,10 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
         Ok(action) => action,
         Err(Verdict::Pass(reason)) => {
+            // Not IPv4: the IPv6 program's (v6.rs), through a tail call.
+            if reason == reason::NOT_IP {
+                return v6::dispatch(&ctx);
+            }
             // A remote backend's reply, or an ICMP error about a NATed flow (nat.rs).
             if let Some(action) = nat::reply(&ctx, reason) {
                 return action;
@@ -756,6 +831,9 @@ pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
 pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
+        if u16::from_be(ether_type) == v6::ETH_P_IPV6 {
+            return v6::try_egress6(ctx);
+        }
         return Err(NOT_OURS);
     }
     let ip: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;

@@ -338,7 +338,7 @@ pub(crate) fn forward(
             };
             if LB_NAT4_V1.insert(&out_key, &out, BPF_ANY as u64).is_err() {
                 // The reply entry stands; this flow allocates again on its next packet.
-                bump(&crate::LB_REASON_V2, reason::CT_INSERT_FAILED);
+                bump(&crate::LB_REASON_V3, reason::CT_INSERT_FAILED);
             }
             port
         }

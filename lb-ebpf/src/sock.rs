@@ -108,7 +108,7 @@ fn socket_backend(
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     let affinity = (&LB_SOCKAFF4_V1, table_event::SOCK_AFFINITY_INSERTS);
-    let chosen = select_with_affinity(svc, affinity, &client, || {
+    let chosen: Chosen = select_with_affinity(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
         flow_hash(folded, frontend.addr, 0, frontend.port, frontend.proto)
     })?;

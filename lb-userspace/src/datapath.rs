@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, HashOfMaps, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuValues, lpm_trie,
+        PerCpuValues, ProgramArray, lpm_trie,
     },
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -29,10 +29,11 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_STATS_MASK_GLOBAL, Backend4, Backend6,
-    Ct4Key, CtEntry, Frontend4, Frontend6, MaglevCell, RevNat4, RevNat6, SOURCE_RANGE_ID_BITS,
-    Service, ServiceStats, SockAffinityKey, SourceRange4, SourceRange6, addr6, backend_stats_slot,
-    backend_stats_slots, capacity, event, maglev, map_names, octets6, program_names, table_event,
+    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_STATS_MASK_GLOBAL, Backend4,
+    Backend6, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, MaglevCell, RevNat4,
+    RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SockAffinityKey, SourceRange4,
+    SourceRange6, addr6, backend_stats_slot, backend_stats_slots, capacity, event, maglev,
+    map_names, octets6, prog_slot, program_names, table_event,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -307,7 +308,9 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Verifies and loads both programs into the kernel (without attaching them).
+    /// Verifies and loads the programs of the external interface into the kernel (without
+    /// attaching them), and puts the ones that are tail-called into their slots of
+    /// [`map_names::PROGRAMS`].
     pub fn load_programs(&mut self) -> Result<(), DatapathError> {
         let prog_err = |name| {
             move |source| DatapathError::Program {
@@ -321,6 +324,36 @@ impl Datapath {
         self.tc()?
             .load()
             .map_err(prog_err(program_names::TC_EGRESS))?;
+        let xdp6: &mut Xdp = typed_program(&mut self.ebpf, program_names::XDP_INGRESS6)?;
+        xdp6.load().map_err(prog_err(program_names::XDP_INGRESS6))?;
+        self.fill_program_slots()
+    }
+
+    /// Writes each tail-called program into its slot of the pinned program array. On every
+    /// start: an earlier agent's slots hold its own programs, and the XDP program the
+    /// pinned link now runs (this agent's) must tail-call this agent's programs.
+    fn fill_program_slots(&mut self) -> Result<(), DatapathError> {
+        let name = program_names::XDP_INGRESS6;
+        let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
+        let prog_err = |source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let fd = prog.fd().map_err(prog_err)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| prog_err(ProgramError::from(e)))?;
+        let map = map_names::PROGRAMS;
+        let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
+            name: map,
+            source: Box::new(MapError::InvalidName {
+                name: map.to_owned(),
+            }),
+        })?;
+        let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
+        slots
+            .set(prog_slot::XDP_INGRESS6, &fd, 0)
+            .map_err(map_err(map))?;
         Ok(())
     }
 
@@ -1219,6 +1252,9 @@ pub struct Counters {
     /// The size of `backends` less one.
     backend_mask: u32,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
+    /// [`map_names::CONNTRACK6`]: its inserts are counted with IPv4's, so its entries are
+    /// too. `None` when pinned by an agent without it.
+    conntrack6: Option<HashMap<MapData, Ct6Key, Ct6Entry>>,
     /// The affinity tables with their insert counters; `None` when pinned by an agent
     /// older than the counters (until the current one starts).
     affinity: Option<AffinityTables>,
@@ -1227,6 +1263,8 @@ pub struct Counters {
 struct AffinityTables {
     inserts: PerCpuArray<MapData, u64>,
     datapath: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// [`map_names::AFFINITY6`], counted with [`map_names::AFFINITY`] (one insert counter).
+    datapath6: Option<HashMap<MapData, Affinity6Key, AffinityEntry>>,
     sockets: HashMap<MapData, SockAffinityKey, AffinityEntry>,
 }
 
@@ -1250,6 +1288,14 @@ impl TableFill {
     pub fn flag(&self) -> &'static str {
         capacity_flag(self.map).unwrap_or("--max-*")
     }
+}
+
+/// [`occupancy`] of a map that may not be pinned: none.
+fn occupancy6<K: aya::Pod, V: aya::Pod>(
+    map: Option<&HashMap<MapData, K, V>>,
+    name: &'static str,
+) -> Result<(u64, u32), DatapathError> {
+    map.map_or(Ok((0, 0)), |map| occupancy(map, name))
 }
 
 /// The entries of an LRU hash map (one pass over the keys) and its `max_entries`.
@@ -1304,6 +1350,17 @@ impl Counters {
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuArray)?;
         let backend_mask = pinned_max_entries(pin_dir, map_names::BACKEND_STATS)?.wrapping_sub(1);
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
+        // The IPv6 twins, when pinned.
+        let lru6 = |name: &'static str| -> Result<Option<Map>, DatapathError> {
+            if pin_dir.join(name).exists() {
+                Ok(Some(open(name, Map::LruHashMap)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let conntrack6 = lru6(map_names::CONNTRACK6)?
+            .map(|m| HashMap::try_from(m).map_err(map_err(map_names::CONNTRACK6)))
+            .transpose()?;
         let affinity = if pin_dir.join(map_names::TABLE_EVENTS).exists() {
             let inserts = open(map_names::TABLE_EVENTS, Map::PerCpuArray)?;
             let datapath = open(map_names::AFFINITY, Map::LruHashMap)?;
@@ -1312,6 +1369,9 @@ impl Counters {
                 inserts: PerCpuArray::try_from(inserts)
                     .map_err(map_err(map_names::TABLE_EVENTS))?,
                 datapath: HashMap::try_from(datapath).map_err(map_err(map_names::AFFINITY))?,
+                datapath6: lru6(map_names::AFFINITY6)?
+                    .map(|m| HashMap::try_from(m).map_err(map_err(map_names::AFFINITY6)))
+                    .transpose()?,
                 sockets: HashMap::try_from(sockets).map_err(map_err(map_names::SOCK_AFFINITY))?,
             })
         } else {
@@ -1327,6 +1387,7 @@ impl Counters {
             backends: PerCpuArray::try_from(backends).map_err(map_err(map_names::BACKEND_STATS))?,
             backend_mask,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
+            conntrack6,
         })
     }
 
@@ -1383,9 +1444,12 @@ impl Counters {
         )
     }
 
-    /// Conntrack occupancy (one pass over the keys) and the evictions derived from it.
+    /// Conntrack occupancy (one pass over the keys), both families (they share the insert
+    /// and delete counters), and the evictions derived from it.
     pub fn conntrack(&self) -> Result<ConntrackStats, DatapathError> {
         let (entries, _) = occupancy(&self.conntrack, map_names::CONNTRACK)?;
+        let (entries6, _) = occupancy6(self.conntrack6.as_ref(), map_names::CONNTRACK6)?;
+        let entries = entries + entries6;
         let events = self.events()?;
         let inserts = events[event::CT_INSERTS as usize];
         let deletes = events[event::CT_DELETES as usize];
@@ -1400,14 +1464,25 @@ impl Counters {
 
 impl Counters {
     /// How full the tables the datapath fills are: conntrack (from `conntrack`, read
-    /// before) and the two sessionAffinity tables (one pass over each).
+    /// before) and the two sessionAffinity tables (one pass over each). A table of IPv4's
+    /// and its IPv6 twin share their insert counter, so they make one row, named after the
+    /// IPv4 table, with the entries and capacity of both.
     pub fn tables(&self, conntrack: &ConntrackStats) -> Result<Vec<TableFill>, DatapathError> {
+        let capacity6 = match &self.conntrack6 {
+            Some(map) => map
+                .map()
+                .info()
+                .map_err(map_err(map_names::CONNTRACK6))?
+                .max_entries(),
+            None => 0,
+        };
         let capacity = self
             .conntrack
             .map()
             .info()
             .map_err(map_err(map_names::CONNTRACK))?
-            .max_entries();
+            .max_entries()
+            + capacity6;
         let mut tables = vec![TableFill {
             map: map_names::CONNTRACK,
             entries: conntrack.entries,
@@ -1421,6 +1496,8 @@ impl Counters {
                 table_event::COUNT,
             )?;
             let datapath = occupancy(&affinity.datapath, map_names::AFFINITY)?;
+            let datapath6 = occupancy6(affinity.datapath6.as_ref(), map_names::AFFINITY6)?;
+            let datapath = (datapath.0 + datapath6.0, datapath.1 + datapath6.1);
             let sockets = occupancy(&affinity.sockets, map_names::SOCK_AFFINITY)?;
             for (map, (entries, capacity), inserted) in [
                 (

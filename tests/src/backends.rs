@@ -2,7 +2,7 @@
 //! pod name, and a UDP echo server replying `<pod>:<payload>`. Both stop and join on drop.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// Open connections: a handle to shut each down, and the thread serving it.
 type Connections = Mutex<Vec<(TcpStream, JoinHandle<()>)>>;
 
-/// An HTTP/1.1 server on `0.0.0.0:port` of a namespace; every response body is its name.
+/// An HTTP/1.1 server on `0.0.0.0:port` (or another address) of a namespace; every response
+/// body is its name.
 pub struct HttpServer {
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
@@ -29,9 +30,14 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `port` in `ns` and answers with `name`.
     pub fn start(ns: &Netns, port: u16, name: &str) -> Result<Self> {
+        Self::start_on(ns, Ipv4Addr::UNSPECIFIED.into(), port, name)
+    }
+
+    /// [`HttpServer::start`] on `addr` (e.g. a pod's IPv6 address).
+    pub fn start_on(ns: &Netns, addr: IpAddr, port: u16, name: &str) -> Result<Self> {
         let listener = ns
-            .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
-            .with_context(|| format!("HTTP server {name}: bind port {port}"))?;
+            .run(|| TcpListener::bind((addr, port)))?
+            .with_context(|| format!("HTTP server {name}: bind {addr} port {port}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
@@ -169,7 +175,8 @@ impl Drop for HttpServer {
     }
 }
 
-/// A UDP server on `0.0.0.0:port` of a namespace that replies `<name>:<payload>`.
+/// A UDP server on `0.0.0.0:port` (or another address) of a namespace that replies
+/// `<name>:<payload>`.
 pub struct UdpEchoServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -178,9 +185,14 @@ pub struct UdpEchoServer {
 impl UdpEchoServer {
     /// Binds `port` in `ns` and answers with `name`.
     pub fn start(ns: &Netns, port: u16, name: &str) -> Result<Self> {
+        Self::start_on(ns, Ipv4Addr::UNSPECIFIED.into(), port, name)
+    }
+
+    /// [`UdpEchoServer::start`] on `addr` (e.g. a pod's IPv6 address).
+    pub fn start_on(ns: &Netns, addr: IpAddr, port: u16, name: &str) -> Result<Self> {
         let socket = ns
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))?
-            .with_context(|| format!("UDP server {name}: bind port {port}"))?;
+            .run(|| UdpSocket::bind((addr, port)))?
+            .with_context(|| format!("UDP server {name}: bind {addr} port {port}"))?;
         socket.set_read_timeout(Some(TICK))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {

@@ -1,7 +1,7 @@
 //! Clients that send real traffic from a namespace, with timeouts.
 
 use std::io::{BufRead, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -126,7 +126,12 @@ pub fn udp_request(
     let target = SocketAddr::new(addr.into(), port);
     let request = || -> Result<String> {
         // Not connected: a connected socket would silently drop a reply from another address.
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let any: IpAddr = if target.is_ipv6() {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let socket = UdpSocket::bind((any, 0))?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         socket.send_to(payload.as_bytes(), target).context("send")?;
         let mut buf = [0u8; 2048];

@@ -1,14 +1,21 @@
 //! The real `lb agent` with dual-stack and IPv6-only Services (`tests/fixtures/dual-stack`):
 //! their IPv6 frontends, with IPv6 backends, are in the pinned v6 maps beside the IPv4 ones
 //! (as `lb services` reads them back), NodePorts are on the interface's IPv6 address too, and
-//! a restarted agent adopts all of it and writes nothing. (IPv6 traffic through the
-//! frontends is the datapath's part, tested with the eBPF programs.)
+//! a restarted agent adopts all of it and writes nothing; and real IPv6 connections through
+//! the frontends (XDP's IPv6 program, reached by its tail call, and TC egress's reverse
+//! translation) reach the pods, their replies coming from the frontend.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
 
 use lb_tests::{
     Agent, ServiceInfo,
     agent::{backends_of, metric, ops, workspace_dir},
+    backends::{HttpServer, UdpEchoServer},
+    client::{http_get, udp_request},
     lb_bin,
     topology::{NODE_IF, Topology},
 };
@@ -122,4 +129,95 @@ fn ipv6_frontends_are_programmed_in_the_pinned_v6_maps_and_adopted_on_restart() 
             (s.service_id, &s.backends)
         );
     }
+}
+
+/// An address of the fixture.
+fn v6(s: &str) -> IpAddr {
+    s.parse::<Ipv6Addr>().unwrap().into()
+}
+
+#[test]
+fn ipv6_connections_through_the_frontends_reach_the_pods_and_replies_come_from_the_frontend() {
+    let topology = Topology::new(2).expect("topology");
+    // IPv6 beside IPv4: client fd00:200::2 -- fd00:200::1 node, pod<i> fd00:244:<i>::2 behind
+    // veth-pod<i> fd00:244:<i>::1, each pod serving HTTP on 80 and UDP on 5353 at its IPv6
+    // address.
+    let (node, client) = (&topology.node, &topology.client);
+    let ip = |ns: &lb_tests::Netns, args: &[&str]| {
+        ns.ip(args)
+            .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()))
+    };
+    ip(
+        node,
+        &["addr", "add", "fd00:200::1/64", "dev", NODE_IF, "nodad"],
+    );
+    node.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
+    ip(
+        client,
+        &["addr", "add", "fd00:200::2/64", "dev", "eth0", "nodad"],
+    );
+    ip(
+        client,
+        &["-6", "route", "add", "default", "via", "fd00:200::1"],
+    );
+    let mut servers = Vec::new();
+    for (i, pod) in topology.pods.iter().enumerate() {
+        let i = i + 1;
+        let host = format!("fd00:244:{i}::1");
+        ip(
+            node,
+            &[
+                "addr",
+                "add",
+                &format!("{host}/64"),
+                "dev",
+                &format!("veth-pod{i}"),
+                "nodad",
+            ],
+        );
+        ip(
+            &pod.ns,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:244:{i}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        ip(&pod.ns, &["-6", "route", "add", "default", "via", &host]);
+        let addr = v6(&format!("fd00:244:{i}::2"));
+        servers.push((
+            HttpServer::start_on(&pod.ns, addr, 80, &pod.name).unwrap(),
+            UdpEchoServer::start_on(&pod.ns, addr, 5353, &pod.name).unwrap(),
+        ));
+    }
+    let dir = workspace_dir().join("tests/fixtures/dual-stack");
+    let agent = Agent::start(node, &dir, NODE_IF).expect("agent");
+    agent
+        .wait_until("every dual-stack frontend", |s| programmed(s) == expected())
+        .expect("the fixture is programmed");
+
+    // TCP: the ClusterIP and the NodePort of httpd-ds, both pods answering; the client's
+    // connection is with the frontend it addressed.
+    for (frontend, port) in [(v6("fd00:96::20"), 8080), (v6("fd00:200::1"), 30090)] {
+        let mut answered = BTreeSet::new();
+        for _ in 0..16 {
+            let (body, peer) = http_get(client, frontend, port)
+                .unwrap_or_else(|e| panic!("[{frontend}]:{port}: {e:#}\n{}", agent.log()));
+            assert_eq!((peer.ip(), peer.port()), (frontend, port));
+            answered.insert(body);
+        }
+        assert_eq!(
+            answered,
+            BTreeSet::from(["pod1".to_owned(), "pod2".to_owned()]),
+            "[{frontend}]:{port}"
+        );
+    }
+    // UDP: the reply comes from the frontend (udp_request checks its source).
+    let reply = udp_request(client, v6("fd00:96::21"), 5353, "ping")
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+    assert!(reply == "pod1:ping" || reply == "pod2:ping", "{reply:?}");
+    drop(servers);
 }

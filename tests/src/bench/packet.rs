@@ -642,6 +642,8 @@ impl Bench {
         let mut sizes = Vec::new();
         let names = [
             (program_names::XDP_INGRESS, false),
+            // Tail-called by XDP_INGRESS for IPv6 frames (not measured per packet here).
+            (program_names::XDP_INGRESS6, false),
             (program_names::TC_EGRESS, false),
             (program_names::NOOP_XDP, true),
             (program_names::NOOP_TC, true),

@@ -18,16 +18,17 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use etherparse::PacketBuilder;
+use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Ct4Key, CtEntry, Frontend4, RevNat4,
-    Service, flow_hash, map_names, prefilter, program_names,
+    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, Ct6Entry,
+    Ct6Key, CtEntry, Frontend4, Frontend6, RevNat4, RevNat6, Service, addr6, flow_hash, flow_hash6,
+    map_names, prefilter, program_names,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath, teardown},
     maglev,
-    model::Ipv4Cidr,
-    sync::{DatapathMaps, TableRef, backend_identity},
+    model::{Ipv4Cidr, Ipv6Cidr},
+    sync::{DatapathMaps, TableRef, backend_identity, backend6_identity},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -52,6 +53,8 @@ pub struct Bed {
     next_backend_id: u32,
     /// Each backend id's backend, as programmed.
     pub backends: StdHashMap<u32, Backend4>,
+    /// Each IPv6 backend id's backend, as programmed (the ids are shared with `backends`).
+    pub backends6: StdHashMap<u32, Backend6>,
     /// Each service id's table, as programmed (backend ids).
     pub tables: StdHashMap<u32, Vec<u32>>,
 }
@@ -83,6 +86,7 @@ impl Bed {
             pin,
             next_backend_id: 1,
             backends: StdHashMap::new(),
+            backends6: StdHashMap::new(),
             tables: StdHashMap::new(),
         }
     }
@@ -222,6 +226,111 @@ impl Bed {
         self.backends[&id].octets()
     }
 
+    /// Writes IPv6 `backend` under a new id.
+    pub fn backend6(&mut self, backend: Backend6) -> u32 {
+        let id = self.next_backend_id;
+        self.next_backend_id += 1;
+        self.set_backend6(id, backend);
+        id
+    }
+
+    /// Writes (or rewrites) IPv6 backend `id`.
+    pub fn set_backend6(&mut self, id: u32, backend: Backend6) {
+        self.maps.put_backend6(id, &backend).unwrap();
+        self.backends6.insert(id, backend);
+    }
+
+    /// [`Bed::program`] for an IPv6 frontend, whose table holds IPv6 backend ids.
+    pub fn program6(
+        &mut self,
+        id: u32,
+        frontend: Frontend6,
+        table: &[u32],
+        flags: u32,
+        affinity: u32,
+    ) {
+        if !table.is_empty() {
+            let identities: Vec<_> = table
+                .iter()
+                .map(|b| backend6_identity(&self.backends6[b]))
+                .collect();
+            let built = maglev::build(&identities, TABLE_SIZE).unwrap();
+            let entries: Vec<u32> = built.entries().iter().map(|&i| table[i as usize]).collect();
+            self.table(id, &entries, table.len() as u32);
+        }
+        let rev = RevNat6 {
+            addr: frontend.addr,
+            port: frontend.port,
+            _pad: 0,
+        };
+        self.maps.put_rev_nat6(id, &rev).unwrap();
+        let svc = Service {
+            id,
+            backend_count: table.len() as u32,
+            flags,
+            affinity_timeout_secs: affinity,
+        };
+        let (index, bit) = prefilter::position(prefilter::bucket6(
+            frontend.addr,
+            frontend.port,
+            frontend.proto,
+        ));
+        let word = self.maps.prefilter.get(&index, 0).unwrap();
+        self.maps.put_prefilter_word(index, word | bit).unwrap();
+        self.maps.put_service6(&frontend, &svc).unwrap();
+    }
+
+    /// [`Bed::service`] for an IPv6 frontend.
+    pub fn service6(
+        &mut self,
+        id: u32,
+        frontend: Frontend6,
+        backends: &[Backend6],
+        flags: u32,
+    ) -> Vec<u32> {
+        let ids: Vec<u32> = backends.iter().map(|b| self.backend6(*b)).collect();
+        self.program6(id, frontend, &ids, flags, 0);
+        ids
+    }
+
+    /// Allows IPv6 `range` as a source of service `id`.
+    pub fn source_range6(&mut self, id: u32, range: Ipv6Cidr) {
+        self.maps.put_source_range6(id, range).unwrap();
+    }
+
+    /// [`Bed::maglev_pick`] of an IPv6 flow.
+    pub fn maglev_pick6(
+        &self,
+        id: u32,
+        src: [u8; 16],
+        sport: u16,
+        dst: [u8; 16],
+        dport: u16,
+        proto: u8,
+    ) -> u32 {
+        let table = &self.tables[&id];
+        let hash = flow_hash6(addr6(src), addr6(dst), sport.to_be(), dport.to_be(), proto);
+        table[(hash % table.len() as u32) as usize]
+    }
+
+    /// The address of IPv6 backend `id`.
+    pub fn addr6(&self, id: u32) -> [u8; 16] {
+        self.backends6[&id].octets()
+    }
+
+    /// The IPv6 conntrack entry of `key`, read from the pinned map.
+    pub fn conntrack6(&self, key: &Ct6Key) -> Option<Ct6Entry> {
+        let data = MapData::from_pin(self.pin.join(map_names::CONNTRACK6)).unwrap();
+        let map: HashMap<_, Ct6Key, Ct6Entry> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+        map.get(key, 0).ok()
+    }
+
+    /// The pinned IPv6 affinity map.
+    pub fn affinity6(&self) -> HashMap<MapData, Affinity6Key, AffinityEntry> {
+        let data = MapData::from_pin(self.pin.join(map_names::AFFINITY6)).unwrap();
+        HashMap::try_from(Map::LruHashMap(data)).unwrap()
+    }
+
     fn xdp_program(&mut self) -> &Xdp {
         self.dp
             .ebpf_mut()
@@ -330,36 +439,79 @@ pub fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> 
     }
 }
 
+/// The forward conntrack key of an IPv6 flow given in host order.
+pub fn ct6_key(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, proto: u8) -> Ct6Key {
+    Ct6Key {
+        saddr: addr6(src),
+        daddr: addr6(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        dir: lb_common::CT_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// A TCP SYN over IPv6, as etherparse writes it.
+pub fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
+    syn_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
+}
+
+/// An established-connection TCP segment (ACK, PSH) over IPv6.
+pub fn tcp6_ack(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
+    ack_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
+}
+
+/// A UDP datagram over IPv6, with its checksum.
+pub fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, payload: &[u8]) -> Vec<u8> {
+    udp_over(ethernet().ipv6(src, dst, 64), sport, dport, payload)
+}
+
+/// [`rewritten`] of an IPv6 packet: the transport checksum recomputed from scratch by
+/// etherparse over the new pseudo-header.
+pub fn rewritten6(
+    packet: &[u8],
+    dst: Option<([u8; 16], u16)>,
+    src: Option<([u8; 16], u16)>,
+) -> Vec<u8> {
+    let parsed = etherparse::PacketHeaders::from_ethernet_slice(packet).unwrap();
+    let Some(etherparse::NetHeaders::Ipv6(mut ip, _)) = parsed.net else {
+        panic!("not IPv6")
+    };
+    let payload = parsed.payload.slice();
+    if let Some((addr, _)) = dst {
+        ip.destination = addr;
+    }
+    if let Some((addr, _)) = src {
+        ip.source = addr;
+    }
+    let mut out = Vec::new();
+    parsed.link.unwrap().write(&mut out).unwrap();
+    ip.write(&mut out).unwrap();
+    let ports = (dst.map(|(_, port)| port), src.map(|(_, port)| port));
+    write_transport(
+        &mut out,
+        parsed.transport.unwrap(),
+        ports,
+        |tcp| tcp.calc_checksum_ipv6(&ip, payload).unwrap(),
+        |udp| Some(udp.calc_checksum_ipv6(&ip, payload).unwrap()),
+    );
+    out.extend_from_slice(payload);
+    out
+}
+
 /// A TCP SYN from `src:sport` to `dst:dport`, with a payload, as etherparse writes it.
 pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    syn_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 /// An established-connection TCP segment (ACK, PSH) from `src:sport` to `dst:dport`.
 pub fn tcp_ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1001, 64240)
-        .ack(5000)
-        .psh();
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    ack_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    let mut out = Vec::new();
-    builder.write(&mut out, payload).unwrap();
-    out
+    udp_over(ethernet().ipv4(src, dst, 64), sport, dport, payload)
 }
 
 /// The packet with its IPv4 destination and TCP/UDP destination port replaced, every checksum
@@ -384,33 +536,72 @@ pub fn rewritten(
     let mut out = Vec::new();
     parsed.link.unwrap().write(&mut out).unwrap();
     ip.write(&mut out).unwrap();
-    match parsed.transport.unwrap() {
+    let ports = (dst.map(|(_, port)| port), src.map(|(_, port)| port));
+    write_transport(
+        &mut out,
+        parsed.transport.unwrap(),
+        ports,
+        |tcp| tcp.calc_checksum_ipv4(&ip, payload).unwrap(),
+        // A UDP checksum of 0 ("none") stays 0.
+        |udp| (udp.checksum != 0).then(|| udp.calc_checksum_ipv4(&ip, payload).unwrap()),
+    );
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Writes `transport` with its ports replaced (destination, source: `None` keeps one) and
+/// its checksum recomputed, over the ports written, by `tcp_sum` or `udp_sum` (`None`: a UDP
+/// checksum kept as it is).
+fn write_transport(
+    out: &mut Vec<u8>,
+    transport: etherparse::TransportHeader,
+    (dst, src): (Option<u16>, Option<u16>),
+    tcp_sum: impl Fn(&etherparse::TcpHeader) -> u16,
+    udp_sum: impl Fn(&etherparse::UdpHeader) -> Option<u16>,
+) {
+    match transport {
         etherparse::TransportHeader::Tcp(mut tcp) => {
-            if let Some((_, port)) = dst {
-                tcp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                tcp.source_port = port;
-            }
-            tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
-            tcp.write(&mut out).unwrap();
+            tcp.destination_port = dst.unwrap_or(tcp.destination_port);
+            tcp.source_port = src.unwrap_or(tcp.source_port);
+            tcp.checksum = tcp_sum(&tcp);
+            tcp.write(out).unwrap();
         }
         etherparse::TransportHeader::Udp(mut udp) => {
-            let zero = udp.checksum == 0;
-            if let Some((_, port)) = dst {
-                udp.destination_port = port;
-            }
-            if let Some((_, port)) = src {
-                udp.source_port = port;
-            }
-            if !zero {
-                udp.checksum = udp.calc_checksum_ipv4(&ip, payload).unwrap();
-            }
-            udp.write(&mut out).unwrap();
+            udp.destination_port = dst.unwrap_or(udp.destination_port);
+            udp.source_port = src.unwrap_or(udp.source_port);
+            udp.checksum = udp_sum(&udp).unwrap_or(udp.checksum);
+            udp.write(out).unwrap();
         }
         other => panic!("unexpected transport {other:?}"),
     }
-    out.extend_from_slice(payload);
+}
+
+/// The client's frames to the node.
+fn ethernet() -> PacketBuilderStep<Ethernet2Header> {
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+}
+
+/// A TCP SYN over the IP header of `ip`.
+fn syn_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.tcp(sport, dport, 1000, 64240).syn();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// An established-connection TCP segment (ACK, PSH) over the IP header of `ip`.
+fn ack_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.tcp(sport, dport, 1001, 64240).ack(5000).psh();
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// A UDP datagram, with its checksum, over the IP header of `ip`.
+fn udp_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = ip.udp(sport, dport);
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
     out
 }
 

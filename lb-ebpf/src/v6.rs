@@ -1,0 +1,476 @@
+//! The IPv6 datapath, north-south: `lb_xdp_ingress6`, which `lb_xdp_ingress` tail-calls for
+//! the IPv6 frames of the external interface (through `LB_PROGS_V1`, slot
+//! `lb_common::prog_slot::XDP_INGRESS6`), and the reverse translation of IPv6 replies in
+//! `lb_tc_egress` ([`try_egress6`]).
+//!
+//! The rules are IPv4's (main.rs), with the IPv6 maps (`lb_common::v6`): conntrack first,
+//! vouched by the backend generation; a new flow gets its client's fresh affinity entry, else
+//! the Maglev table entry of its flow hash. The IPv4 path is written on its own, not made
+//! generic over the family: what is shared is the selection (generic over the backend type).
+//!
+//! Only a fixed header followed directly by TCP or UDP is translated. An extension header
+//! (a fragment header included) is passed untouched and counted; so is a UDP datagram with
+//! checksum 0, which IPv6 forbids. There is no IPv6 source NAT: a new flow to a remote
+//! backend is dropped and counted rather than sent on untranslated.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
+    macros::xdp,
+    maps::lpm_trie::Key as LpmKey,
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    Addr6, Affinity6Key, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
+    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, PROTO_TCP, PROTO_UDP,
+    RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange6, addr6, csum,
+    event, flow_hash6, prefilter, prog_slot, reason, table_event,
+};
+use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{
+    Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V1,
+    LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF, TCP_FIN,
+    TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation, backend_of, count,
+    count_packet, ct_now, ct_write_in, note, ptr_at, reselect_because, select_with_affinity, vouch,
+};
+
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_LEN: usize = Ipv6Hdr::LEN;
+const L4_OFF6: usize = ETH_LEN + IPV6_LEN;
+/// Offset of the source address in the IPv6 header.
+const IPV6_SADDR_OFF: usize = ETH_LEN + 8;
+
+/// Called by `lb_xdp_ingress` for a frame that is not IPv4: an IPv6 frame goes on to
+/// `lb_xdp_ingress6` (the tail call does not return); anything else, or an IPv6 frame
+/// while that program's slot is empty, is passed and counted.
+#[inline(always)]
+pub(crate) fn dispatch(ctx: &XdpContext) -> u32 {
+    let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
+        .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
+    if !ipv6 {
+        count(reason::NOT_IP);
+        return xdp_action::XDP_PASS;
+    }
+    unsafe { LB_PROGS_V1.tail_call(ctx, prog_slot::XDP_INGRESS6) };
+    count(reason::IPV6_PROGRAM_MISSING);
+    xdp_action::XDP_PASS
+}
+
+/// An IPv6 header that is whole, is followed directly by a TCP or UDP header that is
+/// present, and whose payload length is consistent with the received bytes.
+struct Ipv6Packet {
+    ip: *mut Ipv6Hdr,
+    proto: u8,
+    l4: L4,
+}
+
+/// Whether `next` (an IPv6 next header value) is an extension header (IANA's "IPv6
+/// Extension Header Types": hop-by-hop, routing, fragment, ESP, AH, destination options,
+/// mobility, HIP, shim6, and the two experimental values).
+#[inline(always)]
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+#[inline(always)]
+fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV6))?;
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 {
+        return Err(Verdict::Pass(reason::BAD_IPV6_HEADER));
+    }
+    let proto = unsafe { (*ip).next_hdr };
+    let l4_len = match proto {
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        next if is_extension(next) => return Err(Verdict::Pass(reason::IPV6_EXTENSION)),
+        _ => return Err(Verdict::Pass(reason::NOT_TCP_UDP)),
+    };
+    let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
+    if payload_len > ctx.len() - ETH_LEN - IPV6_LEN {
+        return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
+    }
+    let l4 = parse_l4(ctx, proto)?;
+    if payload_len < l4_len {
+        // A jumbogram's 0 included: it would need a hop-by-hop header anyway.
+        return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
+    }
+    if proto == PROTO_UDP && unsafe { *l4.check_at } == 0 {
+        return Err(Verdict::Pass(reason::IPV6_UDP_ZERO_CHECKSUM));
+    }
+    Ok(Ipv6Packet { ip, proto, l4 })
+}
+
+/// The TCP (`proto` [`PROTO_TCP`]) or else UDP header after the IPv6 header, if the packet
+/// holds it. The same as IPv4's, which `parse_ipv4` keeps inline on purpose: shared, it made
+/// LLVM pack the packet pointers so that the verifier rejected `lb_tc_pod_ingress`.
+#[inline(always)]
+fn parse_l4<C: Frame>(ctx: &C, proto: u8) -> Result<L4, Verdict> {
+    let short = Verdict::Pass(reason::SHORT_L4);
+    Ok(if proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF6).ok_or(short)?;
+        let flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFF) };
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*tcp).source),
+                dport: u16::from_ne_bytes((*tcp).dest),
+                dport_at: core::ptr::addr_of_mut!((*tcp).dest).cast(),
+                check_at: core::ptr::addr_of_mut!((*tcp).check).cast(),
+                closing: flags & (TCP_FIN | TCP_RST) != 0,
+                syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+            }
+        }
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF6).ok_or(short)?;
+        unsafe {
+            L4 {
+                sport: u16::from_ne_bytes((*udp).src),
+                dport: u16::from_ne_bytes((*udp).dst),
+                dport_at: core::ptr::addr_of_mut!((*udp).dst).cast(),
+                check_at: core::ptr::addr_of_mut!((*udp).check).cast(),
+                closing: false,
+                syn: false,
+            }
+        }
+    })
+}
+
+/// The address at `at` in the packet (any alignment).
+#[inline(always)]
+fn read_addr(at: *const [u8; 16]) -> Addr6 {
+    unsafe { core::ptr::read_unaligned(at.cast::<Addr6>()) }
+}
+
+/// Where a packet of an IPv6 flow goes, and whose counters it adds to.
+#[derive(Clone, Copy)]
+struct Flow6 {
+    service_id: u32,
+    backend_id: u32,
+    /// The backend's address and port, network byte order.
+    addr: Addr6,
+    port: u16,
+    /// The flow's entries were written by this packet.
+    new: bool,
+}
+
+impl Flow6 {
+    #[inline(always)]
+    fn of(svc: &Service, chosen: &Chosen<Backend6>, new: bool) -> Self {
+        Flow6 {
+            service_id: svc.id,
+            backend_id: chosen.id,
+            addr: chosen.backend.addr,
+            port: chosen.backend.port,
+            new,
+        }
+    }
+}
+
+/// Writes an IPv6 conntrack entry, counting it when the key is new.
+#[inline(always)]
+fn ct_write6(key: &Ct6Key, entry: &Ct6Entry, exists: bool) -> bool {
+    ct_write_in(&LB_CT6_V1, key, entry, exists)
+}
+
+/// The flow from its forward entry alone, when the entry vouches for its backend (as
+/// `established` for IPv4).
+#[inline(always)]
+fn established6(entry: *mut Ct6Entry, l4: &L4) -> Option<Flow6> {
+    let entry = unsafe { &mut *entry };
+    // No IPv6 entry is written for a remote backend; one that says so is not vouched for.
+    if entry.nat_addr == [0; 4]
+        || entry.backend_gen != backend_generation()
+        || entry.flags & CT_F_REMOTE != 0
+    {
+        return None;
+    }
+    if l4.closing && entry.flags & CT_F_CLOSING == 0 {
+        entry.flags |= CT_F_CLOSING;
+    }
+    let now = ct_now();
+    if now.wrapping_sub(entry.last_seen_ns) >= CT_LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
+    }
+    Some(Flow6 {
+        service_id: entry.service_id,
+        backend_id: entry.backend_id,
+        addr: entry.nat_addr,
+        port: entry.nat_port,
+        new: false,
+    })
+}
+
+/// The backend of a new IPv6 flow: the source ranges, then the client's affinity, then the
+/// Maglev table (as `select_backend`).
+#[inline(always)]
+fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Backend6>, Verdict> {
+    if svc.backend_count == 0 {
+        return Err(Verdict::Drop(reason::NO_BACKEND));
+    }
+    if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        let source = LpmKey::new(
+            SOURCE_RANGE_ID_BITS + 128,
+            SourceRange6 {
+                service_id: svc.id,
+                addr: key.saddr,
+            },
+        );
+        if LB_SRCRANGE6_V1.get(&source).is_none() {
+            return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
+        }
+    }
+    let client = Affinity6Key {
+        service_id: svc.id,
+        client: key.saddr,
+    };
+    let affinity = (&LB_AFFINITY6_V1, table_event::AFFINITY_INSERTS);
+    select_with_affinity(svc, affinity, &client, || {
+        flow_hash6(key.saddr, key.daddr, key.sport, key.dport, key.proto)
+    })
+}
+
+/// A backend on another node cannot be served: there is no IPv6 source NAT.
+#[inline(always)]
+fn local(chosen: Chosen<Backend6>) -> Result<Chosen<Backend6>, Verdict> {
+    if chosen.backend.flags & BACKEND_F_REMOTE != 0 {
+        return Err(Verdict::Drop(reason::REMOTE_IPV6_UNSUPPORTED));
+    }
+    Ok(chosen)
+}
+
+/// The backend of this IPv6 flow when its entry (`found`, if any) does not vouch for it
+/// (as `flow_backend`): the entry's backend if the rules keep it, else a new selection,
+/// recorded in both directions.
+#[inline(always)]
+fn flow_backend6(
+    svc: &Service,
+    key: &Ct6Key,
+    l4: &L4,
+    found: Option<*mut Ct6Entry>,
+) -> Result<Flow6, Verdict> {
+    let now = ct_now();
+    // Read before the backend, so that a change after the read is seen by the next packet.
+    let generation = backend_generation();
+    let vouched = |b: &Backend6| vouch(b.state, generation);
+    let reply_key = |b: &Backend6| Ct6Key {
+        saddr: b.addr,
+        daddr: key.saddr,
+        sport: b.port,
+        dport: key.sport,
+        proto: key.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let mut previous = None;
+    if let Some(entry) = found {
+        let entry = unsafe { &mut *entry };
+        previous = backend_of::<Backend6>(entry.backend_id);
+        if entry.service_id == svc.id {
+            match reselect_because(previous.as_ref(), key.proto, l4.syn) {
+                None => {
+                    if let Some(chosen) = previous {
+                        let chosen = local(chosen)?;
+                        entry.last_seen_ns = now;
+                        if l4.closing {
+                            entry.flags |= CT_F_CLOSING;
+                        }
+                        entry.backend_gen = vouched(&chosen.backend);
+                        entry.nat_addr = chosen.backend.addr;
+                        entry.nat_port = chosen.backend.port;
+                        if l4.syn {
+                            // A new connection on a known tuple: its replies need their
+                            // entry again (it may have been evicted or removed since).
+                            let reply = Ct6Entry {
+                                flags: 0,
+                                backend_gen: 0,
+                                nat_addr: key.daddr,
+                                nat_port: key.dport,
+                                ..*entry
+                            };
+                            ct_write6(&reply_key(&chosen.backend), &reply, false);
+                        }
+                        return Ok(Flow6::of(svc, &chosen, false));
+                    }
+                }
+                Some(why) => note(why),
+            }
+        }
+    }
+    let chosen = local(select_backend6(svc, key)?)?;
+    let forward = Ct6Entry {
+        backend_id: chosen.id,
+        service_id: svc.id,
+        last_seen_ns: now,
+        flags: if l4.closing { CT_F_CLOSING } else { 0 },
+        backend_gen: vouched(&chosen.backend),
+        nat_addr: chosen.backend.addr,
+        nat_port: chosen.backend.port,
+        _pad: [0; 3],
+    };
+    let reply = Ct6Entry {
+        flags: 0,
+        backend_gen: 0,
+        nat_addr: key.daddr,
+        nat_port: key.dport,
+        ..forward
+    };
+    // The reply entry first: a reply can only follow the forward packet.
+    let written = ct_write6(&reply_key(&chosen.backend), &reply, false)
+        && ct_write6(key, &forward, found.is_some());
+    if !written {
+        count(reason::CT_INSERT_FAILED);
+    }
+    // The flow's old reply entry would translate what the old backend still sends.
+    if let Some(old) = previous
+        && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
+        && LB_CT6_V1.remove(&reply_key(&old.backend)).is_ok()
+    {
+        note(event::CT_DELETES);
+    }
+    Ok(Flow6::of(svc, &chosen, written))
+}
+
+#[inline(always)]
+fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let pkt = parse_ipv6(ctx)?;
+    let ip = pkt.ip;
+    let daddr = read_addr(unsafe { core::ptr::addr_of!((*ip).dst_addr) });
+    let key = Ct6Key {
+        saddr: read_addr(unsafe { core::ptr::addr_of!((*ip).src_addr) }),
+        daddr,
+        sport: pkt.l4.sport,
+        dport: pkt.l4.dport,
+        proto: pkt.proto,
+        dir: CT_FORWARD,
+        _pad: [0; 2],
+    };
+    // The pre-filter bitmap is shared with IPv4 (`prefilter::bucket6`).
+    let (word, bit) = prefilter::position(prefilter::bucket6(daddr, pkt.l4.dport, pkt.proto));
+    if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Verdict::Pass(reason::NOT_FRONTEND));
+    }
+    let found = LB_CT6_V1.get_ptr_mut(&key);
+    let flow = match found.and_then(|entry| established6(entry, &pkt.l4)) {
+        Some(flow) => flow,
+        None => {
+            let frontend = Frontend6 {
+                addr: daddr,
+                port: pkt.l4.dport,
+                proto: pkt.proto,
+                _pad: 0,
+            };
+            let svc =
+                *unsafe { LB_SVC6_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+            flow_backend6(&svc, &key, &pkt.l4, found)?
+        }
+    };
+
+    // Rewrite destination address and port; the transport checksum covers the address
+    // (pseudo-header). IPv6 has no header checksum.
+    unsafe {
+        core::ptr::write_unaligned(
+            core::ptr::addr_of_mut!((*ip).dst_addr).cast::<Addr6>(),
+            flow.addr,
+        );
+    }
+    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
+    unsafe {
+        *dport = flow.port;
+        let new = csum::replace16_2(*check, daddr, flow.addr, pkt.l4.dport, flow.port);
+        // A UDP checksum that comes out as 0 is sent as all ones (RFC 8200 8.1).
+        *check = if pkt.proto == PROTO_UDP && new == 0 {
+            0xffff
+        } else {
+            new
+        };
+    }
+    count_packet(
+        flow.service_id,
+        flow.backend_id,
+        (ctx.data_end() - ctx.data()) as u64,
+        flow.new,
+    );
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// XDP for the IPv6 frames of the external interface, tail-called by `lb_xdp_ingress`:
+/// translates packets addressed to an IPv6 frontend.
+#[xdp]
+pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
+    match try_ingress6(&ctx) {
+        Ok(action) => action,
+        Err(Verdict::Pass(reason)) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+        Err(Verdict::Drop(reason)) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// TC egress of an IPv6 frame (`try_egress` calls it): a reply of a translated flow leaves
+/// as if it came from the frontend, by the flow's conntrack reply entry.
+#[inline(always)]
+pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
+    let ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(NOT_OURS);
+    }
+    // Only the shapes that ingress translates can be replies of a translated flow.
+    let check_off = match ip.next_hdr {
+        PROTO_TCP => L4_OFF6 + TCP_CHECK_OFF,
+        PROTO_UDP => L4_OFF6 + UDP_CHECK_OFF,
+        _ => return Err(NOT_OURS),
+    };
+    let ports: [u16; 2] = ctx.load(L4_OFF6).map_err(|_| NOT_OURS)?;
+    let saddr = addr6(ip.src_addr);
+    let key = Ct6Key {
+        saddr,
+        daddr: addr6(ip.dst_addr),
+        sport: ports[0],
+        dport: ports[1],
+        proto: ip.next_hdr,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let entry = unsafe { LB_CT6_V1.get(&key) }.ok_or(NOT_OURS)?;
+    let frontend = if entry.nat_addr != [0; 4] {
+        RevNat6 {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+            _pad: 0,
+        }
+    } else {
+        *unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
+            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
+    };
+
+    // The skb helpers keep the checksum right whatever the skb's checksum state is: the
+    // address is in the pseudo-header, one 32-bit word at a time.
+    let mangled = if ip.next_hdr == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    const FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
+    for (old, new) in saddr.iter().zip(frontend.addr.iter()) {
+        ctx.l4_csum_replace(check_off, *old as u64, *new as u64, pseudo | 4)
+            .map_err(|_| FAILED)?;
+    }
+    ctx.l4_csum_replace(
+        check_off,
+        ports[0] as u64,
+        frontend.port as u64,
+        mangled | 2,
+    )
+    .map_err(|_| FAILED)?;
+    ctx.store(IPV6_SADDR_OFF, &frontend.addr, 0)
+        .map_err(|_| FAILED)?;
+    ctx.store(L4_OFF6, &frontend.port, 0).map_err(|_| FAILED)?;
+    Ok(())
+}
