@@ -6,7 +6,7 @@
 //! root), never on the root: other tests use the same ClusterIPs at the same time. The
 //! clients that must be hooked are processes (`lb-probe`) started in that cgroup.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -94,6 +94,32 @@ fn wait_for_links(agent: &Agent, what: &str, check: impl Fn(&[String]) -> bool) 
     }
 }
 
+/// The socket hooks of both families: connect, sendmsg, recvmsg and getpeername.
+fn has_every_sock_link(names: &[String]) -> bool {
+    let hooks = ["connect", "sendmsg", "recvmsg", "getpeername"];
+    let want: Vec<String> = hooks
+        .iter()
+        .flat_map(|h| [format!("sock_{h}4@"), format!("sock_{h}6@")])
+        .collect();
+    names.iter().filter(|n| n.starts_with("sock_")).count() == want.len()
+        && want.iter().all(|w| names.iter().any(|n| n.starts_with(w)))
+}
+
+/// The `new_flows` and `packets` counters `lb services` shows for `frontend`.
+fn flows_and_packets(agent: &Agent, frontend: &str) -> (serde_json::Value, serde_json::Value) {
+    let out = Command::new(lb_bin())
+        .args(["services", "--output", "json", "--pin-path"])
+        .arg(agent.pin_path())
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["frontend"] == frontend)
+        .unwrap_or_else(|| panic!("{frontend} not in {rows:?}"));
+    (row["new_flows"].clone(), row["packets"].clone())
+}
+
 fn has_pod_link(names: &[String], interface: &str) -> bool {
     let prefix = format!("pod_ingress@{interface}#");
     names.iter().any(|n| n.starts_with(&prefix))
@@ -116,9 +142,7 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     let cgroup = Cgroup::new().unwrap();
     let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
     agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
-    wait_for_links(&agent, "the four socket hooks", |names| {
-        names.iter().filter(|n| n.starts_with("sock_")).count() == 4
-    });
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
 
     let frontend = SocketAddr::from((HTTP_CLUSTER_IP, HTTP_SERVICE_PORT));
     let pods = topology.pod_names();
@@ -147,20 +171,160 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     assert!(outside.is_err(), "{outside:?}");
 
     // The socket path counts its flows (one per socket), and translates no packets.
-    let out = Command::new(lb_bin())
-        .args(["services", "--output", "json", "--pin-path"])
-        .arg(agent.pin_path())
-        .output()
-        .unwrap();
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let row = rows
-        .iter()
-        .find(|r| r["frontend"] == "10.96.0.10:8080/TCP")
-        .unwrap();
     assert_eq!(
-        (&row["new_flows"], &row["packets"]),
-        (&40.into(), &0.into())
+        flows_and_packets(&agent, "10.96.0.10:8080/TCP"),
+        (40.into(), 0.into())
     );
+}
+
+/// The IPv6 ClusterIPs of `tests/fixtures/dual-stack` (HTTP, UDP echo), and one of a
+/// Service without endpoints the tests add.
+const HTTP_CLUSTER_IP6: &str = "fd00:96::20";
+const UDP_CLUSTER_IP6: &str = "fd00:96::21";
+const EMPTY_CLUSTER_IP6: &str = "fd00:96::30";
+
+/// The dual-stack fixture, and an IPv6 ClusterIP Service without endpoints.
+fn dual_stack_folder() -> Folder {
+    let folder = Folder::new().unwrap();
+    let fixture =
+        lb_tests::agent::workspace_dir().join("tests/fixtures/dual-stack/dual-stack.yaml");
+    folder
+        .write(
+            "dual-stack.yaml",
+            &std::fs::read_to_string(fixture).unwrap(),
+        )
+        .unwrap();
+    let empty = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: empty-v6}}\nspec:\n  \
+         ipFamilies: [IPv6]\n  clusterIPs: ['{EMPTY_CLUSTER_IP6}']\n  ports:\n  \
+         - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: empty-v6\n  labels: {{kubernetes.io/service-name: empty-v6}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints: []\n"
+    );
+    folder.write("empty-v6.yaml", &empty).unwrap();
+    folder
+}
+
+fn v6(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((addr.parse::<Ipv6Addr>().unwrap(), port))
+}
+
+#[test]
+fn pods_and_host_processes_reach_an_ipv6_cluster_ip_through_the_socket_hooks() {
+    let topology = Topology::new(2).unwrap();
+    let _servers = topology.add_ipv6().unwrap();
+    let folder = dual_stack_folder();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = start_with_hooks(&topology, &cgroup, folder.path());
+    let http = format!("[{HTTP_CLUSTER_IP6}]:{HTTP_SERVICE_PORT}/TCP");
+    agent.wait_for(&[&http], 2).unwrap();
+    agent
+        .wait_for(&[&format!("[{EMPTY_CLUSTER_IP6}]:80/TCP")], 0)
+        .unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+
+    let frontend = v6(HTTP_CLUSTER_IP6, HTTP_SERVICE_PORT);
+    let pods = topology.pod_names();
+    // A pod, and a host-network process: connect6 hands the socket a backend, getpeername6
+    // shows the frontend.
+    for ns in [&topology.pods[0].ns, &topology.node] {
+        let answers = probe(&cgroup, ns, "tcp", frontend, 20);
+        assert_eq!(answers.len(), 20);
+        for answer in &answers {
+            assert_eq!(answer.peer, frontend, "{answers:?}");
+            assert!(pods.contains(&answer.body), "{answers:?}");
+        }
+        for pod in &pods {
+            assert!(
+                answers.iter().any(|a| &a.body == pod),
+                "{pod} never answered from {}: {answers:?}",
+                ns.name()
+            );
+        }
+    }
+    // Outside the cgroup nothing translates (the agent has no pod interfaces).
+    let outside = http_get(&topology.pods[0].ns, frontend.ip(), HTTP_SERVICE_PORT);
+    assert!(outside.is_err(), "{outside:?}");
+    // One flow per socket, no packets translated; the IPv4 frontend of the same Service
+    // saw none of it.
+    assert_eq!(flows_and_packets(&agent, &http), (40.into(), 0.into()));
+    assert_eq!(
+        flows_and_packets(&agent, "10.96.0.20:8080/TCP"),
+        (0.into(), 0.into())
+    );
+
+    // No endpoints: connect() fails at once with ECONNREFUSED.
+    let target = v6(EMPTY_CLUSTER_IP6, 80);
+    let started = Instant::now();
+    let error = probe_result(&cgroup, &topology.pods[0].ns, "tcp", target, 1).unwrap_err();
+    assert!(error.contains("Connection refused"), "{error}");
+    assert!(started.elapsed() < lb_tests::client::TIMEOUT, "{error}");
+}
+
+#[test]
+fn udp_replies_read_as_coming_from_the_ipv6_cluster_ip() {
+    let topology = Topology::new(2).unwrap();
+    let _servers = topology.add_ipv6().unwrap();
+    let folder = dual_stack_folder();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = start_with_hooks(&topology, &cgroup, folder.path());
+    agent
+        .wait_for(&[&format!("[{UDP_CLUSTER_IP6}]:{UDP_PORT}/UDP")], 2)
+        .unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+
+    // sendmsg6 hands each datagram a backend, recvmsg6 shows the frontend as the source.
+    let frontend = v6(UDP_CLUSTER_IP6, UDP_PORT);
+    let answers = probe(&cgroup, &topology.pods[1].ns, "udp", frontend, 20);
+    assert_eq!(answers.len(), 20);
+    let mut served = std::collections::BTreeSet::new();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.peer, frontend, "{answers:?}");
+        let (pod, payload) = answer.body.split_once(':').expect("<pod>:<payload>");
+        assert_eq!(payload, format!("probe-{i}"));
+        served.insert(pod.to_owned());
+    }
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        topology.pod_names(),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn ipv6_sockets_reach_an_ipv4_cluster_ip_by_its_ipv4_mapped_address() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
+    agent
+        .wait_for(&["10.96.0.10:8080/TCP", "10.96.0.12:5353/UDP"], 2)
+        .unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let mapped = |ip: Ipv4Addr, port| SocketAddr::from((ip.to_ipv6_mapped(), port));
+    let pods = topology.pod_names();
+
+    // TCP: connect6 translates through the IPv4 maps, getpeername6 shows the mapped
+    // frontend.
+    let frontend = mapped(HTTP_CLUSTER_IP, HTTP_SERVICE_PORT);
+    let answers = probe(&cgroup, &topology.pods[0].ns, "tcp", frontend, 20);
+    for pod in &pods {
+        assert!(answers.iter().any(|a| &a.body == pod), "{answers:?}");
+    }
+    assert!(answers.iter().all(|a| a.peer == frontend), "{answers:?}");
+    // UDP: the kernel sends the datagram on the IPv4 path (sendmsg4), recvmsg6 shows the
+    // mapped frontend as the reply's source.
+    let frontend = mapped(UDP_CLUSTER_IP, UDP_PORT);
+    let answers = probe(&cgroup, &topology.pods[1].ns, "udp", frontend, 20);
+    assert!(answers.iter().all(|a| a.peer == frontend), "{answers:?}");
+    for pod in &pods {
+        assert!(
+            answers
+                .iter()
+                .any(|a| a.body.starts_with(&format!("{pod}:"))),
+            "{answers:?}"
+        );
+    }
 }
 
 #[test]
