@@ -446,3 +446,112 @@ fn pod_interfaces_translate_what_the_socket_hooks_do_not_see() {
     let tally = http_tally(client, HTTP_CLUSTER_IP, HTTP_SERVICE_PORT, 4).unwrap();
     assert_eq!(tally.values().sum::<usize>(), 4);
 }
+
+/// The socket-hook programs the agent's last start logged as attached, with how (`Replaced`
+/// or `Created`), once it has logged all `n`.
+fn attached_hooks(agent: &Agent, n: usize) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        agent.ensure_running().unwrap();
+        let log = agent.log();
+        let last = log.rsplit("--- exited").next().unwrap_or_default();
+        let mut found: Vec<(String, String)> = last
+            .lines()
+            .filter(|l| l.contains("attached") && l.contains("program=\"lb_sock_"))
+            .filter_map(|l| {
+                let field = |name: &str| {
+                    let rest = l.split(&format!("{name}=")).nth(1)?;
+                    Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
+                };
+                Some((field("program")?, field("outcome")?))
+            })
+            .collect();
+        found.sort();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} socket hooks to be attached:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every socket hook of `families` (`4`, `6`) with `outcome`.
+fn hooks(families: &[char], outcome: &str) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = ["connect", "sendmsg", "recvmsg", "getpeername"]
+        .iter()
+        .flat_map(|h| families.iter().map(move |f| format!("lb_sock_{h}{f}")))
+        .map(|p| (p, outcome.to_owned()))
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn restarts_replace_the_socket_hooks_and_an_ipv4_only_set_gets_the_ipv6_ones() {
+    let topology = Topology::new(2).unwrap();
+    let _servers = topology.add_ipv6().unwrap();
+    let folder = dual_stack_folder();
+    let cgroup = Cgroup::new().unwrap();
+    let mut agent = start_with_hooks(&topology, &cgroup, folder.path());
+    agent
+        .wait_for(
+            &[&format!("[{HTTP_CLUSTER_IP6}]:{HTTP_SERVICE_PORT}/TCP")],
+            2,
+        )
+        .unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let v6_frontend = v6(HTTP_CLUSTER_IP6, HTTP_SERVICE_PORT);
+    let v4_frontend = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), HTTP_SERVICE_PORT));
+    let reachable = |agent: &Agent| {
+        for frontend in [v4_frontend, v6_frontend] {
+            let answers = probe_result(&cgroup, &topology.pods[0].ns, "tcp", frontend, 4)
+                .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+            assert!(answers.iter().all(|a| a.peer == frontend), "{answers:?}");
+        }
+    };
+    reachable(&agent);
+
+    // What an agent with only the IPv4 hooks leaves pinned: the IPv4 links. The next agent
+    // replaces their programs and creates the IPv6 ones.
+    agent.kill().unwrap();
+    let links = agent.pin_path().join("links");
+    for entry in std::fs::read_dir(&links).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("sock_") && name.contains("6@") {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    agent.restart(&topology.node, &lb_bin(), &[]).unwrap();
+    let mut expected = hooks(&['4'], "Replaced");
+    expected.extend(hooks(&['6'], "Created"));
+    expected.sort();
+    assert_eq!(attached_hooks(&agent, 8), expected);
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    reachable(&agent);
+
+    // A plain restart replaces all eight in place.
+    agent.kill().unwrap();
+    agent.restart(&topology.node, &lb_bin(), &[]).unwrap();
+    assert_eq!(attached_hooks(&agent, 8), hooks(&['4', '6'], "Replaced"));
+    reachable(&agent);
+
+    // `lb teardown` removes them all: the IPv6 ClusterIP is unreachable again.
+    agent.kill().unwrap();
+    let out = Command::new(lb_bin())
+        .arg("teardown")
+        .arg("--pin-path")
+        .arg(agent.pin_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!links.exists(), "{}", links.display());
+    let error = probe_result(&cgroup, &topology.pods[0].ns, "tcp", v6_frontend, 1).unwrap_err();
+    assert!(error.contains("connect"), "{error}");
+}
