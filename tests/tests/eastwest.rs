@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use lb_tests::backends::{HttpServer, UdpEchoServer};
 use lb_tests::manifests::Condition;
 use lb_tests::{
     Agent, Cgroup, ClusterIpService, Folder, NODE_IF, Netns, Topology, UDP_PORT, ensure_all_served,
@@ -206,30 +207,54 @@ fn dual_stack_folder() -> Folder {
     folder
 }
 
+/// The topology with IPv6 (`Topology::add_ipv6`) and an agent on [`dual_stack_folder`]
+/// hooking a cgroup of its own; dropped agent first, topology last.
+struct DualStack {
+    agent: Agent,
+    cgroup: Cgroup,
+    _folder: Folder,
+    _servers: Vec<(HttpServer, UdpEchoServer)>,
+    topology: Topology,
+}
+
+/// [`DualStack`], once the agent has programmed `frontend` with `backends` backends and
+/// attached the eight socket hooks.
+fn dual_stack_with_hooks(frontend: &str, backends: u32) -> DualStack {
+    let topology = Topology::new(2).unwrap();
+    let servers = topology.add_ipv6().unwrap();
+    let folder = dual_stack_folder();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = start_with_hooks(&topology, &cgroup, folder.path());
+    agent.wait_for(&[frontend], backends).unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    DualStack {
+        agent,
+        cgroup,
+        _folder: folder,
+        _servers: servers,
+        topology,
+    }
+}
+
 fn v6(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::from((addr.parse::<Ipv6Addr>().unwrap(), port))
 }
 
 #[test]
 fn pods_and_host_processes_reach_an_ipv6_cluster_ip_through_the_socket_hooks() {
-    let topology = Topology::new(2).unwrap();
-    let _servers = topology.add_ipv6().unwrap();
-    let folder = dual_stack_folder();
-    let cgroup = Cgroup::new().unwrap();
-    let agent = start_with_hooks(&topology, &cgroup, folder.path());
     let http = format!("[{HTTP_CLUSTER_IP6}]:{HTTP_SERVICE_PORT}/TCP");
-    agent.wait_for(&[&http], 2).unwrap();
+    let bed = dual_stack_with_hooks(&http, 2);
+    let (topology, cgroup, agent) = (&bed.topology, &bed.cgroup, &bed.agent);
     agent
         .wait_for(&[&format!("[{EMPTY_CLUSTER_IP6}]:80/TCP")], 0)
         .unwrap();
-    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
 
     let frontend = v6(HTTP_CLUSTER_IP6, HTTP_SERVICE_PORT);
     let pods = topology.pod_names();
     // A pod, and a host-network process: connect6 hands the socket a backend, getpeername6
     // shows the frontend.
     for ns in [&topology.pods[0].ns, &topology.node] {
-        let answers = probe(&cgroup, ns, "tcp", frontend, 20);
+        let answers = probe(cgroup, ns, "tcp", frontend, 20);
         assert_eq!(answers.len(), 20);
         for answer in &answers {
             assert_eq!(answer.peer, frontend, "{answers:?}");
@@ -248,35 +273,28 @@ fn pods_and_host_processes_reach_an_ipv6_cluster_ip_through_the_socket_hooks() {
     assert!(outside.is_err(), "{outside:?}");
     // One flow per socket, no packets translated; the IPv4 frontend of the same Service
     // saw none of it.
-    assert_eq!(flows_and_packets(&agent, &http), (40.into(), 0.into()));
+    assert_eq!(flows_and_packets(agent, &http), (40.into(), 0.into()));
     assert_eq!(
-        flows_and_packets(&agent, "10.96.0.20:8080/TCP"),
+        flows_and_packets(agent, "10.96.0.20:8080/TCP"),
         (0.into(), 0.into())
     );
 
     // No endpoints: connect() fails at once with ECONNREFUSED.
     let target = v6(EMPTY_CLUSTER_IP6, 80);
     let started = Instant::now();
-    let error = probe_result(&cgroup, &topology.pods[0].ns, "tcp", target, 1).unwrap_err();
+    let error = probe_result(cgroup, &topology.pods[0].ns, "tcp", target, 1).unwrap_err();
     assert!(error.contains("Connection refused"), "{error}");
     assert!(started.elapsed() < lb_tests::client::TIMEOUT, "{error}");
 }
 
 #[test]
 fn udp_replies_read_as_coming_from_the_ipv6_cluster_ip() {
-    let topology = Topology::new(2).unwrap();
-    let _servers = topology.add_ipv6().unwrap();
-    let folder = dual_stack_folder();
-    let cgroup = Cgroup::new().unwrap();
-    let agent = start_with_hooks(&topology, &cgroup, folder.path());
-    agent
-        .wait_for(&[&format!("[{UDP_CLUSTER_IP6}]:{UDP_PORT}/UDP")], 2)
-        .unwrap();
-    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let bed = dual_stack_with_hooks(&format!("[{UDP_CLUSTER_IP6}]:{UDP_PORT}/UDP"), 2);
+    let (topology, cgroup) = (&bed.topology, &bed.cgroup);
 
     // sendmsg6 hands each datagram a backend, recvmsg6 shows the frontend as the source.
     let frontend = v6(UDP_CLUSTER_IP6, UDP_PORT);
-    let answers = probe(&cgroup, &topology.pods[1].ns, "udp", frontend, 20);
+    let answers = probe(cgroup, &topology.pods[1].ns, "udp", frontend, 20);
     assert_eq!(answers.len(), 20);
     let mut served = std::collections::BTreeSet::new();
     for (i, answer) in answers.iter().enumerate() {
@@ -491,28 +509,19 @@ fn hooks(families: &[char], outcome: &str) -> Vec<(String, String)> {
 
 #[test]
 fn restarts_replace_the_socket_hooks_and_an_ipv4_only_set_gets_the_ipv6_ones() {
-    let topology = Topology::new(2).unwrap();
-    let _servers = topology.add_ipv6().unwrap();
-    let folder = dual_stack_folder();
-    let cgroup = Cgroup::new().unwrap();
-    let mut agent = start_with_hooks(&topology, &cgroup, folder.path());
-    agent
-        .wait_for(
-            &[&format!("[{HTTP_CLUSTER_IP6}]:{HTTP_SERVICE_PORT}/TCP")],
-            2,
-        )
-        .unwrap();
-    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let mut bed =
+        dual_stack_with_hooks(&format!("[{HTTP_CLUSTER_IP6}]:{HTTP_SERVICE_PORT}/TCP"), 2);
+    let (topology, cgroup, agent) = (&bed.topology, &bed.cgroup, &mut bed.agent);
     let v6_frontend = v6(HTTP_CLUSTER_IP6, HTTP_SERVICE_PORT);
     let v4_frontend = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 20), HTTP_SERVICE_PORT));
     let reachable = |agent: &Agent| {
         for frontend in [v4_frontend, v6_frontend] {
-            let answers = probe_result(&cgroup, &topology.pods[0].ns, "tcp", frontend, 4)
+            let answers = probe_result(cgroup, &topology.pods[0].ns, "tcp", frontend, 4)
                 .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
             assert!(answers.iter().all(|a| a.peer == frontend), "{answers:?}");
         }
     };
-    reachable(&agent);
+    reachable(agent);
 
     // What an agent with only the IPv4 hooks leaves pinned: the IPv4 links. The next agent
     // replaces their programs and creates the IPv6 ones.
@@ -528,15 +537,15 @@ fn restarts_replace_the_socket_hooks_and_an_ipv4_only_set_gets_the_ipv6_ones() {
     let mut expected = hooks(&['4'], "Replaced");
     expected.extend(hooks(&['6'], "Created"));
     expected.sort();
-    assert_eq!(attached_hooks(&agent, 8), expected);
-    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
-    reachable(&agent);
+    assert_eq!(attached_hooks(agent, 8), expected);
+    wait_for_links(agent, "the eight socket hooks", has_every_sock_link);
+    reachable(agent);
 
     // A plain restart replaces all eight in place.
     agent.kill().unwrap();
     agent.restart(&topology.node, &lb_bin(), &[]).unwrap();
-    assert_eq!(attached_hooks(&agent, 8), hooks(&['4', '6'], "Replaced"));
-    reachable(&agent);
+    assert_eq!(attached_hooks(agent, 8), hooks(&['4', '6'], "Replaced"));
+    reachable(agent);
 
     // `lb teardown` removes them all: the IPv6 ClusterIP is unreachable again.
     agent.kill().unwrap();
@@ -552,6 +561,6 @@ fn restarts_replace_the_socket_hooks_and_an_ipv4_only_set_gets_the_ipv6_ones() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!links.exists(), "{}", links.display());
-    let error = probe_result(&cgroup, &topology.pods[0].ns, "tcp", v6_frontend, 1).unwrap_err();
+    let error = probe_result(cgroup, &topology.pods[0].ns, "tcp", v6_frontend, 1).unwrap_err();
     assert!(error.contains("connect"), "{error}");
 }
