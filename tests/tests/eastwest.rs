@@ -183,8 +183,38 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
 const HTTP_CLUSTER_IP6: &str = "fd00:96::20";
 const UDP_CLUSTER_IP6: &str = "fd00:96::21";
 const EMPTY_CLUSTER_IP6: &str = "fd00:96::30";
+const STICKY_CLUSTER_IP6: &str = "fd00:96::31";
 
-/// The dual-stack fixture, and an IPv6 ClusterIP Service without endpoints.
+/// An IPv6-only ClusterIP Service of HTTP on port 80 (sessionAffinity ClientIP if
+/// `sticky`) with its EndpointSlice of `endpoints` (ready, port 80, on this node).
+fn v6_service(name: &str, cluster_ip: &str, sticky: bool, endpoints: &[&str]) -> String {
+    let affinity = if sticky {
+        "\n  sessionAffinity: ClientIP"
+    } else {
+        ""
+    };
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  \
+         ipFamilies: [IPv6]\n  clusterIPs: ['{cluster_ip}']{affinity}\n  ports:\n  \
+         - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv6\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:"
+    );
+    if endpoints.is_empty() {
+        yaml.push_str(" []");
+    }
+    for addr in endpoints {
+        yaml.push_str(&format!(
+            "\n- addresses: ['{addr}']\n  conditions: {{ready: true}}\n  nodeName: node"
+        ));
+    }
+    yaml.push('\n');
+    yaml
+}
+
+/// The dual-stack fixture, an IPv6 ClusterIP Service without endpoints and one with
+/// sessionAffinity ClientIP over both pods.
 fn dual_stack_folder() -> Folder {
     let folder = Folder::new().unwrap();
     let fixture =
@@ -195,15 +225,19 @@ fn dual_stack_folder() -> Folder {
             &std::fs::read_to_string(fixture).unwrap(),
         )
         .unwrap();
-    let empty = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: empty-v6}}\nspec:\n  \
-         ipFamilies: [IPv6]\n  clusterIPs: ['{EMPTY_CLUSTER_IP6}']\n  ports:\n  \
-         - {{name: http, port: 80, targetPort: 80, protocol: TCP}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: empty-v6\n  labels: {{kubernetes.io/service-name: empty-v6}}\n\
-         addressType: IPv6\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints: []\n"
-    );
-    folder.write("empty-v6.yaml", &empty).unwrap();
+    folder
+        .write(
+            "empty-v6.yaml",
+            &v6_service("empty-v6", EMPTY_CLUSTER_IP6, false, &[]),
+        )
+        .unwrap();
+    let pods = ["fd00:244:1::2", "fd00:244:2::2"];
+    folder
+        .write(
+            "sticky-v6.yaml",
+            &v6_service("sticky-v6", STICKY_CLUSTER_IP6, true, &pods),
+        )
+        .unwrap();
     folder
 }
 
@@ -285,6 +319,22 @@ fn pods_and_host_processes_reach_an_ipv6_cluster_ip_through_the_socket_hooks() {
     let error = probe_result(cgroup, &topology.pods[0].ns, "tcp", target, 1).unwrap_err();
     assert!(error.contains("Connection refused"), "{error}");
     assert!(started.elapsed() < lb_tests::client::TIMEOUT, "{error}");
+}
+
+#[test]
+fn an_ipv6_cluster_ip_with_session_affinity_keeps_each_namespace_on_one_backend() {
+    let bed = dual_stack_with_hooks(&format!("[{STICKY_CLUSTER_IP6}]:80/TCP"), 2);
+    let (topology, cgroup) = (&bed.topology, &bed.cgroup);
+    let frontend = v6(STICKY_CLUSTER_IP6, 80);
+    // The client is the socket's network namespace: every socket of a pod (or of the host)
+    // gets the backend its first one got.
+    for ns in [&topology.pods[0].ns, &topology.pods[1].ns, &topology.node] {
+        let answers = probe(cgroup, ns, "tcp", frontend, 20);
+        let served: std::collections::BTreeSet<&str> =
+            answers.iter().map(|a| a.body.as_str()).collect();
+        assert_eq!(served.len(), 1, "from {}: {answers:?}", ns.name());
+        assert!(answers.iter().all(|a| a.peer == frontend), "{answers:?}");
+    }
 }
 
 #[test]
