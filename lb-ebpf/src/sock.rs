@@ -402,8 +402,10 @@ fn mapped_v4(addr: &Addr6) -> Option<u32> {
     (addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED).then_some(addr[3])
 }
 
-/// [`forward4`] for IPv6 sockets: an IPv6 frontend through the IPv6 maps, an IPv4-mapped
-/// one through the IPv4 maps (the backend is given as an IPv4-mapped address too).
+/// [`forward4`] for IPv6 sockets: an IPv6 frontend through the IPv6 maps, and at connect()
+/// an IPv4-mapped one through the IPv4 maps (the backend is given as an IPv4-mapped address
+/// too). sendmsg6 never sees a mapped address: the kernel sends those datagrams on the IPv4
+/// path, through sendmsg4.
 #[inline(always)]
 fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -412,7 +414,7 @@ fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
     };
     let addr = user_ip6(sa);
     let port = sa.user_port as u16;
-    if let Some(v4) = mapped_v4(&addr) {
+    if let Some(v4) = mapped_v4(&addr).filter(|_| connect) {
         return match forward::<V4>(ctx, (v4, port, proto), connect) {
             Forward::Untouched => PROCEED,
             Forward::To(addr, port) => {

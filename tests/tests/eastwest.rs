@@ -1,6 +1,8 @@
 //! East-west: pods and host processes on the node reach ClusterIPs, through the socket hooks
 //! (for processes in the hooked cgroup) and through the TC program on the pods' host-side
-//! interfaces (for everything else), with the real `lb` agent.
+//! interfaces (for everything else), with the real `lb` agent. The socket hooks of IPv6
+//! sockets are tested on the IPv6 topology (`Topology::add_ipv6`) with the dual-stack fixture,
+//! and with IPv4 ClusterIPs addressed by their IPv4-mapped IPv6 addresses.
 //!
 //! The socket hooks go on a cgroup of the test's own (`lbt-<pid>-<n>-cgroup` under the cgroup2
 //! root), never on the root: other tests use the same ClusterIPs at the same time. The
