@@ -86,6 +86,7 @@ pub mod map_names {
     pub const SOCKETS: &str = "LB_SOCK4_V1";
     /// LRU hash map [`crate::SockAffinityKey`] -> [`crate::AffinityEntry`]:
     /// sessionAffinity ClientIP at the socket hooks, where the client is a network namespace.
+    /// Keyed by service id and namespace, so it serves the IPv6 hooks as well.
     pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
     /// Per-CPU array indexed by [`crate::table_event`] -> `u64`: entries the datapath
     /// inserted into its LRU tables (other than conntrack's, counted as events), from which
@@ -107,6 +108,9 @@ pub mod map_names {
     /// LPM trie ([`crate::SOURCE_RANGE_ID_BITS`] + prefix length, [`crate::SourceRange6`])
     /// -> `u8` (always 1).
     pub const SOURCE_RANGES6: &str = "LB_SRCRANGE6_V1";
+    /// LRU hash map [`crate::Sock6Key`] -> [`crate::Sock6Entry`]: [`SOCKETS`] of the IPv6
+    /// socket hooks (an IPv6 socket addressing an IPv4-mapped frontend is in [`SOCKETS`]).
+    pub const SOCKETS6: &str = "LB_SOCK6_V1";
 
     /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::prog_slot`]: the XDP
     /// programs [`crate::program_names::XDP_INGRESS`] tail-calls. The agent writes every slot
@@ -114,7 +118,7 @@ pub mod map_names {
     pub const PROGRAMS: &str = "LB_PROGS_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -139,6 +143,7 @@ pub mod map_names {
         REV_NAT6,
         AFFINITY6,
         SOURCE_RANGES6,
+        SOCKETS6,
         PROGRAMS,
     ];
 }
@@ -208,6 +213,16 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
     /// cgroup/getpeername4: a socket connected through a frontend names the frontend.
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    /// cgroup/connect6: [`SOCK_CONNECT4`] for IPv6 sockets (IPv6 frontends, and IPv4
+    /// frontends addressed as IPv4-mapped IPv6 addresses).
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    /// cgroup/sendmsg6: [`SOCK_SENDMSG4`] for IPv6 sockets (the kernel hands a datagram to
+    /// an IPv4-mapped address to [`SOCK_SENDMSG4`]).
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    /// cgroup/recvmsg6: [`SOCK_RECVMSG4`] for IPv6 sockets.
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    /// cgroup/getpeername6: [`SOCK_GETPEERNAME4`] for IPv6 sockets.
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
     /// In the benchmarks' floor object: an XDP program that passes every packet.
     pub const NOOP_XDP: &str = "lb_noop_xdp";
     /// In the benchmarks' floor object: a TC program that passes every packet.

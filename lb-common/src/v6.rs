@@ -143,6 +143,44 @@ pub struct Affinity6Key {
     pub client: Addr6,
 }
 
+/// Key of [`crate::map_names::SOCKETS6`]: [`crate::SockKey`] with an IPv6 address (a socket
+/// and an address it exchanged data with).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Sock6Key {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// IPv6 address, network byte order: [`crate::CT_FORWARD`] a frontend,
+    /// [`crate::CT_REPLY`] a backend.
+    pub addr: Addr6,
+    /// Port, network byte order.
+    pub port: u16,
+    /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+    pub proto: u8,
+    /// [`crate::CT_FORWARD`] or [`crate::CT_REPLY`].
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: u32,
+}
+
+/// Value of [`crate::map_names::SOCKETS6`]: [`crate::SockEntry`] with an IPv6 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Sock6Entry {
+    /// The backend the socket was given.
+    pub backend_id: u32,
+    /// The service (frontend) it addressed.
+    pub service_id: u32,
+    /// [`crate::CT_REPLY`] entries: the frontend's IPv6 address, network byte order; else
+    /// the backend's.
+    pub addr: Addr6,
+    /// [`crate::CT_REPLY`] entries: the frontend's port, network byte order; else the
+    /// backend's.
+    pub port: u16,
+    /// Always 0.
+    pub _pad: u16,
+}
+
 /// The data of a [`crate::map_names::SOURCE_RANGES6`] key, as [`crate::SourceRange4`]:
 /// the prefix length counts [`crate::SOURCE_RANGE_ID_BITS`] plus the network's.
 #[repr(C)]
@@ -207,6 +245,9 @@ const _: () = {
     assert!(core::mem::size_of::<Affinity6Key>() == 20);
     assert!(core::mem::size_of::<SourceRange6>() == 20);
     assert!(core::mem::size_of::<Service>() == 16);
+    assert!(core::mem::size_of::<Sock6Key>() == 32);
+    assert!(core::mem::align_of::<Sock6Key>() == 8);
+    assert!(core::mem::size_of::<Sock6Entry>() == 28);
 };
 
 #[cfg(feature = "user")]
@@ -221,6 +262,8 @@ mod user {
     unsafe impl aya::Pod for RevNat6 {}
     unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for SourceRange6 {}
+    unsafe impl aya::Pod for Sock6Key {}
+    unsafe impl aya::Pod for Sock6Entry {}
 }
 
 #[cfg(test)]

@@ -16,10 +16,19 @@
 //! - the affinity client is the socket's network namespace (its cookie), which for a pod is
 //!   the pod and for host-network processes is the node.
 //!
-//! Per socket, [`map_names::SOCKETS`](lb_common::map_names::SOCKETS) keeps the backend of each
+//! Per socket, [`map_names::SOCKETS`](lb_common::map_names::SOCKETS) (IPv6:
+//! [`map_names::SOCKETS6`](lb_common::map_names::SOCKETS6)) keeps the backend of each
 //! frontend it addressed (a UDP socket sending datagrams keeps its backend by the conntrack
 //! rules of `lb_common::event`) and the frontend each backend stands for (for recvmsg and
 //! getpeername).
+//!
+//! The IPv6 hooks apply the same rules through the same code ([`SockFamily`]), with the
+//! IPv6 maps; the affinity map, keyed by service id and network namespace, is shared. An
+//! IPv6 socket addressing an IPv4 frontend by its IPv4-mapped address (`::ffff:a.b.c.d`) is
+//! translated through the IPv4 maps at connect() (the kernel runs connect6, not connect4,
+//! for it), and shown the mapped frontend at recvmsg6/getpeername6. Its datagrams sent to a
+//! mapped address need nothing here: the kernel hands them to the IPv4 path, whose sendmsg4
+//! hook translates them.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -30,17 +39,21 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AffinityEntry, CT_FORWARD, CT_REPLY, Frontend4, PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL,
-    Service, SockAffinityKey, SockEntry, SockKey, capacity, flow_hash, reason, table_event,
+    Addr6, AffinityEntry, Backend4, Backend6, CT_FORWARD, CT_REPLY, Frontend4, Frontend6,
+    PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey,
+    SockEntry, SockKey, capacity, flow_hash, reason, table_event,
 };
 
 use crate::{
-    Chosen, LB_SVC4_V1, LB_SVCSTAT_V1, Verdict, backend, count, note, reselect_because,
-    select_with_affinity,
+    BackendOf, Chosen, LB_SVC4_V1, LB_SVC6_V1, LB_SVCSTAT_V1, Verdict, backend_of, count, note,
+    reselect_because, select_with_affinity,
 };
 
 #[map]
 static LB_SOCK4_V1: LruHashMap<SockKey, SockEntry> = LruHashMap::pinned(capacity::SOCKETS, 0);
+#[map]
+static LB_SOCK6_V1: LruHashMap<Sock6Key, Sock6Entry> = LruHashMap::pinned(capacity::SOCKETS, 0);
+/// Both families' (the client is a network namespace, whichever family it uses).
 #[map]
 static LB_SOCKAFF4_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -52,6 +65,138 @@ const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const SOCK_DGRAM: u32 = 2;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as it sits in memory.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// What the socket hooks read and write of one address family: its frontends, its backends
+/// and its sockets map.
+trait SockFamily {
+    type Addr: Copy;
+    type Backend: BackendOf;
+    type Key: 'static;
+    type Entry: Copy + 'static;
+    fn sockets() -> &'static LruHashMap<Self::Key, Self::Entry>;
+    /// The service entry of a frontend (address and port in network byte order).
+    fn service(addr: Self::Addr, port: u16, proto: u8) -> Option<Service>;
+    fn key(cookie: u64, addr: Self::Addr, port: u16, proto: u8, dir: u8) -> Self::Key;
+    fn entry(backend_id: u32, service_id: u32, addr: Self::Addr, port: u16) -> Self::Entry;
+    /// An entry's backend id, service id, address and port.
+    fn fields(entry: &Self::Entry) -> (u32, u32, Self::Addr, u16);
+    /// A backend's address and port.
+    fn target(backend: &Self::Backend) -> (Self::Addr, u16);
+    /// The address as one word, for the flow hash.
+    fn fold(addr: Self::Addr) -> u32;
+}
+
+struct V4;
+struct V6;
+
+impl SockFamily for V4 {
+    type Addr = u32;
+    type Backend = Backend4;
+    type Key = SockKey;
+    type Entry = SockEntry;
+    #[inline(always)]
+    fn sockets() -> &'static LruHashMap<SockKey, SockEntry> {
+        &LB_SOCK4_V1
+    }
+    #[inline(always)]
+    fn service(addr: u32, port: u16, proto: u8) -> Option<Service> {
+        let frontend = Frontend4 {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        };
+        unsafe { LB_SVC4_V1.get(&frontend) }.copied()
+    }
+    #[inline(always)]
+    fn key(cookie: u64, addr: u32, port: u16, proto: u8, dir: u8) -> SockKey {
+        SockKey {
+            cookie,
+            addr,
+            port,
+            proto,
+            dir,
+        }
+    }
+    #[inline(always)]
+    fn entry(backend_id: u32, service_id: u32, addr: u32, port: u16) -> SockEntry {
+        SockEntry {
+            backend_id,
+            service_id,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn fields(entry: &SockEntry) -> (u32, u32, u32, u16) {
+        (entry.backend_id, entry.service_id, entry.addr, entry.port)
+    }
+    #[inline(always)]
+    fn target(backend: &Backend4) -> (u32, u16) {
+        (backend.addr, backend.port)
+    }
+    #[inline(always)]
+    fn fold(addr: u32) -> u32 {
+        addr
+    }
+}
+
+impl SockFamily for V6 {
+    type Addr = Addr6;
+    type Backend = Backend6;
+    type Key = Sock6Key;
+    type Entry = Sock6Entry;
+    #[inline(always)]
+    fn sockets() -> &'static LruHashMap<Sock6Key, Sock6Entry> {
+        &LB_SOCK6_V1
+    }
+    #[inline(always)]
+    fn service(addr: Addr6, port: u16, proto: u8) -> Option<Service> {
+        let frontend = Frontend6 {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        };
+        unsafe { LB_SVC6_V1.get(&frontend) }.copied()
+    }
+    #[inline(always)]
+    fn key(cookie: u64, addr: Addr6, port: u16, proto: u8, dir: u8) -> Sock6Key {
+        Sock6Key {
+            cookie,
+            addr,
+            port,
+            proto,
+            dir,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn entry(backend_id: u32, service_id: u32, addr: Addr6, port: u16) -> Sock6Entry {
+        Sock6Entry {
+            backend_id,
+            service_id,
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn fields(entry: &Sock6Entry) -> (u32, u32, Addr6, u16) {
+        (entry.backend_id, entry.service_id, entry.addr, entry.port)
+    }
+    #[inline(always)]
+    fn target(backend: &Backend6) -> (Addr6, u16) {
+        (backend.addr, backend.port)
+    }
+    #[inline(always)]
+    fn fold(addr: Addr6) -> u32 {
+        addr[0] ^ addr[1] ^ addr[2] ^ addr[3]
+    }
+}
 
 /// The transport protocol of the socket, if it is one the frontends have.
 #[inline(always)]
@@ -63,40 +208,32 @@ fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
     }
 }
 
-/// The backend of `frontend` for this socket: the one it already has while the conntrack
-/// rules keep it, otherwise a new choice, recorded in both directions.
+/// The backend of a frontend (`addr`, `port`, `proto`) for this socket: the one it already
+/// has while the conntrack rules keep it, otherwise a new choice, recorded in both
+/// directions.
 #[inline(always)]
-fn socket_backend(
+fn socket_backend<F: SockFamily>(
     ctx: &SockAddrContext,
     svc: &Service,
-    frontend: &Frontend4,
+    (addr, port, proto): (F::Addr, u16, u8),
     connect: bool,
-) -> Result<Chosen, Verdict> {
+) -> Result<Chosen<F::Backend>, Verdict> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let forward = SockKey {
-        cookie,
-        addr: frontend.addr,
-        port: frontend.port,
-        proto: frontend.proto,
-        dir: CT_FORWARD,
-    };
-    if let Some(entry) = unsafe { LB_SOCK4_V1.get(&forward) }
-        && entry.service_id == svc.id
-    {
-        let previous = backend(entry.backend_id);
-        // A TCP connect is a new connection (a SYN); a datagram, or a UDP connect, goes on
-        // with the socket's flow.
-        match reselect_because(
-            previous.as_ref(),
-            frontend.proto,
-            connect && frontend.proto == PROTO_TCP,
-        ) {
-            None => {
-                if let Some(chosen) = previous {
-                    return Ok(chosen);
+    let forward = F::key(cookie, addr, port, proto, CT_FORWARD);
+    if let Some(entry) = unsafe { F::sockets().get(&forward) } {
+        let (backend_id, service_id, _, _) = F::fields(entry);
+        if service_id == svc.id {
+            let previous = backend_of::<F::Backend>(backend_id);
+            // A TCP connect is a new connection (a SYN); a datagram, or a UDP connect, goes
+            // on with the socket's flow.
+            match reselect_because(previous.as_ref(), proto, connect && proto == PROTO_TCP) {
+                None => {
+                    if let Some(chosen) = previous {
+                        return Ok(chosen);
+                    }
                 }
+                Some(why) => note(why),
             }
-            Some(why) => note(why),
         }
     }
     if svc.backend_count == 0 {
@@ -108,33 +245,24 @@ fn socket_backend(
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     let affinity = (&LB_SOCKAFF4_V1, table_event::SOCK_AFFINITY_INSERTS);
-    let chosen: Chosen = select_with_affinity(svc, affinity, &client, || {
+    let chosen: Chosen<F::Backend> = select_with_affinity(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
-        flow_hash(folded, frontend.addr, 0, frontend.port, frontend.proto)
+        flow_hash(folded, F::fold(addr), 0, port, proto)
     })?;
-    let reply = SockKey {
-        cookie,
-        addr: chosen.backend.addr,
-        port: chosen.backend.port,
-        proto: frontend.proto,
-        dir: CT_REPLY,
-    };
-    let entry = SockEntry {
-        backend_id: chosen.id,
-        service_id: svc.id,
-        addr: frontend.addr,
-        port: frontend.port,
-        _pad: 0,
-    };
-    let written = LB_SOCK4_V1.insert(&reply, &entry, BPF_ANY as u64).is_ok()
-        && LB_SOCK4_V1
+    let (backend_addr, backend_port) = F::target(&chosen.backend);
+    let reply = F::key(cookie, backend_addr, backend_port, proto, CT_REPLY);
+    let sockets = F::sockets();
+    let written = sockets
+        .insert(
+            &reply,
+            &F::entry(chosen.id, svc.id, addr, port),
+            BPF_ANY as u64,
+        )
+        .is_ok()
+        && sockets
             .insert(
                 &forward,
-                &SockEntry {
-                    addr: chosen.backend.addr,
-                    port: chosen.backend.port,
-                    ..entry
-                },
+                &F::entry(chosen.id, svc.id, backend_addr, backend_port),
                 BPF_ANY as u64,
             )
             .is_ok();
@@ -148,89 +276,245 @@ fn socket_backend(
     Ok(chosen)
 }
 
-/// Rewrites the destination of a connect() or sendmsg() addressed to a ClusterIP frontend.
+/// What becomes of an address a connect() or sendmsg() gave.
+enum Forward<A> {
+    /// Not a ClusterIP frontend, or one the socket path passes: leave it.
+    Untouched,
+    /// Use this backend address and port instead.
+    To(A, u16),
+    /// Fail the call with ECONNREFUSED.
+    Refuse,
+}
+
+/// The destination a connect() or sendmsg() to (`addr`, `port`, `proto`) goes to.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(proto) = protocol(sa) else {
-        return PROCEED;
-    };
-    let frontend = Frontend4 {
-        addr: sa.user_ip4,
-        // The port sits in the first two bytes of the 32-bit field, in network byte order.
-        port: sa.user_port as u16,
-        proto,
-        _pad: 0,
-    };
-    let Some(svc) = (unsafe { LB_SVC4_V1.get(&frontend) }).copied() else {
-        return PROCEED;
+fn forward<F: SockFamily>(
+    ctx: &SockAddrContext,
+    (addr, port, proto): (F::Addr, u16, u8),
+    connect: bool,
+) -> Forward<F::Addr> {
+    let Some(svc) = F::service(addr, port, proto) else {
+        return Forward::Untouched;
     };
     if svc.flags & SERVICE_F_EXTERNAL != 0 {
-        return PROCEED;
+        return Forward::Untouched;
     }
-    match socket_backend(ctx, &svc, &frontend, connect) {
+    match socket_backend::<F>(ctx, &svc, (addr, port, proto), connect) {
         Ok(chosen) => {
-            sa.user_ip4 = chosen.backend.addr;
-            sa.user_port = chosen.backend.port as u32;
-            PROCEED
+            let (addr, port) = F::target(&chosen.backend);
+            Forward::To(addr, port)
         }
         Err(Verdict::Pass(why)) => {
             count(why);
-            PROCEED
+            Forward::Untouched
         }
         Err(Verdict::Drop(why)) => {
             // kube-proxy rejects a Service without endpoints: the caller sees ECONNREFUSED.
             count(why);
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            REJECT
+            Forward::Refuse
         }
     }
 }
 
-/// Shows the frontend instead of a backend this socket was given in its place.
+/// The program's return value for a call that must fail with ECONNREFUSED.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) -> i32 {
+fn refuse() -> i32 {
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+/// The frontend a backend (`addr`, `port`) this socket was given stands for.
+#[inline(always)]
+fn frontend_of<F: SockFamily>(
+    ctx: &SockAddrContext,
+    (addr, port, proto): (F::Addr, u16, u8),
+) -> Option<(F::Addr, u16)> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = F::key(cookie, addr, port, proto, CT_REPLY);
+    let entry = unsafe { F::sockets().get(&key) }?;
+    let (_, _, addr, port) = F::fields(entry);
+    Some((addr, port))
+}
+
+/// Rewrites the destination of an IPv4 connect() or sendmsg() addressed to a ClusterIP
+/// frontend.
+#[inline(always)]
+fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else {
         return PROCEED;
     };
-    let key = SockKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: sa.user_ip4,
-        port: sa.user_port as u16,
-        proto,
-        dir: CT_REPLY,
+    // The port sits in the first two bytes of the 32-bit field, in network byte order.
+    match forward::<V4>(ctx, (sa.user_ip4, sa.user_port as u16, proto), connect) {
+        Forward::Untouched => PROCEED,
+        Forward::To(addr, port) => {
+            sa.user_ip4 = addr;
+            sa.user_port = port as u32;
+            PROCEED
+        }
+        Forward::Refuse => refuse(),
+    }
+}
+
+/// Shows the frontend instead of a backend this IPv4 socket was given in its place.
+#[inline(always)]
+fn reverse4(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else {
+        return PROCEED;
     };
-    if let Some(entry) = unsafe { LB_SOCK4_V1.get(&key) } {
-        sa.user_ip4 = entry.addr;
-        sa.user_port = entry.port as u32;
+    if let Some((addr, port)) = frontend_of::<V4>(ctx, (sa.user_ip4, sa.user_port as u16, proto)) {
+        sa.user_ip4 = addr;
+        sa.user_port = port as u32;
     }
     PROCEED
+}
+
+/// The IPv6 address of the call, read word by word (the context allows 32-bit loads).
+#[inline(always)]
+fn user_ip6(sa: &bpf_sock_addr) -> Addr6 {
+    let words = &sa.user_ip6;
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
+
+/// Writes the IPv6 address of the call, word by word.
+#[inline(always)]
+fn set_user_ip6(sa: &mut bpf_sock_addr, addr: Addr6) {
+    let words = &mut sa.user_ip6;
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], addr[0]);
+        core::ptr::write_volatile(&mut words[1], addr[1]);
+        core::ptr::write_volatile(&mut words[2], addr[2]);
+        core::ptr::write_volatile(&mut words[3], addr[3]);
+    }
+}
+
+/// The IPv4 address of an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn mapped_v4(addr: &Addr6) -> Option<u32> {
+    (addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED).then_some(addr[3])
+}
+
+/// [`forward4`] for IPv6 sockets: an IPv6 frontend through the IPv6 maps, and at connect()
+/// an IPv4-mapped one through the IPv4 maps (the backend is given as an IPv4-mapped address
+/// too). sendmsg6 never sees a mapped address: the kernel sends those datagrams on the IPv4
+/// path, through sendmsg4.
+#[inline(always)]
+fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else {
+        return PROCEED;
+    };
+    let addr = user_ip6(sa);
+    let port = sa.user_port as u16;
+    if let Some(v4) = mapped_v4(&addr).filter(|_| connect) {
+        return match forward::<V4>(ctx, (v4, port, proto), connect) {
+            Forward::Untouched => PROCEED,
+            Forward::To(addr, port) => {
+                unsafe { core::ptr::write_volatile(&mut sa.user_ip6[3], addr) };
+                sa.user_port = port as u32;
+                PROCEED
+            }
+            Forward::Refuse => refuse(),
+        };
+    }
+    match forward::<V6>(ctx, (addr, port, proto), connect) {
+        Forward::Untouched => PROCEED,
+        Forward::To(addr, port) => {
+            set_user_ip6(sa, addr);
+            sa.user_port = port as u32;
+            PROCEED
+        }
+        Forward::Refuse => refuse(),
+    }
+}
+
+/// [`reverse4`] for IPv6 sockets (IPv4-mapped backends through the IPv4 map).
+#[inline(always)]
+fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = protocol(sa) else {
+        return PROCEED;
+    };
+    let addr = user_ip6(sa);
+    let port = sa.user_port as u16;
+    if let Some(v4) = mapped_v4(&addr) {
+        if let Some((addr, port)) = frontend_of::<V4>(ctx, (v4, port, proto)) {
+            unsafe { core::ptr::write_volatile(&mut sa.user_ip6[3], addr) };
+            sa.user_port = port as u32;
+        }
+    } else if let Some((addr, port)) = frontend_of::<V6>(ctx, (addr, port, proto)) {
+        set_user_ip6(sa, addr);
+        sa.user_port = port as u32;
+    }
+    PROCEED
+}
+
+/// Whether the socket of a sendmsg() is a datagram socket (the only kind whose sendmsg
+/// names a destination the hooks translate).
+#[inline(always)]
+fn datagram(ctx: &SockAddrContext) -> bool {
+    let type_ = unsafe { (*ctx.sock_addr).type_ };
+    type_ == SOCK_DGRAM
 }
 
 /// connect() of TCP and UDP sockets.
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward4(&ctx, true)
 }
 
 /// sendto()/sendmsg() with an address, on UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if unsafe { (*ctx.sock_addr).type_ } != SOCK_DGRAM {
+    if !datagram(&ctx) {
         return PROCEED;
     }
-    forward(&ctx, false)
+    forward4(&ctx, false)
 }
 
 /// recvfrom()/recvmsg() with an address, on UDP sockets.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx)
+    reverse4(&ctx)
 }
 
 /// getpeername().
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx)
+    reverse4(&ctx)
+}
+
+/// connect() of IPv6 TCP and UDP sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx, true)
+}
+
+/// sendto()/sendmsg() with an IPv6 address, on UDP sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if !datagram(&ctx) {
+        return PROCEED;
+    }
+    forward6(&ctx, false)
+}
+
+/// recvfrom()/recvmsg() on IPv6 UDP sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx)
+}
+
+/// getpeername() of IPv6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx)
 }

@@ -166,7 +166,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 16] {
+    fn map_sizes(&self) -> [(&'static str, u32); 17] {
         [
             (map_names::SERVICES, self.services),
             (map_names::SERVICES6, self.services),
@@ -188,6 +188,7 @@ impl Capacity {
             (map_names::AFFINITY6, self.affinity),
             // The socket hooks' flows (two entries per socket and frontend) and clients.
             (map_names::SOCKETS, self.conntrack),
+            (map_names::SOCKETS6, self.conntrack),
             (map_names::SOCK_AFFINITY, self.affinity),
         ]
     }
@@ -205,9 +206,11 @@ pub fn capacity_flag(map: &str) -> Option<&'static str> {
         map_names::BACKENDS | map_names::BACKENDS6 | map_names::BACKEND_STATS => {
             Some("--max-backends")
         }
-        map_names::CONNTRACK | map_names::CONNTRACK6 | map_names::NAT | map_names::SOCKETS => {
-            Some("--max-conntrack")
-        }
+        map_names::CONNTRACK
+        | map_names::CONNTRACK6
+        | map_names::NAT
+        | map_names::SOCKETS
+        | map_names::SOCKETS6 => Some("--max-conntrack"),
         map_names::AFFINITY | map_names::AFFINITY6 | map_names::SOCK_AFFINITY => {
             Some("--max-affinity")
         }

@@ -2,8 +2,10 @@
 //! host-side interfaces, which the agent follows through netlink as they come and go.
 //!
 //! Pins, beside the external interface's links:
-//! - `links/sock_<hook>@cgroup<inode>` for the four sock_addr hooks (connect4, sendmsg4,
-//!   recvmsg4, getpeername4) on the cgroup whose directory has that inode number;
+//! - `links/sock_<hook>@cgroup<inode>` for the eight sock_addr hooks (connect, sendmsg,
+//!   recvmsg and getpeername, of IPv4 and of IPv6) on the cgroup whose directory has that
+//!   inode number (an agent upgraded from one with only the IPv4 hooks creates the IPv6
+//!   ones);
 //! - `links/pod_ingress@<interface>#<ifindex>` for each pod interface (an interface that
 //!   comes back under the same name is a new interface with a new index).
 //!
@@ -35,11 +37,15 @@ use crate::datapath::{Datapath, DatapathError, LinkOutcome, typed_program};
 pub const CGROUP2_MOUNT: &str = "/run/lb/cgroup2";
 
 /// The socket hooks and the pin name of each one's link.
-const SOCK_HOOKS: [(&str, &str); 4] = [
+const SOCK_HOOKS: [(&str, &str); 8] = [
     (program_names::SOCK_CONNECT4, "sock_connect4"),
     (program_names::SOCK_SENDMSG4, "sock_sendmsg4"),
     (program_names::SOCK_RECVMSG4, "sock_recvmsg4"),
     (program_names::SOCK_GETPEERNAME4, "sock_getpeername4"),
+    (program_names::SOCK_CONNECT6, "sock_connect6"),
+    (program_names::SOCK_SENDMSG6, "sock_sendmsg6"),
+    (program_names::SOCK_RECVMSG6, "sock_recvmsg6"),
+    (program_names::SOCK_GETPEERNAME6, "sock_getpeername6"),
 ];
 /// Pin-name prefix of the socket hooks' links.
 const SOCK_PIN_PREFIX: &str = "sock_";

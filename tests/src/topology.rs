@@ -8,7 +8,7 @@
 //! Every pod runs [`HttpServer`] on port 80 and [`UdpEchoServer`] on 5353, both answering with
 //! the pod's name (`pod1`, `pod2`, ...). The example manifests in `examples/` describe this.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 
@@ -94,6 +94,53 @@ impl Topology {
     /// The pods' names, pod1 first.
     pub fn pod_names(&self) -> Vec<String> {
         self.pods.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Adds IPv6 beside IPv4: client fd00:200::2 -- fd00:200::1 node (IPv6 forwarding on),
+    /// pod<i> fd00:244:<i>::2 behind veth-pod<i> fd00:244:<i>::1 (the addresses of
+    /// `tests/fixtures/dual-stack`), and starts HTTP on 80 and UDP echo on 5353 at each pod's
+    /// IPv6 address; the servers stop when the returned value is dropped.
+    pub fn add_ipv6(&self) -> Result<Vec<(HttpServer, UdpEchoServer)>> {
+        let ip = |ns: &Netns, args: &[&str]| {
+            ns.ip(args)
+                .with_context(|| format!("ip {args:?} in {}", ns.name()))
+                .map(drop)
+        };
+        ip(
+            &self.node,
+            &["addr", "add", "fd00:200::1/64", "dev", NODE_IF, "nodad"],
+        )?;
+        self.node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        ip(
+            &self.client,
+            &["addr", "add", "fd00:200::2/64", "dev", "eth0", "nodad"],
+        )?;
+        ip(
+            &self.client,
+            &["-6", "route", "add", "default", "via", "fd00:200::1"],
+        )?;
+        let mut servers = Vec::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            let i = i + 1;
+            let host = format!("fd00:244:{i}::1");
+            let dev = format!("veth-pod{i}");
+            ip(
+                &self.node,
+                &["addr", "add", &format!("{host}/64"), "dev", &dev, "nodad"],
+            )?;
+            let addr = format!("fd00:244:{i}::2");
+            ip(
+                &pod.ns,
+                &["addr", "add", &format!("{addr}/64"), "dev", "eth0", "nodad"],
+            )?;
+            ip(&pod.ns, &["-6", "route", "add", "default", "via", &host])?;
+            let addr: IpAddr = addr.parse::<Ipv6Addr>().context("pod address")?.into();
+            servers.push((
+                HttpServer::start_on(&pod.ns, addr, HTTP_PORT, &pod.name)?,
+                UdpEchoServer::start_on(&pod.ns, addr, UDP_PORT, &pod.name)?,
+            ));
+        }
+        Ok(servers)
     }
 
     /// The names of all namespaces of this topology.

@@ -80,6 +80,10 @@ fn maps_are_created_with_the_capacity_asked_for() {
     assert_eq!(size(map_names::BACKEND_STATS), 512, "a power of two");
     assert_eq!(size(map_names::CONNTRACK), 700);
     assert_eq!(size(map_names::AFFINITY), 500);
+    // The socket hooks' maps: flows as conntrack's, clients as affinity's.
+    assert_eq!(size(map_names::SOCKETS), 700);
+    assert_eq!(size(map_names::SOCKETS6), 700);
+    assert_eq!(size(map_names::SOCK_AFFINITY), 500);
     let maps = dp.take_maps().unwrap();
     assert_eq!(maps.service_id_limit(), 101);
     assert_eq!(

@@ -14,7 +14,6 @@ use std::{
 use lb_tests::{
     Agent, ServiceInfo,
     agent::{backends_of, metric, ops, workspace_dir},
-    backends::{HttpServer, UdpEchoServer},
     client::{http_get, udp_request},
     lb_bin,
     topology::{NODE_IF, Topology},
@@ -139,60 +138,9 @@ fn v6(s: &str) -> IpAddr {
 #[test]
 fn ipv6_connections_through_the_frontends_reach_the_pods_and_replies_come_from_the_frontend() {
     let topology = Topology::new(2).expect("topology");
-    // IPv6 beside IPv4: client fd00:200::2 -- fd00:200::1 node, pod<i> fd00:244:<i>::2 behind
-    // veth-pod<i> fd00:244:<i>::1, each pod serving HTTP on 80 and UDP on 5353 at its IPv6
-    // address.
+    // IPv6 beside IPv4 (see `Topology::add_ipv6`).
+    let servers = topology.add_ipv6().expect("IPv6 addresses and servers");
     let (node, client) = (&topology.node, &topology.client);
-    let ip = |ns: &lb_tests::Netns, args: &[&str]| {
-        ns.ip(args)
-            .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()))
-    };
-    ip(
-        node,
-        &["addr", "add", "fd00:200::1/64", "dev", NODE_IF, "nodad"],
-    );
-    node.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
-    ip(
-        client,
-        &["addr", "add", "fd00:200::2/64", "dev", "eth0", "nodad"],
-    );
-    ip(
-        client,
-        &["-6", "route", "add", "default", "via", "fd00:200::1"],
-    );
-    let mut servers = Vec::new();
-    for (i, pod) in topology.pods.iter().enumerate() {
-        let i = i + 1;
-        let host = format!("fd00:244:{i}::1");
-        ip(
-            node,
-            &[
-                "addr",
-                "add",
-                &format!("{host}/64"),
-                "dev",
-                &format!("veth-pod{i}"),
-                "nodad",
-            ],
-        );
-        ip(
-            &pod.ns,
-            &[
-                "addr",
-                "add",
-                &format!("fd00:244:{i}::2/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        ip(&pod.ns, &["-6", "route", "add", "default", "via", &host]);
-        let addr = v6(&format!("fd00:244:{i}::2"));
-        servers.push((
-            HttpServer::start_on(&pod.ns, addr, 80, &pod.name).unwrap(),
-            UdpEchoServer::start_on(&pod.ns, addr, 5353, &pod.name).unwrap(),
-        ));
-    }
     let dir = workspace_dir().join("tests/fixtures/dual-stack");
     let agent = Agent::start(node, &dir, NODE_IF).expect("agent");
     agent

@@ -9,7 +9,7 @@
 //! Exits with an error on the first failure.
 
 use std::io::{BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
@@ -29,7 +29,12 @@ fn tcp(target: SocketAddr) -> Result<String> {
 }
 
 fn udp(target: SocketAddr, payload: &str) -> Result<String> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: IpAddr = if target.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.send_to(payload.as_bytes(), target).context("send")?;
     let mut buf = [0u8; 2048];
