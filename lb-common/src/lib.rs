@@ -161,8 +161,11 @@ pub mod prog_slot {
     /// [`crate::program_names::XDP_NAT6`]: IPv6 source NAT, tail-called by
     /// [`crate::program_names::XDP_INGRESS6`].
     pub const XDP_NAT6: u32 = 1;
+    /// [`crate::program_names::XDP_ICMP6`]: ICMPv6 errors about NATed flows, tail-called by
+    /// [`crate::program_names::XDP_INGRESS6`].
+    pub const XDP_ICMP6: u32 = 2;
     /// Number of slots: the size of the program array.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
@@ -216,6 +219,11 @@ pub mod program_names {
     /// [`crate::map_names::NAT6_PENDING`]. Its own program for its own stack: with the NAT
     /// inline, [`XDP_INGRESS6`]'s stack would pass 512 bytes.
     pub const XDP_NAT6: &str = "lb_xdp_nat6";
+    /// XDP program for ICMPv6 errors about IPv6 flows [`XDP_NAT6`] translated: rewritten
+    /// to be about the packet the client sent, and sent to the client. Tail-called by
+    /// [`XDP_INGRESS6`] (slot [`crate::prog_slot::XDP_ICMP6`]); its own program for its own
+    /// stack, as [`XDP_NAT6`].
+    pub const XDP_ICMP6: &str = "lb_xdp_icmp6";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
@@ -847,9 +855,9 @@ pub mod reason {
     pub const IPV6_EXTENSION: u32 = 19;
     /// Passed: an IPv6 UDP datagram with checksum 0, which IPv6 forbids (RFC 8200 8.1).
     pub const IPV6_UDP_ZERO_CHECKSUM: u32 = 20;
-    /// Dropped: an IPv6 packet to a remote backend (or passed: a reply to a NAT port)
-    /// while the IPv6 NAT program's slot of [`crate::map_names::PROGRAMS`] is empty (the
-    /// tail call returned).
+    /// Dropped: an IPv6 packet to a remote backend (or passed: a reply to a NAT port, an
+    /// ICMPv6 error) while the slot of the IPv6 NAT program (or of the ICMPv6 one) in
+    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
     pub const NAT6_PROGRAM_MISSING: u32 = 21;
     /// Passed: an IPv6 frame while the IPv6 program's slot of
     /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).

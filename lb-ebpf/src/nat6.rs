@@ -10,6 +10,11 @@
 //!   after a FIB lookup (to the kernel while the neighbour is unresolved).
 //! - [`reply`]: a packet from a remote backend to a NAT port is translated back (destination:
 //!   the client; source: the frontend) and sent towards the client.
+//! - [`icmp`]: an ICMPv6 error (destination unreachable, packet too big, time exceeded,
+//!   parameter problem) about a NATed flow, rewritten to be about the packet the client
+//!   sent (to the frontend) and sent to the client. ICMPv6's checksum covers a
+//!   pseudo-header: the outer addresses are in it too. It is `lb_xdp_icmp6`, a program of
+//!   its own (slot `lb_common::prog_slot::XDP_ICMP6`), for the stack.
 //!
 //! IPv6 has no header checksum: every address and port change is in the TCP or UDP checksum
 //! (pseudo-header). The hop limit goes down by one, as the kernel's forwarding would do.
@@ -48,6 +53,14 @@ static LB_NAT6PEND_V1: PerCpuArray<Nat6Pending> = PerCpuArray::pinned(1, 0);
 nat_table!(Nat6Key, Nat6Entry, Addr6, LB_NAT6_V1);
 
 const AF_INET6: u8 = 10;
+pub(crate) const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6 error types (RFC 4443): destination unreachable, packet too big, time exceeded,
+/// parameter problem.
+pub(crate) const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
+/// Offsets in an ICMPv6 error: its checksum, the quoted IPv6 header, the quoted ports.
+const ICMP_CHECK_OFF: usize = L4_OFF6 + 2;
+const INNER_IP_OFF: usize = L4_OFF6 + 8;
+const INNER_L4_OFF: usize = INNER_IP_OFF + Ipv6Hdr::LEN;
 /// Offsets of the addresses in the frame.
 const SADDR_OFF: usize = ETH_LEN + 8;
 const DADDR_OFF: usize = ETH_LEN + 24;
@@ -281,5 +294,107 @@ fn reply(ctx: &XdpContext) -> Option<u32> {
         return Some(xdp_action::XDP_DROP);
     }
     note(nat_event::REPLIES);
+    Some(send(ctx, &route))
+}
+
+/// Tail-calls `lb_xdp_icmp6` for an ICMPv6 error; when the call returns (the slot is
+/// empty), the packet is passed and counted.
+#[inline(always)]
+pub(crate) fn icmp_hand_over(ctx: &XdpContext) -> u32 {
+    let _ = unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
+    count(reason::NAT6_PROGRAM_MISSING);
+    xdp_action::XDP_PASS
+}
+
+/// XDP for ICMPv6 errors (destination unreachable, packet too big, time exceeded,
+/// parameter problem), tail-called by `lb_xdp_ingress6`: see [`icmp`].
+#[xdp]
+pub fn lb_xdp_icmp6(ctx: XdpContext) -> u32 {
+    match icmp(&ctx) {
+        Some(action) => action,
+        None => {
+            count(reason::NOT_TCP_UDP);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// An ICMPv6 error about a flow this node NATed, translated back for the client and sent
+/// to it. `None`: not one. Read through packet pointers, not copies: the stack is tight.
+#[inline(always)]
+fn icmp(ctx: &XdpContext) -> Option<u32> {
+    let ip = ptr_at::<_, Ipv6Hdr>(ctx, ETH_LEN)?;
+    let inner = ptr_at::<_, Ipv6Hdr>(ctx, INNER_IP_OFF)?;
+    let icmp_type: u8 = ctx.get(L4_OFF6)?;
+    let (outer_next, proto) = unsafe { ((*ip).next_hdr, (*inner).next_hdr) };
+    if outer_next != PROTO_ICMPV6
+        || !ICMPV6_ERRORS.contains(&icmp_type)
+        || !matches!(proto, PROTO_TCP | PROTO_UDP)
+    {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.get(INNER_L4_OFF)?;
+    let inner_saddr: Addr6 = ctx.get(INNER_IP_OFF + 8)?;
+    let inner_daddr: Addr6 = ctx.get(INNER_IP_OFF + 24)?;
+    // The quoted packet went from this node's NAT address and port to the backend.
+    let key = Nat6Key {
+        saddr: inner_daddr,
+        daddr: inner_saddr,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        dir: NAT_IN,
+        _pad: [0; 2],
+    };
+    let entry = LB_NAT6_V1.get_ptr(&key)?;
+    let (client, client_port, frontend, frontend_port) = unsafe {
+        (
+            (*entry).addr,
+            (*entry).port,
+            (*entry).peer_addr,
+            (*entry).peer_port,
+        )
+    };
+    let mut check: u16 = ctx.get(ICMP_CHECK_OFF)?;
+    // The quoted transport checksum, when the quote reaches it.
+    let l4_check_off = INNER_L4_OFF
+        + if proto == PROTO_TCP {
+            TCP_CHECK_OFF
+        } else {
+            UDP_CHECK_OFF
+        };
+    if let Some(old) = ctx.get::<u16>(l4_check_off)
+        && (proto == PROTO_TCP || old != 0)
+    {
+        let mut new = csum::replace16_2(old, inner_saddr, client, ports[0], client_port);
+        new = csum::replace16_2(new, inner_daddr, frontend, ports[1], frontend_port);
+        if proto == PROTO_UDP && new == 0 {
+            new = 0xffff;
+        }
+        check = csum::replace2(check, old, new);
+        ctx.set(l4_check_off, new)?;
+    }
+    // The quote (ICMPv6's checksum covers it), then the outer addresses (in its
+    // pseudo-header). The outer source becomes the frontend when it is the backend (the
+    // backend itself reports); a router on the way keeps its address.
+    check = csum::replace16_2(check, inner_saddr, client, ports[0], client_port);
+    check = csum::replace16_2(check, inner_daddr, frontend, ports[1], frontend_port);
+    ctx.set(INNER_IP_OFF + 8, client)?;
+    ctx.set(INNER_IP_OFF + 24, frontend)?;
+    ctx.set(INNER_L4_OFF, [client_port, frontend_port])?;
+    let outer_saddr: Addr6 = ctx.get(SADDR_OFF)?;
+    if outer_saddr == inner_daddr {
+        check = csum::replace16(check, outer_saddr, frontend);
+        ctx.set(SADDR_OFF, frontend)?;
+    }
+    let outer_daddr: Addr6 = ctx.get(DADDR_OFF)?;
+    check = csum::replace16(check, outer_daddr, client);
+    ctx.set(DADDR_OFF, client)?;
+    ctx.set(ICMP_CHECK_OFF, check)?;
+    let Some(route) = route(ctx, frontend, client, PROTO_ICMPV6, 0) else {
+        note(nat_event::NO_ROUTE);
+        return Some(xdp_action::XDP_DROP);
+    };
+    note(nat_event::ICMP_NAT);
     Some(send(ctx, &route))
 }

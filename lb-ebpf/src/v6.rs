@@ -411,11 +411,27 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
         Err(Verdict::Pass(reason)) => {
             // Maybe a remote backend's reply to a NAT port (nat6.rs): only ports of the NAT
             // range are ever allocated.
-            if reason == reason::NOT_FRONTEND
-                && ptr_at::<_, u16>(&ctx, L4_OFF6 + 2).is_some_and(|dport| {
-                    (nat::PORT_MIN..=nat::PORT_MAX).contains(&u16::from_be(unsafe { *dport }))
-                })
-            {
+            // An ICMPv6 error, maybe about a NATed flow (nat6.rs).
+            let kind = match reason {
+                reason::NOT_FRONTEND
+                    if ptr_at::<_, u16>(&ctx, L4_OFF6 + 2).is_some_and(|dport| {
+                        let dport = u16::from_be(unsafe { *dport });
+                        (nat::PORT_MIN..=nat::PORT_MAX).contains(&dport)
+                    }) =>
+                {
+                    NAT6_REPLY
+                }
+                reason::NOT_TCP_UDP
+                    if ptr_at::<_, Ipv6Hdr>(&ctx, ETH_LEN)
+                        .is_some_and(|ip| unsafe { (*ip).next_hdr } == nat6::PROTO_ICMPV6)
+                        && ptr_at::<_, u8>(&ctx, L4_OFF6)
+                            .is_some_and(|t| nat6::ICMPV6_ERRORS.contains(unsafe { &*t })) =>
+                {
+                    return nat6::icmp_hand_over(&ctx);
+                }
+                _ => 0,
+            };
+            if kind != 0 {
                 let none = Ct6Key {
                     saddr: [0; 4],
                     daddr: [0; 4],
@@ -425,7 +441,7 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
                     dir: 0,
                     _pad: [0; 2],
                 };
-                return nat6::hand_over(&ctx, NAT6_REPLY, &none, false, [0; 4], 0);
+                return nat6::hand_over(&ctx, kind, &none, false, [0; 4], 0);
             }
             count(reason);
             xdp_action::XDP_PASS

@@ -327,7 +327,11 @@ impl Datapath {
         self.tc()?
             .load()
             .map_err(prog_err(program_names::TC_EGRESS))?;
-        for name in [program_names::XDP_INGRESS6, program_names::XDP_NAT6] {
+        for name in [
+            program_names::XDP_INGRESS6,
+            program_names::XDP_NAT6,
+            program_names::XDP_ICMP6,
+        ] {
             let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
         }
@@ -342,6 +346,7 @@ impl Datapath {
         for (slot, name) in [
             (prog_slot::XDP_INGRESS6, program_names::XDP_INGRESS6),
             (prog_slot::XDP_NAT6, program_names::XDP_NAT6),
+            (prog_slot::XDP_ICMP6, program_names::XDP_ICMP6),
         ] {
             let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
             let prog_err = |source| DatapathError::Program {

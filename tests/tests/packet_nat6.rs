@@ -10,6 +10,7 @@ use std::net::Ipv6Addr;
 
 use aya::maps::{HashMap, Map, MapData, ProgramArray};
 use bed::*;
+use etherparse::{Icmpv6Type, PacketBuilder, icmpv6::DestUnreachableCode};
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, Frontend6, NAT_IN, Nat6Entry, Nat6Key, PROTO_TCP,
     PROTO_UDP, addr6, flow_hash6, map_names, nat, nat_event, prog_slot, reason,
@@ -339,5 +340,100 @@ fn without_the_nat6_program_a_remote_ipv6_flow_is_dropped_and_counted() {
     assert_eq!(
         changed(&reason::NAMES, &before, &bed.reasons()),
         [("nat6_program_missing", 1)]
+    );
+}
+
+/// An IPv6 packet (no Ethernet) of UDP or TCP from `src` to `dst`, as it was sent.
+fn quoted6(proto: u8, src: ([u8; 16], u16), dst: ([u8; 16], u16), hops: u8) -> Vec<u8> {
+    quoted_over(PacketBuilder::ipv6(src.0, dst.0, hops), proto, src.1, dst.1)
+}
+
+/// An ICMPv6 error of `kind` from `from` to `to` quoting `quote`, checksum by etherparse.
+fn icmp6(
+    macs: ([u8; 6], [u8; 6]),
+    from: [u8; 16],
+    to: [u8; 16],
+    hops: u8,
+    kind: Icmpv6Type,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(from, to, hops)
+        .icmpv6(kind)
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmpv6_errors_about_a_nated_flow_reach_the_client_about_the_frontend() {
+    let net = Net::new();
+    let mut bed = Bed::new();
+    let (node, client, backend) = (a6(NODE6), a6(CLIENT6), a6(REMOTE6));
+    let fe = Frontend6::new(node, 30053, PROTO_UDP);
+    bed.service6(1, fe, &[remote6(REMOTE6, 5353, PROTO_UDP)], 0);
+    let fe = Frontend6::new(node, NODE_PORT, PROTO_TCP);
+    bed.service6(2, fe, &[remote6(REMOTE6, 80, PROTO_TCP)], 0);
+    let q = udp6(client, CPORT, node, 30053, b"question");
+    assert_eq!(bed.xdp_in(&net.ns, net.eth0, &q).0, XDP_TX);
+    let udp_port = nat_port(CLIENT6, CPORT, NODE6, 30053, PROTO_UDP, 0);
+    let syn = tcp6(client, CPORT, node, NODE_PORT, b"");
+    assert_eq!(bed.xdp_in(&net.ns, net.eth0, &syn).0, XDP_TX);
+    let tcp_port = nat_port(CLIENT6, CPORT, NODE6, NODE_PORT, PROTO_TCP, 0);
+    let before = nat_events(&bed);
+
+    // Port unreachable from the backend itself: the outer source becomes the frontend.
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let sent = quoted6(PROTO_UDP, (node, udp_port), (backend, 5353), 63);
+    let error = icmp6(
+        (NODE_B_MAC, NODE_MAC),
+        backend,
+        node,
+        64,
+        unreachable,
+        &sent,
+    );
+    let (action, out) = bed.xdp_in(&net.ns, net.eth0, &error);
+    assert_eq!(action, XDP_TX);
+    let about = quoted6(PROTO_UDP, (client, CPORT), (node, 30053), 63);
+    let want = icmp6(
+        (NODE_MAC, CLIENT_MAC),
+        node,
+        client,
+        63,
+        unreachable,
+        &about,
+    );
+    assert_eq!(out, want);
+
+    // Packet too big from a router on the way: its address stays.
+    let router = a6("fd00:200::fe");
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1400 };
+    let sent = quoted6(PROTO_TCP, (node, tcp_port), (backend, 80), 63);
+    let error = icmp6((NODE_B_MAC, NODE_MAC), router, node, 64, too_big, &sent);
+    let (action, out) = bed.xdp_in(&net.ns, net.eth0, &error);
+    assert_eq!(action, XDP_TX);
+    let about = quoted6(PROTO_TCP, (client, CPORT), (node, NODE_PORT), 63);
+    let want = icmp6((NODE_MAC, CLIENT_MAC), router, client, 63, too_big, &about);
+    assert_eq!(out, want);
+    assert_eq!(nat_since(&bed, &before), [("fwd_tx", 2), ("icmp_nat", 2)]);
+
+    // An error about a flow nobody translated is not ours: untouched, counted.
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let sent = quoted6(PROTO_UDP, (node, 33333), (backend, 5353), 63);
+    let error = icmp6(
+        (NODE_B_MAC, NODE_MAC),
+        backend,
+        node,
+        64,
+        unreachable,
+        &sent,
+    );
+    let reasons = bed.reasons();
+    assert_eq!(bed.xdp_in(&net.ns, net.eth0, &error), (XDP_PASS, error));
+    assert_eq!(
+        changed(&reason::NAMES, &reasons, &bed.reasons()),
+        [("not_tcp_udp", 1)]
     );
 }
