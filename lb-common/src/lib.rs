@@ -111,14 +111,23 @@ pub mod map_names {
     /// LRU hash map [`crate::Sock6Key`] -> [`crate::Sock6Entry`]: [`SOCKETS`] of the IPv6
     /// socket hooks (an IPv6 socket addressing an IPv4-mapped frontend is in [`SOCKETS`]).
     pub const SOCKETS6: &str = "LB_SOCK6_V1";
+    /// LRU hash map [`crate::Nat6Key`] -> [`crate::Nat6Entry`]: the source NAT of IPv6
+    /// flows to remote backends, by the rules of [`NAT`] (see [`crate::nat`]).
+    pub const NAT6: &str = "LB_NAT6_V1";
+    /// Per-CPU array of one [`crate::Nat6Pending`]: what
+    /// [`crate::program_names::XDP_INGRESS6`] hands to [`crate::program_names::XDP_NAT6`]
+    /// with its tail call (the two programs run one after the other on one CPU).
+    pub const NAT6_PENDING: &str = "LB_NAT6PEND_V1";
 
     /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::prog_slot`]: the XDP
-    /// programs [`crate::program_names::XDP_INGRESS`] tail-calls. The agent writes every slot
-    /// on each start, so that the slots hold the programs of the running agent's object.
-    pub const PROGRAMS: &str = "LB_PROGS_V1";
+    /// programs [`crate::program_names::XDP_INGRESS`] tail-calls (and the one
+    /// [`crate::program_names::XDP_INGRESS6`] tail-calls). The agent writes every slot on
+    /// each start, so that the slots hold the programs of the running agent's object. (V2:
+    /// the slot of [`crate::program_names::XDP_NAT6`].)
+    pub const PROGRAMS: &str = "LB_PROGS_V2";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 28] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -144,6 +153,8 @@ pub mod map_names {
         AFFINITY6,
         SOURCE_RANGES6,
         SOCKETS6,
+        NAT6,
+        NAT6_PENDING,
         PROGRAMS,
     ];
 }
@@ -152,8 +163,14 @@ pub mod map_names {
 pub mod prog_slot {
     /// [`crate::program_names::XDP_INGRESS6`]: the IPv6 frames of the external interface.
     pub const XDP_INGRESS6: u32 = 0;
+    /// [`crate::program_names::XDP_NAT6`]: IPv6 source NAT, tail-called by
+    /// [`crate::program_names::XDP_INGRESS6`].
+    pub const XDP_NAT6: u32 = 1;
+    /// [`crate::program_names::XDP_ICMP6`]: ICMPv6 errors about NATed flows, tail-called by
+    /// [`crate::program_names::XDP_INGRESS6`].
+    pub const XDP_ICMP6: u32 = 2;
     /// Number of slots: the size of the program array.
-    pub const COUNT: u32 = 1;
+    pub const COUNT: u32 = 3;
 }
 
 /// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
@@ -200,6 +217,18 @@ pub mod program_names {
     /// translation. Not attached: [`XDP_INGRESS`] tail-calls it through
     /// [`crate::map_names::PROGRAMS`] (slot [`crate::prog_slot::XDP_INGRESS6`]).
     pub const XDP_INGRESS6: &str = "lb_xdp_ingress6";
+    /// XDP program for IPv6 remote backends: the source NAT of a packet
+    /// [`XDP_INGRESS6`] translated to a remote backend, and the translation back of the
+    /// backend's replies. Not attached: [`XDP_INGRESS6`] tail-calls it (slot
+    /// [`crate::prog_slot::XDP_NAT6`]), handing it the flow in
+    /// [`crate::map_names::NAT6_PENDING`]. Its own program for its own stack: with the NAT
+    /// inline, [`XDP_INGRESS6`]'s stack would pass 512 bytes.
+    pub const XDP_NAT6: &str = "lb_xdp_nat6";
+    /// XDP program for ICMPv6 errors about IPv6 flows [`XDP_NAT6`] translated: rewritten
+    /// to be about the packet the client sent, and sent to the client. Tail-called by
+    /// [`XDP_INGRESS6`] (slot [`crate::prog_slot::XDP_ICMP6`]); its own program for its own
+    /// stack, as [`XDP_NAT6`].
+    pub const XDP_ICMP6: &str = "lb_xdp_icmp6";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
@@ -841,9 +870,10 @@ pub mod reason {
     pub const IPV6_EXTENSION: u32 = 19;
     /// Passed: an IPv6 UDP datagram with checksum 0, which IPv6 forbids (RFC 8200 8.1).
     pub const IPV6_UDP_ZERO_CHECKSUM: u32 = 20;
-    /// Dropped: a new IPv6 flow whose backend is on another node; there is no IPv6 source
-    /// NAT yet, and forwarding it untranslated would be wrong.
-    pub const REMOTE_IPV6_UNSUPPORTED: u32 = 21;
+    /// Dropped: an IPv6 packet to a remote backend (or passed: a reply to a NAT port, an
+    /// ICMPv6 error) while the slot of the IPv6 NAT program (or of the ICMPv6 one) in
+    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
+    pub const NAT6_PROGRAM_MISSING: u32 = 21;
     /// Passed: an IPv6 frame while the IPv6 program's slot of
     /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
     pub const IPV6_PROGRAM_MISSING: u32 = 22;
@@ -874,7 +904,7 @@ pub mod reason {
         "bad_ipv6_length",
         "ipv6_extension",
         "ipv6_udp_zero_checksum",
-        "remote_ipv6_unsupported",
+        "nat6_program_missing",
         "ipv6_program_missing",
     ];
 }

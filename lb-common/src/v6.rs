@@ -192,6 +192,79 @@ pub struct SourceRange6 {
     pub addr: Addr6,
 }
 
+/// Key of [`crate::map_names::NAT6`]: [`crate::Nat4Key`] with IPv6 addresses, in the same
+/// two directions ([`crate::NAT_OUT`]: client, frontend; [`crate::NAT_IN`]: backend, NAT
+/// address, backend port, NAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat6Key {
+    /// Source IPv6 address, network byte order.
+    pub saddr: Addr6,
+    /// Destination IPv6 address, network byte order.
+    pub daddr: Addr6,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+    pub proto: u8,
+    /// [`crate::NAT_OUT`] or [`crate::NAT_IN`].
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`crate::map_names::NAT6`]: the fields of [`crate::Nat4Entry`], with IPv6
+/// addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat6Entry {
+    /// [`crate::NAT_OUT`]: the NAT (source) address the flow leaves with;
+    /// [`crate::NAT_IN`]: the client's address. Network byte order.
+    pub addr: Addr6,
+    /// [`crate::NAT_OUT`]: the NAT port; [`crate::NAT_IN`]: the client's port. Network
+    /// byte order.
+    pub port: u16,
+    /// `NAT_F_*` bits.
+    pub flags: u16,
+    /// [`crate::NAT_IN`]: the frontend address the client addressed; [`crate::NAT_OUT`]:
+    /// the backend address. Network byte order.
+    pub peer_addr: Addr6,
+    /// [`crate::NAT_IN`]: the frontend port; [`crate::NAT_OUT`]: the backend port. Network
+    /// byte order.
+    pub peer_port: u16,
+    /// Always 0.
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the last packet of the flow in this direction.
+    pub last_seen_ns: u64,
+}
+
+/// Value of [`crate::map_names::NAT6_PENDING`]: the packet the IPv6 NAT program is
+/// tail-called for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat6Pending {
+    /// [`NAT6_FORWARD`]: the flow's forward conntrack key (client, frontend); the packet's
+    /// destination is already the backend.
+    pub key: Ct6Key,
+    /// [`NAT6_FORWARD`]: the remote backend's address, network byte order.
+    pub backend_addr: Addr6,
+    /// [`NAT6_FORWARD`]: the remote backend's port, network byte order.
+    pub backend_port: u16,
+    /// [`NAT6_FORWARD`]: the packet is a TCP FIN or RST.
+    pub closing: u8,
+    /// [`NAT6_FORWARD`] or [`NAT6_REPLY`].
+    pub kind: u8,
+    /// Always 0.
+    pub _pad: [u8; 4],
+}
+
+/// [`Nat6Pending::kind`]: a packet to source-NAT and send on to its remote backend.
+pub const NAT6_FORWARD: u8 = 1;
+/// [`Nat6Pending::kind`]: a packet to a NAT port, maybe a remote backend's reply (only the
+/// kind is set).
+pub const NAT6_REPLY: u8 = 2;
+
 impl Frontend6 {
     /// A frontend from host-order values.
     pub const fn new(octets: [u8; 16], port: u16, proto: u8) -> Self {
@@ -248,6 +321,12 @@ const _: () = {
     assert!(core::mem::size_of::<Sock6Key>() == 32);
     assert!(core::mem::align_of::<Sock6Key>() == 8);
     assert!(core::mem::size_of::<Sock6Entry>() == 28);
+    assert!(core::mem::size_of::<Nat6Key>() == 40);
+    assert!(core::mem::size_of::<Nat6Pending>() == 64);
+    assert!(core::mem::size_of::<Nat6Entry>() == 48);
+    assert!(core::mem::align_of::<Nat6Entry>() == 8);
+    assert!(core::mem::offset_of!(Nat6Entry, peer_addr) == 20);
+    assert!(core::mem::offset_of!(Nat6Entry, last_seen_ns) == 40);
 };
 
 #[cfg(feature = "user")]
@@ -264,6 +343,9 @@ mod user {
     unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for Sock6Key {}
     unsafe impl aya::Pod for Sock6Entry {}
+    unsafe impl aya::Pod for Nat6Key {}
+    unsafe impl aya::Pod for Nat6Entry {}
+    unsafe impl aya::Pod for Nat6Pending {}
 }
 
 #[cfg(test)]

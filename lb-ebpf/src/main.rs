@@ -14,6 +14,7 @@
 #![no_main]
 
 mod nat;
+mod nat6;
 mod pod;
 mod sock;
 mod v6;
@@ -88,7 +89,7 @@ static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SO
 
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
 #[map]
-static LB_PROGS_V1: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
+static LB_PROGS_V2: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
 
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 // The IPv6 programs (v6.rs) read them, and so will the IPv6 socket hooks.

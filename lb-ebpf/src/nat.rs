@@ -60,13 +60,13 @@ const IP_SADDR_OFF: usize = 12;
 const IP_DADDR_OFF: usize = 16;
 
 #[inline(always)]
-fn note(event: u32) {
+pub(crate) fn note(event: u32) {
     bump(&LB_NATEVENT_V1, event);
 }
 
 /// Loads and stores at packet offsets: direct access in XDP, the skb helpers in TC, so that
 /// the ICMP rewrite is written once.
-trait Bytes {
+pub(crate) trait Bytes {
     fn get<T: Copy>(&self, offset: usize) -> Option<T>;
     fn set<T: Copy>(&self, offset: usize, value: T) -> Option<()>;
 }
@@ -95,21 +95,21 @@ impl Bytes for TcContext {
     }
 }
 
-/// Where a packet goes next, from the kernel's FIB.
-struct Route {
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+/// Where a packet goes next, from the kernel's FIB (`A`: the family's address).
+pub(crate) struct Route<A> {
+    pub(crate) ifindex: u32,
+    pub(crate) smac: [u8; 6],
+    pub(crate) dmac: [u8; 6],
     /// This node's preferred source address on the route.
-    src: u32,
+    pub(crate) src: A,
     /// The next hop's MAC address is known.
-    resolved: bool,
+    pub(crate) resolved: bool,
 }
 
 /// The route of a packet from `src` to `dst` that arrived on this XDP interface, as the
 /// kernel would forward it; `None` when it would not (no route, forwarding off, ...).
 #[inline(always)]
-fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, flags: u32) -> Option<Route> {
+fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, flags: u32) -> Option<Route<u32>> {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
@@ -134,14 +134,11 @@ fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, flags: u32) -> Option<
 /// Sends a translated packet along `route`: new MAC addresses and TTL, then XDP_TX or a
 /// redirect; unresolved, to the kernel as it is. A packet whose TTL runs out is dropped.
 #[inline(always)]
-fn send(ctx: &XdpContext, route: &Route) -> u32 {
+fn send(ctx: &XdpContext, route: &Route<u32>) -> u32 {
     if !route.resolved {
         note(nat_event::NO_NEIGH);
         return xdp_action::XDP_PASS;
     }
-    let Some(eth) = ptr_at::<_, EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_DROP;
-    };
     let Some(ip) = ptr_at::<_, Ipv4Hdr>(ctx, ETH_LEN) else {
         return xdp_action::XDP_DROP;
     };
@@ -156,6 +153,18 @@ fn send(ctx: &XdpContext, route: &Route) -> u32 {
         (*ip).ttl = ttl - 1;
         let check = core::ptr::addr_of_mut!((*ip).check) as *mut u16;
         *check = csum::replace2(*check, old, new);
+    }
+    transmit(ctx, route)
+}
+
+/// The last step of sending a resolved packet of either family along `route`: its MAC
+/// addresses, then XDP_TX out of the interface it came in by, or a redirect.
+#[inline(always)]
+pub(crate) fn transmit<A>(ctx: &XdpContext, route: &Route<A>) -> u32 {
+    let Some(eth) = ptr_at::<_, EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe {
         (*eth).dst_addr = route.dmac;
         (*eth).src_addr = route.smac;
     }
@@ -204,14 +213,81 @@ fn rewrite<P: Bytes>(p: &P, proto: u8, dest: bool, addr: u32, port: u16) -> Opti
     p.set(port_off, port)
 }
 
+/// A NAT table's key (IPv4's or IPv6's), with its map and entry.
+pub(crate) trait NatKey: Copy + 'static {
+    type Entry: NatEntry;
+    fn map() -> &'static LruHashMap<Self, Self::Entry>;
+    fn proto(&self) -> u8;
+    fn set_dport(&mut self, port: u16);
+}
+
+/// A NAT table's entry (IPv4's or IPv6's).
+pub(crate) trait NatEntry: Copy {
+    type Addr: Copy + PartialEq;
+    /// `addr` and `port`.
+    fn own(&self) -> (Self::Addr, u16);
+    /// `peer_addr` and `peer_port`.
+    fn peer(&self) -> (Self::Addr, u16);
+    fn flags_mut(&mut self) -> &mut u16;
+    fn last_seen_mut(&mut self) -> &mut u64;
+    fn set_port(&mut self, port: u16);
+}
+
+macro_rules! nat_table {
+    ($key:ty, $entry:ty, $addr:ty, $map:expr) => {
+        impl NatKey for $key {
+            type Entry = $entry;
+            #[inline(always)]
+            fn map() -> &'static LruHashMap<Self, Self::Entry> {
+                &$map
+            }
+            #[inline(always)]
+            fn proto(&self) -> u8 {
+                self.proto
+            }
+            #[inline(always)]
+            fn set_dport(&mut self, port: u16) {
+                self.dport = port;
+            }
+        }
+        impl NatEntry for $entry {
+            type Addr = $addr;
+            #[inline(always)]
+            fn own(&self) -> ($addr, u16) {
+                (self.addr, self.port)
+            }
+            #[inline(always)]
+            fn peer(&self) -> ($addr, u16) {
+                (self.peer_addr, self.peer_port)
+            }
+            #[inline(always)]
+            fn flags_mut(&mut self) -> &mut u16 {
+                &mut self.flags
+            }
+            #[inline(always)]
+            fn last_seen_mut(&mut self) -> &mut u64 {
+                &mut self.last_seen_ns
+            }
+            #[inline(always)]
+            fn set_port(&mut self, port: u16) {
+                self.port = port;
+            }
+        }
+    };
+}
+pub(crate) use nat_table;
+
+nat_table!(Nat4Key, Nat4Entry, u32, LB_NAT4_V1);
+
 /// The NAT port of a new flow: the first free one (or expired) of its tries. Writes the
 /// [`NAT_IN`] entry; `None` when every try is taken.
 #[inline(never)]
-fn allocate(in_key: &mut Nat4Key, value: &Nat4Entry, hash: u32) -> Option<u16> {
+fn allocate<K: NatKey>(in_key: &mut K, value: &K::Entry, hash: u32) -> Option<u16> {
+    let map = K::map();
     for i in 0..nat::TRIES {
         let port = nat::port(hash, i).to_be();
-        in_key.dport = port;
-        match LB_NAT4_V1.insert(&*in_key, value, BPF_NOEXIST as u64) {
+        in_key.set_dport(port);
+        match map.insert(&*in_key, value, BPF_NOEXIST as u64) {
             Ok(()) => {
                 note(nat_event::ALLOCATED);
                 return Some(port);
@@ -219,15 +295,16 @@ fn allocate(in_key: &mut Nat4Key, value: &Nat4Entry, hash: u32) -> Option<u16> {
             Err(e) if e != -EEXIST => return None,
             Err(_) => {}
         }
-        if let Some(old) = LB_NAT4_V1.get_ptr_mut(&*in_key) {
+        if let Some(old) = map.get_ptr_mut(&*in_key) {
             let old = unsafe { &mut *old };
+            let mut value = *value;
             if nat::expired(
-                in_key.proto,
-                old.flags,
-                old.last_seen_ns,
-                value.last_seen_ns,
+                in_key.proto(),
+                *old.flags_mut(),
+                *old.last_seen_mut(),
+                *value.last_seen_mut(),
             ) {
-                *old = *value;
+                *old = value;
                 note(nat_event::ALLOCATED);
                 note(nat_event::REUSED_EXPIRED);
                 return Some(port);
@@ -236,6 +313,92 @@ fn allocate(in_key: &mut Nat4Key, value: &Nat4Entry, hash: u32) -> Option<u16> {
         note(nat_event::PORT_TAKEN);
     }
     None
+}
+
+/// A flow to NAT, as [`nat_port`] needs it: its two keys (`in_key`'s port is filled in),
+/// the [`NAT_IN`] entry it would write, and its [`NAT_OUT`] entry without the port.
+pub(crate) struct NatFlow<K: NatKey> {
+    pub(crate) out_key: K,
+    pub(crate) in_key: K,
+    pub(crate) in_value: K::Entry,
+    pub(crate) out_value: K::Entry,
+    /// `NAT_F_*` bits this packet adds.
+    pub(crate) flags: u16,
+    pub(crate) now: u64,
+}
+
+/// The NAT port of `flow` (network byte order): the one it holds if its [`NAT_IN`] entry
+/// still names it, else a new one (`hash`: the flow's); `None` (counted) when no port is
+/// free.
+#[inline(always)]
+pub(crate) fn nat_port<K: NatKey>(
+    flow: &mut NatFlow<K>,
+    hash: impl FnOnce() -> u32,
+) -> Option<u16> {
+    let map = K::map();
+    let (now, flags, in_value) = (flow.now, flow.flags, flow.in_value);
+    // The flow's port, if it still has one: its NAT_IN entry must still name this client
+    // and frontend (an expired entry may have been taken over by another flow).
+    let mut port = None;
+    if let Some(out) = map.get_ptr_mut(&flow.out_key) {
+        let out = unsafe { &mut *out };
+        if out.own().0 == flow.out_value.own().0 && out.peer() == flow.out_value.peer() {
+            let held = out.own().1;
+            flow.in_key.set_dport(held);
+            match map.get_ptr_mut(&flow.in_key) {
+                Some(entry) => {
+                    let entry = unsafe { &mut *entry };
+                    if (entry.own(), entry.peer()) == (in_value.own(), in_value.peer()) {
+                        *entry.last_seen_mut() = now;
+                        *entry.flags_mut() |= flags;
+                        port = Some(held);
+                    } else {
+                        note(nat_event::PORT_LOST);
+                    }
+                }
+                // Evicted: take the port again if it is still free.
+                None => {
+                    if map
+                        .insert(&flow.in_key, &in_value, BPF_NOEXIST as u64)
+                        .is_ok()
+                    {
+                        port = Some(held);
+                    } else {
+                        note(nat_event::PORT_LOST);
+                    }
+                }
+            }
+            if port.is_some() {
+                *out.last_seen_mut() = now;
+                *out.flags_mut() |= flags;
+            }
+        }
+    }
+    if port.is_some() {
+        return port;
+    }
+    let Some(port) = allocate(&mut flow.in_key, &in_value, hash()) else {
+        note(nat_event::EXHAUSTED);
+        return None;
+    };
+    let mut out = flow.out_value;
+    out.set_port(port);
+    if map.insert(&flow.out_key, &out, BPF_ANY as u64).is_err() {
+        // The reply entry stands; this flow allocates again on its next packet.
+        bump(&crate::LB_REASON_V3, reason::CT_INSERT_FAILED);
+    }
+    Some(port)
+}
+
+/// A reply's [`NAT_IN`] entry, refreshed (`closing`: the packet is a FIN or RST).
+#[inline(always)]
+pub(crate) fn reply_entry<K: NatKey>(key: &K, closing: bool) -> Option<K::Entry> {
+    let entry = unsafe { &mut *K::map().get_ptr_mut(key)? };
+    *entry.last_seen_mut() = unsafe { bpf_ktime_get_ns() };
+    if closing {
+        *entry.flags_mut() |= NAT_F_CLOSING;
+    }
+    Some(*entry)
 }
 
 /// Source NAT and forwarding of a packet of `key`'s flow (the forward conntrack key: client
@@ -254,94 +417,49 @@ pub(crate) fn forward(
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let flags = if l4.closing { NAT_F_CLOSING } else { 0 };
-    let out_key = Nat4Key {
-        saddr: key.saddr,
-        daddr: key.daddr,
-        sport: key.sport,
-        dport: key.dport,
-        proto: key.proto,
-        dir: NAT_OUT,
-        _pad: [0; 2],
-    };
-    let mut in_key = Nat4Key {
-        saddr: backend_addr,
-        daddr: route.src,
-        sport: backend_port,
-        dport: 0,
-        proto: key.proto,
-        dir: NAT_IN,
-        _pad: [0; 2],
-    };
-    let in_value = Nat4Entry {
-        addr: key.saddr,
-        port: key.sport,
+    let mut flow = NatFlow {
+        out_key: Nat4Key {
+            saddr: key.saddr,
+            daddr: key.daddr,
+            sport: key.sport,
+            dport: key.dport,
+            proto: key.proto,
+            dir: NAT_OUT,
+            _pad: [0; 2],
+        },
+        in_key: Nat4Key {
+            saddr: backend_addr,
+            daddr: route.src,
+            sport: backend_port,
+            dport: 0,
+            proto: key.proto,
+            dir: NAT_IN,
+            _pad: [0; 2],
+        },
+        in_value: Nat4Entry {
+            addr: key.saddr,
+            port: key.sport,
+            flags,
+            peer_addr: key.daddr,
+            peer_port: key.dport,
+            _pad: 0,
+            last_seen_ns: now,
+        },
+        out_value: Nat4Entry {
+            addr: route.src,
+            port: 0,
+            flags,
+            peer_addr: backend_addr,
+            peer_port: backend_port,
+            _pad: 0,
+            last_seen_ns: now,
+        },
         flags,
-        peer_addr: key.daddr,
-        peer_port: key.dport,
-        _pad: 0,
-        last_seen_ns: now,
+        now,
     };
-    // The flow's port, if it still has one: its NAT_IN entry must still name this client
-    // and frontend (an expired entry may have been taken over by another flow).
-    let mut port = None;
-    if let Some(out) = LB_NAT4_V1.get_ptr_mut(&out_key) {
-        let out = unsafe { &mut *out };
-        if out.addr == route.src && out.peer_addr == backend_addr && out.peer_port == backend_port {
-            in_key.dport = out.port;
-            match LB_NAT4_V1.get_ptr_mut(&in_key) {
-                Some(entry) => {
-                    let entry = unsafe { &mut *entry };
-                    if (entry.addr, entry.port, entry.peer_addr, entry.peer_port)
-                        == (key.saddr, key.sport, key.daddr, key.dport)
-                    {
-                        entry.last_seen_ns = now;
-                        entry.flags |= flags;
-                        port = Some(out.port);
-                    } else {
-                        note(nat_event::PORT_LOST);
-                    }
-                }
-                // Evicted: take the port again if it is still free.
-                None => {
-                    if LB_NAT4_V1
-                        .insert(&in_key, &in_value, BPF_NOEXIST as u64)
-                        .is_ok()
-                    {
-                        port = Some(out.port);
-                    } else {
-                        note(nat_event::PORT_LOST);
-                    }
-                }
-            }
-            if port.is_some() {
-                out.last_seen_ns = now;
-                out.flags |= flags;
-            }
-        }
-    }
-    let port = match port {
-        Some(port) => port,
-        None => {
-            let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
-            let Some(port) = allocate(&mut in_key, &in_value, hash) else {
-                note(nat_event::EXHAUSTED);
-                return xdp_action::XDP_DROP;
-            };
-            let out = Nat4Entry {
-                addr: route.src,
-                port,
-                flags,
-                peer_addr: backend_addr,
-                peer_port: backend_port,
-                _pad: 0,
-                last_seen_ns: now,
-            };
-            if LB_NAT4_V1.insert(&out_key, &out, BPF_ANY as u64).is_err() {
-                // The reply entry stands; this flow allocates again on its next packet.
-                bump(&crate::LB_REASON_V3, reason::CT_INSERT_FAILED);
-            }
-            port
-        }
+    let hash = || flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
+    let Some(port) = nat_port(&mut flow, hash) else {
+        return xdp_action::XDP_DROP;
     };
     if rewrite(ctx, key.proto, false, route.src, port).is_none() {
         return xdp_action::XDP_DROP;
@@ -371,12 +489,7 @@ pub(crate) fn reply(ctx: &XdpContext, why: u32) -> Option<u32> {
                 dir: NAT_IN,
                 _pad: [0; 2],
             };
-            let entry = unsafe { &mut *LB_NAT4_V1.get_ptr_mut(&key)? };
-            entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-            if pkt.l4.closing {
-                entry.flags |= NAT_F_CLOSING;
-            }
-            let entry = *entry;
+            let entry = reply_entry(&key, pkt.l4.closing)?;
             let Some(route) = route(ctx, entry.peer_addr, entry.addr, key.proto, 0) else {
                 note(nat_event::NO_ROUTE);
                 return Some(xdp_action::XDP_DROP);

@@ -1,5 +1,5 @@
 //! The IPv6 datapath, north-south: `lb_xdp_ingress6`, which `lb_xdp_ingress` tail-calls for
-//! the IPv6 frames of the external interface (through `LB_PROGS_V1`, slot
+//! the IPv6 frames of the external interface (through `LB_PROGS_V2`, slot
 //! `lb_common::prog_slot::XDP_INGRESS6`), and the reverse translation of IPv6 replies in
 //! `lb_tc_egress` ([`try_egress6`]).
 //!
@@ -10,8 +10,8 @@
 //!
 //! Only a fixed header followed directly by TCP or UDP is translated. An extension header
 //! (a fragment header included) is passed untouched and counted; so is a UDP datagram with
-//! checksum 0, which IPv6 forbids. There is no IPv6 source NAT: a new flow to a remote
-//! backend is dropped and counted rather than sent on untranslated.
+//! checksum 0, which IPv6 forbids. A flow to a remote backend is source-NATed and sent on
+//! by XDP (nat6.rs), and the remote backend's replies are translated back there.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
@@ -21,22 +21,23 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, Affinity6Key, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
-    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, PROTO_TCP, PROTO_UDP,
-    RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange6, addr6, csum,
-    event, flow_hash6, prefilter, prog_slot, reason, table_event,
+    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, NAT6_FORWARD, NAT6_REPLY,
+    PROTO_TCP, PROTO_UDP, RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
+    SourceRange6, addr6, csum, event, flow_hash6, nat, prefilter, prog_slot, reason, table_event,
 };
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
-    Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V1,
+    Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V2,
     LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF, TCP_FIN,
     TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation, backend_of, count,
-    count_packet, ct_now, ct_write_in, note, ptr_at, reselect_because, select_with_affinity, vouch,
+    count_packet, ct_now, ct_write_in, nat6, note, ptr_at, reselect_because, select_with_affinity,
+    vouch,
 };
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_LEN: usize = Ipv6Hdr::LEN;
-const L4_OFF6: usize = ETH_LEN + IPV6_LEN;
+pub(crate) const L4_OFF6: usize = ETH_LEN + IPV6_LEN;
 /// Offset of the source address in the IPv6 header.
 const IPV6_SADDR_OFF: usize = ETH_LEN + 8;
 
@@ -51,17 +52,17 @@ pub(crate) fn dispatch(ctx: &XdpContext) -> u32 {
         count(reason::NOT_IP);
         return xdp_action::XDP_PASS;
     }
-    unsafe { LB_PROGS_V1.tail_call(ctx, prog_slot::XDP_INGRESS6) };
+    unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_INGRESS6) };
     count(reason::IPV6_PROGRAM_MISSING);
     xdp_action::XDP_PASS
 }
 
 /// An IPv6 header that is whole, is followed directly by a TCP or UDP header that is
 /// present, and whose payload length is consistent with the received bytes.
-struct Ipv6Packet {
-    ip: *mut Ipv6Hdr,
-    proto: u8,
-    l4: L4,
+pub(crate) struct Ipv6Packet {
+    pub(crate) ip: *mut Ipv6Hdr,
+    pub(crate) proto: u8,
+    pub(crate) l4: L4,
 }
 
 /// Whether `next` (an IPv6 next header value) is an extension header (IANA's "IPv6
@@ -76,7 +77,7 @@ fn is_extension(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
+pub(crate) fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV6))?;
     if unsafe { (*ip).vcf[0] } >> 4 != 6 {
         return Err(Verdict::Pass(reason::BAD_IPV6_HEADER));
@@ -153,6 +154,8 @@ struct Flow6 {
     port: u16,
     /// The flow's entries were written by this packet.
     new: bool,
+    /// The backend is on another node: the packet is source-NATed (nat6.rs).
+    remote: bool,
 }
 
 impl Flow6 {
@@ -164,6 +167,7 @@ impl Flow6 {
             addr: chosen.backend.addr,
             port: chosen.backend.port,
             new,
+            remote: chosen.backend.flags & BACKEND_F_REMOTE != 0,
         }
     }
 }
@@ -179,11 +183,7 @@ fn ct_write6(key: &Ct6Key, entry: &Ct6Entry, exists: bool) -> bool {
 #[inline(always)]
 fn established6(entry: *mut Ct6Entry, l4: &L4) -> Option<Flow6> {
     let entry = unsafe { &mut *entry };
-    // No IPv6 entry is written for a remote backend; one that says so is not vouched for.
-    if entry.nat_addr == [0; 4]
-        || entry.backend_gen != backend_generation()
-        || entry.flags & CT_F_REMOTE != 0
-    {
+    if entry.nat_addr == [0; 4] || entry.backend_gen != backend_generation() {
         return None;
     }
     if l4.closing && entry.flags & CT_F_CLOSING == 0 {
@@ -199,6 +199,7 @@ fn established6(entry: *mut Ct6Entry, l4: &L4) -> Option<Flow6> {
         addr: entry.nat_addr,
         port: entry.nat_port,
         new: false,
+        remote: entry.flags & CT_F_REMOTE != 0,
     })
 }
 
@@ -229,15 +230,6 @@ fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Backend6>, Verd
     select_with_affinity(svc, affinity, &client, || {
         flow_hash6(key.saddr, key.daddr, key.sport, key.dport, key.proto)
     })
-}
-
-/// A backend on another node cannot be served: there is no IPv6 source NAT.
-#[inline(always)]
-fn local(chosen: Chosen<Backend6>) -> Result<Chosen<Backend6>, Verdict> {
-    if chosen.backend.flags & BACKEND_F_REMOTE != 0 {
-        return Err(Verdict::Drop(reason::REMOTE_IPV6_UNSUPPORTED));
-    }
-    Ok(chosen)
 }
 
 /// The backend of this IPv6 flow when its entry (`found`, if any) does not vouch for it
@@ -271,10 +263,12 @@ fn flow_backend6(
             match reselect_because(previous.as_ref(), key.proto, l4.syn) {
                 None => {
                     if let Some(chosen) = previous {
-                        let chosen = local(chosen)?;
                         entry.last_seen_ns = now;
                         if l4.closing {
                             entry.flags |= CT_F_CLOSING;
+                        }
+                        if chosen.backend.flags & BACKEND_F_REMOTE != 0 {
+                            entry.flags |= CT_F_REMOTE;
                         }
                         entry.backend_gen = vouched(&chosen.backend);
                         entry.nat_addr = chosen.backend.addr;
@@ -298,12 +292,13 @@ fn flow_backend6(
             }
         }
     }
-    let chosen = local(select_backend6(svc, key)?)?;
+    let chosen = select_backend6(svc, key)?;
+    let remote = chosen.backend.flags & BACKEND_F_REMOTE != 0;
     let forward = Ct6Entry {
         backend_id: chosen.id,
         service_id: svc.id,
         last_seen_ns: now,
-        flags: if l4.closing { CT_F_CLOSING } else { 0 },
+        flags: if l4.closing { CT_F_CLOSING } else { 0 } | if remote { CT_F_REMOTE } else { 0 },
         backend_gen: vouched(&chosen.backend),
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
@@ -392,6 +387,18 @@ fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
         (ctx.data_end() - ctx.data()) as u64,
         flow.new,
     );
+    // A backend on another node: source NAT, and sent on by XDP (nat6.rs).
+    if flow.remote {
+        let (closing, addr, port) = (pkt.l4.closing, flow.addr, flow.port);
+        return Ok(nat6::hand_over(
+            ctx,
+            NAT6_FORWARD,
+            &key,
+            closing,
+            addr,
+            port,
+        ));
+    }
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -402,6 +409,40 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
     match try_ingress6(&ctx) {
         Ok(action) => action,
         Err(Verdict::Pass(reason)) => {
+            // Maybe a remote backend's reply to a NAT port (nat6.rs): only ports of the NAT
+            // range are ever allocated.
+            // An ICMPv6 error, maybe about a NATed flow (nat6.rs).
+            let kind = match reason {
+                reason::NOT_FRONTEND
+                    if ptr_at::<_, u16>(&ctx, L4_OFF6 + 2).is_some_and(|dport| {
+                        let dport = u16::from_be(unsafe { *dport });
+                        (nat::PORT_MIN..=nat::PORT_MAX).contains(&dport)
+                    }) =>
+                {
+                    NAT6_REPLY
+                }
+                reason::NOT_TCP_UDP
+                    if ptr_at::<_, Ipv6Hdr>(&ctx, ETH_LEN)
+                        .is_some_and(|ip| unsafe { (*ip).next_hdr } == nat6::PROTO_ICMPV6)
+                        && ptr_at::<_, u8>(&ctx, L4_OFF6)
+                            .is_some_and(|t| nat6::ICMPV6_ERRORS.contains(unsafe { &*t })) =>
+                {
+                    return nat6::icmp_hand_over(&ctx);
+                }
+                _ => 0,
+            };
+            if kind != 0 {
+                let none = Ct6Key {
+                    saddr: [0; 4],
+                    daddr: [0; 4],
+                    sport: 0,
+                    dport: 0,
+                    proto: 0,
+                    dir: 0,
+                    _pad: [0; 2],
+                };
+                return nat6::hand_over(&ctx, kind, &none, false, [0; 4], 0);
+            }
             count(reason);
             xdp_action::XDP_PASS
         }

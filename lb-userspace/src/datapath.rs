@@ -166,7 +166,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 17] {
+    fn map_sizes(&self) -> [(&'static str, u32); 18] {
         [
             (map_names::SERVICES, self.services),
             (map_names::SERVICES6, self.services),
@@ -184,6 +184,7 @@ impl Capacity {
             (map_names::CONNTRACK6, self.conntrack),
             // Two entries per flow to a remote backend, as conntrack has per flow.
             (map_names::NAT, self.conntrack),
+            (map_names::NAT6, self.conntrack),
             (map_names::AFFINITY, self.affinity),
             (map_names::AFFINITY6, self.affinity),
             // The socket hooks' flows (two entries per socket and frontend) and clients.
@@ -209,6 +210,7 @@ pub fn capacity_flag(map: &str) -> Option<&'static str> {
         map_names::CONNTRACK
         | map_names::CONNTRACK6
         | map_names::NAT
+        | map_names::NAT6
         | map_names::SOCKETS
         | map_names::SOCKETS6 => Some("--max-conntrack"),
         map_names::AFFINITY | map_names::AFFINITY6 | map_names::SOCK_AFFINITY => {
@@ -327,8 +329,14 @@ impl Datapath {
         self.tc()?
             .load()
             .map_err(prog_err(program_names::TC_EGRESS))?;
-        let xdp6: &mut Xdp = typed_program(&mut self.ebpf, program_names::XDP_INGRESS6)?;
-        xdp6.load().map_err(prog_err(program_names::XDP_INGRESS6))?;
+        for name in [
+            program_names::XDP_INGRESS6,
+            program_names::XDP_NAT6,
+            program_names::XDP_ICMP6,
+        ] {
+            let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+        }
         self.fill_program_slots()
     }
 
@@ -336,27 +344,30 @@ impl Datapath {
     /// start: an earlier agent's slots hold its own programs, and the XDP program the
     /// pinned link now runs (this agent's) must tail-call this agent's programs.
     fn fill_program_slots(&mut self) -> Result<(), DatapathError> {
-        let name = program_names::XDP_INGRESS6;
-        let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
-        let prog_err = |source| DatapathError::Program {
-            name,
-            source: Box::new(source),
-        };
-        let fd = prog.fd().map_err(prog_err)?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| prog_err(ProgramError::from(e)))?;
         let map = map_names::PROGRAMS;
-        let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
-            name: map,
-            source: Box::new(MapError::InvalidName {
-                name: map.to_owned(),
-            }),
-        })?;
-        let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
-        slots
-            .set(prog_slot::XDP_INGRESS6, &fd, 0)
-            .map_err(map_err(map))?;
+        for (slot, name) in [
+            (prog_slot::XDP_INGRESS6, program_names::XDP_INGRESS6),
+            (prog_slot::XDP_NAT6, program_names::XDP_NAT6),
+            (prog_slot::XDP_ICMP6, program_names::XDP_ICMP6),
+        ] {
+            let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
+            let prog_err = |source| DatapathError::Program {
+                name,
+                source: Box::new(source),
+            };
+            let fd = prog.fd().map_err(prog_err)?;
+            let fd = fd
+                .try_clone()
+                .map_err(|e| prog_err(ProgramError::from(e)))?;
+            let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
+                name: map,
+                source: Box::new(MapError::InvalidName {
+                    name: map.to_owned(),
+                }),
+            })?;
+            let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
+            slots.set(slot, &fd, 0).map_err(map_err(map))?;
+        }
         Ok(())
     }
 

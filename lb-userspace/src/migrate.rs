@@ -228,8 +228,12 @@ pub fn conversions() -> Vec<Conversion> {
 }
 
 /// Current maps whose older versions are not carried over: counters, which start again
-/// from zero.
-pub const STARTS_EMPTY: &[&str] = &[map_names::REASON_STATS, map_names::BACKEND_STATS];
+/// from zero, and the program array, whose slots every start writes.
+pub const STARTS_EMPTY: &[&str] = &[
+    map_names::REASON_STATS,
+    map_names::BACKEND_STATS,
+    map_names::PROGRAMS,
+];
 
 /// One older pin to convert.
 struct Step {

@@ -36,6 +36,6 @@ pub use manifests::{ClusterIpService, Condition, Folder};
 pub use netns::Netns;
 pub use testbed::{EXAMPLE_FRONTENDS, Testbed};
 pub use topology::{
-    CLIENT_IP, HTTP_PORT, NODE_A_NAME, NODE_B_IP, NODE_B_NAME, NODE_IF, NODE_IP, NODE_NAME, Pod,
-    Topology, TwoNodes, UDP_PORT,
+    CLIENT_IP, CLIENT_IP6, HTTP_PORT, NODE_A_NAME, NODE_B_IP, NODE_B_IP6, NODE_B_NAME, NODE_IF,
+    NODE_IP, NODE_IP6, NODE_NAME, Pod, Topology, TwoNodes, UDP_PORT,
 };

@@ -34,6 +34,9 @@ pub struct Pod {
     pub name: String,
     /// The pod's address, 10.244.i.2.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, if its topology gives it one ([`TwoNodes`]: fd00:244:i::2 on
+    /// node A, fd00:245:i::2 on node B).
+    pub ip6: Option<Ipv6Addr>,
     /// The pod's namespace.
     pub ns: Netns,
 }
@@ -166,12 +169,19 @@ fn add_pod(node: &Netns, name: &str, net: [u8; 3]) -> Result<Pod> {
     Ok(Pod {
         name: name.to_owned(),
         ip,
+        ip6: None,
         ns,
     })
 }
 
 /// Node B's address in [`TwoNodes`].
 pub const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// Node A's IPv6 address in [`TwoNodes`] (an IPv6 NodePort address).
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+/// The client's IPv6 address in [`TwoNodes`].
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+/// Node B's IPv6 address in [`TwoNodes`].
+pub const NODE_B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 3);
 /// The names of the two nodes of [`TwoNodes`], as EndpointSlices give them (`nodeName`).
 pub const NODE_A_NAME: &str = "node-a";
 /// See [`NODE_A_NAME`].
@@ -188,8 +198,13 @@ pub const NODE_B_NAME: &str = "node-b";
 /// node B: pods b-pod<i> 10.245.i.2 (veth 10.245.i.1/24), route 10.244.0.0/16 via node A
 /// ```
 ///
+/// IPv6 beside it: the LAN fd00:200::/64 (client ::2, node A ::1, node B ::3; the
+/// client's default route node A), node A's pods fd00:244:<i>::2/64 (routed to node A from
+/// node B by fd00:244::/32), node B's fd00:245:<i>::2/64 (fd00:245::/32 via node B),
+/// addresses added with `nodad` so that they are usable at once.
+///
 /// The client's default route is node A. Every pod runs [`HttpServer`] on [`HTTP_PORT`] and
-/// [`UdpEchoServer`] on [`UDP_PORT`], answering with its name. Node B's pods send full
+/// [`UdpEchoServer`] on [`UDP_PORT`] on both of its addresses, answering with its name. Node B's pods send full
 /// checksums (their replies reach node A's XDP, which cannot complete partial ones). A veth
 /// takes the frames node A's XDP sends back out (XDP_TX) only when its peer runs an XDP
 /// program: see [`TwoNodes::xdp_on_lan_port`].
@@ -246,6 +261,39 @@ impl TwoNodes {
         node_b.addr("eth0", &format!("{NODE_B_IP}/24"))?;
         node_b.sysctl("net/ipv4/ip_forward", "1")?;
         node_b.ip(&["route", "add", "10.244.0.0/16", "via", &NODE_IP.to_string()])?;
+        for (ns, addr) in [
+            (&client, CLIENT_IP6),
+            (&node_a, NODE_IP6),
+            (&node_b, NODE_B_IP6),
+        ] {
+            add_addr6(ns, "eth0", &format!("{addr}/64"))?;
+        }
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP6.to_string(),
+        ])?;
+        node_a.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        node_a.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:245::/32",
+            "via",
+            &NODE_B_IP6.to_string(),
+        ])?;
+        node_b.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        node_b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:244::/32",
+            "via",
+            &NODE_IP6.to_string(),
+        ])?;
 
         let mut topology = TwoNodes {
             http: Vec::new(),
@@ -258,12 +306,14 @@ impl TwoNodes {
             pods_b: Vec::new(),
         };
         for i in 1..=a as u8 {
-            let pod = add_pod(&topology.node_a, &format!("a-pod{i}"), [10, 244, i])?;
+            let mut pod = add_pod(&topology.node_a, &format!("a-pod{i}"), [10, 244, i])?;
+            pod_ip6(&topology.node_a, &mut pod, 0x244, i)?;
             topology.serve(&pod)?;
             topology.pods_a.push(pod);
         }
         for i in 1..=b as u8 {
-            let pod = add_pod(&topology.node_b, &format!("b-pod{i}"), [10, 245, i])?;
+            let mut pod = add_pod(&topology.node_b, &format!("b-pod{i}"), [10, 245, i])?;
+            pod_ip6(&topology.node_b, &mut pod, 0x245, i)?;
             pod.ns.tx_checksum_off("eth0")?;
             topology.serve(&pod)?;
             topology.pods_b.push(pod);
@@ -288,8 +338,42 @@ impl TwoNodes {
             .push(HttpServer::start(&pod.ns, HTTP_PORT, &pod.name)?);
         self.udp
             .push(UdpEchoServer::start(&pod.ns, UDP_PORT, &pod.name)?);
+        if let Some(ip6) = pod.ip6 {
+            self.http.push(HttpServer::start_on(
+                &pod.ns,
+                ip6.into(),
+                HTTP_PORT,
+                &pod.name,
+            )?);
+            self.udp.push(UdpEchoServer::start_on(
+                &pod.ns,
+                ip6.into(),
+                UDP_PORT,
+                &pod.name,
+            )?);
+        }
         Ok(())
     }
+}
+
+/// Adds the IPv6 address `cidr` to `dev` in `ns`, usable at once (no duplicate address
+/// detection).
+fn add_addr6(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
+    ns.ip(&["addr", "add", cidr, "dev", dev, "nodad"])?;
+    Ok(())
+}
+
+/// Gives `pod` (behind `node`) the IPv6 address fd00:`net`:`i`::2/64, the node side
+/// fd00:`net`:`i`::1, and its default route.
+fn pod_ip6(node: &Netns, pod: &mut Pod, net: u16, i: u8) -> Result<()> {
+    let host = Ipv6Addr::new(0xfd00, net, i as u16, 0, 0, 0, 0, 1);
+    let ip6 = Ipv6Addr::new(0xfd00, net, i as u16, 0, 0, 0, 0, 2);
+    add_addr6(node, &format!("veth-{}", pod.name), &format!("{host}/64"))?;
+    add_addr6(&pod.ns, "eth0", &format!("{ip6}/64"))?;
+    pod.ns
+        .ip(&["-6", "route", "add", "default", "via", &host.to_string()])?;
+    pod.ip6 = Some(ip6);
+    Ok(())
 }
 
 /// Removes namespaces left behind by killed runs, once per process.

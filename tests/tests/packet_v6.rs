@@ -10,8 +10,8 @@ use std::net::Ipv6Addr;
 use aya::maps::ProgramArray;
 use bed::*;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, prog_slot, reason,
+    BACKEND_ACTIVE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP, SERVICE_F_SOURCE_RANGES,
+    addr6, event, map_names, prog_slot, reason,
 };
 use lb_userspace::{datapath::Datapath, model::Ipv6Cidr};
 
@@ -479,25 +479,6 @@ fn an_ipv6_frontend_without_backends_drops_and_counts() {
     let syn = tcp6(client6(), 40000, vip, 8080, b"");
     assert_eq!(bed.xdp(&syn).0, XDP_DROP);
     assert_eq!(counted(&bed, &before), [("no_backend", 1)]);
-}
-
-#[test]
-fn a_remote_ipv6_backend_is_dropped_and_counted_not_forwarded() {
-    let mut bed = Bed::new();
-    let vip = cluster_ip6();
-    let remote = Backend6 {
-        flags: BACKEND_F_REMOTE,
-        ..backend6(pod6(7), 80, PROTO_TCP)
-    };
-    bed.service6(1, frontend6(vip, 8080, PROTO_TCP), &[remote], 0);
-    for i in 0..2 {
-        let before = bed.reasons();
-        let syn = tcp6(client6(), 40000, vip, 8080, b"");
-        assert_eq!(bed.xdp(&syn).0, XDP_DROP, "packet {i}");
-        assert_eq!(counted(&bed, &before), [("remote_ipv6_unsupported", 1)]);
-    }
-    assert_eq!(bed.counters().conntrack().unwrap().entries, 0, "no entry");
-    assert_eq!(bed.counters().service(1).unwrap().packets, 0);
 }
 
 #[test]

@@ -644,6 +644,9 @@ impl Bench {
             (program_names::XDP_INGRESS, false),
             // Tail-called by XDP_INGRESS for IPv6 frames (not measured per packet here).
             (program_names::XDP_INGRESS6, false),
+            // Tail-called by XDP_INGRESS6 for IPv6 remote backends.
+            (program_names::XDP_NAT6, false),
+            (program_names::XDP_ICMP6, false),
             (program_names::TC_EGRESS, false),
             (program_names::NOOP_XDP, true),
             (program_names::NOOP_TC, true),

@@ -605,6 +605,16 @@ fn udp_over(ip: PacketBuilderStep<IpHeaders>, sport: u16, dport: u16, payload: &
     out
 }
 
+/// The packet an ICMP error quotes, over the IP header of `ip` (no Ethernet): a UDP
+/// question or a TCP SYN.
+pub fn quoted_over(ip: PacketBuilderStep<IpHeaders>, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    if proto == lb_common::PROTO_UDP {
+        udp_over(ip, sport, dport, b"question")
+    } else {
+        syn_over(ip, sport, dport, b"")
+    }
+}
+
 /// The names of the counters that differ between two readings.
 pub fn changed(names: &[&'static str], before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
     (0..before.len())
