@@ -112,9 +112,14 @@ pub mod map_names {
     /// programs [`crate::program_names::XDP_INGRESS`] tail-calls. The agent writes every slot
     /// on each start, so that the slots hold the programs of the running agent's object.
     pub const PROGRAMS: &str = "LB_PROGS_V1";
+    /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::tc_prog_slot`]: the TC
+    /// classifiers [`crate::program_names::TC_POD_INGRESS`] tail-calls (a program array
+    /// holds programs of one type, so the XDP ones are in [`PROGRAMS`]). The agent writes
+    /// every slot whenever it loads the pod interfaces' program.
+    pub const TC_PROGRAMS: &str = "LB_TCPROGS_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -140,6 +145,7 @@ pub mod map_names {
         AFFINITY6,
         SOURCE_RANGES6,
         PROGRAMS,
+        TC_PROGRAMS,
     ];
 }
 
@@ -147,6 +153,14 @@ pub mod map_names {
 pub mod prog_slot {
     /// [`crate::program_names::XDP_INGRESS6`]: the IPv6 frames of the external interface.
     pub const XDP_INGRESS6: u32 = 0;
+    /// Number of slots: the size of the program array.
+    pub const COUNT: u32 = 1;
+}
+
+/// Slots of [`map_names::TC_PROGRAMS`].
+pub mod tc_prog_slot {
+    /// [`crate::program_names::TC_POD_INGRESS6`]: the IPv6 frames pods send.
+    pub const POD_INGRESS6: u32 = 0;
     /// Number of slots: the size of the program array.
     pub const COUNT: u32 = 1;
 }
@@ -200,6 +214,10 @@ pub mod program_names {
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
     /// (forward) and the replies of backend pods (reverse), for sockets the hooks did not see.
     pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
+    /// TC program for the IPv6 frames of the pods' host-side interfaces, as
+    /// [`TC_POD_INGRESS`] for IPv4. Not attached: [`TC_POD_INGRESS`] tail-calls it through
+    /// [`crate::map_names::TC_PROGRAMS`] (slot [`crate::tc_prog_slot::POD_INGRESS6`]).
+    pub const TC_POD_INGRESS6: &str = "lb_tc_pod_ingress6";
     /// cgroup/connect4: a socket connecting to a ClusterIP frontend connects to a backend.
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
     /// cgroup/sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
@@ -830,7 +848,9 @@ pub mod reason {
     /// NAT yet, and forwarding it untranslated would be wrong.
     pub const REMOTE_IPV6_UNSUPPORTED: u32 = 21;
     /// Passed: an IPv6 frame while the IPv6 program's slot of
-    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
+    /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the pod
+    /// interfaces' TC program, which then still translates IPv6 replies) is empty (the tail
+    /// call returned).
     pub const IPV6_PROGRAM_MISSING: u32 = 22;
 
     /// Number of reasons: the size of the reason array.

@@ -38,7 +38,7 @@ use lb_common::{
     MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, RevNat6, SERVICE_F_RANDOM,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4,
     SourceRange6, backend_stats_slot, backend_stats_slots, capacity, csum, event, flow_hash,
-    maglev, prefilter, prog_slot, reason, table_event,
+    maglev, prefilter, prog_slot, reason, table_event, tc_prog_slot,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -89,6 +89,9 @@ static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SO
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
 #[map]
 static LB_PROGS_V1: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
+/// The programs `lb_tc_pod_ingress` tail-calls, by `lb_common::tc_prog_slot`.
+#[map]
+static LB_TCPROGS_V1: ProgramArray = ProgramArray::pinned(tc_prog_slot::COUNT, 0);
 
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 // The IPv6 programs (v6.rs) read them, and so will the IPv6 socket hooks.

@@ -333,17 +333,28 @@ impl Datapath {
     /// start: an earlier agent's slots hold its own programs, and the XDP program the
     /// pinned link now runs (this agent's) must tail-call this agent's programs.
     fn fill_program_slots(&mut self) -> Result<(), DatapathError> {
-        let name = program_names::XDP_INGRESS6;
-        let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
+        self.fill_slot(
+            map_names::PROGRAMS,
+            prog_slot::XDP_INGRESS6,
+            program_names::XDP_INGRESS6,
+        )
+    }
+
+    /// Writes the loaded program `name` into `slot` of the pinned program array `map`.
+    pub(crate) fn fill_slot(
+        &mut self,
+        map: &'static str,
+        slot: u32,
+        name: &'static str,
+    ) -> Result<(), DatapathError> {
         let prog_err = |source| DatapathError::Program {
             name,
             source: Box::new(source),
         };
-        let fd = prog.fd().map_err(prog_err)?;
+        let fd = program(&mut self.ebpf, name)?.fd().map_err(prog_err)?;
         let fd = fd
             .try_clone()
             .map_err(|e| prog_err(ProgramError::from(e)))?;
-        let map = map_names::PROGRAMS;
         let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
             name: map,
             source: Box::new(MapError::InvalidName {
@@ -351,9 +362,7 @@ impl Datapath {
             }),
         })?;
         let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
-        slots
-            .set(prog_slot::XDP_INGRESS6, &fd, 0)
-            .map_err(map_err(map))?;
+        slots.set(slot, &fd, 0).map_err(map_err(map))?;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use std::{
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink,
 };
-use lb_common::program_names;
+use lb_common::{map_names, program_names, tc_prog_slot};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -282,16 +282,33 @@ impl Datapath {
         Ok(outcomes)
     }
 
+    /// Loads the pod interfaces' program, and the IPv6 one it tail-calls into its slot of
+    /// [`map_names::TC_PROGRAMS`] (on the first load of this agent: an earlier agent's slot
+    /// holds its own program).
     fn pod_program(&mut self) -> Result<&mut SchedClassifier, EastWestError> {
-        let name = program_names::TC_POD_INGRESS;
-        let prog: &mut SchedClassifier = typed_program(self.ebpf_mut(), name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })?;
+        for name in [
+            program_names::TC_POD_INGRESS6,
+            program_names::TC_POD_INGRESS,
+        ] {
+            let prog: &mut SchedClassifier = typed_program(self.ebpf_mut(), name)?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|source| DatapathError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
+                if name == program_names::TC_POD_INGRESS6 {
+                    self.fill_slot(
+                        map_names::TC_PROGRAMS,
+                        tc_prog_slot::POD_INGRESS6,
+                        program_names::TC_POD_INGRESS6,
+                    )?;
+                }
+            }
         }
-        Ok(prog)
+        Ok(typed_program(
+            self.ebpf_mut(),
+            program_names::TC_POD_INGRESS,
+        )?)
     }
 
     /// Attaches the pod program to `interface` (index `index`), replacing the program of a

@@ -8,7 +8,7 @@
 //! Every pod runs [`HttpServer`] on port 80 and [`UdpEchoServer`] on 5353, both answering with
 //! the pod's name (`pod1`, `pod2`, ...). The example manifests in `examples/` describe this.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 
@@ -89,6 +89,34 @@ impl Topology {
     /// (it is not in [`Topology::pods`]; dropping it removes it).
     pub fn add_pod(&self, i: u8) -> Result<Pod> {
         add_pod(&self.node, &format!("pod{i}"), [10, 244, i])
+    }
+
+    /// Gives every pod an IPv6 address beside its IPv4 one: pod<i> `fd00:244:<i>::2/64`,
+    /// default via `veth-pod<i>` `fd00:244:<i>::1` on the node, which forwards IPv6.
+    /// Returns the pods' IPv6 addresses, pod1 first. (The servers of [`Topology::new`]
+    /// listen on IPv4 only.)
+    pub fn add_ipv6_to_pods(&self) -> Result<Vec<Ipv6Addr>> {
+        self.node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        let mut addrs = Vec::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            let i = i + 1;
+            let host = format!("fd00:244:{i}::1");
+            let veth = format!("veth-pod{i}");
+            let host_cidr = format!("{host}/64");
+            self.node
+                .ip(&["addr", "add", &host_cidr, "dev", &veth, "nodad"])
+                .with_context(|| format!("IPv6 address of {veth}"))?;
+            let addr: Ipv6Addr = format!("fd00:244:{i}::2").parse()?;
+            let cidr = format!("{addr}/64");
+            pod.ns
+                .ip(&["addr", "add", &cidr, "dev", "eth0", "nodad"])
+                .with_context(|| format!("IPv6 address of {}", pod.name))?;
+            pod.ns
+                .ip(&["-6", "route", "add", "default", "via", &host])
+                .with_context(|| format!("IPv6 default route of {}", pod.name))?;
+            addrs.push(addr);
+        }
+        Ok(addrs)
     }
 
     /// The pods' names, pod1 first.

@@ -151,7 +151,6 @@ fn ipv6_connections_through_the_frontends_reach_the_pods_and_replies_come_from_t
         node,
         &["addr", "add", "fd00:200::1/64", "dev", NODE_IF, "nodad"],
     );
-    node.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
     ip(
         client,
         &["addr", "add", "fd00:200::2/64", "dev", "eth0", "nodad"],
@@ -160,37 +159,12 @@ fn ipv6_connections_through_the_frontends_reach_the_pods_and_replies_come_from_t
         client,
         &["-6", "route", "add", "default", "via", "fd00:200::1"],
     );
+    let addrs = topology.add_ipv6_to_pods().expect("IPv6 pods");
     let mut servers = Vec::new();
-    for (i, pod) in topology.pods.iter().enumerate() {
-        let i = i + 1;
-        let host = format!("fd00:244:{i}::1");
-        ip(
-            node,
-            &[
-                "addr",
-                "add",
-                &format!("{host}/64"),
-                "dev",
-                &format!("veth-pod{i}"),
-                "nodad",
-            ],
-        );
-        ip(
-            &pod.ns,
-            &[
-                "addr",
-                "add",
-                &format!("fd00:244:{i}::2/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        ip(&pod.ns, &["-6", "route", "add", "default", "via", &host]);
-        let addr = v6(&format!("fd00:244:{i}::2"));
+    for (pod, addr) in topology.pods.iter().zip(addrs) {
         servers.push((
-            HttpServer::start_on(&pod.ns, addr, 80, &pod.name).unwrap(),
-            UdpEchoServer::start_on(&pod.ns, addr, 5353, &pod.name).unwrap(),
+            HttpServer::start_on(&pod.ns, addr.into(), 80, &pod.name).unwrap(),
+            UdpEchoServer::start_on(&pod.ns, addr.into(), 5353, &pod.name).unwrap(),
         ));
     }
     let dir = workspace_dir().join("tests/fixtures/dual-stack");
