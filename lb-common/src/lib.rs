@@ -688,7 +688,8 @@ pub mod nat_event {
     pub const NO_ROUTE: u32 = 9;
     /// ICMP errors about a NATed flow translated back for the client (XDP).
     pub const ICMP_NAT: u32 = 10;
-    /// ICMP errors about a flow to a local backend translated back for the client (TC).
+    /// ICMP and ICMPv6 errors about a flow to a local backend translated back for the client
+    /// (TC).
     pub const ICMP_LOCAL: u32 = 11;
 
     /// Number of events: the size of the array.
@@ -849,8 +850,7 @@ pub mod reason {
     pub const REMOTE_IPV6_UNSUPPORTED: u32 = 21;
     /// Passed: an IPv6 frame while the IPv6 program's slot of
     /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the pod
-    /// interfaces' TC program, which then still translates IPv6 replies) is empty (the tail
-    /// call returned).
+    /// interfaces' TC program) is empty (the tail call returned).
     pub const IPV6_PROGRAM_MISSING: u32 = 22;
 
     /// Number of reasons: the size of the reason array.

@@ -830,13 +830,22 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 /// egress that is all the node's other traffic.
 pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
 
+/// TC egress of either family.
 #[inline(always)]
-pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+    let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
+    if u16::from_be(ether_type) == v6::ETH_P_IPV6 {
+        return v6::try_egress6(ctx, true);
+    }
+    try_egress4(ctx)
+}
+
+/// TC egress of an IPv4 frame (anything else is `NOT_OURS`): the pod interfaces' program
+/// calls it alone, its IPv6 frames going to their own program.
+#[inline(always)]
+pub(crate) fn try_egress4(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
-        if u16::from_be(ether_type) == v6::ETH_P_IPV6 {
-            return v6::try_egress6(ctx);
-        }
         return Err(NOT_OURS);
     }
     let ip: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;

@@ -15,7 +15,8 @@
 //!   header of the packet they are about. One about a NATed flow arrives here ([`reply`]);
 //!   one from a local backend leaves by TC egress ([`local_icmp`]). Both are rewritten so
 //!   that the client sees an error about the packet it sent (to the frontend): the quoted
-//!   header, the outer source when it is the backend, and every checksum.
+//!   header, the outer source when it is the backend, and every checksum. ICMPv6 errors from
+//!   a local backend are v6.rs's (`local_icmp6`), counted here too.
 //!
 //! Counters: `lb_common::nat_event`.
 
@@ -60,7 +61,7 @@ const IP_SADDR_OFF: usize = 12;
 const IP_DADDR_OFF: usize = 16;
 
 #[inline(always)]
-fn note(event: u32) {
+pub(crate) fn note(event: u32) {
     bump(&LB_NATEVENT_V1, event);
 }
 

@@ -26,7 +26,7 @@ use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
     ETH_LEN, IP_CHECK_OFF, IP_SADDR_OFF, L4_OFF, LB_CT4_V2, TCP_ACK, TCP_CHECK_OFF, TCP_FLAGS_OFF,
-    TCP_SYN, UDP_CHECK_OFF, Verdict, count_translated, note, tc_action, translation, try_egress,
+    TCP_SYN, UDP_CHECK_OFF, Verdict, count_translated, note, tc_action, translation, try_egress4,
     v6,
 };
 
@@ -115,11 +115,10 @@ fn forget_stale_reply(ctx: &TcContext) {
 
 #[inline(always)]
 fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
-    // IPv6: `lb_tc_pod_ingress6`'s (v6.rs), through a tail call that does not return; with
-    // its slot empty, IPv6 replies are still translated below.
-    v6::dispatch_pod(ctx);
+    // IPv6: `lb_tc_pod_ingress6`'s (v6.rs), through a tail call that does not return.
+    v6::dispatch_pod(ctx)?;
     unhairpin(ctx)?;
-    match try_egress(ctx) {
+    match try_egress4(ctx) {
         // `NOT_OURS`: not a reply.
         Err(Verdict::Pass(u32::MAX)) => {}
         replied => return replied,

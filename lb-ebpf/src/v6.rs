@@ -23,7 +23,8 @@ use lb_common::{
     Addr6, Affinity6Key, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
     CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, HAIRPIN_ADDR6, PROTO_TCP,
     PROTO_UDP, RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange6,
-    addr6, csum, event, flow_hash6, prefilter, prog_slot, reason, table_event, tc_prog_slot,
+    addr6, csum, event, flow_hash6, nat_event, prefilter, prog_slot, reason, table_event,
+    tc_prog_slot,
 };
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -31,7 +32,7 @@ use crate::{
     Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V1,
     LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, LB_TCPROGS_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF,
     TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation,
-    backend_of, count, count_packet, ct_now, ct_write_in, note, ptr_at, reselect_because,
+    backend_of, count, count_packet, ct_now, ct_write_in, nat, note, ptr_at, reselect_because,
     select_with_affinity, tc_action, vouch,
 };
 
@@ -445,12 +446,16 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
 }
 
 /// TC egress of an IPv6 frame (`try_egress` calls it): a reply of a translated flow leaves
-/// as if it came from the frontend, by the flow's conntrack reply entry.
+/// as if it came from the frontend, by the flow's conntrack reply entry; with `icmp`, so
+/// does an ICMPv6 error about such a flow ([`local_icmp6`]).
 #[inline(always)]
-pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
+pub(crate) fn try_egress6(ctx: &TcContext, icmp: bool) -> Result<(), Verdict> {
     let ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(NOT_OURS);
+    }
+    if icmp && ip.next_hdr == PROTO_ICMPV6 {
+        return local_icmp6(ctx, &ip);
     }
     // Only the shapes that ingress translates can be replies of a translated flow.
     let check_off = check_offset(ip.next_hdr).ok_or(NOT_OURS)?;
@@ -465,18 +470,7 @@ pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let entry = unsafe { LB_CT6_V1.get(&key) }.ok_or(NOT_OURS)?;
-    let frontend = if entry.nat_addr != [0; 4] {
-        RevNat6 {
-            addr: entry.nat_addr,
-            port: entry.nat_port,
-            _pad: 0,
-        }
-    } else {
-        *unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
-            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
-    };
-
+    let frontend = reply_frontend(&key)?;
     let mangled = l4_mangled(ip.next_hdr);
     replace_addr6(
         ctx,
@@ -490,6 +484,99 @@ pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
 }
 
 const FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+
+/// The frontend a reply of the flow of conntrack reply key `key` comes from: the entry's,
+/// or the service's reverse NAT entry when the entry does not carry it. `NOT_OURS` when
+/// there is no entry: not a translated flow.
+#[inline(always)]
+fn reply_frontend(key: &Ct6Key) -> Result<RevNat6, Verdict> {
+    let entry = unsafe { LB_CT6_V1.get(key) }.ok_or(NOT_OURS)?;
+    if entry.nat_addr != [0; 4] {
+        return Ok(RevNat6 {
+            addr: entry.nat_addr,
+            port: entry.nat_port,
+            _pad: 0,
+        });
+    }
+    Ok(*unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
+        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?)
+}
+
+const PROTO_ICMPV6: u8 = 58;
+/// The ICMPv6 errors (RFC 4443) that quote the packet they are about: destination
+/// unreachable, packet too big, time exceeded, parameter problem.
+const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
+/// Offsets in an ICMPv6 error: its checksum, the quoted IPv6 header, the quoted ports.
+const ICMPV6_CHECK_OFF: usize = L4_OFF6 + 2;
+const INNER6_OFF: usize = L4_OFF6 + 8;
+const INNER6_DADDR_OFF: usize = INNER6_OFF + 24;
+const INNER6_L4_OFF: usize = INNER6_OFF + IPV6_LEN;
+
+/// TC egress: an ICMPv6 error from a local backend (or a hop towards it) about a flow it
+/// got from a frontend, rewritten to be about the packet the client sent (as
+/// `nat::local_icmp` for IPv4): the quoted destination address and port become the
+/// frontend's (and the quoted transport checksum with them), the outer source becomes the
+/// frontend when it is the backend, and the ICMPv6 checksum, which covers the outer
+/// addresses (pseudo-header) and the quote, follows every change. `NOT_OURS` when it is
+/// not one.
+#[inline(always)]
+fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdict> {
+    let icmp_type: u8 = ctx.load(L4_OFF6).map_err(|_| NOT_OURS)?;
+    if !ICMPV6_ERRORS.contains(&icmp_type) {
+        return Err(NOT_OURS);
+    }
+    let inner: Ipv6Hdr = ctx.load(INNER6_OFF).map_err(|_| NOT_OURS)?;
+    let proto = inner.next_hdr;
+    let inner_check_off = match proto {
+        PROTO_TCP => INNER6_L4_OFF + TCP_CHECK_OFF,
+        PROTO_UDP => INNER6_L4_OFF + UDP_CHECK_OFF,
+        _ => return Err(NOT_OURS),
+    };
+    if inner.vcf[0] >> 4 != 6 {
+        return Err(NOT_OURS);
+    }
+    let ports: [u16; 2] = ctx.load(INNER6_L4_OFF).map_err(|_| NOT_OURS)?;
+    let (client, backend) = (addr6(inner.src_addr), addr6(inner.dst_addr));
+    // The quoted packet went from the client to the backend: its reply key.
+    let key = Ct6Key {
+        saddr: backend,
+        daddr: client,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let frontend = reply_frontend(&key)?;
+    let mut icmp: u16 = ctx.load(ICMPV6_CHECK_OFF).map_err(|_| FAILED)?;
+    // The quoted transport checksum, when the quote reaches it (the error is not
+    // CHECKSUM_PARTIAL: the kernel computes an ICMPv6 error's checksum whole).
+    if let Ok(old) = ctx.load::<u16>(inner_check_off)
+        && (proto == PROTO_TCP || old != 0)
+    {
+        let mut new = csum::replace16_2(old, backend, frontend.addr, ports[1], frontend.port);
+        if proto == PROTO_UDP && new == 0 {
+            new = 0xffff;
+        }
+        icmp = csum::replace2(icmp, old, new);
+        ctx.store(inner_check_off, &new, 0).map_err(|_| FAILED)?;
+    }
+    icmp = csum::replace16_2(icmp, backend, frontend.addr, ports[1], frontend.port);
+    ctx.store(INNER6_DADDR_OFF, &frontend.addr, 0)
+        .map_err(|_| FAILED)?;
+    ctx.store(INNER6_L4_OFF + 2, &frontend.port, 0)
+        .map_err(|_| FAILED)?;
+    // The backend itself reports: the error comes from the frontend. A router on the way
+    // keeps its address.
+    if addr6(outer.src_addr) == backend {
+        icmp = csum::replace16(icmp, backend, frontend.addr);
+        ctx.store(IPV6_SADDR_OFF, &frontend.addr, 0)
+            .map_err(|_| FAILED)?;
+    }
+    ctx.store(ICMPV6_CHECK_OFF, &icmp, 0).map_err(|_| FAILED)?;
+    nat::note(nat_event::ICMP_LOCAL);
+    Ok(())
+}
 
 /// The checksum helpers' flag for UDP's "no checksum" zero (which an IPv6 packet the
 /// programs translate never has, but a rewrite must not produce).
@@ -539,16 +626,17 @@ fn replace_port(
 }
 
 /// Called by `lb_tc_pod_ingress` first: an IPv6 frame goes on to `lb_tc_pod_ingress6` (the
-/// tail call does not return). While that program's slot is empty the frame is counted and
-/// `lb_tc_pod_ingress` goes on with it (it translates IPv6 replies, nothing else).
+/// tail call does not return); while that program's slot is empty it is passed, counted.
+/// (The IPv4 program holds no IPv6 code: with it, it was over the stack limit.)
 #[inline(always)]
-pub(crate) fn dispatch_pod(ctx: &TcContext) {
+pub(crate) fn dispatch_pod(ctx: &TcContext) -> Result<(), Verdict> {
     let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if ipv6 {
         let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
-        count(reason::IPV6_PROGRAM_MISSING);
+        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
     }
+    Ok(())
 }
 
 /// The transport checksum's offset of an IPv6 packet whose next header is `proto` (TCP or
@@ -626,7 +714,8 @@ fn forget_stale_reply6(ctx: &TcContext) {
 #[inline(always)]
 fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
     unhairpin6(ctx)?;
-    match try_egress6(ctx) {
+    // Without ICMPv6 errors: with them, this program is over the stack limit.
+    match try_egress6(ctx, false) {
         // `NOT_OURS`: not a reply.
         Err(Verdict::Pass(u32::MAX)) => {}
         replied => return replied,

@@ -398,21 +398,7 @@ fn unresolved_next_hops_go_to_the_kernel_and_other_interfaces_by_redirect() {
 
 /// An IPv4 packet (no Ethernet) of UDP or TCP from `src` to `dst`, as it was sent.
 fn quoted(proto: u8, src: ([u8; 4], u16), dst: ([u8; 4], u16), ttl: u8) -> Vec<u8> {
-    let builder = PacketBuilder::ipv4(src.0, dst.0, ttl);
-    let mut out = Vec::new();
-    if proto == PROTO_UDP {
-        builder
-            .udp(src.1, dst.1)
-            .write(&mut out, b"question")
-            .unwrap();
-    } else {
-        builder
-            .tcp(src.1, dst.1, 1000, 64240)
-            .syn()
-            .write(&mut out, b"")
-            .unwrap();
-    }
-    out
+    quoted_over(PacketBuilder::ipv4(src.0, dst.0, ttl), proto, src.1, dst.1)
 }
 
 /// A port unreachable error from `from` to `to` quoting `quote`.

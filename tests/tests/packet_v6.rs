@@ -9,9 +9,13 @@ use std::net::Ipv6Addr;
 
 use aya::maps::ProgramArray;
 use bed::*;
+use etherparse::{
+    Icmpv6Type, PacketBuilder,
+    icmpv6::{DestUnreachableCode, TimeExceededCode},
+};
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, prog_slot, reason,
+    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, prog_slot, reason,
 };
 use lb_userspace::{datapath::Datapath, model::Ipv6Cidr};
 
@@ -538,4 +542,99 @@ fn without_the_ipv6_program_ipv6_frames_pass_untouched_and_counted() {
     let mut agent = Datapath::load(&bed.pin).unwrap();
     agent.load_programs().unwrap();
     assert_eq!(bed.xdp(&syn), (XDP_PASS, translated), "slot filled again");
+}
+
+/// The IPv6 packet (no Ethernet header) an ICMPv6 error quotes: a UDP question or a TCP SYN
+/// from `src` to `dst`, its checksum computed by etherparse.
+fn quoted6(proto: u8, src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> Vec<u8> {
+    quoted_over(PacketBuilder::ipv6(src.0, dst.0, 63), proto, src.1, dst.1)
+}
+
+/// An ICMPv6 error from `from` to `to` quoting `quote`, leaving towards the client; its
+/// checksum (over the pseudo-header and the quote) computed by etherparse.
+fn icmp6_error(from: [u8; 16], to: [u8; 16], kind: Icmpv6Type, quote: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(from, to, 64)
+        .icmpv6(kind)
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmpv6_errors_from_a_local_backend_leave_about_the_frontend() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    // A UDP flow and a TCP flow, through XDP.
+    assert_eq!(
+        bed.xdp(&udp6(client, 40001, vip, 53, b"question")).0,
+        XDP_PASS
+    );
+    assert_eq!(bed.xdp(&tcp6(client, 40000, vip, 8080, b"")).0, XDP_PASS);
+    let udp_pod = bed.addr6(bed.maglev_pick6(2, client, 40001, vip, 53, PROTO_UDP));
+    let tcp_pod = bed.addr6(bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP));
+    let router = a6("fd00:244:7::1");
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    let hop_limit = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
+    // (what, error type, reporter, the flow: protocol, client port, backend, its port,
+    // frontend port; the error's source as the client must see it)
+    let cases = [
+        (
+            "port unreachable from the backend",
+            unreachable,
+            udp_pod,
+            (PROTO_UDP, 40001, udp_pod, 5353, 53),
+            vip,
+        ),
+        (
+            "packet too big from the backend",
+            too_big,
+            tcp_pod,
+            (PROTO_TCP, 40000, tcp_pod, 80, 8080),
+            vip,
+        ),
+        (
+            "hop limit exceeded at a router",
+            hop_limit,
+            router,
+            (PROTO_UDP, 40001, udp_pod, 5353, 53),
+            router,
+        ),
+    ];
+    for (what, kind, from, (proto, cport, pod, pport, fport), source) in cases {
+        let before = bed.counters().nat_events().unwrap();
+        let sent = quoted6(proto, (client, cport), (pod, pport));
+        let error = icmp6_error(from, client, kind, &sent);
+        let (action, out) = bed.tc(&error);
+        assert_eq!(action, TC_ACT_OK, "{what}");
+        let about = quoted6(proto, (client, cport), (vip, fport));
+        assert_eq!(out, icmp6_error(source, client, kind, &about), "{what}");
+        let after = bed.counters().nat_events().unwrap();
+        assert_eq!(
+            changed(&nat_event::NAMES, &before, &after),
+            [("icmp_local", 1)],
+            "{what}"
+        );
+    }
+
+    // Not about a translated flow (another client port, another backend): untouched.
+    for (cport, pod) in [(40002, udp_pod), (40001, pod6(9))] {
+        let sent = quoted6(PROTO_UDP, (client, cport), (pod, 5353));
+        let error = icmp6_error(pod, client, unreachable, &sent);
+        assert_eq!(bed.tc(&error), (TC_ACT_OK, error));
+    }
+    // Not an error (an echo reply from the backend): untouched.
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(udp_pod, client, 64)
+        .icmpv6_echo_reply(1, 1)
+        .write(
+            &mut echo,
+            &quoted6(PROTO_UDP, (client, 40001), (udp_pod, 5353)),
+        )
+        .unwrap();
+    assert_eq!(bed.tc(&echo), (TC_ACT_OK, echo));
 }

@@ -21,8 +21,8 @@ use aya::{
 use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, Backend4, Backend6, Ct4Key, Ct6Entry,
-    Ct6Key, CtEntry, Frontend4, Frontend6, RevNat4, RevNat6, Service, addr6, flow_hash, flow_hash6,
-    map_names, prefilter, program_names,
+    Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP, RevNat4, RevNat6, Service, addr6, flow_hash,
+    flow_hash6, map_names, prefilter, program_names,
 };
 use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath, teardown},
@@ -579,6 +579,22 @@ fn write_transport(
 /// The client's frames to the node.
 fn ethernet() -> PacketBuilderStep<Ethernet2Header> {
     PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+}
+
+/// An IP packet (no Ethernet) as an ICMP error quotes it: a UDP question or (any other
+/// `proto`) a TCP SYN from `sport` to `dport` over the IP header of `ip`, its checksum
+/// computed by etherparse.
+pub fn quoted_over(ip: PacketBuilderStep<IpHeaders>, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    if proto == PROTO_UDP {
+        ip.udp(sport, dport).write(&mut out, b"question").unwrap();
+    } else {
+        ip.tcp(sport, dport, 1000, 64240)
+            .syn()
+            .write(&mut out, b"")
+            .unwrap();
+    }
+    out
 }
 
 /// A TCP SYN over the IP header of `ip`.
