@@ -5,7 +5,7 @@
 
 mod bed;
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddr};
 
 use aya::maps::ProgramArray;
 use bed::*;
@@ -17,7 +17,12 @@ use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP,
     SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, prog_slot, reason,
 };
-use lb_userspace::{datapath::Datapath, model::Ipv6Cidr};
+use lb_userspace::{
+    datapath::Datapath,
+    desired::Protocol,
+    explain::{Decision, Explainer, Flow, monotonic_ns},
+    model::Ipv6Cidr,
+};
 
 fn a6(s: &str) -> [u8; 16] {
     s.parse::<Ipv6Addr>().unwrap().octets()
@@ -637,4 +642,59 @@ fn icmpv6_errors_from_a_local_backend_leave_about_the_frontend() {
         )
         .unwrap();
     assert_eq!(bed.tc(&echo), (TC_ACT_OK, echo));
+}
+
+#[test]
+fn explain_follows_ipv6_flows_from_the_ipv6_maps() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    let flow = |sport: u16, dport: u16, syn: bool| Flow {
+        src: SocketAddr::from((Ipv6Addr::from(client), sport)),
+        dst: SocketAddr::from((Ipv6Addr::from(vip), dport)),
+        proto: Protocol::Tcp,
+        syn,
+    };
+    let explain = |bed: &Bed, flow: Flow| {
+        Explainer::open_pinned(&bed.pin)
+            .unwrap()
+            .explain(&flow, monotonic_ns())
+            .unwrap()
+    };
+
+    // A new flow: the Maglev entry of its hash, which is where XDP sends the packet.
+    let before = explain(&bed, flow(40000, 8080, true));
+    assert_eq!(before.decision, Decision::Maglev, "{:?}", before.steps);
+    let id = bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP);
+    let pod = bed.addr6(id);
+    assert_eq!(before.service_id, Some(1));
+    assert_eq!(before.backend_id, Some(id));
+    assert_eq!(
+        before.backend,
+        Some(SocketAddr::from((Ipv6Addr::from(pod), 80)))
+    );
+    let syn = tcp6(client, 40000, vip, 8080, b"");
+    assert_eq!(
+        bed.xdp(&syn),
+        (XDP_PASS, rewritten6(&syn, Some((pod, 80)), None))
+    );
+    // Then the flow's IPv6 conntrack entry decides.
+    let after = explain(&bed, flow(40000, 8080, false));
+    assert_eq!(
+        (after.decision, after.backend_id, after.backend),
+        (Decision::Conntrack, Some(id), before.backend),
+        "{:?}",
+        after.steps
+    );
+    // Another port of the address is no frontend.
+    assert_eq!(
+        explain(&bed, flow(40000, 9999, true)).decision,
+        Decision::NotFrontend
+    );
+    // Nor is a flow whose addresses are of different families.
+    let mixed = Flow {
+        src: SocketAddr::from(([10, 0, 0, 1], 40000)),
+        ..flow(40000, 8080, true)
+    };
+    assert_eq!(explain(&bed, mixed).decision, Decision::NotFrontend);
 }
