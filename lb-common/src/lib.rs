@@ -161,8 +161,11 @@ pub mod prog_slot {
 pub mod tc_prog_slot {
     /// [`crate::program_names::TC_POD_INGRESS6`]: the IPv6 frames pods send.
     pub const POD_INGRESS6: u32 = 0;
+    /// [`crate::program_names::TC_EGRESS`]: the ICMPv6 errors pods send, which
+    /// [`crate::program_names::TC_POD_INGRESS6`] passes on to it.
+    pub const EGRESS: u32 = 1;
     /// Number of slots: the size of the program array.
-    pub const COUNT: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,

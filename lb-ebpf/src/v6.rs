@@ -713,8 +713,14 @@ fn forget_stale_reply6(ctx: &TcContext) {
 /// pod's packets are often CHECKSUM_PARTIAL), else passed.
 #[inline(always)]
 fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
+    // An ICMPv6 error (from a backend pod about a flow a frontend gave it) is
+    // `lb_tc_egress`'s to rewrite, by a tail call: with that code this program is over the
+    // stack limit.
+    if ctx.load::<u8>(ETH_LEN + 6) == Ok(PROTO_ICMPV6) {
+        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
+        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
+    }
     unhairpin6(ctx)?;
-    // Without ICMPv6 errors: with them, this program is over the stack limit.
     match try_egress6(ctx, false) {
         // `NOT_OURS`: not a reply.
         Err(Verdict::Pass(u32::MAX)) => {}

@@ -282,33 +282,31 @@ impl Datapath {
         Ok(outcomes)
     }
 
-    /// Loads the pod interfaces' program, and the IPv6 one it tail-calls into its slot of
-    /// [`map_names::TC_PROGRAMS`] (on the first load of this agent: an earlier agent's slot
-    /// holds its own program).
+    /// Loads the pod interfaces' program, and the programs it tail-calls into their slots
+    /// of [`map_names::TC_PROGRAMS`] (on this agent's first load of the pod program: an
+    /// earlier agent's slots hold its own programs).
     fn pod_program(&mut self) -> Result<&mut SchedClassifier, EastWestError> {
-        for name in [
-            program_names::TC_POD_INGRESS6,
-            program_names::TC_POD_INGRESS,
-        ] {
-            let prog: &mut SchedClassifier = typed_program(self.ebpf_mut(), name)?;
-            if prog.fd().is_err() {
-                prog.load().map_err(|source| DatapathError::Program {
-                    name,
-                    source: Box::new(source),
-                })?;
-                if name == program_names::TC_POD_INGRESS6 {
-                    self.fill_slot(
-                        map_names::TC_PROGRAMS,
-                        tc_prog_slot::POD_INGRESS6,
-                        program_names::TC_POD_INGRESS6,
-                    )?;
-                }
+        let name = program_names::TC_POD_INGRESS;
+        let loaded = typed_program::<SchedClassifier>(self.ebpf_mut(), name)?
+            .fd()
+            .is_ok();
+        if !loaded {
+            for (name, slot) in [
+                (program_names::TC_POD_INGRESS6, tc_prog_slot::POD_INGRESS6),
+                (program_names::TC_EGRESS, tc_prog_slot::EGRESS),
+            ] {
+                load_classifier(self, name)?;
+                self.fill_slot(map_names::TC_PROGRAMS, slot, name)?;
             }
+            load_classifier(self, name)?;
         }
-        Ok(typed_program(
-            self.ebpf_mut(),
-            program_names::TC_POD_INGRESS,
-        )?)
+        Ok(typed_program(self.ebpf_mut(), name)?)
+    }
+
+    /// Loads the pod interfaces' programs (and fills their program array) without
+    /// attaching them, for tests that run them directly.
+    pub fn load_pod_programs(&mut self) -> Result<(), EastWestError> {
+        self.pod_program().map(|_| ())
     }
 
     /// Attaches the pod program to `interface` (index `index`), replacing the program of a
@@ -325,6 +323,18 @@ impl Datapath {
             })?;
         Ok(outcome)
     }
+}
+
+/// Loads the classifier `name` unless it is loaded already.
+fn load_classifier(dp: &mut Datapath, name: &'static str) -> Result<(), EastWestError> {
+    let prog: &mut SchedClassifier = typed_program(dp.ebpf_mut(), name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
 }
 
 fn pod_pin_name(interface: &str, index: u32) -> String {

@@ -14,8 +14,9 @@ use etherparse::{
     icmpv6::{DestUnreachableCode, TimeExceededCode},
 };
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, prog_slot, reason,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, CT_REPLY, Frontend6, HAIRPIN_ADDR6, PROTO_TCP,
+    PROTO_UDP, SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, octets6, prog_slot,
+    reason, tc_prog_slot,
 };
 use lb_userspace::{
     datapath::Datapath,
@@ -697,4 +698,71 @@ fn explain_follows_ipv6_flows_from_the_ipv6_maps() {
         ..flow(40000, 8080, true)
     };
     assert_eq!(explain(&bed, mixed).decision, Decision::NotFrontend);
+}
+
+#[test]
+fn the_pod_interfaces_program_translates_ipv6_by_its_tail_calls() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    // A pod's SYN to the ClusterIP goes to the Maglev entry's backend.
+    let syn = tcp6(client, 40000, vip, 8080, b"");
+    let pod = bed.addr6(bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP));
+    assert_eq!(
+        bed.pod(&syn),
+        (TC_ACT_OK, rewritten6(&syn, Some((pod, 80)), None))
+    );
+    // The backend pod's reply comes from the frontend.
+    let reply = tcp6_ack(pod, 80, client, 40000, b"answer");
+    assert_eq!(
+        bed.pod(&reply),
+        (TC_ACT_OK, rewritten6(&reply, None, Some((vip, 8080))))
+    );
+    // An ICMPv6 error the backend pod sends about the flow is about the frontend
+    // (`lb_tc_egress`'s rewrite, by the second tail call).
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    let sent = quoted6(PROTO_TCP, (client, 40000), (pod, 80));
+    let about = quoted6(PROTO_TCP, (client, 40000), (vip, 8080));
+    assert_eq!(
+        bed.pod(&icmp6_error(pod, client, too_big, &sent)),
+        (TC_ACT_OK, icmp6_error(vip, client, too_big, &about))
+    );
+
+    // Hairpin: pod1 to a frontend whose only backend is pod1 sees the flow come from
+    // HAIRPIN_ADDR6, and its replies to that address go back to pod1 from the frontend.
+    let own = a6("fd00:96::33");
+    bed.service6(
+        3,
+        frontend6(own, 80, PROTO_TCP),
+        &[backend6(pod6(1), 80, PROTO_TCP)],
+        0,
+    );
+    let hairpin = octets6(HAIRPIN_ADDR6);
+    let syn = tcp6(pod6(1), 40001, own, 80, b"");
+    assert_eq!(
+        bed.pod(&syn),
+        (
+            TC_ACT_OK,
+            rewritten6(&syn, Some((pod6(1), 80)), Some((hairpin, 40001)))
+        )
+    );
+    let reply = tcp6_ack(pod6(1), 80, hairpin, 40001, b"answer");
+    assert_eq!(
+        bed.pod(&reply),
+        (TC_ACT_OK, tcp6_ack(own, 80, pod6(1), 40001, b"answer"))
+    );
+    // Not for a frontend: untouched.
+    let other = tcp6(client, 40002, a6("fd00:96::99"), 80, b"");
+    assert_eq!(bed.pod(&other), (TC_ACT_OK, other.clone()));
+
+    // Without `lb_tc_egress` in its slot, the error passes untouched, counted.
+    let map = bed.dp.ebpf_mut().map_mut(map_names::TC_PROGRAMS).unwrap();
+    ProgramArray::try_from(map)
+        .unwrap()
+        .clear_index(&tc_prog_slot::EGRESS)
+        .unwrap();
+    let error = icmp6_error(pod, client, too_big, &sent);
+    let before = bed.reasons();
+    assert_eq!(bed.pod(&error), (TC_ACT_OK, error.clone()));
+    assert_eq!(counted(&bed, &before), [("ipv6_program_missing", 1)]);
 }
