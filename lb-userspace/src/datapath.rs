@@ -321,9 +321,11 @@ impl Datapath {
         self.xdp()?
             .load()
             .map_err(prog_err(program_names::XDP_INGRESS))?;
-        self.tc()?
-            .load()
-            .map_err(prog_err(program_names::TC_EGRESS))?;
+        // The pod interfaces' program may have loaded it already (it tail-calls it).
+        let tc = self.tc()?;
+        if tc.fd().is_err() {
+            tc.load().map_err(prog_err(program_names::TC_EGRESS))?;
+        }
         let xdp6: &mut Xdp = typed_program(&mut self.ebpf, program_names::XDP_INGRESS6)?;
         xdp6.load().map_err(prog_err(program_names::XDP_INGRESS6))?;
         self.fill_program_slots()
