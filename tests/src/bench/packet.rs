@@ -639,12 +639,19 @@ impl Bench {
     }
 
     fn program_sizes(&mut self) -> Result<Vec<ProgramSize>> {
+        self.dp
+            .load_pod_programs()
+            .context("loading the pod interfaces' programs")?;
         let mut sizes = Vec::new();
         let names = [
             (program_names::XDP_INGRESS, false),
             // Tail-called by XDP_INGRESS for IPv6 frames (not measured per packet here).
             (program_names::XDP_INGRESS6, false),
             (program_names::TC_EGRESS, false),
+            // On the pods' host-side interfaces; TC_POD_INGRESS6 is tail-called by
+            // TC_POD_INGRESS for IPv6 frames (neither is measured per packet here).
+            (program_names::TC_POD_INGRESS, false),
+            (program_names::TC_POD_INGRESS6, false),
             (program_names::NOOP_XDP, true),
             (program_names::NOOP_TC, true),
         ];
