@@ -125,9 +125,14 @@ pub mod map_names {
     /// each start, so that the slots hold the programs of the running agent's object. (V2:
     /// the slot of [`crate::program_names::XDP_NAT6`].)
     pub const PROGRAMS: &str = "LB_PROGS_V2";
+    /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::tc_prog_slot`]: the TC
+    /// classifiers [`crate::program_names::TC_POD_INGRESS`] tail-calls (a program array
+    /// holds programs of one type, so the XDP ones are in [`PROGRAMS`]). The agent writes
+    /// every slot whenever it loads the pod interfaces' program.
+    pub const TC_PROGRAMS: &str = "LB_TCPROGS_V1";
 
     /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -156,6 +161,7 @@ pub mod map_names {
         NAT6,
         NAT6_PENDING,
         PROGRAMS,
+        TC_PROGRAMS,
     ];
 }
 
@@ -171,6 +177,17 @@ pub mod prog_slot {
     pub const XDP_ICMP6: u32 = 2;
     /// Number of slots: the size of the program array.
     pub const COUNT: u32 = 3;
+}
+
+/// Slots of [`map_names::TC_PROGRAMS`].
+pub mod tc_prog_slot {
+    /// [`crate::program_names::TC_POD_INGRESS6`]: the IPv6 frames pods send.
+    pub const POD_INGRESS6: u32 = 0;
+    /// [`crate::program_names::TC_EGRESS`]: the ICMPv6 errors pods send, which
+    /// [`crate::program_names::TC_POD_INGRESS6`] passes on to it.
+    pub const EGRESS: u32 = 1;
+    /// Number of slots: the size of the program array.
+    pub const COUNT: u32 = 2;
 }
 
 /// The destination pre-filter ([`map_names::PREFILTER`]): one bit per bucket of frontends,
@@ -234,6 +251,10 @@ pub mod program_names {
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
     /// (forward) and the replies of backend pods (reverse), for sockets the hooks did not see.
     pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
+    /// TC program for the IPv6 frames of the pods' host-side interfaces, as
+    /// [`TC_POD_INGRESS`] for IPv4. Not attached: [`TC_POD_INGRESS`] tail-calls it through
+    /// [`crate::map_names::TC_PROGRAMS`] (slot [`crate::tc_prog_slot::POD_INGRESS6`]).
+    pub const TC_POD_INGRESS6: &str = "lb_tc_pod_ingress6";
     /// cgroup/connect4: a socket connecting to a ClusterIP frontend connects to a backend.
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
     /// cgroup/sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
@@ -714,7 +735,8 @@ pub mod nat_event {
     pub const NO_ROUTE: u32 = 9;
     /// ICMP errors about a NATed flow translated back for the client (XDP).
     pub const ICMP_NAT: u32 = 10;
-    /// ICMP errors about a flow to a local backend translated back for the client (TC).
+    /// ICMP and ICMPv6 errors about a flow to a local backend translated back for the client
+    /// (TC).
     pub const ICMP_LOCAL: u32 = 11;
 
     /// Number of events: the size of the array.
@@ -875,7 +897,8 @@ pub mod reason {
     /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
     pub const NAT6_PROGRAM_MISSING: u32 = 21;
     /// Passed: an IPv6 frame while the IPv6 program's slot of
-    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
+    /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the pod
+    /// interfaces' TC program) is empty (the tail call returned).
     pub const IPV6_PROGRAM_MISSING: u32 = 22;
 
     /// Number of reasons: the size of the reason array.

@@ -43,6 +43,16 @@ pub const fn octets6(addr: Addr6) -> [u8; 16] {
     ]
 }
 
+/// The source address a pod sees on an IPv6 flow to a frontend that was given the pod
+/// itself as its backend (hairpin), as [`crate::HAIRPIN_ADDR`] for IPv4: the pod
+/// interfaces' TC program puts it in place of the pod's own address, and puts the pod's
+/// address back into the replies. `fd6c:6268:6169::1`: a unique local address (RFC 4193) of
+/// a global ID chosen for this (the octets spell "lbhai"), so that it is in no cluster's
+/// pod or Service range and is routed by the pod to its default gateway, the node.
+pub const HAIRPIN_ADDR6: Addr6 = addr6([
+    0xfd, 0x6c, 0x62, 0x68, 0x61, 0x69, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+]);
+
 /// Key of [`crate::map_names::SERVICES6`]: one IPv6 frontend. The value is a [`Service`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -39,7 +39,7 @@ use lb_common::{
     MAX_SERVICES, MaglevCell, PROTO_TCP, PROTO_UDP, RevNat4, RevNat6, SERVICE_F_RANDOM,
     SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SourceRange4,
     SourceRange6, backend_stats_slot, backend_stats_slots, capacity, csum, event, flow_hash,
-    maglev, prefilter, prog_slot, reason, table_event,
+    maglev, prefilter, prog_slot, reason, table_event, tc_prog_slot,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -90,6 +90,9 @@ static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(capacity::SO
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
 #[map]
 static LB_PROGS_V2: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
+/// The programs `lb_tc_pod_ingress` tail-calls, by `lb_common::tc_prog_slot`.
+#[map]
+static LB_TCPROGS_V1: ProgramArray = ProgramArray::pinned(tc_prog_slot::COUNT, 0);
 
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 // The IPv6 programs (v6.rs) read them, and so will the IPv6 socket hooks.
@@ -828,13 +831,22 @@ pub fn lb_xdp_ingress(ctx: XdpContext) -> u32 {
 /// egress that is all the node's other traffic.
 pub(crate) const NOT_OURS: Verdict = Verdict::Pass(u32::MAX);
 
+/// TC egress of either family.
 #[inline(always)]
-pub(crate) fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+fn try_egress(ctx: &TcContext) -> Result<(), Verdict> {
+    let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
+    if u16::from_be(ether_type) == v6::ETH_P_IPV6 {
+        return v6::try_egress6(ctx, true);
+    }
+    try_egress4(ctx)
+}
+
+/// TC egress of an IPv4 frame (anything else is `NOT_OURS`): the pod interfaces' program
+/// calls it alone, its IPv6 frames going to their own program.
+#[inline(always)]
+pub(crate) fn try_egress4(ctx: &TcContext) -> Result<(), Verdict> {
     let ether_type: u16 = ctx.load(12).map_err(|_| NOT_OURS)?;
     if u16::from_be(ether_type) != ETH_P_IP {
-        if u16::from_be(ether_type) == v6::ETH_P_IPV6 {
-            return v6::try_egress6(ctx);
-        }
         return Err(NOT_OURS);
     }
     let ip: Ipv4Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;

@@ -15,7 +15,8 @@
 //!   header of the packet they are about. One about a NATed flow arrives here ([`reply`]);
 //!   one from a local backend leaves by TC egress ([`local_icmp`]). Both are rewritten so
 //!   that the client sees an error about the packet it sent (to the frontend): the quoted
-//!   header, the outer source when it is the backend, and every checksum.
+//!   header, the outer source when it is the backend, and every checksum. ICMPv6 errors from
+//!   a local backend are v6.rs's (`local_icmp6`), counted here too.
 //!
 //! Counters: `lb_common::nat_event`.
 

@@ -8,6 +8,9 @@
 //! does, with the skb checksum helpers because a pod's packets are often CHECKSUM_PARTIAL),
 //! or neither (passed untouched).
 //!
+//! IPv6 frames go on to `lb_tc_pod_ingress6` (v6.rs) by a tail call, which applies the same
+//! rules with the IPv6 maps: the IPv4 path is written on its own.
+//!
 //! Hairpin: a pod whose flow to a frontend was given the pod itself as its backend would
 //! receive a packet from its own address, which it drops. Such packets get
 //! [`HAIRPIN_ADDR`] as their source; the pod's replies to it get the pod's address back as
@@ -23,7 +26,8 @@ use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::{
     ETH_LEN, IP_CHECK_OFF, IP_SADDR_OFF, L4_OFF, LB_CT4_V2, TCP_ACK, TCP_CHECK_OFF, TCP_FLAGS_OFF,
-    TCP_SYN, UDP_CHECK_OFF, Verdict, count_translated, note, tc_action, translation, try_egress,
+    TCP_SYN, UDP_CHECK_OFF, Verdict, count_translated, note, tc_action, translation, try_egress4,
+    v6,
 };
 
 /// Offset of the destination address in the IPv4 header.
@@ -111,8 +115,10 @@ fn forget_stale_reply(ctx: &TcContext) {
 
 #[inline(always)]
 fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
+    // IPv6: `lb_tc_pod_ingress6`'s (v6.rs), through a tail call that does not return.
+    v6::dispatch_pod(ctx)?;
     unhairpin(ctx)?;
-    match try_egress(ctx) {
+    match try_egress4(ctx) {
         // `NOT_OURS`: not a reply.
         Err(Verdict::Pass(u32::MAX)) => {}
         replied => return replied,

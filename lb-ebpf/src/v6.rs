@@ -15,31 +15,34 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
-    macros::xdp,
+    macros::{classifier, xdp},
     maps::lpm_trie::Key as LpmKey,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Addr6, Affinity6Key, BACKEND_F_REMOTE, Backend6, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
-    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, NAT6_FORWARD, NAT6_REPLY,
-    PROTO_TCP, PROTO_UDP, RevNat6, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    SourceRange6, addr6, csum, event, flow_hash6, nat, prefilter, prog_slot, reason, table_event,
+    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct6Entry, Ct6Key, Frontend6, HAIRPIN_ADDR6,
+    NAT6_FORWARD, NAT6_REPLY, PROTO_TCP, PROTO_UDP, RevNat6, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange6, addr6, csum, event, flow_hash6, nat, nat_event,
+    prefilter, prog_slot, reason, table_event, tc_prog_slot,
 };
 use network_types::{eth::EthHdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     Chosen, ETH_LEN, Frame, L4, LB_AFFINITY6_V1, LB_CT6_V1, LB_PREFILTER4_V1, LB_PROGS_V2,
-    LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF, TCP_FIN,
-    TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation, backend_of, count,
-    count_packet, ct_now, ct_write_in, nat6, note, ptr_at, reselect_because, select_with_affinity,
-    vouch,
+    LB_REVNAT6_V1, LB_SRCRANGE6_V1, LB_SVC6_V1, LB_TCPROGS_V1, NOT_OURS, TCP_ACK, TCP_CHECK_OFF,
+    TCP_FIN, TCP_FLAGS_OFF, TCP_RST, TCP_SYN, UDP_CHECK_OFF, Verdict, backend_generation,
+    backend_of, count, count_packet, ct_now, ct_write_in, nat6,
+    nat6::{ICMPV6_ERRORS, PROTO_ICMPV6},
+    note, ptr_at, reselect_because, select_with_affinity, tc_action, vouch,
 };
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_LEN: usize = Ipv6Hdr::LEN;
 pub(crate) const L4_OFF6: usize = ETH_LEN + IPV6_LEN;
-/// Offset of the source address in the IPv6 header.
+/// Offsets of the source and destination addresses in the IPv6 header.
 const IPV6_SADDR_OFF: usize = ETH_LEN + 8;
+const IPV6_DADDR_OFF: usize = ETH_LEN + 24;
 
 /// Called by `lb_xdp_ingress` for a frame that is not IPv4: an IPv6 frame goes on to
 /// `lb_xdp_ingress6` (the tail call does not return); anything else, or an IPv6 frame
@@ -255,10 +258,22 @@ fn flow_backend6(
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let mut previous = None;
+    // The entry's backend, all zero (id 0 is no backend's) when there is none: a defined
+    // value either way. As an `Option` set only when found, LLVM spilled the undefined
+    // fields of `None` in the pod interfaces' program, which the verifier refuses to read
+    // ("R1 !read_ok").
+    let mut known = Chosen {
+        id: 0,
+        backend: Backend6::new([0; 16], 0, 0, 0),
+    };
+    if let Some(entry) = found
+        && let Some(chosen) = backend_of::<Backend6>(unsafe { (*entry).backend_id })
+    {
+        known = chosen;
+    }
+    let previous = (known.id != 0).then_some(known);
     if let Some(entry) = found {
         let entry = unsafe { &mut *entry };
-        previous = backend_of::<Backend6>(entry.backend_id);
         if entry.service_id == svc.id {
             match reselect_because(previous.as_ref(), key.proto, l4.syn) {
                 None => {
@@ -327,8 +342,19 @@ fn flow_backend6(
     Ok(Flow6::of(svc, &chosen, written))
 }
 
+/// An IPv6 packet addressed to a frontend, and its flow's backend.
+struct Translation6 {
+    pkt: Ipv6Packet,
+    /// The packet's forward conntrack key.
+    key: Ct6Key,
+    /// Where it goes.
+    flow: Flow6,
+}
+
+/// Parses the packet, looks its frontend up, and finds or selects its flow's backend (as
+/// `translation` for IPv4): for XDP and for the pod interfaces' TC program.
 #[inline(always)]
-fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
+fn translation6<C: Frame>(ctx: &C) -> Result<Translation6, Verdict> {
     let pkt = parse_ipv6(ctx)?;
     let ip = pkt.ip;
     let daddr = read_addr(unsafe { core::ptr::addr_of!((*ip).dst_addr) });
@@ -361,6 +387,13 @@ fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
             flow_backend6(&svc, &key, &pkt.l4, found)?
         }
     };
+    Ok(Translation6 { pkt, key, flow })
+}
+
+#[inline(always)]
+fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Translation6 { pkt, key, flow } = translation6(ctx)?;
+    let (ip, daddr) = (pkt.ip, key.daddr);
 
     // Rewrite destination address and port; the transport checksum covers the address
     // (pseudo-header). IPv6 has no header checksum.
@@ -454,19 +487,19 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
 }
 
 /// TC egress of an IPv6 frame (`try_egress` calls it): a reply of a translated flow leaves
-/// as if it came from the frontend, by the flow's conntrack reply entry.
+/// as if it came from the frontend, by the flow's conntrack reply entry; with `icmp`, so
+/// does an ICMPv6 error about such a flow ([`local_icmp6`]).
 #[inline(always)]
-pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
+pub(crate) fn try_egress6(ctx: &TcContext, icmp: bool) -> Result<(), Verdict> {
     let ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| NOT_OURS)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(NOT_OURS);
     }
+    if icmp && ip.next_hdr == PROTO_ICMPV6 {
+        return local_icmp6(ctx, &ip);
+    }
     // Only the shapes that ingress translates can be replies of a translated flow.
-    let check_off = match ip.next_hdr {
-        PROTO_TCP => L4_OFF6 + TCP_CHECK_OFF,
-        PROTO_UDP => L4_OFF6 + UDP_CHECK_OFF,
-        _ => return Err(NOT_OURS),
-    };
+    let check_off = check_offset(ip.next_hdr).ok_or(NOT_OURS)?;
     let ports: [u16; 2] = ctx.load(L4_OFF6).map_err(|_| NOT_OURS)?;
     let saddr = addr6(ip.src_addr);
     let key = Ct6Key {
@@ -478,40 +511,293 @@ pub(crate) fn try_egress6(ctx: &TcContext) -> Result<(), Verdict> {
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let entry = unsafe { LB_CT6_V1.get(&key) }.ok_or(NOT_OURS)?;
-    let frontend = if entry.nat_addr != [0; 4] {
-        RevNat6 {
+    let frontend = reply_frontend(&key)?;
+    let mangled = l4_mangled(ip.next_hdr);
+    replace_addr6(
+        ctx,
+        IPV6_SADDR_OFF,
+        saddr,
+        frontend.addr,
+        check_off,
+        mangled,
+    )?;
+    replace_port(ctx, L4_OFF6, ports[0], frontend.port, check_off, mangled)
+}
+
+const FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+
+/// The frontend a reply of the flow of conntrack reply key `key` comes from: the entry's,
+/// or the service's reverse NAT entry when the entry does not carry it. `NOT_OURS` when
+/// there is no entry: not a translated flow.
+#[inline(always)]
+fn reply_frontend(key: &Ct6Key) -> Result<RevNat6, Verdict> {
+    let entry = unsafe { LB_CT6_V1.get(key) }.ok_or(NOT_OURS)?;
+    if entry.nat_addr != [0; 4] {
+        return Ok(RevNat6 {
             addr: entry.nat_addr,
             port: entry.nat_port,
             _pad: 0,
-        }
-    } else {
-        *unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
-            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
-    };
+        });
+    }
+    Ok(*unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
+        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?)
+}
 
-    // The skb helpers keep the checksum right whatever the skb's checksum state is: the
-    // address is in the pseudo-header, one 32-bit word at a time.
-    let mangled = if ip.next_hdr == PROTO_UDP {
+/// Offsets in an ICMPv6 error: its checksum, the quoted IPv6 header, the quoted ports.
+const ICMPV6_CHECK_OFF: usize = L4_OFF6 + 2;
+const INNER6_OFF: usize = L4_OFF6 + 8;
+const INNER6_DADDR_OFF: usize = INNER6_OFF + 24;
+const INNER6_L4_OFF: usize = INNER6_OFF + IPV6_LEN;
+
+/// TC egress: an ICMPv6 error from a local backend (or a hop towards it) about a flow it
+/// got from a frontend, rewritten to be about the packet the client sent (as
+/// `nat::local_icmp` for IPv4): the quoted destination address and port become the
+/// frontend's (and the quoted transport checksum with them), the outer source becomes the
+/// frontend when it is the backend, and the ICMPv6 checksum, which covers the outer
+/// addresses (pseudo-header) and the quote, follows every change. `NOT_OURS` when it is
+/// not one.
+#[inline(always)]
+fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdict> {
+    let icmp_type: u8 = ctx.load(L4_OFF6).map_err(|_| NOT_OURS)?;
+    if !ICMPV6_ERRORS.contains(&icmp_type) {
+        return Err(NOT_OURS);
+    }
+    let inner: Ipv6Hdr = ctx.load(INNER6_OFF).map_err(|_| NOT_OURS)?;
+    let proto = inner.next_hdr;
+    let inner_check_off = match proto {
+        PROTO_TCP => INNER6_L4_OFF + TCP_CHECK_OFF,
+        PROTO_UDP => INNER6_L4_OFF + UDP_CHECK_OFF,
+        _ => return Err(NOT_OURS),
+    };
+    if inner.vcf[0] >> 4 != 6 {
+        return Err(NOT_OURS);
+    }
+    let ports: [u16; 2] = ctx.load(INNER6_L4_OFF).map_err(|_| NOT_OURS)?;
+    let (client, backend) = (addr6(inner.src_addr), addr6(inner.dst_addr));
+    // The quoted packet went from the client to the backend: its reply key.
+    let key = Ct6Key {
+        saddr: backend,
+        daddr: client,
+        sport: ports[1],
+        dport: ports[0],
+        proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let frontend = reply_frontend(&key)?;
+    let mut icmp: u16 = ctx.load(ICMPV6_CHECK_OFF).map_err(|_| FAILED)?;
+    // The quoted transport checksum, when the quote reaches it (the error is not
+    // CHECKSUM_PARTIAL: the kernel computes an ICMPv6 error's checksum whole).
+    if let Ok(old) = ctx.load::<u16>(inner_check_off)
+        && (proto == PROTO_TCP || old != 0)
+    {
+        let mut new = csum::replace16_2(old, backend, frontend.addr, ports[1], frontend.port);
+        if proto == PROTO_UDP && new == 0 {
+            new = 0xffff;
+        }
+        icmp = csum::replace2(icmp, old, new);
+        ctx.store(inner_check_off, &new, 0).map_err(|_| FAILED)?;
+    }
+    icmp = csum::replace16_2(icmp, backend, frontend.addr, ports[1], frontend.port);
+    ctx.store(INNER6_DADDR_OFF, &frontend.addr, 0)
+        .map_err(|_| FAILED)?;
+    ctx.store(INNER6_L4_OFF + 2, &frontend.port, 0)
+        .map_err(|_| FAILED)?;
+    // The backend itself reports: the error comes from the frontend. A router on the way
+    // keeps its address.
+    if addr6(outer.src_addr) == backend {
+        icmp = csum::replace16(icmp, backend, frontend.addr);
+        ctx.store(IPV6_SADDR_OFF, &frontend.addr, 0)
+            .map_err(|_| FAILED)?;
+    }
+    ctx.store(ICMPV6_CHECK_OFF, &icmp, 0).map_err(|_| FAILED)?;
+    crate::nat::note(nat_event::ICMP_LOCAL);
+    Ok(())
+}
+
+/// The checksum helpers' flag for UDP's "no checksum" zero (which an IPv6 packet the
+/// programs translate never has, but a rewrite must not produce).
+#[inline(always)]
+fn l4_mangled(proto: u8) -> u64 {
+    if proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
-    };
-    const FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
-    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled;
-    for (old, new) in saddr.iter().zip(frontend.addr.iter()) {
-        ctx.l4_csum_replace(check_off, *old as u64, *new as u64, pseudo | 4)
+    }
+}
+
+/// Replaces the IPv6 address at `offset` (source or destination) of an skb. The skb
+/// helpers keep the transport checksum at `check_off` right whatever the skb's checksum
+/// state is (CHECKSUM_PARTIAL from a pod or a local sender included): the address is in
+/// the pseudo-header, one 32-bit word at a time.
+#[inline(always)]
+fn replace_addr6(
+    ctx: &TcContext,
+    offset: usize,
+    old: Addr6,
+    new: Addr6,
+    check_off: usize,
+    mangled: u64,
+) -> Result<(), Verdict> {
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+    for (old, new) in old.iter().zip(new.iter()) {
+        ctx.l4_csum_replace(check_off, *old as u64, *new as u64, pseudo)
             .map_err(|_| FAILED)?;
     }
-    ctx.l4_csum_replace(
-        check_off,
-        ports[0] as u64,
-        frontend.port as u64,
-        mangled | 2,
-    )
-    .map_err(|_| FAILED)?;
-    ctx.store(IPV6_SADDR_OFF, &frontend.addr, 0)
+    ctx.store(offset, &new, 0).map_err(|_| FAILED)
+}
+
+/// Replaces the port at `offset` of an skb, with the transport checksum at `check_off`.
+#[inline(always)]
+fn replace_port(
+    ctx: &TcContext,
+    offset: usize,
+    old: u16,
+    new: u16,
+    check_off: usize,
+    mangled: u64,
+) -> Result<(), Verdict> {
+    ctx.l4_csum_replace(check_off, old as u64, new as u64, mangled | 2)
         .map_err(|_| FAILED)?;
-    ctx.store(L4_OFF6, &frontend.port, 0).map_err(|_| FAILED)?;
+    ctx.store(offset, &new, 0).map_err(|_| FAILED)
+}
+
+/// Called by `lb_tc_pod_ingress` first: an IPv6 frame goes on to `lb_tc_pod_ingress6` (the
+/// tail call does not return); while that program's slot is empty it is passed, counted.
+/// (The IPv4 program holds no IPv6 code: with it, it was over the stack limit.)
+#[inline(always)]
+pub(crate) fn dispatch_pod(ctx: &TcContext) -> Result<(), Verdict> {
+    let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
+        .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
+    if ipv6 {
+        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
+        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
+    }
     Ok(())
+}
+
+/// The transport checksum's offset of an IPv6 packet whose next header is `proto` (TCP or
+/// UDP), if it is one the programs translate.
+#[inline(always)]
+fn check_offset(proto: u8) -> Option<usize> {
+    match proto {
+        PROTO_TCP => Some(L4_OFF6 + TCP_CHECK_OFF),
+        PROTO_UDP => Some(L4_OFF6 + UDP_CHECK_OFF),
+        _ => None,
+    }
+}
+
+/// A hairpinned pod's reply to [`HAIRPIN_ADDR6`] goes to the pod's own address again,
+/// which makes it the reply conntrack knows (as `unhairpin` for IPv4).
+#[inline(always)]
+fn unhairpin6(ctx: &TcContext) -> Result<(), Verdict> {
+    let Ok(ip) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return Ok(());
+    };
+    let daddr = addr6(ip.dst_addr);
+    let Some(check_off) = check_offset(ip.next_hdr) else {
+        return Ok(());
+    };
+    if daddr != HAIRPIN_ADDR6 || ip.vcf[0] >> 4 != 6 {
+        return Ok(());
+    }
+    let saddr = addr6(ip.src_addr);
+    replace_addr6(
+        ctx,
+        IPV6_DADDR_OFF,
+        daddr,
+        saddr,
+        check_off,
+        l4_mangled(ip.next_hdr),
+    )
+}
+
+/// A TCP SYN from a pod opens a new connection on its tuple: a reply entry an earlier
+/// translated flow left for the same tuple goes (as `forget_stale_reply` for IPv4).
+#[inline(always)]
+fn forget_stale_reply6(ctx: &TcContext) {
+    let Ok(ip) = ctx.load::<Ipv6Hdr>(ETH_LEN) else {
+        return;
+    };
+    if ip.next_hdr != PROTO_TCP {
+        return;
+    }
+    let (Ok(ports), Ok(flags)) = (
+        ctx.load::<[u16; 2]>(L4_OFF6),
+        ctx.load::<u8>(L4_OFF6 + TCP_FLAGS_OFF),
+    ) else {
+        return;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply = Ct6Key {
+        saddr: addr6(ip.dst_addr),
+        daddr: addr6(ip.src_addr),
+        sport: ports[1],
+        dport: ports[0],
+        proto: PROTO_TCP,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    if LB_CT6_V1.remove(&reply).is_ok() {
+        note(event::CT_DELETES);
+    }
+}
+
+/// `lb_tc_pod_ingress`'s rules for an IPv6 frame: the reply of a translated flow (after
+/// undoing a hairpin), else a packet to a frontend, translated with the skb helpers (a
+/// pod's packets are often CHECKSUM_PARTIAL), else passed.
+#[inline(always)]
+fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
+    // An ICMPv6 error (from a backend pod about a flow a frontend gave it) is
+    // `lb_tc_egress`'s to rewrite, by a tail call: with that code this program is over the
+    // stack limit.
+    if ctx.load::<u8>(ETH_LEN + 6) == Ok(PROTO_ICMPV6) {
+        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
+        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
+    }
+    unhairpin6(ctx)?;
+    match try_egress6(ctx, false) {
+        // `NOT_OURS`: not a reply.
+        Err(Verdict::Pass(u32::MAX)) => {}
+        replied => return replied,
+    }
+    forget_stale_reply6(ctx);
+    // The headers the parser reads must be in the linear part; a shorter packet fails the
+    // parse's bounds checks and is passed, counted.
+    let _ = ctx.pull_data((L4_OFF6 + TcpHdr::LEN) as u32);
+    let Translation6 { pkt, key, flow } = translation6(ctx)?;
+    // The packet pointers are not used past the first helper call, which invalidates them.
+    let (proto, dport) = (pkt.proto, pkt.l4.dport);
+    let check_off = check_offset(proto).ok_or(FAILED)?;
+    let mangled = l4_mangled(proto);
+    replace_addr6(
+        ctx,
+        IPV6_DADDR_OFF,
+        key.daddr,
+        flow.addr,
+        check_off,
+        mangled,
+    )?;
+    replace_port(ctx, L4_OFF6 + 2, dport, flow.port, check_off, mangled)?;
+    if flow.addr == key.saddr {
+        replace_addr6(
+            ctx,
+            IPV6_SADDR_OFF,
+            key.saddr,
+            HAIRPIN_ADDR6,
+            check_off,
+            mangled,
+        )?;
+    }
+    count_packet(flow.service_id, flow.backend_id, ctx.len() as u64, flow.new);
+    Ok(())
+}
+
+/// TC for the IPv6 frames of a pod's host-side interface, tail-called by
+/// `lb_tc_pod_ingress`.
+#[classifier]
+pub fn lb_tc_pod_ingress6(ctx: TcContext) -> i32 {
+    tc_action(try_pod_ingress6(&ctx))
 }

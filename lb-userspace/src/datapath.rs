@@ -326,9 +326,11 @@ impl Datapath {
         self.xdp()?
             .load()
             .map_err(prog_err(program_names::XDP_INGRESS))?;
-        self.tc()?
-            .load()
-            .map_err(prog_err(program_names::TC_EGRESS))?;
+        // The pod interfaces' program may have loaded it already (it tail-calls it).
+        let tc = self.tc()?;
+        if tc.fd().is_err() {
+            tc.load().map_err(prog_err(program_names::TC_EGRESS))?;
+        }
         for name in [
             program_names::XDP_INGRESS6,
             program_names::XDP_NAT6,
@@ -344,30 +346,39 @@ impl Datapath {
     /// start: an earlier agent's slots hold its own programs, and the XDP program the
     /// pinned link now runs (this agent's) must tail-call this agent's programs.
     fn fill_program_slots(&mut self) -> Result<(), DatapathError> {
-        let map = map_names::PROGRAMS;
         for (slot, name) in [
             (prog_slot::XDP_INGRESS6, program_names::XDP_INGRESS6),
             (prog_slot::XDP_NAT6, program_names::XDP_NAT6),
             (prog_slot::XDP_ICMP6, program_names::XDP_ICMP6),
         ] {
-            let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
-            let prog_err = |source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            };
-            let fd = prog.fd().map_err(prog_err)?;
-            let fd = fd
-                .try_clone()
-                .map_err(|e| prog_err(ProgramError::from(e)))?;
-            let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
-                name: map,
-                source: Box::new(MapError::InvalidName {
-                    name: map.to_owned(),
-                }),
-            })?;
-            let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
-            slots.set(slot, &fd, 0).map_err(map_err(map))?;
+            self.fill_slot(map_names::PROGRAMS, slot, name)?;
         }
+        Ok(())
+    }
+
+    /// Writes the loaded program `name` into `slot` of the pinned program array `map`.
+    pub(crate) fn fill_slot(
+        &mut self,
+        map: &'static str,
+        slot: u32,
+        name: &'static str,
+    ) -> Result<(), DatapathError> {
+        let prog_err = |source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        };
+        let fd = program(&mut self.ebpf, name)?.fd().map_err(prog_err)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| prog_err(ProgramError::from(e)))?;
+        let slots = self.ebpf.map_mut(map).ok_or(DatapathError::Map {
+            name: map,
+            source: Box::new(MapError::InvalidName {
+                name: map.to_owned(),
+            }),
+        })?;
+        let mut slots = ProgramArray::try_from(slots).map_err(map_err(map))?;
+        slots.set(slot, &fd, 0).map_err(map_err(map))?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use std::{
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink,
 };
-use lb_common::program_names;
+use lb_common::{map_names, program_names, tc_prog_slot};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -288,16 +288,31 @@ impl Datapath {
         Ok(outcomes)
     }
 
+    /// Loads the pod interfaces' program, and the programs it tail-calls into their slots
+    /// of [`map_names::TC_PROGRAMS`] (on this agent's first load of the pod program: an
+    /// earlier agent's slots hold its own programs).
     fn pod_program(&mut self) -> Result<&mut SchedClassifier, EastWestError> {
         let name = program_names::TC_POD_INGRESS;
-        let prog: &mut SchedClassifier = typed_program(self.ebpf_mut(), name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program {
-                name,
-                source: Box::new(source),
-            })?;
+        let loaded = typed_program::<SchedClassifier>(self.ebpf_mut(), name)?
+            .fd()
+            .is_ok();
+        if !loaded {
+            for (name, slot) in [
+                (program_names::TC_POD_INGRESS6, tc_prog_slot::POD_INGRESS6),
+                (program_names::TC_EGRESS, tc_prog_slot::EGRESS),
+            ] {
+                load_classifier(self, name)?;
+                self.fill_slot(map_names::TC_PROGRAMS, slot, name)?;
+            }
+            load_classifier(self, name)?;
         }
-        Ok(prog)
+        Ok(typed_program(self.ebpf_mut(), name)?)
+    }
+
+    /// Loads the pod interfaces' programs (and fills their program array) without
+    /// attaching them, for tests that run them directly.
+    pub fn load_pod_programs(&mut self) -> Result<(), EastWestError> {
+        self.pod_program().map(|_| ())
     }
 
     /// Attaches the pod program to `interface` (index `index`), replacing the program of a
@@ -314,6 +329,18 @@ impl Datapath {
             })?;
         Ok(outcome)
     }
+}
+
+/// Loads the classifier `name` unless it is loaded already.
+fn load_classifier(dp: &mut Datapath, name: &'static str) -> Result<(), EastWestError> {
+    let prog: &mut SchedClassifier = typed_program(dp.ebpf_mut(), name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|source| DatapathError::Program {
+            name,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
 }
 
 fn pod_pin_name(interface: &str, index: u32) -> String {

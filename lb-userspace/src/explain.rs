@@ -1,17 +1,19 @@
 //! `lb explain`: which frontend a flow hits, which backend it gets, and why, read from the
 //! pinned maps with the datapath's own rules and hash (`lb_common::flow_hash`, the table
-//! layout of `lb_common::maglev`, the conntrack rules of `lb_common::event`).
+//! layout of `lb_common::maglev`, the conntrack rules of `lb_common::event`). An IPv6 flow
+//! is explained from the IPv6 maps (`lb_common::v6`), by the same rules.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie};
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4,
-    CT_FORWARD, Ct4Key, CtEntry, Frontend4, PROTO_UDP, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, SourceRange4, flow_hash, map_names,
+    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING,
+    CT_FORWARD, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP,
+    SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange4,
+    SourceRange6, addr6, flow_hash, flow_hash6, map_names,
 };
 use serde::Serialize;
 
@@ -20,13 +22,13 @@ use crate::{
     desired::Protocol,
 };
 
-/// A flow as the client sends it.
+/// A flow as the client sends it: IPv4 or IPv6, both addresses of one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
     /// Client address and port.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// Frontend address and port.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// Protocol.
     pub proto: Protocol,
     /// Explain a TCP SYN (a new connection) rather than a packet of an established one.
@@ -61,7 +63,7 @@ pub struct Explanation {
     /// The frontend's service id.
     pub service_id: Option<u32>,
     /// The backend the packet goes to (none for a drop, a pass or a random choice).
-    pub backend: Option<SocketAddrV4>,
+    pub backend: Option<SocketAddr>,
     /// Its id.
     pub backend_id: Option<u32>,
     /// Each step, for humans.
@@ -73,6 +75,15 @@ pub struct Explainer {
     maps: BpfMaps,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    conntrack6: HashMap<MapData, Ct6Key, Ct6Entry>,
+    affinity6: HashMap<MapData, Affinity6Key, AffinityEntry>,
+}
+
+/// A backend of either family, as explain names it.
+#[derive(Debug, Clone, Copy)]
+struct Backend {
+    addr: SocketAddr,
+    state: u8,
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -128,8 +139,21 @@ pub fn state_name(state: u8) -> &'static str {
     }
 }
 
-fn addr(b: &Backend4) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(b.octets()), b.port())
+fn addr(b: &Backend) -> SocketAddr {
+    b.addr
+}
+
+/// An address and port as the maps hold them (network byte order).
+fn v4(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// [`v4`] of an address the caller knows is IPv4 (0 for an IPv6 one).
+fn ip4(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(_) => 0,
+    }
 }
 
 impl Explainer {
@@ -139,18 +163,139 @@ impl Explainer {
             maps: BpfMaps::open_pinned(pin_dir)?,
             conntrack: open_lru(pin_dir, map_names::CONNTRACK)?,
             affinity: open_lru(pin_dir, map_names::AFFINITY)?,
+            conntrack6: open_lru(pin_dir, map_names::CONNTRACK6)?,
+            affinity6: open_lru(pin_dir, map_names::AFFINITY6)?,
         })
     }
 
-    fn backend(&self, id: u32) -> Result<Option<Backend4>, DatapathError> {
-        lookup(&self.maps.backends, &id, map_names::BACKENDS)
+    /// Backend `id` of the family of `ipv6` (the families share ids, each has its map).
+    fn backend(&self, id: u32, ipv6: bool) -> Result<Option<Backend>, DatapathError> {
+        Ok(if ipv6 {
+            lookup(&self.maps.backends6, &id, map_names::BACKENDS6)?.map(|b| Backend {
+                addr: SocketAddr::from((Ipv6Addr::from(b.octets()), b.port())),
+                state: b.state,
+            })
+        } else {
+            lookup(&self.maps.backends, &id, map_names::BACKENDS)?.map(|b| Backend {
+                addr: SocketAddr::from((Ipv4Addr::from(b.octets()), b.port())),
+                state: b.state,
+            })
+        })
+    }
+
+    /// The service of the flow's frontend.
+    fn service(&self, flow: &Flow, proto: u8) -> Result<Option<Service>, DatapathError> {
+        match flow.dst.ip() {
+            IpAddr::V4(ip) => {
+                let frontend = Frontend4::new(ip.octets(), flow.dst.port(), proto);
+                lookup(&self.maps.services, &frontend, map_names::SERVICES)
+            }
+            IpAddr::V6(ip) => {
+                let frontend = Frontend6::new(ip.octets(), flow.dst.port(), proto);
+                lookup(&self.maps.services6, &frontend, map_names::SERVICES6)
+            }
+        }
+    }
+
+    /// The flow's forward conntrack entry: its service id and backend id.
+    fn conntrack(&self, flow: &Flow, proto: u8) -> Result<Option<(u32, u32)>, DatapathError> {
+        let (sport, dport) = (flow.src.port().to_be(), flow.dst.port().to_be());
+        Ok(match (flow.src.ip(), flow.dst.ip()) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let key = Ct4Key {
+                    saddr: v4(src),
+                    daddr: v4(dst),
+                    sport,
+                    dport,
+                    proto,
+                    dir: CT_FORWARD,
+                    _pad: [0; 2],
+                };
+                lookup(&self.conntrack, &key, map_names::CONNTRACK)?
+                    .map(|e| (e.service_id, e.backend_id))
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let key = Ct6Key {
+                    saddr: addr6(src.octets()),
+                    daddr: addr6(dst.octets()),
+                    sport,
+                    dport,
+                    proto,
+                    dir: CT_FORWARD,
+                    _pad: [0; 2],
+                };
+                lookup(&self.conntrack6, &key, map_names::CONNTRACK6)?
+                    .map(|e| (e.service_id, e.backend_id))
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether `src` is in the source ranges of service `service_id`.
+    fn in_source_ranges(&self, service_id: u32, src: IpAddr) -> Result<bool, DatapathError> {
+        let found = match src {
+            IpAddr::V4(ip) => self.maps.source_ranges.get(
+                &lpm_trie::Key::new(
+                    SOURCE_RANGE_ID_BITS + 32,
+                    SourceRange4 {
+                        service_id,
+                        addr: v4(ip),
+                    },
+                ),
+                0,
+            ),
+            IpAddr::V6(ip) => self.maps.source_ranges6.get(
+                &lpm_trie::Key::new(
+                    SOURCE_RANGE_ID_BITS + 128,
+                    SourceRange6 {
+                        service_id,
+                        addr: addr6(ip.octets()),
+                    },
+                ),
+                0,
+            ),
+        };
+        let name = if src.is_ipv6() {
+            map_names::SOURCE_RANGES6
+        } else {
+            map_names::SOURCE_RANGES
+        };
+        match found {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(map_error(name)(source)),
+        }
+    }
+
+    /// The affinity entry of client `src` for service `service_id`.
+    fn affinity_entry(
+        &self,
+        service_id: u32,
+        src: IpAddr,
+    ) -> Result<Option<AffinityEntry>, DatapathError> {
+        match src {
+            IpAddr::V4(ip) => {
+                let key = AffinityKey {
+                    service_id,
+                    client: v4(ip),
+                };
+                lookup(&self.affinity, &key, map_names::AFFINITY)
+            }
+            IpAddr::V6(ip) => {
+                let key = Affinity6Key {
+                    service_id,
+                    client: addr6(ip.octets()),
+                };
+                lookup(&self.affinity6, &key, map_names::AFFINITY6)
+            }
+        }
     }
 
     /// What the datapath does with the next packet of `flow` now (`now_ns`:
     /// CLOCK_MONOTONIC, the datapath's clock, for affinity timeouts).
     pub fn explain(&self, flow: &Flow, now_ns: u64) -> Result<Explanation, DatapathError> {
         let proto = flow.proto.number();
-        let frontend = Frontend4::new(flow.dst.ip().octets(), flow.dst.port(), proto);
+        let ipv6 = flow.dst.is_ipv6();
         let mut out = Explanation {
             decision: Decision::NotFrontend,
             service_id: None,
@@ -158,7 +303,14 @@ impl Explainer {
             backend_id: None,
             steps: Vec::new(),
         };
-        let Some(svc) = lookup(&self.maps.services, &frontend, map_names::SERVICES)? else {
+        if flow.src.is_ipv6() != ipv6 {
+            out.steps.push(format!(
+                "{} -> {}: the addresses are of different families, no packet is: passed",
+                flow.src, flow.dst
+            ));
+            return Ok(out);
+        }
+        let Some(svc) = self.service(flow, proto)? else {
             out.steps.push(format!(
                 "{}/{} is not a frontend: passed untouched",
                 flow.dst, flow.proto
@@ -170,19 +322,10 @@ impl Explainer {
             "frontend {}/{}: service id {}, {} backends",
             flow.dst, flow.proto, svc.id, svc.backend_count
         ));
-        let key = Ct4Key {
-            saddr: u32::from_ne_bytes(flow.src.ip().octets()),
-            daddr: u32::from_ne_bytes(flow.dst.ip().octets()),
-            sport: flow.src.port().to_be(),
-            dport: flow.dst.port().to_be(),
-            proto,
-            dir: CT_FORWARD,
-            _pad: [0; 2],
-        };
         let syn = flow.syn && flow.proto == Protocol::Tcp;
-        match lookup(&self.conntrack, &key, map_names::CONNTRACK)? {
-            Some(entry) if entry.service_id == svc.id => {
-                let backend = self.backend(entry.backend_id)?;
+        match self.conntrack(flow, proto)? {
+            Some((service_id, backend_id)) if service_id == svc.id => {
+                let backend = self.backend(backend_id, ipv6)?;
                 // The rules of lb_common::event.
                 let keep = match backend.map(|b| b.state) {
                     None => false,
@@ -197,13 +340,12 @@ impl Explainer {
                 };
                 let verdict = if keep { "kept" } else { "selected again" };
                 out.steps.push(format!(
-                    "conntrack hit: backend {} {what}: {verdict}",
-                    entry.backend_id
+                    "conntrack hit: backend {backend_id} {what}: {verdict}"
                 ));
                 if keep {
                     out.decision = Decision::Conntrack;
                     out.backend = backend.as_ref().map(addr);
-                    out.backend_id = Some(entry.backend_id);
+                    out.backend_id = Some(backend_id);
                     return Ok(out);
                 }
             }
@@ -215,32 +357,21 @@ impl Explainer {
             return Ok(out);
         }
         if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
-            let source = lpm_trie::Key::new(
-                SOURCE_RANGE_ID_BITS + 32,
-                SourceRange4 {
-                    service_id: svc.id,
-                    addr: key.saddr,
-                },
-            );
-            match self.maps.source_ranges.get(&source, 0) {
-                Ok(_) => out
-                    .steps
-                    .push(format!("{} is in the source ranges", flow.src.ip())),
-                Err(MapError::KeyNotFound) => {
-                    out.decision = Decision::SourceDenied;
-                    out.steps.push(format!(
-                        "{} is outside the source ranges: dropped",
-                        flow.src.ip()
-                    ));
-                    return Ok(out);
-                }
-                Err(source) => return Err(map_error(map_names::SOURCE_RANGES)(source)),
+            if !self.in_source_ranges(svc.id, flow.src.ip())? {
+                out.decision = Decision::SourceDenied;
+                out.steps.push(format!(
+                    "{} is outside the source ranges: dropped",
+                    flow.src.ip()
+                ));
+                return Ok(out);
             }
+            out.steps
+                .push(format!("{} is in the source ranges", flow.src.ip()));
         }
         if svc.affinity_timeout_secs != 0
             && let Some((id, backend)) = self.affinity(
                 svc.id,
-                key.saddr,
+                flow.src.ip(),
                 svc.affinity_timeout_secs,
                 now_ns,
                 &mut out.steps,
@@ -257,7 +388,17 @@ impl Explainer {
                 .push("selection random: any entry of the Maglev table".to_owned());
             return Ok(out);
         }
-        let hash = flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto);
+        let (sport, dport) = (flow.src.port().to_be(), flow.dst.port().to_be());
+        let hash = match (flow.src.ip(), flow.dst.ip()) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => flow_hash6(
+                addr6(src.octets()),
+                addr6(dst.octets()),
+                sport,
+                dport,
+                proto,
+            ),
+            (src, dst) => flow_hash(ip4(src), ip4(dst), sport, dport, proto),
+        };
         let slot = self
             .maps
             .table_entry(lb_common::maglev::table_key(svc.id, svc.flags), hash)
@@ -270,7 +411,7 @@ impl Explainer {
         };
         out.decision = Decision::Maglev;
         out.backend_id = Some(slot.backend_id);
-        let backend = self.backend(slot.backend_id)?;
+        let backend = self.backend(slot.backend_id, ipv6)?;
         out.backend = backend.as_ref().map(addr);
         out.steps.push(format!(
             "Maglev: flow hash {hash:#010x} % {} = entry {}: backend {} {}",
@@ -286,13 +427,12 @@ impl Explainer {
     fn affinity(
         &self,
         service_id: u32,
-        client: u32,
+        client: IpAddr,
         timeout_secs: u32,
         now_ns: u64,
         steps: &mut Vec<String>,
-    ) -> Result<Option<(u32, Backend4)>, DatapathError> {
-        let key = AffinityKey { service_id, client };
-        let Some(entry) = lookup(&self.affinity, &key, map_names::AFFINITY)? else {
+    ) -> Result<Option<(u32, Backend)>, DatapathError> {
+        let Some(entry) = self.affinity_entry(service_id, client)? else {
             steps.push("no affinity entry".to_owned());
             return Ok(None);
         };
@@ -301,7 +441,7 @@ impl Explainer {
             steps.push(format!("affinity entry expired (timeout {timeout_secs} s)"));
             return Ok(None);
         }
-        match self.backend(entry.backend_id)? {
+        match self.backend(entry.backend_id, client.is_ipv6())? {
             Some(b) if b.state == BACKEND_ACTIVE => {
                 steps.push(format!(
                     "affinity: backend {} {} (last new flow {} s ago)",

@@ -153,10 +153,10 @@ enum Command {
     /// Which frontend a flow hits, which backend it gets and why (conntrack, affinity,
     /// the Maglev entry of its hash, or random), from the pinned maps and the datapath's hash.
     Explain {
-        /// Client address and port (IPv4: explain reads the IPv4 maps only).
+        /// Client address and port (IPv4 or IPv6, the family of `--dst`).
         #[arg(long)]
         src: SocketAddr,
-        /// Frontend address and port (IPv4).
+        /// Frontend address and port (IPv4, or IPv6 as `[address]:port`).
         #[arg(long)]
         dst: SocketAddr,
         /// Protocol.
@@ -410,12 +410,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Proto::Tcp => Protocol::Tcp,
                 Proto::Udp => Protocol::Udp,
             };
-            let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+            if src.is_ipv6() != dst.is_ipv6() {
                 anyhow::bail!(
-                    "lb explain follows IPv4 flows only ({src} -> {dst}); `lb services` shows \
-                     the programmed IPv6 frontends and their backends"
+                    "--src {src} and --dst {dst} are of different families: a flow is IPv4 \
+                     or IPv6"
                 );
-            };
+            }
             let flow = Flow {
                 src,
                 dst,

@@ -8,16 +8,15 @@
 //! root), never on the root: other tests use the same ClusterIPs at the same time. The
 //! clients that must be hooked are processes (`lb-probe`) started in that cgroup.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb_tests::backends::{HttpServer, UdpEchoServer};
 use lb_tests::manifests::Condition;
 use lb_tests::{
-    Agent, Cgroup, ClusterIpService, Folder, NODE_IF, Netns, Topology, UDP_PORT, ensure_all_served,
-    examples_dir, http_get, http_tally, lb_bin, udp_tally,
+    Agent, Cgroup, ClusterIpService, Folder, HttpServer, NODE_IF, Netns, Topology, UDP_PORT,
+    UdpEchoServer, ensure_all_served, examples_dir, http_get, http_tally, lb_bin, udp_tally,
 };
 
 /// The HTTP ClusterIP of `examples/httpd-svc.yaml`.
@@ -615,4 +614,85 @@ fn restarts_replace_the_socket_hooks_and_an_ipv4_only_set_gets_the_ipv6_ones() {
     assert!(!links.exists(), "{}", links.display());
     let error = probe_result(cgroup, &topology.pods[0].ns, "tcp", v6_frontend, 1).unwrap_err();
     assert!(error.contains("connect"), "{error}");
+}
+
+/// A ClusterIP Service of the IPv6 family whose only backend is pod1's IPv6 HTTP server.
+const OWN6_YAML: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: own6}
+spec:
+  ipFamilies: [IPv6]
+  clusterIPs: ['fd00:96::51']
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: own6
+  labels: {kubernetes.io/service-name: own6}
+addressType: IPv6
+ports: [{name: http, port: 80, protocol: TCP}]
+endpoints:
+- addresses: ['fd00:244:1::2']
+  conditions: {ready: true}
+  nodeName: node
+";
+
+#[test]
+fn pod_interfaces_translate_ipv6_the_socket_hooks_do_not_see() {
+    let topology = Topology::new(2).unwrap();
+    let servers = topology.add_ipv6().unwrap();
+    // The dual-stack fixture's Services (httpd-ds [fd00:96::20]:8080 and echo-v6
+    // [fd00:96::21]:5353 over both pods), and own6 over pod1 alone.
+    let folder = Folder::new().unwrap();
+    let fixture =
+        lb_tests::agent::workspace_dir().join("tests/fixtures/dual-stack/dual-stack.yaml");
+    folder
+        .write(
+            "dual-stack.yaml",
+            &std::fs::read_to_string(fixture).unwrap(),
+        )
+        .unwrap();
+    folder.write("own6.yaml", OWN6_YAML).unwrap();
+    let agent = Agent::start_with_args(
+        &lb_bin(),
+        &topology.node,
+        folder.path(),
+        NODE_IF,
+        &["--pod-interfaces", "veth-pod*", "--no-cgroup"],
+    )
+    .unwrap();
+    agent
+        .wait_for(&["[fd00:96::20]:8080/TCP", "[fd00:96::21]:5353/UDP"], 2)
+        .unwrap();
+    agent.wait_for(&["[fd00:96::51]:80/TCP"], 1).unwrap();
+    wait_for_links(&agent, "veth-pod1 and veth-pod2", |names| {
+        has_pod_link(names, "veth-pod1") && has_pod_link(names, "veth-pod2")
+    });
+    let pods = topology.pod_names();
+    let client = &topology.pods[0].ns;
+    let v6 = |s: &str| IpAddr::from(s.parse::<Ipv6Addr>().unwrap());
+
+    // TCP: the DNAT on the client's interface (its packets are CHECKSUM_PARTIAL), the
+    // reverse NAT of the replies on the backend's; the client's socket sees the frontend.
+    let cluster_ip = v6("fd00:96::20");
+    let (_, peer) =
+        http_get(client, cluster_ip, 8080).unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+    assert_eq!(peer, SocketAddr::from((cluster_ip, 8080)));
+    let tally = http_tally(client, cluster_ip, 8080, 20).unwrap();
+    ensure_all_served(&tally, &pods).unwrap();
+    // UDP: `udp_request` fails unless the reply comes from the frontend.
+    let tally = udp_tally(client, v6("fd00:96::21"), UDP_PORT, 20).unwrap();
+    ensure_all_served(&tally, &pods).unwrap();
+    // Hairpin: pod1 to a Service whose only backend is pod1 (it sees the flow come from
+    // lb_common::HAIRPIN_ADDR6).
+    let own = v6("fd00:96::51");
+    for _ in 0..3 {
+        let (body, peer) =
+            http_get(client, own, 80).unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
+        assert_eq!((body.as_str(), peer), ("pod1", (own, 80).into()));
+    }
+    drop(servers);
 }

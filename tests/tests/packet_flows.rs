@@ -521,8 +521,8 @@ fn explain(
     syn: bool,
 ) -> Explanation {
     let flow = Flow {
-        src: SocketAddrV4::new(src.into(), sport),
-        dst: SocketAddrV4::new(dst.into(), dport),
+        src: SocketAddrV4::new(src.into(), sport).into(),
+        dst: SocketAddrV4::new(dst.into(), dport).into(),
         proto: Protocol::Tcp,
         syn,
     };
@@ -545,7 +545,7 @@ fn explain_names_the_backend_the_datapath_gives_and_why() {
         let b = bed.backends[&id];
         assert_eq!(
             before.backend,
-            Some(SocketAddrV4::new(b.octets().into(), 80))
+            Some(SocketAddrV4::new(b.octets().into(), 80).into())
         );
         // Then conntrack decides.
         let after = explain(&bed, CLIENT, s, VIP, PORT, false);

@@ -5,15 +5,25 @@
 
 mod bed;
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddr};
 
 use aya::maps::ProgramArray;
 use bed::*;
-use lb_common::{
-    BACKEND_ACTIVE, Backend6, CT_REPLY, Frontend6, PROTO_TCP, PROTO_UDP, SERVICE_F_SOURCE_RANGES,
-    addr6, event, map_names, prog_slot, reason,
+use etherparse::{
+    Icmpv6Type, PacketBuilder,
+    icmpv6::{DestUnreachableCode, TimeExceededCode},
 };
-use lb_userspace::{datapath::Datapath, model::Ipv6Cidr};
+use lb_common::{
+    BACKEND_ACTIVE, Backend6, CT_REPLY, Frontend6, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, octets6, prog_slot, reason,
+    tc_prog_slot,
+};
+use lb_userspace::{
+    datapath::Datapath,
+    desired::Protocol,
+    explain::{Decision, Explainer, Flow, monotonic_ns},
+    model::Ipv6Cidr,
+};
 
 fn a6(s: &str) -> [u8; 16] {
     s.parse::<Ipv6Addr>().unwrap().octets()
@@ -519,4 +529,221 @@ fn without_the_ipv6_program_ipv6_frames_pass_untouched_and_counted() {
     let mut agent = Datapath::load(&bed.pin).unwrap();
     agent.load_programs().unwrap();
     assert_eq!(bed.xdp(&syn), (XDP_PASS, translated), "slot filled again");
+}
+
+/// The IPv6 packet (no Ethernet header) an ICMPv6 error quotes: a UDP question or a TCP SYN
+/// from `src` to `dst`, its checksum computed by etherparse.
+fn quoted6(proto: u8, src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> Vec<u8> {
+    quoted_over(PacketBuilder::ipv6(src.0, dst.0, 63), proto, src.1, dst.1)
+}
+
+/// An ICMPv6 error from `from` to `to` quoting `quote`, leaving towards the client; its
+/// checksum (over the pseudo-header and the quote) computed by etherparse.
+fn icmp6_error(from: [u8; 16], to: [u8; 16], kind: Icmpv6Type, quote: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(from, to, 64)
+        .icmpv6(kind)
+        .write(&mut out, quote)
+        .unwrap();
+    out
+}
+
+#[test]
+fn icmpv6_errors_from_a_local_backend_leave_about_the_frontend() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    // A UDP flow and a TCP flow, through XDP.
+    assert_eq!(
+        bed.xdp(&udp6(client, 40001, vip, 53, b"question")).0,
+        XDP_PASS
+    );
+    assert_eq!(bed.xdp(&tcp6(client, 40000, vip, 8080, b"")).0, XDP_PASS);
+    let udp_pod = bed.addr6(bed.maglev_pick6(2, client, 40001, vip, 53, PROTO_UDP));
+    let tcp_pod = bed.addr6(bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP));
+    let router = a6("fd00:244:7::1");
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    let hop_limit = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
+    // (what, error type, reporter, the flow: protocol, client port, backend, its port,
+    // frontend port; the error's source as the client must see it)
+    let cases = [
+        (
+            "port unreachable from the backend",
+            unreachable,
+            udp_pod,
+            (PROTO_UDP, 40001, udp_pod, 5353, 53),
+            vip,
+        ),
+        (
+            "packet too big from the backend",
+            too_big,
+            tcp_pod,
+            (PROTO_TCP, 40000, tcp_pod, 80, 8080),
+            vip,
+        ),
+        (
+            "hop limit exceeded at a router",
+            hop_limit,
+            router,
+            (PROTO_UDP, 40001, udp_pod, 5353, 53),
+            router,
+        ),
+    ];
+    for (what, kind, from, (proto, cport, pod, pport, fport), source) in cases {
+        let before = bed.counters().nat_events().unwrap();
+        let sent = quoted6(proto, (client, cport), (pod, pport));
+        let error = icmp6_error(from, client, kind, &sent);
+        let (action, out) = bed.tc(&error);
+        assert_eq!(action, TC_ACT_OK, "{what}");
+        let about = quoted6(proto, (client, cport), (vip, fport));
+        assert_eq!(out, icmp6_error(source, client, kind, &about), "{what}");
+        let after = bed.counters().nat_events().unwrap();
+        assert_eq!(
+            changed(&nat_event::NAMES, &before, &after),
+            [("icmp_local", 1)],
+            "{what}"
+        );
+    }
+
+    // Not about a translated flow (another client port, another backend): untouched.
+    for (cport, pod) in [(40002, udp_pod), (40001, pod6(9))] {
+        let sent = quoted6(PROTO_UDP, (client, cport), (pod, 5353));
+        let error = icmp6_error(pod, client, unreachable, &sent);
+        assert_eq!(bed.tc(&error), (TC_ACT_OK, error));
+    }
+    // Not an error (an echo reply from the backend): untouched.
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(udp_pod, client, 64)
+        .icmpv6_echo_reply(1, 1)
+        .write(
+            &mut echo,
+            &quoted6(PROTO_UDP, (client, 40001), (udp_pod, 5353)),
+        )
+        .unwrap();
+    assert_eq!(bed.tc(&echo), (TC_ACT_OK, echo));
+}
+
+#[test]
+fn explain_follows_ipv6_flows_from_the_ipv6_maps() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    let flow = |sport: u16, dport: u16, syn: bool| Flow {
+        src: SocketAddr::from((Ipv6Addr::from(client), sport)),
+        dst: SocketAddr::from((Ipv6Addr::from(vip), dport)),
+        proto: Protocol::Tcp,
+        syn,
+    };
+    let explain = |bed: &Bed, flow: Flow| {
+        Explainer::open_pinned(&bed.pin)
+            .unwrap()
+            .explain(&flow, monotonic_ns())
+            .unwrap()
+    };
+
+    // A new flow: the Maglev entry of its hash, which is where XDP sends the packet.
+    let before = explain(&bed, flow(40000, 8080, true));
+    assert_eq!(before.decision, Decision::Maglev, "{:?}", before.steps);
+    let id = bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP);
+    let pod = bed.addr6(id);
+    assert_eq!(before.service_id, Some(1));
+    assert_eq!(before.backend_id, Some(id));
+    assert_eq!(
+        before.backend,
+        Some(SocketAddr::from((Ipv6Addr::from(pod), 80)))
+    );
+    let syn = tcp6(client, 40000, vip, 8080, b"");
+    assert_eq!(
+        bed.xdp(&syn),
+        (XDP_PASS, rewritten6(&syn, Some((pod, 80)), None))
+    );
+    // Then the flow's IPv6 conntrack entry decides.
+    let after = explain(&bed, flow(40000, 8080, false));
+    assert_eq!(
+        (after.decision, after.backend_id, after.backend),
+        (Decision::Conntrack, Some(id), before.backend),
+        "{:?}",
+        after.steps
+    );
+    // Another port of the address is no frontend.
+    assert_eq!(
+        explain(&bed, flow(40000, 9999, true)).decision,
+        Decision::NotFrontend
+    );
+    // Nor is a flow whose addresses are of different families.
+    let mixed = Flow {
+        src: SocketAddr::from(([10, 0, 0, 1], 40000)),
+        ..flow(40000, 8080, true)
+    };
+    assert_eq!(explain(&bed, mixed).decision, Decision::NotFrontend);
+}
+
+#[test]
+fn the_pod_interfaces_program_translates_ipv6_by_its_tail_calls() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let (client, vip) = (client6(), cluster_ip6());
+    // A pod's SYN to the ClusterIP goes to the Maglev entry's backend.
+    let syn = tcp6(client, 40000, vip, 8080, b"");
+    let pod = bed.addr6(bed.maglev_pick6(1, client, 40000, vip, 8080, PROTO_TCP));
+    assert_eq!(
+        bed.pod(&syn),
+        (TC_ACT_OK, rewritten6(&syn, Some((pod, 80)), None))
+    );
+    // The backend pod's reply comes from the frontend.
+    let reply = tcp6_ack(pod, 80, client, 40000, b"answer");
+    assert_eq!(
+        bed.pod(&reply),
+        (TC_ACT_OK, rewritten6(&reply, None, Some((vip, 8080))))
+    );
+    // An ICMPv6 error the backend pod sends about the flow is about the frontend
+    // (`lb_tc_egress`'s rewrite, by the second tail call).
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    let sent = quoted6(PROTO_TCP, (client, 40000), (pod, 80));
+    let about = quoted6(PROTO_TCP, (client, 40000), (vip, 8080));
+    assert_eq!(
+        bed.pod(&icmp6_error(pod, client, too_big, &sent)),
+        (TC_ACT_OK, icmp6_error(vip, client, too_big, &about))
+    );
+
+    // Hairpin: pod1 to a frontend whose only backend is pod1 sees the flow come from
+    // HAIRPIN_ADDR6, and its replies to that address go back to pod1 from the frontend.
+    let own = a6("fd00:96::33");
+    bed.service6(
+        3,
+        frontend6(own, 80, PROTO_TCP),
+        &[backend6(pod6(1), 80, PROTO_TCP)],
+        0,
+    );
+    let hairpin = octets6(HAIRPIN_ADDR6);
+    let syn = tcp6(pod6(1), 40001, own, 80, b"");
+    assert_eq!(
+        bed.pod(&syn),
+        (
+            TC_ACT_OK,
+            rewritten6(&syn, Some((pod6(1), 80)), Some((hairpin, 40001)))
+        )
+    );
+    let reply = tcp6_ack(pod6(1), 80, hairpin, 40001, b"answer");
+    assert_eq!(
+        bed.pod(&reply),
+        (TC_ACT_OK, tcp6_ack(own, 80, pod6(1), 40001, b"answer"))
+    );
+    // Not for a frontend: untouched.
+    let other = tcp6(client, 40002, a6("fd00:96::99"), 80, b"");
+    assert_eq!(bed.pod(&other), (TC_ACT_OK, other.clone()));
+
+    // Without `lb_tc_egress` in its slot, the error passes untouched, counted.
+    let map = bed.dp.ebpf_mut().map_mut(map_names::TC_PROGRAMS).unwrap();
+    ProgramArray::try_from(map)
+        .unwrap()
+        .clear_index(&tc_prog_slot::EGRESS)
+        .unwrap();
+    let error = icmp6_error(pod, client, too_big, &sent);
+    let before = bed.reasons();
+    assert_eq!(bed.pod(&error), (TC_ACT_OK, error.clone()));
+    assert_eq!(counted(&bed, &before), [("ipv6_program_missing", 1)]);
 }

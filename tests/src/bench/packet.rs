@@ -639,6 +639,9 @@ impl Bench {
     }
 
     fn program_sizes(&mut self) -> Result<Vec<ProgramSize>> {
+        self.dp
+            .load_pod_programs()
+            .context("loading the pod interfaces' programs")?;
         let mut sizes = Vec::new();
         let names = [
             (program_names::XDP_INGRESS, false),
@@ -648,6 +651,10 @@ impl Bench {
             (program_names::XDP_NAT6, false),
             (program_names::XDP_ICMP6, false),
             (program_names::TC_EGRESS, false),
+            // On the pods' host-side interfaces; TC_POD_INGRESS6 is tail-called by
+            // TC_POD_INGRESS for IPv6 frames (neither is measured per packet here).
+            (program_names::TC_POD_INGRESS, false),
+            (program_names::TC_POD_INGRESS6, false),
             (program_names::NOOP_XDP, true),
             (program_names::NOOP_TC, true),
         ];

@@ -372,6 +372,20 @@ impl Bed {
         run(prog, packet)
     }
 
+    /// Runs the pod interfaces' program (loaded first, with the programs it tail-calls in
+    /// their slots, as the agent does).
+    pub fn pod(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.dp.load_pod_programs().unwrap();
+        let prog: &SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program(program_names::TC_POD_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        run(prog, packet)
+    }
+
     pub fn counters(&self) -> Counters {
         Counters::open_pinned(&self.pin).unwrap()
     }
