@@ -16,15 +16,14 @@
 use std::{
     cell::{Cell, RefCell},
     net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use etherparse::PacketBuilder;
 use lb_common::program_names;
+use lb_tests::PinDir;
 use lb_userspace::{
-    datapath::{BpfMaps, Datapath, teardown},
+    datapath::{BpfMaps, Datapath},
     desired::{
         Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
     },
@@ -75,27 +74,17 @@ fn frontend(addr: [u8; 4], port: u16, proto: Protocol) -> Frontend {
 /// drop, also when a case fails).
 struct Bed {
     dp: Datapath,
-    pin: PathBuf,
     _syncer: Syncer<BpfMaps>,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = teardown(&self.pin) {
-            eprintln!("cleaning up {}: {e}", self.pin.display());
-        }
-    }
+    // Last: torn down after the maps are closed.
+    _pins: PinDir,
 }
 
 impl Bed {
     fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/lbtest-fuzz-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut dp = Datapath::load(&pin).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        // Removed on drop, also when a panic below leaves no Bed (the maps are pinned first).
+        let pins = PinDir::new().expect("a pin directory");
+        let mut dp =
+            Datapath::load(pins.path()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         dp.load_programs()
             .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
         let mut syncer = Syncer::adopt(dp.take_maps().expect("maps")).expect("adopt");
@@ -131,8 +120,8 @@ impl Bed {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         Bed {
             dp,
-            pin,
             _syncer: syncer,
+            _pins: pins,
         }
     }
 

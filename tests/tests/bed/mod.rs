@@ -8,11 +8,7 @@
 //! under /sys/fs/bpf, removed on drop, also when the test fails.
 #![allow(dead_code)] // Each test file uses its own part of the bed.
 
-use std::{
-    collections::HashMap as StdHashMap,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{collections::HashMap as StdHashMap, path::PathBuf};
 
 use aya::{
     maps::{HashMap, Map, MapData},
@@ -24,8 +20,9 @@ use lb_common::{
     Ct6Key, CtEntry, Frontend4, Frontend6, RevNat4, RevNat6, Service, addr6, flow_hash, flow_hash6,
     map_names, prefilter, program_names,
 };
+use lb_tests::PinDir;
 use lb_userspace::{
-    datapath::{BpfMaps, Counters, Datapath, teardown},
+    datapath::{BpfMaps, Counters, Datapath},
     maglev,
     model::{Ipv4Cidr, Ipv6Cidr},
     sync::{DatapathMaps, TableRef, backend_identity, backend6_identity},
@@ -57,25 +54,15 @@ pub struct Bed {
     pub backends6: StdHashMap<u32, Backend6>,
     /// Each service id's table, as programmed (backend ids).
     pub tables: StdHashMap<u32, Vec<u32>>,
+    // Last: torn down after the maps are closed.
+    _pins: PinDir,
 }
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Err(e) = teardown(&self.pin) {
-            eprintln!("cleaning up {}: {e}", self.pin.display());
-        }
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Bed {
     pub fn new() -> Self {
-        let pin = PathBuf::from(format!(
-            "/sys/fs/bpf/lbtest-packet-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        // Removed on drop, also when a panic below leaves no Bed (the maps are pinned first).
+        let pins = PinDir::new().expect("a pin directory");
+        let pin = pins.path().to_owned();
         let mut dp = Datapath::load(&pin).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         dp.load_programs()
             .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
@@ -88,6 +75,7 @@ impl Bed {
             backends: StdHashMap::new(),
             backends6: StdHashMap::new(),
             tables: StdHashMap::new(),
+            _pins: pins,
         }
     }
 
