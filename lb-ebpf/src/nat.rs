@@ -107,29 +107,68 @@ pub(crate) struct Route<A> {
     pub(crate) resolved: bool,
 }
 
+impl Route<()> {
+    /// The route with its source address.
+    #[inline(always)]
+    pub(crate) fn with_src<A>(self, src: A) -> Route<A> {
+        let Route {
+            ifindex,
+            smac,
+            dmac,
+            resolved,
+            ..
+        } = self;
+        Route {
+            ifindex,
+            smac,
+            dmac,
+            src,
+            resolved,
+        }
+    }
+}
+
 /// The route of a packet from `src` to `dst` that arrived on this XDP interface, as the
 /// kernel would forward it; `None` when it would not (no route, forwarding off, ...).
 #[inline(always)]
 fn route(ctx: &XdpContext, src: u32, dst: u32, proto: u8, flags: u32) -> Option<Route<u32>> {
+    fib_route(ctx, AF_INET, proto, flags, |params| {
+        params.__bindgen_anon_3.ipv4_src = src;
+        params.__bindgen_anon_4.ipv4_dst = dst;
+    })
+    .map(|(route, params)| route.with_src(unsafe { params.__bindgen_anon_3.ipv4_src }))
+}
+
+/// The FIB lookup of either family: `set` writes the addresses into the parameters; the
+/// route comes back with the parameters, whose source address the lookup may have filled.
+/// `tot_len` stays 0: no MTU check (a packet that fit the way in fits a way out of the same
+/// MTU).
+#[inline(always)]
+pub(crate) fn fib_route(
+    ctx: &XdpContext,
+    family: u8,
+    proto: u8,
+    flags: u32,
+    set: impl FnOnce(&mut bpf_fib_lookup),
+) -> Option<(Route<()>, bpf_fib_lookup)> {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = family;
     params.l4_protocol = proto;
-    // tot_len 0: no MTU check (a packet that fit the way in fits a way out of the same MTU).
     params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    set(&mut params);
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     let rc = unsafe { fib_lookup(ctx.ctx.cast(), &mut params, size, flags) } as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    Some(Route {
+    let route = Route {
         ifindex: params.ifindex,
         smac: params.smac,
         dmac: params.dmac,
-        src: unsafe { params.__bindgen_anon_3.ipv4_src },
+        src: (),
         resolved: rc == BPF_FIB_LKUP_RET_SUCCESS,
-    })
+    };
+    Some((route, params))
 }
 
 /// Sends a translated packet along `route`: new MAC addresses and TTL, then XDP_TX or a

@@ -20,11 +20,8 @@
 //! (pseudo-header). The hop limit goes down by one, as the kernel's forwarding would do.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
-        xdp_action,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns},
+    bindings::{BPF_FIB_LOOKUP_SRC, xdp_action},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -39,7 +36,8 @@ use network_types::ip::Ipv6Hdr;
 use crate::{
     ETH_LEN, LB_PROGS_V2, TCP_CHECK_OFF, UDP_CHECK_OFF, count,
     nat::{
-        Bytes, NatEntry, NatFlow, NatKey, Route, nat_port, nat_table, note, reply_entry, transmit,
+        Bytes, NatEntry, NatFlow, NatKey, Route, fib_route, nat_port, nat_table, note, reply_entry,
+        transmit,
     },
     ptr_at,
     v6::{L4_OFF6, parse_ipv6},
@@ -69,25 +67,11 @@ const DADDR_OFF: usize = ETH_LEN + 24;
 /// the kernel would forward it; `None` when it would not.
 #[inline(always)]
 fn route(ctx: &XdpContext, src: Addr6, dst: Addr6, proto: u8, flags: u32) -> Option<Route<Addr6>> {
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET6;
-    params.l4_protocol = proto;
-    // tot_len 0: no MTU check, as for IPv4.
-    params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    params.__bindgen_anon_3.ipv6_src = src;
-    params.__bindgen_anon_4.ipv6_dst = dst;
-    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
-    let rc = unsafe { fib_lookup(ctx.ctx.cast(), &mut params, size, flags) } as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return None;
-    }
-    Some(Route {
-        ifindex: params.ifindex,
-        smac: params.smac,
-        dmac: params.dmac,
-        src: unsafe { params.__bindgen_anon_3.ipv6_src },
-        resolved: rc == BPF_FIB_LKUP_RET_SUCCESS,
+    fib_route(ctx, AF_INET6, proto, flags, |params| {
+        params.__bindgen_anon_3.ipv6_src = src;
+        params.__bindgen_anon_4.ipv6_dst = dst;
     })
+    .map(|(route, params)| route.with_src(unsafe { params.__bindgen_anon_3.ipv6_src }))
 }
 
 /// Sends a translated IPv6 packet along `route`: one hop less, new MAC addresses, XDP_TX or
