@@ -3,20 +3,11 @@
 
 pub mod agent;
 pub mod datapath;
-pub mod desired;
-pub mod eastwest;
-pub mod explain;
-pub mod inspect;
-pub mod maglev;
-pub mod manifest;
 pub mod metrics;
-pub mod migrate;
 pub mod model;
 pub mod plan;
 pub mod source;
 pub mod sync;
-pub mod sys;
-pub mod translate;
 
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -17,16 +17,22 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
-    datapath::{BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR, teardown},
-    desired::{Protocol, Selection},
-    eastwest::SocketHooks,
-    explain::{Explainer, Flow, monotonic_ns},
-    inspect, maglev, manifest, metrics,
+    datapath::{
+        BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR,
+        eastwest::SocketHooks,
+        explain::{Explainer, Flow, monotonic_ns},
+        inspect, teardown,
+    },
+    metrics,
     model::NodeInfo,
-    plan::Plan,
-    source::kube::KubeConfig,
+    plan::{
+        desired::{Protocol, Selection},
+        maglev,
+        render::Plan,
+        translate,
+    },
+    source::{kube::KubeConfig, manifests::load as manifest},
     sync::{DatapathMaps as _, SyncConfig},
-    translate,
 };
 
 #[derive(Parser)]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::datapath::TableFill;
-use crate::inspect::{BackendStatsRow, FrontendStatsRow};
+use crate::datapath::inspect::{BackendStatsRow, FrontendStatsRow};
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -474,7 +474,7 @@ struct DatapathCollector {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let report = match crate::inspect::read_stats(&self.pin_dir) {
+        let report = match crate::datapath::inspect::read_stats(&self.pin_dir) {
             Ok(report) => report,
             // Before the first load there is nothing pinned to read.
             Err(e) => {

@@ -8,9 +8,9 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use lb_userspace::{
-    manifest::{self, ManifestSet},
     model::NodeInfo,
-    translate,
+    plan::translate,
+    source::manifests::load::{self as manifest, ManifestSet},
 };
 use proptest::{prelude::*, strategy::ValueTree, test_runner::Config};
 

@@ -22,7 +22,7 @@ impl Cgroup {
     /// Creates `lbt-<pid>-<n>-cgroup` under the cgroup2 root (removing those of killed runs
     /// first).
     pub fn new() -> Result<Self> {
-        let root = lb_userspace::eastwest::cgroup2_root().context("find cgroup2")?;
+        let root = lb_userspace::datapath::eastwest::cgroup2_root().context("find cgroup2")?;
         remove_stale_cgroups(&root);
         let path = root.join(unique_name("cgroup"));
         std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use lb_tests::bench::cluster::{self, TARGET_PORT};
 use lb_tests::bench::e2e::{Bed, Mode, program_iptables, program_lb, program_nftables};
 use lb_tests::bench::{ScratchDir, load};
-use lb_userspace::{manifest, model::NodeInfo, translate};
+use lb_userspace::{model::NodeInfo, plan::translate, source::manifests::load as manifest};
 
 #[test]
 fn manifests_translate_to_the_desired_state_built_in_code() {

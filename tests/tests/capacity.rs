@@ -18,7 +18,7 @@ use lb_tests::{
     http_get, http_tally, lb_bin,
 };
 use lb_userspace::datapath::{BpfMaps, Capacity, Datapath};
-use lb_userspace::desired::{
+use lb_userspace::plan::desired::{
     Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
 };
 use lb_userspace::sync::{DatapathMaps as _, MapContents, SyncError, Syncer};

@@ -1,4 +1,4 @@
-//! The migration of pinned maps (`lb_userspace::migrate`) on real pinned maps, with a
+//! The migration of pinned maps (`lb_userspace::datapath::migrate`) on real pinned maps, with a
 //! conversion of the test's own: what the new map lacks is converted, what it has is kept,
 //! the old pins go at the end, newer ones stay. Needs root (bpffs). The real conversion,
 //! conntrack V1 -> V2 under traffic, is in the upgrade test (`restart.rs`).
@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_tests::PinDir;
-use lb_userspace::migrate::{Conversion, Copied, Migrated, Migration};
+use lb_userspace::datapath::migrate::{Conversion, Copied, Migrated, Migration};
 
 fn create(dir: &Path, name: &str, entries: &[(u32, u32)]) {
     let mut map = HashMap::<MapData, u32, u32>::create(16, 0).unwrap();

@@ -15,9 +15,9 @@ use lb_common::{
 use std::net::SocketAddrV4;
 
 use lb_userspace::{
-    desired::Protocol,
-    explain::{Decision, Explainer, Explanation, Flow, monotonic_ns},
+    datapath::explain::{Decision, Explainer, Explanation, Flow, monotonic_ns},
     model::Ipv4Cidr,
+    plan::desired::Protocol,
 };
 
 const VIP: [u8; 4] = [10, 96, 0, 10];

@@ -24,7 +24,7 @@ use lb_common::program_names;
 use lb_tests::PinDir;
 use lb_userspace::{
     datapath::{BpfMaps, Datapath},
-    desired::{
+    plan::desired::{
         Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
     },
     sync::Syncer,

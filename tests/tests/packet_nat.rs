@@ -14,7 +14,7 @@ use lb_common::{
     nat, nat_event,
 };
 use lb_tests::Netns;
-use lb_userspace::{datapath::interface_index, explain::monotonic_ns};
+use lb_userspace::datapath::{explain::monotonic_ns, interface_index};
 
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;

@@ -16,7 +16,7 @@ use lb_common::{
     PROTO_UDP, addr6, flow_hash6, map_names, nat, nat_event, prog_slot, reason,
 };
 use lb_tests::Netns;
-use lb_userspace::{datapath::interface_index, explain::monotonic_ns};
+use lb_userspace::datapath::{explain::monotonic_ns, interface_index};
 
 const XDP_TX: u32 = 3;
 

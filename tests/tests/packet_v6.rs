@@ -19,10 +19,12 @@ use lb_common::{
     tc_prog_slot,
 };
 use lb_userspace::{
-    datapath::Datapath,
-    desired::Protocol,
-    explain::{Decision, Explainer, Flow, monotonic_ns},
+    datapath::{
+        Datapath,
+        explain::{Decision, Explainer, Flow, monotonic_ns},
+    },
     model::Ipv6Cidr,
+    plan::desired::Protocol,
 };
 
 fn a6(s: &str) -> [u8; 16] {

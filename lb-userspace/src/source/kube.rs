@@ -777,7 +777,7 @@ mod tests {
         let keys: Vec<String> = state.slices.keys().map(ToString::to_string).collect();
         assert_eq!(keys, ["default/ds-v4", "default/ds-v6"]);
         let node = model::NodeInfo::default();
-        let frontends: Vec<String> = crate::translate::translate(&state, &node)
+        let frontends: Vec<String> = crate::plan::translate::translate(&state, &node)
             .desired
             .frontends
             .iter()

@@ -101,7 +101,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::manifest::load_str;
+    use crate::source::manifests::load::load_str;
 
     fn view(yaml: &str) -> ClusterState {
         let set = load_str(Path::new("t.yaml"), yaml);

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
-use lb_userspace::desired::{
+use lb_userspace::plan::desired::{
     Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
 };
 

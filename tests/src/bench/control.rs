@@ -301,7 +301,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
     let peak_rss = peak_rss_mib(agent.pid())?;
 
     let maps = BpfMaps::open_pinned(agent.pin_path())?;
-    let lb_userspace::desired::FrontendKey::V4(key) = measured.frontend().key() else {
+    let lb_userspace::plan::desired::FrontendKey::V4(key) = measured.frontend().key() else {
         anyhow::bail!("the measured frontend is not IPv4");
     };
     let backend_count = || -> Result<u32> {

@@ -34,7 +34,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp
 use etherparse::PacketBuilder;
 use lb_common::{program_names, reason};
 use lb_userspace::datapath::{BpfMaps, Capacity, Counters, Datapath};
-use lb_userspace::desired::{DesiredState, Frontend, FrontendKind, Protocol};
+use lb_userspace::plan::desired::{DesiredState, Frontend, FrontendKind, Protocol};
 use lb_userspace::sync::Syncer;
 use serde::{Deserialize, Serialize};
 
@@ -412,7 +412,7 @@ impl Bench {
     }
 
     fn service_id(&self, frontend: Endpoint) -> Result<u32> {
-        let key = lb_userspace::desired::FrontendKey::V4(lb_common::Frontend4::new(
+        let key = lb_userspace::plan::desired::FrontendKey::V4(lb_common::Frontend4::new(
             frontend.0.octets(),
             frontend.1,
             lb_common::PROTO_TCP,

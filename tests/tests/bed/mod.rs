@@ -23,8 +23,8 @@ use lb_common::{
 use lb_tests::PinDir;
 use lb_userspace::{
     datapath::{BpfMaps, Counters, Datapath},
-    maglev,
     model::{Ipv4Cidr, Ipv6Cidr},
+    plan::maglev,
     sync::{DatapathMaps, TableRef, backend_identity, backend6_identity},
 };
 

@@ -5,7 +5,13 @@
 //! Pin layout under the pin directory (default `/sys/fs/bpf/lb`):
 //! - one file per map, named as in [`lb_common::map_names`];
 //! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`;
-//! - the socket hooks' and pod interfaces' links (see [`crate::eastwest`]).
+//! - the socket hooks' and pod interfaces' links (see [`crate::datapath::eastwest`]).
+
+pub mod eastwest;
+pub mod explain;
+pub mod inspect;
+pub mod migrate;
+pub mod sys;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -41,7 +47,6 @@ use tracing::{info, warn};
 use crate::{
     model::{Ipv4Cidr, Ipv6Cidr},
     sync::{BatchError, DatapathMaps, MapContents, MapOpError, TableId, TableInfo, TableRef},
-    sys,
 };
 
 /// The default pin directory.

@@ -561,8 +561,8 @@ pub struct Service {
     pub session_affinity: SessionAffinity,
     /// spec.trafficDistribution.
     pub traffic_distribution: Option<TrafficDistribution>,
-    /// The [`crate::desired::SELECTION_ANNOTATION`] annotation.
-    pub selection: Option<crate::desired::Selection>,
+    /// The [`crate::plan::desired::SELECTION_ANNOTATION`] annotation.
+    pub selection: Option<crate::plan::desired::Selection>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -961,14 +961,14 @@ impl Service {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(crate::desired::SELECTION_ANNOTATION))
+            .and_then(|a| a.get(crate::plan::desired::SELECTION_ANNOTATION))
             .map(|value| {
                 value
                     .parse()
                     .map_err(|_| ValidationError::UnsupportedValue {
                         field: format!(
                             "metadata.annotations[{:?}]",
-                            crate::desired::SELECTION_ANNOTATION
+                            crate::plan::desired::SELECTION_ANNOTATION
                         ),
                         value: value.clone(),
                         expected: "maglev, random",
@@ -1354,7 +1354,7 @@ impl EndpointSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::Selection;
+    use crate::plan::desired::Selection;
 
     fn svc(yaml: &str) -> Result<Service, ValidationError> {
         Service::from_k8s(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))

@@ -9,9 +9,8 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill},
-    desired::{Frontend, FrontendKey},
-    explain::state_name,
+    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill, explain::state_name},
+    plan::desired::{Frontend, FrontendKey},
     sync::{DatapathMaps as _, MapContents, MapOpError},
 };
 

@@ -6,11 +6,13 @@
 
 use serde::Serialize;
 
-use crate::{
+use super::{
     desired::{FrontendKind, FrontendPlan, Selection},
-    manifest::ManifestSet,
-    model::{ClusterState, ObjectRef, TrafficPolicy},
     translate::Translation,
+};
+use crate::{
+    model::{ClusterState, ObjectRef, TrafficPolicy},
+    source::manifests::load::ManifestSet,
 };
 
 /// The plan of one folder: every frontend, and everything that was skipped or wrong.
@@ -143,7 +145,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{manifest, model::NodeInfo, translate};
+    use crate::{model::NodeInfo, plan::translate, source::manifests::load as manifest};
 
     fn plan_of(yaml: &str, node: &NodeInfo) -> Plan {
         let set = manifest::load_str(std::path::Path::new("objects.yaml"), yaml);

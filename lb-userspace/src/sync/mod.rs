@@ -66,9 +66,11 @@ use lb_common::{
 use thiserror::Error;
 
 use crate::{
-    desired::{DesiredState, Frontend, FrontendKey, FrontendPlan, Selection},
-    maglev::{self, BackendIdentity, MaglevError},
     model::{self, IpCidr, IpFamily, Ipv4Cidr, Ipv6Cidr},
+    plan::{
+        desired::{DesiredState, Frontend, FrontendKey, FrontendPlan, Selection},
+        maglev::{self, BackendIdentity, MaglevError},
+    },
 };
 
 /// Why one map operation failed.
@@ -2026,7 +2028,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
+    use crate::plan::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
 
     /// After every single map operation: each service entry with backends has a Maglev
     /// table whose entries all name backends that exist and are not REMOVED; its

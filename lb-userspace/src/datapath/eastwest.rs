@@ -141,7 +141,7 @@ pub fn cgroup2_root() -> Result<PathBuf, EastWestError> {
         source,
     };
     std::fs::create_dir_all(&path).map_err(err)?;
-    crate::sys::mount(c"cgroup2", &path).map_err(err)?;
+    crate::datapath::sys::mount(c"cgroup2", &path).map_err(err)?;
     info!(path = %path.display(), "mounted cgroup2");
     Ok(path)
 }

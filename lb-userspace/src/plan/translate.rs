@@ -65,14 +65,12 @@ use std::{
     net::IpAddr,
 };
 
-use crate::{
-    desired::{
-        Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
-    },
-    model::{
-        self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
-        ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
-    },
+use super::desired::{
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
+};
+use crate::model::{
+    self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
+    ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
 };
 
 /// The result of [`translate`].
@@ -708,7 +706,7 @@ mod tests {
     use std::{net::Ipv4Addr, path::Path};
 
     use super::*;
-    use crate::manifest::load_str;
+    use crate::source::manifests::load::load_str;
 
     /// Parses a YAML stream of Services, EndpointSlices and Endpoints; every object must be
     /// valid.
@@ -829,7 +827,8 @@ mod tests {
     #[test]
     fn seeds_httpd_example_from_the_fixtures_folder() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/httpd");
-        let set = crate::manifest::load_dir(&dir).expect("fixtures folder is readable");
+        let set =
+            crate::source::manifests::load::load_dir(&dir).expect("fixtures folder is readable");
         let errors: Vec<String> = set.errors.iter().map(|e| format!("{}", e.kind)).collect();
         assert_eq!(
             errors,

@@ -24,19 +24,24 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
-    datapath::{self, Capacity, Counters, Datapath, DatapathError, TableFill, interface_index},
-    desired::Frontend,
-    eastwest::{PodInterfaces, SocketHooks},
+    datapath::{
+        self, Capacity, Counters, Datapath, DatapathError, TableFill,
+        eastwest::{PodInterfaces, SocketHooks},
+        interface_index,
+        migrate::Migration,
+    },
     metrics::{self, Metrics, SyncOutcome},
-    migrate::Migration,
     model::NodeInfo,
+    plan::{
+        desired::Frontend,
+        translate::{Changed, Translator},
+    },
     source::{
         Changes, NodeFacts, Source,
         kube::{KubeConfig, KubeSource},
         manifests::ManifestsSource,
     },
     sync::{DatapathMaps, SyncConfig, SyncError, Syncer},
-    translate::{Changed, Translator},
 };
 
 /// The errors of one sync that are logged one by one; the rest are counted.

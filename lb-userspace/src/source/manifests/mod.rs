@@ -1,4 +1,4 @@
-//! The manifests source: a folder of Kubernetes manifests ([`crate::manifest`]), read whole
+//! The manifests source: a folder of Kubernetes manifests ([`load`]), read whole
 //! at start and every `resync`, and file by file as files change in between.
 //!
 //! inotify names the file behind each event. A file is read again as soon as it is
@@ -11,6 +11,8 @@
 //! Each read is a complete view of what the folder holds. When the folder cannot be read,
 //! the view stays as it was (the error is logged and the source reported down) until it can
 //! be read again.
+
+pub mod load;
 
 use std::{
     collections::BTreeMap,
@@ -31,13 +33,9 @@ use tokio::{
 };
 use tracing::{debug, error, warn};
 
+use self::load::{Folder, LoadDirError, ManifestSet};
 use super::{Changes, NodeFacts, Source};
-use crate::{
-    agent::sleep_until,
-    manifest::{self, Folder, LoadDirError, ManifestSet},
-    metrics::Metrics,
-    model::ClusterState,
-};
+use crate::{agent::sleep_until, metrics::Metrics, model::ClusterState};
 
 /// How long a file that is created or modified but not closed may take before it is read.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -73,7 +71,7 @@ impl Pending {
             if path.parent() != Some(dir) || name.starts_with("..") {
                 // The folder itself, or what a ConfigMap volume swaps to update its files.
                 self.all.get_or_insert(at);
-            } else if manifest::is_manifest_name(name) {
+            } else if load::is_manifest_name(name) {
                 let entry = self.files.entry(path).or_insert((at, complete));
                 entry.1 = complete;
             }
