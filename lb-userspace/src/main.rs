@@ -21,18 +21,15 @@ use lb_userspace::{
         BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR,
         eastwest::SocketHooks,
         explain::{Explainer, Flow, monotonic_ns},
-        inspect, teardown,
+        inspect,
+        maps::DatapathMaps as _,
+        teardown,
     },
     metrics,
-    model::NodeInfo,
-    plan::{
-        desired::{Protocol, Selection},
-        maglev,
-        render::Plan,
-        translate,
-    },
+    model::{NodeInfo, Protocol, Selection},
+    plan::{maglev, render::Plan, translate},
     source::{kube::KubeConfig, manifests::load as manifest},
-    sync::{DatapathMaps as _, SyncConfig},
+    sync::SyncConfig,
 };
 
 #[derive(Parser)]

@@ -6,6 +6,7 @@
 //!
 //! Needs root and bpffs (mounted if missing).
 
+use lb_userspace::model::Protocol;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -17,11 +18,12 @@ use lb_tests::{
     Agent, ClusterIpService, Condition, Folder, NODE_IF, PinDir, Topology, ensure_all_served,
     http_get, http_tally, lb_bin,
 };
+use lb_userspace::datapath::maps::{DatapathMaps as _, MapContents};
 use lb_userspace::datapath::{BpfMaps, Capacity, Datapath};
 use lb_userspace::plan::desired::{
-    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef,
 };
-use lb_userspace::sync::{DatapathMaps as _, MapContents, SyncError, Syncer};
+use lb_userspace::sync::{SyncError, Syncer};
 
 /// `n` ClusterIP frontends 10.96.0.i:80, each with one backend.
 fn desired(n: u32) -> DesiredState {

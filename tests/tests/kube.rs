@@ -15,7 +15,7 @@ use lb_tests::{
     topology::{CLIENT_IP, NODE_IF, NODE_IP, Topology},
 };
 use lb_userspace::datapath::BpfMaps;
-use lb_userspace::sync::{DatapathMaps as _, MapContents};
+use lb_userspace::datapath::maps::{DatapathMaps as _, MapContents};
 use serde_json::json;
 
 const NODE: &str = "node-1";

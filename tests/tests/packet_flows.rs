@@ -17,7 +17,7 @@ use std::net::SocketAddrV4;
 use lb_userspace::{
     datapath::explain::{Decision, Explainer, Explanation, Flow, monotonic_ns},
     model::Ipv4Cidr,
-    plan::desired::Protocol,
+    model::Protocol,
 };
 
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -607,7 +607,7 @@ fn explain_names_the_backend_the_datapath_gives_and_why() {
 /// another service, they are new flows of that service.
 #[test]
 fn established_flows_of_a_deleted_frontend_are_passed_untouched() {
-    use lb_userspace::sync::DatapathMaps as _;
+    use lb_userspace::{datapath::maps::DatapathMaps as _, plan::desired::FrontendKey};
     let mut bed = Bed::new();
     let ids = three_backends(&mut bed, 0, 0);
     let sport = 41000;
@@ -616,7 +616,7 @@ fn established_flows_of_a_deleted_frontend_are_passed_untouched() {
     expect_to(&mut bed, &ack, first, "established");
 
     let fe = frontend(VIP, PORT, PROTO_TCP);
-    bed.maps.delete_service(&fe).unwrap();
+    bed.maps.delete_service(&FrontendKey::V4(fe)).unwrap();
     let before = bed.reasons();
     assert_eq!(bed.xdp(&ack), (XDP_PASS, ack.clone()), "passed untouched");
     assert_eq!(

@@ -13,6 +13,7 @@
 //!
 //! The maps are filled through the agent's own `Syncer`, from a desired state.
 
+use lb_userspace::model::Protocol;
 use std::{
     cell::{Cell, RefCell},
     net::Ipv4Addr,
@@ -24,9 +25,7 @@ use lb_common::program_names;
 use lb_tests::PinDir;
 use lb_userspace::{
     datapath::{BpfMaps, Datapath},
-    plan::desired::{
-        Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
-    },
+    plan::desired::{Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef},
     sync::Syncer,
 };
 use proptest::{

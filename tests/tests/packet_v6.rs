@@ -24,7 +24,7 @@ use lb_userspace::{
         explain::{Decision, Explainer, Flow, monotonic_ns},
     },
     model::Ipv6Cidr,
-    plan::desired::Protocol,
+    model::Protocol,
 };
 
 fn a6(s: &str) -> [u8; 16] {

@@ -22,8 +22,11 @@ use lb_tests::{
     conns::{FailureKind, failures, first_backends},
 };
 use lb_userspace::{
-    datapath::BpfMaps,
-    sync::{DatapathMaps as _, MapContents},
+    datapath::{
+        BpfMaps,
+        maps::{DatapathMaps as _, MapContents},
+    },
+    plan::desired::FrontendKey,
 };
 
 /// Long-lived connections opened before the agent goes.
@@ -192,7 +195,7 @@ fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing()
     let (_, service) = before
         .services
         .iter()
-        .find(|(k, _)| *k == frontend)
+        .find(|(k, _)| *k == FrontendKey::V4(frontend))
         .unwrap();
     assert_ne!(service.flags & SERVICE_F_TABLE_B, 0, "{before:#?}");
     let keys = [service.id, service.id | maglev::KEY_TABLE_B];
@@ -478,7 +481,7 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
     let (_, service) = programmed
         .services
         .iter()
-        .find(|(k, _)| *k == frontend)
+        .find(|(k, _)| *k == FrontendKey::V4(frontend))
         .unwrap();
     // The backend the Maglev table gives the flow's hash: what it would get without its
     // conntrack entry.
@@ -499,7 +502,7 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
             .iter()
             .find(|(id, _)| *id == slot.backend_id)
             .unwrap();
-        format!("{}:{}", std::net::Ipv4Addr::from(b.octets()), b.port())
+        b.addr().to_string()
     };
     let mut kept_by_conntrack = 0;
     for r in records.iter().filter(|r| r.opened == "before") {

@@ -26,8 +26,10 @@ use tracing::{debug, error, info, trace, warn};
 use crate::{
     datapath::{
         self, Capacity, Counters, Datapath, DatapathError, TableFill,
+        collector::DatapathCollector,
         eastwest::{PodInterfaces, SocketHooks},
         interface_index,
+        maps::DatapathMaps,
         migrate::Migration,
     },
     metrics::{self, Metrics, SyncOutcome},
@@ -40,8 +42,9 @@ use crate::{
         Changes, NodeFacts, Source,
         kube::{KubeConfig, KubeSource},
         manifests::ManifestsSource,
+        sleep_until,
     },
-    sync::{DatapathMaps, SyncConfig, SyncError, Syncer},
+    sync::{SyncConfig, SyncError, Syncer},
 };
 
 /// The errors of one sync that are logged one by one; the rest are counted.
@@ -95,7 +98,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
     interface_index(&config.interface)?;
     let mut metrics = Metrics::new();
-    metrics.collect_datapath(config.pin_dir.clone());
+    metrics.register_collector(Box::new(DatapathCollector::new(config.pin_dir.clone())));
     let metrics = Arc::new(metrics);
     let served = metrics::serve(config.metrics_addr, metrics.clone())
         .await
@@ -415,14 +418,6 @@ impl<M: DatapathMaps> Agent<'_, M> {
         }
         // Frontends that did not fit are retried (a full map may have room again).
         report.errors.is_empty() && report.unprogrammed == 0
-    }
-}
-
-/// Sleeps until `deadline`; forever without one.
-pub(crate) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 

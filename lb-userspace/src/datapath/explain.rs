@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{BpfMaps, DatapathError},
-    plan::desired::Protocol,
+    model::Protocol,
 };
 
 /// A flow as the client sends it: IPv4 or IPv6, both addresses of one family.

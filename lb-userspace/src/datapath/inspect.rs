@@ -9,9 +9,9 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
+    datapath::maps::{BackendEntry, DatapathMaps as _, MapContents, MapOpError},
     datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill, explain::state_name},
     plan::desired::{Frontend, FrontendKey},
-    sync::{DatapathMaps as _, MapContents, MapOpError},
 };
 
 /// One programmed frontend.
@@ -42,47 +42,14 @@ pub struct ServiceRow {
     pub new_flows: u64,
 }
 
-/// A backend of either family, as `lb services` and `lb stats` show it.
-#[derive(Clone, Copy)]
-struct BackendView {
-    addr: std::net::SocketAddr,
-    state: u8,
-    flags: u8,
-}
-
 /// The backends of both maps by id (one id space).
-fn backend_views(contents: &MapContents) -> HashMap<u32, BackendView> {
-    let v4 = contents.backends.iter().map(|(id, b)| {
-        let addr = std::net::SocketAddr::new(std::net::Ipv4Addr::from(b.octets()).into(), b.port());
-        (
-            *id,
-            BackendView {
-                addr,
-                state: b.state,
-                flags: b.flags,
-            },
-        )
-    });
-    let v6 = contents.backends6.iter().map(|(id, b)| {
-        let addr = std::net::SocketAddr::new(std::net::Ipv6Addr::from(b.octets()).into(), b.port());
-        (
-            *id,
-            BackendView {
-                addr,
-                state: b.state,
-                flags: b.flags,
-            },
-        )
-    });
-    v4.chain(v6).collect()
+fn backend_views(contents: &MapContents) -> HashMap<u32, BackendEntry> {
+    contents.backends.iter().copied().collect()
 }
 
 /// The service entries of both families, IPv4 first, each sorted by frontend.
 fn service_entries(contents: &MapContents) -> Vec<(FrontendKey, lb_common::Service)> {
-    let mut services: Vec<(FrontendKey, lb_common::Service)> = (contents.services.iter())
-        .map(|(k, s)| (FrontendKey::V4(*k), *s))
-        .chain((contents.services6.iter()).map(|(k, s)| (FrontendKey::V6(*k), *s)))
-        .collect();
+    let mut services = contents.services.clone();
     services.sort_by_key(|(k, _)| (Frontend::from_key(k).map(|f| (f.addr, f.port, f.proto)), *k));
     services
 }
@@ -109,17 +76,17 @@ pub fn service_rows(
                     .map(|id| match backends.get(id) {
                         None => format!("?{id}"),
                         Some(b) => {
-                            let state = match b.state {
+                            let state = match b.state() {
                                 BACKEND_TERMINATING => " (terminating)",
                                 BACKEND_REMOVED => " (removed)",
                                 _ => "",
                             };
-                            let remote = if b.flags & lb_common::BACKEND_F_REMOTE != 0 {
+                            let remote = if b.flags() & lb_common::BACKEND_F_REMOTE != 0 {
                                 " (remote)"
                             } else {
                                 ""
                             };
-                            format!("{}{state}{remote}", b.addr)
+                            format!("{}{state}{remote}", b.addr())
                         }
                     })
                     .collect(),
@@ -269,7 +236,7 @@ pub fn stats_report(
     let row = |id: u32| {
         let s = backend_stats(id).unwrap_or_default();
         let (backend, state) = match backends.get(&id) {
-            Some(b) => (b.addr.to_string(), state_name(b.state)),
+            Some(b) => (b.addr().to_string(), state_name(b.state())),
             None => ("?".to_owned(), "missing"),
         };
         BackendStatsRow {
@@ -284,7 +251,6 @@ pub fn stats_report(
     let tables: HashMap<u32, _> = contents.tables.iter().map(|(key, t)| (*key, t)).collect();
     // The table each service id uses.
     let keys: HashMap<u32, u32> = (contents.services.iter().map(|(_, s)| s))
-        .chain(contents.services6.iter().map(|(_, s)| s))
         .map(|s| (s.id, lb_common::maglev::table_key(s.id, s.flags)))
         .collect();
     let mut in_tables = std::collections::BTreeSet::new();
@@ -382,7 +348,7 @@ mod tests {
     use lb_common::{BACKEND_ACTIVE, Backend4, Frontend4, PROTO_TCP, Service};
 
     use super::*;
-    use crate::sync::table_info;
+    use crate::datapath::maps::table_info;
 
     #[test]
     fn ipv6_frontends_and_backends_show_in_rfc_5952_form_after_the_ipv4_ones() {
@@ -394,20 +360,41 @@ mod tests {
             affinity_timeout_secs: 0,
         };
         let contents = MapContents {
-            services: vec![(Frontend4::new([10, 96, 0, 10], 80, PROTO_TCP), svc(1))],
-            services6: vec![(
-                lb_common::Frontend6::new(v6("fd00:0:0:0::a"), 80, PROTO_TCP),
-                svc(2),
-            )],
+            services: vec![
+                (
+                    FrontendKey::V4(Frontend4::new([10, 96, 0, 10], 80, PROTO_TCP)),
+                    svc(1),
+                ),
+                (
+                    FrontendKey::V6(lb_common::Frontend6::new(
+                        v6("fd00:0:0:0::a"),
+                        80,
+                        PROTO_TCP,
+                    )),
+                    svc(2),
+                ),
+            ],
             tables: vec![(1, table_info(1, &[5, 5])), (2, table_info(2, &[6, 6]))],
-            backends: vec![(
-                5,
-                Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
-            )],
-            backends6: vec![(
-                6,
-                lb_common::Backend6::new(v6("fd00:10::2"), 8080, PROTO_TCP, BACKEND_TERMINATING),
-            )],
+            backends: vec![
+                (
+                    5,
+                    BackendEntry::V4(Backend4::new(
+                        [10, 244, 1, 2],
+                        80,
+                        PROTO_TCP,
+                        BACKEND_ACTIVE,
+                    )),
+                ),
+                (
+                    6,
+                    BackendEntry::V6(lb_common::Backend6::new(
+                        v6("fd00:10::2"),
+                        8080,
+                        PROTO_TCP,
+                        BACKEND_TERMINATING,
+                    )),
+                ),
+            ],
             ..MapContents::default()
         };
         let rows = service_rows(&contents, |_| ServiceStats::default());
@@ -440,7 +427,7 @@ mod tests {
     fn rows_follow_the_tables_and_show_what_is_missing() {
         let contents = MapContents {
             services: vec![(
-                Frontend4::new([10, 96, 0, 10], 8080, PROTO_TCP),
+                FrontendKey::V4(Frontend4::new([10, 96, 0, 10], 8080, PROTO_TCP)),
                 Service {
                     id: 3,
                     backend_count: 3,
@@ -452,11 +439,21 @@ mod tests {
             backends: vec![
                 (
                     7,
-                    Backend4::new([10, 244, 1, 2], 80, PROTO_TCP, BACKEND_ACTIVE),
+                    BackendEntry::V4(Backend4::new(
+                        [10, 244, 1, 2],
+                        80,
+                        PROTO_TCP,
+                        BACKEND_ACTIVE,
+                    )),
                 ),
                 (
                     9,
-                    Backend4::new([10, 244, 1, 3], 80, PROTO_TCP, BACKEND_TERMINATING),
+                    BackendEntry::V4(Backend4::new(
+                        [10, 244, 1, 3],
+                        80,
+                        PROTO_TCP,
+                        BACKEND_TERMINATING,
+                    )),
                 ),
             ],
             rev_nat: vec![],
@@ -492,7 +489,12 @@ mod tests {
         let mut with_removed = contents.clone();
         with_removed.backends.push((
             4,
-            Backend4::new([10, 244, 1, 9], 80, PROTO_TCP, lb_common::BACKEND_REMOVED),
+            BackendEntry::V4(Backend4::new(
+                [10, 244, 1, 9],
+                80,
+                PROTO_TCP,
+                lb_common::BACKEND_REMOVED,
+            )),
         ));
         let counts = |id: u32| ServiceStats {
             packets: u64::from(id) * 2,

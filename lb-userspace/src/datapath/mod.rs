@@ -7,9 +7,13 @@
 //! - `links/xdp_ingress@<interface>` and `links/tc_egress@<interface>`;
 //! - the socket hooks' and pod interfaces' links (see [`crate::datapath::eastwest`]).
 
+pub mod collector;
 pub mod eastwest;
 pub mod explain;
+#[cfg(test)]
+pub mod fake;
 pub mod inspect;
+pub mod maps;
 pub mod migrate;
 pub mod sys;
 
@@ -44,9 +48,13 @@ use lb_common::{
 use thiserror::Error;
 use tracing::{info, warn};
 
+use self::maps::{
+    BackendEntry, BatchError, DatapathMaps, MapContents, MapOpError, RevNatEntry, TableId,
+    TableInfo, TableRef,
+};
 use crate::{
-    model::{Ipv4Cidr, Ipv6Cidr},
-    sync::{BatchError, DatapathMaps, MapContents, MapOpError, TableId, TableInfo, TableRef},
+    model::{IpCidr, IpFamily, Ipv4Cidr, Ipv6Cidr},
+    plan::desired::FrontendKey,
 };
 
 /// The default pin directory.
@@ -978,28 +986,27 @@ impl BpfMaps {
 impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
-        let result = self.backends.insert(id, backend, 0);
-        result.map_err(self.write_err(map_names::BACKENDS))?;
-        if backend.state != BACKEND_ACTIVE {
+    fn put_backend(&mut self, id: u32, backend: &BackendEntry) -> Result<(), MapOpError> {
+        match backend {
+            BackendEntry::V4(b) => {
+                let result = self.backends.insert(id, b, 0);
+                result.map_err(self.write_err(map_names::BACKENDS))?;
+            }
+            BackendEntry::V6(b) => {
+                let result = self.backends6.insert(id, b, 0);
+                result.map_err(self.write_err(map_names::BACKENDS6))?;
+            }
+        }
+        if backend.state() != BACKEND_ACTIVE {
             self.bump_backend_gen()?;
         }
         Ok(())
     }
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::BACKENDS, self.backends.remove(&id))?;
-        self.bump_backend_gen()
-    }
-    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError> {
-        let result = self.backends6.insert(id, backend, 0);
-        result.map_err(self.write_err(map_names::BACKENDS6))?;
-        if backend.state != BACKEND_ACTIVE {
-            self.bump_backend_gen()?;
+    fn delete_backend(&mut self, id: u32, family: IpFamily) -> Result<(), MapOpError> {
+        match family {
+            IpFamily::V4 => delete_result(map_names::BACKENDS, self.backends.remove(&id))?,
+            IpFamily::V6 => delete_result(map_names::BACKENDS6, self.backends6.remove(&id))?,
         }
-        Ok(())
-    }
-    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::BACKENDS6, self.backends6.remove(&id))?;
         self.bump_backend_gen()
     }
     fn build_table(
@@ -1104,52 +1111,69 @@ impl DatapathMaps for BpfMaps {
         }
         Ok(())
     }
-    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
-        let key = source_range_key(service_id, range);
-        let result = self.source_ranges.insert(&key, 1, 0);
-        result.map_err(self.write_err(map_names::SOURCE_RANGES))
+    fn put_source_range(&mut self, service_id: u32, range: IpCidr) -> Result<(), MapOpError> {
+        match range {
+            IpCidr::V4(range) => {
+                let key = source_range_key(service_id, range);
+                let result = self.source_ranges.insert(&key, 1, 0);
+                result.map_err(self.write_err(map_names::SOURCE_RANGES))
+            }
+            IpCidr::V6(range) => {
+                let key = source_range6_key(service_id, range);
+                let result = self.source_ranges6.insert(&key, 1, 0);
+                result.map_err(self.write_err(map_names::SOURCE_RANGES6))
+            }
+        }
     }
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
-        let key = source_range_key(service_id, range);
-        delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
+    fn delete_source_range(&mut self, service_id: u32, range: IpCidr) -> Result<(), MapOpError> {
+        match range {
+            IpCidr::V4(range) => {
+                let key = source_range_key(service_id, range);
+                delete_result(map_names::SOURCE_RANGES, self.source_ranges.remove(&key))
+            }
+            IpCidr::V6(range) => {
+                let key = source_range6_key(service_id, range);
+                delete_result(map_names::SOURCE_RANGES6, self.source_ranges6.remove(&key))
+            }
+        }
     }
-    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
-        let key = source_range6_key(service_id, range);
-        let result = self.source_ranges6.insert(&key, 1, 0);
-        result.map_err(self.write_err(map_names::SOURCE_RANGES6))
+    fn put_rev_nat(&mut self, id: u32, entry: &RevNatEntry) -> Result<(), MapOpError> {
+        match entry {
+            RevNatEntry::V4(r) => {
+                let result = self.rev_nat.insert(id, r, 0);
+                result.map_err(self.write_err(map_names::REV_NAT))
+            }
+            RevNatEntry::V6(r) => {
+                let result = self.rev_nat6.insert(id, r, 0);
+                result.map_err(self.write_err(map_names::REV_NAT6))
+            }
+        }
     }
-    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
-        let key = source_range6_key(service_id, range);
-        delete_result(map_names::SOURCE_RANGES6, self.source_ranges6.remove(&key))
+    fn delete_rev_nat(&mut self, id: u32, family: IpFamily) -> Result<(), MapOpError> {
+        match family {
+            IpFamily::V4 => delete_result(map_names::REV_NAT, self.rev_nat.remove(&id)),
+            IpFamily::V6 => delete_result(map_names::REV_NAT6, self.rev_nat6.remove(&id)),
+        }
     }
-    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError> {
-        let result = self.rev_nat6.insert(id, value, 0);
-        result.map_err(self.write_err(map_names::REV_NAT6))
+    fn put_service(&mut self, key: &FrontendKey, value: &Service) -> Result<(), MapOpError> {
+        match key {
+            FrontendKey::V4(k) => {
+                let result = self.services.insert(k, value, 0);
+                result.map_err(self.write_err(map_names::SERVICES))
+            }
+            FrontendKey::V6(k) => {
+                let result = self.services6.insert(k, value, 0);
+                result.map_err(self.write_err(map_names::SERVICES6))
+            }
+        }
     }
-    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::REV_NAT6, self.rev_nat6.remove(&id))
-    }
-    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError> {
-        let result = self.services6.insert(key, value, 0);
-        result.map_err(self.write_err(map_names::SERVICES6))
-    }
-    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError> {
-        delete_result(map_names::SERVICES6, self.services6.remove(key))?;
-        self.bump_backend_gen()
-    }
-    fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
-        let result = self.rev_nat.insert(id, value, 0);
-        result.map_err(self.write_err(map_names::REV_NAT))
-    }
-    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete_result(map_names::REV_NAT, self.rev_nat.remove(&id))
-    }
-    fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
-        let result = self.services.insert(key, value, 0);
-        result.map_err(self.write_err(map_names::SERVICES))
-    }
-    fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        delete_result(map_names::SERVICES, self.services.remove(key))?;
+    /// Bumps the backend generation (`lb_common::map_names::BACKEND_GEN`): conntrack
+    /// entries of the frontend's flows no longer vouch for their backend.
+    fn delete_service(&mut self, key: &FrontendKey) -> Result<(), MapOpError> {
+        match key {
+            FrontendKey::V4(k) => delete_result(map_names::SERVICES, self.services.remove(k))?,
+            FrontendKey::V6(k) => delete_result(map_names::SERVICES6, self.services6.remove(k))?,
+        }
         self.bump_backend_gen()
     }
     fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
@@ -1202,10 +1226,9 @@ impl DatapathMaps for BpfMaps {
                 .ok()
                 .and_then(|len| Ipv4Cidr::new(Ipv4Addr::from(data.addr.to_ne_bytes()), len));
             if let Some(range) = range {
-                source_ranges.push((data.service_id, range));
+                source_ranges.push((data.service_id, IpCidr::V4(range)));
             }
         }
-        let mut source_ranges6 = Vec::new();
         for key in self.source_ranges6.keys() {
             let key = key.map_err(op_err(map_names::SOURCE_RANGES6))?;
             let data = key.data();
@@ -1214,19 +1237,27 @@ impl DatapathMaps for BpfMaps {
                 .ok()
                 .and_then(|len| Ipv6Cidr::new(Ipv6Addr::from(octets6(data.addr)), len));
             if let Some(range) = range {
-                source_ranges6.push((data.service_id, range));
+                source_ranges.push((data.service_id, IpCidr::V6(range)));
             }
         }
+        let services4 = read(&self.services, map_names::SERVICES)?;
+        let services6 = read(&self.services6, map_names::SERVICES6)?;
+        let backends4 = read(&self.backends, map_names::BACKENDS)?;
+        let backends6 = read(&self.backends6, map_names::BACKENDS6)?;
+        let rev_nat4 = read(&self.rev_nat, map_names::REV_NAT)?;
+        let rev_nat6 = read(&self.rev_nat6, map_names::REV_NAT6)?;
+        let services4 = services4.into_iter().map(|(k, v)| (FrontendKey::V4(k), v));
+        let services6 = services6.into_iter().map(|(k, v)| (FrontendKey::V6(k), v));
+        let backends4 = backends4.into_iter().map(|(k, v)| (k, BackendEntry::V4(v)));
+        let backends6 = backends6.into_iter().map(|(k, v)| (k, BackendEntry::V6(v)));
+        let rev_nat4 = rev_nat4.into_iter().map(|(k, v)| (k, RevNatEntry::V4(v)));
+        let rev_nat6 = rev_nat6.into_iter().map(|(k, v)| (k, RevNatEntry::V6(v)));
         Ok(MapContents {
-            services: read(&self.services, map_names::SERVICES)?,
-            services6: read(&self.services6, map_names::SERVICES6)?,
-            backends: read(&self.backends, map_names::BACKENDS)?,
-            backends6: read(&self.backends6, map_names::BACKENDS6)?,
-            rev_nat: read(&self.rev_nat, map_names::REV_NAT)?,
-            rev_nat6: read(&self.rev_nat6, map_names::REV_NAT6)?,
+            services: services4.chain(services6).collect(),
+            backends: backends4.chain(backends6).collect(),
+            rev_nat: rev_nat4.chain(rev_nat6).collect(),
             tables,
             source_ranges,
-            source_ranges6,
             prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
         })
     }

@@ -147,8 +147,10 @@ pub enum ValidationError {
     },
 }
 
-/// Transport protocol of a Service or EndpointSlice port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Transport protocol of a Service or EndpointSlice port, and of a frontend or backend
+/// (which are TCP or UDP only: translation skips SCTP ports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     /// TCP (the default).
     Tcp,
@@ -159,6 +161,24 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number, as stored in the maps.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol with this IP protocol number, if the datapath handles it (TCP, UDP).
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
     fn parse(field: String, value: Option<&str>) -> Result<Self, ValidationError> {
         match value {
             None | Some("TCP") => Ok(Protocol::Tcp),
@@ -179,6 +199,45 @@ impl fmt::Display for Protocol {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
             Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// How new flows of a frontend choose among its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// The Maglev table entry of the flow hash: the same flow gets the same backend on
+    /// every node and after every restart, and a backend change moves few flows.
+    #[default]
+    Maglev,
+    /// A uniformly random entry of the Maglev table (as balanced as the table).
+    Random,
+}
+
+/// The Service annotation that chooses the [`Selection`] of its frontends: `maglev` or
+/// `random`. Without it the agent's `--selection` applies.
+pub const SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+
+impl std::str::FromStr for Selection {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "maglev" => Ok(Selection::Maglev),
+            "random" => Ok(Selection::Random),
+            other => Err(format!(
+                "unknown selection {other:?} (expected maglev or random)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Selection::Maglev => "maglev",
+            Selection::Random => "random",
         })
     }
 }
@@ -561,8 +620,8 @@ pub struct Service {
     pub session_affinity: SessionAffinity,
     /// spec.trafficDistribution.
     pub traffic_distribution: Option<TrafficDistribution>,
-    /// The [`crate::plan::desired::SELECTION_ANNOTATION`] annotation.
-    pub selection: Option<crate::plan::desired::Selection>,
+    /// The [`SELECTION_ANNOTATION`] annotation.
+    pub selection: Option<Selection>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -961,15 +1020,12 @@ impl Service {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(crate::plan::desired::SELECTION_ANNOTATION))
+            .and_then(|a| a.get(SELECTION_ANNOTATION))
             .map(|value| {
                 value
                     .parse()
                     .map_err(|_| ValidationError::UnsupportedValue {
-                        field: format!(
-                            "metadata.annotations[{:?}]",
-                            crate::plan::desired::SELECTION_ANNOTATION
-                        ),
+                        field: format!("metadata.annotations[{:?}]", SELECTION_ANNOTATION),
                         value: value.clone(),
                         expected: "maglev, random",
                     })
@@ -1354,7 +1410,6 @@ impl EndpointSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::desired::Selection;
 
     fn svc(yaml: &str) -> Result<Service, ValidationError> {
         Service::from_k8s(&serde_yaml_ng::from_str(yaml).expect("test YAML parses"))

@@ -12,45 +12,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::model::{IpCidr, IpFamily};
-
-/// Transport protocol of a frontend or backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Protocol {
-    /// The IP protocol number, as stored in the maps.
-    pub const fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => lb_common::PROTO_TCP,
-            Protocol::Udp => lb_common::PROTO_UDP,
-        }
-    }
-
-    /// The protocol with this IP protocol number, if it is one we handle.
-    pub const fn from_number(n: u8) -> Option<Self> {
-        match n {
-            lb_common::PROTO_TCP => Some(Protocol::Tcp),
-            lb_common::PROTO_UDP => Some(Protocol::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
-    }
-}
+use crate::model::{IpCidr, IpFamily, Protocol, Selection};
 
 /// A frontend: the address, port and protocol that clients send to. IPv4 frontends sort
 /// before IPv6 ones.
@@ -75,6 +37,15 @@ pub enum FrontendKey {
 }
 
 impl FrontendKey {
+    /// The destination pre-filter's bucket of the frontend (`lb_common::prefilter`; both
+    /// families share the bitmap).
+    pub fn prefilter_bucket(&self) -> u32 {
+        match self {
+            FrontendKey::V4(k) => lb_common::prefilter::bucket(k.addr, k.port, k.proto),
+            FrontendKey::V6(k) => lb_common::prefilter::bucket6(k.addr, k.port, k.proto),
+        }
+    }
+
     /// The family of the frontend.
     pub const fn family(&self) -> IpFamily {
         match self {
@@ -196,45 +167,6 @@ impl fmt::Display for Backend {
     }
 }
 
-/// How new flows of a frontend choose among its backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Selection {
-    /// The Maglev table entry of the flow hash: the same flow gets the same backend on
-    /// every node and after every restart, and a backend change moves few flows.
-    #[default]
-    Maglev,
-    /// A uniformly random entry of the Maglev table (as balanced as the table).
-    Random,
-}
-
-/// The Service annotation that chooses the [`Selection`] of its frontends: `maglev` or
-/// `random`. Without it the agent's `--selection` applies.
-pub const SELECTION_ANNOTATION: &str = "lb.example.io/selection";
-
-impl std::str::FromStr for Selection {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "maglev" => Ok(Selection::Maglev),
-            "random" => Ok(Selection::Random),
-            other => Err(format!(
-                "unknown selection {other:?} (expected maglev or random)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Selection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Selection::Maglev => "maglev",
-            Selection::Random => "random",
-        })
-    }
-}
-
 /// Identifies the Service port a frontend belongs to, for humans and metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ServicePortRef {
@@ -272,7 +204,7 @@ pub struct FrontendPlan {
     /// frontends only (as kube-proxy applies them), of the frontend's family; other sources
     /// are dropped.
     pub source_ranges: Vec<IpCidr>,
-    /// The Service's [`SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
+    /// The Service's [`crate::model::SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
     pub selection: Option<Selection>,
 }
 

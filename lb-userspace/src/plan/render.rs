@@ -7,11 +7,11 @@
 use serde::Serialize;
 
 use super::{
-    desired::{FrontendKind, FrontendPlan, Selection},
+    desired::{FrontendKind, FrontendPlan},
     translate::Translation,
 };
 use crate::{
-    model::{ClusterState, ObjectRef, TrafficPolicy},
+    model::{ClusterState, ObjectRef, Selection, TrafficPolicy},
     source::manifests::load::ManifestSet,
 };
 

@@ -60,14 +60,13 @@
 
 #![deny(missing_docs)]
 
+use crate::model::Protocol;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
-use super::desired::{
-    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
-};
+use super::desired::{Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef};
 use crate::model::{
     self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
     ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
@@ -460,9 +459,8 @@ fn translate_service(
 
     for port in &svc.ports {
         let proto = match port.protocol {
-            model::Protocol::Tcp => Protocol::Tcp,
-            model::Protocol::Udp => Protocol::Udp,
-            protocol @ model::Protocol::Sctp => {
+            proto @ (Protocol::Tcp | Protocol::Udp) => proto,
+            protocol @ Protocol::Sctp => {
                 out.entries
                     .push(Entry::Warning(Warning::UnsupportedProtocol {
                         service: svc.id.clone(),

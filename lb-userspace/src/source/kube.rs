@@ -51,7 +51,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tracing::{debug, error, info, trace, warn};
 
-use super::{Changes, NodeFacts, Source};
+use super::{Changes, NodeFacts, Source, sleep_until};
 use crate::{
     metrics::{Metrics, ResourceLabel},
     model::{self, ClusterState, ObjectRef},
@@ -689,14 +689,6 @@ impl Source for KubeSource {
 
     fn node(&self) -> Option<&NodeFacts> {
         self.node.as_ref()
-    }
-}
-
-/// Sleeps until `at`; returns at once when `at` has passed (tokio's timer would round it up
-/// to its next millisecond tick).
-async fn sleep_until(at: Option<Instant>) {
-    if let Some(at) = at.filter(|at| *at > Instant::now()) {
-        tokio::time::sleep_until(at.into()).await;
     }
 }
 

@@ -96,6 +96,19 @@ pub trait Source {
     fn node(&self) -> Option<&NodeFacts>;
 }
 
+/// Sleeps until `deadline`, forever without one; returns at once when it has passed (tokio's
+/// timer would round a past deadline up to its next millisecond tick). The sources and the
+/// agent's loop wait for their next deadline with it.
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) if deadline > Instant::now() => {
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+        Some(_) => {}
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

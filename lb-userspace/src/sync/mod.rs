@@ -51,66 +51,29 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
-    Frontend4, Frontend6, MAX_SERVICES, RevNat4, RevNat6, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
-    SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service, backend_stats_slot,
+    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service,
+    backend_stats_slot,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
 use thiserror::Error;
 
 use crate::{
-    model::{self, IpCidr, IpFamily, Ipv4Cidr, Ipv6Cidr},
+    datapath::maps::{
+        BackendEntry, DatapathMaps, MapOpError, RevNatEntry, TableId, TableInfo, TableRef,
+    },
+    model::{IpCidr, IpFamily, Selection},
     plan::{
-        desired::{DesiredState, Frontend, FrontendKey, FrontendPlan, Selection},
+        desired::{DesiredState, Frontend, FrontendKey, FrontendPlan},
         maglev::{self, BackendIdentity, MaglevError},
     },
 };
-
-/// Why one map operation failed.
-#[derive(Debug, Error)]
-pub enum MapOpError {
-    /// The map has no room for another entry.
-    #[error("map {map} is full ({max_entries} entries){}", raise_hint(map))]
-    Full {
-        /// The map.
-        map: &'static str,
-        /// Its size.
-        max_entries: u32,
-    },
-    /// Any other failure of the bpf syscall (or of the in-memory stand-in).
-    #[error("map {map}: {source}")]
-    Os {
-        /// The map.
-        map: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl MapOpError {
-    /// The map the operation was on.
-    pub fn map(&self) -> &'static str {
-        match self {
-            MapOpError::Full { map, .. } | MapOpError::Os { map, .. } => map,
-        }
-    }
-}
-
-/// How to make room in a full map: the `lb agent` flag that sizes it.
-fn raise_hint(map: &str) -> String {
-    match crate::datapath::capacity_flag(map) {
-        Some(flag) => format!(": raise {flag} (pinned maps keep their size: `lb teardown` first)"),
-        None => String::new(),
-    }
-}
 
 /// A failure to program one frontend (the others are unaffected).
 #[derive(Debug, Error)]
@@ -151,7 +114,7 @@ pub enum SyncError {
     /// No service id is free: there is one per frontend, as many as the services map holds.
     #[error(
         "frontend {frontend}: all {max} service ids are in use (one per frontend){}",
-        raise_hint(map_names::SERVICES)
+        crate::datapath::maps::raise_hint(map_names::SERVICES)
     )]
     OutOfServiceIds {
         /// The frontend.
@@ -210,147 +173,6 @@ impl Default for SyncConfig {
             selection: Selection::Maglev,
             orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
-    }
-}
-
-/// Where a Maglev table is: the id of its inner map (for BPF, the kernel's map id).
-pub type TableId = u32;
-
-/// A Maglev table as read back: which table, its size, and the distinct backend ids in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableInfo {
-    /// The table.
-    pub id: TableId,
-    /// Its number of entries.
-    pub size: u32,
-    /// The backend ids its entries name, sorted, each once.
-    pub backends: Vec<u32>,
-}
-
-/// Everything in the control-plane maps, as read back for adoption.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct MapContents {
-    /// Services map entries.
-    pub services: Vec<(Frontend4, Service)>,
-    /// IPv6 services map entries.
-    pub services6: Vec<(Frontend6, Service)>,
-    /// Backends map entries.
-    pub backends: Vec<(u32, Backend4)>,
-    /// IPv6 backends map entries.
-    pub backends6: Vec<(u32, Backend6)>,
-    /// Reverse-NAT map entries.
-    pub rev_nat: Vec<(u32, RevNat4)>,
-    /// IPv6 reverse-NAT map entries.
-    pub rev_nat6: Vec<(u32, RevNat6)>,
-    /// The Maglev tables, by their key in the Maglev map (`lb_common::maglev::table_key`).
-    pub tables: Vec<(u32, TableInfo)>,
-    /// Source ranges, by service id.
-    pub source_ranges: Vec<(u32, Ipv4Cidr)>,
-    /// IPv6 source ranges, by service id.
-    pub source_ranges6: Vec<(u32, Ipv6Cidr)>,
-    /// The pre-filter bitmap's non-zero words, by index.
-    pub prefilter: Vec<(u32, u64)>,
-}
-
-/// A table to point a service at in [`DatapathMaps::put_tables`].
-#[derive(Debug)]
-pub enum TableRef<'a, T> {
-    /// One just built by [`DatapathMaps::build_table`].
-    Built(&'a T),
-    /// One that services point at already.
-    Existing(TableId),
-}
-
-/// A batch of writes that stopped at an error: the first `done` were applied.
-#[derive(Debug, Error)]
-#[error("{error}")]
-pub struct BatchError {
-    /// How many writes were applied (the first ones, in order).
-    pub done: usize,
-    /// Why the next one failed.
-    #[source]
-    pub error: MapOpError,
-}
-
-/// The map operations sync needs: implemented on the pinned BPF maps and in memory.
-pub trait DatapathMaps {
-    /// A Maglev table built whole that nothing points at yet (for BPF, its inner map, which
-    /// the kernel frees when the handle is dropped and no service points at it).
-    type Table;
-    /// Writes (creates or replaces) a backend.
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError>;
-    /// Deletes a backend.
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Writes (creates or replaces) an IPv6 backend. Its id is not in the IPv4 backends
-    /// map.
-    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError>;
-    /// Deletes an IPv6 backend.
-    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Builds a new Maglev table, whole, holding `entries` (backend ids, one per table
-    /// entry; `backends` distinct ones). Returns its id and a handle for [`Self::put_tables`].
-    fn build_table(
-        &mut self,
-        entries: &[u32],
-        backends: u32,
-    ) -> Result<(TableId, Self::Table), MapOpError>;
-    /// Puts each table under its key in the Maglev map (`lb_common::maglev::table_key`):
-    /// one write per key, all in one system call (a map-of-maps write waits for running
-    /// programs, once per call). Applied in order; an error stops the batch.
-    fn put_tables(&mut self, writes: &[(u32, TableRef<'_, Self::Table>)])
-    -> Result<(), BatchError>;
-    /// Removes the tables under these keys (a table goes when nothing points at it), in
-    /// one system call, in order; an error stops the batch.
-    fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError>;
-    /// Rewrites the existing table `id` in place, whole, with `entries` (as
-    /// [`Self::build_table`]; same size). No program may be reading it: no service entry
-    /// selects it, and a grace period has passed since one last did.
-    fn fill_table(&mut self, id: TableId, entries: &[u32], backends: u32)
-    -> Result<(), MapOpError>;
-    /// The start of the latest grace period that has ended: every program that was running
-    /// at that moment has finished since. `None` before the first.
-    fn grace_since(&self) -> Option<Instant>;
-    /// Asks for a grace period to start now, without waiting for it.
-    fn request_grace(&mut self);
-    /// Allows `range` as a source of `service_id`.
-    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
-    /// Removes `range` from the sources of `service_id`.
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError>;
-    /// Allows the IPv6 `range` as a source of `service_id`.
-    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError>;
-    /// Removes the IPv6 `range` from the sources of `service_id`.
-    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError>;
-    /// Writes a reverse-NAT entry.
-    fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError>;
-    /// Deletes a reverse-NAT entry.
-    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Writes an IPv6 reverse-NAT entry.
-    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError>;
-    /// Deletes an IPv6 reverse-NAT entry.
-    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError>;
-    /// Writes a service entry.
-    fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError>;
-    /// Deletes a service entry.
-    fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError>;
-    /// Writes an IPv6 service entry.
-    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError>;
-    /// Deletes an IPv6 service entry.
-    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError>;
-    /// Writes word `index` of the destination pre-filter bitmap.
-    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError>;
-    /// Reads everything back.
-    fn read_all(&self) -> Result<MapContents, MapOpError>;
-    /// Service ids are `1..service_id_limit()` (they index the per-service stats).
-    fn service_id_limit(&self) -> u32 {
-        MAX_SERVICES
-    }
-    /// The slots of the backends' counters (a power of two): live backends have ids of
-    /// distinct slots (`lb_common::backend_stats_slot`).
-    fn backend_stats_slots(&self) -> u32 {
-        lb_common::backend_stats_slots(lb_common::capacity::BACKENDS)
-    }
-    /// Zeroes the counters of a new backend id's slot, before the backend is written.
-    fn reset_backend_stats(&mut self, _id: u32) -> Result<(), MapOpError> {
-        Ok(())
     }
 }
 
@@ -442,68 +264,11 @@ impl Programmed {
     }
 }
 
-/// A backend as its family's backends map holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BackendEntry {
-    V4(Backend4),
-    V6(Backend6),
-}
+/// Address, port and protocol: one backend entry each.
+type BackendKey = (SocketAddr, u8);
 
-impl BackendEntry {
-    fn state(&self) -> u8 {
-        match self {
-            BackendEntry::V4(b) => b.state,
-            BackendEntry::V6(b) => b.state,
-        }
-    }
-
-    fn with_state(self, state: u8) -> Self {
-        match self {
-            BackendEntry::V4(b) => BackendEntry::V4(Backend4 { state, ..b }),
-            BackendEntry::V6(b) => BackendEntry::V6(Backend6 { state, ..b }),
-        }
-    }
-
-    fn key(&self) -> BackendKey {
-        match self {
-            BackendEntry::V4(b) => (Ipv4Addr::from(b.octets()).into(), b.port, b.proto),
-            BackendEntry::V6(b) => (Ipv6Addr::from(b.octets()).into(), b.port, b.proto),
-        }
-    }
-
-    fn identity(&self) -> BackendIdentity {
-        match self {
-            BackendEntry::V4(b) => backend_identity(b),
-            BackendEntry::V6(b) => backend6_identity(b),
-        }
-    }
-}
-
-/// Address, port (network byte order) and protocol: one backend entry each.
-type BackendKey = (IpAddr, u16, u8);
-
-fn identity_proto(proto: u8) -> model::Protocol {
-    if proto == lb_common::PROTO_UDP {
-        model::Protocol::Udp
-    } else {
-        model::Protocol::Tcp
-    }
-}
-
-/// The stable identity of a backend that its place in a Maglev table derives from.
-pub fn backend_identity(b: &Backend4) -> BackendIdentity {
-    BackendIdentity::new(
-        SocketAddr::new(Ipv4Addr::from(b.octets()).into(), b.port()),
-        identity_proto(b.proto),
-    )
-}
-
-/// [`backend_identity`] of an IPv6 backend.
-pub fn backend6_identity(b: &Backend6) -> BackendIdentity {
-    BackendIdentity::new(
-        SocketAddr::new(Ipv6Addr::from(b.octets()).into(), b.port()),
-        identity_proto(b.proto),
-    )
+fn backend_key(backend: &BackendEntry) -> BackendKey {
+    (backend.addr(), backend.proto())
 }
 
 /// What one [`Syncer::apply`] did.
@@ -594,14 +359,6 @@ fn unshare(tables: &mut HashMap<TableKey, SharedTable>, table: &ProgrammedTable)
     }
 }
 
-/// The pre-filter bucket of a frontend (both families share the bitmap).
-fn bucket_of(key: &FrontendKey) -> u32 {
-    match key {
-        FrontendKey::V4(k) => prefilter::bucket(k.addr, k.port, k.proto),
-        FrontendKey::V6(k) => prefilter::bucket6(k.addr, k.port, k.proto),
-    }
-}
-
 /// The pre-filter bitmap as the map holds it, and how many frontends each bucket counts.
 #[derive(Debug, Default)]
 struct Prefilter {
@@ -685,30 +442,23 @@ impl<M: DatapathMaps> Syncer<M> {
             adopted: BTreeSet::new(),
             first_view: None,
         };
-        let services: Vec<(FrontendKey, Service)> = (contents.services.iter())
-            .map(|(k, s)| (FrontendKey::V4(*k), *s))
-            .chain((contents.services6.iter()).map(|(k, s)| (FrontendKey::V6(*k), *s)))
-            .collect();
+        let services = &contents.services;
         syncer.adopted = services.iter().map(|(key, _)| *key).collect();
         let tables: HashMap<u32, &TableInfo> =
             contents.tables.iter().map(|(id, t)| (*id, t)).collect();
         // Source ranges and reverse-NAT entries by service id and family.
         let mut ranges: HashMap<(u32, IpFamily), BTreeSet<IpCidr>> = HashMap::new();
-        let all_ranges = (contents.source_ranges.iter())
-            .map(|(id, r)| (*id, IpCidr::V4(*r)))
-            .chain((contents.source_ranges6.iter()).map(|(id, r)| (*id, IpCidr::V6(*r))));
-        for (id, range) in all_ranges {
+        for &(id, range) in &contents.source_ranges {
             ranges
                 .entry((id, range.family()))
                 .or_default()
                 .insert(range);
         }
         let rev_nat: BTreeSet<(u32, IpFamily)> = (contents.rev_nat.iter())
-            .map(|(id, _)| (*id, IpFamily::V4))
-            .chain((contents.rev_nat6.iter()).map(|(id, _)| (*id, IpFamily::V6)))
+            .map(|(id, entry)| (*id, entry.family()))
             .collect();
         let mut live_ids: BTreeSet<(u32, IpFamily)> = BTreeSet::new();
-        for (key, service) in &services {
+        for (key, service) in services {
             let family = key.family();
             live_ids.insert((service.id, family));
             let mut programmed = Programmed {
@@ -720,7 +470,11 @@ impl<M: DatapathMaps> Syncer<M> {
                 prefiltered: true,
                 members: Vec::new(),
             };
-            *syncer.prefilter.users.entry(bucket_of(key)).or_default() += 1;
+            *syncer
+                .prefilter
+                .users
+                .entry(key.prefilter_bucket())
+                .or_default() += 1;
             let live = programmed.live();
             for slot in 0..2 {
                 let Some(t) = tables.get(&programmed.key(slot)) else {
@@ -740,13 +494,13 @@ impl<M: DatapathMaps> Syncer<M> {
             syncer.used_service_ids.insert(service.id);
             syncer.frontends.insert(*key, programmed);
         }
-        let backends = (contents.backends.iter())
-            .map(|(id, b)| (*id, BackendEntry::V4(*b)))
-            .chain((contents.backends6.iter()).map(|(id, b)| (*id, BackendEntry::V6(*b))));
-        for (id, backend) in backends {
+        for &(id, backend) in &contents.backends {
             syncer.backends.insert(id, backend);
             syncer.take_slot(id);
-            syncer.backend_ids.entry(backend.key()).or_insert(id);
+            syncer
+                .backend_ids
+                .entry(backend_key(&backend))
+                .or_insert(id);
             if backend.state() == BACKEND_REMOVED {
                 syncer.removed.insert(id, now);
             }
@@ -778,15 +532,12 @@ impl<M: DatapathMaps> Syncer<M> {
         // (Those of the other family than the service's are leftovers too.)
         for ((id, _), stale) in ranges {
             for range in stale {
-                delete_source_range(&mut syncer.maps, id, range)?;
+                syncer.maps.delete_source_range(id, range)?;
             }
         }
         for &(id, family) in &rev_nat {
             if !live_ids.contains(&(id, family)) {
-                match family {
-                    IpFamily::V4 => syncer.maps.delete_rev_nat(id)?,
-                    IpFamily::V6 => syncer.maps.delete_rev_nat6(id)?,
-                }
+                syncer.maps.delete_rev_nat(id, family)?;
             }
         }
         Ok(syncer)
@@ -1312,14 +1063,11 @@ impl<M: DatapathMaps> Syncer<M> {
     fn write_entries(&mut self, p: &mut Pending) -> Result<(), MapOpError> {
         let prog = &mut p.programmed;
         for range in p.ranges.difference(&prog.ranges.clone()) {
-            self.op(|m| put_source_range(m, prog.id, *range))?;
+            self.op(|m| m.put_source_range(prog.id, *range))?;
             prog.ranges.insert(*range);
         }
         if !prog.rev_nat {
-            match &p.key {
-                FrontendKey::V4(key) => self.op(|m| m.put_rev_nat(prog.id, &RevNat4::of(key)))?,
-                FrontendKey::V6(key) => self.op(|m| m.put_rev_nat6(prog.id, &rev_nat6(key)))?,
-            }
+            self.op(|m| m.put_rev_nat(prog.id, &RevNatEntry::of(&p.key)))?;
             prog.rev_nat = true;
         }
         if !prog.prefiltered {
@@ -1332,10 +1080,7 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         if prog.service != Some(service) {
             let was = prog.service.map(|_| prog.live());
-            self.op(|m| match &p.key {
-                FrontendKey::V4(key) => m.put_service(key, &service),
-                FrontendKey::V6(key) => m.put_service6(key, &service),
-            })?;
+            self.op(|m| m.put_service(&p.key, &service))?;
             prog.service = Some(service);
             if let Some(was) = was.filter(|&was| was != p.slot) {
                 // Programs that read the entry before may still use that table.
@@ -1349,7 +1094,7 @@ impl<M: DatapathMaps> Syncer<M> {
             }
         }
         for range in prog.ranges.clone().difference(&p.ranges) {
-            self.op(|m| delete_source_range(m, prog.id, *range))?;
+            self.op(|m| m.delete_source_range(prog.id, *range))?;
             prog.ranges.remove(range);
         }
         Ok(())
@@ -1418,10 +1163,7 @@ impl<M: DatapathMaps> Syncer<M> {
     ) -> Result<(), MapOpError> {
         if p.service.is_some() {
             let live = p.live();
-            self.op(|m| match key {
-                FrontendKey::V4(key) => m.delete_service(key),
-                FrontendKey::V6(key) => m.delete_service6(key),
-            })?;
+            self.op(|m| m.delete_service(key))?;
             p.service = None;
             if let Some(slot) = &mut p.slots[live] {
                 slot.retired = Some(Instant::now());
@@ -1432,14 +1174,11 @@ impl<M: DatapathMaps> Syncer<M> {
             p.prefiltered = false;
         }
         for range in p.ranges.clone() {
-            self.op(|m| delete_source_range(m, p.id, range))?;
+            self.op(|m| m.delete_source_range(p.id, range))?;
             p.ranges.remove(&range);
         }
         if p.rev_nat {
-            self.op(|m| match key {
-                FrontendKey::V4(_) => m.delete_rev_nat(p.id),
-                FrontendKey::V6(_) => m.delete_rev_nat6(p.id),
-            })?;
+            self.op(|m| m.delete_rev_nat(p.id, key.family()))?;
             p.rev_nat = false;
         }
         Ok(())
@@ -1448,7 +1187,7 @@ impl<M: DatapathMaps> Syncer<M> {
     /// Counts `key` in its pre-filter bucket (`add`) or stops counting it: the bucket's bit
     /// is set before its first frontend is counted, and cleared after its last one goes.
     fn prefilter_count(&mut self, key: &FrontendKey, add: bool) -> Result<(), MapOpError> {
-        let bucket = bucket_of(key);
+        let bucket = key.prefilter_bucket();
         let users = self.prefilter.users.get(&bucket).copied().unwrap_or(0);
         let flips = if add { users == 0 } else { users == 1 };
         if flips {
@@ -1506,7 +1245,7 @@ impl<M: DatapathMaps> Syncer<M> {
             let backend = self.backends[&id];
             if backend.state() != BACKEND_REMOVED && !drain.is_zero() {
                 let removed = backend.with_state(BACKEND_REMOVED);
-                self.op(|m| put_backend(m, id, &removed))?;
+                self.op(|m| m.put_backend(id, &removed))?;
                 self.backends.insert(id, removed);
                 self.removed.insert(id, now);
                 continue;
@@ -1515,15 +1254,12 @@ impl<M: DatapathMaps> Syncer<M> {
             if now < since + drain {
                 continue;
             }
-            self.op(|m| match backend {
-                BackendEntry::V4(_) => m.delete_backend(id),
-                BackendEntry::V6(_) => m.delete_backend6(id),
-            })?;
+            self.op(|m| m.delete_backend(id, backend.family()))?;
             self.removed.remove(&id);
             if let Some(b) = self.backends.remove(&id) {
                 self.free_slot(id);
-                if self.backend_ids.get(&b.key()) == Some(&id) {
-                    self.backend_ids.remove(&b.key());
+                if self.backend_ids.get(&backend_key(&b)) == Some(&id) {
+                    self.backend_ids.remove(&backend_key(&b));
                 }
             }
         }
@@ -1532,7 +1268,7 @@ impl<M: DatapathMaps> Syncer<M> {
 
     /// The id of `backend`, writing it (new, or with a changed state) when needed.
     fn ensure_backend(&mut self, backend: &BackendEntry) -> Result<u32, MapOpError> {
-        let id = match self.backend_ids.get(&backend.key()) {
+        let id = match self.backend_ids.get(&backend_key(backend)) {
             Some(&id) if self.backends.get(&id) == Some(backend) => return Ok(id),
             Some(&id) => id,
             None => {
@@ -1542,11 +1278,11 @@ impl<M: DatapathMaps> Syncer<M> {
                 id
             }
         };
-        self.op(|m| put_backend(m, id, backend))?;
+        self.op(|m| m.put_backend(id, backend))?;
         if self.backends.insert(id, *backend).is_none() {
             self.take_slot(id);
         }
-        self.backend_ids.insert(backend.key(), id);
+        self.backend_ids.insert(backend_key(backend), id);
         self.removed.remove(&id);
         Ok(id)
     }
@@ -1614,421 +1350,18 @@ impl<M: DatapathMaps> Syncer<M> {
     }
 }
 
-/// Writes a backend into the map of its family.
-fn put_backend<M: DatapathMaps>(m: &mut M, id: u32, b: &BackendEntry) -> Result<(), MapOpError> {
-    match b {
-        BackendEntry::V4(b) => m.put_backend(id, b),
-        BackendEntry::V6(b) => m.put_backend6(id, b),
-    }
-}
-
-/// Writes a source range into the map of its family.
-fn put_source_range<M: DatapathMaps>(m: &mut M, id: u32, r: IpCidr) -> Result<(), MapOpError> {
-    match r {
-        IpCidr::V4(r) => m.put_source_range(id, r),
-        IpCidr::V6(r) => m.put_source_range6(id, r),
-    }
-}
-
-/// Deletes a source range from the map of its family.
-fn delete_source_range<M: DatapathMaps>(m: &mut M, id: u32, r: IpCidr) -> Result<(), MapOpError> {
-    match r {
-        IpCidr::V4(r) => m.delete_source_range(id, r),
-        IpCidr::V6(r) => m.delete_source_range6(id, r),
-    }
-}
-
-/// The reverse-NAT entry of an IPv6 frontend.
-pub fn rev_nat6(key: &Frontend6) -> RevNat6 {
-    RevNat6 {
-        addr: key.addr,
-        port: key.port,
-        _pad: 0,
-    }
-}
-
-/// The maps in memory: for tests of the control plane without a kernel. Each map has a
-/// capacity like a BPF hash map, and every operation can be observed.
-#[derive(Debug, Clone)]
-pub struct InMemoryMaps {
-    /// Services map.
-    pub services: BTreeMap<Frontend4, Service>,
-    /// IPv6 services map.
-    pub services6: BTreeMap<Frontend6, Service>,
-    /// Backends map.
-    pub backends: BTreeMap<u32, Backend4>,
-    /// IPv6 backends map.
-    pub backends6: BTreeMap<u32, Backend6>,
-    /// Reverse-NAT map.
-    pub rev_nat: BTreeMap<u32, RevNat4>,
-    /// IPv6 reverse-NAT map.
-    pub rev_nat6: BTreeMap<u32, RevNat6>,
-    /// Maglev map: service id -> table.
-    pub maglev: BTreeMap<u32, TableId>,
-    /// The tables the Maglev map points at (a table nothing points at is gone, as the
-    /// kernel frees an inner map).
-    pub tables: BTreeMap<TableId, Arc<[u32]>>,
-    /// Source-range map.
-    pub source_ranges: BTreeSet<(u32, Ipv4Cidr)>,
-    /// IPv6 source-range map.
-    pub source_ranges6: BTreeSet<(u32, Ipv6Cidr)>,
-    /// The pre-filter bitmap's non-zero words, by index.
-    pub prefilter: BTreeMap<u32, u64>,
-    /// Capacity of each map, in entries.
-    pub capacity: usize,
-    /// [`DatapathMaps::backend_stats_slots`] (a power of two).
-    pub backend_stats_slots: u32,
-    /// Called after every successful operation with the maps as they are then.
-    pub observer: Option<fn(&InMemoryMaps)>,
-    /// Every successful operation, in order (`put_service 3`, `put_new_table 3`, ...).
-    pub journal: Vec<String>,
-    /// The start of the latest grace period that has ended ([`DatapathMaps::grace_since`]):
-    /// the test says when one has.
-    pub grace: Option<Instant>,
-    /// How many grace periods were asked for.
-    pub grace_requests: usize,
-    /// When a service entry last selected each table (after the operation that ended
-    /// before it stopped): a rewrite in place needs a grace period since.
-    last_selected: BTreeMap<TableId, Instant>,
-    next_table: TableId,
-}
-
-impl InMemoryMaps {
-    /// Empty maps with room for `capacity` entries each.
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            services: BTreeMap::new(),
-            services6: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            backends6: BTreeMap::new(),
-            rev_nat: BTreeMap::new(),
-            rev_nat6: BTreeMap::new(),
-            maglev: BTreeMap::new(),
-            tables: BTreeMap::new(),
-            source_ranges: BTreeSet::new(),
-            source_ranges6: BTreeSet::new(),
-            prefilter: BTreeMap::new(),
-            capacity,
-            backend_stats_slots: lb_common::backend_stats_slots(lb_common::capacity::BACKENDS),
-            observer: None,
-            journal: Vec::new(),
-            grace: None,
-            grace_requests: 0,
-            last_selected: BTreeMap::new(),
-            next_table: 1,
-        }
-    }
-
-    /// Whether the pre-filter lets packets for `key` on to the lookups.
-    pub fn prefilter_passes(&self, key: &FrontendKey) -> bool {
-        let (index, bit) = prefilter::position(bucket_of(key));
-        self.prefilter.get(&index).is_some_and(|w| w & bit != 0)
-    }
-
-    /// The table a service entry selects.
-    pub fn table_of(&self, service: &Service) -> Option<&[u32]> {
-        Some(&self.tables[self.maglev.get(&table_key(service.id, service.flags))?])
-    }
-
-    fn observed(&mut self, op: &str, id: impl std::fmt::Display) -> Result<(), MapOpError> {
-        self.journal.push(format!("{op} {id}"));
-        let used: BTreeSet<TableId> = self.maglev.values().copied().collect();
-        self.tables.retain(|id, _| used.contains(id));
-        let now = Instant::now();
-        for service in self.services.values().chain(self.services6.values()) {
-            if let Some(table) = self.maglev.get(&table_key(service.id, service.flags)) {
-                self.last_selected.insert(*table, now);
-            }
-        }
-        if let Some(observe) = self.observer {
-            observe(self);
-        }
-        Ok(())
-    }
-}
-
-fn put<K: Ord, V>(
-    map: &mut BTreeMap<K, V>,
-    capacity: usize,
-    name: &'static str,
-    key: K,
-    value: V,
-) -> Result<(), MapOpError> {
-    if map.len() >= capacity && !map.contains_key(&key) {
-        return Err(MapOpError::Full {
-            map: name,
-            max_entries: capacity as u32,
-        });
-    }
-    map.insert(key, value);
-    Ok(())
-}
-
-/// Deleting what is not there succeeds, as with the BPF maps here.
-fn delete<K: Ord, V>(map: &mut BTreeMap<K, V>, key: &K) -> Result<(), MapOpError> {
-    map.remove(key);
-    Ok(())
-}
-
-impl DatapathMaps for InMemoryMaps {
-    /// The table's id and entries.
-    type Table = (TableId, Arc<[u32]>);
-    fn backend_stats_slots(&self) -> u32 {
-        self.backend_stats_slots
-    }
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), MapOpError> {
-        put(
-            &mut self.backends,
-            self.capacity,
-            map_names::BACKENDS,
-            id,
-            *backend,
-        )?;
-        self.observed("put_backend", id)
-    }
-    fn delete_backend(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete(&mut self.backends, &id)?;
-        self.observed("delete_backend", id)
-    }
-    fn put_backend6(&mut self, id: u32, backend: &Backend6) -> Result<(), MapOpError> {
-        put(
-            &mut self.backends6,
-            self.capacity,
-            map_names::BACKENDS6,
-            id,
-            *backend,
-        )?;
-        self.observed("put_backend6", id)
-    }
-    fn delete_backend6(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete(&mut self.backends6, &id)?;
-        self.observed("delete_backend6", id)
-    }
-    fn build_table(
-        &mut self,
-        entries: &[u32],
-        _backends: u32,
-    ) -> Result<(TableId, Self::Table), MapOpError> {
-        let id = self.next_table;
-        self.next_table += 1;
-        self.journal.push("build_table".to_owned());
-        Ok((id, (id, entries.into())))
-    }
-    fn put_tables(
-        &mut self,
-        writes: &[(u32, TableRef<'_, Self::Table>)],
-    ) -> Result<(), BatchError> {
-        for (done, (service_id, table)) in writes.iter().enumerate() {
-            let fail = |error| Err(BatchError { done, error });
-            let (id, op) = match table {
-                TableRef::Built((id, entries)) => {
-                    self.tables.insert(*id, entries.clone());
-                    (*id, "put_new_table")
-                }
-                TableRef::Existing(id) if self.tables.contains_key(id) => (*id, "put_table"),
-                TableRef::Existing(_) => {
-                    return fail(MapOpError::Os {
-                        map: map_names::MAGLEV,
-                        source: std::io::Error::from_raw_os_error(libc::ENOENT),
-                    });
-                }
-            };
-            let capacity = self.capacity;
-            if let Err(error) = put(
-                &mut self.maglev,
-                capacity,
-                map_names::MAGLEV,
-                *service_id,
-                id,
-            ) {
-                self.tables
-                    .retain(|t, _| self.maglev.values().any(|v| v == t));
-                return fail(error);
-            }
-            self.observed(op, service_id)
-                .map_err(|error| BatchError { done, error })?;
-        }
-        Ok(())
-    }
-    fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError> {
-        for (done, key) in keys.iter().enumerate() {
-            delete(&mut self.maglev, key).map_err(|error| BatchError { done, error })?;
-            self.observed("delete_table", key)
-                .map_err(|error| BatchError { done, error })?;
-        }
-        Ok(())
-    }
-    /// Fails (EBUSY) when a program could be reading the table: a service entry selects
-    /// it, or no grace period has passed since one did.
-    fn fill_table(
-        &mut self,
-        id: TableId,
-        entries: &[u32],
-        _backends: u32,
-    ) -> Result<(), MapOpError> {
-        let selected = (self.services.values().chain(self.services6.values()))
-            .any(|s| self.maglev.get(&table_key(s.id, s.flags)) == Some(&id));
-        let quiet = match self.last_selected.get(&id) {
-            None => true,
-            Some(last) => self.grace.is_some_and(|g| g > *last),
-        };
-        let size_kept = self
-            .tables
-            .get(&id)
-            .is_some_and(|t| t.len() == entries.len());
-        if selected || !quiet || !size_kept {
-            return Err(MapOpError::Os {
-                map: map_names::MAGLEV,
-                source: std::io::Error::from_raw_os_error(libc::EBUSY),
-            });
-        }
-        self.tables.insert(id, entries.into());
-        self.observed("fill_table", id)
-    }
-    fn grace_since(&self) -> Option<Instant> {
-        self.grace
-    }
-    fn request_grace(&mut self) {
-        self.grace_requests += 1;
-    }
-    fn put_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
-        let key = (service_id, range);
-        if self.source_ranges.len() >= self.capacity && !self.source_ranges.contains(&key) {
-            return Err(MapOpError::Full {
-                map: map_names::SOURCE_RANGES,
-                max_entries: self.capacity as u32,
-            });
-        }
-        self.source_ranges.insert(key);
-        self.observed("put_source_range", format_args!("{service_id} {range}"))
-    }
-    fn delete_source_range(&mut self, service_id: u32, range: Ipv4Cidr) -> Result<(), MapOpError> {
-        self.source_ranges.remove(&(service_id, range));
-        self.observed("delete_source_range", format_args!("{service_id} {range}"))
-    }
-    fn put_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
-        let key = (service_id, range);
-        if self.source_ranges6.len() >= self.capacity && !self.source_ranges6.contains(&key) {
-            return Err(MapOpError::Full {
-                map: map_names::SOURCE_RANGES6,
-                max_entries: self.capacity as u32,
-            });
-        }
-        self.source_ranges6.insert(key);
-        self.observed("put_source_range6", format_args!("{service_id} {range}"))
-    }
-    fn delete_source_range6(&mut self, service_id: u32, range: Ipv6Cidr) -> Result<(), MapOpError> {
-        self.source_ranges6.remove(&(service_id, range));
-        self.observed("delete_source_range6", format_args!("{service_id} {range}"))
-    }
-    fn put_rev_nat(&mut self, id: u32, value: &RevNat4) -> Result<(), MapOpError> {
-        put(
-            &mut self.rev_nat,
-            self.capacity,
-            map_names::REV_NAT,
-            id,
-            *value,
-        )?;
-        self.observed("put_rev_nat", id)
-    }
-    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete(&mut self.rev_nat, &id)?;
-        self.observed("delete_rev_nat", id)
-    }
-    fn put_rev_nat6(&mut self, id: u32, value: &RevNat6) -> Result<(), MapOpError> {
-        put(
-            &mut self.rev_nat6,
-            self.capacity,
-            map_names::REV_NAT6,
-            id,
-            *value,
-        )?;
-        self.observed("put_rev_nat6", id)
-    }
-    fn delete_rev_nat6(&mut self, id: u32) -> Result<(), MapOpError> {
-        delete(&mut self.rev_nat6, &id)?;
-        self.observed("delete_rev_nat6", id)
-    }
-    fn put_service(&mut self, key: &Frontend4, value: &Service) -> Result<(), MapOpError> {
-        put(
-            &mut self.services,
-            self.capacity,
-            map_names::SERVICES,
-            *key,
-            *value,
-        )?;
-        self.observed("put_service", value.id)
-    }
-    fn delete_service(&mut self, key: &Frontend4) -> Result<(), MapOpError> {
-        let id = self.services.get(key).map_or(0, |s| s.id);
-        delete(&mut self.services, key)?;
-        self.observed("delete_service", id)
-    }
-    fn put_service6(&mut self, key: &Frontend6, value: &Service) -> Result<(), MapOpError> {
-        put(
-            &mut self.services6,
-            self.capacity,
-            map_names::SERVICES6,
-            *key,
-            *value,
-        )?;
-        self.observed("put_service6", value.id)
-    }
-    fn delete_service6(&mut self, key: &Frontend6) -> Result<(), MapOpError> {
-        let id = self.services6.get(key).map_or(0, |s| s.id);
-        delete(&mut self.services6, key)?;
-        self.observed("delete_service6", id)
-    }
-    fn put_prefilter_word(&mut self, index: u32, word: u64) -> Result<(), MapOpError> {
-        if index >= prefilter::WORDS {
-            return Err(MapOpError::Os {
-                map: map_names::PREFILTER,
-                source: std::io::Error::from_raw_os_error(libc::E2BIG),
-            });
-        }
-        if word == 0 {
-            self.prefilter.remove(&index);
-        } else {
-            self.prefilter.insert(index, word);
-        }
-        self.observed("put_prefilter_word", index)
-    }
-    fn read_all(&self) -> Result<MapContents, MapOpError> {
-        Ok(MapContents {
-            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
-            services6: self.services6.iter().map(|(k, v)| (*k, *v)).collect(),
-            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-            backends6: self.backends6.iter().map(|(k, v)| (*k, *v)).collect(),
-            rev_nat: self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect(),
-            rev_nat6: self.rev_nat6.iter().map(|(k, v)| (*k, *v)).collect(),
-            tables: self
-                .maglev
-                .iter()
-                .map(|(service, id)| (*service, table_info(*id, &self.tables[id])))
-                .collect(),
-            source_ranges: self.source_ranges.iter().copied().collect(),
-            source_ranges6: self.source_ranges6.iter().copied().collect(),
-            prefilter: self.prefilter.iter().map(|(k, v)| (*k, *v)).collect(),
-        })
-    }
-}
-
-/// What a table holds, from its entries.
-pub fn table_info(id: TableId, entries: &[u32]) -> TableInfo {
-    let backends: BTreeSet<u32> = entries.iter().copied().collect();
-    TableInfo {
-        id,
-        size: entries.len() as u32,
-        backends: backends.into_iter().collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+    use lb_common::{Frontend4, RevNat4, RevNat6};
+
     use super::*;
-    use crate::plan::desired::{Backend, FrontendKind, Protocol, ServicePortRef};
+    use crate::plan::desired::{Backend, FrontendKind, ServicePortRef};
+    use crate::{
+        datapath::fake::InMemoryMaps,
+        model::{Ipv4Cidr, Ipv6Cidr, Protocol},
+    };
 
     /// After every single map operation: each service entry with backends has a Maglev
     /// table whose entries all name backends that exist and are not REMOVED; its
@@ -2218,7 +1551,7 @@ mod tests {
     fn prefilter_exact(maps: &InMemoryMaps) {
         let mut want = BTreeMap::new();
         for (key, _) in all_services(maps) {
-            let (index, bit) = prefilter::position(bucket_of(&key));
+            let (index, bit) = prefilter::position(key.prefilter_bucket());
             *want.entry(index).or_insert(0u64) |= bit;
         }
         assert_eq!(maps.prefilter, want);
@@ -2230,7 +1563,7 @@ mod tests {
         for port in 1..=u16::MAX {
             for last in 1..=254 {
                 let f = fe(last, port);
-                if let Some(other) = seen.insert(bucket_of(&f.key()), f) {
+                if let Some(other) = seen.insert(f.key().prefilter_bucket(), f) {
                     return (other, f);
                 }
             }
@@ -2296,7 +1629,10 @@ mod tests {
         let backends: Vec<Backend4> = [1, 2, 3, 5, 7]
             .map(|last| Backend4::new([10, 244, 0, last], 80, 6, BACKEND_ACTIVE))
             .to_vec();
-        let identities: Vec<BackendIdentity> = backends.iter().map(backend_identity).collect();
+        let identities: Vec<BackendIdentity> = backends
+            .iter()
+            .map(|b| BackendEntry::V4(*b).identity())
+            .collect();
         let table = maglev::build(&identities, 251).unwrap();
         let want: Vec<[u8; 4]> = table
             .entries()
@@ -2561,7 +1897,7 @@ mod tests {
 
         // A backend that comes back during its drain is ACTIVE again, under the same id (its
         // flows' conntrack entries stay valid), and is not deleted when the drain would end.
-        let id3 = s.backend_ids[&(Ipv4Addr::new(10, 244, 0, 3).into(), 80u16.to_be(), 6)];
+        let id3 = s.backend_ids[&(SocketAddr::new(Ipv4Addr::new(10, 244, 0, 3).into(), 80), 6)];
         let t1 = t0 + Duration::from_secs(100);
         s.apply_at(&desired(&[(fe(1, 80), &[1][..])]), t1);
         assert_eq!(state_of(s.maps(), 3), Some(BACKEND_REMOVED));
@@ -2631,7 +1967,7 @@ mod tests {
         maps.source_ranges.insert((999, range));
         maps.rev_nat.insert(999, RevNat4::of(&fe(9, 9).key4()));
         // And a pre-filter bit of a frontend whose service entry was never written.
-        let (index, bit) = prefilter::position(bucket_of(&fe(9, 9).key()));
+        let (index, bit) = prefilter::position(fe(9, 9).key().prefilter_bucket());
         *maps.prefilter.entry(index).or_default() |= bit;
         let mut upgraded = maps.clone();
 
@@ -3086,7 +2422,7 @@ mod tests {
         assert_eq!(ids.len(), 2);
         // Backend ids are shared with the IPv4 backend's: none is reused.
         assert!(ids.iter().all(|id| !s.maps().backends.contains_key(id)));
-        let prefilter_word = prefilter::position(bucket_of(&fe6(1, 80).key())).0;
+        let prefilter_word = prefilter::position(fe6(1, 80).key().prefilter_bucket()).0;
         assert_eq!(
             v6,
             [

@@ -2,13 +2,14 @@
 //! written for each mode (manifests for the agent, a desired state for the packet benchmark,
 //! iptables and nftables rules for kube-proxy's modes) from one description.
 
+use lb_userspace::model::Protocol;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use lb_userspace::plan::desired::{
-    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, Protocol, ServicePortRef,
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef,
 };
 
 /// The namespace of every benchmark Service.

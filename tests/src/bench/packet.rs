@@ -25,6 +25,7 @@
 //!   new flow has a floor taken under the same conditions (a single run includes the
 //!   kernel's timer overhead, which a long repeat spreads out).
 
+use lb_userspace::model::Protocol;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
@@ -34,7 +35,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp
 use etherparse::PacketBuilder;
 use lb_common::{program_names, reason};
 use lb_userspace::datapath::{BpfMaps, Capacity, Counters, Datapath};
-use lb_userspace::plan::desired::{DesiredState, Frontend, FrontendKind, Protocol};
+use lb_userspace::plan::desired::{DesiredState, Frontend, FrontendKind};
 use lb_userspace::sync::Syncer;
 use serde::{Deserialize, Serialize};
 

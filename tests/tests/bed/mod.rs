@@ -22,10 +22,12 @@ use lb_common::{
 };
 use lb_tests::PinDir;
 use lb_userspace::{
-    datapath::{BpfMaps, Counters, Datapath},
-    model::{Ipv4Cidr, Ipv6Cidr},
-    plan::maglev,
-    sync::{DatapathMaps, TableRef, backend_identity, backend6_identity},
+    datapath::{
+        BpfMaps, Counters, Datapath,
+        maps::{BackendEntry, DatapathMaps, RevNatEntry, TableRef},
+    },
+    model::{IpCidr, IpFamily, Ipv4Cidr, Ipv6Cidr},
+    plan::{desired::FrontendKey, maglev},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -95,7 +97,9 @@ impl Bed {
 
     /// Writes (or rewrites) backend `id`.
     pub fn set_backend(&mut self, id: u32, backend: Backend4) {
-        self.maps.put_backend(id, &backend).unwrap();
+        self.maps
+            .put_backend(id, &BackendEntry::V4(backend))
+            .unwrap();
         self.backends.insert(id, backend);
     }
 
@@ -110,7 +114,7 @@ impl Bed {
 
     /// Deletes backend `id` (its drain is over).
     pub fn delete_backend(&mut self, id: u32) {
-        self.maps.delete_backend(id).unwrap();
+        self.maps.delete_backend(id, IpFamily::V4).unwrap();
         self.backends.remove(&id);
     }
 
@@ -127,13 +131,15 @@ impl Bed {
         if !table.is_empty() {
             let identities: Vec<_> = table
                 .iter()
-                .map(|b| backend_identity(&self.backends[b]))
+                .map(|b| BackendEntry::V4(self.backends[b]).identity())
                 .collect();
             let built = maglev::build(&identities, TABLE_SIZE).unwrap();
             let entries: Vec<u32> = built.entries().iter().map(|&i| table[i as usize]).collect();
             self.table(id, &entries, table.len() as u32);
         }
-        self.maps.put_rev_nat(id, &RevNat4::of(&frontend)).unwrap();
+        self.maps
+            .put_rev_nat(id, &RevNatEntry::V4(RevNat4::of(&frontend)))
+            .unwrap();
         let svc = Service {
             id,
             backend_count: table.len() as u32,
@@ -192,7 +198,7 @@ impl Bed {
 
     /// Allows `range` as a source of service `id`.
     pub fn source_range(&mut self, id: u32, range: Ipv4Cidr) {
-        self.maps.put_source_range(id, range).unwrap();
+        self.maps.put_source_range(id, IpCidr::V4(range)).unwrap();
     }
 
     /// The backend id the table of service `id` gives a new flow, computed here.
@@ -224,7 +230,9 @@ impl Bed {
 
     /// Writes (or rewrites) IPv6 backend `id`.
     pub fn set_backend6(&mut self, id: u32, backend: Backend6) {
-        self.maps.put_backend6(id, &backend).unwrap();
+        self.maps
+            .put_backend(id, &BackendEntry::V6(backend))
+            .unwrap();
         self.backends6.insert(id, backend);
     }
 
@@ -240,7 +248,7 @@ impl Bed {
         if !table.is_empty() {
             let identities: Vec<_> = table
                 .iter()
-                .map(|b| backend6_identity(&self.backends6[b]))
+                .map(|b| BackendEntry::V6(self.backends6[b]).identity())
                 .collect();
             let built = maglev::build(&identities, TABLE_SIZE).unwrap();
             let entries: Vec<u32> = built.entries().iter().map(|&i| table[i as usize]).collect();
@@ -251,7 +259,7 @@ impl Bed {
             port: frontend.port,
             _pad: 0,
         };
-        self.maps.put_rev_nat6(id, &rev).unwrap();
+        self.maps.put_rev_nat(id, &RevNatEntry::V6(rev)).unwrap();
         let svc = Service {
             id,
             backend_count: table.len() as u32,
@@ -265,7 +273,9 @@ impl Bed {
         ));
         let word = self.maps.prefilter.get(&index, 0).unwrap();
         self.maps.put_prefilter_word(index, word | bit).unwrap();
-        self.maps.put_service6(&frontend, &svc).unwrap();
+        self.maps
+            .put_service(&FrontendKey::V6(frontend), &svc)
+            .unwrap();
     }
 
     /// [`Bed::service`] for an IPv6 frontend.
@@ -283,7 +293,7 @@ impl Bed {
 
     /// Allows IPv6 `range` as a source of service `id`.
     pub fn source_range6(&mut self, id: u32, range: Ipv6Cidr) {
-        self.maps.put_source_range6(id, range).unwrap();
+        self.maps.put_source_range(id, IpCidr::V6(range)).unwrap();
     }
 
     /// [`Bed::maglev_pick`] of an IPv6 flow.

@@ -34,8 +34,9 @@ use tokio::{
 use tracing::{debug, error, warn};
 
 use self::load::{Folder, LoadDirError, ManifestSet};
+use super::sleep_until;
 use super::{Changes, NodeFacts, Source};
-use crate::{agent::sleep_until, metrics::Metrics, model::ClusterState};
+use crate::{metrics::Metrics, model::ClusterState};
 
 /// How long a file that is created or modified but not closed may take before it is read.
 const SETTLE: Duration = Duration::from_millis(100);
