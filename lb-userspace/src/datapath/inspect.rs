@@ -459,7 +459,6 @@ mod tests {
             rev_nat: vec![],
             source_ranges: vec![],
             prefilter: vec![],
-            ..MapContents::default()
         };
         let rows = service_rows(&contents, |id| ServiceStats {
             packets: id as u64 * 10,
