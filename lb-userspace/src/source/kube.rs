@@ -418,7 +418,9 @@ pub struct KubeSource {
     since: Option<Instant>,
     /// The last event of the current batch.
     last_event: Instant,
-    timeout_reported: bool,
+    /// The lists still missing when the initial timeout was last reported: reported again
+    /// when that changes (lists that arrive late leave only the Nodes missing, say).
+    timeout_reported: Option<Vec<&'static str>>,
     probe: tokio::time::Interval,
     /// Wakes the watchers from their backoff when the probe finds the API server back.
     wake: tokio::sync::watch::Sender<()>,
@@ -496,7 +498,7 @@ impl KubeSource {
             delivered: false,
             since: None,
             last_event: Instant::now(),
-            timeout_reported: false,
+            timeout_reported: None,
             probe,
             wake,
         }
@@ -603,8 +605,10 @@ impl KubeSource {
             "waiting for the initial lists of {}",
             unlisted.join(", ")
         ));
-        if self.started.elapsed() >= self.config.initial_timeout && !self.timeout_reported {
-            self.timeout_reported = true;
+        if self.started.elapsed() >= self.config.initial_timeout
+            && self.timeout_reported.as_ref() != Some(&unlisted)
+        {
+            self.timeout_reported = Some(unlisted.clone());
             if unlisted == ["nodes"] {
                 warn!(
                     "no list of Nodes after {:?}: going on with the node addresses and zone of the \
@@ -650,7 +654,7 @@ impl Source for KubeSource {
                 _ => (None, false),
             };
             if !overdue {
-                let timeout_at = (!self.delivered && !self.timeout_reported)
+                let timeout_at = (!self.delivered && self.timeout_reported.is_none())
                     .then(|| self.started + self.config.initial_timeout);
                 let connected = self.metrics.is_connected();
                 tokio::select! {
