@@ -1,45 +1,48 @@
-//! The programs' counters: why packets were passed or dropped (`lb_common::reason`), flow
-//! decisions (`lb_common::event`), NAT and forwarding (`lb_common::nat_event`), LRU inserts
-//! (`lb_common::table_event`), and each frontend's and backend's packets.
+//! The programs' counters: why packets were passed or dropped (`lb_common::Reason`), flow
+//! decisions (`lb_common::Event`), NAT and forwarding (`lb_common::NatEvent`), LRU inserts
+//! (`lb_common::TableEvent`), and each frontend's and backend's packets.
 
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::{ServiceStats, backend_stats_slot};
+use lb_common::{Event, NatEvent, Reason, ServiceStats, TableEvent, backend_stats_slot};
 
 use crate::maps::{
     LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_REASON_V3, LB_SVCSTAT_V1,
     LB_TABLEEVENT_V1,
 };
 
+/// A counter of one of the per-CPU counter arrays: its array, and its index there.
+pub(crate) trait Counter: Copy {
+    fn array() -> &'static PerCpuArray<u64>;
+    fn index(self) -> u32;
+}
+
+macro_rules! counter {
+    ($counter:ty, $array:expr) => {
+        impl Counter for $counter {
+            #[inline(always)]
+            fn array() -> &'static PerCpuArray<u64> {
+                &$array
+            }
+            #[inline(always)]
+            fn index(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+
+counter!(Reason, LB_REASON_V3);
+counter!(Event, LB_EVENT_V1);
+counter!(NatEvent, LB_NATEVENT_V1);
+counter!(TableEvent, LB_TABLEEVENT_V1);
+
+/// Adds one to `counter`.
 #[inline(always)]
-fn bump(counters: &PerCpuArray<u64>, index: u32) {
-    if let Some(counter) = counters.get_ptr_mut(index) {
+pub(crate) fn count<C: Counter>(counter: C) {
+    if let Some(value) = C::array().get_ptr_mut(counter.index()) {
         // Per-CPU: no other CPU writes this counter.
-        unsafe { *counter += 1 };
+        unsafe { *value += 1 };
     }
-}
-
-/// Counts a packet under `lb_common::reason` `reason`.
-#[inline(always)]
-pub(crate) fn count(reason: u32) {
-    bump(&LB_REASON_V3, reason);
-}
-
-/// Counts `lb_common::event` `event`.
-#[inline(always)]
-pub(crate) fn note(event: u32) {
-    bump(&LB_EVENT_V1, event);
-}
-
-/// Counts `lb_common::nat_event` `event`.
-#[inline(always)]
-pub(crate) fn note_nat(event: u32) {
-    bump(&LB_NATEVENT_V1, event);
-}
-
-/// Counts `lb_common::table_event` `event`.
-#[inline(always)]
-pub(crate) fn note_table(event: u32) {
-    bump(&LB_TABLEEVENT_V1, event);
 }
 
 #[inline(always)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{CT_REPLY, Ct4Key, Ct6Key, PROTO_TCP, PROTO_UDP, RevNat4, addr6, reason};
+use lb_common::{CT_REPLY, Ct4Key, Ct6Key, PROTO_TCP, PROTO_UDP, Reason, RevNat4, addr6};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
@@ -74,7 +74,7 @@ pub(crate) fn try_egress4(ctx: &TcContext) -> Result<(), Verdict> {
         }
     } else {
         *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
-            .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?
+            .ok_or(Verdict::Pass(Reason::RevNatMissing))?
     };
 
     // The skb helpers keep the checksums right whatever the skb's checksum state is

@@ -1,6 +1,6 @@
 //! Conntrack: a flow's backend from its forward entry while the entry vouches for it (the
 //! backend generation it recorded is the current one), else by the rules of
-//! `lb_common::event` (the entry's backend kept, or a new selection), recorded in both
+//! `lb_common::Event` (the entry's backend kept, or a new selection), recorded in both
 //! directions; and [`translation`], the lookups every translated packet goes through
 //! (pre-filter, conntrack, frontend), for XDP and for the pod interfaces' TC program.
 
@@ -11,12 +11,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend4, Backend6, CT_F_CLOSING, CT_F_REMOTE,
-    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, Ct6Entry, Ct6Key, CtEntry,
-    Frontend4, Frontend6, RevNat6, Service, event, prefilter, reason,
+    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Event,
+    Frontend4, Frontend6, Reason, RevNat6, Service, prefilter,
 };
 
 use crate::{
-    counters::{count, count_packet, note},
+    counters::{count, count_packet},
     frame::Frame,
     maps::{
         LB_BEGEN_V1, LB_CT4_V2, LB_CT6_V1, LB_PREFILTER4_V1, LB_REVNAT6_V1, LB_SVC4_V1, LB_SVC6_V1,
@@ -47,7 +47,7 @@ pub(crate) fn ct_write_in<K, V>(map: &LruHashMap<K, V>, key: &K, entry: &V, exis
     if !exists {
         match map.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
-                note(event::CT_INSERTS);
+                count(Event::CtInserts);
                 return true;
             }
             Err(e) if e != -EEXIST => return false,
@@ -93,7 +93,7 @@ pub(crate) fn ct_now() -> u64 {
 /// its backend: the backend generation it recorded is the current one, so the backend was
 /// ACTIVE then and no backend left ACTIVE and no frontend was deleted since (the agent
 /// bumps the generation after either). An ACTIVE backend keeps every packet of its flows
-/// (the rules on `lb_common::event`), so nothing else needs to be read.
+/// (the rules on `lb_common::Event`), so nothing else needs to be read.
 #[inline(always)]
 fn established(entry: *mut CtEntry, l4: &L4) -> Option<Flow> {
     let entry = unsafe { &mut *entry };
@@ -182,7 +182,7 @@ fn flow_backend(
                         });
                     }
                 }
-                Some(why) => note(why),
+                Some(why) => count(why),
             }
         }
     }
@@ -209,14 +209,14 @@ fn flow_backend(
     let written = ct_write(&reply_key(&chosen.backend), &reply, false)
         && ct_write(key, &forward, found.is_some());
     if !written {
-        count(reason::CT_INSERT_FAILED);
+        count(Reason::CtInsertFailed);
     }
     // The flow's old reply entry would translate what the old backend still sends.
     if let Some(old) = previous
         && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
         && LB_CT4_V2.remove(&reply_key(&old.backend)).is_ok()
     {
-        note(event::CT_DELETES);
+        count(Event::CtDeletes);
     }
     Ok(Flow {
         service_id: svc.id,
@@ -257,7 +257,7 @@ pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
     // frontend exists (and one of a deleted frontend passes untouched either way).
     let (word, bit) = prefilter::position(prefilter::bucket(daddr, pkt.l4.dport, pkt.proto));
     if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
-        return Err(Verdict::Pass(reason::NOT_FRONTEND));
+        return Err(Verdict::Pass(Reason::NotFrontend));
     }
     // Conntrack first: an established flow whose entry vouches for its backend needs no
     // other lookup (not even the frontend's: deleting one bumps the generation).
@@ -272,7 +272,7 @@ pub(crate) fn translation<C: Frame>(ctx: &C) -> Result<Translation, Verdict> {
                 _pad: 0,
             };
             let svc =
-                *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+                *unsafe { LB_SVC4_V1.get(&frontend) }.ok_or(Verdict::Pass(Reason::NotFrontend))?;
             flow_backend(&svc, &key, &pkt.l4, found)?
         }
     };
@@ -412,7 +412,7 @@ fn flow_backend6(
                         return Ok(Flow6::of(svc, &chosen, false));
                     }
                 }
-                Some(why) => note(why),
+                Some(why) => count(why),
             }
         }
     }
@@ -439,14 +439,14 @@ fn flow_backend6(
     let written = ct_write6(&reply_key(&chosen.backend), &reply, false)
         && ct_write6(key, &forward, found.is_some());
     if !written {
-        count(reason::CT_INSERT_FAILED);
+        count(Reason::CtInsertFailed);
     }
     // The flow's old reply entry would translate what the old backend still sends.
     if let Some(old) = previous
         && (old.backend.addr, old.backend.port) != (chosen.backend.addr, chosen.backend.port)
         && LB_CT6_V1.remove(&reply_key(&old.backend)).is_ok()
     {
-        note(event::CT_DELETES);
+        count(Event::CtDeletes);
     }
     Ok(Flow6::of(svc, &chosen, written))
 }
@@ -479,7 +479,7 @@ pub(crate) fn translation6<C: Frame>(ctx: &C) -> Result<Translation6, Verdict> {
     // The pre-filter bitmap is shared with IPv4 (`prefilter::bucket6`).
     let (word, bit) = prefilter::position(prefilter::bucket6(daddr, pkt.l4.dport, pkt.proto));
     if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
-        return Err(Verdict::Pass(reason::NOT_FRONTEND));
+        return Err(Verdict::Pass(Reason::NotFrontend));
     }
     let found = LB_CT6_V1.get_ptr_mut(&key);
     let flow = match found.and_then(|entry| established6(entry, &pkt.l4)) {
@@ -492,7 +492,7 @@ pub(crate) fn translation6<C: Frame>(ctx: &C) -> Result<Translation6, Verdict> {
                 _pad: 0,
             };
             let svc =
-                *unsafe { LB_SVC6_V1.get(&frontend) }.ok_or(Verdict::Pass(reason::NOT_FRONTEND))?;
+                *unsafe { LB_SVC6_V1.get(&frontend) }.ok_or(Verdict::Pass(Reason::NotFrontend))?;
             flow_backend6(&svc, &key, &pkt.l4, found)?
         }
     };
@@ -513,5 +513,5 @@ pub(crate) fn reply_frontend6(key: &Ct6Key) -> Result<RevNat6, Verdict> {
         });
     }
     Ok(*unsafe { LB_REVNAT6_V1.get(&entry.service_id) }
-        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?)
+        .ok_or(Verdict::Pass(Reason::RevNatMissing))?)
 }

@@ -12,20 +12,20 @@
 //!   pod interfaces' through it): [`local_icmp`], [`local_icmp6`].
 //!
 //! ICMP has no pseudo-header; ICMPv6's checksum covers one, so the outer addresses are in
-//! it too. Counters: `lb_common::nat_event`.
+//! it too. Counters: `lb_common::NatEvent`.
 
 use aya_ebpf::{
     bindings::xdp_action,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Addr6, CT_REPLY, Ct4Key, Ct6Key, NAT_IN, Nat4Key, Nat6Key, PROTO_TCP, PROTO_UDP, addr6, csum,
-    nat_event, reason,
+    Addr6, CT_REPLY, Ct4Key, Ct6Key, NAT_IN, Nat4Key, Nat6Key, NatEvent, PROTO_TCP, PROTO_UDP,
+    Reason, addr6, csum,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    counters::note_nat,
+    counters::count,
     flow::reply_frontend6,
     frame::{Bytes, ptr_at},
     headers::{
@@ -55,7 +55,7 @@ const INNER6_OFF: usize = L4_OFF6 + icmp::QUOTE;
 const INNER6_DADDR_OFF: usize = INNER6_OFF + ipv6::DADDR;
 const INNER6_L4_OFF: usize = INNER6_OFF + ipv6::LEN;
 
-const REWRITE_FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+const REWRITE_FAILED: Verdict = Verdict::Drop(Reason::ReplyRewriteFailed);
 
 /// An ICMP error about a flow this node NATed (an IPv4 packet that is neither TCP nor UDP):
 /// rewritten to be about the packet the client sent (to the frontend) and sent to the
@@ -75,7 +75,7 @@ pub(crate) fn nat_error4(ctx: &XdpContext) -> Option<u32> {
     };
     let entry = unsafe { *LB_NAT4_V1.get(&key)? };
     let Some(route) = route4(ctx, entry.peer_addr, entry.addr, PROTO_ICMP, 0) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
     let edit = IcmpEdit {
@@ -88,7 +88,7 @@ pub(crate) fn nat_error4(ctx: &XdpContext) -> Option<u32> {
     if edit.apply(ctx, &error).is_none() {
         return Some(xdp_action::XDP_DROP);
     }
-    note_nat(nat_event::ICMP_NAT);
+    count(NatEvent::IcmpNat);
     Some(send4(ctx, &route))
 }
 
@@ -227,7 +227,7 @@ pub(crate) fn local_icmp(ctx: &TcContext) -> Result<(), Verdict> {
     };
     let entry = unsafe { LB_CT4_V2.get(&key) }.ok_or(Verdict::NotOurs)?;
     let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
-        .ok_or(Verdict::Pass(reason::REV_NAT_MISSING))?;
+        .ok_or(Verdict::Pass(Reason::RevNatMissing))?;
     let edit = IcmpEdit {
         outer_daddr: error.outer_daddr,
         inner_saddr: error.inner_saddr,
@@ -236,8 +236,8 @@ pub(crate) fn local_icmp(ctx: &TcContext) -> Result<(), Verdict> {
         inner_dport: frontend.port,
     };
     edit.apply(ctx, &error)
-        .ok_or(Verdict::Drop(reason::REPLY_REWRITE_FAILED))?;
-    note_nat(nat_event::ICMP_LOCAL);
+        .ok_or(Verdict::Drop(Reason::ReplyRewriteFailed))?;
+    count(NatEvent::IcmpLocal);
     Ok(())
 }
 
@@ -305,7 +305,7 @@ pub(crate) fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdic
     }
     ctx.store(ICMPV6_CHECK_OFF, &icmp, 0)
         .map_err(|_| REWRITE_FAILED)?;
-    note_nat(nat_event::ICMP_LOCAL);
+    count(NatEvent::IcmpLocal);
     Ok(())
 }
 
@@ -377,9 +377,9 @@ pub(crate) fn nat_error6(ctx: &XdpContext) -> Option<u32> {
     ctx.set(IPV6_DADDR_OFF, client)?;
     ctx.set(ICMPV6_CHECK_OFF, check)?;
     let Some(route) = route6(ctx, frontend, client, PROTO_ICMPV6, 0) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
-    note_nat(nat_event::ICMP_NAT);
+    count(NatEvent::IcmpNat);
     Some(send6(ctx, &route))
 }

@@ -12,7 +12,7 @@
 //! pass. Only a fixed IPv6 header followed directly by TCP or UDP is translated (parse.rs).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Addr6, Ct6Key, NAT6_FORWARD, NAT6_REPLY, PROTO_UDP, csum, nat, prog_slot, reason};
+use lb_common::{Addr6, Ct6Key, NAT6_FORWARD, NAT6_REPLY, PROTO_UDP, Reason, csum, nat, prog_slot};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
@@ -36,11 +36,11 @@ pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     };
     match why {
         // Not IPv4: the IPv6 program's, through a tail call.
-        reason::NOT_IP => dispatch6(ctx),
+        Reason::NotIp => dispatch6(ctx),
         // Maybe a remote backend's reply (nat.rs).
-        reason::NOT_FRONTEND => reply4(ctx).ok_or(Verdict::Pass(why)),
+        Reason::NotFrontend => reply4(ctx).ok_or(Verdict::Pass(why)),
         // Maybe an ICMP error about a NATed flow (icmp.rs).
-        reason::NOT_TCP_UDP => nat_error4(ctx).ok_or(Verdict::Pass(why)),
+        Reason::NotTcpUdp => nat_error4(ctx).ok_or(Verdict::Pass(why)),
         _ => Err(Verdict::Pass(why)),
     }
 }
@@ -86,10 +86,10 @@ fn dispatch6(ctx: &XdpContext) -> Result<u32, Verdict> {
     let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if !ipv6 {
-        return Err(Verdict::Pass(reason::NOT_IP));
+        return Err(Verdict::Pass(Reason::NotIp));
     }
     unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_INGRESS6) };
-    Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING))
+    Err(Verdict::Pass(Reason::Ipv6ProgramMissing))
 }
 
 /// `lb_xdp_ingress6`: an IPv6 packet to a frontend translated; a remote backend's reply and
@@ -103,7 +103,7 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
     match why {
         // Maybe a remote backend's reply to a NAT port (nat.rs): only ports of the NAT range
         // are ever allocated.
-        reason::NOT_FRONTEND
+        Reason::NotFrontend
             if ptr_at::<_, u16>(ctx, L4_OFF6 + l4::DPORT).is_some_and(|dport| {
                 let dport = u16::from_be(unsafe { *dport });
                 (nat::PORT_MIN..=nat::PORT_MAX).contains(&dport)
@@ -121,14 +121,14 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
             hand_over(ctx, NAT6_REPLY, &none, false, [0; 4], 0)
         }
         // An ICMPv6 error, maybe about a NATed flow (icmp.rs).
-        reason::NOT_TCP_UDP
+        Reason::NotTcpUdp
             if ptr_at::<_, Ipv6Hdr>(ctx, ETH_LEN)
                 .is_some_and(|ip| unsafe { (*ip).next_hdr } == PROTO_ICMPV6)
                 && ptr_at::<_, u8>(ctx, L4_OFF6)
                     .is_some_and(|t| ICMPV6_ERRORS.contains(unsafe { &*t })) =>
         {
             let _ = unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
-            Err(Verdict::Pass(reason::NAT6_PROGRAM_MISSING))
+            Err(Verdict::Pass(Reason::Nat6ProgramMissing))
         }
         _ => Err(Verdict::Pass(why)),
     }
@@ -199,9 +199,9 @@ fn hand_over(
         }
     }
     Err(if kind == NAT6_FORWARD {
-        Verdict::Drop(reason::NAT6_PROGRAM_MISSING)
+        Verdict::Drop(Reason::Nat6ProgramMissing)
     } else {
-        Verdict::Pass(reason::NAT6_PROGRAM_MISSING)
+        Verdict::Pass(Reason::Nat6ProgramMissing)
     })
 }
 
@@ -225,7 +225,7 @@ pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
                 p.backend_port,
             ))
         }
-        NAT6_REPLY => reply6(ctx).ok_or(Verdict::Pass(reason::NOT_FRONTEND)),
+        NAT6_REPLY => reply6(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
         _ => Ok(xdp_action::XDP_PASS),
     }
 }
@@ -233,5 +233,5 @@ pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
 /// `lb_xdp_icmp6`: an ICMPv6 error `lb_xdp_ingress6` handed over, maybe about a NATed flow.
 #[inline(always)]
 pub(crate) fn try_icmp6(ctx: &XdpContext) -> Result<u32, Verdict> {
-    nat_error6(ctx).ok_or(Verdict::Pass(reason::NOT_TCP_UDP))
+    nat_error6(ctx).ok_or(Verdict::Pass(Reason::NotTcpUdp))
 }

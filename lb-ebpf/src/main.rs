@@ -6,10 +6,10 @@
 //! Every packet the programs cannot prove is addressed to a frontend is passed untouched, bit
 //! for bit, and counted by reason. A frontend packet that cannot be served (no backend, a
 //! source outside the frontend's loadBalancerSourceRanges) is dropped and counted. See
-//! `lb_common::reason`.
+//! `lb_common::Reason`.
 //!
 //! A flow's backend comes from conntrack while its entry is valid (the rules are on
-//! `lb_common::event`); a new flow gets, in this order: its client's fresh affinity entry
+//! `lb_common::Event`); a new flow gets, in this order: its client's fresh affinity entry
 //! (sessionAffinity ClientIP), else the service's Maglev table entry of its flow hash (or a
 //! random entry for selection `random`).
 //!

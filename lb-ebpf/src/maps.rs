@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
-    CtEntry, Frontend4, Frontend6, MAX_SERVICES, MaglevCell, Nat4Entry, Nat4Key, Nat6Entry,
-    Nat6Key, Nat6Pending, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
-    SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, backend_stats_slots, capacity,
-    event, maglev, nat_event, prefilter, prog_slot, reason, table_event, tc_prog_slot,
+    CtEntry, Event, Frontend4, Frontend6, MAX_SERVICES, MaglevCell, Nat4Entry, Nat4Key, Nat6Entry,
+    Nat6Key, Nat6Pending, NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry,
+    Sock6Key, SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent,
+    backend_stats_slots, capacity, maglev, prefilter, prog_slot, tc_prog_slot,
 };
 
 // Services and backends.
@@ -98,13 +98,13 @@ pub(crate) static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
 #[unsafe(no_mangle)]
 pub(crate) static LB_BESTAT_MASK: u32 = backend_stats_slots(capacity::BACKENDS) - 1;
 #[map]
-pub(crate) static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+pub(crate) static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 #[map]
-pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 #[map]
-pub(crate) static LB_NATEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(nat_event::COUNT, 0);
+pub(crate) static LB_NATEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(NatEvent::COUNT, 0);
 #[map]
-pub(crate) static LB_TABLEEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(table_event::COUNT, 0);
+pub(crate) static LB_TABLEEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(TableEvent::COUNT, 0);
 
 // Tail calls.
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).

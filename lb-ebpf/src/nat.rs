@@ -14,7 +14,7 @@
 //! past the 512 bytes of stack. IPv6 has no header checksum: every address and port change
 //! is in the TCP or UDP checksum (pseudo-header).
 //!
-//! ICMP errors about NATed flows are icmp.rs's. Counters: `lb_common::nat_event`.
+//! ICMP errors about NATed flows are icmp.rs's. Counters: `lb_common::NatEvent`.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, xdp_action},
@@ -24,11 +24,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, Ct4Key, Ct6Key, NAT_F_CLOSING, NAT_IN, NAT_OUT, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key,
-    PROTO_TCP, PROTO_UDP, csum, flow_hash, flow_hash6, nat, nat_event, reason,
+    NatEvent, PROTO_TCP, PROTO_UDP, Reason, csum, flow_hash, flow_hash6, nat,
 };
 
 use crate::{
-    counters::{count, note_nat},
+    counters::count,
     flow::EEXIST,
     frame::Bytes,
     headers::{
@@ -115,7 +115,7 @@ fn allocate<K: NatKey>(in_key: &mut K, value: &K::Entry, hash: u32) -> Option<u1
         in_key.set_dport(port);
         match map.insert(&*in_key, value, BPF_NOEXIST as u64) {
             Ok(()) => {
-                note_nat(nat_event::ALLOCATED);
+                count(NatEvent::Allocated);
                 return Some(port);
             }
             Err(e) if e != -EEXIST => return None,
@@ -131,12 +131,12 @@ fn allocate<K: NatKey>(in_key: &mut K, value: &K::Entry, hash: u32) -> Option<u1
                 *value.last_seen_mut(),
             ) {
                 *old = value;
-                note_nat(nat_event::ALLOCATED);
-                note_nat(nat_event::REUSED_EXPIRED);
+                count(NatEvent::Allocated);
+                count(NatEvent::ReusedExpired);
                 return Some(port);
             }
         }
-        note_nat(nat_event::PORT_TAKEN);
+        count(NatEvent::PortTaken);
     }
     None
 }
@@ -179,7 +179,7 @@ pub(crate) fn nat_port<K: NatKey>(
                         *entry.flags_mut() |= flags;
                         port = Some(held);
                     } else {
-                        note_nat(nat_event::PORT_LOST);
+                        count(NatEvent::PortLost);
                     }
                 }
                 // Evicted: take the port again if it is still free.
@@ -190,7 +190,7 @@ pub(crate) fn nat_port<K: NatKey>(
                     {
                         port = Some(held);
                     } else {
-                        note_nat(nat_event::PORT_LOST);
+                        count(NatEvent::PortLost);
                     }
                 }
             }
@@ -204,14 +204,14 @@ pub(crate) fn nat_port<K: NatKey>(
         return port;
     }
     let Some(port) = allocate(&mut flow.in_key, &in_value, hash()) else {
-        note_nat(nat_event::EXHAUSTED);
+        count(NatEvent::Exhausted);
         return None;
     };
     let mut out = flow.out_value;
     out.set_port(port);
     if map.insert(&flow.out_key, &out, BPF_ANY as u64).is_err() {
         // The reply entry stands; this flow allocates again on its next packet.
-        count(reason::CT_INSERT_FAILED);
+        count(Reason::CtInsertFailed);
     }
     Some(port)
 }
@@ -238,7 +238,7 @@ pub(crate) fn forward4(
     backend_port: u16,
 ) -> u32 {
     let Some(route) = route4(ctx, key.saddr, backend_addr, key.proto, BPF_FIB_LOOKUP_SRC) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return xdp_action::XDP_DROP;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -316,7 +316,7 @@ pub(crate) fn reply4(ctx: &XdpContext) -> Option<u32> {
     };
     let entry = reply_entry(&key, pkt.l4.closing)?;
     let Some(route) = route4(ctx, entry.peer_addr, entry.addr, key.proto, 0) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
     if rewrite4(ctx, key.proto, true, entry.addr, entry.port).is_none()
@@ -324,7 +324,7 @@ pub(crate) fn reply4(ctx: &XdpContext) -> Option<u32> {
     {
         return Some(xdp_action::XDP_DROP);
     }
-    note_nat(nat_event::REPLIES);
+    count(NatEvent::Replies);
     Some(send4(ctx, &route))
 }
 
@@ -339,7 +339,7 @@ pub(crate) fn forward6(
     backend_port: u16,
 ) -> u32 {
     let Some(route) = route6(ctx, key.saddr, backend_addr, key.proto, BPF_FIB_LOOKUP_SRC) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return xdp_action::XDP_DROP;
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -414,7 +414,7 @@ pub(crate) fn reply6(ctx: &XdpContext) -> Option<u32> {
     };
     let entry = reply_entry(&key, pkt.l4.closing)?;
     let Some(route) = route6(ctx, entry.peer_addr, entry.addr, key.proto, 0) else {
-        note_nat(nat_event::NO_ROUTE);
+        count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
     if rewrite6(ctx, key.proto, true, entry.addr, entry.port).is_none()
@@ -422,7 +422,7 @@ pub(crate) fn reply6(ctx: &XdpContext) -> Option<u32> {
     {
         return Some(xdp_action::XDP_DROP);
     }
-    note_nat(nat_event::REPLIES);
+    count(NatEvent::Replies);
     Some(send6(ctx, &route))
 }
 

@@ -1,13 +1,13 @@
 //! Parsing of the packets the programs translate: an IPv4 header without options that is
 //! not a fragment, or a fixed IPv6 header without extension headers, followed by a whole
-//! TCP or UDP header; everything else is passed untouched, counted by `lb_common::reason`.
+//! TCP or UDP header; everything else is passed untouched, counted by `lb_common::Reason`.
 //!
 //! The two families keep their own parsers: each transport parse is inline in its own
 //! function on purpose. Shared by both (a function called from the two), it made LLVM pack
 //! the packet pointers so that the verifier rejected `lb_tc_pod_ingress` (R3 pointer
 //! arithmetic with >>=).
 
-use lb_common::{Addr6, PROTO_TCP, PROTO_UDP, reason};
+use lb_common::{Addr6, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -46,22 +46,22 @@ pub(crate) struct Ipv4Packet {
 
 #[inline(always)]
 pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(reason::SHORT_ETHERNET))?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Pass(Reason::ShortEthernet))?;
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Err(Verdict::Pass(reason::NOT_IP));
+        return Err(Verdict::Pass(Reason::NotIp));
     }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV4))?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(Reason::ShortIpv4))?;
     let vihl = unsafe { (*ip).vihl };
     if vihl >> 4 != 4 || vihl & 0x0f < 5 {
-        return Err(Verdict::Pass(reason::BAD_IPV4_HEADER));
+        return Err(Verdict::Pass(Reason::BadIpv4Header));
     }
     if vihl & 0x0f != 5 {
-        return Err(Verdict::Pass(reason::IPV4_OPTIONS));
+        return Err(Verdict::Pass(Reason::Ipv4Options));
     }
     let frags = u16::from_be_bytes(unsafe { (*ip).frags });
     if frags & 0x3fff != 0 {
         // MF set or a non-zero offset.
-        return Err(Verdict::Pass(reason::IPV4_FRAGMENT));
+        return Err(Verdict::Pass(Reason::Ipv4Fragment));
     }
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
     let received = ctx.len() - ETH_LEN;
@@ -69,13 +69,13 @@ pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
         PROTO_UDP => UdpHdr::LEN,
-        _ => return Err(Verdict::Pass(reason::NOT_TCP_UDP)),
+        _ => return Err(Verdict::Pass(Reason::NotTcpUdp)),
     };
     if tot_len > received {
-        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
+        return Err(Verdict::Pass(Reason::BadIpv4Length));
     }
     // The transport header, inline (see the module's doc).
-    let short = Verdict::Pass(reason::SHORT_L4);
+    let short = Verdict::Pass(Reason::ShortL4);
     let l4 = if proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(short)?;
         let flags = unsafe { *(tcp as *const u8).add(l4::TCP_FLAGS) };
@@ -104,7 +104,7 @@ pub(crate) fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Verdict> {
     };
     if tot_len < ipv4::LEN + l4_len {
         // The bytes are there, but the IP header says they are not part of the datagram.
-        return Err(Verdict::Pass(reason::BAD_IPV4_LENGTH));
+        return Err(Verdict::Pass(Reason::BadIpv4Length));
     }
     Ok(Ipv4Packet { ip, proto, l4 })
 }
@@ -131,28 +131,28 @@ fn is_extension(next: u8) -> bool {
 /// The IPv6 packet of a frame whose ethertype is IPv6 (the caller checked it).
 #[inline(always)]
 pub(crate) fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
-    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(reason::SHORT_IPV6))?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, ETH_LEN).ok_or(Verdict::Pass(Reason::ShortIpv6))?;
     if unsafe { (*ip).vcf[0] } >> 4 != 6 {
-        return Err(Verdict::Pass(reason::BAD_IPV6_HEADER));
+        return Err(Verdict::Pass(Reason::BadIpv6Header));
     }
     let proto = unsafe { (*ip).next_hdr };
     let l4_len = match proto {
         PROTO_TCP => TcpHdr::LEN,
         PROTO_UDP => UdpHdr::LEN,
-        next if is_extension(next) => return Err(Verdict::Pass(reason::IPV6_EXTENSION)),
-        _ => return Err(Verdict::Pass(reason::NOT_TCP_UDP)),
+        next if is_extension(next) => return Err(Verdict::Pass(Reason::Ipv6Extension)),
+        _ => return Err(Verdict::Pass(Reason::NotTcpUdp)),
     };
     let payload_len = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
     if payload_len > ctx.len() - ETH_LEN - ipv6::LEN {
-        return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
+        return Err(Verdict::Pass(Reason::BadIpv6Length));
     }
     let l4 = parse_l4_6(ctx, proto)?;
     if payload_len < l4_len {
         // A jumbogram's 0 included: it would need a hop-by-hop header anyway.
-        return Err(Verdict::Pass(reason::BAD_IPV6_LENGTH));
+        return Err(Verdict::Pass(Reason::BadIpv6Length));
     }
     if proto == PROTO_UDP && unsafe { *l4.check_at } == 0 {
-        return Err(Verdict::Pass(reason::IPV6_UDP_ZERO_CHECKSUM));
+        return Err(Verdict::Pass(Reason::Ipv6UdpZeroChecksum));
     }
     Ok(Ipv6Packet { ip, proto, l4 })
 }
@@ -161,7 +161,7 @@ pub(crate) fn parse_ipv6<C: Frame>(ctx: &C) -> Result<Ipv6Packet, Verdict> {
 /// holds it: IPv4's, which `parse_ipv4` keeps inline (see the module's doc).
 #[inline(always)]
 fn parse_l4_6<C: Frame>(ctx: &C, proto: u8) -> Result<L4, Verdict> {
-    let short = Verdict::Pass(reason::SHORT_L4);
+    let short = Verdict::Pass(Reason::ShortL4);
     Ok(if proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF6).ok_or(short)?;
         let flags = unsafe { *(tcp as *const u8).add(l4::TCP_FLAGS) };

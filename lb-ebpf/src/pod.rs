@@ -18,8 +18,8 @@
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{
-    CT_REPLY, Ct4Key, Ct6Key, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, addr6, event,
-    reason, tc_prog_slot,
+    CT_REPLY, Ct4Key, Ct6Key, Event, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP, Reason,
+    addr6, tc_prog_slot,
 };
 use network_types::{
     eth::EthHdr,
@@ -28,7 +28,7 @@ use network_types::{
 };
 
 use crate::{
-    counters::{count_packet, note},
+    counters::{count, count_packet},
     egress::{try_egress4, try_egress6},
     flow::{Translation6, count_translated, translation, translation6},
     frame::ptr_at,
@@ -53,7 +53,7 @@ fn dispatch6(ctx: &TcContext) -> Result<(), Verdict> {
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if ipv6 {
         let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
-        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
+        return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     Ok(())
 }
@@ -110,7 +110,7 @@ fn forget_stale_reply(ctx: &TcContext) {
         _pad: [0; 2],
     };
     if LB_CT4_V2.remove(&reply).is_ok() {
-        note(event::CT_DELETES);
+        count(Event::CtDeletes);
     }
 }
 
@@ -202,7 +202,7 @@ fn forget_stale_reply6(ctx: &TcContext) {
         _pad: [0; 2],
     };
     if LB_CT6_V1.remove(&reply).is_ok() {
-        note(event::CT_DELETES);
+        count(Event::CtDeletes);
     }
 }
 
@@ -216,7 +216,7 @@ pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
     // stack limit.
     if ctx.load::<u8>(IPV6_NEXT_HDR_OFF) == Ok(PROTO_ICMPV6) {
         let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
-        return Err(Verdict::Pass(reason::IPV6_PROGRAM_MISSING));
+        return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     unhairpin6(ctx)?;
     match try_egress6(ctx, false) {

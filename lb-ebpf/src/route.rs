@@ -9,13 +9,13 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Addr6, csum, nat_event};
+use lb_common::{Addr6, NatEvent, csum};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{counters::note_nat, frame::ptr_at, headers::ETH_LEN};
+use crate::{counters::count, frame::ptr_at, headers::ETH_LEN};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -123,7 +123,7 @@ fn fib_route(
 #[inline(always)]
 pub(crate) fn send4(ctx: &XdpContext, route: &Route<u32>) -> u32 {
     if !route.resolved {
-        note_nat(nat_event::NO_NEIGH);
+        count(NatEvent::NoNeigh);
         return xdp_action::XDP_PASS;
     }
     let Some(ip) = ptr_at::<_, Ipv4Hdr>(ctx, ETH_LEN) else {
@@ -149,7 +149,7 @@ pub(crate) fn send4(ctx: &XdpContext, route: &Route<u32>) -> u32 {
 #[inline(always)]
 pub(crate) fn send6(ctx: &XdpContext, route: &Route<Addr6>) -> u32 {
     if !route.resolved {
-        note_nat(nat_event::NO_NEIGH);
+        count(NatEvent::NoNeigh);
         return xdp_action::XDP_PASS;
     }
     let Some(ip) = ptr_at::<_, Ipv6Hdr>(ctx, ETH_LEN) else {
@@ -177,10 +177,10 @@ fn transmit<A>(ctx: &XdpContext, route: &Route<A>) -> u32 {
         (*eth).src_addr = route.smac;
     }
     if route.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
-        note_nat(nat_event::TX);
+        count(NatEvent::Tx);
         xdp_action::XDP_TX
     } else {
-        note_nat(nat_event::REDIRECT);
+        count(NatEvent::Redirect);
         unsafe { bpf_redirect(route.ifindex, 0) as u32 }
     }
 }

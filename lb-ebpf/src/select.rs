@@ -1,7 +1,7 @@
 //! The backend of a new flow: the frontend's loadBalancerSourceRanges, then the client's
 //! fresh affinity entry (sessionAffinity ClientIP), else the service's Maglev table entry
 //! of the flow hash (or a random entry for selection `random`); and the rules by which a
-//! known flow keeps its backend or selects again (documented on `lb_common::event`). The
+//! known flow keeps its backend or selects again (documented on `lb_common::Event`). The
 //! socket hooks select by the same rules.
 
 use aya_ebpf::{
@@ -11,13 +11,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4,
-    Backend6, Ct4Key, Ct6Key, PROTO_UDP, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, SourceRange4, SourceRange6, event, flow_hash, flow_hash6,
-    maglev, reason, table_event,
+    Backend6, Ct4Key, Ct6Key, Event, PROTO_UDP, Reason, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange4, SourceRange6, TableEvent, flow_hash, flow_hash6,
+    maglev,
 };
 
 use crate::{
-    counters::{note, note_table},
+    counters::count,
     maps::{
         LB_AFFINITY4_V1, LB_AFFINITY6_V1, LB_BACKEND4_V2, LB_BACKEND6_V1, LB_MAGLEV_V2,
         LB_SRCRANGE4_V1, LB_SRCRANGE6_V1,
@@ -82,7 +82,7 @@ fn select_from_table<B: BackendOf>(
     svc: &Service,
     hash: impl FnOnce() -> u32,
 ) -> Result<Chosen<B>, Verdict> {
-    const MISSING: Verdict = Verdict::Drop(reason::BACKEND_MISSING);
+    const MISSING: Verdict = Verdict::Drop(Reason::BackendMissing);
     let table =
         unsafe { LB_MAGLEV_V2.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
     let size = table.get(0).ok_or(MISSING)?[0];
@@ -90,10 +90,10 @@ fn select_from_table<B: BackendOf>(
         return Err(MISSING);
     }
     let pick = if svc.flags & SERVICE_F_RANDOM != 0 {
-        note(event::SELECT_RANDOM);
+        count(Event::SelectRandom);
         unsafe { bpf_get_prandom_u32() }
     } else {
-        note(event::SELECT_MAGLEV);
+        count(Event::SelectMaglev);
         hash()
     };
     let (element, half) = maglev::position(pick % size);
@@ -106,7 +106,7 @@ fn select_from_table<B: BackendOf>(
 #[inline(always)]
 pub(crate) fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(reason::NO_BACKEND));
+        return Err(Verdict::Drop(Reason::NoBackend));
     }
     if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         let source = LpmKey::new(
@@ -117,14 +117,14 @@ pub(crate) fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verd
             },
         );
         if LB_SRCRANGE4_V1.get(&source).is_none() {
-            return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
+            return Err(Verdict::Drop(Reason::SourceRangeDenied));
         }
     }
     let client = AffinityKey {
         service_id: svc.id,
         client: key.saddr,
     };
-    let affinity = (&LB_AFFINITY4_V1, table_event::AFFINITY_INSERTS);
+    let affinity = (&LB_AFFINITY4_V1, TableEvent::AffinityInserts);
     select_with_affinity(svc, affinity, &client, || {
         flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
     })
@@ -135,7 +135,7 @@ pub(crate) fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verd
 #[inline(always)]
 pub(crate) fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Backend6>, Verdict> {
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(reason::NO_BACKEND));
+        return Err(Verdict::Drop(Reason::NoBackend));
     }
     if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         let source = LpmKey::new(
@@ -146,14 +146,14 @@ pub(crate) fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Back
             },
         );
         if LB_SRCRANGE6_V1.get(&source).is_none() {
-            return Err(Verdict::Drop(reason::SOURCE_RANGE_DENIED));
+            return Err(Verdict::Drop(Reason::SourceRangeDenied));
         }
     }
     let client = Affinity6Key {
         service_id: svc.id,
         client: key.saddr,
     };
-    let affinity = (&LB_AFFINITY6_V1, table_event::AFFINITY_INSERTS);
+    let affinity = (&LB_AFFINITY6_V1, TableEvent::AffinityInserts);
     select_with_affinity(svc, affinity, &client, || {
         flow_hash6(key.saddr, key.daddr, key.sport, key.dport, key.proto)
     })
@@ -161,11 +161,11 @@ pub(crate) fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Back
 
 /// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
 /// `hash`; records the choice for the client when the service has affinity, counting a new
-/// entry under `inserts` (a `lb_common::table_event`).
+/// entry under `inserts`.
 #[inline(always)]
 pub(crate) fn select_with_affinity<K, B: BackendOf>(
     svc: &Service,
-    (map, inserts): (&LruHashMap<K, AffinityEntry>, u32),
+    (map, inserts): (&LruHashMap<K, AffinityEntry>, TableEvent),
     client: &K,
     hash: impl FnOnce() -> u32,
 ) -> Result<Chosen<B>, Verdict> {
@@ -186,15 +186,15 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
         let entry = unsafe { &mut *entry };
         let timeout_ns = svc.affinity_timeout_secs as u64 * 1_000_000_000;
         if now.wrapping_sub(entry.last_used_ns) >= timeout_ns {
-            note(event::AFFINITY_EXPIRED);
+            count(Event::AffinityExpired);
         } else {
             match backend_of::<B>(entry.backend_id) {
                 Some(chosen) if chosen.backend.state() == BACKEND_ACTIVE => {
                     entry.last_used_ns = now;
-                    note(event::SELECT_AFFINITY);
+                    count(Event::SelectAffinity);
                     return Ok(chosen);
                 }
-                _ => note(event::AFFINITY_NOT_ACTIVE),
+                _ => count(Event::AffinityNotActive),
             }
         }
     }
@@ -210,7 +210,7 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
             // Best effort: without an entry the client's next flow uses the table.
             None => {
                 if map.insert(client, &fresh, BPF_ANY as u64).is_ok() {
-                    note_table(inserts);
+                    count(inserts);
                 }
             }
         }
@@ -219,30 +219,30 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
 }
 
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
-/// again for that reason. The rules are documented on `lb_common::event`.
+/// again for that reason. The rules are documented on `lb_common::Event`.
 #[inline(always)]
 pub(crate) fn reselect_because<B: BackendOf>(
     backend: Option<&Chosen<B>>,
     proto: u8,
     syn: bool,
-) -> Option<u32> {
+) -> Option<Event> {
     let Some(chosen) = backend else {
         return Some(if proto == PROTO_UDP {
-            event::RESELECT_UDP
+            Event::ReselectUdp
         } else if syn {
-            event::RESELECT_SYN
+            Event::ReselectSyn
         } else {
-            event::RESELECT_GONE
+            Event::ReselectGone
         });
     };
     match chosen.backend.state() {
         BACKEND_ACTIVE => None,
-        _ if syn => Some(event::RESELECT_SYN),
+        _ if syn => Some(Event::ReselectSyn),
         BACKEND_TERMINATING => None,
         // REMOVED (and any state this program does not know, treated alike).
-        _ if proto == PROTO_UDP => Some(event::RESELECT_UDP),
+        _ if proto == PROTO_UDP => Some(Event::ReselectUdp),
         _ => {
-            note(event::DRAIN_REMOVED);
+            count(Event::DrainRemoved);
             None
         }
     }

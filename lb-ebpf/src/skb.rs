@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{Addr6, PROTO_TCP, PROTO_UDP, reason};
+use lb_common::{Addr6, PROTO_TCP, PROTO_UDP, Reason};
 
 use crate::{
     headers::{IP_CHECK_OFF, L4_OFF, L4_OFF6, l4},
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// A rewrite failed (an skb helper refused).
-pub(crate) const REWRITE_FAILED: Verdict = Verdict::Drop(reason::REPLY_REWRITE_FAILED);
+pub(crate) const REWRITE_FAILED: Verdict = Verdict::Drop(Reason::ReplyRewriteFailed);
 
 /// The checksum helpers' flag for UDP's "no checksum" zero (which a rewrite must keep, and
 /// must not produce).

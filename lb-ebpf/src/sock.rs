@@ -19,7 +19,7 @@
 //! Per socket, [`map_names::SOCKETS`](lb_common::map_names::SOCKETS) (IPv6:
 //! [`map_names::SOCKETS6`](lb_common::map_names::SOCKETS6)) keeps the backend of each
 //! frontend it addressed (a UDP socket sending datagrams keeps its backend by the conntrack
-//! rules of `lb_common::event`) and the frontend each backend stands for (for recvmsg and
+//! rules of `lb_common::Event`) and the frontend each backend stands for (for recvmsg and
 //! getpeername).
 //!
 //! The IPv6 hooks apply the same rules through the same code ([`SockFamily`]), with the
@@ -39,12 +39,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, Backend4, Backend6, CT_FORWARD, CT_REPLY, Frontend4, Frontend6, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey, SockEntry, SockKey,
-    flow_hash, reason, table_event,
+    Reason, SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey, SockEntry, SockKey,
+    TableEvent, flow_hash,
 };
 
 use crate::{
-    counters::{count, count_socket_flow, note},
+    counters::{count, count_socket_flow},
     maps::{LB_SOCK4_V1, LB_SOCK6_V1, LB_SOCKAFF4_V1, LB_SVC4_V1, LB_SVC6_V1},
     select::{BackendOf, Chosen, backend_of, reselect_because, select_with_affinity},
     verdict::Verdict,
@@ -224,19 +224,19 @@ fn socket_backend<F: SockFamily>(
                         return Ok(chosen);
                     }
                 }
-                Some(why) => note(why),
+                Some(why) => count(why),
             }
         }
     }
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(reason::NO_BACKEND));
+        return Err(Verdict::Drop(Reason::NoBackend));
     }
     let client = SockAffinityKey {
         service_id: svc.id,
         _pad: 0,
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
-    let affinity = (&LB_SOCKAFF4_V1, table_event::SOCK_AFFINITY_INSERTS);
+    let affinity = (&LB_SOCKAFF4_V1, TableEvent::SockAffinityInserts);
     let chosen: Chosen<F::Backend> = select_with_affinity(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
         flow_hash(folded, F::fold(addr), 0, port, proto)
@@ -259,7 +259,7 @@ fn socket_backend<F: SockFamily>(
             )
             .is_ok();
     if !written {
-        count(reason::CT_INSERT_FAILED);
+        count(Reason::CtInsertFailed);
     }
     // The socket path translates no packets: only its flows are counted.
     count_socket_flow(svc.id);

@@ -2,15 +2,17 @@
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action};
 
+use lb_common::Reason;
+
 use crate::counters::count;
 
 /// What becomes of a packet that is not translated.
 #[derive(Clone, Copy)]
 pub(crate) enum Verdict {
-    /// Hand it to the kernel untouched, counted under this `lb_common::reason`.
-    Pass(u32),
-    /// Drop it, counted under this `lb_common::reason`.
-    Drop(u32),
+    /// Hand it to the kernel untouched, counted under this reason.
+    Pass(Reason),
+    /// Drop it, counted under this reason.
+    Drop(Reason),
     /// Hand it to the kernel untouched, uncounted: a packet no program of ours is about (on
     /// TC egress, that is all the node's other traffic).
     NotOurs,
