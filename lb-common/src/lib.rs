@@ -12,7 +12,9 @@
 #![no_std]
 #![deny(missing_docs)]
 
+mod counters;
 mod v6;
+pub use counters::{Event, NatEvent, Reason, TableEvent};
 pub use v6::*;
 
 /// IP protocol number of TCP, as stored in keys.
@@ -45,7 +47,7 @@ pub mod map_names {
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
-    /// Per-CPU array indexed by [`crate::reason`] -> `u64` packet count (V3: the IPv6
+    /// Per-CPU array indexed by [`crate::Reason`] -> `u64` packet count (V3: the IPv6
     /// reasons; V2: more reasons than V1).
     pub const REASON_STATS: &str = "LB_REASON_V3";
     /// Per-CPU array of [`crate::ServiceStats`]: the backends' counters, each at its
@@ -53,7 +55,7 @@ pub mod map_names {
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
     /// the agent gives each live backend a slot of its own and zeroes the slot of a new id.
     pub const BACKEND_STATS: &str = "LB_BESTAT_V2";
-    /// Per-CPU array indexed by [`crate::event`] -> `u64`: flow decisions and conntrack
+    /// Per-CPU array indexed by [`crate::Event`] -> `u64`: flow decisions and conntrack
     /// writes.
     pub const EVENTS: &str = "LB_EVENT_V1";
     /// LRU hash map [`crate::AffinityKey`] -> [`crate::AffinityEntry`]: sessionAffinity
@@ -76,7 +78,7 @@ pub mod map_names {
     /// LRU hash map [`crate::Nat4Key`] -> [`crate::Nat4Entry`]: the source NAT of flows to
     /// remote backends (see [`crate::nat`]).
     pub const NAT: &str = "LB_NAT4_V1";
-    /// Per-CPU array indexed by [`crate::nat_event`] -> `u64`: source NAT, forwarding and
+    /// Per-CPU array indexed by [`crate::NatEvent`] -> `u64`: source NAT, forwarding and
     /// ICMP translation counters.
     pub const NAT_EVENTS: &str = "LB_NATEVENT_V1";
 
@@ -88,7 +90,7 @@ pub mod map_names {
     /// sessionAffinity ClientIP at the socket hooks, where the client is a network namespace.
     /// Keyed by service id and namespace, so it serves the IPv6 hooks as well.
     pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
-    /// Per-CPU array indexed by [`crate::table_event`] -> `u64`: entries the datapath
+    /// Per-CPU array indexed by [`crate::TableEvent`] -> `u64`: entries the datapath
     /// inserted into its LRU tables (other than conntrack's, counted as events), from which
     /// the agent derives their evictions.
     pub const TABLE_EVENTS: &str = "LB_TABLEEVENT_V1";
@@ -680,7 +682,7 @@ pub mod nat {
     pub const PORT_MAX: u16 = 65_535;
     /// Number of NAT ports per (backend, address).
     pub const PORTS: u32 = (PORT_MAX - PORT_MIN) as u32 + 1;
-    /// Ports tried for a new flow before it is dropped ([`crate::nat_event::EXHAUSTED`]).
+    /// Ports tried for a new flow before it is dropped ([`crate::NatEvent::Exhausted`]).
     pub const TRIES: u32 = 32;
     /// An idle TCP flow's NAT entry may be reused after this.
     pub const TCP_TIMEOUT_NS: u64 = 2 * 3600 * 1_000_000_000;
@@ -707,69 +709,6 @@ pub mod nat {
         };
         now_ns.wrapping_sub(last_seen_ns) > timeout
     }
-}
-
-/// Indexes of [`map_names::NAT_EVENTS`]: what the source NAT, the forwarding of translated
-/// packets and the ICMP translation did, counted per packet (or per entry).
-pub mod nat_event {
-    /// NAT ports allocated to new flows.
-    pub const ALLOCATED: u32 = 0;
-    /// Allocations that took over an expired entry.
-    pub const REUSED_EXPIRED: u32 = 1;
-    /// Ports found taken (by a live entry) while allocating.
-    pub const PORT_TAKEN: u32 = 2;
-    /// Dropped: no free port after [`crate::nat::TRIES`] tries.
-    pub const EXHAUSTED: u32 = 3;
-    /// Flows whose NAT port had been taken over: given a new one.
-    pub const PORT_LOST: u32 = 4;
-    /// Replies from a remote backend translated back (NAT and frontend undone).
-    pub const REPLIES: u32 = 5;
-    /// Translated packets sent out of the interface they came in by (XDP_TX).
-    pub const TX: u32 = 6;
-    /// Translated packets redirected to another interface.
-    pub const REDIRECT: u32 = 7;
-    /// Translated packets handed to the kernel to forward, because the next hop's neighbour
-    /// entry is not resolved yet (the kernel resolves it; the next packets go by XDP).
-    pub const NO_NEIGH: u32 = 8;
-    /// Dropped: no route towards the backend or the client (or forwarding is off).
-    pub const NO_ROUTE: u32 = 9;
-    /// ICMP errors about a NATed flow translated back for the client (XDP).
-    pub const ICMP_NAT: u32 = 10;
-    /// ICMP and ICMPv6 errors about a flow to a local backend translated back for the client
-    /// (TC).
-    pub const ICMP_LOCAL: u32 = 11;
-
-    /// Number of events: the size of the array.
-    pub const COUNT: u32 = 12;
-
-    /// Name of each event, by index.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "nat_allocated",
-        "nat_reused_expired",
-        "nat_port_taken",
-        "nat_exhausted",
-        "nat_port_lost",
-        "nat_replies",
-        "fwd_tx",
-        "fwd_redirect",
-        "fwd_no_neigh",
-        "fwd_no_route",
-        "icmp_nat",
-        "icmp_local",
-    ];
-}
-
-/// Indexes of [`map_names::TABLE_EVENTS`]: new keys the datapath inserted into its LRU
-/// tables. Only the datapath inserts and nothing deletes, so `evictions = inserts - entries`
-/// (the kernel evicts the least recently used entries of a full LRU map without a trace).
-pub mod table_event {
-    /// New sessionAffinity entries in [`crate::map_names::AFFINITY`] (XDP and TC).
-    pub const AFFINITY_INSERTS: u32 = 0;
-    /// New sessionAffinity entries in [`crate::map_names::SOCK_AFFINITY`] (socket hooks).
-    pub const SOCK_AFFINITY_INSERTS: u32 = 1;
-
-    /// Number of counters: the size of the array.
-    pub const COUNT: u32 = 2;
 }
 
 /// Key of [`map_names::SOCKETS`]: a socket and an address it exchanged data with.
@@ -839,158 +778,6 @@ pub struct ServiceStats {
     pub bytes: u64,
     /// Flows (conntrack entries) created.
     pub new_flows: u64,
-}
-
-/// Indexes of [`map_names::REASON_STATS`]: why a packet was not translated, or why it was
-/// dropped. The datapath passes everything it cannot prove is for a frontend (the kernel
-/// then handles it as if we were not there) and drops only frontend packets it cannot serve.
-pub mod reason {
-    /// Passed: neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...).
-    pub const NOT_IP: u32 = 0;
-    /// Passed: shorter than an Ethernet header.
-    pub const SHORT_ETHERNET: u32 = 1;
-    /// Passed: shorter than an IPv4 header.
-    pub const SHORT_IPV4: u32 = 2;
-    /// Passed: IPv4 version field is not 4 or IHL < 5.
-    pub const BAD_IPV4_HEADER: u32 = 3;
-    /// Passed: IPv4 options present (IHL > 5); we do not translate them.
-    pub const IPV4_OPTIONS: u32 = 4;
-    /// Passed: a fragment (MF set or offset > 0); only whole datagrams are translated.
-    pub const IPV4_FRAGMENT: u32 = 5;
-    /// Passed: total length is below the header length or beyond the received bytes.
-    pub const BAD_IPV4_LENGTH: u32 = 6;
-    /// Passed: neither TCP nor UDP.
-    pub const NOT_TCP_UDP: u32 = 7;
-    /// Passed: the TCP or UDP header is cut short.
-    pub const SHORT_L4: u32 = 8;
-    /// Passed: not addressed to a frontend.
-    pub const NOT_FRONTEND: u32 = 9;
-    /// Dropped: the frontend has no backend.
-    pub const NO_BACKEND: u32 = 10;
-    /// Dropped: a slot names a backend id that is not in the backends map.
-    pub const BACKEND_MISSING: u32 = 11;
-    /// Translated, but the conntrack entry could not be written.
-    pub const CT_INSERT_FAILED: u32 = 12;
-    /// Egress, passed: a reply whose conntrack entry does not carry its frontend (migrated
-    /// from V1) and whose service has no reverse-NAT entry any more.
-    pub const REV_NAT_MISSING: u32 = 13;
-    /// TC, dropped: a packet that could not be rewritten (skb helper failed): a reply on
-    /// the external interface, or either direction on a pod interface.
-    pub const REPLY_REWRITE_FAILED: u32 = 14;
-    /// Dropped: a new flow from a source outside the frontend's loadBalancerSourceRanges.
-    pub const SOURCE_RANGE_DENIED: u32 = 15;
-    /// Passed: shorter than an IPv6 header.
-    pub const SHORT_IPV6: u32 = 16;
-    /// Passed: an IPv6 ethertype whose header's version field is not 6.
-    pub const BAD_IPV6_HEADER: u32 = 17;
-    /// Passed: the IPv6 payload length is beyond the received bytes or shorter than the
-    /// TCP or UDP header (a jumbogram's 0 included).
-    pub const BAD_IPV6_LENGTH: u32 = 18;
-    /// Passed: an IPv6 extension header (hop-by-hop, routing, fragment, destination
-    /// options, AH, ...) follows the fixed header; only TCP or UDP right after it is
-    /// translated.
-    pub const IPV6_EXTENSION: u32 = 19;
-    /// Passed: an IPv6 UDP datagram with checksum 0, which IPv6 forbids (RFC 8200 8.1).
-    pub const IPV6_UDP_ZERO_CHECKSUM: u32 = 20;
-    /// Dropped: an IPv6 packet to a remote backend (or passed: a reply to a NAT port, an
-    /// ICMPv6 error) while the slot of the IPv6 NAT program (or of the ICMPv6 one) in
-    /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
-    pub const NAT6_PROGRAM_MISSING: u32 = 21;
-    /// Passed: an IPv6 frame while the IPv6 program's slot of
-    /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the pod
-    /// interfaces' TC program) is empty (the tail call returned).
-    pub const IPV6_PROGRAM_MISSING: u32 = 22;
-
-    /// Number of reasons: the size of the reason array.
-    pub const COUNT: u32 = 23;
-
-    /// Name of each reason, by index, for the CLI and metrics.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "not_ip",
-        "short_ethernet",
-        "short_ipv4",
-        "bad_ipv4_header",
-        "ipv4_options",
-        "ipv4_fragment",
-        "bad_ipv4_length",
-        "not_tcp_udp",
-        "short_l4",
-        "not_frontend",
-        "no_backend",
-        "backend_missing",
-        "ct_insert_failed",
-        "rev_nat_missing",
-        "reply_rewrite_failed",
-        "source_range_denied",
-        "short_ipv6",
-        "bad_ipv6_header",
-        "bad_ipv6_length",
-        "ipv6_extension",
-        "ipv6_udp_zero_checksum",
-        "nat6_program_missing",
-        "ipv6_program_missing",
-    ];
-}
-
-/// Indexes of [`map_names::EVENTS`]: how flows got their backend, and the conntrack
-/// writes, counted per packet (or per entry) for `lb stats` and `lb explain`.
-///
-/// Conntrack semantics (the datapath implements exactly these):
-/// - a conntrack hit on an ACTIVE or TERMINATING backend keeps it (established flows keep
-///   their backend while others come and go; terminating backends drain);
-/// - a TCP SYN whose entry points at a backend that is not ACTIVE (or is missing) selects
-///   again and overwrites the entries ([`RESELECT_SYN`]: port reuse);
-/// - any UDP packet whose entry points at a REMOVED or missing backend selects again
-///   ([`RESELECT_UDP`]);
-/// - an established TCP packet whose backend is REMOVED keeps going to it during the drain
-///   ([`DRAIN_REMOVED`]); once the entry is gone it selects again ([`RESELECT_GONE`]), so the
-///   new backend answers RST and the client fails fast instead of hanging.
-///
-/// Conntrack evictions are not counted by the kernel; they follow from these counters:
-/// `evictions = CT_INSERTS - CT_DELETES - occupancy` (the datapath is the only writer and
-/// only the agent's teardown deletes otherwise).
-pub mod event {
-    /// Conntrack entries created (new keys only; overwrites are not counted).
-    pub const CT_INSERTS: u32 = 0;
-    /// Conntrack entries the datapath deleted (the old reply entry of a re-selected flow).
-    pub const CT_DELETES: u32 = 1;
-    /// New flows whose backend came from the Maglev table entry of their flow hash.
-    pub const SELECT_MAGLEV: u32 = 2;
-    /// New flows whose backend came from a random Maglev table entry.
-    pub const SELECT_RANDOM: u32 = 3;
-    /// New flows whose backend came from the client's fresh affinity entry.
-    pub const SELECT_AFFINITY: u32 = 4;
-    /// Affinity entries ignored because they expired.
-    pub const AFFINITY_EXPIRED: u32 = 5;
-    /// Affinity entries ignored because their backend is not ACTIVE (or is gone).
-    pub const AFFINITY_NOT_ACTIVE: u32 = 6;
-    /// TCP SYNs of a known flow whose backend is not ACTIVE or is gone: selected again.
-    pub const RESELECT_SYN: u32 = 7;
-    /// UDP packets of a known flow whose backend is REMOVED or gone: selected again.
-    pub const RESELECT_UDP: u32 = 8;
-    /// Established TCP packets whose backend entry is gone (after the drain): selected
-    /// again.
-    pub const RESELECT_GONE: u32 = 9;
-    /// Established TCP packets sent on to a REMOVED backend during its drain.
-    pub const DRAIN_REMOVED: u32 = 10;
-
-    /// Number of events: the size of the event array.
-    pub const COUNT: u32 = 11;
-
-    /// Name of each event, by index.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "ct_inserts",
-        "ct_deletes",
-        "select_maglev",
-        "select_random",
-        "select_affinity",
-        "affinity_expired",
-        "affinity_not_active",
-        "reselect_syn",
-        "reselect_udp",
-        "reselect_gone",
-        "drain_removed",
-    ];
 }
 
 /// The name of the eBPF object's global holding `slots - 1`, where `slots` is the size of
@@ -1161,13 +948,11 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityEntry>() == 16);
     assert!(core::mem::align_of::<AffinityEntry>() == 8);
     assert!(core::mem::size_of::<SourceRange4>() == 8);
-    assert!(event::NAMES.len() == event::COUNT as usize);
     assert!(core::mem::size_of::<Backend4>() == 12);
     assert!(core::mem::size_of::<legacy::Backend4V1>() == 8);
     assert!(core::mem::size_of::<Nat4Key>() == 16);
     assert!(core::mem::size_of::<Nat4Entry>() == 24);
     assert!(core::mem::align_of::<Nat4Entry>() == 8);
-    assert!(nat_event::NAMES.len() == nat_event::COUNT as usize);
     assert!(core::mem::size_of::<Ct4Key>() == 16);
     assert!(core::mem::size_of::<CtEntry>() == 32);
     assert!(core::mem::align_of::<CtEntry>() == 8);
@@ -1176,7 +961,6 @@ const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<SockEntry>() == 16);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
-    assert!(reason::NAMES.len() == reason::COUNT as usize);
 };
 
 #[cfg(feature = "user")]
@@ -1484,17 +1268,6 @@ mod tests {
         assert_ne!(base, flow_hash6(s, d, 3, 4, 17));
         assert_ne!(base, flow_hash6(d, s, 3, 4, 6));
         assert_ne!(base, flow_hash6(s, d, 4, 3, 6));
-    }
-
-    #[test]
-    fn reason_and_event_names_are_unique() {
-        for names in [&reason::NAMES[..], &event::NAMES[..], &nat_event::NAMES[..]] {
-            for (i, a) in names.iter().enumerate() {
-                for b in &names[i + 1..] {
-                    assert_ne!(a, b);
-                }
-            }
-        }
     }
 
     #[test]

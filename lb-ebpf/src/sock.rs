@@ -19,7 +19,7 @@
 //! Per socket, [`map_names::SOCKETS`](lb_common::map_names::SOCKETS) (IPv6:
 //! [`map_names::SOCKETS6`](lb_common::map_names::SOCKETS6)) keeps the backend of each
 //! frontend it addressed (a UDP socket sending datagrams keeps its backend by the conntrack
-//! rules of `lb_common::event`) and the frontend each backend stands for (for recvmsg and
+//! rules of `lb_common::Event`) and the frontend each backend stands for (for recvmsg and
 //! getpeername).
 //!
 //! The IPv6 hooks apply the same rules through the same code ([`SockFamily`]), with the
@@ -34,29 +34,21 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_set_retval},
-    macros::{cgroup_sock_addr, map},
     maps::LruHashMap,
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr6, AffinityEntry, Backend4, Backend6, CT_FORWARD, CT_REPLY, Frontend4, Frontend6,
-    PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey,
-    SockEntry, SockKey, capacity, flow_hash, reason, table_event,
+    Addr6, Backend4, Backend6, CT_FORWARD, CT_REPLY, Frontend4, Frontend6, PROTO_TCP, PROTO_UDP,
+    Reason, SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey, SockEntry, SockKey,
+    TableEvent, flow_hash,
 };
 
 use crate::{
-    BackendOf, Chosen, LB_SVC4_V1, LB_SVC6_V1, LB_SVCSTAT_V1, Verdict, backend_of, count, note,
-    reselect_because, select_with_affinity,
+    counters::{count, count_socket_flow},
+    maps::{LB_SOCK4_V1, LB_SOCK6_V1, LB_SOCKAFF4_V1, LB_SVC4_V1, LB_SVC6_V1},
+    select::{BackendOf, Chosen, backend_of, reselect_because, select_with_affinity},
+    verdict::Verdict,
 };
-
-#[map]
-static LB_SOCK4_V1: LruHashMap<SockKey, SockEntry> = LruHashMap::pinned(capacity::SOCKETS, 0);
-#[map]
-static LB_SOCK6_V1: LruHashMap<Sock6Key, Sock6Entry> = LruHashMap::pinned(capacity::SOCKETS, 0);
-/// Both families' (the client is a network namespace, whichever family it uses).
-#[map]
-static LB_SOCKAFF4_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
-    LruHashMap::pinned(capacity::AFFINITY, 0);
 
 /// Return value of a sock_addr program: go on with the call.
 const PROCEED: i32 = 1;
@@ -232,19 +224,19 @@ fn socket_backend<F: SockFamily>(
                         return Ok(chosen);
                     }
                 }
-                Some(why) => note(why),
+                Some(why) => count(why),
             }
         }
     }
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(reason::NO_BACKEND));
+        return Err(Verdict::Drop(Reason::NoBackend));
     }
     let client = SockAffinityKey {
         service_id: svc.id,
         _pad: 0,
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
-    let affinity = (&LB_SOCKAFF4_V1, table_event::SOCK_AFFINITY_INSERTS);
+    let affinity = (&LB_SOCKAFF4_V1, TableEvent::SockAffinityInserts);
     let chosen: Chosen<F::Backend> = select_with_affinity(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
         flow_hash(folded, F::fold(addr), 0, port, proto)
@@ -267,12 +259,10 @@ fn socket_backend<F: SockFamily>(
             )
             .is_ok();
     if !written {
-        count(reason::CT_INSERT_FAILED);
+        count(Reason::CtInsertFailed);
     }
-    if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(svc.id) {
-        // Per-CPU. The socket path translates no packets: only its flows are counted.
-        unsafe { (*stats).new_flows += 1 };
-    }
+    // The socket path translates no packets: only its flows are counted.
+    count_socket_flow(svc.id);
     Ok(chosen)
 }
 
@@ -308,6 +298,7 @@ fn forward<F: SockFamily>(
             count(why);
             Forward::Untouched
         }
+        Err(Verdict::NotOurs) => Forward::Untouched,
         Err(Verdict::Drop(why)) => {
             // kube-proxy rejects a Service without endpoints: the caller sees ECONNREFUSED.
             count(why);
@@ -358,7 +349,7 @@ fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
 
 /// Shows the frontend instead of a backend this IPv4 socket was given in its place.
 #[inline(always)]
-fn reverse4(ctx: &SockAddrContext) -> i32 {
+pub(crate) fn reverse4(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else {
         return PROCEED;
@@ -438,7 +429,7 @@ fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
 
 /// [`reverse4`] for IPv6 sockets (IPv4-mapped backends through the IPv4 map).
 #[inline(always)]
-fn reverse6(ctx: &SockAddrContext) -> i32 {
+pub(crate) fn reverse6(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = protocol(sa) else {
         return PROCEED;
@@ -465,56 +456,32 @@ fn datagram(ctx: &SockAddrContext) -> bool {
     type_ == SOCK_DGRAM
 }
 
-/// connect() of TCP and UDP sockets.
-#[cgroup_sock_addr(connect4)]
-pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward4(&ctx, true)
+/// connect4: a TCP or UDP socket connecting to a ClusterIP frontend connects to a backend.
+#[inline(always)]
+pub(crate) fn connect4(ctx: &SockAddrContext) -> i32 {
+    forward4(ctx, true)
 }
 
-/// sendto()/sendmsg() with an address, on UDP sockets.
-#[cgroup_sock_addr(sendmsg4)]
-pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if !datagram(&ctx) {
+/// sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
+#[inline(always)]
+pub(crate) fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    if !datagram(ctx) {
         return PROCEED;
     }
-    forward4(&ctx, false)
+    forward4(ctx, false)
 }
 
-/// recvfrom()/recvmsg() with an address, on UDP sockets.
-#[cgroup_sock_addr(recvmsg4)]
-pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx)
+/// connect6: [`connect4`] for IPv6 sockets.
+#[inline(always)]
+pub(crate) fn connect6(ctx: &SockAddrContext) -> i32 {
+    forward6(ctx, true)
 }
 
-/// getpeername().
-#[cgroup_sock_addr(getpeername4)]
-pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx)
-}
-
-/// connect() of IPv6 TCP and UDP sockets.
-#[cgroup_sock_addr(connect6)]
-pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
-    forward6(&ctx, true)
-}
-
-/// sendto()/sendmsg() with an IPv6 address, on UDP sockets.
-#[cgroup_sock_addr(sendmsg6)]
-pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if !datagram(&ctx) {
+/// sendmsg6: [`sendmsg4`] for IPv6 sockets.
+#[inline(always)]
+pub(crate) fn sendmsg6(ctx: &SockAddrContext) -> i32 {
+    if !datagram(ctx) {
         return PROCEED;
     }
-    forward6(&ctx, false)
-}
-
-/// recvfrom()/recvmsg() on IPv6 UDP sockets.
-#[cgroup_sock_addr(recvmsg6)]
-pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx)
-}
-
-/// getpeername() of IPv6 sockets.
-#[cgroup_sock_addr(getpeername6)]
-pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx)
+    forward6(ctx, false)
 }

@@ -8,7 +8,7 @@ mod bed;
 
 use bed::*;
 use etherparse::PacketBuilder;
-use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_F_EXTERNAL, Service, event, reason};
+use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, Service};
 
 /// The examples' frontends: (name, address, port, flags), one of each kind.
 const KINDS: [(&str, [u8; 4], u16, u32); 4] = [
@@ -71,8 +71,8 @@ fn every_frontend_kind_translates_tcp_and_udp_to_the_selected_backend() {
     );
     // Every new flow came from the Maglev table and made two conntrack entries.
     let events = bed.events();
-    assert_eq!(events[event::SELECT_MAGLEV as usize], 32);
-    assert_eq!(events[event::CT_INSERTS as usize], 64);
+    assert_eq!(events[Event::SelectMaglev as usize], 32);
+    assert_eq!(events[Event::CtInserts as usize], 64);
     let ct = bed.counters().conntrack().unwrap();
     assert_eq!((ct.entries, ct.evictions), (64, 0));
 }
@@ -207,26 +207,26 @@ fn packets_not_for_a_frontend_pass_bit_for_bit() {
         builder.write(&mut out, b"ping").unwrap();
         out
     };
-    let cases: [(&str, Vec<u8>, u32); 6] = [
+    let cases: [(&str, Vec<u8>, Reason); 6] = [
         (
             "other port",
             tcp(CLIENT, 1, [10, 96, 0, 10], 8081, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
         (
             "other address",
             tcp(CLIENT, 1, [10, 96, 0, 11], 8080, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
         (
             "UDP to a TCP frontend",
             udp(CLIENT, 1, [10, 96, 0, 10], 8080, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
-        ("ARP", arp, reason::NOT_IP),
+        ("ARP", arp, Reason::NotIp),
         // The IPv6 program (tail-called) finds no IPv6 frontend there.
-        ("IPv6", ipv6, reason::NOT_FRONTEND),
-        ("ICMP to the frontend address", icmp, reason::NOT_TCP_UDP),
+        ("IPv6", ipv6, Reason::NotFrontend),
+        ("ICMP to the frontend address", icmp, Reason::NotTcpUdp),
     ];
     for (name, input, why) in cases {
         let before = bed.reasons();
@@ -266,13 +266,13 @@ fn the_prefilter_passes_destinations_of_empty_buckets_before_any_lookup() {
     let before = bed.reasons();
     assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()));
     assert_eq!(counted_as(&before, &bed.reasons()), ["not_frontend"]);
-    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 1);
+    assert_eq!(bed.reasons()[Reason::NotFrontend as usize], 1);
 
     // The bit is read before conntrack: with the frontend's bit clear, even its established
     // flow passes untouched (which the agent never lets happen while the frontend exists).
     bed.set_prefilter(&fe, false);
     assert_eq!(bed.xdp(&ack), (XDP_PASS, ack.clone()));
-    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 2);
+    assert_eq!(bed.reasons()[Reason::NotFrontend as usize], 2);
     bed.set_prefilter(&fe, true);
     assert_eq!(bed.xdp(&ack), (XDP_PASS, translated(&ack)), "back");
 
@@ -283,7 +283,7 @@ fn the_prefilter_passes_destinations_of_empty_buckets_before_any_lookup() {
         .expect("a destination in the frontend's bucket");
     let input = tcp(CLIENT, 1, shared.0, shared.1, b"");
     assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{shared:?}");
-    assert_eq!(bed.reasons()[reason::NOT_FRONTEND as usize], 3);
+    assert_eq!(bed.reasons()[Reason::NotFrontend as usize], 3);
 }
 
 fn bed_bucket(addr: [u8; 4], port: u16) -> u32 {
@@ -313,59 +313,59 @@ fn malformed_packets_are_passed_untouched_and_counted_by_reason() {
         p[16..18].copy_from_slice(&(len as u16 - 14).to_be_bytes());
         p
     };
-    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
         // BPF_PROG_TEST_RUN refuses packets shorter than an Ethernet header, so the
         // SHORT_ETHERNET branch is only reachable from a real device.
         (
             "Ethernet header only",
             good[..14].to_vec(),
-            reason::SHORT_IPV4,
+            Reason::ShortIpv4,
         ),
         (
             "IPv4 header cut short",
             good[..30].to_vec(),
-            reason::SHORT_IPV4,
+            Reason::ShortIpv4,
         ),
         (
             "IHL below 5",
             with(&|p| p[14] = 0x44),
-            reason::BAD_IPV4_HEADER,
+            Reason::BadIpv4Header,
         ),
         (
             "IP version 6 in an IPv4 frame",
             with(&|p| p[14] = 0x65),
-            reason::BAD_IPV4_HEADER,
+            Reason::BadIpv4Header,
         ),
         (
             "IP options (IHL 6)",
             with(&|p| p[14] = 0x46),
-            reason::IPV4_OPTIONS,
+            Reason::Ipv4Options,
         ),
         (
             "more fragments",
             with(&|p| p[20] |= 0x20),
-            reason::IPV4_FRAGMENT,
+            Reason::Ipv4Fragment,
         ),
         (
             "fragment offset",
             with(&|p| p[21] = 1),
-            reason::IPV4_FRAGMENT,
+            Reason::Ipv4Fragment,
         ),
         (
             "total length beyond the packet",
             with(&|p| p[16..18].copy_from_slice(&200u16.to_be_bytes())),
-            reason::BAD_IPV4_LENGTH,
+            Reason::BadIpv4Length,
         ),
         (
             "total length shorter than the headers",
             with(&|p| p[16..18].copy_from_slice(&30u16.to_be_bytes())),
-            reason::BAD_IPV4_LENGTH,
+            Reason::BadIpv4Length,
         ),
-        ("TCP header cut short", cut(&good, 44), reason::SHORT_L4),
+        ("TCP header cut short", cut(&good, 44), Reason::ShortL4),
         (
             "UDP header cut short",
             cut(&udp(CLIENT, 1, fe, 8080, b""), 38),
-            reason::SHORT_L4,
+            Reason::ShortL4,
         ),
     ];
     for (name, input, why) in cases {
@@ -376,7 +376,7 @@ fn malformed_packets_are_passed_untouched_and_counted_by_reason() {
             after[why as usize],
             before[why as usize] + 1,
             "{name}: counted as {}, not as {:?}",
-            reason::NAMES[why as usize],
+            why.name(),
             counted_as(&before, &after)
         );
         assert_eq!(
@@ -396,7 +396,7 @@ fn a_frontend_without_backends_drops_and_counts() {
     bed.service(1, fe, &[], 0);
     let input = tcp(CLIENT, 40000, [10, 96, 0, 10], 8080, b"");
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
-    assert_eq!(bed.reasons()[reason::NO_BACKEND as usize], 1);
+    assert_eq!(bed.reasons()[Reason::NoBackend as usize], 1);
     // A service entry with backends but no table (never written by the agent: it writes
     // the table first).
     let svc = Service {
@@ -408,11 +408,11 @@ fn a_frontend_without_backends_drops_and_counts() {
     bed.set_prefilter(&fe, true);
     bed.maps.services.insert(fe, svc, 0).unwrap();
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
-    assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 1);
+    assert_eq!(bed.reasons()[Reason::BackendMissing as usize], 1);
     // A table that names a backend id the backends map does not have.
     bed.table(1, &[999; 7], 1);
     assert_eq!(bed.xdp(&input).0, XDP_DROP);
-    assert_eq!(bed.reasons()[reason::BACKEND_MISSING as usize], 2);
+    assert_eq!(bed.reasons()[Reason::BackendMissing as usize], 2);
     assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
 }
 
@@ -420,6 +420,6 @@ fn a_frontend_without_backends_drops_and_counts() {
 fn counted_as(before: &[u64], after: &[u64]) -> Vec<&'static str> {
     (0..before.len())
         .filter(|&i| before[i] != after[i])
-        .map(|i| reason::NAMES[i])
+        .map(|i| Reason::NAMES[i])
         .collect()
 }

@@ -2,15 +2,15 @@
 //! select again), sessionAffinity ClientIP, loadBalancerSourceRanges and random selection.
 //! Each runs the real XDP program through BPF_PROG_TEST_RUN and compares every output packet
 //! byte for byte with one etherparse builds (with its own checksums) for the backend the
-//! decision must give; the rules are documented on `lb_common::event`.
+//! decision must give; the rules are documented on `lb_common::Event`.
 
 mod bed;
 
 use bed::*;
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_REMOVED, BACKEND_TERMINATING, CT_REPLY, Ct4Key, PROTO_TCP,
-    PROTO_UDP, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, ServiceStats,
-    backend_stats_slots, capacity, event, reason,
+    AffinityEntry, AffinityKey, BACKEND_REMOVED, BACKEND_TERMINATING, CT_REPLY, Ct4Key, Event,
+    PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
+    ServiceStats, backend_stats_slots, capacity,
 };
 use std::net::SocketAddrV4;
 
@@ -56,7 +56,7 @@ fn went_to(bed: &Bed, out: &[u8]) -> u32 {
 
 /// The event counters that changed, by name, since `before`.
 fn events_since(bed: &Bed, before: &[u64]) -> Vec<(&'static str, u64)> {
-    changed(&event::NAMES, before, &bed.events())
+    changed(Event::NAMES, before, &bed.events())
 }
 
 /// Three TCP backends on port 80 programmed for VIP:PORT as service 1; their ids.
@@ -425,7 +425,7 @@ fn source_ranges_admit_listed_sources_and_drop_the_others() {
             "{src:?} to {port}"
         );
         assert_eq!(
-            changed(&reason::NAMES, &before, &bed.reasons()),
+            changed(Reason::NAMES, &before, &bed.reasons()),
             [("source_range_denied", 1)]
         );
         let key = ct_key(src, 26001, lb_vip, port, PROTO_TCP);
@@ -461,8 +461,8 @@ fn random_selection_spreads_new_flows_and_conntrack_keeps_them() {
         differs > 50,
         "not the flow hash's entry: {differs} of 200 differ"
     );
-    assert_eq!(bed.events()[event::SELECT_RANDOM as usize], 200);
-    assert_eq!(bed.events()[event::SELECT_MAGLEV as usize], 0);
+    assert_eq!(bed.events()[Event::SelectRandom as usize], 200);
+    assert_eq!(bed.events()[Event::SelectMaglev as usize], 0);
     // Every later packet of a flow stays on its backend.
     for (s, &to) in (27000..27200).zip(&chosen) {
         expect_to(
@@ -620,7 +620,7 @@ fn established_flows_of_a_deleted_frontend_are_passed_untouched() {
     let before = bed.reasons();
     assert_eq!(bed.xdp(&ack), (XDP_PASS, ack.clone()), "passed untouched");
     assert_eq!(
-        changed(&reason::NAMES, &before, &bed.reasons()),
+        changed(Reason::NAMES, &before, &bed.reasons()),
         [("not_frontend", 1)]
     );
 

@@ -10,8 +10,8 @@ use aya::maps::{HashMap, Map, MapData};
 use bed::*;
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
-    BACKEND_F_REMOTE, NAT_F_CLOSING, NAT_IN, Nat4Entry, Nat4Key, PROTO_TCP, PROTO_UDP, map_names,
-    nat, nat_event,
+    BACKEND_F_REMOTE, NAT_F_CLOSING, NAT_IN, Nat4Entry, Nat4Key, NatEvent, PROTO_TCP, PROTO_UDP,
+    map_names, nat,
 };
 use lb_tests::Netns;
 use lb_userspace::datapath::{explain::monotonic_ns, interface_index};
@@ -144,7 +144,7 @@ fn nat_events(bed: &Bed) -> Vec<u64> {
 }
 
 fn nat_since(bed: &Bed, before: &[u64]) -> Vec<(&'static str, u64)> {
-    changed(&nat_event::NAMES, before, &nat_events(bed))
+    changed(NatEvent::NAMES, before, &nat_events(bed))
 }
 
 /// A reply from `backend:bport` to node A's `port`, arriving from node B.

@@ -12,8 +12,8 @@ use aya::maps::{HashMap, Map, MapData, ProgramArray};
 use bed::*;
 use etherparse::{Icmpv6Type, PacketBuilder, icmpv6::DestUnreachableCode};
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, Frontend6, NAT_IN, Nat6Entry, Nat6Key, PROTO_TCP,
-    PROTO_UDP, addr6, flow_hash6, map_names, nat, nat_event, prog_slot, reason,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, Backend6, Frontend6, NAT_IN, Nat6Entry, Nat6Key, NatEvent,
+    PROTO_TCP, PROTO_UDP, Reason, addr6, flow_hash6, map_names, nat, prog_slot,
 };
 use lb_tests::Netns;
 use lb_userspace::datapath::{explain::monotonic_ns, interface_index};
@@ -150,7 +150,7 @@ fn nat_events(bed: &Bed) -> Vec<u64> {
 }
 
 fn nat_since(bed: &Bed, before: &[u64]) -> Vec<(&'static str, u64)> {
-    changed(&nat_event::NAMES, before, &nat_events(bed))
+    changed(NatEvent::NAMES, before, &nat_events(bed))
 }
 
 /// `frame` as if it arrived from node B.
@@ -212,7 +212,7 @@ fn an_ipv6_flow_to_a_remote_backend_leaves_from_a_nat_port_and_its_replies_retur
     let reasons = bed.reasons();
     assert_eq!(bed.xdp_in(&net.ns, net.eth0, &stray), (XDP_PASS, stray));
     assert_eq!(
-        changed(&reason::NAMES, &reasons, &bed.reasons()),
+        changed(Reason::NAMES, &reasons, &bed.reasons()),
         [("not_frontend", 1)]
     );
 }
@@ -338,7 +338,7 @@ fn without_the_nat6_program_a_remote_ipv6_flow_is_dropped_and_counted() {
     let syn = tcp6(client, CPORT, node, NODE_PORT, b"");
     assert_eq!(bed.xdp_in(&net.ns, net.eth0, &syn).0, XDP_DROP);
     assert_eq!(
-        changed(&reason::NAMES, &before, &bed.reasons()),
+        changed(Reason::NAMES, &before, &bed.reasons()),
         [("nat6_program_missing", 1)]
     );
 }
@@ -433,7 +433,7 @@ fn icmpv6_errors_about_a_nated_flow_reach_the_client_about_the_frontend() {
     let reasons = bed.reasons();
     assert_eq!(bed.xdp_in(&net.ns, net.eth0, &error), (XDP_PASS, error));
     assert_eq!(
-        changed(&reason::NAMES, &reasons, &bed.reasons()),
+        changed(Reason::NAMES, &reasons, &bed.reasons()),
         [("not_tcp_udp", 1)]
     );
 }

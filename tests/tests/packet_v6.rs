@@ -14,9 +14,8 @@ use etherparse::{
     icmpv6::{DestUnreachableCode, TimeExceededCode},
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend6, CT_REPLY, Frontend6, HAIRPIN_ADDR6, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SOURCE_RANGES, addr6, event, map_names, nat_event, octets6, prog_slot, reason,
-    tc_prog_slot,
+    BACKEND_ACTIVE, Backend6, CT_REPLY, Event, Frontend6, HAIRPIN_ADDR6, NatEvent, PROTO_TCP,
+    PROTO_UDP, Reason, SERVICE_F_SOURCE_RANGES, addr6, map_names, octets6, prog_slot, tc_prog_slot,
 };
 use lb_userspace::{
     datapath::{
@@ -53,20 +52,16 @@ fn backend6(addr: [u8; 16], port: u16, proto: u8) -> Backend6 {
 
 /// The reasons counted between `before` and now, by name.
 fn counted(bed: &Bed, before: &[u64]) -> Vec<(&'static str, u64)> {
-    changed(&reason::NAMES, before, &bed.reasons())
+    changed(Reason::NAMES, before, &bed.reasons())
 }
 
 /// Each case's packet passes XDP bit for bit and is counted once, under its reason; no
 /// conntrack entry is made.
-fn passed_and_counted<const N: usize>(bed: &mut Bed, cases: [(&str, Vec<u8>, u32); N]) {
+fn passed_and_counted<const N: usize>(bed: &mut Bed, cases: [(&str, Vec<u8>, Reason); N]) {
     for (name, input, why) in cases {
         let before = bed.reasons();
         assert_eq!(bed.xdp(&input), (XDP_PASS, input.clone()), "{name}");
-        assert_eq!(
-            counted(bed, &before),
-            [(reason::NAMES[why as usize], 1)],
-            "{name}"
-        );
+        assert_eq!(counted(bed, &before), [(why.name(), 1)], "{name}");
     }
     assert_eq!(bed.counters().conntrack().unwrap().entries, 0);
 }
@@ -137,8 +132,8 @@ fn tcp_and_udp_to_an_ipv6_cluster_ip_are_translated_to_the_selected_backend() {
         "nothing passed or dropped"
     );
     let events = bed.events();
-    assert_eq!(events[event::SELECT_MAGLEV as usize], 32);
-    assert_eq!(events[event::CT_INSERTS as usize], 64);
+    assert_eq!(events[Event::SelectMaglev as usize], 32);
+    assert_eq!(events[Event::CtInserts as usize], 64);
     // IPv6 entries count as conntrack entries (the insert counter is shared): none evicted.
     let counters = bed.counters();
     let ct = counters.conntrack().unwrap();
@@ -180,7 +175,7 @@ fn an_established_ipv6_flow_keeps_its_backend() {
     // New flows now go to the other backend only; the established flow stays.
     let fe = frontend6(vip, 8080, PROTO_TCP);
     bed.program6(1, fe, &[other], 0, 0);
-    let selections = bed.events()[event::SELECT_MAGLEV as usize];
+    let selections = bed.events()[Event::SelectMaglev as usize];
     for i in 0..3 {
         let ack = tcp6_ack(client, 40000, vip, 8080, b"data");
         let (action, out) = bed.xdp(&ack);
@@ -192,7 +187,7 @@ fn an_established_ipv6_flow_keeps_its_backend() {
         );
     }
     assert_eq!(
-        bed.events()[event::SELECT_MAGLEV as usize],
+        bed.events()[Event::SelectMaglev as usize],
         selections,
         "conntrack decided"
     );
@@ -263,24 +258,24 @@ fn ipv6_packets_not_for_a_frontend_pass_bit_for_bit() {
         (
             "other port",
             tcp6(client, 1, vip, 8081, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
         (
             "other address",
             tcp6(client, 1, a6("fd00:96::11"), 8080, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
         (
             "UDP to a TCP frontend",
             udp6(client, 1, vip, 8080, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
         (
             "the IPv4-mapped address of an IPv4 frontend",
             tcp6(client, 1, a6("::ffff:10.96.0.10"), 8080, b""),
-            reason::NOT_FRONTEND,
+            Reason::NotFrontend,
         ),
-        ("ICMPv6 to the frontend address", icmp, reason::NOT_TCP_UDP),
+        ("ICMPv6 to the frontend address", icmp, Reason::NotTcpUdp),
     ];
     passed_and_counted(&mut bed, cases);
 }
@@ -324,7 +319,7 @@ fn ipv6_extension_headers_and_fragments_pass_untouched_and_counted() {
         ),
         ("routing header", with_extension(&syn, 43, &routing)),
     ];
-    let cases = cases.map(|(name, input)| (name, input, reason::IPV6_EXTENSION));
+    let cases = cases.map(|(name, input)| (name, input, Reason::Ipv6Extension));
     passed_and_counted(&mut bed, cases);
 }
 
@@ -348,28 +343,24 @@ fn malformed_ipv6_packets_pass_untouched_and_counted_by_reason() {
     let mut short_l4 = syn[..14 + 40 + 10].to_vec();
     short_l4[18..20].copy_from_slice(&10u16.to_be_bytes());
     let cases = [
-        ("shorter than the IPv6 header", short_ip, reason::SHORT_IPV6),
+        ("shorter than the IPv6 header", short_ip, Reason::ShortIpv6),
         (
             "version 4 in an IPv6 frame",
             version4,
-            reason::BAD_IPV6_HEADER,
+            Reason::BadIpv6Header,
         ),
         (
             "payload length beyond the bytes",
             beyond,
-            reason::BAD_IPV6_LENGTH,
+            Reason::BadIpv6Length,
         ),
-        (
-            "payload length 0 (jumbogram)",
-            jumbo,
-            reason::BAD_IPV6_LENGTH,
-        ),
+        ("payload length 0 (jumbogram)", jumbo, Reason::BadIpv6Length),
         (
             "payload shorter than TCP's header",
             below_header,
-            reason::BAD_IPV6_LENGTH,
+            Reason::BadIpv6Length,
         ),
-        ("TCP header cut short", short_l4, reason::SHORT_L4),
+        ("TCP header cut short", short_l4, Reason::ShortL4),
     ];
     passed_and_counted(&mut bed, cases);
 }
@@ -452,8 +443,8 @@ fn ipv6_client_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
         "the table alone would have spread them"
     );
     let events = bed.events();
-    assert_eq!(events[event::SELECT_MAGLEV as usize], 1);
-    assert_eq!(events[event::SELECT_AFFINITY as usize], 9);
+    assert_eq!(events[Event::SelectMaglev as usize], 1);
+    assert_eq!(events[Event::SelectAffinity as usize], 9);
     let key = lb_common::Affinity6Key {
         service_id: 1,
         client: addr6(client),
@@ -603,7 +594,7 @@ fn icmpv6_errors_from_a_local_backend_leave_about_the_frontend() {
         assert_eq!(out, icmp6_error(source, client, kind, &about), "{what}");
         let after = bed.counters().nat_events().unwrap();
         assert_eq!(
-            changed(&nat_event::NAMES, &before, &after),
+            changed(NatEvent::NAMES, &before, &after),
             [("icmp_local", 1)],
             "{what}"
         );

@@ -1,6 +1,6 @@
 //! `lb explain`: which frontend a flow hits, which backend it gets, and why, read from the
 //! pinned maps with the datapath's own rules and hash (`lb_common::flow_hash`, the table
-//! layout of `lb_common::maglev`, the conntrack rules of `lb_common::event`). An IPv6 flow
+//! layout of `lb_common::maglev`, the conntrack rules of `lb_common::Event`). An IPv6 flow
 //! is explained from the IPv6 maps (`lb_common::v6`), by the same rules.
 
 use std::{

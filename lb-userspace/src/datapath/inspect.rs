@@ -209,9 +209,9 @@ pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
     let named = |names: &'static [&'static str], values: Vec<u64>| {
         names.iter().copied().zip(values).filter(|(_, v)| *v != 0)
     };
-    let nonzero = named(&lb_common::reason::NAMES, counters.reasons()?)
-        .chain(named(&lb_common::event::NAMES, counters.events()?))
-        .chain(named(&lb_common::nat_event::NAMES, counters.nat_events()?))
+    let nonzero = named(lb_common::Reason::NAMES, counters.reasons()?)
+        .chain(named(lb_common::Event::NAMES, counters.events()?))
+        .chain(named(lb_common::NatEvent::NAMES, counters.nat_events()?))
         .collect();
     let mut report = stats_report(
         &contents,

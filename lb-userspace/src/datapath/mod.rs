@@ -40,10 +40,10 @@ use aya::{
 };
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_STATS_MASK_GLOBAL, Backend4,
-    Backend6, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, MaglevCell, RevNat4,
+    Backend6, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Event, Frontend4, Frontend6, MaglevCell, RevNat4,
     RevNat6, SOURCE_RANGE_ID_BITS, Service, ServiceStats, SockAffinityKey, SourceRange4,
-    SourceRange6, addr6, backend_stats_slot, backend_stats_slots, capacity, event, maglev,
-    map_names, octets6, prog_slot, program_names, table_event,
+    SourceRange6, TableEvent, addr6, backend_stats_slot, backend_stats_slots, capacity, maglev,
+    map_names, octets6, prog_slot, program_names,
 };
 use thiserror::Error;
 use tracing::{info, warn};
@@ -1481,27 +1481,27 @@ impl Counters {
             .collect()
     }
 
-    /// Every reason counter (index = `lb_common::reason`), summed over CPUs.
+    /// Every reason counter (index = `lb_common::Reason`), summed over CPUs.
     pub fn reasons(&self) -> Result<Vec<u64>, DatapathError> {
         Self::sums(
             &self.reasons,
             map_names::REASON_STATS,
-            lb_common::reason::COUNT,
+            lb_common::Reason::COUNT,
         )
     }
 
-    /// Every event counter (index = `lb_common::event`), summed over CPUs.
+    /// Every event counter (index = `lb_common::Event`), summed over CPUs.
     pub fn events(&self) -> Result<Vec<u64>, DatapathError> {
-        Self::sums(&self.events, map_names::EVENTS, event::COUNT)
+        Self::sums(&self.events, map_names::EVENTS, Event::COUNT)
     }
 
-    /// Every source NAT, forwarding and ICMP counter (index = `lb_common::nat_event`), summed
+    /// Every source NAT, forwarding and ICMP counter (index = `lb_common::NatEvent`), summed
     /// over CPUs.
     pub fn nat_events(&self) -> Result<Vec<u64>, DatapathError> {
         Self::sums(
             &self.nat_events,
             map_names::NAT_EVENTS,
-            lb_common::nat_event::COUNT,
+            lb_common::NatEvent::COUNT,
         )
     }
 
@@ -1512,8 +1512,8 @@ impl Counters {
         let (entries6, _) = occupancy6(self.conntrack6.as_ref(), map_names::CONNTRACK6)?;
         let entries = entries + entries6;
         let events = self.events()?;
-        let inserts = events[event::CT_INSERTS as usize];
-        let deletes = events[event::CT_DELETES as usize];
+        let inserts = events[Event::CtInserts as usize];
+        let deletes = events[Event::CtDeletes as usize];
         Ok(ConntrackStats {
             entries,
             inserts,
@@ -1554,7 +1554,7 @@ impl Counters {
             let inserts = Self::sums(
                 &affinity.inserts,
                 map_names::TABLE_EVENTS,
-                table_event::COUNT,
+                TableEvent::COUNT,
             )?;
             let datapath = occupancy(&affinity.datapath, map_names::AFFINITY)?;
             let datapath6 = occupancy6(affinity.datapath6.as_ref(), map_names::AFFINITY6)?;
@@ -1564,12 +1564,12 @@ impl Counters {
                 (
                     map_names::AFFINITY,
                     datapath,
-                    inserts[table_event::AFFINITY_INSERTS as usize],
+                    inserts[TableEvent::AffinityInserts as usize],
                 ),
                 (
                     map_names::SOCK_AFFINITY,
                     sockets,
-                    inserts[table_event::SOCK_AFFINITY_INSERTS as usize],
+                    inserts[TableEvent::SockAffinityInserts as usize],
                 ),
             ] {
                 tables.push(TableFill {

@@ -37,7 +37,7 @@
 //! pinned to it go on until they end: it drains. A backend that left the EndpointSlices
 //! keeps its entry, REMOVED, for the drain period, so that established TCP connections to a
 //! pod that is still shutting down are not broken (the datapath's rules for each state are
-//! on `lb_common::event`).
+//! on `lb_common::Event`).
 //!
 //! The bookkeeping mirrors exactly what is in the maps, write by write, so a failed write (a
 //! full map) leaves both consistent: the frontend keeps what it had, the error is reported,

@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::EbpfLoader;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use etherparse::PacketBuilder;
-use lb_common::{program_names, reason};
+use lb_common::{Reason, program_names};
 use lb_userspace::datapath::{BpfMaps, Capacity, Counters, Datapath};
 use lb_userspace::plan::desired::{DesiredState, Frontend, FrontendKind};
 use lb_userspace::sync::Syncer;
@@ -437,7 +437,7 @@ impl Bench {
     }
 
     fn not_frontend_count(&self) -> Result<u64> {
-        Ok(self.counters.reasons()?[reason::NOT_FRONTEND as usize])
+        Ok(self.counters.reasons()?[Reason::NotFrontend as usize])
     }
 
     /// A source port whose flow to F1 has backend F2 and whose flow to F2 has backend F1.

@@ -1,0 +1,237 @@
+//! XDP on the node's external interface: packets addressed to a frontend are translated to
+//! their flow's backend (destination address and port, with incremental checksums) and
+//! passed to the kernel, or, for a backend on another node, source-NATed and sent on
+//! (nat.rs). Packets that are not for a frontend may be a remote backend's reply to a NAT
+//! port (nat.rs) or an ICMP error about a NATed flow (icmp.rs); everything else passes
+//! untouched, counted by reason.
+//!
+//! IPv6 frames go from `lb_xdp_ingress` to `lb_xdp_ingress6` by a tail call (through
+//! `LB_PROGS_V2`, slot `lb_common::prog_slot::XDP_INGRESS6`), which hands a flow to a remote
+//! backend to `lb_xdp_nat6` and an ICMPv6 error to `lb_xdp_icmp6` by further tail calls:
+//! each program has its own 512 bytes of stack, which one program holding all of it would
+//! pass. Only a fixed IPv6 header followed directly by TCP or UDP is translated (parse.rs).
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{Addr6, Ct6Key, NAT6_FORWARD, NAT6_REPLY, PROTO_UDP, Reason, csum, nat, prog_slot};
+use network_types::{eth::EthHdr, ip::Ipv6Hdr};
+
+use crate::{
+    counters::count_packet,
+    flow::{Translation, Translation6, count_translated, translation, translation6},
+    frame::ptr_at,
+    headers::{ETH_LEN, ETH_P_IPV6, L4_OFF6, PROTO_ICMPV6, l4},
+    icmp::{ICMPV6_ERRORS, nat_error4, nat_error6},
+    maps::{LB_NAT6PEND_V1, LB_PROGS_V2},
+    nat::{forward4, forward6, reply4, reply6},
+    verdict::Verdict,
+};
+
+/// `lb_xdp_ingress`: an IPv4 packet to a frontend translated; anything else handed on to
+/// whichever program or function it may concern.
+#[inline(always)]
+pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let why = match translate4(ctx) {
+        Err(Verdict::Pass(why)) => why,
+        done => return done,
+    };
+    match why {
+        // Not IPv4: the IPv6 program's, through a tail call.
+        Reason::NotIp => dispatch6(ctx),
+        // Maybe a remote backend's reply (nat.rs).
+        Reason::NotFrontend => reply4(ctx).ok_or(Verdict::Pass(why)),
+        // Maybe an ICMP error about a NATed flow (icmp.rs).
+        Reason::NotTcpUdp => nat_error4(ctx).ok_or(Verdict::Pass(why)),
+        _ => Err(Verdict::Pass(why)),
+    }
+}
+
+#[inline(always)]
+fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Translation { pkt, key, flow } = translation(ctx)?;
+    let (ip, daddr) = (pkt.ip, key.daddr);
+
+    // Rewrite destination address and port, with incremental checksums.
+    unsafe {
+        (*ip).dst_addr = flow.addr.to_ne_bytes();
+        let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
+        *ip_check = csum::replace4(*ip_check, daddr, flow.addr);
+    }
+    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
+    unsafe {
+        *dport = flow.port;
+        let old = *check;
+        if pkt.proto == lb_common::PROTO_TCP || old != 0 {
+            let new = csum::replace4_2(old, daddr, flow.addr, pkt.l4.dport, flow.port);
+            // A UDP checksum that comes out as 0 is sent as all ones (RFC 768).
+            *check = if pkt.proto == PROTO_UDP && new == 0 {
+                0xffff
+            } else {
+                new
+            };
+        }
+    }
+    count_translated(&flow, (ctx.data_end() - ctx.data()) as u64);
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if flow.remote {
+        return Ok(forward4(ctx, &key, &pkt.l4, flow.addr, flow.port));
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// A frame that is not IPv4: an IPv6 frame goes on to `lb_xdp_ingress6` (the tail call
+/// does not return); anything else, or an IPv6 frame while that program's slot is empty, is
+/// passed and counted.
+#[inline(always)]
+fn dispatch6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
+        .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
+    if !ipv6 {
+        return Err(Verdict::Pass(Reason::NotIp));
+    }
+    unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_INGRESS6) };
+    Err(Verdict::Pass(Reason::Ipv6ProgramMissing))
+}
+
+/// `lb_xdp_ingress6`: an IPv6 packet to a frontend translated; a remote backend's reply and
+/// an ICMPv6 error handed on to their programs.
+#[inline(always)]
+pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let why = match translate6(ctx) {
+        Err(Verdict::Pass(why)) => why,
+        done => return done,
+    };
+    match why {
+        // Maybe a remote backend's reply to a NAT port (nat.rs): only ports of the NAT range
+        // are ever allocated.
+        Reason::NotFrontend
+            if ptr_at::<_, u16>(ctx, L4_OFF6 + l4::DPORT).is_some_and(|dport| {
+                let dport = u16::from_be(unsafe { *dport });
+                (nat::PORT_MIN..=nat::PORT_MAX).contains(&dport)
+            }) =>
+        {
+            let none = Ct6Key {
+                saddr: [0; 4],
+                daddr: [0; 4],
+                sport: 0,
+                dport: 0,
+                proto: 0,
+                dir: 0,
+                _pad: [0; 2],
+            };
+            hand_over(ctx, NAT6_REPLY, &none, false, [0; 4], 0)
+        }
+        // An ICMPv6 error, maybe about a NATed flow (icmp.rs).
+        Reason::NotTcpUdp
+            if ptr_at::<_, Ipv6Hdr>(ctx, ETH_LEN)
+                .is_some_and(|ip| unsafe { (*ip).next_hdr } == PROTO_ICMPV6)
+                && ptr_at::<_, u8>(ctx, L4_OFF6)
+                    .is_some_and(|t| ICMPV6_ERRORS.contains(unsafe { &*t })) =>
+        {
+            let _ = unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
+            Err(Verdict::Pass(Reason::Nat6ProgramMissing))
+        }
+        _ => Err(Verdict::Pass(why)),
+    }
+}
+
+#[inline(always)]
+fn translate6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Translation6 { pkt, key, flow } = translation6(ctx)?;
+    let (ip, daddr) = (pkt.ip, key.daddr);
+
+    // Rewrite destination address and port; the transport checksum covers the address
+    // (pseudo-header). IPv6 has no header checksum.
+    unsafe {
+        core::ptr::write_unaligned(
+            core::ptr::addr_of_mut!((*ip).dst_addr).cast::<Addr6>(),
+            flow.addr,
+        );
+    }
+    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
+    unsafe {
+        *dport = flow.port;
+        let new = csum::replace16_2(*check, daddr, flow.addr, pkt.l4.dport, flow.port);
+        // A UDP checksum that comes out as 0 is sent as all ones (RFC 8200 8.1).
+        *check = if pkt.proto == PROTO_UDP && new == 0 {
+            0xffff
+        } else {
+            new
+        };
+    }
+    count_packet(
+        flow.service_id,
+        flow.backend_id,
+        (ctx.data_end() - ctx.data()) as u64,
+        flow.new,
+    );
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if flow.remote {
+        let (closing, addr, port) = (pkt.l4.closing, flow.addr, flow.port);
+        return hand_over(ctx, NAT6_FORWARD, &key, closing, addr, port);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Hands the packet to `lb_xdp_nat6` (`kind`: [`NAT6_FORWARD`], with `key`'s flow and its
+/// remote backend; [`NAT6_REPLY`]) through `LB_NAT6PEND_V1` (the two programs run one
+/// after the other on one CPU); the tail call does not return. When it does (the slot is
+/// empty), the packet is dropped ([`NAT6_FORWARD`]: its destination is rewritten) or
+/// passed, and counted.
+#[inline(always)]
+fn hand_over(
+    ctx: &XdpContext,
+    kind: u8,
+    key: &Ct6Key,
+    closing: bool,
+    backend_addr: Addr6,
+    backend_port: u16,
+) -> Result<u32, Verdict> {
+    if let Some(pending) = LB_NAT6PEND_V1.get_ptr_mut(0) {
+        unsafe {
+            (*pending).kind = kind;
+            if kind == NAT6_FORWARD {
+                (*pending).key = *key;
+                (*pending).backend_addr = backend_addr;
+                (*pending).backend_port = backend_port;
+                (*pending).closing = closing as u8;
+            }
+            let _ = LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_NAT6);
+        }
+    }
+    Err(if kind == NAT6_FORWARD {
+        Verdict::Drop(Reason::Nat6ProgramMissing)
+    } else {
+        Verdict::Pass(Reason::Nat6ProgramMissing)
+    })
+}
+
+/// `lb_xdp_nat6`: what `lb_xdp_ingress6` handed over (see [`hand_over`]).
+#[inline(always)]
+pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Some(pending) = LB_NAT6PEND_V1.get_ptr_mut(0) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let kind = unsafe { (*pending).kind };
+    // Read once: a later packet on this CPU writes it again.
+    unsafe { (*pending).kind = 0 };
+    match kind {
+        NAT6_FORWARD => {
+            let p = unsafe { &*pending };
+            Ok(forward6(
+                ctx,
+                &p.key,
+                p.closing != 0,
+                p.backend_addr,
+                p.backend_port,
+            ))
+        }
+        NAT6_REPLY => reply6(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+/// `lb_xdp_icmp6`: an ICMPv6 error `lb_xdp_ingress6` handed over, maybe about a NATed flow.
+#[inline(always)]
+pub(crate) fn try_icmp6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    nat_error6(ctx).ok_or(Verdict::Pass(Reason::NotTcpUdp))
+}
