@@ -550,6 +550,27 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Waits until `check` holds for the status and body of `path` on the operations
+    /// endpoint of this agent, which runs in `ns`, for up to 30 s; panics with the last answer
+    /// and the agent's log.
+    pub fn wait_ops(&self, ns: &Netns, path: &str, what: &str, check: impl Fn(u16, &str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = ops(ns, path).unwrap();
+            if check(status, &body) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {path} answered {status}:\n{body}\nagent log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Runs `LB agent ARGS... --pin-path PINS` in `ns`, its stdout and stderr appended to `log`.
 /// `configure` adjusts the command first (e.g. the capabilities it runs with).
 fn spawn_agent(
@@ -589,6 +610,28 @@ fn spawn_agent(
 /// programmed.
 pub fn backends_of<'a>(services: &'a [ServiceInfo], frontend: &str) -> Option<&'a [String]> {
     ServiceInfo::find(services, frontend).map(|s| s.backends.as_slice())
+}
+
+/// The backends of `frontend`, sorted, as `address:port[ (terminating)]`.
+pub fn sorted_backends(services: &[ServiceInfo], frontend: &str) -> Option<Vec<String>> {
+    backends_of(services, frontend).map(|b| {
+        let mut b = b.to_vec();
+        b.sort();
+        b
+    })
+}
+
+/// A check for [`Agent::wait_until`]: `frontend` has exactly the backends `want` (sorted, as
+/// [`sorted_backends`] gives them).
+pub fn has_backends(frontend: &'static str, want: Vec<String>) -> impl Fn(&[ServiceInfo]) -> bool {
+    move |s| sorted_backends(s, frontend).as_ref() == Some(&want)
+}
+
+/// `address:80` for each address, sorted.
+pub fn at80(ips: &[std::net::Ipv4Addr]) -> Vec<String> {
+    let mut v: Vec<String> = ips.iter().map(|ip| format!("{ip}:80")).collect();
+    v.sort();
+    v
 }
 
 /// `GET path` on the operations endpoint of the agent running in `ns`: status and body.

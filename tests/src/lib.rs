@@ -17,6 +17,8 @@ pub mod churn;
 pub mod client;
 pub mod conns;
 pub mod fakeapi;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod manifests;
 pub mod netns;
 pub mod testbed;
