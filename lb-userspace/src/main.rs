@@ -18,12 +18,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
     datapath::{
-        BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR,
+        BpfMaps, Capacity, Counters, DEFAULT_PIN_DIR, Pins,
         eastwest::SocketHooks,
         explain::{Explainer, Flow, monotonic_ns},
         inspect,
         maps::DatapathMaps as _,
-        teardown,
     },
     metrics,
     model::{NodeInfo, Protocol, Selection},
@@ -313,7 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = AgentConfig {
                 source,
                 interface,
-                pin_dir: pin_path,
+                pins: Pins::new(pin_path),
                 node_ips,
                 node_name,
                 zone,
@@ -382,8 +381,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Services { pin_path, output } => {
-            let maps = BpfMaps::open_pinned(&pin_path)?;
-            let counters = Counters::open_pinned(&pin_path)?;
+            let pins = Pins::new(pin_path);
+            let maps = BpfMaps::open_pinned(&pins)?;
+            let counters = Counters::open_pinned(&pins)?;
             let contents = maps.read_all()?;
             let rows =
                 inspect::service_rows(&contents, |id| counters.service(id).unwrap_or_default());
@@ -394,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { pin_path, output } => {
-            let report = inspect::read_stats(&pin_path)?;
+            let report = inspect::read_stats(&Pins::new(pin_path))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Output::Table => print!("{}", inspect::stats_table(&report)),
@@ -425,7 +425,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 proto,
                 syn,
             };
-            let explanation = Explainer::open_pinned(&pin_path)?.explain(&flow, monotonic_ns())?;
+            let explanation =
+                Explainer::open_pinned(&Pins::new(pin_path))?.explain(&flow, monotonic_ns())?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
                 Output::Table => {
@@ -437,8 +438,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Teardown { pin_path } => {
-            let removed =
-                teardown(&pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
+            let removed = Pins::new(&pin_path)
+                .teardown()
+                .with_context(|| format!("removing {}", pin_path.display()))?;
             if removed.is_empty() {
                 println!("nothing pinned at {}", pin_path.display());
             } else {

@@ -22,6 +22,7 @@
 //! Endpoint addresses repeat every 50,000 (backends are shared between Services): the
 //! backends map holds 65,536 entries.
 
+use lb_userspace::datapath::Pins;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,7 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let first_sync = started.elapsed();
-    let maps = BpfMaps::open_pinned(agent.pin_path())?;
+    let maps = BpfMaps::open_pinned(&Pins::new(agent.pin_path()))?;
 
     // A fixed pseudo-random sequence of Services (xorshift32).
     let mut seed = 0x2545_f491_u32;

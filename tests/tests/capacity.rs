@@ -6,6 +6,7 @@
 //!
 //! Needs root and bpffs (mounted if missing).
 
+use lb_userspace::datapath::Pins;
 use lb_userspace::model::Protocol;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -66,7 +67,7 @@ fn maps_are_created_with_the_capacity_asked_for() {
         conntrack: 700,
         affinity: 500,
     };
-    let mut dp = Datapath::load_with(pins.path(), &capacity).unwrap();
+    let mut dp = Datapath::load_with(&Pins::new(pins.path()), &capacity).unwrap();
     let size = |name: &str| {
         MapData::from_pin(pins.path().join(name))
             .unwrap()
@@ -89,7 +90,7 @@ fn maps_are_created_with_the_capacity_asked_for() {
     let maps = dp.take_maps().unwrap();
     assert_eq!(maps.service_id_limit(), 101);
     assert_eq!(
-        BpfMaps::open_pinned(pins.path())
+        BpfMaps::open_pinned(&Pins::new(pins.path()))
             .unwrap()
             .service_id_limit(),
         101
@@ -104,7 +105,7 @@ fn service_ids_reach_the_capacity_and_no_further() {
         services: 100,
         ..Capacity::default()
     };
-    let mut dp = Datapath::load_with(pins.path(), &capacity).unwrap();
+    let mut dp = Datapath::load_with(&Pins::new(pins.path()), &capacity).unwrap();
     let mut syncer = Syncer::adopt(dp.take_maps().unwrap()).unwrap();
     let report = syncer.apply(&desired(100));
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -128,7 +129,10 @@ fn service_ids_reach_the_capacity_and_no_further() {
 /// table, every table names programmed backends, nothing is left of a service that is not
 /// there, and every backend is in a table (with no drain period, removed ones are deleted).
 fn assert_consistent(pins: &std::path::Path) -> MapContents {
-    let contents = BpfMaps::open_pinned(pins).unwrap().read_all().unwrap();
+    let contents = BpfMaps::open_pinned(&Pins::new(pins))
+        .unwrap()
+        .read_all()
+        .unwrap();
     let ids: BTreeSet<u32> = contents.services.iter().map(|(_, s)| s.id).collect();
     let backends: BTreeSet<u32> = contents.backends.iter().map(|(id, _)| *id).collect();
     let rev_nat: BTreeSet<u32> = contents.rev_nat.iter().map(|(id, _)| *id).collect();

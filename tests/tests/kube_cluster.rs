@@ -13,6 +13,7 @@
 //! Every test but the outages shares one control plane (one test at a time); the outage tests
 //! start their own, with a second API server.
 
+use lb_userspace::datapath::Pins;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -458,7 +459,7 @@ fn traffic_follows_an_endpoint_slice_change() {
 
 /// What the agent programmed, read from its pins (the counters aside).
 fn pinned(agent: &Agent) -> MapContents {
-    BpfMaps::open_pinned(agent.pin_path())
+    BpfMaps::open_pinned(&Pins::new(agent.pin_path()))
         .unwrap()
         .read_all()
         .unwrap()

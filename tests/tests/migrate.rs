@@ -3,6 +3,7 @@
 //! the old pins go at the end, newer ones stay. Needs root (bpffs). The real conversion,
 //! conntrack V1 -> V2 under traffic, is in the upgrade test (`restart.rs`).
 
+use lb_userspace::datapath::Pins;
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData};
@@ -39,7 +40,7 @@ fn older_pinned_maps_are_converted_where_the_new_map_lacks_the_key_then_unpinned
         (k != 4).then_some((k, u64::from(v) + 1))
     });
     let current = ["LB_TESTMAP_V2", "LB_OTHER_V2"];
-    let mut migration = Migration::plan_with(dir, &current, vec![conversion]).unwrap();
+    let mut migration = Migration::plan_with(&Pins::new(dir), &current, vec![conversion]).unwrap();
     assert_eq!(
         migration.conversions().collect::<Vec<_>>(),
         [("LB_TESTMAP_V1", "LB_TESTMAP_V2")]

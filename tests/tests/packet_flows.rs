@@ -12,6 +12,7 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
     ServiceStats, backend_stats_slots, capacity,
 };
+use lb_userspace::datapath::Pins;
 use std::net::SocketAddrV4;
 
 use lb_userspace::{
@@ -526,7 +527,7 @@ fn explain(
         proto: Protocol::Tcp,
         syn,
     };
-    Explainer::open_pinned(&bed.pin)
+    Explainer::open_pinned(&Pins::new(&bed.pin))
         .unwrap()
         .explain(&flow, monotonic_ns())
         .unwrap()

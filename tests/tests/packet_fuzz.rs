@@ -13,6 +13,7 @@
 //!
 //! The maps are filled through the agent's own `Syncer`, from a desired state.
 
+use lb_userspace::datapath::Pins;
 use lb_userspace::model::Protocol;
 use std::{
     cell::{Cell, RefCell},
@@ -82,8 +83,8 @@ impl Bed {
     fn new() -> Self {
         // Removed on drop, also when a panic below leaves no Bed (the maps are pinned first).
         let pins = PinDir::new().expect("a pin directory");
-        let mut dp =
-            Datapath::load(pins.path()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let mut dp = Datapath::load(&Pins::new(pins.path()))
+            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         dp.load_programs()
             .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
         let mut syncer = Syncer::adopt(dp.take_maps().expect("maps")).expect("adopt");

@@ -5,6 +5,7 @@
 
 mod bed;
 
+use lb_userspace::datapath::Pins;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use aya::maps::ProgramArray;
@@ -519,7 +520,7 @@ fn without_the_ipv6_program_ipv6_frames_pass_untouched_and_counted() {
 
     // An agent that starts (loads its programs on the pinned maps) fills the slot again:
     // the XDP program already attached tail-calls the new agent's IPv6 program.
-    let mut agent = Datapath::load(&bed.pin).unwrap();
+    let mut agent = Datapath::load(&Pins::new(&bed.pin)).unwrap();
     agent.load_programs().unwrap();
     assert_eq!(bed.xdp(&syn), (XDP_PASS, translated), "slot filled again");
 }
@@ -631,7 +632,7 @@ fn explain_follows_ipv6_flows_from_the_ipv6_maps() {
         syn,
     };
     let explain = |bed: &Bed, flow: Flow| {
-        Explainer::open_pinned(&bed.pin)
+        Explainer::open_pinned(&Pins::new(&bed.pin))
             .unwrap()
             .explain(&flow, monotonic_ns())
             .unwrap()

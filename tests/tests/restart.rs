@@ -5,6 +5,7 @@
 //! `lb` binary (`LB_BIN`); the upgrade also needs the older `lb` that `cargo xtask test`
 //! builds from the git history.
 
+use lb_userspace::datapath::Pins;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -119,7 +120,10 @@ impl<'a> Load<'a> {
 /// The control-plane maps pinned in `pin_dir`, in a fixed order: equal before and after
 /// means that ids, entries and even the Maglev tables (by kernel map id) are the same.
 fn snapshot(pin_dir: &Path) -> MapContents {
-    let mut c = BpfMaps::open_pinned(pin_dir).unwrap().read_all().unwrap();
+    let mut c = BpfMaps::open_pinned(&Pins::new(pin_dir))
+        .unwrap()
+        .read_all()
+        .unwrap();
     c.services.sort_by_key(|(k, _)| *k);
     c.backends.sort_by_key(|(id, _)| *id);
     c.rev_nat.sort_by_key(|(id, _)| *id);
@@ -475,7 +479,7 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
     // How many of the connections opened before would go elsewhere as new flows now: those
     // are the ones that conntrack kept on their backend.
     let records = load.pool.records();
-    let maps = BpfMaps::open_pinned(&pins).unwrap();
+    let maps = BpfMaps::open_pinned(&Pins::new(&pins)).unwrap();
     let programmed = maps.read_all().unwrap();
     let frontend = Frontend4::new(svc.cluster_ip.octets(), svc.port, PROTO_TCP);
     let (_, service) = programmed

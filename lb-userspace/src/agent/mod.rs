@@ -25,7 +25,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{
-        self, Capacity, Counters, Datapath, DatapathError, TableFill,
+        self, Capacity, Counters, Datapath, DatapathError, Pins, TableFill,
         collector::DatapathCollector,
         eastwest::{PodInterfaces, SocketHooks},
         interface_index,
@@ -71,7 +71,7 @@ pub struct AgentConfig {
     /// The node's external interface.
     pub interface: String,
     /// Where maps and links are pinned.
-    pub pin_dir: PathBuf,
+    pub pins: Pins,
     /// Node addresses for NodePort frontends; when empty, the Node's (kube source), else the
     /// interface's.
     pub node_ips: Vec<IpAddr>,
@@ -98,7 +98,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
     interface_index(&config.interface)?;
     let mut metrics = Metrics::new();
-    metrics.register_collector(Box::new(DatapathCollector::new(config.pin_dir.clone())));
+    metrics.register_collector(Box::new(DatapathCollector::new(config.pins.clone())));
     let metrics = Arc::new(metrics);
     let served = metrics::serve(config.metrics_addr, metrics.clone())
         .await
@@ -125,8 +125,8 @@ async fn serve<S: Source>(
     // Maps of an older layout are converted into the new maps between the load and the
     // attach, and once more after it (see `migrate`).
     let mut migration =
-        Migration::plan(&config.pin_dir).context("looking for pinned maps of older versions")?;
-    let mut datapath = Datapath::load_with(&config.pin_dir, &config.capacity)?;
+        Migration::plan(&config.pins).context("looking for pinned maps of older versions")?;
+    let mut datapath = Datapath::load_with(&config.pins, &config.capacity)?;
     for (from, to) in migration.conversions() {
         info!(from, to, "converting a pinned map of an older version");
     }
@@ -158,7 +158,7 @@ async fn serve<S: Source>(
     for (program, outcome) in datapath.attach_cgroup(cgroup.as_deref())? {
         info!(program, cgroup = %cgroup.as_deref().unwrap_or(Path::new("")).display(), ?outcome, "attached");
     }
-    watch_tables(&config.pin_dir)?;
+    watch_tables(&config.pins)?;
     let mut pods = PodInterfaces::new(config.pod_interfaces.clone())?;
     for e in pods.attach_pods_at_start(&mut datapath) {
         warn!("{e}");
@@ -224,8 +224,8 @@ const TABLE_CHECK: Duration = Duration::from_secs(10);
 /// Warns, from a thread of its own (a pass over a full conntrack table takes a while), when
 /// a table the datapath fills is full: the kernel then evicts its least recently used
 /// entries to make room, without a trace but the counts (`lb_table_evictions_total`).
-fn watch_tables(pin_dir: &Path) -> anyhow::Result<()> {
-    let counters = Counters::open_pinned(pin_dir)?;
+fn watch_tables(pins: &Pins) -> anyhow::Result<()> {
+    let counters = Counters::open_pinned(pins)?;
     let read = move || -> Result<Vec<TableFill>, DatapathError> {
         counters.tables(&counters.conntrack()?)
     };

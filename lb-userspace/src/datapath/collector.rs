@@ -1,7 +1,7 @@
 //! The datapath's counters as Prometheus metrics (the figures of `lb stats`), read from the
 //! pinned maps at each scrape; the agent registers it with [`crate::metrics::Metrics`].
 
-use std::path::PathBuf;
+use crate::datapath::Pins;
 
 use prometheus_client::{
     collector::Collector,
@@ -22,19 +22,19 @@ type Column<Row> = (&'static str, &'static str, fn(&Row) -> u64);
 /// conntrack occupancy and evictions, and every non-zero reason and event.
 #[derive(Debug)]
 pub struct DatapathCollector {
-    pin_dir: PathBuf,
+    pins: Pins,
 }
 
 impl DatapathCollector {
-    /// Reads the maps pinned in `pin_dir`.
-    pub fn new(pin_dir: PathBuf) -> Self {
-        Self { pin_dir }
+    /// Reads the maps pinned in `pins`.
+    pub fn new(pins: Pins) -> Self {
+        Self { pins }
     }
 }
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let report = match super::inspect::read_stats(&self.pin_dir) {
+        let report = match super::inspect::read_stats(&self.pins) {
             Ok(report) => report,
             // Before the first load there is nothing pinned to read.
             Err(e) => {

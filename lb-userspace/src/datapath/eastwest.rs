@@ -247,7 +247,7 @@ impl Datapath {
         &mut self,
         cgroup: Option<&Path>,
     ) -> Result<Vec<(&'static str, LinkOutcome)>, EastWestError> {
-        let links = self.pin_dir().join("links");
+        let links = self.pins().links();
         let mut wanted = BTreeSet::new();
         let mut outcomes = Vec::new();
         if let Some(cgroup) = cgroup {
@@ -443,7 +443,7 @@ impl PodInterfaces {
         let mut errors = Vec::new();
         if self.patterns.is_empty() {
             // Links an earlier agent pinned with other flags.
-            let links = datapath.pin_dir().join("links");
+            let links = datapath.pins().links();
             match pinned_with_prefix(&links, POD_PIN_PREFIX) {
                 Ok(pins) => errors.extend(pins.iter().filter_map(|p| unpin(&links, p).err())),
                 Err(e) => errors.push(e),
@@ -457,7 +457,7 @@ impl PodInterfaces {
         let mut wanted = BTreeSet::new();
         for (name, &index) in present.iter().filter(|(name, _)| self.matches(name)) {
             let pin_name = pod_pin_name(name, index);
-            let links = datapath.pin_dir().join("links");
+            let links = datapath.pins().links();
             let pinned = links.join(&pin_name).exists();
             // A pinned link is kept as it is: the program was replaced at start (see
             // `attach_pods_at_start`), or attached by this agent.
@@ -479,7 +479,7 @@ impl PodInterfaces {
             }
             wanted.insert(pin_name);
         }
-        let links = datapath.pin_dir().join("links");
+        let links = datapath.pins().links();
         match pinned_with_prefix(&links, POD_PIN_PREFIX) {
             Ok(pins) => {
                 for stale in pins.difference(&wanted) {
@@ -501,10 +501,7 @@ impl PodInterfaces {
         let mut errors = Vec::new();
         if let Ok(present) = interfaces() {
             for (name, &index) in present.iter().filter(|(name, _)| self.matches(name)) {
-                let path = datapath
-                    .pin_dir()
-                    .join("links")
-                    .join(pod_pin_name(name, index));
+                let path = datapath.pins().link(&pod_pin_name(name, index));
                 if path.exists()
                     && let Err(e) = datapath.attach_pod(name, index)
                 {

@@ -3,10 +3,8 @@
 //! layout of `lb_common::maglev`, the conntrack rules of `lb_common::Event`). An IPv6 flow
 //! is explained from the IPv6 maps (`lb_common::v6`), by the same rules.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
-};
+use crate::datapath::Pins;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie};
 use lb_common::{
@@ -94,15 +92,11 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
 }
 
 fn open_lru<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &Path,
+    pins: &Pins,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    let path = pin_dir.join(name);
-    if !path.exists() {
-        return Err(DatapathError::NotPinned(pin_dir.to_owned()));
-    }
-    let data = MapData::from_pin(&path).map_err(map_error(name))?;
-    HashMap::try_from(Map::LruHashMap(data)).map_err(map_error(name))
+    let map = pins.open_map(name, Map::LruHashMap)?;
+    HashMap::try_from(map).map_err(map_error(name))
 }
 
 fn lookup<K: aya::Pod, V: aya::Pod>(
@@ -157,14 +151,14 @@ fn ip4(addr: IpAddr) -> u32 {
 }
 
 impl Explainer {
-    /// Opens the maps pinned in `pin_dir`.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self, DatapathError> {
+    /// Opens the pinned maps.
+    pub fn open_pinned(pins: &Pins) -> Result<Self, DatapathError> {
         Ok(Self {
-            maps: BpfMaps::open_pinned(pin_dir)?,
-            conntrack: open_lru(pin_dir, map_names::CONNTRACK)?,
-            affinity: open_lru(pin_dir, map_names::AFFINITY)?,
-            conntrack6: open_lru(pin_dir, map_names::CONNTRACK6)?,
-            affinity6: open_lru(pin_dir, map_names::AFFINITY6)?,
+            maps: BpfMaps::open_pinned(pins)?,
+            conntrack: open_lru(pins, map_names::CONNTRACK)?,
+            affinity: open_lru(pins, map_names::AFFINITY)?,
+            conntrack6: open_lru(pins, map_names::CONNTRACK6)?,
+            affinity6: open_lru(pins, map_names::AFFINITY6)?,
         })
     }
 

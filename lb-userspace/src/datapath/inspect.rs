@@ -1,5 +1,6 @@
 //! What is programmed, read back from the maps: for `lb services` and `lb stats`.
 
+use crate::datapath::Pins;
 use std::collections::HashMap;
 
 use lb_common::{
@@ -201,10 +202,10 @@ pub enum ReadError {
     Maps(#[from] MapOpError),
 }
 
-/// Reads the `lb stats` report from the maps and counters pinned in `pin_dir`.
-pub fn read_stats(pin_dir: &std::path::Path) -> Result<StatsReport, ReadError> {
-    let maps = BpfMaps::open_pinned(pin_dir)?;
-    let counters = Counters::open_pinned(pin_dir)?;
+/// Reads the `lb stats` report from the pinned maps and counters.
+pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
+    let maps = BpfMaps::open_pinned(pins)?;
+    let counters = Counters::open_pinned(pins)?;
     let contents = maps.read_all()?;
     let named = |names: &'static [&'static str], values: Vec<u64>| {
         names.iter().copied().zip(values).filter(|(_, v)| *v != 0)

@@ -23,6 +23,7 @@
 //! Adding a conversion when a layout changes is one entry in [`conversions`]: the old and new
 //! names and a function from the old key and value to the new ones.
 
+use crate::datapath::Pins;
 use std::{
     io,
     path::{Path, PathBuf},
@@ -256,7 +257,7 @@ pub struct Migrated {
 
 /// The older pins of one pin directory and what becomes of them.
 pub struct Migration {
-    pin_dir: PathBuf,
+    pins: Pins,
     steps: Vec<Step>,
     /// Older versions without a conversion: removed at the end.
     dropped: Vec<PathBuf>,
@@ -266,7 +267,7 @@ impl std::fmt::Debug for Migration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let steps: Vec<&Conversion> = self.steps.iter().map(|s| &s.conversion).collect();
         f.debug_struct("Migration")
-            .field("pin_dir", &self.pin_dir)
+            .field("pins", &self.pins)
             .field("steps", &steps)
             .field("dropped", &self.dropped)
             .finish()
@@ -275,29 +276,29 @@ impl std::fmt::Debug for Migration {
 
 impl Migration {
     /// [`Migration::plan_with`] the agent's maps ([`map_names::ALL`]) and [`conversions`].
-    pub fn plan(pin_dir: &Path) -> Result<Self, MigrateError> {
-        Self::plan_with(pin_dir, &map_names::ALL, conversions())
+    pub fn plan(pins: &Pins) -> Result<Self, MigrateError> {
+        Self::plan_with(pins, &map_names::ALL, conversions())
     }
 
-    /// Looks at the pins of `pin_dir` before the programs are loaded: an older version of
+    /// Looks at the pins before the programs are loaded: an older version of
     /// one of the `current` maps is converted when a conversion goes from it to the current
     /// version, and dropped otherwise. Pins that are not older versions of `current` maps are
     /// left alone (newer versions with a warning).
     pub fn plan_with(
-        pin_dir: &Path,
+        pins: &Pins,
         current: &[&'static str],
         conversions: Vec<Conversion>,
     ) -> Result<Self, MigrateError> {
         let mut migration = Migration {
-            pin_dir: pin_dir.to_owned(),
+            pins: pins.clone(),
             steps: Vec::new(),
             dropped: Vec::new(),
         };
         let io_err = |source| MigrateError::Io {
-            path: pin_dir.to_owned(),
+            path: pins.dir().to_owned(),
             source,
         };
-        let entries = match std::fs::read_dir(pin_dir) {
+        let entries = match std::fs::read_dir(pins.dir()) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(migration),
             Err(e) => return Err(io_err(e)),
@@ -334,7 +335,7 @@ impl Migration {
             if version == want {
                 continue;
             }
-            let old_path = pin_dir.join(&name);
+            let old_path = pins.map(&name);
             let found = conversions
                 .iter()
                 .position(|c| c.from == name && c.to == to);
@@ -384,7 +385,7 @@ impl Migration {
                 to,
                 source: Box::new(source),
             };
-            let mut new = MapData::from_pin(self.pin_dir.join(to))
+            let mut new = MapData::from_pin(self.pins.map(to))
                 .and_then(Map::from_map_data)
                 .map_err(map_err)?;
             let copied = (step.conversion.copy)(&step.old, &mut new).map_err(map_err)?;
@@ -500,7 +501,7 @@ mod tests {
 
     #[test]
     fn planning_on_a_missing_directory_is_nothing_to_do() {
-        let m = Migration::plan(Path::new("/nonexistent/lb-pins")).unwrap();
+        let m = Migration::plan(&Pins::new("/nonexistent/lb-pins")).unwrap();
         assert!(m.is_empty());
     }
 }

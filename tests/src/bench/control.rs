@@ -7,6 +7,7 @@
 //! --kubeconfig` watches with the real kube-rs client. Both serve the same Services and
 //! EndpointSlices and apply the same changes; everything else here is shared.
 
+use lb_userspace::datapath::Pins;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -300,7 +301,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
     let full_sync_seconds = (synced.seen_at - start).as_secs_f64();
     let peak_rss = peak_rss_mib(agent.pid())?;
 
-    let maps = BpfMaps::open_pinned(agent.pin_path())?;
+    let maps = BpfMaps::open_pinned(&Pins::new(agent.pin_path()))?;
     let lb_userspace::plan::desired::FrontendKey::V4(key) = measured.frontend().key() else {
         anyhow::bail!("the measured frontend is not IPv4");
     };

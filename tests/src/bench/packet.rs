@@ -25,6 +25,7 @@
 //!   new flow has a floor taken under the same conditions (a single run includes the
 //!   kernel's timer overhead, which a long repeat spreads out).
 
+use lb_userspace::datapath::Pins;
 use lb_userspace::model::Protocol;
 use std::net::Ipv4Addr;
 use std::time::Instant;
@@ -329,10 +330,10 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
         conntrack: entries(4 * plan.single_runs * plan.levels.len() + 100_000),
         affinity: 1024,
     };
-    let mut dp = Datapath::load_with(pins.path(), &capacity)?;
+    let mut dp = Datapath::load_with(&Pins::new(pins.path()), &capacity)?;
     dp.load_programs()?;
     let syncer = Syncer::adopt(dp.take_maps()?).context("adopting the maps")?;
-    let counters = Counters::open_pinned(pins.path())?;
+    let counters = Counters::open_pinned(&Pins::new(pins.path()))?;
     let mut noop = EbpfLoader::new()
         .load(lb_userspace::NOOP_OBJECT)
         .context("loading the no-op programs")?;

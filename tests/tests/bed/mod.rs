@@ -8,6 +8,7 @@
 //! under /sys/fs/bpf, removed on drop, also when the test fails.
 #![allow(dead_code)] // Each test file uses its own part of the bed.
 
+use lb_userspace::datapath::Pins;
 use std::{collections::HashMap as StdHashMap, path::PathBuf};
 
 use aya::{
@@ -65,7 +66,8 @@ impl Bed {
         // Removed on drop, also when a panic below leaves no Bed (the maps are pinned first).
         let pins = PinDir::new().expect("a pin directory");
         let pin = pins.path().to_owned();
-        let mut dp = Datapath::load(&pin).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let mut dp = Datapath::load(&Pins::new(&pin))
+            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         dp.load_programs()
             .unwrap_or_else(|e| panic!("verifying the programs: {e:?}"));
         let maps = dp.take_maps().expect("maps");
@@ -385,7 +387,7 @@ impl Bed {
     }
 
     pub fn counters(&self) -> Counters {
-        Counters::open_pinned(&self.pin).unwrap()
+        Counters::open_pinned(&Pins::new(&self.pin)).unwrap()
     }
 
     pub fn reasons(&self) -> Vec<u64> {
