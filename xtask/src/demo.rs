@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use lb_tests::{NODE_IP, Tally, Testbed, ensure_all_served, http_tally, udp_tally};
+use lb_testbed::{NODE_IP, Tally, Testbed, ensure_all_served, http_tally, udp_tally};
 
 const REQUESTS: usize = 100;
 
@@ -21,7 +21,7 @@ const FRONTENDS: &[(&str, Ipv4Addr, u16, Proto)] = &[
 ];
 
 pub fn run(lb: &Path) -> Result<()> {
-    // SAFETY: no other thread runs yet; lb_tests finds the binary through LB_BIN.
+    // SAFETY: no other thread runs yet; lb_testbed finds the binary through LB_BIN.
     unsafe { std::env::set_var("LB_BIN", lb) };
     let names: Vec<String> = FRONTENDS.iter().map(frontend_name).collect();
     println!("Building the namespaces (client, node, pod1, pod2) and starting lb agent...");

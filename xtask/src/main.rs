@@ -70,7 +70,7 @@ fn main() -> Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    lb_tests::agent::workspace_dir()
+    lb_testbed::agent::workspace_dir()
 }
 
 /// Prints and runs a command in the workspace root; fails unless it succeeds.
@@ -140,14 +140,14 @@ fn test(lb: &Path, old: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds `lb-bench` (tests/src/bench) and runs it against the built `lb`.
+/// Builds `lb-bench` (tests/bench) and runs it against the built `lb`.
 fn bench(lb: &Path, quick: bool) -> Result<()> {
     run_checked(cargo().args([
         "build",
         "--release",
         "--locked",
         "-p",
-        "lb-tests",
+        "lb-bench",
         "--bin",
         "lb-bench",
     ]))?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use lb_tests::agent::OLD_RELEASE;
+use lb_testbed::agent::OLD_RELEASE;
 
 use crate::{cargo, root, run_checked};
 

@@ -50,8 +50,8 @@ pub fn toolchain() -> Result<()> {
 
 /// What running the datapath needs: bpffs mounted at /sys/fs/bpf.
 pub fn bpffs() -> Result<()> {
-    lb_tests::ensure_bpffs()?;
-    eprintln!("setup: bpffs is mounted at {}", lb_tests::agent::BPFFS);
+    lb_testbed::ensure_bpffs()?;
+    eprintln!("setup: bpffs is mounted at {}", lb_testbed::agent::BPFFS);
     Ok(())
 }
 
@@ -75,12 +75,14 @@ fn ebpf_toolchain() -> Result<()> {
         .output()
         .is_ok_and(|o| {
             o.status.success()
-                && String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.starts_with("rust-src"))
+                && ["rust-src", "clippy"].iter().all(|component| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| l.starts_with(component))
+                })
         });
     if installed {
-        eprintln!("setup: skip {EBPF_TOOLCHAIN} with rust-src (installed)");
+        eprintln!("setup: skip {EBPF_TOOLCHAIN} with rust-src and clippy (installed)");
         return Ok(());
     }
     // Installs the toolchain too when it is missing.
@@ -92,6 +94,9 @@ fn ebpf_toolchain() -> Result<()> {
         "minimal",
         "--component",
         "rust-src",
+        // `cargo xtask test` lints lb-ebpf for its own target with this toolchain's clippy.
+        "--component",
+        "clippy",
     ]))
 }
 

@@ -1,0 +1,193 @@
+//! The real `lb agent` in the test topology, fed a folder that changes under it and holds bad
+//! input next to good input.
+
+use lb_testbed::{
+    agent::{Agent, backends_of, metric, ops},
+    client::http_get,
+    manifests::Folder,
+    topology::{NODE_IF, Topology},
+};
+
+const CLUSTER_IP: &str = "10.96.0.10:8080/TCP";
+
+#[test]
+fn bad_input_is_reported_by_file_and_object_and_everything_else_is_programmed() {
+    let folder = Folder::copy_of_examples().unwrap();
+    folder
+        .write(
+            "zz-bad.yaml",
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: port-out-of-range}
+spec:
+  clusterIP: 10.96.1.1
+  ports: [{name: http, port: 70000, targetPort: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: not-an-ip, namespace: shop}
+spec:
+  clusterIP: 10.96.1.300
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpd}
+---
+this: is: not: yaml
+"#,
+        )
+        .unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let all: Vec<&str> = lb_testbed::testbed::EXAMPLE_FRONTENDS.to_vec();
+    agent
+        .wait_for(&all, 2)
+        .expect("the good manifests are programmed");
+
+    let log = agent.log();
+    for expected in [
+        "zz-bad.yaml",
+        "port-out-of-range",
+        "70000",
+        "shop/not-an-ip",
+        "10.96.1.300",
+        "Deployment",
+    ] {
+        assert!(log.contains(expected), "the log names {expected:?}:\n{log}");
+    }
+    let services = agent.services().unwrap();
+    assert_eq!(
+        services.len(),
+        all.len(),
+        "nothing from the bad file: {services:#?}"
+    );
+    let (body, _) = http_get(&topology.client, [10, 96, 0, 10], 8080).expect("ClusterIP works");
+    assert!(body.starts_with("pod"), "{body}");
+}
+
+#[test]
+fn the_agent_follows_edits_to_the_folder() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    agent.wait_for(&[CLUSTER_IP], 2).expect("programmed");
+
+    // pod2 leaves httpd-svc's EndpointSlice: new connections only reach pod1.
+    let text = folder.read("httpd-svc.yaml").unwrap();
+    let pod2 = topology.pods[1].ip.to_string();
+    assert!(text.contains(&pod2), "examples/httpd-svc.yaml lists {pod2}");
+    let without_pod2: String = remove_endpoint(&text, &pod2);
+    folder.write("httpd-svc.yaml", &without_pod2).unwrap();
+    agent
+        .wait_until("pod2 to leave the ClusterIP", |s| {
+            backends_of(s, CLUSTER_IP).is_some_and(|b| b.len() == 1)
+        })
+        .unwrap();
+    for _ in 0..10 {
+        let (body, _) = http_get(&topology.client, [10, 96, 0, 10], 8080).unwrap();
+        assert_eq!(body.trim(), topology.pods[0].name, "only pod1 serves now");
+    }
+
+    // A whole file removed: its frontend goes; restored: it comes back.
+    let udp = folder.read("echo-udp.yaml").unwrap();
+    folder.remove("echo-udp.yaml").unwrap();
+    agent
+        .wait_until("the UDP frontend to go", |s| {
+            backends_of(s, "10.96.0.12:5353/UDP").is_none()
+        })
+        .unwrap();
+    folder.write("echo-udp.yaml", &udp).unwrap();
+    agent
+        .wait_until("the UDP frontend to return", |s| {
+            backends_of(s, "10.96.0.12:5353/UDP").is_some_and(|b| b.len() == 2)
+        })
+        .unwrap();
+    // The ClusterIP kept its state throughout.
+    assert_eq!(
+        backends_of(&agent.services().unwrap(), CLUSTER_IP)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn the_manifests_agent_serves_metrics_and_readiness() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let all = lb_testbed::testbed::EXAMPLE_FRONTENDS;
+    agent.wait_for(all, 2).expect("programmed");
+    let ready = || ops(&topology.node, "/readyz").unwrap();
+    assert_eq!(ready(), (200, "ok\n".to_owned()));
+    assert_eq!(ops(&topology.node, "/healthz").unwrap().0, 200);
+    let (_, m) = ops(&topology.node, "/metrics").unwrap();
+    assert_eq!(metric(&m, "lb_frontends"), Some(all.len() as f64), "{m}");
+    assert_eq!(
+        metric(&m, "lb_backends"),
+        Some(4.0),
+        "two pods, HTTP and UDP: {m}"
+    );
+    assert_eq!(metric(&m, "lb_source_up"), Some(1.0), "{m}");
+    // The datapath's counters, read from the pinned maps at the scrape.
+    let (served, _) = http_get(
+        &topology.client,
+        std::net::Ipv4Addr::new(10, 96, 0, 10),
+        8080,
+    )
+    .expect("request through the ClusterIP");
+    assert!(served.starts_with("pod"), "{served}");
+    let (_, m) = ops(&topology.node, "/metrics").unwrap();
+    let packets = metric(
+        &m,
+        &format!("lb_frontend_packets_total{{frontend=\"{CLUSTER_IP}\"}}"),
+    );
+    assert!(packets.is_some_and(|p| p >= 1.0), "{m}");
+    assert!(
+        metric(&m, "lb_conntrack_entries").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+    assert!(
+        m.contains("lb_backend_new_flows_total{backend=\"10.244."),
+        "{m}"
+    );
+
+    // The folder gone: not ready, the maps kept; back: ready.
+    let moved = folder.path().with_extension("moved");
+    std::fs::rename(folder.path(), &moved).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(70);
+    while ready().0 != 503 {
+        // Without file events for the removed folder, the periodic resync notices.
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ready().1.contains("disconnected"), "{:?}", ready());
+    assert_eq!(agent.services().unwrap().len(), all.len());
+    std::fs::rename(&moved, folder.path()).unwrap();
+}
+
+/// `text` without the EndpointSlice endpoint whose address is `ip` (the example files list
+/// each endpoint as a `- addresses: [<ip>]` item followed by more deeply indented fields).
+fn remove_endpoint(text: &str, ip: &str) -> String {
+    let mut out = Vec::new();
+    let mut skipping: Option<usize> = None;
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(item_indent) = skipping {
+            if indent > item_indent && !line.trim_start().starts_with("- ") {
+                continue;
+            }
+            skipping = None;
+        }
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("- addresses") && trimmed.contains(ip) {
+            skipping = Some(indent);
+            continue;
+        }
+        out.push(line);
+    }
+    let result = out.join("\n");
+    assert!(!result.contains(ip), "removed {ip} from:\n{result}");
+    result
+}

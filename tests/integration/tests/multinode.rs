@@ -1,0 +1,268 @@
+//! Two nodes in namespaces ([`TwoNodes`]) with the real `lb` agent on node A: a client's
+//! NodePort traffic to backends on node B (source NAT to node A's address, replies back
+//! through node A), and externalTrafficPolicy Local (the client's address kept, only node
+//! A's pods used); over IPv4 and over IPv6 (IPv6-only Services on the same topology).
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+
+use lb_testbed::agent::{metric, ops};
+use lb_testbed::{
+    Agent, CLIENT_IP, CLIENT_IP6, ConnPool, Folder, HTTP_PORT, NODE_A_NAME, NODE_IF, NODE_IP,
+    NODE_IP6, Pod, TwoNodes, UDP_PORT, ensure_all_served, http_request, lb_bin, udp_tally,
+};
+
+const HTTP_NODE_PORT: u16 = 30090;
+const UDP_NODE_PORT: u16 = 30091;
+
+/// A NodePort Service `name` (ports http 80/TCP and dns 53/UDP on node ports `node_port` and
+/// `node_port + 1`) over `pods`, each with its node's name, with externalTrafficPolicy
+/// `policy`; of the family of `cluster_ip` (an IPv6 one: an IPv6-only Service over the pods'
+/// IPv6 addresses).
+fn nodeport_service(
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    policy: &str,
+    pods: &[(&Pod, &str)],
+) -> String {
+    let v6 = cluster_ip.parse::<std::net::Ipv6Addr>().is_ok();
+    let family = if v6 { "IPv6" } else { "IPv4" };
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: NodePort\n  ipFamilies: [{family}]\n  clusterIP: '{cluster_ip}'\n  externalTrafficPolicy: {policy}\n  \
+         ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: {HTTP_PORT}, nodePort: {node_port}}}\n  \
+         - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}, nodePort: {}}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {HTTP_PORT}}}\n\
+         - {{name: dns, protocol: UDP, port: {UDP_PORT}}}\nendpoints:\n",
+        node_port + 1
+    );
+    for (pod, node) in pods {
+        let addr = match (v6, pod.ip6) {
+            (true, Some(ip6)) => format!("'{ip6}'"),
+            _ => pod.ip.to_string(),
+        };
+        yaml +=
+            &format!("- {{addresses: [{addr}], nodeName: {node}, conditions: {{ready: true}}}}\n");
+    }
+    yaml
+}
+
+/// The agent on node A, serving `yaml`, once `frontends` have `backends` backends each.
+fn agent_on_a(
+    topology: &TwoNodes,
+    folder: &Folder,
+    yaml: &str,
+    frontends: &[&str],
+    backends: u32,
+) -> Agent {
+    folder.write("svc.yaml", yaml).unwrap();
+    let agent = Agent::start_on_node(
+        &lb_bin(),
+        &topology.node_a,
+        folder.path(),
+        NODE_IF,
+        NODE_A_NAME,
+        &[],
+    )
+    .unwrap();
+    agent.wait_for(frontends, backends).unwrap();
+    agent
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter().map(|p| p.name.clone()).collect()
+}
+
+/// `GET /peer` through `frontend`: who answered and the client address it saw.
+fn peer(topology: &TwoNodes, frontend: SocketAddr) -> (String, SocketAddr) {
+    let (status, body, seen) = http_request(&topology.client, frontend, "/peer").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen, frontend, "the client talks to the frontend");
+    let (pod, addr) = body.split_once(' ').unwrap();
+    (pod.to_owned(), addr.parse().unwrap())
+}
+
+fn nat_counter(topology: &TwoNodes, name: &str) -> f64 {
+    let (_, text) = ops(&topology.node_a, "/metrics").unwrap();
+    metric(
+        &text,
+        &format!("lb_datapath_events_total{{event=\"{name}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// The family a test runs in: node A's address (the NodePort address), the client's, and
+/// the Service's ClusterIP.
+struct Family {
+    node: IpAddr,
+    client: IpAddr,
+    cluster_ip: &'static str,
+}
+
+const V4: Family = Family {
+    node: IpAddr::V4(NODE_IP),
+    client: IpAddr::V4(CLIENT_IP),
+    cluster_ip: "10.96.1.1",
+};
+
+const V6: Family = Family {
+    node: IpAddr::V6(NODE_IP6),
+    client: IpAddr::V6(CLIENT_IP6),
+    cluster_ip: "fd00:96::1:1",
+};
+
+/// The frontend string of `addr:port/proto`, as `lb services` and the agent name it.
+fn frontend_name(addr: IpAddr, port: u16, proto: &str) -> String {
+    format!("{}/{proto}", SocketAddr::new(addr, port))
+}
+
+/// A NodePort Service over node B's pods: the backend sees node A's address and a NAT
+/// port, the client the frontend; UDP replies come from the frontend. Returns the
+/// topology and the agent for more checks.
+fn remote_backends_are_source_natted(family: &Family) -> (TwoNodes, Folder, Agent) {
+    let topology = TwoNodes::new(0, 2).unwrap();
+    let folder = Folder::new().unwrap();
+    let noop = folder.path().join("noop.o");
+    std::fs::write(&noop, lb_userspace::NOOP_OBJECT).unwrap();
+    topology.xdp_on_lan_port(&noop).unwrap();
+    let remote: Vec<(&Pod, &str)> = topology.pods_b.iter().map(|p| (p, "node-b")).collect();
+    let yaml = nodeport_service(
+        "remote",
+        family.cluster_ip,
+        HTTP_NODE_PORT,
+        "Cluster",
+        &remote,
+    );
+    let http = frontend_name(family.node, HTTP_NODE_PORT, "TCP");
+    let udp = frontend_name(family.node, UDP_NODE_PORT, "UDP");
+    let agent = agent_on_a(&topology, &folder, &yaml, &[&http, &udp], 2);
+    let services = agent.services().unwrap();
+    let row = lb_testbed::ServiceInfo::find(&services, &http).unwrap();
+    assert!(
+        row.backends.iter().all(|b| b.ends_with("(remote)")),
+        "{row:?}"
+    );
+
+    let frontend = SocketAddr::new(family.node, HTTP_NODE_PORT);
+    for _ in 0..8 {
+        let (pod, seen) = peer(&topology, frontend);
+        assert!(names(&topology.pods_b).contains(&pod), "{pod}");
+        assert_eq!(seen.ip(), family.node, "source NAT to node A's address");
+        assert!(
+            (lb_common::nat::PORT_MIN..=lb_common::nat::PORT_MAX).contains(&seen.port()),
+            "{seen}"
+        );
+    }
+    // UDP: every reply comes from the frontend (udp_request checks it), from both pods.
+    let tally = udp_tally(&topology.client, family.node, UDP_NODE_PORT, 40).unwrap();
+    ensure_all_served(&tally, &names(&topology.pods_b)).unwrap();
+    (topology, folder, agent)
+}
+
+#[test]
+fn nodeport_traffic_to_backends_on_the_other_node_is_source_natted_and_returns() {
+    let (topology, _folder, _agent) = remote_backends_are_source_natted(&V4);
+
+    // Many long-lived connections at once: each its own port, every answer right.
+    let mut pool = ConnPool::new(
+        &topology.client,
+        CLIENT_IP,
+        SocketAddrV4::new(NODE_IP, HTTP_NODE_PORT),
+        42000,
+    );
+    pool.open(150, "many").unwrap();
+    for _ in 0..3 {
+        pool.round();
+    }
+    let records = pool.records();
+    for r in &records {
+        assert!(r.failure.is_none(), "{r:?}");
+        assert_eq!(r.answered(), 4, "{r:?}");
+        assert!(r.kept_its_backend(), "{r:?}");
+    }
+    let answering = lb_testbed::conns::answering(&records);
+    assert_eq!(
+        answering.into_iter().collect::<Vec<_>>(),
+        names(&topology.pods_b)
+    );
+
+    // The datapath did it: ports allocated, replies translated, and (once node B's address
+    // was resolved) sent by XDP itself.
+    let (allocated, replies) = (
+        nat_counter(&topology, "nat_allocated"),
+        nat_counter(&topology, "nat_replies"),
+    );
+    // At least one port per pooled connection (a /peer connection may have had a pooled
+    // one's source port before: that flow keeps its port); every request had replies.
+    assert!(
+        allocated >= 150.0 && replies >= 198.0,
+        "{allocated} {replies}"
+    );
+    assert!(nat_counter(&topology, "fwd_tx") > 0.0);
+    assert_eq!(nat_counter(&topology, "nat_exhausted"), 0.0);
+}
+
+#[test]
+fn ipv6_nodeport_traffic_to_backends_on_the_other_node_is_source_natted_and_returns() {
+    let (topology, _folder, _agent) = remote_backends_are_source_natted(&V6);
+    // By the IPv6 NAT (the counters are shared with IPv4's): a port for each of the 8
+    // connections and 40 datagrams (each from its own socket), replies to all of them.
+    let (allocated, replies) = (
+        nat_counter(&topology, "nat_allocated"),
+        nat_counter(&topology, "nat_replies"),
+    );
+    assert!(
+        allocated >= 48.0 && replies >= 48.0,
+        "{allocated} {replies}"
+    );
+    assert!(nat_counter(&topology, "fwd_tx") > 0.0);
+    assert_eq!(nat_counter(&topology, "nat_exhausted"), 0.0);
+}
+
+/// externalTrafficPolicy Local: only node A's pods, and the client's address kept.
+fn local_policy_keeps_the_client_address(family: &Family) {
+    let topology = TwoNodes::new(2, 2).unwrap();
+    let folder = Folder::new().unwrap();
+    let pods: Vec<(&Pod, &str)> = topology
+        .pods_a
+        .iter()
+        .map(|p| (p, "node-a"))
+        .chain(topology.pods_b.iter().map(|p| (p, "node-b")))
+        .collect();
+    let yaml = nodeport_service("local", family.cluster_ip, HTTP_NODE_PORT, "Local", &pods);
+    let http = frontend_name(family.node, HTTP_NODE_PORT, "TCP");
+    let agent = agent_on_a(&topology, &folder, &yaml, &[&http], 2);
+    // The ClusterIP (internalTrafficPolicy Cluster) has all four.
+    let cluster_ip: IpAddr = family.cluster_ip.parse().unwrap();
+    agent
+        .wait_for(&[&frontend_name(cluster_ip, 80, "TCP")], 4)
+        .unwrap();
+
+    let frontend = SocketAddr::new(family.node, HTTP_NODE_PORT);
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let (pod, seen) = peer(&topology, frontend);
+        assert!(names(&topology.pods_a).contains(&pod), "{pod} is not local");
+        assert_eq!(seen.ip(), family.client, "the client's address is kept");
+        served.insert(pod);
+    }
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        names(&topology.pods_a)
+    );
+    let tally = udp_tally(&topology.client, family.node, UDP_NODE_PORT, 24).unwrap();
+    ensure_all_served(&tally, &names(&topology.pods_a)).unwrap();
+    assert_eq!(nat_counter(&topology, "nat_allocated"), 0.0);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_uses_only_local_pods() {
+    local_policy_keeps_the_client_address(&V4);
+}
+
+#[test]
+fn ipv6_external_traffic_policy_local_keeps_the_client_address_and_uses_only_local_pods() {
+    local_policy_keeps_the_client_address(&V6);
+}
