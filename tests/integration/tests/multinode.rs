@@ -208,13 +208,15 @@ fn nodeport_traffic_to_backends_on_the_other_node_is_source_natted_and_returns()
 fn ipv6_nodeport_traffic_to_backends_on_the_other_node_is_source_natted_and_returns() {
     let (topology, _folder, _agent) = remote_backends_are_source_natted(&V6);
     // By the IPv6 NAT (the counters are shared with IPv4's): a port for each of the 8
-    // connections and 40 datagrams (each from its own socket), replies to all of them.
+    // connections and 40 datagrams (each from its own socket), replies to all of them. The
+    // kernel may give two of those sockets the same ephemeral port: the second flow is then
+    // the first one's tuple again and keeps its NAT port, so a few fewer allocations.
     let (allocated, replies) = (
         nat_counter(&topology, "nat_allocated"),
         nat_counter(&topology, "nat_replies"),
     );
     assert!(
-        allocated >= 48.0 && replies >= 48.0,
+        allocated >= 44.0 && replies >= 48.0,
         "{allocated} {replies}"
     );
     assert!(nat_counter(&topology, "fwd_tx") > 0.0);
