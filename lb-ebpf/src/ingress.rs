@@ -193,6 +193,7 @@ pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
             // (`!= 0`) is a branch in BPF, which split the verifier's states in two, each
             // exploring the NAT port allocation's loop.
             // SAFETY: masked to 0 or 1, both valid `bool`s.
+            #[allow(clippy::transmute_int_to_bool)] // Its `!= 0` is the branch avoided here.
             let closing = unsafe { core::mem::transmute::<u8, bool>(p.closing & 1) };
             Ok(forward::<V6>(
                 ctx,
