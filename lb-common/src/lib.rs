@@ -9,12 +9,19 @@
 //!
 //! Map names carry a version suffix (`_V1`): the maps are pinned and outlive the agent, so a
 //! new layout gets a new name instead of being read with the wrong one.
+//!
+//! The maps keyed by an address have one twin per family (the IPv6 types, such as
+//! [`Frontend6`], are in `v6.rs`); [`Family`] names each family's types, so that code
+//! written once for both is generic over [`V4`] and [`V6`]. The counters' indexes are the
+//! enums [`Reason`], [`Event`], [`NatEvent`] and [`TableEvent`].
 #![no_std]
 #![deny(missing_docs)]
 
 mod counters;
+mod family;
 mod v6;
 pub use counters::{Event, NatEvent, Reason, TableEvent};
+pub use family::{BackendValue, CtValue, Family, FlowKey, NatValue, V4, V6};
 pub use v6::*;
 
 /// IP protocol number of TCP, as stored in keys.

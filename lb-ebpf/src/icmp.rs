@@ -20,20 +20,20 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, CT_REPLY, Ct4Key, Ct6Key, NAT_IN, Nat4Key, Nat6Key, NatEvent, PROTO_TCP, PROTO_UDP,
-    Reason, addr6, csum,
+    Reason, V4, V6, addr6, csum,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     counters::count,
-    flow::reply_frontend6,
+    flow::reply_frontend,
     frame::{Bytes, ptr_at},
     headers::{
         ETH_LEN, ETH_P_IP, ETH_TYPE_OFF, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV6_DADDR_OFF,
         IPV6_SADDR_OFF, L4_OFF, L4_OFF6, PROTO_ICMP, PROTO_ICMPV6, icmp, ipv4, ipv6, l4,
     },
     maps::{LB_CT4_V2, LB_NAT4_V1, LB_NAT6_V1, LB_REVNAT4_V1},
-    route::{route4, route6, send4, send6},
+    route::{route, send},
     verdict::Verdict,
 };
 
@@ -74,7 +74,7 @@ pub(crate) fn nat_error4(ctx: &XdpContext) -> Option<u32> {
         _pad: [0; 2],
     };
     let entry = unsafe { *LB_NAT4_V1.get(&key)? };
-    let Some(route) = route4(ctx, entry.peer_addr, entry.addr, PROTO_ICMP, 0) else {
+    let Some(route) = route::<V4>(ctx, entry.peer_addr, entry.addr, PROTO_ICMP, 0) else {
         count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
@@ -89,7 +89,7 @@ pub(crate) fn nat_error4(ctx: &XdpContext) -> Option<u32> {
         return Some(xdp_action::XDP_DROP);
     }
     count(NatEvent::IcmpNat);
-    Some(send4(ctx, &route))
+    Some(send::<V4>(ctx, &route))
 }
 
 /// An ICMP error about a TCP or UDP packet, as far as it is read.
@@ -249,7 +249,7 @@ pub(crate) fn local_icmp(ctx: &TcContext) -> Result<(), Verdict> {
 /// addresses (pseudo-header) and the quote, follows every change. [`Verdict::NotOurs`] when it
 /// is not one.
 #[inline(always)]
-pub(crate) fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdict> {
+pub(crate) fn local_icmp6(ctx: &TcContext, outer_saddr: Addr6) -> Result<(), Verdict> {
     let icmp_type: u8 = ctx.load(L4_OFF6).map_err(|_| Verdict::NotOurs)?;
     if !ICMPV6_ERRORS.contains(&icmp_type) {
         return Err(Verdict::NotOurs);
@@ -276,14 +276,14 @@ pub(crate) fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdic
         dir: CT_REPLY,
         _pad: [0; 2],
     };
-    let frontend = reply_frontend6(&key)?;
+    let (frontend, frontend_port) = reply_frontend::<V6>(&key)?;
     let mut icmp: u16 = ctx.load(ICMPV6_CHECK_OFF).map_err(|_| REWRITE_FAILED)?;
     // The quoted transport checksum, when the quote reaches it (the error is not
     // CHECKSUM_PARTIAL: the kernel computes an ICMPv6 error's checksum whole).
     if let Ok(old) = ctx.load::<u16>(inner_check_off)
         && (proto == PROTO_TCP || old != 0)
     {
-        let mut new = csum::replace16_2(old, backend, frontend.addr, ports[1], frontend.port);
+        let mut new = csum::replace16_2(old, backend, frontend, ports[1], frontend_port);
         if proto == PROTO_UDP && new == 0 {
             new = 0xffff;
         }
@@ -291,16 +291,16 @@ pub(crate) fn local_icmp6(ctx: &TcContext, outer: &Ipv6Hdr) -> Result<(), Verdic
         ctx.store(inner_check_off, &new, 0)
             .map_err(|_| REWRITE_FAILED)?;
     }
-    icmp = csum::replace16_2(icmp, backend, frontend.addr, ports[1], frontend.port);
-    ctx.store(INNER6_DADDR_OFF, &frontend.addr, 0)
+    icmp = csum::replace16_2(icmp, backend, frontend, ports[1], frontend_port);
+    ctx.store(INNER6_DADDR_OFF, &frontend, 0)
         .map_err(|_| REWRITE_FAILED)?;
-    ctx.store(INNER6_L4_OFF + l4::DPORT, &frontend.port, 0)
+    ctx.store(INNER6_L4_OFF + l4::DPORT, &frontend_port, 0)
         .map_err(|_| REWRITE_FAILED)?;
     // The backend itself reports: the error comes from the frontend. A router on the way
     // keeps its address.
-    if addr6(outer.src_addr) == backend {
-        icmp = csum::replace16(icmp, backend, frontend.addr);
-        ctx.store(IPV6_SADDR_OFF, &frontend.addr, 0)
+    if outer_saddr == backend {
+        icmp = csum::replace16(icmp, backend, frontend);
+        ctx.store(IPV6_SADDR_OFF, &frontend, 0)
             .map_err(|_| REWRITE_FAILED)?;
     }
     ctx.store(ICMPV6_CHECK_OFF, &icmp, 0)
@@ -376,10 +376,10 @@ pub(crate) fn nat_error6(ctx: &XdpContext) -> Option<u32> {
     check = csum::replace16(check, outer_daddr, client);
     ctx.set(IPV6_DADDR_OFF, client)?;
     ctx.set(ICMPV6_CHECK_OFF, check)?;
-    let Some(route) = route6(ctx, frontend, client, PROTO_ICMPV6, 0) else {
+    let Some(route) = route::<V6>(ctx, frontend, client, PROTO_ICMPV6, 0) else {
         count(NatEvent::NoRoute);
         return Some(xdp_action::XDP_DROP);
     };
     count(NatEvent::IcmpNat);
-    Some(send6(ctx, &route))
+    Some(send::<V6>(ctx, &route))
 }

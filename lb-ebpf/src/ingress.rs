@@ -12,17 +12,17 @@
 //! pass. Only a fixed IPv6 header followed directly by TCP or UDP is translated (parse.rs).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Addr6, Ct6Key, NAT6_FORWARD, NAT6_REPLY, PROTO_UDP, Reason, csum, nat, prog_slot};
+use lb_common::{Addr6, Ct6Key, FlowKey, NAT6_FORWARD, NAT6_REPLY, Reason, V4, V6, nat, prog_slot};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
-    counters::count_packet,
-    flow::{Translation, Translation6, count_translated, translation, translation6},
+    family::Datapath,
+    flow::{Translation, translation},
     frame::ptr_at,
     headers::{ETH_LEN, ETH_P_IPV6, L4_OFF6, PROTO_ICMPV6, l4},
     icmp::{ICMPV6_ERRORS, nat_error4, nat_error6},
     maps::{LB_NAT6PEND_V1, LB_PROGS_V2},
-    nat::{forward4, forward6, reply4, reply6},
+    nat::{forward, reply},
     verdict::Verdict,
 };
 
@@ -38,7 +38,7 @@ pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
         // Not IPv4: the IPv6 program's, through a tail call.
         Reason::NotIp => dispatch6(ctx),
         // Maybe a remote backend's reply (nat.rs).
-        Reason::NotFrontend => reply4(ctx).ok_or(Verdict::Pass(why)),
+        Reason::NotFrontend => reply::<V4>(ctx).ok_or(Verdict::Pass(why)),
         // Maybe an ICMP error about a NATed flow (icmp.rs).
         Reason::NotTcpUdp => nat_error4(ctx).ok_or(Verdict::Pass(why)),
         _ => Err(Verdict::Pass(why)),
@@ -47,35 +47,34 @@ pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
 
 #[inline(always)]
 fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
-    let Translation { pkt, key, flow } = translation(ctx)?;
-    let (ip, daddr) = (pkt.ip, key.daddr);
-
-    // Rewrite destination address and port, with incremental checksums.
-    unsafe {
-        (*ip).dst_addr = flow.addr.to_ne_bytes();
-        let ip_check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
-        *ip_check = csum::replace4(*ip_check, daddr, flow.addr);
+    let t = rewrite_destination::<V4>(ctx)?;
+    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
+    if t.flow.remote {
+        return Ok(forward::<V4>(
+            ctx,
+            &t.key,
+            t.pkt.l4.closing,
+            t.flow.addr,
+            t.flow.port,
+        ));
     }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Translates a packet addressed to a frontend: destination address and port rewritten to
+/// its flow's backend, with incremental checksums; counted.
+#[inline(always)]
+fn rewrite_destination<F: Datapath>(ctx: &XdpContext) -> Result<Translation<F>, Verdict> {
+    let t = translation::<F, _>(ctx)?;
+    let (pkt, daddr, flow) = (&t.pkt, t.key.daddr(), &t.flow);
+    F::set_daddr(pkt.ip, daddr, flow.addr);
     let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
     unsafe {
         *dport = flow.port;
-        let old = *check;
-        if pkt.proto == lb_common::PROTO_TCP || old != 0 {
-            let new = csum::replace4_2(old, daddr, flow.addr, pkt.l4.dport, flow.port);
-            // A UDP checksum that comes out as 0 is sent as all ones (RFC 768).
-            *check = if pkt.proto == PROTO_UDP && new == 0 {
-                0xffff
-            } else {
-                new
-            };
-        }
+        *check = F::l4_checksum(pkt.proto, *check, daddr, flow.addr, pkt.l4.dport, flow.port);
     }
-    count_translated(&flow, (ctx.data_end() - ctx.data()) as u64);
-    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
-    if flow.remote {
-        return Ok(forward4(ctx, &key, &pkt.l4, flow.addr, flow.port));
-    }
-    Ok(xdp_action::XDP_PASS)
+    flow.count((ctx.data_end() - ctx.data()) as u64);
+    Ok(t)
 }
 
 /// A frame that is not IPv4: an IPv6 frame goes on to `lb_xdp_ingress6` (the tail call
@@ -136,38 +135,11 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
 
 #[inline(always)]
 fn translate6(ctx: &XdpContext) -> Result<u32, Verdict> {
-    let Translation6 { pkt, key, flow } = translation6(ctx)?;
-    let (ip, daddr) = (pkt.ip, key.daddr);
-
-    // Rewrite destination address and port; the transport checksum covers the address
-    // (pseudo-header). IPv6 has no header checksum.
-    unsafe {
-        core::ptr::write_unaligned(
-            core::ptr::addr_of_mut!((*ip).dst_addr).cast::<Addr6>(),
-            flow.addr,
-        );
-    }
-    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
-    unsafe {
-        *dport = flow.port;
-        let new = csum::replace16_2(*check, daddr, flow.addr, pkt.l4.dport, flow.port);
-        // A UDP checksum that comes out as 0 is sent as all ones (RFC 8200 8.1).
-        *check = if pkt.proto == PROTO_UDP && new == 0 {
-            0xffff
-        } else {
-            new
-        };
-    }
-    count_packet(
-        flow.service_id,
-        flow.backend_id,
-        (ctx.data_end() - ctx.data()) as u64,
-        flow.new,
-    );
-    // A backend on another node: source NAT, and sent on by XDP (nat.rs).
-    if flow.remote {
-        let (closing, addr, port) = (pkt.l4.closing, flow.addr, flow.port);
-        return hand_over(ctx, NAT6_FORWARD, &key, closing, addr, port);
+    let t = rewrite_destination::<V6>(ctx)?;
+    // A backend on another node: source NAT and sent on by XDP, in `lb_xdp_nat6`.
+    if t.flow.remote {
+        let (closing, addr, port) = (t.pkt.l4.closing, t.flow.addr, t.flow.port);
+        return hand_over(ctx, NAT6_FORWARD, &t.key, closing, addr, port);
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -217,15 +189,21 @@ pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
     match kind {
         NAT6_FORWARD => {
             let p = unsafe { &*pending };
-            Ok(forward6(
+            // `closing` is 0 or 1 (`hand_over`), taken as a `bool` as it is: a comparison
+            // (`!= 0`) is a branch in BPF, which split the verifier's states in two, each
+            // exploring the NAT port allocation's loop.
+            // SAFETY: masked to 0 or 1, both valid `bool`s.
+            #[allow(clippy::transmute_int_to_bool)] // Its `!= 0` is the branch avoided here.
+            let closing = unsafe { core::mem::transmute::<u8, bool>(p.closing & 1) };
+            Ok(forward::<V6>(
                 ctx,
                 &p.key,
-                p.closing != 0,
+                closing,
                 p.backend_addr,
                 p.backend_port,
             ))
         }
-        NAT6_REPLY => reply6(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
+        NAT6_REPLY => reply::<V6>(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
         _ => Ok(xdp_action::XDP_PASS),
     }
 }

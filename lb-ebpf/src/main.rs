@@ -16,10 +16,12 @@
 //! The modules, each depending only on those listed before it:
 //! - `headers`: the header layout; `maps`: every map; `counters`; `verdict`: what becomes
 //!   of a packet that is not translated; `frame`: packet access;
-//! - `parse`: the packets the programs translate; `select`: the backend of a new flow;
-//!   `flow`: conntrack, and the lookups of a packet to a frontend;
-//! - `skb`: TC rewrites with the checksum helpers; `route`: sending on by XDP; `nat`: source
-//!   NAT for remote backends; `icmp`: ICMP errors about translated flows;
+//! - `parse`: the packets the programs translate; `skb`: TC rewrites with the checksum
+//!   helpers; `family`: what differs between IPv4 and IPv6 (the paths below are written
+//!   once, generic over the family);
+//! - `select`: the backend of a new flow; `flow`: conntrack, and the lookups of a packet to
+//!   a frontend; `route`: sending on by XDP; `nat`: source NAT for remote backends; `icmp`:
+//!   ICMP errors about translated flows;
 //! - `ingress` (XDP), `egress` (TC), `pod` (the pods' interfaces, TC), `sock` (the socket
 //!   hooks).
 #![no_std]
@@ -27,6 +29,7 @@
 
 mod counters;
 mod egress;
+mod family;
 mod flow;
 mod frame;
 mod headers;
@@ -93,7 +96,7 @@ pub fn lb_xdp_icmp6(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match egress::try_egress(&ctx) {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(()) => TC_ACT_OK,
         Err(verdict) => verdict.tc(),
     }
 }
@@ -102,7 +105,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress(&ctx) {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(()) => TC_ACT_OK,
         Err(verdict) => verdict.tc(),
     }
 }
@@ -112,7 +115,7 @@ pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod_ingress6(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress6(&ctx) {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(()) => TC_ACT_OK,
         Err(verdict) => verdict.tc(),
     }
 }

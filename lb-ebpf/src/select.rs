@@ -10,78 +10,35 @@ use aya_ebpf::{
     maps::{LruHashMap, lpm_trie::Key as LpmKey},
 };
 use lb_common::{
-    Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4,
-    Backend6, Ct4Key, Ct6Key, Event, PROTO_UDP, Reason, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES,
-    SOURCE_RANGE_ID_BITS, Service, SourceRange4, SourceRange6, TableEvent, flow_hash, flow_hash6,
+    AffinityEntry, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, Event, FlowKey, PROTO_UDP,
+    Reason, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, TableEvent,
     maglev,
 };
 
-use crate::{
-    counters::count,
-    maps::{
-        LB_AFFINITY4_V1, LB_AFFINITY6_V1, LB_BACKEND4_V2, LB_BACKEND6_V1, LB_MAGLEV_V2,
-        LB_SRCRANGE4_V1, LB_SRCRANGE6_V1,
-    },
-    verdict::Verdict,
-};
-
-/// A backends map's value: [`Backend4`] or [`Backend6`] (the families share backend ids
-/// and the Maglev tables, so a table's ids are keys of its family's backends map).
-pub(crate) trait BackendOf: Copy {
-    /// The backend of `id` in this family's backends map.
-    fn lookup(id: u32) -> Option<Self>;
-    /// `BACKEND_ACTIVE`, ...
-    fn state(&self) -> u8;
-}
-
-impl BackendOf for Backend4 {
-    #[inline(always)]
-    fn lookup(id: u32) -> Option<Self> {
-        unsafe { LB_BACKEND4_V2.get(&id) }.copied()
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-}
-
-impl BackendOf for Backend6 {
-    #[inline(always)]
-    fn lookup(id: u32) -> Option<Self> {
-        unsafe { LB_BACKEND6_V1.get(&id) }.copied()
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-}
+use crate::{counters::count, family::Datapath, maps::LB_MAGLEV_V2, verdict::Verdict};
 
 /// A backend and its id.
 #[derive(Clone, Copy)]
-pub(crate) struct Chosen<B = Backend4> {
+pub(crate) struct Chosen<B> {
     pub(crate) id: u32,
     pub(crate) backend: B,
 }
 
+/// Backend `id` of family `F` (the families share backend ids and the Maglev tables, so a
+/// table's ids are keys of its family's backends map).
 #[inline(always)]
-pub(crate) fn backend(id: u32) -> Option<Chosen> {
-    backend_of(id)
-}
-
-/// [`backend`] of either family.
-#[inline(always)]
-pub(crate) fn backend_of<B: BackendOf>(id: u32) -> Option<Chosen<B>> {
-    let backend = B::lookup(id)?;
+pub(crate) fn backend_of<F: Datapath>(id: u32) -> Option<Chosen<F::Backend>> {
+    let backend = *unsafe { F::backends().get(&id) }?;
     Some(Chosen { id, backend })
 }
 
 /// The Maglev table's choice: the entry of the flow hash, or a random entry for selection
 /// `random` (so random selection is as balanced as the table).
 #[inline(always)]
-fn select_from_table<B: BackendOf>(
+fn select_from_table<F: Datapath>(
     svc: &Service,
     hash: impl FnOnce() -> u32,
-) -> Result<Chosen<B>, Verdict> {
+) -> Result<Chosen<F::Backend>, Verdict> {
     const MISSING: Verdict = Verdict::Drop(Reason::BackendMissing);
     let table =
         unsafe { LB_MAGLEV_V2.get(&maglev::table_key(svc.id, svc.flags)) }.ok_or(MISSING)?;
@@ -98,77 +55,43 @@ fn select_from_table<B: BackendOf>(
     };
     let (element, half) = maglev::position(pick % size);
     let cell = table.get(element).ok_or(MISSING)?;
-    backend_of(cell[half & 1]).ok_or(MISSING)
+    backend_of::<F>(cell[half & 1]).ok_or(MISSING)
 }
 
-/// The backend of a new flow: checks the source ranges, then the client's affinity, then
-/// the Maglev table.
+/// The backend of a new flow (`key`: its forward conntrack key): checks the source ranges,
+/// then the client's affinity, then the Maglev table.
 #[inline(always)]
-pub(crate) fn select_backend(svc: &Service, key: &Ct4Key) -> Result<Chosen, Verdict> {
+pub(crate) fn select_backend<F: Datapath>(
+    svc: &Service,
+    key: &F::CtKey,
+) -> Result<Chosen<F::Backend>, Verdict> {
     if svc.backend_count == 0 {
         return Err(Verdict::Drop(Reason::NoBackend));
     }
     if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         let source = LpmKey::new(
-            SOURCE_RANGE_ID_BITS + 32,
-            SourceRange4 {
-                service_id: svc.id,
-                addr: key.saddr,
-            },
+            SOURCE_RANGE_ID_BITS + F::ADDR_BITS,
+            F::source_range(svc.id, key.saddr()),
         );
-        if LB_SRCRANGE4_V1.get(&source).is_none() {
+        if F::source_ranges().get(&source).is_none() {
             return Err(Verdict::Drop(Reason::SourceRangeDenied));
         }
     }
-    let client = AffinityKey {
-        service_id: svc.id,
-        client: key.saddr,
-    };
-    let affinity = (&LB_AFFINITY4_V1, TableEvent::AffinityInserts);
-    select_with_affinity(svc, affinity, &client, || {
-        flow_hash(key.saddr, key.daddr, key.sport, key.dport, key.proto)
-    })
-}
-
-/// The backend of a new IPv6 flow: the source ranges, then the client's affinity, then the
-/// Maglev table (as [`select_backend`]).
-#[inline(always)]
-pub(crate) fn select_backend6(svc: &Service, key: &Ct6Key) -> Result<Chosen<Backend6>, Verdict> {
-    if svc.backend_count == 0 {
-        return Err(Verdict::Drop(Reason::NoBackend));
-    }
-    if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
-        let source = LpmKey::new(
-            SOURCE_RANGE_ID_BITS + 128,
-            SourceRange6 {
-                service_id: svc.id,
-                addr: key.saddr,
-            },
-        );
-        if LB_SRCRANGE6_V1.get(&source).is_none() {
-            return Err(Verdict::Drop(Reason::SourceRangeDenied));
-        }
-    }
-    let client = Affinity6Key {
-        service_id: svc.id,
-        client: key.saddr,
-    };
-    let affinity = (&LB_AFFINITY6_V1, TableEvent::AffinityInserts);
-    select_with_affinity(svc, affinity, &client, || {
-        flow_hash6(key.saddr, key.daddr, key.sport, key.dport, key.proto)
-    })
+    let client = F::affinity_key(svc.id, key.saddr());
+    let affinity = (F::affinity(), TableEvent::AffinityInserts);
+    select_with_affinity::<F, _>(svc, affinity, &client, || F::key_hash(key))
 }
 
 /// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
 /// `hash`; records the choice for the client when the service has affinity, counting a new
 /// entry under `inserts`.
 #[inline(always)]
-pub(crate) fn select_with_affinity<K, B: BackendOf>(
+pub(crate) fn select_with_affinity<F: Datapath, K>(
     svc: &Service,
     (map, inserts): (&LruHashMap<K, AffinityEntry>, TableEvent),
     client: &K,
     hash: impl FnOnce() -> u32,
-) -> Result<Chosen<B>, Verdict> {
+) -> Result<Chosen<F::Backend>, Verdict> {
     // sessionAffinity ClientIP: a fresh entry on an ACTIVE backend decides; it is refreshed
     // by every new flow of the client (as kube-proxy's `recent` match is), not per packet.
     let affinity = if svc.affinity_timeout_secs != 0 {
@@ -188,7 +111,7 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
         if now.wrapping_sub(entry.last_used_ns) >= timeout_ns {
             count(Event::AffinityExpired);
         } else {
-            match backend_of::<B>(entry.backend_id) {
+            match backend_of::<F>(entry.backend_id) {
                 Some(chosen) if chosen.backend.state() == BACKEND_ACTIVE => {
                     entry.last_used_ns = now;
                     count(Event::SelectAffinity);
@@ -198,7 +121,7 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
             }
         }
     }
-    let chosen = select_from_table(svc, hash)?;
+    let chosen = select_from_table::<F>(svc, hash)?;
     if svc.affinity_timeout_secs != 0 {
         let fresh = AffinityEntry {
             backend_id: chosen.id,
@@ -221,7 +144,7 @@ pub(crate) fn select_with_affinity<K, B: BackendOf>(
 /// What a conntrack hit does with its flow: `None` keeps the backend, `Some(event)` selects
 /// again for that reason. The rules are documented on `lb_common::Event`.
 #[inline(always)]
-pub(crate) fn reselect_because<B: BackendOf>(
+pub(crate) fn reselect_because<B: BackendValue>(
     backend: Option<&Chosen<B>>,
     proto: u8,
     syn: bool,

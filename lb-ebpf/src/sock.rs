@@ -22,7 +22,7 @@
 //! rules of `lb_common::Event`) and the frontend each backend stands for (for recvmsg and
 //! getpeername).
 //!
-//! The IPv6 hooks apply the same rules through the same code ([`SockFamily`]), with the
+//! The IPv6 hooks apply the same rules through the same code (generic over the family), with the
 //! IPv6 maps; the affinity map, keyed by service id and network namespace, is shared. An
 //! IPv6 socket addressing an IPv4 frontend by its IPv4-mapped address (`::ffff:a.b.c.d`) is
 //! translated through the IPv4 maps at connect() (the kernel runs connect6, not connect4,
@@ -34,19 +34,18 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_set_retval},
-    maps::LruHashMap,
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr6, Backend4, Backend6, CT_FORWARD, CT_REPLY, Frontend4, Frontend6, PROTO_TCP, PROTO_UDP,
-    Reason, SERVICE_F_EXTERNAL, Service, Sock6Entry, Sock6Key, SockAffinityKey, SockEntry, SockKey,
-    TableEvent, flow_hash,
+    Addr6, BackendValue, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL,
+    Service, SockAffinityKey, TableEvent, V4, V6, flow_hash,
 };
 
 use crate::{
     counters::{count, count_socket_flow},
-    maps::{LB_SOCK4_V1, LB_SOCK6_V1, LB_SOCKAFF4_V1, LB_SVC4_V1, LB_SVC6_V1},
-    select::{BackendOf, Chosen, backend_of, reselect_because, select_with_affinity},
+    family::Datapath,
+    maps::LB_SOCKAFF4_V1,
+    select::{Chosen, backend_of, reselect_because, select_with_affinity},
     verdict::Verdict,
 };
 
@@ -59,136 +58,6 @@ const ECONNREFUSED: i32 = 111;
 const SOCK_DGRAM: u32 = 2;
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as it sits in memory.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-/// What the socket hooks read and write of one address family: its frontends, its backends
-/// and its sockets map.
-trait SockFamily {
-    type Addr: Copy;
-    type Backend: BackendOf;
-    type Key: 'static;
-    type Entry: Copy + 'static;
-    fn sockets() -> &'static LruHashMap<Self::Key, Self::Entry>;
-    /// The service entry of a frontend (address and port in network byte order).
-    fn service(addr: Self::Addr, port: u16, proto: u8) -> Option<Service>;
-    fn key(cookie: u64, addr: Self::Addr, port: u16, proto: u8, dir: u8) -> Self::Key;
-    fn entry(backend_id: u32, service_id: u32, addr: Self::Addr, port: u16) -> Self::Entry;
-    /// An entry's backend id, service id, address and port.
-    fn fields(entry: &Self::Entry) -> (u32, u32, Self::Addr, u16);
-    /// A backend's address and port.
-    fn target(backend: &Self::Backend) -> (Self::Addr, u16);
-    /// The address as one word, for the flow hash.
-    fn fold(addr: Self::Addr) -> u32;
-}
-
-struct V4;
-struct V6;
-
-impl SockFamily for V4 {
-    type Addr = u32;
-    type Backend = Backend4;
-    type Key = SockKey;
-    type Entry = SockEntry;
-    #[inline(always)]
-    fn sockets() -> &'static LruHashMap<SockKey, SockEntry> {
-        &LB_SOCK4_V1
-    }
-    #[inline(always)]
-    fn service(addr: u32, port: u16, proto: u8) -> Option<Service> {
-        let frontend = Frontend4 {
-            addr,
-            port,
-            proto,
-            _pad: 0,
-        };
-        unsafe { LB_SVC4_V1.get(&frontend) }.copied()
-    }
-    #[inline(always)]
-    fn key(cookie: u64, addr: u32, port: u16, proto: u8, dir: u8) -> SockKey {
-        SockKey {
-            cookie,
-            addr,
-            port,
-            proto,
-            dir,
-        }
-    }
-    #[inline(always)]
-    fn entry(backend_id: u32, service_id: u32, addr: u32, port: u16) -> SockEntry {
-        SockEntry {
-            backend_id,
-            service_id,
-            addr,
-            port,
-            _pad: 0,
-        }
-    }
-    #[inline(always)]
-    fn fields(entry: &SockEntry) -> (u32, u32, u32, u16) {
-        (entry.backend_id, entry.service_id, entry.addr, entry.port)
-    }
-    #[inline(always)]
-    fn target(backend: &Backend4) -> (u32, u16) {
-        (backend.addr, backend.port)
-    }
-    #[inline(always)]
-    fn fold(addr: u32) -> u32 {
-        addr
-    }
-}
-
-impl SockFamily for V6 {
-    type Addr = Addr6;
-    type Backend = Backend6;
-    type Key = Sock6Key;
-    type Entry = Sock6Entry;
-    #[inline(always)]
-    fn sockets() -> &'static LruHashMap<Sock6Key, Sock6Entry> {
-        &LB_SOCK6_V1
-    }
-    #[inline(always)]
-    fn service(addr: Addr6, port: u16, proto: u8) -> Option<Service> {
-        let frontend = Frontend6 {
-            addr,
-            port,
-            proto,
-            _pad: 0,
-        };
-        unsafe { LB_SVC6_V1.get(&frontend) }.copied()
-    }
-    #[inline(always)]
-    fn key(cookie: u64, addr: Addr6, port: u16, proto: u8, dir: u8) -> Sock6Key {
-        Sock6Key {
-            cookie,
-            addr,
-            port,
-            proto,
-            dir,
-            _pad: 0,
-        }
-    }
-    #[inline(always)]
-    fn entry(backend_id: u32, service_id: u32, addr: Addr6, port: u16) -> Sock6Entry {
-        Sock6Entry {
-            backend_id,
-            service_id,
-            addr,
-            port,
-            _pad: 0,
-        }
-    }
-    #[inline(always)]
-    fn fields(entry: &Sock6Entry) -> (u32, u32, Addr6, u16) {
-        (entry.backend_id, entry.service_id, entry.addr, entry.port)
-    }
-    #[inline(always)]
-    fn target(backend: &Backend6) -> (Addr6, u16) {
-        (backend.addr, backend.port)
-    }
-    #[inline(always)]
-    fn fold(addr: Addr6) -> u32 {
-        addr[0] ^ addr[1] ^ addr[2] ^ addr[3]
-    }
-}
 
 /// The transport protocol of the socket, if it is one the frontends have.
 #[inline(always)]
@@ -204,18 +73,18 @@ fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
 /// has while the conntrack rules keep it, otherwise a new choice, recorded in both
 /// directions.
 #[inline(always)]
-fn socket_backend<F: SockFamily>(
+fn socket_backend<F: Datapath>(
     ctx: &SockAddrContext,
     svc: &Service,
     (addr, port, proto): (F::Addr, u16, u8),
     connect: bool,
 ) -> Result<Chosen<F::Backend>, Verdict> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let forward = F::key(cookie, addr, port, proto, CT_FORWARD);
+    let forward = F::sock_key(cookie, addr, port, proto, CT_FORWARD);
     if let Some(entry) = unsafe { F::sockets().get(&forward) } {
-        let (backend_id, service_id, _, _) = F::fields(entry);
+        let (backend_id, service_id, _, _) = F::sock_entry_fields(entry);
         if service_id == svc.id {
-            let previous = backend_of::<F::Backend>(backend_id);
+            let previous = backend_of::<F>(backend_id);
             // A TCP connect is a new connection (a SYN); a datagram, or a UDP connect, goes
             // on with the socket's flow.
             match reselect_because(previous.as_ref(), proto, connect && proto == PROTO_TCP) {
@@ -237,24 +106,24 @@ fn socket_backend<F: SockFamily>(
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     let affinity = (&LB_SOCKAFF4_V1, TableEvent::SockAffinityInserts);
-    let chosen: Chosen<F::Backend> = select_with_affinity(svc, affinity, &client, || {
+    let chosen: Chosen<F::Backend> = select_with_affinity::<F, _>(svc, affinity, &client, || {
         let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
         flow_hash(folded, F::fold(addr), 0, port, proto)
     })?;
-    let (backend_addr, backend_port) = F::target(&chosen.backend);
-    let reply = F::key(cookie, backend_addr, backend_port, proto, CT_REPLY);
+    let (backend_addr, backend_port) = chosen.backend.target();
+    let reply = F::sock_key(cookie, backend_addr, backend_port, proto, CT_REPLY);
     let sockets = F::sockets();
     let written = sockets
         .insert(
             &reply,
-            &F::entry(chosen.id, svc.id, addr, port),
+            &F::sock_entry(chosen.id, svc.id, addr, port),
             BPF_ANY as u64,
         )
         .is_ok()
         && sockets
             .insert(
                 &forward,
-                &F::entry(chosen.id, svc.id, backend_addr, backend_port),
+                &F::sock_entry(chosen.id, svc.id, backend_addr, backend_port),
                 BPF_ANY as u64,
             )
             .is_ok();
@@ -278,12 +147,12 @@ enum Forward<A> {
 
 /// The destination a connect() or sendmsg() to (`addr`, `port`, `proto`) goes to.
 #[inline(always)]
-fn forward<F: SockFamily>(
+fn forward<F: Datapath>(
     ctx: &SockAddrContext,
     (addr, port, proto): (F::Addr, u16, u8),
     connect: bool,
 ) -> Forward<F::Addr> {
-    let Some(svc) = F::service(addr, port, proto) else {
+    let Some(&svc) = (unsafe { F::services().get(&F::frontend(addr, port, proto)) }) else {
         return Forward::Untouched;
     };
     if svc.flags & SERVICE_F_EXTERNAL != 0 {
@@ -291,7 +160,7 @@ fn forward<F: SockFamily>(
     }
     match socket_backend::<F>(ctx, &svc, (addr, port, proto), connect) {
         Ok(chosen) => {
-            let (addr, port) = F::target(&chosen.backend);
+            let (addr, port) = chosen.backend.target();
             Forward::To(addr, port)
         }
         Err(Verdict::Pass(why)) => {
@@ -316,14 +185,14 @@ fn refuse() -> i32 {
 
 /// The frontend a backend (`addr`, `port`) this socket was given stands for.
 #[inline(always)]
-fn frontend_of<F: SockFamily>(
+fn frontend_of<F: Datapath>(
     ctx: &SockAddrContext,
     (addr, port, proto): (F::Addr, u16, u8),
 ) -> Option<(F::Addr, u16)> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = F::key(cookie, addr, port, proto, CT_REPLY);
+    let key = F::sock_key(cookie, addr, port, proto, CT_REPLY);
     let entry = unsafe { F::sockets().get(&key) }?;
-    let (_, _, addr, port) = F::fields(entry);
+    let (_, _, addr, port) = F::sock_entry_fields(entry);
     Some((addr, port))
 }
 

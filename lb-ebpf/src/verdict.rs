@@ -41,13 +41,13 @@ impl Verdict {
         match self {
             Verdict::Pass(reason) => {
                 count(reason);
-                TC_ACT_OK as i32
+                TC_ACT_OK
             }
             Verdict::Drop(reason) => {
                 count(reason);
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
-            Verdict::NotOurs => TC_ACT_OK as i32,
+            Verdict::NotOurs => TC_ACT_OK,
         }
     }
 }
