@@ -95,7 +95,7 @@ enum Command {
         #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
         maglev_table_size: u32,
         /// How new flows choose a backend when the Service does not say (annotation
-        /// lb.example.io/selection): maglev (consistent hashing) or random.
+        /// lb.kube-lb.io/selection): maglev (consistent hashing) or random.
         #[arg(long, default_value_t = Selection::Maglev)]
         selection: Selection,
         /// Seconds a backend that left the EndpointSlices keeps serving its established

@@ -113,6 +113,61 @@ fn the_agent_follows_edits_to_the_folder() {
 }
 
 #[test]
+fn the_deprecated_annotation_prefix_still_works_and_is_logged_once_per_service() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let annotate = |text: &str, annotation: &str| {
+        text.replacen(
+            "  name: httpd-svc\n",
+            &format!("  name: httpd-svc\n  annotations: {{{annotation}}}\n"),
+            1,
+        )
+    };
+    let original = folder.read("httpd-svc.yaml").unwrap();
+    let old = annotate(&original, "lb.example.io/selection: random");
+    assert_ne!(old, original, "examples/httpd-svc.yaml names httpd-svc");
+    folder.write("httpd-svc.yaml", &old).unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let random = |s: &[lb_tests::ServiceInfo]| {
+        lb_tests::ServiceInfo::find(s, CLUSTER_IP).is_some_and(|r| r.selection == "random")
+    };
+    agent
+        .wait_until("the old annotation's selection", random)
+        .unwrap();
+    // Translated again and again (its EndpointSlice changes): still one warning.
+    let pod2 = topology.pods[1].ip.to_string();
+    for i in 0..3 {
+        let text = if i % 2 == 0 {
+            remove_endpoint(&old, &pod2)
+        } else {
+            old.clone()
+        };
+        folder.write("httpd-svc.yaml", &text).unwrap();
+        let want = if i % 2 == 0 { 1 } else { 2 };
+        agent
+            .wait_until("the slice change", |s| {
+                backends_of(s, CLUSTER_IP).is_some_and(|b| b.len() == want)
+            })
+            .unwrap();
+    }
+    let warning = "default/httpd-svc: annotation lb.example.io/selection is deprecated: rename it \
+                   to lb.kube-lb.io/selection";
+    let log = agent.log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    // The new prefix: no warning, same effect.
+    folder
+        .write(
+            "httpd-svc.yaml",
+            &annotate(&original, "lb.kube-lb.io/selection: random"),
+        )
+        .unwrap();
+    agent
+        .wait_until("the new annotation's selection", random)
+        .unwrap();
+    assert_eq!(agent.log().matches("deprecated").count(), 1);
+}
+
+#[test]
 fn the_manifests_agent_serves_metrics_and_readiness() {
     let folder = Folder::copy_of_examples().unwrap();
     let topology = Topology::new(2).expect("topology");

@@ -215,9 +215,23 @@ pub enum Selection {
     Random,
 }
 
+/// The prefix of lb's annotations: `lb` (the component: the binary, the DaemonSet and its
+/// ServiceAccount are all `lb`) under `kube-lb.io` (the project, a Kubernetes Service load
+/// balancer), so that the keys never collide with another controller's and stay out of
+/// the `kubernetes.io` and `k8s.io` prefixes that Kubernetes reserves for itself.
+pub const ANNOTATION_PREFIX: &str = "lb.kube-lb.io/";
+/// The placeholder prefix of earlier releases: still read, with a deprecation warning
+/// ([`Service::deprecated_annotations`]); the key under [`ANNOTATION_PREFIX`] wins when both
+/// are given.
+pub const DEPRECATED_ANNOTATION_PREFIX: &str = "lb.example.io/";
 /// The Service annotation that chooses the [`Selection`] of its frontends: `maglev` or
 /// `random`. Without it the agent's `--selection` applies.
-pub const SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+pub const SELECTION_ANNOTATION: &str = "lb.kube-lb.io/selection";
+/// [`SELECTION_ANNOTATION`] under the deprecated prefix.
+pub const DEPRECATED_SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+/// Every annotation lb reads: its key, and its key under the deprecated prefix.
+pub const ANNOTATIONS: [(&str, &str); 1] =
+    [(SELECTION_ANNOTATION, DEPRECATED_SELECTION_ANNOTATION)];
 
 impl std::str::FromStr for Selection {
     type Err = String;
@@ -622,6 +636,64 @@ pub struct Service {
     pub traffic_distribution: Option<TrafficDistribution>,
     /// The [`SELECTION_ANNOTATION`] annotation.
     pub selection: Option<Selection>,
+    /// The annotations given under the [`DEPRECATED_ANNOTATION_PREFIX`] (their keys), each
+    /// with its key under the new prefix.
+    pub deprecated_annotations: Vec<DeprecatedAnnotation>,
+}
+
+/// An annotation of a Service under the [`DEPRECATED_ANNOTATION_PREFIX`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeprecatedAnnotation {
+    /// The key given, e.g. `lb.example.io/selection`.
+    pub key: &'static str,
+    /// Its key under [`ANNOTATION_PREFIX`].
+    pub replacement: &'static str,
+    /// The Service gives the new key too, so this one is ignored.
+    pub ignored: bool,
+}
+
+impl fmt::Display for DeprecatedAnnotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ignored {
+            write!(
+                f,
+                "annotation {} is deprecated and ignored: {} is given too",
+                self.key, self.replacement
+            )
+        } else {
+            write!(
+                f,
+                "annotation {} is deprecated: rename it to {}",
+                self.key, self.replacement
+            )
+        }
+    }
+}
+
+/// The value of lb's annotation `key` (one of [`ANNOTATIONS`]) and the key it was found
+/// under: the new key, else the deprecated one.
+fn lb_annotation<'a>(
+    annotations: Option<&'a BTreeMap<String, String>>,
+    key: &'static str,
+    deprecated: &mut Vec<DeprecatedAnnotation>,
+) -> Option<(&'static str, &'a String)> {
+    let annotations = annotations?;
+    let old = ANNOTATIONS
+        .iter()
+        .find(|(new, _)| *new == key)
+        .map(|(_, old)| *old)?;
+    let new_value = annotations.get(key);
+    if annotations.contains_key(old) {
+        deprecated.push(DeprecatedAnnotation {
+            key: old,
+            replacement: key,
+            ignored: new_value.is_some(),
+        });
+    }
+    match new_value {
+        Some(v) => Some((key, v)),
+        None => annotations.get(old).map(|v| (old, v)),
+    }
 }
 
 /// `addressType` of an EndpointSlice.
@@ -1016,21 +1088,22 @@ impl Service {
             other => TrafficDistribution::Other(other.to_owned()),
         });
 
-        let selection = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SELECTION_ANNOTATION))
-            .map(|value| {
-                value
-                    .parse()
-                    .map_err(|_| ValidationError::UnsupportedValue {
-                        field: format!("metadata.annotations[{:?}]", SELECTION_ANNOTATION),
-                        value: value.clone(),
-                        expected: "maglev, random",
-                    })
-            })
-            .transpose()?;
+        let mut deprecated_annotations = Vec::new();
+        let selection = lb_annotation(
+            svc.metadata.annotations.as_ref(),
+            SELECTION_ANNOTATION,
+            &mut deprecated_annotations,
+        )
+        .map(|(key, value)| {
+            value
+                .parse()
+                .map_err(|_| ValidationError::UnsupportedValue {
+                    field: format!("metadata.annotations[{key:?}]"),
+                    value: value.clone(),
+                    expected: "maglev, random",
+                })
+        })
+        .transpose()?;
 
         Ok(Service {
             id,
@@ -1053,6 +1126,7 @@ impl Service {
             session_affinity,
             traffic_distribution,
             selection,
+            deprecated_annotations,
         })
     }
 }
@@ -1457,23 +1531,51 @@ spec:
                 session_affinity: SessionAffinity::None,
                 traffic_distribution: None,
                 selection: None,
+                deprecated_annotations: vec![],
             }
         );
     }
 
     #[test]
     fn selection_annotation() {
-        let with = |value: &str| {
+        let with = |annotations: &str| {
             svc(&HTTPD.replace(
                 "metadata: {name: httpd-svc}",
-                &format!("metadata: {{name: httpd-svc, annotations: {{lb.example.io/selection: {value}}}}}"),
+                &format!("metadata: {{name: httpd-svc, annotations: {{{annotations}}}}}"),
             ))
         };
-        assert_eq!(with("random").unwrap().selection, Some(Selection::Random));
-        assert_eq!(with("maglev").unwrap().selection, Some(Selection::Maglev));
-        let error = with("round-robin").unwrap_err().to_string();
-        assert!(error.contains("lb.example.io/selection"), "{error}");
+        let new = |value: &str| with(&format!("lb.kube-lb.io/selection: {value}"));
+        assert_eq!(new("random").unwrap().selection, Some(Selection::Random));
+        assert_eq!(new("maglev").unwrap().selection, Some(Selection::Maglev));
+        assert_eq!(new("maglev").unwrap().deprecated_annotations, vec![]);
+        let error = new("round-robin").unwrap_err().to_string();
+        assert!(error.contains("lb.kube-lb.io/selection"), "{error}");
         assert!(error.contains("round-robin"), "{error}");
+
+        // The placeholder prefix of earlier releases still works, and says so.
+        let old = with("lb.example.io/selection: random").unwrap();
+        assert_eq!(old.selection, Some(Selection::Random));
+        assert_eq!(
+            old.deprecated_annotations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "annotation lb.example.io/selection is deprecated: rename it to lb.kube-lb.io/selection"
+            ]
+        );
+        let error = with("lb.example.io/selection: rr").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "metadata.annotations[\"lb.example.io/selection\"]: unsupported value \"rr\", expected one of maglev, random"
+        );
+        // Both: the new key wins; the old one, even invalid, is ignored and said to be.
+        let both = with("lb.example.io/selection: rr, lb.kube-lb.io/selection: random").unwrap();
+        assert_eq!(both.selection, Some(Selection::Random));
+        assert_eq!(
+            both.deprecated_annotations[0].to_string(),
+            "annotation lb.example.io/selection is deprecated and ignored: lb.kube-lb.io/selection is given too"
+        );
     }
 
     #[test]

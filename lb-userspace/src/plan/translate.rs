@@ -133,6 +133,14 @@ pub enum Warning {
         /// The slice.
         slice: ObjectRef,
     },
+    /// An annotation under the deprecated prefix (`model::DEPRECATED_ANNOTATION_PREFIX`).
+    #[error("{service}: {annotation}")]
+    DeprecatedAnnotation {
+        /// The Service.
+        service: ObjectRef,
+        /// Which, and what to do.
+        annotation: model::DeprecatedAnnotation,
+    },
 }
 
 /// Computes the desired datapath state of `node` from the cluster state. Pure and
@@ -395,6 +403,13 @@ fn translate_service(
     node_addresses: &BTreeSet<IpAddr>,
 ) -> ServiceOutput {
     let mut out = ServiceOutput::default();
+    for annotation in &svc.deprecated_annotations {
+        out.entries
+            .push(Entry::Warning(Warning::DeprecatedAnnotation {
+                service: svc.id.clone(),
+                annotation: annotation.clone(),
+            }));
+    }
     // The families the Service has, with the cluster IP of each.
     let families: Vec<(IpFamily, Option<IpAddr>)> = match (svc.type_, svc.cluster_ip) {
         (ServiceType::ExternalName, _) | (_, ClusterIp::Headless) => return out,
@@ -1339,13 +1354,24 @@ mod tests {
             ),
             (
                 "the selection annotation reaches every frontend of the Service",
-                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.example.io/selection: random}}\n\
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.kube-lb.io/selection: random}}\n\
                  spec: {type: NodePort, clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: 30080}]}\n"
                     .to_owned(),
                 node(),
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
                     "192.168.0.10:30080/TCP NodePort default/r -> [] selection=random",
+                ],
+            ),
+            (
+                "the deprecated prefix of the annotation still works, with a warning",
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.example.io/selection: random}}\n\
+                 spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n"
+                    .to_owned(),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
+                    "warning: default/r: annotation lb.example.io/selection is deprecated: rename it to lb.kube-lb.io/selection",
                 ],
             ),
             (
