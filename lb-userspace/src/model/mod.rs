@@ -964,6 +964,24 @@ fn unique_port_names<'a>(
 }
 
 impl Service {
+    /// kube-proxy's `ExternallyAccessible`: traffic from outside the cluster reaches the
+    /// Service through node ports, load balancer IPs or external IPs: types NodePort and
+    /// LoadBalancer, and ClusterIP with externalIPs.
+    pub fn externally_accessible(&self) -> bool {
+        match self.type_ {
+            ServiceType::NodePort | ServiceType::LoadBalancer => true,
+            ServiceType::ClusterIp => !self.external_ips.is_empty(),
+            ServiceType::ExternalName => false,
+        }
+    }
+
+    /// kube-proxy's `ExternalPolicyLocal`: externalTrafficPolicy Local on an externally
+    /// accessible Service (elsewhere the field means nothing). Its node ports, load balancer
+    /// IPs and external IPs then use this node's endpoints only.
+    pub fn external_policy_local(&self) -> bool {
+        self.externally_accessible() && self.external_traffic_policy == TrafficPolicy::Local
+    }
+
     /// Validates a Service from the API (or a manifest) and keeps what the datapath needs.
     pub fn from_k8s(svc: &core::Service) -> Result<Service, ValidationError> {
         let id = object_ref(&svc.metadata, dns1035_label)?;

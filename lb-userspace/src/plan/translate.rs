@@ -39,8 +39,9 @@
 //! - Local policy: ready endpoints on this node (`nodeName` = [`NodeInfo::name`]); none ->
 //!   serving and terminating ones on this node; none -> no backends (packets dropped).
 //! - ClusterIP frontends follow internalTrafficPolicy; NodePort, ExternalIP and LoadBalancer
-//!   frontends follow externalTrafficPolicy (Local only counts for types NodePort and
-//!   LoadBalancer).
+//!   frontends follow externalTrafficPolicy. Local counts where kube-proxy's
+//!   `ExternallyAccessible` holds: types NodePort and LoadBalancer, and ClusterIP with
+//!   externalIPs (`Service::external_policy_local`).
 //!
 //! Terminating backends: [`Backend::terminating`] is false for the endpoints chosen above as
 //! ready, true for serving and terminating endpoints. The plan lists the serving-terminating
@@ -425,7 +426,7 @@ fn translate_service(
         }
     };
     let has_node_ports = matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
-    let external_local = has_node_ports && svc.external_traffic_policy == TrafficPolicy::Local;
+    let external_local = svc.external_policy_local();
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let lb_vips: Vec<IpAddr> = if svc.type_ == ServiceType::LoadBalancer {
         svc.load_balancer_ingress
@@ -1208,7 +1209,8 @@ mod tests {
                 ],
             ),
             (
-                "externalTrafficPolicy Local only counts for NodePort and LoadBalancer types",
+                "ExternallyAccessible: a ClusterIP Service with externalIPs and \
+                 ExternalPolicyLocal: its external IPs use local endpoints, its cluster IP all",
                 policy_case(
                     "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
                     &[1, 2],
@@ -1216,8 +1218,34 @@ mod tests {
                 node(),
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
-                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80]",
                 ],
+            ),
+            (
+                "ExternallyAccessible: a LoadBalancer Service: node ports, load balancer IPs and \
+                 external IPs use local endpoints",
+                policy_case(
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}\n\
+                     status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}",
+                    &[1, 2],
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80]",
+                    "198.51.100.1:80/TCP LoadBalancer default/a -> [10.1.0.1:80]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80]",
+                ],
+            ),
+            (
+                "not ExternallyAccessible: a ClusterIP Service without externalIPs has no external \
+                 frontend, and externalTrafficPolicy Local changes nothing",
+                policy_case(
+                    "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                    &[1, 2],
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
             ),
             (
                 "a node without a name has no local endpoints",
