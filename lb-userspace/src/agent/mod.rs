@@ -41,7 +41,7 @@ use crate::{
     source::{
         Changes, NodeFacts, Source,
         kube::{KubeConfig, KubeSource},
-        manifests::ManifestsSource,
+        manifests::{ManifestsSource, allocate::Ranges},
         sleep_until,
     },
     sync::{SyncConfig, SyncError, Syncer},
@@ -57,8 +57,8 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Where the cluster state comes from.
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
-    /// A folder of manifests.
-    Manifests(PathBuf),
+    /// A folder of manifests, and the ranges values the Services lack come from.
+    Manifests(PathBuf, Ranges),
     /// The Kubernetes API.
     Kube(KubeConfig),
 }
@@ -105,8 +105,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;
     info!(address = %served, "serving /metrics, /healthz and /readyz");
     match &config.source {
-        SourceConfig::Manifests(dir) => {
-            let source = ManifestsSource::new(dir, config.resync, metrics.clone())?;
+        SourceConfig::Manifests(dir, ranges) => {
+            let source = ManifestsSource::new(dir, config.resync, metrics.clone(), ranges.clone())?;
             serve(source, &config, metrics).await
         }
         SourceConfig::Kube(kube) => {

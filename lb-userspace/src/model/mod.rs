@@ -604,6 +604,16 @@ impl fmt::Display for IpCidr {
     }
 }
 
+impl std::str::FromStr for IpCidr {
+    type Err = String;
+
+    /// `address/prefix-length`, either family, as the API server reads CIDRs.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_cidr(String::new, s)
+            .map_err(|_| format!("{s:?} is not a CIDR (address/prefix-length)"))
+    }
+}
+
 /// A validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -618,6 +628,9 @@ pub struct Service {
     pub ip_families: Vec<IpFamily>,
     /// spec.ipFamilyPolicy.
     pub ip_family_policy: IpFamilyPolicy,
+    /// spec.ipFamilies as written (empty when not given): what an allocator honours when
+    /// the Service has no cluster IP yet.
+    pub ip_families_requested: Vec<IpFamily>,
     /// spec.ports.
     pub ports: Vec<ServicePort>,
     /// spec.externalIPs, both families.
@@ -628,6 +641,12 @@ pub struct Service {
     pub load_balancer_source_ranges: Vec<IpCidr>,
     /// spec.externalTrafficPolicy.
     pub external_traffic_policy: TrafficPolicy,
+    /// spec.healthCheckNodePort: where kube-proxy serves the Service's health check (a
+    /// LoadBalancer Service with externalTrafficPolicy Local), when allocated.
+    pub health_check_node_port: Option<u16>,
+    /// spec.allocateLoadBalancerNodePorts (default true): whether a LoadBalancer Service
+    /// gets node ports.
+    pub allocate_load_balancer_node_ports: bool,
     /// spec.internalTrafficPolicy.
     pub internal_traffic_policy: TrafficPolicy,
     /// spec.sessionAffinity and its timeout.
@@ -1003,6 +1022,17 @@ impl Service {
         };
 
         let (cluster_ip, ip_families, ip_family_policy) = cluster_ip(spec)?;
+        // Valid: cluster_ip checked them.
+        let ip_families_requested = spec
+            .ip_families
+            .iter()
+            .flatten()
+            .filter_map(|f| IpFamily::parse(String::new, f).ok())
+            .collect();
+        let health_check_node_port = match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(|| "spec.healthCheckNodePort".into(), n)?),
+        };
         let ports = spec
             .ports
             .iter()
@@ -1129,6 +1159,7 @@ impl Service {
             cluster_ip,
             ip_families,
             ip_family_policy,
+            ip_families_requested,
             ports,
             external_ips,
             load_balancer_ingress,
@@ -1137,6 +1168,10 @@ impl Service {
                 "spec.externalTrafficPolicy",
                 spec.external_traffic_policy.as_deref(),
             )?,
+            health_check_node_port,
+            allocate_load_balancer_node_ports: spec
+                .allocate_load_balancer_node_ports
+                .unwrap_or(true),
             internal_traffic_policy: TrafficPolicy::parse(
                 "spec.internalTrafficPolicy",
                 spec.internal_traffic_policy.as_deref(),
@@ -1218,10 +1253,9 @@ fn cluster_ip(
                     _ => vec![IpFamily::V4],
                 };
             } else if policy == IpFamilyPolicy::RequireDualStack && families.len() < 2 {
-                return Err(ValidationError::Inconsistent {
-                    field: "spec.ipFamilies".into(),
-                    reason: "RequireDualStack needs both IP families".into(),
-                });
+                // The API server adds the other family (the given one stays primary).
+                let other = IpFamily::ALL.into_iter().find(|f| !families.contains(f));
+                families.extend(other);
             }
             return Ok((ClusterIp::Unassigned, families, policy));
         }
@@ -1534,6 +1568,7 @@ spec:
                 }),
                 ip_families: vec![IpFamily::V4],
                 ip_family_policy: IpFamilyPolicy::SingleStack,
+                ip_families_requested: vec![],
                 ports: vec![ServicePort {
                     name: String::new(),
                     protocol: Protocol::Tcp,
@@ -1545,6 +1580,8 @@ spec:
                 load_balancer_ingress: vec![],
                 load_balancer_source_ranges: vec![],
                 external_traffic_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
+                allocate_load_balancer_node_ports: true,
                 internal_traffic_policy: TrafficPolicy::Cluster,
                 session_affinity: SessionAffinity::None,
                 traffic_distribution: None,
@@ -1687,6 +1724,39 @@ status:
         assert_eq!(s.ports[0].node_port, Some(30080));
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
         assert_eq!(s.ports[1].target_port, TargetPort::Number(53));
+        assert_eq!(s.health_check_node_port, None);
+        assert!(s.allocate_load_balancer_node_ports);
+        assert_eq!(s.ip_families_requested, vec![]);
+    }
+
+    #[test]
+    fn what_an_allocator_reads() {
+        let s = svc("
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: PreferDualStack
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  allocateLoadBalancerNodePorts: false
+  ports: [{port: 80}]
+")
+        .unwrap();
+        assert_eq!(s.cluster_ip, ClusterIp::Unassigned);
+        assert_eq!(s.ip_families_requested, vec![IpFamily::V6, IpFamily::V4]);
+        assert_eq!(s.health_check_node_port, Some(32000));
+        assert!(!s.allocate_load_balancer_node_ports);
+        assert_eq!(
+            "10.96.0.0/12".parse::<IpCidr>().unwrap().to_string(),
+            "10.96.0.0/12"
+        );
+        assert_eq!(
+            "10.96.0.0".parse::<IpCidr>().unwrap_err(),
+            "\"10.96.0.0\" is not a CIDR (address/prefix-length)"
+        );
     }
 
     #[test]
@@ -1756,6 +1826,11 @@ status:
                 vec![V4],
                 PreferDualStack,
             ),
+            (
+                "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6]}",
+                vec![V6, V4],
+                RequireDualStack,
+            ),
             ("{}", vec![V4], SingleStack),
         ];
         for (spec, families, policy) in cases {
@@ -1817,6 +1892,10 @@ status:
             (
                 "{spec: {type: Magic}}",
                 "spec.type: unsupported value \"Magic\", expected one of ClusterIP, NodePort, LoadBalancer, ExternalName",
+            ),
+            (
+                "{spec: {type: LoadBalancer, healthCheckNodePort: 65536}}",
+                "spec.healthCheckNodePort: 65536 is out of range 1-65535",
             ),
             (
                 "{spec: {externalTrafficPolicy: Global}}",

@@ -20,6 +20,9 @@ use crate::{
 pub struct Plan {
     /// One row per frontend, sorted by frontend.
     pub frontends: Vec<PlanRow>,
+    /// Objects skipped on purpose (kinds lb does not read) and values allocated (cluster IPs,
+    /// node ports).
+    pub notes: Vec<String>,
     /// Translation warnings (a frontend claimed twice, a slice without a Service, ...).
     pub warnings: Vec<String>,
     /// Objects, documents or files that could not be read; they are not in the plan.
@@ -67,6 +70,7 @@ impl Plan {
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                 })
                 .collect(),
+            notes: set.notes.iter().map(|n| n.to_string()).collect(),
             warnings: translation.warnings.iter().map(|w| w.to_string()).collect(),
             errors: set.errors.iter().map(|e| e.to_string()).collect(),
         }
