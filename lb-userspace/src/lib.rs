@@ -28,4 +28,13 @@ pub(crate) mod testutil {
             seed % n
         }
     }
+
+    /// The objects of a YAML stream (Services, EndpointSlices, Endpoints), which must all be
+    /// valid; nothing allocated.
+    pub fn state(yaml: &str) -> crate::model::ClusterState {
+        let set = crate::source::manifests::load::load_str(std::path::Path::new("t.yaml"), yaml);
+        let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+        assert!(errors.is_empty(), "{errors:#?}");
+        set.state
+    }
 }

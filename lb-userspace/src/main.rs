@@ -25,9 +25,15 @@ use lb_userspace::{
         maps::DatapathMaps as _,
     },
     metrics,
-    model::{NodeInfo, Protocol, Selection},
+    model::{IpCidr, NodeInfo, Protocol, Selection},
     plan::{maglev, render::Plan, translate},
-    source::{kube::KubeConfig, manifests::load as manifest},
+    source::{
+        kube::KubeConfig,
+        manifests::{
+            allocate::{self, Ranges},
+            load as manifest,
+        },
+    },
     sync::SyncConfig,
 };
 
@@ -76,6 +82,8 @@ enum Command {
         /// Seconds between full resyncs, besides the updates changes trigger.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
+        #[command(flatten)]
+        ranges: RangeArgs,
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
@@ -95,7 +103,7 @@ enum Command {
         #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
         maglev_table_size: u32,
         /// How new flows choose a backend when the Service does not say (annotation
-        /// lb.example.io/selection): maglev (consistent hashing) or random.
+        /// lb.kube-lb.io/selection): maglev (consistent hashing) or random.
         #[arg(long, default_value_t = Selection::Maglev)]
         selection: Selection,
         /// Seconds a backend that left the EndpointSlices keeps serving its established
@@ -129,6 +137,8 @@ enum Command {
         /// This node's zone, for topology-aware routing.
         #[arg(long)]
         zone: Option<String>,
+        #[command(flatten)]
+        ranges: RangeArgs,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -181,6 +191,36 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// Manifests: the ranges of the API server's allocators, for what Services leave out.
+#[derive(clap::Args)]
+struct RangeArgs {
+    /// Manifests: the range (CIDR) a Service without clusterIP gets one from, as the API
+    /// server's --service-cluster-ip-range; repeat it for a second family (the first is the
+    /// primary). Give every node the same ranges: the allocation is a function of the folder
+    /// and the ranges. Default: 10.96.0.0/12.
+    #[arg(long = "service-cidr")]
+    service_cidrs: Vec<IpCidr>,
+    /// Manifests: the range a NodePort or LoadBalancer Service's ports without nodePort,
+    /// and a healthCheckNodePort, get one from.
+    #[arg(long, default_value = "30000-32767", value_parser = allocate::parse_node_ports)]
+    service_node_port_range: std::ops::RangeInclusive<u16>,
+}
+
+impl RangeArgs {
+    fn ranges(self) -> anyhow::Result<Ranges> {
+        let cidrs = if self.service_cidrs.is_empty() {
+            vec![
+                allocate::DEFAULT_SERVICE_CIDR
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            ]
+        } else {
+            self.service_cidrs
+        };
+        Ok(Ranges::new(cidrs, self.service_node_port_range)?)
+    }
 }
 
 /// East-west: pods and host processes to ClusterIPs.
@@ -284,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             zone,
             resync_secs,
+            ranges,
             metrics_addr,
             initial_sync_timeout_secs,
             debounce_ms,
@@ -301,7 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } = *east_west;
             let node_name = node_name.unwrap_or_else(agent::hostname);
             let source = match manifests {
-                Some(dir) => SourceConfig::Manifests(dir),
+                Some(dir) => SourceConfig::Manifests(dir, ranges.ranges()?),
                 None => SourceConfig::Kube(KubeConfig {
                     kubeconfig,
                     node_name: node_name.clone(),
@@ -349,9 +390,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             node_ips,
             zone,
+            ranges,
             output,
         } => {
-            let set = manifest::load_dir(&manifests)?;
+            let set = manifest::load_dir_with(&manifests, &ranges.ranges()?)?;
             let node = NodeInfo {
                 name: node_name,
                 addresses: node_ips,
@@ -363,6 +405,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
                 Output::Table => {
                     print!("{}", plan.table());
+                    for n in &plan.notes {
+                        eprintln!("note: {n}");
+                    }
                     for w in &plan.warnings {
                         eprintln!("warning: {w}");
                     }

@@ -33,15 +33,15 @@ use crate::{
         migrate::Migration,
     },
     metrics::{self, Metrics, SyncOutcome},
-    model::NodeInfo,
+    model::{NodeInfo, ObjectRef},
     plan::{
         desired::Frontend,
-        translate::{Changed, Translator},
+        translate::{Changed, Translator, Warning},
     },
     source::{
         Changes, NodeFacts, Source,
         kube::{KubeConfig, KubeSource},
-        manifests::ManifestsSource,
+        manifests::{ManifestsSource, allocate::Ranges},
         sleep_until,
     },
     sync::{SyncConfig, SyncError, Syncer},
@@ -57,8 +57,8 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Where the cluster state comes from.
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
-    /// A folder of manifests.
-    Manifests(PathBuf),
+    /// A folder of manifests, and the ranges values the Services lack come from.
+    Manifests(PathBuf, Ranges),
     /// The Kubernetes API.
     Kube(KubeConfig),
 }
@@ -105,8 +105,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;
     info!(address = %served, "serving /metrics, /healthz and /readyz");
     match &config.source {
-        SourceConfig::Manifests(dir) => {
-            let source = ManifestsSource::new(dir, config.resync, metrics.clone())?;
+        SourceConfig::Manifests(dir, ranges) => {
+            let source = ManifestsSource::new(dir, config.resync, metrics.clone(), ranges.clone())?;
             serve(source, &config, metrics).await
         }
         SourceConfig::Kube(kube) => {
@@ -171,6 +171,7 @@ async fn serve<S: Source>(
         interface_addresses,
         metrics,
         orphans_logged: false,
+        deprecations_logged: BTreeSet::new(),
     };
 
     let mut term = signal(SignalKind::terminate())?;
@@ -273,6 +274,8 @@ struct Agent<'a, M> {
     metrics: Arc<Metrics>,
     /// Whether the orphans kept at the first view have been logged.
     orphans_logged: bool,
+    /// The deprecated annotations already logged, by Service: each is logged once.
+    deprecations_logged: BTreeSet<(ObjectRef, &'static str)>,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -321,9 +324,7 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 (changed, false)
             }
         };
-        for w in &changed.warnings {
-            warn!("{w}");
-        }
+        self.log_warnings(&changed.warnings);
         self.write(
             Some(&changed.frontends).filter(|_| !full),
             started,
@@ -339,12 +340,29 @@ impl<M: DatapathMaps> Agent<'_, M> {
         };
         if translator.node() != &node {
             log_node(&node);
-            for w in translator.set_node(source.state(), node).warnings {
-                warn!("{w}");
-            }
+            let warnings = translator.set_node(source.state(), node).warnings;
+            self.log_warnings(&warnings);
         }
         let now = Instant::now();
         self.write(None, now, now)
+    }
+
+    /// Logs translation warnings; a deprecated annotation once per Service (it is reported
+    /// whenever the Service is translated again).
+    fn log_warnings(&mut self, warnings: &[Warning]) {
+        for w in warnings {
+            if let Warning::DeprecatedAnnotation {
+                service,
+                annotation,
+            } = w
+                && !self
+                    .deprecations_logged
+                    .insert((service.clone(), annotation.key))
+            {
+                continue;
+            }
+            warn!("{w}");
+        }
     }
 
     /// Writes the frontends `only` (all when `None`) as the translator has them; whether

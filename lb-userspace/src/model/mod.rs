@@ -215,9 +215,23 @@ pub enum Selection {
     Random,
 }
 
+/// The prefix of lb's annotations: `lb` (the component: the binary, the DaemonSet and its
+/// ServiceAccount are all `lb`) under `kube-lb.io` (the project, a Kubernetes Service load
+/// balancer), so that the keys never collide with another controller's and stay out of
+/// the `kubernetes.io` and `k8s.io` prefixes that Kubernetes reserves for itself.
+pub const ANNOTATION_PREFIX: &str = "lb.kube-lb.io/";
+/// The placeholder prefix of earlier releases: still read, with a deprecation warning
+/// ([`Service::deprecated_annotations`]); the key under [`ANNOTATION_PREFIX`] wins when both
+/// are given.
+pub const DEPRECATED_ANNOTATION_PREFIX: &str = "lb.example.io/";
 /// The Service annotation that chooses the [`Selection`] of its frontends: `maglev` or
 /// `random`. Without it the agent's `--selection` applies.
-pub const SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+pub const SELECTION_ANNOTATION: &str = "lb.kube-lb.io/selection";
+/// [`SELECTION_ANNOTATION`] under the deprecated prefix.
+pub const DEPRECATED_SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+/// Every annotation lb reads: its key, and its key under the deprecated prefix.
+pub const ANNOTATIONS: [(&str, &str); 1] =
+    [(SELECTION_ANNOTATION, DEPRECATED_SELECTION_ANNOTATION)];
 
 impl std::str::FromStr for Selection {
     type Err = String;
@@ -590,6 +604,16 @@ impl fmt::Display for IpCidr {
     }
 }
 
+impl std::str::FromStr for IpCidr {
+    type Err = String;
+
+    /// `address/prefix-length`, either family, as the API server reads CIDRs.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_cidr(String::new, s)
+            .map_err(|_| format!("{s:?} is not a CIDR (address/prefix-length)"))
+    }
+}
+
 /// A validated Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -604,6 +628,9 @@ pub struct Service {
     pub ip_families: Vec<IpFamily>,
     /// spec.ipFamilyPolicy.
     pub ip_family_policy: IpFamilyPolicy,
+    /// spec.ipFamilies as written (empty when not given): what an allocator honours when
+    /// the Service has no cluster IP yet.
+    pub ip_families_requested: Vec<IpFamily>,
     /// spec.ports.
     pub ports: Vec<ServicePort>,
     /// spec.externalIPs, both families.
@@ -614,6 +641,12 @@ pub struct Service {
     pub load_balancer_source_ranges: Vec<IpCidr>,
     /// spec.externalTrafficPolicy.
     pub external_traffic_policy: TrafficPolicy,
+    /// spec.healthCheckNodePort: where kube-proxy serves the Service's health check (a
+    /// LoadBalancer Service with externalTrafficPolicy Local), when allocated.
+    pub health_check_node_port: Option<u16>,
+    /// spec.allocateLoadBalancerNodePorts (default true): whether a LoadBalancer Service
+    /// gets node ports.
+    pub allocate_load_balancer_node_ports: bool,
     /// spec.internalTrafficPolicy.
     pub internal_traffic_policy: TrafficPolicy,
     /// spec.sessionAffinity and its timeout.
@@ -622,6 +655,64 @@ pub struct Service {
     pub traffic_distribution: Option<TrafficDistribution>,
     /// The [`SELECTION_ANNOTATION`] annotation.
     pub selection: Option<Selection>,
+    /// The annotations given under the [`DEPRECATED_ANNOTATION_PREFIX`] (their keys), each
+    /// with its key under the new prefix.
+    pub deprecated_annotations: Vec<DeprecatedAnnotation>,
+}
+
+/// An annotation of a Service under the [`DEPRECATED_ANNOTATION_PREFIX`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeprecatedAnnotation {
+    /// The key given, e.g. `lb.example.io/selection`.
+    pub key: &'static str,
+    /// Its key under [`ANNOTATION_PREFIX`].
+    pub replacement: &'static str,
+    /// The Service gives the new key too, so this one is ignored.
+    pub ignored: bool,
+}
+
+impl fmt::Display for DeprecatedAnnotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ignored {
+            write!(
+                f,
+                "annotation {} is deprecated and ignored: {} is given too",
+                self.key, self.replacement
+            )
+        } else {
+            write!(
+                f,
+                "annotation {} is deprecated: rename it to {}",
+                self.key, self.replacement
+            )
+        }
+    }
+}
+
+/// The value of lb's annotation `key` (one of [`ANNOTATIONS`]) and the key it was found
+/// under: the new key, else the deprecated one.
+fn lb_annotation<'a>(
+    annotations: Option<&'a BTreeMap<String, String>>,
+    key: &'static str,
+    deprecated: &mut Vec<DeprecatedAnnotation>,
+) -> Option<(&'static str, &'a String)> {
+    let annotations = annotations?;
+    let old = ANNOTATIONS
+        .iter()
+        .find(|(new, _)| *new == key)
+        .map(|(_, old)| *old)?;
+    let new_value = annotations.get(key);
+    if annotations.contains_key(old) {
+        deprecated.push(DeprecatedAnnotation {
+            key: old,
+            replacement: key,
+            ignored: new_value.is_some(),
+        });
+    }
+    match new_value {
+        Some(v) => Some((key, v)),
+        None => annotations.get(old).map(|v| (old, v)),
+    }
 }
 
 /// `addressType` of an EndpointSlice.
@@ -892,6 +983,24 @@ fn unique_port_names<'a>(
 }
 
 impl Service {
+    /// kube-proxy's `ExternallyAccessible`: traffic from outside the cluster reaches the
+    /// Service through node ports, load balancer IPs or external IPs: types NodePort and
+    /// LoadBalancer, and ClusterIP with externalIPs.
+    pub fn externally_accessible(&self) -> bool {
+        match self.type_ {
+            ServiceType::NodePort | ServiceType::LoadBalancer => true,
+            ServiceType::ClusterIp => !self.external_ips.is_empty(),
+            ServiceType::ExternalName => false,
+        }
+    }
+
+    /// kube-proxy's `ExternalPolicyLocal`: externalTrafficPolicy Local on an externally
+    /// accessible Service (elsewhere the field means nothing). Its node ports, load balancer
+    /// IPs and external IPs then use this node's endpoints only.
+    pub fn external_policy_local(&self) -> bool {
+        self.externally_accessible() && self.external_traffic_policy == TrafficPolicy::Local
+    }
+
     /// Validates a Service from the API (or a manifest) and keeps what the datapath needs.
     pub fn from_k8s(svc: &core::Service) -> Result<Service, ValidationError> {
         let id = object_ref(&svc.metadata, dns1035_label)?;
@@ -913,6 +1022,17 @@ impl Service {
         };
 
         let (cluster_ip, ip_families, ip_family_policy) = cluster_ip(spec)?;
+        // Valid: cluster_ip checked them.
+        let ip_families_requested = spec
+            .ip_families
+            .iter()
+            .flatten()
+            .filter_map(|f| IpFamily::parse(String::new, f).ok())
+            .collect();
+        let health_check_node_port = match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(|| "spec.healthCheckNodePort".into(), n)?),
+        };
         let ports = spec
             .ports
             .iter()
@@ -1016,21 +1136,22 @@ impl Service {
             other => TrafficDistribution::Other(other.to_owned()),
         });
 
-        let selection = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SELECTION_ANNOTATION))
-            .map(|value| {
-                value
-                    .parse()
-                    .map_err(|_| ValidationError::UnsupportedValue {
-                        field: format!("metadata.annotations[{:?}]", SELECTION_ANNOTATION),
-                        value: value.clone(),
-                        expected: "maglev, random",
-                    })
-            })
-            .transpose()?;
+        let mut deprecated_annotations = Vec::new();
+        let selection = lb_annotation(
+            svc.metadata.annotations.as_ref(),
+            SELECTION_ANNOTATION,
+            &mut deprecated_annotations,
+        )
+        .map(|(key, value)| {
+            value
+                .parse()
+                .map_err(|_| ValidationError::UnsupportedValue {
+                    field: format!("metadata.annotations[{key:?}]"),
+                    value: value.clone(),
+                    expected: "maglev, random",
+                })
+        })
+        .transpose()?;
 
         Ok(Service {
             id,
@@ -1038,6 +1159,7 @@ impl Service {
             cluster_ip,
             ip_families,
             ip_family_policy,
+            ip_families_requested,
             ports,
             external_ips,
             load_balancer_ingress,
@@ -1046,6 +1168,10 @@ impl Service {
                 "spec.externalTrafficPolicy",
                 spec.external_traffic_policy.as_deref(),
             )?,
+            health_check_node_port,
+            allocate_load_balancer_node_ports: spec
+                .allocate_load_balancer_node_ports
+                .unwrap_or(true),
             internal_traffic_policy: TrafficPolicy::parse(
                 "spec.internalTrafficPolicy",
                 spec.internal_traffic_policy.as_deref(),
@@ -1053,6 +1179,7 @@ impl Service {
             session_affinity,
             traffic_distribution,
             selection,
+            deprecated_annotations,
         })
     }
 }
@@ -1126,10 +1253,9 @@ fn cluster_ip(
                     _ => vec![IpFamily::V4],
                 };
             } else if policy == IpFamilyPolicy::RequireDualStack && families.len() < 2 {
-                return Err(ValidationError::Inconsistent {
-                    field: "spec.ipFamilies".into(),
-                    reason: "RequireDualStack needs both IP families".into(),
-                });
+                // The API server adds the other family (the given one stays primary).
+                let other = IpFamily::ALL.into_iter().find(|f| !families.contains(f));
+                families.extend(other);
             }
             return Ok((ClusterIp::Unassigned, families, policy));
         }
@@ -1442,6 +1568,7 @@ spec:
                 }),
                 ip_families: vec![IpFamily::V4],
                 ip_family_policy: IpFamilyPolicy::SingleStack,
+                ip_families_requested: vec![],
                 ports: vec![ServicePort {
                     name: String::new(),
                     protocol: Protocol::Tcp,
@@ -1453,27 +1580,57 @@ spec:
                 load_balancer_ingress: vec![],
                 load_balancer_source_ranges: vec![],
                 external_traffic_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
+                allocate_load_balancer_node_ports: true,
                 internal_traffic_policy: TrafficPolicy::Cluster,
                 session_affinity: SessionAffinity::None,
                 traffic_distribution: None,
                 selection: None,
+                deprecated_annotations: vec![],
             }
         );
     }
 
     #[test]
     fn selection_annotation() {
-        let with = |value: &str| {
+        let with = |annotations: &str| {
             svc(&HTTPD.replace(
                 "metadata: {name: httpd-svc}",
-                &format!("metadata: {{name: httpd-svc, annotations: {{lb.example.io/selection: {value}}}}}"),
+                &format!("metadata: {{name: httpd-svc, annotations: {{{annotations}}}}}"),
             ))
         };
-        assert_eq!(with("random").unwrap().selection, Some(Selection::Random));
-        assert_eq!(with("maglev").unwrap().selection, Some(Selection::Maglev));
-        let error = with("round-robin").unwrap_err().to_string();
-        assert!(error.contains("lb.example.io/selection"), "{error}");
+        let new = |value: &str| with(&format!("lb.kube-lb.io/selection: {value}"));
+        assert_eq!(new("random").unwrap().selection, Some(Selection::Random));
+        assert_eq!(new("maglev").unwrap().selection, Some(Selection::Maglev));
+        assert_eq!(new("maglev").unwrap().deprecated_annotations, vec![]);
+        let error = new("round-robin").unwrap_err().to_string();
+        assert!(error.contains("lb.kube-lb.io/selection"), "{error}");
         assert!(error.contains("round-robin"), "{error}");
+
+        // The placeholder prefix of earlier releases still works, and says so.
+        let old = with("lb.example.io/selection: random").unwrap();
+        assert_eq!(old.selection, Some(Selection::Random));
+        assert_eq!(
+            old.deprecated_annotations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "annotation lb.example.io/selection is deprecated: rename it to lb.kube-lb.io/selection"
+            ]
+        );
+        let error = with("lb.example.io/selection: rr").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "metadata.annotations[\"lb.example.io/selection\"]: unsupported value \"rr\", expected one of maglev, random"
+        );
+        // Both: the new key wins; the old one, even invalid, is ignored and said to be.
+        let both = with("lb.example.io/selection: rr, lb.kube-lb.io/selection: random").unwrap();
+        assert_eq!(both.selection, Some(Selection::Random));
+        assert_eq!(
+            both.deprecated_annotations[0].to_string(),
+            "annotation lb.example.io/selection is deprecated and ignored: lb.kube-lb.io/selection is given too"
+        );
     }
 
     #[test]
@@ -1567,6 +1724,39 @@ status:
         assert_eq!(s.ports[0].node_port, Some(30080));
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
         assert_eq!(s.ports[1].target_port, TargetPort::Number(53));
+        assert_eq!(s.health_check_node_port, None);
+        assert!(s.allocate_load_balancer_node_ports);
+        assert_eq!(s.ip_families_requested, vec![]);
+    }
+
+    #[test]
+    fn what_an_allocator_reads() {
+        let s = svc("
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: PreferDualStack
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  allocateLoadBalancerNodePorts: false
+  ports: [{port: 80}]
+")
+        .unwrap();
+        assert_eq!(s.cluster_ip, ClusterIp::Unassigned);
+        assert_eq!(s.ip_families_requested, vec![IpFamily::V6, IpFamily::V4]);
+        assert_eq!(s.health_check_node_port, Some(32000));
+        assert!(!s.allocate_load_balancer_node_ports);
+        assert_eq!(
+            "10.96.0.0/12".parse::<IpCidr>().unwrap().to_string(),
+            "10.96.0.0/12"
+        );
+        assert_eq!(
+            "10.96.0.0".parse::<IpCidr>().unwrap_err(),
+            "\"10.96.0.0\" is not a CIDR (address/prefix-length)"
+        );
     }
 
     #[test]
@@ -1636,6 +1826,11 @@ status:
                 vec![V4],
                 PreferDualStack,
             ),
+            (
+                "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6]}",
+                vec![V6, V4],
+                RequireDualStack,
+            ),
             ("{}", vec![V4], SingleStack),
         ];
         for (spec, families, policy) in cases {
@@ -1697,6 +1892,10 @@ status:
             (
                 "{spec: {type: Magic}}",
                 "spec.type: unsupported value \"Magic\", expected one of ClusterIP, NodePort, LoadBalancer, ExternalName",
+            ),
+            (
+                "{spec: {type: LoadBalancer, healthCheckNodePort: 65536}}",
+                "spec.healthCheckNodePort: 65536 is out of range 1-65535",
             ),
             (
                 "{spec: {externalTrafficPolicy: Global}}",

@@ -20,6 +20,9 @@ use crate::{
 pub struct Plan {
     /// One row per frontend, sorted by frontend.
     pub frontends: Vec<PlanRow>,
+    /// Objects skipped on purpose (kinds lb does not read) and values allocated (cluster IPs,
+    /// node ports).
+    pub notes: Vec<String>,
     /// Translation warnings (a frontend claimed twice, a slice without a Service, ...).
     pub warnings: Vec<String>,
     /// Objects, documents or files that could not be read; they are not in the plan.
@@ -67,6 +70,7 @@ impl Plan {
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                 })
                 .collect(),
+            notes: set.notes.iter().map(|n| n.to_string()).collect(),
             warnings: translation.warnings.iter().map(|w| w.to_string()).collect(),
             errors: set.errors.iter().map(|e| e.to_string()).collect(),
         }
@@ -126,18 +130,15 @@ impl Plan {
 /// "Cluster" or "Local": the policy of the Service that applied to this frontend.
 fn traffic_policy(state: &ClusterState, plan: &FrontendPlan) -> &'static str {
     let id = ObjectRef::new(plan.service.namespace.clone(), plan.service.name.clone());
-    let policy = state.services.get(&id).map(|svc| {
+    // Translation only makes frontends of Services it read; the rule is translation's.
+    let local = state.services.get(&id).is_some_and(|svc| {
         if plan.kind.is_external() {
-            svc.external_traffic_policy
+            svc.external_policy_local()
         } else {
-            svc.internal_traffic_policy
+            svc.internal_traffic_policy == TrafficPolicy::Local
         }
     });
-    match policy {
-        Some(TrafficPolicy::Local) => "Local",
-        // Translation only makes frontends of Services it read.
-        Some(TrafficPolicy::Cluster) | None => "Cluster",
-    }
+    if local { "Local" } else { "Cluster" }
 }
 
 #[cfg(test)]
@@ -188,13 +189,18 @@ metadata: {name: broken, namespace: shop}
 spec: {ports: [{port: 70000}]}
 "#;
 
-    #[test]
-    fn the_plan_shows_policies_backends_and_errors() {
-        let node = NodeInfo {
+    /// The node `here`, at 192.168.1.5.
+    fn here() -> NodeInfo {
+        NodeInfo {
             name: "here".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 1, 5).into()],
             zone: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_plan_shows_policies_backends_and_errors() {
+        let node = here();
         let plan = plan_of(SERVICE, &node);
         let by_frontend = |f: &str| {
             plan.frontends
@@ -236,5 +242,41 @@ spec: {ports: [{port: 70000}]}
         );
         let json = serde_json::to_value(&plan).unwrap();
         assert_eq!(json["frontends"][0]["kind"], "ClusterIp");
+    }
+
+    #[test]
+    fn the_policy_shown_is_the_one_that_chose_the_backends() {
+        let node = here();
+        // externalTrafficPolicy Local counts where the Service is externally accessible:
+        // on a ClusterIP Service with externalIPs, not on one without.
+        let yaml = format!(
+            "{}---\n{}",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.20, externalTrafficPolicy: Local, externalIPs: [203.0.113.9], \
+             ports: [{name: http, port: 80}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.21, externalTrafficPolicy: Local, ports: [{name: http, port: 80}]}\n",
+            SERVICE.split("---\n").nth(1).unwrap()
+        );
+        let plan = plan_of(&yaml, &node);
+        let rows: Vec<(&str, &str, &[String])> = plan
+            .frontends
+            .iter()
+            .map(|r| (r.frontend.as_str(), r.traffic_policy, r.backends.as_slice()))
+            .collect();
+        let both = [
+            "10.244.1.2:8080".to_owned(),
+            "10.244.2.2:8080 (terminating)".to_owned(),
+        ];
+        let local = ["10.244.1.2:8080".to_owned()];
+        assert_eq!(
+            rows,
+            [
+                ("10.96.0.20:80/TCP", "Cluster", &both[..]),
+                ("10.96.0.21:80/TCP", "Cluster", &[][..]),
+                ("203.0.113.9:80/TCP", "Local", &local[..]),
+            ],
+            "{plan:#?}"
+        );
     }
 }

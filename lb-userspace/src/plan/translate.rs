@@ -39,8 +39,9 @@
 //! - Local policy: ready endpoints on this node (`nodeName` = [`NodeInfo::name`]); none ->
 //!   serving and terminating ones on this node; none -> no backends (packets dropped).
 //! - ClusterIP frontends follow internalTrafficPolicy; NodePort, ExternalIP and LoadBalancer
-//!   frontends follow externalTrafficPolicy (Local only counts for types NodePort and
-//!   LoadBalancer).
+//!   frontends follow externalTrafficPolicy. Local counts where kube-proxy's
+//!   `ExternallyAccessible` holds: types NodePort and LoadBalancer, and ClusterIP with
+//!   externalIPs (`Service::external_policy_local`).
 //!
 //! Terminating backends: [`Backend::terminating`] is false for the endpoints chosen above as
 //! ready, true for serving and terminating endpoints. The plan lists the serving-terminating
@@ -110,8 +111,8 @@ pub enum Warning {
     },
     /// A Service without clusterIP (only possible in hand-written manifests).
     #[error(
-        "{service}: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external \
-         IPs and load balancer IPs are programmed"
+        "{service}: no clusterIP (none given, none allocated); only its node ports, external IPs \
+         and load balancer IPs are programmed"
     )]
     NoClusterIp {
         /// The Service.
@@ -119,7 +120,8 @@ pub enum Warning {
     },
     /// A NodePort Service port without nodePort (only possible in hand-written manifests).
     #[error(
-        "{service}: port {port_name:?} has no nodePort (set it in the manifest); no node port programmed"
+        "{service}: port {port_name:?} has no nodePort (none given, none allocated); no node port \
+         programmed"
     )]
     NoNodePort {
         /// The Service.
@@ -132,6 +134,14 @@ pub enum Warning {
     SliceWithoutService {
         /// The slice.
         slice: ObjectRef,
+    },
+    /// An annotation under the deprecated prefix (`model::DEPRECATED_ANNOTATION_PREFIX`).
+    #[error("{service}: {annotation}")]
+    DeprecatedAnnotation {
+        /// The Service.
+        service: ObjectRef,
+        /// Which, and what to do.
+        annotation: model::DeprecatedAnnotation,
     },
 }
 
@@ -395,6 +405,13 @@ fn translate_service(
     node_addresses: &BTreeSet<IpAddr>,
 ) -> ServiceOutput {
     let mut out = ServiceOutput::default();
+    for annotation in &svc.deprecated_annotations {
+        out.entries
+            .push(Entry::Warning(Warning::DeprecatedAnnotation {
+                service: svc.id.clone(),
+                annotation: annotation.clone(),
+            }));
+    }
     // The families the Service has, with the cluster IP of each.
     let families: Vec<(IpFamily, Option<IpAddr>)> = match (svc.type_, svc.cluster_ip) {
         (ServiceType::ExternalName, _) | (_, ClusterIp::Headless) => return out,
@@ -410,7 +427,7 @@ fn translate_service(
         }
     };
     let has_node_ports = matches!(svc.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
-    let external_local = has_node_ports && svc.external_traffic_policy == TrafficPolicy::Local;
+    let external_local = svc.external_policy_local();
     let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let lb_vips: Vec<IpAddr> = if svc.type_ == ServiceType::LoadBalancer {
         svc.load_balancer_ingress
@@ -704,17 +721,10 @@ mod tests {
     use std::{net::Ipv4Addr, path::Path};
 
     use super::*;
-    use crate::source::manifests::load::load_str;
+    use crate::testutil::state;
 
     /// Parses a YAML stream of Services, EndpointSlices and Endpoints; every object must be
     /// valid.
-    fn state(yaml: &str) -> ClusterState {
-        let set = load_str(Path::new("test.yaml"), yaml);
-        let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
-        assert!(errors.is_empty(), "{errors:#?}");
-        set.state
-    }
-
     fn node() -> NodeInfo {
         NodeInfo {
             name: "node-a".into(),
@@ -828,12 +838,12 @@ mod tests {
         let set =
             crate::source::manifests::load::load_dir(&dir).expect("fixtures folder is readable");
         let errors: Vec<String> = set.errors.iter().map(|e| format!("{}", e.kind)).collect();
-        assert_eq!(
-            errors,
-            vec![
-                "kind Deployment (apps/v1) is not read here; read are Service (v1), EndpointSlice \
-                 (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
-            ]
+        assert_eq!(errors, Vec::<String>::new());
+        let notes: Vec<String> = set.notes.iter().map(ToString::to_string).collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].ends_with("skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not Deployment (apps/v1)"),
+            "{notes:?}"
         );
         assert_eq!(
             render(&translate(&set.state, &node())),
@@ -982,8 +992,8 @@ mod tests {
                 node(),
                 &[
                     "192.168.0.10:30080/TCP NodePort default/m:a -> []",
-                    "warning: default/m: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external IPs and load balancer IPs are programmed",
-                    "warning: default/m: port \"b\" has no nodePort (set it in the manifest); no node port programmed",
+                    "warning: default/m: no clusterIP (none given, none allocated); only its node ports, external IPs and load balancer IPs are programmed",
+                    "warning: default/m: port \"b\" has no nodePort (none given, none allocated); no node port programmed",
                 ],
             ),
             (
@@ -1193,7 +1203,8 @@ mod tests {
                 ],
             ),
             (
-                "externalTrafficPolicy Local only counts for NodePort and LoadBalancer types",
+                "ExternallyAccessible: a ClusterIP Service with externalIPs and \
+                 ExternalPolicyLocal: its external IPs use local endpoints, its cluster IP all",
                 policy_case(
                     "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
                     &[1, 2],
@@ -1201,8 +1212,34 @@ mod tests {
                 node(),
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
-                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80]",
                 ],
+            ),
+            (
+                "ExternallyAccessible: a LoadBalancer Service: node ports, load balancer IPs and \
+                 external IPs use local endpoints",
+                policy_case(
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}\n\
+                     status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}",
+                    &[1, 2],
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80]",
+                    "198.51.100.1:80/TCP LoadBalancer default/a -> [10.1.0.1:80]",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [10.1.0.1:80]",
+                ],
+            ),
+            (
+                "not ExternallyAccessible: a ClusterIP Service without externalIPs has no external \
+                 frontend, and externalTrafficPolicy Local changes nothing",
+                policy_case(
+                    "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                    &[1, 2],
+                ),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80, 10.1.0.2:80]"],
             ),
             (
                 "a node without a name has no local endpoints",
@@ -1339,13 +1376,24 @@ mod tests {
             ),
             (
                 "the selection annotation reaches every frontend of the Service",
-                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.example.io/selection: random}}\n\
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.kube-lb.io/selection: random}}\n\
                  spec: {type: NodePort, clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: 30080}]}\n"
                     .to_owned(),
                 node(),
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
                     "192.168.0.10:30080/TCP NodePort default/r -> [] selection=random",
+                ],
+            ),
+            (
+                "the deprecated prefix of the annotation still works, with a warning",
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: r, annotations: {lb.example.io/selection: random}}\n\
+                 spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n"
+                    .to_owned(),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
+                    "warning: default/r: annotation lb.example.io/selection is deprecated: rename it to lb.kube-lb.io/selection",
                 ],
             ),
             (
@@ -1533,7 +1581,7 @@ mod tests {
                 node_ds(),
                 &[
                     "[fd00:ff::10]:30084/TCP NodePort default/u -> [[fd00:1::6]:80]",
-                    "warning: default/u: no clusterIP (set spec.clusterIP in the manifest); only its node ports, external IPs and load balancer IPs are programmed",
+                    "warning: default/u: no clusterIP (none given, none allocated); only its node ports, external IPs and load balancer IPs are programmed",
                 ],
             ),
             (

@@ -111,16 +111,8 @@ pub(crate) async fn sleep_until(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::source::manifests::load::load_str;
-
-    fn view(yaml: &str) -> ClusterState {
-        let set = load_str(Path::new("t.yaml"), yaml);
-        assert!(set.errors.is_empty(), "{:?}", set.errors);
-        set.state
-    }
+    use crate::testutil::state;
 
     const A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
     const B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
@@ -130,8 +122,8 @@ mod tests {
     #[test]
     fn changes_between_views_name_added_modified_and_removed_objects() {
         let now = Instant::now();
-        let old = view(&format!("{A}---\n{B}"));
-        let new = view(&format!("{B2}---\n{S}"));
+        let old = state(&format!("{A}---\n{B}"));
+        let new = state(&format!("{B2}---\n{S}"));
         let c = Changes::between(&old, &new, now);
         let names = |s: &BTreeSet<ObjectRef>| s.iter().map(|r| r.to_string()).collect::<Vec<_>>();
         assert_eq!(names(&c.services), ["default/a", "default/b"]);

@@ -126,6 +126,9 @@ pub struct ServiceInfo {
     /// The backends, `address:port`.
     #[serde(default)]
     pub backends: Vec<String>,
+    /// How new flows choose a backend: `maglev` or `random`.
+    #[serde(default)]
+    pub selection: String,
 }
 
 impl ServiceInfo {

@@ -40,6 +40,20 @@ impl Folder {
         Ok(folder)
     }
 
+    /// A new folder with the files of `dir` (not its subfolders).
+    pub fn copy_of(dir: &Path) -> Result<Self> {
+        let folder = Self::new()?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() {
+                let name = path.file_name().context("a file name")?;
+                std::fs::copy(&path, folder.0.join(name))
+                    .with_context(|| format!("copy {}", path.display()))?;
+            }
+        }
+        Ok(folder)
+    }
+
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.0

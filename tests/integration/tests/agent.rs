@@ -113,6 +113,109 @@ fn the_agent_follows_edits_to_the_folder() {
 }
 
 #[test]
+fn the_deprecated_annotation_prefix_still_works_and_is_logged_once_per_service() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let annotate = |text: &str, annotation: &str| {
+        text.replacen(
+            "  name: httpd-svc\n",
+            &format!("  name: httpd-svc\n  annotations: {{{annotation}}}\n"),
+            1,
+        )
+    };
+    let original = folder.read("httpd-svc.yaml").unwrap();
+    let old = annotate(&original, "lb.example.io/selection: random");
+    assert_ne!(old, original, "examples/httpd-svc.yaml names httpd-svc");
+    folder.write("httpd-svc.yaml", &old).unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let random = |s: &[lb_tests::ServiceInfo]| {
+        lb_tests::ServiceInfo::find(s, CLUSTER_IP).is_some_and(|r| r.selection == "random")
+    };
+    agent
+        .wait_until("the old annotation's selection", random)
+        .unwrap();
+    // Translated again and again (its EndpointSlice changes): still one warning.
+    let pod2 = topology.pods[1].ip.to_string();
+    for i in 0..3 {
+        let text = if i % 2 == 0 {
+            remove_endpoint(&old, &pod2)
+        } else {
+            old.clone()
+        };
+        folder.write("httpd-svc.yaml", &text).unwrap();
+        let want = if i % 2 == 0 { 1 } else { 2 };
+        agent
+            .wait_until("the slice change", |s| {
+                backends_of(s, CLUSTER_IP).is_some_and(|b| b.len() == want)
+            })
+            .unwrap();
+    }
+    let warning = "default/httpd-svc: annotation lb.example.io/selection is deprecated: rename it \
+                   to lb.kube-lb.io/selection";
+    let log = agent.log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    // The new prefix: no warning, same effect.
+    folder
+        .write(
+            "httpd-svc.yaml",
+            &annotate(&original, "lb.kube-lb.io/selection: random"),
+        )
+        .unwrap();
+    agent
+        .wait_until("the new annotation's selection", random)
+        .unwrap();
+    assert_eq!(agent.log().matches("deprecated").count(), 1);
+}
+
+/// The documentation's application folder as it is (a Deployment, a Service without
+/// clusterIP and nodePort, its EndpointSlice): the agent skips the Deployment, allocates what
+/// an API server would, and serves the Service on both; a restarted agent allocates the same.
+#[test]
+fn an_application_folder_works_as_it_is() {
+    let dir = lb_tests::agent::workspace_dir().join("tests/fixtures/httpd-app");
+    let folder = Folder::copy_of(&dir).unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let log_has = |agent: &Agent, what: &str| agent.log().contains(what);
+    let services = agent
+        .wait_until("the Service's two frontends", |s| s.len() == 2)
+        .unwrap();
+    let frontends: Vec<String> = services.iter().map(|s| s.frontend.clone()).collect();
+    for s in &services {
+        assert_eq!(s.selectable().len(), 2, "{s:?}");
+        let (addr, port) = s
+            .frontend
+            .strip_suffix("/TCP")
+            .unwrap()
+            .rsplit_once(':')
+            .unwrap();
+        let addr: std::net::Ipv4Addr = addr.parse().unwrap();
+        let port: u16 = port.parse().unwrap();
+        let note = if addr == lb_tests::NODE_IP {
+            format!("spec.ports[0].nodePort {port} allocated from 30000-32767")
+        } else {
+            format!("spec.clusterIPs[0] {addr} allocated from 10.96.0.0/12")
+        };
+        assert!(log_has(&agent, &note), "{note}: {}", agent.log());
+        let tally = lb_tests::http_tally(&topology.client, addr, port, 20).unwrap();
+        lb_tests::ensure_all_served(&tally, &topology.pod_names()).unwrap();
+    }
+    assert!(log_has(&agent, "Deployment default/httpd: skipped"));
+    assert!(!agent.log().contains("ERROR"), "{}", agent.log());
+
+    agent.stop().unwrap();
+    agent
+        .restart(&topology.node, &lb_tests::lb_bin(), &[])
+        .unwrap();
+    let again = agent
+        .wait_until("the same frontends after a restart", |s| {
+            s.iter().map(|s| s.frontend.clone()).collect::<Vec<_>>() == frontends
+        })
+        .unwrap();
+    assert_eq!(again.len(), 2);
+}
+
+#[test]
 fn the_manifests_agent_serves_metrics_and_readiness() {
     let folder = Folder::copy_of_examples().unwrap();
     let topology = Topology::new(2).expect("topology");

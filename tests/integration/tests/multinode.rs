@@ -25,18 +25,35 @@ fn nodeport_service(
     policy: &str,
     pods: &[(&Pod, &str)],
 ) -> String {
+    let node_ports = [
+        format!(", nodePort: {node_port}"),
+        format!(", nodePort: {}", node_port + 1),
+    ];
+    service(name, cluster_ip, "type: NodePort", node_ports, policy, pods)
+}
+
+/// A Service `name` as [`nodeport_service`] describes it, with `spec` (e.g. its type) and
+/// the `extra` fields of its two ports (e.g. their node ports).
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    spec: &str,
+    extra: [String; 2],
+    policy: &str,
+    pods: &[(&Pod, &str)],
+) -> String {
     let v6 = cluster_ip.parse::<std::net::Ipv6Addr>().is_ok();
     let family = if v6 { "IPv6" } else { "IPv4" };
+    let [http, dns] = extra;
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-         spec:\n  type: NodePort\n  ipFamilies: [{family}]\n  clusterIP: '{cluster_ip}'\n  externalTrafficPolicy: {policy}\n  \
-         ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: {HTTP_PORT}, nodePort: {node_port}}}\n  \
-         - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}, nodePort: {}}}\n\
+         spec:\n  {spec}\n  ipFamilies: [{family}]\n  clusterIP: '{cluster_ip}'\n  externalTrafficPolicy: {policy}\n  \
+         ports:\n  - {{name: http, protocol: TCP, port: 80, targetPort: {HTTP_PORT}{http}}}\n  \
+         - {{name: dns, protocol: UDP, port: 53, targetPort: {UDP_PORT}{dns}}}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
          addressType: {family}\nports:\n- {{name: http, protocol: TCP, port: {HTTP_PORT}}}\n\
          - {{name: dns, protocol: UDP, port: {UDP_PORT}}}\nendpoints:\n",
-        node_port + 1
     );
     for (pod, node) in pods {
         let addr = match (v6, pod.ip6) {
@@ -223,16 +240,18 @@ fn ipv6_nodeport_traffic_to_backends_on_the_other_node_is_source_natted_and_retu
     assert_eq!(nat_counter(&topology, "nat_exhausted"), 0.0);
 }
 
+/// Every pod of both nodes, with its node's name.
+fn all_pods(topology: &TwoNodes) -> Vec<(&Pod, &'static str)> {
+    let a = topology.pods_a.iter().map(|p| (p, "node-a"));
+    a.chain(topology.pods_b.iter().map(|p| (p, "node-b")))
+        .collect()
+}
+
 /// externalTrafficPolicy Local: only node A's pods, and the client's address kept.
 fn local_policy_keeps_the_client_address(family: &Family) {
     let topology = TwoNodes::new(2, 2).unwrap();
     let folder = Folder::new().unwrap();
-    let pods: Vec<(&Pod, &str)> = topology
-        .pods_a
-        .iter()
-        .map(|p| (p, "node-a"))
-        .chain(topology.pods_b.iter().map(|p| (p, "node-b")))
-        .collect();
+    let pods = all_pods(&topology);
     let yaml = nodeport_service("local", family.cluster_ip, HTTP_NODE_PORT, "Local", &pods);
     let http = frontend_name(family.node, HTTP_NODE_PORT, "TCP");
     let agent = agent_on_a(&topology, &folder, &yaml, &[&http], 2);
@@ -242,21 +261,31 @@ fn local_policy_keeps_the_client_address(family: &Family) {
         .wait_for(&[&frontend_name(cluster_ip, 80, "TCP")], 4)
         .unwrap();
 
-    let frontend = SocketAddr::new(family.node, HTTP_NODE_PORT);
+    only_local_pods(
+        &topology,
+        SocketAddr::new(family.node, HTTP_NODE_PORT),
+        SocketAddr::new(family.node, UDP_NODE_PORT),
+        family.client,
+    );
+    assert_eq!(nat_counter(&topology, "nat_allocated"), 0.0);
+}
+
+/// HTTP through `http` and UDP through `udp` reach node A's pods only, all of them, and
+/// they see the client's address `client`.
+fn only_local_pods(topology: &TwoNodes, http: SocketAddr, udp: SocketAddr, client: IpAddr) {
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..24 {
-        let (pod, seen) = peer(&topology, frontend);
+        let (pod, seen) = peer(topology, http);
         assert!(names(&topology.pods_a).contains(&pod), "{pod} is not local");
-        assert_eq!(seen.ip(), family.client, "the client's address is kept");
+        assert_eq!(seen.ip(), client, "the client's address is kept");
         served.insert(pod);
     }
     assert_eq!(
         served.into_iter().collect::<Vec<_>>(),
         names(&topology.pods_a)
     );
-    let tally = udp_tally(&topology.client, family.node, UDP_NODE_PORT, 24).unwrap();
+    let tally = udp_tally(&topology.client, udp.ip(), udp.port(), 24).unwrap();
     ensure_all_served(&tally, &names(&topology.pods_a)).unwrap();
-    assert_eq!(nat_counter(&topology, "nat_allocated"), 0.0);
 }
 
 #[test]
@@ -267,4 +296,49 @@ fn external_traffic_policy_local_keeps_the_client_address_and_uses_only_local_po
 #[test]
 fn ipv6_external_traffic_policy_local_keeps_the_client_address_and_uses_only_local_pods() {
     local_policy_keeps_the_client_address(&V6);
+}
+
+/// externalTrafficPolicy Local on a ClusterIP Service with externalIPs (kube-proxy's
+/// `ExternallyAccessible`): its external IP uses node A's pods only, keeping the client's
+/// address; its cluster IP, reached from the same client, all four pods.
+#[test]
+fn external_traffic_policy_local_on_a_cluster_ip_service_with_external_ips() {
+    let topology = TwoNodes::new(2, 2).unwrap();
+    let folder = Folder::new().unwrap();
+    let noop = folder.path().join("noop.o");
+    std::fs::write(&noop, lb_userspace::NOOP_OBJECT).unwrap();
+    topology.xdp_on_lan_port(&noop).unwrap();
+    let pods = all_pods(&topology);
+    let external: IpAddr = "10.97.1.1".parse().unwrap();
+    let yaml = service(
+        "ext",
+        V4.cluster_ip,
+        &format!("type: ClusterIP\n  externalIPs: ['{external}']"),
+        [String::new(), String::new()],
+        "Local",
+        &pods,
+    );
+    let http = frontend_name(external, 80, "TCP");
+    let cluster_ip: IpAddr = V4.cluster_ip.parse().unwrap();
+    let agent = agent_on_a(&topology, &folder, &yaml, &[&http], 2);
+    agent
+        .wait_for(&[&frontend_name(cluster_ip, 80, "TCP")], 4)
+        .unwrap();
+
+    only_local_pods(
+        &topology,
+        SocketAddr::new(external, 80),
+        SocketAddr::new(external, 53),
+        V4.client,
+    );
+
+    let all: Vec<String> = names(&topology.pods_a)
+        .into_iter()
+        .chain(names(&topology.pods_b))
+        .collect();
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        served.insert(peer(&topology, SocketAddr::new(cluster_ip, 80)).0);
+    }
+    assert_eq!(served.into_iter().collect::<Vec<_>>(), all);
 }

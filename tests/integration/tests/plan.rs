@@ -154,3 +154,148 @@ fn plan_of_a_dual_stack_folder_gives_each_family_its_frontends_and_backends() {
         "each family's frontends, none for the IPv4 externalIP of the IPv6-only echo-v6"
     );
 }
+
+/// The documentation's application folder, as it is: the Deployment `httpd`, the Service
+/// `httpd-svc` (NodePort 8080 -> 80, no clusterIP, no nodePort) and the EndpointSlice the
+/// control plane would write (`tests/fixtures/httpd-app/`).
+fn httpd_app_dir() -> std::path::PathBuf {
+    lb_tests::agent::workspace_dir().join("tests/fixtures/httpd-app")
+}
+
+/// The plan of a folder as JSON, with `extra` arguments; it must succeed.
+fn plan_json(dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(lb_bin())
+        .args([
+            "plan",
+            "--node-name",
+            "node",
+            "--output",
+            "json",
+            "--manifests",
+        ])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run lb plan");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|v| v.as_str().expect("a string").to_owned())
+        .collect()
+}
+
+#[test]
+fn an_application_folder_plans_as_it_is_with_allocated_cluster_ip_and_node_port() {
+    let dir = httpd_app_dir();
+    let plan = plan_json(&dir, &["--node-ip", &NODE_IP.to_string()]);
+    assert_eq!(strings(&plan["errors"]), Vec::<String>::new(), "{plan}");
+    let notes = strings(&plan["notes"]);
+    assert!(
+        notes[0].ends_with(
+            "httpd.yml document 1 (line 1) Deployment default/httpd: skipped: lb reads \
+             Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not \
+             Deployment (apps/v1)"
+        ),
+        "{notes:?}"
+    );
+    let rows = plan["frontends"].as_array().unwrap();
+    let frontends: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["frontend"].as_str().unwrap(), r["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(frontends.len(), 2, "{plan}");
+    let (cluster_ip, node_port) = (frontends[0].0, frontends[1].0);
+    assert_eq!((frontends[0].1, frontends[1].1), ("ClusterIp", "NodePort"));
+    // From Kubernetes' default ranges, the upper (dynamic) bands: 10.96.1.0 and up in
+    // 10.96.0.0/12, 30086 and up in 30000-32767; said in the notes.
+    let ip: std::net::Ipv4Addr = cluster_ip
+        .strip_suffix(":8080/TCP")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (u32::from(std::net::Ipv4Addr::new(10, 96, 1, 0))
+            ..u32::from(std::net::Ipv4Addr::new(10, 112, 0, 0)))
+            .contains(&u32::from(ip)),
+        "{ip}"
+    );
+    let port: u16 = node_port
+        .strip_prefix(&format!("{NODE_IP}:"))
+        .and_then(|p| p.strip_suffix("/TCP"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((30086..=32767).contains(&port), "{port}");
+    assert_eq!(
+        notes[1..],
+        [
+            format!("default/httpd-svc: spec.clusterIPs[0] {ip} allocated from 10.96.0.0/12"),
+            format!("default/httpd-svc: spec.ports[0].nodePort {port} allocated from 30000-32767"),
+        ]
+    );
+    for row in rows {
+        assert_eq!(
+            strings(&row["backends"]),
+            ["10.244.1.2:80", "10.244.2.2:80"],
+            "{row}"
+        );
+    }
+
+    // Another node (another name and address) gets the same values.
+    let other = plan_json(&dir, &["--node-ip", "10.200.0.3"]);
+    assert_eq!(other["frontends"][0]["frontend"], cluster_ip);
+    assert_eq!(
+        other["frontends"][1]["frontend"],
+        format!("10.200.0.3:{port}/TCP")
+    );
+
+    // Other ranges: from them.
+    let other = plan_json(
+        &dir,
+        &[
+            "--service-cidr",
+            "10.100.0.0/16",
+            "--service-node-port-range",
+            "40000-40999",
+            "--node-ip",
+            "10.200.0.3",
+        ],
+    );
+    let notes = strings(&other["notes"]);
+    assert!(
+        notes[1].contains("allocated from 10.100.0.0/16"),
+        "{notes:?}"
+    );
+    assert!(notes[2].contains("allocated from 40000-40999"), "{notes:?}");
+}
+
+#[test]
+fn bad_ranges_are_refused() {
+    for (args, error) in [
+        (
+            &["--service-cidr", "10.0.0.0/8"][..],
+            "--service-cidr 10.0.0.0/8: too large",
+        ),
+        (&["--service-cidr", "10.0.0.0"][..], "is not a CIDR"),
+        (
+            &["--service-node-port-range", "40000-30000"][..],
+            "is not a port range",
+        ),
+    ] {
+        let out = Command::new(lb_bin())
+            .args(["plan", "--node-name", "node", "--manifests"])
+            .arg(httpd_app_dir())
+            .args(args)
+            .output()
+            .expect("run lb plan");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(error), "{args:?}: {stderr}");
+    }
+}

@@ -8,7 +8,14 @@
 //! or `ServiceList`/`EndpointSliceList`/`EndpointsList`) with `items`. Read are Service (v1),
 //! EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1, converted as the mirroring controller
 //! does, see [`EndpointSlice::from_k8s_endpoints`]); an object without namespace is in
-//! `default`.
+//! `default`. Objects of other kinds (an application's Deployment, ConfigMap, ...) are
+//! skipped with a note ([`ManifestSet::notes`]), so that an application's folder works as it
+//! is; a kind read here in another apiVersion (EndpointSlice discovery.k8s.io/v1beta1) is an
+//! error.
+//!
+//! What an API server would fill in, a folder read whole ([`load_dir`], [`Folder`]) gets from
+//! the allocators of [`super::allocate`]: cluster IPs, node ports and health check node
+//! ports, each noted.
 //!
 //! Only an unreadable folder fails the whole load. Everything else is reported per object in
 //! [`ManifestSet::errors`], each naming the file, the document, its first line and (when known)
@@ -31,6 +38,7 @@ use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
+use super::allocate::{self, Allocator, Ranges};
 use crate::model::{
     ClusterState, DEFAULT_NAMESPACE, EndpointSlice, ObjectRef, Service, ValidationError,
 };
@@ -42,6 +50,41 @@ pub struct ManifestSet {
     pub state: ClusterState,
     /// One entry per object (or file, or document) that could not be used.
     pub errors: Vec<ManifestError>,
+    /// Objects skipped on purpose, and what was allocated.
+    pub notes: Vec<ManifestNote>,
+}
+
+/// Something the folder's reader did that is no error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestNote {
+    /// An object of a kind this source does not read was skipped.
+    Skipped {
+        /// Where.
+        location: Location,
+        /// Its apiVersion.
+        api_version: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// What the allocators did for a Service.
+    Allocation(allocate::Note),
+}
+
+impl fmt::Display for ManifestNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManifestNote::Skipped {
+                location,
+                api_version,
+                kind,
+            } => write!(
+                f,
+                "{location}: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) \
+                 and Endpoints (v1), not {kind} ({api_version})"
+            ),
+            ManifestNote::Allocation(note) => note.fmt(f),
+        }
+    }
 }
 
 /// The folder itself cannot be listed.
@@ -136,7 +179,7 @@ pub enum ManifestErrorKind {
         /// `apiVersion` or `kind`.
         field: &'static str,
     },
-    /// A kind this source does not read.
+    /// A kind this source reads, in an apiVersion it does not.
     #[error(
         "kind {kind} ({api_version}) is not read here; read are Service (v1), EndpointSlice \
          (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
@@ -172,9 +215,15 @@ pub enum ManifestErrorKind {
     },
 }
 
-/// Reads the manifests folder `dir`. See the module documentation.
+/// Reads the manifests folder `dir`, allocating from Kubernetes' default ranges. See the
+/// module documentation.
 pub fn load_dir(dir: &Path) -> Result<ManifestSet, LoadDirError> {
-    Folder::read(dir).map(|(_, set)| set)
+    load_dir_with(dir, &Ranges::default())
+}
+
+/// Reads the manifests folder `dir`, allocating from `ranges`.
+pub fn load_dir_with(dir: &Path, ranges: &Ranges) -> Result<ManifestSet, LoadDirError> {
+    Folder::read_with(dir, ranges).map(|(_, set)| set)
 }
 
 /// Whether a file name is one of a manifest (`*.yaml`, `*.yml`, `*.json`, not hidden).
@@ -223,6 +272,8 @@ pub struct Folder {
     files: BTreeMap<PathBuf, BTreeSet<ObjectId>>,
     /// Each defined object: in how many files, and what it put in the state.
     objects: BTreeMap<ObjectId, Defined>,
+    /// What the Services that lack values got.
+    allocator: Allocator,
 }
 
 #[derive(Debug)]
@@ -260,11 +311,18 @@ pub struct FileChanges {
     pub slices: BTreeSet<ObjectRef>,
     /// What was wrong in the file.
     pub errors: Vec<ManifestError>,
+    /// Objects of the file skipped, and what was allocated anew (for any Service).
+    pub notes: Vec<ManifestNote>,
 }
 
 impl Folder {
     /// Reads every manifest of `dir` (as [`load_dir`]) and remembers where each object is.
     pub fn read(dir: &Path) -> Result<(Folder, ManifestSet), LoadDirError> {
+        Self::read_with(dir, &Ranges::default())
+    }
+
+    /// [`Folder::read`], allocating from `ranges`.
+    pub fn read_with(dir: &Path, ranges: &Ranges) -> Result<(Folder, ManifestSet), LoadDirError> {
         let mut loader = Loader::default();
         for file in &manifest_files(dir)? {
             loader.read(file);
@@ -282,12 +340,18 @@ impl Folder {
                 defined.files += 1;
             }
         }
-        let folder = Folder {
+        let mut folder = Folder {
             dir: dir.to_owned(),
             files: std::mem::take(&mut loader.defined),
             objects,
+            allocator: Allocator::new(ranges.clone()),
         };
-        Ok((folder, loader.finish()))
+        let mut set = loader.finish();
+        let services: Vec<ObjectRef> = set.state.services.keys().cloned().collect();
+        let allocated = folder.allocator.update(&mut set.state, &services);
+        set.notes
+            .extend(allocated.notes.into_iter().map(ManifestNote::Allocation));
+        Ok((folder, set))
     }
 
     /// The folder.
@@ -348,6 +412,14 @@ impl Folder {
             }
             self.objects.insert(id, Defined { files: 1, produced });
         }
+        // What the changed Services lack, and what other Services' allocations that moves.
+        let allocated = self.allocator.update(state, &changes.services);
+        changes.services.extend(allocated.moved.keys().cloned());
+        old_services.extend(allocated.moved);
+        changes.notes = loader.notes;
+        changes
+            .notes
+            .extend(allocated.notes.into_iter().map(ManifestNote::Allocation));
         changes
             .services
             .retain(|r| old_services.get(r) != state.services.get(r));
@@ -429,6 +501,7 @@ struct Loader {
     /// The objects each file defines validly.
     defined: BTreeMap<PathBuf, BTreeSet<ObjectId>>,
     errors: Vec<ManifestError>,
+    notes: Vec<ManifestNote>,
 }
 
 impl Loader {
@@ -595,10 +668,20 @@ impl Loader {
                 .and_then(|s| Ok(Parsed::Slices(vec![EndpointSlice::from_k8s(&s)?]))),
             ("v1", "Endpoints") => decode::<core::Endpoints>(value)
                 .and_then(|e| Ok(Parsed::Slices(EndpointSlice::from_k8s_endpoints(&e)?))),
-            _ => Err(ManifestErrorKind::UnsupportedKind {
-                api_version: api_version.into(),
-                kind: kind.into(),
-            }),
+            (_, "Service" | "EndpointSlice" | "Endpoints") => {
+                Err(ManifestErrorKind::UnsupportedKind {
+                    api_version: api_version.into(),
+                    kind: kind.into(),
+                })
+            }
+            _ => {
+                self.notes.push(ManifestNote::Skipped {
+                    location,
+                    api_version: api_version.into(),
+                    kind: kind.into(),
+                });
+                return;
+            }
         };
         match parsed {
             Err(e) => self.error(location, e),
@@ -630,6 +713,7 @@ impl Loader {
         ManifestSet {
             state,
             errors: self.errors,
+            notes: self.notes,
         }
     }
 }
@@ -747,7 +831,8 @@ mod tests {
     #[test]
     fn reads_lists() {
         let text = format!(
-            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {{apiVersion: apps/v1, kind: Deployment, metadata: {{name: d}}}}\n- 5\n- {{apiVersion: v1, kind: List}}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {{apiVersion: apps/v1, kind: Deployment, metadata: {{name: d}}}}\n- 5\n- {{apiVersion: v1, kind: List}}\n\
+             - {{apiVersion: discovery.k8s.io/v1beta1, kind: EndpointSlice, metadata: {{name: e}}}}\n",
             serde_json::to_string(&serde_yaml_ng::from_str::<serde_json::Value>(SERVICE).unwrap())
                 .unwrap()
         );
@@ -756,9 +841,19 @@ mod tests {
         assert_eq!(
             messages(&set),
             vec![
-                "in.yaml document 1 (line 1) items[1] Deployment default/d: kind Deployment (apps/v1) is not read here; read are Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and their Lists",
                 "in.yaml document 1 (line 1) items[2]: not a Kubernetes object (expected a mapping with apiVersion and kind)",
                 "in.yaml document 1 (line 1) items[3]: a List inside a List is not read",
+                "in.yaml document 1 (line 1) items[4] EndpointSlice default/e: kind EndpointSlice (discovery.k8s.io/v1beta1) is not read here; read are Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and their Lists",
+            ]
+        );
+        // Kinds lb does not read are skipped, with a note.
+        assert_eq!(
+            set.notes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "in.yaml document 1 (line 1) items[1] Deployment default/d: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not Deployment (apps/v1)"
             ]
         );
         // Items of a typed list may omit apiVersion and kind.
@@ -973,22 +1068,29 @@ mod tests {
                 "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: e{name}}}\n\
                  subsets: [{{addresses: [{{ip: 10.2.0.{variant}}}], ports: [{{port: 80}}]}}]\n"
             ),
+            // Without a cluster IP or node port: allocated, from ranges with room for 6.
+            3 => format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}}}\n\
+                 spec: {{type: NodePort, ports: [{{port: {}}}]}}\n",
+                80 + variant
+            ),
             _ => format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}}}\nspec: 5\n"),
         };
-        let (mut folder, set) = Folder::read(&dir).unwrap();
+        let ranges = Ranges::new(vec!["10.0.0.0/29".parse().unwrap()], 30000..=30005).unwrap();
+        let (mut folder, set) = Folder::read_with(&dir, &ranges).unwrap();
         let mut state = set.state;
-        let mut whole_reads = 0;
+        let (mut whole_reads, mut allocated) = (0, 0);
         for step in 0..400 {
             let file = dir.join(format!("f{}.yaml", next(5)));
             if next(6) == 0 {
                 let _ = fs::remove_file(&file);
             } else {
                 let docs: Vec<String> = (0..next(4))
-                    .map(|_| object(next(4), next(12), next(3)))
+                    .map(|_| object(next(5), next(12), next(3)))
                     .collect();
                 fs::write(&file, docs.join("---\n")).unwrap();
             }
-            let whole = load_dir(&dir).unwrap().state;
+            let whole = load_dir_with(&dir, &ranges).unwrap().state;
             let before = state.clone();
             match folder.reread(&file, &mut state) {
                 Some(changes) => {
@@ -998,14 +1100,24 @@ mod tests {
                 }
                 None => {
                     whole_reads += 1;
-                    let (f, set) = Folder::read(&dir).unwrap();
+                    let (f, set) = Folder::read_with(&dir, &ranges).unwrap();
                     (folder, state) = (f, set.state);
                 }
             }
             assert_eq!(state.services, whole.services, "step {step}");
             assert_eq!(state.slices, whole.slices, "step {step}");
+            let net = "10.0.0.0/29".parse::<crate::model::IpCidr>().unwrap();
+            allocated += state
+                .services
+                .values()
+                .filter(|s| matches!(s.cluster_ip, ClusterIp::Assigned(ips) if ips.v4.is_some_and(|ip| net.contains(ip.into()))))
+                .count();
         }
         assert!((1..200).contains(&whole_reads), "{whole_reads} whole reads");
+        assert!(
+            allocated > 400,
+            "the walk allocated ({allocated} allocated Services seen)"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 

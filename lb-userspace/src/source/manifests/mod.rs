@@ -12,10 +12,11 @@
 //! the view stays as it was (the error is logged and the source reported down) until it can
 //! be read again.
 
+pub mod allocate;
 pub mod load;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::OsStr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -31,9 +32,10 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Interval,
 };
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use self::load::{Folder, LoadDirError, ManifestSet};
+use self::allocate::Ranges;
+use self::load::{Folder, LoadDirError, ManifestNote, ManifestSet};
 use super::sleep_until;
 use super::{Changes, NodeFacts, Source};
 use crate::{metrics::Metrics, model::ClusterState};
@@ -108,14 +110,24 @@ pub struct ManifestsSource {
     /// that it overlaps what the agent does before it asks for the first view (loading the
     /// datapath: creating the maps and verifying the programs). Taken by that first ask.
     first: Option<(Instant, oneshot::Receiver<FolderRead>)>,
+    /// Where allocated values come from.
+    ranges: Ranges,
+    /// The notes logged: each is logged once (a whole read notes everything again).
+    notes_logged: BTreeSet<String>,
 }
 
 /// A whole read of the folder.
 type FolderRead = Result<(Folder, ManifestSet), LoadDirError>;
 
 impl ManifestsSource {
-    /// Watches `dir` (which must be readable) and reads it again every `resync`.
-    pub fn new(dir: &Path, resync: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// Watches `dir` (which must be readable) and reads it again every `resync`; what
+    /// Services lack comes from `ranges`.
+    pub fn new(
+        dir: &Path,
+        resync: Duration,
+        metrics: Arc<Metrics>,
+        ranges: Ranges,
+    ) -> anyhow::Result<Self> {
         std::fs::read_dir(dir).with_context(|| format!("manifests folder {}", dir.display()))?;
         // inotify names paths under the folder as it is given here.
         let (tx, events) = mpsc::unbounded_channel();
@@ -133,9 +145,10 @@ impl ManifestsSource {
         // After the watch: a change during the read is an event, read again afterwards.
         let (tx, rx) = oneshot::channel();
         let folder = dir.to_owned();
+        let first_ranges = ranges.clone();
         std::thread::Builder::new()
             .name("manifests-read".into())
-            .spawn(move || drop(tx.send(Folder::read(&folder))))
+            .spawn(move || drop(tx.send(Folder::read_with(&folder, &first_ranges))))
             .context("starting the first read of the manifests folder")?;
         Ok(ManifestsSource {
             first: Some((Instant::now(), rx)),
@@ -147,13 +160,26 @@ impl ManifestsSource {
             _watcher: watcher,
             resync,
             metrics,
+            ranges,
+            notes_logged: BTreeSet::new(),
         })
+    }
+
+    /// Logs the notes not logged before.
+    fn log_notes<'a>(&mut self, notes: impl IntoIterator<Item = &'a ManifestNote>) {
+        for note in notes {
+            let text = note.to_string();
+            if !self.notes_logged.contains(&text) {
+                info!("{text}");
+                self.notes_logged.insert(text);
+            }
+        }
     }
 
     /// Reads the whole folder; the changes against the current view, or `None` when it
     /// cannot be read.
     fn load(&mut self, since: Instant) -> Option<Changes> {
-        let read = Folder::read(&self.dir);
+        let read = Folder::read_with(&self.dir, &self.ranges);
         self.absorb(since, read)
     }
 
@@ -165,6 +191,7 @@ impl ManifestsSource {
                 for e in &set.errors {
                     error!("{e}");
                 }
+                self.log_notes(&set.notes);
                 self.metrics.connected();
                 let changes = Changes::between(&self.state, &set.state, since);
                 self.state = set.state;
@@ -217,6 +244,7 @@ impl ManifestsSource {
                     for e in &file.errors {
                         error!("{e}");
                     }
+                    self.log_notes(&file.notes);
                     changes.services.extend(file.services);
                     changes.slices.extend(file.slices);
                 }
@@ -244,9 +272,9 @@ impl Source for ManifestsSource {
                 Some((since, first)) => match first.await {
                     Ok(read) => (since, read),
                     // The reading thread is gone without an answer: read here.
-                    Err(_) => (since, Folder::read(&self.dir)),
+                    Err(_) => (since, Folder::read_with(&self.dir, &self.ranges)),
                 },
-                None => (Instant::now(), Folder::read(&self.dir)),
+                None => (Instant::now(), Folder::read_with(&self.dir, &self.ranges)),
             };
             return self
                 .absorb(since, read)
@@ -309,9 +337,13 @@ mod tests {
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::write(dir.join("a.yaml"), SERVICE).unwrap();
         std::fs::write(dir.join("b.yaml"), slice("10.1.0.1")).unwrap();
-        let mut source =
-            ManifestsSource::new(&dir, Duration::from_secs(3600), Arc::new(Metrics::new()))
-                .unwrap();
+        let mut source = ManifestsSource::new(
+            &dir,
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new()),
+            Ranges::default(),
+        )
+        .unwrap();
         let first = source.changed().await.unwrap();
         assert_eq!((first.services.len(), first.slices.len()), (1, 1));
 
