@@ -55,6 +55,13 @@ enum Command {
         /// kubeconfig file for the Kubernetes API.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// The Kubernetes API server's address (`https://HOST:PORT`), in place of the
+        /// kubeconfig's or, in a pod, of the in-cluster one (KUBERNETES_SERVICE_HOST: the
+        /// `kubernetes` Service's ClusterIP, which nothing translates on a node without
+        /// kube-proxy until lb has programmed it). In a pod the service account still
+        /// authenticates. Empty: not set.
+        #[arg(long, env = "LB_API_SERVER")]
+        api_server: Option<String>,
         /// The node's external interface: XDP translates frontends arriving there, TC
         /// translates the replies leaving there.
         #[arg(long)]
@@ -279,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent {
             manifests,
             kubeconfig,
+            api_server,
             interface,
             pin_path,
             node_ips,
@@ -301,10 +309,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pod_interfaces,
             } = *east_west;
             let node_name = node_name.unwrap_or_else(agent::hostname);
+            // The DaemonSet sets LB_API_SERVER from the ConfigMap, empty by default.
+            let api_server = api_server.filter(|a| !a.trim().is_empty());
+            if let (Some(_), Some(a)) = (&manifests, &api_server) {
+                anyhow::bail!(
+                    "--api-server (LB_API_SERVER) {a:?} is for the Kubernetes source: not with \
+                     --manifests"
+                );
+            }
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Kube(KubeConfig {
                     kubeconfig,
+                    api_server,
                     node_name: node_name.clone(),
                     initial_timeout: Duration::from_secs(initial_sync_timeout_secs),
                     debounce: Duration::from_millis(debounce_ms),
