@@ -66,7 +66,8 @@ enum Command {
         /// translates the replies leaving there.
         #[arg(long)]
         interface: String,
-        /// Where maps and links are pinned (on bpffs, mounted if missing).
+        /// Where maps and links are pinned, on a bpffs that outlives the agent (the host's:
+        /// mounted at /sys/fs/bpf if missing, only in the host's mount namespace).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
         /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); default: the Node

@@ -191,3 +191,58 @@ fn remove_endpoint(text: &str, ip: &str) -> String {
     assert!(!result.contains(ip), "removed {ip} from:\n{result}");
     result
 }
+
+/// `ip netns exec` gives the agent a fresh /sys in a mount namespace of its own: a bpffs it
+/// mounted at /sys/fs/bpf would die with it, and every pin and link in it. It refuses, saying
+/// why and what to do, and pins nothing.
+#[test]
+fn under_ip_netns_exec_the_agent_refuses_a_bpffs_that_would_die_with_it() {
+    let topology = Topology::new(1).expect("topology");
+    let pins = lb_tests::PinDir::new().expect("pin directory");
+    std::fs::remove_dir(pins.path()).expect("the agent's pin directory starts missing");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", topology.node.name()])
+        .arg(lb_tests::lb_bin())
+        .args([
+            "agent",
+            "--no-cgroup",
+            "--interface",
+            NODE_IF,
+            "--manifests",
+        ])
+        .arg(lb_tests::examples_dir())
+        .arg("--pin-path")
+        .arg(pins.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec lb agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the agent ran on a bpffs of its own mount namespace:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    for said in [
+        "would die with it",
+        "mount namespace (mnt:[",
+        "ip netns exec",
+        "nsenter --net=/run/netns/NAME",
+        "mount -t bpf bpf /sys/fs/bpf",
+    ] {
+        assert!(stderr.contains(said), "the error says {said:?}:\n{stderr}");
+    }
+    assert!(!pins.path().exists(), "nothing pinned on the host");
+}

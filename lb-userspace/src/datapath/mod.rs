@@ -59,6 +59,8 @@ use crate::{
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Where bpffs is mounted, by convention.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// Errors of loading, attaching and opening the datapath.
 #[derive(Debug, Error)]
@@ -71,6 +73,21 @@ pub enum DatapathError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// /sys/fs/bpf is not a bpffs, and one the agent mounted would die with it.
+    #[error(
+        "{BPFFS_ROOT} is not a bpf filesystem here, and the agent will not mount one that \
+         would die with it ({why}): every map and link it pins would go when it exits, and \
+         the traffic with them, and a restarted agent would start from nothing. `ip netns \
+         exec` does this (it gives the command a fresh /sys): run the agent in the host's \
+         mount namespace instead (`nsenter --net=/run/netns/NAME lb agent ...`) after mounting \
+         bpffs on the host (`mount -t bpf bpf {BPFFS_ROOT}`), or give --pin-path a directory \
+         on a bpffs the host has mounted; in a pod, mount the host's {BPFFS_ROOT} into it (a \
+         hostPath volume, as deploy/daemonset.yaml does)"
+    )]
+    PrivateBpffs {
+        /// Why a mount would die with the agent.
+        why: String,
     },
     /// The embedded object could not be loaded (maps created, programs parsed).
     #[error("loading the eBPF object (maps pinned in {pin_dir}): {source}")]
@@ -252,15 +269,24 @@ pub struct Datapath {
 }
 
 /// Makes sure `pin_dir` is inside a bpf filesystem, mounting bpffs at /sys/fs/bpf when the
-/// pin directory is under it and nothing is mounted there yet.
+/// pin directory is under it and nothing is mounted there yet, but only where the mount
+/// outlives the agent (the host's mount namespace): pins in a bpffs that dies with the agent
+/// would take the datapath with them, and the restart guarantee.
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     let err = |source| DatapathError::PinDir {
         path: pin_dir.to_owned(),
         source,
     };
-    let default_root = Path::new("/sys/fs/bpf");
-    if pin_dir.starts_with(default_root) && sys::ensure_bpffs(default_root).map_err(err)? {
-        info!("mounted bpffs at {}", default_root.display());
+    let default_root = Path::new(BPFFS_ROOT);
+    if pin_dir.starts_with(default_root) {
+        std::fs::create_dir_all(default_root).map_err(err)?;
+        if !sys::is_bpffs(default_root).map_err(err)? {
+            if let Some(why) = sys::private_mount_namespace() {
+                return Err(DatapathError::PrivateBpffs { why });
+            }
+            sys::mount(c"bpf", default_root).map_err(err)?;
+            info!("mounted bpffs at {}", default_root.display());
+        }
     }
     std::fs::create_dir_all(pin_dir.join("links")).map_err(err)?;
     if !sys::is_bpffs(pin_dir).map_err(err)? {
