@@ -60,11 +60,19 @@ enum Command {
         /// kubeconfig file for the Kubernetes API.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// The Kubernetes API server's address (`https://HOST:PORT`), in place of the
+        /// kubeconfig's or, in a pod, of the in-cluster one (KUBERNETES_SERVICE_HOST: the
+        /// `kubernetes` Service's ClusterIP, which nothing translates on a node without
+        /// kube-proxy until lb has programmed it). In a pod the service account still
+        /// authenticates. Empty: not set.
+        #[arg(long, env = "LB_API_SERVER")]
+        api_server: Option<String>,
         /// The node's external interface: XDP translates frontends arriving there, TC
         /// translates the replies leaving there.
         #[arg(long)]
         interface: String,
-        /// Where maps and links are pinned (on bpffs, mounted if missing).
+        /// Where maps and links are pinned, on a bpffs that outlives the agent (the host's:
+        /// mounted at /sys/fs/bpf if missing, only in the host's mount namespace).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
         /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); default: the Node
@@ -318,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent {
             manifests,
             kubeconfig,
+            api_server,
             interface,
             pin_path,
             node_ips,
@@ -341,10 +350,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pod_interfaces,
             } = *east_west;
             let node_name = node_name.unwrap_or_else(agent::hostname);
+            // The DaemonSet sets LB_API_SERVER from the ConfigMap, empty by default.
+            let api_server = api_server.filter(|a| !a.trim().is_empty());
+            if let (Some(_), Some(a)) = (&manifests, &api_server) {
+                anyhow::bail!(
+                    "--api-server (LB_API_SERVER) {a:?} is for the Kubernetes source: not with \
+                     --manifests"
+                );
+            }
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir, ranges.ranges()?),
                 None => SourceConfig::Kube(KubeConfig {
                     kubeconfig,
+                    api_server,
                     node_name: node_name.clone(),
                     initial_timeout: Duration::from_secs(initial_sync_timeout_secs),
                     debounce: Duration::from_millis(debounce_ms),

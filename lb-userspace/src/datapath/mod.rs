@@ -37,6 +37,8 @@ pub use self::{
 
 /// The default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Where bpffs is mounted, by convention.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// Errors of loading, attaching and opening the datapath.
 #[derive(Debug, Error)]
@@ -49,6 +51,21 @@ pub enum DatapathError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// /sys/fs/bpf is not a bpffs, and one the agent mounted would die with it.
+    #[error(
+        "{BPFFS_ROOT} is not a bpf filesystem here, and the agent will not mount one that \
+         would die with it ({why}): every map and link it pins would go when it exits, and \
+         the traffic with them, and a restarted agent would start from nothing. `ip netns \
+         exec` does this (it gives the command a fresh /sys): run the agent in the host's \
+         mount namespace instead (`nsenter --net=/run/netns/NAME lb agent ...`) after mounting \
+         bpffs on the host (`mount -t bpf bpf {BPFFS_ROOT}`), or give --pin-path a directory \
+         on a bpffs the host has mounted; in a pod, mount the host's {BPFFS_ROOT} into it (a \
+         hostPath volume, as deploy/daemonset.yaml does)"
+    )]
+    PrivateBpffs {
+        /// Why a mount would die with the agent.
+        why: String,
     },
     /// The embedded object could not be loaded (maps created, programs parsed).
     #[error("loading the eBPF object (maps pinned in {pin_dir}): {source}")]

@@ -15,7 +15,7 @@ use std::{
 use aya::maps::{Map, MapData};
 use tracing::info;
 
-use super::{DEFAULT_PIN_DIR, DatapathError, map_err, sys};
+use super::{BPFFS_ROOT, DEFAULT_PIN_DIR, DatapathError, map_err, sys};
 
 /// The pin directory and the names in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,15 +67,24 @@ impl Pins {
     }
 
     /// Makes sure the directory is inside a bpf filesystem, mounting bpffs at /sys/fs/bpf
-    /// when the directory is under it and nothing is mounted there yet.
+    /// when the directory is under it and nothing is mounted there yet, but only where the
+    /// mount outlives the agent (the host's mount namespace): pins in a bpffs that dies with
+    /// the agent would take the datapath with them, and the restart guarantee.
     pub fn prepare(&self) -> Result<(), DatapathError> {
         let err = |source| DatapathError::PinDir {
             path: self.dir.clone(),
             source,
         };
-        let default_root = Path::new("/sys/fs/bpf");
-        if self.dir.starts_with(default_root) && sys::ensure_bpffs(default_root).map_err(err)? {
-            info!("mounted bpffs at {}", default_root.display());
+        let default_root = Path::new(BPFFS_ROOT);
+        if self.dir.starts_with(default_root) {
+            std::fs::create_dir_all(default_root).map_err(err)?;
+            if !sys::is_bpffs(default_root).map_err(err)? {
+                if let Some(why) = sys::private_mount_namespace() {
+                    return Err(DatapathError::PrivateBpffs { why });
+                }
+                sys::mount(c"bpf", default_root).map_err(err)?;
+                info!("mounted bpffs at {}", default_root.display());
+            }
         }
         std::fs::create_dir_all(self.links()).map_err(err)?;
         if !sys::is_bpffs(&self.dir).map_err(err)? {

@@ -31,15 +31,44 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Mounts a bpf filesystem at `path` unless one is there already (on a fresh machine
-/// /sys/fs/bpf is a plain sysfs directory). Returns whether it mounted one.
-pub fn ensure_bpffs(path: &Path) -> io::Result<bool> {
-    std::fs::create_dir_all(path)?;
-    if is_bpffs(path)? {
-        return Ok(false);
+/// The inode number of the host's (initial) mount namespace, on kernels that give the
+/// initial namespaces fixed numbers (6.18 and later; `MNT_NS_INIT_INO` in linux/nsfs.h).
+const MNT_NS_INIT_INO: u64 = 0xEFFF_FFF8;
+
+/// Why a file system this process mounts would die with it, if it would: its mount
+/// namespace is not the host's (`ip netns exec` gives a command a mount namespace of its own,
+/// with a fresh /sys; a container has its own, which ends with it). `None`: the mount is the
+/// host's, and outlives the process.
+///
+/// The host's mount namespace is known by its fixed inode number where the kernel has one,
+/// else as PID 1's (which reading needs ptrace access to PID 1: without it, the agent cannot
+/// tell, and says so).
+pub fn private_mount_namespace() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = match std::fs::metadata("/proc/self/ns/mnt") {
+        Ok(ns) => ns.ino(),
+        Err(e) => return Some(format!("reading /proc/self/ns/mnt: {e}")),
+    };
+    if ours == MNT_NS_INIT_INO {
+        return None;
     }
-    mount(c"bpf", path)?;
-    Ok(true)
+    if std::process::id() == 1 {
+        return Some(
+            "the agent is PID 1, its container's first process, whose mount namespace ends \
+             with it"
+                .into(),
+        );
+    }
+    match std::fs::metadata("/proc/1/ns/mnt") {
+        Ok(host) if host.ino() == ours => None,
+        Ok(host) => Some(format!(
+            "its mount namespace (mnt:[{ours}]) is not the host's (PID 1's, mnt:[{}])",
+            host.ino()
+        )),
+        Err(e) => Some(format!(
+            "its mount namespace (mnt:[{ours}]) is not known to be the host's (PID 1's: {e})"
+        )),
+    }
 }
 
 /// Mounts a filesystem of type `kind` (e.g. `bpf`, `cgroup2`) at `path`.

@@ -71,12 +71,109 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub struct KubeConfig {
     /// A kubeconfig file; `None`: the in-cluster configuration (service account).
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's address, in place of the kubeconfig's or the in-cluster one (see
+    /// [`api_server_url`]).
+    pub api_server: Option<String>,
     /// This node's name (the Node object watched).
     pub node_name: String,
     /// The longest wait for the initial lists before the first view (see the module docs).
     pub initial_timeout: Duration,
     /// The quiet time that ends a batch of events (0: take what has arrived, do not wait).
     pub debounce: Duration,
+}
+
+/// The URL of `--api-server` (`LB_API_SERVER`): `https://HOST:PORT`, or `HOST:PORT` (HTTPS
+/// implied).
+pub fn api_server_url(address: &str) -> anyhow::Result<http::Uri> {
+    let address = address.trim();
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    };
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "--api-server (LB_API_SERVER, `api-server` in the ConfigMap lb-config) {address:?}: \
+             {why}; give the API server's address, e.g. https://10.0.0.1:6443"
+        )
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    match uri.scheme_str() {
+        Some("https" | "http") => {}
+        _ => return Err(bad("not an http(s) URL")),
+    }
+    let (Some(host), Some(authority)) = (uri.host().filter(|h| !h.is_empty()), uri.authority())
+    else {
+        return Err(bad("no host"));
+    };
+    // What follows the host, if anything, is `:PORT`.
+    let rest = authority
+        .as_str()
+        .rsplit_once(host)
+        .map_or("", |(_, rest)| rest);
+    if !rest.is_empty()
+        && rest
+            .strip_prefix(':')
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_none()
+    {
+        return Err(bad("not a port"));
+    }
+    Ok(uri)
+}
+
+/// What to say when the in-cluster address of the API server (`server`) cannot be reached.
+fn in_cluster_hint(server: &str) -> String {
+    format!(
+        "{server} is the in-cluster address (KUBERNETES_SERVICE_HOST), the `kubernetes` \
+         Service's ClusterIP, which nothing translates on a node without kube-proxy until lb \
+         has programmed it: set `api-server` in the ConfigMap lb-config (the agent's \
+         LB_API_SERVER, or --api-server) to the API server's real address, e.g. \
+         https://10.0.0.1:6443"
+    )
+}
+
+/// How often an API server that has never answered is reported in the log.
+const UNREACHED_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether the API server has answered yet, and what to say while it has not.
+#[derive(Debug, Default)]
+struct Unreached {
+    /// The API server's URL.
+    server: String,
+    /// Why it may not answer and what to set ([`in_cluster_hint`]), when the address is the
+    /// in-cluster one.
+    hint: Option<String>,
+    /// It has answered (a list or a watch event arrived).
+    reached: bool,
+    /// When a failure to reach it was last logged.
+    logged: Option<Instant>,
+}
+
+impl Unreached {
+    /// The reason for a failure `e` (with the hint while the server never answered), and
+    /// whether to log it now.
+    fn failed(&mut self, e: &str) -> (String, bool) {
+        if self.reached {
+            return (e.to_owned(), false);
+        }
+        let reason = match &self.hint {
+            Some(hint) => format!(
+                "cannot reach the API server at {}: {e}; {hint}",
+                self.server
+            ),
+            None => format!("cannot reach the API server at {}: {e}", self.server),
+        };
+        let log = self
+            .logged
+            .is_none_or(|t| t.elapsed() >= UNREACHED_LOG_EVERY);
+        if log {
+            self.logged = Some(Instant::now());
+        }
+        (reason, log)
+    }
 }
 
 /// The resources watched.
@@ -424,27 +521,47 @@ pub struct KubeSource {
     probe: tokio::time::Interval,
     /// Wakes the watchers from their backoff when the probe finds the API server back.
     wake: tokio::sync::watch::Sender<()>,
+    /// Until the API server first answers: what to say when it does not.
+    unreached: Unreached,
 }
 
 impl KubeSource {
     /// Connects with `config` (a kubeconfig file, or the in-cluster configuration) and
     /// starts the watches.
     pub async fn connect(config: KubeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let client_config = match &config.kubeconfig {
-            Some(path) => {
+        let api_server = config
+            .api_server
+            .as_deref()
+            .map(api_server_url)
+            .transpose()?;
+        let mut client_config = match (&config.kubeconfig, &api_server) {
+            (Some(path), _) => {
                 let kubeconfig = Kubeconfig::read_from(path)
                     .with_context(|| format!("reading kubeconfig {}", path.display()))?;
                 Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                     .await
                     .with_context(|| format!("kubeconfig {}", path.display()))?
             }
-            None => Config::incluster().context(
+            // The service account's token and CA, without KUBERNETES_SERVICE_HOST.
+            (None, Some(_)) => Config::incluster_dns().context(
+                "in-cluster configuration (the service account's token and CA) for \
+                 --api-server (give --kubeconfig or --manifests outside a pod)",
+            )?,
+            (None, None) => Config::incluster().context(
                 "in-cluster configuration (give --kubeconfig or --manifests outside a pod)",
             )?,
         };
+        let in_cluster_address = config.kubeconfig.is_none() && api_server.is_none();
+        if let Some(url) = api_server {
+            client_config.cluster_url = url;
+        }
         info!(server = %client_config.cluster_url, node = %config.node_name, "Kubernetes source");
+        let server = client_config.cluster_url.to_string();
         let client = Client::try_from(client_config).context("creating the Kubernetes client")?;
-        Ok(Self::with_client(client, config, metrics))
+        let mut source = Self::with_client(client, config, metrics);
+        source.unreached.hint = in_cluster_address.then(|| in_cluster_hint(&server));
+        source.unreached.server = server;
+        Ok(source)
     }
 
     /// Starts the watches with `client`.
@@ -501,6 +618,7 @@ impl KubeSource {
             timeout_reported: None,
             probe,
             wake,
+            unreached: Unreached::default(),
         }
     }
 
@@ -520,8 +638,12 @@ impl KubeSource {
         match &signal.what {
             What::Failed(e) => {
                 self.metrics.watch_errors.get_or_create(&label).inc();
+                let (reason, log) = self.unreached.failed(e);
+                if log {
+                    error!("{}: {reason}", signal.kind.name());
+                }
                 self.metrics
-                    .disconnected(format!("{}: {e}", signal.kind.name()));
+                    .disconnected(format!("{}: {reason}", signal.kind.name()));
             }
             What::Init => {
                 if self.dirty(signal.kind).lists > 0 {
@@ -529,7 +651,10 @@ impl KubeSource {
                     self.metrics.watch_restarts.get_or_create(&label).inc();
                 }
             }
-            What::Touched(_) | What::Listing | What::Listed => self.metrics.connected(),
+            What::Touched(_) | What::Listing | What::Listed => {
+                self.unreached.reached = true;
+                self.metrics.connected();
+            }
         }
         if matches!(signal.what, What::Listed) {
             debug!(resource = signal.kind.name(), "listed");
@@ -712,6 +837,63 @@ mod tests {
 
     fn touched(svc: &core::Service) -> What {
         What::Touched(key_of(svc))
+    }
+
+    #[test]
+    fn the_api_server_setting_is_a_url_with_https_implied() {
+        for (given, url) in [
+            ("https://10.0.0.1:6443", "https://10.0.0.1:6443/"),
+            ("10.0.0.1:6443", "https://10.0.0.1:6443/"),
+            (" api.example:443 ", "https://api.example:443/"),
+            ("https://[fd00::1]:6443", "https://[fd00::1]:6443/"),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080/"),
+        ] {
+            assert_eq!(api_server_url(given).unwrap().to_string(), url, "{given}");
+        }
+        for bad in ["ftp://10.0.0.1", "https://", "10.0.0.1:port", "https://a b"] {
+            let e = api_server_url(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("LB_API_SERVER") && e.contains("lb-config"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_in_cluster_address_never_reached_is_reported_with_the_setting_to_make() {
+        let mut unreached = Unreached {
+            server: "https://10.96.0.1/".into(),
+            hint: Some(in_cluster_hint("https://10.96.0.1/")),
+            ..Unreached::default()
+        };
+        let (reason, log) = unreached.failed("No route to host");
+        assert!(log);
+        assert!(
+            reason.starts_with("cannot reach the API server at https://10.96.0.1/: No route")
+                && reason.contains("`api-server` in the ConfigMap lb-config")
+                && reason.contains("LB_API_SERVER"),
+            "{reason}"
+        );
+        // Logged again only after a while; the reason stays for /readyz.
+        let (again, log) = unreached.failed("No route to host");
+        assert!(!log);
+        assert_eq!(again, reason);
+        // Once the server has answered, a failure is an outage: no hint.
+        unreached.reached = true;
+        assert_eq!(
+            unreached.failed("timed out"),
+            ("timed out".to_owned(), false)
+        );
+        // A configured address gets no hint.
+        let mut configured = Unreached {
+            server: "https://10.0.0.1:6443/".into(),
+            ..Unreached::default()
+        };
+        let (reason, _) = configured.failed("connection refused");
+        assert_eq!(
+            reason,
+            "cannot reach the API server at https://10.0.0.1:6443/: connection refused"
+        );
     }
 
     #[test]

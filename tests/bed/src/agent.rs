@@ -384,6 +384,17 @@ impl Agent {
         Self::spawn(&lb_bin(), ns, &all, |_| {})
     }
 
+    /// Starts `lb agent ARGS... --pin-path <unique>` in `ns`, with `configure` adjusting the
+    /// command first (its environment, say).
+    pub fn start_configured(
+        ns: &Netns,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        Self::spawn(&lb_bin(), ns, &args, configure)
+    }
+
     fn spawn(
         lb: &Path,
         ns: &Netns,
@@ -556,18 +567,20 @@ impl Agent {
 
 impl Agent {
     /// Waits until `check` holds for the status and body of `path` on the operations
-    /// endpoint of this agent, which runs in `ns`, for up to 30 s; panics with the last answer
-    /// and the agent's log.
+    /// endpoint of this agent, which runs in `ns`, for up to 30 s (an agent that has just
+    /// started may not answer yet); panics with the last answer and the agent's log.
     pub fn wait_ops(&self, ns: &Netns, path: &str, what: &str, check: impl Fn(u16, &str) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body) = ops(ns, path).unwrap();
-            if check(status, &body) {
+            let answer = ops(ns, path);
+            if let Ok((status, body)) = &answer
+                && check(*status, body)
+            {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}: {path} answered {status}:\n{body}\nagent log:\n{}",
+                "timed out waiting for {what}: {path} answered {answer:?}\nagent log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(100));

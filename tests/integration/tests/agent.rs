@@ -128,8 +128,8 @@ fn the_deprecated_annotation_prefix_still_works_and_is_logged_once_per_service()
     folder.write("httpd-svc.yaml", &old).unwrap();
     let topology = Topology::new(2).expect("topology");
     let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
-    let random = |s: &[lb_tests::ServiceInfo]| {
-        lb_tests::ServiceInfo::find(s, CLUSTER_IP).is_some_and(|r| r.selection == "random")
+    let random = |s: &[lb_testbed::ServiceInfo]| {
+        lb_testbed::ServiceInfo::find(s, CLUSTER_IP).is_some_and(|r| r.selection == "random")
     };
     agent
         .wait_until("the old annotation's selection", random)
@@ -172,7 +172,7 @@ fn the_deprecated_annotation_prefix_still_works_and_is_logged_once_per_service()
 /// an API server would, and serves the Service on both; a restarted agent allocates the same.
 #[test]
 fn an_application_folder_works_as_it_is() {
-    let dir = lb_tests::agent::workspace_dir().join("tests/fixtures/httpd-app");
+    let dir = lb_testbed::agent::workspace_dir().join("tests/fixtures/httpd-app");
     let folder = Folder::copy_of(&dir).unwrap();
     let topology = Topology::new(2).expect("topology");
     let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
@@ -191,21 +191,21 @@ fn an_application_folder_works_as_it_is() {
             .unwrap();
         let addr: std::net::Ipv4Addr = addr.parse().unwrap();
         let port: u16 = port.parse().unwrap();
-        let note = if addr == lb_tests::NODE_IP {
+        let note = if addr == lb_testbed::NODE_IP {
             format!("spec.ports[0].nodePort {port} allocated from 30000-32767")
         } else {
             format!("spec.clusterIPs[0] {addr} allocated from 10.96.0.0/12")
         };
         assert!(log_has(&agent, &note), "{note}: {}", agent.log());
-        let tally = lb_tests::http_tally(&topology.client, addr, port, 20).unwrap();
-        lb_tests::ensure_all_served(&tally, &topology.pod_names()).unwrap();
+        let tally = lb_testbed::http_tally(&topology.client, addr, port, 20).unwrap();
+        lb_testbed::ensure_all_served(&tally, &topology.pod_names()).unwrap();
     }
     assert!(log_has(&agent, "Deployment default/httpd: skipped"));
     assert!(!agent.log().contains("ERROR"), "{}", agent.log());
 
     agent.stop().unwrap();
     agent
-        .restart(&topology.node, &lb_tests::lb_bin(), &[])
+        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
         .unwrap();
     let again = agent
         .wait_until("the same frontends after a restart", |s| {
@@ -293,4 +293,59 @@ fn remove_endpoint(text: &str, ip: &str) -> String {
     let result = out.join("\n");
     assert!(!result.contains(ip), "removed {ip} from:\n{result}");
     result
+}
+
+/// `ip netns exec` gives the agent a fresh /sys in a mount namespace of its own: a bpffs it
+/// mounted at /sys/fs/bpf would die with it, and every pin and link in it. It refuses, saying
+/// why and what to do, and pins nothing.
+#[test]
+fn under_ip_netns_exec_the_agent_refuses_a_bpffs_that_would_die_with_it() {
+    let topology = Topology::new(1).expect("topology");
+    let pins = lb_testbed::PinDir::new().expect("pin directory");
+    std::fs::remove_dir(pins.path()).expect("the agent's pin directory starts missing");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", topology.node.name()])
+        .arg(lb_testbed::lb_bin())
+        .args([
+            "agent",
+            "--no-cgroup",
+            "--interface",
+            NODE_IF,
+            "--manifests",
+        ])
+        .arg(lb_testbed::examples_dir())
+        .arg("--pin-path")
+        .arg(pins.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec lb agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the agent ran on a bpffs of its own mount namespace:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    for said in [
+        "would die with it",
+        "mount namespace (mnt:[",
+        "ip netns exec",
+        "nsenter --net=/run/netns/NAME",
+        "mount -t bpf bpf /sys/fs/bpf",
+    ] {
+        assert!(stderr.contains(said), "the error says {said:?}:\n{stderr}");
+    }
+    assert!(!pins.path().exists(), "nothing pinned on the host");
 }

@@ -673,3 +673,61 @@ fn dual_stack_services_ipv6_slices_and_node_addresses_come_through_the_watch() {
     assert_eq!(families.len(), 2, "{families:?}");
     assert!(families.contains(&"IPv4".to_owned()) && families.contains(&"IPv6".to_owned()));
 }
+
+/// In a pod, on a node without kube-proxy: the in-cluster address (KUBERNETES_SERVICE_HOST,
+/// the `kubernetes` Service's ClusterIP) leads nowhere until lb has programmed it. With
+/// deploy/'s `api-server` setting (LB_API_SERVER) the agent dials the API server there and
+/// authenticates with the pod's service account; without it (the ConfigMap's default, empty)
+/// it says which setting to make, in its log and in /readyz.
+#[test]
+fn in_a_pod_the_agent_dials_the_api_server_setting_and_names_it_when_unset() {
+    let cp = k8s::shared().expect("control plane");
+    let topology = Topology::new(1).expect("topology");
+    let _link = cp.attach(&topology.node).expect("link to the API server");
+    // Unreachable in the node's namespace, as on a node where nothing translates it yet.
+    let pod = k8s::in_pod::InPod::new(&cp, "10.96.0.1").expect("the pod's files");
+    let args = ["--node-name", NODE, "--interface", NODE_IF];
+    let api_server = format!("https://{API_IP}:{API_PORT}");
+    let agent = Agent::start_configured(&topology.node, &args, |cmd| {
+        pod.configure(cmd).unwrap();
+        cmd.env("LB_API_SERVER", &api_server);
+    })
+    .expect("agent");
+    let s = agent
+        .wait_until("the kubernetes Service", |s| {
+            ServiceInfo::find(s, KUBERNETES).is_some()
+        })
+        .unwrap();
+    assert_eq!(
+        sorted_backends(&s, KUBERNETES),
+        Some(kubernetes_backends(&cp))
+    );
+    agent.wait_ops(&topology.node, "/readyz", "ready", |status, _| {
+        status == 200
+    });
+    drop(agent);
+
+    let agent = Agent::start_configured(&topology.node, &args, |cmd| {
+        pod.configure(cmd).unwrap();
+        cmd.env("LB_API_SERVER", "");
+    })
+    .expect("agent");
+    let names_the_setting = |text: &str| {
+        text.contains("10.96.0.1")
+            && text.contains("`api-server` in the ConfigMap lb-config")
+            && text.contains("LB_API_SERVER")
+    };
+    agent.wait_ops(
+        &topology.node,
+        "/readyz",
+        "not ready, naming the setting",
+        |status, body| status == 503 && names_the_setting(body),
+    );
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && names_the_setting(l)),
+        "an error in the log names the setting:\n{log}"
+    );
+    assert!(agent.services().unwrap().is_empty());
+}

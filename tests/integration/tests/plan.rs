@@ -159,7 +159,7 @@ fn plan_of_a_dual_stack_folder_gives_each_family_its_frontends_and_backends() {
 /// `httpd-svc` (NodePort 8080 -> 80, no clusterIP, no nodePort) and the EndpointSlice the
 /// control plane would write (`tests/fixtures/httpd-app/`).
 fn httpd_app_dir() -> std::path::PathBuf {
-    lb_tests::agent::workspace_dir().join("tests/fixtures/httpd-app")
+    lb_testbed::agent::workspace_dir().join("tests/fixtures/httpd-app")
 }
 
 /// The plan of a folder as JSON, with `extra` arguments; it must succeed.

@@ -414,20 +414,7 @@ impl ControlPlane {
     /// ServiceAccount's token (deploy/rbac.yaml's permissions, nothing more) and the agents'
     /// API server.
     pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
-        let request: TokenRequest = serde_json::from_value(json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 86_400},
-        }))?;
-        let sa: kube::Api<ServiceAccount> =
-            kube::Api::namespaced(self.kube().client(), "kube-system");
-        let token = self
-            .kube()
-            .block_on(sa.create_token_request("lb", &Default::default(), &request))
-            .context("a token for kube-system/lb")?
-            .status
-            .context("the TokenRequest has no status")?
-            .token
-            .context("the TokenRequest has no token")?;
+        let token = self.agent_token()?;
         let path = self
             .dir
             .path()
@@ -439,6 +426,23 @@ impl ControlPlane {
             &User::Token(&token),
         )?;
         Ok(path)
+    }
+
+    /// A token of the agents' ServiceAccount (kube-system/lb), valid for a day.
+    pub fn agent_token(&self) -> Result<String> {
+        let request: TokenRequest = serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 86_400},
+        }))?;
+        let sa: kube::Api<ServiceAccount> =
+            kube::Api::namespaced(self.kube().client(), "kube-system");
+        self.kube()
+            .block_on(sa.create_token_request("lb", &Default::default(), &request))
+            .context("a token for kube-system/lb")?
+            .status
+            .context("the TokenRequest has no status")?
+            .token
+            .context("the TokenRequest has no token")
     }
 
     /// Stops the agents' API server (SIGKILL: a crash, not a drain).

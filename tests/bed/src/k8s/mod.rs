@@ -41,6 +41,7 @@ pub mod binaries;
 pub mod client;
 pub mod control_plane;
 pub mod forward;
+pub mod in_pod;
 pub mod objects;
 pub mod pki;
 pub mod process;
