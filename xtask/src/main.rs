@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod image;
 mod old;
 mod setup;
 
@@ -28,6 +29,16 @@ enum Cmd {
     /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb
     /// (the upgrade test also against the older release that build-old builds).
     Test,
+    /// Build, then write the agent's container image (a docker-archive tar for `docker load`
+    /// or `ctr images import`) from the release binary, without Docker.
+    Image {
+        /// The image's name and tag.
+        #[arg(long, default_value = "ghcr.io/example/lb:latest")]
+        tag: String,
+        /// Where to write it (default: target/lb-image.tar).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Build the older release of lb that the upgrade test starts from, from the git history.
     BuildOld,
     /// Build, then measure the datapath beside kube-proxy's iptables and nftables modes and
@@ -53,6 +64,13 @@ fn main() -> Result<()> {
             let old = old::build(&target_dir())?;
             setup::bpffs()?;
             test(&lb, &old)
+        }
+        Cmd::Image { tag, out } => {
+            let lb = build()?;
+            let out = out.unwrap_or_else(|| target_dir().join("lb-image.tar"));
+            let image = image::build(&lb, &tag, &out)?;
+            println!("{} ({tag})", image.display());
+            Ok(())
         }
         Cmd::BuildOld => {
             setup::toolchain()?;

@@ -45,6 +45,7 @@ pub fn run() -> Result<()> {
 pub fn toolchain() -> Result<()> {
     ebpf_toolchain()?;
     debian_packages()?;
+    kubectl()?;
     bpf_linker()
 }
 
@@ -118,6 +119,22 @@ fn debian_packages() -> Result<()> {
         Command::new("apt-get")
             .args(["install", "-y"])
             .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )
+}
+
+/// kubectl, for the real node test (`kubectl apply -k deploy/`, `kubectl rollout restart`):
+/// any that runs (one may come with the machine), else Debian's kubernetes-client (1.20, with
+/// kustomize built in).
+fn kubectl() -> Result<()> {
+    if succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        eprintln!("setup: skip kubectl (installed)");
+        return Ok(());
+    }
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "kubernetes-client"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null()),
     )

@@ -18,6 +18,7 @@ pub mod churn;
 pub mod client;
 pub mod conns;
 pub mod fakeapi;
+pub mod image;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod manifests;

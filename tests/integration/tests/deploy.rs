@@ -137,3 +137,60 @@ fn the_daemonset_runs_the_agent_with_three_capabilities_on_the_host_bpffs() {
         );
     }
 }
+
+#[test]
+fn the_kustomization_deploys_every_manifest_and_the_api_server_setting() {
+    let docs = documents("kustomization.yaml");
+    let kustomization = &docs[0];
+    assert_eq!(kustomization["kind"].as_str(), Some("Kustomization"));
+    // Every manifest of deploy/ is a resource of it.
+    let resources: BTreeSet<&str> = kustomization["resources"]
+        .as_sequence()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    let dir = workspace_dir().join("deploy");
+    let manifests: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        resources,
+        manifests
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>()
+    );
+    // The ConfigMap lb-config in kube-system, key api-server (empty: in-cluster).
+    let generator = kustomization["configMapGenerator"]
+        .as_sequence()
+        .and_then(|g| g.iter().find(|c| c["name"].as_str() == Some("lb-config")))
+        .expect("a configMapGenerator lb-config");
+    assert_eq!(generator["namespace"].as_str(), Some("kube-system"));
+    let literals: Vec<&str> = generator["literals"]
+        .as_sequence()
+        .expect("literals")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(literals, ["api-server="]);
+    // The DaemonSet gives it to the agent as LB_API_SERVER.
+    let ds: DaemonSet = of_kind(&documents("daemonset.yaml"), "DaemonSet");
+    let pod = ds.spec.template.spec.expect("pod spec");
+    let env = pod.containers[0].env.clone().unwrap_or_default();
+    let api_server = env
+        .iter()
+        .find(|e| e.name == "LB_API_SERVER")
+        .expect("LB_API_SERVER");
+    let key = api_server
+        .value_from
+        .as_ref()
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("from a ConfigMap");
+    assert_eq!(
+        (key.name.as_str(), key.key.as_str()),
+        ("lb-config", "api-server")
+    );
+}

@@ -26,6 +26,7 @@ mod packet_nat;
 mod packet_nat6;
 mod packet_v6;
 mod plan;
+mod real_node;
 mod restart;
 mod security;
 mod topology;

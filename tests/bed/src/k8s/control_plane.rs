@@ -55,6 +55,10 @@ pub struct Config {
     pub allocate_node_cidrs: bool,
     /// Whether kube-scheduler runs (pods without `spec.nodeName` need it).
     pub scheduler: bool,
+    /// Whether the node lifecycle controller runs: real nodes need it (it lifts the
+    /// not-ready taint the kubelet registers with); Node objects without a kubelet must not
+    /// have it (they would go NotReady after 40 s, and their pods with them).
+    pub node_lifecycle: bool,
     /// A second API server for the agents alone ([`API_IP`]), which the test can stop and
     /// start while the controllers and the test's own client go on through the other
     /// ([`ADMIN_API_IP`]): an outage the agent sees while the cluster changes.
@@ -70,6 +74,7 @@ impl Default for Config {
             pod_cidrs: vec!["10.244.0.0/16".into(), "fd00:244::/56".into()],
             allocate_node_cidrs: false,
             scheduler: false,
+            node_lifecycle: false,
             agent_apiserver: false,
         }
     }
@@ -258,12 +263,14 @@ impl ControlPlane {
                         // Each controller as its own ServiceAccount, with the bootstrap
                         // roles' permissions (the EndpointSlice controller's writes).
                         "--use-service-account-credentials=true",
-                        // Node objects without a kubelet would go NotReady after 40 s, and
-                        // their pods with them.
-                        "--controllers=*,-nodelifecycle",
                         "--kube-api-qps=100",
                         "--kube-api-burst=200",
                     ])
+                    .arg(if config.node_lifecycle {
+                        "--controllers=*"
+                    } else {
+                        "--controllers=*,-nodelifecycle"
+                    })
                     .arg(format!("--feature-gates={FEATURE_GATES}"))
                     .arg(format!(
                         "--service-account-private-key-file={}",
@@ -279,10 +286,7 @@ impl ControlPlane {
                         "--allocate-node-cidrs={}",
                         config.allocate_node_cidrs
                     ))
-                    .args([
-                        "--node-cidr-mask-size-ipv4=24",
-                        "--node-cidr-mask-size-ipv6=64",
-                    ]);
+                    .args(node_cidr_masks(&config.pod_cidrs));
                 cmd
             },
             &dir.path().join("controller-manager.log"),
@@ -319,10 +323,22 @@ impl ControlPlane {
         };
         cp.apply_rbac()?;
         // The ServiceAccount controller makes `default` (pods are refused before it exists).
-        cp.kube()
-            .wait_for("the default ServiceAccount", Duration::from_secs(60), |k| {
-                k.get::<ServiceAccount>(Some("default"), "default")
-            })?;
+        let mut cp = cp;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cp
+            .kube()
+            .get::<ServiceAccount>(Some("default"), "default")?
+            .is_none()
+        {
+            cp.ensure_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "no default ServiceAccount after 60 s; the controller-manager's log:\n{}",
+                    cp.controller_manager.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         eprintln!("control plane ready in {:?}", started.elapsed());
         Ok(cp)
     }
@@ -407,6 +423,7 @@ impl ControlPlane {
         Ok(Attachment {
             cp: self.ns.name().to_owned(),
             dev: cp_side,
+            peer: addr(2),
         })
     }
 
@@ -678,6 +695,25 @@ fn wait_ready(server: &mut ApiServer, what: &str) -> Result<()> {
 pub struct Attachment {
     cp: String,
     dev: String,
+    /// The attached namespace's end of the link.
+    peer: Ipv4Addr,
+}
+
+impl Attachment {
+    /// Routes `cidr` from the control plane's namespace to the attached one (e.g. the node
+    /// address where the API server reaches a kubelet).
+    pub fn route_from_control_plane(&self, cidr: &str) -> Result<()> {
+        crate::netns::ip(&[
+            "-n",
+            &self.cp,
+            "route",
+            "add",
+            cidr,
+            "via",
+            &self.peer.to_string(),
+        ])?;
+        Ok(())
+    }
 }
 
 impl Drop for Attachment {
@@ -719,6 +755,19 @@ pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &User<'_>) -
          current-context: lb-tests\n",
     );
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}
+
+/// The controller-manager's podCIDR sizes: a /24 per node for IPv4, a /64 for IPv6 (the
+/// per-family flags are refused in a single-stack cluster).
+fn node_cidr_masks(pod_cidrs: &[String]) -> Vec<&'static str> {
+    match pod_cidrs {
+        [one] if one.contains(':') => vec!["--node-cidr-mask-size=64"],
+        [_] => vec!["--node-cidr-mask-size=24"],
+        _ => vec![
+            "--node-cidr-mask-size-ipv4=24",
+            "--node-cidr-mask-size-ipv6=64",
+        ],
+    }
 }
 
 /// The first address of a CIDR (the `kubernetes` Service's ClusterIP in a Service range).

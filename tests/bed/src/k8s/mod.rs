@@ -41,7 +41,9 @@ pub mod binaries;
 pub mod client;
 pub mod control_plane;
 pub mod forward;
+pub mod images;
 pub mod in_pod;
+pub mod node;
 pub mod objects;
 pub mod pki;
 pub mod process;
@@ -52,8 +54,8 @@ use anyhow::{Context, Result};
 
 pub use client::Kube;
 pub use control_plane::{
-    ADMIN_API_IP, AGENT_USER, API_IP, API_PORT, Attachment, Config, ControlPlane, Lease,
-    TestControlPlane, shared,
+    ADMIN_API_IP, AGENT_USER, API_IP, API_PORT, Attachment, Config, ControlPlane, FEATURE_GATES,
+    Lease, TestControlPlane, shared,
 };
 
 /// Where control planes (and nodes) keep their files: `<target>/k8s/run`.
