@@ -1,5 +1,14 @@
-//! The load balancer's agent and CLI: sources of cluster state, translation to the desired
-//! datapath state, and the BPF maps and programs that carry it.
+//! The load balancer's agent and CLI, as a pipeline of stages, one folder each; a stage imports
+//! only from the stages above it:
+//!
+//! - [`model`]: the validated Kubernetes objects (no dependencies);
+//! - [`metrics`]: what the sources and the agent report (no dependencies);
+//! - [`source`]: cluster state from the API server or a folder of manifests (model, metrics);
+//! - [`plan`]: translation to the desired frontends and backends, Maglev (model, source);
+//! - [`datapath`]: the pinned maps behind one family-polymorphic trait, the programs, the
+//!   pin directory, east-west, migration, counters (model, plan);
+//! - [`sync`]: the desired state into the maps, write by write (model, plan, datapath);
+//! - [`agent`]: the loop that runs them all.
 
 pub mod agent;
 pub mod datapath;
