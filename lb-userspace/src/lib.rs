@@ -18,6 +18,9 @@ pub mod plan;
 pub mod source;
 pub mod sync;
 
+#[cfg(test)]
+mod layering;
+
 /// The eBPF object (XDP and TC programs, maps), built by build.rs and embedded.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
