@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use lb_common::{Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names};
+use lb_common::{
+    Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names, prefilter,
+};
 use lb_testbed::{
     Agent, CLIENT_IP, Churn, ChurnCounts, ClusterIpService, Condition, ConnPool, ConnRecord,
     Folder, NODE_IF, Pod, ServiceInfo, Topology,
@@ -557,4 +559,76 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
             pod.name
         );
     }
+}
+
+/// The release before the renames pinned the pre-filter as `LB_PREFILTER4_V1` and the LRU
+/// tables' counters as `LB_TABLEEVENT_V1` (16 characters, which the kernel cut short): the
+/// same maps under their former names, as this test leaves them by renaming the pins of a
+/// stopped agent while its programs keep running on them. The agent that starts on them
+/// creates the maps under their new names, fills the new pre-filter with the bit of every
+/// frontend before its programs replace the old ones (a packet to a frontend whose bit were
+/// missing would pass untranslated), and unpins the former names; no request fails.
+#[test]
+fn an_upgrade_from_the_former_map_names_under_load_fills_the_prefilter_before_the_programs() {
+    let topology = Topology::new(2).expect("topology");
+    let folder = Folder::new().unwrap();
+    let svc = ClusterIpService::http("renamed", [10, 96, 0, 41], 8080);
+    svc.write(&folder, &pods(&topology, &[0, 1])).unwrap();
+    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    wait_selecting(&agent, &topology, &svc, &[0, 1]);
+    let target = SocketAddrV4::new(svc.cluster_ip, svc.port);
+    let pins = agent.pin_path().to_owned();
+    let mut load = Load::start(&topology, target, 24000);
+
+    let at_stop = load.churn.counts();
+    agent.stop().unwrap();
+    for (former, current) in legacy::RENAMED {
+        std::fs::rename(pins.join(current), pins.join(former)).unwrap();
+    }
+    load.settle();
+    let at_start = load.churn.counts();
+    agent
+        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
+        .unwrap();
+    wait_ops(&topology, &agent, "/readyz");
+    let at_ready = load.churn.counts();
+    load.settle();
+
+    let log = agent.log();
+    for (former, current) in legacy::RENAMED {
+        assert!(!pins.join(former).exists(), "{former} is unpinned:\n{log}");
+        assert!(pins.join(current).exists(), "{current} is pinned:\n{log}");
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("not carried over") && l.contains(former))
+                .count(),
+            1,
+            "{former} dropped once:\n{log}"
+        );
+    }
+    // The new pre-filter has the bit of every frontend, and no other.
+    let programmed = BpfMaps::open_pinned(&Pins::new(&pins))
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let mut want = std::collections::BTreeMap::<u32, u64>::new();
+    for (key, _) in &programmed.services {
+        let (word, bit) = prefilter::position(key.prefilter_bucket());
+        *want.entry(word).or_default() |= bit;
+    }
+    let mut found = programmed.prefilter.clone();
+    found.sort();
+    assert!(!want.is_empty());
+    assert_eq!(found, want.into_iter().collect::<Vec<_>>());
+
+    let end = load.churn.counts();
+    load.finish(
+        "an upgrade from the former map names under load (SIGTERM, the pins renamed back, \
+         the agent started again on them)",
+        &[
+            ("while no agent ran", at_start.since(&at_stop)),
+            ("until the agent was ready", at_ready.since(&at_start)),
+            ("after it was ready", end.since(&at_ready)),
+        ],
+    );
 }
