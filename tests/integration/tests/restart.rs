@@ -158,6 +158,30 @@ fn pods<'t>(topology: &'t Topology, indices: &[usize]) -> Vec<(&'t Pod, Conditio
         .collect()
 }
 
+/// Stops `agent` (SIGTERM, as a rolling update does), runs `meanwhile` while no agent runs
+/// and lets `load` settle, then starts the `lb` of `LB_BIN` on the same pins and waits until
+/// it is ready and `ready` returns. The counts of the new connections at the stop, at the
+/// start and when the agent was ready.
+fn replace_agent(
+    agent: &mut Agent,
+    topology: &Topology,
+    load: &Load,
+    meanwhile: impl FnOnce(),
+    ready: impl FnOnce(&Agent),
+) -> [ChurnCounts; 3] {
+    let at_stop = load.churn.counts();
+    agent.stop().unwrap();
+    meanwhile();
+    load.settle();
+    let at_start = load.churn.counts();
+    agent
+        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
+        .unwrap();
+    wait_ops(topology, agent, "/readyz");
+    ready(agent);
+    [at_stop, at_start, load.churn.counts()]
+}
+
 /// Waits until `svc` selects exactly the pods `indices`.
 fn wait_selecting(agent: &Agent, topology: &Topology, svc: &ClusterIpService, indices: &[usize]) {
     let want: std::collections::BTreeSet<String> = indices
@@ -409,19 +433,15 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
         .collect();
     let before: Vec<(u32, u32)> = links.iter().map(|l| link_ids(l).unwrap()).collect();
     let watch = LinkWatch::start(links.clone());
-    let at_stop = load.churn.counts();
-    agent.stop().unwrap();
-    // While no agent runs, the Service gains two backends: Maglev sends about half of the
-    // flows to them now; only conntrack keeps the established ones where they are.
-    svc.write(&folder, &pods(&topology, &[0, 1, 2, 3])).unwrap();
-    load.settle();
-    let at_start = load.churn.counts();
-    agent
-        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
-        .unwrap();
-    wait_ops(&topology, &agent, "/readyz");
-    wait_selecting(&agent, &topology, &svc, &[0, 1, 2, 3]);
-    let at_ready = load.churn.counts();
+    let [at_stop, at_start, at_ready] = replace_agent(
+        &mut agent,
+        &topology,
+        &load,
+        // While no agent runs, the Service gains two backends: Maglev sends about half of
+        // the flows to them now; only conntrack keeps the established ones where they are.
+        || svc.write(&folder, &pods(&topology, &[0, 1, 2, 3])).unwrap(),
+        |agent| wait_selecting(agent, &topology, &svc, &[0, 1, 2, 3]),
+    );
     load.pool.open(LONG_LIVED_AFTER, "after").unwrap();
     load.settle();
 
@@ -578,20 +598,15 @@ fn an_upgrade_from_the_former_map_names_under_load_fills_the_prefilter_before_th
     wait_selecting(&agent, &topology, &svc, &[0, 1]);
     let target = SocketAddrV4::new(svc.cluster_ip, svc.port);
     let pins = agent.pin_path().to_owned();
-    let mut load = Load::start(&topology, target, 24000);
+    let load = Load::start(&topology, target, 24000);
 
-    let at_stop = load.churn.counts();
-    agent.stop().unwrap();
-    for (former, current) in legacy::RENAMED {
-        std::fs::rename(pins.join(current), pins.join(former)).unwrap();
-    }
-    load.settle();
-    let at_start = load.churn.counts();
-    agent
-        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
-        .unwrap();
-    wait_ops(&topology, &agent, "/readyz");
-    let at_ready = load.churn.counts();
+    let rename_back = || {
+        for (former, current) in legacy::RENAMED {
+            std::fs::rename(pins.join(current), pins.join(former)).unwrap();
+        }
+    };
+    let [at_stop, at_start, at_ready] =
+        replace_agent(&mut agent, &topology, &load, rename_back, |_| {});
     load.settle();
 
     let log = agent.log();
