@@ -8,7 +8,9 @@
 //! them without swapping bytes.
 //!
 //! Map names carry a version suffix (`_V1`): the maps are pinned and outlive the agent, so a
-//! new layout gets a new name instead of being read with the wrong one.
+//! new layout gets a new name instead of being read with the wrong one. [`map_names::ALL`]
+//! and [`program_names::ALL`] are the schema of the object ([`schema`]): this crate's tests
+//! hold every layout to a golden table, and lb-userspace's the compiled object to the schema.
 //!
 //! The maps keyed by an address have one twin per family (the IPv6 types, such as
 //! [`Frontend6`], are in `v6.rs`); [`Family`] names each family's types, so that code
@@ -19,9 +21,11 @@
 
 mod counters;
 mod family;
+pub mod schema;
 mod v6;
 pub use counters::{Event, NatEvent, Reason, TableEvent};
 pub use family::{BackendValue, CtValue, Family, FlowKey, NatValue, V4, V6};
+pub use schema::{Capacity, MapSpec, ProgramSpec};
 pub use v6::*;
 
 /// IP protocol number of TCP, as stored in keys.
@@ -35,6 +39,20 @@ pub const MAX_SERVICES: u32 = 65_536;
 
 /// Names of the maps, exactly as the eBPF object declares them (and so as they are pinned).
 pub mod map_names {
+    use crate::schema::{
+        Entries::{Fixed, Sized},
+        MapKind::*,
+        MapSpec,
+        Sizing::*,
+    };
+    use crate::{
+        Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
+        CtEntry, Event, Frontend4, Frontend6, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key, Nat6Pending,
+        NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
+        SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent, capacity,
+        prefilter, prog_slot, tc_prog_slot,
+    };
+
     /// Hash map [`crate::Frontend4`] -> [`crate::Service`]. A missing key means "not ours".
     pub const SERVICES: &str = "LB_SVC4_V1";
     /// Hash map `u32` backend id -> [`crate::Backend4`]. Id 0 is never used. (V2: the
@@ -80,8 +98,9 @@ pub mod map_names {
     /// Array of [`crate::prefilter::WORDS`] `u64`, a bitmap over
     /// [`crate::prefilter::bucket`]s of frontends (address, port, protocol): a bucket's bit
     /// is set while some frontend in it has a service entry, so a packet whose bucket's bit
-    /// is clear is not for a frontend, without a hash lookup. `BPF_F_MMAPABLE`.
-    pub const PREFILTER: &str = "LB_PREFILTER4_V1";
+    /// is clear is not for a frontend, without a hash lookup. `BPF_F_MMAPABLE`. (Pinned as
+    /// `LB_PREFILTER4_V1` before: see [`crate::legacy::RENAMED`].)
+    pub const PREFILTER: &str = "LB_PREFILTER_V1";
     /// LRU hash map [`crate::Nat4Key`] -> [`crate::Nat4Entry`]: the source NAT of flows to
     /// remote backends (see [`crate::nat`]).
     pub const NAT: &str = "LB_NAT4_V1";
@@ -99,8 +118,9 @@ pub mod map_names {
     pub const SOCK_AFFINITY: &str = "LB_SOCKAFF4_V1";
     /// Per-CPU array indexed by [`crate::TableEvent`] -> `u64`: entries the datapath
     /// inserted into its LRU tables (other than conntrack's, counted as events), from which
-    /// the agent derives their evictions.
-    pub const TABLE_EVENTS: &str = "LB_TABLEEVENT_V1";
+    /// the agent derives their evictions. (Pinned as `LB_TABLEEVENT_V1` before: see
+    /// [`crate::legacy::RENAMED`].)
+    pub const TABLE_EVENTS: &str = "LB_TBLEVENT_V1";
 
     /// Hash map [`crate::Frontend6`] -> [`crate::Service`]: the IPv6 frontends (service ids
     /// are shared with [`SERVICES`]).
@@ -140,38 +160,45 @@ pub mod map_names {
     /// every slot whenever it loads the pod interfaces' program.
     pub const TC_PROGRAMS: &str = "LB_TCPROGS_V1";
 
-    /// Every map, for pinning, adoption and teardown.
-    pub const ALL: [&str; 29] = [
-        SERVICES,
-        BACKENDS,
-        MAGLEV,
-        CONNTRACK,
-        REV_NAT,
-        SERVICE_STATS,
-        REASON_STATS,
-        BACKEND_STATS,
-        EVENTS,
-        AFFINITY,
-        SOURCE_RANGES,
-        BACKEND_GEN,
-        PREFILTER,
-        NAT,
-        NAT_EVENTS,
-        SOCKETS,
-        SOCK_AFFINITY,
-        TABLE_EVENTS,
-        SERVICES6,
-        BACKENDS6,
-        CONNTRACK6,
-        REV_NAT6,
-        AFFINITY6,
-        SOURCE_RANGES6,
-        SOCKETS6,
-        NAT6,
-        NAT6_PENDING,
-        PROGRAMS,
-        TC_PROGRAMS,
+    /// Every map, what it is: the schema the object is checked against (see
+    /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
+    pub const ALL: [MapSpec; 29] = [
+        MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)),
+        MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)),
+        MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables)),
+        MapSpec::new::<Ct4Key, CtEntry>(CONNTRACK, LruHash, Sized(Conntrack)),
+        MapSpec::new::<u32, RevNat4>(REV_NAT, Hash, Sized(Services)),
+        MapSpec::new::<u32, ServiceStats>(SERVICE_STATS, PerCpuArray, Sized(ServiceIds)),
+        MapSpec::new::<u32, u64>(REASON_STATS, PerCpuArray, Fixed(Reason::COUNT)),
+        MapSpec::new::<u32, ServiceStats>(BACKEND_STATS, PerCpuArray, Sized(BackendSlots)),
+        MapSpec::new::<u32, u64>(EVENTS, PerCpuArray, Fixed(Event::COUNT)),
+        MapSpec::new::<AffinityKey, AffinityEntry>(AFFINITY, LruHash, Sized(Affinity)),
+        MapSpec::lpm_trie::<SourceRange4, u8>(SOURCE_RANGES, Fixed(capacity::SOURCE_RANGES)),
+        MapSpec::new::<u32, u32>(BACKEND_GEN, Array, Fixed(1)),
+        MapSpec::new::<u32, u64>(PREFILTER, Array, Fixed(prefilter::WORDS))
+            .with_flags(prefilter::MAP_FLAGS),
+        MapSpec::new::<Nat4Key, Nat4Entry>(NAT, LruHash, Sized(Conntrack)),
+        MapSpec::new::<u32, u64>(NAT_EVENTS, PerCpuArray, Fixed(NatEvent::COUNT)),
+        MapSpec::new::<SockKey, SockEntry>(SOCKETS, LruHash, Sized(Conntrack)),
+        MapSpec::new::<SockAffinityKey, AffinityEntry>(SOCK_AFFINITY, LruHash, Sized(Affinity)),
+        MapSpec::new::<u32, u64>(TABLE_EVENTS, PerCpuArray, Fixed(TableEvent::COUNT)),
+        MapSpec::new::<Frontend6, Service>(SERVICES6, Hash, Sized(Services)),
+        MapSpec::new::<u32, Backend6>(BACKENDS6, Hash, Sized(Backends)),
+        MapSpec::new::<Ct6Key, Ct6Entry>(CONNTRACK6, LruHash, Sized(Conntrack)),
+        MapSpec::new::<u32, RevNat6>(REV_NAT6, Hash, Sized(Services)),
+        MapSpec::new::<Affinity6Key, AffinityEntry>(AFFINITY6, LruHash, Sized(Affinity)),
+        MapSpec::lpm_trie::<SourceRange6, u8>(SOURCE_RANGES6, Fixed(capacity::SOURCE_RANGES)),
+        MapSpec::new::<Sock6Key, Sock6Entry>(SOCKETS6, LruHash, Sized(Conntrack)),
+        MapSpec::new::<Nat6Key, Nat6Entry>(NAT6, LruHash, Sized(Conntrack)),
+        MapSpec::new::<u32, Nat6Pending>(NAT6_PENDING, PerCpuArray, Fixed(1)),
+        MapSpec::program_array(PROGRAMS, prog_slot::COUNT),
+        MapSpec::program_array(TC_PROGRAMS, tc_prog_slot::COUNT),
     ];
+
+    /// The map named `name`.
+    pub fn spec(name: &str) -> Option<&'static MapSpec> {
+        ALL.iter().find(|m| m.name == name)
+    }
 }
 
 /// Slots of [`map_names::PROGRAMS`].
@@ -237,6 +264,8 @@ pub mod prefilter {
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
+    use crate::schema::{ProgramKind::*, ProgramSpec};
+
     /// XDP program on the external interface: frontend -> backend translation.
     pub const XDP_INGRESS: &str = "lb_xdp_ingress";
     /// XDP program for the IPv6 frames of the external interface: frontend -> backend
@@ -259,33 +288,111 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
     /// (forward) and the replies of backend pods (reverse), for sockets the hooks did not see.
-    pub const TC_POD_INGRESS: &str = "lb_tc_pod_ingress";
+    pub const TC_POD_INGRESS: &str = "lb_tc_pod_in";
     /// TC program for the IPv6 frames of the pods' host-side interfaces, as
     /// [`TC_POD_INGRESS`] for IPv4. Not attached: [`TC_POD_INGRESS`] tail-calls it through
     /// [`crate::map_names::TC_PROGRAMS`] (slot [`crate::tc_prog_slot::POD_INGRESS6`]).
-    pub const TC_POD_INGRESS6: &str = "lb_tc_pod_ingress6";
+    pub const TC_POD_INGRESS6: &str = "lb_tc_pod_in6";
     /// cgroup/connect4: a socket connecting to a ClusterIP frontend connects to a backend.
-    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    pub const SOCK_CONNECT4: &str = "lb_sk_connect4";
     /// cgroup/sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
-    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    pub const SOCK_SENDMSG4: &str = "lb_sk_sendmsg4";
     /// cgroup/recvmsg4: a datagram from a backend reads as coming from the frontend.
-    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    pub const SOCK_RECVMSG4: &str = "lb_sk_recvmsg4";
     /// cgroup/getpeername4: a socket connected through a frontend names the frontend.
-    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    pub const SOCK_GETPEERNAME4: &str = "lb_sk_peername4";
     /// cgroup/connect6: [`SOCK_CONNECT4`] for IPv6 sockets (IPv6 frontends, and IPv4
     /// frontends addressed as IPv4-mapped IPv6 addresses).
-    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    pub const SOCK_CONNECT6: &str = "lb_sk_connect6";
     /// cgroup/sendmsg6: [`SOCK_SENDMSG4`] for IPv6 sockets (the kernel hands a datagram to
     /// an IPv4-mapped address to [`SOCK_SENDMSG4`]).
-    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    pub const SOCK_SENDMSG6: &str = "lb_sk_sendmsg6";
     /// cgroup/recvmsg6: [`SOCK_RECVMSG4`] for IPv6 sockets.
-    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    pub const SOCK_RECVMSG6: &str = "lb_sk_recvmsg6";
     /// cgroup/getpeername6: [`SOCK_GETPEERNAME4`] for IPv6 sockets.
-    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
+    pub const SOCK_GETPEERNAME6: &str = "lb_sk_peername6";
+    /// Every program of the object, and its hook: the schema the object is checked
+    /// against (see [`crate::schema`]). The agent loads each by name as the program type
+    /// of its hook.
+    pub const ALL: [ProgramSpec; 15] = [
+        ProgramSpec {
+            name: XDP_INGRESS,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: XDP_INGRESS6,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: XDP_NAT6,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: XDP_ICMP6,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: TC_EGRESS,
+            kind: Classifier,
+        },
+        ProgramSpec {
+            name: TC_POD_INGRESS,
+            kind: Classifier,
+        },
+        ProgramSpec {
+            name: TC_POD_INGRESS6,
+            kind: Classifier,
+        },
+        ProgramSpec {
+            name: SOCK_CONNECT4,
+            kind: CgroupSockAddr("connect4"),
+        },
+        ProgramSpec {
+            name: SOCK_SENDMSG4,
+            kind: CgroupSockAddr("sendmsg4"),
+        },
+        ProgramSpec {
+            name: SOCK_RECVMSG4,
+            kind: CgroupSockAddr("recvmsg4"),
+        },
+        ProgramSpec {
+            name: SOCK_GETPEERNAME4,
+            kind: CgroupSockAddr("getpeername4"),
+        },
+        ProgramSpec {
+            name: SOCK_CONNECT6,
+            kind: CgroupSockAddr("connect6"),
+        },
+        ProgramSpec {
+            name: SOCK_SENDMSG6,
+            kind: CgroupSockAddr("sendmsg6"),
+        },
+        ProgramSpec {
+            name: SOCK_RECVMSG6,
+            kind: CgroupSockAddr("recvmsg6"),
+        },
+        ProgramSpec {
+            name: SOCK_GETPEERNAME6,
+            kind: CgroupSockAddr("getpeername6"),
+        },
+    ];
+
     /// In the benchmarks' floor object: an XDP program that passes every packet.
     pub const NOOP_XDP: &str = "lb_noop_xdp";
     /// In the benchmarks' floor object: a TC program that passes every packet.
     pub const NOOP_TC: &str = "lb_noop_tc";
+
+    /// Every program of the benchmarks' floor object (it has no maps).
+    pub const NOOP: [ProgramSpec; 2] = [
+        ProgramSpec {
+            name: NOOP_XDP,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: NOOP_TC,
+            kind: Classifier,
+        },
+    ];
 }
 
 /// Key of [`map_names::SERVICES`]: one frontend (address, port, protocol).
@@ -344,6 +451,17 @@ pub mod maglev {
     /// maps may differ in size, so the table size is the agent's choice) and
     /// `BPF_F_MMAPABLE` (the agent writes a whole table with one memory copy).
     pub const INNER_MAP_FLAGS: u32 = (1 << 12) | (1 << 10);
+
+    /// Every inner map: an array of [`crate::MaglevCell`] (the template declares one
+    /// element; `BPF_F_INNER_MAP` lets each table have its own size). Inner maps are not
+    /// pinned and have no name.
+    pub const INNER: crate::schema::MapSpec =
+        crate::schema::MapSpec::new::<u32, crate::MaglevCell>(
+            "",
+            crate::schema::MapKind::Array,
+            crate::schema::Entries::Fixed(1),
+        )
+        .with_flags(INNER_MAP_FLAGS);
 
     /// The bit of a Maglev map key that names a service's second table (service ids are
     /// below it).
@@ -567,6 +685,15 @@ pub mod legacy {
 
     /// The map name of V1.
     pub const BACKENDS_V1: &str = "LB_BACKEND4_V1";
+
+    /// Former names of current maps whose layout did not change: `(former, current)`. Both
+    /// had 16 characters, of which the kernel keeps [`crate::schema::MAX_NAME_LEN`] (so
+    /// `bpftool` showed them cut short). An agent that finds a former name pinned treats
+    /// the map as an older version of the current one.
+    pub const RENAMED: [(&str, &str); 2] = [
+        ("LB_PREFILTER4_V1", crate::map_names::PREFILTER),
+        ("LB_TABLEEVENT_V1", crate::map_names::TABLE_EVENTS),
+    ];
 
     /// The Maglev map before V2: one table per service, under its id, and as many entries
     /// as services. Its keys and values are kept as they are in V2 (where key `id` is the

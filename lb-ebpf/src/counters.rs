@@ -7,7 +7,7 @@ use lb_common::{Event, NatEvent, Reason, ServiceStats, TableEvent, backend_stats
 
 use crate::maps::{
     LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_REASON_V3, LB_SVCSTAT_V1,
-    LB_TABLEEVENT_V1,
+    LB_TBLEVENT_V1,
 };
 
 /// A counter of one of the per-CPU counter arrays: its array, and its index there.
@@ -34,7 +34,7 @@ macro_rules! counter {
 counter!(Reason, LB_REASON_V3);
 counter!(Event, LB_EVENT_V1);
 counter!(NatEvent, LB_NATEVENT_V1);
-counter!(TableEvent, LB_TABLEEVENT_V1);
+counter!(TableEvent, LB_TBLEVENT_V1);
 
 /// Adds one to `counter`.
 #[inline(always)]

@@ -95,7 +95,7 @@ pub(crate) trait Datapath: Family {
     /// translate (IPv4: no options, not a fragment; IPv6: version 6). TC programs keep the
     /// copy and read its fields where they use them: read at once and held in registers
     /// across the helper calls that follow, they doubled the verifier's states in
-    /// `lb_tc_pod_ingress`.
+    /// `lb_tc_pod_in`.
     fn plain(ip: &Self::Header) -> bool;
     /// TC: replaces the address at `offset` (`old`) with `new`, with the transport checksum
     /// at `check_off` (`mangled`: UDP's flag, `skb::l4_mangled`) and the header's.

@@ -19,7 +19,7 @@ use crate::{
     counters::{count, count_packet},
     family::Datapath,
     frame::Frame,
-    maps::{LB_BEGEN_V1, LB_PREFILTER4_V1},
+    maps::{LB_BEGEN_V1, LB_PREFILTER_V1},
     parse::{L4, Packet},
     select::{Chosen, backend_of, reselect_because, select_backend},
     verdict::Verdict,
@@ -263,7 +263,7 @@ pub(crate) fn translation<F: Datapath, C: Frame>(ctx: &C) -> Result<Translation<
     // frontend exists (and one of a deleted frontend passes untouched either way). The
     // bitmap is shared by both families (`prefilter::bucket6`).
     let (word, bit) = prefilter::position(F::prefilter_bucket(daddr, pkt.l4.dport, pkt.proto));
-    if LB_PREFILTER4_V1.get(word).is_none_or(|w| w & bit == 0) {
+    if LB_PREFILTER_V1.get(word).is_none_or(|w| w & bit == 0) {
         return Err(Verdict::Pass(Reason::NotFrontend));
     }
     // Conntrack first: an established flow whose entry vouches for its backend needs no

@@ -103,7 +103,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 /// TC ingress on a pod's host-side interface.
 #[classifier]
-pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
+pub fn lb_tc_pod_in(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress(&ctx) {
         Ok(()) => TC_ACT_OK,
         Err(verdict) => verdict.tc(),
@@ -111,9 +111,9 @@ pub fn lb_tc_pod_ingress(ctx: TcContext) -> i32 {
 }
 
 /// TC for the IPv6 frames of a pod's host-side interface, tail-called by
-/// `lb_tc_pod_ingress`.
+/// `lb_tc_pod_in`.
 #[classifier]
-pub fn lb_tc_pod_ingress6(ctx: TcContext) -> i32 {
+pub fn lb_tc_pod_in6(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress6(&ctx) {
         Ok(()) => TC_ACT_OK,
         Err(verdict) => verdict.tc(),
@@ -122,49 +122,49 @@ pub fn lb_tc_pod_ingress6(ctx: TcContext) -> i32 {
 
 /// connect() of TCP and UDP sockets.
 #[cgroup_sock_addr(connect4)]
-pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_connect4(ctx: SockAddrContext) -> i32 {
     sock::connect4(&ctx)
 }
 
 /// sendto()/sendmsg() with an address, on UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
-pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_sendmsg4(ctx: SockAddrContext) -> i32 {
     sock::sendmsg4(&ctx)
 }
 
 /// recvfrom()/recvmsg() with an address, on UDP sockets.
 #[cgroup_sock_addr(recvmsg4)]
-pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_recvmsg4(ctx: SockAddrContext) -> i32 {
     sock::reverse4(&ctx)
 }
 
 /// getpeername().
 #[cgroup_sock_addr(getpeername4)]
-pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_peername4(ctx: SockAddrContext) -> i32 {
     sock::reverse4(&ctx)
 }
 
 /// connect() of IPv6 TCP and UDP sockets.
 #[cgroup_sock_addr(connect6)]
-pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_connect6(ctx: SockAddrContext) -> i32 {
     sock::connect6(&ctx)
 }
 
 /// sendto()/sendmsg() with an IPv6 address, on UDP sockets.
 #[cgroup_sock_addr(sendmsg6)]
-pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_sendmsg6(ctx: SockAddrContext) -> i32 {
     sock::sendmsg6(&ctx)
 }
 
 /// recvfrom()/recvmsg() on IPv6 UDP sockets.
 #[cgroup_sock_addr(recvmsg6)]
-pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_recvmsg6(ctx: SockAddrContext) -> i32 {
     sock::reverse6(&ctx)
 }
 
 /// getpeername() of IPv6 sockets.
 #[cgroup_sock_addr(getpeername6)]
-pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+pub fn lb_sk_peername6(ctx: SockAddrContext) -> i32 {
     sock::reverse6(&ctx)
 }
 

@@ -1,6 +1,7 @@
 //! Every map of the object, as `lb_common::map_names` names them (and so as they are
-//! pinned): their keys and values are `lb_common`'s, their default sizes
-//! `lb_common::capacity`'s (the agent may size them otherwise).
+//! pinned): their keys, values and sizes are those of `lb_common::map_names::ALL` (the agent
+//! sizes those it sizes by its own `Capacity` when it creates them). lb-userspace's tests
+//! check this object against that list.
 
 use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
@@ -9,17 +10,23 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
-    CtEntry, Event, Frontend4, Frontend6, MAX_SERVICES, MaglevCell, Nat4Entry, Nat4Key, Nat6Entry,
-    Nat6Key, Nat6Pending, NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry,
-    Sock6Key, SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent,
-    backend_stats_slots, capacity, maglev, prefilter, prog_slot, tc_prog_slot,
+    CtEntry, Event, Frontend4, Frontend6, MaglevCell, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key,
+    Nat6Pending, NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
+    SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent, capacity, maglev,
+    prefilter, prog_slot,
+    schema::Sizing::{
+        Affinity, BackendSlots, Backends, Conntrack, MaglevTables, ServiceIds, Services,
+    },
+    tc_prog_slot,
 };
 
 // Services and backends.
 #[map]
-pub(crate) static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_SVC4_V1: HashMap<Frontend4, Service> =
+    HashMap::pinned(Services.default_entries(), 0);
 #[map]
-pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> =
+    HashMap::pinned(Backends.default_entries(), 0);
 /// Service id (or id | `maglev::KEY_TABLE_B`, see `maglev::table_key`) -> a Maglev table
 /// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
@@ -27,13 +34,14 @@ pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capac
 pub(crate) static LB_MAGLEV_V2: HashOfMaps<
     u32,
     InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
-    { capacity::SERVICES as usize },
+    { MaglevTables.default_entries() as usize },
 > = HashOfMaps::new();
 #[map]
-pub(crate) static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_REVNAT4_V1: HashMap<u32, RevNat4> =
+    HashMap::pinned(Services.default_entries(), 0);
 #[map]
 pub(crate) static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::pinned(capacity::AFFINITY, 0);
+    LruHashMap::pinned(Affinity.default_entries(), 0);
 #[map]
 pub(crate) static LB_SRCRANGE4_V1: LpmTrie<SourceRange4, u8> =
     LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
@@ -42,34 +50,39 @@ pub(crate) static LB_BEGEN_V1: Array<u32> = Array::pinned(1, 0);
 /// See `lb_common::prefilter`. An array: the verifier inlines its lookups. Shared by both
 /// families (`prefilter::bucket6`).
 #[map]
-pub(crate) static LB_PREFILTER4_V1: Array<u64> =
+pub(crate) static LB_PREFILTER_V1: Array<u64> =
     Array::pinned(prefilter::WORDS, prefilter::MAP_FLAGS);
 
 // Conntrack and source NAT.
 #[map]
 pub(crate) static LB_CT4_V2: LruHashMap<Ct4Key, CtEntry> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 #[map]
-pub(crate) static LB_NAT4_V1: LruHashMap<Nat4Key, Nat4Entry> = LruHashMap::pinned(capacity::NAT, 0);
+pub(crate) static LB_NAT4_V1: LruHashMap<Nat4Key, Nat4Entry> =
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 #[map]
-pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> =
+    HashMap::pinned(Services.default_entries(), 0);
 #[map]
-pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, 0);
+pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> =
+    HashMap::pinned(Backends.default_entries(), 0);
 #[map]
 pub(crate) static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 #[map]
-pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> =
+    HashMap::pinned(Services.default_entries(), 0);
 #[map]
 pub(crate) static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
-    LruHashMap::pinned(capacity::AFFINITY, 0);
+    LruHashMap::pinned(Affinity.default_entries(), 0);
 #[map]
 pub(crate) static LB_SRCRANGE6_V1: LpmTrie<SourceRange6, u8> =
     LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 #[map]
-pub(crate) static LB_NAT6_V1: LruHashMap<Nat6Key, Nat6Entry> = LruHashMap::pinned(capacity::NAT, 0);
+pub(crate) static LB_NAT6_V1: LruHashMap<Nat6Key, Nat6Entry> =
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 /// What `lb_xdp_ingress6` hands to `lb_xdp_nat6` with its tail call.
 #[map]
 pub(crate) static LB_NAT6PEND_V1: PerCpuArray<Nat6Pending> = PerCpuArray::pinned(1, 0);
@@ -77,26 +90,27 @@ pub(crate) static LB_NAT6PEND_V1: PerCpuArray<Nat6Pending> = PerCpuArray::pinned
 // The socket hooks.
 #[map]
 pub(crate) static LB_SOCK4_V1: LruHashMap<SockKey, SockEntry> =
-    LruHashMap::pinned(capacity::SOCKETS, 0);
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 #[map]
 pub(crate) static LB_SOCK6_V1: LruHashMap<Sock6Key, Sock6Entry> =
-    LruHashMap::pinned(capacity::SOCKETS, 0);
+    LruHashMap::pinned(Conntrack.default_entries(), 0);
 /// Both families' (the client is a network namespace, whichever family it uses).
 #[map]
 pub(crate) static LB_SOCKAFF4_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
-    LruHashMap::pinned(capacity::AFFINITY, 0);
+    LruHashMap::pinned(Affinity.default_entries(), 0);
 
 // Counters.
 #[map]
-pub(crate) static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+pub(crate) static LB_SVCSTAT_V1: PerCpuArray<ServiceStats> =
+    PerCpuArray::pinned(ServiceIds.default_entries(), 0);
 /// Indexed by `backend_stats_slot(id, LB_BESTAT_MASK)`; sized by the agent.
 #[map]
 pub(crate) static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
-    PerCpuArray::pinned(backend_stats_slots(capacity::BACKENDS), 0);
+    PerCpuArray::pinned(BackendSlots.default_entries(), 0);
 /// The size of [`LB_BESTAT_V2`] less one, set by the agent at load time
 /// (`lb_common::BACKEND_STATS_MASK_GLOBAL`). Read-only: the verifier knows its value.
 #[unsafe(no_mangle)]
-pub(crate) static LB_BESTAT_MASK: u32 = backend_stats_slots(capacity::BACKENDS) - 1;
+pub(crate) static LB_BESTAT_MASK: u32 = BackendSlots.default_entries() - 1;
 #[map]
 pub(crate) static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 #[map]
@@ -104,12 +118,12 @@ pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(Event::COU
 #[map]
 pub(crate) static LB_NATEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(NatEvent::COUNT, 0);
 #[map]
-pub(crate) static LB_TABLEEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(TableEvent::COUNT, 0);
+pub(crate) static LB_TBLEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(TableEvent::COUNT, 0);
 
 // Tail calls.
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
 #[map]
 pub(crate) static LB_PROGS_V2: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
-/// The programs `lb_tc_pod_ingress` tail-calls, by `lb_common::tc_prog_slot`.
+/// The programs `lb_tc_pod_in` tail-calls, by `lb_common::tc_prog_slot`.
 #[map]
 pub(crate) static LB_TCPROGS_V1: ProgramArray = ProgramArray::pinned(tc_prog_slot::COUNT, 0);

@@ -4,7 +4,7 @@
 //!
 //! The two families keep their own parsers: each transport parse is inline in its own
 //! function on purpose. Shared by both (a function called from the two), it made LLVM pack
-//! the packet pointers so that the verifier rejected `lb_tc_pod_ingress` (R3 pointer
+//! the packet pointers so that the verifier rejected `lb_tc_pod_in` (R3 pointer
 //! arithmetic with >>=).
 
 use lb_common::{Addr6, PROTO_TCP, PROTO_UDP, Reason};

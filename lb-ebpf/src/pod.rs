@@ -9,7 +9,7 @@
 //! or neither (passed untouched).
 //!
 //! The rules are written once for both families; IPv6 frames go on to
-//! `lb_tc_pod_ingress6` by a tail call, which applies them with the IPv6 maps (with the
+//! `lb_tc_pod_in6` by a tail call, which applies them with the IPv6 maps (with the
 //! IPv6 code in it, the IPv4 program was over the stack limit).
 //!
 //! Hairpin: a pod whose flow to a frontend was given the pod itself as its backend would
@@ -33,7 +33,7 @@ use crate::{
     verdict::Verdict,
 };
 
-/// `lb_tc_pod_ingress`: IPv4. IPv6 frames go on to `lb_tc_pod_ingress6` (the tail call does
+/// `lb_tc_pod_in`: IPv4. IPv6 frames go on to `lb_tc_pod_in6` (the tail call does
 /// not return); while that program's slot is empty they are passed, counted. (The IPv4
 /// program holds no IPv6 code: with it, it was over the stack limit.)
 #[inline(always)]
@@ -47,7 +47,7 @@ pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
     pod_ingress::<V4>(ctx, try_egress4)
 }
 
-/// `lb_tc_pod_ingress6`: an IPv6 frame.
+/// `lb_tc_pod_in6`: an IPv6 frame.
 #[inline(always)]
 pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
     // An ICMPv6 error (from a backend pod about a flow a frontend gave it) is

@@ -15,7 +15,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_STATS_MASK_GLOBAL, backend_stats_slots, map_names, prog_slot, program_names,
+    BACKEND_STATS_MASK_GLOBAL, map_names, prog_slot, program_names,
+    schema::{MapKind, Sizing},
 };
 use tracing::warn;
 
@@ -50,20 +51,22 @@ impl Datapath {
     /// [`Datapath::load`], creating missing maps with `capacity`.
     pub fn load_with(pins: &Pins, capacity: &Capacity) -> Result<Self, DatapathError> {
         pins.prepare()?;
-        let maglev_pin = pins.map(map_names::MAGLEV);
         let mut loader = EbpfLoader::new();
-        loader
-            .default_map_pin_directory(pins.dir())
-            // BTF maps have no pinning attribute: pin the map-of-maps by path.
-            .map_pin_path(map_names::MAGLEV, maglev_pin.as_path());
-        for (name, size) in capacity.map_sizes() {
+        loader.default_map_pin_directory(pins.dir());
+        // The maps of maps are BTF maps, which have no pinning attribute: pinned by path.
+        for map in map_names::ALL.iter() {
+            if let MapKind::HashOfMaps(_) = map.kind {
+                loader.map_pin_path(map.name, pins.map(map.name));
+            }
+        }
+        for (name, size) in super::map_sizes(capacity) {
             loader.map_max_entries(name, size);
         }
         // The datapath masks backend ids with the size of the counters' array: the pinned
         // one's when it exists (the loader reuses it), else the one about to be created.
         let stats_slots = match pins.max_entries(map_names::BACKEND_STATS) {
             Ok(slots) => slots,
-            Err(DatapathError::NotPinned(_)) => backend_stats_slots(capacity.backends),
+            Err(DatapathError::NotPinned(_)) => capacity.entries(Sizing::BackendSlots),
             Err(e) => return Err(e),
         };
         if !stats_slots.is_power_of_two() {

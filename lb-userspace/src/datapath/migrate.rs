@@ -18,7 +18,9 @@
 //!
 //! Maps whose layout did not change keep their name and are reused as they are. A pin newer
 //! than the agent's own version (a downgrade) is left alone: the agent runs on a fresh map of
-//! its version, and the newer one is still there when the newer agent comes back.
+//! its version, and the newer one is still there when the newer agent comes back. A map
+//! pinned under a former name of a current map ([`lb_common::legacy::RENAMED`]) is an older
+//! version of it, as a lower `_V` suffix is.
 //!
 //! Adding a conversion when a layout changes is one entry in [`conversions`]: the old and new
 //! names and a function from the old key and value to the new ones.
@@ -229,11 +231,15 @@ pub fn conversions() -> Vec<Conversion> {
 }
 
 /// Current maps whose older versions are not carried over: counters, which start again
-/// from zero, and the program array, whose slots every start writes.
+/// from zero; the program array, whose slots every start writes; and the pre-filter, whose
+/// bits adoption writes for every service entry before the programs that read it are
+/// attached (`sync::Syncer::adopt_with`).
 pub const STARTS_EMPTY: &[&str] = &[
     map_names::REASON_STATS,
     map_names::BACKEND_STATS,
     map_names::PROGRAMS,
+    map_names::TABLE_EVENTS,
+    map_names::PREFILTER,
 ];
 
 /// One older pin to convert.
@@ -275,18 +281,22 @@ impl std::fmt::Debug for Migration {
 }
 
 impl Migration {
-    /// [`Migration::plan_with`] the agent's maps ([`map_names::ALL`]) and [`conversions`].
+    /// [`Migration::plan_with`] the agent's maps ([`map_names::ALL`]), their former names
+    /// ([`legacy::RENAMED`]) and [`conversions`].
     pub fn plan(pins: &Pins) -> Result<Self, MigrateError> {
-        Self::plan_with(pins, &map_names::ALL, conversions())
+        let current = map_names::ALL.map(|m| m.name);
+        Self::plan_with(pins, &current, &legacy::RENAMED, conversions())
     }
 
-    /// Looks at the pins before the programs are loaded: an older version of
-    /// one of the `current` maps is converted when a conversion goes from it to the current
-    /// version, and dropped otherwise. Pins that are not older versions of `current` maps are
-    /// left alone (newer versions with a warning).
+    /// Looks at the pins before the programs are loaded: an older version of one of the
+    /// `current` maps (a lower version, or a name in `renamed`: `(former, current)`) is
+    /// converted when a conversion goes from it to the current map, and dropped otherwise.
+    /// Pins that are not older versions of `current` maps are left alone (newer versions
+    /// with a warning).
     pub fn plan_with(
         pins: &Pins,
         current: &[&'static str],
+        renamed: &[(&str, &'static str)],
         conversions: Vec<Conversion>,
     ) -> Result<Self, MigrateError> {
         let mut migration = Migration {
@@ -313,28 +323,9 @@ impl Migration {
         names.sort();
         let mut conversions = conversions;
         for name in names {
-            let Some((base, version)) = versioned(&name) else {
+            let Some(to) = older_version_of(&name, current, renamed) else {
                 continue;
             };
-            let Some((to, want)) = current.iter().find_map(|c| {
-                versioned(c)
-                    .filter(|(b, _)| *b == base)
-                    .map(|(_, v)| (*c, v))
-            }) else {
-                continue;
-            };
-            if version > want {
-                tracing::warn!(
-                    pinned = %name,
-                    current = to,
-                    "a newer version of a map is pinned (a downgrade?): left alone; this \
-                     agent uses its own version"
-                );
-                continue;
-            }
-            if version == want {
-                continue;
-            }
             let old_path = pins.map(&name);
             let found = conversions
                 .iter()
@@ -422,6 +413,33 @@ impl Migration {
     }
 }
 
+/// The current map whose older version `name` is, if it is one of them: a former name of
+/// a current map, or a lower version of one. Warns of a higher version.
+fn older_version_of(
+    name: &str,
+    current: &[&'static str],
+    renamed: &[(&str, &'static str)],
+) -> Option<&'static str> {
+    if let Some((_, to)) = renamed.iter().find(|(former, _)| *former == name) {
+        return current.contains(to).then_some(*to);
+    }
+    let (base, version) = versioned(name)?;
+    let (to, want) = current.iter().find_map(|c| {
+        versioned(c)
+            .filter(|(b, _)| *b == base)
+            .map(|(_, v)| (*c, v))
+    })?;
+    if version > want {
+        tracing::warn!(
+            pinned = %name,
+            current = to,
+            "a newer version of a map is pinned (a downgrade?): left alone; this agent uses \
+             its own version"
+        );
+    }
+    (version < want).then_some(to)
+}
+
 fn remove(path: &Path) -> Result<(), MigrateError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -451,17 +469,32 @@ mod tests {
         ] {
             assert_eq!(versioned(not), None, "{not}");
         }
-        for name in map_names::ALL {
-            assert!(versioned(name).is_some(), "{name} has a version suffix");
+        for map in map_names::ALL {
+            assert!(
+                versioned(map.name).is_some(),
+                "{} has a version suffix",
+                map.name
+            );
         }
     }
 
-    /// A map whose version went up either has a conversion from the version before, or
-    /// says that it starts empty: a layout change cannot silently drop pinned state.
+    /// A map whose version went up, or whose name changed, either has a conversion from
+    /// the version before, or says that it starts empty: a layout change cannot silently
+    /// drop pinned state.
     #[test]
     fn every_map_past_its_first_version_is_converted_or_starts_empty() {
         let conversions = conversions();
-        for name in map_names::ALL {
+        let current = map_names::ALL.map(|m| m.name);
+        for (former, name) in legacy::RENAMED {
+            assert!(current.contains(&name), "{name}: not a current map");
+            assert!(
+                STARTS_EMPTY.contains(&name)
+                    || conversions.iter().any(|c| c.from == former && c.to == name),
+                "{name}: no conversion from its former name {former} (add one to \
+                 migrate::conversions, or list {name} in STARTS_EMPTY)"
+            );
+        }
+        for name in current {
             let (base, version) = versioned(name).unwrap();
             if version == 1 || STARTS_EMPTY.contains(&name) {
                 continue;
@@ -477,8 +510,9 @@ mod tests {
         }
         for c in &conversions {
             let (from, to) = (versioned(c.from).unwrap(), versioned(c.to).unwrap());
-            assert!(from.0 == to.0 && from.1 < to.1, "{c:?}");
-            assert!(map_names::ALL.contains(&c.to), "{c:?}: not a current map");
+            let renamed = legacy::RENAMED.contains(&(c.from, c.to));
+            assert!(renamed || (from.0 == to.0 && from.1 < to.1), "{c:?}");
+            assert!(current.contains(&c.to), "{c:?}: not a current map");
         }
     }
 
@@ -497,6 +531,20 @@ mod tests {
             (7, 3, 123_456, lb_common::CT_F_CLOSING)
         );
         assert_eq!((v2.nat_addr, v2.nat_port, v2.backend_gen), (0, 0, 0));
+    }
+
+    #[test]
+    fn former_names_and_lower_versions_are_older_versions_of_a_current_map() {
+        let current = ["LB_A_V2", "LB_B_V1", "LB_C_V1"];
+        let renamed = [("LB_BB_V1", "LB_B_V1"), ("LB_GONE_V1", "LB_GONE2_V1")];
+        let older = |name| older_version_of(name, &current, &renamed);
+        assert_eq!(older("LB_A_V1"), Some("LB_A_V2"));
+        assert_eq!(older("LB_BB_V1"), Some("LB_B_V1"));
+        // The current version, a newer one, one of no current map, a former name of a map
+        // that is not current, and what is not versioned at all.
+        for not in ["LB_A_V2", "LB_A_V3", "LB_D_V1", "LB_GONE_V1", "links"] {
+            assert_eq!(older(not), None, "{not}");
+        }
     }
 
     #[test]

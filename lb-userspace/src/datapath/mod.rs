@@ -17,13 +17,19 @@ pub mod inspect;
 mod load;
 pub mod maps;
 pub mod migrate;
+#[cfg(test)]
+mod object;
 pub mod pins;
 pub mod sys;
 
 use std::{io, path::PathBuf};
 
 use aya::{maps::MapError, programs::ProgramError};
-use lb_common::{backend_stats_slots, capacity, map_names};
+pub use lb_common::Capacity;
+use lb_common::{
+    map_names,
+    schema::{Entries, Sizing},
+};
 use thiserror::Error;
 
 pub(crate) use self::load::typed_program;
@@ -145,85 +151,24 @@ pub enum DatapathError {
     },
 }
 
-/// How many entries the maps hold. Applied when the maps are created: maps already pinned
-/// keep the size they were created with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Capacity {
-    /// Frontends: the services and reverse-NAT maps, and the Maglev map (twice: two tables
-    /// each); service ids (and their stats) run from 1 to this number.
-    pub services: u32,
-    /// Backends (distinct address, port, protocol), and their counters.
-    pub backends: u32,
-    /// Conntrack entries (two per flow).
-    pub conntrack: u32,
-    /// sessionAffinity ClientIP entries (Service, client address).
-    pub affinity: u32,
-}
-
-impl Default for Capacity {
-    /// [`lb_common::capacity`]: room for 10,000 Services with 10 endpoints each.
-    fn default() -> Self {
-        Capacity {
-            services: capacity::SERVICES,
-            backends: capacity::BACKENDS,
-            conntrack: capacity::CONNTRACK,
-            affinity: capacity::AFFINITY,
-        }
-    }
-}
-
-impl Capacity {
-    /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 18] {
-        [
-            (map_names::SERVICES, self.services),
-            (map_names::SERVICES6, self.services),
-            (map_names::REV_NAT, self.services),
-            (map_names::REV_NAT6, self.services),
-            // Two tables per frontend (`lb_common::maglev::KEY_TABLE_B`).
-            (map_names::MAGLEV, self.services.saturating_mul(2)),
-            // Indexed by service id; id 0 is never used.
-            (map_names::SERVICE_STATS, self.services.saturating_add(1)),
-            (map_names::BACKENDS, self.backends),
-            (map_names::BACKENDS6, self.backends),
-            // A power of two: slots are backend ids masked (`lb_common::backend_stats_slot`).
-            (map_names::BACKEND_STATS, backend_stats_slots(self.backends)),
-            (map_names::CONNTRACK, self.conntrack),
-            (map_names::CONNTRACK6, self.conntrack),
-            // Two entries per flow to a remote backend, as conntrack has per flow.
-            (map_names::NAT, self.conntrack),
-            (map_names::NAT6, self.conntrack),
-            (map_names::AFFINITY, self.affinity),
-            (map_names::AFFINITY6, self.affinity),
-            // The socket hooks' flows (two entries per socket and frontend) and clients.
-            (map_names::SOCKETS, self.conntrack),
-            (map_names::SOCKETS6, self.conntrack),
-            (map_names::SOCK_AFFINITY, self.affinity),
-        ]
-    }
+/// `max_entries` of every map the agent sizes ([`lb_common::schema::Entries::Sized`]), by
+/// `capacity`.
+fn map_sizes(capacity: &Capacity) -> impl Iterator<Item = (&'static str, u32)> + '_ {
+    map_names::ALL.iter().filter_map(|m| match m.entries {
+        Entries::Sized(sizing) => Some((m.name, capacity.entries(sizing))),
+        Entries::Fixed(_) => None,
+    })
 }
 
 /// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.
 pub fn capacity_flag(map: &str) -> Option<&'static str> {
-    match map {
-        map_names::SERVICES
-        | map_names::SERVICES6
-        | map_names::REV_NAT
-        | map_names::REV_NAT6
-        | map_names::MAGLEV
-        | map_names::SERVICE_STATS => Some("--max-services"),
-        map_names::BACKENDS | map_names::BACKENDS6 | map_names::BACKEND_STATS => {
-            Some("--max-backends")
+    match map_names::spec(map)?.entries {
+        Entries::Sized(Sizing::Services | Sizing::MaglevTables | Sizing::ServiceIds) => {
+            Some("--max-services")
         }
-        map_names::CONNTRACK
-        | map_names::CONNTRACK6
-        | map_names::NAT
-        | map_names::NAT6
-        | map_names::SOCKETS
-        | map_names::SOCKETS6 => Some("--max-conntrack"),
-        map_names::AFFINITY | map_names::AFFINITY6 | map_names::SOCK_AFFINITY => {
-            Some("--max-affinity")
-        }
-        _ => None,
+        Entries::Sized(Sizing::Backends | Sizing::BackendSlots) => Some("--max-backends"),
+        Entries::Sized(Sizing::Conntrack) => Some("--max-conntrack"),
+        Entries::Sized(Sizing::Affinity) => Some("--max-affinity"),
+        Entries::Fixed(_) => None,
     }
 }

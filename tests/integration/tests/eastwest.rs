@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use lb_common::{ProgramSpec, program_names, schema::ProgramKind};
 use lb_testbed::manifests::Condition;
 use lb_testbed::{
     Agent, Cgroup, ClusterIpService, Folder, HttpServer, NODE_IF, Netns, Topology, UDP_PORT,
@@ -526,7 +527,7 @@ fn attached_hooks(agent: &Agent, n: usize) -> Vec<(String, String)> {
         let last = log.rsplit("--- exited").next().unwrap_or_default();
         let mut found: Vec<(String, String)> = last
             .lines()
-            .filter(|l| l.contains("attached") && l.contains("program=\"lb_sock_"))
+            .filter(|l| l.contains("attached"))
             .filter_map(|l| {
                 let field = |name: &str| {
                     let rest = l.split(&format!("{name}=")).nth(1)?;
@@ -534,6 +535,7 @@ fn attached_hooks(agent: &Agent, n: usize) -> Vec<(String, String)> {
                 };
                 Some((field("program")?, field("outcome")?))
             })
+            .filter(|(program, _)| socket_hooks().any(|p| p.name == program))
             .collect();
         found.sort();
         if found.len() >= n {
@@ -547,12 +549,16 @@ fn attached_hooks(agent: &Agent, n: usize) -> Vec<(String, String)> {
     }
 }
 
+/// The socket-hook programs.
+fn socket_hooks() -> impl Iterator<Item = &'static ProgramSpec> {
+    (program_names::ALL.iter()).filter(|p| matches!(p.kind, ProgramKind::CgroupSockAddr(_)))
+}
+
 /// Every socket hook of `families` (`4`, `6`) with `outcome`.
 fn hooks(families: &[char], outcome: &str) -> Vec<(String, String)> {
-    let mut all: Vec<(String, String)> = ["connect", "sendmsg", "recvmsg", "getpeername"]
-        .iter()
-        .flat_map(|h| families.iter().map(move |f| format!("lb_sock_{h}{f}")))
-        .map(|p| (p, outcome.to_owned()))
+    let mut all: Vec<(String, String)> = socket_hooks()
+        .filter(|p| families.iter().any(|f| p.name.ends_with(*f)))
+        .map(|p| (p.name.to_owned(), outcome.to_owned()))
         .collect();
     all.sort();
     all

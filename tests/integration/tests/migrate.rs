@@ -28,19 +28,23 @@ fn older_pinned_maps_are_converted_where_the_new_map_lacks_the_key_then_unpinned
     let pins = PinDir::new().unwrap();
     let dir = pins.path();
     // V1 maps u32 -> u32; V2 maps u32 -> u64 (value + 1) and drops key 4. LB_OTHER has no
-    // conversion; a V3 of LB_TESTMAP is newer than this "agent".
+    // conversion, nor has LB_OLDNAME_V1, its former name; a V3 of LB_TESTMAP is newer than
+    // this "agent".
     create(
         dir,
         "LB_TESTMAP_V1",
         &[(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)],
     );
     create(dir, "LB_OTHER_V1", &[(1, 1)]);
+    create(dir, "LB_OLDNAME_V1", &[(2, 2)]);
     create(dir, "LB_TESTMAP_V3", &[(7, 7)]);
     let conversion = Conversion::hash("LB_TESTMAP_V1", "LB_TESTMAP_V2", |k: u32, v: u32| {
         (k != 4).then_some((k, u64::from(v) + 1))
     });
     let current = ["LB_TESTMAP_V2", "LB_OTHER_V2"];
-    let mut migration = Migration::plan_with(&Pins::new(dir), &current, vec![conversion]).unwrap();
+    let renamed = [("LB_OLDNAME_V1", "LB_OTHER_V2")];
+    let mut migration =
+        Migration::plan_with(&Pins::new(dir), &current, &renamed, vec![conversion]).unwrap();
     assert_eq!(
         migration.conversions().collect::<Vec<_>>(),
         [("LB_TESTMAP_V1", "LB_TESTMAP_V2")]
@@ -86,6 +90,11 @@ fn older_pinned_maps_are_converted_where_the_new_map_lacks_the_key_then_unpinned
                 },
             },
             Migrated {
+                from: "LB_OLDNAME_V1".into(),
+                to: None,
+                copied: Copied::default(),
+            },
+            Migrated {
                 from: "LB_OTHER_V1".into(),
                 to: None,
                 copied: Copied::default(),
@@ -95,6 +104,7 @@ fn older_pinned_maps_are_converted_where_the_new_map_lacks_the_key_then_unpinned
     for (name, pinned) in [
         ("LB_TESTMAP_V1", false),
         ("LB_OTHER_V1", false),
+        ("LB_OLDNAME_V1", false),
         ("LB_TESTMAP_V3", true),
         ("LB_TESTMAP_V2", true),
         ("LB_OTHER_V2", true),

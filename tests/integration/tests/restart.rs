@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use lb_common::{Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names};
+use lb_common::{
+    Frontend4, PROTO_TCP, SERVICE_F_TABLE_B, flow_hash, legacy, maglev, map_names, prefilter,
+};
 use lb_testbed::{
     Agent, CLIENT_IP, Churn, ChurnCounts, ClusterIpService, Condition, ConnPool, ConnRecord,
     Folder, NODE_IF, Pod, ServiceInfo, Topology,
@@ -154,6 +156,30 @@ fn pods<'t>(topology: &'t Topology, indices: &[usize]) -> Vec<(&'t Pod, Conditio
         .iter()
         .map(|&i| (&topology.pods[i], Condition::Ready))
         .collect()
+}
+
+/// Stops `agent` (SIGTERM, as a rolling update does), runs `meanwhile` while no agent runs
+/// and lets `load` settle, then starts the `lb` of `LB_BIN` on the same pins and waits until
+/// it is ready and `ready` returns. The counts of the new connections at the stop, at the
+/// start and when the agent was ready.
+fn replace_agent(
+    agent: &mut Agent,
+    topology: &Topology,
+    load: &Load,
+    meanwhile: impl FnOnce(),
+    ready: impl FnOnce(&Agent),
+) -> [ChurnCounts; 3] {
+    let at_stop = load.churn.counts();
+    agent.stop().unwrap();
+    meanwhile();
+    load.settle();
+    let at_start = load.churn.counts();
+    agent
+        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
+        .unwrap();
+    wait_ops(topology, agent, "/readyz");
+    ready(agent);
+    [at_stop, at_start, load.churn.counts()]
 }
 
 /// Waits until `svc` selects exactly the pods `indices`.
@@ -407,19 +433,15 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
         .collect();
     let before: Vec<(u32, u32)> = links.iter().map(|l| link_ids(l).unwrap()).collect();
     let watch = LinkWatch::start(links.clone());
-    let at_stop = load.churn.counts();
-    agent.stop().unwrap();
-    // While no agent runs, the Service gains two backends: Maglev sends about half of the
-    // flows to them now; only conntrack keeps the established ones where they are.
-    svc.write(&folder, &pods(&topology, &[0, 1, 2, 3])).unwrap();
-    load.settle();
-    let at_start = load.churn.counts();
-    agent
-        .restart(&topology.node, &lb_testbed::lb_bin(), &[])
-        .unwrap();
-    wait_ops(&topology, &agent, "/readyz");
-    wait_selecting(&agent, &topology, &svc, &[0, 1, 2, 3]);
-    let at_ready = load.churn.counts();
+    let [at_stop, at_start, at_ready] = replace_agent(
+        &mut agent,
+        &topology,
+        &load,
+        // While no agent runs, the Service gains two backends: Maglev sends about half of
+        // the flows to them now; only conntrack keeps the established ones where they are.
+        || svc.write(&folder, &pods(&topology, &[0, 1, 2, 3])).unwrap(),
+        |agent| wait_selecting(agent, &topology, &svc, &[0, 1, 2, 3]),
+    );
     load.pool.open(LONG_LIVED_AFTER, "after").unwrap();
     load.settle();
 
@@ -557,4 +579,71 @@ fn an_upgrade_from_the_older_release_under_load_replaces_the_programs_and_keeps_
             pod.name
         );
     }
+}
+
+/// The release before the renames pinned the pre-filter as `LB_PREFILTER4_V1` and the LRU
+/// tables' counters as `LB_TABLEEVENT_V1` (16 characters, which the kernel cut short): the
+/// same maps under their former names, as this test leaves them by renaming the pins of a
+/// stopped agent while its programs keep running on them. The agent that starts on them
+/// creates the maps under their new names, fills the new pre-filter with the bit of every
+/// frontend before its programs replace the old ones (a packet to a frontend whose bit were
+/// missing would pass untranslated), and unpins the former names; no request fails.
+#[test]
+fn an_upgrade_from_the_former_map_names_under_load_fills_the_prefilter_before_the_programs() {
+    let topology = Topology::new(2).expect("topology");
+    let folder = Folder::new().unwrap();
+    let svc = ClusterIpService::http("renamed", [10, 96, 0, 41], 8080);
+    svc.write(&folder, &pods(&topology, &[0, 1])).unwrap();
+    let mut agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    wait_selecting(&agent, &topology, &svc, &[0, 1]);
+    let target = SocketAddrV4::new(svc.cluster_ip, svc.port);
+    let pins = agent.pin_path().to_owned();
+    let load = Load::start(&topology, target, 24000);
+
+    let rename_back = || {
+        for (former, current) in legacy::RENAMED {
+            std::fs::rename(pins.join(current), pins.join(former)).unwrap();
+        }
+    };
+    let [at_stop, at_start, at_ready] =
+        replace_agent(&mut agent, &topology, &load, rename_back, |_| {});
+    load.settle();
+
+    let log = agent.log();
+    for (former, current) in legacy::RENAMED {
+        assert!(!pins.join(former).exists(), "{former} is unpinned:\n{log}");
+        assert!(pins.join(current).exists(), "{current} is pinned:\n{log}");
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("not carried over") && l.contains(former))
+                .count(),
+            1,
+            "{former} dropped once:\n{log}"
+        );
+    }
+    // The new pre-filter has the bit of every frontend, and no other.
+    let programmed = BpfMaps::open_pinned(&Pins::new(&pins))
+        .unwrap()
+        .read_all()
+        .unwrap();
+    let mut want = std::collections::BTreeMap::<u32, u64>::new();
+    for (key, _) in &programmed.services {
+        let (word, bit) = prefilter::position(key.prefilter_bucket());
+        *want.entry(word).or_default() |= bit;
+    }
+    let mut found = programmed.prefilter.clone();
+    found.sort();
+    assert!(!want.is_empty());
+    assert_eq!(found, want.into_iter().collect::<Vec<_>>());
+
+    let end = load.churn.counts();
+    load.finish(
+        "an upgrade from the former map names under load (SIGTERM, the pins renamed back, \
+         the agent started again on them)",
+        &[
+            ("while no agent ran", at_start.since(&at_stop)),
+            ("until the agent was ready", at_ready.since(&at_start)),
+            ("after it was ready", end.since(&at_ready)),
+        ],
+    );
 }
