@@ -25,7 +25,7 @@ use lb_userspace::{
         maps::DatapathMaps as _,
     },
     metrics,
-    model::{IpCidr, NodeInfo, Protocol, Selection},
+    model::{IpCidr, NodeInfo, NodeTopology, Protocol, Selection},
     plan::{maglev, render::Plan, translate},
     source::{
         kube::KubeConfig,
@@ -83,10 +83,8 @@ enum Command {
         /// host name.
         #[arg(long)]
         node_name: Option<String>,
-        /// This node's zone, for topology-aware routing; default: the Node's
-        /// topology.kubernetes.io/zone label (Kubernetes).
-        #[arg(long)]
-        zone: Option<String>,
+        #[command(flatten)]
+        topology: TopologyArgs,
         /// Seconds between full resyncs, besides the updates changes trigger.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
@@ -142,9 +140,8 @@ enum Command {
         /// NodePort frontends.
         #[arg(long = "node-ip")]
         node_ips: Vec<IpAddr>,
-        /// This node's zone, for topology-aware routing.
-        #[arg(long)]
-        zone: Option<String>,
+        #[command(flatten)]
+        topology: TopologyArgs,
         #[command(flatten)]
         ranges: RangeArgs,
         /// Output format.
@@ -199,6 +196,30 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// This node's topology labels, over those of its Node object (Kubernetes: the Node's;
+/// manifests: a Node of that name in the folder, if any, whose kubernetes.io/hostname is the
+/// node's name unless it says otherwise).
+#[derive(clap::Args)]
+struct TopologyArgs {
+    /// This node's zone (label topology.kubernetes.io/zone), for topology hints and
+    /// spec.topologyKeys.
+    #[arg(long)]
+    zone: Option<String>,
+    /// This node's region (label topology.kubernetes.io/region), for spec.topologyKeys.
+    #[arg(long)]
+    region: Option<String>,
+}
+
+impl TopologyArgs {
+    fn topology(self, manifests: bool) -> NodeTopology {
+        NodeTopology {
+            zone: self.zone,
+            region: self.region,
+            hostname_is_name: manifests,
+        }
+    }
 }
 
 /// Manifests: the ranges of the API server's allocators, for what Services leave out.
@@ -331,7 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             node_ips,
             node_name,
-            zone,
+            topology,
             resync_secs,
             ranges,
             metrics_addr,
@@ -358,6 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      --manifests"
                 );
             }
+            let topology = topology.topology(manifests.is_some());
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir, ranges.ranges()?),
                 None => SourceConfig::Kube(KubeConfig {
@@ -374,7 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pins: Pins::new(pin_path),
                 node_ips,
                 node_name,
-                zone,
+                topology,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 metrics_addr,
                 sync: SyncConfig {
@@ -407,16 +429,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             node_name,
             node_ips,
-            zone,
+            topology,
             ranges,
             output,
         } => {
             let set = manifest::load_dir_with(&manifests, &ranges.ranges()?)?;
-            let node = NodeInfo {
-                name: node_name,
-                addresses: node_ips,
-                zone,
-            };
+            let facts = set.state.nodes.get(&node_name);
+            let node = NodeInfo::new(node_name.clone(), node_ips, facts, &topology.topology(true));
             let translation = translate::translate(&set.state, &node);
             let plan = Plan::new(&set, &translation);
             match output {

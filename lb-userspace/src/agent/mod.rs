@@ -33,7 +33,7 @@ use crate::{
         migrate::Migration,
     },
     metrics::{self, Metrics, SyncOutcome},
-    model::{NodeInfo, ObjectRef},
+    model::{NodeInfo, NodeTopology, ObjectRef},
     plan::{
         desired::Frontend,
         translate::{Changed, Translator, Warning},
@@ -77,8 +77,9 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
-    /// This node's zone (for topology-aware routing); when `None`, the Node's label.
-    pub zone: Option<String>,
+    /// This node's zone and region (for topology-aware routing and `spec.topologyKeys`)
+    /// over its Node object's labels.
+    pub topology: NodeTopology,
     /// A full resync this often, even without a change.
     pub resync: Duration,
     /// Where /metrics, /healthz and /readyz are served.
@@ -106,7 +107,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!(address = %served, "serving /metrics, /healthz and /readyz");
     match &config.source {
         SourceConfig::Manifests(dir, ranges) => {
-            let source = ManifestsSource::new(dir, config.resync, metrics.clone(), ranges.clone())?;
+            let source = ManifestsSource::new(
+                dir,
+                config.resync,
+                metrics.clone(),
+                ranges.clone(),
+                config.node_name.clone(),
+            )?;
             serve(source, &config, metrics).await
         }
         SourceConfig::Kube(kube) => {
@@ -288,15 +295,12 @@ impl<M: DatapathMaps> Agent<'_, M> {
         } else {
             self.interface_addresses.clone()
         };
-        NodeInfo {
-            name: self.config.node_name.clone(),
+        NodeInfo::new(
+            self.config.node_name.clone(),
             addresses,
-            zone: self
-                .config
-                .zone
-                .clone()
-                .or_else(|| facts.and_then(|f| f.zone.clone())),
-        }
+            facts,
+            &self.config.topology,
+        )
     }
 
     /// Applies a new view; whether everything was written.

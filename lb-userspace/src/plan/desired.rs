@@ -206,6 +206,30 @@ pub struct FrontendPlan {
     pub source_ranges: Vec<IpCidr>,
     /// The Service's [`crate::model::SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
     pub selection: Option<Selection>,
+    /// Which of the Service's `spec.topologyKeys` chose the backends; `None` for a Service
+    /// without topology keys.
+    pub topology: Option<TopologyChoice>,
+}
+
+/// What `spec.topologyKeys` chose (kube-proxy v1.21's `FilterTopologyEndpoint`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum TopologyChoice {
+    /// The first key whose value on this node some endpoint shares: those endpoints.
+    Key(String),
+    /// `*`: every endpoint.
+    Any,
+    /// No key matched: no endpoint.
+    NoMatch,
+}
+
+impl fmt::Display for TopologyChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TopologyChoice::Key(key) => f.write_str(key),
+            TopologyChoice::Any => f.write_str(crate::model::TOPOLOGY_KEY_ANY),
+            TopologyChoice::NoMatch => f.write_str("(no key matched)"),
+        }
+    }
 }
 
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services

@@ -45,6 +45,9 @@ pub struct PlanRow {
     pub affinity_timeout_secs: Option<u32>,
     /// Backend selection set by the Service's annotation; `None`: the agent's default.
     pub selection: Option<Selection>,
+    /// The `spec.topologyKeys` key that chose the backends (`*` for any, `(no key
+    /// matched)`); `None` for a Service without topology keys.
+    pub topology: Option<String>,
     /// Allowed client networks; empty means every source.
     pub source_ranges: Vec<String>,
     /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: dropped.
@@ -66,6 +69,7 @@ impl Plan {
                     traffic_policy: traffic_policy(&set.state, plan),
                     affinity_timeout_secs: plan.affinity_timeout_secs,
                     selection: plan.selection,
+                    topology: plan.topology.as_ref().map(ToString::to_string),
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                 })
@@ -84,6 +88,9 @@ impl Plan {
             .iter()
             .map(|r| {
                 let mut policy = r.traffic_policy.to_owned();
+                if let Some(key) = &r.topology {
+                    policy.push_str(&format!(" topology={key}"));
+                }
                 if let Some(selection) = r.selection {
                     policy.push_str(&format!(" selection={selection}"));
                 }
@@ -135,7 +142,8 @@ fn traffic_policy(state: &ClusterState, plan: &FrontendPlan) -> &'static str {
         if plan.kind.is_external() {
             svc.external_policy_local()
         } else {
-            svc.internal_traffic_policy == TrafficPolicy::Local
+            // spec.topologyKeys decide in its place (kube-proxy v1.21).
+            svc.internal_traffic_policy == TrafficPolicy::Local && svc.topology_keys.is_empty()
         }
     });
     if local { "Local" } else { "Cluster" }
@@ -195,6 +203,7 @@ spec: {ports: [{port: 70000}]}
             name: "here".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 1, 5).into()],
             zone: None,
+            labels: Default::default(),
         }
     }
 

@@ -67,7 +67,9 @@ use std::{
     net::IpAddr,
 };
 
-use super::desired::{Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef};
+use super::desired::{
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef, TopologyChoice,
+};
 use crate::model::{
     self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
     ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
@@ -506,9 +508,21 @@ fn translate_service(
                 .filter(|s| s.address_type.family() == Some(fam.family))
                 .collect();
             let endpoints = port_endpoints(&family_slices, &port.name, port.protocol, node);
-            let cluster = cluster_backends(&endpoints, node);
-            let local = local_backends(&endpoints);
-            let internal = if internal_local { &local } else { &cluster };
+            let (cluster, local, topology) = if svc.topology_keys.is_empty() {
+                let cluster = cluster_backends(&endpoints, node);
+                (cluster, local_backends(&endpoints), None)
+            } else {
+                // kube-proxy v1.21: the keys decide for every frontend, before (and in place
+                // of) internalTrafficPolicy and topology hints.
+                let (chosen, choice) = topology_filter(&endpoints, &svc.topology_keys, node);
+                let backends = backends(chosen.into_iter(), |e| e.ready());
+                (backends.clone(), backends, Some(choice))
+            };
+            let internal = if internal_local && topology.is_none() {
+                &local
+            } else {
+                &cluster
+            };
             let external = if external_local { &local } else { &cluster };
 
             // (address, port, kind, backends, source ranges) of every frontend of this port.
@@ -545,6 +559,7 @@ fn translate_service(
                     affinity_timeout_secs,
                     source_ranges: ranges.to_vec(),
                     selection: svc.selection,
+                    topology: topology.clone(),
                 };
                 out.entries.push(Entry::Frontend(frontend, plan));
             }
@@ -671,6 +686,32 @@ fn topology_mode<'a>(
     Topology::None
 }
 
+/// kube-proxy v1.21's `FilterTopologyEndpoint`: the first of `keys` for which some endpoint
+/// (ready or not) has this node's value of it chooses those endpoints; `*` chooses all; a
+/// key this node has no label for is passed over; no key matching chooses none.
+fn topology_filter<'a>(
+    endpoints: &'a BTreeMap<(IpAddr, u16), PortEndpoint<'a>>,
+    keys: &[String],
+    node: &NodeInfo,
+) -> (Vec<&'a PortEndpoint<'a>>, TopologyChoice) {
+    for key in keys {
+        if key == model::TOPOLOGY_KEY_ANY {
+            return (endpoints.values().collect(), TopologyChoice::Any);
+        }
+        let Some(value) = node.labels.get(key) else {
+            continue;
+        };
+        let chosen: Vec<&PortEndpoint<'_>> = endpoints
+            .values()
+            .filter(|e| e.ep.topology_value(key) == Some(value.as_str()))
+            .collect();
+        if !chosen.is_empty() {
+            return (chosen, TopologyChoice::Key(key.clone()));
+        }
+    }
+    (Vec::new(), TopologyChoice::NoMatch)
+}
+
 /// Backends for the Cluster traffic policy.
 fn cluster_backends(
     endpoints: &BTreeMap<(IpAddr, u16), PortEndpoint<'_>>,
@@ -730,6 +771,7 @@ mod tests {
             name: "node-a".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 0, 10).into()],
             zone: Some("zone-a".into()),
+            labels: Default::default(),
         }
     }
 
@@ -764,6 +806,9 @@ mod tests {
                 }
                 if let Some(selection) = p.selection {
                     line += &format!(" selection={selection}");
+                }
+                if let Some(topology) = &p.topology {
+                    line += &format!(" topology={topology}");
                 }
                 line
             })
@@ -815,6 +860,7 @@ mod tests {
             affinity_timeout_secs: None,
             source_ranges: vec![],
             selection: None,
+            topology: None,
         };
         let frontend = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10).into(),
@@ -842,7 +888,7 @@ mod tests {
         let notes: Vec<String> = set.notes.iter().map(ToString::to_string).collect();
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
-            notes[0].ends_with("skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not Deployment (apps/v1)"),
+            notes[0].ends_with("skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and Node (v1), not Deployment (apps/v1)"),
             "{notes:?}"
         );
         assert_eq!(
@@ -1252,6 +1298,272 @@ mod tests {
                     "10.0.0.1:80/TCP ClusterIP default/a -> []",
                     "192.168.0.10:30080/TCP NodePort default/a -> [10.1.0.1:80]",
                 ],
+            ),
+        ]);
+    }
+
+    /// A Service with `spec.topologyKeys` `keys` (a YAML flow sequence) and `extra` spec
+    /// fields, over the endpoints of kube-proxy's TestFilterTopologyEndpoint: two on each of
+    /// testNode1..4, with the nodeName and zone the EndpointSlice controller writes (zone
+    /// 90001 for testNode1 and 2, 90002 for 3 and 4).
+    fn topology_keys_case(keys: &str, extra: &str) -> String {
+        let endpoints: Vec<String> = (1..=4)
+            .flat_map(|n| {
+                let zone = if n <= 2 { 90001 } else { 90002 };
+                (1..=2).map(move |i| {
+                    format!("{{addresses: [1.1.{n}.{i}], nodeName: testNode{n}, zone: '{zone}'}}")
+                })
+            })
+            .collect();
+        svc(
+            "a",
+            &format!("{{clusterIP: 10.0.0.1, topologyKeys: {keys}, ports: [{{port: 11}}]{extra}}}"),
+        ) + &slice(
+            "a-1",
+            "a",
+            "[{port: 11}]",
+            &format!("[{}]", endpoints.join(", ")),
+        )
+    }
+
+    /// The node `testNode<n>` in `zone` (region cd), with its labels as the kubelet sets them.
+    fn test_node(n: u32, zone: &str) -> NodeInfo {
+        NodeInfo::new(
+            format!("testNode{n}"),
+            vec![Ipv4Addr::new(192, 168, 0, 10).into()],
+            Some(&model::NodeFacts {
+                labels: [
+                    (model::LABEL_HOSTNAME, format!("testNode{n}")),
+                    (model::LABEL_ZONE, zone.to_owned()),
+                    (model::LABEL_REGION, "cd".to_owned()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+                ..model::NodeFacts::default()
+            }),
+            &model::NodeTopology::default(),
+        )
+    }
+
+    #[test]
+    fn topology_keys_as_kube_proxy_v1_21_filters_endpoints() {
+        let on = |nodes: &[u32]| -> String {
+            let eps: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| (1..=2).map(move |i| format!("1.1.{n}.{i}:11")))
+                .collect();
+            eps.join(", ")
+        };
+        let line = |nodes: &[u32], key: &str| {
+            vec![format!(
+                "10.0.0.1:11/TCP ClusterIP default/a -> [{}] topology={key}",
+                on(nodes)
+            )]
+        };
+        let hz = "[kubernetes.io/hostname, topology.kubernetes.io/zone]";
+        // kube-proxy v1.21's TestFilterTopologyEndpoint, case by case (its names).
+        let cases: Vec<(&str, String, NodeInfo, Vec<String>)> = vec![
+            (
+                "no topology key and endpoints",
+                svc(
+                    "a",
+                    "{clusterIP: 10.0.0.1, topologyKeys: [], ports: [{port: 11}]}",
+                ),
+                test_node(1, "90001"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> []".to_owned()],
+            ),
+            (
+                "no topology key but have endpoints",
+                topology_keys_case("[]", ""),
+                test_node(1, "90001"),
+                vec![format!(
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [{}]",
+                    on(&[1, 2, 3, 4])
+                )],
+            ),
+            (
+                "one topology key with one node matched",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                test_node(1, "90001"),
+                line(&[1], "kubernetes.io/hostname"),
+            ),
+            (
+                "one topology key without node matched",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                test_node(5, "90001"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "one topology key with multiple nodes matched",
+                topology_keys_case("[topology.kubernetes.io/zone]", ""),
+                test_node(2, "90001"),
+                line(&[1, 2], "topology.kubernetes.io/zone"),
+            ),
+            (
+                "early match in multiple topology keys",
+                topology_keys_case(hz, ""),
+                test_node(2, "90001"),
+                line(&[2], "kubernetes.io/hostname"),
+            ),
+            (
+                "later match in multiple topology keys",
+                topology_keys_case(hz, ""),
+                test_node(5, "90002"),
+                line(&[3, 4], "topology.kubernetes.io/zone"),
+            ),
+            (
+                "multiple topology keys without node matched",
+                topology_keys_case(hz, ""),
+                test_node(5, "90003"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "multiple topology keys matched node when 'Any' key ignored",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                test_node(1, "90001"),
+                line(&[1], "kubernetes.io/hostname"),
+            ),
+            (
+                "two topology keys matched node with 'Any' key",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                test_node(5, "90001"),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            (
+                "multiple topology keys matched node with 'Any' key",
+                topology_keys_case(
+                    "[kubernetes.io/hostname, topology.kubernetes.io/zone, '*']",
+                    "",
+                ),
+                test_node(5, "90003"),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            // kube-proxy v1.21's edge cases when it cannot determine the node's topology.
+            (
+                "no node labels: \"*\" last includes all endpoints",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                NodeInfo::default(),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            (
+                "no node labels: without \"*\", no endpoints",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                NodeInfo::default(),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            // What kube-proxy v1.21 did on a v1.21 cluster (tests/tests/kube_cluster.rs and
+            // the README say how it was found).
+            (
+                "the hostname key compares the Node's kubernetes.io/hostname label, not its \
+                 name, with the endpoints' nodeName",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                NodeInfo {
+                    labels: [(model::LABEL_HOSTNAME.to_owned(), "host-1".to_owned())].into(),
+                    ..test_node(1, "90001")
+                },
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "every frontend follows the keys (externalTrafficPolicy Cluster), and \
+                 internalTrafficPolicy Local gives way to them (v1.21's FilterEndpoints)",
+                topology_keys_case(
+                    "[topology.kubernetes.io/zone]",
+                    ", type: NodePort, internalTrafficPolicy: Local, externalIPs: [203.0.113.5]",
+                )
+                .replace(
+                    "ports: [{port: 11}]",
+                    "ports: [{port: 11, nodePort: 30011}]",
+                ),
+                test_node(1, "90002"),
+                vec![
+                    format!(
+                        "10.0.0.1:11/TCP ClusterIP default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                    format!(
+                        "192.168.0.10:30011/TCP NodePort default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                    format!(
+                        "203.0.113.5:11/TCP ExternalIP default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                ],
+            ),
+        ];
+        for (name, yaml, node, want) in cases {
+            assert_eq!(
+                render(&translate(&state(&yaml), &node)),
+                want,
+                "case {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_keys_choose_among_all_endpoints_then_the_ready_ones() {
+        let case = |keys: &str, endpoints: &str| {
+            svc(
+                "a",
+                &format!("{{clusterIP: 10.0.0.1, topologyKeys: {keys}, ports: [{{port: 80}}]}}"),
+            ) + &slice("a-1", "a", "[{port: 80}]", endpoints)
+        };
+        let node = test_node(1, "z1");
+        check(&[
+            (
+                "a not-ready endpoint alone makes its key win (kube-proxy v1.21 filters every \
+                 endpoint, then takes the ready ones): no endpoints, \"*\" is not reached",
+                case(
+                    "[kubernetes.io/hostname, '*']",
+                    "[{addresses: [10.1.0.5], nodeName: testNode1, conditions: {ready: false}}, {addresses: [10.1.0.2], nodeName: n2}]",
+                ),
+                node.clone(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=kubernetes.io/hostname"],
+            ),
+            (
+                "a serving, terminating endpoint the key chose is the fallback when none it \
+                 chose is ready (current kube-proxy; v1.21 had no such fallback)",
+                case(
+                    "[kubernetes.io/hostname, '*']",
+                    "[{addresses: [10.1.0.5], nodeName: testNode1, conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.2], nodeName: n2}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.5:80 (terminating)] topology=kubernetes.io/hostname",
+                ],
+            ),
+            (
+                "topology hints give way to the keys",
+                case(
+                    "[topology.kubernetes.io/zone]",
+                    "[{addresses: [10.1.0.1], nodeName: n1, zone: z1, hints: {forZones: [{name: z2}]}}, {addresses: [10.1.0.2], nodeName: n2, zone: z2, hints: {forZones: [{name: z1}]}}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80] topology=topology.kubernetes.io/zone",
+                ],
+            ),
+            (
+                "the zone then the region: a key other than the host name and the zone comes \
+                 from deprecatedTopology (lb; kube-proxy v1.21 reads nodeName and zone only)",
+                case(
+                    "[topology.kubernetes.io/zone, topology.kubernetes.io/region]",
+                    "[{addresses: [10.1.0.1], nodeName: n9, zone: z9, deprecatedTopology: {topology.kubernetes.io/region: cd}}, {addresses: [10.1.0.2], nodeName: n8, zone: z8, deprecatedTopology: {topology.kubernetes.io/region: ef}}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80] topology=topology.kubernetes.io/region",
+                ],
+            ),
+            (
+                "an endpoint without nodeName has no host name, whatever its deprecatedTopology",
+                case(
+                    "[kubernetes.io/hostname]",
+                    "[{addresses: [10.1.0.1], deprecatedTopology: {kubernetes.io/hostname: testNode1}}]",
+                ),
+                node,
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=(no key matched)"],
             ),
         ]);
     }
