@@ -24,7 +24,7 @@ use lb_userspace::{
         inspect,
         maps::DatapathMaps as _,
     },
-    metrics,
+    health, metrics,
     model::{IpCidr, NodeInfo, NodeTopology, Protocol, Selection},
     plan::{maglev, render::Plan, translate},
     source::{
@@ -93,6 +93,8 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
+        #[command(flatten)]
+        health: Box<HealthArgs>,
         /// Kubernetes: the longest wait, in seconds, for the initial lists before the first
         /// sync (after it the agent goes on without the Node, never without Services or
         /// EndpointSlices).
@@ -337,6 +339,36 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// kube-proxy's proxy health server.
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// Address of kube-proxy's proxy health server (/healthz, /livez), which cloud load
+    /// balancers probe (kube-proxy's flag and default); empty: none.
+    #[arg(long, default_value = health::DEFAULT_PROXY_HEALTH_ADDR)]
+    healthz_bind_address: OptionalAddr,
+    /// Seconds an update of the source may wait to be programmed before the proxy health
+    /// server answers 503 (kube-proxy: twice its sync period).
+    #[arg(long, default_value_t = health::DEFAULT_HEALTH_TIMEOUT.as_secs())]
+    healthz_timeout_secs: u64,
+}
+
+/// An address, or none (the empty string).
+#[derive(Clone, Copy, Debug)]
+struct OptionalAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Ok(OptionalAddr(None));
+        }
+        s.parse()
+            .map(|a| OptionalAddr(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address:port, or empty for none)"))
+    }
+}
+
 fn parse_table_size(s: &str) -> Result<u32, String> {
     let size: u32 = s.parse().map_err(|e| format!("{e}"))?;
     maglev::check_table_size(size).map_err(|e| e.to_string())
@@ -356,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resync_secs,
             ranges,
             metrics_addr,
+            health,
             initial_sync_timeout_secs,
             debounce_ms,
             maglev_table_size,
@@ -399,6 +432,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 topology,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 metrics_addr,
+                healthz_addr: health.healthz_bind_address.0,
+                health_timeout: Duration::from_secs(health.healthz_timeout_secs),
                 sync: SyncConfig {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),

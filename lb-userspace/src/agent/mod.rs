@@ -32,6 +32,7 @@ use crate::{
         maps::DatapathMaps,
         migrate::Migration,
     },
+    health::{self, ProxyHealth, ServiceHealth},
     metrics::{self, Metrics, SyncOutcome},
     model::{NodeInfo, NodeTopology, ObjectRef},
     plan::{
@@ -84,6 +85,11 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Where /metrics, /healthz and /readyz are served.
     pub metrics_addr: SocketAddr,
+    /// Where kube-proxy's proxy health server (`/healthz`, `/livez`) is served; `None`: not.
+    pub healthz_addr: Option<SocketAddr>,
+    /// How long an update of the source may wait to be programmed before the proxy health
+    /// server reports the proxy unhealthy.
+    pub health_timeout: Duration,
     /// Maglev table size, default selection and drain period.
     pub sync: SyncConfig,
     /// Map sizes, for maps that are not pinned yet.
@@ -105,29 +111,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;
     info!(address = %served, "serving /metrics, /healthz and /readyz");
+    let proxy_health = Arc::new(ProxyHealth::new(config.health_timeout));
+    if let Some(addr) = config.healthz_addr {
+        let served = health::serve_proxy_health(addr, proxy_health.clone())
+            .await
+            .with_context(|| format!("serving the proxy health check on {addr}"))?;
+        info!(address = %served, "serving kube-proxy's /healthz and /livez");
+    }
+    let health = (metrics, proxy_health);
     match &config.source {
         SourceConfig::Manifests(dir, ranges) => {
             let source = ManifestsSource::new(
                 dir,
                 config.resync,
-                metrics.clone(),
+                health.0.clone(),
                 ranges.clone(),
                 config.node_name.clone(),
             )?;
-            serve(source, &config, metrics).await
+            serve(source, &config, health).await
         }
         SourceConfig::Kube(kube) => {
-            let source = KubeSource::connect(kube.clone(), metrics.clone()).await?;
-            serve(source, &config, metrics).await
+            let source = KubeSource::connect(kube.clone(), health.0.clone()).await?;
+            serve(source, &config, health).await
         }
     }
 }
 
-/// Attaches the datapath and keeps it equal to the translation of `source`.
+/// Attaches the datapath and keeps it equal to the translation of `source`; reports into
+/// the metrics and the proxy's health.
 async fn serve<S: Source>(
     mut source: S,
     config: &AgentConfig,
-    metrics: Arc<Metrics>,
+    (metrics, proxy_health): (Arc<Metrics>, Arc<ProxyHealth>),
 ) -> anyhow::Result<()> {
     // Maps of an older layout are converted into the new maps between the load and the
     // attach, and once more after it (see `migrate`).
@@ -179,6 +194,8 @@ async fn serve<S: Source>(
         metrics,
         orphans_logged: false,
         deprecations_logged: BTreeSet::new(),
+        service_health: ServiceHealth::new(proxy_health.clone()),
+        proxy_health,
     };
 
     let mut term = signal(SignalKind::terminate())?;
@@ -283,6 +300,10 @@ struct Agent<'a, M> {
     orphans_logged: bool,
     /// The deprecated annotations already logged, by Service: each is logged once.
     deprecations_logged: BTreeSet<(ObjectRef, &'static str)>,
+    /// kube-proxy's proxy health: told of each update and of each complete write.
+    proxy_health: Arc<ProxyHealth>,
+    /// The health checks of LoadBalancer Services with externalTrafficPolicy Local.
+    service_health: ServiceHealth,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -295,6 +316,8 @@ impl<M: DatapathMaps> Agent<'_, M> {
         } else {
             self.interface_addresses.clone()
         };
+        self.proxy_health
+            .set_node_eligible(!facts.is_some_and(|f| f.being_deleted));
         NodeInfo::new(
             self.config.node_name.clone(),
             addresses,
@@ -306,6 +329,7 @@ impl<M: DatapathMaps> Agent<'_, M> {
     /// Applies a new view; whether everything was written.
     fn apply(&mut self, source: &impl Source, changes: &Changes) -> bool {
         let started = Instant::now();
+        self.proxy_health.queued(changes.since);
         let state = source.state();
         let node = self.node_info(source.node());
         let (changed, full) = match &mut self.translator {
@@ -438,8 +462,14 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 "synced"
             );
         }
+        self.service_health
+            .sync(translator.health_checks(), &translator.node().addresses);
         // Frontends that did not fit are retried (a full map may have room again).
-        report.errors.is_empty() && report.unprogrammed == 0
+        let complete = report.errors.is_empty() && report.unprogrammed == 0;
+        if complete {
+            self.proxy_health.updated();
+        }
+        complete
     }
 }
 

@@ -916,7 +916,14 @@ pub struct NodeFacts {
     pub zone: Option<String>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// It is being deleted, or the cluster autoscaler is about to delete it (taint
+    /// `ToBeDeletedByClusterAutoscaler`): kube-proxy's proxy health check (`/healthz`) then
+    /// fails, so that load balancers stop sending to it.
+    pub being_deleted: bool,
 }
+
+/// The taint with which the cluster autoscaler marks a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl NodeFacts {
     /// The name of a Node object, checked.
@@ -944,10 +951,16 @@ impl NodeFacts {
             }
         }
         let labels = node.metadata.labels.clone().unwrap_or_default();
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
         NodeFacts {
             addresses,
             zone: labels.get(LABEL_ZONE).cloned(),
             labels,
+            being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
         }
     }
 }

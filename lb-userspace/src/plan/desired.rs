@@ -232,6 +232,20 @@ impl fmt::Display for TopologyChoice {
     }
 }
 
+/// The health check kube-proxy serves for a LoadBalancer Service with externalTrafficPolicy
+/// Local (`NeedsHealthCheck`) on its `spec.healthCheckNodePort`: cloud load balancers send
+/// the Service's traffic only to nodes that answer 200, those with a ready endpoint of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// The ready endpoints on this node (distinct address and port, over every port of the
+    /// Service), by IP family: each family's node addresses answer for that family's
+    /// endpoints, as kube-proxy's proxier of each family does. A family the Service has is
+    /// present, even at 0.
+    pub local_endpoints: BTreeMap<IpFamily, usize>,
+}
+
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services
 /// claim the same frontend, translation keeps one and reports the other.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -68,7 +68,8 @@ use std::{
 };
 
 use super::desired::{
-    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef, TopologyChoice,
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, HealthCheck, ServicePortRef,
+    TopologyChoice,
 };
 use crate::model::{
     self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
@@ -80,6 +81,8 @@ use crate::model::{
 pub struct Translation {
     /// Every frontend to program.
     pub desired: DesiredState,
+    /// The health checks to serve, by Service.
+    pub health_checks: BTreeMap<ObjectRef, HealthCheck>,
     /// Things that were skipped or chosen, for the logs.
     pub warnings: Vec<Warning>,
 }
@@ -160,6 +163,7 @@ pub fn translate(state: &ClusterState, node: &NodeInfo) -> Translation {
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
     entries: Vec<Entry>,
+    health: Option<HealthCheck>,
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +194,7 @@ pub struct Translator {
     outputs: HashMap<ObjectRef, ServiceOutput>,
     claims: HashMap<Frontend, BTreeSet<Claim>>,
     desired: DesiredState,
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
 }
 
 impl Translator {
@@ -204,6 +209,7 @@ impl Translator {
             outputs: HashMap::new(),
             claims: HashMap::new(),
             desired: DesiredState::default(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -225,6 +231,11 @@ impl Translator {
         &self.desired
     }
 
+    /// The health checks of everything translated so far, by Service.
+    pub fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
+        &self.health_checks
+    }
+
     /// The desired state and every warning, as [`translate`] returns them.
     pub fn translation(&self) -> Translation {
         let mut warnings: Vec<Warning> = self
@@ -241,6 +252,7 @@ impl Translator {
         }
         Translation {
             desired: self.desired.clone(),
+            health_checks: self.health_checks.clone(),
             warnings,
         }
     }
@@ -321,6 +333,10 @@ impl Translator {
                     }
                 }
             }
+            match output.as_ref().and_then(|o| o.health.clone()) {
+                Some(health) => self.health_checks.insert(service.clone(), health),
+                None => self.health_checks.remove(service),
+            };
             if let Some(output) = output {
                 for (i, entry) in output.entries.iter().enumerate() {
                     if let Entry::Frontend(frontend, _) = entry {
@@ -476,6 +492,21 @@ fn translate_service(
         })
         .collect();
 
+    // kube-proxy's NeedsHealthCheck, with the port allocated.
+    if svc.type_ == ServiceType::LoadBalancer
+        && external_local
+        && let Some(port) = svc.health_check_node_port
+    {
+        let local_endpoints = families
+            .iter()
+            .map(|fam| (fam.family, local_ready_endpoints(slices, fam.family, node)))
+            .collect();
+        out.health = Some(HealthCheck {
+            port,
+            local_endpoints,
+        });
+    }
+
     for port in &svc.ports {
         let proto = match port.protocol {
             proto @ (Protocol::Tcp | Protocol::Udp) => proto,
@@ -566,6 +597,28 @@ fn translate_service(
         }
     }
     out
+}
+
+/// kube-proxy's `LocalReadyEndpoints` of one family: the distinct address and port of the
+/// ready endpoints on this node, over every port of every slice of the Service.
+fn local_ready_endpoints(slices: &[&EndpointSlice], family: IpFamily, node: &NodeInfo) -> usize {
+    let mut local = BTreeSet::new();
+    for slice in slices
+        .iter()
+        .filter(|s| s.address_type.family() == Some(family))
+    {
+        for port in slice.ports.iter().filter_map(|p| p.port) {
+            for ep in &slice.endpoints {
+                if ep.conditions.is_ready()
+                    && !node.name.is_empty()
+                    && ep.node_name.as_deref() == Some(node.name.as_str())
+                {
+                    local.insert((ep.address, port));
+                }
+            }
+        }
+    }
+    local.len()
 }
 
 /// The allowed sources of the LoadBalancer frontends of `family`; empty = all. As in
@@ -873,6 +926,7 @@ mod tests {
                 desired: DesiredState {
                     frontends: BTreeMap::from([(frontend, plan)])
                 },
+                health_checks: BTreeMap::new(),
                 warnings: vec![]
             }
         );
@@ -1569,6 +1623,88 @@ mod tests {
     }
 
     #[test]
+    fn health_checks_as_kube_proxy_serves_them() {
+        let lb = |name: &str, spec: &str| {
+            svc(name, spec) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n"
+        };
+        let endpoints = "[{addresses: [10.1.0.1], nodeName: node-a}, \
+             {addresses: [10.1.0.2], nodeName: node-a, conditions: {ready: false}}, \
+             {addresses: [10.1.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, \
+             {addresses: [10.1.0.4], nodeName: node-b}, {addresses: [10.1.0.5]}]";
+        let two_ports = "[{name: a, port: 80}, {name: b, port: 81}]";
+        let cases: Vec<(&str, String, Vec<String>)> = vec![
+            (
+                "NeedsHealthCheck: a LoadBalancer Service with externalTrafficPolicy Local; its \
+                 local ready endpoints, by address and port, over its ports",
+                lb(
+                    "web",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]}",
+                ) + &slice("web-1", "web", two_ports, endpoints),
+                vec!["default/web :32000 {IPv4: 2}".to_owned()],
+            ),
+            (
+                "no health check with externalTrafficPolicy Cluster, for a NodePort Service, or \
+                 without a port",
+                lb(
+                    "cluster",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.2, healthCheckNodePort: 32001, ports: [{port: 80, nodePort: 30082}]}",
+                ) + &svc(
+                    "np",
+                    "{type: NodePort, clusterIP: 10.0.0.3, externalTrafficPolicy: Local, healthCheckNodePort: 32002, ports: [{port: 80, nodePort: 30083}]}",
+                ) + &lb(
+                    "noport",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.4, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30084}]}",
+                ),
+                vec![],
+            ),
+            (
+                "no local ready endpoint: 0 (terminating, not ready and remote ones do not count)",
+                lb(
+                    "web",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{port: 80, nodePort: 30080}]}",
+                ) + &slice(
+                    "web-1",
+                    "web",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.4], nodeName: node-b}]",
+                ),
+                vec!["default/web :32000 {IPv4: 0}".to_owned()],
+            ),
+            (
+                "dual stack: each family its own count",
+                lb(
+                    "ds",
+                    "{type: LoadBalancer, clusterIPs: [10.0.0.5, 'fd00::5'], externalTrafficPolicy: Local, healthCheckNodePort: 32003, ports: [{port: 80, nodePort: 30085}]}",
+                ) + &slice(
+                    "ds-4",
+                    "ds",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.1], nodeName: node-a}]",
+                ) + &slice6(
+                    "ds-6",
+                    "ds",
+                    "[{port: 80}]",
+                    "[{addresses: ['fd00:1::1'], nodeName: node-a}, {addresses: ['fd00:1::2'], nodeName: node-a}]",
+                ),
+                vec!["default/ds :32003 {IPv4: 1, IPv6: 2}".to_owned()],
+            ),
+        ];
+        for (name, yaml, want) in cases {
+            let t = translate(&state(&yaml), &node());
+            let got: Vec<String> = t
+                .health_checks
+                .iter()
+                .map(|(s, h)| {
+                    format!("{s} :{} {:?}", h.port, h.local_endpoints)
+                        .replace("V4", "IPv4")
+                        .replace("V6", "IPv6")
+                })
+                .collect();
+            assert_eq!(got, want, "case {name}");
+        }
+    }
+
+    #[test]
     fn topology() {
         let spec = "{clusterIP: 10.0.0.1, ports: [{port: 80}]}";
         let case = |endpoints: &str| svc("a", spec) + &slice("a-1", "a", "[{port: 80}]", endpoints);
@@ -1919,7 +2055,8 @@ mod tests {
             let spec = match variant % 4 {
                 0 => format!("{{clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80}}]}}"),
                 1 => format!(
-                    "{{type: NodePort, clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80, \
+                    "{{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: \
+                     32000, clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80, \
                      nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP}}]}}"
                 ),
                 2 => format!(
@@ -1961,6 +2098,7 @@ mod tests {
         let mut st = ClusterState::default();
         let mut translator = Translator::new(node());
         let mut previous = DesiredState::default();
+        let mut health_seen = false;
         for step in 0..400 {
             let kind = next(2);
             let (name, variant) = (next(4 + kind), next(12));
@@ -1997,6 +2135,12 @@ mod tests {
                 render(&full),
                 "step {step}"
             );
+            assert_eq!(
+                translator.health_checks(),
+                &full.health_checks,
+                "step {step}"
+            );
+            health_seen |= !full.health_checks.is_empty();
             let diff: BTreeSet<Frontend> = previous
                 .frontends
                 .keys()
@@ -2013,5 +2157,6 @@ mod tests {
             previous.frontends.len() > 1,
             "the walk ends with frontends: {previous:?}"
         );
+        assert!(health_seen, "the walk had health checks");
     }
 }

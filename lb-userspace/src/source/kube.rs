@@ -1158,8 +1158,23 @@ mod tests {
                 ],
                 zone: Some("zone-b".into()),
                 labels: [(ZONE_LABEL.to_owned(), "zone-b".to_owned())].into(),
+                being_deleted: false,
             }
         );
+        // Being deleted, or about to be by the cluster autoscaler.
+        for extra in [
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            serde_json::json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}),
+        ] {
+            let mut json = serde_json::json!({"metadata": {"name": "n3"}});
+            for (k, v) in extra.as_object().unwrap() {
+                for (k2, v2) in v.as_object().unwrap() {
+                    json[k][k2] = v2.clone();
+                }
+            }
+            let node: core::Node = serde_json::from_value(json).unwrap();
+            assert!(node_facts(&node).being_deleted, "{node:?}");
+        }
         let bare = core::Node {
             metadata: ObjectMeta {
                 name: Some("n2".into()),

@@ -837,3 +837,90 @@ fn topology_keys_on_a_v1_21_cluster() {
         "{error}"
     );
 }
+
+/// A LoadBalancer Service with externalTrafficPolicy Local on a real cluster: the API server
+/// allocates its healthCheckNodePort, the agent serves kube-proxy's health check there on
+/// the node's address, and it follows the pods' readiness through the real EndpointSlice
+/// controller: 200 with the count of ready local endpoints, 503 at none.
+#[test]
+fn the_health_check_node_port_on_a_v1_21_cluster() {
+    let c = Cluster::start(|c| {
+        c.service(
+            "lb",
+            "10.96.0.30",
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+        );
+        c.topology_pod("lb-1", "lb", 0);
+        c.topology_pod("lb-2", "lb", 1);
+    });
+    let svc = c
+        .kube()
+        .get::<core::Service>(Some("default"), "lb")
+        .unwrap()
+        .unwrap();
+    let port = svc.spec.unwrap().health_check_node_port.expect("allocated") as u16;
+    let target = std::net::SocketAddr::new(NODE_IP.into(), port);
+    let wait = |what: &str, want: (u16, i64)| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = lb_testbed::client::http_request(&c.topology.client, target, "/").map(
+                |(status, body, _)| {
+                    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    (status, json["localEndpoints"].as_i64().unwrap(), json)
+                },
+            );
+            match &got {
+                Ok((status, count, json)) if (*status, *count) == want => {
+                    assert_eq!(json["service"]["name"], "lb");
+                    return;
+                }
+                _ if Instant::now() > deadline => {
+                    panic!("{what}: {got:?}; agent log:\n{}", c.agent.log())
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    wait("two ready local endpoints", (200, 2));
+    set_pod_ready(c.kube(), "lb-1", false).unwrap();
+    wait("one", (200, 1));
+    set_pod_ready(c.kube(), "lb-2", false).unwrap();
+    wait("none ready", (503, 0));
+    set_pod_ready(c.kube(), "lb-1", true).unwrap();
+    wait("one again", (200, 1));
+    // kube-proxy's proxy health server beside it.
+    let (status, body, _) = lb_testbed::client::http_request(
+        &c.topology.client,
+        std::net::SocketAddr::new(NODE_IP.into(), 10256),
+        "/healthz",
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\": true"), "{body}");
+
+    // The cluster autoscaler marks the node for deletion: /healthz fails (load balancers
+    // drain it), /livez does not.
+    c.kube()
+        .patch::<core::Node>(
+            None,
+            NODE,
+            json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler",
+                                         "effect": "NoSchedule"}]}}),
+        )
+        .unwrap();
+    let proxy = |path: &str| {
+        lb_testbed::client::http_request(
+            &c.topology.client,
+            std::net::SocketAddr::new(NODE_IP.into(), 10256),
+            path,
+        )
+        .unwrap()
+        .0
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy("/healthz") != 503 {
+        assert!(Instant::now() < deadline, "{}", c.agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(proxy("/livez"), 200);
+}
