@@ -19,6 +19,7 @@
 
 mod counters;
 mod family;
+pub mod names;
 mod v6;
 pub use counters::{Event, NatEvent, Reason, TableEvent};
 pub use family::{BackendValue, CtValue, Family, FlowKey, NatValue, V4, V6};
@@ -140,7 +141,12 @@ pub mod map_names {
     /// every slot whenever it loads the pod interfaces' program.
     pub const TC_PROGRAMS: &str = "LB_TCPROGS_V1";
 
-    /// Every map, for pinning, adoption and teardown.
+    /// Hash map [`crate::names::NameKey`] -> [`crate::names::FrontendName`]: the Service
+    /// port of each frontend, which the agent writes beside the service entries and the
+    /// CLI reads. The agent creates it (it is not in the programs' object, nor in [`ALL`]).
+    pub const NAMES: &str = "LB_NAMES_V1";
+
+    /// Every map of the programs' object, for pinning, adoption and teardown.
     pub const ALL: [&str; 29] = [
         SERVICES,
         BACKENDS,

@@ -502,8 +502,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let maps = BpfMaps::open_pinned(&pins)?;
             let counters = Counters::open_pinned(&pins)?;
             let contents = maps.read_all()?;
-            let rows =
-                inspect::service_rows(&contents, |id| counters.service(id).unwrap_or_default());
+            let names = inspect::read_names(&pins)?;
+            let rows = inspect::service_rows(&contents, &names, |id| {
+                counters.service(id).unwrap_or_default()
+            });
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", inspect::services_table(&rows)),

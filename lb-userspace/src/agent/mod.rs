@@ -25,7 +25,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{
-        self, Capacity, Counters, Datapath, DatapathError, Pins, TableFill,
+        self, Capacity, Counters, Datapath, DatapathError, FrontendLabel, Names, Pins, TableFill,
         collector::DatapathCollector,
         eastwest::{PodInterfaces, SocketHooks},
         interface_index,
@@ -157,6 +157,14 @@ async fn serve<S: Source>(
     // programs read and the old ones did not have (the pre-filter after an upgrade).
     let maps = datapath.take_maps()?;
     let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
+    // The frontends' names, for `lb services` and `lb stats`; nothing depends on them.
+    let names = match Names::open_or_create(&config.pins, config.capacity.services) {
+        Ok(names) => Some(names),
+        Err(e) => {
+            warn!("frontends will not be named for lb services: {e}");
+            None
+        }
+    };
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
@@ -188,6 +196,7 @@ async fn serve<S: Source>(
     let interface_addresses = interface_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
+        names,
         translator: None,
         config,
         interface_addresses,
@@ -291,6 +300,8 @@ fn watch_tables(pins: &Pins) -> anyhow::Result<()> {
 /// The agent's state between views.
 struct Agent<'a, M> {
     syncer: Syncer<M>,
+    /// The names of the programmed frontends, when the map could be opened.
+    names: Option<Names>,
     /// Created at the first view.
     translator: Option<Translator>,
     config: &'a AgentConfig,
@@ -464,6 +475,25 @@ impl<M: DatapathMaps> Agent<'_, M> {
         }
         self.service_health
             .sync(translator.health_checks(), &translator.node().addresses);
+        if let Some(names) = &mut self.names {
+            // Every programmed frontend: as the desired state names it, an orphan as it was.
+            let wanted = self
+                .syncer
+                .service_ids()
+                .filter_map(|(key, _)| {
+                    let plan = Frontend::from_key(&key).and_then(|f| desired.frontends.get(&f));
+                    let label = match plan {
+                        Some(plan) => FrontendLabel {
+                            service: plan.service.to_string(),
+                            kind: Some(plan.kind),
+                        },
+                        None => names.written().get(&key)?.clone(),
+                    };
+                    Some((key, label))
+                })
+                .collect();
+            names.sync(&wanted);
+        }
         // Frontends that did not fit are retried (a full map may have room again).
         let complete = report.errors.is_empty() && report.unprogrammed == 0;
         if complete {

@@ -17,6 +17,7 @@ pub mod inspect;
 mod load;
 pub mod maps;
 pub mod migrate;
+pub mod names;
 pub mod pins;
 pub mod sys;
 
@@ -32,6 +33,7 @@ pub use self::{
     bpf::{BpfMaps, TableSlot},
     counters::{ConntrackStats, Counters, TableFill},
     load::{Datapath, LinkOutcome, accept_local_sources, interface_index},
+    names::{FrontendLabel, Names},
     pins::Pins,
 };
 
