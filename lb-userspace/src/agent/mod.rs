@@ -36,7 +36,7 @@ use crate::{
     metrics::{self, Metrics, SyncOutcome},
     model::{NodeInfo, NodeTopology, ObjectRef},
     plan::{
-        desired::Frontend,
+        desired::{Frontend, FrontendKey},
         translate::{Changed, Translator, Warning},
     },
     source::{
@@ -477,22 +477,38 @@ impl<M: DatapathMaps> Agent<'_, M> {
             .sync(translator.health_checks(), &translator.node().addresses);
         if let Some(names) = &mut self.names {
             // Every programmed frontend: as the desired state names it, an orphan as it was.
-            let wanted = self
-                .syncer
-                .service_ids()
-                .filter_map(|(key, _)| {
-                    let plan = Frontend::from_key(&key).and_then(|f| desired.frontends.get(&f));
-                    let label = match plan {
-                        Some(plan) => FrontendLabel {
-                            service: plan.service.to_string(),
-                            kind: Some(plan.kind),
-                        },
-                        None => names.written().get(&key)?.clone(),
-                    };
-                    Some((key, label))
-                })
-                .collect();
-            names.sync(&wanted);
+            // After an update, only the frontends it changed (unless orphans went).
+            let label = |key: &FrontendKey, names: &Names| {
+                let plan = Frontend::from_key(key).and_then(|f| desired.frontends.get(&f));
+                match plan {
+                    Some(plan) => Some(FrontendLabel {
+                        service: plan.service.to_string(),
+                        kind: Some(plan.kind),
+                    }),
+                    None => names.written().get(key).cloned(),
+                }
+            };
+            match only.filter(|_| report.orphans_pruned == 0) {
+                Some(frontends) => {
+                    for frontend in frontends {
+                        let key = frontend.key();
+                        let wanted = self
+                            .syncer
+                            .is_programmed(&key)
+                            .then(|| label(&key, names))
+                            .flatten();
+                        names.set(key, wanted);
+                    }
+                }
+                None => {
+                    let wanted = self
+                        .syncer
+                        .service_ids()
+                        .filter_map(|(key, _)| Some((key, label(&key, names)?)))
+                        .collect();
+                    names.sync(&wanted);
+                }
+            }
         }
         // Frontends that did not fit are retried (a full map may have room again).
         let complete = report.errors.is_empty() && report.unprogrammed == 0;

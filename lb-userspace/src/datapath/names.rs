@@ -98,7 +98,13 @@ impl Names {
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
-        for key in stale {
+        self.remove(stale);
+        self.write(wanted);
+    }
+
+    /// Removes the names of `keys`.
+    fn remove(&mut self, keys: impl IntoIterator<Item = FrontendKey>) {
+        for key in keys {
             match self.map.remove(&name_key(&key)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {
                     self.written.remove(&key);
@@ -106,6 +112,10 @@ impl Names {
                 Err(e) => warn!("removing the name of a frontend from {NAME}: {e}"),
             }
         }
+    }
+
+    /// Writes the names of `wanted` that differ from what is written.
+    fn write(&mut self, wanted: &BTreeMap<FrontendKey, FrontendLabel>) {
         let mut failed = 0;
         for (key, label) in wanted {
             if self.written.get(key) == Some(label) {
@@ -131,6 +141,18 @@ impl Names {
         }
         if failed > 1 {
             warn!("{failed} frontends not named in {NAME}");
+        }
+    }
+
+    /// Names the frontend `key` `label`, or removes its name (`None`); as [`Names::sync`]
+    /// for one frontend.
+    pub fn set(&mut self, key: FrontendKey, label: Option<FrontendLabel>) {
+        match label {
+            Some(label) => {
+                let wanted = BTreeMap::from([(key, label)]);
+                self.write(&wanted);
+            }
+            None => self.remove([key]),
         }
     }
 
