@@ -84,7 +84,7 @@ enum Command {
         #[arg(long)]
         node_name: Option<String>,
         #[command(flatten)]
-        topology: TopologyArgs,
+        topology: Box<TopologyArgs>,
         /// Seconds between full resyncs, besides the updates changes trigger.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
