@@ -21,6 +21,7 @@
 
 mod counters;
 mod family;
+pub mod names;
 pub mod schema;
 mod v6;
 pub use counters::{Event, NatEvent, Reason, TableEvent};
@@ -159,6 +160,11 @@ pub mod map_names {
     /// holds programs of one type, so the XDP ones are in [`PROGRAMS`]). The agent writes
     /// every slot whenever it loads the pod interfaces' program.
     pub const TC_PROGRAMS: &str = "LB_TCPROGS_V1";
+
+    /// Hash map [`crate::names::NameKey`] -> [`crate::names::FrontendName`]: the Service
+    /// port of each frontend, which the agent writes beside the service entries and the
+    /// CLI reads. The agent creates it (it is not in the programs' object, nor in [`ALL`]).
+    pub const NAMES: &str = "LB_NAMES_V1";
 
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.

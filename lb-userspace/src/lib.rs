@@ -12,6 +12,8 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -24,8 +24,8 @@ use lb_userspace::{
         inspect,
         maps::DatapathMaps as _,
     },
-    metrics,
-    model::{IpCidr, NodeInfo, Protocol, Selection},
+    health, metrics,
+    model::{IpCidr, NodeInfo, NodeTopology, Protocol, Selection},
     plan::{maglev, render::Plan, translate},
     source::{
         kube::KubeConfig,
@@ -83,10 +83,8 @@ enum Command {
         /// host name.
         #[arg(long)]
         node_name: Option<String>,
-        /// This node's zone, for topology-aware routing; default: the Node's
-        /// topology.kubernetes.io/zone label (Kubernetes).
-        #[arg(long)]
-        zone: Option<String>,
+        #[command(flatten)]
+        topology: Box<TopologyArgs>,
         /// Seconds between full resyncs, besides the updates changes trigger.
         #[arg(long, default_value_t = 60)]
         resync_secs: u64,
@@ -95,6 +93,8 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: SocketAddr,
+        #[command(flatten)]
+        health: Box<HealthArgs>,
         /// Kubernetes: the longest wait, in seconds, for the initial lists before the first
         /// sync (after it the agent goes on without the Node, never without Services or
         /// EndpointSlices).
@@ -142,9 +142,8 @@ enum Command {
         /// NodePort frontends.
         #[arg(long = "node-ip")]
         node_ips: Vec<IpAddr>,
-        /// This node's zone, for topology-aware routing.
-        #[arg(long)]
-        zone: Option<String>,
+        #[command(flatten)]
+        topology: TopologyArgs,
         #[command(flatten)]
         ranges: RangeArgs,
         /// Output format.
@@ -199,6 +198,30 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
     },
+}
+
+/// This node's topology labels, over those of its Node object (Kubernetes: the Node's;
+/// manifests: a Node of that name in the folder, if any, whose kubernetes.io/hostname is the
+/// node's name unless it says otherwise).
+#[derive(clap::Args)]
+struct TopologyArgs {
+    /// This node's zone (label topology.kubernetes.io/zone), for topology hints and
+    /// spec.topologyKeys.
+    #[arg(long)]
+    zone: Option<String>,
+    /// This node's region (label topology.kubernetes.io/region), for spec.topologyKeys.
+    #[arg(long)]
+    region: Option<String>,
+}
+
+impl TopologyArgs {
+    fn topology(self, manifests: bool) -> NodeTopology {
+        NodeTopology {
+            zone: self.zone,
+            region: self.region,
+            hostname_is_name: manifests,
+        }
+    }
 }
 
 /// Manifests: the ranges of the API server's allocators, for what Services leave out.
@@ -316,6 +339,36 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// kube-proxy's proxy health server.
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// Address of kube-proxy's proxy health server (/healthz, /livez), which cloud load
+    /// balancers probe (kube-proxy's flag and default); empty: none.
+    #[arg(long, default_value = health::DEFAULT_PROXY_HEALTH_ADDR)]
+    healthz_bind_address: OptionalAddr,
+    /// Seconds an update of the source may wait to be programmed before the proxy health
+    /// server answers 503 (kube-proxy: twice its sync period).
+    #[arg(long, default_value_t = health::DEFAULT_HEALTH_TIMEOUT.as_secs())]
+    healthz_timeout_secs: u64,
+}
+
+/// An address, or none (the empty string).
+#[derive(Clone, Copy, Debug)]
+struct OptionalAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Ok(OptionalAddr(None));
+        }
+        s.parse()
+            .map(|a| OptionalAddr(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address:port, or empty for none)"))
+    }
+}
+
 fn parse_table_size(s: &str) -> Result<u32, String> {
     let size: u32 = s.parse().map_err(|e| format!("{e}"))?;
     maglev::check_table_size(size).map_err(|e| e.to_string())
@@ -331,10 +384,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             node_ips,
             node_name,
-            zone,
+            topology,
             resync_secs,
             ranges,
             metrics_addr,
+            health,
             initial_sync_timeout_secs,
             debounce_ms,
             maglev_table_size,
@@ -358,6 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      --manifests"
                 );
             }
+            let topology = topology.topology(manifests.is_some());
             let source = match manifests {
                 Some(dir) => SourceConfig::Manifests(dir, ranges.ranges()?),
                 None => SourceConfig::Kube(KubeConfig {
@@ -374,9 +429,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pins: Pins::new(pin_path),
                 node_ips,
                 node_name,
-                zone,
+                topology,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 metrics_addr,
+                healthz_addr: health.healthz_bind_address.0,
+                health_timeout: Duration::from_secs(health.healthz_timeout_secs),
                 sync: SyncConfig {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
@@ -407,16 +464,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             node_name,
             node_ips,
-            zone,
+            topology,
             ranges,
             output,
         } => {
             let set = manifest::load_dir_with(&manifests, &ranges.ranges()?)?;
-            let node = NodeInfo {
-                name: node_name,
-                addresses: node_ips,
-                zone,
-            };
+            let facts = set.state.nodes.get(&node_name);
+            let node = NodeInfo::new(node_name.clone(), node_ips, facts, &topology.topology(true));
             let translation = translate::translate(&set.state, &node);
             let plan = Plan::new(&set, &translation);
             match output {
@@ -448,8 +502,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let maps = BpfMaps::open_pinned(&pins)?;
             let counters = Counters::open_pinned(&pins)?;
             let contents = maps.read_all()?;
-            let rows =
-                inspect::service_rows(&contents, |id| counters.service(id).unwrap_or_default());
+            let names = inspect::read_names(&pins)?;
+            let rows = inspect::service_rows(&contents, &names, |id| {
+                counters.service(id).unwrap_or_default()
+            });
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", inspect::services_table(&rows)),

@@ -12,9 +12,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -27,7 +25,9 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
+
+use crate::http::{self, Reply};
 
 /// Where the operations endpoint listens unless told otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
@@ -307,63 +307,31 @@ pub struct SyncOutcome {
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!("metrics endpoint: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let response = respond(&req, &metrics);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!("metrics endpoint: connection: {e}");
-                }
-            });
-        }
-    });
+    http::spawn(
+        listener,
+        "metrics endpoint",
+        Arc::new(move |method, path| respond(method, path, &metrics)),
+    );
     Ok(local)
 }
 
-fn respond<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn respond(method: &Method, path: &str, metrics: &Metrics) -> Reply {
     let text = "text/plain; charset=utf-8";
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
+    match (method, path) {
+        (&Method::GET, "/metrics") => Reply::new(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, text, "ok\n".into()),
+        (&Method::GET, "/healthz") => Reply::new(StatusCode::OK, text, "ok\n"),
         (&Method::GET, "/readyz") => match metrics.readiness() {
-            Ok(None) => (StatusCode::OK, text, "ok\n".into()),
-            Ok(Some(note)) => (StatusCode::OK, text, format!("ok; {note}\n")),
-            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, text, format!("{reason}\n")),
+            Ok(None) => Reply::new(StatusCode::OK, text, "ok\n"),
+            Ok(Some(note)) => Reply::new(StatusCode::OK, text, format!("ok; {note}\n")),
+            Err(reason) => Reply::new(StatusCode::SERVICE_UNAVAILABLE, text, format!("{reason}\n")),
         },
-        (&Method::GET, _) => (StatusCode::NOT_FOUND, text, "not found\n".into()),
-        _ => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            text,
-            "only GET is served\n".into(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
+        (&Method::GET, _) => Reply::new(StatusCode::NOT_FOUND, text, "not found\n"),
+        _ => Reply::new(StatusCode::METHOD_NOT_ALLOWED, text, "only GET is served\n"),
     }
-    response
 }
 
 #[cfg(test)]

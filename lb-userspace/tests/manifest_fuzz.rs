@@ -21,6 +21,7 @@ fn node() -> NodeInfo {
         name: "node".into(),
         addresses: vec![Ipv4Addr::new(10, 200, 0, 1).into()],
         zone: Some("a".into()),
+        labels: Default::default(),
     }
 }
 

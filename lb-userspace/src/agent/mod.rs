@@ -25,17 +25,18 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{
-        self, Capacity, Counters, Datapath, DatapathError, Pins, TableFill,
+        self, Capacity, Counters, Datapath, DatapathError, FrontendLabel, Names, Pins, TableFill,
         collector::DatapathCollector,
         eastwest::{PodInterfaces, SocketHooks},
         interface_index,
         maps::DatapathMaps,
         migrate::Migration,
     },
+    health::{self, ProxyHealth, ServiceHealth},
     metrics::{self, Metrics, SyncOutcome},
-    model::{NodeInfo, ObjectRef},
+    model::{NodeInfo, NodeTopology, ObjectRef},
     plan::{
-        desired::Frontend,
+        desired::{Frontend, FrontendKey},
         translate::{Changed, Translator, Warning},
     },
     source::{
@@ -77,12 +78,18 @@ pub struct AgentConfig {
     pub node_ips: Vec<IpAddr>,
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
-    /// This node's zone (for topology-aware routing); when `None`, the Node's label.
-    pub zone: Option<String>,
+    /// This node's zone and region (for topology-aware routing and `spec.topologyKeys`)
+    /// over its Node object's labels.
+    pub topology: NodeTopology,
     /// A full resync this often, even without a change.
     pub resync: Duration,
     /// Where /metrics, /healthz and /readyz are served.
     pub metrics_addr: SocketAddr,
+    /// Where kube-proxy's proxy health server (`/healthz`, `/livez`) is served; `None`: not.
+    pub healthz_addr: Option<SocketAddr>,
+    /// How long an update of the source may wait to be programmed before the proxy health
+    /// server reports the proxy unhealthy.
+    pub health_timeout: Duration,
     /// Maglev table size, default selection and drain period.
     pub sync: SyncConfig,
     /// Map sizes, for maps that are not pinned yet.
@@ -104,23 +111,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("serving metrics on {}", config.metrics_addr))?;
     info!(address = %served, "serving /metrics, /healthz and /readyz");
+    let proxy_health = Arc::new(ProxyHealth::new(config.health_timeout));
+    if let Some(addr) = config.healthz_addr {
+        let served = health::serve_proxy_health(addr, proxy_health.clone())
+            .await
+            .with_context(|| format!("serving the proxy health check on {addr}"))?;
+        info!(address = %served, "serving kube-proxy's /healthz and /livez");
+    }
+    let health = (metrics, proxy_health);
     match &config.source {
         SourceConfig::Manifests(dir, ranges) => {
-            let source = ManifestsSource::new(dir, config.resync, metrics.clone(), ranges.clone())?;
-            serve(source, &config, metrics).await
+            let source = ManifestsSource::new(
+                dir,
+                config.resync,
+                health.0.clone(),
+                ranges.clone(),
+                config.node_name.clone(),
+            )?;
+            serve(source, &config, health).await
         }
         SourceConfig::Kube(kube) => {
-            let source = KubeSource::connect(kube.clone(), metrics.clone()).await?;
-            serve(source, &config, metrics).await
+            let source = KubeSource::connect(kube.clone(), health.0.clone()).await?;
+            serve(source, &config, health).await
         }
     }
 }
 
-/// Attaches the datapath and keeps it equal to the translation of `source`.
+/// Attaches the datapath and keeps it equal to the translation of `source`; reports into
+/// the metrics and the proxy's health.
 async fn serve<S: Source>(
     mut source: S,
     config: &AgentConfig,
-    metrics: Arc<Metrics>,
+    (metrics, proxy_health): (Arc<Metrics>, Arc<ProxyHealth>),
 ) -> anyhow::Result<()> {
     // Maps of an older layout are converted into the new maps between the load and the
     // attach, and once more after it (see `migrate`).
@@ -135,6 +157,14 @@ async fn serve<S: Source>(
     // programs read and the old ones did not have (the pre-filter after an upgrade).
     let maps = datapath.take_maps()?;
     let syncer = Syncer::adopt_with(maps, config.sync).context("adopting the pinned maps")?;
+    // The frontends' names, for `lb services` and `lb stats`; nothing depends on them.
+    let names = match Names::open_or_create(&config.pins, config.capacity.services) {
+        Ok(names) => Some(names),
+        Err(e) => {
+            warn!("frontends will not be named for lb services: {e}");
+            None
+        }
+    };
     for (program, outcome) in datapath.attach(&config.interface)? {
         info!(program, interface = %config.interface, ?outcome, "attached");
     }
@@ -166,12 +196,15 @@ async fn serve<S: Source>(
     let interface_addresses = interface_addresses(&config.interface)?;
     let mut agent = Agent {
         syncer,
+        names,
         translator: None,
         config,
         interface_addresses,
         metrics,
         orphans_logged: false,
         deprecations_logged: BTreeSet::new(),
+        service_health: ServiceHealth::new(proxy_health.clone()),
+        proxy_health,
     };
 
     let mut term = signal(SignalKind::terminate())?;
@@ -267,6 +300,8 @@ fn watch_tables(pins: &Pins) -> anyhow::Result<()> {
 /// The agent's state between views.
 struct Agent<'a, M> {
     syncer: Syncer<M>,
+    /// The names of the programmed frontends, when the map could be opened.
+    names: Option<Names>,
     /// Created at the first view.
     translator: Option<Translator>,
     config: &'a AgentConfig,
@@ -276,6 +311,10 @@ struct Agent<'a, M> {
     orphans_logged: bool,
     /// The deprecated annotations already logged, by Service: each is logged once.
     deprecations_logged: BTreeSet<(ObjectRef, &'static str)>,
+    /// kube-proxy's proxy health: told of each update and of each complete write.
+    proxy_health: Arc<ProxyHealth>,
+    /// The health checks of LoadBalancer Services with externalTrafficPolicy Local.
+    service_health: ServiceHealth,
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
@@ -288,20 +327,20 @@ impl<M: DatapathMaps> Agent<'_, M> {
         } else {
             self.interface_addresses.clone()
         };
-        NodeInfo {
-            name: self.config.node_name.clone(),
+        self.proxy_health
+            .set_node_eligible(!facts.is_some_and(|f| f.being_deleted));
+        NodeInfo::new(
+            self.config.node_name.clone(),
             addresses,
-            zone: self
-                .config
-                .zone
-                .clone()
-                .or_else(|| facts.and_then(|f| f.zone.clone())),
-        }
+            facts,
+            &self.config.topology,
+        )
     }
 
     /// Applies a new view; whether everything was written.
     fn apply(&mut self, source: &impl Source, changes: &Changes) -> bool {
         let started = Instant::now();
+        self.proxy_health.queued(changes.since);
         let state = source.state();
         let node = self.node_info(source.node());
         let (changed, full) = match &mut self.translator {
@@ -434,8 +473,49 @@ impl<M: DatapathMaps> Agent<'_, M> {
                 "synced"
             );
         }
+        self.service_health
+            .sync(translator.health_checks(), &translator.node().addresses);
+        if let Some(names) = &mut self.names {
+            // Every programmed frontend: as the desired state names it, an orphan as it was.
+            // After an update, only the frontends it changed (unless orphans went).
+            let label = |key: &FrontendKey, names: &Names| {
+                let plan = Frontend::from_key(key).and_then(|f| desired.frontends.get(&f));
+                match plan {
+                    Some(plan) => Some(FrontendLabel {
+                        service: plan.service.to_string(),
+                        kind: Some(plan.kind),
+                    }),
+                    None => names.written().get(key).cloned(),
+                }
+            };
+            match only.filter(|_| report.orphans_pruned == 0) {
+                Some(frontends) => {
+                    for frontend in frontends {
+                        let key = frontend.key();
+                        let wanted = self
+                            .syncer
+                            .is_programmed(&key)
+                            .then(|| label(&key, names))
+                            .flatten();
+                        names.set(key, wanted);
+                    }
+                }
+                None => {
+                    let wanted = self
+                        .syncer
+                        .service_ids()
+                        .filter_map(|(key, _)| Some((key, label(&key, names)?)))
+                        .collect();
+                    names.sync(&wanted);
+                }
+            }
+        }
         // Frontends that did not fit are retried (a full map may have room again).
-        report.errors.is_empty() && report.unprogrammed == 0
+        let complete = report.errors.is_empty() && report.unprogrammed == 0;
+        if complete {
+            self.proxy_health.updated();
+        }
+        complete
     }
 }
 

@@ -1,7 +1,7 @@
 //! What is programmed, read back from the maps: for `lb services` and `lb stats`.
 
 use crate::datapath::Pins;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use lb_common::{
     BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
@@ -11,8 +11,11 @@ use serde::Serialize;
 
 use crate::{
     datapath::maps::{BackendEntry, DatapathMaps as _, MapContents, MapOpError},
-    datapath::{BpfMaps, ConntrackStats, Counters, DatapathError, TableFill, explain::state_name},
-    plan::desired::{Frontend, FrontendKey},
+    datapath::{
+        BpfMaps, ConntrackStats, Counters, DatapathError, FrontendLabel, Names, TableFill,
+        explain::state_name,
+    },
+    plan::desired::{Frontend, FrontendKey, FrontendKind},
 };
 
 /// One programmed frontend.
@@ -20,6 +23,11 @@ use crate::{
 pub struct ServiceRow {
     /// `address:port/PROTO`.
     pub frontend: String,
+    /// The Service port it serves, `namespace/name[:port-name]`, when the agent named it
+    /// ([`super::names`]).
+    pub service: Option<String>,
+    /// ClusterIp, NodePort, ExternalIp or LoadBalancer, when the agent named it.
+    pub kind: Option<FrontendKind>,
     /// The service id.
     pub service_id: u32,
     /// Whether the frontend is node-external (NodePort, LoadBalancer, externalIP).
@@ -55,9 +63,10 @@ fn service_entries(contents: &MapContents) -> Vec<(FrontendKey, lb_common::Servi
     services
 }
 
-/// The rows of every programmed frontend, sorted by frontend.
+/// The rows of every programmed frontend, sorted by frontend, named by `names`.
 pub fn service_rows(
     contents: &MapContents,
+    names: &BTreeMap<FrontendKey, FrontendLabel>,
     stats: impl Fn(u32) -> ServiceStats,
 ) -> Vec<ServiceRow> {
     let tables: HashMap<u32, _> = contents.tables.iter().map(|(id, t)| (*id, t)).collect();
@@ -93,8 +102,11 @@ pub fn service_rows(
                     .collect(),
             };
             let s = stats(svc.id);
+            let label = names.get(key);
             ServiceRow {
                 frontend,
+                service: label.map(|l| l.service.clone()),
+                kind: label.and_then(|l| l.kind),
                 service_id: svc.id,
                 external: svc.flags & SERVICE_F_EXTERNAL != 0,
                 backend_count: svc.backend_count,
@@ -116,9 +128,14 @@ pub fn service_rows(
 
 /// A plain-text table of the rows.
 pub fn services_table(rows: &[ServiceRow]) -> String {
+    let width = |f: fn(&ServiceRow) -> usize, header: &str| {
+        rows.iter().map(f).max().unwrap_or(0).max(header.len())
+    };
+    let fw = width(|r| r.frontend.len(), "FRONTEND");
+    let sw = width(|r| r.service.as_deref().map_or(1, str::len), "SERVICE");
     let mut out = format!(
-        "{:<24} {:>5} {:<8} {:>8} {:>8}  {}\n",
-        "FRONTEND", "ID", "SCOPE", "PACKETS", "FLOWS", "BACKENDS"
+        "{:<fw$}  {:<sw$}  {:<12} {:>5} {:>8} {:>8}  {}\n",
+        "FRONTEND", "SERVICE", "KIND", "ID", "PACKETS", "FLOWS", "BACKENDS"
     );
     for r in rows {
         let backends = if r.backends.is_empty() {
@@ -127,16 +144,26 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             r.backends.join(", ")
         };
         out.push_str(&format!(
-            "{:<24} {:>5} {:<8} {:>8} {:>8}  {}\n",
+            "{:<fw$}  {:<sw$}  {:<12} {:>5} {:>8} {:>8}  {}\n",
             r.frontend,
+            r.service.as_deref().unwrap_or("-"),
+            kind_name(r),
             r.service_id,
-            if r.external { "external" } else { "cluster" },
             r.packets,
             r.new_flows,
             backends
         ));
     }
     out
+}
+
+/// The frontend's kind as named by the agent, else its scope as the service entry says.
+fn kind_name(r: &ServiceRow) -> String {
+    match (r.kind, r.external) {
+        (Some(kind), _) => kind.to_string(),
+        (None, true) => "external".into(),
+        (None, false) => "cluster".into(),
+    }
 }
 
 /// One backend in `lb stats`. Its counters are the backend's, over every frontend that
@@ -162,6 +189,10 @@ pub struct BackendStatsRow {
 pub struct FrontendStatsRow {
     /// `address:port/PROTO`.
     pub frontend: String,
+    /// The Service port it serves, when the agent named it.
+    pub service: Option<String>,
+    /// Its kind, when the agent named it.
+    pub kind: Option<FrontendKind>,
     /// The service id.
     pub service_id: u32,
     /// `maglev` or `random`.
@@ -216,6 +247,7 @@ pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
         .collect();
     let mut report = stats_report(
         &contents,
+        &read_names(pins)?,
         |id| counters.service(id).unwrap_or_default(),
         |id| counters.backend(id).ok(),
         counters.conntrack()?,
@@ -225,9 +257,16 @@ pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
     Ok(report)
 }
 
+/// The names of the frontends pinned in `pins`; none when the agent has pinned no names map
+/// (an older agent).
+pub fn read_names(pins: &Pins) -> Result<BTreeMap<FrontendKey, FrontendLabel>, DatapathError> {
+    Ok(Names::open(pins)?.map(|n| n.read()).unwrap_or_default())
+}
+
 /// Builds the `lb stats` report from the maps and counters.
 pub fn stats_report(
     contents: &MapContents,
+    names: &BTreeMap<FrontendKey, FrontendLabel>,
     service_stats: impl Fn(u32) -> ServiceStats,
     backend_stats: impl Fn(u32) -> Option<ServiceStats>,
     conntrack: ConntrackStats,
@@ -255,7 +294,7 @@ pub fn stats_report(
         .map(|s| (s.id, lb_common::maglev::table_key(s.id, s.flags)))
         .collect();
     let mut in_tables = std::collections::BTreeSet::new();
-    let frontends = service_rows(contents, &service_stats)
+    let frontends = service_rows(contents, names, &service_stats)
         .into_iter()
         .map(|r| {
             let ids = keys
@@ -266,6 +305,8 @@ pub fn stats_report(
             in_tables.extend(ids.iter().copied());
             FrontendStatsRow {
                 frontend: r.frontend,
+                service: r.service,
+                kind: r.kind,
                 service_id: r.service_id,
                 selection: r.selection,
                 packets: r.packets,
@@ -307,16 +348,32 @@ pub fn stats_table(report: &StatsReport) -> String {
         )
     };
     let mut out = format!(
-        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}\n{:<5}{:<28} {:<12}\n",
-        "", "Frontend", "Selection", "Conns", "Packets", "Bytes", "  -> ", "Backend", "State"
+        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}  {}\n{:<5}{:<28} {:<12}\n",
+        "",
+        "Frontend",
+        "Selection",
+        "Conns",
+        "Packets",
+        "Bytes",
+        "Service",
+        "  -> ",
+        "Backend",
+        "State"
     );
     for f in &report.frontends {
-        out += &line(
+        let mut head = line(
             "",
             &f.frontend,
             f.selection,
             (f.new_flows, f.packets, f.bytes),
         );
+        if let Some(service) = &f.service {
+            head.insert_str(head.len() - 1, &format!("  {service}"));
+            if let Some(kind) = f.kind {
+                head.insert_str(head.len() - 1, &format!(" ({kind})"));
+            }
+        }
+        out += &head;
         for b in &f.backends {
             out += &backend(b);
         }
@@ -398,7 +455,7 @@ mod tests {
             ],
             ..MapContents::default()
         };
-        let rows = service_rows(&contents, |_| ServiceStats::default());
+        let rows = service_rows(&contents, &BTreeMap::new(), |_| ServiceStats::default());
         let shown: Vec<(&str, &[String])> = rows
             .iter()
             .map(|r| (r.frontend.as_str(), r.backends.as_slice()))
@@ -415,6 +472,7 @@ mod tests {
         );
         let report = stats_report(
             &contents,
+            &BTreeMap::new(),
             |_| ServiceStats::default(),
             |_| None,
             ConntrackStats::default(),
@@ -461,20 +519,33 @@ mod tests {
             source_ranges: vec![],
             prefilter: vec![],
         };
-        let rows = service_rows(&contents, |id| ServiceStats {
+        let key = contents.services[0].0;
+        let names = BTreeMap::from([(
+            key,
+            FrontendLabel {
+                service: "shop/web:http".into(),
+                kind: Some(FrontendKind::ClusterIp),
+            },
+        )]);
+        let rows = service_rows(&contents, &names, |id| ServiceStats {
             packets: id as u64 * 10,
             bytes: 0,
             new_flows: 2,
         });
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].frontend, "10.96.0.10:8080/TCP");
+        assert_eq!(rows[0].service.as_deref(), Some("shop/web:http"));
         assert_eq!(
             rows[0].backends,
             ["10.244.1.2:80", "?8", "10.244.1.3:80 (terminating)"]
         );
         assert_eq!(rows[0].packets, 30);
         let table = services_table(&rows);
-        assert!(table.contains("10.96.0.10:8080/TCP"), "{table}");
+        let line = table.lines().nth(1).unwrap();
+        assert!(
+            line.starts_with("10.96.0.10:8080/TCP  shop/web:http  ClusterIP"),
+            "{table}"
+        );
         assert!(
             table.contains("10.244.1.2:80, ?8, 10.244.1.3:80 (terminating)"),
             "{table}"
@@ -482,8 +553,18 @@ mod tests {
         // A service entry with backends but no table shows the gap.
         let mut no_table = contents.clone();
         no_table.tables.clear();
-        let rows = service_rows(&no_table, |_| ServiceStats::default());
+        let rows = service_rows(&no_table, &BTreeMap::new(), |_| ServiceStats::default());
         assert_eq!(rows[0].backends, ["-"]);
+        // Not named (an older agent): the scope of the service entry, no name.
+        assert_eq!(rows[0].service, None);
+        assert!(
+            services_table(&rows)
+                .lines()
+                .nth(1)
+                .unwrap()
+                .contains(" -  "),
+            "{table}"
+        );
 
         // lb stats: the table's backends under the frontend, the others as draining.
         let mut with_removed = contents.clone();
@@ -503,6 +584,7 @@ mod tests {
         };
         let report = stats_report(
             &with_removed,
+            &names,
             counts,
             |id| (id != 8).then(|| counts(id)),
             ConntrackStats {
@@ -524,6 +606,7 @@ mod tests {
         let text = stats_table(&report);
         for want in [
             "10.96.0.10:8080/TCP",
+            "shop/web:http (ClusterIP)",
             "maglev",
             "-> 10.244.1.2:80",
             "active",

@@ -17,6 +17,7 @@ pub mod inspect;
 mod load;
 pub mod maps;
 pub mod migrate;
+pub mod names;
 #[cfg(test)]
 mod object;
 pub mod pins;
@@ -38,6 +39,7 @@ pub use self::{
     bpf::{BpfMaps, TableSlot},
     counters::{ConntrackStats, Counters, TableFill},
     load::{Datapath, LinkOutcome, accept_local_sources, interface_index},
+    names::{FrontendLabel, Names},
     pins::Pins,
 };
 

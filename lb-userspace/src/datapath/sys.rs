@@ -14,6 +14,7 @@ use std::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -106,6 +107,32 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
         return Err(io::Error::last_os_error());
     }
     Ok(rc)
+}
+
+/// Creates a hash map (`BPF_MAP_CREATE`, `BPF_MAP_TYPE_HASH`) named `name` (at most 15
+/// bytes), for a map only userspace uses.
+pub fn create_hash_map(
+    name: &str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    map_create(
+        BPF_MAP_TYPE_HASH,
+        [key_size, value_size, max_entries],
+        None,
+        name,
+    )
+}
+
+/// Pins the BPF object `fd` at `path` (`BPF_OBJ_PIN`).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64; // pathname
+    attr[1] = fd.as_raw_fd() as u32 as u64; // bpf_fd; file_flags = 0
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// Opens the BPF object (here: a link) pinned at `path`.
@@ -229,21 +256,39 @@ pub fn mmap_read<V: aya::Pod + Default>(map: BorrowedFd<'_>, len: usize) -> io::
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_TYPE_ARRAY: u64 = 2;
-const BPF_MAP_TYPE_ARRAY_OF_MAPS: u64 = 12;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
 
-/// Creates a map with `u32` keys and values; `inner` is the template of a map of maps.
+/// Creates a map of `map_type` with `[key_size, value_size, max_entries]`, named `name` (at
+/// most 15 bytes, empty for none); `inner` is the template of a map of maps.
 fn map_create(
-    map_type: u64,
-    max_entries: u32,
+    map_type: u32,
+    [key_size, value_size, max_entries]: [u32; 3],
     inner: Option<BorrowedFd<'_>>,
+    name: &str,
 ) -> io::Result<OwnedFd> {
-    let mut attr = [0u64; 16];
+    if name.len() > 15 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a map name has at most 15 bytes",
+        ));
+    }
     // struct { u32 map_type; u32 key_size; u32 value_size; u32 max_entries; u32 map_flags;
-    // u32 inner_map_fd; ... }
-    attr[0] = map_type | 4 << 32;
-    attr[1] = 4 | u64::from(max_entries) << 32;
-    attr[2] = inner.map_or(0, |fd| (fd.as_raw_fd() as u32 as u64) << 32);
+    // u32 inner_map_fd; u32 numa_node; char map_name[16]; ... }
+    let inner = inner.map_or(0, |fd| fd.as_raw_fd() as u32);
+    let mut bytes = [0u8; 128];
+    for (i, v) in [map_type, key_size, value_size, max_entries, 0, inner]
+        .into_iter()
+        .enumerate()
+    {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    bytes[28..28 + name.len()].copy_from_slice(name.as_bytes());
+    let mut attr = [0u64; 16];
+    for (word, chunk) in attr.iter_mut().zip(bytes.chunks_exact(8)) {
+        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    }
     let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -260,8 +305,13 @@ pub struct GracePeriods {
 impl GracePeriods {
     /// Creates the two maps (one entry each).
     pub fn new() -> io::Result<Self> {
-        let inner = map_create(BPF_MAP_TYPE_ARRAY, 1, None)?;
-        let outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 1, Some(inner.as_fd()))?;
+        let inner = map_create(BPF_MAP_TYPE_ARRAY, [4, 4, 1], None, "")?;
+        let outer = map_create(
+            BPF_MAP_TYPE_ARRAY_OF_MAPS,
+            [4, 4, 1],
+            Some(inner.as_fd()),
+            "",
+        )?;
         Ok(Self { outer, inner })
     }
 

@@ -40,6 +40,17 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 /// The namespace of an object that does not name one.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// The Node label with the node's host name (the kubelet sets it, usually to the node's
+/// name); the topology key an endpoint's `nodeName` answers.
+pub const LABEL_HOSTNAME: &str = "kubernetes.io/hostname";
+/// The Node label with the node's zone; the topology key an endpoint's `zone` answers.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// The Node label with the node's region.
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+/// The topology key that matches every endpoint (`spec.topologyKeys`, last).
+pub const TOPOLOGY_KEY_ANY: &str = "*";
+/// The most `spec.topologyKeys` the API accepts.
+pub const MAX_TOPOLOGY_KEYS: usize = 16;
 
 /// A namespaced object name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -658,6 +669,10 @@ pub struct Service {
     /// The annotations given under the [`DEPRECATED_ANNOTATION_PREFIX`] (their keys), each
     /// with its key under the new prefix.
     pub deprecated_annotations: Vec<DeprecatedAnnotation>,
+    /// spec.topologyKeys (Kubernetes 1.17-1.21, feature gate ServiceTopology), checked as
+    /// the v1.21 API server checks them: node labels in order of preference, `*` (last) for
+    /// any endpoint.
+    pub topology_keys: Vec<String>,
 }
 
 /// An annotation of a Service under the [`DEPRECATED_ANNOTATION_PREFIX`].
@@ -796,8 +811,24 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     /// The zone of the endpoint.
     pub zone: Option<String>,
+    /// deprecatedTopology: topology labels other than the host name and zone (those are
+    /// `nodeName` and `zone`), e.g. the region of slices written through the v1beta1 API.
+    pub deprecated_topology: BTreeMap<String, String>,
     /// Topology hints.
     pub hints: EndpointHints,
+}
+
+impl Endpoint {
+    /// The endpoint's value of the topology key `key`: `nodeName` for the host name, `zone`
+    /// for the zone (where the v1 EndpointSlice API keeps them, and the only two kube-proxy
+    /// v1.21 reads), `deprecatedTopology` for any other key.
+    pub fn topology_value(&self, key: &str) -> Option<&str> {
+        match key {
+            LABEL_HOSTNAME => self.node_name.as_deref(),
+            LABEL_ZONE => self.zone.as_deref(),
+            other => self.deprecated_topology.get(other).map(String::as_str),
+        }
+    }
 }
 
 /// A validated EndpointSlice (or one subset of a legacy Endpoints object).
@@ -825,6 +856,113 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
     /// The node's `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// The node's labels, which `spec.topologyKeys` name (kube-proxy v1.21 compares the
+    /// Node object's labels with the endpoints' topology).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Flags that set this node's topology labels over what its Node object says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeTopology {
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// `topology.kubernetes.io/region`.
+    pub region: Option<String>,
+    /// Whether `kubernetes.io/hostname` defaults to the node's name when the Node object
+    /// does not give it (manifests: there may be no Node object at all; a cluster's kubelet
+    /// always sets it, and kube-proxy v1.21 takes the label as it is).
+    pub hostname_is_name: bool,
+}
+
+impl NodeInfo {
+    /// This node: its `name` and NodePort `addresses`, and its labels and zone from `facts`
+    /// (its Node object, if known) with the flags of `topology` over them.
+    pub fn new(
+        name: String,
+        addresses: Vec<IpAddr>,
+        facts: Option<&NodeFacts>,
+        topology: &NodeTopology,
+    ) -> Self {
+        let mut labels = facts.map(|f| f.labels.clone()).unwrap_or_default();
+        if topology.hostname_is_name && !name.is_empty() {
+            labels
+                .entry(LABEL_HOSTNAME.to_owned())
+                .or_insert_with(|| name.clone());
+        }
+        for (key, value) in [
+            (LABEL_ZONE, &topology.zone),
+            (LABEL_REGION, &topology.region),
+        ] {
+            if let Some(value) = value {
+                labels.insert(key.to_owned(), value.clone());
+            }
+        }
+        NodeInfo {
+            name,
+            addresses,
+            zone: labels.get(LABEL_ZONE).cloned(),
+            labels,
+        }
+    }
+}
+
+/// What a source knows about a node (the kube source: its Node object; the manifests
+/// source: a Node in the folder).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The node's InternalIP and ExternalIP addresses, both families.
+    pub addresses: Vec<IpAddr>,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// It is being deleted, or the cluster autoscaler is about to delete it (taint
+    /// `ToBeDeletedByClusterAutoscaler`): kube-proxy's proxy health check (`/healthz`) then
+    /// fails, so that load balancers stop sending to it.
+    pub being_deleted: bool,
+}
+
+/// The taint with which the cluster autoscaler marks a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl NodeFacts {
+    /// The name of a Node object, checked.
+    pub fn name_of(node: &core::Node) -> Result<String, ValidationError> {
+        checked_name(&node.metadata, dns1123_subdomain).map(str::to_owned)
+    }
+
+    /// What a Node object says: its InternalIP then ExternalIP addresses (those that parse,
+    /// each once), its zone label and its labels.
+    pub fn from_k8s(node: &core::Node) -> NodeFacts {
+        let mut addresses = Vec::new();
+        let listed = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for wanted in ["InternalIP", "ExternalIP"] {
+            for a in listed.iter().filter(|a| a.type_ == wanted) {
+                if let Ok(ip) = a.address.parse::<IpAddr>()
+                    && !addresses.contains(&ip)
+                {
+                    addresses.push(ip);
+                }
+            }
+        }
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+        NodeFacts {
+            addresses,
+            zone: labels.get(LABEL_ZONE).cloned(),
+            labels,
+            being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
+        }
+    }
 }
 
 /// Everything a source knows about the cluster.
@@ -834,6 +972,9 @@ pub struct ClusterState {
     pub services: BTreeMap<ObjectRef, Service>,
     /// EndpointSlices by namespace/name.
     pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// Nodes by name, as far as the source reads them (the manifests source: the folder's;
+    /// the kube source watches this node's only and keeps it apart).
+    pub nodes: BTreeMap<String, NodeFacts>,
 }
 
 impl ClusterState {
@@ -855,17 +996,7 @@ fn object_ref(
     meta: &ObjectMeta,
     check_name: fn(&str) -> Result<(), &'static str>,
 ) -> Result<ObjectRef, ValidationError> {
-    let name = meta.name.as_deref().unwrap_or("");
-    if name.is_empty() {
-        return Err(ValidationError::Missing {
-            field: "metadata.name".into(),
-        });
-    }
-    check_name(name).map_err(|reason| ValidationError::InvalidName {
-        field: "metadata.name".into(),
-        value: name.to_owned(),
-        reason,
-    })?;
+    let name = checked_name(meta, check_name)?;
     let namespace = match meta.namespace.as_deref() {
         None | Some("") => DEFAULT_NAMESPACE,
         Some(ns) => ns,
@@ -893,6 +1024,25 @@ fn dns_chars(s: &str, dots: bool) -> Result<(), &'static str> {
         return Err("must start and end with a letter or digit");
     }
     Ok(())
+}
+
+/// The name of an object, present and passing `check_name`.
+fn checked_name(
+    meta: &ObjectMeta,
+    check_name: fn(&str) -> Result<(), &'static str>,
+) -> Result<&str, ValidationError> {
+    let name = meta.name.as_deref().unwrap_or("");
+    if name.is_empty() {
+        return Err(ValidationError::Missing {
+            field: "metadata.name".into(),
+        });
+    }
+    check_name(name).map_err(|reason| ValidationError::InvalidName {
+        field: "metadata.name".into(),
+        value: name.to_owned(),
+        reason,
+    })?;
+    Ok(name)
 }
 
 /// RFC 1123 label: namespaces.
@@ -983,6 +1133,13 @@ fn unique_port_names<'a>(
 }
 
 impl Service {
+    /// [`Service::from_k8s_with_topology_keys`] without topology keys (k8s-openapi's Service
+    /// has no `spec.topologyKeys`, which Kubernetes 1.22 removed: a source that can see it
+    /// passes it on).
+    pub fn from_k8s(svc: &core::Service) -> Result<Service, ValidationError> {
+        Self::from_k8s_with_topology_keys(svc, &[])
+    }
+
     /// kube-proxy's `ExternallyAccessible`: traffic from outside the cluster reaches the
     /// Service through node ports, load balancer IPs or external IPs: types NodePort and
     /// LoadBalancer, and ClusterIP with externalIPs.
@@ -1001,8 +1158,12 @@ impl Service {
         self.externally_accessible() && self.external_traffic_policy == TrafficPolicy::Local
     }
 
-    /// Validates a Service from the API (or a manifest) and keeps what the datapath needs.
-    pub fn from_k8s(svc: &core::Service) -> Result<Service, ValidationError> {
+    /// Validates a Service from the API (or a manifest), whose `spec.topologyKeys` are
+    /// `topology_keys`, and keeps what the datapath needs.
+    pub fn from_k8s_with_topology_keys(
+        svc: &core::Service,
+        topology_keys: &[String],
+    ) -> Result<Service, ValidationError> {
         let id = object_ref(&svc.metadata, dns1035_label)?;
         let default_spec = core::ServiceSpec::default();
         let spec = svc.spec.as_ref().unwrap_or(&default_spec);
@@ -1153,6 +1314,12 @@ impl Service {
         })
         .transpose()?;
 
+        let external_traffic_policy = TrafficPolicy::parse(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?;
+        check_topology_keys(topology_keys, external_traffic_policy)?;
+
         Ok(Service {
             id,
             type_,
@@ -1164,10 +1331,7 @@ impl Service {
             external_ips,
             load_balancer_ingress,
             load_balancer_source_ranges,
-            external_traffic_policy: TrafficPolicy::parse(
-                "spec.externalTrafficPolicy",
-                spec.external_traffic_policy.as_deref(),
-            )?,
+            external_traffic_policy,
             health_check_node_port,
             allocate_load_balancer_node_ports: spec
                 .allocate_load_balancer_node_ports
@@ -1180,8 +1344,98 @@ impl Service {
             traffic_distribution,
             selection,
             deprecated_annotations,
+            topology_keys: topology_keys.to_vec(),
         })
     }
+}
+
+/// Checks `spec.topologyKeys` as the v1.21 API server does (with the feature gate
+/// ServiceTopology on), in its words: not with externalTrafficPolicy Local, at most 16, no
+/// duplicates, `*` only last, every other key a qualified name (a label key). It accepts
+/// them with internalTrafficPolicy Local (and kube-proxy v1.21 then follows the keys).
+fn check_topology_keys(
+    keys: &[String],
+    external_traffic_policy: TrafficPolicy,
+) -> Result<(), ValidationError> {
+    let field = "spec.topologyKeys";
+    if keys.is_empty() {
+        return Ok(());
+    }
+    if external_traffic_policy == TrafficPolicy::Local {
+        return Err(ValidationError::Inconsistent {
+            field: field.into(),
+            reason: "Forbidden: may not be specified when `externalTrafficPolicy=Local`".into(),
+        });
+    }
+    if keys.len() > MAX_TOPOLOGY_KEYS {
+        return Err(ValidationError::Inconsistent {
+            field: field.into(),
+            reason: format!(
+                "Too many: {}: must have at most {MAX_TOPOLOGY_KEYS} items",
+                keys.len()
+            ),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        if !seen.insert(key) {
+            return Err(ValidationError::Inconsistent {
+                field,
+                reason: format!("Duplicate value: {key:?}"),
+            });
+        }
+        if key == TOPOLOGY_KEY_ANY {
+            if i != keys.len() - 1 {
+                return Err(ValidationError::Inconsistent {
+                    field,
+                    reason: format!(
+                        "Invalid value: {key:?}: \"*\" must be the last value specified"
+                    ),
+                });
+            }
+        } else if let Err(reason) = qualified_name(key) {
+            return Err(ValidationError::InvalidName {
+                field,
+                value: key.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A qualified name (a label key), as Kubernetes' `IsQualifiedName`: an optional DNS
+/// subdomain prefix and `/`, then a name of at most 63 characters, alphanumeric at both
+/// ends, with `-`, `_` and `.` inside.
+fn qualified_name(key: &str) -> Result<(), &'static str> {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            if prefix.is_empty() {
+                return Err("prefix part must be non-empty");
+            }
+            dns1123_subdomain(prefix).map_err(
+                |_| "prefix part must be a lowercase RFC 1123 subdomain (e.g. 'example.com')",
+            )?;
+            name
+        }
+        None => key,
+    };
+    if name.is_empty() {
+        return Err("name part must be non-empty");
+    }
+    if name.len() > 63 {
+        return Err("name part must be no more than 63 characters");
+    }
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !name.chars().all(inner) || !ends(name.chars().next()) || !ends(name.chars().last()) {
+        return Err(
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must \
+             start and end with an alphanumeric character",
+        );
+    }
+    Ok(())
 }
 
 /// The cluster IPs, IP families and family policy of a Service, checked as the API server
@@ -1433,6 +1687,7 @@ impl EndpointSlice {
                 conditions,
                 node_name: ep.node_name.clone(),
                 zone: ep.zone.clone(),
+                deprecated_topology: ep.deprecated_topology.clone().unwrap_or_default(),
                 hints,
             });
         }
@@ -1509,6 +1764,7 @@ impl EndpointSlice {
                         },
                         node_name: a.node_name.clone(),
                         zone: None,
+                        deprecated_topology: BTreeMap::new(),
                         hints: EndpointHints::default(),
                     });
                 }
@@ -1587,6 +1843,7 @@ spec:
                 traffic_distribution: None,
                 selection: None,
                 deprecated_annotations: vec![],
+                topology_keys: vec![],
             }
         );
     }
@@ -1727,6 +1984,99 @@ status:
         assert_eq!(s.health_check_node_port, None);
         assert!(s.allocate_load_balancer_node_ports);
         assert_eq!(s.ip_families_requested, vec![]);
+    }
+
+    #[test]
+    fn topology_keys_are_checked_as_the_v1_21_api_server_checks_them() {
+        // Each refusal in the words of the v1.21 API server (ServiceTopology=true), which
+        // refused exactly these and accepted the rest (kubectl create, tried once).
+        let with = |spec: &str, keys: &[&str]| {
+            let svc: core::Service = serde_yaml_ng::from_str(&format!(
+                "{{apiVersion: v1, kind: Service, metadata: {{name: a}}, spec: {spec}}}"
+            ))
+            .unwrap();
+            let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+            Service::from_k8s_with_topology_keys(&svc, &keys).map(|s| s.topology_keys)
+        };
+        let ports = "{ports: [{port: 80}]}";
+        let refused: &[(&str, &[&str], &str)] = &[
+            (
+                "{type: NodePort, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                &["kubernetes.io/hostname"],
+                "spec.topologyKeys: Forbidden: may not be specified when `externalTrafficPolicy=Local`",
+            ),
+            (
+                "{type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                &["*"],
+                "spec.topologyKeys: Forbidden: may not be specified when `externalTrafficPolicy=Local`",
+            ),
+            (
+                ports,
+                &["a", "a"],
+                "spec.topologyKeys[1]: Duplicate value: \"a\"",
+            ),
+            (
+                ports,
+                &["*", "a"],
+                "spec.topologyKeys[0]: Invalid value: \"*\": \"*\" must be the last value specified",
+            ),
+            (
+                ports,
+                &[
+                    "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11", "k12",
+                    "k13", "k14", "k15", "k16", "k17",
+                ],
+                "spec.topologyKeys: Too many: 17: must have at most 16 items",
+            ),
+            (
+                ports,
+                &["-bad-"],
+                "spec.topologyKeys[0]: \"-bad-\" is not a valid name: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            ),
+            (
+                ports,
+                &["x/y/z"],
+                "spec.topologyKeys[0]: \"x/y/z\" is not a valid name: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            ),
+            (
+                ports,
+                &[""],
+                "spec.topologyKeys[0]: \"\" is not a valid name: name part must be non-empty",
+            ),
+        ];
+        for (spec, keys, want) in refused {
+            assert_eq!(
+                with(spec, keys).unwrap_err().to_string(),
+                *want,
+                "{spec} {keys:?}"
+            );
+        }
+        let accepted: &[(&str, &[&str])] = &[
+            (ports, &["kubernetes.io/hostname", "*"]),
+            (
+                "{internalTrafficPolicy: Local, ports: [{port: 80}]}",
+                &["kubernetes.io/hostname"],
+            ),
+            (
+                "{type: NodePort, externalTrafficPolicy: Cluster, ports: [{port: 80}]}",
+                &["kubernetes.io/hostname"],
+            ),
+            (
+                "{clusterIP: None, ports: [{port: 80}]}",
+                &["topology.kubernetes.io/zone"],
+            ),
+            (ports, &["example.com/Rack_1"]),
+            (
+                "{type: NodePort, externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                &[],
+            ),
+        ];
+        for (spec, keys) in accepted {
+            assert_eq!(
+                with(spec, keys),
+                Ok(keys.iter().map(|k| k.to_string()).collect())
+            );
+        }
     }
 
     #[test]

@@ -206,6 +206,44 @@ pub struct FrontendPlan {
     pub source_ranges: Vec<IpCidr>,
     /// The Service's [`crate::model::SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
     pub selection: Option<Selection>,
+    /// Which of the Service's `spec.topologyKeys` chose the backends; `None` for a Service
+    /// without topology keys.
+    pub topology: Option<TopologyChoice>,
+}
+
+/// What `spec.topologyKeys` chose (kube-proxy v1.21's `FilterTopologyEndpoint`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum TopologyChoice {
+    /// The first key whose value on this node some endpoint shares: those endpoints.
+    Key(String),
+    /// `*`: every endpoint.
+    Any,
+    /// No key matched: no endpoint.
+    NoMatch,
+}
+
+impl fmt::Display for TopologyChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TopologyChoice::Key(key) => f.write_str(key),
+            TopologyChoice::Any => f.write_str(crate::model::TOPOLOGY_KEY_ANY),
+            TopologyChoice::NoMatch => f.write_str("(no key matched)"),
+        }
+    }
+}
+
+/// The health check kube-proxy serves for a LoadBalancer Service with externalTrafficPolicy
+/// Local (`NeedsHealthCheck`) on its `spec.healthCheckNodePort`: cloud load balancers send
+/// the Service's traffic only to nodes that answer 200, those with a ready endpoint of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// The ready endpoints on this node (distinct address and port, over every port of the
+    /// Service), by IP family: each family's node addresses answer for that family's
+    /// endpoints, as kube-proxy's proxier of each family does. A family the Service has is
+    /// present, even at 0.
+    pub local_endpoints: BTreeMap<IpFamily, usize>,
 }
 
 /// The whole desired state: frontend -> plan. A frontend appears once; when two Services

@@ -4,6 +4,8 @@
 //! It runs the same `manifest::load_dir` and `translate::translate` as the agent; this module only
 //! arranges the result for people (a table) and for programs (JSON).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::{
@@ -11,7 +13,7 @@ use super::{
     translate::Translation,
 };
 use crate::{
-    model::{ClusterState, ObjectRef, Selection, TrafficPolicy},
+    model::{ClusterState, IpFamily, ObjectRef, Selection, TrafficPolicy},
     source::manifests::load::ManifestSet,
 };
 
@@ -20,6 +22,8 @@ use crate::{
 pub struct Plan {
     /// One row per frontend, sorted by frontend.
     pub frontends: Vec<PlanRow>,
+    /// The health checks the agent serves for cloud load balancers, by Service.
+    pub health_checks: Vec<HealthCheckRow>,
     /// Objects skipped on purpose (kinds lb does not read) and values allocated (cluster IPs,
     /// node ports).
     pub notes: Vec<String>,
@@ -27,6 +31,17 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Objects, documents or files that could not be read; they are not in the plan.
     pub errors: Vec<String>,
+}
+
+/// A health check kube-proxy would serve: LoadBalancer, externalTrafficPolicy Local.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheckRow {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Its healthCheckNodePort.
+    pub port: u16,
+    /// Ready endpoints on this node, by IP family: 0 answers 503.
+    pub local_endpoints: BTreeMap<IpFamily, usize>,
 }
 
 /// One frontend and what it translates to.
@@ -45,6 +60,9 @@ pub struct PlanRow {
     pub affinity_timeout_secs: Option<u32>,
     /// Backend selection set by the Service's annotation; `None`: the agent's default.
     pub selection: Option<Selection>,
+    /// The `spec.topologyKeys` key that chose the backends (`*` for any, `(no key
+    /// matched)`); `None` for a Service without topology keys.
+    pub topology: Option<String>,
     /// Allowed client networks; empty means every source.
     pub source_ranges: Vec<String>,
     /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: dropped.
@@ -66,11 +84,21 @@ impl Plan {
                     traffic_policy: traffic_policy(&set.state, plan),
                     affinity_timeout_secs: plan.affinity_timeout_secs,
                     selection: plan.selection,
+                    topology: plan.topology.as_ref().map(ToString::to_string),
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                 })
                 .collect(),
             notes: set.notes.iter().map(|n| n.to_string()).collect(),
+            health_checks: translation
+                .health_checks
+                .iter()
+                .map(|(service, check)| HealthCheckRow {
+                    service: service.to_string(),
+                    port: check.port,
+                    local_endpoints: check.local_endpoints.clone(),
+                })
+                .collect(),
             warnings: translation.warnings.iter().map(|w| w.to_string()).collect(),
             errors: set.errors.iter().map(|e| e.to_string()).collect(),
         }
@@ -84,6 +112,9 @@ impl Plan {
             .iter()
             .map(|r| {
                 let mut policy = r.traffic_policy.to_owned();
+                if let Some(key) = &r.topology {
+                    policy.push_str(&format!(" topology={key}"));
+                }
                 if let Some(selection) = r.selection {
                     policy.push_str(&format!(" selection={selection}"));
                 }
@@ -123,6 +154,19 @@ impl Plan {
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
+        for h in &self.health_checks {
+            let counts: Vec<String> = h
+                .local_endpoints
+                .iter()
+                .map(|(family, n)| format!("{family} {n}"))
+                .collect();
+            out.push_str(&format!(
+                "health check {}: node port {}, local ready endpoints {}\n",
+                h.service,
+                h.port,
+                counts.join(", ")
+            ));
+        }
         out
     }
 }
@@ -135,7 +179,8 @@ fn traffic_policy(state: &ClusterState, plan: &FrontendPlan) -> &'static str {
         if plan.kind.is_external() {
             svc.external_policy_local()
         } else {
-            svc.internal_traffic_policy == TrafficPolicy::Local
+            // spec.topologyKeys decide in its place (kube-proxy v1.21).
+            svc.internal_traffic_policy == TrafficPolicy::Local && svc.topology_keys.is_empty()
         }
     });
     if local { "Local" } else { "Cluster" }
@@ -162,6 +207,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.0.20
   externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
   sessionAffinity: ClientIP
   loadBalancerSourceRanges: [192.0.2.0/24]
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30500}]
@@ -195,6 +241,7 @@ spec: {ports: [{port: 70000}]}
             name: "here".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 1, 5).into()],
             zone: None,
+            labels: Default::default(),
         }
     }
 
@@ -235,10 +282,24 @@ spec: {ports: [{port: 70000}]}
         let table = plan.table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("FRONTEND"), "{table}");
-        assert_eq!(lines.len(), 4, "{table}");
+        assert_eq!(lines.len(), 5, "{table}");
         assert!(
             table.contains("Local affinity=10800s from=192.0.2.0/24"),
             "{table}"
+        );
+        // The LoadBalancer Service with externalTrafficPolicy Local: its health check, with
+        // this node's one ready endpoint (the other is elsewhere, and terminating).
+        assert_eq!(
+            plan.health_checks,
+            [HealthCheckRow {
+                service: "shop/web".into(),
+                port: 32000,
+                local_endpoints: [(IpFamily::V4, 1)].into(),
+            }]
+        );
+        assert_eq!(
+            lines[4],
+            "health check shop/web: node port 32000, local ready endpoints IPv4 1"
         );
         let json = serde_json::to_value(&plan).unwrap();
         assert_eq!(json["frontends"][0]["kind"], "ClusterIp");

@@ -67,7 +67,10 @@ use std::{
     net::IpAddr,
 };
 
-use super::desired::{Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, ServicePortRef};
+use super::desired::{
+    Backend, DesiredState, Frontend, FrontendKind, FrontendPlan, HealthCheck, ServicePortRef,
+    TopologyChoice,
+};
 use crate::model::{
     self, ClusterIp, ClusterState, Endpoint, EndpointSlice, IpCidr, IpFamily, IpMode, NodeInfo,
     ObjectRef, Service, ServiceType, SessionAffinity, TrafficPolicy,
@@ -78,6 +81,8 @@ use crate::model::{
 pub struct Translation {
     /// Every frontend to program.
     pub desired: DesiredState,
+    /// The health checks to serve, by Service.
+    pub health_checks: BTreeMap<ObjectRef, HealthCheck>,
     /// Things that were skipped or chosen, for the logs.
     pub warnings: Vec<Warning>,
 }
@@ -158,6 +163,7 @@ pub fn translate(state: &ClusterState, node: &NodeInfo) -> Translation {
 #[derive(Clone, Debug, Default)]
 struct ServiceOutput {
     entries: Vec<Entry>,
+    health: Option<HealthCheck>,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +194,7 @@ pub struct Translator {
     outputs: HashMap<ObjectRef, ServiceOutput>,
     claims: HashMap<Frontend, BTreeSet<Claim>>,
     desired: DesiredState,
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
 }
 
 impl Translator {
@@ -202,6 +209,7 @@ impl Translator {
             outputs: HashMap::new(),
             claims: HashMap::new(),
             desired: DesiredState::default(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -223,6 +231,11 @@ impl Translator {
         &self.desired
     }
 
+    /// The health checks of everything translated so far, by Service.
+    pub fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
+        &self.health_checks
+    }
+
     /// The desired state and every warning, as [`translate`] returns them.
     pub fn translation(&self) -> Translation {
         let mut warnings: Vec<Warning> = self
@@ -239,6 +252,7 @@ impl Translator {
         }
         Translation {
             desired: self.desired.clone(),
+            health_checks: self.health_checks.clone(),
             warnings,
         }
     }
@@ -319,6 +333,10 @@ impl Translator {
                     }
                 }
             }
+            match output.as_ref().and_then(|o| o.health.clone()) {
+                Some(health) => self.health_checks.insert(service.clone(), health),
+                None => self.health_checks.remove(service),
+            };
             if let Some(output) = output {
                 for (i, entry) in output.entries.iter().enumerate() {
                     if let Entry::Frontend(frontend, _) = entry {
@@ -474,6 +492,21 @@ fn translate_service(
         })
         .collect();
 
+    // kube-proxy's NeedsHealthCheck, with the port allocated.
+    if svc.type_ == ServiceType::LoadBalancer
+        && external_local
+        && let Some(port) = svc.health_check_node_port
+    {
+        let local_endpoints = families
+            .iter()
+            .map(|fam| (fam.family, local_ready_endpoints(slices, fam.family, node)))
+            .collect();
+        out.health = Some(HealthCheck {
+            port,
+            local_endpoints,
+        });
+    }
+
     for port in &svc.ports {
         let proto = match port.protocol {
             proto @ (Protocol::Tcp | Protocol::Udp) => proto,
@@ -506,9 +539,21 @@ fn translate_service(
                 .filter(|s| s.address_type.family() == Some(fam.family))
                 .collect();
             let endpoints = port_endpoints(&family_slices, &port.name, port.protocol, node);
-            let cluster = cluster_backends(&endpoints, node);
-            let local = local_backends(&endpoints);
-            let internal = if internal_local { &local } else { &cluster };
+            let (cluster, local, topology) = if svc.topology_keys.is_empty() {
+                let cluster = cluster_backends(&endpoints, node);
+                (cluster, local_backends(&endpoints), None)
+            } else {
+                // kube-proxy v1.21: the keys decide for every frontend, before (and in place
+                // of) internalTrafficPolicy and topology hints.
+                let (chosen, choice) = topology_filter(&endpoints, &svc.topology_keys, node);
+                let backends = backends(chosen.into_iter(), |e| e.ready());
+                (backends.clone(), backends, Some(choice))
+            };
+            let internal = if internal_local && topology.is_none() {
+                &local
+            } else {
+                &cluster
+            };
             let external = if external_local { &local } else { &cluster };
 
             // (address, port, kind, backends, source ranges) of every frontend of this port.
@@ -545,12 +590,35 @@ fn translate_service(
                     affinity_timeout_secs,
                     source_ranges: ranges.to_vec(),
                     selection: svc.selection,
+                    topology: topology.clone(),
                 };
                 out.entries.push(Entry::Frontend(frontend, plan));
             }
         }
     }
     out
+}
+
+/// kube-proxy's `LocalReadyEndpoints` of one family: the distinct address and port of the
+/// ready endpoints on this node, over every port of every slice of the Service.
+fn local_ready_endpoints(slices: &[&EndpointSlice], family: IpFamily, node: &NodeInfo) -> usize {
+    let mut local = BTreeSet::new();
+    for slice in slices
+        .iter()
+        .filter(|s| s.address_type.family() == Some(family))
+    {
+        for port in slice.ports.iter().filter_map(|p| p.port) {
+            for ep in &slice.endpoints {
+                if ep.conditions.is_ready()
+                    && !node.name.is_empty()
+                    && ep.node_name.as_deref() == Some(node.name.as_str())
+                {
+                    local.insert((ep.address, port));
+                }
+            }
+        }
+    }
+    local.len()
 }
 
 /// The allowed sources of the LoadBalancer frontends of `family`; empty = all. As in
@@ -671,6 +739,32 @@ fn topology_mode<'a>(
     Topology::None
 }
 
+/// kube-proxy v1.21's `FilterTopologyEndpoint`: the first of `keys` for which some endpoint
+/// (ready or not) has this node's value of it chooses those endpoints; `*` chooses all; a
+/// key this node has no label for is passed over; no key matching chooses none.
+fn topology_filter<'a>(
+    endpoints: &'a BTreeMap<(IpAddr, u16), PortEndpoint<'a>>,
+    keys: &[String],
+    node: &NodeInfo,
+) -> (Vec<&'a PortEndpoint<'a>>, TopologyChoice) {
+    for key in keys {
+        if key == model::TOPOLOGY_KEY_ANY {
+            return (endpoints.values().collect(), TopologyChoice::Any);
+        }
+        let Some(value) = node.labels.get(key) else {
+            continue;
+        };
+        let chosen: Vec<&PortEndpoint<'_>> = endpoints
+            .values()
+            .filter(|e| e.ep.topology_value(key) == Some(value.as_str()))
+            .collect();
+        if !chosen.is_empty() {
+            return (chosen, TopologyChoice::Key(key.clone()));
+        }
+    }
+    (Vec::new(), TopologyChoice::NoMatch)
+}
+
 /// Backends for the Cluster traffic policy.
 fn cluster_backends(
     endpoints: &BTreeMap<(IpAddr, u16), PortEndpoint<'_>>,
@@ -730,6 +824,7 @@ mod tests {
             name: "node-a".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 0, 10).into()],
             zone: Some("zone-a".into()),
+            labels: Default::default(),
         }
     }
 
@@ -764,6 +859,9 @@ mod tests {
                 }
                 if let Some(selection) = p.selection {
                     line += &format!(" selection={selection}");
+                }
+                if let Some(topology) = &p.topology {
+                    line += &format!(" topology={topology}");
                 }
                 line
             })
@@ -815,6 +913,7 @@ mod tests {
             affinity_timeout_secs: None,
             source_ranges: vec![],
             selection: None,
+            topology: None,
         };
         let frontend = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10).into(),
@@ -827,6 +926,7 @@ mod tests {
                 desired: DesiredState {
                     frontends: BTreeMap::from([(frontend, plan)])
                 },
+                health_checks: BTreeMap::new(),
                 warnings: vec![]
             }
         );
@@ -842,7 +942,7 @@ mod tests {
         let notes: Vec<String> = set.notes.iter().map(ToString::to_string).collect();
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
-            notes[0].ends_with("skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not Deployment (apps/v1)"),
+            notes[0].ends_with("skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and Node (v1), not Deployment (apps/v1)"),
             "{notes:?}"
         );
         assert_eq!(
@@ -1256,6 +1356,354 @@ mod tests {
         ]);
     }
 
+    /// A Service with `spec.topologyKeys` `keys` (a YAML flow sequence) and `extra` spec
+    /// fields, over the endpoints of kube-proxy's TestFilterTopologyEndpoint: two on each of
+    /// testNode1..4, with the nodeName and zone the EndpointSlice controller writes (zone
+    /// 90001 for testNode1 and 2, 90002 for 3 and 4).
+    fn topology_keys_case(keys: &str, extra: &str) -> String {
+        let endpoints: Vec<String> = (1..=4)
+            .flat_map(|n| {
+                let zone = if n <= 2 { 90001 } else { 90002 };
+                (1..=2).map(move |i| {
+                    format!("{{addresses: [1.1.{n}.{i}], nodeName: testNode{n}, zone: '{zone}'}}")
+                })
+            })
+            .collect();
+        svc(
+            "a",
+            &format!("{{clusterIP: 10.0.0.1, topologyKeys: {keys}, ports: [{{port: 11}}]{extra}}}"),
+        ) + &slice(
+            "a-1",
+            "a",
+            "[{port: 11}]",
+            &format!("[{}]", endpoints.join(", ")),
+        )
+    }
+
+    /// The node `testNode<n>` in `zone` (region cd), with its labels as the kubelet sets them.
+    fn test_node(n: u32, zone: &str) -> NodeInfo {
+        NodeInfo::new(
+            format!("testNode{n}"),
+            vec![Ipv4Addr::new(192, 168, 0, 10).into()],
+            Some(&model::NodeFacts {
+                labels: [
+                    (model::LABEL_HOSTNAME, format!("testNode{n}")),
+                    (model::LABEL_ZONE, zone.to_owned()),
+                    (model::LABEL_REGION, "cd".to_owned()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+                ..model::NodeFacts::default()
+            }),
+            &model::NodeTopology::default(),
+        )
+    }
+
+    #[test]
+    fn topology_keys_as_kube_proxy_v1_21_filters_endpoints() {
+        let on = |nodes: &[u32]| -> String {
+            let eps: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| (1..=2).map(move |i| format!("1.1.{n}.{i}:11")))
+                .collect();
+            eps.join(", ")
+        };
+        let line = |nodes: &[u32], key: &str| {
+            vec![format!(
+                "10.0.0.1:11/TCP ClusterIP default/a -> [{}] topology={key}",
+                on(nodes)
+            )]
+        };
+        let hz = "[kubernetes.io/hostname, topology.kubernetes.io/zone]";
+        // kube-proxy v1.21's TestFilterTopologyEndpoint, case by case (its names).
+        let cases: Vec<(&str, String, NodeInfo, Vec<String>)> = vec![
+            (
+                "no topology key and endpoints",
+                svc(
+                    "a",
+                    "{clusterIP: 10.0.0.1, topologyKeys: [], ports: [{port: 11}]}",
+                ),
+                test_node(1, "90001"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> []".to_owned()],
+            ),
+            (
+                "no topology key but have endpoints",
+                topology_keys_case("[]", ""),
+                test_node(1, "90001"),
+                vec![format!(
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [{}]",
+                    on(&[1, 2, 3, 4])
+                )],
+            ),
+            (
+                "one topology key with one node matched",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                test_node(1, "90001"),
+                line(&[1], "kubernetes.io/hostname"),
+            ),
+            (
+                "one topology key without node matched",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                test_node(5, "90001"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "one topology key with multiple nodes matched",
+                topology_keys_case("[topology.kubernetes.io/zone]", ""),
+                test_node(2, "90001"),
+                line(&[1, 2], "topology.kubernetes.io/zone"),
+            ),
+            (
+                "early match in multiple topology keys",
+                topology_keys_case(hz, ""),
+                test_node(2, "90001"),
+                line(&[2], "kubernetes.io/hostname"),
+            ),
+            (
+                "later match in multiple topology keys",
+                topology_keys_case(hz, ""),
+                test_node(5, "90002"),
+                line(&[3, 4], "topology.kubernetes.io/zone"),
+            ),
+            (
+                "multiple topology keys without node matched",
+                topology_keys_case(hz, ""),
+                test_node(5, "90003"),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "multiple topology keys matched node when 'Any' key ignored",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                test_node(1, "90001"),
+                line(&[1], "kubernetes.io/hostname"),
+            ),
+            (
+                "two topology keys matched node with 'Any' key",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                test_node(5, "90001"),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            (
+                "multiple topology keys matched node with 'Any' key",
+                topology_keys_case(
+                    "[kubernetes.io/hostname, topology.kubernetes.io/zone, '*']",
+                    "",
+                ),
+                test_node(5, "90003"),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            // kube-proxy v1.21's edge cases when it cannot determine the node's topology.
+            (
+                "no node labels: \"*\" last includes all endpoints",
+                topology_keys_case("[kubernetes.io/hostname, '*']", ""),
+                NodeInfo::default(),
+                line(&[1, 2, 3, 4], "*"),
+            ),
+            (
+                "no node labels: without \"*\", no endpoints",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                NodeInfo::default(),
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            // What kube-proxy v1.21 did on a v1.21 cluster (tests/tests/kube_cluster.rs and
+            // the README say how it was found).
+            (
+                "the hostname key compares the Node's kubernetes.io/hostname label, not its \
+                 name, with the endpoints' nodeName",
+                topology_keys_case("[kubernetes.io/hostname]", ""),
+                NodeInfo {
+                    labels: [(model::LABEL_HOSTNAME.to_owned(), "host-1".to_owned())].into(),
+                    ..test_node(1, "90001")
+                },
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+            ),
+            (
+                "every frontend follows the keys (externalTrafficPolicy Cluster), and \
+                 internalTrafficPolicy Local gives way to them (v1.21's FilterEndpoints)",
+                topology_keys_case(
+                    "[topology.kubernetes.io/zone]",
+                    ", type: NodePort, internalTrafficPolicy: Local, externalIPs: [203.0.113.5]",
+                )
+                .replace(
+                    "ports: [{port: 11}]",
+                    "ports: [{port: 11, nodePort: 30011}]",
+                ),
+                test_node(1, "90002"),
+                vec![
+                    format!(
+                        "10.0.0.1:11/TCP ClusterIP default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                    format!(
+                        "192.168.0.10:30011/TCP NodePort default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                    format!(
+                        "203.0.113.5:11/TCP ExternalIP default/a -> [{}] topology=topology.kubernetes.io/zone",
+                        on(&[3, 4])
+                    ),
+                ],
+            ),
+        ];
+        for (name, yaml, node, want) in cases {
+            assert_eq!(
+                render(&translate(&state(&yaml), &node)),
+                want,
+                "case {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_keys_choose_among_all_endpoints_then_the_ready_ones() {
+        let case = |keys: &str, endpoints: &str| {
+            svc(
+                "a",
+                &format!("{{clusterIP: 10.0.0.1, topologyKeys: {keys}, ports: [{{port: 80}}]}}"),
+            ) + &slice("a-1", "a", "[{port: 80}]", endpoints)
+        };
+        let node = test_node(1, "z1");
+        check(&[
+            (
+                "a not-ready endpoint alone makes its key win (kube-proxy v1.21 filters every \
+                 endpoint, then takes the ready ones): no endpoints, \"*\" is not reached",
+                case(
+                    "[kubernetes.io/hostname, '*']",
+                    "[{addresses: [10.1.0.5], nodeName: testNode1, conditions: {ready: false}}, {addresses: [10.1.0.2], nodeName: n2}]",
+                ),
+                node.clone(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=kubernetes.io/hostname"],
+            ),
+            (
+                "a serving, terminating endpoint the key chose is the fallback when none it \
+                 chose is ready (current kube-proxy; v1.21 had no such fallback)",
+                case(
+                    "[kubernetes.io/hostname, '*']",
+                    "[{addresses: [10.1.0.5], nodeName: testNode1, conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.2], nodeName: n2}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.5:80 (terminating)] topology=kubernetes.io/hostname",
+                ],
+            ),
+            (
+                "topology hints give way to the keys",
+                case(
+                    "[topology.kubernetes.io/zone]",
+                    "[{addresses: [10.1.0.1], nodeName: n1, zone: z1, hints: {forZones: [{name: z2}]}}, {addresses: [10.1.0.2], nodeName: n2, zone: z2, hints: {forZones: [{name: z1}]}}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80] topology=topology.kubernetes.io/zone",
+                ],
+            ),
+            (
+                "the zone then the region: a key other than the host name and the zone comes \
+                 from deprecatedTopology (lb; kube-proxy v1.21 reads nodeName and zone only)",
+                case(
+                    "[topology.kubernetes.io/zone, topology.kubernetes.io/region]",
+                    "[{addresses: [10.1.0.1], nodeName: n9, zone: z9, deprecatedTopology: {topology.kubernetes.io/region: cd}}, {addresses: [10.1.0.2], nodeName: n8, zone: z8, deprecatedTopology: {topology.kubernetes.io/region: ef}}]",
+                ),
+                node.clone(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80] topology=topology.kubernetes.io/region",
+                ],
+            ),
+            (
+                "an endpoint without nodeName has no host name, whatever its deprecatedTopology",
+                case(
+                    "[kubernetes.io/hostname]",
+                    "[{addresses: [10.1.0.1], deprecatedTopology: {kubernetes.io/hostname: testNode1}}]",
+                ),
+                node,
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=(no key matched)"],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn health_checks_as_kube_proxy_serves_them() {
+        let lb = |name: &str, spec: &str| {
+            svc(name, spec) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n"
+        };
+        let endpoints = "[{addresses: [10.1.0.1], nodeName: node-a}, \
+             {addresses: [10.1.0.2], nodeName: node-a, conditions: {ready: false}}, \
+             {addresses: [10.1.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, \
+             {addresses: [10.1.0.4], nodeName: node-b}, {addresses: [10.1.0.5]}]";
+        let two_ports = "[{name: a, port: 80}, {name: b, port: 81}]";
+        let cases: Vec<(&str, String, Vec<String>)> = vec![
+            (
+                "NeedsHealthCheck: a LoadBalancer Service with externalTrafficPolicy Local; its \
+                 local ready endpoints, by address and port, over its ports",
+                lb(
+                    "web",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]}",
+                ) + &slice("web-1", "web", two_ports, endpoints),
+                vec!["default/web :32000 {IPv4: 2}".to_owned()],
+            ),
+            (
+                "no health check with externalTrafficPolicy Cluster, for a NodePort Service, or \
+                 without a port",
+                lb(
+                    "cluster",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.2, healthCheckNodePort: 32001, ports: [{port: 80, nodePort: 30082}]}",
+                ) + &svc(
+                    "np",
+                    "{type: NodePort, clusterIP: 10.0.0.3, externalTrafficPolicy: Local, healthCheckNodePort: 32002, ports: [{port: 80, nodePort: 30083}]}",
+                ) + &lb(
+                    "noport",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.4, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30084}]}",
+                ),
+                vec![],
+            ),
+            (
+                "no local ready endpoint: 0 (terminating, not ready and remote ones do not count)",
+                lb(
+                    "web",
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{port: 80, nodePort: 30080}]}",
+                ) + &slice(
+                    "web-1",
+                    "web",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.3], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.1.0.4], nodeName: node-b}]",
+                ),
+                vec!["default/web :32000 {IPv4: 0}".to_owned()],
+            ),
+            (
+                "dual stack: each family its own count",
+                lb(
+                    "ds",
+                    "{type: LoadBalancer, clusterIPs: [10.0.0.5, 'fd00::5'], externalTrafficPolicy: Local, healthCheckNodePort: 32003, ports: [{port: 80, nodePort: 30085}]}",
+                ) + &slice(
+                    "ds-4",
+                    "ds",
+                    "[{port: 80}]",
+                    "[{addresses: [10.1.0.1], nodeName: node-a}]",
+                ) + &slice6(
+                    "ds-6",
+                    "ds",
+                    "[{port: 80}]",
+                    "[{addresses: ['fd00:1::1'], nodeName: node-a}, {addresses: ['fd00:1::2'], nodeName: node-a}]",
+                ),
+                vec!["default/ds :32003 {IPv4: 1, IPv6: 2}".to_owned()],
+            ),
+        ];
+        for (name, yaml, want) in cases {
+            let t = translate(&state(&yaml), &node());
+            let got: Vec<String> = t
+                .health_checks
+                .iter()
+                .map(|(s, h)| {
+                    format!("{s} :{} {:?}", h.port, h.local_endpoints)
+                        .replace("V4", "IPv4")
+                        .replace("V6", "IPv6")
+                })
+                .collect();
+            assert_eq!(got, want, "case {name}");
+        }
+    }
+
     #[test]
     fn topology() {
         let spec = "{clusterIP: 10.0.0.1, ports: [{port: 80}]}";
@@ -1607,7 +2055,8 @@ mod tests {
             let spec = match variant % 4 {
                 0 => format!("{{clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80}}]}}"),
                 1 => format!(
-                    "{{type: NodePort, clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80, \
+                    "{{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: \
+                     32000, clusterIP: 10.96.0.{ip}, ports: [{{name: http, port: 80, \
                      nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP}}]}}"
                 ),
                 2 => format!(
@@ -1649,6 +2098,7 @@ mod tests {
         let mut st = ClusterState::default();
         let mut translator = Translator::new(node());
         let mut previous = DesiredState::default();
+        let mut health_seen = false;
         for step in 0..400 {
             let kind = next(2);
             let (name, variant) = (next(4 + kind), next(12));
@@ -1685,6 +2135,12 @@ mod tests {
                 render(&full),
                 "step {step}"
             );
+            assert_eq!(
+                translator.health_checks(),
+                &full.health_checks,
+                "step {step}"
+            );
+            health_seen |= !full.health_checks.is_empty();
             let diff: BTreeSet<Frontend> = previous
                 .frontends
                 .keys()
@@ -1701,5 +2157,6 @@ mod tests {
             previous.frontends.len() > 1,
             "the walk ends with frontends: {previous:?}"
         );
+        assert!(health_seen, "the walk had health checks");
     }
 }

@@ -34,7 +34,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
-    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -43,6 +42,7 @@ use std::{
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Config, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
@@ -64,7 +64,7 @@ pub const PROXY_LABEL_SELECTOR: &str =
 /// events that are always ready).
 const MIN_BATCH_MAX: Duration = Duration::from_millis(20);
 /// The Node label with the node's zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const ZONE_LABEL: &str = model::LABEL_ZONE;
 
 /// How the Kubernetes source connects and paces itself.
 #[derive(Clone, Debug)]
@@ -471,28 +471,81 @@ impl Dirty {
     }
 }
 
+/// A Service as the API server sends it, with `spec.topologyKeys`, which k8s-openapi's
+/// Service (of Kubernetes 1.22 and later, which removed the field) does not have: a v1.17 to
+/// v1.21 API server with the feature gate ServiceTopology sends it.
+#[derive(Clone, Debug)]
+pub struct ServiceObject {
+    /// The Service.
+    pub service: core::Service,
+    /// Its `spec.topologyKeys`.
+    pub topology_keys: Vec<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for ServiceObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Spec {
+            #[serde(rename = "topologyKeys", default)]
+            topology_keys: Option<Vec<String>>,
+            #[serde(flatten)]
+            spec: core::ServiceSpec,
+        }
+        #[derive(serde::Deserialize)]
+        struct Object {
+            #[serde(default)]
+            metadata: ObjectMeta,
+            spec: Option<Spec>,
+            status: Option<core::ServiceStatus>,
+        }
+        let object = Object::deserialize(deserializer)?;
+        let (spec, topology_keys) = match object.spec {
+            Some(s) => (Some(s.spec), s.topology_keys.unwrap_or_default()),
+            None => (None, Vec::new()),
+        };
+        Ok(ServiceObject {
+            service: core::Service {
+                metadata: object.metadata,
+                spec,
+                status: object.status,
+            },
+            topology_keys,
+        })
+    }
+}
+
+impl kube::Resource for ServiceObject {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        core::Service::kind(dt)
+    }
+
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        core::Service::group(dt)
+    }
+
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        core::Service::version(dt)
+    }
+
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        core::Service::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.service.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.service.metadata
+    }
+}
+
 /// What the Node object says about this node.
 pub fn node_facts(node: &core::Node) -> NodeFacts {
-    let mut addresses = Vec::new();
-    let listed = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for wanted in ["InternalIP", "ExternalIP"] {
-        for a in listed.iter().filter(|a| a.type_ == wanted) {
-            if let Ok(ip) = a.address.parse::<IpAddr>()
-                && !addresses.contains(&ip)
-            {
-                addresses.push(ip);
-            }
-        }
-    }
-    NodeFacts {
-        addresses,
-        zone: node.labels().get(ZONE_LABEL).cloned(),
-    }
+    NodeFacts::from_k8s(node)
 }
 
 /// The Kubernetes API as a [`Source`].
@@ -573,7 +626,9 @@ impl KubeSource {
             proxy.clone(),
             Kind::Services,
             woken.clone(),
-            model::Service::from_k8s,
+            |svc: &ServiceObject| {
+                model::Service::from_k8s_with_topology_keys(&svc.service, &svc.topology_keys)
+            },
         );
         let (slices, e) = watch(
             Api::all(client.clone()),
@@ -1042,6 +1097,37 @@ mod tests {
         assert_eq!(dirty.lists, 1);
     }
 
+    #[test]
+    fn a_service_s_topology_keys_come_with_it() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "7"},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [{"name": "http", "port": 80}],
+                     "topologyKeys": ["kubernetes.io/hostname", "*"], "type": "NodePort"},
+            "status": {"loadBalancer": {}},
+        });
+        let object: ServiceObject = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(object.topology_keys, ["kubernetes.io/hostname", "*"]);
+        // Everything else is the Service as k8s-openapi reads it.
+        let plain: core::Service = serde_json::from_value(json).unwrap();
+        assert_eq!(object.service, plain);
+        let model =
+            model::Service::from_k8s_with_topology_keys(&object.service, &object.topology_keys)
+                .unwrap();
+        assert_eq!(model.topology_keys, object.topology_keys);
+        assert_eq!(model.ports[0].port, 80);
+
+        let without: ServiceObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        assert!(without.topology_keys.is_empty());
+        let bare: ServiceObject =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a"}})).unwrap();
+        assert_eq!(bare.service.spec, None);
+        assert_eq!(key_of(&bare), ObjectRef::new("default", "a"));
+    }
+
     #[tokio::test]
     async fn an_https_client_builds_with_the_compiled_in_crypto_provider() {
         // As in a pod: TLS with the cluster's CA (here none: the platform verifier).
@@ -1066,13 +1152,29 @@ mod tests {
             node_facts(&node),
             NodeFacts {
                 addresses: vec![
-                    "fd00::7".parse::<IpAddr>().unwrap(),
+                    "fd00::7".parse::<std::net::IpAddr>().unwrap(),
                     std::net::Ipv4Addr::new(10, 0, 0, 7).into(),
                     std::net::Ipv4Addr::new(203, 0, 113, 7).into()
                 ],
                 zone: Some("zone-b".into()),
+                labels: [(ZONE_LABEL.to_owned(), "zone-b".to_owned())].into(),
+                being_deleted: false,
             }
         );
+        // Being deleted, or about to be by the cluster autoscaler.
+        for extra in [
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+            serde_json::json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}),
+        ] {
+            let mut json = serde_json::json!({"metadata": {"name": "n3"}});
+            for (k, v) in extra.as_object().unwrap() {
+                for (k2, v2) in v.as_object().unwrap() {
+                    json[k][k2] = v2.clone();
+                }
+            }
+            let node: core::Node = serde_json::from_value(json).unwrap();
+            assert!(node_facts(&node).being_deleted, "{node:?}");
+        }
         let bare = core::Node {
             metadata: ObjectMeta {
                 name: Some("n2".into()),

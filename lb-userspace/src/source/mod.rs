@@ -15,7 +15,6 @@ pub mod manifests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::IpAddr,
     time::Instant,
 };
 
@@ -73,14 +72,7 @@ fn differing<V: PartialEq>(
         .collect()
 }
 
-/// What a source knows about this node (the kube source: its Node object).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeFacts {
-    /// The node's InternalIP and ExternalIP addresses, both families.
-    pub addresses: Vec<IpAddr>,
-    /// Its `topology.kubernetes.io/zone` label.
-    pub zone: Option<String>,
-}
+pub use crate::model::NodeFacts;
 
 /// A source of complete views of the cluster.
 pub trait Source {

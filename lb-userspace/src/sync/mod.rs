@@ -421,6 +421,11 @@ impl<M: DatapathMaps> Syncer<M> {
             .map(|(k, p)| (*k, p.id))
     }
 
+    /// Whether the frontend `key` is programmed.
+    pub fn is_programmed(&self, key: &FrontendKey) -> bool {
+        self.frontends.get(key).is_some_and(|p| p.service.is_some())
+    }
+
     /// When the next REMOVED backend's drain ends: an apply after that deletes it.
     pub fn next_drain_deadline(&self) -> Option<Instant> {
         self.removed.values().min().map(|t| *t + self.config.drain)

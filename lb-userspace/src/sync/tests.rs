@@ -134,6 +134,7 @@ fn plan(backends: &[u8]) -> FrontendPlan {
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,
+        topology: None,
     }
 }
 

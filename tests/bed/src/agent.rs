@@ -129,6 +129,13 @@ pub struct ServiceInfo {
     /// How new flows choose a backend: `maglev` or `random`.
     #[serde(default)]
     pub selection: String,
+    /// The Service port it serves, `namespace/name[:port-name]`, as the agent named it.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Its kind (`ClusterIp`, `NodePort`, `ExternalIp`, `LoadBalancer`), as the agent
+    /// named it.
+    #[serde(default)]
+    pub kind: Option<String>,
 }
 
 impl ServiceInfo {

@@ -115,6 +115,7 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,
+        topology: None,
     }
 }
 

@@ -215,6 +215,66 @@ fn an_application_folder_works_as_it_is() {
     assert_eq!(again.len(), 2);
 }
 
+/// `lb services` and `lb stats` name each frontend by its Service port and kind, as the
+/// examples define them.
+#[test]
+fn lb_services_and_lb_stats_name_every_frontend() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    let all = lb_testbed::testbed::EXAMPLE_FRONTENDS;
+    agent.wait_for(all, 2).expect("programmed");
+    let want = |frontend: &str| match frontend {
+        "10.96.0.10:8080/TCP" => ("default/httpd-svc:http", "ClusterIp"),
+        "10.96.0.11:8080/TCP" => ("default/httpd-nodeport:http", "ClusterIp"),
+        "10.200.0.1:30080/TCP" => ("default/httpd-nodeport:http", "NodePort"),
+        "10.96.0.12:5353/UDP" => ("default/echo-udp:echo", "ClusterIp"),
+        "10.96.0.13:80/TCP" => ("default/httpd-lb:http", "ClusterIp"),
+        "10.200.0.1:30081/TCP" => ("default/httpd-lb:http", "NodePort"),
+        "10.97.0.1:80/TCP" => ("default/httpd-lb:http", "ExternalIp"),
+        "10.98.0.1:80/TCP" => ("default/httpd-lb:http", "LoadBalancer"),
+        other => panic!("unexpected frontend {other}"),
+    };
+    let services = agent.services().unwrap();
+    assert_eq!(services.len(), all.len());
+    for s in &services {
+        let (service, kind) = want(&s.frontend);
+        assert_eq!(
+            (s.service.as_deref(), s.kind.as_deref()),
+            (Some(service), Some(kind)),
+            "{s:?}"
+        );
+    }
+    // The tables say it too.
+    let run = |command: &str| {
+        let out = lb_testbed::netns::run(
+            std::process::Command::new(agent.lb())
+                .args([command, "--pin-path"])
+                .arg(agent.pin_path()),
+        )
+        .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = run("services");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("10.98.0.1:80/TCP"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("default/httpd-lb:http") && row.contains("LoadBalancer"),
+        "{table}"
+    );
+    let stats = run("stats");
+    let row = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("10.200.0.1:30080/TCP"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(
+        row.ends_with("default/httpd-nodeport:http (NodePort)"),
+        "{stats}"
+    );
+}
+
 #[test]
 fn the_manifests_agent_serves_metrics_and_readiness() {
     let folder = Folder::copy_of_examples().unwrap();

@@ -27,6 +27,7 @@ fn manifests_translate_to_the_desired_state_built_in_code() {
         name: "node".into(),
         addresses: vec![],
         zone: None,
+        labels: Default::default(),
     };
     let translation = translate::translate(&set.state, &node);
     assert!(

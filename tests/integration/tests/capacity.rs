@@ -51,6 +51,7 @@ fn desired(n: u32) -> DesiredState {
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,
+                topology: None,
             };
             (frontend, plan)
         })

@@ -122,6 +122,18 @@ fn the_daemonset_runs_the_agent_with_three_capabilities_on_the_host_bpffs() {
         "in-cluster: no folder"
     );
     let metrics_port = metrics_port.expect("--metrics-addr is set");
+    // kube-proxy's proxy health port, named among the pod's (the node's) ports.
+    assert!(
+        args.contains(&"--healthz-bind-address=0.0.0.0:10256".to_owned()),
+        "{args:?}"
+    );
+    let ports: Vec<(Option<&str>, i32)> = agent
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+    assert_eq!(ports, [(Some("proxy-healthz"), 10256)]);
     for (probe, path) in [
         (agent.liveness_probe.as_ref(), "/healthz"),
         (agent.readiness_probe.as_ref(), "/readyz"),

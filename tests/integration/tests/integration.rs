@@ -15,6 +15,7 @@ mod dual_stack;
 mod eastwest;
 mod examples;
 mod frontends;
+mod health;
 mod kube;
 mod kube_cluster;
 mod migrate;

@@ -32,6 +32,8 @@ use lb_userspace::datapath::maps::{DatapathMaps as _, MapContents};
 use serde_json::json;
 
 const NODE: &str = "node-1";
+/// Another node, for endpoints elsewhere.
+const NODE2: &str = "node-2";
 /// The Node's ExternalIP: only the Node object names it (the interface has NODE_IP only).
 const NODE_EXTERNAL_IP: &str = "10.200.0.100";
 const WEB: &str = "10.96.0.10:8080/TCP";
@@ -150,6 +152,23 @@ impl Cluster0<'_> {
         let mut extra = extra;
         extra["clusterIP"] = cluster_ip.into();
         objects::service(self.kube(), name, name, extra).unwrap();
+    }
+
+    /// A Service selecting `app: <name>`, 8080 → 80, with `spec.topologyKeys` `keys`.
+    fn service_json(&self, name: &str, cluster_ip: &str, keys: serde_json::Value) {
+        let stored = self
+            .kube()
+            .apply_json::<core::Service>(json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"selector": {"app": name}, "clusterIP": cluster_ip,
+                         "topologyKeys": keys,
+                         "ports": [{"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"}]},
+            }))
+            .unwrap();
+        assert_eq!(
+            stored["spec"]["topologyKeys"], keys,
+            "the API server keeps them"
+        );
     }
 
     /// A ready pod of `app` on the Node with this address.
@@ -730,4 +749,178 @@ fn in_a_pod_the_agent_dials_the_api_server_setting_and_names_it_when_unset() {
         "an error in the log names the setting:\n{log}"
     );
     assert!(agent.services().unwrap().is_empty());
+}
+
+/// `spec.topologyKeys` on a real v1.21 cluster (feature gate ServiceTopology): the API
+/// server keeps the field, the EndpointSlice controller writes each endpoint's nodeName and
+/// the zone of its Node, the agent reads the keys through its watch and this node's labels
+/// from its Node object. The API server refuses the combination lb refuses too.
+#[test]
+fn topology_keys_on_a_v1_21_cluster() {
+    const NEAR: &str = "10.96.0.20:8080/TCP";
+    const ZONAL: &str = "10.96.0.21:8080/TCP";
+    let far = Ipv4Addr::new(10, 244, 9, 2);
+    let c = Cluster::start(|c| {
+        // This node as the kubelet labels it, and a second one in another zone.
+        for (name, zone, ip) in [
+            (NODE, "zone-a", NODE_IP),
+            (NODE2, "zone-b", Ipv4Addr::new(10, 200, 0, 50)),
+        ] {
+            objects::node(
+                c.kube(),
+                name,
+                json!({"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone}),
+                &[("InternalIP", ip.to_string())],
+            )
+            .unwrap();
+        }
+        c.service_json("near", "10.96.0.20", json!(["kubernetes.io/hostname", "*"]));
+        c.service_json(
+            "zonal",
+            "10.96.0.21",
+            json!(["topology.kubernetes.io/zone"]),
+        );
+        c.topology_pod("near-1", "near", 0);
+        objects::pod(c.kube(), "near-2", "near", NODE2, &[far.into()], true).unwrap();
+        c.topology_pod("zonal-1", "zonal", 1);
+        objects::pod(
+            c.kube(),
+            "zonal-2",
+            "zonal",
+            NODE2,
+            &[Ipv4Addr::new(10, 244, 9, 3).into()],
+            true,
+        )
+        .unwrap();
+    });
+    let (p1, p2) = (c.pod(0), c.pod(1));
+    c.wait("near: this node's pod", has_backends(NEAR, at80(&[p1])));
+    c.wait("zonal: this zone's pod", has_backends(ZONAL, at80(&[p2])));
+    let tally = http_tally(&c.topology.client, Ipv4Addr::new(10, 96, 0, 20), 8080, 10).unwrap();
+    assert_eq!(
+        tally.keys().collect::<Vec<_>>(),
+        [&c.topology.pods[0].name],
+        "{tally:?}"
+    );
+
+    // No endpoint on this node any more: "*", the other node's.
+    assert!(delete_pod(c.kube(), "near-1").unwrap());
+    c.wait(
+        "near: any endpoint",
+        has_backends(NEAR, vec![format!("{far}:80 (remote)")]),
+    );
+    // This node moves to zone-b (its label changes): the zonal Service follows.
+    objects::node(
+        c.kube(),
+        NODE,
+        json!({"kubernetes.io/hostname": NODE, "topology.kubernetes.io/zone": "zone-b"}),
+        &[("InternalIP", NODE_IP.to_string())],
+    )
+    .unwrap();
+    c.wait(
+        "zonal: zone-b's pod",
+        has_backends(ZONAL, vec!["10.244.9.3:80 (remote)".to_owned()]),
+    );
+
+    // What lb refuses, the v1.21 API server refuses, in the same words.
+    let refused = c.kube().apply_json::<core::Service>(json!({
+        "metadata": {"name": "local", "namespace": "default"},
+        "spec": {"type": "NodePort", "externalTrafficPolicy": "Local",
+                 "topologyKeys": ["kubernetes.io/hostname"],
+                 "ports": [{"port": 80, "protocol": "TCP"}]},
+    }));
+    let error = format!("{:#}", refused.unwrap_err());
+    assert!(
+        error.contains(
+            "spec.topologyKeys: Forbidden: may not be specified when `externalTrafficPolicy=Local`"
+        ),
+        "{error}"
+    );
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local on a real cluster: the API server
+/// allocates its healthCheckNodePort, the agent serves kube-proxy's health check there on
+/// the node's address, and it follows the pods' readiness through the real EndpointSlice
+/// controller: 200 with the count of ready local endpoints, 503 at none.
+#[test]
+fn the_health_check_node_port_on_a_v1_21_cluster() {
+    let c = Cluster::start(|c| {
+        c.service(
+            "lb",
+            "10.96.0.30",
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+        );
+        c.topology_pod("lb-1", "lb", 0);
+        c.topology_pod("lb-2", "lb", 1);
+    });
+    let svc = c
+        .kube()
+        .get::<core::Service>(Some("default"), "lb")
+        .unwrap()
+        .unwrap();
+    let port = svc.spec.unwrap().health_check_node_port.expect("allocated") as u16;
+    let target = std::net::SocketAddr::new(NODE_IP.into(), port);
+    let wait = |what: &str, want: (u16, i64)| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = lb_testbed::client::http_request(&c.topology.client, target, "/").map(
+                |(status, body, _)| {
+                    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    (status, json["localEndpoints"].as_i64().unwrap(), json)
+                },
+            );
+            match &got {
+                Ok((status, count, json)) if (*status, *count) == want => {
+                    assert_eq!(json["service"]["name"], "lb");
+                    return;
+                }
+                _ if Instant::now() > deadline => {
+                    panic!("{what}: {got:?}; agent log:\n{}", c.agent.log())
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    wait("two ready local endpoints", (200, 2));
+    set_pod_ready(c.kube(), "lb-1", false).unwrap();
+    wait("one", (200, 1));
+    set_pod_ready(c.kube(), "lb-2", false).unwrap();
+    wait("none ready", (503, 0));
+    set_pod_ready(c.kube(), "lb-1", true).unwrap();
+    wait("one again", (200, 1));
+    // kube-proxy's proxy health server beside it.
+    let (status, body, _) = lb_testbed::client::http_request(
+        &c.topology.client,
+        std::net::SocketAddr::new(NODE_IP.into(), 10256),
+        "/healthz",
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\": true"), "{body}");
+
+    // The cluster autoscaler marks the node for deletion: /healthz fails (load balancers
+    // drain it), /livez does not.
+    c.kube()
+        .patch::<core::Node>(
+            None,
+            NODE,
+            json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler",
+                                         "effect": "NoSchedule"}]}}),
+        )
+        .unwrap();
+    let proxy = |path: &str| {
+        lb_testbed::client::http_request(
+            &c.topology.client,
+            std::net::SocketAddr::new(NODE_IP.into(), 10256),
+            path,
+        )
+        .unwrap()
+        .0
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy("/healthz") != 503 {
+        assert!(Instant::now() < deadline, "{}", c.agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(proxy("/livez"), 200);
 }

@@ -75,7 +75,14 @@ fn agent_on_a(
     backends: u32,
 ) -> Agent {
     folder.write("svc.yaml", yaml).unwrap();
-    let agent = Agent::start_on_node(
+    let agent = start_on_a(topology, folder);
+    agent.wait_for(frontends, backends).unwrap();
+    agent
+}
+
+/// The agent on node A, serving `folder`.
+fn start_on_a(topology: &TwoNodes, folder: &Folder) -> Agent {
+    Agent::start_on_node(
         &lb_bin(),
         &topology.node_a,
         folder.path(),
@@ -83,9 +90,18 @@ fn agent_on_a(
         NODE_A_NAME,
         &[],
     )
-    .unwrap();
-    agent.wait_for(frontends, backends).unwrap();
-    agent
+    .unwrap()
+}
+
+/// A folder for the agent on node A, with the frames node A's XDP sends back out
+/// (XDP_TX: replies of backends on node B) received on the LAN (see
+/// [`TwoNodes::xdp_on_lan_port`]).
+fn folder_with_xdp_tx(topology: &TwoNodes) -> Folder {
+    let folder = Folder::new().unwrap();
+    let noop = folder.path().join("noop.o");
+    std::fs::write(&noop, lb_userspace::NOOP_OBJECT).unwrap();
+    topology.xdp_on_lan_port(&noop).unwrap();
+    folder
 }
 
 fn names(pods: &[Pod]) -> Vec<String> {
@@ -140,10 +156,7 @@ fn frontend_name(addr: IpAddr, port: u16, proto: &str) -> String {
 /// topology and the agent for more checks.
 fn remote_backends_are_source_natted(family: &Family) -> (TwoNodes, Folder, Agent) {
     let topology = TwoNodes::new(0, 2).unwrap();
-    let folder = Folder::new().unwrap();
-    let noop = folder.path().join("noop.o");
-    std::fs::write(&noop, lb_userspace::NOOP_OBJECT).unwrap();
-    topology.xdp_on_lan_port(&noop).unwrap();
+    let folder = folder_with_xdp_tx(&topology);
     let remote: Vec<(&Pod, &str)> = topology.pods_b.iter().map(|p| (p, "node-b")).collect();
     let yaml = nodeport_service(
         "remote",
@@ -304,10 +317,7 @@ fn ipv6_external_traffic_policy_local_keeps_the_client_address_and_uses_only_loc
 #[test]
 fn external_traffic_policy_local_on_a_cluster_ip_service_with_external_ips() {
     let topology = TwoNodes::new(2, 2).unwrap();
-    let folder = Folder::new().unwrap();
-    let noop = folder.path().join("noop.o");
-    std::fs::write(&noop, lb_userspace::NOOP_OBJECT).unwrap();
-    topology.xdp_on_lan_port(&noop).unwrap();
+    let folder = folder_with_xdp_tx(&topology);
     let pods = all_pods(&topology);
     let external: IpAddr = "10.97.1.1".parse().unwrap();
     let yaml = service(
@@ -341,4 +351,155 @@ fn external_traffic_policy_local_on_a_cluster_ip_service_with_external_ips() {
         served.insert(peer(&topology, SocketAddr::new(cluster_ip, 80)).0);
     }
     assert_eq!(served.into_iter().collect::<Vec<_>>(), all);
+}
+
+/// One endpoint of [`topology_keys_choose_the_nearest_endpoints_as_they_move`]: the pod, its
+/// node, its zone and the region in its deprecatedTopology.
+type Placed<'a> = (&'a Pod, &'a str, &'a str, Option<&'a str>);
+
+/// `spec.topologyKeys` with real traffic: the documentation's fourth policy (hostname, zone,
+/// region, `*`) on node A, whose Node is a manifest in the folder (zone za, region r1).
+/// As the endpoints move away, the key that chooses moves down the list; the first policy
+/// (hostname only) without endpoints on node A gets none.
+#[test]
+fn topology_keys_choose_the_nearest_endpoints_as_they_move() {
+    let topology = TwoNodes::new(1, 3).unwrap();
+    let folder = folder_with_xdp_tx(&topology);
+    folder
+        .write(
+            "node.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: \
+             {topology.kubernetes.io/zone: za, topology.kubernetes.io/region: r1}\n",
+        )
+        .unwrap();
+    let write = |endpoints: &[Placed<'_>]| {
+        let mut yaml = String::new();
+        for (name, ip, keys) in [
+            (
+                "near",
+                "10.96.1.5",
+                "[kubernetes.io/hostname, topology.kubernetes.io/zone, topology.kubernetes.io/region, '*']",
+            ),
+            ("here", "10.96.1.6", "[kubernetes.io/hostname]"),
+        ] {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: \
+                 {ip}, topologyKeys: {keys}, ports: [{{name: http, port: 80, targetPort: {HTTP_PORT}}}]}}\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: {HTTP_PORT}}}]\nendpoints:\n"
+            );
+            for (pod, node, zone, region) in endpoints {
+                let region = region
+                    .map(|r| {
+                        format!(", deprecatedTopology: {{topology.kubernetes.io/region: {r}}}")
+                    })
+                    .unwrap_or_default();
+                yaml += &format!(
+                    "- {{addresses: [{}], nodeName: {node}, zone: {zone}{region}}}\n",
+                    pod.ip
+                );
+            }
+        }
+        folder.write("services.yaml", &yaml).unwrap();
+    };
+    let (a1, b) = (&topology.pods_a[0], &topology.pods_b);
+    // Everything on offer: node A's own pod.
+    write(&[
+        (a1, "node-a", "za", None),
+        (&b[0], "node-b", "za", None),
+        (&b[1], "node-b", "zb", Some("r1")),
+    ]);
+    let agent = start_on_a(&topology, &folder);
+    let near = "10.96.1.5:80/TCP";
+    let served_by = |want: &[&Pod]| {
+        let backends: std::collections::BTreeSet<String> = want
+            .iter()
+            .map(|p| format!("{}:{HTTP_PORT}", p.ip))
+            .collect();
+        let want: Vec<String> = want.iter().map(|p| p.name.clone()).collect();
+        agent
+            .wait_until(&format!("{near} to select {want:?}"), |s| {
+                lb_testbed::ServiceInfo::find(s, near).is_some_and(|r| r.selectable() == backends)
+            })
+            .unwrap();
+        let mut served = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            served.insert(peer(&topology, "10.96.1.5:80".parse().unwrap()).0);
+        }
+        assert_eq!(served.into_iter().collect::<Vec<_>>(), want);
+    };
+    served_by(&[a1]);
+    let here = lb_testbed::ServiceInfo::find(&agent.services().unwrap(), "10.96.1.6:80/TCP")
+        .cloned()
+        .unwrap();
+    assert_eq!(here.backend_count, 1, "{here:?}");
+
+    // None on node A: the zone (node B's pod in zone za).
+    write(&[
+        (&b[0], "node-b", "za", None),
+        (&b[1], "node-b", "zb", Some("r1")),
+    ]);
+    served_by(&[&b[0]]);
+    // None in zone za: the region (from deprecatedTopology).
+    write(&[
+        (&b[1], "node-b", "zb", Some("r1")),
+        (&b[2], "node-b", "zc", Some("r2")),
+    ]);
+    served_by(&[&b[1]]);
+    // None in region r1: any.
+    write(&[
+        (&b[1], "node-b", "zb", Some("r2")),
+        (&b[2], "node-b", "zc", None),
+    ]);
+    served_by(&[&b[1], &b[2]]);
+    // The hostname-only Service has no endpoint left for node A: none.
+    let services = agent.services().unwrap();
+    let here = lb_testbed::ServiceInfo::find(&services, "10.96.1.6:80/TCP").unwrap();
+    assert_eq!(here.backend_count, 0, "{here:?}");
+
+    // lb plan says which key chose, as the agent saw it.
+    let out = std::process::Command::new(lb_bin())
+        .args(["plan", "--node-name", NODE_A_NAME, "--manifests"])
+        .arg(folder.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let row = |frontend: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(frontend))
+            .unwrap_or_else(|| panic!("{frontend} in\n{table}"))
+            .to_owned()
+    };
+    assert!(
+        row("10.96.1.5:80/TCP").contains("Cluster topology=*"),
+        "{table}"
+    );
+    assert!(
+        row("10.96.1.6:80/TCP").contains("topology=(no key matched)"),
+        "{table}"
+    );
+
+    // A combination the API server refuses: that Service is left out, named in the log;
+    // the others stay programmed.
+    folder
+        .write(
+            "refused.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: refused}\nspec: {type: NodePort, \
+             clusterIP: 10.96.1.7, externalTrafficPolicy: Local, topologyKeys: ['*'], ports: \
+             [{port: 80, nodePort: 30107}]}\n",
+        )
+        .unwrap();
+    let error = "Service default/refused: spec.topologyKeys: Forbidden: may not be specified \
+                 when `externalTrafficPolicy=Local`";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.log().contains(error) {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let services = agent.services().unwrap();
+    assert!(lb_testbed::ServiceInfo::find(&services, "10.96.1.7:80/TCP").is_none());
+    served_by(&[&b[1], &b[2]]);
 }

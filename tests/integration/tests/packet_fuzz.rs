@@ -113,6 +113,7 @@ impl Bed {
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,
+                topology: None,
             };
             desired.frontends.insert(frontend, plan);
         }

@@ -199,7 +199,7 @@ fn an_application_folder_plans_as_it_is_with_allocated_cluster_ip_and_node_port(
     assert!(
         notes[0].ends_with(
             "httpd.yml document 1 (line 1) Deployment default/httpd: skipped: lb reads \
-             Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not \
+             Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and Node (v1), not \
              Deployment (apps/v1)"
         ),
         "{notes:?}"

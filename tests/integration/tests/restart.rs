@@ -238,6 +238,29 @@ fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing()
     assert_eq!(tables, [2, 3], "both tables of {frontend:?}: {before:#?}");
     let at_kill = load.churn.counts();
     agent.kill().unwrap();
+    // Without an agent, `lb services` still names each frontend (from the pinned names).
+    let named: Vec<(String, Option<String>, Option<String>)> = agent
+        .services()
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.frontend, s.service, s.kind))
+        .collect();
+    let cluster_ip = || Some("ClusterIp".to_owned());
+    assert_eq!(
+        named,
+        [
+            (
+                svc.frontend(),
+                Some("default/restart:http".into()),
+                cluster_ip()
+            ),
+            (
+                gone.frontend(),
+                Some("default/deleted-while-down:http".into()),
+                cluster_ip()
+            ),
+        ]
+    );
     // No agent: the datapath serves on its own. Meanwhile a Service is deleted.
     folder.remove(&format!("{}.yaml", gone.name)).unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -275,6 +298,13 @@ fn kill_9_under_load_fails_no_request_and_the_restarted_agent_rewrites_nothing()
     assert_eq!(
         pod, topology.pods[0].name,
         "the orphan serves during its grace"
+    );
+    // The orphan keeps its name: the restarted agent took the names over as they were.
+    let services = agent.services().unwrap();
+    let orphan = ServiceInfo::find(&services, &gone.frontend()).unwrap();
+    assert_eq!(
+        orphan.service.as_deref(),
+        Some("default/deleted-while-down:http")
     );
 
     // New long-lived connections, and traffic for a while.

@@ -40,7 +40,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 use super::allocate::{self, Allocator, Ranges};
 use crate::model::{
-    ClusterState, DEFAULT_NAMESPACE, EndpointSlice, ObjectRef, Service, ValidationError,
+    ClusterState, DEFAULT_NAMESPACE, EndpointSlice, NodeFacts, ObjectRef, Service, ValidationError,
 };
 
 /// What a folder of manifests holds: the valid objects, and what was wrong with the rest.
@@ -79,8 +79,8 @@ impl fmt::Display for ManifestNote {
                 kind,
             } => write!(
                 f,
-                "{location}: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) \
-                 and Endpoints (v1), not {kind} ({api_version})"
+                "{location}: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1), \
+                 Endpoints (v1) and Node (v1), not {kind} ({api_version})"
             ),
             ManifestNote::Allocation(note) => note.fmt(f),
         }
@@ -182,7 +182,7 @@ pub enum ManifestErrorKind {
     /// A kind this source reads, in an apiVersion it does not.
     #[error(
         "kind {kind} ({api_version}) is not read here; read are Service (v1), EndpointSlice \
-         (discovery.k8s.io/v1), Endpoints (v1) and their Lists"
+         (discovery.k8s.io/v1), Endpoints (v1), Node (v1) and their Lists"
     )]
     UnsupportedKind {
         /// apiVersion.
@@ -289,6 +289,7 @@ struct Defined {
 enum Produced {
     Service(ObjectRef),
     Slices(Vec<ObjectRef>),
+    Node(String),
 }
 
 impl Parsed {
@@ -298,6 +299,7 @@ impl Parsed {
             Parsed::Slices(slices) => {
                 Produced::Slices(slices.iter().map(|s| s.id.clone()).collect())
             }
+            Parsed::Node(name, _) => Produced::Node(name.clone()),
         }
     }
 }
@@ -309,6 +311,8 @@ pub struct FileChanges {
     pub services: BTreeSet<ObjectRef>,
     /// EndpointSlices added, modified or removed.
     pub slices: BTreeSet<ObjectRef>,
+    /// Nodes added, modified or removed.
+    pub nodes: BTreeSet<String>,
     /// What was wrong in the file.
     pub errors: Vec<ManifestError>,
     /// Objects of the file skipped, and what was allocated anew (for any Service).
@@ -381,6 +385,7 @@ impl Folder {
         let mut changes = FileChanges::default();
         let mut old_services = BTreeMap::new();
         let mut old_slices = BTreeMap::new();
+        let mut old_nodes = BTreeMap::new();
         for id in &before {
             match self.objects.remove(id).map(|d| d.produced) {
                 Some(Produced::Service(r)) => {
@@ -392,6 +397,10 @@ impl Folder {
                         old_slices.extend(state.slices.remove_entry(&r));
                         changes.slices.insert(r);
                     }
+                }
+                Some(Produced::Node(name)) => {
+                    old_nodes.extend(state.nodes.remove_entry(&name));
+                    changes.nodes.insert(name);
                 }
                 None => {}
             }
@@ -408,6 +417,10 @@ impl Folder {
                         changes.slices.insert(s.id.clone());
                         state.insert_slice(s);
                     }
+                }
+                Parsed::Node(name, facts) => {
+                    changes.nodes.insert(name.clone());
+                    state.nodes.insert(name, facts);
                 }
             }
             self.objects.insert(id, Defined { files: 1, produced });
@@ -426,6 +439,9 @@ impl Folder {
         changes
             .slices
             .retain(|r| old_slices.get(r) != state.slices.get(r));
+        changes
+            .nodes
+            .retain(|n| old_nodes.get(n) != state.nodes.get(n));
         if after.is_empty() {
             self.files.remove(file);
         } else {
@@ -493,6 +509,7 @@ impl Location {
 enum Parsed {
     Service(Box<Service>),
     Slices(Vec<EndpointSlice>),
+    Node(String, NodeFacts),
 }
 
 #[derive(Default)]
@@ -662,13 +679,22 @@ impl Loader {
         location.object = Some(id.clone());
         let value = Value::Mapping(map);
         let parsed = match (api_version, kind) {
-            ("v1", "Service") => decode::<core::Service>(value)
-                .and_then(|s| Ok(Parsed::Service(Box::new(Service::from_k8s(&s)?)))),
+            ("v1", "Service") => topology_keys(&value).and_then(|keys| {
+                let s = decode::<core::Service>(value)?;
+                let s = Service::from_k8s_with_topology_keys(&s, &keys)?;
+                Ok(Parsed::Service(Box::new(s)))
+            }),
             ("discovery.k8s.io/v1", "EndpointSlice") => decode::<discovery::EndpointSlice>(value)
                 .and_then(|s| Ok(Parsed::Slices(vec![EndpointSlice::from_k8s(&s)?]))),
             ("v1", "Endpoints") => decode::<core::Endpoints>(value)
                 .and_then(|e| Ok(Parsed::Slices(EndpointSlice::from_k8s_endpoints(&e)?))),
-            (_, "Service" | "EndpointSlice" | "Endpoints") => {
+            ("v1", "Node") => decode::<core::Node>(value).and_then(|n| {
+                Ok(Parsed::Node(
+                    NodeFacts::name_of(&n)?,
+                    NodeFacts::from_k8s(&n),
+                ))
+            }),
+            (_, "Service" | "EndpointSlice" | "Endpoints" | "Node") => {
                 Err(ManifestErrorKind::UnsupportedKind {
                     api_version: api_version.into(),
                     kind: kind.into(),
@@ -708,6 +734,9 @@ impl Loader {
             match parsed {
                 Parsed::Service(s) => state.insert_service(*s),
                 Parsed::Slices(slices) => slices.into_iter().for_each(|s| state.insert_slice(s)),
+                Parsed::Node(name, facts) => {
+                    state.nodes.insert(name, facts);
+                }
             }
         }
         ManifestSet {
@@ -715,6 +744,26 @@ impl Loader {
             errors: self.errors,
             notes: self.notes,
         }
+    }
+}
+
+/// `spec.topologyKeys` of a Service (which k8s-openapi's Service, of Kubernetes 1.22 and
+/// later, does not have).
+fn topology_keys(service: &Value) -> Result<Vec<String>, ManifestErrorKind> {
+    let keys = service
+        .get("spec")
+        .and_then(|spec| spec.get("topologyKeys"));
+    let bad = || ManifestErrorKind::Decode {
+        path: "spec.topologyKeys".into(),
+        message: "expected a sequence of strings".into(),
+    };
+    match keys {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Sequence(keys)) => keys
+            .iter()
+            .map(|k| k.as_str().map(str::to_owned).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
     }
 }
 
@@ -778,7 +827,7 @@ fn split_yaml_documents(text: &str) -> Vec<(usize, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     use std::time::Instant;
 
@@ -843,7 +892,7 @@ mod tests {
             vec![
                 "in.yaml document 1 (line 1) items[2]: not a Kubernetes object (expected a mapping with apiVersion and kind)",
                 "in.yaml document 1 (line 1) items[3]: a List inside a List is not read",
-                "in.yaml document 1 (line 1) items[4] EndpointSlice default/e: kind EndpointSlice (discovery.k8s.io/v1beta1) is not read here; read are Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and their Lists",
+                "in.yaml document 1 (line 1) items[4] EndpointSlice default/e: kind EndpointSlice (discovery.k8s.io/v1beta1) is not read here; read are Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1), Node (v1) and their Lists",
             ]
         );
         // Kinds lb does not read are skipped, with a note.
@@ -853,7 +902,7 @@ mod tests {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
             [
-                "in.yaml document 1 (line 1) items[1] Deployment default/d: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1) and Endpoints (v1), not Deployment (apps/v1)"
+                "in.yaml document 1 (line 1) items[1] Deployment default/d: skipped: lb reads Service (v1), EndpointSlice (discovery.k8s.io/v1), Endpoints (v1) and Node (v1), not Deployment (apps/v1)"
             ]
         );
         // Items of a typed list may omit apiVersion and kind.
@@ -862,6 +911,31 @@ mod tests {
         );
         assert!(set.errors.is_empty(), "{:?}", messages(&set));
         assert_eq!(set.state.services.len(), 2);
+    }
+
+    #[test]
+    fn topology_keys_and_nodes_are_read() {
+        let set = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: t}\n\
+             spec: {clusterIP: 10.0.0.1, topologyKeys: [kubernetes.io/hostname, '*'], ports: [{port: 80}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {topologyKeys: nope}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: local}\n\
+             spec: {type: NodePort, externalTrafficPolicy: Local, topologyKeys: ['*'], ports: [{port: 80}]}\n\
+             ---\napiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/region: r1}}\n\
+             status: {addresses: [{type: InternalIP, address: 10.200.0.1}]}\n",
+        );
+        let t = &set.state.services[&ObjectRef::new("default", "t")];
+        assert_eq!(t.topology_keys, ["kubernetes.io/hostname", "*"]);
+        assert_eq!(
+            messages(&set),
+            [
+                "in.yaml document 2 (line 5) Service default/bad: spec.topologyKeys: expected a sequence of strings",
+                "in.yaml document 3 (line 10) Service default/local: spec.topologyKeys: Forbidden: may not be specified when `externalTrafficPolicy=Local`",
+            ]
+        );
+        let n1 = &set.state.nodes["n1"];
+        assert_eq!(n1.labels["topology.kubernetes.io/region"], "r1");
+        assert_eq!(n1.addresses, [IpAddr::from(Ipv4Addr::new(10, 200, 0, 1))]);
     }
 
     #[test]

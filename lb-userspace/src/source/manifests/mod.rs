@@ -114,6 +114,8 @@ pub struct ManifestsSource {
     ranges: Ranges,
     /// The notes logged: each is logged once (a whole read notes everything again).
     notes_logged: BTreeSet<String>,
+    /// This node's name: its Node, if the folder has one, is [`Source::node`].
+    node_name: String,
 }
 
 /// A whole read of the folder.
@@ -121,12 +123,13 @@ type FolderRead = Result<(Folder, ManifestSet), LoadDirError>;
 
 impl ManifestsSource {
     /// Watches `dir` (which must be readable) and reads it again every `resync`; what
-    /// Services lack comes from `ranges`.
+    /// Services lack comes from `ranges`; this node is the Node named `node_name`.
     pub fn new(
         dir: &Path,
         resync: Duration,
         metrics: Arc<Metrics>,
         ranges: Ranges,
+        node_name: String,
     ) -> anyhow::Result<Self> {
         std::fs::read_dir(dir).with_context(|| format!("manifests folder {}", dir.display()))?;
         // inotify names paths under the folder as it is given here.
@@ -162,6 +165,7 @@ impl ManifestsSource {
             metrics,
             ranges,
             notes_logged: BTreeSet::new(),
+            node_name,
         })
     }
 
@@ -193,7 +197,9 @@ impl ManifestsSource {
                 }
                 self.log_notes(&set.notes);
                 self.metrics.connected();
-                let changes = Changes::between(&self.state, &set.state, since);
+                let mut changes = Changes::between(&self.state, &set.state, since);
+                changes.node =
+                    self.state.nodes.get(&self.node_name) != set.state.nodes.get(&self.node_name);
                 self.state = set.state;
                 self.folder = Some(folder);
                 Some(changes)
@@ -247,6 +253,7 @@ impl ManifestsSource {
                     self.log_notes(&file.notes);
                     changes.services.extend(file.services);
                     changes.slices.extend(file.slices);
+                    changes.node |= file.nodes.contains(&self.node_name);
                 }
                 None => {
                     debug!(
@@ -256,6 +263,7 @@ impl ManifestsSource {
                     if let Some(whole) = self.load(since) {
                         changes.services.extend(whole.services);
                         changes.slices.extend(whole.slices);
+                        changes.node |= whole.node;
                     }
                 }
             }
@@ -312,7 +320,7 @@ impl Source for ManifestsSource {
     }
 
     fn node(&self) -> Option<&NodeFacts> {
-        None
+        self.state.nodes.get(&self.node_name)
     }
 }
 
@@ -342,6 +350,7 @@ mod tests {
             Duration::from_secs(3600),
             Arc::new(Metrics::new()),
             Ranges::default(),
+            "node".into(),
         )
         .unwrap();
         let first = source.changed().await.unwrap();

@@ -79,18 +79,29 @@ impl Kube {
     /// Creates `object`, or updates it to what it says (server-side apply, forced: the test
     /// owns every field it names). Namespaced objects without a namespace go to `default`.
     pub fn apply<K: Object>(&self, object: &K) -> Result<K> {
-        let name = object.meta().name.clone().context("metadata.name")?;
-        let namespace = namespace_of::<K>(object.meta().namespace.as_deref());
-        let mut value = serde_json::to_value(object)?;
-        value["apiVersion"] = K::api_version(&()).into();
-        value["kind"] = K::kind(&()).into();
+        let applied = self.apply_json::<K>(serde_json::to_value(object)?)?;
+        serde_json::from_value(applied)
+            .with_context(|| format!("a {} from the server", K::kind(&())))
+    }
+
+    /// [`Kube::apply`] of an object given as JSON (`apiVersion` and `kind` are `K`'s), for
+    /// fields K's type lacks (a v1.21 Service's `spec.topologyKeys`); returns what the API
+    /// server stored, as JSON.
+    pub fn apply_json<K: Object>(&self, mut object: Value) -> Result<Value> {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("metadata.name")?
+            .to_owned();
+        let namespace = namespace_of::<K>(object["metadata"]["namespace"].as_str());
+        object["apiVersion"] = K::api_version(&()).into();
+        object["kind"] = K::kind(&()).into();
         let api = self.api::<K>(namespace.as_deref());
         let params = PatchParams::apply(MANAGER).force();
         let applied = self
             .rt
-            .block_on(api.patch(&name, &params, &Patch::Apply(&value)))
+            .block_on(api.patch(&name, &params, &Patch::Apply(&object)))
             .with_context(|| format!("apply {} {name}", K::kind(&())))?;
-        convert(applied)
+        Ok(serde_json::to_value(applied)?)
     }
 
     /// Creates `object`; fails if it exists.
