@@ -1005,6 +1005,16 @@ pub mod csum {
             + new[3] as u64
     }
 
+    /// The change of a 128-bit field from `old` to `new` as a 32-bit one's-complement sum:
+    /// what the kernel's `bpf_csum_diff` gives, and what its checksum helpers take as a
+    /// difference.
+    #[inline(always)]
+    pub const fn diff16(old: crate::Addr6, new: crate::Addr6) -> u32 {
+        let sum = delta16(old, new);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        ((sum & 0xffff_ffff) + (sum >> 32)) as u32
+    }
+
     /// The checksum after a 128-bit field covered by it (an IPv6 address in the
     /// pseudo-header) changed from `old` to `new`.
     #[inline(always)]
@@ -1390,6 +1400,23 @@ mod tests {
         // An address that changes to itself leaves the checksum as it was.
         let a = [1, 2, 3, 4];
         assert_eq!(csum::replace16(0x1234, a, a), 0x1234);
+        // The difference, applied as the kernel's checksum helpers apply one (non-PARTIAL:
+        // `csum_fold(diff + ~csum_unfold(check))`), gives the same checksum.
+        let fold = |mut s: u64| {
+            while s >> 16 != 0 {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            s as u16
+        };
+        for _ in 0..2_000 {
+            let (old, new) = (
+                [next(), next(), next(), next()],
+                [next(), next(), next(), u32::MAX],
+            );
+            let check = next() as u16;
+            let kernel = !fold(csum::diff16(old, new) as u64 + !(check as u32) as u64);
+            assert_eq!(kernel, csum::replace16(check, old, new));
+        }
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub(crate) trait Datapath: Family {
     fn proto(ip: &Self::Header) -> u8;
     /// Writes a parsed header's destination address (`old` before), and its checksum.
     fn set_daddr(ip: *mut Self::Header, old: Self::Addr, new: Self::Addr);
+    /// Writes a header's source address (`old` before), and its checksum.
+    fn set_saddr(ip: *mut Self::Header, old: Self::Addr, new: Self::Addr);
     /// The transport checksum `check` of a `proto` packet after an address in its
     /// pseudo-header and a port changed. IPv4's UDP "no checksum" zero stays zero; a UDP
     /// checksum that comes out as 0 is sent as all ones (RFC 768, RFC 8200 8.1).
@@ -105,6 +107,16 @@ pub(crate) trait Datapath: Family {
         old: Self::Addr,
         new: Self::Addr,
         check_off: usize,
+        mangled: u64,
+    ) -> Result<(), Verdict>;
+    /// TC: the transport checksum at `check_off` after the address `old` in its
+    /// pseudo-header became `new`, with one call of the kernel's helper (`mangled`: UDP's
+    /// flag, `skb::l4_mangled`); the address itself is not written.
+    fn skb_pseudo_csum(
+        ctx: &TcContext,
+        check_off: usize,
+        old: Self::Addr,
+        new: Self::Addr,
         mangled: u64,
     ) -> Result<(), Verdict>;
     /// Writes a FIB lookup's addresses.
@@ -189,6 +201,14 @@ impl Datapath for V4 {
         }
     }
     #[inline(always)]
+    fn set_saddr(ip: *mut Ipv4Hdr, old: u32, new: u32) {
+        unsafe {
+            (*ip).src_addr = new.to_ne_bytes();
+            let check = &mut *(core::ptr::addr_of_mut!((*ip).check) as *mut u16);
+            *check = csum::replace4(*check, old, new);
+        }
+    }
+    #[inline(always)]
     fn l4_checksum(
         proto: u8,
         check: u16,
@@ -232,6 +252,18 @@ impl Datapath for V4 {
         ctx.l3_csum_replace(IP_CHECK_OFF, old as u64, new as u64, 4)
             .map_err(|_| REWRITE_FAILED)?;
         ctx.store(offset, &new, 0).map_err(|_| REWRITE_FAILED)
+    }
+    #[inline(always)]
+    fn skb_pseudo_csum(
+        ctx: &TcContext,
+        check_off: usize,
+        old: u32,
+        new: u32,
+        mangled: u64,
+    ) -> Result<(), Verdict> {
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+        ctx.l4_csum_replace(check_off, old as u64, new as u64, flags)
+            .map_err(|_| REWRITE_FAILED)
     }
     #[inline(always)]
     fn set_fib_addrs(params: &mut bpf_fib_lookup, src: u32, dst: u32) {
@@ -337,6 +369,15 @@ impl Datapath for V6 {
         }
     }
     #[inline(always)]
+    fn set_saddr(ip: *mut Ipv6Hdr, _old: Addr6, new: Addr6) {
+        unsafe {
+            core::ptr::write_unaligned(
+                core::ptr::addr_of_mut!((*ip).src_addr).cast::<Addr6>(),
+                new,
+            );
+        }
+    }
+    #[inline(always)]
     fn l4_checksum(
         proto: u8,
         check: u16,
@@ -378,6 +419,20 @@ impl Datapath for V6 {
                 .map_err(|_| REWRITE_FAILED)?;
         }
         ctx.store(offset, &new, 0).map_err(|_| REWRITE_FAILED)
+    }
+    #[inline(always)]
+    fn skb_pseudo_csum(
+        ctx: &TcContext,
+        check_off: usize,
+        old: Addr6,
+        new: Addr6,
+        mangled: u64,
+    ) -> Result<(), Verdict> {
+        // The helper's "by difference" form (size 0, `from` 0): the whole address at once,
+        // its difference summed here as `bpf_csum_diff` would.
+        let flags = BPF_F_PSEUDO_HDR as u64 | mangled;
+        ctx.l4_csum_replace(check_off, 0, csum::diff16(old, new) as u64, flags)
+            .map_err(|_| REWRITE_FAILED)
     }
     #[inline(always)]
     fn set_fib_addrs(params: &mut bpf_fib_lookup, src: Addr6, dst: Addr6) {

@@ -29,7 +29,7 @@ use crate::{
     frame::ptr_at,
     headers::{ETH_LEN, ETH_P_IPV6, IPV6_NEXT_HDR_OFF, PROTO_ICMPV6, l4},
     maps::LB_TCPROGS_V1,
-    skb::{l4_check_off, l4_mangled, replace_port},
+    skb::{Pull, l4_check_off, l4_mangled, replace_port},
     verdict::Verdict,
 };
 
@@ -44,7 +44,7 @@ pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
         let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
-    pod_ingress::<V4>(ctx, try_egress4)
+    pod_ingress::<V4>(ctx, |ctx| try_egress4(ctx, Pull::Done))
 }
 
 /// `lb_tc_pod_in6`: an IPv6 frame.
@@ -57,7 +57,7 @@ pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
         let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
-    pod_ingress::<V6>(ctx, |ctx| try_egress6(ctx, false))
+    pod_ingress::<V6>(ctx, |ctx| try_egress6(ctx, false, Pull::Done))
 }
 
 /// The rules for a packet a pod sends, either family: the reply of a translated flow (by
@@ -68,6 +68,9 @@ fn pod_ingress<F: Datapath>(
     ctx: &TcContext,
     reply: impl FnOnce(&TcContext) -> Result<(), Verdict>,
 ) -> Result<(), Verdict> {
+    // The headers the parser and `reply` read in place must be in the linear part; a
+    // shorter packet fails their bounds checks and is passed, counted.
+    let _ = ctx.pull_data((F::L4_OFF + TcpHdr::LEN) as u32);
     unhairpin::<F>(ctx)?;
     match reply(ctx) {
         // Not a reply.
@@ -75,9 +78,6 @@ fn pod_ingress<F: Datapath>(
         replied => return replied,
     }
     forget_stale_reply::<F>(ctx);
-    // The headers the parser reads must be in the linear part; a shorter packet fails the
-    // parse's bounds checks and is passed, counted.
-    let _ = ctx.pull_data((F::L4_OFF + TcpHdr::LEN) as u32);
     let Translation { pkt, key, flow } = translation::<F, _>(ctx)?;
     // The packet pointers are not used past the first helper call, which invalidates them.
     let (proto, dport) = (pkt.proto, pkt.l4.dport);

@@ -1,7 +1,9 @@
 //! Rewrites of a TC program's packet (an skb) with the kernel's checksum helpers, which keep
 //! the checksums right whatever the skb's checksum state is (CHECKSUM_PARTIAL from a pod, a
 //! veth or a local sender included). An address is in the transport checksum's
-//! pseudo-header, a 32-bit word at a time (`Datapath::skb_set_addr`).
+//! pseudo-header, a 32-bit word at a time (`Datapath::skb_set_addr`), or all of it at once
+//! (`Datapath::skb_pseudo_csum`); and [`linear`], for the programs that read and write the
+//! headers in place.
 
 use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
@@ -10,6 +12,26 @@ use crate::{headers::l4, verdict::Verdict};
 
 /// A rewrite failed (an skb helper refused).
 pub(crate) const REWRITE_FAILED: Verdict = Verdict::Drop(Reason::ReplyRewriteFailed);
+
+/// How the headers a TC program reads in place get into the skb's linear part.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pull {
+    /// Pulled in (`bpf_skb_pull_data`) when the packet holds them but the linear part does
+    /// not: headers split across fragments are rare, and the stack pulls them in anyway.
+    Missing,
+    /// The caller pulled them in already: only checked. (A pull on some paths only splits
+    /// the verifier's states in two for all the code that follows.)
+    Done,
+}
+
+/// Whether the first `len` bytes of the packet are in the skb's linear part, where the
+/// program reads and writes them in place (`pull`: see [`Pull`]). `false` when the packet
+/// is shorter.
+#[inline(always)]
+pub(crate) fn linear(ctx: &TcContext, len: usize, pull: Pull) -> bool {
+    ctx.data() + len <= ctx.data_end()
+        || (pull == Pull::Missing && ctx.len() as usize >= len && ctx.pull_data(len as u32).is_ok())
+}
 
 /// The checksum helpers' flag for UDP's "no checksum" zero (which a rewrite must keep, and
 /// must not produce).
