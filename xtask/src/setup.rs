@@ -7,10 +7,10 @@ use anyhow::Result;
 use crate::run_checked;
 
 /// Debian packages: LLVM for bpf-linker, and the tools of the tests, the demo and the
-/// benchmarks (iptables and nftables for kube-proxy's modes), and what the real-cluster tests
-/// run beside the Kubernetes binaries of `LB_K8S_DIR`: etcd, xz to unpack the binaries, and
-/// for a node with real pods containerd, runc, the reference CNI plugins and busybox (the
-/// test images' shell and HTTP server).
+/// benchmarks (iptables and nftables for kube-proxy's modes, perf for the per-packet
+/// profiles), and what the real-cluster tests run beside the Kubernetes binaries of
+/// `LB_K8S_DIR`: etcd, xz to unpack the binaries, and for a node with real pods containerd,
+/// runc, the reference CNI plugins and busybox (the test images' shell and HTTP server).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iptables",
     "nftables",
+    "linux-perf",
     "xz-utils",
     "etcd-server",
     "containerd",

@@ -21,6 +21,7 @@ pub mod kubeproxy;
 pub mod load;
 pub mod machine;
 pub mod packet;
+pub mod profile;
 pub mod report;
 pub mod server;
 pub mod stats;

@@ -42,6 +42,7 @@ use lb_userspace::sync::Syncer;
 use serde::{Deserialize, Serialize};
 
 use super::cluster::{self, Endpoint};
+use super::profile;
 use super::stats::median;
 use lb_testbed::agent::PinDir;
 
@@ -56,6 +57,12 @@ pub struct PacketPlan {
     pub runs: usize,
     /// Single runs (`repeat = 1`) per measurement.
     pub single_runs: usize,
+    /// New flows run while the new-flow path is profiled (see [`profile`]).
+    #[serde(default)]
+    pub profile_flows: usize,
+    /// Seconds each repeatable path runs while it is profiled.
+    #[serde(default)]
+    pub profile_seconds: f64,
 }
 
 impl PacketPlan {
@@ -66,6 +73,8 @@ impl PacketPlan {
             repeat: if quick { 20_000 } else { 200_000 },
             runs: if quick { 11 } else { 31 },
             single_runs: if quick { 2_000 } else { 20_000 },
+            profile_flows: 50_000,
+            profile_seconds: if quick { 1.0 } else { 3.0 },
         }
     }
 }
@@ -157,6 +166,28 @@ pub struct PacketResults {
     pub programs: Vec<ProgramSize>,
     /// Seconds `Syncer::apply` took to grow the maps to each level (Services, seconds).
     pub fill_seconds: Vec<(usize, f64)>,
+    /// Where the time of each path goes, at the last level (see [`profile`]); empty when
+    /// perf could not be run (`profile_missing` says why).
+    #[serde(default)]
+    pub profiles: Vec<PathProfile>,
+    /// Why there is no profile, when there is none.
+    #[serde(default)]
+    pub profile_missing: Option<String>,
+}
+
+/// The profile of one path (see [`profile`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathProfile {
+    /// The path.
+    pub path: PathKind,
+    /// Services programmed.
+    pub services: usize,
+    /// The program's name.
+    pub program: String,
+    /// How the path was run while sampled.
+    pub how: String,
+    /// The samples.
+    pub breakdown: profile::Breakdown,
 }
 
 impl PacketResults {
@@ -256,6 +287,20 @@ where
     median(&samples).context("no runs")
 }
 
+/// `work` run under `perf record`, its samples attributed to the program named `symbol`.
+fn sampled(work: impl FnOnce() -> Result<()>, symbol: &str) -> Result<profile::Breakdown> {
+    let scratch = super::ScratchDir::new("perf")?;
+    let mut recording = profile::Recording::start(scratch.path())?;
+    recording.run(work)?;
+    let chains = recording.finish()?;
+    Ok(profile::attribute(&chains, symbol))
+}
+
+/// 1,000 for 1000.
+fn report_count(n: usize) -> String {
+    super::report::count(n)
+}
+
 /// A fresh (client address, port) for each new flow: 10.201.0.0/16 and ports from 1024.
 struct FreshSources(u32);
 
@@ -292,7 +337,11 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
     let capacity = Capacity {
         services: entries(max + 2),
         backends: entries(max * 10 + 10),
-        conntrack: entries(4 * plan.single_runs * plan.levels.len() + 100_000),
+        // Room for every flow the run creates twice over (two entries each), and for the
+        // profile's new flows (two entries each), which must not evict the crossed flows.
+        conntrack: entries(
+            4 * plan.single_runs * plan.levels.len() + 2 * plan.profile_flows + 100_000,
+        ),
         affinity: 1024,
     };
     let mut dp = Datapath::load_with(&Pins::new(pins.path()), &capacity)?;
@@ -318,6 +367,7 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
         _pins: pins,
     };
     let mut fill_seconds = Vec::new();
+    let mut last = None;
     for &level in &plan.levels {
         let state = desired(level);
         let start = Instant::now();
@@ -334,16 +384,31 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
             "{} frontends programmed",
             report.frontends
         );
-        bench
+        let port = bench
             .level(level)
             .with_context(|| format!("at {level} Services"))?;
         eprintln!("packet: {level} Services measured");
+        last = Some((level, port));
+    }
+    // After every measurement, so that the profile's flows are in no measured map.
+    let (mut profiles, mut profile_missing) = (Vec::new(), None);
+    if let Some((level, port)) = last {
+        if profile::available() {
+            profiles = bench
+                .profile(level, port)
+                .with_context(|| format!("profiling at {level} Services"))?;
+            eprintln!("packet: {level} Services profiled");
+        } else {
+            profile_missing = Some("perf is not installed (Debian: linux-perf)".to_owned());
+        }
     }
     let programs = bench.program_sizes()?;
     Ok(PacketResults {
         measurements: bench.measurements,
         programs,
         fill_seconds,
+        profiles,
+        profile_missing,
     })
 }
 
@@ -429,7 +494,8 @@ impl Bench {
         bail!("no source port gives the crossed flows F1 -> F2 and F2 -> F1")
     }
 
-    fn level(&mut self, services: usize) -> Result<()> {
+    /// Measures every path at `services`; returns the client port of the crossed flows.
+    fn level(&mut self, services: usize) -> Result<u16> {
         let (repeat, runs, singles) = (self.plan.repeat, self.plan.runs, self.plan.single_runs);
         ensure!(repeat.is_multiple_of(2), "the repeat count must be even");
         let any = tcp((CLIENT, 40_000), (NODE, 22));
@@ -602,7 +668,95 @@ impl Bench {
                 "1 run translates F2 -> F1, 2 runs give the input back; every run's output as expected",
             );
         }
-        Ok(())
+        Ok(port)
+    }
+
+    /// Profiles the new flow, the established flow and the reply at `services` (`port`: the
+    /// crossed flows' client port, see [`Bench::level`]), each as it is measured.
+    fn profile(&mut self, services: usize, port: u16) -> Result<Vec<PathProfile>> {
+        let mut out = Vec::new();
+        let (repeat, flows, seconds) = (
+            self.plan.repeat,
+            self.plan.profile_flows,
+            self.plan.profile_seconds,
+        );
+        let xdp_symbol = program_names::XDP_INGRESS.to_owned();
+        let tc_symbol = program_names::TC_EGRESS.to_owned();
+        let backends = measured_backends();
+
+        // New flows: single runs, each from a fresh source, as measured.
+        let packets: Vec<Vec<u8>> = (0..flows).map(|_| tcp(self.sources.next(), F1)).collect();
+        let xdp: &Xdp = program_ref(self.dp.ebpf_mut(), program_names::XDP_INGRESS)?;
+        let breakdown = sampled(
+            || {
+                for packet in &packets {
+                    let (result, out) = test_run(xdp, packet, 1).context("BPF_PROG_TEST_RUN")?;
+                    ensure!(
+                        result.return_value == XDP_PASS && backends.contains(&addresses(&out)?.1),
+                        "a new flow was not translated to a backend"
+                    );
+                }
+                Ok(())
+            },
+            &xdp_symbol,
+        )?;
+        out.push(PathProfile {
+            path: PathKind::NewFlow,
+            services,
+            program: xdp_symbol.clone(),
+            how: format!("{} single runs, each a new flow", report_count(flows)),
+            breakdown,
+        });
+
+        // The established flow and the reply: runs of `repeat` repetitions for `seconds`.
+        let forward = tcp((CLIENT, port), F1);
+        let reply = tcp(F2, (CLIENT, port));
+        for (path, packet, symbol) in [
+            (PathKind::Established, &forward, &xdp_symbol),
+            (PathKind::Reply, &reply, &tc_symbol),
+        ] {
+            let ebpf = self.dp.ebpf_mut();
+            let run_once = |ebpf: &aya::Ebpf| -> Result<()> {
+                let (ret, out) = if path == PathKind::Reply {
+                    let tc: &SchedClassifier = program_ref(ebpf, program_names::TC_EGRESS)?;
+                    let (r, out) = test_run(tc, packet, repeat).context("BPF_PROG_TEST_RUN")?;
+                    (r.return_value == TC_ACT_OK, out)
+                } else {
+                    let xdp: &Xdp = program_ref(ebpf, program_names::XDP_INGRESS)?;
+                    let (r, out) = test_run(xdp, packet, repeat).context("BPF_PROG_TEST_RUN")?;
+                    (r.return_value == XDP_PASS, out)
+                };
+                ensure!(
+                    ret && &out == packet,
+                    "{} changed under the profile",
+                    path.label()
+                );
+                Ok(())
+            };
+            let mut runs = 0;
+            let breakdown = sampled(
+                || {
+                    let start = Instant::now();
+                    while start.elapsed().as_secs_f64() < seconds {
+                        run_once(ebpf)?;
+                        runs += 1;
+                    }
+                    Ok(())
+                },
+                symbol,
+            )?;
+            out.push(PathProfile {
+                path,
+                services,
+                program: symbol.clone(),
+                how: format!(
+                    "{runs} runs of {} repetitions",
+                    report_count(repeat as usize)
+                ),
+                breakdown,
+            });
+        }
+        Ok(out)
     }
 
     fn program_sizes(&mut self) -> Result<Vec<ProgramSize>> {

@@ -24,7 +24,8 @@ pub struct Target {
     pub met: Option<bool>,
 }
 
-fn count(n: usize) -> String {
+/// "1,000" for 1000.
+pub fn count(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -269,8 +270,24 @@ pub fn write(r: &Results, dir: &Path) -> Result<PathBuf> {
         serde_json::to_string_pretty(r)?,
     )?;
     let path = dir.join("BENCHMARKS.md");
-    std::fs::write(&path, markdown(r))?;
+    let mut md = markdown(r);
+    // The hand-written notes below the generated part are kept.
+    match std::fs::read_to_string(&path) {
+        Ok(old) => md.push_str(hand_written(&old).unwrap_or_default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    std::fs::write(&path, md)?;
     Ok(path)
+}
+
+/// The line after which BENCHMARKS.md is written by hand: a run replaces what is above it
+/// and keeps the rest.
+pub const HAND_WRITTEN: &str = "<!-- Written by hand from here on: the benchmark run keeps it. -->";
+
+/// The hand-written part of a BENCHMARKS.md (from [`HAND_WRITTEN`] on), if it has one.
+pub fn hand_written(md: &str) -> Option<&str> {
+    md.find(HAND_WRITTEN).map(|at| &md[at..])
 }
 
 fn packet_chart(r: &Results, p: &PacketResults) -> BarChart {
@@ -336,7 +353,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         md,
         "Written by `{}`{} — every number, table and chart here comes from that run; nothing is \
-         typed by hand. Run it again to replace them.{}\n",
+         typed by hand, except the notes below the generated part, which a run keeps. Run it \
+         again to replace them.{}\n",
         r.command,
         r.commit
             .as_ref()
@@ -512,6 +530,71 @@ fn packet_section(md: &mut String, r: &Results, p: &PacketResults) {
         "\nGrowing the maps with `Syncer::apply` (each step adds the difference): {}.\n",
         fills.join(", ")
     );
+    profile_section(md, p);
+}
+
+/// Where each path's time goes, from its profile (`super::profile`).
+fn profile_section(md: &mut String, p: &PacketResults) {
+    let _ = writeln!(
+        md,
+        "### Where the time goes
+"
+    );
+    if let Some(why) = &p.profile_missing {
+        let _ = writeln!(md, "No profile: {why}.\n");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "`perf {}` of the benchmark's thread while it runs one path over and over; each sample \
+         inside BPF_PROG_TEST_RUN is the program's own instructions, or the kernel function it \
+         called (with whatever that called; in brackets the functions the samples were taken \
+         in), or the test-run loop around it. Nanoseconds: the share of those samples times the \
+         path's cost measured above at the same N.\n",
+        super::profile::command_line()
+    );
+    for prof in &p.profiles {
+        let b = &prof.breakdown;
+        let total = b.in_program() + b.outside;
+        let measured = p
+            .get(prof.path, main_method(prof.path), prof.services)
+            .map(|m| m.ns);
+        if total == 0 {
+            continue;
+        }
+        let row = |md: &mut String, what: &str, samples: u64| {
+            let share = samples as f64 / total as f64;
+            let ns = measured.map_or("–".into(), |ns| format!("{:.0}", share * ns));
+            let _ = writeln!(md, "| {what} | {:.0}% | {ns} |", share * 100.0);
+        };
+        let _ = writeln!(
+            md,
+            "{} at {} (`{}`, {}; {} samples, {} taken under an interrupt left out):\n",
+            prof.path.label(),
+            services(prof.services),
+            prof.program,
+            prof.how,
+            count(total as usize),
+            b.interrupted
+        );
+        let _ = writeln!(md, "| Where | samples | ns |\n| --- | ---: | ---: |");
+        row(md, "the program's own instructions", b.program);
+        for c in &b.callees {
+            let leaves: Vec<String> = c
+                .leaves
+                .iter()
+                .take(3)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            row(
+                md,
+                &format!("`{}` [{}]", c.name, leaves.join(", ")),
+                c.samples,
+            );
+        }
+        row(md, "the test-run loop", b.outside);
+        md.push('\n');
+    }
 }
 
 fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
@@ -662,4 +745,19 @@ fn control_section(md: &mut String, c: &super::control::ControlResults) {
         );
     }
     md.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_written_part_is_what_follows_its_marker() {
+        let md = format!("# Benchmarks\n\n| a | b |\n\n{HAND_WRITTEN}\n\n## Notes\n\ntext\n");
+        assert_eq!(
+            hand_written(&md),
+            Some(format!("{HAND_WRITTEN}\n\n## Notes\n\ntext\n").as_str())
+        );
+        assert_eq!(hand_written("# Benchmarks\n\n| a | b |\n"), None);
+    }
 }
