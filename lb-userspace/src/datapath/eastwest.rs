@@ -66,8 +66,9 @@ pub enum EastWestError {
     },
     /// The `--cgroup` directory is not in a cgroup2 hierarchy.
     #[error(
-        "{0} is not a cgroup2 directory: give --cgroup a directory of the cgroup2 hierarchy \
-         (the host's /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)"
+        "{0} is not a cgroup2 directory, nor is {0}/unified (the hybrid layout's): give \
+         --cgroup a directory of the cgroup2 hierarchy (the host's /sys/fs/cgroup, on \
+         either layout)"
     )]
     NotCgroup2(PathBuf),
     /// A pattern of `--pod-interfaces` is empty.
@@ -107,8 +108,43 @@ impl SocketHooks {
         match self {
             SocketHooks::Off => Ok(None),
             SocketHooks::Root => cgroup2_root().map(Some),
-            SocketHooks::At(path) => Ok(Some(path.clone())),
+            SocketHooks::At(path) => cgroup2_dir(path).map(Some),
         }
+    }
+}
+
+/// Where cgroup2 sits in a directory laid out as /sys/fs/cgroup is on hybrid hosts (cgroup
+/// v1 controllers on a tmpfs).
+const HYBRID_CGROUP2: &str = "unified";
+
+/// The cgroup2 directory `--cgroup DIR` names: DIR when it is one, else, when DIR is laid out
+/// as /sys/fs/cgroup is on hybrid hosts (cgroup v1 controllers, cgroup2 at `unified`),
+/// DIR/unified. So the host's /sys/fs/cgroup, mounted into a pod as it is (deploy/), is
+/// found on both layouts.
+pub fn cgroup2_dir(dir: &Path) -> Result<PathBuf, EastWestError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EastWestError::Cgroup { path, source }
+    };
+    let open = std::fs::File::open(dir).map_err(err(dir))?;
+    if is_cgroup2(&open).map_err(err(dir))? {
+        return Ok(dir.to_owned());
+    }
+    let unified = dir.join(HYBRID_CGROUP2);
+    match std::fs::File::open(&unified) {
+        Ok(open) if is_cgroup2(&open).map_err(err(&unified))? => {
+            info!(
+                cgroup = %unified.display(),
+                "{} is not cgroup2 (a hybrid layout): hooking its cgroup2 hierarchy",
+                dir.display()
+            );
+            Ok(unified)
+        }
+        Ok(_) => Err(EastWestError::NotCgroup2(dir.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(EastWestError::NotCgroup2(dir.to_owned()))
+        }
+        Err(e) => Err(err(&unified)(e)),
     }
 }
 
@@ -560,6 +596,25 @@ mod tests {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         let root = find_cgroup2(&mounts).expect("a cgroup2 mount");
         assert!(is_cgroup2(&std::fs::File::open(root).unwrap()).unwrap());
+    }
+
+    #[test]
+    fn the_cgroup2_directory_is_found_on_both_layouts() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = find_cgroup2(&mounts).expect("a cgroup2 mount");
+        // The unified layout, or the cgroup2 hierarchy of the hybrid one named directly.
+        assert_eq!(cgroup2_dir(&root).unwrap(), root);
+        // The hybrid layout's /sys/fs/cgroup (these machines have it).
+        if root.ends_with(HYBRID_CGROUP2) {
+            assert_eq!(cgroup2_dir(root.parent().unwrap()).unwrap(), root);
+        }
+        let tmp = std::env::temp_dir();
+        let e = cgroup2_dir(&tmp).unwrap_err();
+        assert!(
+            matches!(&e, EastWestError::NotCgroup2(p) if p == &tmp),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/unified"), "{e}");
     }
 
     #[test]

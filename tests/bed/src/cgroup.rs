@@ -2,8 +2,10 @@
 //! the cgroup2 root, never the root itself (other tests use the same ClusterIPs at the same
 //! time), removed on drop and, for killed runs, by the next test that makes one.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +57,69 @@ impl Cgroup {
             });
         }
         Ok(cmd)
+    }
+}
+
+/// A directory laid out, for one command, as /sys/fs/cgroup is on hybrid hosts (cgroup v1's
+/// tmpfs, with the cgroup2 hierarchy at `unified`), whose `unified` is a [`Cgroup`]: what the
+/// DaemonSet's hostPath of the host's /sys/fs/cgroup shows the agent on such a host. The
+/// command gets a mount namespace of its own (the machine sees an empty directory, removed on
+/// drop).
+pub struct HybridLayout {
+    dir: PathBuf,
+    dir_c: CString,
+    unified_c: CString,
+    cgroup_c: CString,
+}
+
+impl HybridLayout {
+    /// An empty directory, `cgroup` at its `unified` for the commands [`Self::configure`]s.
+    pub fn new(cgroup: &Cgroup) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name("hybrid-cgroup"));
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with NUL");
+        Ok(HybridLayout {
+            dir_c: c(&dir)?,
+            unified_c: c(&dir.join("unified"))?,
+            cgroup_c: c(&cgroup.path)?,
+            dir,
+        })
+    }
+
+    /// The directory, for `lb agent --cgroup`.
+    pub fn path(&self) -> &str {
+        self.dir.to_str().unwrap_or_default()
+    }
+
+    /// Before `exec`, `cmd` enters a mount namespace of its own (private: nothing propagates
+    /// to the machine's) where the directory is a tmpfs with the cgroup bind-mounted at
+    /// `unified`.
+    pub fn configure(&self, cmd: &mut Command) {
+        let (dir, unified, cgroup) = (
+            self.dir_c.clone(),
+            self.unified_c.clone(),
+            self.cgroup_c.clone(),
+        );
+        // SAFETY: between fork and exec the closure only makes system calls (unshare(2),
+        // mount(2), mkdir(2)) on C strings made before the fork; it does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                netns::unshare_mounts()?;
+                netns::mount(c"tmpfs", &dir, Some(c"tmpfs"))?;
+                if libc::mkdir(unified.as_ptr(), 0o755) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                netns::mount(&cgroup, &unified, None)
+            });
+        }
+    }
+}
+
+impl Drop for HybridLayout {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            eprintln!("cleanup: rmdir {}: {e}", self.dir.display());
+        }
     }
 }
 

@@ -179,6 +179,42 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     );
 }
 
+/// The DaemonSet mounts the host's /sys/fs/cgroup as it is and hooks it: on hybrid hosts
+/// (these machines) that is cgroup v1's tmpfs with cgroup2 at `unified`, where the agent
+/// finds the hierarchy itself.
+#[test]
+fn on_the_hybrid_cgroup_layout_the_socket_hooks_go_on_its_cgroup2_hierarchy() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let hybrid = lb_testbed::cgroup::HybridLayout::new(&cgroup).unwrap();
+    let examples = examples_dir();
+    let args = [
+        "--manifests",
+        examples.to_str().unwrap(),
+        "--interface",
+        NODE_IF,
+        "--node-name",
+        lb_testbed::topology::NODE_NAME,
+        "--cgroup",
+        hybrid.path(),
+    ];
+    let agent =
+        Agent::start_configured(&topology.node, &args, |cmd| hybrid.configure(cmd)).unwrap();
+    agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("{}/unified", hybrid.path())),
+        "the log names the hierarchy hooked:\n{log}"
+    );
+    let frontend = SocketAddr::from((HTTP_CLUSTER_IP, HTTP_SERVICE_PORT));
+    let answers = probe(&cgroup, &topology.node, "tcp", frontend, 10);
+    for answer in &answers {
+        assert_eq!(answer.peer, frontend, "{answers:?}");
+        assert!(topology.pod_names().contains(&answer.body), "{answers:?}");
+    }
+}
+
 /// The IPv6 ClusterIPs of `tests/fixtures/dual-stack` (HTTP, UDP echo), and one of a
 /// Service without endpoints the tests add.
 const HTTP_CLUSTER_IP6: &str = "fd00:96::20";
