@@ -31,7 +31,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Highest service id plus one with the compiled-in map sizes: service ids index
 /// [`map_names::SERVICE_STATS`], an array (the agent can make it larger).
-pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_SERVICES: u32 = capacity::SERVICES;
 
 /// Names of the maps, exactly as the eBPF object declares them (and so as they are pinned).
 pub mod map_names {
@@ -808,23 +808,28 @@ pub const fn backend_stats_slots(backends: u32) -> u32 {
 }
 
 /// Default capacities of the maps (entries); the agent can override them.
+///
+/// Sized so that the maps and the agent fit the DaemonSet's memory limit on a fresh node
+/// (BPF maps are charged to the memory cgroup of the process that creates them): the hash
+/// maps only the agent writes are not preallocated (`BPF_F_NO_PREALLOC`: they take memory
+/// as they fill), the LRU tables the datapath fills must be (their memory is taken at
+/// creation), and the per-CPU counters take their size once per possible CPU. See
+/// deploy/README.md for the figures.
 pub mod capacity {
-    /// Frontends: 10,000 Services with a ClusterIP, NodePorts on two node addresses and
-    /// an external address each leave room to spare.
-    pub const SERVICES: u32 = 65_536;
-    /// Backends (distinct address, port, protocol): 10,000 Services x 10 endpoints, with
-    /// room for multi-port endpoints.
-    pub const BACKENDS: u32 = 262_144;
-    /// Conntrack entries (two per flow).
-    pub const CONNTRACK: u32 = 262_144;
+    /// Frontends: 10,000 Services with a ClusterIP and NodePorts on two node addresses.
+    pub const SERVICES: u32 = 32_768;
+    /// Backends (distinct address, port, protocol): 10,000 Services x 10 endpoints.
+    pub const BACKENDS: u32 = 131_072;
+    /// Conntrack entries (two per flow), per family: 65,536 flows of each.
+    pub const CONNTRACK: u32 = 131_072;
     /// sessionAffinity clients (service, client address), LRU.
-    pub const AFFINITY: u32 = 65_536;
+    pub const AFFINITY: u32 = 16_384;
     /// loadBalancerSourceRanges entries, over all frontends.
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Source NAT entries (two per flow to a remote backend), LRU.
-    pub const NAT: u32 = 262_144;
+    pub const NAT: u32 = CONNTRACK;
     /// Socket-hook entries (two per socket and frontend), LRU.
-    pub const SOCKETS: u32 = 262_144;
+    pub const SOCKETS: u32 = CONNTRACK;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).

@@ -1,6 +1,11 @@
 //! Every map of the object, as `lb_common::map_names` names them (and so as they are
 //! pinned): their keys and values are `lb_common`'s, their default sizes
 //! `lb_common::capacity`'s (the agent may size them otherwise).
+//!
+//! The hash maps only the agent writes (services, backends, reverse NAT, the Maglev tables'
+//! map) are not preallocated ([`NO_PREALLOC`]): they take memory as the agent fills them, not
+//! all of it at creation; lookups cost the same. The LRU maps the datapath fills must be
+//! preallocated (an insert from a program cannot allocate).
 
 use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
@@ -15,11 +20,16 @@ use lb_common::{
     backend_stats_slots, capacity, maglev, prefilter, prog_slot, tc_prog_slot,
 };
 
+/// `BPF_F_NO_PREALLOC`.
+const NO_PREALLOC: u32 = 1;
+
 // Services and backends.
 #[map]
-pub(crate) static LB_SVC4_V1: HashMap<Frontend4, Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_SVC4_V1: HashMap<Frontend4, Service> =
+    HashMap::pinned(capacity::SERVICES, NO_PREALLOC);
 #[map]
-pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> = HashMap::pinned(capacity::BACKENDS, 0);
+pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> =
+    HashMap::pinned(capacity::BACKENDS, NO_PREALLOC);
 /// Service id (or id | `maglev::KEY_TABLE_B`, see `maglev::table_key`) -> a Maglev table
 /// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
@@ -28,9 +38,11 @@ pub(crate) static LB_MAGLEV_V2: HashOfMaps<
     u32,
     InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
     { capacity::SERVICES as usize },
+    { NO_PREALLOC as usize },
 > = HashOfMaps::new();
 #[map]
-pub(crate) static LB_REVNAT4_V1: HashMap<u32, RevNat4> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_REVNAT4_V1: HashMap<u32, RevNat4> =
+    HashMap::pinned(capacity::SERVICES, NO_PREALLOC);
 #[map]
 pub(crate) static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -54,14 +66,17 @@ pub(crate) static LB_NAT4_V1: LruHashMap<Nat4Key, Nat4Entry> = LruHashMap::pinne
 
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 #[map]
-pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> =
+    HashMap::pinned(capacity::SERVICES, NO_PREALLOC);
 #[map]
-pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> = HashMap::pinned(capacity::BACKENDS, 0);
+pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> =
+    HashMap::pinned(capacity::BACKENDS, NO_PREALLOC);
 #[map]
 pub(crate) static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> =
     LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
-pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> = HashMap::pinned(capacity::SERVICES, 0);
+pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> =
+    HashMap::pinned(capacity::SERVICES, NO_PREALLOC);
 #[map]
 pub(crate) static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
     LruHashMap::pinned(capacity::AFFINITY, 0);

@@ -19,7 +19,7 @@ use lb_common::{
 };
 use tracing::warn;
 
-use super::{BpfMaps, Capacity, DatapathError, Pins, map_err, sys};
+use super::{BpfMaps, Capacity, DatapathError, Pins, capacity_flag, map_err, sys};
 
 /// How a program came to be attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,67 @@ pub(crate) type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
+}
+
+/// The error of loading the object: for a map that could not be created, which map, its
+/// size, about how much memory it takes and the flag that sizes it (memory is the usual
+/// reason: maps are charged to the agent's memory cgroup).
+fn load_error(source: aya::EbpfError, pins: &Pins, capacity: &Capacity) -> DatapathError {
+    let aya::EbpfError::MapError(MapError::CreateError { name, io_error }) = source else {
+        return DatapathError::Load {
+            pin_dir: pins.dir().to_owned(),
+            source: Box::new(source),
+        };
+    };
+    let object = aya_obj::Object::parse(crate::EBPF_OBJECT).ok();
+    let definition = object.as_ref().and_then(|o| o.maps.get(&name));
+    let entries = capacity
+        .map_sizes()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, entries)| entries)
+        .or_else(|| definition.map(aya_obj::Map::max_entries));
+    let bytes = definition
+        .zip(entries)
+        .and_then(|(d, entries)| map_memory(d, entries));
+    DatapathError::MapCreate {
+        flag: capacity_flag(&name),
+        name,
+        entries,
+        bytes,
+        source: io_error,
+    }
+}
+
+/// About how much kernel memory a map of `definition`'s type and sizes takes at creation with
+/// `entries` entries, when its type is one that takes it then (preallocated hash maps, LRU
+/// maps, arrays); the hash tables' buckets otherwise.
+fn map_memory(definition: &aya_obj::Map, entries: u32) -> Option<u64> {
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    /// The kernel's `struct htab_elem` before the key, and a bucket.
+    const HTAB_ELEM: u64 = 48;
+    const BUCKET: u64 = 16;
+    let round8 = |n: u32| u64::from(n.div_ceil(8) * 8);
+    let entries64 = u64::from(entries);
+    let buckets = u64::from(entries.checked_next_power_of_two().unwrap_or(1 << 31)) * BUCKET;
+    match definition.map_type() {
+        BPF_MAP_TYPE_HASH if definition.map_flags() & BPF_F_NO_PREALLOC != 0 => Some(buckets),
+        BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH => Some(
+            entries64
+                * (HTAB_ELEM + round8(definition.key_size()) + round8(definition.value_size()))
+                + buckets,
+        ),
+        BPF_MAP_TYPE_ARRAY => Some(entries64 * round8(definition.value_size())),
+        BPF_MAP_TYPE_PERCPU_ARRAY => {
+            let cpus = aya::util::nr_cpus().ok()? as u64;
+            Some(entries64 * round8(definition.value_size()) * cpus)
+        }
+        _ => None,
+    }
 }
 
 impl Datapath {
@@ -76,10 +137,7 @@ impl Datapath {
         loader.override_global(BACKEND_STATS_MASK_GLOBAL, &stats_mask, true);
         let ebpf = loader
             .load(crate::EBPF_OBJECT)
-            .map_err(|source| DatapathError::Load {
-                pin_dir: pins.dir().to_owned(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| load_error(source, pins, capacity))?;
         Ok(Self {
             ebpf,
             pins: pins.clone(),

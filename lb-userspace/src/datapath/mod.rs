@@ -76,6 +76,26 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    /// A map could not be created (usually: the agent's memory cgroup cannot hold it).
+    #[error(
+        "cannot create map {name} ({}{}): {source}{}",
+        entries.map_or("its size".to_owned(), |e| format!("{e} entries")),
+        bytes.map_or(String::new(), |b| format!(", about {} MiB", b.div_ceil(1 << 20))),
+        map_create_advice(source, *flag)
+    )]
+    MapCreate {
+        /// The map.
+        name: String,
+        /// Its size.
+        entries: Option<u32>,
+        /// About how much memory it takes at creation.
+        bytes: Option<u64>,
+        /// The `lb agent` flag that sizes it.
+        flag: Option<&'static str>,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A program is missing from the object or failed verification.
     #[error("program {name}: {source}")]
     Program {
@@ -174,7 +194,7 @@ impl Default for Capacity {
 
 impl Capacity {
     /// `max_entries` of every map this sizes.
-    fn map_sizes(&self) -> [(&'static str, u32); 18] {
+    pub(crate) fn map_sizes(&self) -> [(&'static str, u32); 18] {
         [
             (map_names::SERVICES, self.services),
             (map_names::SERVICES6, self.services),
@@ -201,6 +221,20 @@ impl Capacity {
             (map_names::SOCK_AFFINITY, self.affinity),
         ]
     }
+}
+
+/// What to do about a map that could not be created for `source`, sized by `flag`.
+fn map_create_advice(source: &io::Error, flag: Option<&str>) -> String {
+    if source.kind() != io::ErrorKind::OutOfMemory {
+        return String::new();
+    }
+    let smaller = flag.map_or(String::new(), |f| {
+        format!(", or make the map smaller with {f} (deploy/README.md: sizing)")
+    });
+    format!(
+        ": BPF maps are charged to the memory cgroup of the agent that creates them: raise \
+         the agent's memory limit (deploy/daemonset.yaml){smaller}"
+    )
 }
 
 /// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.

@@ -187,19 +187,14 @@ fn on_the_hybrid_cgroup_layout_the_socket_hooks_go_on_its_cgroup2_hierarchy() {
     let topology = Topology::new(2).unwrap();
     let cgroup = Cgroup::new().unwrap();
     let hybrid = lb_testbed::cgroup::HybridLayout::new(&cgroup).unwrap();
-    let examples = examples_dir();
-    let args = [
-        "--manifests",
-        examples.to_str().unwrap(),
-        "--interface",
+    let agent = Agent::start_manifests_configured(
+        &topology.node,
+        &examples_dir(),
         NODE_IF,
-        "--node-name",
-        lb_testbed::topology::NODE_NAME,
-        "--cgroup",
-        hybrid.path(),
-    ];
-    let agent =
-        Agent::start_configured(&topology.node, &args, |cmd| hybrid.configure(cmd)).unwrap();
+        &["--cgroup", hybrid.path()],
+        |cmd| hybrid.configure(cmd),
+    )
+    .unwrap();
     agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
     wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
     let log = agent.log();
