@@ -164,10 +164,13 @@ impl Datapath {
                 source: Box::new(source),
             }
         };
-        self.xdp()?
-            .load()
-            .map_err(prog_err(program_names::XDP_INGRESS))?;
-        // The pod interfaces' program may have loaded it already (it tail-calls it).
+        // Loaded once, for the first interface (the pod interfaces' program may have loaded
+        // TC_EGRESS already: it tail-calls it).
+        let xdp = self.xdp()?;
+        if xdp.fd().is_ok() {
+            return Ok(());
+        }
+        xdp.load().map_err(prog_err(program_names::XDP_INGRESS))?;
         let tc = self.tc()?;
         if tc.fd().is_err() {
             tc.load().map_err(prog_err(program_names::TC_EGRESS))?;
@@ -240,9 +243,10 @@ impl Datapath {
     ) -> Result<[(&'static str, LinkOutcome); 2], DatapathError> {
         interface_index(interface)?;
         self.load_programs()?;
+        let [xdp_pin, tc_pin] = super::external::PIN_PREFIXES;
         let xdp = self.attach_one(
             program_names::XDP_INGRESS,
-            &format!("xdp_ingress@{interface}"),
+            &format!("{xdp_pin}{interface}"),
             interface,
             |dp| {
                 let prog = dp.xdp()?;
@@ -252,7 +256,7 @@ impl Datapath {
         )?;
         let tc = self.attach_one(
             program_names::TC_EGRESS,
-            &format!("tc_egress@{interface}"),
+            &format!("{tc_pin}{interface}"),
             interface,
             |dp| {
                 // TCX (a bpf_link) on kernels >= 6.6; only a link can be pinned.

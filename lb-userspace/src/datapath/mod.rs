@@ -11,12 +11,14 @@ pub mod collector;
 mod counters;
 pub mod eastwest;
 pub mod explain;
+pub mod external;
 #[cfg(test)]
 pub mod fake;
 pub mod inspect;
 mod load;
 pub mod maps;
 pub mod migrate;
+pub mod netlink;
 pub mod pins;
 pub mod sys;
 
