@@ -17,7 +17,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Datapath, LinkOutcome,
@@ -338,12 +338,21 @@ impl ExternalInterfaces {
     }
 }
 
-/// [`super::accept_local_sources`] on `interface`, a warning when it cannot be written (a
-/// read-only /proc/sys): only source NAT to a backend on another node whose neighbour entry
-/// is not resolved yet needs it.
+/// `net.ipv4.conf.<interface>.accept_local=1` ([`super::accept_local_sysctl`]), written only
+/// when it is not set already. When it cannot be (a read-only /proc/sys, as container
+/// runtimes mount it), the agent does without it and says what it costs and which host
+/// setting gives it: only a flow source-NATed to a backend on another node whose next hop's
+/// neighbour entry is unresolved needs it.
 fn accept_local_sources(interface: &str) {
-    if let Err(e) = super::accept_local_sources(interface) {
-        warn!(%interface, "{e}: a flow to a backend on another node fails while its next hop is unresolved");
+    let path = super::accept_local_sysctl(interface);
+    match super::ensure_sysctl(&path, "1") {
+        Ok(outcome) => debug!(%interface, ?outcome, "accept_local"),
+        Err(e) => warn!(
+            %interface,
+            "{e}: without net.ipv4.conf.{interface}.accept_local=1, a flow to a backend on \
+             another node fails while the node has not resolved its next hop's MAC address \
+             (set it on the host: sysctl -w net.ipv4.conf.{interface}.accept_local=1)"
+        ),
     }
 }
 

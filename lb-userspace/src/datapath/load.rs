@@ -354,14 +354,37 @@ impl Datapath {
     }
 }
 
-/// Sets `net.ipv4.conf.<interface>.accept_local` to 1. XDP hands a source-NATed packet
-/// (whose source is this node's address) to the kernel to forward while the next hop's
-/// neighbour entry is unresolved, so that the kernel resolves it; without this sysctl the
-/// kernel drops such a packet as a martian. (Once resolved, XDP sends the packets itself.)
-pub fn accept_local_sources(interface: &str) -> Result<(), DatapathError> {
-    interface_index(interface)?;
-    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
-    std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })
+/// The sysctl `net.ipv4.conf.<interface>.accept_local` (its file under /proc/sys). XDP hands
+/// a source-NATed packet (whose source is this node's address) to the kernel to forward
+/// while the next hop's neighbour entry is unresolved, so that the kernel resolves it;
+/// without this sysctl the kernel drops such a packet as a martian. (Once resolved, XDP
+/// sends the packets itself.)
+pub fn accept_local_sysctl(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"))
+}
+
+/// What [`ensure_sysctl`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlOutcome {
+    /// The value was there already: nothing was written.
+    AlreadySet,
+    /// The value was written.
+    Written,
+}
+
+/// Sets the sysctl whose file is `path` to `value`, reading it first and writing only when
+/// it differs: container runtimes mount /proc/sys read-only, and a value the host set
+/// already needs no write.
+pub fn ensure_sysctl(path: &Path, value: &str) -> Result<SysctlOutcome, DatapathError> {
+    let err = |source| DatapathError::Sysctl {
+        path: path.to_owned(),
+        source,
+    };
+    if std::fs::read_to_string(path).map_err(err)?.trim() == value {
+        return Ok(SysctlOutcome::AlreadySet);
+    }
+    std::fs::write(path, value).map_err(err)?;
+    Ok(SysctlOutcome::Written)
 }
 
 /// The index of a network interface in this network namespace.
@@ -411,4 +434,31 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Datapath
     let link = link.map_err(|e| err(Box::new(e)))?;
     link.pin(path).map_err(|e| err(Box::new(e)))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sysctl_is_read_first_and_written_only_when_it_differs() {
+        let dir = std::env::temp_dir().join(format!("lb-sysctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("accept_local");
+        std::fs::write(&file, "0\n").unwrap();
+        assert_eq!(ensure_sysctl(&file, "1").unwrap(), SysctlOutcome::Written);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1");
+        // Set already (as /proc/sys shows it, with a newline): not written.
+        std::fs::write(&file, "1\n").unwrap();
+        assert_eq!(
+            ensure_sysctl(&file, "1").unwrap(),
+            SysctlOutcome::AlreadySet
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1\n");
+        // Missing: an error naming the file.
+        let missing = dir.join("missing");
+        let e = ensure_sysctl(&missing, "1").unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

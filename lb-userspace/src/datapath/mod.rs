@@ -33,7 +33,9 @@ use self::{bpf::map_err, maps::MapOpError};
 pub use self::{
     bpf::{BpfMaps, TableSlot},
     counters::{ConntrackStats, Counters, TableFill},
-    load::{Datapath, LinkOutcome, accept_local_sources, interface_index},
+    load::{
+        Datapath, LinkOutcome, SysctlOutcome, accept_local_sysctl, ensure_sysctl, interface_index,
+    },
     pins::Pins,
 };
 
@@ -133,8 +135,8 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A sysctl of the interface could not be written.
-    #[error("writing {path}: {source}")]
+    /// A sysctl could not be read, or not written (a read-only /proc/sys).
+    #[error("sysctl {path}: {source}")]
     Sysctl {
         /// The sysctl's file.
         path: PathBuf,

@@ -791,3 +791,40 @@ impl Drop for Agent {
         // `self.pins` is dropped after this: lb teardown, then the directory is removed.
     }
 }
+
+/// For [`Agent::start_configured`]: the agent runs in a mount namespace of its own where
+/// /proc/sys is read-only, as container runtimes mount it in a non-privileged container
+/// (the rest of the mounts, bpffs among them, are the host's).
+pub fn read_only_proc_sys(cmd: &mut Command) {
+    // SAFETY: between fork and exec the closure only calls unshare(2) and mount(2) on
+    // static C strings; it does not allocate.
+    unsafe {
+        cmd.pre_exec(|| {
+            let check = |r: libc::c_int| {
+                if r != 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            let none = std::ptr::null();
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                none.cast(),
+            ))?;
+            let sys = c"/proc/sys".as_ptr();
+            check(libc::mount(sys, sys, none, libc::MS_BIND, none.cast()))?;
+            check(libc::mount(
+                none,
+                sys,
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                none.cast(),
+            ))
+        });
+    }
+}

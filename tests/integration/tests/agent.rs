@@ -487,3 +487,38 @@ fn the_default_route_interface_else_those_named() {
     node_port_served(&topology.client, [10, 200, 0, 1]);
     node_port_served(&client2, [10, 201, 0, 1]);
 }
+
+/// Container runtimes mount /proc/sys read-only: the agent reads `accept_local` first and
+/// writes it only when it must; when it cannot, it runs without it and names the sysctl and
+/// the host setting that gives it.
+#[test]
+fn a_read_only_proc_sys_stops_nothing_and_the_sysctl_is_named() {
+    let topology = Topology::new(2).expect("topology");
+    let sysctl = format!("net/ipv4/conf/{NODE_IF}/accept_local");
+    let host_setting = format!("sysctl -w net.ipv4.conf.{NODE_IF}.accept_local=1");
+    let examples = lb_testbed::examples_dir();
+    for set_on_host in ["0", "1"] {
+        topology.node.sysctl(&sysctl, set_on_host).unwrap();
+        let agent = Agent::start_manifests_configured(
+            &topology.node,
+            &examples,
+            NODE_IF,
+            &[],
+            lb_testbed::agent::read_only_proc_sys,
+        )
+        .expect("agent");
+        agent.wait_for(&[CLUSTER_IP], 2).expect("programmed");
+        node_port_served(&topology.client, [10, 200, 0, 1]);
+        agent.ensure_running().unwrap();
+        let log = agent.log();
+        // Unset, it cannot be written: a warning names it. Set, it is only read.
+        assert_eq!(
+            log.contains(&host_setting),
+            set_on_host == "0",
+            "accept_local {set_on_host} on the host; agent log:\n{log}"
+        );
+        if set_on_host == "0" {
+            assert!(log.contains("Read-only file system"), "{log}");
+        }
+    }
+}
