@@ -201,7 +201,8 @@ counters! {
         Replies = 5 => "nat_replies",
         /// Translated packets sent out of the interface they came in by (XDP_TX).
         Tx = 6 => "fwd_tx",
-        /// Translated packets redirected to another interface.
+        /// Translated packets redirected to another interface (XDP), and replies a pod's
+        /// interface translated sent out of the route's interface (TC, route.rs).
         Redirect = 7 => "fwd_redirect",
         /// Translated packets handed to the kernel to forward, because the next hop's
         /// neighbour entry is not resolved yet (the kernel resolves it; the next packets go

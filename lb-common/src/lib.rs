@@ -36,7 +36,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Highest service id plus one with the compiled-in map sizes: service ids index
 /// [`map_names::SERVICE_STATS`], an array (the agent can make it larger).
-pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_SERVICES: u32 = capacity::SERVICES;
 
 /// Names of the maps, exactly as the eBPF object declares them (and so as they are pinned).
 pub mod map_names {
@@ -46,6 +46,12 @@ pub mod map_names {
         MapSpec,
         Sizing::*,
     };
+
+    /// The hash maps only the agent writes (services, backends, reverse NAT, the Maglev
+    /// tables' map) take their memory as they fill, not all at creation: maps are charged to
+    /// the memory cgroup of the agent that creates them (deploy/README.md). Lookups cost the
+    /// same. The LRU maps the datapath fills stay preallocated (a program cannot allocate).
+    const NO_PREALLOC: u32 = crate::schema::BPF_F_NO_PREALLOC;
     use crate::{
         Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
         CtEntry, Event, Frontend4, Frontend6, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key, Nat6Pending,
@@ -169,11 +175,12 @@ pub mod map_names {
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
     pub const ALL: [MapSpec; 29] = [
-        MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)),
-        MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)),
-        MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables)),
+        MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)).with_flags(NO_PREALLOC),
+        MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
+        MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables))
+            .with_flags(NO_PREALLOC),
         MapSpec::new::<Ct4Key, CtEntry>(CONNTRACK, LruHash, Sized(Conntrack)),
-        MapSpec::new::<u32, RevNat4>(REV_NAT, Hash, Sized(Services)),
+        MapSpec::new::<u32, RevNat4>(REV_NAT, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<u32, ServiceStats>(SERVICE_STATS, PerCpuArray, Sized(ServiceIds)),
         MapSpec::new::<u32, u64>(REASON_STATS, PerCpuArray, Fixed(Reason::COUNT)),
         MapSpec::new::<u32, ServiceStats>(BACKEND_STATS, PerCpuArray, Sized(BackendSlots)),
@@ -188,10 +195,11 @@ pub mod map_names {
         MapSpec::new::<SockKey, SockEntry>(SOCKETS, LruHash, Sized(Conntrack)),
         MapSpec::new::<SockAffinityKey, AffinityEntry>(SOCK_AFFINITY, LruHash, Sized(Affinity)),
         MapSpec::new::<u32, u64>(TABLE_EVENTS, PerCpuArray, Fixed(TableEvent::COUNT)),
-        MapSpec::new::<Frontend6, Service>(SERVICES6, Hash, Sized(Services)),
-        MapSpec::new::<u32, Backend6>(BACKENDS6, Hash, Sized(Backends)),
+        MapSpec::new::<Frontend6, Service>(SERVICES6, Hash, Sized(Services))
+            .with_flags(NO_PREALLOC),
+        MapSpec::new::<u32, Backend6>(BACKENDS6, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
         MapSpec::new::<Ct6Key, Ct6Entry>(CONNTRACK6, LruHash, Sized(Conntrack)),
-        MapSpec::new::<u32, RevNat6>(REV_NAT6, Hash, Sized(Services)),
+        MapSpec::new::<u32, RevNat6>(REV_NAT6, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<Affinity6Key, AffinityEntry>(AFFINITY6, LruHash, Sized(Affinity)),
         MapSpec::lpm_trie::<SourceRange6, u8>(SOURCE_RANGES6, Fixed(capacity::SOURCE_RANGES)),
         MapSpec::new::<Sock6Key, Sock6Entry>(SOCKETS6, LruHash, Sized(Conntrack)),
@@ -941,23 +949,28 @@ pub const fn backend_stats_slots(backends: u32) -> u32 {
 }
 
 /// Default capacities of the maps (entries); the agent can override them.
+///
+/// Sized so that the maps and the agent fit the DaemonSet's memory limit on a fresh node
+/// (BPF maps are charged to the memory cgroup of the process that creates them): the hash
+/// maps only the agent writes are not preallocated (`BPF_F_NO_PREALLOC`: they take memory
+/// as they fill), the LRU tables the datapath fills must be (their memory is taken at
+/// creation), and the per-CPU counters take their size once per possible CPU. See
+/// deploy/README.md for the figures.
 pub mod capacity {
-    /// Frontends: 10,000 Services with a ClusterIP, NodePorts on two node addresses and
-    /// an external address each leave room to spare.
-    pub const SERVICES: u32 = 65_536;
-    /// Backends (distinct address, port, protocol): 10,000 Services x 10 endpoints, with
-    /// room for multi-port endpoints.
-    pub const BACKENDS: u32 = 262_144;
-    /// Conntrack entries (two per flow).
-    pub const CONNTRACK: u32 = 262_144;
+    /// Frontends: 10,000 Services with a ClusterIP and NodePorts on two node addresses.
+    pub const SERVICES: u32 = 32_768;
+    /// Backends (distinct address, port, protocol): 10,000 Services x 10 endpoints.
+    pub const BACKENDS: u32 = 131_072;
+    /// Conntrack entries (two per flow), per family: 65,536 flows of each.
+    pub const CONNTRACK: u32 = 131_072;
     /// sessionAffinity clients (service, client address), LRU.
-    pub const AFFINITY: u32 = 65_536;
+    pub const AFFINITY: u32 = 16_384;
     /// loadBalancerSourceRanges entries, over all frontends.
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Source NAT entries (two per flow to a remote backend), LRU.
-    pub const NAT: u32 = 262_144;
+    pub const NAT: u32 = CONNTRACK;
     /// Socket-hook entries (two per socket and frontend), LRU.
-    pub const SOCKETS: u32 = 262_144;
+    pub const SOCKETS: u32 = CONNTRACK;
 }
 
 /// Incremental Internet checksum updates (RFC 1624: `HC' = ~(~HC + ~m + m')`).

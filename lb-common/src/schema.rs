@@ -241,7 +241,14 @@ mod tests {
             Entries::Fixed(n) => Some(n),
             Entries::Sized(_) => None,
         };
-        (m.kind, m.key_size, m.value_size, fixed, m.flags)
+        // Whether a hash map the agent writes is preallocated is how its memory is taken at
+        // creation, not how its entries read: an agent that finds one pinned with the other
+        // choice reuses it as it is (the upgrade tests start from preallocated ones).
+        let flags = match m.kind {
+            MapKind::Hash | MapKind::HashOfMaps(_) => m.flags & !BPF_F_NO_PREALLOC,
+            _ => m.flags,
+        };
+        (m.kind, m.key_size, m.value_size, fixed, flags)
     }
 
     const fn map(kind: MapKind, key: u32, value: u32, fixed: Option<u32>, flags: u32) -> Layout {

@@ -105,7 +105,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod_in(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress(&ctx) {
-        Ok(()) => TC_ACT_OK,
+        Ok(action) => action,
         Err(verdict) => verdict.tc(),
     }
 }
@@ -115,7 +115,7 @@ pub fn lb_tc_pod_in(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_pod_in6(ctx: TcContext) -> i32 {
     match pod::try_pod_ingress6(&ctx) {
-        Ok(()) => TC_ACT_OK,
+        Ok(action) => action,
         Err(verdict) => verdict.tc(),
     }
 }

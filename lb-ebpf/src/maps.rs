@@ -2,6 +2,11 @@
 //! pinned): their keys, values and sizes are those of `lb_common::map_names::ALL` (the agent
 //! sizes those it sizes by its own `Capacity` when it creates them). lb-userspace's tests
 //! check this object against that list.
+//!
+//! The hash maps only the agent writes (services, backends, reverse NAT, the Maglev tables'
+//! map) are not preallocated ([`NO_PREALLOC`]): they take memory as the agent fills them, not
+//! all of it at creation; lookups cost the same. The LRU maps the datapath fills must be
+//! preallocated (an insert from a program cannot allocate).
 
 use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
@@ -20,13 +25,16 @@ use lb_common::{
     tc_prog_slot,
 };
 
+/// See the module's documentation.
+const NO_PREALLOC: u32 = lb_common::schema::BPF_F_NO_PREALLOC;
+
 // Services and backends.
 #[map]
 pub(crate) static LB_SVC4_V1: HashMap<Frontend4, Service> =
-    HashMap::pinned(Services.default_entries(), 0);
+    HashMap::pinned(Services.default_entries(), NO_PREALLOC);
 #[map]
 pub(crate) static LB_BACKEND4_V2: HashMap<u32, Backend4> =
-    HashMap::pinned(Backends.default_entries(), 0);
+    HashMap::pinned(Backends.default_entries(), NO_PREALLOC);
 /// Service id (or id | `maglev::KEY_TABLE_B`, see `maglev::table_key`) -> a Maglev table
 /// of the service. BTF-defined (map-of-maps needs the inner map's BTF);
 /// the agent pins it by path like the others. See `maglev::INNER_MAP_FLAGS`.
@@ -35,10 +43,11 @@ pub(crate) static LB_MAGLEV_V2: HashOfMaps<
     u32,
     InnerArray<MaglevCell, 1, { maglev::INNER_MAP_FLAGS as usize }>,
     { MaglevTables.default_entries() as usize },
+    { NO_PREALLOC as usize },
 > = HashOfMaps::new();
 #[map]
 pub(crate) static LB_REVNAT4_V1: HashMap<u32, RevNat4> =
-    HashMap::pinned(Services.default_entries(), 0);
+    HashMap::pinned(Services.default_entries(), NO_PREALLOC);
 #[map]
 pub(crate) static LB_AFFINITY4_V1: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(Affinity.default_entries(), 0);
@@ -64,16 +73,16 @@ pub(crate) static LB_NAT4_V1: LruHashMap<Nat4Key, Nat4Entry> =
 // The IPv6 twins of the maps keyed by an address (`lb_common::v6`); the rest is shared.
 #[map]
 pub(crate) static LB_SVC6_V1: HashMap<Frontend6, Service> =
-    HashMap::pinned(Services.default_entries(), 0);
+    HashMap::pinned(Services.default_entries(), NO_PREALLOC);
 #[map]
 pub(crate) static LB_BACKEND6_V1: HashMap<u32, Backend6> =
-    HashMap::pinned(Backends.default_entries(), 0);
+    HashMap::pinned(Backends.default_entries(), NO_PREALLOC);
 #[map]
 pub(crate) static LB_CT6_V1: LruHashMap<Ct6Key, Ct6Entry> =
     LruHashMap::pinned(Conntrack.default_entries(), 0);
 #[map]
 pub(crate) static LB_REVNAT6_V1: HashMap<u32, RevNat6> =
-    HashMap::pinned(Services.default_entries(), 0);
+    HashMap::pinned(Services.default_entries(), NO_PREALLOC);
 #[map]
 pub(crate) static LB_AFFINITY6_V1: LruHashMap<Affinity6Key, AffinityEntry> =
     LruHashMap::pinned(Affinity.default_entries(), 0);

@@ -4,7 +4,9 @@
 //!
 //! A packet a pod sends is, in this order: the reply of a translated flow (its source is a
 //! backend of a conntrack reply entry: rewritten to come from the frontend, as the external
-//! interface's TC egress does), or addressed to a frontend (translated to a backend as XDP
+//! interface's TC egress does, then sent out of the interface of the route to the client,
+//! `route::redirect_reply`: from the pod's side, the host would drop a reply from its own
+//! address as a martian), or addressed to a frontend (translated to a backend as XDP
 //! does, with the skb checksum helpers because a pod's packets are often CHECKSUM_PARTIAL),
 //! or neither (passed untouched).
 //!
@@ -17,7 +19,7 @@
 //! `lb_common::HAIRPIN_ADDR` (`HAIRPIN_ADDR6`) as their source; the pod's replies to it get
 //! the pod's address back as their destination before the reverse translation.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use lb_common::{CT_REPLY, Event, FlowKey, PROTO_TCP, Reason, V4, V6, tc_prog_slot};
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
@@ -29,6 +31,7 @@ use crate::{
     frame::ptr_at,
     headers::{ETH_LEN, ETH_P_IPV6, IPV6_NEXT_HDR_OFF, PROTO_ICMPV6, l4},
     maps::LB_TCPROGS_V1,
+    route::redirect_reply,
     skb::{Pull, l4_check_off, l4_mangled, replace_port},
     verdict::Verdict,
 };
@@ -37,7 +40,7 @@ use crate::{
 /// not return); while that program's slot is empty they are passed, counted. (The IPv4
 /// program holds no IPv6 code: with it, it was over the stack limit.)
 #[inline(always)]
-pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
+pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<i32, Verdict> {
     let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if ipv6 {
@@ -49,7 +52,7 @@ pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
 
 /// `lb_tc_pod_in6`: an IPv6 frame.
 #[inline(always)]
-pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
+pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<i32, Verdict> {
     // An ICMPv6 error (from a backend pod about a flow a frontend gave it) is
     // `lb_tc_egress`'s to rewrite, by a tail call: with that code this program is over the
     // stack limit.
@@ -61,21 +64,26 @@ pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
 }
 
 /// The rules for a packet a pod sends, either family: the reply of a translated flow (by
-/// `reply`, after undoing a hairpin), else a packet to a frontend, translated with the skb
-/// helpers (a pod's packets are often CHECKSUM_PARTIAL), else passed.
+/// `reply`, after undoing a hairpin; then redirected towards the client), else a packet to
+/// a frontend, translated with the skb helpers (a pod's packets are often
+/// CHECKSUM_PARTIAL), else passed. The TC action.
 #[inline(always)]
 fn pod_ingress<F: Datapath>(
     ctx: &TcContext,
     reply: impl FnOnce(&TcContext) -> Result<(), Verdict>,
-) -> Result<(), Verdict> {
+) -> Result<i32, Verdict> {
     // The headers the parser and `reply` read in place must be in the linear part; a
     // shorter packet fails their bounds checks and is passed, counted.
     let _ = ctx.pull_data((F::L4_OFF + TcpHdr::LEN) as u32);
     unhairpin::<F>(ctx)?;
     match reply(ctx) {
+        // IPv4 only: with the FIB lookup in it, `lb_tc_pod_in6` is over the stack
+        // limit (IPv6 replies go on to the kernel as before).
+        Ok(()) if F::AF == <V4 as Datapath>::AF => return Ok(redirect_reply::<F>(ctx)),
+        Ok(()) => return Ok(TC_ACT_OK as i32),
         // Not a reply.
         Err(Verdict::NotOurs) => {}
-        replied => return replied,
+        Err(verdict) => return Err(verdict),
     }
     forget_stale_reply::<F>(ctx);
     let Translation { pkt, key, flow } = translation::<F, _>(ctx)?;
@@ -110,7 +118,7 @@ fn pod_ingress<F: Datapath>(
         )?;
     }
     flow.count(ctx.len() as u64);
-    Ok(())
+    Ok(TC_ACT_OK as i32)
 }
 
 /// A hairpinned pod's reply to the hairpin address (`HAIRPIN_ADDR`, `HAIRPIN_ADDR6`) goes

@@ -2,17 +2,26 @@
 //! gives the interface and the MAC addresses (XDP_TX when it leaves by the interface it came
 //! in by, else a redirect). While the next hop's neighbour entry is unresolved the packet
 //! goes to the kernel, which forwards it and resolves the neighbour (its source is this
-//! node's own address: the agent sets `accept_local` on the interface for that).
+//! node's own address: the agent sets `accept_local` on the interface for that, when it can).
+//!
+//! And on TC, [`redirect_reply`]: a reply a pod's interface translated is sent out of the
+//! interface of the route to the client by the kernel's neighbour code, not handed to the
+//! host's IP stack from the pod's side (a bridge such as the bridge CNI's `cni0`), where a
+//! reply that now comes from the node's own address (a NodePort's) is dropped as a martian
+//! source, and one from a ClusterIP fails a strict reverse-path filter.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
-    programs::XdpContext,
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, generated::bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::NatEvent;
 use network_types::eth::EthHdr;
 
-use crate::{counters::count, family::Datapath, frame::ptr_at};
+use crate::{counters::count, family::Datapath, frame::ptr_at, headers::ETH_LEN};
 
 /// Where a packet goes next, from the kernel's FIB (`A`: the family's address).
 pub(crate) struct Route<A> {
@@ -98,4 +107,29 @@ fn transmit<A>(ctx: &XdpContext, route: &Route<A>) -> u32 {
         count(NatEvent::Redirect);
         unsafe { bpf_redirect(route.ifindex, 0) as u32 }
     }
+}
+
+/// TC, a pod's interface: a reply just translated (to come from its frontend) leaves by the
+/// interface of the kernel's route to its destination, through `bpf_redirect_neigh` (which
+/// fills in the MAC addresses and resolves the next hop when needed), so that it never
+/// enters the host's IP stack on the pods' side (see the [module](self)). `TC_ACT_OK` (the
+/// kernel forwards it, as before) when the kernel would not forward it: no route, a local
+/// destination, forwarding off.
+#[inline(always)]
+pub(crate) fn redirect_reply<F: Datapath>(ctx: &TcContext) -> i32 {
+    let Ok(ip) = ctx.load::<F::Header>(ETH_LEN) else {
+        return TC_ACT_OK as i32;
+    };
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = F::AF;
+    params.l4_protocol = F::proto(&ip);
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    F::set_fib_addrs(&mut params, F::copy_saddr(&ip), F::copy_daddr(&ip));
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) } as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return TC_ACT_OK as i32;
+    }
+    count(NatEvent::Redirect);
+    unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -1,11 +1,15 @@
 //! Socket-level translation (east-west): cgroup sock_addr hooks that hand a socket a
-//! backend's address when it addresses a ClusterIP frontend, so that its packets go to the
-//! backend untranslated (no per-packet cost), and that show the frontend again where the
+//! backend's address when it addresses a frontend, so that its packets go to the backend
+//! untranslated (no per-packet cost), and that show the frontend again where the
 //! application can see the peer (recvmsg, getpeername).
 //!
-//! Only frontends without [`SERVICE_F_EXTERNAL`] (ClusterIPs) are translated here: NodePort,
-//! LoadBalancer and external addresses keep the per-packet path (XDP, and the pod interfaces'
-//! TC program), which applies their source ranges and traffic policies.
+//! Every frontend is translated here, ClusterIPs and, as kube-proxy does for the node's own
+//! processes and pods, NodePorts on the node's addresses, LoadBalancer and external
+//! addresses: a host process's packets to the node's own address never reach XDP, and a
+//! pod's reply rewritten to come from the node's address would enter the host as a martian.
+//! The exception is a frontend with [`SERVICE_F_SOURCE_RANGES`] (loadBalancerSourceRanges),
+//! which keeps the per-packet path (XDP, and the pod interfaces' TC program), where the
+//! source ranges are applied.
 //!
 //! A socket's backend for a frontend is chosen by the same rules as a new flow in XDP
 //! (`select_with_affinity`: the client's affinity entry, else the Maglev table) with two
@@ -37,8 +41,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr6, BackendValue, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL,
-    Service, SockAffinityKey, TableEvent, V4, V6, flow_hash,
+    Addr6, BackendValue, CT_FORWARD, CT_REPLY, PROTO_TCP, PROTO_UDP, Reason,
+    SERVICE_F_SOURCE_RANGES, Service, SockAffinityKey, TableEvent, V4, V6, flow_hash,
 };
 
 use crate::{
@@ -137,7 +141,7 @@ fn socket_backend<F: Datapath>(
 
 /// What becomes of an address a connect() or sendmsg() gave.
 enum Forward<A> {
-    /// Not a ClusterIP frontend, or one the socket path passes: leave it.
+    /// Not a frontend, or one the socket path passes: leave it.
     Untouched,
     /// Use this backend address and port instead.
     To(A, u16),
@@ -155,7 +159,7 @@ fn forward<F: Datapath>(
     let Some(&svc) = (unsafe { F::services().get(&F::frontend(addr, port, proto)) }) else {
         return Forward::Untouched;
     };
-    if svc.flags & SERVICE_F_EXTERNAL != 0 {
+    if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         return Forward::Untouched;
     }
     match socket_backend::<F>(ctx, &svc, (addr, port, proto), connect) {
@@ -196,8 +200,7 @@ fn frontend_of<F: Datapath>(
     Some((addr, port))
 }
 
-/// Rewrites the destination of an IPv4 connect() or sendmsg() addressed to a ClusterIP
-/// frontend.
+/// Rewrites the destination of an IPv4 connect() or sendmsg() addressed to a frontend.
 #[inline(always)]
 fn forward4(ctx: &SockAddrContext, connect: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -325,13 +328,13 @@ fn datagram(ctx: &SockAddrContext) -> bool {
     type_ == SOCK_DGRAM
 }
 
-/// connect4: a TCP or UDP socket connecting to a ClusterIP frontend connects to a backend.
+/// connect4: a TCP or UDP socket connecting to a frontend connects to a backend.
 #[inline(always)]
 pub(crate) fn connect4(ctx: &SockAddrContext) -> i32 {
     forward4(ctx, true)
 }
 
-/// sendmsg4: a UDP datagram sent to a ClusterIP frontend goes to a backend.
+/// sendmsg4: a UDP datagram sent to a frontend goes to a backend.
 #[inline(always)]
 pub(crate) fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     if !datagram(ctx) {

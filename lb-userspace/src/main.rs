@@ -67,16 +67,19 @@ enum Command {
         /// authenticates. Empty: not set.
         #[arg(long, env = "LB_API_SERVER")]
         api_server: Option<String>,
-        /// The node's external interface: XDP translates frontends arriving there, TC
-        /// translates the replies leaving there.
-        #[arg(long)]
-        interface: String,
+        /// An external interface of the node (repeatable): XDP translates frontends arriving
+        /// there, TC translates the replies leaving there. Default: the interfaces that hold
+        /// the node's addresses (--node-ip, else the Node object's), else those of the
+        /// default routes; followed as interfaces, addresses and routes come and go.
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
         /// Where maps and links are pinned, on a bpffs that outlives the agent (the host's:
         /// mounted at /sys/fs/bpf if missing, only in the host's mount namespace).
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_path: PathBuf,
         /// Node address for NodePort frontends, IPv4 or IPv6 (repeatable); default: the Node
-        /// object's InternalIP and ExternalIP addresses (Kubernetes), else the interface's.
+        /// object's InternalIP and ExternalIP addresses (Kubernetes), else the external
+        /// interfaces'.
         #[arg(long = "node-ip")]
         node_ips: Vec<IpAddr>,
         /// This node's name, as in EndpointSlice nodeName and the Node object; default: the
@@ -380,7 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manifests,
             kubeconfig,
             api_server,
-            interface,
+            interfaces,
             pin_path,
             node_ips,
             node_name,
@@ -425,7 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let config = AgentConfig {
                 source,
-                interface,
+                interfaces,
                 pins: Pins::new(pin_path),
                 node_ips,
                 node_name,

@@ -13,24 +13,26 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
     datapath::{
-        self, Capacity, Counters, Datapath, DatapathError, FrontendLabel, Names, Pins, TableFill,
+        Capacity, Counters, Datapath, DatapathError, FrontendLabel, Names, Pins, TableFill,
         collector::DatapathCollector,
         eastwest::{PodInterfaces, SocketHooks},
+        external::ExternalInterfaces,
         interface_index,
         maps::DatapathMaps,
         migrate::Migration,
+        netlink::Notifications,
     },
     health::{self, ProxyHealth, ServiceHealth},
     metrics::{self, Metrics, SyncOutcome},
@@ -69,12 +71,13 @@ pub enum SourceConfig {
 pub struct AgentConfig {
     /// The source of the cluster state.
     pub source: SourceConfig,
-    /// The node's external interface.
-    pub interface: String,
+    /// The node's external interfaces (`--interface`); empty: those the agent finds
+    /// ([`crate::datapath::external`]).
+    pub interfaces: Vec<String>,
     /// Where maps and links are pinned.
     pub pins: Pins,
     /// Node addresses for NodePort frontends; when empty, the Node's (kube source), else the
-    /// interface's.
+    /// external interfaces'.
     pub node_ips: Vec<IpAddr>,
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
@@ -103,7 +106,9 @@ pub struct AgentConfig {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Bad arguments fail before anything is created or pinned.
-    interface_index(&config.interface)?;
+    for interface in &config.interfaces {
+        interface_index(interface)?;
+    }
     let mut metrics = Metrics::new();
     metrics.register_collector(Box::new(DatapathCollector::new(config.pins.clone())));
     let metrics = Arc::new(metrics);
@@ -165,8 +170,11 @@ async fn serve<S: Source>(
             None
         }
     };
-    for (program, outcome) in datapath.attach(&config.interface)? {
-        info!(program, interface = %config.interface, ?outcome, "attached");
+    // The programs of the links pinned for interfaces that are still there are replaced now;
+    // the interfaces are chosen once the node's addresses are known (the first view).
+    let mut externals = ExternalInterfaces::new(config.interfaces.clone());
+    for (interface, program, outcome) in externals.keep_pinned(&mut datapath)? {
+        info!(program, %interface, ?outcome, "attached");
     }
     for m in migration.finish().context("converting pinned maps")? {
         let c = m.copied;
@@ -183,23 +191,22 @@ async fn serve<S: Source>(
             None => info!(from = m.from, "not carried over; the old map is unpinned"),
         }
     }
-    datapath::accept_local_sources(&config.interface)?;
     let cgroup = config.socket_hooks.cgroup()?;
     for (program, outcome) in datapath.attach_cgroup(cgroup.as_deref())? {
         info!(program, cgroup = %cgroup.as_deref().unwrap_or(Path::new("")).display(), ?outcome, "attached");
     }
     watch_tables(&config.pins)?;
-    let mut pods = PodInterfaces::new(config.pod_interfaces.clone())?;
+    let pods = PodInterfaces::new(config.pod_interfaces.clone())?;
     for e in pods.attach_pods_at_start(&mut datapath) {
         warn!("{e}");
     }
-    let interface_addresses = interface_addresses(&config.interface)?;
+    let mut notifications = Notifications::new().context("netlink notifications")?;
     let mut agent = Agent {
         syncer,
         names,
         translator: None,
         config,
-        interface_addresses,
+        externals,
         metrics,
         orphans_logged: false,
         deprecations_logged: BTreeSet::new(),
@@ -221,14 +228,21 @@ async fn serve<S: Source>(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            changed = pods.changed() => {
-                changed?;
+            changed = notifications.changed() => {
+                changed.context("netlink notifications")?;
                 for e in pods.reconcile(&mut datapath) {
                     warn!("{e}");
                 }
+                if agent.translator.is_some() && agent.follow_interfaces(&mut datapath, source.node()) {
+                    retry = failed(agent.resync(&source), retry);
+                }
             }
             changes = source.changed() => {
-                let ok = agent.apply(&source, &changes?);
+                let changes = changes?;
+                // Before the view is translated: the node's addresses may come from the
+                // interfaces chosen.
+                agent.follow_interfaces(&mut datapath, source.node());
+                let ok = agent.apply(&source, &changes);
                 retry = failed(ok, None);
             }
             _ = resync.tick() => {
@@ -305,7 +319,7 @@ struct Agent<'a, M> {
     /// Created at the first view.
     translator: Option<Translator>,
     config: &'a AgentConfig,
-    interface_addresses: Vec<IpAddr>,
+    externals: ExternalInterfaces,
     metrics: Arc<Metrics>,
     /// Whether the orphans kept at the first view have been logged.
     orphans_logged: bool,
@@ -318,15 +332,23 @@ struct Agent<'a, M> {
 }
 
 impl<M: DatapathMaps> Agent<'_, M> {
-    /// This node: the flags first, then what the source knows, then the interface.
-    fn node_info(&self, facts: Option<&NodeFacts>) -> NodeInfo {
-        let addresses = if !self.config.node_ips.is_empty() {
+    /// The node's addresses as the flags name them, else as the source knows them; empty
+    /// when neither does.
+    fn known_addresses(&self, facts: Option<&NodeFacts>) -> Vec<IpAddr> {
+        if !self.config.node_ips.is_empty() {
             self.config.node_ips.clone()
-        } else if let Some(facts) = facts.filter(|f| !f.addresses.is_empty()) {
-            facts.addresses.clone()
         } else {
-            self.interface_addresses.clone()
-        };
+            facts.map(|f| f.addresses.clone()).unwrap_or_default()
+        }
+    }
+
+    /// This node: the flags first, then what the source knows, then the external
+    /// interfaces.
+    fn node_info(&self, facts: Option<&NodeFacts>) -> NodeInfo {
+        let mut addresses = self.known_addresses(facts);
+        if addresses.is_empty() {
+            addresses = self.externals.addresses().to_vec();
+        }
         self.proxy_health
             .set_node_eligible(!facts.is_some_and(|f| f.being_deleted));
         NodeInfo::new(
@@ -335,6 +357,18 @@ impl<M: DatapathMaps> Agent<'_, M> {
             facts,
             &self.config.topology,
         )
+    }
+
+    /// Chooses the external interfaces again for what the node's addresses now are, and
+    /// attaches or detaches the programs accordingly; whether the node's addresses changed
+    /// with them (when they are the interfaces' own: then the view must be translated again).
+    fn follow_interfaces(&mut self, datapath: &mut Datapath, facts: Option<&NodeFacts>) -> bool {
+        let known = self.known_addresses(facts);
+        let (changed, errors) = self.externals.reconcile(datapath, &known);
+        for e in errors {
+            warn!("external interfaces: {e}");
+        }
+        changed && known.is_empty()
     }
 
     /// Applies a new view; whether everything was written.
@@ -524,52 +558,6 @@ fn log_node(node: &NodeInfo) {
         warn!(node = %node.name, "no node address: NodePort frontends get none");
     }
     info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node");
-}
-
-/// The IPv4 addresses of an interface, then its IPv6 ones but link-local addresses (which
-/// kube-proxy does not give NodePorts either).
-pub fn interface_addresses(interface: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list that freeifaddrs releases below.
-    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
-        bail!("getifaddrs: {}", std::io::Error::last_os_error());
-    }
-    let mut found: Vec<IpAddr> = Vec::new();
-    let mut cursor = addrs;
-    while !cursor.is_null() {
-        // SAFETY: cursor is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cursor };
-        cursor = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a C string; ifa_addr points to a sockaddr of its family.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != interface.as_bytes() {
-            continue;
-        }
-        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-            libc::AF_INET => {
-                // SAFETY: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
-            }
-            libc::AF_INET6 => {
-                // SAFETY: an AF_INET6 address is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                if !ip.is_unicast_link_local() {
-                    found.push(ip.into());
-                }
-            }
-            _ => {}
-        }
-    }
-    // IPv4 first, each family in the interface's order.
-    found.sort_by_key(|ip| ip.is_ipv6());
-    // SAFETY: addrs came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(addrs) };
-    Ok(found)
 }
 
 /// Default node name: the host name.

@@ -44,6 +44,8 @@ pub struct BpfMaps {
     pub maglev: HashOfMaps<MapData, u32, MapData>,
     /// The same map, for the batch writes aya does not offer.
     maglev_fd: std::os::fd::OwnedFd,
+    /// The tables this agent put in the Maglev map, open ([`OpenTables`]).
+    tables: OpenTables,
     /// [`map_names::SOURCE_RANGES`].
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     /// [`map_names::SERVICES6`].
@@ -225,6 +227,7 @@ impl BpfMaps {
             service_id_limit: pins.max_entries(map_names::SERVICE_STATS)?,
             sizes,
             grace: GraceClock::default(),
+            tables: OpenTables::default(),
             maglev_fd,
             prefilter_fd,
             services: HashMap::try_from(services).map_err(map_err(map_names::SERVICES))?,
@@ -410,6 +413,68 @@ impl BpfMaps {
     }
 }
 
+/// The inner maps (tables) this agent put in the Maglev map, each kept open while some key
+/// of the map holds it. An inner map is otherwise reached only by its id, and the kernel
+/// opens a map by id only for CAP_SYS_ADMIN, which the agent does not have in its pod
+/// (deploy/README.md): sharing a table between frontends and rewriting one in place need
+/// its fd. Tables an earlier agent put are opened by id when the capability allows (else
+/// adoption leaves them out and they are built anew).
+#[derive(Default)]
+struct OpenTables {
+    /// By table id: the table and the number of keys that hold it.
+    open: std::collections::HashMap<TableId, (MapData, usize)>,
+    /// By key of the Maglev map: the table this agent put there.
+    keys: std::collections::HashMap<u32, TableId>,
+}
+
+impl OpenTables {
+    /// Table `id`, when this agent holds it open.
+    fn get(&self, id: TableId) -> Option<&MapData> {
+        self.open.get(&id).map(|(table, _)| table)
+    }
+
+    /// One more key holds table `id` (whose fd is `fd`): see [`OpenTables::assign`].
+    fn hold(&mut self, id: TableId, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), MapError> {
+        let entry = match self.open.entry(id) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let owned = fd.try_clone_to_owned().map_err(|io_error| {
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    })
+                })?;
+                slot.insert((MapData::from_fd(owned)?, 0))
+            }
+        };
+        entry.1 += 1;
+        Ok(())
+    }
+
+    /// `key` now holds table `id` ([`OpenTables::hold`] first), in place of what it held.
+    fn assign(&mut self, key: u32, id: TableId) {
+        if let Some(old) = self.keys.insert(key, id) {
+            self.release(old);
+        }
+    }
+
+    /// `key` holds no table any more.
+    fn remove(&mut self, key: u32) {
+        if let Some(old) = self.keys.remove(&key) {
+            self.release(old);
+        }
+    }
+
+    fn release(&mut self, id: TableId) {
+        if let Some(entry) = self.open.get_mut(&id) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.open.remove(&id);
+            }
+        }
+    }
+}
+
 impl DatapathMaps for BpfMaps {
     /// The inner map (closed on drop: the kernel frees it unless a service points at it).
     type Table = Array<MapData, MaglevCell>;
@@ -457,35 +522,75 @@ impl DatapathMaps for BpfMaps {
         &mut self,
         writes: &[(u32, TableRef<'_, Self::Table>)],
     ) -> Result<(), BatchError> {
-        // An existing table is opened by its id for its fd; the batch stops before the
-        // first one that cannot be (it is gone: nothing pointed at it any more).
+        // An existing table is the one this agent holds open, else opened by its id for its
+        // fd; the batch stops before the first one that cannot be (it is gone: nothing
+        // pointed at it any more).
         let mut opened = Vec::new();
         let mut fds = Vec::with_capacity(writes.len());
+        let mut ids = Vec::with_capacity(writes.len());
         let mut open_error = None;
         for (_, table) in writes {
-            let fd = match table {
-                TableRef::Built(table) => table.map().fd().as_fd().as_raw_fd(),
-                TableRef::Existing(id) => match MapData::from_id(*id) {
-                    Ok(data) => {
-                        let fd = data.fd().as_fd().as_raw_fd();
-                        opened.push(data);
-                        fd
+            let (fd, id) = match table {
+                TableRef::Built(table) => {
+                    let inner = table.map();
+                    match inner.info() {
+                        Ok(info) => (inner.fd().as_fd().as_raw_fd(), info.id()),
+                        Err(e) => {
+                            open_error = Some(op_err(map_names::MAGLEV)(e));
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        open_error = Some(op_err(map_names::MAGLEV)(e));
-                        break;
-                    }
+                }
+                TableRef::Existing(id) => match self.tables.get(*id) {
+                    Some(table) => (table.fd().as_fd().as_raw_fd(), *id),
+                    None => match MapData::from_id(*id) {
+                        Ok(data) => {
+                            let fd = data.fd().as_fd().as_raw_fd();
+                            opened.push(data);
+                            (fd, *id)
+                        }
+                        Err(e) => {
+                            open_error = Some(op_err(map_names::MAGLEV)(e));
+                            break;
+                        }
+                    },
                 },
             };
             fds.push(fd as u32);
+            ids.push(id);
         }
         let keys: Vec<u32> = writes[..fds.len()].iter().map(|(id, _)| *id).collect();
         // The swaps: one write each, one wait for running programs for all.
-        sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds).map_err(|(done, e)| {
-            BatchError {
-                done,
-                error: self.os_err(map_names::MAGLEV, e),
+        let result = sys::map_update_batch(self.maglev_fd.as_fd(), &keys, &fds);
+        let done = match &result {
+            Ok(()) => keys.len(),
+            Err((done, _)) => *done,
+        };
+        // Every table written is held before any is released: a table a key leaves may be
+        // the one another key of the batch takes.
+        let (mut held, mut unheld) = (Vec::with_capacity(done), Vec::new());
+        for i in 0..done {
+            // SAFETY: fds[i] is open: a built table's, one held, or one of `opened`, all
+            // alive until the end of this function (nothing is released before this loop
+            // ends).
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fds[i] as i32) };
+            match self.tables.hold(ids[i], fd) {
+                Ok(()) => held.push(i),
+                Err(e) => {
+                    warn!("keeping table {} open: {e}", ids[i]);
+                    unheld.push(i);
+                }
             }
+        }
+        for i in held {
+            self.tables.assign(keys[i], ids[i]);
+        }
+        for i in unheld {
+            self.tables.remove(keys[i]);
+        }
+        result.map_err(|(done, e)| BatchError {
+            done,
+            error: self.os_err(map_names::MAGLEV, e),
         })?;
         match open_error {
             None => Ok(()),
@@ -501,7 +606,15 @@ impl DatapathMaps for BpfMaps {
         entries: &[u32],
         backends: u32,
     ) -> Result<(), MapOpError> {
-        let table = MapData::from_id(id).map_err(op_err(map_names::MAGLEV))?;
+        let opened;
+        let table = match self.tables.get(id) {
+            Some(table) => table,
+            None => {
+                opened = MapData::from_id(id).map_err(op_err(map_names::MAGLEV))?;
+                &opened
+            }
+        };
+        let fd = table.fd().as_fd();
         let info = table.info().map_err(op_err(map_names::MAGLEV))?;
         let cells = table_cells(entries, backends);
         if info.max_entries() as usize != cells.len() {
@@ -510,7 +623,7 @@ impl DatapathMaps for BpfMaps {
                 source: io::Error::from_raw_os_error(libc::EINVAL),
             });
         }
-        sys::mmap_write(table.fd().as_fd(), &cells).map_err(|source| MapOpError::Os {
+        sys::mmap_write(fd, &cells).map_err(|source| MapOpError::Os {
             map: map_names::MAGLEV,
             source,
         })
@@ -523,20 +636,29 @@ impl DatapathMaps for BpfMaps {
     }
     fn delete_tables(&mut self, keys: &[u32]) -> Result<(), BatchError> {
         let mut start = 0;
+        let mut failed = None;
         while start < keys.len() {
             match sys::map_delete_batch(self.maglev_fd.as_fd(), &keys[start..]) {
-                Ok(()) => return Ok(()),
+                Ok(()) => start = keys.len(),
                 // Deleting what is not there succeeds: go on after it.
                 Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => start += done + 1,
                 Err((done, e)) => {
-                    return Err(BatchError {
-                        done: start + done,
-                        error: self.os_err(map_names::MAGLEV, e),
-                    });
+                    start += done;
+                    failed = Some(e);
+                    break;
                 }
             }
         }
-        Ok(())
+        for key in &keys[..start.min(keys.len())] {
+            self.tables.remove(*key);
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => Err(BatchError {
+                done: start,
+                error: self.os_err(map_names::MAGLEV, e),
+            }),
+        }
     }
     fn put_source_range(&mut self, service_id: u32, range: IpCidr) -> Result<(), MapOpError> {
         match range {
@@ -626,6 +748,15 @@ impl DatapathMaps for BpfMaps {
                 Ok(inner) => inner,
                 // Removed since the keys were listed.
                 Err(MapError::KeyNotFound) => continue,
+                // An inner map is opened by its id, which the kernel allows only with
+                // CAP_SYS_ADMIN, which the DaemonSet does not give: the table is left out,
+                // and the first sync builds the frontend a new one, swapped in with one
+                // write (Maglev over the same backends gives the same entries).
+                Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(err(e)),
             };
             let info = inner.info().map_err(&err)?;

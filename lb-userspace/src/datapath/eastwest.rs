@@ -16,10 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     io,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -28,7 +25,6 @@ use aya::programs::{
 };
 use lb_common::{map_names, program_names, tc_prog_slot};
 use thiserror::Error;
-use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::datapath::{Datapath, DatapathError, LinkOutcome, typed_program};
@@ -66,16 +62,17 @@ pub enum EastWestError {
     },
     /// The `--cgroup` directory is not in a cgroup2 hierarchy.
     #[error(
-        "{0} is not a cgroup2 directory: give --cgroup a directory of the cgroup2 hierarchy \
-         (the host's /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)"
+        "{0} is not a cgroup2 directory, nor is {0}/unified (the hybrid layout's): give \
+         --cgroup a directory of the cgroup2 hierarchy (the host's /sys/fs/cgroup, on \
+         either layout)"
     )]
     NotCgroup2(PathBuf),
     /// A pattern of `--pod-interfaces` is empty.
     #[error("empty --pod-interfaces pattern")]
     EmptyPattern,
-    /// The netlink socket could not be opened.
-    #[error("netlink route socket: {0}")]
-    Netlink(#[source] io::Error),
+    /// The interfaces could not be listed.
+    #[error("listing the network interfaces: {0}")]
+    Interfaces(#[source] io::Error),
     /// A pinned link could not be removed.
     #[error("removing pinned link {path}: {source}")]
     Unpin {
@@ -107,8 +104,43 @@ impl SocketHooks {
         match self {
             SocketHooks::Off => Ok(None),
             SocketHooks::Root => cgroup2_root().map(Some),
-            SocketHooks::At(path) => Ok(Some(path.clone())),
+            SocketHooks::At(path) => cgroup2_dir(path).map(Some),
         }
+    }
+}
+
+/// Where cgroup2 sits in a directory laid out as /sys/fs/cgroup is on hybrid hosts (cgroup
+/// v1 controllers on a tmpfs).
+const HYBRID_CGROUP2: &str = "unified";
+
+/// The cgroup2 directory `--cgroup DIR` names: DIR when it is one, else, when DIR is laid out
+/// as /sys/fs/cgroup is on hybrid hosts (cgroup v1 controllers, cgroup2 at `unified`),
+/// DIR/unified. So the host's /sys/fs/cgroup, mounted into a pod as it is (deploy/), is
+/// found on both layouts.
+pub fn cgroup2_dir(dir: &Path) -> Result<PathBuf, EastWestError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EastWestError::Cgroup { path, source }
+    };
+    let open = std::fs::File::open(dir).map_err(err(dir))?;
+    if is_cgroup2(&open).map_err(err(dir))? {
+        return Ok(dir.to_owned());
+    }
+    let unified = dir.join(HYBRID_CGROUP2);
+    match std::fs::File::open(&unified) {
+        Ok(open) if is_cgroup2(&open).map_err(err(&unified))? => {
+            info!(
+                cgroup = %unified.display(),
+                "{} is not cgroup2 (a hybrid layout): hooking its cgroup2 hierarchy",
+                dir.display()
+            );
+            Ok(unified)
+        }
+        Ok(_) => Err(EastWestError::NotCgroup2(dir.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(EastWestError::NotCgroup2(dir.to_owned()))
+        }
+        Err(e) => Err(err(&unified)(e)),
     }
 }
 
@@ -211,7 +243,10 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// The pinned links in `links` whose names start with `prefix`.
-fn pinned_with_prefix(links: &Path, prefix: &str) -> Result<BTreeSet<String>, EastWestError> {
+pub(crate) fn pinned_with_prefix(
+    links: &Path,
+    prefix: &str,
+) -> Result<BTreeSet<String>, EastWestError> {
     let entries = match std::fs::read_dir(links) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
@@ -230,7 +265,7 @@ fn pinned_with_prefix(links: &Path, prefix: &str) -> Result<BTreeSet<String>, Ea
 }
 
 /// Removes a pinned link (which detaches it once nothing else holds it).
-fn unpin(links: &Path, name: &str) -> Result<(), EastWestError> {
+pub(crate) fn unpin(links: &Path, name: &str) -> Result<(), EastWestError> {
     let path = links.join(name);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
@@ -373,67 +408,24 @@ pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
 }
 
 /// The pod interfaces: the interfaces whose names match the patterns, followed through
-/// netlink link notifications.
+/// netlink notifications ([`super::netlink::Notifications`]).
 pub struct PodInterfaces {
     patterns: Vec<String>,
-    /// RTMGRP_LINK notifications; `None` when there are no patterns.
-    netlink: Option<AsyncFd<OwnedFd>>,
 }
 
 impl PodInterfaces {
-    /// Follows the interfaces matching `patterns` (none: no pod interfaces, nothing to
-    /// follow). Call [`PodInterfaces::reconcile`] once after this, then after each
-    /// [`PodInterfaces::changed`].
+    /// Follows the interfaces matching `patterns` (none: no pod interfaces). Call
+    /// [`PodInterfaces::reconcile`] once after this, then after each batch of netlink
+    /// notifications.
     pub fn new(patterns: Vec<String>) -> Result<Self, EastWestError> {
         if patterns.iter().any(String::is_empty) {
             return Err(EastWestError::EmptyPattern);
         }
-        let netlink = if patterns.is_empty() {
-            None
-        } else {
-            // SAFETY: an OwnedFd keeps its descriptor open, unchanged, for its whole life.
-            let registered = unsafe { AsyncFd::register(link_notifications()?) };
-            Some(registered.map_err(|e| EastWestError::Netlink(e.into()))?)
-        };
-        Ok(Self { patterns, netlink })
+        Ok(Self { patterns })
     }
 
     fn matches(&self, name: &str) -> bool {
         self.patterns.iter().any(|p| glob_match(p, name))
-    }
-
-    /// Waits for the next link notification (forever when there are no patterns) and
-    /// drains the ones queued behind it.
-    pub async fn changed(&mut self) -> Result<(), EastWestError> {
-        let Some(netlink) = &self.netlink else {
-            return std::future::pending().await;
-        };
-        loop {
-            let mut guard = netlink.readable().await.map_err(EastWestError::Netlink)?;
-            let mut got = false;
-            let mut buf = [0u8; 8192];
-            loop {
-                let fd = guard.get_inner().as_raw_fd();
-                // SAFETY: buf is writable for its length.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n >= 0 {
-                    got = true;
-                    continue;
-                }
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) => break,
-                    // Notifications were lost: reconciling looks at every interface anyway.
-                    Some(libc::ENOBUFS) => got = true,
-                    Some(libc::EINTR) => {}
-                    _ => return Err(EastWestError::Netlink(e)),
-                }
-            }
-            guard.clear_ready();
-            if got {
-                return Ok(());
-            }
-        }
     }
 
     /// Attaches the pod program to every matching interface that does not have it, and
@@ -452,7 +444,7 @@ impl PodInterfaces {
         }
         let present = match interfaces() {
             Ok(all) => all,
-            Err(e) => return vec![EastWestError::Netlink(e)],
+            Err(e) => return vec![EastWestError::Interfaces(e)],
         };
         let mut wanted = BTreeSet::new();
         for (name, &index) in present.iter().filter(|(name, _)| self.matches(name)) {
@@ -514,38 +506,6 @@ impl PodInterfaces {
     }
 }
 
-/// A non-blocking netlink route socket subscribed to link notifications.
-fn link_notifications() -> Result<OwnedFd, EastWestError> {
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(EastWestError::Netlink(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a new socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_nl is valid; bind reads size_of of it.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = libc::RTMGRP_LINK as u32;
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(EastWestError::Netlink(io::Error::last_os_error()));
-    }
-    Ok(fd)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,6 +520,25 @@ mod tests {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         let root = find_cgroup2(&mounts).expect("a cgroup2 mount");
         assert!(is_cgroup2(&std::fs::File::open(root).unwrap()).unwrap());
+    }
+
+    #[test]
+    fn the_cgroup2_directory_is_found_on_both_layouts() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = find_cgroup2(&mounts).expect("a cgroup2 mount");
+        // The unified layout, or the cgroup2 hierarchy of the hybrid one named directly.
+        assert_eq!(cgroup2_dir(&root).unwrap(), root);
+        // The hybrid layout's /sys/fs/cgroup (these machines have it).
+        if root.ends_with(HYBRID_CGROUP2) {
+            assert_eq!(cgroup2_dir(root.parent().unwrap()).unwrap(), root);
+        }
+        let tmp = std::env::temp_dir();
+        let e = cgroup2_dir(&tmp).unwrap_err();
+        assert!(
+            matches!(&e, EastWestError::NotCgroup2(p) if p == &tmp),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/unified"), "{e}");
     }
 
     #[test]

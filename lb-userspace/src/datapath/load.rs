@@ -20,7 +20,7 @@ use lb_common::{
 };
 use tracing::warn;
 
-use super::{BpfMaps, Capacity, DatapathError, Pins, map_err, sys};
+use super::{BpfMaps, Capacity, DatapathError, Pins, capacity_flag, map_err, sys};
 
 /// How a program came to be attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,65 @@ pub(crate) type Attached = Result<Result<FdLink, LinkError>, ProgramError>;
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
+}
+
+/// The error of loading the object: for a map that could not be created, which map, its
+/// size, about how much memory it takes and the flag that sizes it (memory is the usual
+/// reason: maps are charged to the agent's memory cgroup).
+fn load_error(source: aya::EbpfError, pins: &Pins, capacity: &Capacity) -> DatapathError {
+    let aya::EbpfError::MapError(MapError::CreateError { name, io_error }) = source else {
+        return DatapathError::Load {
+            pin_dir: pins.dir().to_owned(),
+            source: Box::new(source),
+        };
+    };
+    let object = aya_obj::Object::parse(crate::EBPF_OBJECT).ok();
+    let definition = object.as_ref().and_then(|o| o.maps.get(&name));
+    let entries = super::map_sizes(capacity)
+        .find(|(n, _)| *n == name)
+        .map(|(_, entries)| entries)
+        .or_else(|| definition.map(aya_obj::Map::max_entries));
+    let bytes = definition
+        .zip(entries)
+        .and_then(|(d, entries)| map_memory(d, entries));
+    DatapathError::MapCreate {
+        flag: capacity_flag(&name),
+        name,
+        entries,
+        bytes,
+        source: io_error,
+    }
+}
+
+/// About how much kernel memory a map of `definition`'s type and sizes takes at creation with
+/// `entries` entries, when its type is one that takes it then (preallocated hash maps, LRU
+/// maps, arrays); the hash tables' buckets otherwise.
+fn map_memory(definition: &aya_obj::Map, entries: u32) -> Option<u64> {
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    /// The kernel's `struct htab_elem` before the key, and a bucket.
+    const HTAB_ELEM: u64 = 48;
+    const BUCKET: u64 = 16;
+    let round8 = |n: u32| u64::from(n.div_ceil(8) * 8);
+    let entries64 = u64::from(entries);
+    let buckets = u64::from(entries.checked_next_power_of_two().unwrap_or(1 << 31)) * BUCKET;
+    match definition.map_type() {
+        BPF_MAP_TYPE_HASH if definition.map_flags() & BPF_F_NO_PREALLOC != 0 => Some(buckets),
+        BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH => Some(
+            entries64
+                * (HTAB_ELEM + round8(definition.key_size()) + round8(definition.value_size()))
+                + buckets,
+        ),
+        BPF_MAP_TYPE_ARRAY => Some(entries64 * round8(definition.value_size())),
+        BPF_MAP_TYPE_PERCPU_ARRAY => {
+            let cpus = aya::util::nr_cpus().ok()? as u64;
+            Some(entries64 * round8(definition.value_size()) * cpus)
+        }
+        _ => None,
+    }
 }
 
 impl Datapath {
@@ -79,10 +138,7 @@ impl Datapath {
         loader.override_global(BACKEND_STATS_MASK_GLOBAL, &stats_mask, true);
         let ebpf = loader
             .load(crate::EBPF_OBJECT)
-            .map_err(|source| DatapathError::Load {
-                pin_dir: pins.dir().to_owned(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| load_error(source, pins, capacity))?;
         Ok(Self {
             ebpf,
             pins: pins.clone(),
@@ -109,10 +165,13 @@ impl Datapath {
                 source: Box::new(source),
             }
         };
-        self.xdp()?
-            .load()
-            .map_err(prog_err(program_names::XDP_INGRESS))?;
-        // The pod interfaces' program may have loaded it already (it tail-calls it).
+        // Loaded once, for the first interface (the pod interfaces' program may have loaded
+        // TC_EGRESS already: it tail-calls it).
+        let xdp = self.xdp()?;
+        if xdp.fd().is_ok() {
+            return Ok(());
+        }
+        xdp.load().map_err(prog_err(program_names::XDP_INGRESS))?;
         let tc = self.tc()?;
         if tc.fd().is_err() {
             tc.load().map_err(prog_err(program_names::TC_EGRESS))?;
@@ -185,9 +244,10 @@ impl Datapath {
     ) -> Result<[(&'static str, LinkOutcome); 2], DatapathError> {
         interface_index(interface)?;
         self.load_programs()?;
+        let [xdp_pin, tc_pin] = super::external::PIN_PREFIXES;
         let xdp = self.attach_one(
             program_names::XDP_INGRESS,
-            &format!("xdp_ingress@{interface}"),
+            &format!("{xdp_pin}{interface}"),
             interface,
             |dp| {
                 let prog = dp.xdp()?;
@@ -197,7 +257,7 @@ impl Datapath {
         )?;
         let tc = self.attach_one(
             program_names::TC_EGRESS,
-            &format!("tc_egress@{interface}"),
+            &format!("{tc_pin}{interface}"),
             interface,
             |dp| {
                 // TCX (a bpf_link) on kernels >= 6.6; only a link can be pinned.
@@ -295,14 +355,37 @@ impl Datapath {
     }
 }
 
-/// Sets `net.ipv4.conf.<interface>.accept_local` to 1. XDP hands a source-NATed packet
-/// (whose source is this node's address) to the kernel to forward while the next hop's
-/// neighbour entry is unresolved, so that the kernel resolves it; without this sysctl the
-/// kernel drops such a packet as a martian. (Once resolved, XDP sends the packets itself.)
-pub fn accept_local_sources(interface: &str) -> Result<(), DatapathError> {
-    interface_index(interface)?;
-    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"));
-    std::fs::write(&path, "1").map_err(|source| DatapathError::Sysctl { path, source })
+/// The sysctl `net.ipv4.conf.<interface>.accept_local` (its file under /proc/sys). XDP hands
+/// a source-NATed packet (whose source is this node's address) to the kernel to forward
+/// while the next hop's neighbour entry is unresolved, so that the kernel resolves it;
+/// without this sysctl the kernel drops such a packet as a martian. (Once resolved, XDP
+/// sends the packets itself.)
+pub fn accept_local_sysctl(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/accept_local"))
+}
+
+/// What [`ensure_sysctl`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlOutcome {
+    /// The value was there already: nothing was written.
+    AlreadySet,
+    /// The value was written.
+    Written,
+}
+
+/// Sets the sysctl whose file is `path` to `value`, reading it first and writing only when
+/// it differs: container runtimes mount /proc/sys read-only, and a value the host set
+/// already needs no write.
+pub fn ensure_sysctl(path: &Path, value: &str) -> Result<SysctlOutcome, DatapathError> {
+    let err = |source| DatapathError::Sysctl {
+        path: path.to_owned(),
+        source,
+    };
+    if std::fs::read_to_string(path).map_err(err)?.trim() == value {
+        return Ok(SysctlOutcome::AlreadySet);
+    }
+    std::fs::write(path, value).map_err(err)?;
+    Ok(SysctlOutcome::Written)
 }
 
 /// The index of a network interface in this network namespace.
@@ -352,4 +435,31 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Datapath
     let link = link.map_err(|e| err(Box::new(e)))?;
     link.pin(path).map_err(|e| err(Box::new(e)))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sysctl_is_read_first_and_written_only_when_it_differs() {
+        let dir = std::env::temp_dir().join(format!("lb-sysctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("accept_local");
+        std::fs::write(&file, "0\n").unwrap();
+        assert_eq!(ensure_sysctl(&file, "1").unwrap(), SysctlOutcome::Written);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1");
+        // Set already (as /proc/sys shows it, with a newline): not written.
+        std::fs::write(&file, "1\n").unwrap();
+        assert_eq!(
+            ensure_sysctl(&file, "1").unwrap(),
+            SysctlOutcome::AlreadySet
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1\n");
+        // Missing: an error naming the file.
+        let missing = dir.join("missing");
+        let e = ensure_sysctl(&missing, "1").unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

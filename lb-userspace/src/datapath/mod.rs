@@ -11,6 +11,7 @@ pub mod collector;
 mod counters;
 pub mod eastwest;
 pub mod explain;
+pub mod external;
 #[cfg(test)]
 pub mod fake;
 pub mod inspect;
@@ -18,6 +19,7 @@ mod load;
 pub mod maps;
 pub mod migrate;
 pub mod names;
+pub mod netlink;
 #[cfg(test)]
 mod object;
 pub mod pins;
@@ -38,7 +40,9 @@ use self::{bpf::map_err, maps::MapOpError};
 pub use self::{
     bpf::{BpfMaps, TableSlot},
     counters::{ConntrackStats, Counters, TableFill},
-    load::{Datapath, LinkOutcome, accept_local_sources, interface_index},
+    load::{
+        Datapath, LinkOutcome, SysctlOutcome, accept_local_sysctl, ensure_sysctl, interface_index,
+    },
     names::{FrontendLabel, Names},
     pins::Pins,
 };
@@ -84,6 +88,26 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    /// A map could not be created (usually: the agent's memory cgroup cannot hold it).
+    #[error(
+        "cannot create map {name} ({}{}): {source}{}",
+        entries.map_or("its size".to_owned(), |e| format!("{e} entries")),
+        bytes.map_or(String::new(), |b| format!(", about {} MiB", b.div_ceil(1 << 20))),
+        map_create_advice(source, *flag)
+    )]
+    MapCreate {
+        /// The map.
+        name: String,
+        /// Its size.
+        entries: Option<u32>,
+        /// About how much memory it takes at creation.
+        bytes: Option<u64>,
+        /// The `lb agent` flag that sizes it.
+        flag: Option<&'static str>,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A program is missing from the object or failed verification.
     #[error("program {name}: {source}")]
     Program {
@@ -119,8 +143,8 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A sysctl of the interface could not be written.
-    #[error("writing {path}: {source}")]
+    /// A sysctl could not be read, or not written (a read-only /proc/sys).
+    #[error("sysctl {path}: {source}")]
     Sysctl {
         /// The sysctl's file.
         path: PathBuf,
@@ -160,6 +184,20 @@ fn map_sizes(capacity: &Capacity) -> impl Iterator<Item = (&'static str, u32)> +
         Entries::Sized(sizing) => Some((m.name, capacity.entries(sizing))),
         Entries::Fixed(_) => None,
     })
+}
+
+/// What to do about a map that could not be created for `source`, sized by `flag`.
+fn map_create_advice(source: &io::Error, flag: Option<&str>) -> String {
+    if source.kind() != io::ErrorKind::OutOfMemory {
+        return String::new();
+    }
+    let smaller = flag.map_or(String::new(), |f| {
+        format!(", or make the map smaller with {f} (deploy/README.md: sizing)")
+    });
+    format!(
+        ": BPF maps are charged to the memory cgroup of the agent that creates them: raise \
+         the agent's memory limit (deploy/daemonset.yaml){smaller}"
+    )
 }
 
 /// The `lb agent` flag that sizes `map` (see [`Capacity`]), if one does.

@@ -326,16 +326,21 @@ impl Agent {
         node_name: &str,
         args: &[&str],
     ) -> Result<Self> {
-        let mut all: Vec<OsString> = vec![
-            "--manifests".into(),
-            manifests.into(),
-            "--interface".into(),
-            interface.into(),
-            "--node-name".into(),
-            node_name.into(),
-        ];
-        all.extend(args.iter().map(OsString::from));
+        let all = manifests_args(manifests, interface, node_name, args);
         Self::spawn(lb, ns, &all, |_| {})
+    }
+
+    /// `lb agent --manifests DIR --interface IF --node-name NODE_NAME ARGS...` in `ns`, with
+    /// `configure` adjusting the command first (see [`Agent::start_configured`]).
+    pub fn start_manifests_configured(
+        ns: &Netns,
+        manifests: &Path,
+        interface: &str,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
+        let all = manifests_args(manifests, interface, NODE_NAME, args);
+        Self::spawn(&lb_bin(), ns, &all, configure)
     }
 
     /// [`Agent::start`] with `extra` arguments and only the capabilities `keep` (numbers,
@@ -454,6 +459,18 @@ impl Agent {
     /// arguments plus `args`, with the binary `lb` (another version for an upgrade). Its
     /// output goes on in the same log; `lb` runs every `lb` command from now on.
     pub fn restart(&mut self, ns: &Netns, lb: &Path, args: &[&str]) -> Result<()> {
+        self.restart_configured(ns, lb, args, |_| {})
+    }
+
+    /// [`Agent::restart`], with `configure` adjusting the command first (see
+    /// [`Agent::start_configured`]).
+    pub fn restart_configured(
+        &mut self,
+        ns: &Netns,
+        lb: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<()> {
         if let Some(status) = self.exit_status() {
             let mut log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
             use std::io::Write as _;
@@ -463,7 +480,7 @@ impl Agent {
         }
         let mut all = self.args.clone();
         all.extend(args.iter().map(OsString::from));
-        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log, |_| {})?;
+        let child = spawn_agent(lb, ns, &all, self.pins.path(), &self.log, configure)?;
         *self.child.get_mut().unwrap_or_else(|e| e.into_inner()) = child;
         self.lb = lb.to_owned();
         self.pins.lb = Some(lb.to_owned());
@@ -593,6 +610,25 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `--manifests DIR --interface IF --node-name NODE ARGS...`.
+fn manifests_args(
+    manifests: &Path,
+    interface: &str,
+    node_name: &str,
+    args: &[&str],
+) -> Vec<OsString> {
+    let mut all: Vec<OsString> = vec![
+        "--manifests".into(),
+        manifests.into(),
+        "--interface".into(),
+        interface.into(),
+        "--node-name".into(),
+        node_name.into(),
+    ];
+    all.extend(args.iter().map(OsString::from));
+    all
 }
 
 /// Runs `LB agent ARGS... --pin-path PINS` in `ns`, its stdout and stderr appended to `log`.
@@ -760,5 +796,42 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_file(&self.log);
         // `self.pins` is dropped after this: lb teardown, then the directory is removed.
+    }
+}
+
+/// For [`Agent::start_configured`]: the agent runs in a mount namespace of its own where
+/// /proc/sys is read-only, as container runtimes mount it in a non-privileged container
+/// (the rest of the mounts, bpffs among them, are the host's).
+pub fn read_only_proc_sys(cmd: &mut Command) {
+    // SAFETY: between fork and exec the closure only calls unshare(2) and mount(2) on
+    // static C strings; it does not allocate.
+    unsafe {
+        cmd.pre_exec(|| {
+            let check = |r: libc::c_int| {
+                if r != 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            let none = std::ptr::null();
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                none.cast(),
+            ))?;
+            let sys = c"/proc/sys".as_ptr();
+            check(libc::mount(sys, sys, none, libc::MS_BIND, none.cast()))?;
+            check(libc::mount(
+                none,
+                sys,
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                none.cast(),
+            ))
+        });
     }
 }

@@ -182,6 +182,54 @@ impl Drop for Netns {
     }
 }
 
+/// For a child between fork and exec: a mount namespace of its own, private (nothing it
+/// mounts propagates to the machine's). Only system calls: async-signal-safe.
+pub fn unshare_mounts() -> std::io::Result<()> {
+    // SAFETY: unshare(2) and mount(2) with C string literals and null data.
+    unsafe {
+        syscall_ok(libc::unshare(libc::CLONE_NEWNS))?;
+        syscall_ok(libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))
+    }
+}
+
+/// For a child between fork and exec: mounts a file system of type `kind` (with `source`),
+/// or with `kind` `None` bind-mounts `source`, at `target`. Only a system call.
+pub fn mount(
+    source: &std::ffi::CStr,
+    target: &std::ffi::CStr,
+    kind: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    let (kind, flags) = match kind {
+        Some(kind) => (kind.as_ptr(), 0),
+        None => (std::ptr::null(), libc::MS_BIND),
+    };
+    // SAFETY: mount(2) on C strings that outlive the call, with null data.
+    syscall_ok(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            kind,
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// `Ok` for a system call's 0, else the OS error.
+fn syscall_ok(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Names of all named network namespaces (`ip netns list`).
 pub fn list() -> Result<Vec<String>> {
     let out = ip(&["netns", "list"])?;

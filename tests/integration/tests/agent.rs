@@ -409,3 +409,176 @@ fn under_ip_netns_exec_the_agent_refuses_a_bpffs_that_would_die_with_it() {
     }
     assert!(!pins.path().exists(), "nothing pinned on the host");
 }
+
+/// The interfaces of the agent's pinned links of external interfaces (`xdp_ingress@IF`,
+/// `tc_egress@IF`); `None` while some has one without the other.
+fn external_links(agent: &Agent) -> Option<Vec<String>> {
+    let names: std::collections::BTreeSet<String> =
+        std::fs::read_dir(agent.pin_path().join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+    let with = |prefix: &str| -> std::collections::BTreeSet<String> {
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(prefix).map(str::to_owned))
+            .collect()
+    };
+    let (xdp, tc) = (with("xdp_ingress@"), with("tc_egress@"));
+    (xdp == tc).then(|| xdp.into_iter().collect())
+}
+
+/// Polls until the agent's external interfaces are `want`, for up to 10 s.
+fn wait_for_externals(agent: &Agent, want: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        agent.ensure_running().unwrap();
+        let found = external_links(agent);
+        if found.as_ref().is_some_and(|f| f == want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "external interfaces {found:?}, not {want:?}; agent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A client namespace behind a new external interface `dev` of the node, on 10.`net`.0.0/24:
+/// the node 10.`net`.0.1, the client 10.`net`.0.2 (default route via the node).
+fn external_client(topology: &Topology, dev: &str, net: u8) -> lb_testbed::Netns {
+    let client = lb_testbed::Netns::new("client").unwrap();
+    topology.node.veth(dev, &client, "eth0").unwrap();
+    topology
+        .node
+        .addr(dev, &format!("10.{net}.0.1/24"))
+        .unwrap();
+    client.addr("eth0", &format!("10.{net}.0.2/24")).unwrap();
+    client.default_route(&format!("10.{net}.0.1")).unwrap();
+    client.tx_checksum_off("eth0").unwrap();
+    client
+}
+
+/// The NodePort of `examples/httpd-svc.yaml` on `node_ip`, from `client`: served by a pod.
+fn node_port_served(client: &lb_testbed::Netns, node_ip: [u8; 4]) {
+    let (body, _) = http_get(client, node_ip, 30080)
+        .unwrap_or_else(|e| panic!("NodePort {node_ip:?}:30080: {e:#}"));
+    assert!(body.starts_with("pod"), "{body}");
+}
+
+/// Without --interface the agent finds the node's external interfaces: those that hold the
+/// node's addresses (here --node-ip's), several at once, followed as they come and go.
+#[test]
+fn the_interfaces_holding_the_node_addresses_are_found_and_followed() {
+    let topology = Topology::new(2).expect("topology");
+    let client2 = external_client(&topology, "eth1", 201);
+    let agent = Agent::start_configured(
+        &topology.node,
+        &[
+            "--manifests",
+            lb_testbed::examples_dir().to_str().unwrap(),
+            "--node-name",
+            lb_testbed::NODE_NAME,
+            "--node-ip",
+            "10.200.0.1",
+            "--node-ip",
+            "10.201.0.1",
+            "--node-ip",
+            "10.202.0.1",
+        ],
+        |_| {},
+    )
+    .expect("agent");
+    wait_for_externals(&agent, &["eth0", "eth1"]);
+    node_port_served(&topology.client, [10, 200, 0, 1]);
+    node_port_served(&client2, [10, 201, 0, 1]);
+
+    // An interface that comes with a node address is attached; gone, its links go.
+    let client3 = external_client(&topology, "eth2", 202);
+    wait_for_externals(&agent, &["eth0", "eth1", "eth2"]);
+    node_port_served(&client3, [10, 202, 0, 1]);
+    topology.node.ip(&["link", "del", "eth2"]).unwrap();
+    wait_for_externals(&agent, &["eth0", "eth1"]);
+    // The address leaving an interface takes the interface out too.
+    topology
+        .node
+        .ip(&["addr", "del", "10.201.0.1/24", "dev", "eth1"])
+        .unwrap();
+    wait_for_externals(&agent, &["eth0"]);
+    node_port_served(&topology.client, [10, 200, 0, 1]);
+}
+
+/// With no node address named, the interface of the default route; `--interface`,
+/// repeatable, overrides.
+#[test]
+fn the_default_route_interface_else_those_named() {
+    let topology = Topology::new(2).expect("topology");
+    let client2 = external_client(&topology, "eth1", 201);
+    topology.node.default_route("10.201.0.2").unwrap();
+    let examples = lb_testbed::examples_dir();
+    let examples = examples.to_str().unwrap();
+    let base = [
+        "--manifests",
+        examples,
+        "--node-name",
+        lb_testbed::NODE_NAME,
+    ];
+    let agent = Agent::start_configured(&topology.node, &base, |_| {}).expect("agent");
+    wait_for_externals(&agent, &["eth1"]);
+    // NodePorts on its address.
+    agent
+        .wait_for(&["10.201.0.1:30080/TCP"], 2)
+        .expect("a NodePort on the default route's interface's address");
+    node_port_served(&client2, [10, 201, 0, 1]);
+    drop(agent);
+
+    let mut named = base.to_vec();
+    named.extend(["--interface", "eth1", "--interface", NODE_IF]);
+    let agent = Agent::start_configured(&topology.node, &named, |_| {}).expect("agent");
+    wait_for_externals(&agent, &[NODE_IF, "eth1"]);
+    agent
+        .wait_for(&["10.200.0.1:30080/TCP", "10.201.0.1:30080/TCP"], 2)
+        .expect("NodePorts on both interfaces' addresses");
+    node_port_served(&topology.client, [10, 200, 0, 1]);
+    node_port_served(&client2, [10, 201, 0, 1]);
+}
+
+/// Container runtimes mount /proc/sys read-only: the agent reads `accept_local` first and
+/// writes it only when it must; when it cannot, it runs without it and names the sysctl and
+/// the host setting that gives it.
+#[test]
+fn a_read_only_proc_sys_stops_nothing_and_the_sysctl_is_named() {
+    let topology = Topology::new(2).expect("topology");
+    let sysctl = format!("net/ipv4/conf/{NODE_IF}/accept_local");
+    let host_setting = format!("sysctl -w net.ipv4.conf.{NODE_IF}.accept_local=1");
+    let examples = lb_testbed::examples_dir();
+    for set_on_host in ["0", "1"] {
+        topology.node.sysctl(&sysctl, set_on_host).unwrap();
+        let agent = Agent::start_manifests_configured(
+            &topology.node,
+            &examples,
+            NODE_IF,
+            &[],
+            lb_testbed::agent::read_only_proc_sys,
+        )
+        .expect("agent");
+        agent.wait_for(&[CLUSTER_IP], 2).expect("programmed");
+        node_port_served(&topology.client, [10, 200, 0, 1]);
+        agent.ensure_running().unwrap();
+        let log = agent.log();
+        // Unset, it cannot be written: a warning names it. Set, it is only read.
+        assert_eq!(
+            log.contains(&host_setting),
+            set_on_host == "0",
+            "accept_local {set_on_host} on the host; agent log:\n{log}"
+        );
+        if set_on_host == "0" {
+            assert!(log.contains("Read-only file system"), "{log}");
+        }
+    }
+}

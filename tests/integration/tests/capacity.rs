@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use aya::maps::MapData;
 use lb_common::{maglev, map_names};
 use lb_testbed::agent::{metric, ops};
+use lb_testbed::cgroup::MemoryCgroup;
 use lb_testbed::{
     Agent, ClusterIpService, Condition, Folder, NODE_IF, PinDir, Topology, ensure_all_served,
     http_get, http_tally, lb_bin,
@@ -390,4 +391,135 @@ fn a_full_affinity_table_evicts_the_oldest_clients_and_says_so() {
         agent.log()
     );
     eprintln!("affinity table of 16 after 40 clients: {entries} entries, {evictions} evicted");
+}
+
+/// The memory limit of deploy/daemonset.yaml's agent, in bytes.
+fn daemonset_memory_limit() -> u64 {
+    let path = lb_testbed::agent::workspace_dir().join("deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let ds: k8s_openapi::api::apps::v1::DaemonSet = serde_yaml_ng::from_str(&text).unwrap();
+    let pod = ds.spec.template.spec.unwrap();
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref();
+    let limit = &limits.unwrap()["memory"].0;
+    let (digits, unit) = limit.split_at(
+        limit
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(limit.len()),
+    );
+    let scale = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => panic!("a memory limit in bytes, Ki, Mi or Gi: {limit}"),
+    };
+    digits.parse::<u64>().unwrap() * scale
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// BPF maps are charged to the memory cgroup of the process that creates them: a fresh agent
+/// (nothing pinned: a new node, or one after `lb teardown`) creates every map with the
+/// default sizes under the pod's limit. Its peak, with the example Services programmed, fits
+/// the DaemonSet's limit with room to spare (for more Services, and the per-CPU counters of
+/// nodes with more CPUs: deploy/README.md); so does a start after `lb teardown`.
+#[test]
+fn a_fresh_agent_fits_the_daemonset_memory_limit_and_again_after_lb_teardown() {
+    let limit = daemonset_memory_limit();
+    let topology = Topology::new(2).unwrap();
+    let examples = lb_testbed::examples_dir();
+    let frontends = lb_testbed::EXAMPLE_FRONTENDS;
+    let first = MemoryCgroup::new(limit).unwrap();
+    let mut agent =
+        Agent::start_manifests_configured(&topology.node, &examples, NODE_IF, &[], |cmd| {
+            first.configure(cmd).unwrap()
+        })
+        .unwrap();
+    agent.wait_for(frontends, 2).unwrap();
+    let fresh = first.peak().unwrap();
+
+    agent.stop().unwrap();
+    lb_testbed::netns::run(
+        std::process::Command::new(lb_bin())
+            .args(["teardown", "--pin-path"])
+            .arg(agent.pin_path()),
+    )
+    .unwrap();
+    let second = MemoryCgroup::new(limit).unwrap();
+    agent
+        .restart_configured(&topology.node, &lb_bin(), &[], |cmd| {
+            second.configure(cmd).unwrap()
+        })
+        .unwrap();
+    agent.wait_for(frontends, 2).unwrap();
+    let after_teardown = second.peak().unwrap();
+    eprintln!(
+        "peak memory of the agent's cgroup: {} MiB on a fresh start, {} MiB after lb teardown; \
+         the DaemonSet's limit: {} MiB",
+        mib(fresh),
+        mib(after_teardown),
+        mib(limit)
+    );
+    for peak in [fresh, after_teardown] {
+        assert!(
+            peak <= limit / 2,
+            "a peak of {} MiB leaves less than half of the limit of {} MiB\nagent log:\n{}",
+            mib(peak),
+            mib(limit),
+            agent.log()
+        );
+    }
+    // Stopped before its cgroups go.
+    drop(agent);
+}
+
+/// A map the memory cgroup cannot hold: the agent says which map, its size, about how much
+/// memory it takes and the flag that makes it smaller.
+#[test]
+fn a_map_the_memory_limit_cannot_hold_is_named_with_its_size_and_flag() {
+    let topology = Topology::new(1).unwrap();
+    let examples = lb_testbed::examples_dir();
+    let cgroup = MemoryCgroup::new(64 << 20).unwrap();
+    let agent = Agent::start_manifests_configured(&topology.node, &examples, NODE_IF, &[], |cmd| {
+        cgroup.configure(cmd).unwrap()
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent runs under 64 MiB:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot create map "))
+        .unwrap_or_else(|| panic!("no map named in:\n{log}"));
+    let name = line
+        .split("cannot create map ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let flag = lb_userspace::datapath::capacity_flag(name)
+        .unwrap_or_else(|| panic!("{name} is sized by a flag: {line}"));
+    for said in [
+        " entries, about ",
+        " MiB): ",
+        "memory cgroup",
+        "raise the agent's memory limit",
+        &format!("make the map smaller with {flag}"),
+    ] {
+        assert!(line.contains(said), "{said:?} in: {line}");
+    }
+    eprintln!("{line}");
 }

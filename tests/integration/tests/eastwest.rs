@@ -180,6 +180,68 @@ fn pods_and_host_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     );
 }
 
+/// kube-proxy serves the node's own processes and its pods on the NodePorts of the node's
+/// addresses: the socket hooks translate those frontends too (a host process's packets to
+/// the node's own address never reach XDP).
+#[test]
+fn pods_and_host_processes_reach_a_node_port_on_the_node_address_through_the_socket_hooks() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = start_with_hooks(&topology, &cgroup, &examples_dir());
+    let node_port = "10.200.0.1:30080/TCP";
+    agent.wait_for(&[node_port], 2).unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+
+    let frontend: SocketAddr = "10.200.0.1:30080".parse().unwrap();
+    let pods = topology.pod_names();
+    for ns in [&topology.pods[0].ns, &topology.node] {
+        let answers = probe(&cgroup, ns, "tcp", frontend, 20);
+        for answer in &answers {
+            assert_eq!(answer.peer, frontend, "{answers:?}");
+        }
+        for pod in &pods {
+            assert!(
+                answers.iter().any(|a| &a.body == pod),
+                "{pod} never answered through {frontend} from {}: {answers:?}",
+                ns.name()
+            );
+        }
+    }
+    // Through the socket path: 40 flows, no packet translated.
+    assert_eq!(flows_and_packets(&agent, node_port), (40.into(), 0.into()));
+}
+
+/// The DaemonSet mounts the host's /sys/fs/cgroup as it is and hooks it: on hybrid hosts
+/// (these machines) that is cgroup v1's tmpfs with cgroup2 at `unified`, where the agent
+/// finds the hierarchy itself.
+#[test]
+fn on_the_hybrid_cgroup_layout_the_socket_hooks_go_on_its_cgroup2_hierarchy() {
+    let topology = Topology::new(2).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let hybrid = lb_testbed::cgroup::HybridLayout::new(&cgroup).unwrap();
+    let agent = Agent::start_manifests_configured(
+        &topology.node,
+        &examples_dir(),
+        NODE_IF,
+        &["--cgroup", hybrid.path()],
+        |cmd| hybrid.configure(cmd),
+    )
+    .unwrap();
+    agent.wait_for(&["10.96.0.10:8080/TCP"], 2).unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("{}/unified", hybrid.path())),
+        "the log names the hierarchy hooked:\n{log}"
+    );
+    let frontend = SocketAddr::from((HTTP_CLUSTER_IP, HTTP_SERVICE_PORT));
+    let answers = probe(&cgroup, &topology.node, "tcp", frontend, 10);
+    for answer in &answers {
+        assert_eq!(answer.peer, frontend, "{answers:?}");
+        assert!(topology.pod_names().contains(&answer.body), "{answers:?}");
+    }
+}
+
 /// The IPv6 ClusterIPs of `tests/fixtures/dual-stack` (HTTP, UDP echo), and one of a
 /// Service without endpoints the tests add.
 const HTTP_CLUSTER_IP6: &str = "fd00:96::20";

@@ -51,34 +51,12 @@ impl InPod {
             .env("KUBERNETES_SERVICE_PORT", "443");
         let run = CString::new(self.run.path().as_os_str().as_bytes())
             .context("the scratch directory's path")?;
-        // SAFETY: between fork and exec the closure only calls unshare(2) and mount(2),
-        // which are async-signal-safe, on C strings made before the fork; it does not
-        // allocate.
+        // SAFETY: between fork and exec the closure only makes system calls (unshare(2),
+        // mount(2)) on C strings made before the fork; it does not allocate.
         unsafe {
             cmd.pre_exec(move || {
-                let check = |rc: libc::c_int| {
-                    if rc == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                };
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-                let none = std::ptr::null();
-                check(libc::mount(
-                    c"none".as_ptr(),
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    none.cast(),
-                ))?;
-                check(libc::mount(
-                    run.as_ptr(),
-                    c"/run".as_ptr(),
-                    none,
-                    libc::MS_BIND,
-                    none.cast(),
-                ))
+                crate::netns::unshare_mounts()?;
+                crate::netns::mount(&run, c"/run", None)
             });
         }
         Ok(())

@@ -278,6 +278,9 @@ state = "{state}"
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": pod_cidr}]],
+                        // The pods' default route, via cni0 (isGateway gives cni0 the
+                        // gateway address, not the pods a route to it).
+                        "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": self.dir.path().join("cni/ipam"),
                     },
                 },
