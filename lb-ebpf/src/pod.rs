@@ -41,7 +41,7 @@ pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<(), Verdict> {
     let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if ipv6 {
-        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
+        unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     pod_ingress::<V4>(ctx, |ctx| try_egress4(ctx, Pull::Done))
@@ -54,7 +54,7 @@ pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<(), Verdict> {
     // `lb_tc_egress`'s to rewrite, by a tail call: with that code this program is over the
     // stack limit.
     if ctx.load::<u8>(IPV6_NEXT_HDR_OFF) == Ok(PROTO_ICMPV6) {
-        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
+        unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     pod_ingress::<V6>(ctx, |ctx| try_egress6(ctx, false, Pull::Done))
@@ -165,7 +165,7 @@ fn forget_stale_reply<F: Datapath>(ctx: &TcContext) {
     }
     let (saddr, daddr) = (F::copy_saddr(&ip), F::copy_daddr(&ip));
     let reply = F::CtKey::new(daddr, saddr, ports[1], ports[0], PROTO_TCP, CT_REPLY);
-    if F::conntrack().remove(&reply).is_ok() {
+    if F::conntrack().remove(reply).is_ok() {
         count(Event::CtDeletes);
     }
 }
