@@ -147,6 +147,10 @@ fn unhairpin<F: Datapath>(ctx: &TcContext) -> Result<(), Verdict> {
 /// straight to that backend, e.g. one the socket hooks translated) would rewrite the new
 /// connection's replies: it goes.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the verifier walks 10 more instructions of lb_tc_pod_in6 (maps.rs)"
+)]
 fn forget_stale_reply<F: Datapath>(ctx: &TcContext) {
     let Ok(ip) = ctx.load::<F::Header>(ETH_LEN) else {
         return;
@@ -165,7 +169,7 @@ fn forget_stale_reply<F: Datapath>(ctx: &TcContext) {
     }
     let (saddr, daddr) = (F::copy_saddr(&ip), F::copy_daddr(&ip));
     let reply = F::CtKey::new(daddr, saddr, ports[1], ports[0], PROTO_TCP, CT_REPLY);
-    if F::conntrack().remove(reply).is_ok() {
+    if F::conntrack().remove(&reply).is_ok() {
         count(Event::CtDeletes);
     }
 }
