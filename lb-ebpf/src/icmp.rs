@@ -73,6 +73,10 @@ pub(crate) fn nat_error4(ctx: &XdpContext) -> Option<u32> {
         dir: NAT_IN,
         _pad: [0; 2],
     };
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, a copy of the key: 12 more instructions (maps.rs)"
+    )]
     let entry = unsafe { *LB_NAT4_V1.get(&key)? };
     let Some(route) = route::<V4>(ctx, entry.peer_addr, entry.addr, PROTO_ICMP, 0) else {
         count(NatEvent::NoRoute);
@@ -225,7 +229,15 @@ pub(crate) fn local_icmp(ctx: &TcContext) -> Result<(), Verdict> {
         dir: CT_REPLY,
         _pad: [0; 2],
     };
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, a copy of the key: 7 more instructions (maps.rs)"
+    )]
     let entry = unsafe { LB_CT4_V2.get(&key) }.ok_or(Verdict::NotOurs)?;
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, a copy of the id out of the map value: 4 more instructions (maps.rs)"
+    )]
     let frontend = *unsafe { LB_REVNAT4_V1.get(&entry.service_id) }
         .ok_or(Verdict::Pass(Reason::RevNatMissing))?;
     let edit = IcmpEdit {
@@ -336,7 +348,7 @@ pub(crate) fn nat_error6(ctx: &XdpContext) -> Option<u32> {
         dir: NAT_IN,
         _pad: [0; 2],
     };
-    let entry = LB_NAT6_V1.get_ptr(&key)?;
+    let entry = LB_NAT6_V1.get_ptr(key)?;
     let (client, client_port, frontend, frontend_port) = unsafe {
         (
             (*entry).addr,

@@ -126,7 +126,7 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
                 && ptr_at::<_, u8>(ctx, L4_OFF6)
                     .is_some_and(|t| ICMPV6_ERRORS.contains(unsafe { &*t })) =>
         {
-            let _ = unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
+            unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
             Err(Verdict::Pass(Reason::Nat6ProgramMissing))
         }
         _ => Err(Verdict::Pass(why)),
@@ -167,7 +167,7 @@ fn hand_over(
                 (*pending).backend_port = backend_port;
                 (*pending).closing = closing as u8;
             }
-            let _ = LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_NAT6);
+            LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_NAT6);
         }
     }
     Err(if kind == NAT6_FORWARD {

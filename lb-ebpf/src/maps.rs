@@ -7,6 +7,15 @@
 //! map) are not preallocated ([`NO_PREALLOC`]): they take memory as the agent fills them, not
 //! all of it at creation; lookups cost the same. The LRU maps the datapath fills must be
 //! preallocated (an insert from a program cannot allocate).
+//!
+//! Keys: aya's map methods take `impl Borrow<K>`, and clippy's
+//! `needless_borrows_for_generic_args` asks for keys by value. A key that lives on (used
+//! again, a field, a map value) is then copied to a second stack slot for the helper; and
+//! even where LLVM removes the copy, the changed code can change how far the verifier walks
+//! (its state pruning). So a key is passed by value only where no program got longer nor
+//! verified longer for it (`bpftool prog show`: xlated; BPF_OBJ_GET_INFO_BY_FD:
+//! verified_insns); the others stay borrowed, each with an `expect` that gives the
+//! measured cost of the copy.
 
 use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},

@@ -35,6 +35,10 @@ use crate::{
 /// The NAT port of a new flow: the first free one (or expired) of its tries. Writes the
 /// [`NAT_IN`] entry; `None` when every try is taken.
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, a copy of the key for each helper: 68 more instructions (maps.rs)"
+)]
 fn allocate<F: Datapath>(in_key: &mut F::NatKey, value: &F::NatEntry, hash: u32) -> Option<u16> {
     let map = F::nat();
     for i in 0..nat::TRIES {
@@ -84,6 +88,10 @@ struct NatFlow<F: Datapath> {
 /// still names it, else a new one (`hash`: the flow's); `None` (counted) when no port is
 /// free.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, copies of the flow's keys and values: 187 more instructions (maps.rs)"
+)]
 fn nat_port<F: Datapath>(flow: &mut NatFlow<F>, hash: impl FnOnce() -> u32) -> Option<u16> {
     let map = F::nat();
     let (now, flags, in_value) = (flow.now, flow.flags, flow.in_value);

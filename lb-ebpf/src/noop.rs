@@ -18,7 +18,7 @@ pub fn lb_noop_xdp(_ctx: XdpContext) -> u32 {
 /// Passes every packet untouched.
 #[classifier]
 pub fn lb_noop_tc(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -44,7 +44,7 @@ pub(crate) fn try_pod_ingress(ctx: &TcContext) -> Result<i32, Verdict> {
     let ipv6 = ptr_at::<_, EthHdr>(ctx, 0)
         .is_some_and(|eth| u16::from_be(unsafe { (*eth).ether_type }) == ETH_P_IPV6);
     if ipv6 {
-        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
+        unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::POD_INGRESS6) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     pod_ingress::<V4>(ctx, |ctx| try_egress4(ctx, Pull::Done))
@@ -57,7 +57,7 @@ pub(crate) fn try_pod_ingress6(ctx: &TcContext) -> Result<i32, Verdict> {
     // `lb_tc_egress`'s to rewrite, by a tail call: with that code this program is over the
     // stack limit.
     if ctx.load::<u8>(IPV6_NEXT_HDR_OFF) == Ok(PROTO_ICMPV6) {
-        let _ = unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
+        unsafe { LB_TCPROGS_V1.tail_call(ctx, tc_prog_slot::EGRESS) };
         return Err(Verdict::Pass(Reason::Ipv6ProgramMissing));
     }
     pod_ingress::<V6>(ctx, |ctx| try_egress6(ctx, false, Pull::Done))
@@ -155,6 +155,10 @@ fn unhairpin<F: Datapath>(ctx: &TcContext) -> Result<(), Verdict> {
 /// straight to that backend, e.g. one the socket hooks translated) would rewrite the new
 /// connection's replies: it goes.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the verifier walks 10 more instructions of lb_tc_pod_in6 (maps.rs)"
+)]
 fn forget_stale_reply<F: Datapath>(ctx: &TcContext) {
     let Ok(ip) = ctx.load::<F::Header>(ETH_LEN) else {
         return;

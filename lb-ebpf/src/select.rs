@@ -28,6 +28,10 @@ pub(crate) struct Chosen<B> {
 /// table's ids are keys of its family's backends map).
 #[inline(always)]
 pub(crate) fn backend_of<F: Datapath>(id: u32) -> Option<Chosen<F::Backend>> {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the verifier walks 291 more instructions of lb_tc_pod_in (maps.rs)"
+    )]
     let backend = *unsafe { F::backends().get(&id) }?;
     Some(Chosen { id, backend })
 }
@@ -132,7 +136,7 @@ pub(crate) fn select_with_affinity<F: Datapath, K>(
             Some(entry) => unsafe { *entry = fresh },
             // Best effort: without an entry the client's next flow uses the table.
             None => {
-                if map.insert(client, &fresh, BPF_ANY as u64).is_ok() {
+                if map.insert(client, fresh, BPF_ANY as u64).is_ok() {
                     count(inserts);
                 }
             }

@@ -26,8 +26,9 @@ enum Cmd {
     Build,
     /// Build, then send traffic through lb in network namespaces and show who served it.
     Demo,
-    /// Build, then cargo fmt --check, clippy -D warnings, and all tests against the built lb
-    /// (the upgrade test also against the older release that build-old builds).
+    /// Build, then cargo fmt --check, clippy -D warnings (the host crates, and lb-ebpf for its
+    /// target), and all tests against the built lb (the upgrade test also against the older
+    /// release that build-old builds).
     Test,
     /// Build, then write the agent's container image (a docker-archive tar for `docker load`
     /// or `ctr images import`) from the release binary, without Docker.
@@ -147,6 +148,7 @@ fn test(lb: &Path, old: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    clippy_ebpf()?;
     run_checked(
         cargo()
             .args(["test", "--no-fail-fast"])
@@ -156,6 +158,27 @@ fn test(lb: &Path, old: &Path) -> Result<()> {
     )?;
     eprintln!("all checks passed");
     Ok(())
+}
+
+/// Clippy over lb-ebpf for its own target, as lb-userspace's build script builds it (the
+/// pinned nightly, `-Z build-std=core`, release), with `-D warnings`. The host's compiler
+/// settings are left out, as aya-build leaves them out: they are not the eBPF target's.
+fn clippy_ebpf() -> Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", setup::EBPF_TOOLCHAIN, "cargo", "clippy"])
+        .args(["--package", "lb-ebpf", "--bins", "--release", "--locked"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]);
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
+        cmd.env_remove(key);
+    }
+    run_checked(&mut cmd)
 }
 
 /// Builds `lb-bench` (tests/bench) and runs it against the built `lb`.
