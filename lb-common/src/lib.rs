@@ -49,7 +49,7 @@ pub mod map_names {
     use crate::{
         Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
         CtEntry, Event, Frontend4, Frontend6, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key, Nat6Pending,
-        NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
+        NatEvent, PairKey, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
         SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent, capacity,
         prefilter, prog_slot, tc_prog_slot,
     };
@@ -81,6 +81,13 @@ pub mod map_names {
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
     /// the agent gives each live backend a slot of its own and zeroes the slot of a new id.
     pub const BACKEND_STATS: &str = "LB_BESTAT_V2";
+    /// LRU per-CPU hash map [`crate::PairKey`] (service id, backend id) ->
+    /// [`crate::ServiceStats`]: each backend's counters under each frontend that sent it
+    /// packets (one backend shared by a ClusterIP and a NodePort is counted apart for
+    /// each), as ipvsadm counts per virtual and real server. The datapath adds an entry on
+    /// the first packet of a pair; the least recently counted pairs give way when it is
+    /// full (as many pairs as `--max-services` frontends).
+    pub const PAIR_STATS: &str = "LB_PAIRSTAT_V1";
     /// Per-CPU array indexed by [`crate::Event`] -> `u64`: flow decisions and conntrack
     /// writes.
     pub const EVENTS: &str = "LB_EVENT_V1";
@@ -168,7 +175,7 @@ pub mod map_names {
 
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
-    pub const ALL: [MapSpec; 29] = [
+    pub const ALL: [MapSpec; 30] = [
         MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)),
         MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)),
         MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables)),
@@ -177,6 +184,7 @@ pub mod map_names {
         MapSpec::new::<u32, ServiceStats>(SERVICE_STATS, PerCpuArray, Sized(ServiceIds)),
         MapSpec::new::<u32, u64>(REASON_STATS, PerCpuArray, Fixed(Reason::COUNT)),
         MapSpec::new::<u32, ServiceStats>(BACKEND_STATS, PerCpuArray, Sized(BackendSlots)),
+        MapSpec::new::<PairKey, ServiceStats>(PAIR_STATS, LruPerCpuHash, Sized(Services)),
         MapSpec::new::<u32, u64>(EVENTS, PerCpuArray, Fixed(Event::COUNT)),
         MapSpec::new::<AffinityKey, AffinityEntry>(AFFINITY, LruHash, Sized(Affinity)),
         MapSpec::lpm_trie::<SourceRange4, u8>(SOURCE_RANGES, Fixed(capacity::SOURCE_RANGES)),
@@ -920,6 +928,16 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
+/// Key of [`map_names::PAIR_STATS`]: a frontend (its service id) and one of its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    /// [`Service::id`] of the frontend.
+    pub service_id: u32,
+    /// The backend id.
+    pub backend_id: u32,
+}
+
 /// The name of the eBPF object's global holding `slots - 1`, where `slots` is the size of
 /// [`map_names::BACKEND_STATS`] (a power of two); the agent sets it when it loads the object.
 pub const BACKEND_STATS_MASK_GLOBAL: &str = "LB_BESTAT_MASK";
@@ -1108,6 +1126,7 @@ const _: () = {
     assert!(core::mem::align_of::<CtEntry>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<PairKey>() == 8);
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<SockEntry>() == 16);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
@@ -1132,6 +1151,7 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockEntry {}
     unsafe impl aya::Pod for SockAffinityKey {}

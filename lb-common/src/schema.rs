@@ -22,6 +22,8 @@ pub enum MapKind {
     PerCpuArray,
     /// `BPF_MAP_TYPE_LRU_HASH`.
     LruHash,
+    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
+    LruPerCpuHash,
     /// `BPF_MAP_TYPE_LPM_TRIE`: its key is a prefix length (`u32`) and then the data.
     LpmTrie,
     /// `BPF_MAP_TYPE_HASH_OF_MAPS` (a BTF map, which the agent pins by path): its values
@@ -38,6 +40,7 @@ impl MapKind {
             MapKind::ProgramArray => 3,
             MapKind::PerCpuArray => 6,
             MapKind::LruHash => 9,
+            MapKind::LruPerCpuHash => 10,
             MapKind::LpmTrie => 11,
             MapKind::HashOfMaps(_) => 13,
         }

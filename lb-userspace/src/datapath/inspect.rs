@@ -249,6 +249,12 @@ pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
         &contents,
         &read_names(pins)?,
         |id| counters.service(id).unwrap_or_default(),
+        // Per frontend and backend; an older agent's maps have the backend's totals only.
+        |service, id| match counters.pair(service, id) {
+            Ok(Some(pair)) => Some(pair),
+            Ok(None) => counters.backend(id).ok(),
+            Err(_) => None,
+        },
         |id| counters.backend(id).ok(),
         counters.conntrack()?,
         nonzero,
@@ -268,13 +274,14 @@ pub fn stats_report(
     contents: &MapContents,
     names: &BTreeMap<FrontendKey, FrontendLabel>,
     service_stats: impl Fn(u32) -> ServiceStats,
+    pair_stats: impl Fn(u32, u32) -> Option<ServiceStats>,
     backend_stats: impl Fn(u32) -> Option<ServiceStats>,
     conntrack: ConntrackStats,
     counters: Vec<(&'static str, u64)>,
 ) -> StatsReport {
     let backends = backend_views(contents);
-    let row = |id: u32| {
-        let s = backend_stats(id).unwrap_or_default();
+    let row = |id: u32, stats: Option<ServiceStats>| {
+        let s = stats.unwrap_or_default();
         let (backend, state) = match backends.get(&id) {
             Some(b) => (b.addr().to_string(), state_name(b.state())),
             None => ("?".to_owned(), "missing"),
@@ -312,7 +319,11 @@ pub fn stats_report(
                 packets: r.packets,
                 bytes: r.bytes,
                 new_flows: r.new_flows,
-                backends: ids.into_iter().map(row).collect(),
+                // Under a frontend, what it sent to each backend (ipvsadm's real server
+                // under its virtual server), not the backend's totals over frontends.
+                backends: (ids.into_iter())
+                    .map(|id| row(id, pair_stats(r.service_id, id)))
+                    .collect(),
             }
         })
         .collect();
@@ -324,7 +335,9 @@ pub fn stats_report(
     draining.sort_unstable();
     StatsReport {
         frontends,
-        draining: draining.into_iter().map(row).collect(),
+        draining: (draining.into_iter())
+            .map(|id| row(id, backend_stats(id)))
+            .collect(),
         conntrack,
         counters,
         tables: Vec::new(),
@@ -474,6 +487,7 @@ mod tests {
             &contents,
             &BTreeMap::new(),
             |_| ServiceStats::default(),
+            |_, _| None,
             |_| None,
             ConntrackStats::default(),
             Vec::new(),
@@ -586,6 +600,8 @@ mod tests {
             &with_removed,
             &names,
             counts,
+            // A backend's counters under a frontend are the pair's, not its totals.
+            |service, id| (id != 8).then(|| counts(id + 100 * service)),
             |id| (id != 8).then(|| counts(id)),
             ConntrackStats {
                 entries: 4,
@@ -598,6 +614,12 @@ mod tests {
         let ids: Vec<u32> = report.frontends[0].backends.iter().map(|b| b.id).collect();
         assert_eq!(ids, [7, 8, 9]);
         assert_eq!(report.frontends[0].backends[1].state, "missing");
+        let service = report.frontends[0].service_id;
+        assert_eq!(
+            report.frontends[0].backends[0].new_flows,
+            u64::from(7 + 100 * service),
+            "the pair's counters under the frontend"
+        );
         assert_eq!(report.draining.len(), 1);
         assert_eq!(
             (report.draining[0].state, report.draining[0].new_flows),
