@@ -73,9 +73,9 @@ pub mod map_names {
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
-    /// Per-CPU array indexed by [`crate::Reason`] -> `u64` packet count (V3: the IPv6
-    /// reasons; V2: more reasons than V1).
-    pub const REASON_STATS: &str = "LB_REASON_V3";
+    /// Per-CPU array indexed by [`crate::Reason`] -> `u64` packet count (V4: the rejected
+    /// packets; V3: the IPv6 reasons; V2: more reasons than V1).
+    pub const REASON_STATS: &str = "LB_REASON_V4";
     /// Per-CPU array of [`crate::ServiceStats`]: the backends' counters, each at its
     /// backend's [`crate::backend_stats_slot`] (V2: an array, whose lookups the verifier
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
@@ -447,6 +447,11 @@ pub const SERVICE_F_RANDOM: u32 = 1 << 1;
 /// Only sources in [`map_names::SOURCE_RANGES`] for this service may open flows
 /// (loadBalancerSourceRanges); others are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
+/// The frontend has no backend because its Service has no usable endpoint anywhere
+/// (kube-proxy's "has no endpoints"): a new flow is answered with ICMP (ICMPv6) port
+/// unreachable, as kube-proxy's REJECT, not dropped. Without it a frontend without backends
+/// drops (its endpoints are on other nodes, under a Local policy: "has no local endpoints").
+pub const SERVICE_F_REJECT: u32 = 1 << 4;
 /// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
 /// the first (key `id`).
 pub const SERVICE_F_TABLE_B: u32 = 1 << 3;

@@ -260,7 +260,7 @@ mod tests {
     /// under its name: an agent that finds the map pinned reuses it, and the new programs
     /// would read the old entries with the new layout. A change gets a new name instead
     /// (see the message of the test below).
-    const GOLDEN: [(&str, Layout); 29] = [
+    const GOLDEN: [(&str, Layout); 30] = [
         ("LB_SVC4_V1", map(HASH, 8, 16, None, 0)),
         ("LB_BACKEND4_V2", map(HASH, 4, 12, None, 0)),
         (
@@ -270,8 +270,9 @@ mod tests {
         ("LB_CT4_V2", map(LRU, 16, 32, None, 0)),
         ("LB_REVNAT4_V1", map(HASH, 4, 8, None, 0)),
         ("LB_SVCSTAT_V1", map(PERCPU, 4, 24, None, 0)),
-        ("LB_REASON_V3", map(PERCPU, 4, 8, Some(23), 0)),
+        ("LB_REASON_V4", map(PERCPU, 4, 8, Some(24), 0)),
         ("LB_BESTAT_V2", map(PERCPU, 4, 24, None, 0)),
+        ("LB_PAIRSTAT_V1", map(LruPerCpuHash, 8, 24, None, 0)),
         ("LB_EVENT_V1", map(PERCPU, 4, 8, Some(11), 0)),
         ("LB_AFFINITY4_V1", map(LRU, 8, 16, None, 0)),
         (
@@ -307,7 +308,7 @@ mod tests {
     /// The counters' indexes, by the array that holds them: a new counter needs a larger
     /// array, which a pinned array is not.
     const GOLDEN_COUNTERS: [(&str, &str, u32); 4] = [
-        ("Reason", "LB_REASON_V3", 23),
+        ("Reason", "LB_REASON_V4", 24),
         ("Event", "LB_EVENT_V1", 11),
         ("NatEvent", "LB_NATEVENT_V1", 12),
         ("TableEvent", "LB_TBLEVENT_V1", 2),

@@ -116,7 +116,7 @@ pub(crate) static LB_BESTAT_MASK: u32 = BackendSlots.default_entries() - 1;
 pub(crate) static LB_PAIRSTAT_V1: LruPerCpuHashMap<PairKey, ServiceStats> =
     LruPerCpuHashMap::pinned(Services.default_entries(), 0);
 #[map]
-pub(crate) static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+pub(crate) static LB_REASON_V4: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 #[map]
 pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 #[map]

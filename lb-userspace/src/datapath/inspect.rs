@@ -4,7 +4,7 @@ use crate::datapath::Pins;
 use std::collections::{BTreeMap, HashMap};
 
 use lb_common::{
-    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT,
     SERVICE_F_SOURCE_RANGES, ServiceStats,
 };
 use serde::Serialize;
@@ -43,6 +43,8 @@ pub struct ServiceRow {
     pub affinity_timeout_secs: u32,
     /// Whether only loadBalancerSourceRanges may use it.
     pub source_ranges: bool,
+    /// Whether its new flows are rejected (no endpoint anywhere: ICMP port unreachable).
+    pub reject: bool,
     /// Counters, summed over CPUs.
     pub packets: u64,
     /// Bytes translated.
@@ -118,6 +120,7 @@ pub fn service_rows(
                 },
                 affinity_timeout_secs: svc.affinity_timeout_secs,
                 source_ranges: svc.flags & SERVICE_F_SOURCE_RANGES != 0,
+                reject: svc.flags & SERVICE_F_REJECT != 0,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
@@ -138,8 +141,10 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         "FRONTEND", "SERVICE", "KIND", "ID", "PACKETS", "FLOWS", "BACKENDS"
     );
     for r in rows {
-        let backends = if r.backends.is_empty() {
-            "(none: dropped)".to_owned()
+        let backends = if r.reject {
+            "(none anywhere: rejected)".to_owned()
+        } else if r.backends.is_empty() {
+            "(none here: dropped)".to_owned()
         } else {
             r.backends.join(", ")
         };

@@ -294,13 +294,7 @@ fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
         "the two frontends share their backends"
     );
     let conns = |frontend: &str| -> (u64, u64) {
-        let out = lb_testbed::netns::run(
-            std::process::Command::new(agent.lb())
-                .args(["stats", "--output", "json", "--pin-path"])
-                .arg(agent.pin_path()),
-        )
-        .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = agent.stats().unwrap();
         let row = (report["frontends"].as_array().unwrap().iter())
             .find(|f| f["frontend"] == frontend)
             .unwrap_or_else(|| panic!("{frontend} in {report:#}"));
