@@ -97,7 +97,8 @@ counters! {
         ShortL4 = 8 => "short_l4",
         /// Passed: not addressed to a frontend.
         NotFrontend = 9 => "not_frontend",
-        /// Dropped: the frontend has no backend.
+        /// Dropped: the frontend has no backend while its Service has endpoints (a Local
+        /// policy whose endpoints are all on other nodes; kube-proxy drops these too).
         NoBackend = 10 => "no_backend",
         /// Dropped: a slot names a backend id that is not in the backends map.
         BackendMissing = 11 => "backend_missing",
@@ -133,6 +134,11 @@ counters! {
         /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the
         /// pod interfaces' TC program) is empty (the tail call returned).
         Ipv6ProgramMissing = 22 => "ipv6_program_missing",
+        /// Answered: a new flow to a frontend whose Service has no usable endpoint anywhere
+        /// ([`crate::SERVICE_F_REJECT`]) got ICMP (ICMPv6) port unreachable, sent back out
+        /// of the interface it came in by (or dropped, when the frame could not be turned
+        /// into one).
+        Rejected = 23 => "rejected_no_endpoints",
     }
 }
 
@@ -252,11 +258,13 @@ mod tests {
             }
         }
         // Pinned arrays outlive upgrades: these indexes never change.
-        assert_eq!(Reason::COUNT, 23);
+        // (Adding one grows the array: its map's version goes up, LB_REASON_V4.)
+        assert_eq!(Reason::COUNT, 24);
         assert_eq!(Reason::NotFrontend as u32, 9);
         assert_eq!(Reason::NotFrontend.name(), "not_frontend");
         assert_eq!(Reason::from_index(22), Some(Reason::Ipv6ProgramMissing));
-        assert_eq!(Reason::from_index(23), None);
+        assert_eq!(Reason::from_index(23), Some(Reason::Rejected));
+        assert_eq!(Reason::from_index(24), None);
         assert_eq!(Event::COUNT, 11);
         assert_eq!(Event::DrainRemoved.index(), 10);
         assert_eq!(NatEvent::COUNT, 12);

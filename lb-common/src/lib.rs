@@ -55,7 +55,7 @@ pub mod map_names {
     use crate::{
         Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
         CtEntry, Event, Frontend4, Frontend6, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key, Nat6Pending,
-        NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
+        NatEvent, PairKey, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
         SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent, capacity,
         prefilter, prog_slot, tc_prog_slot,
     };
@@ -79,14 +79,21 @@ pub mod map_names {
     pub const REV_NAT: &str = "LB_REVNAT4_V1";
     /// Per-CPU array indexed by service id -> [`crate::ServiceStats`].
     pub const SERVICE_STATS: &str = "LB_SVCSTAT_V1";
-    /// Per-CPU array indexed by [`crate::Reason`] -> `u64` packet count (V3: the IPv6
-    /// reasons; V2: more reasons than V1).
-    pub const REASON_STATS: &str = "LB_REASON_V3";
+    /// Per-CPU array indexed by [`crate::Reason`] -> `u64` packet count (V4: the rejected
+    /// packets; V3: the IPv6 reasons; V2: more reasons than V1).
+    pub const REASON_STATS: &str = "LB_REASON_V4";
     /// Per-CPU array of [`crate::ServiceStats`]: the backends' counters, each at its
     /// backend's [`crate::backend_stats_slot`] (V2: an array, whose lookups the verifier
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
     /// the agent gives each live backend a slot of its own and zeroes the slot of a new id.
     pub const BACKEND_STATS: &str = "LB_BESTAT_V2";
+    /// LRU per-CPU hash map [`crate::PairKey`] (service id, backend id) ->
+    /// [`crate::ServiceStats`]: each backend's counters under each frontend that sent it
+    /// packets (one backend shared by a ClusterIP and a NodePort is counted apart for
+    /// each), as ipvsadm counts per virtual and real server. The datapath adds an entry on
+    /// the first packet of a pair; the least recently counted pairs give way when it is
+    /// full (as many pairs as `--max-services` frontends).
+    pub const PAIR_STATS: &str = "LB_PAIRSTAT_V1";
     /// Per-CPU array indexed by [`crate::Event`] -> `u64`: flow decisions and conntrack
     /// writes.
     pub const EVENTS: &str = "LB_EVENT_V1";
@@ -174,7 +181,7 @@ pub mod map_names {
 
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
-    pub const ALL: [MapSpec; 29] = [
+    pub const ALL: [MapSpec; 30] = [
         MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
         MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables))
@@ -184,6 +191,7 @@ pub mod map_names {
         MapSpec::new::<u32, ServiceStats>(SERVICE_STATS, PerCpuArray, Sized(ServiceIds)),
         MapSpec::new::<u32, u64>(REASON_STATS, PerCpuArray, Fixed(Reason::COUNT)),
         MapSpec::new::<u32, ServiceStats>(BACKEND_STATS, PerCpuArray, Sized(BackendSlots)),
+        MapSpec::new::<PairKey, ServiceStats>(PAIR_STATS, LruPerCpuHash, Sized(Services)),
         MapSpec::new::<u32, u64>(EVENTS, PerCpuArray, Fixed(Event::COUNT)),
         MapSpec::new::<AffinityKey, AffinityEntry>(AFFINITY, LruHash, Sized(Affinity)),
         MapSpec::lpm_trie::<SourceRange4, u8>(SOURCE_RANGES, Fixed(capacity::SOURCE_RANGES)),
@@ -447,6 +455,11 @@ pub const SERVICE_F_RANDOM: u32 = 1 << 1;
 /// Only sources in [`map_names::SOURCE_RANGES`] for this service may open flows
 /// (loadBalancerSourceRanges); others are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
+/// The frontend has no backend because its Service has no usable endpoint anywhere
+/// (kube-proxy's "has no endpoints"): a new flow is answered with ICMP (ICMPv6) port
+/// unreachable, as kube-proxy's REJECT, not dropped. Without it a frontend without backends
+/// drops (its endpoints are on other nodes, under a Local policy: "has no local endpoints").
+pub const SERVICE_F_REJECT: u32 = 1 << 4;
 /// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
 /// the first (key `id`).
 pub const SERVICE_F_TABLE_B: u32 = 1 << 3;
@@ -928,6 +941,16 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
+/// Key of [`map_names::PAIR_STATS`]: a frontend (its service id) and one of its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    /// [`Service::id`] of the frontend.
+    pub service_id: u32,
+    /// The backend id.
+    pub backend_id: u32,
+}
+
 /// The name of the eBPF object's global holding `slots - 1`, where `slots` is the size of
 /// [`map_names::BACKEND_STATS`] (a power of two); the agent sets it when it loads the object.
 pub const BACKEND_STATS_MASK_GLOBAL: &str = "LB_BESTAT_MASK";
@@ -1121,6 +1144,7 @@ const _: () = {
     assert!(core::mem::align_of::<CtEntry>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<PairKey>() == 8);
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<SockEntry>() == 16);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
@@ -1145,6 +1169,7 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockEntry {}
     unsafe impl aya::Pod for SockAffinityKey {}

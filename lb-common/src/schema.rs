@@ -22,6 +22,8 @@ pub enum MapKind {
     PerCpuArray,
     /// `BPF_MAP_TYPE_LRU_HASH`.
     LruHash,
+    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
+    LruPerCpuHash,
     /// `BPF_MAP_TYPE_LPM_TRIE`: its key is a prefix length (`u32`) and then the data.
     LpmTrie,
     /// `BPF_MAP_TYPE_HASH_OF_MAPS` (a BTF map, which the agent pins by path): its values
@@ -38,6 +40,7 @@ impl MapKind {
             MapKind::ProgramArray => 3,
             MapKind::PerCpuArray => 6,
             MapKind::LruHash => 9,
+            MapKind::LruPerCpuHash => 10,
             MapKind::LpmTrie => 11,
             MapKind::HashOfMaps(_) => 13,
         }
@@ -264,7 +267,7 @@ mod tests {
     /// under its name: an agent that finds the map pinned reuses it, and the new programs
     /// would read the old entries with the new layout. A change gets a new name instead
     /// (see the message of the test below).
-    const GOLDEN: [(&str, Layout); 29] = [
+    const GOLDEN: [(&str, Layout); 30] = [
         ("LB_SVC4_V1", map(HASH, 8, 16, None, 0)),
         ("LB_BACKEND4_V2", map(HASH, 4, 12, None, 0)),
         (
@@ -274,8 +277,9 @@ mod tests {
         ("LB_CT4_V2", map(LRU, 16, 32, None, 0)),
         ("LB_REVNAT4_V1", map(HASH, 4, 8, None, 0)),
         ("LB_SVCSTAT_V1", map(PERCPU, 4, 24, None, 0)),
-        ("LB_REASON_V3", map(PERCPU, 4, 8, Some(23), 0)),
+        ("LB_REASON_V4", map(PERCPU, 4, 8, Some(24), 0)),
         ("LB_BESTAT_V2", map(PERCPU, 4, 24, None, 0)),
+        ("LB_PAIRSTAT_V1", map(LruPerCpuHash, 8, 24, None, 0)),
         ("LB_EVENT_V1", map(PERCPU, 4, 8, Some(11), 0)),
         ("LB_AFFINITY4_V1", map(LRU, 8, 16, None, 0)),
         (
@@ -311,7 +315,7 @@ mod tests {
     /// The counters' indexes, by the array that holds them: a new counter needs a larger
     /// array, which a pinned array is not.
     const GOLDEN_COUNTERS: [(&str, &str, u32); 4] = [
-        ("Reason", "LB_REASON_V3", 23),
+        ("Reason", "LB_REASON_V4", 24),
         ("Event", "LB_EVENT_V1", 11),
         ("NatEvent", "LB_NATEVENT_V1", 12),
         ("TableEvent", "LB_TBLEVENT_V1", 2),

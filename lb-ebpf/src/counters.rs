@@ -2,12 +2,12 @@
 //! decisions (`lb_common::Event`), NAT and forwarding (`lb_common::NatEvent`), LRU inserts
 //! (`lb_common::TableEvent`), and each frontend's and backend's packets.
 
-use aya_ebpf::maps::PerCpuArray;
-use lb_common::{Event, NatEvent, Reason, ServiceStats, TableEvent, backend_stats_slot};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuArray};
+use lb_common::{Event, NatEvent, PairKey, Reason, ServiceStats, TableEvent, backend_stats_slot};
 
 use crate::maps::{
-    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_REASON_V3, LB_SVCSTAT_V1,
-    LB_TBLEVENT_V1,
+    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_PAIRSTAT_V1, LB_REASON_V4,
+    LB_SVCSTAT_V1, LB_TBLEVENT_V1,
 };
 
 /// A counter of one of the per-CPU counter arrays: its array, and its index there.
@@ -31,7 +31,7 @@ macro_rules! counter {
     };
 }
 
-counter!(Reason, LB_REASON_V3);
+counter!(Reason, LB_REASON_V4);
 counter!(Event, LB_EVENT_V1);
 counter!(NatEvent, LB_NATEVENT_V1);
 counter!(TableEvent, LB_TBLEVENT_V1);
@@ -57,8 +57,8 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
     }
 }
 
-/// Counts a translated packet of either family for its frontend and its backend (`new`:
-/// the packet created the flow's entries).
+/// Counts a translated packet of either family for its frontend, its backend, and the pair
+/// (`new`: the packet created the flow's entries).
 #[inline(always)]
 pub(crate) fn count_packet(service_id: u32, backend_id: u32, bytes: u64, new: bool) {
     if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(service_id) {
@@ -67,6 +67,38 @@ pub(crate) fn count_packet(service_id: u32, backend_id: u32, bytes: u64, new: bo
     // A volatile read: the value is the loader's, not this constant initialiser.
     let mask = unsafe { core::ptr::read_volatile(&LB_BESTAT_MASK) };
     if let Some(stats) = LB_BESTAT_V2.get_ptr_mut(backend_stats_slot(backend_id, mask)) {
+        add_stats(stats, bytes, new);
+    }
+    count_pair(
+        PairKey {
+            service_id,
+            backend_id,
+        },
+        bytes,
+        new,
+    );
+}
+
+/// Counts a packet for a (frontend, backend) pair, adding the pair's entry on its first
+/// packet. Per-CPU: an insert writes this CPU's values (the others start at zero).
+#[inline(always)]
+fn count_pair(key: PairKey, bytes: u64, new: bool) {
+    if let Some(stats) = LB_PAIRSTAT_V1.get_ptr_mut(&key) {
+        add_stats(stats, bytes, new);
+        return;
+    }
+    let first = ServiceStats {
+        packets: 1,
+        bytes,
+        new_flows: new as u64,
+    };
+    // BPF_NOEXIST: another CPU that added the pair meanwhile keeps its values; this
+    // packet then counts in the entry it added.
+    if LB_PAIRSTAT_V1
+        .insert(&key, &first, BPF_NOEXIST as u64)
+        .is_err()
+        && let Some(stats) = LB_PAIRSTAT_V1.get_ptr_mut(&key)
+    {
         add_stats(stats, bytes, new);
     }
 }

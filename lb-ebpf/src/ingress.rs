@@ -23,6 +23,7 @@ use crate::{
     icmp::{ICMPV6_ERRORS, nat_error4, nat_error6},
     maps::{LB_NAT6PEND_V1, LB_PROGS_V2},
     nat::{forward, reply},
+    reject::{reject4, reject6},
     verdict::Verdict,
 };
 
@@ -32,6 +33,8 @@ use crate::{
 pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     let why = match translate4(ctx) {
         Err(Verdict::Pass(why)) => why,
+        // No endpoint anywhere: kube-proxy's REJECT (reject.rs).
+        Err(Verdict::Drop(Reason::Rejected)) => return reject4(ctx),
         done => return done,
     };
     match why {
@@ -97,6 +100,7 @@ fn dispatch6(ctx: &XdpContext) -> Result<u32, Verdict> {
 pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
     let why = match translate6(ctx) {
         Err(Verdict::Pass(why)) => why,
+        Err(Verdict::Drop(Reason::Rejected)) => return reject6(ctx),
         done => return done,
     };
     match why {

@@ -22,6 +22,7 @@
 //! - `select`: the backend of a new flow; `flow`: conntrack, and the lookups of a packet to
 //!   a frontend; `route`: sending on by XDP; `nat`: source NAT for remote backends; `icmp`:
 //!   ICMP errors about translated flows;
+//! - `reject`: ICMP port unreachable for a Service without endpoints (XDP);
 //! - `ingress` (XDP), `egress` (TC), `pod` (the pods' interfaces, TC), `sock` (the socket
 //!   hooks).
 #![no_std]
@@ -39,6 +40,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pod;
+mod reject;
 mod route;
 mod select;
 mod skb;

@@ -20,14 +20,14 @@
 use aya_ebpf::{
     btf_maps::{Array as InnerArray, HashOfMaps},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, Backend4, Backend6, Ct4Key, Ct6Entry, Ct6Key,
     CtEntry, Event, Frontend4, Frontend6, MaglevCell, Nat4Entry, Nat4Key, Nat6Entry, Nat6Key,
-    Nat6Pending, NatEvent, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry, Sock6Key,
-    SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent, capacity, maglev,
-    prefilter, prog_slot,
+    Nat6Pending, NatEvent, PairKey, Reason, RevNat4, RevNat6, Service, ServiceStats, Sock6Entry,
+    Sock6Key, SockAffinityKey, SockEntry, SockKey, SourceRange4, SourceRange6, TableEvent,
+    capacity, maglev, prefilter, prog_slot,
     schema::Sizing::{
         Affinity, BackendSlots, Backends, Conntrack, MaglevTables, ServiceIds, Services,
     },
@@ -129,8 +129,12 @@ pub(crate) static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
 /// (`lb_common::BACKEND_STATS_MASK_GLOBAL`). Read-only: the verifier knows its value.
 #[unsafe(no_mangle)]
 pub(crate) static LB_BESTAT_MASK: u32 = BackendSlots.default_entries() - 1;
+/// See `lb_common::map_names::PAIR_STATS`.
 #[map]
-pub(crate) static LB_REASON_V3: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+pub(crate) static LB_PAIRSTAT_V1: LruPerCpuHashMap<PairKey, ServiceStats> =
+    LruPerCpuHashMap::pinned(Services.default_entries(), 0);
+#[map]
+pub(crate) static LB_REASON_V4: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 #[map]
 pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 #[map]

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, Event, FlowKey, PROTO_UDP,
-    Reason, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, TableEvent,
-    maglev,
+    Reason, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
+    Service, TableEvent, maglev,
 };
 
 use crate::{counters::count, family::Datapath, maps::LB_MAGLEV_V2, verdict::Verdict};
@@ -62,6 +62,17 @@ fn select_from_table<F: Datapath>(
     backend_of::<F>(cell[half & 1]).ok_or(MISSING)
 }
 
+/// Why a frontend without backends takes no new flow: no endpoint anywhere (rejected), or
+/// none here.
+#[inline(always)]
+pub(crate) fn no_backend(svc: &Service) -> Reason {
+    if svc.flags & SERVICE_F_REJECT != 0 {
+        Reason::Rejected
+    } else {
+        Reason::NoBackend
+    }
+}
+
 /// The backend of a new flow (`key`: its forward conntrack key): checks the source ranges,
 /// then the client's affinity, then the Maglev table.
 #[inline(always)]
@@ -70,7 +81,7 @@ pub(crate) fn select_backend<F: Datapath>(
     key: &F::CtKey,
 ) -> Result<Chosen<F::Backend>, Verdict> {
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(Reason::NoBackend));
+        return Err(Verdict::Drop(no_backend(svc)));
     }
     if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         let source = LpmKey::new(

@@ -49,7 +49,7 @@ use crate::{
     counters::{count, count_socket_flow},
     family::Datapath,
     maps::LB_SOCKAFF4_V1,
-    select::{Chosen, backend_of, reselect_because, select_with_affinity},
+    select::{Chosen, backend_of, no_backend, reselect_because, select_with_affinity},
     verdict::Verdict,
 };
 
@@ -107,7 +107,7 @@ fn socket_backend<F: Datapath>(
         }
     }
     if svc.backend_count == 0 {
-        return Err(Verdict::Drop(Reason::NoBackend));
+        return Err(Verdict::Drop(no_backend(svc)));
     }
     let client = SockAffinityKey {
         service_id: svc.id,

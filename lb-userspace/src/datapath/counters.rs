@@ -1,9 +1,11 @@
 //! The datapath's per-CPU counters, read from the pins and summed, and the occupancy of the
 //! LRU tables it fills.
 
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use lb_common::{
-    Affinity6Key, AffinityEntry, AffinityKey, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Event,
+    Affinity6Key, AffinityEntry, AffinityKey, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Event, PairKey,
     ServiceStats, SockAffinityKey, TableEvent, backend_stats_slot, map_names,
 };
 
@@ -19,6 +21,8 @@ pub struct Counters {
     backends: PerCpuArray<MapData, ServiceStats>,
     /// The size of `backends` less one.
     backend_mask: u32,
+    /// [`map_names::PAIR_STATS`]; `None` when pinned by an agent without it.
+    pairs: Option<PerCpuHashMap<MapData, PairKey, ServiceStats>>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
     /// [`map_names::CONNTRACK6`]: its inserts are counted with IPv4's, so its entries are
     /// too. `None` when pinned by an agent without it.
@@ -118,6 +122,12 @@ impl Counters {
         let backends = open(map_names::BACKEND_STATS, Map::PerCpuArray)?;
         let backend_mask = pins.max_entries(map_names::BACKEND_STATS)?.wrapping_sub(1);
         let conntrack = open(map_names::CONNTRACK, Map::LruHashMap)?;
+        let pairs = if pins.has_map(map_names::PAIR_STATS) {
+            let map = open(map_names::PAIR_STATS, Map::PerCpuLruHashMap)?;
+            Some(PerCpuHashMap::try_from(map).map_err(map_err(map_names::PAIR_STATS))?)
+        } else {
+            None
+        };
         // The IPv6 twins, when pinned.
         let lru6 = |name: &'static str| -> Result<Option<Map>, DatapathError> {
             if pins.has_map(name) {
@@ -154,6 +164,7 @@ impl Counters {
                 .map_err(map_err(map_names::NAT_EVENTS))?,
             backends: PerCpuArray::try_from(backends).map_err(map_err(map_names::BACKEND_STATS))?,
             backend_mask,
+            pairs,
             conntrack: HashMap::try_from(conntrack).map_err(map_err(map_names::CONNTRACK))?,
             conntrack6,
         })
@@ -173,6 +184,29 @@ impl Counters {
         let slot = backend_stats_slot(id, self.backend_mask);
         let values = (self.backends.get(&slot, 0)).map_err(map_err(map_names::BACKEND_STATS))?;
         Ok(sum_stats(&values))
+    }
+
+    /// The counters of backend `backend_id` under the frontend of service id `service_id`,
+    /// summed over CPUs: zero before its first packet there (or after the pair gave way in
+    /// the full LRU map). `None` when the pinned maps have no per-pair counters (an older
+    /// agent's).
+    pub fn pair(
+        &self,
+        service_id: u32,
+        backend_id: u32,
+    ) -> Result<Option<ServiceStats>, DatapathError> {
+        let Some(pairs) = &self.pairs else {
+            return Ok(None);
+        };
+        let key = PairKey {
+            service_id,
+            backend_id,
+        };
+        match pairs.get(&key, 0) {
+            Ok(values) => Ok(Some(sum_stats(&values))),
+            Err(MapError::KeyNotFound) => Ok(Some(ServiceStats::default())),
+            Err(e) => Err(map_err(map_names::PAIR_STATS)(e)),
+        }
     }
 
     fn sums(

@@ -10,8 +10,8 @@ use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie};
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING,
     CT_FORWARD, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP,
-    SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service, SourceRange4,
-    SourceRange6, addr6, flow_hash, flow_hash6, map_names,
+    SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
+    SourceRange4, SourceRange6, addr6, flow_hash, flow_hash6, map_names,
 };
 use serde::Serialize;
 
@@ -41,6 +41,8 @@ pub enum Decision {
     NotFrontend,
     /// The frontend has no backend (or no table): dropped.
     NoBackend,
+    /// The Service has no endpoint anywhere: answered with ICMP port unreachable.
+    Rejected,
     /// The source is outside the frontend's loadBalancerSourceRanges: dropped.
     SourceDenied,
     /// The conntrack entry's backend.
@@ -345,9 +347,17 @@ impl Explainer {
             }
             _ => out.steps.push("no conntrack entry: a new flow".to_owned()),
         }
+        if svc.backend_count == 0 && svc.flags & SERVICE_F_REJECT != 0 {
+            out.decision = Decision::Rejected;
+            out.steps.push(
+                "no endpoint anywhere: rejected (ICMP port unreachable, rejected_no_endpoints)"
+                    .to_owned(),
+            );
+            return Ok(out);
+        }
         if svc.backend_count == 0 {
             out.decision = Decision::NoBackend;
-            out.steps.push("no backend: dropped".to_owned());
+            out.steps.push("no backend here: dropped".to_owned());
             return Ok(out);
         }
         if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {

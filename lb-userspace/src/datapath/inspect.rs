@@ -4,7 +4,7 @@ use crate::datapath::Pins;
 use std::collections::{BTreeMap, HashMap};
 
 use lb_common::{
-    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT,
     SERVICE_F_SOURCE_RANGES, ServiceStats,
 };
 use serde::Serialize;
@@ -43,6 +43,8 @@ pub struct ServiceRow {
     pub affinity_timeout_secs: u32,
     /// Whether only loadBalancerSourceRanges may use it.
     pub source_ranges: bool,
+    /// Whether its new flows are rejected (no endpoint anywhere: ICMP port unreachable).
+    pub reject: bool,
     /// Counters, summed over CPUs.
     pub packets: u64,
     /// Bytes translated.
@@ -118,6 +120,7 @@ pub fn service_rows(
                 },
                 affinity_timeout_secs: svc.affinity_timeout_secs,
                 source_ranges: svc.flags & SERVICE_F_SOURCE_RANGES != 0,
+                reject: svc.flags & SERVICE_F_REJECT != 0,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
@@ -138,8 +141,10 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         "FRONTEND", "SERVICE", "KIND", "ID", "PACKETS", "FLOWS", "BACKENDS"
     );
     for r in rows {
-        let backends = if r.backends.is_empty() {
-            "(none: dropped)".to_owned()
+        let backends = if r.reject {
+            "(none anywhere: rejected)".to_owned()
+        } else if r.backends.is_empty() {
+            "(none here: dropped)".to_owned()
         } else {
             r.backends.join(", ")
         };
@@ -249,6 +254,12 @@ pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
         &contents,
         &read_names(pins)?,
         |id| counters.service(id).unwrap_or_default(),
+        // Per frontend and backend; an older agent's maps have the backend's totals only.
+        |service, id| match counters.pair(service, id) {
+            Ok(Some(pair)) => Some(pair),
+            Ok(None) => counters.backend(id).ok(),
+            Err(_) => None,
+        },
         |id| counters.backend(id).ok(),
         counters.conntrack()?,
         nonzero,
@@ -268,13 +279,14 @@ pub fn stats_report(
     contents: &MapContents,
     names: &BTreeMap<FrontendKey, FrontendLabel>,
     service_stats: impl Fn(u32) -> ServiceStats,
+    pair_stats: impl Fn(u32, u32) -> Option<ServiceStats>,
     backend_stats: impl Fn(u32) -> Option<ServiceStats>,
     conntrack: ConntrackStats,
     counters: Vec<(&'static str, u64)>,
 ) -> StatsReport {
     let backends = backend_views(contents);
-    let row = |id: u32| {
-        let s = backend_stats(id).unwrap_or_default();
+    let row = |id: u32, stats: Option<ServiceStats>| {
+        let s = stats.unwrap_or_default();
         let (backend, state) = match backends.get(&id) {
             Some(b) => (b.addr().to_string(), state_name(b.state())),
             None => ("?".to_owned(), "missing"),
@@ -312,7 +324,11 @@ pub fn stats_report(
                 packets: r.packets,
                 bytes: r.bytes,
                 new_flows: r.new_flows,
-                backends: ids.into_iter().map(row).collect(),
+                // Under a frontend, what it sent to each backend (ipvsadm's real server
+                // under its virtual server), not the backend's totals over frontends.
+                backends: (ids.into_iter())
+                    .map(|id| row(id, pair_stats(r.service_id, id)))
+                    .collect(),
             }
         })
         .collect();
@@ -324,7 +340,9 @@ pub fn stats_report(
     draining.sort_unstable();
     StatsReport {
         frontends,
-        draining: draining.into_iter().map(row).collect(),
+        draining: (draining.into_iter())
+            .map(|id| row(id, backend_stats(id)))
+            .collect(),
         conntrack,
         counters,
         tables: Vec::new(),
@@ -474,6 +492,7 @@ mod tests {
             &contents,
             &BTreeMap::new(),
             |_| ServiceStats::default(),
+            |_, _| None,
             |_| None,
             ConntrackStats::default(),
             Vec::new(),
@@ -586,6 +605,8 @@ mod tests {
             &with_removed,
             &names,
             counts,
+            // A backend's counters under a frontend are the pair's, not its totals.
+            |service, id| (id != 8).then(|| counts(id + 100 * service)),
             |id| (id != 8).then(|| counts(id)),
             ConntrackStats {
                 entries: 4,
@@ -598,6 +619,12 @@ mod tests {
         let ids: Vec<u32> = report.frontends[0].backends.iter().map(|b| b.id).collect();
         assert_eq!(ids, [7, 8, 9]);
         assert_eq!(report.frontends[0].backends[1].state, "missing");
+        let service = report.frontends[0].service_id;
+        assert_eq!(
+            report.frontends[0].backends[0].new_flows,
+            u64::from(7 + 100 * service),
+            "the pair's counters under the frontend"
+        );
         assert_eq!(report.draining.len(), 1);
         assert_eq!(
             (report.draining[0].state, report.draining[0].new_flows),

@@ -195,8 +195,15 @@ pub struct FrontendPlan {
     pub service: ServicePortRef,
     /// Which kind of address this is.
     pub kind: FrontendKind,
-    /// Backends, sorted and without duplicates. Empty means packets are dropped.
+    /// Backends, sorted and without duplicates. Empty means new flows are rejected (see
+    /// `reject`) or dropped.
     pub backends: Vec<Backend>,
+    /// Without backends: the Service port has no usable endpoint anywhere (kube-proxy's
+    /// "has no endpoints": none of the endpoints it would use for any of its frontends),
+    /// so new flows are rejected (ICMP port unreachable, connection refused), not dropped
+    /// as when its endpoints are on other nodes under a Local policy ("has no local
+    /// endpoints"). Always false with backends.
+    pub reject: bool,
     /// sessionAffinity ClientIP timeout in seconds, when affinity is on.
     pub affinity_timeout_secs: Option<u32>,
     /// Client source networks (address, prefix length) allowed to use this frontend; empty

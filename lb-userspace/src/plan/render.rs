@@ -65,8 +65,12 @@ pub struct PlanRow {
     pub topology: Option<String>,
     /// Allowed client networks; empty means every source.
     pub source_ranges: Vec<String>,
-    /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: dropped.
+    /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: rejected
+    /// (`reject`) or dropped.
     pub backends: Vec<String>,
+    /// No endpoint anywhere: new flows get ICMP port unreachable (see
+    /// [`crate::plan::desired::FrontendPlan::reject`]).
+    pub reject: bool,
 }
 
 impl Plan {
@@ -87,6 +91,7 @@ impl Plan {
                     topology: plan.topology.as_ref().map(ToString::to_string),
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
+                    reject: plan.reject,
                 })
                 .collect(),
             notes: set.notes.iter().map(|n| n.to_string()).collect(),
@@ -124,8 +129,10 @@ impl Plan {
                 if !r.source_ranges.is_empty() {
                     policy.push_str(&format!(" from={}", r.source_ranges.join(",")));
                 }
-                let backends = if r.backends.is_empty() {
-                    "(none: dropped)".to_owned()
+                let backends = if r.reject {
+                    "(none anywhere: rejected)".to_owned()
+                } else if r.backends.is_empty() {
+                    "(none here: dropped)".to_owned()
                 } else {
                     r.backends.join(", ")
                 };

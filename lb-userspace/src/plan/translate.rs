@@ -555,6 +555,15 @@ fn translate_service(
                 &cluster
             };
             let external = if external_local { &local } else { &cluster };
+            // kube-proxy's "has no endpoints" (REJECT), as against "has no local endpoints"
+            // (DROP): no ready or serving-terminating endpoint on any node; with topology
+            // keys (v1.21), none that the keys chose.
+            let no_endpoints = match &topology {
+                Some(_) => cluster.is_empty(),
+                None => !endpoints
+                    .values()
+                    .any(|e| e.ready() || e.serving_terminating()),
+            };
 
             // (address, port, kind, backends, source ranges) of every frontend of this port.
             type Candidate<'a> = (IpAddr, u16, FrontendKind, &'a [Backend], &'a [IpCidr]);
@@ -587,6 +596,7 @@ fn translate_service(
                     service: service.clone(),
                     kind,
                     backends: backends.to_vec(),
+                    reject: backends.is_empty() && no_endpoints,
                     affinity_timeout_secs,
                     source_ranges: ranges.to_vec(),
                     selection: svc.selection,
@@ -863,6 +873,9 @@ mod tests {
                 if let Some(topology) = &p.topology {
                     line += &format!(" topology={topology}");
                 }
+                if p.reject {
+                    line += " reject";
+                }
                 line
             })
             .collect();
@@ -910,6 +923,7 @@ mod tests {
                     remote: false,
                 },
             ],
+            reject: false,
             affinity_timeout_secs: None,
             source_ranges: vec![],
             selection: None,
@@ -1009,7 +1023,7 @@ mod tests {
                 node(),
                 &[
                     "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80]",
-                    "10.0.0.2:80/TCP ClusterIP default/b -> []",
+                    "10.0.0.2:80/TCP ClusterIP default/b -> [] reject",
                 ],
             ),
             (
@@ -1047,8 +1061,8 @@ mod tests {
                 ) + "status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}\n",
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/e -> []",
-                    "203.0.113.5:80/TCP ExternalIP default/e -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/e -> [] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/e -> [] reject",
                 ],
             ),
             (
@@ -1064,7 +1078,7 @@ mod tests {
                         "{type: NodePort, clusterIPs: ['fd00::1'], externalIPs: [203.0.113.6], ports: [{port: 80, nodePort: 30001}]}",
                     ),
                 node(),
-                &["[fd00::1]:80/TCP ClusterIP default/v6 -> []"],
+                &["[fd00::1]:80/TCP ClusterIP default/v6 -> [] reject"],
             ),
             (
                 "dual stack: each cluster IP with the slices of its family",
@@ -1091,7 +1105,7 @@ mod tests {
                 ),
                 node(),
                 &[
-                    "192.168.0.10:30080/TCP NodePort default/m:a -> []",
+                    "192.168.0.10:30080/TCP NodePort default/m:a -> [] reject",
                     "warning: default/m: no clusterIP (none given, none allocated); only its node ports, external IPs and load balancer IPs are programmed",
                     "warning: default/m: port \"b\" has no nodePort (none given, none allocated); no node port programmed",
                 ],
@@ -1104,7 +1118,7 @@ mod tests {
                 ),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/s:a -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/s:a -> [] reject",
                     "warning: default/s: port \"b\" is SCTP, which this datapath does not handle; port skipped",
                 ],
             ),
@@ -1115,7 +1129,7 @@ mod tests {
                     + &slice("b-1", "b", "[{port: 80}]", "[{addresses: [10.1.0.2]}]"),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/a -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] reject",
                     "warning: frontend 10.0.0.1:80/TCP of default/b is already taken by default/a; default/b does not get it",
                 ],
             ),
@@ -1126,7 +1140,7 @@ mod tests {
                     + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-x, namespace: other, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.1.0.2]}]\n",
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/a -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] reject",
                     "warning: EndpointSlice default/nolabel has no kubernetes.io/service-name label; no Service uses it",
                 ],
             ),
@@ -1200,6 +1214,76 @@ mod tests {
                     ),
                 node(),
                 &["10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.1:80]"],
+            ),
+        ]);
+    }
+
+    /// kube-proxy's REJECT ("has no endpoints") and DROP ("has no local endpoints"), as
+    /// its iptables and nftables proxiers' tests name them: a frontend whose Service port
+    /// has no usable endpoint on any node rejects; one whose endpoints are all on other
+    /// nodes under a Local policy drops.
+    #[test]
+    fn reject_without_endpoints_and_drop_without_local_endpoints() {
+        let node_port = "{type: NodePort, clusterIP: 10.0.0.1, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}";
+        let etp_local = "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}";
+        let itp_local = "{clusterIP: 10.0.0.1, internalTrafficPolicy: Local, ports: [{port: 80}]}";
+        check(&[
+            (
+                "TestClusterIPReject: a ClusterIP Service without endpoints rejects",
+                svc("a", "{clusterIP: 10.0.0.1, ports: [{port: 80}]}"),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] reject"],
+            ),
+            (
+                "TestNodePortReject, TestExternalIPsReject: every frontend of a Service without \
+                 endpoints rejects",
+                svc("a", node_port),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] reject",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [] reject",
+                ],
+            ),
+            (
+                "no usable endpoints: only endpoints neither ready nor serving rejects",
+                svc("a", node_port)
+                    + &slice(
+                        "a-1",
+                        "a",
+                        "[{port: 80}]",
+                        "[{addresses: [10.1.0.1], nodeName: node-a, conditions: {ready: false}}]",
+                    ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] reject",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/a -> [] reject",
+                ],
+            ),
+            (
+                "TestOnlyLocalNodePorts, has no local endpoints: externalTrafficPolicy Local \
+                 with endpoints only on other nodes drops at the node port; the cluster IP serves",
+                policy_case(etp_local, &[2]),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [10.1.0.2:80]",
+                    "192.168.0.10:30080/TCP NodePort default/a -> []",
+                ],
+            ),
+            (
+                "has no local endpoints: internalTrafficPolicy Local with endpoints only on \
+                 other nodes drops at the cluster IP",
+                policy_case(itp_local, &[2, 4]),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> []"],
+            ),
+            (
+                "has endpoints: a serving-terminating endpoint elsewhere is one (drop, not \
+                 reject, under internalTrafficPolicy Local)",
+                policy_case(itp_local, &[4]),
+                node(),
+                &["10.0.0.1:80/TCP ClusterIP default/a -> []"],
             ),
         ]);
     }
@@ -1425,7 +1509,7 @@ mod tests {
                     "{clusterIP: 10.0.0.1, topologyKeys: [], ports: [{port: 11}]}",
                 ),
                 test_node(1, "90001"),
-                vec!["10.0.0.1:11/TCP ClusterIP default/a -> []".to_owned()],
+                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] reject".to_owned()],
             ),
             (
                 "no topology key but have endpoints",
@@ -1446,7 +1530,10 @@ mod tests {
                 "one topology key without node matched",
                 topology_keys_case("[kubernetes.io/hostname]", ""),
                 test_node(5, "90001"),
-                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+                vec![
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched) reject"
+                        .into(),
+                ],
             ),
             (
                 "one topology key with multiple nodes matched",
@@ -1470,7 +1557,10 @@ mod tests {
                 "multiple topology keys without node matched",
                 topology_keys_case(hz, ""),
                 test_node(5, "90003"),
-                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+                vec![
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched) reject"
+                        .into(),
+                ],
             ),
             (
                 "multiple topology keys matched node when 'Any' key ignored",
@@ -1504,7 +1594,10 @@ mod tests {
                 "no node labels: without \"*\", no endpoints",
                 topology_keys_case("[kubernetes.io/hostname]", ""),
                 NodeInfo::default(),
-                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+                vec![
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched) reject"
+                        .into(),
+                ],
             ),
             // What kube-proxy v1.21 did on a v1.21 cluster (tests/tests/kube_cluster.rs and
             // the README say how it was found).
@@ -1516,7 +1609,10 @@ mod tests {
                     labels: [(model::LABEL_HOSTNAME.to_owned(), "host-1".to_owned())].into(),
                     ..test_node(1, "90001")
                 },
-                vec!["10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched)".into()],
+                vec![
+                    "10.0.0.1:11/TCP ClusterIP default/a -> [] topology=(no key matched) reject"
+                        .into(),
+                ],
             ),
             (
                 "every frontend follows the keys (externalTrafficPolicy Cluster), and \
@@ -1573,7 +1669,9 @@ mod tests {
                     "[{addresses: [10.1.0.5], nodeName: testNode1, conditions: {ready: false}}, {addresses: [10.1.0.2], nodeName: n2}]",
                 ),
                 node.clone(),
-                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=kubernetes.io/hostname"],
+                &[
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] topology=kubernetes.io/hostname reject",
+                ],
             ),
             (
                 "a serving, terminating endpoint the key chose is the fallback when none it \
@@ -1617,7 +1715,7 @@ mod tests {
                     "[{addresses: [10.1.0.1], deprecatedTopology: {kubernetes.io/hostname: testNode1}}]",
                 ),
                 node,
-                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=(no key matched)"],
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] topology=(no key matched) reject"],
             ),
         ]);
     }
@@ -1818,8 +1916,8 @@ mod tests {
                 ),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=10800",
-                    "192.168.0.10:30080/TCP NodePort default/a -> [] affinity=10800",
+                    "10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=10800 reject",
+                    "192.168.0.10:30080/TCP NodePort default/a -> [] affinity=10800 reject",
                 ],
             ),
             (
@@ -1829,8 +1927,8 @@ mod tests {
                     .to_owned(),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
-                    "192.168.0.10:30080/TCP NodePort default/r -> [] selection=random",
+                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random reject",
+                    "192.168.0.10:30080/TCP NodePort default/r -> [] selection=random reject",
                 ],
             ),
             (
@@ -1840,7 +1938,7 @@ mod tests {
                     .to_owned(),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random",
+                    "10.0.0.1:80/TCP ClusterIP default/r -> [] selection=random reject",
                     "warning: default/r: annotation lb.example.io/selection is deprecated: rename it to lb.kube-lb.io/selection",
                 ],
             ),
@@ -1851,18 +1949,18 @@ mod tests {
                     "{clusterIP: 10.0.0.1, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, ports: [{port: 80}]}",
                 ),
                 node(),
-                &["10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=30"],
+                &["10.0.0.1:80/TCP ClusterIP default/a -> [] affinity=30 reject"],
             ),
             (
                 "source ranges restrict only the LoadBalancer frontends",
                 lb(", loadBalancerSourceRanges: [10.0.0.0/8, ' 172.16.0.0/12', '2001:db8::/32']"),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
-                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
-                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12]",
-                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12]",
-                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> [] reject",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> [] reject",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12] reject",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[10.0.0.0/8, 172.16.0.0/12] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> [] reject",
                 ],
             ),
             (
@@ -1870,11 +1968,11 @@ mod tests {
                 lb(", loadBalancerSourceRanges: [192.168.0.0/24]"),
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
-                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
-                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32]",
-                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32]",
-                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> [] reject",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> [] reject",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32] reject",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] ranges=[192.168.0.0/24, 198.51.100.1/32, 198.51.100.2/32] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> [] reject",
                 ],
             ),
             (
@@ -1887,13 +1985,13 @@ mod tests {
                     + "status: {loadBalancer: {ingress: [{ip: 198.51.100.3}]}}\n",
                 node(),
                 &[
-                    "10.0.0.1:80/TCP ClusterIP default/lb -> []",
-                    "10.0.0.2:80/TCP ClusterIP default/v6 -> []",
-                    "192.168.0.10:30080/TCP NodePort default/lb -> []",
-                    "198.51.100.1:80/TCP LoadBalancer default/lb -> []",
-                    "198.51.100.2:80/TCP LoadBalancer default/lb -> []",
-                    "198.51.100.3:80/TCP LoadBalancer default/v6 -> []",
-                    "203.0.113.5:80/TCP ExternalIP default/lb -> []",
+                    "10.0.0.1:80/TCP ClusterIP default/lb -> [] reject",
+                    "10.0.0.2:80/TCP ClusterIP default/v6 -> [] reject",
+                    "192.168.0.10:30080/TCP NodePort default/lb -> [] reject",
+                    "198.51.100.1:80/TCP LoadBalancer default/lb -> [] reject",
+                    "198.51.100.2:80/TCP LoadBalancer default/lb -> [] reject",
+                    "198.51.100.3:80/TCP LoadBalancer default/v6 -> [] reject",
+                    "203.0.113.5:80/TCP ExternalIP default/lb -> [] reject",
                 ],
             ),
         ]);
@@ -2040,8 +2138,8 @@ mod tests {
                 ) + &svc("b", "{clusterIP: 10.0.0.5, ports: [{port: 80}]}"),
                 node_ds(),
                 &[
-                    "10.0.0.5:80/TCP ClusterIP default/b -> []",
-                    "[::ffff:10.0.0.5]:80/TCP ClusterIP default/a -> []",
+                    "10.0.0.5:80/TCP ClusterIP default/b -> [] reject",
+                    "[::ffff:10.0.0.5]:80/TCP ClusterIP default/a -> [] reject",
                 ],
             ),
         ]);

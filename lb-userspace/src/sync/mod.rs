@@ -64,8 +64,8 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
-    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service,
-    backend_stats_slot,
+    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_TABLE_B, Service, backend_stats_slot,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
@@ -693,6 +693,9 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         if !plan.source_ranges.is_empty() {
             flags |= SERVICE_F_SOURCE_RANGES;
+        }
+        if plan.reject && selected.is_empty() {
+            flags |= SERVICE_F_REJECT;
         }
         let mut programmed = match self.frontends.remove(key) {
             Some(p) => p,

@@ -131,6 +131,7 @@ fn plan(backends: &[u8]) -> FrontendPlan {
                 remote: false,
             })
             .collect(),
+        reject: false,
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,

@@ -167,7 +167,7 @@ pub fn services(lb: &Path, pin_path: &Path) -> Result<Vec<ServiceInfo>> {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Explanation {
     /// How the backend is decided: `conntrack`, `affinity`, `maglev`, `random`,
-    /// `not_frontend`, `no_backend` or `source_denied`.
+    /// `not_frontend`, `no_backend`, `rejected` or `source_denied`.
     pub decision: String,
     /// The backend, `address:port`, when the decision names one.
     pub backend: Option<String>,
@@ -529,6 +529,11 @@ impl Agent {
     /// What `lb services` shows for this agent's pins.
     pub fn services(&self) -> Result<Vec<ServiceInfo>> {
         services(&self.lb, self.pin_path())
+    }
+
+    /// What `lb stats --output json` shows for this agent's pins.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        lb_json(&self.lb, self.pin_path(), &["stats"])
     }
 
     /// What `lb explain` says about the TCP flow `src` -> `dst` (see [`explain`]).

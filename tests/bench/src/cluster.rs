@@ -112,6 +112,7 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
         },
         kind,
         backends,
+        reject: false,
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,

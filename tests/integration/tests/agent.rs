@@ -275,6 +275,52 @@ fn lb_services_and_lb_stats_name_every_frontend() {
     );
 }
 
+/// `lb stats` counts each backend per frontend, as ipvsadm does per virtual and real server:
+/// the ClusterIP and the NodePort of one Service share their backends, and connections to
+/// the ClusterIP do not show under the NodePort.
+#[test]
+fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
+    let folder = Folder::copy_of_examples().unwrap();
+    let topology = Topology::new(2).expect("topology");
+    let agent = Agent::start(&topology.node, folder.path(), NODE_IF).expect("agent");
+    agent
+        .wait_for(lb_testbed::testbed::EXAMPLE_FRONTENDS, 2)
+        .expect("programmed");
+    let (cluster_ip, node_port) = ("10.96.0.11:8080/TCP", "10.200.0.1:30080/TCP");
+    let services = agent.services().unwrap();
+    assert_eq!(
+        backends_of(&services, cluster_ip),
+        backends_of(&services, node_port),
+        "the two frontends share their backends"
+    );
+    let conns = |frontend: &str| -> (u64, u64) {
+        let report = agent.stats().unwrap();
+        let row = (report["frontends"].as_array().unwrap().iter())
+            .find(|f| f["frontend"] == frontend)
+            .unwrap_or_else(|| panic!("{frontend} in {report:#}"));
+        let backends = row["backends"].as_array().unwrap();
+        assert_eq!(backends.len(), 2, "{row:#}");
+        let sum = |field: &str| backends.iter().map(|b| b[field].as_u64().unwrap()).sum();
+        (sum("new_flows"), sum("packets"))
+    };
+    for _ in 0..6 {
+        http_get(&topology.client, [10, 96, 0, 11], 8080).expect("ClusterIP");
+    }
+    let (flows, packets) = conns(cluster_ip);
+    assert_eq!(flows, 6, "the ClusterIP's connections under the ClusterIP");
+    assert!(packets >= 6 * 3, "{packets} packets");
+    assert_eq!(
+        conns(node_port),
+        (0, 0),
+        "nothing under the NodePort, which had no traffic"
+    );
+    for _ in 0..3 {
+        http_get(&topology.client, [10, 200, 0, 1], 30080).expect("NodePort");
+    }
+    assert_eq!(conns(node_port).0, 3, "the NodePort's own connections");
+    assert_eq!(conns(cluster_ip).0, 6, "the ClusterIP's unchanged");
+}
+
 #[test]
 fn the_manifests_agent_serves_metrics_and_readiness() {
     let folder = Folder::copy_of_examples().unwrap();

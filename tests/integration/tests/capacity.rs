@@ -49,6 +49,7 @@ fn desired(n: u32) -> DesiredState {
                     terminating: false,
                     remote: false,
                 }],
+                reject: false,
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,

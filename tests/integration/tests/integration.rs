@@ -28,6 +28,7 @@ mod packet_nat6;
 mod packet_v6;
 mod plan;
 mod real_node;
+mod reject;
 mod restart;
 mod security;
 mod topology;

@@ -110,6 +110,7 @@ impl Bed {
                         remote: false,
                     })
                     .collect(),
+                reject: false,
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,
