@@ -9,11 +9,12 @@
 
 use std::{
     io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{Map, MapData};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{BPFFS_ROOT, DEFAULT_PIN_DIR, DatapathError, map_err, sys};
 
@@ -137,6 +138,9 @@ impl Pins {
                 if path.is_dir() {
                     continue;
                 }
+                if *dir == links {
+                    detach(&path);
+                }
                 std::fs::remove_file(&path)?;
                 removed.push(path);
             }
@@ -147,5 +151,16 @@ impl Pins {
         std::fs::remove_dir(&self.dir)?;
         removed.push(self.dir.clone());
         Ok(removed)
+    }
+}
+
+/// Detaches the link pinned at `path` before it is unpinned, so that its program is gone from
+/// its hook when `lb teardown` returns (unpinning alone leaves it attached until the kernel
+/// releases the link). Best effort: a link whose hook is gone (ENOLINK) or that cannot be
+/// detached this way is released by the unpinning.
+fn detach(path: &Path) {
+    let detached = sys::obj_get(path).and_then(|link| sys::link_detach(link.as_fd()));
+    if let Err(e) = detached {
+        debug!(path = %path.display(), "link not detached before unpinning: {e}");
     }
 }

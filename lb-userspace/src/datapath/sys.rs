@@ -17,6 +17,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -153,6 +154,15 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     // struct { u32 link_fd; u32 new_prog_fd; u32 flags; u32 old_prog_fd; }
     attr[0] = link.as_raw_fd() as u32 as u64 | (prog.as_raw_fd() as u32 as u64) << 32;
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Detaches `link` from its hook now (`BPF_LINK_DETACH`, kernel >= 5.9): the program stops
+/// seeing packets and sockets before this returns, where dropping the last reference to the
+/// link detaches it only once the kernel has released it (after an RCU grace period).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u32 as u64; // link_fd
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// `union bpf_attr` for the `BPF_MAP_*_BATCH` commands, in 64-bit words: in_batch,
