@@ -25,6 +25,7 @@ use super::server::PooledHttpServer;
 use super::stats::quantile;
 use super::{ScratchDir, SyncLog};
 use lb_testbed::agent::{Agent, lb_bin};
+use lb_testbed::netns::Netns;
 use lb_testbed::topology::{NODE_IF, Topology};
 
 /// How long the agent may take to program the Services.
@@ -275,7 +276,7 @@ fn prepare(plan: &E2ePlan, mode: Mode, n: usize) -> Result<ModeBed> {
     let bed = Bed::new(plan.pods, plan.threads + 2)?;
     let services = bed.services(n);
     let measured = services.last().context("no Services")?;
-    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port));
+    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port()));
     let mut lb = None;
     let (programmed, agent_seconds) = match mode {
         Mode::Lb => {
@@ -409,36 +410,48 @@ impl Bed {
         input: &str,
         timeout: Duration,
     ) -> Result<Option<f64>> {
-        let scratch = ScratchDir::new("rules")?;
-        let path = scratch.path().join("rules");
-        std::fs::write(&path, input).with_context(|| format!("write {}", path.display()))?;
-        let log = scratch.path().join("output");
-        let mut cmd = self.topology.node.command(program);
-        cmd.args(args)
-            .stdin(File::open(&path)?)
-            .stdout(File::create(&log)?)
-            .stderr(File::create(&log)?);
-        let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot run {program}"))?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let seconds = start.elapsed().as_secs_f64();
-                ensure!(
-                    status.success(),
-                    "{program} {args:?} failed ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default().trim()
-                );
-                return Ok(Some(seconds));
-            }
-            if start.elapsed() > timeout {
-                child.kill()?;
-                child.wait()?;
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        program_in(&self.topology.node, program, args, input, timeout)
+    }
+}
+
+/// Runs `program` with `input` as its standard input in `ns`, timed to its exit; `Ok(None)`
+/// if it had not exited after `timeout` (it is killed).
+pub fn program_in(
+    ns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    timeout: Duration,
+) -> Result<Option<f64>> {
+    let scratch = ScratchDir::new("rules")?;
+    let path = scratch.path().join("rules");
+    std::fs::write(&path, input).with_context(|| format!("write {}", path.display()))?;
+    let log = scratch.path().join("output");
+    let mut cmd = ns.command(program);
+    cmd.args(args)
+        .stdin(File::open(&path)?)
+        .stdout(File::create(&log)?)
+        .stderr(File::create(&log)?);
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let seconds = start.elapsed().as_secs_f64();
+            ensure!(
+                status.success(),
+                "{program} {args:?} failed ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+            return Ok(Some(seconds));
         }
+        if start.elapsed() > timeout {
+            child.kill()?;
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

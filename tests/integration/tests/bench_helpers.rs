@@ -58,13 +58,13 @@ fn fetch_last_service(mode: Mode) {
         }
     };
     let last = services.last().unwrap();
-    let target = SocketAddr::V4(SocketAddrV4::new(last.cluster_ip, last.port));
+    let target = SocketAddr::V4(SocketAddrV4::new(last.cluster_ip, last.port()));
     let latencies = load::first_request_latencies(&bed.topology.client, target, 20).unwrap();
     assert_eq!(latencies.len(), 20);
     // A Service that is not the last one leads nowhere (its endpoints do not exist): the
     // rules did not send everything to the pods.
     let first = &services[0];
-    let elsewhere = SocketAddr::V4(SocketAddrV4::new(first.cluster_ip, first.port));
+    let elsewhere = SocketAddr::V4(SocketAddrV4::new(first.cluster_ip, first.port()));
     assert!(load::first_request_latencies(&bed.topology.client, elsewhere, 1).is_err());
 }
 
