@@ -87,3 +87,37 @@ fn kube_proxy_nftables_rules_load_and_dnat() {
 fn the_agent_programs_the_bench_manifests() {
     fetch_last_service(Mode::Lb);
 }
+
+/// The packets-per-second bed forwards the generator's frames in each way of forwarding and
+/// the sink counts them, translated as the mode translates (`measure_one` fails otherwise:
+/// no frame at the backend's address and port, or from another source than expected).
+#[test]
+fn the_pps_generator_circulates_through_each_mode_and_the_sink_counts_it() {
+    use lb_bench::pps::{self, BackendKind, L4, PpsMode, PpsPlan};
+    let plan = PpsPlan {
+        seconds: 0.2,
+        warmup: 0.1,
+        flows: 64,
+        ..PpsPlan::new(true)
+    };
+    let cases = [
+        (PpsMode::Routing, BackendKind::Remote, L4::Udp),
+        (PpsMode::Lb, BackendKind::Remote, L4::Tcp),
+        (PpsMode::Lb, BackendKind::Local, L4::Udp),
+        (PpsMode::Iptables, BackendKind::Remote, L4::Tcp),
+        (PpsMode::Nftables, BackendKind::Local, L4::Tcp),
+    ];
+    for (mode, kind, proto) in cases {
+        let (run, checked) = pps::measure_one(&plan, mode, kind, 10, proto)
+            .unwrap_or_else(|e| panic!("{mode:?} {kind:?} {proto}: {e:#}"));
+        assert!(
+            run.sink_mpps > 0.0 && run.node_ns > 0.0 && run.node_busy > 0.0,
+            "{mode:?} {kind:?} {proto}: {run:?}"
+        );
+        assert!(
+            run.circulating > 0 && run.circulating <= u64::from(plan.seeds),
+            "{mode:?} {kind:?} {proto}: {run:?}"
+        );
+        assert!(checked.contains(&format!("{proto}")), "{checked}");
+    }
+}
