@@ -79,6 +79,9 @@ impl E2ePlan {
 /// A way of programming Services on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
+    /// No Service: the client connects to a pod's address, the node only routes (the
+    /// floor each mode's added latency is measured against).
+    Direct,
     /// This datapath (`lb agent`).
     Lb,
     /// kube-proxy's iptables mode, with the machine's `iptables` (nf_tables backend here).
@@ -91,7 +94,16 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 4] = [
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Lb,
+        Mode::Iptables,
+        Mode::IptablesLegacy,
+        Mode::Nftables,
+    ];
+
+    /// The modes that program Services (all but [`Mode::Direct`]).
+    pub const SERVICES: [Mode; 4] = [
         Mode::Lb,
         Mode::Iptables,
         Mode::IptablesLegacy,
@@ -101,6 +113,7 @@ impl Mode {
     /// How the report names it.
     pub fn label(self) -> &'static str {
         match self {
+            Mode::Direct => "direct to a pod (no Service, the floor)",
             Mode::Lb => "lb (this datapath)",
             Mode::Iptables => "kube-proxy iptables",
             Mode::IptablesLegacy => "kube-proxy iptables (legacy)",
@@ -111,6 +124,7 @@ impl Mode {
     /// What "programming" means in this mode.
     pub fn programming(self) -> &'static str {
         match self {
+            Mode::Direct => "nothing (no Service is programmed; the node routes)",
             Mode::Lb => {
                 "the running agent (on an empty folder) from the rename of the manifests file into \
                  its folder to its `synced` log line (maps complete)"
@@ -276,9 +290,22 @@ fn prepare(plan: &E2ePlan, mode: Mode, n: usize) -> Result<ModeBed> {
     let bed = Bed::new(plan.pods, plan.threads + 2)?;
     let services = bed.services(n);
     let measured = services.last().context("no Services")?;
-    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port()));
+    let target = match mode {
+        Mode::Direct => {
+            let (pod, port) = *measured.endpoints.first().context("no endpoints")?;
+            SocketAddr::V4(SocketAddrV4::new(pod, port))
+        }
+        _ => SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port())),
+    };
     let mut lb = None;
     let (programmed, agent_seconds) = match mode {
+        Mode::Direct => (
+            Programmed {
+                seconds: 0.0,
+                stopped_after: None,
+            },
+            None,
+        ),
         Mode::Lb => {
             let programmed = program_lb(&bed, &services)?;
             let times = (

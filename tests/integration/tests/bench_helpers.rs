@@ -43,6 +43,7 @@ fn fetch_last_service(mode: Mode) {
     let bed = Bed::new(2, 2).unwrap();
     let services = bed.services(100);
     let _lb = match mode {
+        Mode::Direct => panic!("the direct mode programs no Service"),
         Mode::Lb => Some(program_lb(&bed, &services).unwrap()),
         Mode::Iptables => {
             program_iptables(&bed, "iptables-restore", &services).unwrap();
