@@ -22,6 +22,7 @@
 mod counters;
 mod family;
 pub mod names;
+pub mod pktgen;
 pub mod schema;
 mod v6;
 pub use counters::{Event, NatEvent, Reason, TableEvent};
@@ -403,6 +404,9 @@ pub mod program_names {
     pub const NOOP_XDP: &str = "lb_noop_xdp";
     /// In the benchmarks' floor object: a TC program that passes every packet.
     pub const NOOP_TC: &str = "lb_noop_tc";
+    /// In the benchmarks' generator object: the packet generator and sink (see
+    /// [`crate::pktgen`]).
+    pub const PKTGEN_XDP: &str = "lb_pktgen_xdp";
 
     /// Every program of the benchmarks' floor object (it has no maps).
     pub const NOOP: [ProgramSpec; 2] = [
@@ -415,6 +419,13 @@ pub mod program_names {
             kind: Classifier,
         },
     ];
+
+    /// Every program of the benchmarks' generator object (its maps:
+    /// [`crate::pktgen::map_names::ALL`]).
+    pub const PKTGEN: [ProgramSpec; 1] = [ProgramSpec {
+        name: PKTGEN_XDP,
+        kind: Xdp,
+    }];
 }
 
 /// Key of [`map_names::SERVICES`]: one frontend (address, port, protocol).

@@ -381,8 +381,11 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_fit_the_kernel() {
-        let maps = map_names::ALL.iter().map(|m| m.name);
-        let programs = (program_names::ALL.iter().chain(&program_names::NOOP)).map(|p| p.name);
+        let maps = (map_names::ALL.iter().chain(&crate::pktgen::map_names::ALL)).map(|m| m.name);
+        let programs = (program_names::ALL.iter())
+            .chain(&program_names::NOOP)
+            .chain(&program_names::PKTGEN)
+            .map(|p| p.name);
         let names: Vec<&str> = maps.chain(programs).collect();
         for (i, name) in names.iter().enumerate() {
             assert!(

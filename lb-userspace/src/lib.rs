@@ -30,6 +30,11 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// the benchmarks measure the real programs against.
 pub static NOOP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-noop"));
 
+/// The benchmarks' packet generator (`lb_pktgen_xdp`; see `lb_common::pktgen`), embedded
+/// the same way.
+pub static PKTGEN_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pktgen"));
+
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -188,6 +188,42 @@ fn the_object_has_the_declared_maps_and_no_other() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
+/// The benchmarks' generator: its program and its maps (not pinned), as declared.
+#[test]
+fn the_generator_object_has_the_declared_programs_and_maps() {
+    let object = parse(crate::PKTGEN_OBJECT);
+    let mut errors = program_errors(&object, &program_names::PKTGEN);
+    let maps: BTreeMap<&String, &Map> = object.maps.iter().collect();
+    for (name, map) in maps {
+        match lb_common::pktgen::map_names::ALL
+            .iter()
+            .find(|m| m.name == name)
+        {
+            Some(spec) if declared(map) == expected(spec) && map.pinning() == PinningType::None => {
+            }
+            Some(spec) => errors.push(format!(
+                "map {name}: the object declares {:?} pinned {:?}, pktgen::map_names::ALL \
+                 says {:?}, not pinned",
+                declared(map),
+                map.pinning(),
+                expected(spec)
+            )),
+            None => errors.push(format!(
+                "map {name}: not in lb_common::pktgen::map_names::ALL"
+            )),
+        }
+    }
+    for spec in lb_common::pktgen::map_names::ALL {
+        if !object.maps.contains_key(spec.name) {
+            errors.push(format!("map {}: declared, not in the object", spec.name));
+        }
+    }
+    let mut names: Vec<&String> = object.maps.keys().chain(object.programs.keys()).collect();
+    names.sort();
+    errors.extend(long_names(names.into_iter()));
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
 #[test]
 fn the_floor_object_has_the_declared_programs_and_no_map() {
     let object = parse(crate::NOOP_OBJECT);

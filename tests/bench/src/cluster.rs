@@ -26,32 +26,70 @@ pub const TARGET_PORT: u16 = 8080;
 /// One endpoint: address and port.
 pub type Endpoint = (Ipv4Addr, u16);
 
-/// One single-port TCP ClusterIP Service and its ready endpoints.
+/// One port of a [`BenchService`]; its target port is [`TARGET_PORT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchPort {
+    /// The port's name.
+    pub name: String,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The Service port.
+    pub port: u16,
+}
+
+impl BenchPort {
+    /// [`PORT_NAME`], TCP, [`SERVICE_PORT`]: the only port of the Services [`services`]
+    /// makes.
+    pub fn http() -> Self {
+        BenchPort {
+            name: PORT_NAME.to_owned(),
+            protocol: Protocol::Tcp,
+            port: SERVICE_PORT,
+        }
+    }
+
+    /// The protocol as kube-proxy writes it in chain names and rules: `tcp`, `udp`.
+    pub fn proto(&self) -> String {
+        self.protocol.to_string().to_lowercase()
+    }
+}
+
+/// One ClusterIP Service and its ready endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchService {
     /// metadata.name.
     pub name: String,
     /// spec.clusterIP.
     pub cluster_ip: Ipv4Addr,
-    /// The Service port.
-    pub port: u16,
+    /// The Service ports (one, [`BenchPort::http`], unless changed).
+    pub ports: Vec<BenchPort>,
     /// The endpoints, in the order kube-proxy would list them.
     pub endpoints: Vec<Endpoint>,
+    /// The node every endpoint is on (EndpointSlice `nodeName`), if said.
+    pub node: Option<String>,
 }
 
 impl BenchService {
-    /// kube-proxy's name of the Service port: `namespace/name:port`.
-    pub fn port_name(&self) -> String {
-        format!("{NAMESPACE}/{}:{PORT_NAME}", self.name)
+    /// The first port's Service port.
+    pub fn port(&self) -> u16 {
+        self.ports.first().map_or(SERVICE_PORT, |p| p.port)
     }
 
-    /// The frontend the datapath programs for it.
-    pub fn frontend(&self) -> Frontend {
-        Frontend {
-            addr: self.cluster_ip.into(),
-            port: self.port,
-            proto: Protocol::Tcp,
-        }
+    /// kube-proxy's name of a Service port: `namespace/name:port`.
+    pub fn port_name(&self, port: &BenchPort) -> String {
+        format!("{NAMESPACE}/{}:{}", self.name, port.name)
+    }
+
+    /// The frontends the datapath programs for it, one per port.
+    pub fn frontends(&self) -> impl Iterator<Item = (Frontend, &BenchPort)> {
+        self.ports.iter().map(|p| {
+            let frontend = Frontend {
+                addr: self.cluster_ip.into(),
+                port: p.port,
+                proto: p.protocol,
+            };
+            (frontend, p)
+        })
     }
 }
 
@@ -79,8 +117,9 @@ pub fn services(n: usize, endpoints_each: usize, measured: &[Endpoint]) -> Vec<B
             BenchService {
                 name: format!("svc-{i}"),
                 cluster_ip: offset(Ipv4Addr::new(10, 96, 0, 0), i + 1),
-                port: SERVICE_PORT,
+                ports: vec![BenchPort::http()],
                 endpoints,
+                node: None,
             }
         })
         .collect()
@@ -91,8 +130,19 @@ pub fn offset(base: Ipv4Addr, n: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + n as u32)
 }
 
-/// The plan of a frontend of the Service port `name` with ready `backends`.
+/// The plan of a frontend of the Service port `name` ([`PORT_NAME`]) with ready `backends`.
 pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPlan {
+    port_plan(name, PORT_NAME, kind, backends)
+}
+
+/// The plan of a frontend of the port `port_name` of the Service `name` with ready
+/// `backends` (none on another node).
+pub fn port_plan(
+    name: &str,
+    port_name: &str,
+    kind: FrontendKind,
+    backends: &[Endpoint],
+) -> FrontendPlan {
     let mut backends: Vec<Backend> = backends
         .iter()
         .map(|&(addr, port)| Backend {
@@ -108,7 +158,7 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
         service: ServicePortRef {
             namespace: NAMESPACE.to_owned(),
             name: name.to_owned(),
-            port_name: PORT_NAME.to_owned(),
+            port_name: port_name.to_owned(),
         },
         kind,
         backends,
@@ -124,9 +174,11 @@ pub fn plan(name: &str, kind: FrontendKind, backends: &[Endpoint]) -> FrontendPl
 pub fn desired(services: &[BenchService]) -> DesiredState {
     let frontends: BTreeMap<Frontend, FrontendPlan> = services
         .iter()
-        .map(|s| {
-            let plan = plan(&s.name, FrontendKind::ClusterIp, &s.endpoints);
-            (s.frontend(), plan)
+        .flat_map(|s| {
+            s.frontends().map(|(frontend, port)| {
+                let plan = port_plan(&s.name, &port.name, FrontendKind::ClusterIp, &s.endpoints);
+                (frontend, plan)
+            })
         })
         .collect();
     DesiredState { frontends }
@@ -134,30 +186,48 @@ pub fn desired(services: &[BenchService]) -> DesiredState {
 
 /// The Service of `s` as a YAML document.
 pub fn service_yaml(s: &BenchService) -> String {
-    format!(
+    let mut out = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
          spec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  selector:\n    \
-         app: {name}\n  ports:\n    - name: {PORT_NAME}\n      protocol: TCP\n      port: {port}\n      \
-         targetPort: {TARGET_PORT}\n",
+         app: {name}\n  ports:\n",
         name = s.name,
         ip = s.cluster_ip,
-        port = s.port,
-    )
+    );
+    for p in &s.ports {
+        let _ = writeln!(
+            out,
+            "    - name: {}\n      protocol: {}\n      port: {}\n      targetPort: {TARGET_PORT}",
+            p.name, p.protocol, p.port
+        );
+    }
+    out
 }
 
-/// The EndpointSlice of `s` with `endpoints` as a YAML document (all ready).
+/// The EndpointSlice of `s` with `endpoints` as a YAML document (all ready, on `s.node`).
 pub fn slice_yaml(s: &BenchService, endpoints: &[Endpoint]) -> String {
     let mut out = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  \
          namespace: {NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {name}\n\
-         addressType: IPv4\nports:\n  - name: {PORT_NAME}\n    protocol: TCP\n    port: {TARGET_PORT}\n\
-         endpoints:\n",
+         addressType: IPv4\nports:\n",
         name = s.name
     );
+    for p in &s.ports {
+        let _ = writeln!(
+            out,
+            "  - name: {}\n    protocol: {}\n    port: {TARGET_PORT}",
+            p.name, p.protocol
+        );
+    }
+    out.push_str("endpoints:\n");
+    let node = s
+        .node
+        .as_ref()
+        .map(|n| format!("\n    nodeName: {n}"))
+        .unwrap_or_default();
     for (addr, _) in endpoints {
         let _ = writeln!(
             out,
-            "  - addresses: [{addr}]\n    conditions: {{ready: true, serving: true, terminating: false}}"
+            "  - addresses: [{addr}]\n    conditions: {{ready: true, serving: true, terminating: false}}{node}"
         );
     }
     out
@@ -173,7 +243,12 @@ pub fn service_object(s: &BenchService) -> anyhow::Result<core::Service> {
             "clusterIP": s.cluster_ip.to_string(),
             "clusterIPs": [s.cluster_ip.to_string()],
             "selector": {"app": s.name},
-            "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": s.port, "targetPort": TARGET_PORT}],
+            "ports": s.ports.iter().map(|p| serde_json::json!({
+                "name": p.name,
+                "protocol": p.protocol.to_string(),
+                "port": p.port,
+                "targetPort": TARGET_PORT,
+            })).collect::<Vec<_>>(),
         },
     }))
     .map_err(|e| anyhow::anyhow!("the Service {}: {e}", s.name))
@@ -188,10 +263,14 @@ pub fn slice_object(
     let endpoints: Vec<serde_json::Value> = endpoints
         .iter()
         .map(|(addr, _)| {
-            serde_json::json!({
+            let mut endpoint = serde_json::json!({
                 "addresses": [addr.to_string()],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
-            })
+            });
+            if let Some(node) = &s.node {
+                endpoint["nodeName"] = node.clone().into();
+            }
+            endpoint
         })
         .collect();
     serde_json::from_value(serde_json::json!({
@@ -201,7 +280,11 @@ pub fn slice_object(
             "labels": {"kubernetes.io/service-name": s.name},
         },
         "addressType": "IPv4",
-        "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": TARGET_PORT}],
+        "ports": s.ports.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "protocol": p.protocol.to_string(),
+            "port": TARGET_PORT,
+        })).collect::<Vec<_>>(),
         "endpoints": endpoints,
     }))
     .map_err(|e| anyhow::anyhow!("the EndpointSlice of {}: {e}", s.name))

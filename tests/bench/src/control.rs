@@ -302,7 +302,11 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
     let peak_rss = peak_rss_mib(agent.pid())?;
 
     let maps = BpfMaps::open_pinned(&Pins::new(agent.pin_path()))?;
-    let lb_userspace::plan::desired::FrontendKey::V4(key) = measured.frontend().key() else {
+    let (frontend, _) = measured
+        .frontends()
+        .next()
+        .context("the measured Service has no port")?;
+    let lb_userspace::plan::desired::FrontendKey::V4(key) = frontend.key() else {
         anyhow::bail!("the measured frontend is not IPv4");
     };
     let backend_count = || -> Result<u32> {

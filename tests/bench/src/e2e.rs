@@ -25,6 +25,7 @@ use super::server::PooledHttpServer;
 use super::stats::quantile;
 use super::{ScratchDir, SyncLog};
 use lb_testbed::agent::{Agent, lb_bin};
+use lb_testbed::netns::Netns;
 use lb_testbed::topology::{NODE_IF, Topology};
 
 /// How long the agent may take to program the Services.
@@ -78,6 +79,9 @@ impl E2ePlan {
 /// A way of programming Services on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
+    /// No Service: the client connects to a pod's address, the node only routes (the
+    /// floor each mode's added latency is measured against).
+    Direct,
     /// This datapath (`lb agent`).
     Lb,
     /// kube-proxy's iptables mode, with the machine's `iptables` (nf_tables backend here).
@@ -90,7 +94,16 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 4] = [
+    pub const ALL: [Mode; 5] = [
+        Mode::Direct,
+        Mode::Lb,
+        Mode::Iptables,
+        Mode::IptablesLegacy,
+        Mode::Nftables,
+    ];
+
+    /// The modes that program Services (all but [`Mode::Direct`]).
+    pub const SERVICES: [Mode; 4] = [
         Mode::Lb,
         Mode::Iptables,
         Mode::IptablesLegacy,
@@ -100,6 +113,7 @@ impl Mode {
     /// How the report names it.
     pub fn label(self) -> &'static str {
         match self {
+            Mode::Direct => "direct to a pod (no Service, the floor)",
             Mode::Lb => "lb (this datapath)",
             Mode::Iptables => "kube-proxy iptables",
             Mode::IptablesLegacy => "kube-proxy iptables (legacy)",
@@ -110,6 +124,7 @@ impl Mode {
     /// What "programming" means in this mode.
     pub fn programming(self) -> &'static str {
         match self {
+            Mode::Direct => "nothing (no Service is programmed; the node routes)",
             Mode::Lb => {
                 "the running agent (on an empty folder) from the rename of the manifests file into \
                  its folder to its `synced` log line (maps complete)"
@@ -275,9 +290,22 @@ fn prepare(plan: &E2ePlan, mode: Mode, n: usize) -> Result<ModeBed> {
     let bed = Bed::new(plan.pods, plan.threads + 2)?;
     let services = bed.services(n);
     let measured = services.last().context("no Services")?;
-    let target = SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port));
+    let target = match mode {
+        Mode::Direct => {
+            let (pod, port) = *measured.endpoints.first().context("no endpoints")?;
+            SocketAddr::V4(SocketAddrV4::new(pod, port))
+        }
+        _ => SocketAddr::V4(SocketAddrV4::new(measured.cluster_ip, measured.port())),
+    };
     let mut lb = None;
     let (programmed, agent_seconds) = match mode {
+        Mode::Direct => (
+            Programmed {
+                seconds: 0.0,
+                stopped_after: None,
+            },
+            None,
+        ),
         Mode::Lb => {
             let programmed = program_lb(&bed, &services)?;
             let times = (
@@ -409,36 +437,48 @@ impl Bed {
         input: &str,
         timeout: Duration,
     ) -> Result<Option<f64>> {
-        let scratch = ScratchDir::new("rules")?;
-        let path = scratch.path().join("rules");
-        std::fs::write(&path, input).with_context(|| format!("write {}", path.display()))?;
-        let log = scratch.path().join("output");
-        let mut cmd = self.topology.node.command(program);
-        cmd.args(args)
-            .stdin(File::open(&path)?)
-            .stdout(File::create(&log)?)
-            .stderr(File::create(&log)?);
-        let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot run {program}"))?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let seconds = start.elapsed().as_secs_f64();
-                ensure!(
-                    status.success(),
-                    "{program} {args:?} failed ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default().trim()
-                );
-                return Ok(Some(seconds));
-            }
-            if start.elapsed() > timeout {
-                child.kill()?;
-                child.wait()?;
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        program_in(&self.topology.node, program, args, input, timeout)
+    }
+}
+
+/// Runs `program` with `input` as its standard input in `ns`, timed to its exit; `Ok(None)`
+/// if it had not exited after `timeout` (it is killed).
+pub fn program_in(
+    ns: &Netns,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    timeout: Duration,
+) -> Result<Option<f64>> {
+    let scratch = ScratchDir::new("rules")?;
+    let path = scratch.path().join("rules");
+    std::fs::write(&path, input).with_context(|| format!("write {}", path.display()))?;
+    let log = scratch.path().join("output");
+    let mut cmd = ns.command(program);
+    cmd.args(args)
+        .stdin(File::open(&path)?)
+        .stdout(File::create(&log)?)
+        .stderr(File::create(&log)?);
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let seconds = start.elapsed().as_secs_f64();
+            ensure!(
+                status.success(),
+                "{program} {args:?} failed ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+            return Ok(Some(seconds));
         }
+        if start.elapsed() > timeout {
+            child.kill()?;
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
 
-use super::cluster::{BenchService, CLUSTER_CIDR};
+use super::cluster::{BenchPort, BenchService, CLUSTER_CIDR};
 
 /// RFC 4648 base32 (the alphabet of Go's `base32.StdEncoding`) of `bytes`, without padding.
 fn base32(bytes: &[u8]) -> String {
@@ -45,15 +45,17 @@ fn hash(input: &str, n: usize) -> String {
 }
 
 /// `KUBE-SVC-...` of a Service port (kube-proxy's `servicePortPolicyClusterChain`).
-pub fn svc_chain(s: &BenchService) -> String {
-    format!("KUBE-SVC-{}", hash(&format!("{}tcp", s.port_name()), 16))
+pub fn svc_chain(s: &BenchService, port: &BenchPort) -> String {
+    let name = s.port_name(port);
+    format!("KUBE-SVC-{}", hash(&format!("{name}{}", port.proto()), 16))
 }
 
 /// `KUBE-SEP-...` of an endpoint of a Service port (`servicePortEndpointChainName`).
-pub fn sep_chain(s: &BenchService, endpoint: &str) -> String {
+pub fn sep_chain(s: &BenchService, port: &BenchPort, endpoint: &str) -> String {
+    let name = s.port_name(port);
     format!(
         "KUBE-SEP-{}",
-        hash(&format!("{}tcp{endpoint}", s.port_name()), 16)
+        hash(&format!("{name}{}{endpoint}", port.proto()), 16)
     )
 }
 
@@ -63,28 +65,32 @@ pub fn sep_chain(s: &BenchService, endpoint: &str) -> String {
 pub fn iptables_restore(services: &[BenchService]) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
-    for s in services {
-        let svc = svc_chain(s);
-        let name = s.port_name();
+    for (s, p) in services
+        .iter()
+        .flat_map(|s| s.ports.iter().map(move |p| (s, p)))
+    {
+        let svc = svc_chain(s, p);
+        let name = s.port_name(p);
+        let proto = p.proto();
         let _ = writeln!(chains, ":{svc} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} \
+            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {ip} \
              --dport {port} -j {svc}",
             ip = s.cluster_ip,
-            port = s.port
+            port = p.port
         );
         let _ = writeln!(
             rules,
-            "-A {svc} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {ip} --dport \
+            "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {ip} --dport \
              {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
             ip = s.cluster_ip,
-            port = s.port
+            port = p.port
         );
         let n = s.endpoints.len();
         for (i, (addr, port)) in s.endpoints.iter().enumerate() {
             let endpoint = format!("{addr}:{port}");
-            let sep = sep_chain(s, &endpoint);
+            let sep = sep_chain(s, p, &endpoint);
             let _ = writeln!(chains, ":{sep} - [0:0]");
             let statistic = if i + 1 < n {
                 format!(
@@ -104,8 +110,8 @@ pub fn iptables_restore(services: &[BenchService]) -> String {
             );
             let _ = writeln!(
                 rules,
-                "-A {sep} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination \
-                 {endpoint}"
+                "-A {sep} -m comment --comment {name} -m {proto} -p {proto} -j DNAT \
+                 --to-destination {endpoint}"
             );
         }
     }
@@ -146,23 +152,25 @@ pub const IPTABLES_FLUSH: &str = "*filter\nCOMMIT\n*nat\nCOMMIT\n";
 pub const NFT_TABLE: &str = "kube-proxy";
 
 /// `service-...` chain of a Service port (nftables mode's `servicePortChainNameBase`).
-pub fn nft_service_chain(s: &BenchService) -> String {
+pub fn nft_service_chain(s: &BenchService, port: &BenchPort) -> String {
     let name = format!(
-        "{}/{}/tcp/{}",
+        "{}/{}/{}/{}",
         super::cluster::NAMESPACE,
         s.name,
-        super::cluster::PORT_NAME
+        port.proto(),
+        port.name
     );
     format!("service-{}-{name}", hash(&name, 8))
 }
 
 /// `endpoint-...` chain of an endpoint of a Service port (`servicePortEndpointChainNameBase`).
-pub fn nft_endpoint_chain(s: &BenchService, addr: &str, port: u16) -> String {
+pub fn nft_endpoint_chain(s: &BenchService, port: &BenchPort, addr: &str, target: u16) -> String {
     let name = format!(
-        "{}/{}/tcp/{}__{addr}/{port}",
+        "{}/{}/{}/{}__{addr}/{target}",
         super::cluster::NAMESPACE,
         s.name,
-        super::cluster::PORT_NAME
+        port.proto(),
+        port.name
     );
     format!("endpoint-{}-{name}", hash(&name, 8))
 }
@@ -194,18 +202,22 @@ pub fn nft_ruleset(services: &[BenchService]) -> String {
          add rule {t} filter-forward ct state new jump service-endpoints-check\n"
     );
     let mut elements = String::new();
-    for s in services {
-        let chain = nft_service_chain(s);
+    for (s, p) in services
+        .iter()
+        .flat_map(|s| s.ports.iter().map(move |p| (s, p)))
+    {
+        let chain = nft_service_chain(s, p);
+        let proto = p.proto();
         let _ = writeln!(out, "add chain {t} {chain}");
         let _ = writeln!(
             out,
-            "add rule {t} {chain} ip daddr {ip} tcp dport {port} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+            "add rule {t} {chain} ip daddr {ip} {proto} dport {port} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
             ip = s.cluster_ip,
-            port = s.port
+            port = p.port
         );
         let mut vmap = Vec::new();
         for (i, (addr, port)) in s.endpoints.iter().enumerate() {
-            let endpoint = nft_endpoint_chain(s, &addr.to_string(), *port);
+            let endpoint = nft_endpoint_chain(s, p, &addr.to_string(), *port);
             let _ = writeln!(out, "add chain {t} {endpoint}");
             let _ = writeln!(
                 out,
@@ -213,7 +225,7 @@ pub fn nft_ruleset(services: &[BenchService]) -> String {
             );
             let _ = writeln!(
                 out,
-                "add rule {t} {endpoint} meta l4proto tcp dnat to {addr}:{port}"
+                "add rule {t} {endpoint} meta l4proto {proto} dnat to {addr}:{port}"
             );
             vmap.push(format!("{i} : goto {endpoint}"));
         }
@@ -225,9 +237,9 @@ pub fn nft_ruleset(services: &[BenchService]) -> String {
         );
         let _ = writeln!(
             elements,
-            "add element {t} service-ips {{ {ip} . tcp . {port} : goto {chain} }}",
+            "add element {t} service-ips {{ {ip} . {proto} . {port} : goto {chain} }}",
             ip = s.cluster_ip,
-            port = s.port
+            port = p.port
         );
     }
     out.push_str(&elements);

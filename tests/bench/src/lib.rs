@@ -7,6 +7,9 @@
 //!   agent`), through kube-proxy-format iptables rules and through kube-proxy-format nftables
 //!   rules ([`kubeproxy`]), with our load generator ([`load`]) against pooled backend servers
 //!   ([`server`]).
+//! - [`pps`]: packets per second through a node from a real generator (XDP frames that
+//!   circulate through the node), for this datapath, kube-proxy's rules and plain routing,
+//!   with the node's CPU time per packet.
 //! - [`control`]: the agent's full sync of 10,000 Services and the latency from an
 //!   EndpointSlice change to the map write.
 //! - [`report`]: the Markdown and the charts ([`svg`]), from the numbers only.
@@ -21,6 +24,7 @@ pub mod kubeproxy;
 pub mod load;
 pub mod machine;
 pub mod packet;
+pub mod pps;
 pub mod profile;
 pub mod report;
 pub mod server;
@@ -40,6 +44,9 @@ pub struct Plan {
     pub e2e: e2e::E2ePlan,
     /// Control-plane measurements.
     pub control: control::ControlPlan,
+    /// Packets per second through a node (absent in runs written before it existed).
+    #[serde(default)]
+    pub pps: Option<pps::PpsPlan>,
 }
 
 impl Plan {
@@ -50,6 +57,7 @@ impl Plan {
             packet: packet::PacketPlan::new(quick),
             e2e: e2e::E2ePlan::new(quick),
             control: control::ControlPlan::new(quick),
+            pps: Some(pps::PpsPlan::new(quick)),
         }
     }
 }
@@ -71,6 +79,9 @@ pub struct Results {
     pub e2e: Option<e2e::E2eResults>,
     /// Control plane; `None` when not run.
     pub control: Option<control::ControlResults>,
+    /// Packets per second; `None` when not run.
+    #[serde(default)]
+    pub pps: Option<pps::PpsResults>,
 }
 
 /// A scratch directory under the temporary directory, removed on drop.

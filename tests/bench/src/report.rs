@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use super::Results;
 use super::e2e::{E2eResults, Mode};
 use super::packet::{Method, PacketResults, PathKind};
+use super::pps::{BackendKind, L4, PpsMode, PpsResults, PpsRow};
 use super::svg::{BarChart, short};
 
 /// Where the charts and the raw numbers go, relative to BENCHMARKS.md.
@@ -84,6 +85,73 @@ fn kube_proxy_seconds(row: &super::e2e::E2eRow) -> (&'static str, f64) {
     }
 }
 
+/// A mode's packets per second over iptables' (nf_tables), same backend, protocol and N.
+fn pps_ratio(p: &PpsResults, row: &PpsRow) -> Option<f64> {
+    let iptables = p.get(PpsMode::Iptables, row.backend, row.proto, row.services)?;
+    Some(row.median(|r| r.sink_mpps) / iptables.median(|r| r.sink_mpps))
+}
+
+/// lb's XDP forwarding (remote backend) against iptables at 10,000 Services, both protocols.
+fn pps_target(p: Option<&PpsResults>) -> Target {
+    let ratios: Vec<(L4, f64)> = p
+        .map(|p| {
+            L4::ALL
+                .iter()
+                .filter_map(|&proto| {
+                    let lb = p.get(PpsMode::Lb, BackendKind::Remote, proto, 10_000)?;
+                    Some((proto, pps_ratio(p, lb)?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Target {
+        target: "At 10,000 Services, lb's XDP forwarding (remote backend) carries ≥ 5× the packets per second of iptables",
+        measured: if ratios.is_empty() {
+            "not measured".into()
+        } else {
+            ratios
+                .iter()
+                .map(|(proto, x)| format!("{proto} {x:.2}×"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        met: (ratios.len() == L4::ALL.len()).then(|| ratios.iter().all(|(_, x)| *x >= 5.0)),
+    }
+}
+
+/// What lb adds to the direct latency against what iptables adds (p50 and p99), at 10,000.
+fn added_latency_target(
+    direct: Option<&super::e2e::E2eRow>,
+    lb: Option<&super::e2e::E2eRow>,
+    iptables: Option<&super::e2e::E2eRow>,
+) -> Target {
+    let target = "At 10,000 Services, lb adds ≤ 1/5 of the latency iptables adds over a direct \
+                  connection to the pod (p50 and p99)";
+    let (Some(direct), Some(lb), Some(iptables)) = (direct, lb, iptables) else {
+        return Target {
+            target,
+            measured: "not measured".into(),
+            met: None,
+        };
+    };
+    let adds = |value: fn(&super::e2e::E2eRow) -> f64| {
+        (value(lb) - value(direct), value(iptables) - value(direct))
+    };
+    let (p50, p99) = (adds(|r| r.p50_us), adds(|r| r.p99_us));
+    Target {
+        target,
+        measured: format!(
+            "p50: lb adds {:.0} µs, iptables {:.0} µs; p99: lb adds {:.0} µs, iptables {:.0} µs",
+            p50.0, p50.1, p99.0, p99.1
+        ),
+        met: Some(
+            [p50, p99]
+                .iter()
+                .all(|(ours, theirs)| *ours <= theirs / 5.0),
+        ),
+    }
+}
+
 /// Every target of the issue against the run's numbers.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
@@ -132,6 +200,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         }),
         met: worst.map(|(_, s)| s <= 15.0),
     });
+    out.push(pps_target(r.pps.as_ref()));
     let e2e = r.e2e.as_ref();
     let at = |mode| e2e.and_then(|e| e.get(mode, 10_000));
     let lb = at(Mode::Lb);
@@ -166,6 +235,11 @@ pub fn targets(r: &Results) -> Vec<Target> {
             _ => None,
         },
     });
+    out.push(added_latency_target(
+        at(Mode::Direct),
+        lb,
+        at(Mode::Iptables),
+    ));
     out.push(Target {
         target: "Programming 10,000 services is ≥ 50× faster than iptables-restore of the same services",
         measured: match lb {
@@ -246,16 +320,22 @@ pub fn write(r: &Results, dir: &Path) -> Result<PathBuf> {
     if let Some(p) = &r.packet {
         charts.push(("per-packet.svg", packet_chart(r, p)));
     }
+    if let Some(p) = &r.pps {
+        charts.push(("pps.svg", pps_chart(p)));
+    }
     if let Some(e) = &r.e2e {
         charts.push((
             "e2e-latency.svg",
-            e2e_chart(r, e, "first-request p99", "µs", |row| row.p99_us),
+            e2e_chart(r, e, &Mode::ALL, "first-request p99", "µs", |row| {
+                row.p99_us
+            }),
         ));
         charts.push((
             "programming.svg",
             e2e_chart(
                 r,
                 e,
+                &Mode::SERVICES,
                 "time to program N Services (a stopped command: its time when stopped)",
                 "seconds",
                 |row| kube_proxy_seconds(row).1,
@@ -322,9 +402,163 @@ fn packet_chart(r: &Results, p: &PacketResults) -> BarChart {
     }
 }
 
+/// The numbers of Services of the pps part (the plan's, absent in older runs: the rows').
+fn pps_levels(p: &PpsResults) -> Vec<usize> {
+    let mut levels: Vec<usize> = p.rows.iter().map(|r| r.services).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    levels
+}
+
+fn pps_chart(p: &PpsResults) -> BarChart {
+    let levels = pps_levels(p);
+    BarChart {
+        title: "Packets per second at the sink, TCP, remote backend (median of the runs)".into(),
+        unit: "Mpps".into(),
+        groups: levels.iter().map(|l| services(*l)).collect(),
+        series: PpsMode::ALL
+            .iter()
+            .map(|&mode| {
+                let values = levels
+                    .iter()
+                    .map(|&l| {
+                        p.get(mode, BackendKind::Remote, L4::Tcp, l)
+                            .map(|r| r.median(|r| r.sink_mpps))
+                    })
+                    .collect();
+                (mode.label(BackendKind::Remote).to_owned(), values)
+            })
+            .collect(),
+        log: false,
+    }
+}
+
+fn pps_section(md: &mut String, r: &Results, p: &PpsResults) {
+    let _ = writeln!(md, "## Packets per second\n");
+    let runs = r.plan.pps.as_ref().map_or(0, |plan| plan.runs);
+    let how = r.plan.pps.as_ref().map_or(String::new(), |plan| {
+        format!(
+            "{} flows (consecutive source ports, sent in turn), 60-byte frames, {} frames \
+             circulating; each window {} s after {} s of warm-up (every flow's first packet \
+             through).",
+            count(plan.flows as usize),
+            plan.seeds,
+            plan.seconds,
+            plan.warmup
+        )
+    });
+    let _ = writeln!(
+        md,
+        "A node in a network namespace: its NIC is a veth whose peer is the wire, a local pod \
+         behind another veth; node B (the remote pods' node) is a neighbour on the wire. The \
+         generator is ours (`lb-ebpf/src/pktgen.rs`, an XDP program on the peers of the \
+         node's interfaces): each frame that arrives from the node is counted, rewritten into \
+         the next client frame and redirected back into the node's NIC, so a fixed number of \
+         frames circulates and every frame the node receives arrives in its driver's NAPI poll \
+         as from a NIC. The sink is the same program: it counts a frame only if it is IPv4, \
+         of the protocol, to the backend's address and port, and the source of what arrived is \
+         checked (the client's, or the node's address where the mode masquerades). {how} \
+         The node's receive path runs in one threaded-NAPI kernel thread pinned to CPU {node} \
+         (the generator's on CPU {generator}); \"ns/packet\" is that thread's CPU time over the \
+         window divided by the frames counted. BPF_PROG_TEST_RUN with \
+         BPF_F_TEST_XDP_LIVE_FRAMES (what xdp-trafficgen does) fails with EPERM on this \
+         machine, hence the circulating frames. Each mode has its own bed at each N; the \
+         modes are measured in turns, {runs} times. Every cell is the median of the runs, \
+         with ± the largest deviation of a run from it; \"vs iptables\" is the mode's Mpps \
+         over iptables' (nf_tables backend) for the same backend, protocol and N.\n",
+        node = p.node_cpu,
+        generator = p.generator_cpu,
+    );
+    let _ = writeln!(
+        md,
+        "| Services | Backend | Mode | TCP Mpps | ns/packet | vs iptables | UDP Mpps | ns/packet | vs iptables | node busy |"
+    );
+    let _ = writeln!(
+        md,
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for level in pps_levels(p) {
+        for kind in BackendKind::ALL {
+            for mode in PpsMode::ALL {
+                let rows: Vec<Option<&PpsRow>> = L4::ALL
+                    .iter()
+                    .map(|&l| p.get(mode, kind, l, level))
+                    .collect();
+                if rows.iter().all(Option::is_none) {
+                    continue;
+                }
+                let mut cells = Vec::new();
+                let mut busy = Vec::new();
+                for row in &rows {
+                    match row {
+                        Some(row) => {
+                            cells.push(format!(
+                                "{:.3} ±{:.0}%",
+                                row.median(|r| r.sink_mpps),
+                                row.spread(|r| r.sink_mpps)
+                            ));
+                            cells.push(format!(
+                                "{:.0} ±{:.0}%",
+                                row.median(|r| r.node_ns),
+                                row.spread(|r| r.node_ns)
+                            ));
+                            cells
+                                .push(pps_ratio(p, row).map_or("–".into(), |x| format!("{x:.2}×")));
+                            busy.push(format!("{:.0}%", 100.0 * row.median(|r| r.node_busy)));
+                        }
+                        None => cells.extend(["–".to_owned(), "–".to_owned(), "–".to_owned()]),
+                    }
+                }
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    count(level),
+                    kind.label(),
+                    mode.label(kind),
+                    cells.join(" | "),
+                    busy.join(", ")
+                );
+            }
+        }
+    }
+    for f in &p.failures {
+        let _ = writeln!(
+            md,
+            "\n**{} ({}) at {} Services failed:** `{}`",
+            f.mode.label(f.backend),
+            f.backend.label(),
+            count(f.services),
+            f.error.lines().next().unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n\"node busy\" is the node thread's share of its CPU (TCP, UDP): near 100% the node \
+         is the bottleneck and the rate is its capacity. What the sink checked:\n"
+    );
+    let mut checked: Vec<&str> = p.rows.iter().map(|r| r.checked.as_str()).collect();
+    checked.sort_unstable();
+    checked.dedup();
+    for c in checked {
+        let _ = writeln!(md, "- {c}");
+    }
+    let lost: u64 = p
+        .rows
+        .iter()
+        .flat_map(|r| &r.runs)
+        .map(|run| run.other)
+        .sum();
+    let _ = writeln!(
+        md,
+        "\nOther frames at the sink over all windows (not counted as forwarded): {lost}.\n"
+    );
+    let _ = writeln!(md, "![packets per second]({ASSETS}/pps.svg)\n");
+}
+
 fn e2e_chart(
     r: &Results,
     e: &E2eResults,
+    modes: &[Mode],
     what: &str,
     unit: &str,
     value: impl Fn(&super::e2e::E2eRow) -> f64,
@@ -334,7 +568,7 @@ fn e2e_chart(
         title: format!("End to end: {what}"),
         unit: unit.into(),
         groups: levels.iter().map(|l| services(*l)).collect(),
-        series: Mode::ALL
+        series: modes
             .iter()
             .map(|&mode| {
                 let values = levels.iter().map(|&l| e.get(mode, l).map(&value)).collect();
@@ -403,6 +637,9 @@ pub fn markdown(r: &Results) -> String {
 
     if let Some(p) = &r.packet {
         packet_section(&mut md, r, p);
+    }
+    if let Some(p) = &r.pps {
+        pps_section(&mut md, r, p);
     }
     if let Some(e) = &r.e2e {
         e2e_section(&mut md, r, e);
@@ -628,14 +865,15 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
     md.push('\n');
     let _ = writeln!(
         md,
-        "| Services | Mode | Programming | First request p50 | p99 | p99 vs lb | Connections/s | vs lb | Requests/s (kept alive) | vs lb | Errors |"
+        "| Services | Mode | Programming | First request p50 | p99 | p50 added | p99 added | p99 vs lb | Connections/s | vs lb | Requests/s (kept alive) | vs lb | Errors |"
     );
     let _ = writeln!(
         md,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &n in &plan.levels {
         let lb = e.get(Mode::Lb, n);
+        let direct = e.get(Mode::Direct, n);
         for mode in Mode::ALL {
             let Some(row) = e.get(mode, n) else {
                 continue;
@@ -643,7 +881,12 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
             let vs = |ours: Option<f64>, theirs: f64| {
                 ours.map_or("–".into(), |o| format!("{:.2}×", theirs / o))
             };
+            let added = |value: fn(&super::e2e::E2eRow) -> f64| match direct {
+                Some(d) if mode != Mode::Direct => format!("{:+.0} µs", value(row) - value(d)),
+                _ => "–".into(),
+            };
             let programming = match (row.agent_seconds, row.program_stopped_after) {
+                _ if mode == Mode::Direct => "–".into(),
                 (Some(agent), _) => format!("{:.3} s (agent: {:.3} s)", row.program_seconds, agent),
                 (None, Some(stopped)) => format!(
                     "> {stopped:.0} s: stopped unfinished (the same rules without --noflush: {:.3} s)",
@@ -653,11 +896,13 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {programming} | {:.0} µs | {:.0} µs | {} | {:.0} | {} | {:.0} | {} | {} |",
+                "| {} | {} | {programming} | {:.0} µs | {:.0} µs | {} | {} | {} | {:.0} | {} | {:.0} | {} | {} |",
                 count(n),
                 mode.label(),
                 row.p50_us,
                 row.p99_us,
+                added(|r| r.p50_us),
+                added(|r| r.p99_us),
                 vs(lb.map(|l| l.p99_us), row.p99_us),
                 row.connections.per_sec(),
                 vs(
@@ -681,7 +926,10 @@ fn e2e_section(md: &mut String, r: &Results, e: &E2eResults) {
     }
     let _ = writeln!(
         md,
-        "\n\"vs lb\" is the mode's value divided by lb's at the same N, from the same run. On a \
+        "\n\"added\" is the mode's latency minus the direct one's at the same N (the direct \
+         client connects to the measured Service's first pod, whose address it knows; the \
+         rates of that row all go to that one pod). \"vs lb\" is the mode's value divided by \
+         lb's at the same N, from the same run. On a \
          shared machine the p99 of a sub-millisecond request mostly measures scheduling delays \
          (see how busy the machine was, under Machine); the p50 shows the path itself.\n"
     );

@@ -43,6 +43,7 @@ fn fetch_last_service(mode: Mode) {
     let bed = Bed::new(2, 2).unwrap();
     let services = bed.services(100);
     let _lb = match mode {
+        Mode::Direct => panic!("the direct mode programs no Service"),
         Mode::Lb => Some(program_lb(&bed, &services).unwrap()),
         Mode::Iptables => {
             program_iptables(&bed, "iptables-restore", &services).unwrap();
@@ -58,13 +59,13 @@ fn fetch_last_service(mode: Mode) {
         }
     };
     let last = services.last().unwrap();
-    let target = SocketAddr::V4(SocketAddrV4::new(last.cluster_ip, last.port));
+    let target = SocketAddr::V4(SocketAddrV4::new(last.cluster_ip, last.port()));
     let latencies = load::first_request_latencies(&bed.topology.client, target, 20).unwrap();
     assert_eq!(latencies.len(), 20);
     // A Service that is not the last one leads nowhere (its endpoints do not exist): the
     // rules did not send everything to the pods.
     let first = &services[0];
-    let elsewhere = SocketAddr::V4(SocketAddrV4::new(first.cluster_ip, first.port));
+    let elsewhere = SocketAddr::V4(SocketAddrV4::new(first.cluster_ip, first.port()));
     assert!(load::first_request_latencies(&bed.topology.client, elsewhere, 1).is_err());
 }
 
@@ -86,4 +87,38 @@ fn kube_proxy_nftables_rules_load_and_dnat() {
 #[test]
 fn the_agent_programs_the_bench_manifests() {
     fetch_last_service(Mode::Lb);
+}
+
+/// The packets-per-second bed forwards the generator's frames in each way of forwarding and
+/// the sink counts them, translated as the mode translates (`measure_one` fails otherwise:
+/// no frame at the backend's address and port, or from another source than expected).
+#[test]
+fn the_pps_generator_circulates_through_each_mode_and_the_sink_counts_it() {
+    use lb_bench::pps::{self, BackendKind, L4, PpsMode, PpsPlan};
+    let plan = PpsPlan {
+        seconds: 0.2,
+        warmup: 0.1,
+        flows: 64,
+        ..PpsPlan::new(true)
+    };
+    let cases = [
+        (PpsMode::Routing, BackendKind::Remote, L4::Udp),
+        (PpsMode::Lb, BackendKind::Remote, L4::Tcp),
+        (PpsMode::Lb, BackendKind::Local, L4::Udp),
+        (PpsMode::Iptables, BackendKind::Remote, L4::Tcp),
+        (PpsMode::Nftables, BackendKind::Local, L4::Tcp),
+    ];
+    for (mode, kind, proto) in cases {
+        let (run, checked) = pps::measure_one(&plan, mode, kind, 10, proto)
+            .unwrap_or_else(|e| panic!("{mode:?} {kind:?} {proto}: {e:#}"));
+        assert!(
+            run.sink_mpps > 0.0 && run.node_ns > 0.0 && run.node_busy > 0.0,
+            "{mode:?} {kind:?} {proto}: {run:?}"
+        );
+        assert!(
+            run.circulating > 0 && run.circulating <= u64::from(plan.seeds),
+            "{mode:?} {kind:?} {proto}: {run:?}"
+        );
+        assert!(checked.contains(&format!("{proto}")), "{checked}");
+    }
 }

@@ -1,8 +1,8 @@
 //! `lb-bench`: runs the benchmarks and writes BENCHMARKS.md (run it through
 //! `cargo xtask bench [--quick]`, which builds `lb` and this, and says where the file went).
 //!
-//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,e2e,control] [--levels 1,1000]
-//! [--command TEXT]` (`--levels`: the per-packet part's numbers of Services), or
+//! Usage: `lb-bench [--quick] [--out DIR] [--only packet,pps,e2e,control] [--levels 1,1000]
+//! [--command TEXT]` (`--levels`: the per-packet and packets-per-second parts' numbers of Services), or
 //! `lb-bench --rewrite [--out DIR]` to write the Markdown and charts again from the
 //! `benchmarks/results.json` of an earlier run (after a change of the report's form).
 
@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use lb_bench::machine::{CpuSample, Machine};
-use lb_bench::{Plan, Results, control, e2e, packet, report};
+use lb_bench::{Plan, Results, control, e2e, packet, pps, report};
 use lb_testbed::agent::workspace_dir;
 
 struct Args {
@@ -23,7 +23,7 @@ struct Args {
     command: String,
 }
 
-const PARTS: [&str; 3] = ["packet", "e2e", "control"];
+const PARTS: [&str; 4] = ["packet", "pps", "e2e", "control"];
 
 fn args() -> Result<Args> {
     let mut args = Args {
@@ -61,7 +61,7 @@ fn args() -> Result<Args> {
             }
             other => bail!(
                 "unknown argument {other:?}; usage: lb-bench [--quick] [--out DIR] \
-                 [--only packet,e2e,control] [--levels 1,1000] [--command TEXT] | \
+                 [--only packet,pps,e2e,control] [--levels 1,1000] [--command TEXT] | \
                  lb-bench --rewrite [--out DIR]"
             ),
         }
@@ -93,6 +93,9 @@ fn run() -> Result<PathBuf> {
     }
     let mut plan = Plan::new(args.quick);
     if let Some(levels) = args.levels {
+        if let Some(pps) = &mut plan.pps {
+            pps.levels = levels.clone();
+        }
         plan.packet.levels = levels;
     }
     let wants = |part: &str| args.only.iter().any(|p| p == part);
@@ -102,6 +105,10 @@ fn run() -> Result<PathBuf> {
         Some(packet::run(&plan.packet).context("per-packet benchmark")?)
     } else {
         None
+    };
+    let pps = match (&plan.pps, wants("pps")) {
+        (Some(p), true) => Some(pps::run(p).context("packets-per-second benchmark")?),
+        _ => None,
     };
     let e2e = if wants("e2e") {
         Some(e2e::run(&plan.e2e).context("end-to-end benchmark")?)
@@ -122,6 +129,7 @@ fn run() -> Result<PathBuf> {
         packet,
         e2e,
         control,
+        pps,
     };
     std::fs::create_dir_all(&args.out)?;
     report::write(&results, &args.out)
