@@ -80,7 +80,7 @@ fn pod_ingress<F: Datapath>(
         // IPv4 only: with the FIB lookup in it, `lb_tc_pod_in6` is over the stack
         // limit (IPv6 replies go on to the kernel as before).
         Ok(()) if F::AF == <V4 as Datapath>::AF => return Ok(redirect_reply::<F>(ctx)),
-        Ok(()) => return Ok(TC_ACT_OK as i32),
+        Ok(()) => return Ok(TC_ACT_OK),
         // Not a reply.
         Err(Verdict::NotOurs) => {}
         Err(verdict) => return Err(verdict),
@@ -118,7 +118,7 @@ fn pod_ingress<F: Datapath>(
         )?;
     }
     flow.count(ctx.len() as u64);
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 /// A hairpinned pod's reply to the hairpin address (`HAIRPIN_ADDR`, `HAIRPIN_ADDR6`) goes

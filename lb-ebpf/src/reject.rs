@@ -73,6 +73,15 @@ fn put_checksum<const N: usize>(frame: &mut [u8; N], at: usize, mut acc: u32) {
 /// one, now at offset `ip + 8`, read first) and the ICMP header's type and code. The
 /// quote is in place.
 #[inline(always)]
+#[expect(
+    clippy::mut_from_ref,
+    reason = "the frame is the packet's memory, which ctx only points to (as ptr_at)"
+)]
+#[expect(
+    clippy::manual_memcpy,
+    clippy::needless_range_loop,
+    reason = "byte loops over packet memory: what the verifier was shown to accept here"
+)]
 fn reshape<const N: usize>(
     ctx: &XdpContext,
     ip: usize,

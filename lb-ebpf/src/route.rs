@@ -118,7 +118,7 @@ fn transmit<A>(ctx: &XdpContext, route: &Route<A>) -> u32 {
 #[inline(always)]
 pub(crate) fn redirect_reply<F: Datapath>(ctx: &TcContext) -> i32 {
     let Ok(ip) = ctx.load::<F::Header>(ETH_LEN) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = F::AF;
@@ -128,7 +128,7 @@ pub(crate) fn redirect_reply<F: Datapath>(ctx: &TcContext) -> i32 {
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) } as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     count(NatEvent::Redirect);
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
