@@ -541,6 +541,10 @@ fn the_interfaces_holding_the_node_addresses_are_found_and_followed() {
     )
     .expect("agent");
     wait_for_externals(&agent, &["eth0", "eth1"]);
+    // The links are pinned before the first view is programmed.
+    agent.wait_ops(&topology.node, "/readyz", "ready", |status, _| {
+        status == 200
+    });
     node_port_served(&topology.client, [10, 200, 0, 1]);
     node_port_served(&client2, [10, 201, 0, 1]);
 
