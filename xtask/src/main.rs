@@ -43,7 +43,7 @@ enum Cmd {
     /// Build the older release of lb that the upgrade test starts from, from the git history.
     BuildOld,
     /// Build, then measure the datapath beside kube-proxy's iptables and nftables modes and
-    /// write BENCHMARKS.md with its charts (about 25 minutes; --quick: about 2).
+    /// write BENCHMARKS.md with its charts (about 30 minutes; --quick: about 4).
     Bench {
         /// The same measurements, smaller; written to target/bench/ instead.
         #[arg(long)]
