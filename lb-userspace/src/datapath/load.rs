@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::{
     BACKEND_STATS_MASK_GLOBAL, map_names, prog_slot, program_names,
-    schema::{MapKind, Sizing},
+    schema::{BPF_F_NO_PREALLOC, Entries, MapKind, MapSpec, Sizing},
 };
 use tracing::warn;
 
@@ -50,15 +50,15 @@ fn load_error(source: aya::EbpfError, pins: &Pins, capacity: &Capacity) -> Datap
             source: Box::new(source),
         };
     };
-    let object = aya_obj::Object::parse(crate::EBPF_OBJECT).ok();
-    let definition = object.as_ref().and_then(|o| o.maps.get(&name));
-    let entries = super::map_sizes(capacity)
-        .find(|(n, _)| *n == name)
-        .map(|(_, entries)| entries)
-        .or_else(|| definition.map(aya_obj::Map::max_entries));
-    let bytes = definition
+    // The schema is the object's (the object tests hold them equal).
+    let spec = map_names::spec(&name);
+    let entries = spec.map(|m| match m.entries {
+        Entries::Fixed(n) => n,
+        Entries::Sized(sizing) => capacity.entries(sizing),
+    });
+    let bytes = spec
         .zip(entries)
-        .and_then(|(d, entries)| map_memory(d, entries));
+        .and_then(|(m, entries)| map_memory(m, entries));
     DatapathError::MapCreate {
         flag: capacity_flag(&name),
         name,
@@ -68,32 +68,25 @@ fn load_error(source: aya::EbpfError, pins: &Pins, capacity: &Capacity) -> Datap
     }
 }
 
-/// About how much kernel memory a map of `definition`'s type and sizes takes at creation with
-/// `entries` entries, when its type is one that takes it then (preallocated hash maps, LRU
-/// maps, arrays); the hash tables' buckets otherwise.
-fn map_memory(definition: &aya_obj::Map, entries: u32) -> Option<u64> {
-    const BPF_MAP_TYPE_HASH: u32 = 1;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    const BPF_F_NO_PREALLOC: u32 = 1;
+/// About how much kernel memory `map` takes at creation with `entries` entries, when its
+/// type is one that takes it then (preallocated hash maps, LRU maps, arrays); the hash
+/// tables' buckets otherwise.
+fn map_memory(map: &MapSpec, entries: u32) -> Option<u64> {
     /// The kernel's `struct htab_elem` before the key, and a bucket.
     const HTAB_ELEM: u64 = 48;
     const BUCKET: u64 = 16;
     let round8 = |n: u32| u64::from(n.div_ceil(8) * 8);
     let entries64 = u64::from(entries);
     let buckets = u64::from(entries.checked_next_power_of_two().unwrap_or(1 << 31)) * BUCKET;
-    match definition.map_type() {
-        BPF_MAP_TYPE_HASH if definition.map_flags() & BPF_F_NO_PREALLOC != 0 => Some(buckets),
-        BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH => Some(
-            entries64
-                * (HTAB_ELEM + round8(definition.key_size()) + round8(definition.value_size()))
-                + buckets,
-        ),
-        BPF_MAP_TYPE_ARRAY => Some(entries64 * round8(definition.value_size())),
-        BPF_MAP_TYPE_PERCPU_ARRAY => {
+    match map.kind {
+        MapKind::Hash if map.flags & BPF_F_NO_PREALLOC != 0 => Some(buckets),
+        MapKind::Hash | MapKind::LruHash => {
+            Some(entries64 * (HTAB_ELEM + round8(map.key_size) + round8(map.value_size)) + buckets)
+        }
+        MapKind::Array => Some(entries64 * round8(map.value_size)),
+        MapKind::PerCpuArray => {
             let cpus = aya::util::nr_cpus().ok()? as u64;
-            Some(entries64 * round8(definition.value_size()) * cpus)
+            Some(entries64 * round8(map.value_size) * cpus)
         }
         _ => None,
     }
