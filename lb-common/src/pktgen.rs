@@ -77,6 +77,10 @@ pub struct PktgenStats {
     pub matched: u64,
     /// Every other frame that arrived.
     pub other: u64,
+    /// Expected frames that arrived while [`PktgenConfig::active`] was 0 (also in `matched`):
+    /// after a stop, the frames that were still circulating, each counted once as it comes
+    /// back, however late the stopping thread reads the counters.
+    pub drained: u64,
     /// Source address of the last matched frame, network byte order.
     pub last_saddr: u32,
     /// Source port of the last matched frame, network byte order.
@@ -104,7 +108,7 @@ pub const fn sport_check(proto: u8, check: u16, old: u16, new: u16) -> u16 {
 
 const _: () = {
     assert!(core::mem::size_of::<PktgenConfig>() == 80);
-    assert!(core::mem::size_of::<PktgenStats>() == 24);
+    assert!(core::mem::size_of::<PktgenStats>() == 32);
     assert!(TCP_CHECK_OFF + 2 <= FRAME_LEN && UDP_CHECK_OFF + 2 <= FRAME_LEN);
 };
 

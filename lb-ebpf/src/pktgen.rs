@@ -60,6 +60,7 @@ pub fn lb_pktgen_xdp(ctx: XdpContext) -> u32 {
         (*stats).last_sport = word(SPORT_OFF);
         let flows = u64::from(cfg.flows);
         if cfg.active == 0 || flows == 0 {
+            (*stats).drained += 1;
             return xdp_action::XDP_DROP;
         }
 

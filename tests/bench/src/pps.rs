@@ -422,6 +422,11 @@ impl Pktgen {
         Ok((matched, other))
     }
 
+    /// Expected frames that arrived while the generator was stopped, on every CPU.
+    fn drained(&self) -> Result<u64> {
+        Ok(self.stats.get(&0, 0)?.iter().map(|s| s.drained).sum())
+    }
+
     /// The source address of the last expected frame on a CPU that counted one.
     fn last_source(&self) -> Result<Option<Ipv4Addr>> {
         Ok(self
@@ -768,12 +773,15 @@ impl PpsBed {
                 r1.1 - r0.1,
             ))
         })();
-        // Stop the circulation, and count the frames still in it: each arrives once more.
+        // Stop the circulation, and count the frames still in it: each arrives once more and
+        // the generator counts it as drained. (Matched counts read after the stop would race
+        // the node's real-time NAPI threads, which may deliver every frame before this thread
+        // reads: 0 circulating, 2 runs in 3 on a busy machine.)
+        let drained_before = self.pktgen.drained()?;
         config.active = 0;
         self.pktgen.config.set(0, config, 0)?;
-        let stopped = self.pktgen.counts()?.0;
         std::thread::sleep(Duration::from_millis(100));
-        let circulating = self.pktgen.counts()?.0 - stopped;
+        let circulating = self.pktgen.drained()? - drained_before;
         let (seconds, matched, other, node_ns, generator_ns): (f64, u64, u64, u64, u64) = measured?;
         ensure!(matched > 0, "no frame arrived in the window");
         let source = self.pktgen.last_source()?.context("no frame arrived")?;
