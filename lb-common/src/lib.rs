@@ -88,13 +88,16 @@ pub mod map_names {
     /// inlines, in place of V1's hash map keyed by backend id). Its size is a power of two;
     /// the agent gives each live backend a slot of its own and zeroes the slot of a new id.
     pub const BACKEND_STATS: &str = "LB_BESTAT_V2";
-    /// LRU per-CPU hash map [`crate::PairKey`] (service id, backend id) ->
-    /// [`crate::ServiceStats`]: each backend's counters under each frontend that sent it
-    /// packets (one backend shared by a ClusterIP and a NodePort is counted apart for
-    /// each), as ipvsadm counts per virtual and real server. The datapath adds an entry on
-    /// the first packet of a pair; the least recently counted pairs give way when it is
-    /// full (as many pairs as `--max-services` frontends).
-    pub const PAIR_STATS: &str = "LB_PAIRSTAT_V1";
+    /// LRU per-CPU hash map [`crate::PairKey`] (service id, backend id) -> `u64`: the flows
+    /// each frontend gave each backend (one backend shared by a ClusterIP and a NodePort is
+    /// counted apart for each), as ipvsadm's Conns per virtual and real server. The datapath
+    /// counts a pair when a flow is created, never per packet (a lookup of this map on every
+    /// packet cost an established flow about 25 ns, a third of its cost): a pair's packets
+    /// and bytes are not counted, a backend's over all its frontends are
+    /// ([`BACKEND_STATS`]). It adds an entry on a pair's first flow; the least recently
+    /// counted pairs give way when it is full (as many pairs as `--max-services` frontends).
+    /// V2: flows only (V1 counted [`crate::ServiceStats`] per packet).
+    pub const PAIR_STATS: &str = "LB_PAIRSTAT_V2";
     /// Per-CPU array indexed by [`crate::Event`] -> `u64`: flow decisions and conntrack
     /// writes.
     pub const EVENTS: &str = "LB_EVENT_V1";
@@ -192,7 +195,7 @@ pub mod map_names {
         MapSpec::new::<u32, ServiceStats>(SERVICE_STATS, PerCpuArray, Sized(ServiceIds)),
         MapSpec::new::<u32, u64>(REASON_STATS, PerCpuArray, Fixed(Reason::COUNT)),
         MapSpec::new::<u32, ServiceStats>(BACKEND_STATS, PerCpuArray, Sized(BackendSlots)),
-        MapSpec::new::<PairKey, ServiceStats>(PAIR_STATS, LruPerCpuHash, Sized(Services)),
+        MapSpec::new::<PairKey, u64>(PAIR_STATS, LruPerCpuHash, Sized(Services)),
         MapSpec::new::<u32, u64>(EVENTS, PerCpuArray, Fixed(Event::COUNT)),
         MapSpec::new::<AffinityKey, AffinityEntry>(AFFINITY, LruHash, Sized(Affinity)),
         MapSpec::lpm_trie::<SourceRange4, u8>(SOURCE_RANGES, Fixed(capacity::SOURCE_RANGES)),

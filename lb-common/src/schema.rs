@@ -279,7 +279,7 @@ mod tests {
         ("LB_SVCSTAT_V1", map(PERCPU, 4, 24, None, 0)),
         ("LB_REASON_V4", map(PERCPU, 4, 8, Some(24), 0)),
         ("LB_BESTAT_V2", map(PERCPU, 4, 24, None, 0)),
-        ("LB_PAIRSTAT_V1", map(LruPerCpuHash, 8, 24, None, 0)),
+        ("LB_PAIRSTAT_V2", map(LruPerCpuHash, 8, 8, None, 0)),
         ("LB_EVENT_V1", map(PERCPU, 4, 8, Some(11), 0)),
         ("LB_AFFINITY4_V1", map(LRU, 8, 16, None, 0)),
         (

@@ -1,12 +1,12 @@
 //! The programs' counters: why packets were passed or dropped (`lb_common::Reason`), flow
 //! decisions (`lb_common::Event`), NAT and forwarding (`lb_common::NatEvent`), LRU inserts
-//! (`lb_common::TableEvent`), and each frontend's and backend's packets.
+//! (`lb_common::TableEvent`), each frontend's and backend's packets, and each pair's flows.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuArray};
 use lb_common::{Event, NatEvent, PairKey, Reason, ServiceStats, TableEvent, backend_stats_slot};
 
 use crate::maps::{
-    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_PAIRSTAT_V1, LB_REASON_V4,
+    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_PAIRSTAT_V2, LB_REASON_V4,
     LB_SVCSTAT_V1, LB_TBLEVENT_V1,
 };
 
@@ -57,8 +57,8 @@ fn add_stats(stats: *mut ServiceStats, bytes: u64, new: bool) {
     }
 }
 
-/// Counts a translated packet of either family for its frontend, its backend, and the pair
-/// (`new`: the packet created the flow's entries).
+/// Counts a translated packet of either family for its frontend and its backend, and a new
+/// flow (`new`: the packet created the flow's entries) also for the pair.
 #[inline(always)]
 pub(crate) fn count_packet(service_id: u32, backend_id: u32, bytes: u64, new: bool) {
     if let Some(stats) = LB_SVCSTAT_V1.get_ptr_mut(service_id) {
@@ -69,41 +69,34 @@ pub(crate) fn count_packet(service_id: u32, backend_id: u32, bytes: u64, new: bo
     if let Some(stats) = LB_BESTAT_V2.get_ptr_mut(backend_stats_slot(backend_id, mask)) {
         add_stats(stats, bytes, new);
     }
-    count_pair(
-        PairKey {
+    if new {
+        count_pair_flow(PairKey {
             service_id,
             backend_id,
-        },
-        bytes,
-        new,
-    );
+        });
+    }
 }
 
-/// Counts a packet for a (frontend, backend) pair, adding the pair's entry on its first
-/// packet. Per-CPU: an insert writes this CPU's values (the others start at zero).
+/// Counts a flow for a (frontend, backend) pair, adding the pair's entry on its first flow:
+/// only when a flow is created, so that an established flow's packets look up no hash map.
+/// Per-CPU: an insert writes this CPU's value (the others start at zero).
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "kept borrowed as written: the by-value cost is not measured yet (maps.rs's rule)"
 )]
-fn count_pair(key: PairKey, bytes: u64, new: bool) {
-    if let Some(stats) = LB_PAIRSTAT_V1.get_ptr_mut(&key) {
-        add_stats(stats, bytes, new);
+fn count_pair_flow(key: PairKey) {
+    if let Some(flows) = LB_PAIRSTAT_V2.get_ptr_mut(&key) {
+        // Per-CPU: no other CPU writes this value.
+        unsafe { *flows += 1 };
         return;
     }
-    let first = ServiceStats {
-        packets: 1,
-        bytes,
-        new_flows: new as u64,
-    };
-    // BPF_NOEXIST: another CPU that added the pair meanwhile keeps its values; this
-    // packet then counts in the entry it added.
-    if LB_PAIRSTAT_V1
-        .insert(&key, &first, BPF_NOEXIST as u64)
-        .is_err()
-        && let Some(stats) = LB_PAIRSTAT_V1.get_ptr_mut(&key)
+    // BPF_NOEXIST: another CPU that added the pair meanwhile keeps its value; this flow
+    // then counts in the entry it added.
+    if LB_PAIRSTAT_V2.insert(&key, &1, BPF_NOEXIST as u64).is_err()
+        && let Some(flows) = LB_PAIRSTAT_V2.get_ptr_mut(&key)
     {
-        add_stats(stats, bytes, new);
+        unsafe { *flows += 1 };
     }
 }
 

@@ -131,7 +131,7 @@ pub(crate) static LB_BESTAT_V2: PerCpuArray<ServiceStats> =
 pub(crate) static LB_BESTAT_MASK: u32 = BackendSlots.default_entries() - 1;
 /// See `lb_common::map_names::PAIR_STATS`.
 #[map]
-pub(crate) static LB_PAIRSTAT_V1: LruPerCpuHashMap<PairKey, ServiceStats> =
+pub(crate) static LB_PAIRSTAT_V2: LruPerCpuHashMap<PairKey, u64> =
     LruPerCpuHashMap::pinned(Services.default_entries(), 0);
 #[map]
 pub(crate) static LB_REASON_V4: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -62,16 +62,6 @@ impl Collector for DatapathCollector {
                 ConstCounter::new(value(row)).encode(family.encode_family(&labels)?)?;
             }
         }
-        // A backend shared by several frontends is listed under each; its counters are its own.
-        let mut backends = std::collections::BTreeMap::new();
-        for row in report
-            .frontends
-            .iter()
-            .flat_map(|f| &f.backends)
-            .chain(&report.draining)
-        {
-            backends.insert(row.id, row);
-        }
         let backend_counters: [Column<BackendStatsRow>; 3] = [
             ("lb_backend_packets", "Packets sent to a backend", |r| {
                 r.packets
@@ -83,9 +73,24 @@ impl Collector for DatapathCollector {
         ];
         for (name, help, value) in backend_counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for row in backends.values() {
+            for row in &report.backends {
                 let labels = [("backend", row.backend.as_str()), ("state", row.state)];
                 ConstCounter::new(value(row)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "lb_frontend_backend_new_flows",
+            "Flows a frontend gave a backend (ipvsadm's Conns of a real server under its \
+             virtual server)",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in &report.frontends {
+            for b in &f.backends {
+                if let Some(flows) = b.new_flows {
+                    let labels = [("frontend", f.frontend.as_str()), ("backend", &b.backend)];
+                    ConstCounter::new(flows).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         let ct = &report.conntrack;

@@ -22,7 +22,7 @@ pub struct Counters {
     /// The size of `backends` less one.
     backend_mask: u32,
     /// [`map_names::PAIR_STATS`]; `None` when pinned by an agent without it.
-    pairs: Option<PerCpuHashMap<MapData, PairKey, ServiceStats>>,
+    pairs: Option<PerCpuHashMap<MapData, PairKey, u64>>,
     conntrack: HashMap<MapData, Ct4Key, CtEntry>,
     /// [`map_names::CONNTRACK6`]: its inserts are counted with IPv4's, so its entries are
     /// too. `None` when pinned by an agent without it.
@@ -186,15 +186,14 @@ impl Counters {
         Ok(sum_stats(&values))
     }
 
-    /// The counters of backend `backend_id` under the frontend of service id `service_id`,
-    /// summed over CPUs: zero before its first packet there (or after the pair gave way in
-    /// the full LRU map). `None` when the pinned maps have no per-pair counters (an older
-    /// agent's).
-    pub fn pair(
+    /// The flows the frontend of service id `service_id` gave backend `backend_id`, summed
+    /// over CPUs: zero before its first flow there (or after the pair gave way in the full
+    /// LRU map). `None` when the pinned maps have no per-pair counters (an older agent's).
+    pub fn pair_flows(
         &self,
         service_id: u32,
         backend_id: u32,
-    ) -> Result<Option<ServiceStats>, DatapathError> {
+    ) -> Result<Option<u64>, DatapathError> {
         let Some(pairs) = &self.pairs else {
             return Ok(None);
         };
@@ -203,8 +202,8 @@ impl Counters {
             backend_id,
         };
         match pairs.get(&key, 0) {
-            Ok(values) => Ok(Some(sum_stats(&values))),
-            Err(MapError::KeyNotFound) => Ok(Some(ServiceStats::default())),
+            Ok(values) => Ok(Some(values.iter().sum())),
+            Err(MapError::KeyNotFound) => Ok(Some(0)),
             Err(e) => Err(map_err(map_names::PAIR_STATS)(e)),
         }
     }

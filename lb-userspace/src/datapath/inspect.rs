@@ -171,8 +171,7 @@ fn kind_name(r: &ServiceRow) -> String {
     }
 }
 
-/// One backend in `lb stats`. Its counters are the backend's, over every frontend that
-/// sends to it.
+/// One backend in `lb stats` with its totals, over every frontend that sends to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendStatsRow {
     /// Backend id.
@@ -187,6 +186,23 @@ pub struct BackendStatsRow {
     pub bytes: u64,
     /// Flows given to it.
     pub new_flows: u64,
+}
+
+/// One backend under one frontend in `lb stats`: the flows that frontend gave it
+/// (ipvsadm's Conns of a real server under its virtual server). Its packets and bytes are
+/// counted per backend only ([`StatsReport::backends`]): the datapath counts a pair when a
+/// flow is created, so that an established flow's packets look up no per-pair counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PairStatsRow {
+    /// Backend id.
+    pub id: u32,
+    /// `address:port`, or `?` when the id has no backend entry.
+    pub backend: String,
+    /// `active`, `terminating` or `removed`.
+    pub state: &'static str,
+    /// Flows this frontend gave it; `None` when the pinned maps have no per-pair counters
+    /// (an older agent's).
+    pub new_flows: Option<u64>,
 }
 
 /// One frontend in `lb stats`, with the backends of its Maglev table.
@@ -208,8 +224,8 @@ pub struct FrontendStatsRow {
     pub bytes: u64,
     /// Flows created.
     pub new_flows: u64,
-    /// The backends new flows choose from.
-    pub backends: Vec<BackendStatsRow>,
+    /// The backends new flows choose from, with the flows it gave each.
+    pub backends: Vec<PairStatsRow>,
 }
 
 /// Everything `lb stats` shows.
@@ -217,7 +233,9 @@ pub struct FrontendStatsRow {
 pub struct StatsReport {
     /// Every frontend, sorted.
     pub frontends: Vec<FrontendStatsRow>,
-    /// Backends in no table: terminating or removed ones that drain.
+    /// Every backend in the maps with its totals, by id.
+    pub backends: Vec<BackendStatsRow>,
+    /// Backends in no table: terminating or removed ones that drain (also in `backends`).
     pub draining: Vec<BackendStatsRow>,
     /// Conntrack occupancy, inserts, deletes and evictions.
     pub conntrack: ConntrackStats,
@@ -254,12 +272,7 @@ pub fn read_stats(pins: &Pins) -> Result<StatsReport, ReadError> {
         &contents,
         &read_names(pins)?,
         |id| counters.service(id).unwrap_or_default(),
-        // Per frontend and backend; an older agent's maps have the backend's totals only.
-        |service, id| match counters.pair(service, id) {
-            Ok(Some(pair)) => Some(pair),
-            Ok(None) => counters.backend(id).ok(),
-            Err(_) => None,
-        },
+        |service, id| counters.pair_flows(service, id).ok().flatten(),
         |id| counters.backend(id).ok(),
         counters.conntrack()?,
         nonzero,
@@ -279,18 +292,19 @@ pub fn stats_report(
     contents: &MapContents,
     names: &BTreeMap<FrontendKey, FrontendLabel>,
     service_stats: impl Fn(u32) -> ServiceStats,
-    pair_stats: impl Fn(u32, u32) -> Option<ServiceStats>,
+    pair_flows: impl Fn(u32, u32) -> Option<u64>,
     backend_stats: impl Fn(u32) -> Option<ServiceStats>,
     conntrack: ConntrackStats,
     counters: Vec<(&'static str, u64)>,
 ) -> StatsReport {
     let backends = backend_views(contents);
-    let row = |id: u32, stats: Option<ServiceStats>| {
-        let s = stats.unwrap_or_default();
-        let (backend, state) = match backends.get(&id) {
-            Some(b) => (b.addr().to_string(), state_name(b.state())),
-            None => ("?".to_owned(), "missing"),
-        };
+    let named = |id: u32| match backends.get(&id) {
+        Some(b) => (b.addr().to_string(), state_name(b.state())),
+        None => ("?".to_owned(), "missing"),
+    };
+    let row = |id: u32| {
+        let s = backend_stats(id).unwrap_or_default();
+        let (backend, state) = named(id);
         BackendStatsRow {
             id,
             backend,
@@ -324,10 +338,18 @@ pub fn stats_report(
                 packets: r.packets,
                 bytes: r.bytes,
                 new_flows: r.new_flows,
-                // Under a frontend, what it sent to each backend (ipvsadm's real server
+                // Under a frontend, the flows it gave each backend (ipvsadm's real server
                 // under its virtual server), not the backend's totals over frontends.
                 backends: (ids.into_iter())
-                    .map(|id| row(id, pair_stats(r.service_id, id)))
+                    .map(|id| {
+                        let (backend, state) = named(id);
+                        PairStatsRow {
+                            id,
+                            backend,
+                            state,
+                            new_flows: pair_flows(r.service_id, id),
+                        }
+                    })
                     .collect(),
             }
         })
@@ -340,9 +362,12 @@ pub fn stats_report(
     draining.sort_unstable();
     StatsReport {
         frontends,
-        draining: (draining.into_iter())
-            .map(|id| row(id, backend_stats(id)))
-            .collect(),
+        backends: {
+            let mut ids: Vec<u32> = backends.keys().copied().collect();
+            ids.sort_unstable();
+            ids.into_iter().map(row).collect()
+        },
+        draining: draining.into_iter().map(row).collect(),
         conntrack,
         counters,
         tables: Vec::new(),
@@ -366,7 +391,7 @@ pub fn stats_table(report: &StatsReport) -> String {
         )
     };
     let mut out = format!(
-        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}  {}\n{:<5}{:<28} {:<12}\n",
+        "{:<5}{:<28} {:<12} {:>10} {:>12} {:>14}  {}\n{:<5}{:<28} {:<12} {:>10}\n",
         "",
         "Frontend",
         "Selection",
@@ -376,7 +401,8 @@ pub fn stats_table(report: &StatsReport) -> String {
         "Service",
         "  -> ",
         "Backend",
-        "State"
+        "State",
+        "Conns"
     );
     for f in &report.frontends {
         let mut head = line(
@@ -393,6 +419,13 @@ pub fn stats_table(report: &StatsReport) -> String {
         }
         out += &head;
         for b in &f.backends {
+            let conns = b.new_flows.map_or("-".to_owned(), |n| n.to_string());
+            out += &format!("  -> {:<28} {:<12} {conns:>10}\n", b.backend, b.state);
+        }
+    }
+    if !report.backends.is_empty() {
+        out += "backends, over every frontend:\n";
+        for b in &report.backends {
             out += &backend(b);
         }
     }
@@ -605,8 +638,8 @@ mod tests {
             &with_removed,
             &names,
             counts,
-            // A backend's counters under a frontend are the pair's, not its totals.
-            |service, id| (id != 8).then(|| counts(id + 100 * service)),
+            // A backend's flows under a frontend are the pair's, not its totals.
+            |service, id| (id != 8).then(|| u64::from(id + 100 * service)),
             |id| (id != 8).then(|| counts(id)),
             ConntrackStats {
                 entries: 4,
@@ -622,9 +655,15 @@ mod tests {
         let service = report.frontends[0].service_id;
         assert_eq!(
             report.frontends[0].backends[0].new_flows,
-            u64::from(7 + 100 * service),
-            "the pair's counters under the frontend"
+            Some(u64::from(7 + 100 * service)),
+            "the pair's flows under the frontend"
         );
+        assert_eq!(report.frontends[0].backends[1].new_flows, None);
+        // Each backend once with its totals, by id (8 has no entry: not a backend).
+        let totals: Vec<(u32, u64, u64)> = (report.backends.iter())
+            .map(|b| (b.id, b.packets, b.new_flows))
+            .collect();
+        assert_eq!(totals, [(4, 8, 4), (7, 14, 7), (9, 18, 9)]);
         assert_eq!(report.draining.len(), 1);
         assert_eq!(
             (report.draining[0].state, report.draining[0].new_flows),
@@ -638,6 +677,7 @@ mod tests {
             "-> 10.244.1.2:80",
             "active",
             "draining (in no table):",
+            "backends, over every frontend:",
             "10.244.1.9:80",
             "conntrack: 4 entries, 10 inserted, 2 deleted, 4 evicted",
             "drain_removed: 3",

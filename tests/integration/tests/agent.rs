@@ -275,9 +275,9 @@ fn lb_services_and_lb_stats_name_every_frontend() {
     );
 }
 
-/// `lb stats` counts each backend per frontend, as ipvsadm does per virtual and real server:
-/// the ClusterIP and the NodePort of one Service share their backends, and connections to
-/// the ClusterIP do not show under the NodePort.
+/// `lb stats` counts each backend's connections per frontend, as ipvsadm does per virtual
+/// and real server: the ClusterIP and the NodePort of one Service share their backends, and
+/// connections to the ClusterIP do not show under the NodePort.
 #[test]
 fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
     let folder = Folder::copy_of_examples().unwrap();
@@ -293,6 +293,7 @@ fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
         backends_of(&services, node_port),
         "the two frontends share their backends"
     );
+    // (the flows it gave its backends, its own packets)
     let conns = |frontend: &str| -> (u64, u64) {
         let report = agent.stats().unwrap();
         let row = (report["frontends"].as_array().unwrap().iter())
@@ -300,8 +301,10 @@ fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
             .unwrap_or_else(|| panic!("{frontend} in {report:#}"));
         let backends = row["backends"].as_array().unwrap();
         assert_eq!(backends.len(), 2, "{row:#}");
-        let sum = |field: &str| backends.iter().map(|b| b[field].as_u64().unwrap()).sum();
-        (sum("new_flows"), sum("packets"))
+        let flows = (backends.iter())
+            .map(|b| b["new_flows"].as_u64().unwrap())
+            .sum();
+        (flows, row["packets"].as_u64().unwrap())
     };
     for _ in 0..6 {
         http_get(&topology.client, [10, 96, 0, 11], 8080).expect("ClusterIP");
@@ -314,6 +317,12 @@ fn lb_stats_counts_a_shared_backend_apart_under_each_frontend() {
         (0, 0),
         "nothing under the NodePort, which had no traffic"
     );
+    // The backends' totals hold the ClusterIP's packets, each backend once.
+    let report = agent.stats().unwrap();
+    let totals: u64 = (report["backends"].as_array().unwrap().iter())
+        .map(|b| b["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(totals, packets, "{report:#}");
     for _ in 0..3 {
         http_get(&topology.client, [10, 200, 0, 1], 30080).expect("NodePort");
     }
@@ -360,6 +369,18 @@ fn the_manifests_agent_serves_metrics_and_readiness() {
     assert!(
         m.contains("lb_backend_new_flows_total{backend=\"10.244."),
         "{m}"
+    );
+    let pair_flows: f64 = (m.lines())
+        .filter(|l| {
+            l.starts_with(&format!(
+                "lb_frontend_backend_new_flows_total{{frontend=\"{CLUSTER_IP}\""
+            ))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        pair_flows, 1.0,
+        "the request's flow under its frontend: {m}"
     );
 
     // The folder gone: not ready, the maps kept; back: ready.
