@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lb_userspace::datapath::BpfMaps;
+use lb_userspace::datapath::maps::DatapathMaps as _;
 use serde::{Deserialize, Serialize};
 
 use super::cluster::{self, BenchService, Endpoint};
@@ -29,6 +30,11 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause between one change's sync and the next change.
 pub const CHANGE_INTERVAL: Duration = Duration::from_millis(50);
+/// The drain period of the agent the churn run goes through (`--drain-secs`): removed
+/// backends are deleted this long after they left, so the end state is reached soon.
+pub const CHURN_DRAIN_SECS: u64 = 2;
+/// How long the maps may take to hold the last state after the churn's last change.
+const CHURN_SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the control-plane benchmark runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +45,9 @@ pub struct ControlPlan {
     pub endpoints: usize,
     /// EndpointSlice changes timed.
     pub changes: usize,
+    /// EndpointSlice changes of the churn run, through the API server (not timed each).
+    #[serde(default)]
+    pub churn: usize,
 }
 
 impl ControlPlan {
@@ -48,6 +57,7 @@ impl ControlPlan {
             services: 10_000,
             endpoints: 10,
             changes: if quick { 20 } else { 100 },
+            churn: if quick { 10_000 } else { 100_000 },
         }
     }
 }
@@ -76,6 +86,29 @@ pub struct SourceResult {
     pub change_agent_ms: Vec<f64>,
     /// What a change's latency is timed from and to.
     pub change_timed: String,
+    /// The churn run, for sources that have one.
+    #[serde(default)]
+    pub churn: Option<ChurnResult>,
+}
+
+/// What the churn run measured: many EndpointSlice changes over every Service, then the
+/// agent's memory and the maps against the last state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChurnResult {
+    /// EndpointSlice changes made.
+    pub changes: usize,
+    /// Seconds the source took to take them all.
+    pub seconds: f64,
+    /// Seconds from the last change until the maps held exactly the last state (the drain
+    /// of the removed backends included).
+    pub settle_seconds: f64,
+    /// The agent's resident memory (VmRSS) after the first full sync, MiB.
+    pub rss_after_sync_mib: f64,
+    /// Its resident memory once the maps held the last state, MiB.
+    pub rss_after_mib: f64,
+    /// Backend entries, backend ids, service ids and Maglev tables in the maps at the end,
+    /// and what the last state needs of each, as `what: found/needed`.
+    pub counted: Vec<(String, usize, usize)>,
 }
 
 impl SourceResult {
@@ -106,6 +139,10 @@ pub trait Source {
     fn set_endpoints(&mut self, service: &BenchService, endpoints: &[Endpoint]) -> Result<Instant>;
     /// What [`Source::set_endpoints`]'s moment is, for the report.
     fn change_event(&self) -> &'static str;
+    /// Whether the churn run goes through this source.
+    fn churns(&self) -> bool {
+        false
+    }
 }
 
 /// Every source the agent can read.
@@ -214,7 +251,12 @@ impl Source for KubeApiSource {
             api.kubeconfig(),
             Self::NODE,
             NODE_IF,
-            &["--resync-secs", "3600"],
+            &[
+                "--resync-secs",
+                "3600",
+                "--drain-secs",
+                &CHURN_DRAIN_SECS.to_string(),
+            ],
         )?;
         self.api = Some(api);
         Ok(agent)
@@ -235,21 +277,30 @@ impl Source for KubeApiSource {
         "the fake API server's update of the EndpointSlice (it writes the watch event to the \
          agent's open watch at once)"
     }
+
+    fn churns(&self) -> bool {
+        true
+    }
 }
 
 /// VmHWM of a process, MiB.
 fn peak_rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A memory field of /proc/PID/status (`VmHWM:`, `VmRSS:`), MiB.
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
+            l.strip_prefix(field)?
                 .split_whitespace()
                 .next()?
                 .parse()
                 .ok()
         })
-        .context("no VmHWM")?;
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
 }
 
@@ -300,6 +351,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
     let synced = log.wait(&mut agent, services.len(), SYNC_TIMEOUT)?;
     let full_sync_seconds = (synced.seen_at - start).as_secs_f64();
     let peak_rss = peak_rss_mib(agent.pid())?;
+    let rss_after_sync = status_mib(agent.pid(), "VmRSS:")?;
 
     let maps = BpfMaps::open_pinned(&Pins::new(agent.pin_path()))?;
     let (frontend, _) = measured
@@ -335,6 +387,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
         };
         let endpoints: Vec<Endpoint> = (0..n).map(|i| pool[(k + i) % pool.len()]).collect();
         let at = source.set_endpoints(&measured, &endpoints)?;
+        services[last].endpoints.clone_from(&endpoints);
         let deadline = at + CHANGE_TIMEOUT;
         loop {
             if backend_count()? == n as u32 {
@@ -358,6 +411,29 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
         change_agent_ms.extend(synced.agent_seconds.map(|s| s * 1e3));
         std::thread::sleep(CHANGE_INTERVAL);
     }
+    let peak_rss_after_changes = peak_rss_mib(agent.pid())?;
+    let churn = if source.churns() && plan.churn > 0 {
+        let result = churn(
+            plan,
+            source,
+            &mut agent,
+            &maps,
+            &mut services,
+            rss_after_sync,
+        )?;
+        eprintln!(
+            "control: {}: churn of {} changes in {:.1} s, settled in {:.1} s, RSS {:.1} -> {:.1} MiB",
+            source.name(),
+            result.changes,
+            result.seconds,
+            result.settle_seconds,
+            result.rss_after_sync_mib,
+            result.rss_after_mib
+        );
+        Some(result)
+    } else {
+        None
+    };
     Ok(SourceResult {
         source: source.name().to_owned(),
         services: plan.services,
@@ -365,7 +441,7 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
         full_sync_seconds,
         agent_sync_seconds: synced.agent_seconds,
         peak_rss_mib: peak_rss,
-        peak_rss_after_changes_mib: peak_rss_mib(agent.pid())?,
+        peak_rss_after_changes_mib: peak_rss_after_changes,
         change_ms,
         change_agent_ms,
         change_timed: format!(
@@ -373,5 +449,162 @@ fn measure(plan: &ControlPlan, source: &mut dyn Source) -> Result<SourceResult> 
              Service entry with the new backend count (the last of the ordered writes)",
             source.change_event()
         ),
+        churn,
     })
+}
+
+/// The churn run: `plan.churn` EndpointSlice changes over every Service but the measured
+/// one, each replacing, dropping or adding one endpoint (new addresses, never seen before,
+/// so that backend ids are taken and freed throughout), made as fast as the source takes
+/// them; then waits until the maps hold exactly the last state: every frontend's table
+/// names its endpoints, no backend entry, backend id, service id or table more than it needs.
+fn churn(
+    plan: &ControlPlan,
+    source: &mut dyn Source,
+    agent: &mut Agent,
+    maps: &BpfMaps,
+    services: &mut [BenchService],
+    rss_after_sync_mib: f64,
+) -> Result<ChurnResult> {
+    // Service k's changes walk the others in a stride prime to their number.
+    let others = services.len() - 1;
+    anyhow::ensure!(
+        others > 0,
+        "the churn needs a Service besides the measured one"
+    );
+    let start = Instant::now();
+    for k in 0..plan.churn {
+        let service = &mut services[(k * 7_919) % others];
+        let fresh = (
+            cluster::offset(Ipv4Addr::new(10, 160, 0, 0), k),
+            cluster::TARGET_PORT,
+        );
+        let at = k / 3 % service.endpoints.len().max(1);
+        match k % 3 {
+            0 if service.endpoints.len() > 1 => {
+                service.endpoints.remove(at);
+            }
+            1 if service.endpoints.len() < plan.endpoints => service.endpoints.push(fresh),
+            _ if service.endpoints.is_empty() => service.endpoints.push(fresh),
+            _ => service.endpoints[at] = fresh,
+        }
+        source.set_endpoints(service, &service.endpoints)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let last_change = Instant::now();
+    let mut last_problems;
+    loop {
+        agent.ensure_running()?;
+        let contents = maps.read_all()?;
+        let (problems, counted) = against_last_state(&contents, services);
+        if problems.is_empty() {
+            return Ok(ChurnResult {
+                changes: plan.churn,
+                seconds,
+                settle_seconds: last_change.elapsed().as_secs_f64(),
+                rss_after_sync_mib,
+                rss_after_mib: status_mib(agent.pid(), "VmRSS:")?,
+                counted,
+            });
+        }
+        last_problems = problems;
+        if last_change.elapsed() > CHURN_SETTLE_TIMEOUT {
+            bail!(
+                "{CHURN_SETTLE_TIMEOUT:?} after the churn's last change the maps do not hold the \
+                 last state: {}",
+                last_problems.join("; ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// What in `contents` differs from what `services` need (empty: exactly what they need),
+/// and the counts compared.
+fn against_last_state(
+    contents: &lb_userspace::datapath::maps::MapContents,
+    services: &[BenchService],
+) -> (Vec<String>, Vec<(String, usize, usize)>) {
+    use std::collections::{BTreeSet, HashMap};
+    let mut problems = Vec::new();
+    let backends: HashMap<u32, std::net::SocketAddr> = (contents.backends.iter())
+        .map(|(id, b)| (*id, b.addr()))
+        .collect();
+    let tables: HashMap<u32, &lb_userspace::datapath::maps::TableInfo> =
+        contents.tables.iter().map(|(key, t)| (*key, t)).collect();
+    let programmed: HashMap<_, _> = contents.services.iter().copied().collect();
+    let mut needed_backends = BTreeSet::new();
+    let mut service_ids = BTreeSet::new();
+    for s in services {
+        let want: BTreeSet<std::net::SocketAddr> = (s.endpoints.iter())
+            .map(|&(ip, port)| std::net::SocketAddr::from((ip, port)))
+            .collect();
+        needed_backends.extend(want.iter().copied());
+        for (frontend, _) in s.frontends() {
+            let Some(entry) = programmed.get(&frontend.key()) else {
+                problems.push(format!("{}: no service entry", s.name));
+                continue;
+            };
+            service_ids.insert(entry.id);
+            let key = lb_common::maglev::table_key(entry.id, entry.flags);
+            let got: BTreeSet<std::net::SocketAddr> = (tables.get(&key))
+                .map(|t| t.backends.iter())
+                .into_iter()
+                .flatten()
+                .filter_map(|id| backends.get(id).copied())
+                .collect();
+            if got != want || entry.backend_count as usize != want.len() {
+                problems.push(format!(
+                    "{}: table {got:?} (count {}), endpoints {want:?}",
+                    s.name, entry.backend_count
+                ));
+            }
+        }
+    }
+    let frontends = service_ids.len();
+    // Each frontend keeps at most its two tables (the one in use and the one before).
+    let table_keys_ok = (contents.tables.iter())
+        .all(|(key, _)| service_ids.contains(&(key & !lb_common::maglev::KEY_TABLE_B)));
+    if !table_keys_ok {
+        problems.push("a Maglev table of no frontend".into());
+    }
+    let found_addrs: BTreeSet<_> = backends.values().copied().collect();
+    let counted = vec![
+        (
+            "backend entries".to_owned(),
+            backends.len(),
+            needed_backends.len(),
+        ),
+        (
+            "backend addresses".to_owned(),
+            found_addrs.len(),
+            needed_backends.len(),
+        ),
+        (
+            "service entries".to_owned(),
+            contents.services.len(),
+            frontends,
+        ),
+        (
+            "reverse-NAT entries".to_owned(),
+            contents.rev_nat.len(),
+            frontends,
+        ),
+        (
+            "Maglev keys (at most 2 per frontend)".to_owned(),
+            contents.tables.len(),
+            2 * frontends,
+        ),
+    ];
+    for (what, found, needed) in &counted {
+        let over = if what.starts_with("Maglev") {
+            found > needed
+        } else {
+            found != needed
+        };
+        if over {
+            problems.push(format!("{what}: {found}, needed {needed}"));
+        }
+    }
+    (problems, counted)
 }
