@@ -165,6 +165,10 @@ pub mod map_names {
     /// [`crate::program_names::XDP_INGRESS6`] hands to [`crate::program_names::XDP_NAT6`]
     /// with its tail call (the two programs run one after the other on one CPU).
     pub const NAT6_PENDING: &str = "LB_NAT6PEND_V1";
+    /// Per-CPU array of one [`crate::FibScratch`]: the kernel's FIB lookup parameters of
+    /// the pod interfaces' TC programs, off their stack (with them on it, the IPv6 program
+    /// was over the stack limit). Nothing outside one program run reads it.
+    pub const FIB_SCRATCH: &str = "LB_FIBSCR_V1";
 
     /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::prog_slot`]: the XDP
     /// programs [`crate::program_names::XDP_INGRESS`] tail-calls (and the one
@@ -185,7 +189,7 @@ pub mod map_names {
 
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
-    pub const ALL: [MapSpec; 30] = [
+    pub const ALL: [MapSpec; 31] = [
         MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
         MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables))
@@ -217,6 +221,7 @@ pub mod map_names {
         MapSpec::new::<Sock6Key, Sock6Entry>(SOCKETS6, LruHash, Sized(Conntrack)),
         MapSpec::new::<Nat6Key, Nat6Entry>(NAT6, LruHash, Sized(Conntrack)),
         MapSpec::new::<u32, Nat6Pending>(NAT6_PENDING, PerCpuArray, Fixed(1)),
+        MapSpec::new::<u32, crate::FibScratch>(FIB_SCRATCH, PerCpuArray, Fixed(1)),
         MapSpec::program_array(PROGRAMS, prog_slot::COUNT),
         MapSpec::program_array(TC_PROGRAMS, tc_prog_slot::COUNT),
     ];
@@ -955,6 +960,15 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
+/// Value of [`map_names::FIB_SCRATCH`]: room for the kernel's `struct bpf_fib_lookup`
+/// (64 bytes, 4-byte aligned), which the program that uses it lays over it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibScratch {
+    /// The parameters' bytes.
+    pub bytes: [u8; 64],
+}
+
 /// Key of [`map_names::PAIR_STATS`]: a frontend (its service id) and one of its backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1015,8 +1029,10 @@ pub mod capacity {
 /// Every value is taken exactly as it sits in memory (network byte order read as a native
 /// integer): the one's-complement sum is independent of byte order, so no swapping is needed.
 pub mod csum {
+    /// A one's-complement sum of 16-bit words (carries in the upper bits) folded to 16 bits;
+    /// its complement is the checksum.
     #[inline(always)]
-    const fn fold(mut sum: u64) -> u16 {
+    pub const fn fold(mut sum: u64) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
@@ -1159,6 +1175,7 @@ const _: () = {
     assert!(core::mem::size_of::<RevNat4>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
     assert!(core::mem::size_of::<PairKey>() == 8);
+    assert!(core::mem::size_of::<FibScratch>() == 64);
     assert!(core::mem::size_of::<SockKey>() == 16);
     assert!(core::mem::size_of::<SockEntry>() == 16);
     assert!(core::mem::size_of::<SockAffinityKey>() == 16);
@@ -1184,6 +1201,7 @@ mod user {
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for PairKey {}
+    unsafe impl aya::Pod for FibScratch {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockEntry {}
     unsafe impl aya::Pod for SockAffinityKey {}

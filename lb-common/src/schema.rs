@@ -267,7 +267,7 @@ mod tests {
     /// under its name: an agent that finds the map pinned reuses it, and the new programs
     /// would read the old entries with the new layout. A change gets a new name instead
     /// (see the message of the test below).
-    const GOLDEN: [(&str, Layout); 30] = [
+    const GOLDEN: [(&str, Layout); 31] = [
         ("LB_SVC4_V1", map(HASH, 8, 16, None, 0)),
         ("LB_BACKEND4_V2", map(HASH, 4, 12, None, 0)),
         (
@@ -305,6 +305,7 @@ mod tests {
         ("LB_SOCK6_V1", map(LRU, 32, 28, None, 0)),
         ("LB_NAT6_V1", map(LRU, 40, 48, None, 0)),
         ("LB_NAT6PEND_V1", map(PERCPU, 4, 64, Some(1), 0)),
+        ("LB_FIBSCR_V1", map(PERCPU, 4, 64, Some(1), 0)),
         ("LB_PROGS_V2", map(ProgramArray, 4, 4, Some(3), 0)),
         ("LB_TCPROGS_V1", map(ProgramArray, 4, 4, Some(2), 0)),
     ];

@@ -104,6 +104,9 @@ pub(crate) static LB_NAT6_V1: LruHashMap<Nat6Key, Nat6Entry> =
 /// What `lb_xdp_ingress6` hands to `lb_xdp_nat6` with its tail call.
 #[map]
 pub(crate) static LB_NAT6PEND_V1: PerCpuArray<Nat6Pending> = PerCpuArray::pinned(1, 0);
+/// The pod programs' FIB lookup parameters (`route::redirect_reply`), off their stack.
+#[map]
+pub(crate) static LB_FIBSCR_V1: PerCpuArray<lb_common::FibScratch> = PerCpuArray::pinned(1, 0);
 
 // The socket hooks.
 #[map]

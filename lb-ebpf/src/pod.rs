@@ -77,10 +77,7 @@ fn pod_ingress<F: Datapath>(
     let _ = ctx.pull_data((F::L4_OFF + TcpHdr::LEN) as u32);
     unhairpin::<F>(ctx)?;
     match reply(ctx) {
-        // IPv4 only: with the FIB lookup in it, `lb_tc_pod_in6` is over the stack
-        // limit (IPv6 replies go on to the kernel as before).
-        Ok(()) if F::AF == <V4 as Datapath>::AF => return Ok(redirect_reply::<F>(ctx)),
-        Ok(()) => return Ok(TC_ACT_OK),
+        Ok(()) => return Ok(redirect_reply::<F>(ctx)),
         // Not a reply.
         Err(Verdict::NotOurs) => {}
         Err(verdict) => return Err(verdict),

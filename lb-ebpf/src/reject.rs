@@ -60,10 +60,8 @@ fn sum<const N: usize>(frame: &[u8; N], from: usize, to: usize, mut acc: u32) ->
 
 /// Writes the Internet checksum of a sum at `frame[at..at + 2]`.
 #[inline(always)]
-fn put_checksum<const N: usize>(frame: &mut [u8; N], at: usize, mut acc: u32) {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    let check = (!(acc as u16)).to_be_bytes();
+fn put_checksum<const N: usize>(frame: &mut [u8; N], at: usize, acc: u32) {
+    let check = (!lb_common::csum::fold(u64::from(acc))).to_be_bytes();
     frame[at] = check[0];
     frame[at + 1] = check[1];
 }

@@ -8,7 +8,9 @@
 //! interface of the route to the client by the kernel's neighbour code, not handed to the
 //! host's IP stack from the pod's side (a bridge such as the bridge CNI's `cni0`), where a
 //! reply that now comes from the node's own address (a NodePort's) is dropped as a martian
-//! source, and one from a ClusterIP fails a strict reverse-path filter.
+//! source, and one from a ClusterIP fails a strict reverse-path filter. Both families; the
+//! lookup's parameters are in a per-CPU map value (`LB_FIBSCR_V1`), not on the stack, which
+//! in IPv6's pod program has no room for them.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,7 +23,9 @@ use aya_ebpf::{
 use lb_common::NatEvent;
 use network_types::eth::EthHdr;
 
-use crate::{counters::count, family::Datapath, frame::ptr_at, headers::ETH_LEN};
+use crate::{
+    counters::count, family::Datapath, frame::ptr_at, headers::ETH_LEN, maps::LB_FIBSCR_V1,
+};
 
 /// Where a packet goes next, from the kernel's FIB (`A`: the family's address).
 pub(crate) struct Route<A> {
@@ -117,16 +121,32 @@ fn transmit<A>(ctx: &XdpContext, route: &Route<A>) -> u32 {
 /// destination, forwarding off.
 #[inline(always)]
 pub(crate) fn redirect_reply<F: Datapath>(ctx: &TcContext) -> i32 {
+    const _: () = assert!(
+        core::mem::size_of::<bpf_fib_lookup>() == core::mem::size_of::<lb_common::FibScratch>()
+            && core::mem::align_of::<bpf_fib_lookup>()
+                <= core::mem::align_of::<lb_common::FibScratch>()
+    );
     let Ok(ip) = ctx.load::<F::Header>(ETH_LEN) else {
         return TC_ACT_OK;
     };
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // The parameters live in a per-CPU map value, not on the stack: IPv6's pod program
+    // has no room for them there.
+    let Some(scratch) = LB_FIBSCR_V1.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: this CPU's value of a per-CPU array (no other writer during this run), as
+    // large as `bpf_fib_lookup` and aligned for it (asserted above); zeroed before use.
+    let params = unsafe {
+        let params = scratch.cast::<bpf_fib_lookup>();
+        params.write_bytes(0, 1);
+        &mut *params
+    };
     params.family = F::AF;
     params.l4_protocol = F::proto(&ip);
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    F::set_fib_addrs(&mut params, F::copy_saddr(&ip), F::copy_daddr(&ip));
+    F::set_fib_addrs(params, F::copy_saddr(&ip), F::copy_daddr(&ip));
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, size, 0) } as u32;
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size, 0) } as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return TC_ACT_OK;
     }
