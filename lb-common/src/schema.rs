@@ -267,7 +267,7 @@ mod tests {
     /// under its name: an agent that finds the map pinned reuses it, and the new programs
     /// would read the old entries with the new layout. A change gets a new name instead
     /// (see the message of the test below).
-    const GOLDEN: [(&str, Layout); 30] = [
+    const GOLDEN: [(&str, Layout); 31] = [
         ("LB_SVC4_V1", map(HASH, 8, 16, None, 0)),
         ("LB_BACKEND4_V2", map(HASH, 4, 12, None, 0)),
         (
@@ -293,6 +293,7 @@ mod tests {
         ("LB_SOCK4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_SOCKAFF4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_TBLEVENT_V1", map(PERCPU, 4, 8, Some(2), 0)),
+        ("LB_SHORTCIRC_V1", map(HASH, 4, 4, None, 0)),
         ("LB_SVC6_V1", map(HASH, 20, 16, None, 0)),
         ("LB_BACKEND6_V1", map(HASH, 4, 24, None, 0)),
         ("LB_CT6_V1", map(LRU, 40, 48, None, 0)),
