@@ -355,8 +355,24 @@ impl Translator {
             }
         }
 
+        // A short-circuit names a cluster frontend of the frontend's own Service: when a
+        // cluster frontend changes hands (a conflict settled otherwise), the frontends of
+        // its claimants that name it are looked at again.
+        let naming: Vec<Frontend> = touched
+            .iter()
+            .flat_map(|cluster| self.naming(cluster))
+            .collect();
+        touched.extend(naming);
         for frontend in touched {
-            let plan = self.owner_plan(&frontend).cloned();
+            let plan = self.owner_plan(&frontend).cloned().map(|mut plan| {
+                if let Some(cluster) = plan.short_circuit
+                    && self.owner(&cluster).map(|(s, _)| s) != self.owner(&frontend).map(|(s, _)| s)
+                {
+                    // Another Service's cluster IP: not this Service's endpoints.
+                    plan.short_circuit = None;
+                }
+                plan
+            });
             let old = match plan {
                 Some(plan) => self.desired.frontends.insert(frontend, plan),
                 None => self.desired.frontends.remove(&frontend),
@@ -374,6 +390,21 @@ impl Translator {
     /// The claim that owns `frontend`.
     fn owner(&self, frontend: &Frontend) -> Option<&Claim> {
         self.claims.get(frontend)?.first()
+    }
+
+    /// The frontends of the Services claiming `cluster` whose short-circuit names it.
+    fn naming(&self, cluster: &Frontend) -> Vec<Frontend> {
+        let claimants = self.claims.get(cluster).into_iter().flatten();
+        claimants
+            .filter_map(|(service, _)| self.outputs.get(service))
+            .flat_map(|output| &output.entries)
+            .filter_map(|entry| match entry {
+                Entry::Frontend(frontend, plan) if plan.short_circuit == Some(*cluster) => {
+                    Some(*frontend)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// The plan of the claim that owns `frontend`.
@@ -1553,6 +1584,23 @@ mod tests {
                 ],
             ),
             (
+                "two Services claim one cluster IP: the one that keeps it short-circuits to \
+                 it, the other's node port (whose Service lost its cluster IP) does not",
+                svc(
+                    "a",
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                ) + &svc(
+                    "b",
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30080/TCP -> 10.0.0.1:80/TCP",
+                    "192.168.0.10:30081/TCP",
+                ],
+            ),
+            (
                 "a manifest without a cluster IP: nothing to short-circuit to (the node port \
                  keeps its local endpoints for everyone)",
                 svc(
@@ -1566,6 +1614,30 @@ mod tests {
         for (name, yaml, node, want) in cases {
             assert_eq!(short_circuits(yaml, node), *want, "case {name}");
         }
+
+        // Kept up to date: when the Service that kept the cluster IP goes, the other one
+        // gets it, and its node port short-circuits to it.
+        let both = svc(
+            "a",
+            "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+        ) + &svc(
+            "b",
+            "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30081}]}",
+        );
+        let before = state(&both);
+        let mut translator = Translator::new(node());
+        translator.update(&before, before.services.keys(), before.slices.keys());
+        let mut after = before.clone();
+        let a = ObjectRef::new("default", "a");
+        after.services.remove(&a);
+        let changed = translator.update(&after, [&a], []);
+        let b_node_port = Frontend::v4(Ipv4Addr::new(192, 168, 0, 10), 30081, Protocol::Tcp);
+        assert!(changed.frontends.contains(&b_node_port), "{changed:?}");
+        assert_eq!(translator.desired(), &translate(&after, &node()).desired);
+        assert_eq!(
+            translator.desired().frontends[&b_node_port].short_circuit,
+            Some(Frontend::v4(Ipv4Addr::new(10, 0, 0, 1), 80, Protocol::Tcp))
+        );
     }
 
     /// A Service with `spec.topologyKeys` `keys` (a YAML flow sequence) and `extra` spec
