@@ -9,7 +9,14 @@ use lb_common::{
     Event, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, SERVICE_F_SHORT_CIRCUIT, Service,
 };
 use lb_testbed::packet::*;
-use lb_userspace::datapath::maps::DatapathMaps as _;
+use lb_userspace::{
+    datapath::{
+        Pins,
+        explain::{Decision, Explainer, Flow, monotonic_ns},
+        maps::DatapathMaps as _,
+    },
+    model::Protocol,
+};
 
 /// The examples' frontends: (name, address, port, flags), one of each kind.
 const KINDS: [(&str, [u8; 4], u16, u32); 4] = [
@@ -449,6 +456,22 @@ fn a_pods_flow_to_a_local_policy_node_port_short_circuits_to_the_cluster_ip() {
     let syn = |src, sport| tcp(src, sport, node_port.0, node_port.1, b"");
     let (action, _) = bed.xdp(&syn(CLIENT, 40000));
     assert_eq!(action, XDP_DROP, "outside: local endpoints only, none");
+    // `lb explain` (a client from outside) says so, and what local clients get.
+    let flow = Flow {
+        src: (CLIENT, 40000).into(),
+        dst: node_port.into(),
+        proto: Protocol::Tcp,
+        syn: true,
+    };
+    let why = (Explainer::open_pinned(&Pins::new(&bed.pin)).unwrap())
+        .explain(&flow, monotonic_ns())
+        .unwrap();
+    assert_eq!(why.decision, Decision::NoBackend, "{:?}", why.steps);
+    assert!(
+        why.steps.iter().any(|s| s.contains("(short-circuit)")),
+        "{:?}",
+        why.steps
+    );
     for sport in 40000..40008 {
         let input = syn(POD3, sport);
         let pod = bed.addr(bed.maglev_pick(1, POD3, sport, node_port.0, node_port.1, PROTO_TCP));
