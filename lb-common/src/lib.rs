@@ -139,6 +139,13 @@ pub mod map_names {
     /// the agent derives their evictions. (Pinned as `LB_TABLEEVENT_V1` before: see
     /// [`crate::legacy::RENAMED`].)
     pub const TABLE_EVENTS: &str = "LB_TBLEVENT_V1";
+    /// Hash map `u32` service id -> `u32` service id: for each external frontend with
+    /// [`crate::SERVICE_F_SHORT_CIRCUIT`] (externalTrafficPolicy Local), the id of its
+    /// Service's cluster frontend (the ClusterIP of the same port, family and protocol),
+    /// whose backends this node's pods and processes get through it (kube-proxy's
+    /// "short-circuit" of local traffic). Both families' (service ids are shared); the
+    /// cluster frontend is found by its reverse NAT entry.
+    pub const SHORT_CIRCUIT: &str = "LB_SHORTCIRC_V1";
 
     /// Hash map [`crate::Frontend6`] -> [`crate::Service`]: the IPv6 frontends (service ids
     /// are shared with [`SERVICES`]).
@@ -211,6 +218,7 @@ pub mod map_names {
         MapSpec::new::<SockKey, SockEntry>(SOCKETS, LruHash, Sized(Conntrack)),
         MapSpec::new::<SockAffinityKey, AffinityEntry>(SOCK_AFFINITY, LruHash, Sized(Affinity)),
         MapSpec::new::<u32, u64>(TABLE_EVENTS, PerCpuArray, Fixed(TableEvent::COUNT)),
+        MapSpec::new::<u32, u32>(SHORT_CIRCUIT, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<Frontend6, Service>(SERVICES6, Hash, Sized(Services))
             .with_flags(NO_PREALLOC),
         MapSpec::new::<u32, Backend6>(BACKENDS6, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
@@ -479,6 +487,13 @@ pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 2;
 /// unreachable, as kube-proxy's REJECT, not dropped. Without it a frontend without backends
 /// drops (its endpoints are on other nodes, under a Local policy: "has no local endpoints").
 pub const SERVICE_F_REJECT: u32 = 1 << 4;
+/// An external frontend (NodePort, LoadBalancer, external IP) of a Service with
+/// externalTrafficPolicy Local, whose own backends are this node's endpoints: this node's
+/// pods and processes (the socket hooks, the pod interfaces' TC program) select from the
+/// table of its Service's cluster frontend instead ([`map_names::SHORT_CIRCUIT`]), as
+/// kube-proxy's "short-circuit" rules send them; traffic from outside (XDP) keeps the local
+/// endpoints. Its flows are still counted, and answered, as the frontend's.
+pub const SERVICE_F_SHORT_CIRCUIT: u32 = 1 << 5;
 /// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
 /// the first (key `id`).
 pub const SERVICE_F_TABLE_B: u32 = 1 << 3;

@@ -293,6 +293,7 @@ mod tests {
         ("LB_SOCK4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_SOCKAFF4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_TBLEVENT_V1", map(PERCPU, 4, 8, Some(2), 0)),
+        ("LB_SHORTCIRC_V1", map(HASH, 4, 4, None, 0)),
         ("LB_SVC6_V1", map(HASH, 20, 16, None, 0)),
         ("LB_BACKEND6_V1", map(HASH, 4, 24, None, 0)),
         ("LB_CT6_V1", map(LRU, 40, 48, None, 0)),

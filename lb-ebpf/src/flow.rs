@@ -137,13 +137,15 @@ fn established<F: Datapath>(entry: *mut F::CtEntry, l4: &L4) -> Option<Flow<F::A
 /// The backend of this flow (`key`: its forward conntrack key) when its conntrack entry
 /// (`found`, if any) does not vouch for it: the entry's backend if the rules keep it (the
 /// entry then records the backend and the generation again), otherwise a new selection,
-/// recorded in both directions.
+/// recorded in both directions (`local`: the client is on this node, see
+/// `select::short_circuit`).
 #[inline(always)]
 fn flow_backend<F: Datapath>(
     svc: &Service,
     key: &F::CtKey,
     l4: &L4,
     found: Option<*mut F::CtEntry>,
+    local: bool,
 ) -> Result<Flow<F::Addr>, Verdict> {
     let now = ct_now();
     // Read before the backend, so that a change after the read is seen by the next packet.
@@ -206,7 +208,7 @@ fn flow_backend<F: Datapath>(
             }
         }
     }
-    let chosen = select_backend::<F>(svc, key)?;
+    let chosen = select_backend::<F>(svc, key, local)?;
     let remote = chosen.backend.flags() & BACKEND_F_REMOTE != 0;
     let (addr, port) = chosen.backend.target();
     let forward = F::CtEntry::new(
@@ -245,9 +247,13 @@ pub(crate) struct Translation<F: Datapath> {
 }
 
 /// Parses the packet, looks its frontend up, and finds or selects its flow's backend: for
-/// XDP and for the pod interfaces' TC program.
+/// XDP and for the pod interfaces' TC program (`local`: its clients are this node's pods,
+/// whose flows to a short-circuited frontend use the cluster frontend's backends).
 #[inline(always)]
-pub(crate) fn translation<F: Datapath, C: Frame>(ctx: &C) -> Result<Translation<F>, Verdict> {
+pub(crate) fn translation<F: Datapath, C: Frame>(
+    ctx: &C,
+    local: bool,
+) -> Result<Translation<F>, Verdict> {
     let pkt = F::parse(ctx)?;
     let daddr = F::daddr(pkt.ip);
     let key = F::CtKey::new(
@@ -283,7 +289,7 @@ pub(crate) fn translation<F: Datapath, C: Frame>(ctx: &C) -> Result<Translation<
             )]
             let svc = *unsafe { F::services().get(&frontend) }
                 .ok_or(Verdict::Pass(Reason::NotFrontend))?;
-            flow_backend::<F>(&svc, &key, &pkt.l4, found)?
+            flow_backend::<F>(&svc, &key, &pkt.l4, found, local)?
         }
     };
     Ok(Translation { pkt, key, flow })

@@ -68,7 +68,8 @@ fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
 /// its flow's backend, with incremental checksums; counted.
 #[inline(always)]
 fn rewrite_destination<F: Datapath>(ctx: &XdpContext) -> Result<Translation<F>, Verdict> {
-    let t = translation::<F, _>(ctx)?;
+    // Traffic from outside: an externalTrafficPolicy Local frontend keeps its local backends.
+    let t = translation::<F, _>(ctx, false)?;
     let (pkt, daddr, flow) = (&t.pkt, t.key.daddr(), &t.flow);
     F::set_daddr(pkt.ip, daddr, flow.addr);
     let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);

@@ -115,6 +115,10 @@ pub(crate) static LB_SOCK4_V1: LruHashMap<SockKey, SockEntry> =
 #[map]
 pub(crate) static LB_SOCK6_V1: LruHashMap<Sock6Key, Sock6Entry> =
     LruHashMap::pinned(Conntrack.default_entries(), 0);
+/// Both families' (service ids are shared): see `lb_common::map_names::SHORT_CIRCUIT`.
+#[map]
+pub(crate) static LB_SHORTCIRC_V1: HashMap<u32, u32> =
+    HashMap::pinned(Services.default_entries(), NO_PREALLOC);
 /// Both families' (the client is a network namespace, whichever family it uses).
 #[map]
 pub(crate) static LB_SOCKAFF4_V1: LruHashMap<SockAffinityKey, AffinityEntry> =

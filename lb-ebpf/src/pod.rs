@@ -8,7 +8,9 @@
 //! `route::redirect_reply`: from the pod's side, the host would drop a reply from its own
 //! address as a martian), or addressed to a frontend (translated to a backend as XDP
 //! does, with the skb checksum helpers because a pod's packets are often CHECKSUM_PARTIAL),
-//! or neither (passed untouched).
+//! or neither (passed untouched). A pod's new flow to an externalTrafficPolicy Local
+//! frontend selects from its Service's cluster frontend (`select::short_circuit`), as
+//! kube-proxy's "short-circuit pod traffic" rule does.
 //!
 //! The rules are written once for both families; IPv6 frames go on to
 //! `lb_tc_pod_in6` by a tail call, which applies them with the IPv6 maps (with the
@@ -83,7 +85,8 @@ fn pod_ingress<F: Datapath>(
         Err(verdict) => return Err(verdict),
     }
     forget_stale_reply::<F>(ctx);
-    let Translation { pkt, key, flow } = translation::<F, _>(ctx)?;
+    // A pod on this node: short-circuited frontends use their cluster frontend's backends.
+    let Translation { pkt, key, flow } = translation::<F, _>(ctx, true)?;
     // The packet pointers are not used past the first helper call, which invalidates them.
     let (proto, dport) = (pkt.proto, pkt.l4.dport);
     let check_off = F::L4_OFF + l4::check(proto);

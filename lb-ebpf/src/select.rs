@@ -3,6 +3,12 @@
 //! of the flow hash (or a random entry for selection `random`); and the rules by which a
 //! known flow keeps its backend or selects again (documented on `lb_common::Event`). The
 //! socket hooks select by the same rules.
+//!
+//! Short-circuit: a client on this node (a pod, a host process) addressing an external
+//! frontend with `SERVICE_F_SHORT_CIRCUIT` (externalTrafficPolicy Local) selects from its
+//! Service's cluster frontend ([`short_circuit`]), as kube-proxy's "short-circuit pod
+//! traffic" and "route LOCAL traffic" rules send it to the cluster chain; the flow stays the
+//! frontend's (counted, affinity and conntrack under its id, replies from its address).
 
 use aya_ebpf::{
     bindings::BPF_ANY,
@@ -11,11 +17,16 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, Event, FlowKey, PROTO_UDP,
-    Reason, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS,
-    Service, TableEvent, maglev,
+    Reason, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, TableEvent, maglev,
 };
 
-use crate::{counters::count, family::Datapath, maps::LB_MAGLEV_V2, verdict::Verdict};
+use crate::{
+    counters::count,
+    family::Datapath,
+    maps::{LB_MAGLEV_V2, LB_SHORTCIRC_V1},
+    verdict::Verdict,
+};
 
 /// A backend and its id.
 #[derive(Clone, Copy)]
@@ -62,6 +73,30 @@ fn select_from_table<F: Datapath>(
     backend_of::<F>(cell[half & 1]).ok_or(MISSING)
 }
 
+/// The service entry whose backends a client on this node gets through frontend `svc`
+/// (protocol `proto`): for a frontend with `SERVICE_F_SHORT_CIRCUIT`, its Service's cluster
+/// frontend (`lb_common::map_names::SHORT_CIRCUIT` names its id, its reverse NAT entry its
+/// address); `svc` itself for any other frontend, and when the cluster frontend is not
+/// there (being written or removed: the frontend's own, local, backends then, as before).
+#[inline(always)]
+pub(crate) fn short_circuit<F: Datapath>(svc: &Service, proto: u8) -> Service {
+    if svc.flags & SERVICE_F_SHORT_CIRCUIT == 0 {
+        return *svc;
+    }
+    let Some(&cluster_id) = (unsafe { LB_SHORTCIRC_V1.get(svc.id) }) else {
+        return *svc;
+    };
+    let Some(rev_nat) = (unsafe { F::reverse_nat().get(cluster_id) }) else {
+        return *svc;
+    };
+    let (addr, port) = F::rev_nat_target(rev_nat);
+    match unsafe { F::services().get(F::frontend(addr, port, proto)) } {
+        // The id checked: an entry names the frontend that holds the id now.
+        Some(cluster) if cluster.id == cluster_id => *cluster,
+        _ => *svc,
+    }
+}
+
 /// Why a frontend without backends takes no new flow: no endpoint anywhere (rejected), or
 /// none here.
 #[inline(always)]
@@ -73,15 +108,23 @@ pub(crate) fn no_backend(svc: &Service) -> Reason {
     }
 }
 
-/// The backend of a new flow (`key`: its forward conntrack key): checks the source ranges,
-/// then the client's affinity, then the Maglev table.
+/// The backend of a new flow (`key`: its forward conntrack key) to frontend `svc`: checks
+/// the source ranges, then the client's affinity, then the Maglev table; of the cluster
+/// frontend when the client is on this node (`local`, the pod interfaces) and `svc` is
+/// short-circuited ([`short_circuit`]).
 #[inline(always)]
 pub(crate) fn select_backend<F: Datapath>(
     svc: &Service,
     key: &F::CtKey,
+    local: bool,
 ) -> Result<Chosen<F::Backend>, Verdict> {
-    if svc.backend_count == 0 {
-        return Err(Verdict::Drop(no_backend(svc)));
+    let table = if local {
+        short_circuit::<F>(svc, key.proto())
+    } else {
+        *svc
+    };
+    if table.backend_count == 0 {
+        return Err(Verdict::Drop(no_backend(&table)));
     }
     if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
         let source = LpmKey::new(
@@ -94,12 +137,13 @@ pub(crate) fn select_backend<F: Datapath>(
     }
     let client = F::affinity_key(svc.id, key.saddr());
     let affinity = (F::affinity(), TableEvent::AffinityInserts);
-    select_with_affinity::<F, _>(svc, affinity, &client, || F::key_hash(key))
+    select_with_affinity::<F, _>(&table, affinity, &client, || F::key_hash(key))
 }
 
-/// The client's affinity entry in `map` (under `client`), then the Maglev table entry of
-/// `hash`; records the choice for the client when the service has affinity, counting a new
-/// entry under `inserts`.
+/// The client's affinity entry in `map` (under `client`), then the entry of `hash` in the
+/// Maglev table of `svc` (the frontend's, or the one it is short-circuited to); records the
+/// choice for the client when the service has affinity, counting a new entry under
+/// `inserts`.
 #[inline(always)]
 pub(crate) fn select_with_affinity<F: Datapath, K>(
     svc: &Service,

@@ -11,6 +11,11 @@
 //! which keeps the per-packet path (XDP, and the pod interfaces' TC program), where the
 //! source ranges are applied.
 //!
+//! The clients here are all on this node: a NodePort, LoadBalancer or external address of a
+//! Service with externalTrafficPolicy Local gets every endpoint its cluster IP gets, as
+//! kube-proxy's "short-circuit" rules give this node's pods and processes
+//! (`select::short_circuit`); the socket still shows the address it addressed.
+//!
 //! A socket's backend for a frontend is chosen by the same rules as a new flow in XDP
 //! (`select_with_affinity`: the client's affinity entry, else the Maglev table) with two
 //! differences the socket imposes:
@@ -49,7 +54,9 @@ use crate::{
     counters::{count, count_socket_flow},
     family::Datapath,
     maps::LB_SOCKAFF4_V1,
-    select::{Chosen, backend_of, no_backend, reselect_because, select_with_affinity},
+    select::{
+        Chosen, backend_of, no_backend, reselect_because, select_with_affinity, short_circuit,
+    },
     verdict::Verdict,
 };
 
@@ -106,8 +113,11 @@ fn socket_backend<F: Datapath>(
             }
         }
     }
-    if svc.backend_count == 0 {
-        return Err(Verdict::Drop(no_backend(svc)));
+    // Every client here is on this node: a short-circuited frontend (externalTrafficPolicy
+    // Local) selects from its cluster frontend; the socket's entries stay the frontend's.
+    let table = short_circuit::<F>(svc, proto);
+    if table.backend_count == 0 {
+        return Err(Verdict::Drop(no_backend(&table)));
     }
     let client = SockAffinityKey {
         service_id: svc.id,
@@ -115,10 +125,11 @@ fn socket_backend<F: Datapath>(
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     let affinity = (&LB_SOCKAFF4_V1, TableEvent::SockAffinityInserts);
-    let chosen: Chosen<F::Backend> = select_with_affinity::<F, _>(svc, affinity, &client, || {
-        let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
-        flow_hash(folded, F::fold(addr), 0, port, proto)
-    })?;
+    let chosen: Chosen<F::Backend> =
+        select_with_affinity::<F, _>(&table, affinity, &client, || {
+            let folded = (cookie as u32) ^ ((cookie >> 32) as u32);
+            flow_hash(folded, F::fold(addr), 0, port, proto)
+        })?;
     let (backend_addr, backend_port) = chosen.backend.target();
     let reply = F::sock_key(cookie, backend_addr, backend_port, proto, CT_REPLY);
     let sockets = F::sockets();

@@ -56,6 +56,8 @@ pub struct BpfMaps {
     pub rev_nat6: HashMap<MapData, u32, RevNat6>,
     /// [`map_names::SOURCE_RANGES6`].
     pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
+    /// [`map_names::SHORT_CIRCUIT`].
+    pub short_circuit: HashMap<MapData, u32, u32>,
     /// [`map_names::BACKEND_STATS`], of `backend_stats_mask + 1` slots.
     pub backend_stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats_mask: u32,
@@ -68,7 +70,7 @@ pub struct BpfMaps {
     /// Service ids are below this: the size of [`map_names::SERVICE_STATS`].
     pub service_id_limit: u32,
     /// The size of each map written, for the error that says a map is full.
-    sizes: [(&'static str, u32); 10],
+    sizes: [(&'static str, u32); 11],
     grace: GraceClock,
 }
 
@@ -181,7 +183,8 @@ impl BpfMaps {
             backends6,
             rev_nat6,
             source_ranges6,
-        ]: [Map; 12],
+            short_circuit,
+        ]: [Map; 13],
         pins: &Pins,
     ) -> Result<Self, DatapathError> {
         let mut sizes = [
@@ -195,6 +198,7 @@ impl BpfMaps {
             (map_names::BACKENDS6, 0),
             (map_names::REV_NAT6, 0),
             (map_names::SOURCE_RANGES6, 0),
+            (map_names::SHORT_CIRCUIT, 0),
         ];
         for (name, size) in &mut sizes {
             *size = pins.max_entries(name)?;
@@ -246,6 +250,8 @@ impl BpfMaps {
             rev_nat6: HashMap::try_from(rev_nat6).map_err(map_err(map_names::REV_NAT6))?,
             source_ranges6: LpmTrie::try_from(source_ranges6)
                 .map_err(map_err(map_names::SOURCE_RANGES6))?,
+            short_circuit: HashMap::try_from(short_circuit)
+                .map_err(map_err(map_names::SHORT_CIRCUIT))?,
         })
     }
 
@@ -267,6 +273,7 @@ impl BpfMaps {
                 open(map_names::BACKENDS6, Map::HashMap)?,
                 open(map_names::REV_NAT6, Map::HashMap)?,
                 open(map_names::SOURCE_RANGES6, Map::LpmTrie)?,
+                open(map_names::SHORT_CIRCUIT, Map::HashMap)?,
             ],
             pins,
         )
@@ -704,6 +711,13 @@ impl DatapathMaps for BpfMaps {
             IpFamily::V6 => delete_result(map_names::REV_NAT6, self.rev_nat6.remove(&id)),
         }
     }
+    fn put_short_circuit(&mut self, id: u32, cluster_id: u32) -> Result<(), MapOpError> {
+        let result = self.short_circuit.insert(id, cluster_id, 0);
+        result.map_err(self.write_err(map_names::SHORT_CIRCUIT))
+    }
+    fn delete_short_circuit(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete_result(map_names::SHORT_CIRCUIT, self.short_circuit.remove(&id))
+    }
     fn put_service(&mut self, key: &FrontendKey, value: &Service) -> Result<(), MapOpError> {
         match key {
             FrontendKey::V4(k) => {
@@ -817,6 +831,7 @@ impl DatapathMaps for BpfMaps {
             tables,
             source_ranges,
             prefilter: prefilter_words(&self.prefilter_fd, self.prefilter.len())?,
+            short_circuits: read(&self.short_circuit, map_names::SHORT_CIRCUIT)?,
         })
     }
 }

@@ -10,8 +10,9 @@ use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie};
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING,
     CT_FORWARD, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP,
-    SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES, SOURCE_RANGE_ID_BITS, Service,
-    SourceRange4, SourceRange6, addr6, flow_hash, flow_hash6, map_names,
+    SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT, SERVICE_F_SOURCE_RANGES,
+    SOURCE_RANGE_ID_BITS, Service, SourceRange4, SourceRange6, addr6, flow_hash, flow_hash6,
+    map_names,
 };
 use serde::Serialize;
 
@@ -318,6 +319,14 @@ impl Explainer {
             "frontend {}/{}: service id {}, {} backends",
             flow.dst, flow.proto, svc.id, svc.backend_count
         ));
+        if svc.flags & SERVICE_F_SHORT_CIRCUIT != 0 {
+            out.steps.push(
+                "externalTrafficPolicy Local: a client from outside (explained here) gets this \
+                 node's endpoints; this node's own pods and processes get the cluster IP's \
+                 (short-circuit)"
+                    .to_owned(),
+            );
+        }
         let syn = flow.syn && flow.proto == Protocol::Tcp;
         match self.conntrack(flow, proto)? {
             Some((service_id, backend_id)) if service_id == svc.id => {

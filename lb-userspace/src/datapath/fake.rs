@@ -47,6 +47,8 @@ pub struct InMemoryMaps {
     pub source_ranges6: BTreeSet<(u32, Ipv6Cidr)>,
     /// The pre-filter bitmap's non-zero words, by index.
     pub prefilter: BTreeMap<u32, u64>,
+    /// Short-circuit map: service id -> its cluster frontend's service id.
+    pub short_circuit: BTreeMap<u32, u32>,
     /// Capacity of each map, in entries.
     pub capacity: usize,
     /// [`DatapathMaps::backend_stats_slots`] (a power of two).
@@ -81,6 +83,7 @@ impl InMemoryMaps {
             source_ranges: BTreeSet::new(),
             source_ranges6: BTreeSet::new(),
             prefilter: BTreeMap::new(),
+            short_circuit: BTreeMap::new(),
             capacity,
             backend_stats_slots: lb_common::backend_stats_slots(lb_common::capacity::BACKENDS),
             observer: None,
@@ -354,6 +357,20 @@ impl DatapathMaps for InMemoryMaps {
             }
         }
     }
+    fn put_short_circuit(&mut self, id: u32, cluster_id: u32) -> Result<(), MapOpError> {
+        put(
+            &mut self.short_circuit,
+            self.capacity,
+            map_names::SHORT_CIRCUIT,
+            id,
+            cluster_id,
+        )?;
+        self.observed("put_short_circuit", format_args!("{id} {cluster_id}"))
+    }
+    fn delete_short_circuit(&mut self, id: u32) -> Result<(), MapOpError> {
+        delete(&mut self.short_circuit, &id)?;
+        self.observed("delete_short_circuit", id)
+    }
     fn put_service(&mut self, key: &FrontendKey, value: &Service) -> Result<(), MapOpError> {
         match *key {
             FrontendKey::V4(k) => {
@@ -441,6 +458,7 @@ impl DatapathMaps for InMemoryMaps {
                 .collect(),
             source_ranges: ranges4.chain(ranges6).collect(),
             prefilter: self.prefilter.iter().map(|(k, v)| (*k, *v)).collect(),
+            short_circuits: self.short_circuit.iter().map(|(k, v)| (*k, *v)).collect(),
         })
     }
 }

@@ -570,6 +570,7 @@ mod tests {
             rev_nat: vec![],
             source_ranges: vec![],
             prefilter: vec![],
+            short_circuits: vec![],
         };
         let key = contents.services[0].0;
         let names = BTreeMap::from([(

@@ -343,6 +343,7 @@ impl Datapath {
             take(map_names::BACKENDS6)?,
             take(map_names::REV_NAT6)?,
             take(map_names::SOURCE_RANGES6)?,
+            take(map_names::SHORT_CIRCUIT)?,
         ];
         BpfMaps::from_maps(maps, &self.pins)
     }

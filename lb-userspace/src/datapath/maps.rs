@@ -89,6 +89,8 @@ pub struct MapContents {
     pub source_ranges: Vec<(u32, IpCidr)>,
     /// The pre-filter bitmap's non-zero words, by index.
     pub prefilter: Vec<(u32, u64)>,
+    /// Short-circuit entries: external frontend's service id -> its cluster frontend's.
+    pub short_circuits: Vec<(u32, u32)>,
 }
 
 /// A table to point a service at in [`DatapathMaps::put_tables`].
@@ -264,6 +266,11 @@ pub trait DatapathMaps {
     fn put_rev_nat(&mut self, id: u32, entry: &RevNatEntry) -> Result<(), MapOpError>;
     /// Deletes a reverse-NAT entry from the map of `family`.
     fn delete_rev_nat(&mut self, id: u32, family: IpFamily) -> Result<(), MapOpError>;
+    /// Writes the short-circuit entry of service `id`: its cluster frontend's id
+    /// ([`lb_common::map_names::SHORT_CIRCUIT`]).
+    fn put_short_circuit(&mut self, id: u32, cluster_id: u32) -> Result<(), MapOpError>;
+    /// Deletes the short-circuit entry of service `id`.
+    fn delete_short_circuit(&mut self, id: u32) -> Result<(), MapOpError>;
     /// Writes a service entry.
     fn put_service(&mut self, key: &FrontendKey, value: &Service) -> Result<(), MapOpError>;
     /// Deletes a service entry.

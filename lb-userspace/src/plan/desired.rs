@@ -216,6 +216,13 @@ pub struct FrontendPlan {
     /// Which of the Service's `spec.topologyKeys` chose the backends; `None` for a Service
     /// without topology keys.
     pub topology: Option<TopologyChoice>,
+    /// For an external frontend under externalTrafficPolicy Local: its Service's cluster
+    /// frontend (the cluster IP of the same port and family), whose backends this node's
+    /// own pods and processes get through this frontend, as kube-proxy's "short-circuit"
+    /// rules send them (`backends` are for traffic from outside). `None` otherwise, and
+    /// for a Service without a cluster IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub short_circuit: Option<Frontend>,
 }
 
 /// What `spec.topologyKeys` chose (kube-proxy v1.21's `FilterTopologyEndpoint`).

@@ -65,6 +65,11 @@ pub struct PlanRow {
     pub topology: Option<String>,
     /// Allowed client networks; empty means every source.
     pub source_ranges: Vec<String>,
+    /// Under externalTrafficPolicy Local, the cluster frontend (`address:port/PROTO`)
+    /// whose backends this node's pods and processes get through this frontend
+    /// (kube-proxy's "short-circuit"); `backends` are those of traffic from outside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub short_circuit: Option<String>,
     /// `address:port`, with ` (terminating)` for terminating endpoints. Empty: rejected
     /// (`reject`) or dropped.
     pub backends: Vec<String>,
@@ -90,6 +95,7 @@ impl Plan {
                     selection: plan.selection,
                     topology: plan.topology.as_ref().map(ToString::to_string),
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
+                    short_circuit: plan.short_circuit.as_ref().map(ToString::to_string),
                     backends: plan.backends.iter().map(|b| b.to_string()).collect(),
                     reject: plan.reject,
                 })
@@ -128,6 +134,9 @@ impl Plan {
                 }
                 if !r.source_ranges.is_empty() {
                     policy.push_str(&format!(" from={}", r.source_ranges.join(",")));
+                }
+                if let Some(cluster) = &r.short_circuit {
+                    policy.push_str(&format!(" short-circuit={cluster}"));
                 }
                 let backends = if r.reject {
                     "(none anywhere: rejected)".to_owned()
@@ -291,9 +300,18 @@ spec: {ports: [{port: 70000}]}
         assert!(lines[0].starts_with("FRONTEND"), "{table}");
         assert_eq!(lines.len(), 5, "{table}");
         assert!(
-            table.contains("Local affinity=10800s from=192.0.2.0/24"),
+            table.contains(
+                "Local affinity=10800s from=192.0.2.0/24 short-circuit=10.96.0.20:80/TCP"
+            ),
             "{table}"
         );
+        // This node's pods and processes get every endpoint through the Local frontends
+        // (kube-proxy's short-circuit), as through the cluster IP.
+        assert_eq!(
+            node_port.short_circuit.as_deref(),
+            Some("10.96.0.20:80/TCP")
+        );
+        assert_eq!(cluster.short_circuit, None);
         // The LoadBalancer Service with externalTrafficPolicy Local: its health check, with
         // this node's one ready endpoint (the other is elsewhere, and terminating).
         assert_eq!(

@@ -42,6 +42,10 @@
 //!   frontends follow externalTrafficPolicy. Local counts where kube-proxy's
 //!   `ExternallyAccessible` holds: types NodePort and LoadBalancer, and ClusterIP with
 //!   externalIPs (`Service::external_policy_local`).
+//! - Short-circuit: the external frontends of a Local policy carry their Service's cluster
+//!   frontend ([`FrontendPlan::short_circuit`]): this node's pods and processes get its
+//!   backends through them (kube-proxy's "short-circuit pod traffic" and "route LOCAL
+//!   traffic" rules jump to the cluster chain), only traffic from outside the local ones.
 //!
 //! Terminating backends: [`Backend::terminating`] is false for the endpoints chosen above as
 //! ready, true for serving and terminating endpoints. The plan lists the serving-terminating
@@ -351,8 +355,24 @@ impl Translator {
             }
         }
 
+        // A short-circuit names a cluster frontend of the frontend's own Service: when a
+        // cluster frontend changes hands (a conflict settled otherwise), the frontends of
+        // its claimants that name it are looked at again.
+        let naming: Vec<Frontend> = touched
+            .iter()
+            .flat_map(|cluster| self.naming(cluster))
+            .collect();
+        touched.extend(naming);
         for frontend in touched {
-            let plan = self.owner_plan(&frontend).cloned();
+            let plan = self.owner_plan(&frontend).cloned().map(|mut plan| {
+                if let Some(cluster) = plan.short_circuit
+                    && self.owner(&cluster).map(|(s, _)| s) != self.owner(&frontend).map(|(s, _)| s)
+                {
+                    // Another Service's cluster IP: not this Service's endpoints.
+                    plan.short_circuit = None;
+                }
+                plan
+            });
             let old = match plan {
                 Some(plan) => self.desired.frontends.insert(frontend, plan),
                 None => self.desired.frontends.remove(&frontend),
@@ -370,6 +390,21 @@ impl Translator {
     /// The claim that owns `frontend`.
     fn owner(&self, frontend: &Frontend) -> Option<&Claim> {
         self.claims.get(frontend)?.first()
+    }
+
+    /// The frontends of the Services claiming `cluster` whose short-circuit names it.
+    fn naming(&self, cluster: &Frontend) -> Vec<Frontend> {
+        let claimants = self.claims.get(cluster).into_iter().flatten();
+        claimants
+            .filter_map(|(service, _)| self.outputs.get(service))
+            .flat_map(|output| &output.entries)
+            .filter_map(|entry| match entry {
+                Entry::Frontend(frontend, plan) if plan.short_circuit == Some(*cluster) => {
+                    Some(*frontend)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// The plan of the claim that owns `frontend`.
@@ -590,8 +625,17 @@ fn translate_service(
                 ));
             }
 
+            // kube-proxy's "short-circuit": this node's pods and processes reach a Local
+            // external frontend as they reach the cluster IP.
+            let cluster_frontend = fam.cluster_ip.map(|addr| Frontend {
+                addr,
+                port: port.port,
+                proto,
+            });
             for (addr, port, kind, backends, ranges) in frontends {
                 let frontend = Frontend { addr, port, proto };
+                let short_circuit =
+                    cluster_frontend.filter(|_| kind.is_external() && external_local);
                 let plan = FrontendPlan {
                     service: service.clone(),
                     kind,
@@ -601,6 +645,7 @@ fn translate_service(
                     source_ranges: ranges.to_vec(),
                     selection: svc.selection,
                     topology: topology.clone(),
+                    short_circuit,
                 };
                 out.entries.push(Entry::Frontend(frontend, plan));
             }
@@ -928,6 +973,7 @@ mod tests {
             source_ranges: vec![],
             selection: None,
             topology: None,
+            short_circuit: None,
         };
         let frontend = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10).into(),
@@ -1438,6 +1484,160 @@ mod tests {
                 ],
             ),
         ]);
+    }
+
+    /// kube-proxy's "short-circuit" of local traffic (the iptables and nftables proxiers'
+    /// external chain under ExternalPolicyLocal): "pod traffic for external destinations"
+    /// and "route LOCAL traffic" jump to the cluster policy chain, so this node's pods and
+    /// processes get, through every external frontend, what the Service's cluster IP of the
+    /// same port and family gets. One line per frontend: `frontend -> cluster frontend`, or
+    /// `frontend` alone when it has none.
+    #[test]
+    fn short_circuit_of_local_traffic() {
+        let short_circuits = |yaml: &str, node: &NodeInfo| -> Vec<String> {
+            translate(&state(yaml), node)
+                .desired
+                .frontends
+                .iter()
+                .map(|(f, p)| match &p.short_circuit {
+                    Some(cluster) => format!("{f} -> {cluster}"),
+                    None => f.to_string(),
+                })
+                .collect()
+        };
+        let cases: &[(&str, String, NodeInfo, &[&str])] = &[
+            (
+                "ExternalPolicyLocal: the node ports, load balancer IPs and external IPs                  short-circuit to the cluster IP of their port; the cluster IP is itself",
+                policy_case(
+                    "{type: LoadBalancer, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}\n\
+                     status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}",
+                    &[2],
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30080/TCP -> 10.0.0.1:80/TCP",
+                    "198.51.100.1:80/TCP -> 10.0.0.1:80/TCP",
+                    "203.0.113.5:80/TCP -> 10.0.0.1:80/TCP",
+                ],
+            ),
+            (
+                "externalTrafficPolicy Cluster: external frontends already use the cluster \
+                 endpoints, nothing to short-circuit",
+                policy_case(
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalIPs: [203.0.113.5], ports: [{port: 80, nodePort: 30080}]}",
+                    &[1, 2],
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30080/TCP",
+                    "203.0.113.5:80/TCP",
+                ],
+            ),
+            (
+                "internalTrafficPolicy Local alone: no short-circuit (the external frontends \
+                 use every endpoint)",
+                policy_case(
+                    "{type: NodePort, clusterIP: 10.0.0.1, internalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                    &[1, 2],
+                ),
+                node(),
+                &["10.0.0.1:80/TCP", "192.168.0.10:30080/TCP"],
+            ),
+            (
+                "ExternallyAccessible ClusterIP Service with externalIPs and \
+                 ExternalPolicyLocal: its external IPs short-circuit",
+                policy_case(
+                    "{clusterIP: 10.0.0.1, externalTrafficPolicy: Local, externalIPs: [203.0.113.5], ports: [{port: 80}]}",
+                    &[2],
+                ),
+                node(),
+                &["10.0.0.1:80/TCP", "203.0.113.5:80/TCP -> 10.0.0.1:80/TCP"],
+            ),
+            (
+                "each port and protocol to the cluster frontend of the same port and protocol",
+                svc(
+                    "a",
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]}",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:53/UDP",
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30053/UDP -> 10.0.0.1:53/UDP",
+                    "192.168.0.10:30080/TCP -> 10.0.0.1:80/TCP",
+                ],
+            ),
+            (
+                "dual stack: each family's external frontends to that family's cluster IP",
+                svc(
+                    "a",
+                    "{type: NodePort, clusterIPs: [10.0.0.1, 'fd00::1'], ipFamilyPolicy: RequireDualStack, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                ),
+                node_ds(),
+                &[
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30080/TCP -> 10.0.0.1:80/TCP",
+                    "[fd00::1]:80/TCP",
+                    "[fd00:ff::10]:30080/TCP -> [fd00::1]:80/TCP",
+                ],
+            ),
+            (
+                "two Services claim one cluster IP: the one that keeps it short-circuits to \
+                 it, the other's node port (whose Service lost its cluster IP) does not",
+                svc(
+                    "a",
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                ) + &svc(
+                    "b",
+                    "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30081}]}",
+                ),
+                node(),
+                &[
+                    "10.0.0.1:80/TCP",
+                    "192.168.0.10:30080/TCP -> 10.0.0.1:80/TCP",
+                    "192.168.0.10:30081/TCP",
+                ],
+            ),
+            (
+                "a manifest without a cluster IP: nothing to short-circuit to (the node port \
+                 keeps its local endpoints for everyone)",
+                svc(
+                    "a",
+                    "{type: NodePort, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+                ),
+                node(),
+                &["192.168.0.10:30080/TCP"],
+            ),
+        ];
+        for (name, yaml, node, want) in cases {
+            assert_eq!(short_circuits(yaml, node), *want, "case {name}");
+        }
+
+        // Kept up to date: when the Service that kept the cluster IP goes, the other one
+        // gets it, and its node port short-circuits to it.
+        let both = svc(
+            "a",
+            "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}",
+        ) + &svc(
+            "b",
+            "{type: NodePort, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30081}]}",
+        );
+        let before = state(&both);
+        let mut translator = Translator::new(node());
+        translator.update(&before, before.services.keys(), before.slices.keys());
+        let mut after = before.clone();
+        let a = ObjectRef::new("default", "a");
+        after.services.remove(&a);
+        let changed = translator.update(&after, [&a], []);
+        let b_node_port = Frontend::v4(Ipv4Addr::new(192, 168, 0, 10), 30081, Protocol::Tcp);
+        assert!(changed.frontends.contains(&b_node_port), "{changed:?}");
+        assert_eq!(translator.desired(), &translate(&after, &node()).desired);
+        assert_eq!(
+            translator.desired().frontends[&b_node_port].short_circuit,
+            Some(Frontend::v4(Ipv4Addr::new(10, 0, 0, 1), 80, Protocol::Tcp))
+        );
     }
 
     /// A Service with `spec.topologyKeys` `keys` (a YAML flow sequence) and `extra` spec

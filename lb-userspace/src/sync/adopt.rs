@@ -44,6 +44,7 @@ impl<M: DatapathMaps> Syncer<M> {
         let rev_nat: BTreeSet<(u32, IpFamily)> = (contents.rev_nat.iter())
             .map(|(id, entry)| (*id, entry.family()))
             .collect();
+        let short_circuits: HashMap<u32, u32> = contents.short_circuits.iter().copied().collect();
         let mut live_ids: BTreeSet<(u32, IpFamily)> = BTreeSet::new();
         for (key, service) in services {
             let family = key.family();
@@ -54,6 +55,7 @@ impl<M: DatapathMaps> Syncer<M> {
                 slots: [None, None],
                 ranges: ranges.remove(&(service.id, family)).unwrap_or_default(),
                 rev_nat: rev_nat.contains(&(service.id, family)),
+                short_circuit: short_circuits.get(&service.id).copied(),
                 prefiltered: true,
                 members: Vec::new(),
             };
@@ -125,6 +127,11 @@ impl<M: DatapathMaps> Syncer<M> {
         for &(id, family) in &rev_nat {
             if !live_ids.contains(&(id, family)) {
                 syncer.maps.delete_rev_nat(id, family)?;
+            }
+        }
+        for id in short_circuits.keys() {
+            if !syncer.used_service_ids.contains(id) {
+                syncer.maps.delete_short_circuit(*id)?;
             }
         }
         Ok(syncer)

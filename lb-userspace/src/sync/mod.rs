@@ -16,11 +16,20 @@
 //!    per batch instead of once per table; a rewrite in place waits for nothing;
 //! 3. then its new source ranges (loadBalancerSourceRanges);
 //! 4. then its reverse-NAT entry, its bit in the destination pre-filter (a new frontend's
-//!    bucket: `lb_common::prefilter`) and its service entry (flags, affinity, backend
-//!    count, and which of its two tables new flows use);
+//!    bucket: `lb_common::prefilter`), its short-circuit entry (an external frontend under
+//!    externalTrafficPolicy Local: the service id of its Service's cluster frontend, whose
+//!    backends this node's own clients get) and its service entry (flags, affinity, backend
+//!    count, and which of its two tables new flows use; `SERVICE_F_SHORT_CIRCUIT` once the
+//!    short-circuit entry is there); a short-circuit entry no longer wanted goes after the
+//!    service entry stops naming it;
 //! 5. then the source ranges it no longer has, and its tables when it has no backend left;
 //! 6. frontends no longer wanted are removed service entry first; a pre-filter bit is
 //!    cleared after the last frontend of its bucket is removed;
+//!
+//! The datapath checks that a short-circuit entry's id is its cluster frontend's (that
+//! frontend's service entry, found by its reverse NAT entry, holds the id) and otherwise
+//! uses the frontend's own backends: a cluster frontend written after the external one, or
+//! removed before it, leaves the external frontend as it was without the short-circuit.
 //! 7. backends that no frontend lists any more are marked REMOVED, and deleted once they
 //!    have been REMOVED for the drain period (`SyncConfig::drain`).
 //!
@@ -64,8 +73,8 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
-    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES,
-    SERVICE_F_TABLE_B, Service, backend_stats_slot,
+    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT,
+    SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service, backend_stats_slot,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
 };
@@ -227,6 +236,8 @@ struct Programmed {
     /// Its source ranges in the source-range map of its family.
     ranges: BTreeSet<IpCidr>,
     rev_nat: bool,
+    /// The service id its short-circuit entry names (`lb_common::map_names::SHORT_CIRCUIT`).
+    short_circuit: Option<u32>,
     /// Counted in its pre-filter bucket (whose bit is then set): from before its service
     /// entry is first written until after that entry is deleted.
     prefiltered: bool,
@@ -242,6 +253,7 @@ impl Programmed {
             slots: [None, None],
             ranges: BTreeSet::new(),
             rev_nat: false,
+            short_circuit: None,
             prefiltered: false,
             members: Vec::new(),
         }
@@ -310,6 +322,10 @@ struct Pending {
     table: Option<TableKey>,
     ranges: BTreeSet<IpCidr>,
     service: Service,
+    /// The cluster frontend its short-circuit entry is to name ([`FrontendPlan::short_circuit`]).
+    cluster: Option<FrontendKey>,
+    /// That frontend's service id, once known (before the entries are written).
+    short_circuit: Option<u32>,
     /// The slot its table is in, which its service entry is to select.
     slot: usize,
     /// Its table could not be written: its entries stay as they are.
@@ -582,6 +598,15 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         // 2. Tables.
         self.swap_tables(&mut pending, &mut errors);
+        // The service ids of the cluster frontends the short-circuit entries name: wanted
+        // ones' (being written), else programmed ones'.
+        let ids: HashMap<FrontendKey, u32> =
+            pending.iter().map(|p| (p.key, p.programmed.id)).collect();
+        for p in &mut pending {
+            p.short_circuit = p.cluster.and_then(|cluster| {
+                (ids.get(&cluster).copied()).or_else(|| self.frontends.get(&cluster).map(|c| c.id))
+            });
+        }
         // 3, 4, 5. Source ranges, reverse NAT, service entries.
         let mut unused_tables = Vec::new();
         for mut p in pending {
@@ -725,6 +750,8 @@ impl<M: DatapathMaps> Syncer<M> {
             }),
             ranges: plan.source_ranges.iter().copied().collect(),
             service,
+            cluster: plan.short_circuit.map(|f| f.key()),
+            short_circuit: None,
             slot,
             failed: false,
         })
@@ -764,6 +791,10 @@ impl<M: DatapathMaps> Syncer<M> {
         if p.rev_nat {
             self.op(|m| m.delete_rev_nat(p.id, key.family()))?;
             p.rev_nat = false;
+        }
+        if p.short_circuit.is_some() {
+            self.op(|m| m.delete_short_circuit(p.id))?;
+            p.short_circuit = None;
         }
         Ok(())
     }

@@ -216,9 +216,19 @@ impl<M: DatapathMaps> Syncer<M> {
             self.prefilter_count(&p.key, true)?;
             prog.prefiltered = true;
         }
+        // The short-circuit entry before the flag that has the datapath read it.
+        if let Some(cluster) = p.short_circuit
+            && prog.short_circuit != Some(cluster)
+        {
+            self.op(|m| m.put_short_circuit(prog.id, cluster))?;
+            prog.short_circuit = Some(cluster);
+        }
         let mut service = p.service;
         if p.slot == 1 {
             service.flags |= SERVICE_F_TABLE_B;
+        }
+        if p.short_circuit.is_some() {
+            service.flags |= SERVICE_F_SHORT_CIRCUIT;
         }
         if prog.service != Some(service) {
             let was = prog.service.map(|_| prog.live());
@@ -238,6 +248,11 @@ impl<M: DatapathMaps> Syncer<M> {
         for range in prog.ranges.clone().difference(&p.ranges) {
             self.op(|m| m.delete_source_range(prog.id, *range))?;
             prog.ranges.remove(range);
+        }
+        // The flag is off: the entry is not read any more.
+        if p.short_circuit.is_none() && prog.short_circuit.is_some() {
+            self.op(|m| m.delete_short_circuit(prog.id))?;
+            prog.short_circuit = None;
         }
         Ok(())
     }

@@ -54,6 +54,12 @@ fn consistent(maps: &InMemoryMaps) {
         if svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
             assert!(ranges, "{frontend:?}: restricted to no source at all");
         }
+        if svc.flags & SERVICE_F_SHORT_CIRCUIT != 0 {
+            assert!(
+                maps.short_circuit.contains_key(&svc.id),
+                "{frontend:?}: short-circuited to nothing"
+            );
+        }
     }
     for id in maps.backends.keys() {
         assert!(
@@ -136,6 +142,7 @@ fn plan(backends: &[u8]) -> FrontendPlan {
         source_ranges: Vec::new(),
         selection: None,
         topology: None,
+        short_circuit: None,
     }
 }
 
@@ -1267,4 +1274,89 @@ fn applying_only_the_changed_frontends_equals_a_full_apply() {
     let listed: BTreeSet<&u8> = current.values().flatten().collect();
     assert_eq!(report.backends, listed.len(), "{report:?}");
     assert_eq!(incremental.apply_at(&desired(&want), later).map_ops, 0);
+}
+
+/// kube-proxy's "short-circuit" of local traffic: an externalTrafficPolicy Local node port
+/// names its Service's cluster frontend (short-circuit entry, then the flag in its service
+/// entry); the entry goes after the flag when the plan drops it and with the frontend;
+/// a restarted agent adopts it, and removes one of no frontend.
+#[test]
+fn short_circuit_entries_follow_the_plan() {
+    let cluster = fe(1, 80);
+    let node_port = Frontend {
+        addr: Ipv4Addr::new(192, 168, 0, 10).into(),
+        port: 30080,
+        proto: Protocol::Tcp,
+    };
+    // The node port's only endpoint is on another node: none here, all at the cluster IP.
+    let local_policy = |short_circuit: Option<Frontend>| {
+        let mut state = desired(&[(cluster, &[1][..]), (node_port, &[][..])]);
+        let plan = state.frontends.get_mut(&node_port).unwrap();
+        plan.kind = FrontendKind::NodePort;
+        plan.short_circuit = short_circuit;
+        state
+    };
+    let mut s = syncer(64);
+    let wanted = local_policy(Some(cluster));
+    assert!(s.apply(&wanted).errors.is_empty());
+    let service = |m: &InMemoryMaps, f: Frontend| m.services[&f.key4()];
+    let (m, ids) = (s.maps(), |m: &InMemoryMaps| {
+        (service(m, cluster).id, service(m, node_port).id)
+    });
+    let (cluster_id, node_port_id) = ids(m);
+    assert_eq!(
+        m.short_circuit,
+        BTreeMap::from([(node_port_id, cluster_id)])
+    );
+    assert_ne!(service(m, node_port).flags & SERVICE_F_SHORT_CIRCUIT, 0);
+    assert_eq!(service(m, cluster).flags & SERVICE_F_SHORT_CIRCUIT, 0);
+    // Outside traffic still has no backend here.
+    assert_eq!(service(m, node_port).backend_count, 0);
+    let position = |m: &InMemoryMaps, op: &str| {
+        m.journal
+            .iter()
+            .position(|o| o == op)
+            .unwrap_or_else(|| panic!("no {op} in {:?}", m.journal))
+    };
+    assert!(
+        position(m, &format!("put_short_circuit {node_port_id} {cluster_id}"))
+            < position(m, &format!("put_service {node_port_id}")),
+        "the entry before the flag: {:?}",
+        m.journal
+    );
+    // Nothing changed, nothing written; a restarted agent adopts it and writes nothing.
+    assert_eq!(s.apply(&wanted).map_ops, 0);
+    let mut restarted = Syncer::adopt_with(s.maps().clone(), config()).unwrap();
+    assert_eq!(restarted.apply(&wanted).map_ops, 0);
+
+    // The plan drops it (the policy became Cluster): the flag goes, then the entry.
+    s.maps.journal.clear();
+    assert!(s.apply(&local_policy(None)).errors.is_empty());
+    let m = s.maps();
+    assert!(m.short_circuit.is_empty(), "{:?}", m.short_circuit);
+    assert_eq!(service(m, node_port).flags & SERVICE_F_SHORT_CIRCUIT, 0);
+    assert!(
+        position(m, &format!("put_service {node_port_id}"))
+            < position(m, &format!("delete_short_circuit {node_port_id}")),
+        "the flag off before the entry goes: {:?}",
+        m.journal
+    );
+
+    // Back, then the Service goes: the entry goes with its frontend.
+    assert!(s.apply(&wanted).errors.is_empty());
+    assert_eq!(s.maps().short_circuit.len(), 1);
+    assert!(s.apply(&DesiredState::default()).errors.is_empty());
+    assert!(s.maps().services.is_empty() && s.maps().short_circuit.is_empty());
+
+    // A leftover entry of no frontend (an interrupted update) goes at adoption.
+    let mut leftover = maps(64);
+    leftover.short_circuit.insert(7, 3);
+    let adopted = Syncer::adopt_with(leftover, config()).unwrap();
+    assert!(adopted.maps().short_circuit.is_empty());
+
+    // A cluster frontend the same apply writes (a new Service): its new id is named.
+    let mut fresh = syncer(64);
+    assert!(fresh.apply(&wanted).errors.is_empty());
+    let (cluster_id, node_port_id) = ids(fresh.maps());
+    assert_eq!(fresh.maps().short_circuit[&node_port_id], cluster_id);
 }

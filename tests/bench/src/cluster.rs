@@ -167,6 +167,7 @@ pub fn port_plan(
         source_ranges: Vec::new(),
         selection: None,
         topology: None,
+        short_circuit: None,
     }
 }
 

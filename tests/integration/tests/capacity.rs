@@ -54,6 +54,7 @@ fn desired(n: u32) -> DesiredState {
                 source_ranges: Vec::new(),
                 selection: None,
                 topology: None,
+                short_circuit: None,
             };
             (frontend, plan)
         })

@@ -29,14 +29,20 @@ const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 /// One answer `lb-probe` printed: the peer or source address the application saw, and the
 /// body or reply.
 #[derive(Debug)]
-struct Answer {
-    peer: SocketAddr,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) peer: SocketAddr,
+    pub(crate) body: String,
 }
 
 /// Runs `lb-probe MODE TARGET N` in `ns` and `cgroup`; panics with its error output unless
 /// every request succeeded.
-fn probe(cgroup: &Cgroup, ns: &Netns, mode: &str, target: SocketAddr, n: usize) -> Vec<Answer> {
+pub(crate) fn probe(
+    cgroup: &Cgroup,
+    ns: &Netns,
+    mode: &str,
+    target: SocketAddr,
+    n: usize,
+) -> Vec<Answer> {
     probe_result(cgroup, ns, mode, target, n).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -73,7 +79,7 @@ fn probe_result(
 }
 
 /// Polls until `check` holds for the agent's pinned link names, for up to 10 s.
-fn wait_for_links(agent: &Agent, what: &str, check: impl Fn(&[String]) -> bool) {
+pub(crate) fn wait_for_links(agent: &Agent, what: &str, check: impl Fn(&[String]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         agent.ensure_running().unwrap();
@@ -98,7 +104,7 @@ fn wait_for_links(agent: &Agent, what: &str, check: impl Fn(&[String]) -> bool) 
 }
 
 /// The socket hooks of both families: connect, sendmsg, recvmsg and getpeername.
-fn has_every_sock_link(names: &[String]) -> bool {
+pub(crate) fn has_every_sock_link(names: &[String]) -> bool {
     let hooks = ["connect", "sendmsg", "recvmsg", "getpeername"];
     let want: Vec<String> = hooks
         .iter()
@@ -109,7 +115,10 @@ fn has_every_sock_link(names: &[String]) -> bool {
 }
 
 /// The `new_flows` and `packets` counters `lb services` shows for `frontend`.
-fn flows_and_packets(agent: &Agent, frontend: &str) -> (serde_json::Value, serde_json::Value) {
+pub(crate) fn flows_and_packets(
+    agent: &Agent,
+    frontend: &str,
+) -> (serde_json::Value, serde_json::Value) {
     let out = Command::new(lb_bin())
         .args(["services", "--output", "json", "--pin-path"])
         .arg(agent.pin_path())

@@ -1,15 +1,18 @@
 //! Two nodes in namespaces ([`TwoNodes`]) with the real `lb` agent on node A: a client's
 //! NodePort traffic to backends on node B (source NAT to node A's address, replies back
 //! through node A), and externalTrafficPolicy Local (the client's address kept, only node
-//! A's pods used); over IPv4 and over IPv6 (IPv6-only Services on the same topology).
+//! A's pods used, and node A's own pods and processes short-circuited to every endpoint);
+//! over IPv4 and over IPv6 (IPv6-only Services on the same topology).
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use lb_testbed::agent::{metric, ops};
 use lb_testbed::{
-    Agent, CLIENT_IP, CLIENT_IP6, ConnPool, Folder, HTTP_PORT, NODE_A_NAME, NODE_IF, NODE_IP,
-    NODE_IP6, Pod, TwoNodes, UDP_PORT, ensure_all_served, http_request, lb_bin, udp_tally,
+    Agent, CLIENT_IP, CLIENT_IP6, Cgroup, ConnPool, Folder, HTTP_PORT, NODE_A_NAME, NODE_IF,
+    NODE_IP, NODE_IP6, Pod, TwoNodes, UDP_PORT, ensure_all_served, http_request, lb_bin, udp_tally,
 };
+
+use crate::eastwest::{flows_and_packets, has_every_sock_link, probe, wait_for_links};
 
 const HTTP_NODE_PORT: u16 = 30090;
 const UDP_NODE_PORT: u16 = 30091;
@@ -351,6 +354,114 @@ fn external_traffic_policy_local_on_a_cluster_ip_service_with_external_ips() {
         served.insert(peer(&topology, SocketAddr::new(cluster_ip, 80)).0);
     }
     assert_eq!(served.into_iter().collect::<Vec<_>>(), all);
+}
+
+/// kube-proxy's "short-circuit" of local traffic ("pod traffic for external destinations",
+/// "route LOCAL traffic"): a Service with externalTrafficPolicy Local whose only endpoint
+/// is on node B. Node A's pod and a process on node A itself (through the socket hooks)
+/// reach it through its NodePort on node A's address and its external IP, TCP and UDP,
+/// answered by node B's pod and reading as the address they used, counted under the
+/// frontend they addressed; the client outside (XDP) gets nothing there: no local
+/// endpoint, dropped (a timeout, not a refusal), as kube-proxy does.
+fn short_circuit_of_local_traffic(family: &Family, external: &str) {
+    let topology = TwoNodes::new(1, 1).unwrap();
+    let folder = Folder::new().unwrap();
+    let remote: Vec<(&Pod, &str)> = topology.pods_b.iter().map(|p| (p, "node-b")).collect();
+    let node_ports = [
+        format!(", nodePort: {HTTP_NODE_PORT}"),
+        format!(", nodePort: {UDP_NODE_PORT}"),
+    ];
+    let spec = format!("type: NodePort\n  externalIPs: ['{external}']");
+    let yaml = service(
+        "elsewhere",
+        family.cluster_ip,
+        &spec,
+        node_ports,
+        "Local",
+        &remote,
+    );
+    folder.write("svc.yaml", &yaml).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let agent = Agent::start_on_node(
+        &lb_bin(),
+        &topology.node_a,
+        folder.path(),
+        NODE_IF,
+        NODE_A_NAME,
+        &["--cgroup", cgroup.path()],
+    )
+    .unwrap();
+    let external: IpAddr = external.parse().unwrap();
+    let cluster_ip: IpAddr = family.cluster_ip.parse().unwrap();
+    let node_port = frontend_name(family.node, HTTP_NODE_PORT, "TCP");
+    let node_port_udp = frontend_name(family.node, UDP_NODE_PORT, "UDP");
+    let external_ip = frontend_name(external, 80, "TCP");
+    // No local endpoint: the external frontends have no backend of their own.
+    agent
+        .wait_for(&[&node_port, &node_port_udp, &external_ip], 0)
+        .unwrap();
+    agent
+        .wait_for(&[&frontend_name(cluster_ip, 80, "TCP")], 1)
+        .unwrap();
+    wait_for_links(&agent, "the eight socket hooks", has_every_sock_link);
+
+    let pod_b = &topology.pods_b[0].name;
+    let targets = [
+        (
+            SocketAddr::new(family.node, HTTP_NODE_PORT),
+            SocketAddr::new(family.node, UDP_NODE_PORT),
+        ),
+        (SocketAddr::new(external, 80), SocketAddr::new(external, 53)),
+    ];
+    // Node A's pod, and a host-network process on node A.
+    for ns in [&topology.pods_a[0].ns, &topology.node_a] {
+        for (http, udp) in targets {
+            for (mode, target) in [("tcp", http), ("udp", udp)] {
+                let answers = probe(&cgroup, ns, mode, target, 3);
+                assert_eq!(answers.len(), 3);
+                for answer in &answers {
+                    assert_eq!(
+                        answer.peer,
+                        target,
+                        "{mode} from {}: {answers:?}",
+                        ns.name()
+                    );
+                    assert!(
+                        answer.body.starts_with(pod_b.as_str()),
+                        "{mode} from {}: {answers:?}",
+                        ns.name()
+                    );
+                }
+            }
+        }
+    }
+    // One flow per socket, under the frontend addressed (the cluster IP got none).
+    assert_eq!(flows_and_packets(&agent, &node_port).0, 6);
+    assert_eq!(flows_and_packets(&agent, &node_port_udp).0, 6);
+    assert_eq!(flows_and_packets(&agent, &external_ip).0, 6);
+    assert_eq!(
+        flows_and_packets(&agent, &frontend_name(cluster_ip, 80, "TCP")).0,
+        0
+    );
+
+    // From outside, through XDP: only local endpoints, and there are none.
+    for (http, _) in targets {
+        let error = http_request(&topology.client, http, "/").unwrap_err();
+        assert!(
+            format!("{error:#}").contains("timed out"),
+            "{http} from the client: dropped, not refused: {error:#}"
+        );
+    }
+}
+
+#[test]
+fn node_pods_and_processes_reach_a_local_policy_node_port_served_only_by_another_node() {
+    short_circuit_of_local_traffic(&V4, "10.97.2.1");
+}
+
+#[test]
+fn ipv6_node_pods_and_processes_reach_a_local_policy_node_port_served_only_by_another_node() {
+    short_circuit_of_local_traffic(&V6, "fd00:97::2:1");
 }
 
 /// One endpoint of [`topology_keys_choose_the_nearest_endpoints_as_they_move`]: the pod, its

@@ -5,8 +5,18 @@
 //! in `packet_flows.rs`.
 
 use etherparse::PacketBuilder;
-use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, Service};
+use lb_common::{
+    Event, PROTO_TCP, PROTO_UDP, Reason, SERVICE_F_EXTERNAL, SERVICE_F_SHORT_CIRCUIT, Service,
+};
 use lb_testbed::packet::*;
+use lb_userspace::{
+    datapath::{
+        Pins,
+        explain::{Decision, Explainer, Flow, monotonic_ns},
+        maps::DatapathMaps as _,
+    },
+    model::Protocol,
+};
 
 /// The examples' frontends: (name, address, port, flags), one of each kind.
 const KINDS: [(&str, [u8; 4], u16, u32); 4] = [
@@ -420,4 +430,65 @@ fn counted_as(before: &[u64], after: &[u64]) -> Vec<&'static str> {
         .filter(|&i| before[i] != after[i])
         .map(|i| Reason::NAMES[i])
         .collect()
+}
+
+/// kube-proxy's "short-circuit pod traffic" through the pod interfaces' program: a node
+/// port under externalTrafficPolicy Local without a local backend (service 2, short-circuited
+/// to the cluster IP, service 1). A pod's new flow to it goes to the cluster IP's Maglev
+/// entry for the flow, counted under the node port; the same packet from outside (XDP) is
+/// dropped, no backend; without the short-circuit entry the pod's is dropped too.
+#[test]
+fn a_pods_flow_to_a_local_policy_node_port_short_circuits_to_the_cluster_ip() {
+    let mut bed = Bed::new();
+    let (cluster, node_port) = (([10, 96, 0, 10], 8080), ([10, 200, 0, 1], 30080));
+    let pods = [backend(POD1, 80, PROTO_TCP), backend(POD2, 80, PROTO_TCP)];
+    bed.service(1, frontend(cluster.0, cluster.1, PROTO_TCP), &pods, 0);
+    let flags = SERVICE_F_EXTERNAL | SERVICE_F_SHORT_CIRCUIT;
+    bed.program(
+        2,
+        frontend(node_port.0, node_port.1, PROTO_TCP),
+        &[],
+        flags,
+        0,
+    );
+    bed.maps.put_short_circuit(2, 1).unwrap();
+
+    let syn = |src, sport| tcp(src, sport, node_port.0, node_port.1, b"");
+    let (action, _) = bed.xdp(&syn(CLIENT, 40000));
+    assert_eq!(action, XDP_DROP, "outside: local endpoints only, none");
+    // `lb explain` (a client from outside) says so, and what local clients get.
+    let flow = Flow {
+        src: (CLIENT, 40000).into(),
+        dst: node_port.into(),
+        proto: Protocol::Tcp,
+        syn: true,
+    };
+    let why = (Explainer::open_pinned(&Pins::new(&bed.pin)).unwrap())
+        .explain(&flow, monotonic_ns())
+        .unwrap();
+    assert_eq!(why.decision, Decision::NoBackend, "{:?}", why.steps);
+    assert!(
+        why.steps.iter().any(|s| s.contains("(short-circuit)")),
+        "{:?}",
+        why.steps
+    );
+    for sport in 40000..40008 {
+        let input = syn(POD3, sport);
+        let pod = bed.addr(bed.maglev_pick(1, POD3, sport, node_port.0, node_port.1, PROTO_TCP));
+        assert_eq!(
+            bed.pod(&input),
+            (TC_ACT_OK, rewritten(&input, Some((pod, 80)), None)),
+            "from {sport}"
+        );
+    }
+    let counters = bed.counters();
+    assert_eq!(counters.service(2).unwrap().new_flows, 8);
+    assert_eq!(counters.service(1).unwrap().new_flows, 0);
+
+    // An entry that names an id no frontend holds: the node port's own (no) backends.
+    bed.maps.put_short_circuit(2, 9).unwrap();
+    let before = bed.reasons();
+    // TC_ACT_SHOT.
+    assert_eq!(bed.pod(&syn(POD3, 41000)).0, 2);
+    assert_eq!(counted_as(&before, &bed.reasons()), ["no_backend"]);
 }

@@ -115,6 +115,7 @@ impl Bed {
                 source_ranges: Vec::new(),
                 selection: None,
                 topology: None,
+                short_circuit: None,
             };
             desired.frontends.insert(frontend, plan);
         }

@@ -13,13 +13,15 @@ use etherparse::{
 };
 use lb_common::{
     BACKEND_ACTIVE, Backend6, CT_REPLY, Event, Frontend6, HAIRPIN_ADDR6, NatEvent, PROTO_TCP,
-    PROTO_UDP, Reason, SERVICE_F_SOURCE_RANGES, addr6, map_names, octets6, prog_slot, tc_prog_slot,
+    PROTO_UDP, Reason, SERVICE_F_EXTERNAL, SERVICE_F_SHORT_CIRCUIT, SERVICE_F_SOURCE_RANGES, addr6,
+    map_names, octets6, prog_slot, tc_prog_slot,
 };
 use lb_testbed::packet::*;
 use lb_userspace::{
     datapath::{
         Datapath,
         explain::{Decision, Explainer, Flow, monotonic_ns},
+        maps::DatapathMaps as _,
     },
     model::Ipv6Cidr,
     model::Protocol,
@@ -738,4 +740,31 @@ fn the_pod_interfaces_program_translates_ipv6_by_its_tail_calls() {
     let before = bed.reasons();
     assert_eq!(bed.pod(&error), (TC_ACT_OK, error.clone()));
     assert_eq!(counted(&bed, &before), [("ipv6_program_missing", 1)]);
+}
+
+/// [`a_pods_flow_to_a_local_policy_node_port_short_circuits_to_the_cluster_ip`] (packet.rs)
+/// for IPv6, through `lb_tc_pod_in6` and `lb_xdp_ingress6`: a pod's flow to a node port
+/// under externalTrafficPolicy Local without a local backend goes to the cluster IP's
+/// backends; from outside it is dropped.
+#[test]
+fn a_pods_ipv6_flow_to_a_local_policy_node_port_short_circuits_to_the_cluster_ip() {
+    let mut bed = Bed::new();
+    two_services(&mut bed);
+    let node_port = a6("fd00:200::1");
+    let flags = SERVICE_F_EXTERNAL | SERVICE_F_SHORT_CIRCUIT;
+    bed.program6(3, frontend6(node_port, 30080, PROTO_TCP), &[], flags, 0);
+    bed.maps.put_short_circuit(3, 1).unwrap();
+    let client = client6();
+    let syn = tcp6(client, 40000, node_port, 30080, b"");
+    assert_eq!(bed.xdp(&syn).0, XDP_DROP, "outside: no local endpoint");
+    for sport in 40000..40004 {
+        let syn = tcp6(client, sport, node_port, 30080, b"");
+        let pod = bed.addr6(bed.maglev_pick6(1, client, sport, node_port, 30080, PROTO_TCP));
+        assert_eq!(
+            bed.pod(&syn),
+            (TC_ACT_OK, rewritten6(&syn, Some((pod, 80)), None)),
+            "from {sport}"
+        );
+    }
+    assert_eq!(bed.counters().service(3).unwrap().new_flows, 4);
 }
