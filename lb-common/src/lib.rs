@@ -196,7 +196,7 @@ pub mod map_names {
 
     /// Every map, what it is: the schema the object is checked against (see
     /// [`crate::schema`]), and the maps the agent pins, adopts, migrates and tears down.
-    pub const ALL: [MapSpec; 31] = [
+    pub const ALL: [MapSpec; 32] = [
         MapSpec::new::<Frontend4, Service>(SERVICES, Hash, Sized(Services)).with_flags(NO_PREALLOC),
         MapSpec::new::<u32, Backend4>(BACKENDS, Hash, Sized(Backends)).with_flags(NO_PREALLOC),
         MapSpec::hash_of_maps::<u32>(MAGLEV, &crate::maglev::INNER, Sized(MaglevTables))

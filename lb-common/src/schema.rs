@@ -267,7 +267,7 @@ mod tests {
     /// under its name: an agent that finds the map pinned reuses it, and the new programs
     /// would read the old entries with the new layout. A change gets a new name instead
     /// (see the message of the test below).
-    const GOLDEN: [(&str, Layout); 31] = [
+    const GOLDEN: [(&str, Layout); 32] = [
         ("LB_SVC4_V1", map(HASH, 8, 16, None, 0)),
         ("LB_BACKEND4_V2", map(HASH, 4, 12, None, 0)),
         (
