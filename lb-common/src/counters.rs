@@ -221,6 +221,19 @@ counters! {
         /// ICMP and ICMPv6 errors about a flow to a local backend translated back for the
         /// client (TC).
         IcmpLocal = 11 => "icmp_local",
+        /// Packets of direct server return flows sent to their remote backend in a carrier
+        /// (XDP; `lb_common::dsr`).
+        DsrSent = 12 => "dsr_sent",
+        /// Carriers unwrapped here: their packet passed on to its backend, its flow's reply
+        /// entry recorded (XDP).
+        DsrReceived = 13 => "dsr_received",
+        /// Packets of direct server return flows too large for the carrier on the route's MTU:
+        /// answered with ICMP fragmentation needed (ICMPv6 packet too big) and the MTU left
+        /// for them, or dropped when an IPv4 packet may be fragmented (XDP).
+        DsrTooBig = 14 => "dsr_too_big",
+        /// Dropped: carriers to this node whose carried packet is not one lb translates (not
+        /// TCP or UDP, options, not addressed to the carrier's destination).
+        DsrInvalid = 15 => "dsr_invalid",
     }
 }
 
@@ -267,7 +280,7 @@ mod tests {
         assert_eq!(Reason::from_index(24), None);
         assert_eq!(Event::COUNT, 11);
         assert_eq!(Event::DrainRemoved.index(), 10);
-        assert_eq!(NatEvent::COUNT, 12);
+        assert_eq!(NatEvent::COUNT, 16);
         assert_eq!(NatEvent::IcmpLocal.name(), "icmp_local");
         assert_eq!(TableEvent::COUNT, 2);
         assert_eq!(TableEvent::SockAffinityInserts.index(), 1);

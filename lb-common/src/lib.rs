@@ -122,9 +122,9 @@ pub mod map_names {
     /// LRU hash map [`crate::Nat4Key`] -> [`crate::Nat4Entry`]: the source NAT of flows to
     /// remote backends (see [`crate::nat`]).
     pub const NAT: &str = "LB_NAT4_V1";
-    /// Per-CPU array indexed by [`crate::NatEvent`] -> `u64`: source NAT, forwarding and
-    /// ICMP translation counters.
-    pub const NAT_EVENTS: &str = "LB_NATEVENT_V1";
+    /// Per-CPU array indexed by [`crate::NatEvent`] -> `u64`: source NAT, forwarding, DSR
+    /// and ICMP translation counters. V2: room for the DSR counters (V1 had 12).
+    pub const NAT_EVENTS: &str = "LB_NATEVENT_V2";
 
     /// LRU hash map [`crate::SockKey`] -> [`crate::SockEntry`]: what the socket hooks
     /// translated, per socket (its cookie): the backend of each frontend it addressed, and
@@ -181,8 +181,9 @@ pub mod map_names {
     /// programs [`crate::program_names::XDP_INGRESS`] tail-calls (and the one
     /// [`crate::program_names::XDP_INGRESS6`] tail-calls). The agent writes every slot on
     /// each start, so that the slots hold the programs of the running agent's object. (V2:
-    /// the slot of [`crate::program_names::XDP_NAT6`].)
-    pub const PROGRAMS: &str = "LB_PROGS_V2";
+    /// the slot of [`crate::program_names::XDP_NAT6`]; V3: of
+    /// [`crate::program_names::XDP_DSR6`].)
+    pub const PROGRAMS: &str = "LB_PROGS_V3";
     /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::tc_prog_slot`]: the TC
     /// classifiers [`crate::program_names::TC_POD_INGRESS`] tail-calls (a program array
     /// holds programs of one type, so the XDP ones are in [`PROGRAMS`]). The agent writes
@@ -250,8 +251,11 @@ pub mod prog_slot {
     /// [`crate::program_names::XDP_ICMP6`]: ICMPv6 errors about NATed flows, tail-called by
     /// [`crate::program_names::XDP_INGRESS6`].
     pub const XDP_ICMP6: u32 = 2;
+    /// [`crate::program_names::XDP_DSR6`]: IPv6 direct server return, tail-called by
+    /// [`crate::program_names::XDP_INGRESS6`].
+    pub const XDP_DSR6: u32 = 3;
     /// Number of slots: the size of the program array.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Slots of [`map_names::TC_PROGRAMS`].
@@ -323,6 +327,12 @@ pub mod program_names {
     /// [`XDP_INGRESS6`] (slot [`crate::prog_slot::XDP_ICMP6`]); its own program for its own
     /// stack, as [`XDP_NAT6`].
     pub const XDP_ICMP6: &str = "lb_xdp_icmp6";
+    /// XDP program for IPv6 direct server return (`crate::dsr`): a packet of a flow to a
+    /// remote backend sent in a carrier, and a carrier to this node unwrapped. Tail-called
+    /// by [`XDP_INGRESS6`] (slot [`crate::prog_slot::XDP_DSR6`]) with the flow in
+    /// [`crate::map_names::NAT6_PENDING`]; its own program for its own stack, as
+    /// [`XDP_NAT6`].
+    pub const XDP_DSR6: &str = "lb_xdp_dsr6";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
@@ -353,7 +363,7 @@ pub mod program_names {
     /// Every program of the object, and its hook: the schema the object is checked
     /// against (see [`crate::schema`]). The agent loads each by name as the program type
     /// of its hook.
-    pub const ALL: [ProgramSpec; 15] = [
+    pub const ALL: [ProgramSpec; 16] = [
         ProgramSpec {
             name: XDP_INGRESS,
             kind: Xdp,
@@ -368,6 +378,10 @@ pub mod program_names {
         },
         ProgramSpec {
             name: XDP_ICMP6,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: XDP_DSR6,
             kind: Xdp,
         },
         ProgramSpec {
@@ -494,6 +508,10 @@ pub const SERVICE_F_REJECT: u32 = 1 << 4;
 /// kube-proxy's "short-circuit" rules send them; traffic from outside (XDP) keeps the local
 /// endpoints. Its flows are still counted, and answered, as the frontend's.
 pub const SERVICE_F_SHORT_CIRCUIT: u32 = 1 << 5;
+/// Direct server return: a flow from outside (XDP) whose backend is on another node is not
+/// source-NATed but carried to the backend's node in a [`dsr`] carrier, whose agent makes the
+/// backend's replies come from the frontend and sends them straight to the client.
+pub const SERVICE_F_DSR: u32 = 1 << 6;
 /// New flows use the service's second Maglev table (key `id | maglev::KEY_TABLE_B`), not
 /// the first (key `id`).
 pub const SERVICE_F_TABLE_B: u32 = 1 << 3;
@@ -781,6 +799,9 @@ pub const CT_F_CLOSING: u32 = 1 << 0;
 /// The flow's backend is on another node (`BACKEND_F_REMOTE`): its packets are source-NATed,
 /// so an established packet knows it from its entry alone.
 pub const CT_F_REMOTE: u32 = 1 << 1;
+/// The flow's packets go to its remote backend by direct server return
+/// ([`SERVICE_F_DSR`]): in a [`dsr`] carrier, not source-NATed.
+pub const CT_F_DSR: u32 = 1 << 2;
 
 /// A forward entry's [`CtEntry::last_seen_ns`] is written again only once the clock moved
 /// by this much (so an established packet does not dirty the entry every time).
@@ -856,6 +877,68 @@ pub struct Nat4Entry {
 /// A FIN or RST was seen in this direction: the entry expires after
 /// [`nat::CLOSING_TIMEOUT_NS`].
 pub const NAT_F_CLOSING: u16 = 1 << 0;
+
+pub mod dsr {
+    //! The carrier of direct server return ([`crate::SERVICE_F_DSR`]): Geneve (RFC 8926)
+    //! over UDP, addressed to the backend itself, with one option that names the frontend
+    //! the client addressed. A flow's packets are translated to their backend (destination
+    //! address and port) as for a local backend, then wrapped:
+    //!
+    //! ```text
+    //! outer IP (this node -> the backend; IPv4 DF, IPv6 flow label from the flow hash)
+    //! UDP (source port from the flow hash, destination PORT; IPv4 checksum 0, IPv6's computed)
+    //! Geneve: version 0, options OPT_WORDS, C (a critical option), protocol 0x0800/0x86dd, VNI 0
+    //!   option: class OPT_CLASS, type OPT_TYPE (critical), length; data: frontend port,
+    //!   2 bytes 0, frontend address (4 or 16 bytes)
+    //! the translated packet (IP header onwards)
+    //! ```
+    //!
+    //! Addressed to the backend, the carrier goes where a source-NATed packet to it goes,
+    //! through any network that routes pod addresses (no node address to know, no tunnel
+    //! device). The backend's node (its XDP) takes the option, strips the carrier, records
+    //! the flow's reply entry (replies from the frontend) and passes the packet on to the
+    //! backend; the replies leave that node straight to the client.
+
+    /// The carrier's UDP destination port: Geneve's (IANA).
+    pub const PORT: u16 = 6081;
+    /// Geneve's fixed header.
+    pub const GENEVE_LEN: usize = 8;
+    /// The option's class: of Geneve's experimental range (0xff00-0xffff), `L`.
+    pub const OPT_CLASS: u16 = 0xff4c;
+    /// The option's type: critical (the high bit), so that a Geneve endpoint that does not
+    /// know it drops the packet instead of delivering it untranslated.
+    pub const OPT_TYPE: u8 = 0x81;
+    /// Geneve's flags byte: C, critical options present.
+    pub const FLAGS_CRITICAL: u8 = 0x40;
+
+    /// The option's data length for an address of `addr_len` bytes: the port, 2 bytes 0,
+    /// the address.
+    pub const fn opt_data_len(addr_len: usize) -> usize {
+        4 + addr_len
+    }
+
+    /// The options' length in Geneve's 4-byte words (option header included).
+    pub const fn opt_words(addr_len: usize) -> u8 {
+        ((4 + opt_data_len(addr_len)) / 4) as u8
+    }
+
+    /// Offset of the carried packet from the outer IP header's start: everything the
+    /// carrier adds, for an outer header of `ip_len` bytes.
+    pub const fn overhead(ip_len: usize, addr_len: usize) -> usize {
+        ip_len + 8 + GENEVE_LEN + 4 + opt_data_len(addr_len)
+    }
+
+    /// The carrier's UDP source port: from the flow hash, in 49152-65535 (as the kernel's
+    /// UDP tunnels pick theirs), so that ECMP and RSS spread flows.
+    pub const fn source_port(hash: u32) -> u16 {
+        0xc000 | (hash as u16 & 0x3fff)
+    }
+
+    /// IPv4's overhead: 48 bytes.
+    pub const OVERHEAD4: usize = overhead(20, 4);
+    /// IPv6's overhead: 80 bytes.
+    pub const OVERHEAD6: usize = overhead(40, 16);
+}
 
 /// The source NAT of flows to remote backends (backends on other nodes).
 ///

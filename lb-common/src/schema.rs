@@ -289,7 +289,7 @@ mod tests {
         ("LB_BEGEN_V1", map(Array, 4, 4, Some(1), 0)),
         ("LB_PREFILTER_V1", map(Array, 4, 8, Some(16_384), 1 << 10)),
         ("LB_NAT4_V1", map(LRU, 16, 24, None, 0)),
-        ("LB_NATEVENT_V1", map(PERCPU, 4, 8, Some(12), 0)),
+        ("LB_NATEVENT_V2", map(PERCPU, 4, 8, Some(16), 0)),
         ("LB_SOCK4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_SOCKAFF4_V1", map(LRU, 16, 16, None, 0)),
         ("LB_TBLEVENT_V1", map(PERCPU, 4, 8, Some(2), 0)),
@@ -307,7 +307,7 @@ mod tests {
         ("LB_NAT6_V1", map(LRU, 40, 48, None, 0)),
         ("LB_NAT6PEND_V1", map(PERCPU, 4, 64, Some(1), 0)),
         ("LB_FIBSCR_V1", map(PERCPU, 4, 64, Some(1), 0)),
-        ("LB_PROGS_V2", map(ProgramArray, 4, 4, Some(3), 0)),
+        ("LB_PROGS_V3", map(ProgramArray, 4, 4, Some(4), 0)),
         ("LB_TCPROGS_V1", map(ProgramArray, 4, 4, Some(2), 0)),
     ];
 
@@ -319,7 +319,7 @@ mod tests {
     const GOLDEN_COUNTERS: [(&str, &str, u32); 4] = [
         ("Reason", "LB_REASON_V4", 24),
         ("Event", "LB_EVENT_V1", 11),
-        ("NatEvent", "LB_NATEVENT_V1", 12),
+        ("NatEvent", "LB_NATEVENT_V2", 16),
         ("TableEvent", "LB_TBLEVENT_V1", 2),
     ];
 

@@ -263,7 +263,7 @@ pub struct Nat6Pending {
     pub backend_port: u16,
     /// [`NAT6_FORWARD`]: the packet is a TCP FIN or RST.
     pub closing: u8,
-    /// [`NAT6_FORWARD`] or [`NAT6_REPLY`].
+    /// [`NAT6_FORWARD`], [`NAT6_REPLY`], [`NAT6_DSR`] or [`NAT6_DECAP`].
     pub kind: u8,
     /// Always 0.
     pub _pad: [u8; 4],
@@ -274,6 +274,13 @@ pub const NAT6_FORWARD: u8 = 1;
 /// [`Nat6Pending::kind`]: a packet to a NAT port, maybe a remote backend's reply (only the
 /// kind is set).
 pub const NAT6_REPLY: u8 = 2;
+/// [`Nat6Pending::kind`]: a packet of a direct server return flow to wrap in a
+/// [`crate::dsr`] carrier and send to its remote backend (`key`, `backend_*`, `closing` set
+/// as for [`NAT6_FORWARD`]; the packet is not translated yet).
+pub const NAT6_DSR: u8 = 3;
+/// [`Nat6Pending::kind`]: a packet to [`crate::dsr::PORT`], maybe a [`crate::dsr`] carrier to
+/// unwrap (only the kind is set).
+pub const NAT6_DECAP: u8 = 4;
 
 impl Frontend6 {
     /// A frontend from host-order values.

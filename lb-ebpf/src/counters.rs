@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuArray};
 use lb_common::{Event, NatEvent, PairKey, Reason, ServiceStats, TableEvent, backend_stats_slot};
 
 use crate::maps::{
-    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V1, LB_PAIRSTAT_V2, LB_REASON_V4,
+    LB_BESTAT_MASK, LB_BESTAT_V2, LB_EVENT_V1, LB_NATEVENT_V2, LB_PAIRSTAT_V2, LB_REASON_V4,
     LB_SVCSTAT_V1, LB_TBLEVENT_V1,
 };
 
@@ -33,7 +33,7 @@ macro_rules! counter {
 
 counter!(Reason, LB_REASON_V4);
 counter!(Event, LB_EVENT_V1);
-counter!(NatEvent, LB_NATEVENT_V1);
+counter!(NatEvent, LB_NATEVENT_V2);
 counter!(TableEvent, LB_TBLEVENT_V1);
 
 /// Adds one to `counter`.

@@ -11,8 +11,9 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_REMOTE, BackendValue, CT_F_CLOSING, CT_F_REMOTE, CT_FORWARD,
-    CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, CtValue, Event, FlowKey, Reason, Service, prefilter,
+    BACKEND_ACTIVE, BACKEND_F_REMOTE, BackendValue, CT_F_CLOSING, CT_F_DSR, CT_F_REMOTE,
+    CT_FORWARD, CT_LAST_SEEN_GRANULARITY_NS, CT_REPLY, CtValue, Event, FlowKey, Reason,
+    SERVICE_F_DSR, Service, prefilter,
 };
 
 use crate::{
@@ -36,7 +37,7 @@ pub(crate) fn backend_generation() -> u32 {
 
 /// Writes an entry of conntrack `map` (either family's), counting it when the key is new.
 #[inline(always)]
-fn ct_write<K, V>(map: &LruHashMap<K, V>, key: &K, entry: &V, exists: bool) -> bool {
+pub(crate) fn ct_write<K, V>(map: &LruHashMap<K, V>, key: &K, entry: &V, exists: bool) -> bool {
     if !exists {
         match map.insert(key, entry, BPF_NOEXIST as u64) {
             Ok(()) => {
@@ -74,19 +75,24 @@ pub(crate) struct Flow<A> {
     pub(crate) new: bool,
     /// The backend is on another node: the packet is source-NATed and sent on (nat.rs).
     pub(crate) remote: bool,
+    /// With `remote`: by direct server return instead (dsr.rs), when it comes from outside
+    /// (XDP).
+    pub(crate) dsr: bool,
 }
 
 impl<A: Copy> Flow<A> {
     #[inline(always)]
     fn of<B: BackendValue<Addr = A>>(svc: &Service, chosen: &Chosen<B>, new: bool) -> Self {
         let (addr, port) = chosen.backend.target();
+        let remote = chosen.backend.flags() & BACKEND_F_REMOTE != 0;
         Flow {
             service_id: svc.id,
             backend_id: chosen.id,
             addr,
             port,
             new,
-            remote: chosen.backend.flags() & BACKEND_F_REMOTE != 0,
+            remote,
+            dsr: remote && svc.flags & SERVICE_F_DSR != 0,
         }
     }
 
@@ -124,13 +130,15 @@ fn established<F: Datapath>(entry: *mut F::CtEntry, l4: &L4) -> Option<Flow<F::A
         *last_seen = now;
     }
     let (addr, port) = entry.nat();
+    let flags = *entry.flags_mut();
     Some(Flow {
         service_id: entry.service_id(),
         backend_id: entry.backend_id(),
         addr,
         port,
         new: false,
-        remote: *entry.flags_mut() & CT_F_REMOTE != 0,
+        remote: flags & CT_F_REMOTE != 0,
+        dsr: flags & CT_F_DSR != 0,
     })
 }
 
@@ -183,10 +191,14 @@ fn flow_backend<F: Datapath>(
                         if chosen.backend.flags() & BACKEND_F_REMOTE != 0 {
                             *flags |= CT_F_REMOTE;
                         }
+                        if remote_dsr(svc, &chosen.backend, local) {
+                            *flags |= CT_F_DSR;
+                        }
                         *entry.backend_gen_mut() = vouched(&chosen.backend);
                         let (addr, port) = chosen.backend.target();
                         entry.set_nat(addr, port);
-                        if l4.syn {
+                        // A direct server return flow's replies never come here.
+                        if l4.syn && !(remote_dsr(svc, &chosen.backend, local)) {
                             // A new connection on a known tuple: its replies need their
                             // entry, which may have been evicted or removed since (a pod's
                             // direct connection on the same tuple removes it).
@@ -210,19 +222,23 @@ fn flow_backend<F: Datapath>(
     }
     let chosen = select_backend::<F>(svc, key, local)?;
     let remote = chosen.backend.flags() & BACKEND_F_REMOTE != 0;
+    let dsr = remote_dsr(svc, &chosen.backend, local);
     let (addr, port) = chosen.backend.target();
     let forward = F::CtEntry::new(
         chosen.id,
         svc.id,
         now,
-        if l4.closing { CT_F_CLOSING } else { 0 } | if remote { CT_F_REMOTE } else { 0 },
+        if l4.closing { CT_F_CLOSING } else { 0 }
+            | if remote { CT_F_REMOTE } else { 0 }
+            | if dsr { CT_F_DSR } else { 0 },
         vouched(&chosen.backend),
         addr,
         port,
     );
     let reply = F::CtEntry::new(chosen.id, svc.id, now, 0, 0, key.daddr(), key.dport());
-    // The reply entry first: a reply can only follow the forward packet.
-    let written = ct_write(F::conntrack(), &reply_key(&chosen.backend), &reply, false)
+    // The reply entry first: a reply can only follow the forward packet. A direct server
+    // return flow's replies go from the backend's node to the client: no reply entry here.
+    let written = (dsr || ct_write(F::conntrack(), &reply_key(&chosen.backend), &reply, false))
         && ct_write(F::conntrack(), key, &forward, found.is_some());
     if !written {
         count(Reason::CtInsertFailed);
@@ -235,6 +251,13 @@ fn flow_backend<F: Datapath>(
         count(Event::CtDeletes);
     }
     Ok(Flow::of(svc, &chosen, written))
+}
+
+/// Whether a flow of frontend `svc` to `backend` goes by direct server return: a client
+/// from outside (not `local`) and a remote backend of a frontend with `SERVICE_F_DSR`.
+#[inline(always)]
+fn remote_dsr<B: BackendValue>(svc: &Service, backend: &B, local: bool) -> bool {
+    !local && backend.flags() & BACKEND_F_REMOTE != 0 && svc.flags & SERVICE_F_DSR != 0
 }
 
 /// A packet addressed to a frontend, and its flow's backend.

@@ -1,27 +1,33 @@
 //! XDP on the node's external interface: packets addressed to a frontend are translated to
 //! their flow's backend (destination address and port, with incremental checksums) and
 //! passed to the kernel, or, for a backend on another node, source-NATed and sent on
-//! (nat.rs). Packets that are not for a frontend may be a remote backend's reply to a NAT
-//! port (nat.rs) or an ICMP error about a NATed flow (icmp.rs); everything else passes
+//! (nat.rs), or carried there by direct server return (dsr.rs). Packets that are not for a
+//! frontend may be a direct server return carrier (dsr.rs), a remote backend's reply to a
+//! NAT port (nat.rs) or an ICMP error about a NATed flow (icmp.rs); everything else passes
 //! untouched, counted by reason.
 //!
 //! IPv6 frames go from `lb_xdp_ingress` to `lb_xdp_ingress6` by a tail call (through
-//! `LB_PROGS_V2`, slot `lb_common::prog_slot::XDP_INGRESS6`), which hands a flow to a remote
-//! backend to `lb_xdp_nat6` and an ICMPv6 error to `lb_xdp_icmp6` by further tail calls:
+//! `LB_PROGS_V3`, slot `lb_common::prog_slot::XDP_INGRESS6`), which hands a flow to a remote
+//! backend to `lb_xdp_nat6` (`lb_xdp_dsr6` for direct server return, dsr.rs) and an ICMPv6
+//! error to `lb_xdp_icmp6` by further tail calls:
 //! each program has its own 512 bytes of stack, which one program holding all of it would
 //! pass. Only a fixed IPv6 header followed directly by TCP or UDP is translated (parse.rs).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Addr6, Ct6Key, FlowKey, NAT6_FORWARD, NAT6_REPLY, Reason, V4, V6, nat, prog_slot};
+use lb_common::{
+    Addr6, Ct6Key, FlowKey, NAT6_DECAP, NAT6_DSR, NAT6_FORWARD, NAT6_REPLY, PROTO_UDP, Reason, V4,
+    V6, dsr, nat, prog_slot,
+};
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
+    dsr::{decap, encap},
     family::Datapath,
     flow::{Translation, translation},
     frame::ptr_at,
-    headers::{ETH_LEN, ETH_P_IPV6, L4_OFF6, PROTO_ICMPV6, l4},
+    headers::{ETH_LEN, ETH_P_IPV6, IPV6_NEXT_HDR_OFF, L4_OFF6, PROTO_ICMPV6, l4},
     icmp::{ICMPV6_ERRORS, nat_error4, nat_error6},
-    maps::{LB_NAT6PEND_V1, LB_PROGS_V2},
+    maps::{LB_NAT6PEND_V1, LB_PROGS_V3},
     nat::{forward, reply},
     reject::{reject4, reject6},
     verdict::Verdict,
@@ -40,8 +46,11 @@ pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
     match why {
         // Not IPv4: the IPv6 program's, through a tail call.
         Reason::NotIp => dispatch6(ctx),
-        // Maybe a remote backend's reply (nat.rs).
-        Reason::NotFrontend => reply::<V4>(ctx).ok_or(Verdict::Pass(why)),
+        // Maybe a direct server return carrier (dsr.rs), or a remote backend's reply
+        // (nat.rs).
+        Reason::NotFrontend => decap::<V4>(ctx)
+            .or_else(|| reply::<V4>(ctx))
+            .ok_or(Verdict::Pass(why)),
         // Maybe an ICMP error about a NATed flow (icmp.rs).
         Reason::NotTcpUdp => nat_error4(ctx).ok_or(Verdict::Pass(why)),
         _ => Err(Verdict::Pass(why)),
@@ -50,7 +59,14 @@ pub(crate) fn try_ingress(ctx: &XdpContext) -> Result<u32, Verdict> {
 
 #[inline(always)]
 fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
-    let t = rewrite_destination::<V4>(ctx)?;
+    // Traffic from outside: an externalTrafficPolicy Local frontend keeps its local backends.
+    let t = translation::<V4, _>(ctx, false)?;
+    // A backend on another node by direct server return: carried there (dsr.rs).
+    if t.flow.dsr {
+        t.flow.count((ctx.data_end() - ctx.data()) as u64);
+        return encap::<V4>(ctx, &t.key, t.flow.addr, t.flow.port);
+    }
+    rewrite_destination::<V4>(ctx, &t);
     // A backend on another node: source NAT, and sent on by XDP (nat.rs).
     if t.flow.remote {
         return Ok(forward::<V4>(
@@ -64,12 +80,10 @@ fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Translates a packet addressed to a frontend: destination address and port rewritten to
-/// its flow's backend, with incremental checksums; counted.
+/// Translates a packet addressed to a frontend (`t`: its translation): destination address
+/// and port rewritten to its flow's backend, with incremental checksums; counted.
 #[inline(always)]
-fn rewrite_destination<F: Datapath>(ctx: &XdpContext) -> Result<Translation<F>, Verdict> {
-    // Traffic from outside: an externalTrafficPolicy Local frontend keeps its local backends.
-    let t = translation::<F, _>(ctx, false)?;
+fn rewrite_destination<F: Datapath>(ctx: &XdpContext, t: &Translation<F>) {
     let (pkt, daddr, flow) = (&t.pkt, t.key.daddr(), &t.flow);
     F::set_daddr(pkt.ip, daddr, flow.addr);
     let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
@@ -78,7 +92,6 @@ fn rewrite_destination<F: Datapath>(ctx: &XdpContext) -> Result<Translation<F>, 
         *check = F::l4_checksum(pkt.proto, *check, daddr, flow.addr, pkt.l4.dport, flow.port);
     }
     flow.count((ctx.data_end() - ctx.data()) as u64);
-    Ok(t)
 }
 
 /// A frame that is not IPv4: an IPv6 frame goes on to `lb_xdp_ingress6` (the tail call
@@ -91,7 +104,7 @@ fn dispatch6(ctx: &XdpContext) -> Result<u32, Verdict> {
     if !ipv6 {
         return Err(Verdict::Pass(Reason::NotIp));
     }
-    unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_INGRESS6) };
+    unsafe { LB_PROGS_V3.tail_call(ctx, prog_slot::XDP_INGRESS6) };
     Err(Verdict::Pass(Reason::Ipv6ProgramMissing))
 }
 
@@ -113,16 +126,15 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
                 (nat::PORT_MIN..=nat::PORT_MAX).contains(&dport)
             }) =>
         {
-            let none = Ct6Key {
-                saddr: [0; 4],
-                daddr: [0; 4],
-                sport: 0,
-                dport: 0,
-                proto: 0,
-                dir: 0,
-                _pad: [0; 2],
-            };
-            hand_over(ctx, NAT6_REPLY, &none, false, [0; 4], 0)
+            hand_over(ctx, NAT6_REPLY, &NO_FLOW, false, [0; 4], 0)
+        }
+        // Maybe a direct server return carrier (dsr.rs).
+        Reason::NotFrontend
+            if ctx_u8(ctx, IPV6_NEXT_HDR_OFF) == Some(PROTO_UDP)
+                && ptr_at::<_, u16>(ctx, L4_OFF6 + l4::DPORT)
+                    .is_some_and(|dport| unsafe { *dport } == dsr::PORT.to_be()) =>
+        {
+            hand_over(ctx, NAT6_DECAP, &NO_FLOW, false, [0; 4], 0)
         }
         // An ICMPv6 error, maybe about a NATed flow (icmp.rs).
         Reason::NotTcpUdp
@@ -131,16 +143,41 @@ pub(crate) fn try_ingress6(ctx: &XdpContext) -> Result<u32, Verdict> {
                 && ptr_at::<_, u8>(ctx, L4_OFF6)
                     .is_some_and(|t| ICMPV6_ERRORS.contains(unsafe { &*t })) =>
         {
-            unsafe { LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_ICMP6) };
+            unsafe { LB_PROGS_V3.tail_call(ctx, prog_slot::XDP_ICMP6) };
             Err(Verdict::Pass(Reason::Nat6ProgramMissing))
         }
         _ => Err(Verdict::Pass(why)),
     }
 }
 
+/// The key [`hand_over`] is given for a packet without a flow.
+const NO_FLOW: Ct6Key = Ct6Key {
+    saddr: [0; 4],
+    daddr: [0; 4],
+    sport: 0,
+    dport: 0,
+    proto: 0,
+    dir: 0,
+    _pad: [0; 2],
+};
+
+/// The byte at frame offset `at`.
+#[inline(always)]
+fn ctx_u8(ctx: &XdpContext, at: usize) -> Option<u8> {
+    ptr_at::<_, u8>(ctx, at).map(|b| unsafe { *b })
+}
+
 #[inline(always)]
 fn translate6(ctx: &XdpContext) -> Result<u32, Verdict> {
-    let t = rewrite_destination::<V6>(ctx)?;
+    let t = translation::<V6, _>(ctx, false)?;
+    // A backend on another node by direct server return: carried there, in
+    // `lb_xdp_nat6` (dsr.rs).
+    if t.flow.dsr {
+        t.flow.count((ctx.data_end() - ctx.data()) as u64);
+        let (closing, addr, port) = (t.pkt.l4.closing, t.flow.addr, t.flow.port);
+        return hand_over(ctx, NAT6_DSR, &t.key, closing, addr, port);
+    }
+    rewrite_destination::<V6>(ctx, &t);
     // A backend on another node: source NAT and sent on by XDP, in `lb_xdp_nat6`.
     if t.flow.remote {
         let (closing, addr, port) = (t.pkt.l4.closing, t.flow.addr, t.flow.port);
@@ -150,10 +187,10 @@ fn translate6(ctx: &XdpContext) -> Result<u32, Verdict> {
 }
 
 /// Hands the packet to `lb_xdp_nat6` (`kind`: [`NAT6_FORWARD`], with `key`'s flow and its
-/// remote backend; [`NAT6_REPLY`]) through `LB_NAT6PEND_V1` (the two programs run one
-/// after the other on one CPU); the tail call does not return. When it does (the slot is
-/// empty), the packet is dropped ([`NAT6_FORWARD`]: its destination is rewritten) or
-/// passed, and counted.
+/// remote backend; [`NAT6_REPLY`]) or `lb_xdp_dsr6` ([`NAT6_DSR`], as [`NAT6_FORWARD`];
+/// [`NAT6_DECAP`]) through `LB_NAT6PEND_V1` (the two programs run one after the other on
+/// one CPU); the tail call does not return. When it does (the slot is empty), the packet is
+/// dropped ([`NAT6_FORWARD`], [`NAT6_DSR`]: a flow's packet) or passed, and counted.
 #[inline(always)]
 fn hand_over(
     ctx: &XdpContext,
@@ -166,16 +203,21 @@ fn hand_over(
     if let Some(pending) = LB_NAT6PEND_V1.get_ptr_mut(0) {
         unsafe {
             (*pending).kind = kind;
-            if kind == NAT6_FORWARD {
+            if kind == NAT6_FORWARD || kind == NAT6_DSR {
                 (*pending).key = *key;
                 (*pending).backend_addr = backend_addr;
                 (*pending).backend_port = backend_port;
                 (*pending).closing = closing as u8;
             }
-            LB_PROGS_V2.tail_call(ctx, prog_slot::XDP_NAT6);
+            let slot = if kind == NAT6_DSR || kind == NAT6_DECAP {
+                prog_slot::XDP_DSR6
+            } else {
+                prog_slot::XDP_NAT6
+            };
+            LB_PROGS_V3.tail_call(ctx, slot);
         }
     }
-    Err(if kind == NAT6_FORWARD {
+    Err(if kind == NAT6_FORWARD || kind == NAT6_DSR {
         Verdict::Drop(Reason::Nat6ProgramMissing)
     } else {
         Verdict::Pass(Reason::Nat6ProgramMissing)
@@ -209,6 +251,26 @@ pub(crate) fn try_nat6(ctx: &XdpContext) -> Result<u32, Verdict> {
             ))
         }
         NAT6_REPLY => reply::<V6>(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+/// `lb_xdp_dsr6`: what `lb_xdp_ingress6` handed over for direct server return (see
+/// [`hand_over`]): a flow's packet to carry to its remote backend, or a carrier to unwrap.
+#[inline(always)]
+pub(crate) fn try_dsr6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Some(pending) = LB_NAT6PEND_V1.get_ptr_mut(0) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let kind = unsafe { (*pending).kind };
+    // Read once: a later packet on this CPU writes it again.
+    unsafe { (*pending).kind = 0 };
+    match kind {
+        NAT6_DSR => {
+            let p = unsafe { &*pending };
+            encap::<V6>(ctx, &p.key, p.backend_addr, p.backend_port)
+        }
+        NAT6_DECAP => decap::<V6>(ctx).ok_or(Verdict::Pass(Reason::NotFrontend)),
         _ => Ok(xdp_action::XDP_PASS),
     }
 }

@@ -22,13 +22,15 @@
 //! - `select`: the backend of a new flow; `flow`: conntrack, and the lookups of a packet to
 //!   a frontend; `route`: sending on by XDP; `nat`: source NAT for remote backends; `icmp`:
 //!   ICMP errors about translated flows;
-//! - `reject`: ICMP port unreachable for a Service without endpoints (XDP);
+//! - `reject`: ICMP port unreachable for a Service without endpoints (XDP); `dsr`: direct
+//!   server return's carrier, sent and received (XDP);
 //! - `ingress` (XDP), `egress` (TC), `pod` (the pods' interfaces, TC), `sock` (the socket
 //!   hooks).
 #![no_std]
 #![no_main]
 
 mod counters;
+mod dsr;
 mod egress;
 mod family;
 mod flow;
@@ -77,6 +79,16 @@ pub fn lb_xdp_ingress6(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_xdp_nat6(ctx: XdpContext) -> u32 {
     match ingress::try_nat6(&ctx) {
+        Ok(action) => action,
+        Err(verdict) => verdict.xdp(),
+    }
+}
+
+/// XDP for IPv6 direct server return, tail-called by `lb_xdp_ingress6`: a packet of a flow
+/// to a remote backend sent in a carrier, or a carrier to this node unwrapped (dsr.rs).
+#[xdp]
+pub fn lb_xdp_dsr6(ctx: XdpContext) -> u32 {
+    match ingress::try_dsr6(&ctx) {
         Ok(action) => action,
         Err(verdict) => verdict.xdp(),
     }

@@ -145,14 +145,14 @@ pub(crate) static LB_REASON_V4: PerCpuArray<u64> = PerCpuArray::pinned(Reason::C
 #[map]
 pub(crate) static LB_EVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 #[map]
-pub(crate) static LB_NATEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(NatEvent::COUNT, 0);
+pub(crate) static LB_NATEVENT_V2: PerCpuArray<u64> = PerCpuArray::pinned(NatEvent::COUNT, 0);
 #[map]
 pub(crate) static LB_TBLEVENT_V1: PerCpuArray<u64> = PerCpuArray::pinned(TableEvent::COUNT, 0);
 
 // Tail calls.
 /// The programs `lb_xdp_ingress` tail-calls, by `lb_common::prog_slot` (the agent fills it).
 #[map]
-pub(crate) static LB_PROGS_V2: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
+pub(crate) static LB_PROGS_V3: ProgramArray = ProgramArray::pinned(prog_slot::COUNT, 0);
 /// The programs `lb_tc_pod_in` tail-calls, by `lb_common::tc_prog_slot`.
 #[map]
 pub(crate) static LB_TCPROGS_V1: ProgramArray = ProgramArray::pinned(tc_prog_slot::COUNT, 0);

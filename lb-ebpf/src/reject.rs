@@ -11,6 +11,11 @@
 //! more); the Ethernet addresses are swapped; the reply comes from the frontend's address
 //! and leaves by the interface the packet came in by (XDP_TX). The frame is the one the parser accepted: an IPv4 header
 //! without options, or a fixed IPv6 header, then TCP or UDP, untouched so far.
+//!
+//! The same reply, with another type and the MTU, answers a packet of a direct server
+//! return flow that its carrier would make too large for the route ([`too_big4`],
+//! [`too_big6`]: ICMP fragmentation needed, ICMPv6 packet too big; dsr.rs), so that the
+//! client's path MTU discovery sends smaller ones.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -36,6 +41,11 @@ const ICMP_PORT_UNREACH: u8 = 3;
 /// ICMPv6 destination unreachable, port unreachable.
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+/// ICMP destination unreachable, fragmentation needed (RFC 1191: the next hop's MTU in the
+/// header's last two bytes).
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 packet too big (RFC 4443 3.2: the MTU in the header's last four bytes).
+const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// A frame that could not be turned into a reply is dropped, counted alike.
 const DROP: Verdict = Verdict::Drop(Reason::Rejected);
@@ -68,8 +78,8 @@ fn put_checksum<const N: usize>(frame: &mut [u8; N], at: usize, acc: u32) {
 
 /// Grows the frame's head by the new IP and ICMP headers (`ip + 8` bytes) and cuts it to
 /// the reply's length; then writes the Ethernet header back to the sender (the original
-/// one, now at offset `ip + 8`, read first) and the ICMP header's type and code. The
-/// quote is in place.
+/// one, now at offset `ip + 8`, read first) and the ICMP header's type, code and last four
+/// bytes (`rest`). The quote is in place.
 #[inline(always)]
 #[expect(
     clippy::mut_from_ref,
@@ -85,6 +95,7 @@ fn reshape<const N: usize>(
     ip: usize,
     ether_type: u16,
     (kind, code): (u8, u8),
+    rest: [u8; 4],
 ) -> Result<&mut [u8; N], Verdict> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((ip + 8) as i32)) } != 0 {
         return Err(DROP);
@@ -112,16 +123,41 @@ fn reshape<const N: usize>(
     }
     frame[ETH_LEN + ip] = kind;
     frame[ETH_LEN + ip + 1] = code;
+    for i in 0..4 {
+        frame[ETH_LEN + ip + 4 + i] = rest[i];
+    }
     Ok(frame)
 }
 
 /// Answers the IPv4 packet in `ctx` with ICMP port unreachable; counted.
 #[inline(always)]
 pub(crate) fn reject4(ctx: &XdpContext) -> Result<u32, Verdict> {
+    answer4(ctx, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH), [0; 4])?;
+    count(Reason::Rejected);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Answers the IPv4 packet in `ctx` with ICMP fragmentation needed, the next hop's MTU
+/// `mtu` (the caller counts it).
+#[inline(always)]
+pub(crate) fn too_big4(ctx: &XdpContext, mtu: u16) -> Result<u32, Verdict> {
+    let mtu = mtu.to_be_bytes();
+    answer4(
+        ctx,
+        (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED),
+        [0, 0, mtu[0], mtu[1]],
+    )?;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Turns the IPv4 packet in `ctx` into an ICMP error about it (type and code, the header's
+/// last four bytes), from its destination to its source.
+#[inline(always)]
+fn answer4(ctx: &XdpContext, kind: (u8, u8), rest: [u8; 4]) -> Result<(), Verdict> {
     const IP: usize = 20;
     const LEN: usize = reply_len(IP);
     const QUOTE: usize = ETH_LEN + IP + 8;
-    let f = reshape::<LEN>(ctx, IP, ETH_P_IP, (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH))?;
+    let f = reshape::<LEN>(ctx, IP, ETH_P_IP, kind, rest)?;
     let total = ((LEN - ETH_LEN) as u16).to_be_bytes();
     f[ETH_LEN] = 0x45;
     f[ETH_LEN + 2] = total[0];
@@ -135,23 +171,34 @@ pub(crate) fn reject4(ctx: &XdpContext) -> Result<u32, Verdict> {
     }
     put_checksum(f, ETH_LEN + 10, sum(f, ETH_LEN, ETH_LEN + IP, 0));
     put_checksum(f, ETH_LEN + IP + 2, sum(f, ETH_LEN + IP, LEN, 0));
-    count(Reason::Rejected);
-    Ok(xdp_action::XDP_TX)
+    Ok(())
 }
 
 /// Answers the IPv6 packet in `ctx` with ICMPv6 port unreachable; counted.
 #[inline(always)]
 pub(crate) fn reject6(ctx: &XdpContext) -> Result<u32, Verdict> {
+    answer6(ctx, (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH), [0; 4])?;
+    count(Reason::Rejected);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Answers the IPv6 packet in `ctx` with ICMPv6 packet too big, the MTU `mtu` (the caller
+/// counts it).
+#[inline(always)]
+pub(crate) fn too_big6(ctx: &XdpContext, mtu: u32) -> Result<u32, Verdict> {
+    answer6(ctx, (ICMPV6_PKT_TOOBIG, 0), mtu.to_be_bytes())?;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Turns the IPv6 packet in `ctx` into an ICMPv6 error about it (type and code, the
+/// header's last four bytes), from its destination to its source.
+#[inline(always)]
+fn answer6(ctx: &XdpContext, kind: (u8, u8), rest: [u8; 4]) -> Result<(), Verdict> {
     const IP: usize = 40;
     const LEN: usize = reply_len(IP);
     const QUOTE: usize = ETH_LEN + IP + 8;
     const PAYLOAD: usize = LEN - ETH_LEN - IP;
-    let f = reshape::<LEN>(
-        ctx,
-        IP,
-        ETH_P_IPV6,
-        (ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH),
-    )?;
+    let f = reshape::<LEN>(ctx, IP, ETH_P_IPV6, kind, rest)?;
     let payload = (PAYLOAD as u16).to_be_bytes();
     f[ETH_LEN] = 0x60;
     f[ETH_LEN + 4] = payload[0];
@@ -166,6 +213,5 @@ pub(crate) fn reject6(ctx: &XdpContext) -> Result<u32, Verdict> {
     // the message.
     let pseudo = sum(f, ETH_LEN + 8, ETH_LEN + IP, 0) + PAYLOAD as u32 + u32::from(PROTO_ICMPV6);
     put_checksum(f, ETH_LEN + IP + 2, sum(f, ETH_LEN + IP, LEN, pseudo));
-    count(Reason::Rejected);
-    Ok(xdp_action::XDP_TX)
+    Ok(())
 }

@@ -25,7 +25,7 @@ use lb_userspace::{
         maps::DatapathMaps as _,
     },
     health, metrics,
-    model::{IpCidr, NodeInfo, NodeTopology, Protocol, Selection},
+    model::{Forwarding, IpCidr, NodeInfo, NodeTopology, Protocol, Selection},
     plan::{maglev, render::Plan, translate},
     source::{
         kube::KubeConfig,
@@ -117,6 +117,14 @@ enum Command {
         /// lb.kube-lb.io/selection): maglev (consistent hashing) or random.
         #[arg(long, default_value_t = Selection::Maglev)]
         selection: Selection,
+        /// How flows from outside reach backends on other nodes when the Service does not
+        /// say (annotation lb.kube-lb.io/forwarding): snat (source NAT to this node, the
+        /// replies come back through it; kube-proxy's way) or dsr (direct server return:
+        /// carried to the backend's node in Geneve over UDP port 6081, whose lb sends the
+        /// replies straight to the client; needs lb on every node, and a network that lets
+        /// nodes send packets from the frontend's address).
+        #[arg(long, default_value_t = Forwarding::Snat)]
+        forwarding: Forwarding,
         /// Seconds a backend that left the EndpointSlices keeps serving its established
         /// TCP connections before its entry is deleted.
         #[arg(long, default_value_t = 60)]
@@ -396,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             debounce_ms,
             maglev_table_size,
             selection,
+            forwarding,
             drain_secs,
             east_west,
             orphan_grace_secs,
@@ -441,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     table_size: maglev_table_size,
                     drain: Duration::from_secs(drain_secs),
                     selection,
+                    forwarding,
                     orphan_grace: Duration::from_secs(orphan_grace_secs),
                 },
                 capacity: Capacity {

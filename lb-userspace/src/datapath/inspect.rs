@@ -4,8 +4,8 @@ use crate::datapath::Pins;
 use std::collections::{BTreeMap, HashMap};
 
 use lb_common::{
-    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT,
-    SERVICE_F_SOURCE_RANGES, ServiceStats,
+    BACKEND_REMOVED, BACKEND_TERMINATING, SERVICE_F_DSR, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM,
+    SERVICE_F_REJECT, SERVICE_F_SOURCE_RANGES, ServiceStats,
 };
 use serde::Serialize;
 
@@ -45,6 +45,9 @@ pub struct ServiceRow {
     pub source_ranges: bool,
     /// Whether its new flows are rejected (no endpoint anywhere: ICMP port unreachable).
     pub reject: bool,
+    /// Whether flows from outside reach its backends on other nodes by direct server
+    /// return (forwarding `dsr`), not source NAT.
+    pub dsr: bool,
     /// Counters, summed over CPUs.
     pub packets: u64,
     /// Bytes translated.
@@ -121,6 +124,7 @@ pub fn service_rows(
                 affinity_timeout_secs: svc.affinity_timeout_secs,
                 source_ranges: svc.flags & SERVICE_F_SOURCE_RANGES != 0,
                 reject: svc.flags & SERVICE_F_REJECT != 0,
+                dsr: svc.flags & SERVICE_F_DSR != 0,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
@@ -145,6 +149,8 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             "(none anywhere: rejected)".to_owned()
         } else if r.backends.is_empty() {
             "(none here: dropped)".to_owned()
+        } else if r.dsr {
+            format!("{}  forwarding=dsr", r.backends.join(", "))
         } else {
             r.backends.join(", ")
         };

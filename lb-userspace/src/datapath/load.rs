@@ -173,6 +173,7 @@ impl Datapath {
             program_names::XDP_INGRESS6,
             program_names::XDP_NAT6,
             program_names::XDP_ICMP6,
+            program_names::XDP_DSR6,
         ] {
             let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
@@ -188,6 +189,7 @@ impl Datapath {
             (prog_slot::XDP_INGRESS6, program_names::XDP_INGRESS6),
             (prog_slot::XDP_NAT6, program_names::XDP_NAT6),
             (prog_slot::XDP_ICMP6, program_names::XDP_ICMP6),
+            (prog_slot::XDP_DSR6, program_names::XDP_DSR6),
         ] {
             self.fill_slot(map_names::PROGRAMS, slot, name)?;
         }

@@ -238,6 +238,7 @@ pub const STARTS_EMPTY: &[&str] = &[
     map_names::REASON_STATS,
     map_names::BACKEND_STATS,
     map_names::PAIR_STATS,
+    map_names::NAT_EVENTS,
     map_names::PROGRAMS,
     map_names::TABLE_EVENTS,
     map_names::PREFILTER,

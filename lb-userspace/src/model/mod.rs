@@ -240,9 +240,54 @@ pub const DEPRECATED_ANNOTATION_PREFIX: &str = "lb.example.io/";
 pub const SELECTION_ANNOTATION: &str = "lb.kube-lb.io/selection";
 /// [`SELECTION_ANNOTATION`] under the deprecated prefix.
 pub const DEPRECATED_SELECTION_ANNOTATION: &str = "lb.example.io/selection";
+/// The Service annotation that chooses the [`Forwarding`] of its flows to backends on other
+/// nodes: `snat` or `dsr`. Without it the agent's `--forwarding` applies.
+pub const FORWARDING_ANNOTATION: &str = "lb.kube-lb.io/forwarding";
+/// [`FORWARDING_ANNOTATION`] under the deprecated prefix.
+pub const DEPRECATED_FORWARDING_ANNOTATION: &str = "lb.example.io/forwarding";
 /// Every annotation lb reads: its key, and its key under the deprecated prefix.
-pub const ANNOTATIONS: [(&str, &str); 1] =
-    [(SELECTION_ANNOTATION, DEPRECATED_SELECTION_ANNOTATION)];
+pub const ANNOTATIONS: [(&str, &str); 2] = [
+    (SELECTION_ANNOTATION, DEPRECATED_SELECTION_ANNOTATION),
+    (FORWARDING_ANNOTATION, DEPRECATED_FORWARDING_ANNOTATION),
+];
+
+/// How a flow from outside the node reaches a backend on another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Source NAT to this node's address: the replies come back through this node (what
+    /// kube-proxy does). Works on any network.
+    #[default]
+    Snat,
+    /// Direct server return: the packet is carried to the backend's node (Geneve over UDP,
+    /// `lb_common::dsr`) with the client's address kept, and the replies go from there
+    /// straight to the client. Every node must run lb, and the network must let a node send
+    /// packets from the frontend's address.
+    Dsr,
+}
+
+impl std::str::FromStr for Forwarding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "snat" => Ok(Forwarding::Snat),
+            "dsr" => Ok(Forwarding::Dsr),
+            other => Err(format!(
+                "unknown forwarding {other:?} (expected snat or dsr)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forwarding::Snat => "snat",
+            Forwarding::Dsr => "dsr",
+        })
+    }
+}
 
 impl std::str::FromStr for Selection {
     type Err = String;
@@ -666,6 +711,8 @@ pub struct Service {
     pub traffic_distribution: Option<TrafficDistribution>,
     /// The [`SELECTION_ANNOTATION`] annotation.
     pub selection: Option<Selection>,
+    /// The [`FORWARDING_ANNOTATION`] annotation.
+    pub forwarding: Option<Forwarding>,
     /// The annotations given under the [`DEPRECATED_ANNOTATION_PREFIX`] (their keys), each
     /// with its key under the new prefix.
     pub deprecated_annotations: Vec<DeprecatedAnnotation>,
@@ -1313,6 +1360,21 @@ impl Service {
                 })
         })
         .transpose()?;
+        let forwarding = lb_annotation(
+            svc.metadata.annotations.as_ref(),
+            FORWARDING_ANNOTATION,
+            &mut deprecated_annotations,
+        )
+        .map(|(key, value)| {
+            value
+                .parse()
+                .map_err(|_| ValidationError::UnsupportedValue {
+                    field: format!("metadata.annotations[{key:?}]"),
+                    value: value.clone(),
+                    expected: "snat, dsr",
+                })
+        })
+        .transpose()?;
 
         let external_traffic_policy = TrafficPolicy::parse(
             "spec.externalTrafficPolicy",
@@ -1343,6 +1405,7 @@ impl Service {
             session_affinity,
             traffic_distribution,
             selection,
+            forwarding,
             deprecated_annotations,
             topology_keys: topology_keys.to_vec(),
         })
@@ -1842,6 +1905,7 @@ spec:
                 session_affinity: SessionAffinity::None,
                 traffic_distribution: None,
                 selection: None,
+                forwarding: None,
                 deprecated_annotations: vec![],
                 topology_keys: vec![],
             }

@@ -12,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::model::{IpCidr, IpFamily, Protocol, Selection};
+use crate::model::{Forwarding, IpCidr, IpFamily, Protocol, Selection};
 
 /// A frontend: the address, port and protocol that clients send to. IPv4 frontends sort
 /// before IPv6 ones.
@@ -213,6 +213,9 @@ pub struct FrontendPlan {
     pub source_ranges: Vec<IpCidr>,
     /// The Service's [`crate::model::SELECTION_ANNOTATION`]; `None` leaves it to the agent's default.
     pub selection: Option<Selection>,
+    /// The Service's [`crate::model::FORWARDING_ANNOTATION`]; `None` leaves it to the
+    /// agent's default.
+    pub forwarding: Option<Forwarding>,
     /// Which of the Service's `spec.topologyKeys` chose the backends; `None` for a Service
     /// without topology keys.
     pub topology: Option<TopologyChoice>,

@@ -13,7 +13,7 @@ use super::{
     translate::Translation,
 };
 use crate::{
-    model::{ClusterState, IpFamily, ObjectRef, Selection, TrafficPolicy},
+    model::{ClusterState, Forwarding, IpFamily, ObjectRef, Selection, TrafficPolicy},
     source::manifests::load::ManifestSet,
 };
 
@@ -60,6 +60,9 @@ pub struct PlanRow {
     pub affinity_timeout_secs: Option<u32>,
     /// Backend selection set by the Service's annotation; `None`: the agent's default.
     pub selection: Option<Selection>,
+    /// Forwarding to other nodes' backends set by the Service's annotation; `None`: the
+    /// agent's default.
+    pub forwarding: Option<Forwarding>,
     /// The `spec.topologyKeys` key that chose the backends (`*` for any, `(no key
     /// matched)`); `None` for a Service without topology keys.
     pub topology: Option<String>,
@@ -93,6 +96,7 @@ impl Plan {
                     traffic_policy: traffic_policy(&set.state, plan),
                     affinity_timeout_secs: plan.affinity_timeout_secs,
                     selection: plan.selection,
+                    forwarding: plan.forwarding,
                     topology: plan.topology.as_ref().map(ToString::to_string),
                     source_ranges: plan.source_ranges.iter().map(|c| c.to_string()).collect(),
                     short_circuit: plan.short_circuit.as_ref().map(ToString::to_string),
@@ -128,6 +132,9 @@ impl Plan {
                 }
                 if let Some(selection) = r.selection {
                     policy.push_str(&format!(" selection={selection}"));
+                }
+                if let Some(forwarding) = r.forwarding {
+                    policy.push_str(&format!(" forwarding={forwarding}"));
                 }
                 if let Some(t) = r.affinity_timeout_secs {
                     policy.push_str(&format!(" affinity={t}s"));

@@ -644,6 +644,7 @@ fn translate_service(
                     affinity_timeout_secs,
                     source_ranges: ranges.to_vec(),
                     selection: svc.selection,
+                    forwarding: svc.forwarding,
                     topology: topology.clone(),
                     short_circuit,
                 };
@@ -915,6 +916,9 @@ mod tests {
                 if let Some(selection) = p.selection {
                     line += &format!(" selection={selection}");
                 }
+                if let Some(forwarding) = p.forwarding {
+                    line += &format!(" forwarding={forwarding}");
+                }
                 if let Some(topology) = &p.topology {
                     line += &format!(" topology={topology}");
                 }
@@ -972,6 +976,7 @@ mod tests {
             affinity_timeout_secs: None,
             source_ranges: vec![],
             selection: None,
+            forwarding: None,
             topology: None,
             short_circuit: None,
         };

@@ -73,7 +73,7 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_REMOTE, BACKEND_REMOVED, BACKEND_TERMINATING, Backend4, Backend6,
-    SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT,
+    SERVICE_F_DSR, SERVICE_F_EXTERNAL, SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT,
     SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B, Service, backend_stats_slot,
     maglev::{KEY_TABLE_B, table_key},
     map_names, prefilter,
@@ -84,7 +84,7 @@ use crate::{
     datapath::maps::{
         BackendEntry, DatapathMaps, MapOpError, RevNatEntry, TableId, TableInfo, TableRef,
     },
-    model::{IpCidr, IpFamily, Selection},
+    model::{Forwarding, IpCidr, IpFamily, Selection},
     plan::{
         desired::{DesiredState, Frontend, FrontendKey, FrontendPlan},
         maglev::{self, BackendIdentity, MaglevError},
@@ -166,6 +166,9 @@ pub struct SyncConfig {
     pub drain: Duration,
     /// The selection of frontends whose Service does not choose one.
     pub selection: Selection,
+    /// How flows from outside reach other nodes' backends, for frontends whose Service
+    /// does not choose.
+    pub forwarding: Forwarding,
     /// How long frontends adopted from the pinned maps that the first complete view lacks
     /// (orphans) keep working before they are removed, counted from that first view.
     pub orphan_grace: Duration,
@@ -187,6 +190,7 @@ impl Default for SyncConfig {
             table_size: maglev::DEFAULT_TABLE_SIZE,
             drain: DEFAULT_DRAIN,
             selection: Selection::Maglev,
+            forwarding: Forwarding::Snat,
             orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
     }
@@ -715,6 +719,9 @@ impl<M: DatapathMaps> Syncer<M> {
         }
         if plan.selection.unwrap_or(self.config.selection) == Selection::Random {
             flags |= SERVICE_F_RANDOM;
+        }
+        if plan.forwarding.unwrap_or(self.config.forwarding) == Forwarding::Dsr {
+            flags |= SERVICE_F_DSR;
         }
         if !plan.source_ranges.is_empty() {
             flags |= SERVICE_F_SOURCE_RANGES;

@@ -141,6 +141,7 @@ fn plan(backends: &[u8]) -> FrontendPlan {
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,
+        forwarding: None,
         topology: None,
         short_circuit: None,
     }

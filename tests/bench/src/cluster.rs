@@ -166,6 +166,7 @@ pub fn port_plan(
         affinity_timeout_secs: None,
         source_ranges: Vec::new(),
         selection: None,
+        forwarding: None,
         topology: None,
         short_circuit: None,
     }

@@ -771,6 +771,7 @@ impl Bench {
             // Tail-called by XDP_INGRESS6 for IPv6 remote backends.
             (program_names::XDP_NAT6, false),
             (program_names::XDP_ICMP6, false),
+            (program_names::XDP_DSR6, false),
             (program_names::TC_EGRESS, false),
             // On the pods' host-side interfaces; TC_POD_INGRESS6 is tail-called by
             // TC_POD_INGRESS for IPv6 frames (neither is measured per packet here).

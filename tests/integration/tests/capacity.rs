@@ -53,6 +53,7 @@ fn desired(n: u32) -> DesiredState {
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,
+                forwarding: None,
                 topology: None,
                 short_circuit: None,
             };

@@ -21,6 +21,7 @@ mod kube_cluster;
 mod migrate;
 mod multinode;
 mod packet;
+mod packet_dsr;
 mod packet_flows;
 mod packet_fuzz;
 mod packet_nat;

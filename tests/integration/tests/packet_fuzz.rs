@@ -114,6 +114,7 @@ impl Bed {
                 affinity_timeout_secs: None,
                 source_ranges: Vec::new(),
                 selection: None,
+                forwarding: None,
                 topology: None,
                 short_circuit: None,
             };
