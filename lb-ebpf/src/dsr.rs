@@ -234,10 +234,16 @@ pub(crate) fn encap<F: Carrier>(
     }
     let carried = (ctx.data_end() - ctx.data() - ETH_LEN) as u16;
     let hash = F::key_hash(key);
+    // The Ethernet addresses move with the head: a packet handed to the kernel (its next
+    // hop unresolved) keeps the ones it came with.
+    let Some(macs) = ctx.get::<[u8; 12]>(0) else {
+        return Ok(xdp_action::XDP_DROP);
+    };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(F::OVERHEAD as i32)) } != 0 {
         return Ok(xdp_action::XDP_DROP);
     }
     let wrap = || -> Option<()> {
+        ctx.set(0, macs)?;
         ctx.set(12, F::ETHER_TYPE.to_be())?;
         let udp_len = (F::OVERHEAD - F::IP_LEN) as u16 + carried;
         F::write_outer(ctx, route.src, backend_addr, udp_len, hash)?;

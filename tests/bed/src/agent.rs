@@ -129,6 +129,9 @@ pub struct ServiceInfo {
     /// How new flows choose a backend: `maglev` or `random`.
     #[serde(default)]
     pub selection: String,
+    /// Flows from outside reach its backends on other nodes by direct server return.
+    #[serde(default)]
+    pub dsr: bool,
     /// The Service port it serves, `namespace/name[:port-name]`, as the agent named it.
     #[serde(default)]
     pub service: Option<String>,

@@ -2,14 +2,17 @@
 //! NodePort traffic to backends on node B (source NAT to node A's address, replies back
 //! through node A), and externalTrafficPolicy Local (the client's address kept, only node
 //! A's pods used, and node A's own pods and processes short-circuited to every endpoint);
-//! over IPv4 and over IPv6 (IPv6-only Services on the same topology).
+//! over IPv4 and over IPv6 (IPv6-only Services on the same topology). And direct server
+//! return, with lb on node B too: the client's address kept, the replies leaving node B
+//! straight to the client.
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use lb_testbed::agent::{metric, ops};
 use lb_testbed::{
-    Agent, CLIENT_IP, CLIENT_IP6, Cgroup, ConnPool, Folder, HTTP_PORT, NODE_A_NAME, NODE_IF,
-    NODE_IP, NODE_IP6, Pod, TwoNodes, UDP_PORT, ensure_all_served, http_request, lb_bin, udp_tally,
+    Agent, CLIENT_IP, CLIENT_IP6, Cgroup, ConnPool, Folder, HTTP_PORT, NODE_A_NAME, NODE_B_IP,
+    NODE_B_IP6, NODE_B_NAME, NODE_IF, NODE_IP, NODE_IP6, Pod, TwoNodes, UDP_PORT,
+    ensure_all_served, http_request, lb_bin, udp_tally,
 };
 
 use crate::eastwest::{flows_and_packets, has_every_sock_link, probe, wait_for_links};
@@ -121,7 +124,12 @@ fn peer(topology: &TwoNodes, frontend: SocketAddr) -> (String, SocketAddr) {
 }
 
 fn nat_counter(topology: &TwoNodes, name: &str) -> f64 {
-    let (_, text) = ops(&topology.node_a, "/metrics").unwrap();
+    node_counter(&topology.node_a, name)
+}
+
+/// The datapath event counter `name` of the agent in `node`.
+fn node_counter(node: &lb_testbed::Netns, name: &str) -> f64 {
+    let (_, text) = ops(node, "/metrics").unwrap();
     metric(
         &text,
         &format!("lb_datapath_events_total{{event=\"{name}\"}}"),
@@ -613,4 +621,144 @@ fn topology_keys_choose_the_nearest_endpoints_as_they_move() {
     let services = agent.services().unwrap();
     assert!(lb_testbed::ServiceInfo::find(&services, "10.96.1.7:80/TCP").is_none());
     served_by(&[&b[1], &b[2]]);
+}
+
+/// Counts, on the LAN's bridge, the TCP and UDP frames from `from` to `to` that each node's
+/// port forwards to the client's port: which node the replies leave from (neither node A's
+/// neighbour discovery nor the frames the bridge floods before it knows a port are counted). Returns a reader of (from node A, from node B).
+fn count_frames_to_client(
+    topology: &TwoNodes,
+    from: IpAddr,
+    to: IpAddr,
+) -> impl Fn() -> (u64, u64) + '_ {
+    let ip = if from.is_ipv4() { "ip" } else { "ip6" };
+    let matching = format!("{ip} saddr {from} {ip} daddr {to} meta l4proto {{ tcp, udp }}");
+    let rules = format!(
+        "table bridge lbtest {{\n  chain forward_c {{\n    type filter hook forward priority 0; policy accept;\n    \
+         iifname \"to-a\" oifname \"to-client\" {matching} counter\n    \
+         iifname \"to-b\" oifname \"to-client\" {matching} counter\n  }}\n}}\n"
+    );
+    let mut nft = topology
+        .lan
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft");
+    move || {
+        let out = topology
+            .lan
+            .command("nft")
+            .args(["list", "table", "bridge", "lbtest"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let counts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split("counter packets ").nth(1))
+            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(counts.len(), 2, "{text}");
+        (counts[0], counts[1])
+    }
+}
+
+/// Direct server return of a NodePort Service over node B's pods (`how`: the annotation,
+/// or the agent's flag), with lb on both nodes: node A carries the client's packets to
+/// node B, the pods see the client's own address, and every reply leaves node B straight
+/// to the client, from the frontend.
+fn direct_server_return(family: &Family, by_annotation: bool) {
+    let topology = TwoNodes::new(0, 2).unwrap();
+    let folder = folder_with_xdp_tx(&topology);
+    let remote: Vec<(&Pod, &str)> = topology.pods_b.iter().map(|p| (p, NODE_B_NAME)).collect();
+    let mut yaml = nodeport_service("dsr", family.cluster_ip, HTTP_NODE_PORT, "Cluster", &remote);
+    if by_annotation {
+        yaml = yaml.replacen(
+            "namespace: default}",
+            "namespace: default, annotations: {lb.kube-lb.io/forwarding: dsr}}",
+            1,
+        );
+    }
+    folder.write("svc.yaml", &yaml).unwrap();
+    let http = frontend_name(family.node, HTTP_NODE_PORT, "TCP");
+    let udp = frontend_name(family.node, UDP_NODE_PORT, "UDP");
+    let flag: &[&str] = if by_annotation {
+        &[]
+    } else {
+        &["--forwarding", "dsr"]
+    };
+    let agent_a = Agent::start_on_node(
+        &lb_bin(),
+        &topology.node_a,
+        folder.path(),
+        NODE_IF,
+        NODE_A_NAME,
+        flag,
+    )
+    .unwrap();
+    agent_a.wait_for(&[&http, &udp], 2).unwrap();
+    // Node B's agent, as the DaemonSet's would be (no flag: every node unwraps carriers).
+    let agent_b = Agent::start_on_node(
+        &lb_bin(),
+        &topology.node_b,
+        folder.path(),
+        "eth0",
+        NODE_B_NAME,
+        &[],
+    )
+    .unwrap();
+    let node_b = if family.node.is_ipv4() {
+        IpAddr::V4(NODE_B_IP)
+    } else {
+        IpAddr::V6(NODE_B_IP6)
+    };
+    agent_b
+        .wait_for(&[&frontend_name(node_b, HTTP_NODE_PORT, "TCP")], 2)
+        .unwrap();
+    let services = agent_a.services().unwrap();
+    let row = lb_testbed::ServiceInfo::find(&services, &http).unwrap();
+    assert!(row.dsr, "{row:?}");
+    let replies = count_frames_to_client(&topology, family.node, family.client);
+
+    let frontend = SocketAddr::new(family.node, HTTP_NODE_PORT);
+    for _ in 0..16 {
+        let (pod, seen) = peer(&topology, frontend);
+        assert!(names(&topology.pods_b).contains(&pod), "{pod}");
+        assert_eq!(
+            seen.ip(),
+            family.client,
+            "no source NAT: the client's own address"
+        );
+    }
+    // UDP: every reply comes from the frontend (udp_tally checks it), from both pods.
+    let tally = udp_tally(&topology.client, family.node, UDP_NODE_PORT, 40).unwrap();
+    ensure_all_served(&tally, &names(&topology.pods_b)).unwrap();
+
+    // Where the replies left: node B's port, never node A's.
+    let (from_a, from_b) = replies();
+    assert_eq!(from_a, 0, "no reply through node A");
+    assert!(from_b >= 16 * 2 + 40, "{from_b} replies from node B");
+    // Node A carried (no NAT port, no reply to translate back); node B unwrapped.
+    assert!(nat_counter(&topology, "dsr_sent") >= 16.0 * 3.0 + 40.0);
+    assert_eq!(nat_counter(&topology, "nat_allocated"), 0.0);
+    assert_eq!(nat_counter(&topology, "nat_replies"), 0.0);
+    assert!(node_counter(&topology.node_b, "dsr_received") >= 16.0 * 3.0 + 40.0);
+    assert_eq!(node_counter(&topology.node_b, "dsr_invalid"), 0.0);
+}
+
+#[test]
+fn direct_server_return_replies_leave_the_backends_node_straight_to_the_client() {
+    direct_server_return(&V4, true);
+}
+
+#[test]
+fn ipv6_direct_server_return_replies_leave_the_backends_node_straight_to_the_client() {
+    direct_server_return(&V6, false);
 }
