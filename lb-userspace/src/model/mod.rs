@@ -1955,6 +1955,31 @@ spec:
     }
 
     #[test]
+    fn forwarding_annotation() {
+        let with = |annotations: &str| {
+            svc(&HTTPD.replace(
+                "metadata: {name: httpd-svc}",
+                &format!("metadata: {{name: httpd-svc, annotations: {{{annotations}}}}}"),
+            ))
+        };
+        assert_eq!(with("a: b").unwrap().forwarding, None);
+        let new = |value: &str| with(&format!("lb.kube-lb.io/forwarding: {value}"));
+        assert_eq!(new("dsr").unwrap().forwarding, Some(Forwarding::Dsr));
+        assert_eq!(new("snat").unwrap().forwarding, Some(Forwarding::Snat));
+        assert_eq!(
+            new("tunnel").unwrap_err().to_string(),
+            "metadata.annotations[\"lb.kube-lb.io/forwarding\"]: unsupported value \"tunnel\", expected one of snat, dsr"
+        );
+        // Under the placeholder prefix too, said to be deprecated.
+        let old = with("lb.example.io/forwarding: dsr").unwrap();
+        assert_eq!(old.forwarding, Some(Forwarding::Dsr));
+        assert_eq!(
+            old.deprecated_annotations[0].to_string(),
+            "annotation lb.example.io/forwarding is deprecated: rename it to lb.kube-lb.io/forwarding"
+        );
+    }
+
+    #[test]
     fn service_full() {
         let s = svc("
 apiVersion: v1

@@ -970,6 +970,33 @@ fn selection_comes_from_the_service_or_the_agent_default() {
 }
 
 #[test]
+fn forwarding_comes_from_the_service_or_the_agent_default() {
+    let mut plans = desired(&[
+        (fe(1, 80), &[1][..]),
+        (fe(2, 80), &[1][..]),
+        (fe(3, 80), &[1][..]),
+    ]);
+    plans.frontends.get_mut(&fe(1, 80)).unwrap().forwarding = Some(Forwarding::Dsr);
+    plans.frontends.get_mut(&fe(2, 80)).unwrap().forwarding = Some(Forwarding::Snat);
+    let dsr = |s: &Syncer<InMemoryMaps>, f: Frontend| {
+        s.maps().services[&f.key4()].flags & SERVICE_F_DSR != 0
+    };
+    let mut s = syncer(1000);
+    s.apply(&plans);
+    assert!(dsr(&s, fe(1, 80)) && !dsr(&s, fe(2, 80)) && !dsr(&s, fe(3, 80)));
+    let mut s = Syncer::adopt_with(
+        maps(1000),
+        SyncConfig {
+            forwarding: Forwarding::Dsr,
+            ..config()
+        },
+    )
+    .unwrap();
+    s.apply(&plans);
+    assert!(dsr(&s, fe(1, 80)) && !dsr(&s, fe(2, 80)) && dsr(&s, fe(3, 80)));
+}
+
+#[test]
 fn source_ranges_are_in_place_before_the_service_entry_restricts() {
     let cidr = |a: [u8; 4], len| Ipv4Cidr::new(Ipv4Addr::from(a), len).unwrap();
     let with_ranges = |ranges: &[Ipv4Cidr]| {
