@@ -57,12 +57,21 @@ pub struct PacketPlan {
     pub runs: usize,
     /// Single runs (`repeat = 1`) per measurement.
     pub single_runs: usize,
+    /// Whole measurements of every path at each level, one after the other: a cell is the
+    /// median of the rounds' medians, and the rounds' spread is reported beside it, so that
+    /// noise is told apart from a change. 1 in results from before there were rounds.
+    #[serde(default = "one")]
+    pub rounds: usize,
     /// New flows run while the new-flow path is profiled (see [`profile`]).
     #[serde(default)]
     pub profile_flows: usize,
     /// Seconds each repeatable path runs while it is profiled.
     #[serde(default)]
     pub profile_seconds: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl PacketPlan {
@@ -73,6 +82,7 @@ impl PacketPlan {
             repeat: if quick { 20_000 } else { 200_000 },
             runs: if quick { 11 } else { 31 },
             single_runs: if quick { 2_000 } else { 20_000 },
+            rounds: 3,
             profile_flows: 50_000,
             profile_seconds: if quick { 1.0 } else { 3.0 },
         }
@@ -138,8 +148,12 @@ pub struct Measurement {
     pub method: Method,
     /// Services programmed.
     pub services: usize,
-    /// Median nanoseconds per packet.
+    /// Median nanoseconds per packet: the median of [`Measurement::rounds`].
     pub ns: f64,
+    /// Each round's median nanoseconds per packet ([`PacketPlan::rounds`]); empty in results
+    /// from before there were rounds.
+    #[serde(default)]
+    pub rounds: Vec<f64>,
     /// What was checked to hold for every repetition.
     pub checked: String,
 }
@@ -196,6 +210,16 @@ impl PacketResults {
         self.measurements
             .iter()
             .find(|m| m.path == path && m.method == method && m.services == services)
+    }
+
+    /// The largest deviation, in percent, of a round of `path` (by `method`, at `services`)
+    /// from the rounds' median; `None` without rounds.
+    pub fn round_spread(&self, path: PathKind, method: Method, services: usize) -> Option<f64> {
+        let m = self.get(path, method, services)?;
+        m.rounds
+            .iter()
+            .map(|r| 100.0 * (r - m.ns).abs() / m.ns)
+            .reduce(f64::max)
     }
 
     /// The floor for `path` measured by `method` at `services`: the no-op XDP program.
@@ -340,7 +364,9 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
         // Room for every flow the run creates twice over (two entries each), and for the
         // profile's new flows (two entries each), which must not evict the crossed flows.
         conntrack: entries(
-            4 * plan.single_runs * plan.levels.len() + 2 * plan.profile_flows + 100_000,
+            4 * plan.single_runs * plan.rounds.max(1) * plan.levels.len()
+                + 2 * plan.profile_flows
+                + 100_000,
         ),
         affinity: 1024,
     };
@@ -384,12 +410,16 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
             "{} frontends programmed",
             report.frontends
         );
-        let port = bench
-            .level(level)
-            .with_context(|| format!("at {level} Services"))?;
+        let mut port = 0;
+        for round in 1..=plan.rounds.max(1) {
+            port = bench
+                .level(level)
+                .with_context(|| format!("at {level} Services, round {round}"))?;
+        }
         eprintln!("packet: {level} Services measured");
         last = Some((level, port));
     }
+    let measurements = merge_rounds(bench.measurements.drain(..))?;
     // After every measurement, so that the profile's flows are in no measured map.
     let (mut profiles, mut profile_missing) = (Vec::new(), None);
     if let Some((level, port)) = last {
@@ -404,12 +434,34 @@ pub fn run(plan: &PacketPlan) -> Result<PacketResults> {
     }
     let programs = bench.program_sizes()?;
     Ok(PacketResults {
-        measurements: bench.measurements,
+        measurements,
         programs,
         fill_seconds,
         profiles,
         profile_missing,
     })
+}
+
+/// One measurement per path, method and level from the rounds' (in the order first
+/// measured): the median of the rounds' values, with each round's kept.
+fn merge_rounds(rounds: impl IntoIterator<Item = Measurement>) -> Result<Vec<Measurement>> {
+    let mut merged: Vec<Measurement> = Vec::new();
+    for m in rounds {
+        match merged
+            .iter_mut()
+            .find(|o| (o.path, o.method, o.services) == (m.path, m.method, m.services))
+        {
+            Some(o) => o.rounds.push(m.ns),
+            None => merged.push(Measurement {
+                rounds: vec![m.ns],
+                ..m
+            }),
+        }
+    }
+    for m in &mut merged {
+        m.ns = median(&m.rounds).context("no rounds")?;
+    }
+    Ok(merged)
 }
 
 fn program<'a, P>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut P>
@@ -439,6 +491,7 @@ impl Bench {
             method,
             services,
             ns,
+            rounds: Vec::new(),
             checked: checked.to_owned(),
         });
     }
@@ -798,5 +851,64 @@ impl Bench {
             });
         }
         Ok(sizes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(path: PathKind, services: usize, ns: f64) -> Measurement {
+        Measurement {
+            path,
+            method: Method::Repeat,
+            services,
+            ns,
+            rounds: Vec::new(),
+            checked: String::new(),
+        }
+    }
+
+    #[test]
+    fn rounds_merge_into_their_median_and_keep_their_spread() {
+        let measured = [
+            at(PathKind::Established, 1, 90.0),
+            at(PathKind::Reply, 1, 300.0),
+            at(PathKind::Established, 1, 110.0),
+            at(PathKind::Reply, 1, 310.0),
+            at(PathKind::Established, 1, 100.0),
+            at(PathKind::Reply, 1, 305.0),
+            at(PathKind::Established, 10, 95.0),
+        ];
+        let merged = merge_rounds(measured).unwrap();
+        let cells: Vec<_> = merged
+            .iter()
+            .map(|m| (m.path, m.services, m.ns, m.rounds.clone()))
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                (PathKind::Established, 1, 100.0, vec![90.0, 110.0, 100.0]),
+                (PathKind::Reply, 1, 305.0, vec![300.0, 310.0, 305.0]),
+                (PathKind::Established, 10, 95.0, vec![95.0]),
+            ]
+        );
+        let results = PacketResults {
+            measurements: merged,
+            programs: Vec::new(),
+            fill_seconds: Vec::new(),
+            profiles: Vec::new(),
+            profile_missing: None,
+        };
+        let spread = results.round_spread(PathKind::Established, Method::Repeat, 1);
+        assert_eq!(spread, Some(10.0));
+        assert_eq!(
+            results.round_spread(PathKind::Established, Method::Repeat, 10),
+            Some(0.0)
+        );
+        assert_eq!(
+            results.round_spread(PathKind::NewFlow, Method::Single, 1),
+            None
+        );
     }
 }

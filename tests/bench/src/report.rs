@@ -697,19 +697,21 @@ fn packet_section(md: &mut String, r: &Results, p: &PacketResults) {
         md,
         "The real XDP and TC programs run by the kernel through BPF_PROG_TEST_RUN on one packet, \
          with N Services of 10 backends each programmed through `Syncer::apply` (the agent's map \
-         writer). Nanoseconds per packet, the median of {runs} runs of {repeat} repetitions \
-         each; in parentheses the ratio to the no-op XDP program measured the same way at the \
-         same N. The first packet of a new flow cannot be repeated (the second run would find \
+         writer). Nanoseconds per packet: every path is measured in {rounds} rounds, one after \
+         the other, and a cell is the median of the rounds', each the median of {runs} runs of \
+         {repeat} repetitions; in parentheses the ratio to the no-op XDP program measured the \
+         same way at the same N. The first packet of a new flow cannot be repeated (the second run would find \
          the flow), so it is the median of {singles} single runs (`repeat=1`), each from a new \
          source, and its ratio is to the floor measured with single runs too (a single run \
          includes the kernel's timer overhead; see the second table).\n",
+        rounds = plan.rounds,
         runs = plan.runs,
         repeat = count(plan.repeat as usize),
         singles = count(plan.single_runs),
     );
     let header: Vec<String> = levels.iter().map(|l| services(*l)).collect();
-    let _ = writeln!(md, "| Path | {} | spread |", header.join(" | "));
-    let _ = writeln!(md, "| --- |{} --- |", " ---: |".repeat(levels.len()));
+    let _ = writeln!(md, "| Path | {} | spread | rounds |", header.join(" | "));
+    let _ = writeln!(md, "| --- |{} --- | --- |", " ---: |".repeat(levels.len()));
     for path in PathKind::ALL {
         let method = main_method(path);
         let cells: Vec<String> = levels
@@ -725,16 +727,27 @@ fn packet_section(md: &mut String, r: &Results, p: &PacketResults) {
             )
             .collect();
         let spread = spread(p, levels, path).map_or("–".into(), |s| format!("{s:.1}%"));
+        let rounds = levels
+            .iter()
+            .filter_map(|&l| p.round_spread(path, method, l))
+            .reduce(f64::max)
+            .map_or("–".into(), |s| format!("±{s:.1}%"));
         let label = if method == Method::Single {
             format!("{} [repeat=1]", path.label())
         } else {
             path.label().to_owned()
         };
-        let _ = writeln!(md, "| {label} | {} | {spread} |", cells.join(" | "));
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {spread} | {rounds} |",
+            cells.join(" | ")
+        );
     }
     let _ = writeln!(
         md,
-        "\n\"spread\" is the largest deviation from the cost at {}. BPF_PROG_TEST_RUN reports \
+        "\n\"spread\" is the largest deviation from the cost at {}, judged on the medians of the \
+         rounds (the flatness target); \"rounds\" is the largest deviation of one round from its \
+         cell's median, at any N: the noise of this run. BPF_PROG_TEST_RUN reports \
          whole nanoseconds per repetition, so a few-nanosecond cost is only known to ±1 ns.\n",
         services(levels[0])
     );
