@@ -128,7 +128,8 @@ counters! {
         Ipv6UdpZeroChecksum = 20 => "ipv6_udp_zero_checksum",
         /// Dropped: an IPv6 packet to a remote backend (or passed: a reply to a NAT port, an
         /// ICMPv6 error) while the slot of the IPv6 NAT program (or of the ICMPv6 one) in
-        /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned).
+        /// [`crate::map_names::PROGRAMS`] is empty (the tail call returned); and the same for
+        /// the direct server return programs of either family (the name is older than they).
         Nat6ProgramMissing = 21 => "nat6_program_missing",
         /// Passed: an IPv6 frame while the IPv6 program's slot of
         /// [`crate::map_names::PROGRAMS`] (XDP) or [`crate::map_names::TC_PROGRAMS`] (the

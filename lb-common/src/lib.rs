@@ -182,7 +182,7 @@ pub mod map_names {
     /// [`crate::program_names::XDP_INGRESS6`] tail-calls). The agent writes every slot on
     /// each start, so that the slots hold the programs of the running agent's object. (V2:
     /// the slot of [`crate::program_names::XDP_NAT6`]; V3: of
-    /// [`crate::program_names::XDP_DSR6`].)
+    /// [`crate::program_names::XDP_DSR6`] and [`crate::program_names::XDP_DSR4`].)
     pub const PROGRAMS: &str = "LB_PROGS_V3";
     /// Program array (`BPF_MAP_TYPE_PROG_ARRAY`) indexed by [`crate::tc_prog_slot`]: the TC
     /// classifiers [`crate::program_names::TC_POD_INGRESS`] tail-calls (a program array
@@ -254,8 +254,11 @@ pub mod prog_slot {
     /// [`crate::program_names::XDP_DSR6`]: IPv6 direct server return, tail-called by
     /// [`crate::program_names::XDP_INGRESS6`].
     pub const XDP_DSR6: u32 = 3;
+    /// [`crate::program_names::XDP_DSR4`]: IPv4 direct server return, tail-called by
+    /// [`crate::program_names::XDP_INGRESS`].
+    pub const XDP_DSR4: u32 = 4;
     /// Number of slots: the size of the program array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Slots of [`map_names::TC_PROGRAMS`].
@@ -333,6 +336,12 @@ pub mod program_names {
     /// [`crate::map_names::NAT6_PENDING`]; its own program for its own stack, as
     /// [`XDP_NAT6`].
     pub const XDP_DSR6: &str = "lb_xdp_dsr6";
+    /// XDP program for IPv4 direct server return, as [`XDP_DSR6`]: tail-called by
+    /// [`XDP_INGRESS`] (slot [`crate::prog_slot::XDP_DSR4`]) for a carrier to this node and
+    /// for a packet of a direct server return flow (its backend from conntrack). Its own
+    /// program so that the carrier's code and stack weigh on no other path of
+    /// [`XDP_INGRESS`].
+    pub const XDP_DSR4: &str = "lb_xdp_dsr4";
     /// TC egress program on the external interface: backend -> frontend for replies.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// TC ingress program on the pods' host-side interfaces: what pods send to a frontend
@@ -363,7 +372,7 @@ pub mod program_names {
     /// Every program of the object, and its hook: the schema the object is checked
     /// against (see [`crate::schema`]). The agent loads each by name as the program type
     /// of its hook.
-    pub const ALL: [ProgramSpec; 16] = [
+    pub const ALL: [ProgramSpec; 17] = [
         ProgramSpec {
             name: XDP_INGRESS,
             kind: Xdp,
@@ -382,6 +391,10 @@ pub mod program_names {
         },
         ProgramSpec {
             name: XDP_DSR6,
+            kind: Xdp,
+        },
+        ProgramSpec {
+            name: XDP_DSR4,
             kind: Xdp,
         },
         ProgramSpec {

@@ -307,7 +307,7 @@ mod tests {
         ("LB_NAT6_V1", map(LRU, 40, 48, None, 0)),
         ("LB_NAT6PEND_V1", map(PERCPU, 4, 64, Some(1), 0)),
         ("LB_FIBSCR_V1", map(PERCPU, 4, 64, Some(1), 0)),
-        ("LB_PROGS_V3", map(ProgramArray, 4, 4, Some(4), 0)),
+        ("LB_PROGS_V3", map(ProgramArray, 4, 4, Some(5), 0)),
         ("LB_TCPROGS_V1", map(ProgramArray, 4, 4, Some(2), 0)),
     ];
 

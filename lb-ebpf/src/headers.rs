@@ -22,6 +22,8 @@ pub(crate) const PROTO_ICMPV6: u8 = 58;
 pub(crate) mod ipv4 {
     /// Length of the header: the offset of the transport header.
     pub(crate) const LEN: usize = super::Ipv4Hdr::LEN;
+    /// The transport protocol.
+    pub(crate) const PROTO: usize = 9;
     /// The header checksum.
     pub(crate) const CHECK: usize = 10;
     /// The source address.

@@ -84,6 +84,16 @@ pub fn lb_xdp_nat6(ctx: XdpContext) -> u32 {
     }
 }
 
+/// XDP for IPv4 direct server return, tail-called by `lb_xdp_ingress`: a carrier to this
+/// node unwrapped, or a packet of a flow to a remote backend sent in a carrier (dsr.rs).
+#[xdp]
+pub fn lb_xdp_dsr4(ctx: XdpContext) -> u32 {
+    match ingress::try_dsr4(&ctx) {
+        Ok(action) => action,
+        Err(verdict) => verdict.xdp(),
+    }
+}
+
 /// XDP for IPv6 direct server return, tail-called by `lb_xdp_ingress6`: a packet of a flow
 /// to a remote backend sent in a carrier, or a carrier to this node unwrapped (dsr.rs).
 #[xdp]

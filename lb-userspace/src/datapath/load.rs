@@ -174,6 +174,7 @@ impl Datapath {
             program_names::XDP_NAT6,
             program_names::XDP_ICMP6,
             program_names::XDP_DSR6,
+            program_names::XDP_DSR4,
         ] {
             let prog: &mut Xdp = typed_program(&mut self.ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
@@ -190,6 +191,7 @@ impl Datapath {
             (prog_slot::XDP_NAT6, program_names::XDP_NAT6),
             (prog_slot::XDP_ICMP6, program_names::XDP_ICMP6),
             (prog_slot::XDP_DSR6, program_names::XDP_DSR6),
+            (prog_slot::XDP_DSR4, program_names::XDP_DSR4),
         ] {
             self.fill_slot(map_names::PROGRAMS, slot, name)?;
         }

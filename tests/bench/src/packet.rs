@@ -825,6 +825,7 @@ impl Bench {
             (program_names::XDP_NAT6, false),
             (program_names::XDP_ICMP6, false),
             (program_names::XDP_DSR6, false),
+            (program_names::XDP_DSR4, false),
             (program_names::TC_EGRESS, false),
             // On the pods' host-side interfaces; TC_POD_INGRESS6 is tail-called by
             // TC_POD_INGRESS for IPv6 frames (neither is measured per packet here).
