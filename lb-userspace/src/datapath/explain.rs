@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie};
 use lb_common::{
     Affinity6Key, AffinityEntry, AffinityKey, BACKEND_ACTIVE, BACKEND_REMOVED, BACKEND_TERMINATING,
-    CT_FORWARD, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP,
+    CT_FORWARD, Ct4Key, Ct6Entry, Ct6Key, CtEntry, Frontend4, Frontend6, PROTO_UDP, SERVICE_F_DSR,
     SERVICE_F_RANDOM, SERVICE_F_REJECT, SERVICE_F_SHORT_CIRCUIT, SERVICE_F_SOURCE_RANGES,
     SOURCE_RANGE_ID_BITS, Service, SourceRange4, SourceRange6, addr6, flow_hash, flow_hash6,
     map_names,
@@ -324,6 +324,14 @@ impl Explainer {
                 "externalTrafficPolicy Local: a client from outside (explained here) gets this \
                  node's endpoints; this node's own pods and processes get the cluster IP's \
                  (short-circuit)"
+                    .to_owned(),
+            );
+        }
+        if svc.flags & SERVICE_F_DSR != 0 {
+            out.steps.push(
+                "forwarding dsr: a backend on another node gets the flow from outside in a \
+                 carrier (Geneve, UDP 6081) with the client's address kept, and answers from \
+                 its own node; this node's backends as always"
                     .to_owned(),
             );
         }

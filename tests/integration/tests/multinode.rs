@@ -725,6 +725,22 @@ fn direct_server_return(family: &Family, by_annotation: bool) {
     let services = agent_a.services().unwrap();
     let row = lb_testbed::ServiceInfo::find(&services, &http).unwrap();
     assert!(row.dsr, "{row:?}");
+    if let (IpAddr::V4(client), IpAddr::V4(node)) = (family.client, family.node) {
+        let explained = agent_a
+            .explain(
+                SocketAddrV4::new(client, 40_000),
+                SocketAddrV4::new(node, HTTP_NODE_PORT),
+                true,
+            )
+            .unwrap();
+        assert!(
+            explained
+                .steps
+                .iter()
+                .any(|s| s.starts_with("forwarding dsr")),
+            "{explained:?}"
+        );
+    }
     let replies = count_frames_to_client(&topology, family.node, family.client);
 
     let frontend = SocketAddr::new(family.node, HTTP_NODE_PORT);
