@@ -31,7 +31,7 @@ use lb_common::{
 use crate::{
     counters::count,
     family::Datapath,
-    flow::{ct_now, ct_write},
+    flow::{ct_now, ct_write, to_backend},
     frame::{Bytes, ptr_at},
     headers::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, ipv4, l4},
     reject::{too_big4, too_big6},
@@ -220,18 +220,7 @@ pub(crate) fn encap<F: Carrier>(
     // The translation: to the backend, as for a local one.
     let pkt = F::parse(ctx)?;
     let (frontend, frontend_port) = (key.daddr(), key.dport());
-    F::set_daddr(pkt.ip, frontend, backend_addr);
-    unsafe {
-        *pkt.l4.dport_at = backend_port;
-        *pkt.l4.check_at = F::l4_checksum(
-            pkt.proto,
-            *pkt.l4.check_at,
-            frontend,
-            backend_addr,
-            frontend_port,
-            backend_port,
-        );
-    }
+    to_backend::<F>(&pkt, frontend, backend_addr, backend_port);
     let carried = (ctx.data_end() - ctx.data() - ETH_LEN) as u16;
     let hash = F::key_hash(key);
     // The Ethernet addresses move with the head: a packet handed to the kernel (its next

@@ -260,6 +260,30 @@ fn remote_dsr<B: BackendValue>(svc: &Service, backend: &B, local: bool) -> bool 
     !local && backend.flags() & BACKEND_F_REMOTE != 0 && svc.flags & SERVICE_F_DSR != 0
 }
 
+/// Rewrites the destination of `pkt`, a packet to `frontend` (its port is the packet's), to
+/// a backend (address and port, network byte order), with incremental checksums: XDP's
+/// translation, and the packet a direct server return carrier carries.
+#[inline(always)]
+pub(crate) fn to_backend<F: Datapath>(
+    pkt: &Packet<F::Header>,
+    frontend: F::Addr,
+    addr: F::Addr,
+    port: u16,
+) {
+    F::set_daddr(pkt.ip, frontend, addr);
+    unsafe {
+        *pkt.l4.dport_at = port;
+        *pkt.l4.check_at = F::l4_checksum(
+            pkt.proto,
+            *pkt.l4.check_at,
+            frontend,
+            addr,
+            pkt.l4.dport,
+            port,
+        );
+    }
+}
+
 /// A packet addressed to a frontend, and its flow's backend.
 pub(crate) struct Translation<F: Datapath> {
     pub(crate) pkt: Packet<F::Header>,

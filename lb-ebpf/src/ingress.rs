@@ -23,7 +23,7 @@ use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 use crate::{
     dsr::{decap, encap},
     family::Datapath,
-    flow::{Translation, translation},
+    flow::{Translation, to_backend, translation},
     frame::ptr_at,
     headers::{ETH_LEN, ETH_P_IPV6, IPV6_NEXT_HDR_OFF, L4_OFF, L4_OFF6, PROTO_ICMPV6, ipv4, l4},
     icmp::{ICMPV6_ERRORS, nat_error4, nat_error6},
@@ -94,14 +94,8 @@ fn translate4(ctx: &XdpContext) -> Result<u32, Verdict> {
 /// and port rewritten to its flow's backend, with incremental checksums; counted.
 #[inline(always)]
 fn rewrite_destination<F: Datapath>(ctx: &XdpContext, t: &Translation<F>) {
-    let (pkt, daddr, flow) = (&t.pkt, t.key.daddr(), &t.flow);
-    F::set_daddr(pkt.ip, daddr, flow.addr);
-    let (check, dport) = (pkt.l4.check_at, pkt.l4.dport_at);
-    unsafe {
-        *dport = flow.port;
-        *check = F::l4_checksum(pkt.proto, *check, daddr, flow.addr, pkt.l4.dport, flow.port);
-    }
-    flow.count((ctx.data_end() - ctx.data()) as u64);
+    to_backend::<F>(&t.pkt, t.key.daddr(), t.flow.addr, t.flow.port);
+    t.flow.count((ctx.data_end() - ctx.data()) as u64);
 }
 
 /// A frame that is not IPv4: an IPv6 frame goes on to `lb_xdp_ingress6` (the tail call
